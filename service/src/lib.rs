@@ -1,1 +1,6 @@
-//! placeholder
+//! switchyard: books control actions on home-energy devices and never lets
+//! two writers silently fight over a device.
+//!
+//! Layers (dependencies point inward): `api` (gRPC) → `domain` ← `store`.
+
+pub mod domain;

@@ -1,0 +1,179 @@
+//! Actions and their lifecycle.
+
+pub use switchyard_drivers::{Command, Family, Quantity, Unit};
+
+use super::{ActionId, DeviceId, Ts};
+
+/// Lifecycle state of an action. See SPEC §3.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ActionState {
+    /// Stored, waiting for its start.
+    Scheduled,
+    /// Sent to the OEM; outcome unknown (in flight).
+    Acknowledged,
+    /// A windowed command accepted by the OEM; the window is running.
+    Active,
+    /// Done.
+    Completed,
+    /// Failed.
+    Failed,
+    /// Cancelled or replaced.
+    Cancelled,
+}
+
+impl ActionState {
+    /// Every state.
+    pub const ALL: [ActionState; 6] = [
+        ActionState::Scheduled,
+        ActionState::Acknowledged,
+        ActionState::Active,
+        ActionState::Completed,
+        ActionState::Failed,
+        ActionState::Cancelled,
+    ];
+
+    /// Whether an action in this state holds its channel.
+    pub fn holds(self) -> bool {
+        matches!(
+            self,
+            ActionState::Scheduled | ActionState::Acknowledged | ActionState::Active
+        )
+    }
+
+    /// Whether the OEM is already executing it (it cannot be cancelled by a
+    /// replacement).
+    pub fn in_flight(self) -> bool {
+        matches!(self, ActionState::Acknowledged | ActionState::Active)
+    }
+
+    /// Stable upper-case name, used in storage and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActionState::Scheduled => "SCHEDULED",
+            ActionState::Acknowledged => "ACKNOWLEDGED",
+            ActionState::Active => "ACTIVE",
+            ActionState::Completed => "COMPLETED",
+            ActionState::Failed => "FAILED",
+            ActionState::Cancelled => "CANCELLED",
+        }
+    }
+
+    /// Inverse of [`ActionState::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        ActionState::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+/// How a push resolves a collision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Strategy {
+    /// Reject the push.
+    Reject,
+    /// Cancel colliding SCHEDULED actions and book the new one.
+    CancelAndReplace,
+    /// Move the new action after the colliding ones.
+    QueueAfter,
+}
+
+/// The parameters of an action, each optional.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Params {
+    /// Power.
+    pub power: Option<Quantity>,
+    /// Target state of charge.
+    pub target_soc: Option<Quantity>,
+    /// Reserve state of charge.
+    pub reserve_soc: Option<Quantity>,
+}
+
+/// Error codes recorded on actions that end other than COMPLETED.
+pub mod codes {
+    /// Cancelled by CANCEL_AND_REPLACE.
+    pub const REPLACED: &str = "REPLACED";
+    /// Cancelled by CancelAction.
+    pub const CANCELLED_BY_CLIENT: &str = "CANCELLED_BY_CLIENT";
+    /// Cancelled because its device was deleted with force.
+    pub const DEVICE_DELETED: &str = "DEVICE_DELETED";
+}
+
+/// A booked action, as stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Action {
+    /// Its id.
+    pub id: ActionId,
+    /// Its device.
+    pub device_id: DeviceId,
+    /// The channel its command controls.
+    pub channel: String,
+    /// The command.
+    pub command: Command,
+    /// The parameters.
+    pub params: Params,
+    /// Start of its occupancy (for an immediate action, when it was booked).
+    pub start: Ts,
+    /// End; `None` = open-ended.
+    pub end: Option<Ts>,
+    /// Whether it was pushed without a start.
+    pub immediate: bool,
+    /// State.
+    pub state: ActionState,
+    /// The action that replaced it.
+    pub replaced_by: Option<ActionId>,
+    /// The actions it was queued after.
+    pub queued_after: Vec<ActionId>,
+    /// Why it failed or was cancelled.
+    pub error_code: Option<String>,
+    /// Detail for `error_code`.
+    pub error_message: Option<String>,
+    /// Incremented on every change; the etag.
+    pub revision: i64,
+    /// Booking time.
+    pub created: Ts,
+    /// Last change.
+    pub updated: Ts,
+}
+
+impl Action {
+    /// The action's etag.
+    pub fn etag(&self) -> String {
+        format!("a{}", self.revision)
+    }
+}
+
+/// A transition to record in the audit trail.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Transition {
+    /// The action.
+    pub action_id: ActionId,
+    /// Its device.
+    pub device_id: DeviceId,
+    /// Previous state; `None` when created.
+    pub from: Option<ActionState>,
+    /// New state.
+    pub to: ActionState,
+    /// Why (an error code, a strategy, "PUSHED").
+    pub reason: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holding_and_in_flight_states() {
+        let holding: Vec<_> = ActionState::ALL.into_iter().filter(|s| s.holds()).collect();
+        assert_eq!(
+            holding,
+            [
+                ActionState::Scheduled,
+                ActionState::Acknowledged,
+                ActionState::Active
+            ]
+        );
+        assert!(!ActionState::Scheduled.in_flight());
+        assert!(ActionState::Active.in_flight());
+        for s in ActionState::ALL {
+            assert_eq!(ActionState::parse(s.as_str()), Some(s));
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! The domain error: every failure a request can meet, closed. The API
+//! layer maps it to a gRPC status in exactly one place.
+
+use super::{ActionId, ActionState, Command, Strategy, Ts};
+
+/// Why one request field is bad.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// A required field is missing.
+    MissingField,
+    /// A field is malformed or too long.
+    InvalidField,
+    /// end not after start, or a malformed timestamp.
+    InvalidWindow,
+    /// start in the past.
+    StartInPast,
+    /// start beyond the horizon.
+    StartBeyondHorizon,
+    /// Command not supported by the device.
+    UnsupportedCommand,
+    /// Parameter out of bounds.
+    ParameterOutOfRange,
+    /// Parameter in a unit the command does not accept.
+    UnsupportedUnit,
+    /// Parameter the command does not take.
+    UnsupportedParameter,
+    /// Timing shape the command does not accept.
+    UnsupportedTiming,
+    /// No such driver.
+    UnknownDriver,
+    /// Settings the driver refuses.
+    InvalidSettings,
+    /// A page token not issued for this listing.
+    InvalidPageToken,
+}
+
+/// One bad field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldViolation {
+    /// Path of the field, e.g. `action.power.unit`.
+    pub field: String,
+    /// Why.
+    pub reason: Reason,
+    /// Human-readable explanation (never echoes secret values).
+    pub description: String,
+}
+
+impl FieldViolation {
+    /// A violation.
+    pub fn new(field: impl Into<String>, reason: Reason, description: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason,
+            description: description.into(),
+        }
+    }
+}
+
+/// Which collision rule refused a push.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConflictKind {
+    /// Collision and no strategy.
+    ActionConflict,
+    /// A colliding action is in flight and the strategy cannot cancel it.
+    InFlight,
+    /// QUEUE_AFTER against an open-ended action.
+    OpenEnded,
+}
+
+/// One colliding action, as reported.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Collider {
+    /// Its id.
+    pub id: ActionId,
+    /// Its state.
+    pub state: ActionState,
+    /// Its command.
+    pub command: Command,
+    /// The shared channel.
+    pub channel: String,
+    /// Its start.
+    pub start: Ts,
+    /// Its end, if any.
+    pub end: Option<Ts>,
+}
+
+/// A refused push, with everything a client needs to resolve it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conflict {
+    /// Which rule refused it.
+    pub kind: ConflictKind,
+    /// The device.
+    pub device_id: String,
+    /// The channel.
+    pub channel: String,
+    /// The requested window.
+    pub requested_start: Ts,
+    /// The requested end.
+    pub requested_end: Option<Ts>,
+    /// Every colliding action, by start.
+    pub colliders: Vec<Collider>,
+    /// Strategies that would resolve this collision.
+    pub strategies: Vec<Strategy>,
+    /// Colliders already with the OEM.
+    pub in_flight: Vec<ActionId>,
+    /// For OpenEnded: the open-ended actions in the way.
+    pub open_ended: Vec<ActionId>,
+}
+
+/// Every way a request can fail.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// One or more bad fields.
+    #[error("invalid request: {}", .0.iter().map(|v| format!("{}: {}", v.field, v.description)).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<FieldViolation>),
+    /// No such device.
+    #[error("device {device_id:?} not found")]
+    DeviceNotFound {
+        /// The id asked for.
+        device_id: String,
+    },
+    /// No such action on the device.
+    #[error("action {action_id:?} not found on device {device_id:?}")]
+    ActionNotFound {
+        /// The device.
+        device_id: String,
+        /// The action asked for.
+        action_id: String,
+    },
+    /// Device id taken.
+    #[error("device {device_id:?} already exists")]
+    DeviceAlreadyExists {
+        /// The id.
+        device_id: String,
+    },
+    /// Device has holding actions.
+    #[error("device {device_id:?} has actions that hold a channel: {}", join(.action_ids))]
+    DeviceHasActiveActions {
+        /// The device.
+        device_id: String,
+        /// The holding actions.
+        action_ids: Vec<ActionId>,
+        /// Those in flight (not cancellable even with force).
+        in_flight: Vec<ActionId>,
+    },
+    /// A refused push.
+    #[error("{}", conflict_message(.0))]
+    Conflict(Box<Conflict>),
+    /// Cancel not possible in this state.
+    #[error("action {action_id} is {} and cannot be cancelled", .state.as_str())]
+    NotCancellable {
+        /// The device.
+        device_id: String,
+        /// The action.
+        action_id: ActionId,
+        /// Its current state.
+        state: ActionState,
+    },
+    /// Already cancelled.
+    #[error("action {action_id} is already cancelled")]
+    AlreadyCancelled {
+        /// The device.
+        device_id: String,
+        /// The action.
+        action_id: ActionId,
+        /// When it was cancelled.
+        cancelled_at: Ts,
+        /// The action that replaced it, if any.
+        replaced_by: Option<ActionId>,
+    },
+    /// Stale etag.
+    #[error("etag {given:?} does not match the current etag {current:?} of {resource}")]
+    EtagMismatch {
+        /// `devices/{id}` or `devices/{id}/actions/{id}`.
+        resource: String,
+        /// What the client passed.
+        given: String,
+        /// The current one.
+        current: String,
+    },
+    /// request_id reused with another body.
+    #[error("request_id {request_id:?} was already used for a different request")]
+    RequestIdReused {
+        /// The key.
+        request_id: String,
+        /// The RPC it was first used with.
+        first_method: String,
+    },
+    /// request_id still being processed.
+    #[error("a request with request_id {request_id:?} is still being processed")]
+    RequestInProgress {
+        /// The key.
+        request_id: String,
+        /// How long to wait before retrying, in nanoseconds.
+        retry_after_nanos: i64,
+    },
+    /// Database unreachable or overloaded.
+    #[error("storage unavailable: {0}")]
+    StorageUnavailable(String),
+    /// A bug or corrupt data.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn join(ids: &[ActionId]) -> String {
+    ids.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn conflict_message(c: &Conflict) -> String {
+    let ids = join(&c.colliders.iter().map(|x| x.id).collect::<Vec<_>>());
+    match c.kind {
+        ConflictKind::ActionConflict => format!(
+            "the action collides on channel {:?} of device {:?} with: {ids}",
+            c.channel, c.device_id
+        ),
+        ConflictKind::InFlight => format!(
+            "the action collides on channel {:?} of device {:?} with actions already sent to the device ({}); they cannot be cancelled",
+            c.channel,
+            c.device_id,
+            join(&c.in_flight)
+        ),
+        ConflictKind::OpenEnded => format!(
+            "cannot queue after open-ended action(s) {} on channel {:?} of device {:?}",
+            join(&c.open_ended),
+            c.channel,
+            c.device_id
+        ),
+    }
+}
+
+impl Error {
+    /// A single-field validation error.
+    pub fn invalid(
+        field: impl Into<String>,
+        reason: Reason,
+        description: impl Into<String>,
+    ) -> Self {
+        Error::Invalid(vec![FieldViolation::new(field, reason, description)])
+    }
+}

@@ -1,0 +1,393 @@
+//! Parses a push into a valid booking request against the device's
+//! capabilities ("parse, don't validate"). Collects every bad field, so a
+//! client fixes them all in one round.
+
+use switchyard_drivers::{Capabilities, Param, ParamSpec, TimingShape};
+
+use super::{Command, Error, FieldViolation, Params, Quantity, Reason, Ts, Unit};
+
+/// A quantity as received: the unit may be missing or unknown.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RawQuantity {
+    /// The value.
+    pub value: f64,
+    /// The unit; `None` when unspecified or unknown.
+    pub unit: Option<Unit>,
+}
+
+/// A push as received, before validation.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PushInput {
+    /// The command; `None` when unspecified or unknown.
+    pub command: Option<Command>,
+    /// Power.
+    pub power: Option<RawQuantity>,
+    /// Target state of charge.
+    pub target_soc: Option<RawQuantity>,
+    /// Reserve state of charge.
+    pub reserve_soc: Option<RawQuantity>,
+    /// Requested start; `None` = now.
+    pub start: Option<Ts>,
+    /// Requested end; `None` = open-ended.
+    pub end: Option<Ts>,
+}
+
+/// A push that the device can take, timed against the server clock.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidPush {
+    /// The command.
+    pub command: Command,
+    /// The channel it controls.
+    pub channel: String,
+    /// Its parameters, in the units given.
+    pub params: Params,
+    /// Start (now, for an immediate push).
+    pub start: Ts,
+    /// End, if any.
+    pub end: Option<Ts>,
+    /// Whether it was pushed without a start.
+    pub immediate: bool,
+}
+
+fn unit_list(units: &[Unit]) -> String {
+    units
+        .iter()
+        .map(|u| u.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn check_param(
+    spec: &ParamSpec,
+    q: RawQuantity,
+    out: &mut Vec<FieldViolation>,
+) -> Option<Quantity> {
+    let field = format!("action.{}", spec.param.name());
+    let Some(unit) = q.unit.filter(|u| spec.units.contains(u)) else {
+        out.push(FieldViolation::new(
+            format!("{field}.unit"),
+            Reason::UnsupportedUnit,
+            format!(
+                "{} must be given in one of: {}",
+                spec.param.name(),
+                unit_list(&spec.units)
+            ),
+        ));
+        return None;
+    };
+    let in_bound = unit.convert(q.value, spec.bound_unit);
+    match in_bound {
+        Some(v) if q.value.is_finite() && v >= spec.min && v <= spec.max => Some(Quantity {
+            value: q.value,
+            unit,
+        }),
+        _ => {
+            out.push(FieldViolation::new(
+                format!("{field}.value"),
+                Reason::ParameterOutOfRange,
+                format!(
+                    "{} {} is outside the accepted range {} to {} {}",
+                    q.value,
+                    unit.as_str(),
+                    spec.min,
+                    spec.max,
+                    spec.bound_unit.as_str()
+                ),
+            ));
+            None
+        }
+    }
+}
+
+/// Validates `input` for a device with `caps`, at `now`, with starts
+/// allowed up to `horizon_nanos` ahead.
+pub fn validate_push(
+    input: &PushInput,
+    caps: &Capabilities,
+    now: Ts,
+    horizon_nanos: i64,
+) -> Result<ValidPush, Error> {
+    let mut out = Vec::new();
+
+    // Timing first: it does not depend on the command.
+    let start = input.start.unwrap_or(now);
+    if let Some(s) = input.start {
+        if s < now {
+            out.push(FieldViolation::new(
+                "action.start_time",
+                Reason::StartInPast,
+                format!(
+                    "start_time {} is before the server's now {}; omit it to start immediately",
+                    s.rfc3339(),
+                    now.rfc3339()
+                ),
+            ));
+        } else if s > now.plus_nanos(horizon_nanos) {
+            out.push(FieldViolation::new(
+                "action.start_time",
+                Reason::StartBeyondHorizon,
+                format!(
+                    "start_time {} is beyond the booking horizon ({} days from now)",
+                    s.rfc3339(),
+                    horizon_nanos / (86_400 * Ts::SECOND)
+                ),
+            ));
+        }
+    }
+    if let Some(e) = input.end
+        && e <= start
+    {
+        out.push(FieldViolation::new(
+            "action.end_time",
+            Reason::InvalidWindow,
+            format!(
+                "end_time {} must be after the start {}",
+                e.rfc3339(),
+                start.rfc3339()
+            ),
+        ));
+    }
+    let shape = match (input.start, input.end) {
+        (None, None) => TimingShape::Immediate,
+        (Some(_), None) => TimingShape::Scheduled,
+        (_, Some(_)) => TimingShape::Windowed,
+    };
+
+    let spec = match input.command {
+        None => {
+            out.push(FieldViolation::new(
+                "action.command",
+                Reason::MissingField,
+                "command is required",
+            ));
+            None
+        }
+        Some(c) => match caps.command(c) {
+            Some(spec) => Some(spec),
+            None => {
+                let supported: Vec<&str> =
+                    caps.commands.iter().map(|c| c.command.as_str()).collect();
+                out.push(FieldViolation::new(
+                    "action.command",
+                    Reason::UnsupportedCommand,
+                    if supported.is_empty() {
+                        format!("the device accepts no commands (read-only), not {c}")
+                    } else {
+                        format!(
+                            "the device does not support {c}; it supports: {}",
+                            supported.join(", ")
+                        )
+                    },
+                ));
+                None
+            }
+        },
+    };
+
+    let mut params = Params::default();
+    if let Some(spec) = spec {
+        if !spec.timing.contains(&shape) {
+            out.push(FieldViolation::new(
+                if shape == TimingShape::Immediate {
+                    "action.start_time"
+                } else {
+                    "action.end_time"
+                },
+                Reason::UnsupportedTiming,
+                format!(
+                    "{} does not accept {:?} timing on this device",
+                    spec.command, shape
+                ),
+            ));
+        }
+        let given = [
+            (Param::Power, input.power),
+            (Param::TargetSoc, input.target_soc),
+            (Param::ReserveSoc, input.reserve_soc),
+        ];
+        for (param, raw) in given {
+            let p = spec.params.iter().find(|p| p.param == param);
+            let checked = match (p, raw) {
+                (Some(p), Some(q)) => check_param(p, q, &mut out),
+                (None, Some(_)) => {
+                    out.push(FieldViolation::new(
+                        format!("action.{}", param.name()),
+                        Reason::UnsupportedParameter,
+                        format!("{} takes no {} parameter", spec.command, param.name()),
+                    ));
+                    None
+                }
+                (Some(p), None) if p.required => {
+                    out.push(FieldViolation::new(
+                        format!("action.{}", param.name()),
+                        Reason::MissingField,
+                        format!("{} requires {}", spec.command, param.name()),
+                    ));
+                    None
+                }
+                _ => None,
+            };
+            match param {
+                Param::Power => params.power = checked,
+                Param::TargetSoc => params.target_soc = checked,
+                Param::ReserveSoc => params.reserve_soc = checked,
+            }
+        }
+    }
+
+    match spec {
+        Some(spec) if out.is_empty() => Ok(ValidPush {
+            command: spec.command,
+            channel: spec.channel.clone(),
+            params,
+            start,
+            end: input.end,
+            immediate: input.start.is_none(),
+        }),
+        _ => Err(Error::Invalid(out)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use switchyard_drivers::{DeviceSpec, DriverFactory, Family, simulated::SimulatedFactory};
+
+    use super::*;
+
+    const NOW: Ts = Ts(1_800_000_000 * Ts::SECOND);
+    const DAY: i64 = 86_400 * Ts::SECOND;
+
+    fn battery() -> Capabilities {
+        let settings = BTreeMap::new();
+        SimulatedFactory
+            .capabilities(&DeviceSpec {
+                family: Family::Battery,
+                oem_device_id: "",
+                timezone: "UTC",
+                settings: &settings,
+            })
+            .unwrap()
+    }
+
+    fn reasons(r: Result<ValidPush, Error>) -> Vec<(String, Reason)> {
+        match r {
+            Err(Error::Invalid(v)) => v.into_iter().map(|v| (v.field, v.reason)).collect(),
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    fn charge() -> PushInput {
+        PushInput {
+            command: Some(Command::Charge),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn every_bad_field_is_reported_at_once() {
+        let input = PushInput {
+            power: Some(RawQuantity {
+                value: 9.0,
+                unit: Some(Unit::Kilowatt),
+            }),
+            target_soc: Some(RawQuantity {
+                value: 50.0,
+                unit: Some(Unit::Watt),
+            }),
+            start: Some(Ts(NOW.0 - 1)),
+            end: Some(Ts(NOW.0 - 10)),
+            ..charge()
+        };
+        let got = reasons(validate_push(&input, &battery(), NOW, 30 * DAY));
+        assert_eq!(
+            got,
+            [
+                ("action.start_time".to_owned(), Reason::StartInPast),
+                ("action.end_time".to_owned(), Reason::InvalidWindow),
+                ("action.power.value".to_owned(), Reason::ParameterOutOfRange),
+                ("action.target_soc.unit".to_owned(), Reason::UnsupportedUnit),
+            ]
+        );
+    }
+
+    #[test]
+    fn units_convert_before_bounds_are_checked() {
+        let input = PushInput {
+            power: Some(RawQuantity {
+                value: 4.5,
+                unit: Some(Unit::Kilowatt),
+            }),
+            ..charge()
+        };
+        let v = validate_push(&input, &battery(), NOW, 30 * DAY).unwrap();
+        assert_eq!(
+            v.params.power,
+            Some(Quantity {
+                value: 4.5,
+                unit: Unit::Kilowatt
+            })
+        );
+        assert!(v.immediate);
+        assert_eq!(v.start, NOW);
+    }
+
+    #[test]
+    fn auto_modes_take_no_parameters_and_missing_command_is_named() {
+        let input = PushInput {
+            command: Some(Command::AutoBalanced),
+            power: Some(RawQuantity {
+                value: 1.0,
+                unit: Some(Unit::Watt),
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            reasons(validate_push(&input, &battery(), NOW, 30 * DAY)),
+            [("action.power".to_owned(), Reason::UnsupportedParameter)]
+        );
+        assert_eq!(
+            reasons(validate_push(
+                &PushInput::default(),
+                &battery(),
+                NOW,
+                30 * DAY
+            )),
+            [("action.command".to_owned(), Reason::MissingField)]
+        );
+    }
+
+    #[test]
+    fn horizon_and_unsupported_command() {
+        let input = PushInput {
+            command: Some(Command::EvPowerLimit),
+            start: Some(NOW.plus_nanos(31 * DAY)),
+            ..Default::default()
+        };
+        assert_eq!(
+            reasons(validate_push(&input, &battery(), NOW, 30 * DAY)),
+            [
+                ("action.start_time".to_owned(), Reason::StartBeyondHorizon),
+                ("action.command".to_owned(), Reason::UnsupportedCommand),
+            ]
+        );
+    }
+
+    #[test]
+    fn nan_and_infinite_values_are_out_of_range() {
+        for value in [f64::NAN, f64::INFINITY, -1.0] {
+            let input = PushInput {
+                power: Some(RawQuantity {
+                    value,
+                    unit: Some(Unit::Watt),
+                }),
+                ..charge()
+            };
+            assert_eq!(
+                reasons(validate_push(&input, &battery(), NOW, 30 * DAY)),
+                [("action.power.value".to_owned(), Reason::ParameterOutOfRange)]
+            );
+        }
+    }
+}
