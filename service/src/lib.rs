@@ -3,4 +3,8 @@
 //!
 //! Layers (dependencies point inward): `api` (gRPC) → `domain` ← `store`.
 
+pub mod api;
+pub mod cli;
 pub mod domain;
+pub mod server;
+pub mod store;

@@ -5,11 +5,13 @@
 pub mod action;
 pub mod clock;
 pub mod conflict;
+pub mod device;
 pub mod error;
 pub mod ids;
 pub mod validate;
 
 pub use action::*;
+pub use device::Device;
 pub use clock::{Clock, ManualClock, SystemClock, Ts};
 pub use error::{Conflict, ConflictKind, Error, FieldViolation, Reason};
 pub use ids::{ActionId, DeviceId, TenantId};

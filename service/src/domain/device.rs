@@ -1,0 +1,42 @@
+//! Devices as stored.
+
+use std::collections::BTreeMap;
+
+use super::{DeviceId, Family, Ts};
+
+/// A registered device.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Device {
+    /// Its id.
+    pub id: DeviceId,
+    /// Human-readable name.
+    pub display_name: String,
+    /// Family.
+    pub family: Family,
+    /// Driver kind.
+    pub driver: String,
+    /// The OEM's identifier.
+    pub oem_device_id: String,
+    /// IANA time zone.
+    pub timezone: String,
+    /// Driver settings.
+    pub settings: BTreeMap<String, String>,
+    /// Incremented on every change; the etag.
+    pub revision: i64,
+    /// Registration time.
+    pub created: Ts,
+    /// Last change.
+    pub updated: Ts,
+}
+
+impl Device {
+    /// The device's etag.
+    pub fn etag(&self) -> String {
+        format!("d{}", self.revision)
+    }
+}
+
+/// Checks an IANA time zone name.
+pub fn valid_timezone(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && jiff::tz::TimeZone::get(name).is_ok()
+}

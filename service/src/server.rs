@@ -1,0 +1,143 @@
+//! Composition: builds the gRPC server (switchyard services, health,
+//! reflection v1 and v1alpha) on a listener and runs it until shutdown.
+
+use std::{collections::BTreeMap, future::Future, sync::Arc, time::Duration};
+
+use switchyard_drivers::{Family, Registry};
+use switchyard_proto::v1::{
+    action_service_server::ActionServiceServer, device_service_server::DeviceServiceServer,
+};
+use tokio::net::TcpListener;
+use tonic::transport::{Server, server::TcpIncoming};
+
+use crate::{
+    api::{App, actions::Actions, devices::Devices},
+    domain::{Clock, Device, DeviceId, Error, Ts},
+    store::Store,
+};
+
+/// Default booking horizon.
+pub const DEFAULT_HORIZON_DAYS: u32 = 30;
+
+/// Creates the demo devices on an empty database. Returns how many.
+pub async fn seed_demo(app: &App) -> Result<usize, Error> {
+    let tenant = app.tenant();
+    if app.store.count_devices(&tenant).await? > 0 {
+        return Ok(0);
+    }
+    let demo = [
+        ("demo-battery", "Demo home battery", Family::Battery, "Europe/London"),
+        ("demo-battery-2", "Demo hybrid inverter", Family::Battery, "Europe/Berlin"),
+        ("demo-ev-charger", "Demo EV charger", Family::EvCharger, "Europe/London"),
+    ];
+    for (id, name, family, tz) in demo {
+        let device = Device {
+            id: DeviceId::parse(id).map_err(|e| Error::Internal(e.to_owned()))?,
+            display_name: name.to_owned(),
+            family,
+            driver: "simulated".to_owned(),
+            oem_device_id: format!("SIM-{}", id.to_uppercase()),
+            timezone: tz.to_owned(),
+            settings: BTreeMap::new(),
+            revision: 0,
+            created: Ts(0),
+            updated: Ts(0),
+        };
+        app.store.create_device(&tenant, device, None).await?;
+    }
+    Ok(demo.len())
+}
+
+/// Opens the store and assembles the handlers' state.
+pub async fn build_app(
+    database_url: &str,
+    clock: Arc<dyn Clock>,
+    registry: Registry,
+    horizon_days: u32,
+) -> Result<App, Error> {
+    let store = Store::open(database_url, clock.clone()).await?;
+    Ok(App {
+        store,
+        registry: Arc::new(registry),
+        clock,
+        horizon_nanos: i64::from(horizon_days) * 86_400 * Ts::SECOND,
+    })
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then drains
+/// in-flight calls for at most `grace`.
+pub async fn serve(
+    app: App,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<DeviceServiceServer<Devices>>().await;
+    reporter.set_serving::<ActionServiceServer<Actions>>().await;
+
+    let sets: [&[u8]; 3] = [
+        switchyard_proto::FILE_DESCRIPTOR_SET,
+        tonic_types::pb::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+    ];
+    let mut v1 = tonic_reflection::server::Builder::configure();
+    let mut v1alpha = tonic_reflection::server::Builder::configure();
+    for s in sets {
+        v1 = v1.register_encoded_file_descriptor_set(s);
+        v1alpha = v1alpha.register_encoded_file_descriptor_set(s);
+    }
+    let v1 = v1.build_v1()?;
+    let v1alpha = v1alpha.build_v1alpha()?;
+
+    // Background upkeep: expired idempotency keys.
+    let sweeper_store = app.store.clone();
+    let sweeper = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(600));
+        loop {
+            tick.tick().await;
+            if let Err(e) = sweeper_store.idem_sweep().await {
+                tracing::warn!(error = %e, "idempotency sweep failed");
+            }
+        }
+    });
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let router = Server::builder()
+        .add_service(health)
+        .add_service(v1)
+        .add_service(v1alpha)
+        .add_service(DeviceServiceServer::new(Devices(app.clone())))
+        .add_service(ActionServiceServer::new(Actions(app.clone())));
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+        let _ = stop_rx.await;
+    }));
+
+    tokio::select! {
+        r = &mut server => {
+            sweeper.abort();
+            return Ok(r??);
+        }
+        () = shutdown => {}
+    }
+    tracing::info!(grace_seconds = grace.as_secs_f64(), "shutting down: draining calls");
+    reporter.set_not_serving::<DeviceServiceServer<Devices>>().await;
+    reporter.set_not_serving::<ActionServiceServer<Actions>>().await;
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    let _ = stop_tx.send(());
+    let drained = tokio::time::timeout(grace, &mut server).await;
+    sweeper.abort();
+    match drained {
+        Ok(r) => r??,
+        Err(_) => {
+            tracing::warn!("calls still running after the grace period; stopping anyway");
+            server.abort();
+        }
+    }
+    app.store.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,81 @@
+//! Schema migrations, applied in order on start. Each is applied once, in
+//! its own transaction, and recorded in `schema_migrations`. Never edit a
+//! released migration: add one.
+
+/// (version, statements).
+pub const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    r#"
+CREATE TABLE devices (
+    tenant_id     TEXT    NOT NULL,
+    device_id     TEXT    NOT NULL,
+    display_name  TEXT    NOT NULL,
+    family        TEXT    NOT NULL,
+    driver        TEXT    NOT NULL,
+    oem_device_id TEXT    NOT NULL,
+    timezone      TEXT    NOT NULL,
+    settings      TEXT    NOT NULL,
+    revision      INTEGER NOT NULL,
+    create_ns     INTEGER NOT NULL,
+    update_ns     INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, device_id)
+);
+
+CREATE TABLE actions (
+    tenant_id     TEXT    NOT NULL,
+    action_id     TEXT    NOT NULL PRIMARY KEY,
+    device_id     TEXT    NOT NULL,
+    channel       TEXT    NOT NULL,
+    command       TEXT    NOT NULL,
+    power_value   REAL,
+    power_unit    TEXT,
+    target_value  REAL,
+    target_unit   TEXT,
+    reserve_value REAL,
+    reserve_unit  TEXT,
+    start_ns      INTEGER NOT NULL,
+    end_ns        INTEGER,
+    immediate     INTEGER NOT NULL,
+    state         TEXT    NOT NULL,
+    replaced_by   TEXT,
+    queued_after  TEXT    NOT NULL,
+    error_code    TEXT,
+    error_message TEXT,
+    revision      INTEGER NOT NULL,
+    create_ns     INTEGER NOT NULL,
+    update_ns     INTEGER NOT NULL,
+    FOREIGN KEY (tenant_id, device_id) REFERENCES devices (tenant_id, device_id) ON DELETE CASCADE
+);
+CREATE INDEX actions_by_channel ON actions (tenant_id, device_id, channel, state);
+CREATE INDEX actions_by_device ON actions (tenant_id, device_id, action_id);
+CREATE INDEX actions_by_tenant ON actions (tenant_id, action_id);
+
+-- Every change of every resource, append-only. Kept when a device is
+-- deleted, so the history of what was done to a device survives it.
+CREATE TABLE audit_log (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant_id   TEXT    NOT NULL,
+    device_id   TEXT    NOT NULL,
+    action_id   TEXT,
+    from_state  TEXT,
+    to_state    TEXT    NOT NULL,
+    reason      TEXT    NOT NULL,
+    request_id  TEXT,
+    at_ns       INTEGER NOT NULL
+);
+CREATE INDEX audit_by_action ON audit_log (tenant_id, action_id, seq);
+
+CREATE TABLE idempotency_keys (
+    tenant_id      TEXT    NOT NULL,
+    request_id     TEXT    NOT NULL,
+    method         TEXT    NOT NULL,
+    request_body   BLOB    NOT NULL,
+    response_body  BLOB,
+    lease_until_ns INTEGER,
+    create_ns      INTEGER NOT NULL,
+    expire_ns      INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, request_id)
+);
+CREATE INDEX idempotency_by_expiry ON idempotency_keys (expire_ns);
+"#,
+)];
