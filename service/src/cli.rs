@@ -39,7 +39,11 @@ pub enum Cmd {
     /// Apply database migrations and exit.
     Migrate {
         /// Database URL.
-        #[arg(long = "database", env = "SWITCHYARD_DATABASE_URL", default_value = "sqlite://switchyard.db")]
+        #[arg(
+            long = "database",
+            env = "SWITCHYARD_DATABASE_URL",
+            default_value = "sqlite://switchyard.db"
+        )]
         database: String,
     },
 }
@@ -51,13 +55,22 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
     /// Database URL: `sqlite://PATH` (created if missing) or `sqlite::memory:`.
-    #[arg(long = "database", env = "SWITCHYARD_DATABASE_URL", default_value = "sqlite://switchyard.db")]
+    #[arg(
+        long = "database",
+        env = "SWITCHYARD_DATABASE_URL",
+        default_value = "sqlite://switchyard.db"
+    )]
     pub database: String,
     /// Do not create the demo devices on an empty database.
     #[arg(long)]
     pub no_demo: bool,
     /// Log format.
-    #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(
+        long,
+        env = "SWITCHYARD_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
     pub log_format: LogFormat,
     /// How many days ahead an action may start.
     #[arg(long, env = "SWITCHYARD_HORIZON_DAYS", default_value_t = DEFAULT_HORIZON_DAYS,
@@ -72,45 +85,53 @@ fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env("SWITCHYARD_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
 }
 
-/// Sqlite URLs for a file path get `mode=rwc` so a missing file is made.
-fn database_url(url: &str) -> String {
-    url.to_owned()
-}
-
-async fn shutdown_signal() {
+/// Registers SIGTERM/SIGINT handlers now (so a signal that arrives while
+/// starting up is not fatal) and resolves when one arrives.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => tracing::info!("SIGTERM received"),
-                    _ = int.recv() => tracing::info!("SIGINT received"),
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => tracing::info!("SIGTERM received"),
+                        _ = int.recv() => tracing::info!("SIGINT received"),
+                    }
                 }
-            }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
 /// Runs `switchyard serve`.
 pub async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     init_logging(args.log_format);
+    let shutdown = shutdown_signal();
     let app = server::build_app(
-        &database_url(&args.database),
+        &args.database,
         Arc::new(SystemClock),
         Registry::builtin(),
         args.horizon_days,
@@ -128,7 +149,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Se
     server::serve(
         app,
         listener,
-        shutdown_signal(),
+        shutdown,
         Duration::from_secs(args.shutdown_grace_seconds),
     )
     .await
@@ -137,7 +158,10 @@ pub async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Se
 /// Entry point shared by every binary that runs the service.
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("switchyard: cannot start the runtime: {e}");
@@ -147,12 +171,15 @@ pub fn main() -> std::process::ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Cmd::Serve(args) => serve(args).await,
-            Cmd::Migrate { database } => {
-                server::build_app(&database_url(&database), Arc::new(SystemClock), Registry::builtin(), DEFAULT_HORIZON_DAYS)
-                    .await
-                    .map(|_| ())
-                    .map_err(Into::into)
-            }
+            Cmd::Migrate { database } => server::build_app(
+                &database,
+                Arc::new(SystemClock),
+                Registry::builtin(),
+                DEFAULT_HORIZON_DAYS,
+            )
+            .await
+            .map(|_| ())
+            .map_err(Into::into),
         }
     });
     match result {

@@ -26,9 +26,24 @@ pub async fn seed_demo(app: &App) -> Result<usize, Error> {
         return Ok(0);
     }
     let demo = [
-        ("demo-battery", "Demo home battery", Family::Battery, "Europe/London"),
-        ("demo-battery-2", "Demo hybrid inverter", Family::Battery, "Europe/Berlin"),
-        ("demo-ev-charger", "Demo EV charger", Family::EvCharger, "Europe/London"),
+        (
+            "demo-battery",
+            "Demo home battery",
+            Family::Battery,
+            "Europe/London",
+        ),
+        (
+            "demo-battery-2",
+            "Demo hybrid inverter",
+            Family::Battery,
+            "Europe/Berlin",
+        ),
+        (
+            "demo-ev-charger",
+            "Demo EV charger",
+            Family::EvCharger,
+            "Europe/London",
+        ),
     ];
     for (id, name, family, tz) in demo {
         let device = Device {
@@ -121,9 +136,16 @@ pub async fn serve(
         }
         () = shutdown => {}
     }
-    tracing::info!(grace_seconds = grace.as_secs_f64(), "shutting down: draining calls");
-    reporter.set_not_serving::<DeviceServiceServer<Devices>>().await;
-    reporter.set_not_serving::<ActionServiceServer<Actions>>().await;
+    tracing::info!(
+        grace_seconds = grace.as_secs_f64(),
+        "shutting down: draining calls"
+    );
+    reporter
+        .set_not_serving::<DeviceServiceServer<Devices>>()
+        .await;
+    reporter
+        .set_not_serving::<ActionServiceServer<Actions>>()
+        .await;
     reporter
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;

@@ -1,1 +1,265 @@
-//! placeholder
+//! Test harness: a real switchyard server on a loopback port with a fresh
+//! database, gRPC clients for it, and a decoder for rich error details.
+
+use std::{sync::Arc, time::Duration};
+
+use prost::Message;
+use switchyard::{
+    api::App,
+    domain::{Clock, ManualClock, SystemClock, Ts},
+    server,
+};
+use switchyard_drivers::Registry;
+use switchyard_proto::v1::{
+    self as pb, action_service_client::ActionServiceClient,
+    device_service_client::DeviceServiceClient,
+};
+use tonic::transport::{Channel, Endpoint};
+use tonic_types::pb as rpc;
+
+/// 2030-01-01T00:00:00Z: where the manual clock of [`TestServer::start`]
+/// stands.
+pub const T0: i64 = 1_893_456_000;
+
+/// A server under test, stopped on drop.
+pub struct TestServer {
+    /// Its address.
+    pub addr: std::net::SocketAddr,
+    /// A channel to it.
+    pub channel: Channel,
+    /// Its state (store access for checks that gRPC cannot express).
+    pub app: App,
+    /// The clock the server reads; tests move it.
+    pub clock: ManualClock,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    /// A server on a fresh SQLite file, with a manual clock at [`T0`].
+    pub async fn start() -> Self {
+        let clock = ManualClock::new(Ts(T0 * Ts::SECOND));
+        Self::start_with_clock(clock.clone(), Arc::new(clock)).await
+    }
+
+    /// A server on a fresh SQLite file reading the system clock.
+    pub async fn start_real_time() -> Self {
+        let clock = ManualClock::new(Ts(0));
+        Self::start_with_clock(clock, Arc::new(SystemClock)).await
+    }
+
+    async fn start_with_clock(manual: ManualClock, clock: Arc<dyn Clock>) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("switchyard.db").display());
+        let app = server::build_app(
+            &url,
+            clock,
+            Registry::builtin(),
+            server::DEFAULT_HORIZON_DAYS,
+        )
+        .await
+        .expect("open store");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = app.clone();
+        let task = tokio::spawn(async move {
+            server::serve(
+                serving,
+                listener,
+                async {
+                    let _ = stopped.await;
+                },
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("server");
+        });
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .expect("endpoint")
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("connect");
+        Self {
+            addr,
+            channel,
+            app,
+            clock: manual,
+            stop: Some(stop),
+            task: Some(task),
+            _dir: dir,
+        }
+    }
+
+    /// DeviceService client.
+    pub fn devices(&self) -> DeviceServiceClient<Channel> {
+        DeviceServiceClient::new(self.channel.clone())
+    }
+
+    /// ActionService client.
+    pub fn actions(&self) -> ActionServiceClient<Channel> {
+        ActionServiceClient::new(self.channel.clone())
+    }
+
+    /// Registers a simulated device of `family`.
+    pub async fn create_device(&self, id: &str, family: pb::DeviceFamily) -> pb::Device {
+        self.devices()
+            .create_device(pb::CreateDeviceRequest {
+                device_id: id.to_owned(),
+                device: Some(pb::Device {
+                    family: family as i32,
+                    driver: "simulated".into(),
+                    timezone: "Europe/London".into(),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await
+            .expect("create device")
+            .into_inner()
+    }
+
+    /// Registers a simulated battery.
+    pub async fn battery(&self, id: &str) -> pb::Device {
+        self.create_device(id, pb::DeviceFamily::Battery).await
+    }
+
+    /// Stops the server and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// A protobuf timestamp `secs` seconds after [`T0`].
+pub fn at(secs: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: T0 + secs,
+        nanos: 0,
+    }
+}
+
+/// An action on the mode channel: `command` from `start` to `end`
+/// (seconds after [`T0`]; `None` = unset).
+pub fn action(command: pb::Command, start: Option<i64>, end: Option<i64>) -> pb::Action {
+    pb::Action {
+        command: command as i32,
+        start_time: start.map(at),
+        end_time: end.map(at),
+        ..Default::default()
+    }
+}
+
+/// A push request.
+pub fn push(
+    device: &str,
+    action: pb::Action,
+    on_conflict: pb::ConflictStrategy,
+) -> pb::PushActionRequest {
+    pb::PushActionRequest {
+        device_id: device.to_owned(),
+        action: Some(action),
+        on_conflict: on_conflict as i32,
+        validate_only: false,
+        request_id: String::new(),
+    }
+}
+
+/// The rich details of an error status, decoded.
+#[derive(Debug, Default)]
+pub struct Details {
+    /// The ErrorInfo (always present on switchyard errors).
+    pub info: Option<rpc::ErrorInfo>,
+    /// BadRequest, if any.
+    pub bad_request: Option<rpc::BadRequest>,
+    /// ConflictDetail, if any.
+    pub conflict: Option<pb::ConflictDetail>,
+    /// RetryInfo, if any.
+    pub retry: Option<rpc::RetryInfo>,
+    /// PreconditionFailure, if any.
+    pub precondition: Option<rpc::PreconditionFailure>,
+    /// ResourceInfo, if any.
+    pub resource: Option<rpc::ResourceInfo>,
+    /// Type URLs in order.
+    pub type_urls: Vec<String>,
+}
+
+impl Details {
+    /// The ErrorInfo reason.
+    pub fn reason(&self) -> &str {
+        self.info.as_ref().map(|i| i.reason.as_str()).unwrap_or("")
+    }
+
+    /// An ErrorInfo metadata value.
+    pub fn meta(&self, key: &str) -> &str {
+        self.info
+            .as_ref()
+            .and_then(|i| i.metadata.get(key))
+            .map(String::as_str)
+            .unwrap_or("")
+    }
+
+    /// Fields named by BadRequest, in order.
+    pub fn fields(&self) -> Vec<String> {
+        self.bad_request
+            .as_ref()
+            .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Decodes the details of `status`; panics if they are not a valid
+/// google.rpc.Status or carry an unknown type.
+pub fn details(status: &tonic::Status) -> Details {
+    let body = rpc::Status::decode(status.details()).expect("details are a google.rpc.Status");
+    assert_eq!(
+        body.code,
+        status.code() as i32,
+        "details code matches the status code"
+    );
+    let mut d = Details::default();
+    for any in body.details {
+        d.type_urls.push(any.type_url.clone());
+        let v = any.value.as_slice();
+        match any.type_url.as_str() {
+            "type.googleapis.com/google.rpc.ErrorInfo" => {
+                d.info = Some(Message::decode(v).expect("ErrorInfo"))
+            }
+            "type.googleapis.com/google.rpc.BadRequest" => {
+                d.bad_request = Some(Message::decode(v).expect("BadRequest"))
+            }
+            "type.googleapis.com/switchyard.v1.ConflictDetail" => {
+                d.conflict = Some(Message::decode(v).expect("ConflictDetail"))
+            }
+            "type.googleapis.com/google.rpc.RetryInfo" => {
+                d.retry = Some(Message::decode(v).expect("RetryInfo"))
+            }
+            "type.googleapis.com/google.rpc.PreconditionFailure" => {
+                d.precondition = Some(Message::decode(v).expect("PreconditionFailure"))
+            }
+            "type.googleapis.com/google.rpc.ResourceInfo" => {
+                d.resource = Some(Message::decode(v).expect("ResourceInfo"))
+            }
+            other => panic!("unexpected detail type {other}"),
+        }
+    }
+    let info = d.info.as_ref().expect("every error carries ErrorInfo");
+    assert_eq!(info.domain, "switchyard");
+    d
+}

@@ -3,7 +3,10 @@
 use switchyard_proto::v1::{self as pb, action_service_server::ActionService};
 use tonic::{Request, Response, Status};
 
-use super::{App, body_without_key, convert, decode_token, encode_token, page_size, parse_device_id, status::to_status};
+use super::{
+    App, body_without_key, convert, decode_token, encode_token, page_size, parse_device_id,
+    status::to_status,
+};
 use crate::{
     domain::{
         Action, ActionId, ActionState, Error, Reason,
@@ -18,9 +21,19 @@ pub struct Actions(pub App);
 
 fn parse_action_id(s: &str) -> Result<ActionId, Error> {
     if s.is_empty() {
-        return Err(Error::invalid("action_id", Reason::MissingField, "action_id is required"));
+        return Err(Error::invalid(
+            "action_id",
+            Reason::MissingField,
+            "action_id is required",
+        ));
     }
-    ActionId::parse(s).map_err(|why| Error::invalid("action_id", Reason::InvalidField, format!("action_id {why}")))
+    ActionId::parse(s).map_err(|why| {
+        Error::invalid(
+            "action_id",
+            Reason::InvalidField,
+            format!("action_id {why}"),
+        )
+    })
 }
 
 fn push_response(o: &PushOutcome) -> pb::PushActionResponse {
@@ -41,7 +54,11 @@ impl Actions {
         let app = &self.0;
         let device_id = parse_device_id(&req.device_id, "device_id")?;
         let Some(a) = req.action.as_ref() else {
-            return Err(Error::invalid("action", Reason::MissingField, "action is required"));
+            return Err(Error::invalid(
+                "action",
+                Reason::MissingField,
+                "action is required",
+            ));
         };
         let strategy = convert::strategy_from_proto(req.on_conflict)?;
         let input = PushInput {
@@ -85,11 +102,17 @@ impl Actions {
             return Ok(resp);
         }
         let body = body_without_key(&req, |r| r.request_id.clear());
-        app.idempotent("PushAction", &req.request_id, body, push_response, |idem| async move {
-            app.store
-                .push(&tenant, &device_id, prepare, strategy, false, idem)
-                .await
-        })
+        app.idempotent(
+            "PushAction",
+            &req.request_id,
+            body,
+            push_response,
+            |idem| async move {
+                app.store
+                    .push(&tenant, &device_id, prepare, strategy, false, idem)
+                    .await
+            },
+        )
         .await
     }
 
@@ -111,12 +134,20 @@ impl Actions {
         let scope = format!(
             "actions:{}:{}",
             req.device_id,
-            states.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",")
+            states
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
         );
         let before = decode_token(&req.page_token, &scope)?
             .map(|s| {
                 ActionId::parse(&s).map_err(|_| {
-                    Error::invalid("page_token", Reason::InvalidPageToken, "page_token is malformed")
+                    Error::invalid(
+                        "page_token",
+                        Reason::InvalidPageToken,
+                        "page_token is malformed",
+                    )
                 })
             })
             .transpose()?;
@@ -177,7 +208,10 @@ impl ActionService for Actions {
         &self,
         request: Request<pb::PushActionRequest>,
     ) -> Result<Response<pb::PushActionResponse>, Status> {
-        self.push(request.into_inner()).await.map(Response::new).map_err(to_status)
+        self.push(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(to_status)
     }
 
     async fn get_action(
@@ -188,7 +222,11 @@ impl ActionService for Actions {
         let run = async {
             let device_id = parse_device_id(&req.device_id, "device_id")?;
             let action_id = parse_action_id(&req.action_id)?;
-            let a = self.0.store.get_action(&self.0.tenant(), &device_id, &action_id).await?;
+            let a = self
+                .0
+                .store
+                .get_action(&self.0.tenant(), &device_id, &action_id)
+                .await?;
             Ok(convert::action_to_proto(&a))
         };
         run.await.map(Response::new).map_err(to_status)
@@ -198,13 +236,19 @@ impl ActionService for Actions {
         &self,
         request: Request<pb::ListActionsRequest>,
     ) -> Result<Response<pb::ListActionsResponse>, Status> {
-        self.list(request.into_inner()).await.map(Response::new).map_err(to_status)
+        self.list(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(to_status)
     }
 
     async fn cancel_action(
         &self,
         request: Request<pb::CancelActionRequest>,
     ) -> Result<Response<pb::Action>, Status> {
-        self.cancel(request.into_inner()).await.map(Response::new).map_err(to_status)
+        self.cancel(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(to_status)
     }
 }

@@ -6,7 +6,10 @@ use switchyard_drivers::DeviceSpec;
 use switchyard_proto::v1::{self as pb, device_service_server::DeviceService};
 use tonic::{Request, Response, Status};
 
-use super::{App, body_without_key, check_len, convert, decode_token, encode_token, page_size, parse_device_id, status::to_status};
+use super::{
+    App, body_without_key, check_len, convert, decode_token, encode_token, page_size,
+    parse_device_id, status::to_status,
+};
 use crate::domain::{Device, DeviceId, Error, FieldViolation, Reason, Ts, device::valid_timezone};
 
 const MAX_NAME: usize = 200;
@@ -76,7 +79,11 @@ impl Devices {
     async fn create(&self, req: pb::CreateDeviceRequest) -> Result<pb::Device, Error> {
         let app = &self.0;
         let Some(dev) = req.device.as_ref() else {
-            return Err(Error::invalid("device", Reason::MissingField, "device is required"));
+            return Err(Error::invalid(
+                "device",
+                Reason::MissingField,
+                "device is required",
+            ));
         };
         let mut out = Vec::new();
         let id_str = match (req.device_id.as_str(), dev.device_id.as_str()) {
@@ -97,10 +104,18 @@ impl Devices {
         };
         let family = convert::family_from_proto(dev.family)?;
         if family.is_none() {
-            out.push(FieldViolation::new("device.family", Reason::MissingField, "family is required"));
+            out.push(FieldViolation::new(
+                "device.family",
+                Reason::MissingField,
+                "family is required",
+            ));
         }
         if dev.driver.is_empty() {
-            out.push(FieldViolation::new("device.driver", Reason::MissingField, "driver is required"));
+            out.push(FieldViolation::new(
+                "device.driver",
+                Reason::MissingField,
+                "driver is required",
+            ));
         } else if app.registry.get(&dev.driver).is_none() {
             out.push(FieldViolation::new(
                 "device.driver",
@@ -118,7 +133,11 @@ impl Devices {
             family: family.unwrap_or(crate::domain::Family::Battery),
             driver: dev.driver.clone(),
             oem_device_id: dev.oem_device_id.clone(),
-            timezone: if dev.timezone.is_empty() { "UTC".to_owned() } else { dev.timezone.clone() },
+            timezone: if dev.timezone.is_empty() {
+                "UTC".to_owned()
+            } else {
+                dev.timezone.clone()
+            },
             settings: dev.settings.clone().into_iter().collect::<BTreeMap<_, _>>(),
             revision: 0,
             created: Ts(0),
@@ -146,10 +165,18 @@ impl Devices {
     async fn update(&self, req: pb::UpdateDeviceRequest) -> Result<pb::Device, Error> {
         let app = &self.0;
         let Some(dev) = req.device.as_ref() else {
-            return Err(Error::invalid("device", Reason::MissingField, "device is required"));
+            return Err(Error::invalid(
+                "device",
+                Reason::MissingField,
+                "device is required",
+            ));
         };
         let id = parse_device_id(&dev.device_id, "device.device_id")?;
-        let paths: Vec<String> = req.update_mask.as_ref().map(|m| m.paths.clone()).unwrap_or_default();
+        let paths: Vec<String> = req
+            .update_mask
+            .as_ref()
+            .map(|m| m.paths.clone())
+            .unwrap_or_default();
         if paths.is_empty() {
             return Err(Error::invalid(
                 "update_mask",
@@ -166,11 +193,13 @@ impl Devices {
                     Reason::InvalidField,
                     format!("{p} is immutable"),
                 )),
-                "capabilities" | "etag" | "create_time" | "update_time" => bad.push(FieldViolation::new(
-                    "update_mask",
-                    Reason::InvalidField,
-                    format!("{p} is output only"),
-                )),
+                "capabilities" | "etag" | "create_time" | "update_time" => {
+                    bad.push(FieldViolation::new(
+                        "update_mask",
+                        Reason::InvalidField,
+                        format!("{p} is output only"),
+                    ))
+                }
                 _ => bad.push(FieldViolation::new(
                     "update_mask",
                     Reason::InvalidField,
@@ -210,13 +239,19 @@ impl Devices {
                                             new.timezone.clone()
                                         }
                                     }
-                                    "settings" => d.settings = new.settings.clone().into_iter().collect(),
+                                    "settings" => {
+                                        d.settings = new.settings.clone().into_iter().collect()
+                                    }
                                     _ => {}
                                 }
                             }
                             let mut out = Vec::new();
                             check_device(&checker, d, &mut out);
-                            if out.is_empty() { Ok(()) } else { Err(Error::Invalid(out)) }
+                            if out.is_empty() {
+                                Ok(())
+                            } else {
+                                Err(Error::Invalid(out))
+                            }
                         },
                         idem,
                     )
@@ -233,7 +268,10 @@ impl DeviceService for Devices {
         &self,
         request: Request<pb::CreateDeviceRequest>,
     ) -> Result<Response<pb::Device>, Status> {
-        self.create(request.into_inner()).await.map(Response::new).map_err(to_status)
+        self.create(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(to_status)
     }
 
     async fn get_device(
@@ -280,7 +318,10 @@ impl DeviceService for Devices {
         &self,
         request: Request<pb::UpdateDeviceRequest>,
     ) -> Result<Response<pb::Device>, Status> {
-        self.update(request.into_inner()).await.map(Response::new).map_err(to_status)
+        self.update(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(to_status)
     }
 
     async fn delete_device(

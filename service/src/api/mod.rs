@@ -79,7 +79,11 @@ impl App {
         }
         check_request_id(request_id)?;
         let tenant = self.tenant();
-        match self.store.idem_begin(&tenant, request_id, method, &body).await? {
+        match self
+            .store
+            .idem_begin(&tenant, request_id, method, &body)
+            .await?
+        {
             IdemBegin::Replay(bytes) => Resp::decode(bytes.as_slice())
                 .map_err(|e| Error::Internal(format!("stored response: {e}"))),
             IdemBegin::Fresh => {
@@ -107,7 +111,9 @@ fn check_request_id(id: &str) -> Result<(), Error> {
         return Err(Error::invalid(
             "request_id",
             Reason::InvalidField,
-            format!("request_id must be at most {MAX_REQUEST_ID_LEN} bytes of printable characters"),
+            format!(
+                "request_id must be at most {MAX_REQUEST_ID_LEN} bytes of printable characters"
+            ),
         ));
     }
     Ok(())
@@ -116,9 +122,14 @@ fn check_request_id(id: &str) -> Result<(), Error> {
 /// Parses a device id from a request field.
 pub fn parse_device_id(s: &str, field: &str) -> Result<DeviceId, Error> {
     if s.is_empty() {
-        return Err(Error::invalid(field, Reason::MissingField, format!("{field} is required")));
+        return Err(Error::invalid(
+            field,
+            Reason::MissingField,
+            format!("{field} is required"),
+        ));
     }
-    DeviceId::parse(s).map_err(|why| Error::invalid(field, Reason::InvalidField, format!("{field} {why}")))
+    DeviceId::parse(s)
+        .map_err(|why| Error::invalid(field, Reason::InvalidField, format!("{field} {why}")))
 }
 
 /// Checks a string field's length.
@@ -137,7 +148,11 @@ pub fn check_len(out: &mut Vec<FieldViolation>, field: &str, value: &str, max: u
 pub fn page_size(n: i32) -> Result<u32, Error> {
     match n {
         0 => Ok(DEFAULT_PAGE_SIZE),
-        n if n < 0 => Err(Error::invalid("page_size", Reason::InvalidField, "page_size must not be negative")),
+        n if n < 0 => Err(Error::invalid(
+            "page_size",
+            Reason::InvalidField,
+            "page_size must not be negative",
+        )),
         n => Ok((n as u32).min(MAX_PAGE_SIZE)),
     }
 }

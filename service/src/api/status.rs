@@ -11,7 +11,7 @@ use switchyard_proto::v1::{self as pb, ErrorReason as R};
 use tonic::{Code, Status};
 use tonic_types::pb as rpc;
 
-use super::convert::{strategy_to_proto, state_to_proto, command_to_proto, ts_to_proto};
+use super::convert::{command_to_proto, state_to_proto, strategy_to_proto, ts_to_proto};
 use crate::domain::{ConflictKind, Error, Reason, Ts};
 
 /// The ErrorInfo domain.
@@ -43,7 +43,10 @@ fn field_reason(r: Reason) -> R {
 }
 
 fn join<T: ToString>(xs: &[T]) -> String {
-    xs.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+    xs.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn retry(nanos: i64) -> prost_types::Any {
@@ -91,8 +94,19 @@ pub fn to_status(e: Error) -> Status {
     let mut details: Vec<prost_types::Any> = Vec::new();
     let (code, reason) = match e {
         Error::Invalid(violations) => {
-            let first = violations.first().map(|v| v.reason).unwrap_or(Reason::InvalidField);
-            meta.insert("fields".into(), join(&violations.iter().map(|v| v.field.clone()).collect::<Vec<_>>()));
+            let first = violations
+                .first()
+                .map(|v| v.reason)
+                .unwrap_or(Reason::InvalidField);
+            meta.insert(
+                "fields".into(),
+                join(
+                    &violations
+                        .iter()
+                        .map(|v| v.field.clone())
+                        .collect::<Vec<_>>(),
+                ),
+            );
             details.push(any(
                 "google.rpc.BadRequest",
                 &rpc::BadRequest {
@@ -110,11 +124,18 @@ pub fn to_status(e: Error) -> Status {
             (Code::InvalidArgument, field_reason(first))
         }
         Error::DeviceNotFound { device_id } => {
-            details.push(resource("switchyard.v1.Device", format!("devices/{device_id}"), "no such device".into()));
+            details.push(resource(
+                "switchyard.v1.Device",
+                format!("devices/{device_id}"),
+                "no such device".into(),
+            ));
             meta.insert("device_id".into(), device_id);
             (Code::NotFound, R::DeviceNotFound)
         }
-        Error::ActionNotFound { device_id, action_id } => {
+        Error::ActionNotFound {
+            device_id,
+            action_id,
+        } => {
             details.push(resource(
                 "switchyard.v1.Action",
                 format!("devices/{device_id}/actions/{action_id}"),
@@ -125,11 +146,19 @@ pub fn to_status(e: Error) -> Status {
             (Code::NotFound, R::ActionNotFound)
         }
         Error::DeviceAlreadyExists { device_id } => {
-            details.push(resource("switchyard.v1.Device", format!("devices/{device_id}"), "already exists".into()));
+            details.push(resource(
+                "switchyard.v1.Device",
+                format!("devices/{device_id}"),
+                "already exists".into(),
+            ));
             meta.insert("device_id".into(), device_id);
             (Code::AlreadyExists, R::DeviceAlreadyExists)
         }
-        Error::DeviceHasActiveActions { device_id, action_ids, in_flight } => {
+        Error::DeviceHasActiveActions {
+            device_id,
+            action_ids,
+            in_flight,
+        } => {
             details.push(precondition(
                 "DEVICE_HAS_ACTIVE_ACTIONS",
                 format!("devices/{device_id}"),
@@ -189,7 +218,11 @@ pub fn to_status(e: Error) -> Status {
                             end_time: x.end.map(ts_to_proto),
                         })
                         .collect(),
-                    strategies: c.strategies.iter().map(|s| strategy_to_proto(*s) as i32).collect(),
+                    strategies: c
+                        .strategies
+                        .iter()
+                        .map(|s| strategy_to_proto(*s) as i32)
+                        .collect(),
                     in_flight_action_ids: c.in_flight.iter().map(ToString::to_string).collect(),
                 },
             ));
@@ -216,7 +249,11 @@ pub fn to_status(e: Error) -> Status {
             ));
             (Code::FailedPrecondition, reason)
         }
-        Error::NotCancellable { device_id, action_id, state } => {
+        Error::NotCancellable {
+            device_id,
+            action_id,
+            state,
+        } => {
             details.push(precondition(
                 "ACTION_NOT_CANCELLABLE",
                 format!("devices/{device_id}/actions/{action_id}"),
@@ -224,10 +261,18 @@ pub fn to_status(e: Error) -> Status {
             ));
             meta.insert("device_id".into(), device_id);
             meta.insert("action_id".into(), action_id.to_string());
-            meta.insert("state".into(), state_to_proto(state).as_str_name().to_owned());
+            meta.insert(
+                "state".into(),
+                state_to_proto(state).as_str_name().to_owned(),
+            );
             (Code::FailedPrecondition, R::ActionNotCancellable)
         }
-        Error::AlreadyCancelled { device_id, action_id, cancelled_at, replaced_by } => {
+        Error::AlreadyCancelled {
+            device_id,
+            action_id,
+            cancelled_at,
+            replaced_by,
+        } => {
             details.push(precondition(
                 "ACTION_ALREADY_CANCELLED",
                 format!("devices/{device_id}/actions/{action_id}"),
@@ -242,13 +287,20 @@ pub fn to_status(e: Error) -> Status {
             }
             (Code::FailedPrecondition, R::ActionAlreadyCancelled)
         }
-        Error::EtagMismatch { resource, given, current } => {
+        Error::EtagMismatch {
+            resource,
+            given,
+            current,
+        } => {
             meta.insert("resource".into(), resource);
             meta.insert("etag".into(), given);
             meta.insert("current_etag".into(), current);
             (Code::Aborted, R::EtagMismatch)
         }
-        Error::RequestIdReused { request_id, first_method } => {
+        Error::RequestIdReused {
+            request_id,
+            first_method,
+        } => {
             details.push(precondition(
                 "REQUEST_ID_REUSED",
                 format!("request_id/{request_id}"),
@@ -258,7 +310,10 @@ pub fn to_status(e: Error) -> Status {
             meta.insert("first_method".into(), first_method);
             (Code::FailedPrecondition, R::RequestIdReused)
         }
-        Error::RequestInProgress { request_id, retry_after_nanos } => {
+        Error::RequestInProgress {
+            request_id,
+            retry_after_nanos,
+        } => {
             details.push(retry(retry_after_nanos));
             meta.insert("request_id".into(), request_id);
             (Code::Aborted, R::RequestInProgress)

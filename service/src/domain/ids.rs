@@ -84,6 +84,19 @@ impl fmt::Display for ActionId {
 }
 
 #[cfg(test)]
+impl ActionId {
+    /// A fixed id, for tests.
+    pub fn from_u128(n: u128) -> Self {
+        Self(uuid::Uuid::from_u128(n))
+    }
+
+    /// The id as a number, for tests.
+    pub fn as_u128(self) -> u128 {
+        self.0.as_u128()
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -104,18 +117,5 @@ mod tests {
         assert!(a.to_string() < b.to_string());
         assert_eq!(ActionId::parse(&a.to_string()), Ok(a));
         assert!(ActionId::parse("not-a-uuid").is_err());
-    }
-}
-
-#[cfg(test)]
-impl ActionId {
-    /// A fixed id, for tests.
-    pub fn from_u128(n: u128) -> Self {
-        Self(uuid::Uuid::from_u128(n))
-    }
-
-    /// The id as a number, for tests.
-    pub fn as_u128(self) -> u128 {
-        self.0.as_u128()
     }
 }

@@ -11,7 +11,7 @@ pub mod ids;
 pub mod validate;
 
 pub use action::*;
-pub use device::Device;
 pub use clock::{Clock, ManualClock, SystemClock, Ts};
+pub use device::Device;
 pub use error::{Conflict, ConflictKind, Error, FieldViolation, Reason};
 pub use ids::{ActionId, DeviceId, TenantId};

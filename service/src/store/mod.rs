@@ -23,8 +23,8 @@ use sqlx::{
 };
 
 use crate::domain::{
-    Action, ActionId, ActionState, Clock, Device, DeviceId, Error, Strategy, TenantId,
-    Transition, Ts, codes,
+    Action, ActionId, ActionState, Clock, Device, DeviceId, Error, Strategy, TenantId, Transition,
+    Ts, codes,
     conflict::{self, Holder},
     validate::ValidPush,
 };
@@ -35,13 +35,16 @@ pub const IDEMPOTENCY_TTL_NANOS: i64 = 24 * 3600 * Ts::SECOND;
 /// take it over (a crashed server never completes it).
 pub const IDEMPOTENCY_LEASE_NANOS: i64 = 30 * Ts::SECOND;
 
+/// Encodes a mutation's outcome as the response bytes to replay.
+pub type EncodeResponse<T> = Box<dyn FnOnce(&T) -> Vec<u8> + Send>;
+
 /// Records the response of an idempotent request in the transaction that
 /// makes its change, so a retry after a crash can never apply it twice.
 pub struct IdemCommit<T> {
     /// The key.
     pub request_id: String,
     /// Encodes the response from the outcome.
-    pub encode: Box<dyn FnOnce(&T) -> Vec<u8> + Send>,
+    pub encode: EncodeResponse<T>,
 }
 
 /// What the idempotency check found.
@@ -149,7 +152,11 @@ impl Store {
         .map_err(db_err)?;
         drop(conn);
         for (version, sql) in schema::MIGRATIONS {
-            let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
+            let mut tx = self
+                .write
+                .begin_with("BEGIN IMMEDIATE")
+                .await
+                .map_err(db_err)?;
             let done: Option<i64> =
                 sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = ?")
                     .bind(version)
@@ -186,7 +193,10 @@ impl Store {
     }
 
     async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, Error> {
-        self.write.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)
+        self.write
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db_err)
     }
 
     // ---- idempotency ------------------------------------------------------
@@ -329,7 +339,15 @@ impl Store {
             });
         }
         rows::insert_device(&mut tx, tenant, &device).await?;
-        rows::audit_device(&mut tx, tenant, &device.id, "CREATED", idem.as_ref().map(|i| i.request_id.as_str()), now).await?;
+        rows::audit_device(
+            &mut tx,
+            tenant,
+            &device.id,
+            "CREATED",
+            idem.as_ref().map(|i| i.request_id.as_str()),
+            now,
+        )
+        .await?;
         Self::idem_complete(&mut tx, tenant, idem, &device).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(device)
@@ -406,7 +424,15 @@ impl Store {
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
-        rows::audit_device(&mut tx, tenant, id, "UPDATED", idem.as_ref().map(|i| i.request_id.as_str()), now).await?;
+        rows::audit_device(
+            &mut tx,
+            tenant,
+            id,
+            "UPDATED",
+            idem.as_ref().map(|i| i.request_id.as_str()),
+            now,
+        )
+        .await?;
         Self::idem_complete(&mut tx, tenant, idem, &device).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(device)
@@ -432,7 +458,11 @@ impl Store {
             })?;
         check_etag(etag, &device.etag(), || format!("devices/{id}"))?;
         let holding = rows::holding_actions(&mut tx, tenant, id, None).await?;
-        let in_flight: Vec<ActionId> = holding.iter().filter(|a| a.state.in_flight()).map(|a| a.id).collect();
+        let in_flight: Vec<ActionId> = holding
+            .iter()
+            .filter(|a| a.state.in_flight())
+            .map(|a| a.id)
+            .collect();
         if !holding.is_empty() && (!force || !in_flight.is_empty()) {
             return Err(Error::DeviceHasActiveActions {
                 device_id: id.to_string(),
@@ -493,7 +523,8 @@ impl Store {
                 device_id: device_id.to_string(),
             })?;
         let push = prepare(&device, now)?;
-        let holding = rows::holding_actions(&mut tx, tenant, device_id, Some(&push.channel)).await?;
+        let holding =
+            rows::holding_actions(&mut tx, tenant, device_id, Some(&push.channel)).await?;
         let holders: Vec<Holder> = holding
             .iter()
             .map(|a| Holder {
@@ -579,7 +610,11 @@ impl Store {
             .await?;
         }
         rows::insert_action(&mut tx, tenant, &outcome.action).await?;
-        let reason = match (strategy, outcome.cancelled.is_empty(), outcome.queued_after.is_empty()) {
+        let reason = match (
+            strategy,
+            outcome.cancelled.is_empty(),
+            outcome.queued_after.is_empty(),
+        ) {
             (Strategy::CancelAndReplace, false, _) => "PUSHED_CANCEL_AND_REPLACE",
             (Strategy::QueueAfter, _, false) => "PUSHED_QUEUE_AFTER",
             _ => "PUSHED",
@@ -743,7 +778,11 @@ fn not_found(device_id: &DeviceId, action_id: &ActionId) -> Error {
     }
 }
 
-fn check_etag(given: Option<&str>, current: &str, resource: impl FnOnce() -> String) -> Result<(), Error> {
+fn check_etag(
+    given: Option<&str>,
+    current: &str,
+    resource: impl FnOnce() -> String,
+) -> Result<(), Error> {
     match given {
         Some(g) if g != current => Err(Error::EtagMismatch {
             resource: resource(),

@@ -137,13 +137,15 @@ pub(super) async fn fetch_action<'e, E>(
 where
     E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
 {
-    let row = sqlx::query("SELECT * FROM actions WHERE tenant_id = ? AND device_id = ? AND action_id = ?")
-        .bind(tenant.as_str())
-        .bind(device_id.as_str())
-        .bind(action_id.to_string())
-        .fetch_optional(exec)
-        .await
-        .map_err(db_err)?;
+    let row = sqlx::query(
+        "SELECT * FROM actions WHERE tenant_id = ? AND device_id = ? AND action_id = ?",
+    )
+    .bind(tenant.as_str())
+    .bind(device_id.as_str())
+    .bind(action_id.to_string())
+    .fetch_optional(exec)
+    .await
+    .map_err(db_err)?;
     row.as_ref().map(action_from_row).transpose()
 }
 

@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# Smoke test of the switchyard gRPC API with grpcurl: what a person poking at
+# the server by hand sees. Uses only server reflection (no proto files), so it
+# also proves that reflection serves everything a generic client needs to
+# decode our error details (google.rpc.* and switchyard.v1.ConflictDetail).
+#
+#   eval "$(scripts/install-test-tools.sh)"
+#   SWITCHYARD_BIN=path/to/switchyard tests/interop/grpcurl_smoke.sh
+#
+# Starts its own server (fresh temporary SQLite database, demo devices on,
+# loopback port chosen by the kernel), runs every check even after one fails,
+# always stops the server, and ends with one line "N passed, M failed"; the
+# exit status is non-zero when any check failed or the server did not start.
+set -euo pipefail
+
+STARTUP_TIMEOUT_S=20
+GRPCURL_MAX_TIME_S=10
+
+die() { printf 'grpcurl_smoke: %s\n' "$*" >&2; exit 2; }
+
+[[ -n "${SWITCHYARD_BIN:-}" ]] || die "SWITCHYARD_BIN is not set: point it at the switchyard server binary"
+[[ -f "$SWITCHYARD_BIN" && -x "$SWITCHYARD_BIN" ]] || die "SWITCHYARD_BIN=$SWITCHYARD_BIN is not an executable file"
+command -v grpcurl >/dev/null || die "grpcurl is not on PATH (eval \"\$(scripts/install-test-tools.sh)\")"
+
+tmp="$(mktemp -d "${TMPDIR:-/tmp}/switchyard-smoke.XXXXXX")"
+log="$tmp/server.log"
+server_pid=""
+
+# Always stop the server (SIGTERM, then SIGKILL after 15 s) and clean up.
+cleanup() {
+    local rc=$?
+    if [[ -n "$server_pid" ]] && kill -0 "$server_pid" 2>/dev/null; then
+        kill -TERM "$server_pid" 2>/dev/null || true
+        for _ in $(seq 150); do
+            kill -0 "$server_pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$server_pid" 2>/dev/null; then
+            echo "server did not stop on SIGTERM; killing it" >&2
+            kill -KILL "$server_pid" 2>/dev/null || true
+        fi
+        wait "$server_pid" 2>/dev/null || true
+    fi
+    rm -rf "$tmp"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+server_tail() { echo "--- server log (tail) ---" >&2; tail -n 30 "$log" >&2 || true; }
+
+# ---- start the server ------------------------------------------------------
+echo "starting $SWITCHYARD_BIN (database $tmp/smoke.db, demo devices on)"
+"$SWITCHYARD_BIN" serve --listen 127.0.0.1:0 --database "sqlite://$tmp/smoke.db" \
+    --log-format json </dev/null >/dev/null 2>"$log" &
+server_pid=$!
+
+# The kernel picks the port; the "listening" JSON log line says which.
+deadline=$((SECONDS + STARTUP_TIMEOUT_S))
+addr=""
+while [[ -z "$addr" ]]; do
+    if ! kill -0 "$server_pid" 2>/dev/null; then
+        server_tail; die "server exited during startup"
+    fi
+    if ((SECONDS >= deadline)); then
+        server_tail; die "no \"listening\" log line within ${STARTUP_TIMEOUT_S}s"
+    fi
+    addr="$(grep '"message":"listening"' "$log" 2>/dev/null | head -n 1 |
+        grep -o '"addr":"[^"]*"' | cut -d'"' -f4 || true)"
+    [[ -n "$addr" ]] || sleep 0.1
+done
+[[ "$addr" == 127.0.0.1:* ]] || die "server listens on $addr, not on loopback"
+echo "server pid $server_pid listening on $addr"
+
+gc() { grpcurl -plaintext -max-time "$GRPCURL_MAX_TIME_S" "$@"; }
+
+# Poll the health check until SERVING (bounded by the same deadline).
+until gc "$addr" grpc.health.v1.Health/Check 2>/dev/null | grep -q '"status": "SERVING"'; do
+    if ! kill -0 "$server_pid" 2>/dev/null; then
+        server_tail; die "server exited during startup"
+    fi
+    if ((SECONDS >= deadline)); then
+        server_tail; die "health check not SERVING within ${STARTUP_TIMEOUT_S}s"
+    fi
+    sleep 0.1
+done
+
+# ---- checks ----------------------------------------------------------------
+passed=0
+failed=0
+ok() { passed=$((passed + 1)); printf 'ok    %s\n' "$1"; }
+fail() {
+    failed=$((failed + 1))
+    printf 'FAIL  %s\n' "$1"
+    if [[ -n "${2:-}" ]]; then printf '%s\n' "$2" | sed 's/^/      | /'; fi
+}
+# check NAME OUTPUT PATTERN...: every fixed-string PATTERN is in OUTPUT.
+check() {
+    local name=$1 out=$2 p
+    shift 2
+    for p in "$@"; do
+        if ! grep -qF -- "$p" <<<"$out"; then
+            fail "$name" "missing: $p"$'\n'"$out"
+            return 0
+        fi
+    done
+    ok "$name"
+}
+# run VAR_OUT VAR_RC cmd...: output (stdout+stderr) and exit code, never
+# tripping set -e.
+run() {
+    local -n _out=$1 _rc=$2
+    shift 2
+    _rc=0
+    _out="$("$@" 2>&1)" || _rc=$?
+}
+
+run out rc gc "$addr" list
+if ((rc == 0)); then
+    for svc in switchyard.v1.ActionService switchyard.v1.DeviceService grpc.health.v1.Health; do
+        if grep -qx -- "$svc" <<<"$out"; then ok "list shows $svc"; else fail "list shows $svc" "$out"; fi
+    done
+else
+    for svc in switchyard.v1.ActionService switchyard.v1.DeviceService grpc.health.v1.Health; do
+        fail "list shows $svc" "grpcurl exit $rc: $out"
+    done
+fi
+
+run out rc gc "$addr" describe switchyard.v1.ActionService
+if ((rc == 0)); then
+    check "describe switchyard.v1.ActionService" "$out" \
+        "service ActionService {" "rpc PushAction ( .switchyard.v1.PushActionRequest )"
+else
+    fail "describe switchyard.v1.ActionService" "grpcurl exit $rc: $out"
+fi
+
+run out rc gc "$addr" grpc.health.v1.Health/Check
+if ((rc == 0)); then check "health check says SERVING" "$out" '"status": "SERVING"'
+else fail "health check says SERVING" "grpcurl exit $rc: $out"; fi
+
+run out rc gc -d '{}' "$addr" switchyard.v1.DeviceService/ListDevices
+if ((rc == 0)); then check "ListDevices shows demo-battery" "$out" '"deviceId": "demo-battery"'
+else fail "ListDevices shows demo-battery" "grpcurl exit $rc: $out"; fi
+
+# A window a few hours ahead, in whole minutes: nothing starts during the run.
+start="$(date -u -d '+3 hours' +%Y-%m-%dT%H:%M:00Z)"
+end="$(date -u -d '+4 hours' +%Y-%m-%dT%H:%M:00Z)"
+push_body() { # COMMAND
+    printf '{"device_id":"demo-battery","action":{"command":"%s","start_time":"%s","end_time":"%s","power":{"value":3,"unit":"UNIT_KILOWATT"}}}' \
+        "$1" "$start" "$end"
+}
+
+run out rc gc -d "$(push_body COMMAND_CHARGE)" "$addr" switchyard.v1.ActionService/PushAction
+first_id="$(grep -o '"actionId": "[^"]*"' <<<"$out" | head -n 1 | cut -d'"' -f4 || true)"
+if ((rc == 0)) && [[ -n "$first_id" ]]; then
+    check "push windowed COMMAND_CHARGE $start..$end on demo-battery is SCHEDULED" "$out" \
+        '"state": "ACTION_STATE_SCHEDULED"'
+else
+    fail "push windowed COMMAND_CHARGE on demo-battery" "grpcurl exit $rc: $out"
+    first_id="(none)"
+fi
+
+# The same window again, another command on the same channel, no strategy.
+run out rc gc -d "$(push_body COMMAND_DISCHARGE)" "$addr" switchyard.v1.ActionService/PushAction
+if ((rc == 73)); then ok "colliding push fails with FAILED_PRECONDITION (grpcurl exit 73)"
+else fail "colliding push fails with FAILED_PRECONDITION (grpcurl exit 73, got $rc)" "$out"; fi
+# grpcurl prints each decoded detail as one JSON object on one line.
+info_line="$(grep -F '"@type":"type.googleapis.com/google.rpc.ErrorInfo"' <<<"$out" || true)"
+check "error details carry a decoded google.rpc.ErrorInfo with reason ACTION_CONFLICT" "${info_line:-$out}" \
+    '"@type":"type.googleapis.com/google.rpc.ErrorInfo"' '"domain":"switchyard"' '"reason":"ACTION_CONFLICT"' \
+    "\"conflicting_action_ids\":\"$first_id\""
+cd_line="$(grep -F '"@type":"type.googleapis.com/switchyard.v1.ConflictDetail"' <<<"$out" || true)"
+check "error details carry a decoded switchyard.v1.ConflictDetail naming the first action" "${cd_line:-$out}" \
+    '"@type":"type.googleapis.com/switchyard.v1.ConflictDetail"' "\"actionId\":\"$first_id\"" \
+    '"state":"ACTION_STATE_SCHEDULED"' '"CONFLICT_STRATEGY_CANCEL_AND_REPLACE"' '"CONFLICT_STRATEGY_QUEUE_AFTER"'
+
+if ((failed > 0)); then server_tail; fi
+echo "$passed passed, $failed failed"
+((failed == 0))

@@ -1,0 +1,544 @@
+//! Bad input, cancel rules, etags and request_id idempotency over gRPC.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+use switchyard::domain::TenantId;
+use switchyard_proto::v1::{self as pb, ActionState, Command, ConflictStrategy as S};
+use switchyard_tests::{TestServer, action, details, push};
+use tonic::Code;
+
+const H: i64 = 3600;
+const DAY: i64 = 86_400;
+
+async fn refused(srv: &TestServer, req: pb::PushActionRequest) -> tonic::Status {
+    srv.actions()
+        .push_action(req)
+        .await
+        .expect_err("push refused")
+}
+
+fn kw(v: f64) -> Option<pb::Quantity> {
+    Some(pb::Quantity {
+        value: v,
+        unit: pb::Unit::Kilowatt as i32,
+    })
+}
+
+#[tokio::test]
+async fn bad_fields_are_invalid_argument_naming_each_field() {
+    let srv = TestServer::start().await;
+    srv.battery("b").await;
+    let cases: Vec<(pb::Action, &str, Vec<&str>)> = vec![
+        (
+            action(Command::Charge, Some(2 * H), Some(H)),
+            "INVALID_WINDOW",
+            vec!["action.end_time"],
+        ),
+        (
+            action(Command::Charge, Some(-60), Some(H)),
+            "START_IN_PAST",
+            vec!["action.start_time"],
+        ),
+        (
+            action(Command::Charge, Some(31 * DAY), None),
+            "START_BEYOND_HORIZON",
+            vec!["action.start_time"],
+        ),
+        (
+            action(Command::EvPowerLimit, Some(H), None),
+            "UNSUPPORTED_COMMAND",
+            vec!["action.command"],
+        ),
+        (
+            action(Command::Unspecified, Some(H), None),
+            "MISSING_FIELD",
+            vec!["action.command"],
+        ),
+        (
+            pb::Action {
+                power: kw(6.0),
+                ..action(Command::Charge, Some(H), None)
+            },
+            "PARAMETER_OUT_OF_RANGE",
+            vec!["action.power.value"],
+        ),
+        (
+            pb::Action {
+                power: Some(pb::Quantity {
+                    value: 50.0,
+                    unit: pb::Unit::Percent as i32,
+                }),
+                ..action(Command::Charge, Some(H), None)
+            },
+            "UNSUPPORTED_UNIT",
+            vec!["action.power.unit"],
+        ),
+        (
+            pb::Action {
+                power: kw(1.0),
+                ..action(Command::AutoBalanced, Some(H), None)
+            },
+            "UNSUPPORTED_PARAMETER",
+            vec!["action.power"],
+        ),
+        (
+            pb::Action {
+                power: kw(9.0),
+                target_soc: Some(pb::Quantity {
+                    value: 101.0,
+                    unit: pb::Unit::Percent as i32,
+                }),
+                ..action(Command::Charge, Some(-1), Some(-2))
+            },
+            "START_IN_PAST",
+            vec![
+                "action.start_time",
+                "action.end_time",
+                "action.power.value",
+                "action.target_soc.value",
+            ],
+        ),
+    ];
+    for (a, reason, fields) in cases {
+        let st = refused(&srv, push("b", a.clone(), S::Unspecified)).await;
+        assert_eq!(st.code(), Code::InvalidArgument, "{a:?}: {st:?}");
+        let d = details(&st);
+        assert_eq!(d.reason(), reason, "{a:?}");
+        assert_eq!(d.fields(), fields, "{a:?}");
+        assert!(
+            d.bad_request
+                .unwrap()
+                .field_violations
+                .iter()
+                .all(|v| !v.description.is_empty())
+        );
+    }
+    // Nothing was booked by any of them.
+    let list = srv
+        .actions()
+        .list_actions(pb::ListActionsRequest {
+            device_id: "b".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.actions.is_empty());
+}
+
+#[tokio::test]
+async fn missing_and_malformed_identifiers_and_unknown_resources() {
+    let srv = TestServer::start().await;
+    srv.battery("b").await;
+    let mut a = srv.actions();
+
+    let st = a
+        .push_action(pb::PushActionRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (st.code(), details(&st).reason()),
+        (Code::InvalidArgument, "MISSING_FIELD")
+    );
+    let st = a
+        .push_action(pb::PushActionRequest {
+            device_id: "b".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(details(&st).fields(), ["action"]);
+    let st = a
+        .push_action(push(
+            "nope",
+            action(Command::Charge, Some(H), None),
+            S::Unspecified,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (st.code(), details(&st).reason()),
+        (Code::NotFound, "DEVICE_NOT_FOUND")
+    );
+    assert_eq!(details(&st).meta("device_id"), "nope");
+    let st = a
+        .push_action(push(
+            &"x".repeat(10_000),
+            action(Command::Charge, Some(H), None),
+            S::Unspecified,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (st.code(), details(&st).reason()),
+        (Code::InvalidArgument, "INVALID_FIELD")
+    );
+    let mut bad = push("b", action(Command::Charge, Some(H), None), S::Unspecified);
+    bad.on_conflict = 99;
+    let st = a.push_action(bad).await.unwrap_err();
+    assert_eq!(details(&st).fields(), ["on_conflict"]);
+    let mut bad = push("b", action(Command::Charge, Some(H), None), S::Unspecified);
+    bad.action
+        .as_mut()
+        .unwrap()
+        .start_time
+        .as_mut()
+        .unwrap()
+        .nanos = -5;
+    let st = a.push_action(bad).await.unwrap_err();
+    assert_eq!(details(&st).reason(), "INVALID_WINDOW");
+    let mut bad = push("b", action(Command::Charge, Some(H), None), S::Unspecified);
+    bad.request_id = "r".repeat(129);
+    let st = a.push_action(bad).await.unwrap_err();
+    assert_eq!(details(&st).fields(), ["request_id"]);
+
+    let st = a
+        .get_action(pb::GetActionRequest {
+            device_id: "b".into(),
+            action_id: "garbage".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (st.code(), details(&st).reason()),
+        (Code::InvalidArgument, "INVALID_FIELD")
+    );
+    let st = a
+        .get_action(pb::GetActionRequest {
+            device_id: "b".into(),
+            action_id: "01900000-0000-7000-8000-000000000000".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (st.code(), details(&st).reason()),
+        (Code::NotFound, "ACTION_NOT_FOUND")
+    );
+    assert!(details(&st).resource.is_some());
+}
+
+#[tokio::test]
+async fn an_action_is_not_found_under_another_device() {
+    let srv = TestServer::start().await;
+    srv.battery("b").await;
+    srv.battery("c").await;
+    let r = srv
+        .actions()
+        .push_action(push(
+            "b",
+            action(Command::Charge, Some(H), None),
+            S::Unspecified,
+        ))
+        .await
+        .unwrap();
+    let id = r.into_inner().action.unwrap().action_id;
+    let st = srv
+        .actions()
+        .get_action(pb::GetActionRequest {
+            device_id: "c".into(),
+            action_id: id,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(details(&st).reason(), "ACTION_NOT_FOUND");
+}
+
+#[tokio::test]
+async fn cancel_rules_per_state_and_etag() {
+    let srv = TestServer::start().await;
+    srv.battery("b").await;
+    let mut a = srv.actions();
+    let sched = a
+        .push_action(push(
+            "b",
+            action(Command::Charge, Some(H), Some(2 * H)),
+            S::Unspecified,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .action
+        .unwrap();
+    let cancel = |id: &str, etag: &str| pb::CancelActionRequest {
+        device_id: "b".into(),
+        action_id: id.into(),
+        etag: etag.into(),
+        request_id: String::new(),
+    };
+    // A stale etag is ABORTED / ETAG_MISMATCH and changes nothing.
+    let st = a
+        .cancel_action(cancel(&sched.action_id, "a999"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (st.code(), details(&st).reason()),
+        (Code::Aborted, "ETAG_MISMATCH")
+    );
+    assert_eq!(details(&st).meta("current_etag"), sched.etag);
+
+    let c = a
+        .cancel_action(cancel(&sched.action_id, &sched.etag))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(c.state, ActionState::Cancelled as i32);
+    assert_eq!(c.error_code, "CANCELLED_BY_CLIENT");
+    assert_ne!(c.etag, sched.etag);
+
+    // Already cancelled: answered as such, distinctly.
+    let st = a
+        .cancel_action(cancel(&sched.action_id, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (st.code(), details(&st).reason()),
+        (Code::FailedPrecondition, "ACTION_ALREADY_CANCELLED")
+    );
+
+    // In flight (ACKNOWLEDGED): not cancellable, and the state is named.
+    let now = a
+        .push_action(push("b", action(Command::Idle, None, None), S::Unspecified))
+        .await
+        .unwrap()
+        .into_inner()
+        .action
+        .unwrap();
+    let st = a
+        .cancel_action(cancel(&now.action_id, ""))
+        .await
+        .unwrap_err();
+    let d = details(&st);
+    assert_eq!(
+        (st.code(), d.reason()),
+        (Code::FailedPrecondition, "ACTION_NOT_CANCELLABLE")
+    );
+    assert_eq!(d.meta("state"), "ACTION_STATE_ACKNOWLEDGED");
+}
+
+#[tokio::test]
+async fn request_id_replays_the_original_answer_and_refuses_another_body() {
+    let srv = TestServer::start().await;
+    srv.battery("b").await;
+    let mut a = srv.actions();
+    let mut req = push(
+        "b",
+        action(Command::Charge, Some(H), Some(2 * H)),
+        S::Unspecified,
+    );
+    req.request_id = "push-1".into();
+    let first = a.push_action(req.clone()).await.unwrap().into_inner();
+    let again = a.push_action(req.clone()).await.unwrap().into_inner();
+    assert_eq!(first, again, "the replay is the original answer");
+
+    let list = a
+        .list_actions(pb::ListActionsRequest {
+            device_id: "b".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.actions.len(), 1, "no second action");
+
+    let mut other = req.clone();
+    other.action.as_mut().unwrap().command = Command::Discharge as i32;
+    let st = a.push_action(other).await.unwrap_err();
+    assert_eq!(
+        (st.code(), details(&st).reason()),
+        (Code::FailedPrecondition, "REQUEST_ID_REUSED")
+    );
+    assert!(details(&st).retry.is_none());
+}
+
+#[tokio::test]
+async fn a_failed_request_releases_its_request_id() {
+    let srv = TestServer::start().await;
+    srv.battery("b").await;
+    let mut a = srv.actions();
+    let blocker = a
+        .push_action(push(
+            "b",
+            action(Command::Charge, Some(H), Some(2 * H)),
+            S::Unspecified,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .action
+        .unwrap();
+    let mut req = push(
+        "b",
+        action(Command::Discharge, Some(H), Some(2 * H)),
+        S::Unspecified,
+    );
+    req.request_id = "push-2".into();
+    let st = a.push_action(req.clone()).await.unwrap_err();
+    assert_eq!(details(&st).reason(), "ACTION_CONFLICT");
+    a.cancel_action(pb::CancelActionRequest {
+        device_id: "b".into(),
+        action_id: blocker.action_id,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // The same request, same id, now succeeds: the conflict booked nothing.
+    let ok = a.push_action(req).await.unwrap().into_inner();
+    assert_eq!(ok.action.unwrap().state, ActionState::Scheduled as i32);
+}
+
+#[tokio::test]
+async fn a_concurrent_duplicate_is_told_to_retry() {
+    let srv = TestServer::start().await;
+    srv.battery("b").await;
+    let mut req = push(
+        "b",
+        action(Command::Charge, Some(H), Some(2 * H)),
+        S::Unspecified,
+    );
+    req.request_id = "push-3".into();
+    // Another replica (or handler) holds the key, mid-request.
+    let mut body = req.clone();
+    body.request_id.clear();
+    let claimed = srv
+        .app
+        .store
+        .idem_begin(
+            &TenantId::default_tenant(),
+            "push-3",
+            "PushAction",
+            &prost::Message::encode_to_vec(&body),
+        )
+        .await
+        .unwrap();
+    assert_eq!(claimed, switchyard::store::IdemBegin::Fresh);
+    let st = srv.actions().push_action(req.clone()).await.unwrap_err();
+    let d = details(&st);
+    assert_eq!(
+        (st.code(), d.reason()),
+        (Code::Aborted, "REQUEST_IN_PROGRESS")
+    );
+    assert!(d.retry.is_some(), "RetryInfo says when");
+
+    // An abandoned claim (its holder crashed) expires with its lease.
+    srv.clock.advance(31 * 1_000_000_000);
+    let ok = srv.actions().push_action(req).await.unwrap().into_inner();
+    assert_eq!(ok.action.unwrap().state, ActionState::Scheduled as i32);
+}
+
+#[tokio::test]
+async fn request_ids_are_kept_for_a_day() {
+    let srv = TestServer::start().await;
+    srv.battery("b").await;
+    let mut req = push(
+        "b",
+        action(Command::Charge, Some(2 * DAY), Some(2 * DAY + H)),
+        S::Unspecified,
+    );
+    req.request_id = "push-4".into();
+    let first = srv
+        .actions()
+        .push_action(req.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    srv.clock.advance((DAY - 60) * 1_000_000_000);
+    let replay = srv
+        .actions()
+        .push_action(req.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first, replay);
+    srv.clock.advance(120 * 1_000_000_000);
+    assert_eq!(srv.app.store.idem_sweep().await.unwrap(), 1);
+    // After expiry the key is new again: the same body now collides with
+    // the action it booked a day ago.
+    let st = srv.actions().push_action(req).await.unwrap_err();
+    assert_eq!(details(&st).reason(), "ACTION_CONFLICT");
+}
+
+#[tokio::test]
+async fn list_actions_filters_by_state_and_pages() {
+    let srv = TestServer::start().await;
+    srv.battery("b").await;
+    srv.battery("c").await;
+    let mut a = srv.actions();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let r = a
+            .push_action(push(
+                "b",
+                action(Command::Charge, Some((i + 1) * H), Some((i + 2) * H)),
+                S::Unspecified,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(r.action.unwrap().action_id);
+    }
+    a.push_action(push(
+        "c",
+        action(Command::Charge, Some(H), None),
+        S::Unspecified,
+    ))
+    .await
+    .unwrap();
+    a.cancel_action(pb::CancelActionRequest {
+        device_id: "b".into(),
+        action_id: ids[0].clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = a
+            .list_actions(pb::ListActionsRequest {
+                device_id: "b".into(),
+                states: vec![ActionState::Scheduled as i32],
+                page_size: 2,
+                page_token: token.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.actions.len() <= 2);
+        seen.extend(page.actions.into_iter().map(|x| x.action_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        // A token is bound to its filter.
+        let st = a
+            .list_actions(pb::ListActionsRequest {
+                device_id: "b".into(),
+                page_token: page.next_page_token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(details(&st).reason(), "INVALID_PAGE_TOKEN");
+        token = page.next_page_token;
+    }
+    let expected: Vec<_> = ids[1..].iter().rev().cloned().collect();
+    assert_eq!(seen, expected, "newest first, cancelled filtered out");
+
+    let all = a
+        .list_actions(pb::ListActionsRequest {
+            device_id: "-".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.actions.len(), 6);
+    let st = a
+        .list_actions(pb::ListActionsRequest {
+            device_id: "nope".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(details(&st).reason(), "DEVICE_NOT_FOUND");
+}

@@ -1,0 +1,460 @@
+//! The server as a whole: reflection, health, malformed bytes, a push
+//! storm, durability across kill -9, graceful shutdown.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+use std::{
+    collections::HashSet,
+    io::{BufRead, BufReader},
+    process::{Child, Command as Proc, Stdio},
+    time::Duration,
+};
+
+use switchyard_proto::v1::{self as pb, Command, ConflictStrategy as S};
+use switchyard_tests::{TestServer, action, details, push};
+use tokio_stream::StreamExt;
+use tonic::{Code, transport::Channel};
+
+const H: i64 = 3600;
+
+#[tokio::test]
+async fn reflection_v1_and_v1alpha_serve_our_services_and_the_error_detail_types() {
+    use tonic_reflection::pb::{v1, v1alpha};
+    let srv = TestServer::start().await;
+
+    // v1alpha (what grpcurl 1.8 speaks).
+    let mut c = v1alpha::server_reflection_client::ServerReflectionClient::new(srv.channel.clone());
+    let reqs = vec![
+        v1alpha::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(
+                v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+            ),
+        },
+        v1alpha::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(
+                v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+                    "switchyard.v1.ConflictDetail".into(),
+                ),
+            ),
+        },
+        v1alpha::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(
+                v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+                    "google.rpc.ErrorInfo".into(),
+                ),
+            ),
+        },
+    ];
+    let mut out = c
+        .server_reflection_info(tokio_stream::iter(reqs))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut answers = Vec::new();
+    while let Some(r) = out.next().await {
+        answers.push(r.unwrap().message_response.unwrap());
+    }
+    use v1alpha::server_reflection_response::MessageResponse as M;
+    let M::ListServicesResponse(list) = &answers[0] else {
+        panic!("{:?}", answers[0])
+    };
+    let names: HashSet<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    for s in [
+        "switchyard.v1.ActionService",
+        "switchyard.v1.DeviceService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.contains(s), "{s} missing from {names:?}");
+    }
+    for a in &answers[1..] {
+        let M::FileDescriptorResponse(f) = a else {
+            panic!("{a:?}")
+        };
+        assert!(!f.file_descriptor_proto.is_empty());
+    }
+
+    // v1.
+    let mut c = v1::server_reflection_client::ServerReflectionClient::new(srv.channel.clone());
+    let req = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut out = c
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = out.next().await.unwrap().unwrap();
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        first.message_response
+    else {
+        panic!("no list")
+    };
+    assert!(
+        list.service
+            .iter()
+            .any(|s| s.name == "switchyard.v1.ActionService")
+    );
+}
+
+#[tokio::test]
+async fn health_reports_serving_overall_and_per_service() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let srv = TestServer::start().await;
+    let mut h = HealthClient::new(srv.channel.clone());
+    for service in [
+        "",
+        "switchyard.v1.ActionService",
+        "switchyard.v1.DeviceService",
+    ] {
+        let r = h
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.status, ServingStatus::Serving as i32, "{service:?}");
+    }
+}
+
+/// Sends raw bytes as the request message.
+#[derive(Clone, Copy, Debug, Default)]
+struct RawCodec;
+#[derive(Clone, Copy, Debug, Default)]
+struct RawEncoder;
+#[derive(Clone, Copy, Debug, Default)]
+struct RawDecoder;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes_buf::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawDecoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use bytes_buf::Buf;
+        let mut v = vec![0; src.remaining()];
+        src.copy_to_slice(&mut v);
+        Ok(Some(v))
+    }
+}
+
+mod bytes_buf {
+    pub use bytes::{Buf, BufMut};
+}
+
+async fn raw_call(
+    ch: Channel,
+    path: &'static str,
+    body: Vec<u8>,
+) -> Result<Vec<u8>, tonic::Status> {
+    let mut g = tonic::client::Grpc::new(ch);
+    g.ready().await.unwrap();
+    g.unary(
+        tonic::Request::new(body),
+        tonic::codegen::http::uri::PathAndQuery::from_static(path),
+        RawCodec,
+    )
+    .await
+    .map(|r| r.into_inner())
+}
+
+#[tokio::test]
+async fn garbage_bytes_are_invalid_argument_never_internal() {
+    let srv = TestServer::start().await;
+    srv.battery("b").await;
+    for body in [
+        vec![0xff, 0xff, 0xff],
+        vec![0x0a, 0x80],
+        b"\x12\x05ab".to_vec(),
+        vec![0x08; 7],
+    ] {
+        for path in [
+            "/switchyard.v1.ActionService/PushAction",
+            "/switchyard.v1.DeviceService/CreateDevice",
+            "/switchyard.v1.ActionService/CancelAction",
+        ] {
+            let st = raw_call(srv.channel.clone(), path, body.clone())
+                .await
+                .unwrap_err();
+            assert_eq!(st.code(), Code::InvalidArgument, "{path} {body:?}: {st:?}");
+            assert_eq!(details(&st).reason(), "MALFORMED_REQUEST");
+        }
+    }
+    // The server is still fine.
+    srv.actions()
+        .push_action(push(
+            "b",
+            action(Command::Charge, Some(H), None),
+            S::Unspecified,
+        ))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_storm_of_overlapping_pushes_books_exactly_one() {
+    let srv = TestServer::start().await;
+    srv.battery("b").await;
+    let n = 240;
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let mut client = srv.actions();
+        // Every window overlaps every other: all start within 40 min of
+        // each other and last an hour.
+        tasks.push(tokio::spawn(async move {
+            let start = H + (i as i64 * 10);
+            client
+                .push_action(push(
+                    "b",
+                    action(Command::Charge, Some(start), Some(start + H)),
+                    S::Unspecified,
+                ))
+                .await
+        }));
+    }
+    let mut winners = Vec::new();
+    let mut losers = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(r) => winners.push(r.into_inner().action.unwrap().action_id),
+            Err(st) => losers.push(st),
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one push holds the channel");
+    assert_eq!(losers.len(), n - 1);
+    for st in &losers {
+        assert_eq!(st.code(), Code::FailedPrecondition);
+        let d = details(st);
+        assert_eq!(d.reason(), "ACTION_CONFLICT");
+        assert_eq!(d.meta("conflicting_action_ids"), winners[0]);
+        assert_eq!(
+            d.conflict.as_ref().unwrap().conflicts[0].action_id,
+            winners[0]
+        );
+    }
+    let list = srv
+        .actions()
+        .list_actions(pb::ListActionsRequest {
+            device_id: "b".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.actions.len(), 1);
+}
+
+struct Spawned {
+    child: Child,
+    addr: String,
+}
+
+fn spawn_server(db: &str) -> Spawned {
+    let mut child = Proc::new(env!("CARGO_BIN_EXE_switchyard-under-test"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--database",
+            db,
+            "--no-demo",
+            "--log-format",
+            "json",
+        ])
+        .args(["--shutdown-grace-seconds", "3"])
+        .env("SWITCHYARD_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn server");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("server exited before listening")
+            .expect("read");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["fields"]["message"] == "listening" {
+            break v["fields"]["addr"].as_str().expect("addr").to_owned();
+        }
+    };
+    // Keep draining the log so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Spawned { child, addr }
+}
+
+async fn connect(addr: &str) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_acknowledged_push_survives_kill_9() {
+    use pb::{
+        action_service_client::ActionServiceClient, device_service_client::DeviceServiceClient,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("crash.db").display());
+    let mut s = spawn_server(&db);
+    let ch = connect(&s.addr).await;
+    DeviceServiceClient::new(ch.clone())
+        .create_device(pb::CreateDeviceRequest {
+            device_id: "k".into(),
+            device: Some(pb::Device {
+                family: 1,
+                driver: "simulated".into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap();
+
+    // Writers push disjoint windows as fast as they can; the process is
+    // killed while they are mid-flight.
+    let (acked_tx, mut acked_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let mut writers = Vec::new();
+    for w in 0..8i64 {
+        let mut c = ActionServiceClient::new(ch.clone());
+        let tx = acked_tx.clone();
+        writers.push(tokio::spawn(async move {
+            for i in 0..10_000i64 {
+                // Start times far enough ahead for a real clock.
+                let start = chrono_free_now() + 86_400 + (w * 10_000 + i) * 120;
+                let req = pb::PushActionRequest {
+                    device_id: "k".into(),
+                    action: Some(pb::Action {
+                        command: Command::Charge as i32,
+                        start_time: Some(prost_types::Timestamp {
+                            seconds: start,
+                            nanos: 0,
+                        }),
+                        end_time: Some(prost_types::Timestamp {
+                            seconds: start + 60,
+                            nanos: 0,
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                };
+                match c.push_action(req).await {
+                    Ok(r) => {
+                        let _ = tx.send(r.into_inner().action.unwrap().action_id);
+                    }
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    drop(acked_tx);
+    let mut acked = Vec::new();
+    while acked.len() < 150 {
+        acked.push(acked_rx.recv().await.expect("acks"));
+    }
+    s.child.kill().expect("kill -9");
+    s.child.wait().unwrap();
+    for w in writers {
+        let _ = w.await;
+    }
+    while let Ok(id) = acked_rx.try_recv() {
+        acked.push(id);
+    }
+
+    let s2 = spawn_server(&db);
+    let ch = connect(&s2.addr).await;
+    let mut c = ActionServiceClient::new(ch);
+    for id in &acked {
+        let a = c
+            .get_action(pb::GetActionRequest {
+                device_id: "k".into(),
+                action_id: id.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("acknowledged action {id} lost: {e:?}"));
+        assert_eq!(a.into_inner().state, pb::ActionState::Scheduled as i32);
+    }
+    eprintln!(
+        "{} acknowledged actions all present after kill -9",
+        acked.len()
+    );
+    let mut child = s2.child;
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+fn chrono_free_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_server_gracefully_within_its_grace_period() {
+    use pb::device_service_client::DeviceServiceClient;
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("term.db").display());
+    let mut s = spawn_server(&db);
+    let ch = connect(&s.addr).await;
+    let listed = DeviceServiceClient::new(ch.clone())
+        .list_devices(pb::ListDevicesRequest::default())
+        .await;
+    assert!(listed.is_ok());
+    let pid = s.child.id().to_string();
+    let killed = Proc::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(killed.success());
+    // The grace period is 3 s; give the process some slack to exit.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = s.child.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status:?}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "server did not stop within its grace period"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
