@@ -107,6 +107,18 @@ check() {
     done
     ok "$name"
 }
+# check_line NAME OUTPUT ANCHOR PATTERN...: OUTPUT has a line with the
+# fixed string ANCHOR, and that same line holds every PATTERN.
+check_line() {
+    local name=$1 out=$2 anchor=$3 line
+    shift 3
+    line="$(grep -F -- "$anchor" <<<"$out" | head -n 1 || true)"
+    if [[ -z "$line" ]]; then
+        fail "$name" "no line with: $anchor"$'\n'"$out"
+        return 0
+    fi
+    check "$name" "$line" "$@"
+}
 # run VAR_OUT VAR_RC cmd...: output (stdout+stderr) and exit code, never
 # tripping set -e.
 run() {
@@ -164,16 +176,16 @@ fi
 # The same window again, another command on the same channel, no strategy.
 run out rc gc -d "$(push_body COMMAND_DISCHARGE)" "$addr" switchyard.v1.ActionService/PushAction
 if ((rc == 73)); then ok "colliding push fails with FAILED_PRECONDITION (grpcurl exit 73)"
-else fail "colliding push fails with FAILED_PRECONDITION (grpcurl exit 73, got $rc)" "$out"; fi
-# grpcurl prints each decoded detail as one JSON object on one line.
-info_line="$(grep -F '"@type":"type.googleapis.com/google.rpc.ErrorInfo"' <<<"$out" || true)"
-check "error details carry a decoded google.rpc.ErrorInfo with reason ACTION_CONFLICT" "${info_line:-$out}" \
-    '"@type":"type.googleapis.com/google.rpc.ErrorInfo"' '"domain":"switchyard"' '"reason":"ACTION_CONFLICT"' \
-    "\"conflicting_action_ids\":\"$first_id\""
-cd_line="$(grep -F '"@type":"type.googleapis.com/switchyard.v1.ConflictDetail"' <<<"$out" || true)"
-check "error details carry a decoded switchyard.v1.ConflictDetail naming the first action" "${cd_line:-$out}" \
-    '"@type":"type.googleapis.com/switchyard.v1.ConflictDetail"' "\"actionId\":\"$first_id\"" \
-    '"state":"ACTION_STATE_SCHEDULED"' '"CONFLICT_STRATEGY_CANCEL_AND_REPLACE"' '"CONFLICT_STRATEGY_QUEUE_AFTER"'
+else fail "colliding push fails with FAILED_PRECONDITION (grpcurl exit 73; got exit $rc)" "$out"; fi
+# grpcurl prints each detail as one JSON object on one line; a detail it
+# could not resolve through reflection would not show its fields by name.
+check_line "error details carry a decoded google.rpc.ErrorInfo with reason ACTION_CONFLICT" "$out" \
+    '"@type":"type.googleapis.com/google.rpc.ErrorInfo"' \
+    '"domain":"switchyard"' '"reason":"ACTION_CONFLICT"' "\"conflicting_action_ids\":\"$first_id\""
+check_line "error details carry a decoded switchyard.v1.ConflictDetail naming the first action" "$out" \
+    '"@type":"type.googleapis.com/switchyard.v1.ConflictDetail"' \
+    "\"actionId\":\"$first_id\"" '"state":"ACTION_STATE_SCHEDULED"' \
+    '"CONFLICT_STRATEGY_CANCEL_AND_REPLACE"' '"CONFLICT_STRATEGY_QUEUE_AFTER"'
 
 if ((failed > 0)); then server_tail; fi
 echo "$passed passed, $failed failed"

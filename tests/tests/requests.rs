@@ -410,7 +410,7 @@ async fn a_concurrent_duplicate_is_told_to_retry() {
         )
         .await
         .unwrap();
-    assert_eq!(claimed, switchyard::store::IdemBegin::Fresh);
+    assert!(matches!(claimed, switchyard::store::IdemBegin::Fresh(_)));
     let st = srv.actions().push_action(req.clone()).await.unwrap_err();
     let d = details(&st);
     assert_eq!(
@@ -541,4 +541,178 @@ async fn list_actions_filters_by_state_and_pages() {
         .await
         .unwrap_err();
     assert_eq!(details(&st).reason(), "DEVICE_NOT_FOUND");
+}
+
+#[tokio::test]
+async fn a_read_only_device_accepts_no_commands() {
+    let srv = TestServer::start().await;
+    srv.create_device("pv", pb::DeviceFamily::SolarInverter)
+        .await;
+    let st = refused(
+        &srv,
+        push("pv", action(Command::Idle, Some(H), None), S::Unspecified),
+    )
+    .await;
+    assert_eq!(details(&st).reason(), "UNSUPPORTED_COMMAND");
+}
+
+#[tokio::test]
+async fn storage_outage_is_unavailable_with_retry_info_never_a_conflict() {
+    let srv = TestServer::start().await;
+    srv.battery("b").await;
+    srv.app.store.close().await;
+    let st = refused(
+        &srv,
+        push("b", action(Command::Charge, Some(H), None), S::Unspecified),
+    )
+    .await;
+    let d = details(&st);
+    assert_eq!(
+        (st.code(), d.reason()),
+        (Code::Unavailable, "STORAGE_UNAVAILABLE")
+    );
+    assert!(d.retry.is_some());
+    let st = srv
+        .devices()
+        .get_device(pb::GetDeviceRequest {
+            device_id: "b".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(details(&st).reason(), "STORAGE_UNAVAILABLE");
+}
+
+#[tokio::test]
+async fn a_request_that_outlived_its_lease_cannot_apply_after_a_retry_took_over() {
+    use switchyard::store::{IdemBegin, IdemCommit};
+    let srv = TestServer::start().await;
+    srv.battery("b").await;
+    let tenant = TenantId::default_tenant();
+    let store = &srv.app.store;
+    let IdemBegin::Fresh(slow) = store
+        .idem_begin(&tenant, "k", "PushAction", b"body")
+        .await
+        .unwrap()
+    else {
+        panic!("fresh")
+    };
+    srv.clock.advance(31 * 1_000_000_000);
+    let IdemBegin::Fresh(retry) = store
+        .idem_begin(&tenant, "k", "PushAction", b"body")
+        .await
+        .unwrap()
+    else {
+        panic!("an expired lease is taken over")
+    };
+    let device = switchyard::domain::DeviceId::parse("b").unwrap();
+    let push_with = |claim: String| {
+        let caps_app = srv.app.clone();
+        let input = switchyard::domain::validate::PushInput {
+            command: Some(switchyard::domain::Command::Idle),
+            start: Some(switchyard::domain::Ts(
+                (switchyard_tests::T0 + 40 * H) * 1_000_000_000,
+            )),
+            ..Default::default()
+        };
+        let horizon = srv.app.horizon_nanos;
+        store.push(
+            &tenant,
+            &device,
+            move |d, now| {
+                let caps = caps_app.capabilities(d).unwrap();
+                switchyard::domain::validate::validate_push(&input, &caps, now, horizon)
+            },
+            switchyard::domain::Strategy::Reject,
+            false,
+            Some(IdemCommit {
+                request_id: "k".into(),
+                claim,
+                encode: Box::new(|_| b"resp".to_vec()),
+            }),
+        )
+    };
+    let late = push_with(slow).await;
+    assert!(
+        matches!(
+            late,
+            Err(switchyard::domain::Error::RequestInProgress { .. })
+        ),
+        "{late:?}"
+    );
+    push_with(retry).await.expect("the retry applies");
+    let list = srv
+        .actions()
+        .list_actions(pb::ListActionsRequest {
+            device_id: "b".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.actions.len(), 1, "applied once");
+    assert_eq!(
+        store
+            .idem_begin(&tenant, "k", "PushAction", b"body")
+            .await
+            .unwrap(),
+        IdemBegin::Replay(b"resp".to_vec())
+    );
+}
+
+#[tokio::test]
+async fn a_key_abandoned_by_a_crashed_request_is_free_for_any_body() {
+    use switchyard::store::IdemBegin;
+    let srv = TestServer::start().await;
+    let tenant = TenantId::default_tenant();
+    let store = &srv.app.store;
+    assert!(matches!(
+        store
+            .idem_begin(&tenant, "k", "PushAction", b"one")
+            .await
+            .unwrap(),
+        IdemBegin::Fresh(_)
+    ));
+    let err = store
+        .idem_begin(&tenant, "k", "PushAction", b"two")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, switchyard::domain::Error::RequestIdReused { .. }),
+        "bound while in progress"
+    );
+    srv.clock.advance(31 * 1_000_000_000);
+    assert!(matches!(
+        store
+            .idem_begin(&tenant, "k", "PushAction", b"two")
+            .await
+            .unwrap(),
+        IdemBegin::Fresh(_)
+    ));
+}
+
+#[tokio::test]
+async fn a_retried_conditional_cancel_learns_it_already_succeeded() {
+    let srv = TestServer::start().await;
+    srv.battery("b").await;
+    let a = srv
+        .actions()
+        .push_action(push(
+            "b",
+            action(Command::Charge, Some(H), Some(2 * H)),
+            S::Unspecified,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .action
+        .unwrap();
+    let req = pb::CancelActionRequest {
+        device_id: "b".into(),
+        action_id: a.action_id.clone(),
+        etag: a.etag.clone(),
+        request_id: String::new(),
+    };
+    srv.actions().cancel_action(req.clone()).await.unwrap();
+    let st = srv.actions().cancel_action(req).await.unwrap_err();
+    assert_eq!(details(&st).reason(), "ACTION_ALREADY_CANCELLED");
 }

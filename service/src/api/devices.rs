@@ -51,7 +51,10 @@ fn check_device(app: &App, d: &Device, out: &mut Vec<FieldViolation>) {
         }
     }
     let Some(factory) = app.registry.get(&d.driver) else {
-        return; // reported by the caller (driver is immutable after create)
+        // On create the caller reports UNKNOWN_DRIVER. After create the
+        // driver is immutable: a device whose driver this build no longer
+        // has keeps working for reads and has no capabilities.
+        return;
     };
     if let Err(e) = factory.capabilities(&DeviceSpec {
         family: d.family,
@@ -59,13 +62,13 @@ fn check_device(app: &App, d: &Device, out: &mut Vec<FieldViolation>) {
         timezone: &d.timezone,
         settings: &d.settings,
     }) {
-        let field = match e.key() {
-            Some(k) => format!("device.settings[{k:?}]"),
-            None => "device.family".to_owned(),
+        let (field, reason) = match e.key() {
+            Some(k) => (format!("device.settings[{k:?}]"), Reason::InvalidSettings),
+            None => ("device.family".to_owned(), Reason::InvalidField),
         };
         out.push(FieldViolation::new(
             field,
-            Reason::InvalidSettings,
+            reason,
             format!("driver {:?}: {e}", d.driver),
         ));
     }
@@ -88,8 +91,9 @@ impl Devices {
         let mut out = Vec::new();
         let id_str = match (req.device_id.as_str(), dev.device_id.as_str()) {
             ("", "") => None,
-            (a, "") | ("", a) => Some(a),
-            (a, b) if a == b => Some(a),
+            (a, "") => Some((a, "device_id")),
+            ("", b) => Some((b, "device.device_id")),
+            (a, b) if a == b => Some((a, "device_id")),
             _ => {
                 return Err(Error::invalid(
                     "device.device_id",
@@ -100,7 +104,7 @@ impl Devices {
         };
         let id = match id_str {
             None => DeviceId::generate(),
-            Some(s) => parse_device_id(s, "device_id")?,
+            Some((s, field)) => parse_device_id(s, field)?,
         };
         let family = convert::family_from_proto(dev.family)?;
         if family.is_none() {

@@ -86,16 +86,18 @@ impl App {
         {
             IdemBegin::Replay(bytes) => Resp::decode(bytes.as_slice())
                 .map_err(|e| Error::Internal(format!("stored response: {e}"))),
-            IdemBegin::Fresh => {
+            IdemBegin::Fresh(claim) => {
                 let conv = to_resp.clone();
                 let commit = IdemCommit {
                     request_id: request_id.to_owned(),
+                    claim: claim.clone(),
                     encode: Box::new(move |t: &T| conv(t).encode_to_vec()),
                 };
                 match run(Some(commit)).await {
                     Ok(t) => Ok(to_resp(&t)),
                     Err(e) => {
-                        if let Err(abort) = self.store.idem_abort(&tenant, request_id).await {
+                        if let Err(abort) = self.store.idem_abort(&tenant, request_id, &claim).await
+                        {
                             tracing::warn!(error = %abort, "could not release request_id");
                         }
                         Err(e)

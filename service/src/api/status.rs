@@ -224,6 +224,7 @@ pub fn to_status(e: Error) -> Status {
                         .map(|s| strategy_to_proto(*s) as i32)
                         .collect(),
                     in_flight_action_ids: c.in_flight.iter().map(ToString::to_string).collect(),
+                    open_ended_action_ids: c.open_ended.iter().map(ToString::to_string).collect(),
                 },
             ));
             details.push(any(
@@ -320,6 +321,8 @@ pub fn to_status(e: Error) -> Status {
         }
         Error::StorageUnavailable(msg) => {
             tracing::warn!(error = %msg, "storage unavailable");
+            // The database's own words stay in the server log.
+            message = "storage is unavailable; retry later".to_owned();
             details.push(retry(Ts::SECOND));
             (Code::Unavailable, R::StorageUnavailable)
         }

@@ -134,9 +134,10 @@ pub struct Action {
 }
 
 impl Action {
-    /// The action's etag.
+    /// The action's etag: its revision, tagged with its identity so that
+    /// another action's etag never matches by accident.
     pub fn etag(&self) -> String {
-        format!("a{}", self.revision)
+        super::etag(&self.id.to_string(), self.revision)
     }
 }
 

@@ -30,9 +30,9 @@ pub struct Device {
 }
 
 impl Device {
-    /// The device's etag.
+    /// The device's etag (see [`super::etag`]).
     pub fn etag(&self) -> String {
-        format!("d{}", self.revision)
+        super::etag(self.id.as_str(), self.revision)
     }
 }
 

@@ -15,3 +15,15 @@ pub use clock::{Clock, ManualClock, SystemClock, Ts};
 pub use device::Device;
 pub use error::{Conflict, ConflictKind, Error, FieldViolation, Reason};
 pub use ids::{ActionId, DeviceId, TenantId};
+
+/// An opaque etag: a stable 32-bit FNV-1a hash of the resource's identity
+/// and its revision. Stable across builds (it is compared with etags clients
+/// kept), unequal for different resources in practice.
+pub fn etag(identity: &str, revision: i64) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in identity.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("{h:08x}-{revision}")
+}

