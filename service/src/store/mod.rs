@@ -487,7 +487,16 @@ impl Store {
                 device_id: id.to_string(),
             })?;
         check_etag(etag, &device.etag(), || format!("devices/{id}"))?;
-        let holding = rows::holding_actions(&mut tx, tenant, id, None).await?;
+        let holding = rows::holding_actions(
+            &mut tx,
+            tenant,
+            id,
+            rows::HoldingFilter {
+                channel: None,
+                ending_after: None,
+            },
+        )
+        .await?;
         let in_flight: Vec<ActionId> = holding
             .iter()
             .filter(|a| a.state.in_flight())
@@ -553,8 +562,19 @@ impl Store {
                 device_id: device_id.to_string(),
             })?;
         let push = prepare(&device, now)?;
-        let holding =
-            rows::holding_actions(&mut tx, tenant, device_id, Some(&push.channel)).await?;
+        // Only holders that can matter: those still holding after the push
+        // starts. Later ones are needed too, even without a strategy: the
+        // error must say whether QUEUE_AFTER would resolve the collision.
+        let holding = rows::holding_actions(
+            &mut tx,
+            tenant,
+            device_id,
+            rows::HoldingFilter {
+                channel: Some(&push.channel),
+                ending_after: Some(push.start),
+            },
+        )
+        .await?;
         let holders: Vec<Holder> = holding
             .iter()
             .map(|a| Holder {

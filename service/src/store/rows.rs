@@ -149,21 +149,34 @@ where
     row.as_ref().map(action_from_row).transpose()
 }
 
-/// Actions of a device (on one channel, if given) that hold their channel.
+/// Which holding actions to read.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct HoldingFilter<'a> {
+    /// One channel, or all.
+    pub channel: Option<&'a str>,
+    /// Only those still holding at or after this instant (their end is
+    /// later, or they have none): nothing that ends before a push starts
+    /// can collide with it, wherever a strategy moves it.
+    pub ending_after: Option<Ts>,
+}
+
+/// Actions of a device that hold their channel, by start.
 pub(super) async fn holding_actions(
     tx: &mut SqliteConnection,
     tenant: &TenantId,
     device_id: &DeviceId,
-    channel: Option<&str>,
+    f: HoldingFilter<'_>,
 ) -> Result<Vec<Action>, Error> {
     let rs = sqlx::query(
         "SELECT * FROM actions WHERE tenant_id = ?1 AND device_id = ?2 AND (?3 = '' OR channel = ?3)
            AND state IN ('SCHEDULED', 'ACKNOWLEDGED', 'ACTIVE')
+           AND (end_ns IS NULL OR end_ns > ?4)
          ORDER BY start_ns, action_id",
     )
     .bind(tenant.as_str())
     .bind(device_id.as_str())
-    .bind(channel.unwrap_or(""))
+    .bind(f.channel.unwrap_or(""))
+    .bind(f.ending_after.map_or(i64::MIN, |t| t.0))
     .fetch_all(tx)
     .await
     .map_err(db_err)?;

@@ -46,7 +46,7 @@ CREATE TABLE actions (
     update_ns     INTEGER NOT NULL,
     FOREIGN KEY (tenant_id, device_id) REFERENCES devices (tenant_id, device_id) ON DELETE CASCADE
 );
-CREATE INDEX actions_by_channel ON actions (tenant_id, device_id, channel, state);
+CREATE INDEX actions_by_channel ON actions (tenant_id, device_id, channel, state, start_ns);
 CREATE INDEX actions_by_device ON actions (tenant_id, device_id, action_id);
 CREATE INDEX actions_by_tenant ON actions (tenant_id, action_id);
 
