@@ -11,7 +11,8 @@
 #
 # Where: ${SWITCHYARD_TOOLS_DIR:-$HOME/.cache/switchyard-tools}
 #   venv/   the Python venv (python3 -m venv)
-#   bin/    grpcurl and pytest (symlinks), to put on PATH
+#   node/   buf (proto lint), from the npm registry
+#   bin/    grpcurl, pytest and buf (symlinks), to put on PATH
 #
 # Progress goes to stderr; stdout is exactly one line at the end:
 #   export PATH=<tools dir>/bin:$PATH
@@ -34,17 +35,20 @@ packages=(
 )
 # The marker holds the pins (and this script's layout version): change
 # either and the next run reinstalls.
-want="layout=1 ${packages[*]}"
+# buf (proto lint) comes from the npm registry, with the machine's npm.
+buf_package="@bufbuild/buf@1.75.0"
+want="layout=2 ${packages[*]} $buf_package"
 
 log() { printf 'install-test-tools: %s\n' "$*" >&2; }
 
 # The venv's tools still run: a cheap check that works for the fast path and
 # for the end of a fresh install.
 tools_work() {
-    [[ -x "$venv/bin/python" && -x "$bin/grpcurl" && -x "$bin/pytest" ]] || return 1
+    [[ -x "$venv/bin/python" && -x "$bin/grpcurl" && -x "$bin/pytest" && -x "$bin/buf" ]] || return 1
     "$venv/bin/python" -c 'import grpc, grpc_tools.protoc, grpc_status.rpc_status, google.rpc.error_details_pb2, pytest' \
         >/dev/null 2>&1 || return 1
     "$bin/grpcurl" -version >/dev/null 2>&1 || return 1
+    "$bin/buf" --version >/dev/null 2>&1 || return 1
 }
 
 if [[ -f "$marker" && "$(cat "$marker")" == "$want" ]] && tools_work; then
@@ -81,6 +85,12 @@ if [[ ! -x "$grpcurl_exe" ]]; then
 fi
 ln -sfn "$grpcurl_exe" "$bin/grpcurl"
 ln -sfn "$venv/bin/pytest" "$bin/pytest"
+
+command -v npm >/dev/null || { log "npm is needed for buf"; exit 1; }
+mkdir -p "$tools_dir/node"
+[[ -f "$tools_dir/node/package.json" ]] || echo '{"name":"switchyard-test-tools","private":true}' >"$tools_dir/node/package.json"
+npm install --prefix "$tools_dir/node" --no-audit --no-fund --loglevel=error "$buf_package" >&2
+ln -sfn "$tools_dir/node/node_modules/.bin/buf" "$bin/buf"
 
 if ! tools_work; then
     log "installed, but the tools do not run; see the errors above"

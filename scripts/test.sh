@@ -9,6 +9,9 @@ cd "$(dirname "$0")/.."
 echo "== tools"
 eval "$(bash scripts/install-test-tools.sh)"
 
+echo "== proto lint (buf)"
+(cd proto && buf lint)
+
 echo "== build"
 cargo build --workspace --locked
 target_dir=$(cargo metadata --format-version 1 --no-deps --locked \

@@ -420,7 +420,7 @@ async fn a_concurrent_duplicate_is_told_to_retry() {
     assert!(d.retry.is_some(), "RetryInfo says when");
 
     // An abandoned claim (its holder crashed) expires with its lease.
-    srv.clock.advance(31 * 1_000_000_000);
+    srv.clock.advance(61 * 1_000_000_000);
     let ok = srv.actions().push_action(req).await.unwrap().into_inner();
     assert_eq!(ok.action.unwrap().state, ActionState::Scheduled as i32);
 }
@@ -596,7 +596,7 @@ async fn a_request_that_outlived_its_lease_cannot_apply_after_a_retry_took_over(
     else {
         panic!("fresh")
     };
-    srv.clock.advance(31 * 1_000_000_000);
+    srv.clock.advance(61 * 1_000_000_000);
     let IdemBegin::Fresh(retry) = store
         .idem_begin(&tenant, "k", "PushAction", b"body")
         .await
@@ -680,7 +680,7 @@ async fn a_key_abandoned_by_a_crashed_request_is_free_for_any_body() {
         matches!(err, switchyard::domain::Error::RequestIdReused { .. }),
         "bound while in progress"
     );
-    srv.clock.advance(31 * 1_000_000_000);
+    srv.clock.advance(61 * 1_000_000_000);
     assert!(matches!(
         store
             .idem_begin(&tenant, "k", "PushAction", b"two")

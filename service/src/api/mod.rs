@@ -114,7 +114,7 @@ fn check_request_id(id: &str) -> Result<(), Error> {
             "request_id",
             Reason::InvalidField,
             format!(
-                "request_id must be at most {MAX_REQUEST_ID_LEN} bytes of printable characters"
+                "request_id must be at most {MAX_REQUEST_ID_LEN} bytes with no control characters"
             ),
         ));
     }

@@ -160,7 +160,7 @@ pub fn to_status(e: Error) -> Status {
             in_flight,
         } => {
             details.push(precondition(
-                "DEVICE_HAS_ACTIVE_ACTIONS",
+                R::DeviceHasActiveActions.reason(),
                 format!("devices/{device_id}"),
                 if in_flight.is_empty() {
                     "cancel its actions first, or delete with force".into()
@@ -256,7 +256,7 @@ pub fn to_status(e: Error) -> Status {
             state,
         } => {
             details.push(precondition(
-                "ACTION_NOT_CANCELLABLE",
+                R::ActionNotCancellable.reason(),
                 format!("devices/{device_id}/actions/{action_id}"),
                 format!("the action is {}", state.as_str()),
             ));
@@ -275,7 +275,7 @@ pub fn to_status(e: Error) -> Status {
             replaced_by,
         } => {
             details.push(precondition(
-                "ACTION_ALREADY_CANCELLED",
+                R::ActionAlreadyCancelled.reason(),
                 format!("devices/{device_id}/actions/{action_id}"),
                 "the action is already cancelled".into(),
             ));
@@ -303,7 +303,7 @@ pub fn to_status(e: Error) -> Status {
             first_method,
         } => {
             details.push(precondition(
-                "REQUEST_ID_REUSED",
+                R::RequestIdReused.reason(),
                 format!("request_id/{request_id}"),
                 format!("first used with {first_method} and a different body"),
             ));

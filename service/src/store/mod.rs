@@ -32,8 +32,10 @@ use crate::domain::{
 /// How long an idempotency key is kept.
 pub const IDEMPOTENCY_TTL_NANOS: i64 = 24 * 3600 * Ts::SECOND;
 /// How long a request may hold its key "in progress" before a retry may
-/// take it over (a crashed server never completes it).
-pub const IDEMPOTENCY_LEASE_NANOS: i64 = 30 * Ts::SECOND;
+/// take it over (a crashed server never completes it). Longer than the
+/// write connection's 30 s acquire timeout, so a request queued under load
+/// keeps its claim.
+pub const IDEMPOTENCY_LEASE_NANOS: i64 = 60 * Ts::SECOND;
 
 /// Encodes a mutation's outcome as the response bytes to replay.
 pub type EncodeResponse<T> = Box<dyn FnOnce(&T) -> Vec<u8> + Send>;
