@@ -5,9 +5,11 @@
 //! This crate depends on nothing else of switchyard's; the service builds
 //! its domain on the vocabulary defined here.
 
+pub mod driver;
 pub mod model;
 pub mod registry;
 pub mod simulated;
 
+pub use driver::*;
 pub use model::*;
 pub use registry::{ConfigError, DeviceSpec, DriverFactory, Registry};

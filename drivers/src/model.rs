@@ -142,6 +142,17 @@ pub struct Quantity {
     pub unit: Unit,
 }
 
+/// The parameters of an action, each optional.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Params {
+    /// Power.
+    pub power: Option<Quantity>,
+    /// Target state of charge.
+    pub target_soc: Option<Quantity>,
+    /// Reserve state of charge.
+    pub reserve_soc: Option<Quantity>,
+}
+
 /// A command parameter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Param {
@@ -242,5 +253,12 @@ impl Capabilities {
     /// The spec of `command`, if the device accepts it.
     pub fn command(&self, command: Command) -> Option<&CommandSpec> {
         self.commands.iter().find(|c| c.command == command)
+    }
+}
+
+impl Params {
+    /// Power in watts, if given.
+    pub fn power_watts(&self) -> Option<f64> {
+        self.power.and_then(|q| q.unit.convert(q.value, Unit::Watt))
     }
 }

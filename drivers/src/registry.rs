@@ -2,11 +2,16 @@
 
 use std::{collections::BTreeMap, fmt, sync::Arc};
 
-use crate::model::{Capabilities, Family};
+use crate::{
+    driver::Driver,
+    model::{Capabilities, Family},
+};
 
 /// What a driver needs to know about a device to describe it.
 #[derive(Clone, Copy, Debug)]
 pub struct DeviceSpec<'a> {
+    /// The switchyard device id.
+    pub device_id: &'a str,
     /// The device's family.
     pub family: Family,
     /// The OEM's identifier of the device.
@@ -70,6 +75,10 @@ pub trait DriverFactory: Send + Sync + fmt::Debug {
     /// Validates the device configuration and returns what the driver can
     /// do with the device.
     fn capabilities(&self, device: &DeviceSpec<'_>) -> Result<Capabilities, ConfigError>;
+
+    /// A driver bound to the device. Called for every dispatch with the
+    /// device as stored then, so settings changed at run time take effect.
+    fn build(&self, device: &DeviceSpec<'_>) -> Result<Arc<dyn Driver>, ConfigError>;
 }
 
 /// Maps a driver kind to its factory. Built explicitly at start-up.
@@ -87,7 +96,7 @@ impl Registry {
     /// The registry of every built-in driver.
     pub fn builtin() -> Self {
         let mut r = Self::new();
-        r.register(Arc::new(crate::simulated::SimulatedFactory));
+        r.register(Arc::new(crate::simulated::SimulatedFactory::default()));
         r
     }
 

@@ -11,8 +11,18 @@
 //! | `capacity_wh` | battery capacity in watt-hours, 1..=10000000 | 10000 |
 //! | `initial_soc` | starting state of charge in percent, 0..=100 | 50 |
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
+use async_trait::async_trait;
+
+use crate::driver::{
+    ApplyRequest, DeviceState, Driver, DriverError, ErrorKind, NativeRow, Outcome, RevertRequest,
+    RowOwner,
+};
 use crate::model::{
     Capabilities, Command, CommandSpec, Family, Param, ParamSpec, RateBudget, TimingShape, Unit,
     WindowLimits,
@@ -132,13 +142,65 @@ fn number(
     }
 }
 
-/// Factory of the `simulated` driver.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct SimulatedFactory;
+/// The virtual device behind a simulated driver; it outlives driver
+/// instances (one is built per dispatch).
+#[derive(Debug)]
+struct SimDevice {
+    /// Mode in force: a command name, or AUTO_BALANCED at rest.
+    mode: String,
+    /// The action whose command is in force, if any.
+    applied_by: Option<String>,
+    /// Signed power in watts (charge > 0).
+    power_w: f64,
+    soc: f64,
+    at: Instant,
+    /// The foreign native-scheduler row was cleared (CANCEL_AND_REPLACE).
+    native_cleared: bool,
+    /// Calls made (apply + revert + read), for tests and the conformance
+    /// suite.
+    calls: u64,
+}
+
+impl SimDevice {
+    /// Moves the state of charge on by the time passed.
+    fn settle(&mut self, capacity_wh: f64) {
+        let hours = self.at.elapsed().as_secs_f64() / 3600.0;
+        self.at = Instant::now();
+        self.soc = (self.soc + self.power_w * hours / capacity_wh * 100.0).clamp(0.0, 100.0);
+    }
+}
+
+/// Factory of the `simulated` driver. Clones share the virtual devices.
+#[derive(Clone, Debug, Default)]
+pub struct SimulatedFactory {
+    devices: Arc<Mutex<HashMap<String, SimDevice>>>,
+}
+
+impl SimulatedFactory {
+    /// The mode in force on a simulated device and the action that put it
+    /// there, as the device sees it (for tests).
+    pub fn observe(&self, device_id: &str) -> Option<(String, Option<String>, u64)> {
+        let devices = self.devices.lock().ok()?;
+        devices
+            .get(device_id)
+            .map(|d| (d.mode.clone(), d.applied_by.clone(), d.calls))
+    }
+}
 
 impl DriverFactory for SimulatedFactory {
     fn kind(&self) -> &'static str {
         "simulated"
+    }
+
+    fn build(&self, device: &DeviceSpec<'_>) -> Result<Arc<dyn Driver>, ConfigError> {
+        let capabilities = self.capabilities(device)?;
+        let settings = SimulatedSettings::parse(device.family, device.settings)?;
+        Ok(Arc::new(Simulated {
+            device_id: device.device_id.to_owned(),
+            settings,
+            capabilities,
+            devices: self.devices.clone(),
+        }))
     }
 
     fn capabilities(&self, device: &DeviceSpec<'_>) -> Result<Capabilities, ConfigError> {
@@ -211,12 +273,181 @@ impl DriverFactory for SimulatedFactory {
     }
 }
 
+/// A simulated device's driver.
+#[derive(Debug)]
+pub struct Simulated {
+    device_id: String,
+    settings: SimulatedSettings,
+    capabilities: Capabilities,
+    devices: Arc<Mutex<HashMap<String, SimDevice>>>,
+}
+
+const REST_MODE: &str = "AUTO_BALANCED";
+
+impl Simulated {
+    fn with<T>(&self, f: impl FnOnce(&mut SimDevice) -> T) -> Result<T, DriverError> {
+        let mut devices = self
+            .devices
+            .lock()
+            .map_err(|_| DriverError::new(ErrorKind::Unavailable, "simulator state poisoned"))?;
+        let d = devices
+            .entry(self.device_id.clone())
+            .or_insert_with(|| SimDevice {
+                mode: REST_MODE.to_owned(),
+                applied_by: None,
+                power_w: 0.0,
+                soc: self.settings.initial_soc,
+                at: Instant::now(),
+                native_cleared: false,
+                calls: 0,
+            });
+        if !self.settings.native_scheduler_active {
+            // Turning the setting off and on again brings a fresh row back.
+            d.native_cleared = false;
+        }
+        d.calls += 1;
+        d.settle(self.settings.capacity_wh);
+        Ok(f(d))
+    }
+
+    fn native_rows(&self, d: &SimDevice) -> Option<(bool, Vec<NativeRow>)> {
+        let active = self.settings.native_scheduler_active && !d.native_cleared;
+        Some((
+            active,
+            if active {
+                vec![NativeRow {
+                    start: "00:00".into(),
+                    end: "23:59".into(),
+                    mode: "SelfUse".into(),
+                    enabled: true,
+                    owner: RowOwner::Foreign,
+                }]
+            } else {
+                vec![]
+            },
+        ))
+    }
+
+    async fn latency(&self) {
+        if self.settings.latency_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(self.settings.latency_ms)).await;
+        }
+    }
+
+    fn fault(&self, revert: bool) -> Option<DriverError> {
+        let raw = |s: &str| format!("simulated: {s}");
+        match self.settings.fail_mode {
+            FailMode::None => None,
+            FailMode::Reject if !revert => Some(
+                DriverError::new(
+                    ErrorKind::Rejected,
+                    "the simulated OEM rejected the command",
+                )
+                .with_raw(raw("rejected (fail_mode=reject)")),
+            ),
+            FailMode::Reject => None,
+            FailMode::Unavailable => Some(
+                DriverError::new(ErrorKind::Unavailable, "the simulated OEM is unavailable")
+                    .with_raw(raw("503 (fail_mode=unavailable)")),
+            ),
+            FailMode::Offline => Some(
+                DriverError::new(ErrorKind::Offline, "the simulated device is offline")
+                    .with_raw(raw("offline (fail_mode=offline)")),
+            ),
+            FailMode::RevertFails if revert => Some(
+                DriverError::new(ErrorKind::Unavailable, "the simulated revert failed")
+                    .with_raw(raw("revert failed (fail_mode=revert_fails)")),
+            ),
+            FailMode::RevertFails => None,
+        }
+    }
+}
+
+#[async_trait]
+impl Driver for Simulated {
+    fn capabilities(&self) -> &Capabilities {
+        &self.capabilities
+    }
+
+    fn account(&self) -> String {
+        format!("simulated/{}", self.device_id)
+    }
+
+    async fn read_state(&self) -> Result<DeviceState, DriverError> {
+        if self.settings.fail_mode == FailMode::Offline {
+            return Err(self
+                .fault(false)
+                .unwrap_or_else(|| DriverError::new(ErrorKind::Offline, "offline")));
+        }
+        self.with(|d| DeviceState {
+            native_scheduler: self.native_rows(d),
+            soc_percent: Some(d.soc),
+            mode: Some(d.mode.clone()),
+        })
+    }
+
+    async fn apply(&self, req: &ApplyRequest) -> Result<Outcome, DriverError> {
+        self.latency().await;
+        if let Some(e) = self.fault(false) {
+            self.with(|_| ())?;
+            return Err(e);
+        }
+        let max = self.settings.max_power_w;
+        self.with(|d| {
+            if let Some((true, rows)) = self.native_rows(d) {
+                if !req.clear_native_scheduler {
+                    return Err(DriverError::new(
+                        ErrorKind::SchedulerActive,
+                        "the native scheduler is enabled and blocks direct mode writes",
+                    )
+                    .with_raw("simulated: scheduler flag enabled")
+                    .with_rows(rows));
+                }
+                d.native_cleared = true;
+            }
+            d.mode = req.command.as_str().to_owned();
+            d.applied_by = Some(req.action_id.clone());
+            let p = req.params.power_watts().unwrap_or(max).min(max);
+            d.power_w = match req.command {
+                crate::model::Command::Charge => p,
+                crate::model::Command::Discharge => -p,
+                _ => 0.0,
+            };
+            Ok(Outcome {
+                verified: true,
+                raw: format!("simulated: mode {} in force", d.mode),
+            })
+        })?
+    }
+
+    async fn revert(&self, req: &RevertRequest) -> Result<Outcome, DriverError> {
+        self.latency().await;
+        if let Some(e) = self.fault(true) {
+            self.with(|_| ())?;
+            return Err(e);
+        }
+        self.with(|d| {
+            // Undo only our own write: a later action may have replaced it.
+            if d.applied_by.as_deref() == Some(req.applied.action_id.as_str()) {
+                d.mode = REST_MODE.to_owned();
+                d.applied_by = None;
+                d.power_w = 0.0;
+            }
+            Outcome {
+                verified: true,
+                raw: format!("simulated: mode {} in force", d.mode),
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn spec(family: Family, settings: &BTreeMap<String, String>) -> DeviceSpec<'_> {
         DeviceSpec {
+            device_id: "d",
             family,
             oem_device_id: "",
             timezone: "UTC",
@@ -227,7 +458,7 @@ mod tests {
     #[test]
     fn unknown_settings_are_rejected_by_name() {
         let s = BTreeMap::from([("latency".to_owned(), "5".to_owned())]);
-        let err = SimulatedFactory
+        let err = SimulatedFactory::default()
             .capabilities(&spec(Family::Battery, &s))
             .unwrap_err();
         assert_eq!(err.key(), Some("latency"));
@@ -236,7 +467,7 @@ mod tests {
     #[test]
     fn invalid_values_do_not_echo_the_value() {
         let s = BTreeMap::from([("fail_mode".to_owned(), "s3cr3t".to_owned())]);
-        let err = SimulatedFactory
+        let err = SimulatedFactory::default()
             .capabilities(&spec(Family::Battery, &s))
             .unwrap_err();
         assert!(!err.to_string().contains("s3cr3t"));
@@ -245,7 +476,7 @@ mod tests {
     #[test]
     fn max_power_setting_bounds_power() {
         let s = BTreeMap::from([("max_power_w".to_owned(), "3000".to_owned())]);
-        let caps = SimulatedFactory
+        let caps = SimulatedFactory::default()
             .capabilities(&spec(Family::Battery, &s))
             .unwrap();
         let charge = caps.command(Command::Charge).unwrap();
@@ -256,7 +487,7 @@ mod tests {
     #[test]
     fn ev_power_limit_has_its_own_channel() {
         let s = BTreeMap::new();
-        let caps = SimulatedFactory
+        let caps = SimulatedFactory::default()
             .capabilities(&spec(Family::EvCharger, &s))
             .unwrap();
         assert_eq!(

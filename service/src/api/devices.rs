@@ -57,6 +57,7 @@ fn check_device(app: &App, d: &Device, out: &mut Vec<FieldViolation>) {
         return;
     };
     if let Err(e) = factory.capabilities(&DeviceSpec {
+        device_id: d.id.as_str(),
         family: d.family,
         oem_device_id: &d.oem_device_id,
         timezone: &d.timezone,

@@ -48,6 +48,7 @@ impl App {
     pub fn capabilities(&self, d: &Device) -> Option<Capabilities> {
         let f = self.registry.get(&d.driver)?;
         f.capabilities(&DeviceSpec {
+            device_id: d.id.as_str(),
             family: d.family,
             oem_device_id: &d.oem_device_id,
             timezone: &d.timezone,

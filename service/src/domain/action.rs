@@ -1,6 +1,6 @@
 //! Actions and their lifecycle.
 
-pub use switchyard_drivers::{Command, Family, Quantity, Unit};
+pub use switchyard_drivers::{Command, Family, Params, Quantity, Unit};
 
 use super::{ActionId, DeviceId, Ts};
 
@@ -73,17 +73,6 @@ pub enum Strategy {
     CancelAndReplace,
     /// Move the new action after the colliding ones.
     QueueAfter,
-}
-
-/// The parameters of an action, each optional.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Params {
-    /// Power.
-    pub power: Option<Quantity>,
-    /// Target state of charge.
-    pub target_soc: Option<Quantity>,
-    /// Reserve state of charge.
-    pub reserve_soc: Option<Quantity>,
 }
 
 /// Error codes recorded on actions that end other than COMPLETED.

@@ -261,8 +261,9 @@ mod tests {
 
     fn battery() -> Capabilities {
         let settings = BTreeMap::new();
-        SimulatedFactory
+        SimulatedFactory::default()
             .capabilities(&DeviceSpec {
+                device_id: "d",
                 family: Family::Battery,
                 oem_device_id: "",
                 timezone: "UTC",

@@ -1,0 +1,219 @@
+//! The driver contract: what the dispatcher asks of a device's driver.
+
+use std::{fmt, time::Duration};
+
+use async_trait::async_trait;
+
+use crate::model::{Capabilities, Command, Params};
+
+/// One command to put into force on a device.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApplyRequest {
+    /// The switchyard action id (drivers may tag what they write with it).
+    pub action_id: String,
+    /// The command.
+    pub command: Command,
+    /// Its parameters, as booked.
+    pub params: Params,
+    /// When the action starts (now, for an immediate one).
+    pub start: jiff::Timestamp,
+    /// When it ends; `None` = open-ended.
+    pub end: Option<jiff::Timestamp>,
+    /// The client pushed with CANCEL_AND_REPLACE: the driver may clear the
+    /// device's native scheduler (never a protected row) to apply.
+    pub clear_native_scheduler: bool,
+}
+
+/// Undo a command applied earlier (the end of its window, or an early
+/// cancel).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RevertRequest {
+    /// What was applied.
+    pub applied: ApplyRequest,
+}
+
+/// What the OEM said to a write.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// The driver read the device back and saw the change in force ("device
+    /// verified"), not only the OEM's acceptance.
+    pub verified: bool,
+    /// The OEM's raw answer, for diagnostics.
+    pub raw: String,
+}
+
+/// Who wrote a native scheduler row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowOwner {
+    /// switchyard wrote it.
+    Ours,
+    /// Someone else (the homeowner's app, another optimiser, a forgotten
+    /// write).
+    Foreign,
+    /// A protected row (e.g. backup/outage protection): never cleared
+    /// without saying so.
+    Protected,
+}
+
+impl RowOwner {
+    /// Stable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RowOwner::Ours => "OURS",
+            RowOwner::Foreign => "FOREIGN",
+            RowOwner::Protected => "PROTECTED",
+        }
+    }
+}
+
+/// One row of a device's native scheduler.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NativeRow {
+    /// Local start, `HH:MM`.
+    pub start: String,
+    /// Local end, `HH:MM`.
+    pub end: String,
+    /// The OEM's mode name.
+    pub mode: String,
+    /// Whether the row is enabled.
+    pub enabled: bool,
+    /// Who wrote it.
+    pub owner: RowOwner,
+}
+
+/// What a driver observed on a device.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DeviceState {
+    /// The native scheduler, if the device has one: whether it is enabled
+    /// (and so blocks direct writes) and its rows.
+    pub native_scheduler: Option<(bool, Vec<NativeRow>)>,
+    /// State of charge, percent.
+    pub soc_percent: Option<f64>,
+    /// The mode in force, in the driver's words.
+    pub mode: Option<String>,
+}
+
+impl DeviceState {
+    /// Whether an enabled native scheduler blocks direct writes.
+    pub fn scheduler_active(&self) -> bool {
+        matches!(self.native_scheduler, Some((true, _)))
+    }
+}
+
+/// The closed set of driver failures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The native scheduler is on and blocks direct writes.
+    SchedulerActive,
+    /// The OEM refused the command (not retryable).
+    Rejected,
+    /// The device is offline.
+    Offline,
+    /// The OEM's rate limit: retry after `retry_after`.
+    RateLimited,
+    /// The OEM is temporarily unavailable (5xx, timeouts): retryable.
+    Unavailable,
+    /// A protected native row stands in the way and may not be cleared.
+    ProtectedRow,
+}
+
+/// A classified driver failure.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("{kind:?}: {message}")]
+pub struct DriverError {
+    /// What kind.
+    pub kind: ErrorKind,
+    /// Human-readable detail (no secrets).
+    pub message: String,
+    /// When a retry may succeed, if the OEM said.
+    pub retry_after: Option<Duration>,
+    /// The OEM's raw answer (status, errno, msg), for diagnostics.
+    pub raw: Option<String>,
+    /// The native rows involved (SchedulerActive, ProtectedRow).
+    pub rows: Vec<NativeRow>,
+}
+
+impl DriverError {
+    /// A failure of `kind`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            retry_after: None,
+            raw: None,
+            rows: Vec::new(),
+        }
+    }
+
+    /// With the OEM's raw answer.
+    pub fn with_raw(mut self, raw: impl Into<String>) -> Self {
+        self.raw = Some(raw.into());
+        self
+    }
+
+    /// With a retry hint.
+    pub fn with_retry_after(mut self, d: Duration) -> Self {
+        self.retry_after = Some(d);
+        self
+    }
+
+    /// With the native rows involved.
+    pub fn with_rows(mut self, rows: Vec<NativeRow>) -> Self {
+        self.rows = rows;
+        self
+    }
+
+    /// Whether sending the same call later may succeed.
+    pub fn retryable(&self) -> bool {
+        matches!(self.kind, ErrorKind::RateLimited | ErrorKind::Unavailable)
+    }
+
+    /// The action error code this failure is recorded as.
+    pub fn code(&self) -> &'static str {
+        match self.kind {
+            ErrorKind::SchedulerActive => "SCHEDULER_ACTIVE",
+            ErrorKind::Rejected => "OEM_REJECTED",
+            ErrorKind::Offline => "DEVICE_OFFLINE",
+            ErrorKind::RateLimited => "OEM_RATE_LIMITED",
+            ErrorKind::Unavailable => "OEM_UNAVAILABLE",
+            ErrorKind::ProtectedRow => "PROTECTED_SCHEDULE",
+        }
+    }
+}
+
+/// A driver bound to one device.
+///
+/// Contract (the conformance suite checks it):
+/// - `apply` MUST put the command in force or fail with a classified
+///   [`DriverError`]; it MUST NOT report success for a write the OEM
+///   refused. Where the OEM can be read back, `Outcome::verified` says
+///   whether the change was seen.
+/// - While an enabled native scheduler blocks direct writes, `apply` MUST
+///   fail with `SchedulerActive` (listing the rows) unless
+///   `clear_native_scheduler` is set; then it MUST clear the scheduler
+///   first, except protected rows, which it MUST NOT remove (it fails with
+///   `ProtectedRow` instead).
+/// - A driver MUST NOT remove or change native rows it does not own, except
+///   as above.
+/// - `revert` MUST undo exactly what `apply` put in force for that action
+///   and MUST be safe to call again after a failure or a restart
+///   (idempotent).
+/// - Errors MUST NOT contain secrets.
+#[async_trait]
+pub trait Driver: Send + Sync + fmt::Debug {
+    /// What the device can do.
+    fn capabilities(&self) -> &Capabilities;
+
+    /// The OEM account the device belongs to: devices with the same
+    /// account share one rate budget.
+    fn account(&self) -> String;
+
+    /// Reads the device's state, including its native scheduler.
+    async fn read_state(&self) -> Result<DeviceState, DriverError>;
+
+    /// Puts a command in force.
+    async fn apply(&self, req: &ApplyRequest) -> Result<Outcome, DriverError>;
+
+    /// Undoes an applied command.
+    async fn revert(&self, req: &RevertRequest) -> Result<Outcome, DriverError>;
+}
