@@ -143,6 +143,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Se
             tracing::info!(devices = n, "created demo devices on the empty database");
         }
     }
+    let dispatcher = server::dispatcher(&app, crate::dispatch::DispatchConfig::default());
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, database = %args.database, "listening");
@@ -151,6 +152,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Se
         listener,
         shutdown,
         Duration::from_secs(args.shutdown_grace_seconds),
+        Some(dispatcher),
     )
     .await
 }

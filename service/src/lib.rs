@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod dispatch;
 pub mod domain;
 pub mod server;
 pub mod store;

@@ -12,6 +12,7 @@ use tonic::transport::{Server, server::TcpIncoming};
 
 use crate::{
     api::{App, actions::Actions, devices::Devices},
+    dispatch::{DispatchConfig, Dispatcher},
     domain::{Clock, Device, DeviceId, Error, Ts},
     store::Store,
 };
@@ -57,6 +58,7 @@ pub async fn seed_demo(app: &App) -> Result<usize, Error> {
             revision: 0,
             created: Ts(0),
             updated: Ts(0),
+            observed: None,
         };
         app.store.create_device(&tenant, device, None).await?;
     }
@@ -76,16 +78,30 @@ pub async fn build_app(
         registry: Arc::new(registry),
         clock,
         horizon_nanos: i64::from(horizon_days) * 86_400 * Ts::SECOND,
+        wake: Arc::new(tokio::sync::Notify::new()),
     })
 }
 
+/// The dispatcher of `app`'s store and drivers.
+pub fn dispatcher(app: &App, config: DispatchConfig) -> Dispatcher {
+    Dispatcher::new(
+        app.store.clone(),
+        app.registry.clone(),
+        app.clock.clone(),
+        app.wake.clone(),
+        config,
+    )
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves, then drains
-/// in-flight calls for at most `grace`.
+/// in-flight calls for at most `grace`. With a `dispatcher`, runs it too
+/// (tests drive their own).
 pub async fn serve(
     app: App,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
+    dispatcher: Option<Dispatcher>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<DeviceServiceServer<Devices>>().await;
@@ -115,6 +131,14 @@ pub async fn serve(
                 tracing::warn!(error = %e, "idempotency sweep failed");
             }
         }
+    });
+
+    let (stop_dispatch, dispatch_stopped) = tokio::sync::watch::channel(false);
+    let dispatch_task = dispatcher.map(|d| {
+        let mut stopped = dispatch_stopped.clone();
+        tokio::spawn(d.run(async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }))
     });
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -150,7 +174,13 @@ pub async fn serve(
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
     let _ = stop_tx.send(());
+    let _ = stop_dispatch.send(true);
     let drained = tokio::time::timeout(grace, &mut server).await;
+    if let Some(t) = dispatch_task {
+        // A driver call in progress finishes or is abandoned; its claim
+        // expires and the work is taken up again after a restart.
+        let _ = tokio::time::timeout(grace, t).await;
+    }
     sweeper.abort();
     match drained {
         Ok(r) => r??,

@@ -31,6 +31,9 @@ pub struct TestServer {
     pub app: App,
     /// The clock the server reads; tests move it.
     pub clock: ManualClock,
+    /// The simulated driver's factory (its virtual devices can be
+    /// inspected).
+    pub sim: switchyard_drivers::simulated::SimulatedFactory,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     _dir: tempfile::TempDir,
@@ -52,14 +55,12 @@ impl TestServer {
     async fn start_with_clock(manual: ManualClock, clock: Arc<dyn Clock>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let url = format!("sqlite://{}", dir.path().join("switchyard.db").display());
-        let app = server::build_app(
-            &url,
-            clock,
-            Registry::builtin(),
-            server::DEFAULT_HORIZON_DAYS,
-        )
-        .await
-        .expect("open store");
+        let sim = switchyard_drivers::simulated::SimulatedFactory::default();
+        let mut registry = Registry::builtin();
+        registry.register(Arc::new(sim.clone()));
+        let app = server::build_app(&url, clock, registry, server::DEFAULT_HORIZON_DAYS)
+            .await
+            .expect("open store");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -74,6 +75,7 @@ impl TestServer {
                     let _ = stopped.await;
                 },
                 Duration::from_secs(5),
+                None,
             )
             .await
             .expect("server");
@@ -89,10 +91,31 @@ impl TestServer {
             channel,
             app,
             clock: manual,
+            sim,
             stop: Some(stop),
             task: Some(task),
             _dir: dir,
         }
+    }
+
+    /// A dispatcher over this server's store and drivers; tests drive it
+    /// (no background loop runs in a test server).
+    pub fn dispatcher(&self) -> switchyard::dispatch::Dispatcher {
+        server::dispatcher(&self.app, switchyard::dispatch::DispatchConfig::default())
+    }
+
+    /// Runs every dispatch that is due at the clock's now, after observing
+    /// every device.
+    pub async fn dispatch(&self) -> usize {
+        let d = self.dispatcher();
+        d.observe_due(true).await.expect("observe");
+        d.drain().await.expect("dispatch")
+    }
+
+    /// The server's now.
+    pub fn clock_now(&self) -> Ts {
+        use switchyard::domain::Clock as _;
+        self.clock.now()
     }
 
     /// DeviceService client.
@@ -192,6 +215,8 @@ pub struct Details {
     pub conflict: Option<pb::ConflictDetail>,
     /// RetryInfo, if any.
     pub retry: Option<rpc::RetryInfo>,
+    /// SchedulerDetail, if any.
+    pub scheduler: Option<pb::SchedulerDetail>,
     /// PreconditionFailure, if any.
     pub precondition: Option<rpc::PreconditionFailure>,
     /// ResourceInfo, if any.
@@ -246,6 +271,9 @@ pub fn details(status: &tonic::Status) -> Details {
             }
             "type.googleapis.com/switchyard.v1.ConflictDetail" => {
                 d.conflict = Some(Message::decode(v).expect("ConflictDetail"))
+            }
+            "type.googleapis.com/switchyard.v1.SchedulerDetail" => {
+                d.scheduler = Some(Message::decode(v).expect("SchedulerDetail"))
             }
             "type.googleapis.com/google.rpc.RetryInfo" => {
                 d.retry = Some(Message::decode(v).expect("RetryInfo"))

@@ -10,7 +10,7 @@ use super::{
 use crate::{
     domain::{
         Action, ActionId, ActionState, Error, Reason,
-        validate::{PushInput, validate_push},
+        validate::{PushInput, preflight, validate_push},
     },
     store::{ActionQuery, PushOutcome},
 };
@@ -87,7 +87,9 @@ impl Actions {
                     device.id
                 ))
             })?;
-            validate_push(&input, &caps, now, horizon)
+            let push = validate_push(&input, &caps, now, horizon)?;
+            preflight(device, strategy)?;
+            Ok(push)
         };
         if req.validate_only {
             let mut resp = push_response(
@@ -199,6 +201,7 @@ impl Actions {
             },
         )
         .await
+        .inspect(|_| app.wake.notify_one())
     }
 }
 

@@ -7,7 +7,9 @@ use switchyard_drivers::{
 use switchyard_proto::v1 as pb;
 
 use crate::domain::{
-    Action, ActionState, Command, Device, Error, Family, Quantity, Reason, Strategy, Ts, Unit,
+    Action, ActionState, Command, Device, Error, Family, Observed, Quantity, Reason, Strategy, Ts,
+    Unit,
+    device::{NativeRow, RowOwner},
     validate::RawQuantity,
 };
 
@@ -262,6 +264,7 @@ pub fn device_to_proto(d: &Device, caps: Option<&Capabilities>) -> pb::Device {
         revision: _,
         created,
         updated,
+        observed,
     } = d;
     pb::Device {
         device_id: id.to_string(),
@@ -275,6 +278,50 @@ pub fn device_to_proto(d: &Device, caps: Option<&Capabilities>) -> pb::Device {
         etag: d.etag(),
         create_time: Some(ts_to_proto(*created)),
         update_time: Some(ts_to_proto(*updated)),
+        observed_state: observed.as_ref().map(observed_to_proto),
+    }
+}
+
+/// Native scheduler rows → proto.
+pub fn native_rows_to_proto(rows: &[NativeRow]) -> Vec<pb::NativeScheduleRow> {
+    rows.iter()
+        .map(|r| {
+            let NativeRow {
+                start,
+                end,
+                mode,
+                enabled,
+                owner,
+            } = r;
+            pb::NativeScheduleRow {
+                start_time_of_day: start.clone(),
+                end_time_of_day: end.clone(),
+                mode: mode.clone(),
+                enabled: *enabled,
+                owner: match owner {
+                    RowOwner::Ours => pb::NativeRowOwner::Ours,
+                    RowOwner::Foreign => pb::NativeRowOwner::Foreign,
+                    RowOwner::Protected => pb::NativeRowOwner::Protected,
+                } as i32,
+            }
+        })
+        .collect()
+}
+
+fn observed_to_proto(o: &Observed) -> pb::ObservedState {
+    let Observed {
+        scheduler_active,
+        rows,
+        soc_percent,
+        mode,
+        at,
+    } = o;
+    pb::ObservedState {
+        scheduler_active: *scheduler_active,
+        native_rows: native_rows_to_proto(rows),
+        soc_percent: *soc_percent,
+        mode: mode.clone().unwrap_or_default(),
+        observe_time: Some(ts_to_proto(*at)),
     }
 }
 
@@ -294,6 +341,7 @@ pub fn action_to_proto(a: &Action) -> pb::Action {
         queued_after,
         error_code,
         error_message,
+        oem_response,
         revision: _,
         created,
         updated,
@@ -316,5 +364,6 @@ pub fn action_to_proto(a: &Action) -> pb::Action {
         update_time: Some(ts_to_proto(*updated)),
         etag: a.etag(),
         channel: channel.clone(),
+        oem_response: oem_response.clone().unwrap_or_default(),
     }
 }

@@ -147,6 +147,7 @@ impl Devices {
             revision: 0,
             created: Ts(0),
             updated: Ts(0),
+            observed: None,
         };
         if out.is_empty() {
             check_device(app, &device, &mut out);
@@ -165,6 +166,8 @@ impl Devices {
             |idem| async move { app.store.create_device(&tenant, device, idem).await },
         )
         .await
+        // The dispatcher observes new and changed devices.
+        .inspect(|_| app.wake.notify_one())
     }
 
     async fn update(&self, req: pb::UpdateDeviceRequest) -> Result<pb::Device, Error> {
@@ -264,6 +267,7 @@ impl Devices {
             },
         )
         .await
+        .inspect(|_| app.wake.notify_one())
     }
 }
 

@@ -35,6 +35,8 @@ pub struct App {
     pub clock: Arc<dyn Clock>,
     /// How far ahead a start may be, in nanoseconds.
     pub horizon_nanos: i64,
+    /// Wakes the dispatcher: work may be due now.
+    pub wake: Arc<tokio::sync::Notify>,
 }
 
 impl App {

@@ -250,6 +250,36 @@ pub fn to_status(e: Error) -> Status {
             ));
             (Code::FailedPrecondition, reason)
         }
+        Error::SchedulerActive {
+            device_id,
+            rows,
+            observed_at,
+        } => {
+            let protected = rows
+                .iter()
+                .any(|r| r.owner == crate::domain::device::RowOwner::Protected);
+            details.push(any(
+                &pb::SchedulerDetail::full_name(),
+                &pb::SchedulerDetail {
+                    rows: super::convert::native_rows_to_proto(&rows),
+                    observe_time: Some(ts_to_proto(observed_at)),
+                    strategies: if protected {
+                        vec![]
+                    } else {
+                        vec![pb::ConflictStrategy::CancelAndReplace as i32]
+                    },
+                },
+            ));
+            details.push(precondition(
+                R::SchedulerActive.reason(),
+                format!("devices/{device_id}"),
+                "the device's native scheduler is enabled".into(),
+            ));
+            meta.insert("device_id".into(), device_id);
+            meta.insert("native_row_count".into(), rows.len().to_string());
+            meta.insert("observe_time".into(), observed_at.rfc3339());
+            (Code::FailedPrecondition, R::SchedulerActive)
+        }
         Error::NotCancellable {
             device_id,
             action_id,

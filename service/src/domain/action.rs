@@ -83,6 +83,34 @@ pub mod codes {
     pub const CANCELLED_BY_CLIENT: &str = "CANCELLED_BY_CLIENT";
     /// Cancelled because its device was deleted with force.
     pub const DEVICE_DELETED: &str = "DEVICE_DELETED";
+    /// The revert at the end of the window kept failing: the override may
+    /// still be in force on the device.
+    pub const REVERT_FAILED: &str = "REVERT_FAILED";
+    /// The window had ended before the action could be applied (the
+    /// service was down, or retries ran out of window).
+    pub const WINDOW_MISSED: &str = "WINDOW_MISSED";
+    /// The device's driver configuration is no longer accepted by its
+    /// driver.
+    pub const DEVICE_MISCONFIGURED: &str = "DEVICE_MISCONFIGURED";
+}
+
+/// What the dispatcher owes an action.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Work {
+    /// Put the command in force.
+    Apply,
+    /// Undo it.
+    Revert,
+}
+
+impl Work {
+    /// Stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Work::Apply => "APPLY",
+            Work::Revert => "REVERT",
+        }
+    }
 }
 
 /// A booked action, as stored.
@@ -114,6 +142,8 @@ pub struct Action {
     pub error_code: Option<String>,
     /// Detail for `error_code`.
     pub error_message: Option<String>,
+    /// The OEM's last raw answer (diagnostics).
+    pub oem_response: Option<String>,
     /// Incremented on every change; the etag.
     pub revision: i64,
     /// Booking time.

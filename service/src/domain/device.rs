@@ -27,6 +27,8 @@ pub struct Device {
     pub created: Ts,
     /// Last change.
     pub updated: Ts,
+    /// What the driver last observed on the device (output only).
+    pub observed: Option<Observed>,
 }
 
 impl Device {
@@ -39,4 +41,21 @@ impl Device {
 /// Checks an IANA time zone name.
 pub fn valid_timezone(name: &str) -> bool {
     !name.is_empty() && name.len() <= 64 && jiff::tz::TimeZone::get(name).is_ok()
+}
+
+pub use switchyard_drivers::{NativeRow, RowOwner};
+
+/// A device's state as its driver last observed it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Observed {
+    /// An enabled native scheduler blocks direct writes.
+    pub scheduler_active: bool,
+    /// The native scheduler's rows.
+    pub rows: Vec<NativeRow>,
+    /// State of charge, percent.
+    pub soc_percent: Option<f64>,
+    /// Mode in force.
+    pub mode: Option<String>,
+    /// When it was observed.
+    pub at: Ts,
 }

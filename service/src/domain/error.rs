@@ -146,6 +146,16 @@ pub enum Error {
     /// A refused push.
     #[error("{}", conflict_message(.0))]
     Conflict(Box<Conflict>),
+    /// The device's native scheduler blocks direct writes.
+    #[error("the native scheduler of device {device_id:?} is enabled and blocks direct writes ({} row(s)); push with CANCEL_AND_REPLACE to clear it", .rows.len())]
+    SchedulerActive {
+        /// The device.
+        device_id: String,
+        /// The native rows observed.
+        rows: Vec<switchyard_drivers::NativeRow>,
+        /// When they were observed.
+        observed_at: Ts,
+    },
     /// Cancel not possible in this state.
     #[error("action {action_id} is {} and cannot be cancelled", .state.as_str())]
     NotCancellable {

@@ -16,6 +16,11 @@ impl TenantId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// A tenant id read back from storage.
+    pub fn from_stored(s: String) -> Self {
+        Self(s)
+    }
 }
 
 /// A device id: lower-case letters, digits and '-', 1..=63 characters,

@@ -12,7 +12,7 @@ pub mod validate;
 
 pub use action::*;
 pub use clock::{Clock, ManualClock, SystemClock, Ts};
-pub use device::Device;
+pub use device::{Device, Observed};
 pub use error::{Conflict, ConflictKind, Error, FieldViolation, Reason};
 pub use ids::{ActionId, DeviceId, TenantId};
 

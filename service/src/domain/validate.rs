@@ -99,6 +99,22 @@ fn check_param(
     }
 }
 
+/// Refuses a push up front when the device's last observed state shows an
+/// enabled native scheduler, unless the push authorises clearing it
+/// (CANCEL_AND_REPLACE).
+pub fn preflight(device: &super::Device, strategy: super::Strategy) -> Result<(), Error> {
+    match &device.observed {
+        Some(o) if o.scheduler_active && strategy != super::Strategy::CancelAndReplace => {
+            Err(Error::SchedulerActive {
+                device_id: device.id.to_string(),
+                rows: o.rows.clone(),
+                observed_at: o.at,
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Validates `input` for a device with `caps`, at `now`, with starts
 /// allowed up to `horizon_nanos` ahead.
 pub fn validate_push(

@@ -12,8 +12,11 @@
 //! - In-process writers queue on a single write connection, so SQLITE_BUSY
 //!   is never met in-process; `busy_timeout` covers other processes.
 
+mod dispatch;
 mod rows;
 mod schema;
+
+pub use dispatch::{Finish, Job};
 
 use std::{collections::BTreeMap, str::FromStr, sync::Arc, time::Duration};
 
@@ -442,8 +445,13 @@ impl Store {
         apply(&mut device)?;
         device.revision += 1;
         device.updated = now;
+        device.observed = None;
         sqlx::query(
-            "UPDATE devices SET display_name = ?, oem_device_id = ?, timezone = ?, settings = ?, revision = ?, update_ns = ? WHERE tenant_id = ? AND device_id = ?",
+            // What was observed under the old configuration is stale: the
+            // dispatcher reads the device again.
+            "UPDATE devices SET display_name = ?, oem_device_id = ?, timezone = ?, settings = ?, revision = ?, update_ns = ?,
+               observed = NULL, observed_ns = NULL
+             WHERE tenant_id = ? AND device_id = ?",
         )
         .bind(&device.display_name)
         .bind(&device.oem_device_id)
@@ -581,7 +589,12 @@ impl Store {
             .iter()
             .map(|a| Holder {
                 id: a.id,
-                state: a.state,
+                // A cancelled action still being reverted is in flight.
+                state: if a.state == ActionState::Cancelled {
+                    ActionState::Active
+                } else {
+                    a.state
+                },
                 command: a.command,
                 start: a.start,
                 end: a.end,
@@ -617,6 +630,7 @@ impl Store {
             queued_after: plan.queued_after.clone(),
             error_code: None,
             error_message: None,
+            oem_response: None,
             revision: 1,
             created: now,
             updated: now,
@@ -646,6 +660,7 @@ impl Store {
         let request_id = idem.as_ref().map(|i| i.request_id.clone());
         for c in &outcome.cancelled {
             rows::update_action_state(&mut tx, tenant, c).await?;
+            rows::set_work(&mut tx, tenant, &c.id, None, None, 0).await?;
             rows::audit(
                 &mut tx,
                 tenant,
@@ -661,7 +676,13 @@ impl Store {
             )
             .await?;
         }
-        rows::insert_action(&mut tx, tenant, &outcome.action).await?;
+        rows::insert_action(
+            &mut tx,
+            tenant,
+            &outcome.action,
+            strategy == Strategy::CancelAndReplace,
+        )
+        .await?;
         let reason = match (
             strategy,
             outcome.cancelled.is_empty(),
@@ -787,6 +808,14 @@ impl Store {
         action.revision += 1;
         action.updated = now;
         rows::update_action_state(&mut tx, tenant, &action).await?;
+        // A SCHEDULED action was never applied; an ACTIVE one is reverted
+        // now, and holds its channel until that is done.
+        let (work, due) = if from == ActionState::Active {
+            (Some(crate::domain::Work::Revert), Some(now))
+        } else {
+            (None, None)
+        };
+        rows::set_work(&mut tx, tenant, &action.id, work, due, 0).await?;
         rows::audit(
             &mut tx,
             tenant,

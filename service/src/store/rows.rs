@@ -32,6 +32,61 @@ pub(super) fn device_from_row(r: &SqliteRow) -> Result<Device, Error> {
         revision: r.get("revision"),
         created: Ts(r.get("create_ns")),
         updated: Ts(r.get("update_ns")),
+        observed: r.get::<Option<String>, _>("observed").and_then(|j| {
+            observed_from_json(&j, Ts(r.get::<Option<i64>, _>("observed_ns").unwrap_or(0)))
+        }),
+    })
+}
+
+/// Observed state → JSON.
+pub(super) fn observed_json(o: &crate::domain::Observed) -> String {
+    let rows: Vec<serde_json::Value> = o
+        .rows
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "start": r.start, "end": r.end, "mode": r.mode,
+                "enabled": r.enabled, "owner": r.owner.as_str(),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "scheduler_active": o.scheduler_active,
+        "rows": rows,
+        "soc_percent": o.soc_percent,
+        "mode": o.mode,
+    })
+    .to_string()
+}
+
+/// JSON → observed state; `None` if unreadable (treated as never observed).
+fn observed_from_json(j: &str, at: Ts) -> Option<crate::domain::Observed> {
+    use crate::domain::device::{NativeRow, RowOwner};
+    let v: serde_json::Value = serde_json::from_str(j).ok()?;
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+    Some(crate::domain::Observed {
+        scheduler_active: v["scheduler_active"].as_bool().unwrap_or(false),
+        rows: v["rows"]
+            .as_array()
+            .map(|rows| {
+                rows.iter()
+                    .map(|r| NativeRow {
+                        start: s(&r["start"]),
+                        end: s(&r["end"]),
+                        mode: s(&r["mode"]),
+                        enabled: r["enabled"].as_bool().unwrap_or(false),
+                        owner: match r["owner"].as_str() {
+                            Some("OURS") => RowOwner::Ours,
+                            Some("PROTECTED") => RowOwner::Protected,
+                            _ => RowOwner::Foreign,
+                        },
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        soc_percent: v["soc_percent"].as_f64(),
+        mode: v["mode"].as_str().map(str::to_owned),
+        at,
     })
 }
 
@@ -122,6 +177,7 @@ pub(super) fn action_from_row(r: &SqliteRow) -> Result<Action, Error> {
             .collect::<Result<_, _>>()?,
         error_code: r.get("error_code"),
         error_message: r.get("error_message"),
+        oem_response: r.get("oem_raw"),
         revision: r.get("revision"),
         created: Ts(r.get("create_ns")),
         updated: Ts(r.get("update_ns")),
@@ -160,7 +216,9 @@ pub(super) struct HoldingFilter<'a> {
     pub ending_after: Option<Ts>,
 }
 
-/// Actions of a device that hold their channel, by start.
+/// Actions of a device that hold their channel, by start. A cancelled
+/// action whose early revert is still owed holds it too (reported as in
+/// flight), so nothing new is applied before the old command is undone.
 pub(super) async fn holding_actions(
     tx: &mut SqliteConnection,
     tenant: &TenantId,
@@ -169,7 +227,7 @@ pub(super) async fn holding_actions(
 ) -> Result<Vec<Action>, Error> {
     let rs = sqlx::query(
         "SELECT * FROM actions WHERE tenant_id = ?1 AND device_id = ?2 AND (?3 = '' OR channel = ?3)
-           AND state IN ('SCHEDULED', 'ACKNOWLEDGED', 'ACTIVE')
+           AND (state IN ('SCHEDULED', 'ACKNOWLEDGED', 'ACTIVE') OR work = 'REVERT')
            AND (end_ns IS NULL OR end_ns > ?4)
          ORDER BY start_ns, action_id",
     )
@@ -187,6 +245,7 @@ pub(super) async fn insert_action(
     tx: &mut SqliteConnection,
     tenant: &TenantId,
     a: &Action,
+    clear_native: bool,
 ) -> Result<(), Error> {
     let p = &a.params;
     let queued: Vec<String> = a.queued_after.iter().map(ToString::to_string).collect();
@@ -194,8 +253,8 @@ pub(super) async fn insert_action(
         "INSERT INTO actions (tenant_id, action_id, device_id, channel, command,
             power_value, power_unit, target_value, target_unit, reserve_value, reserve_unit,
             start_ns, end_ns, immediate, state, replaced_by, queued_after, error_code, error_message,
-            revision, create_ns, update_ns)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            revision, create_ns, update_ns, work, due_ns, clear_native)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'APPLY', ?, ?)",
     )
     .bind(tenant.as_str())
     .bind(a.id.to_string())
@@ -219,6 +278,33 @@ pub(super) async fn insert_action(
     .bind(a.revision)
     .bind(a.created.0)
     .bind(a.updated.0)
+    .bind(a.start.0)
+    .bind(i64::from(clear_native))
+    .execute(tx)
+    .await
+    .map_err(db_err)?;
+    Ok(())
+}
+
+/// Sets what the dispatcher owes an action (`None`: nothing), due at `due`,
+/// with `attempts` tries made, releasing any claim.
+pub(super) async fn set_work(
+    tx: &mut SqliteConnection,
+    tenant: &TenantId,
+    id: &ActionId,
+    work: Option<crate::domain::Work>,
+    due: Option<Ts>,
+    attempts: i64,
+) -> Result<(), Error> {
+    sqlx::query(
+        "UPDATE actions SET work = ?, due_ns = ?, attempts = ?, lease_until_ns = NULL
+         WHERE tenant_id = ? AND action_id = ?",
+    )
+    .bind(work.map_or("NONE", |w| w.as_str()))
+    .bind(due.map(|d| d.0))
+    .bind(attempts)
+    .bind(tenant.as_str())
+    .bind(id.to_string())
     .execute(tx)
     .await
     .map_err(db_err)?;

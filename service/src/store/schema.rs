@@ -3,9 +3,10 @@
 //! released migration: add one.
 
 /// (version, statements).
-pub const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    r#"
+pub const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE devices (
     tenant_id     TEXT    NOT NULL,
     device_id     TEXT    NOT NULL,
@@ -79,4 +80,29 @@ CREATE TABLE idempotency_keys (
 );
 CREATE INDEX idempotency_by_expiry ON idempotency_keys (expire_ns);
 "#,
-)];
+    ),
+    (
+        2,
+        r#"
+-- Dispatch: what the dispatcher owes each action, and when.
+--   work: APPLY (put the command in force at due_ns), REVERT (undo it at
+--   due_ns), NONE. lease_until_ns: a dispatcher has claimed the work until
+--   then (a crashed one's claim expires). attempts: failed tries of the
+--   current work. clear_native: pushed with CANCEL_AND_REPLACE, so the
+--   driver may clear the native scheduler. oem_raw: the OEM's last answer.
+ALTER TABLE actions ADD COLUMN work TEXT NOT NULL DEFAULT 'NONE';
+ALTER TABLE actions ADD COLUMN due_ns INTEGER;
+ALTER TABLE actions ADD COLUMN lease_until_ns INTEGER;
+ALTER TABLE actions ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE actions ADD COLUMN clear_native INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE actions ADD COLUMN oem_raw TEXT;
+UPDATE actions SET work = 'APPLY', due_ns = start_ns WHERE state IN ('SCHEDULED', 'ACKNOWLEDGED');
+UPDATE actions SET work = 'REVERT', due_ns = end_ns WHERE state = 'ACTIVE' AND end_ns IS NOT NULL;
+CREATE INDEX actions_due ON actions (work, due_ns);
+
+-- The device's state as its driver last observed it (JSON), and when.
+ALTER TABLE devices ADD COLUMN observed TEXT;
+ALTER TABLE devices ADD COLUMN observed_ns INTEGER;
+"#,
+    ),
+];

@@ -1,0 +1,417 @@
+//! The dispatcher: turns due work into driver calls and records the
+//! outcome through the store.
+//!
+//! Invariants:
+//! - An action is applied at its start (immediate ones at once) and a
+//!   windowed one reverted at its end; both are claimed from the database
+//!   with a lease, so the work survives restarts and a revert is never
+//!   lost: it is retried with exponential backoff until confirmed, or
+//!   recorded as FAILED / REVERT_FAILED.
+//! - Retryable driver failures (rate limits, OEM outages) back off —
+//!   by the OEM's retry-after when it gives one — instead of failing.
+//! - Calls to an OEM account stay within the driver's rate budget (one
+//!   token bucket per account, shared by every action on it).
+//! - Time comes from the [`Clock`]; tests drive it and call [`Dispatcher::drain`].
+
+mod budget;
+
+use std::{sync::Arc, time::Duration};
+
+use switchyard_drivers::{ApplyRequest, DeviceSpec, Driver, Registry, RevertRequest};
+use tokio::sync::Notify;
+
+use crate::{
+    domain::{Action, Clock, Device, Error, Observed, TenantId, Ts, Work, codes},
+    store::{Finish, Job, Store},
+};
+
+pub use budget::Budgets;
+
+/// Dispatcher tuning.
+#[derive(Clone, Debug)]
+pub struct DispatchConfig {
+    /// Longest sleep between looks at the database (the embedded default
+    /// wakes at least once a second, and at once when a push is due now).
+    pub poll: Duration,
+    /// Most actions claimed at once.
+    pub batch: u32,
+    /// Most driver calls in flight at once.
+    pub concurrency: usize,
+    /// How long a claim lasts before another dispatcher may take the work.
+    pub lease_nanos: i64,
+    /// Tries of a retryable apply before it fails.
+    pub max_apply_attempts: i64,
+    /// Tries of a revert before it is REVERT_FAILED.
+    pub max_revert_attempts: i64,
+    /// First retry delay; doubles per try.
+    pub backoff_base_nanos: i64,
+    /// Longest retry delay.
+    pub backoff_max_nanos: i64,
+    /// How often each device's state is read.
+    pub observe_every_nanos: i64,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        Self {
+            poll: Duration::from_secs(1),
+            batch: 512,
+            concurrency: 256,
+            lease_nanos: 120 * Ts::SECOND,
+            max_apply_attempts: 5,
+            max_revert_attempts: 10,
+            backoff_base_nanos: 2 * Ts::SECOND,
+            backoff_max_nanos: 600 * Ts::SECOND,
+            observe_every_nanos: 300 * Ts::SECOND,
+        }
+    }
+}
+
+/// Turns due actions into driver calls.
+#[derive(Clone, Debug)]
+pub struct Dispatcher {
+    store: Store,
+    registry: Arc<Registry>,
+    clock: Arc<dyn Clock>,
+    budgets: Arc<Budgets>,
+    wake: Arc<Notify>,
+    config: DispatchConfig,
+}
+
+fn ts_to_jiff(t: Ts) -> jiff::Timestamp {
+    jiff::Timestamp::from_nanosecond(i128::from(t.0)).unwrap_or(jiff::Timestamp::UNIX_EPOCH)
+}
+
+fn spec(d: &Device) -> DeviceSpec<'_> {
+    DeviceSpec {
+        device_id: d.id.as_str(),
+        family: d.family,
+        oem_device_id: &d.oem_device_id,
+        timezone: &d.timezone,
+        settings: &d.settings,
+    }
+}
+
+fn apply_request(a: &Action, clear_native: bool) -> ApplyRequest {
+    ApplyRequest {
+        action_id: a.id.to_string(),
+        command: a.command,
+        params: a.params,
+        start: ts_to_jiff(a.start),
+        end: a.end.map(ts_to_jiff),
+        clear_native_scheduler: clear_native,
+    }
+}
+
+impl Dispatcher {
+    /// A dispatcher over `store`; `wake` is notified by the API when work
+    /// falls due at once.
+    pub fn new(
+        store: Store,
+        registry: Arc<Registry>,
+        clock: Arc<dyn Clock>,
+        wake: Arc<Notify>,
+        config: DispatchConfig,
+    ) -> Self {
+        Self {
+            store,
+            registry,
+            budgets: Arc::new(Budgets::default()),
+            clock,
+            wake,
+            config,
+        }
+    }
+
+    fn backoff(&self, attempts: i64) -> i64 {
+        let shift = attempts.clamp(0, 30) as u32;
+        self.config
+            .backoff_base_nanos
+            .saturating_mul(1i64 << shift)
+            .min(self.config.backoff_max_nanos)
+    }
+
+    fn driver(&self, d: &Device) -> Result<Arc<dyn Driver>, String> {
+        let factory = self
+            .registry
+            .get(&d.driver)
+            .ok_or_else(|| format!("no driver {:?} in this build", d.driver))?;
+        factory.build(&spec(d)).map_err(|e| e.to_string())
+    }
+
+    /// Claims the work due now and runs it; returns how many jobs ran.
+    pub async fn run_due(&self) -> Result<usize, Error> {
+        let now = self.clock.now();
+        let jobs = self
+            .store
+            .claim_due(now, self.config.batch, self.config.lease_nanos)
+            .await?;
+        let n = jobs.len();
+        let sem = Arc::new(tokio::sync::Semaphore::new(self.config.concurrency.max(1)));
+        let mut set = tokio::task::JoinSet::new();
+        for job in jobs {
+            let this = self.clone();
+            let permit = sem.clone().acquire_owned().await;
+            set.spawn(async move {
+                let _permit = permit;
+                if let Err(e) = this.process(&job).await {
+                    // The claim expires and the work is tried again.
+                    tracing::warn!(action_id = %job.action.id, error = %e, "dispatch failed; will retry");
+                }
+            });
+        }
+        while set.join_next().await.is_some() {}
+        Ok(n)
+    }
+
+    /// Runs work until nothing is due at the clock's now (tests).
+    pub async fn drain(&self) -> Result<usize, Error> {
+        let mut total = 0;
+        loop {
+            let n = self.run_due().await?;
+            if n == 0 {
+                return Ok(total);
+            }
+            total += n;
+        }
+    }
+
+    async fn process(&self, job: &Job) -> Result<(), Error> {
+        match job.work {
+            Work::Apply => self.apply(job).await,
+            Work::Revert => self.revert(job).await,
+        }
+    }
+
+    async fn record_observed(&self, tenant: &TenantId, d: &Device, driver: &dyn Driver) {
+        match driver.read_state().await {
+            Ok(s) => {
+                let (active, rows) = s.native_scheduler.clone().unwrap_or((false, vec![]));
+                let o = Observed {
+                    scheduler_active: active,
+                    rows,
+                    soc_percent: s.soc_percent,
+                    mode: s.mode,
+                    at: self.clock.now(),
+                };
+                if let Err(e) = self.store.observe(tenant, &d.id, &o).await {
+                    tracing::warn!(device_id = %d.id, error = %e, "could not record observed state");
+                }
+            }
+            Err(e) => tracing::debug!(device_id = %d.id, error = %e, "could not read device state"),
+        }
+    }
+
+    async fn apply(&self, job: &Job) -> Result<(), Error> {
+        let Some(action) = self.store.begin_apply(job).await? else {
+            return Ok(());
+        };
+        let now = self.clock.now();
+        let fail = |code: &str, message: String, raw: Option<String>| Finish::Failed {
+            code: code.to_owned(),
+            message,
+            raw,
+        };
+        if action.end.is_some_and(|end| end <= now) {
+            self.store
+                .finish(
+                    job,
+                    fail(
+                        codes::WINDOW_MISSED,
+                        "the window ended before the action could be applied".into(),
+                        None,
+                    ),
+                )
+                .await?;
+            return Ok(());
+        }
+        let Some(device) = self
+            .store
+            .device_for(&job.tenant, &action.device_id)
+            .await?
+        else {
+            return Ok(());
+        };
+        let driver = match self.driver(&device) {
+            Ok(d) => d,
+            Err(why) => {
+                self.store
+                    .finish(job, fail(codes::DEVICE_MISCONFIGURED, why, None))
+                    .await?;
+                return Ok(());
+            }
+        };
+        if let Err(at) = self.budgets.take(
+            &driver.account(),
+            device.id.as_str(),
+            &driver.capabilities().rate_budget,
+            now,
+        ) {
+            self.store.finish(job, Finish::Postpone { due: at }).await?;
+            return Ok(());
+        }
+        let req = apply_request(&action, job.clear_native);
+        match driver.apply(&req).await {
+            Ok(out) => {
+                self.store
+                    .finish(job, Finish::Applied { raw: out.raw })
+                    .await?;
+                if job.clear_native {
+                    self.record_observed(&job.tenant, &device, driver.as_ref())
+                        .await;
+                }
+            }
+            Err(e) if e.retryable() && job.attempts + 1 < self.config.max_apply_attempts => {
+                let wait = self
+                    .backoff(job.attempts)
+                    .max(e.retry_after.map_or(0, |d| d.as_nanos() as i64));
+                self.store
+                    .finish(
+                        job,
+                        Finish::Retry {
+                            due: self.clock.now().plus_nanos(wait),
+                            message: e.message.clone(),
+                            raw: e.raw.clone(),
+                        },
+                    )
+                    .await?;
+            }
+            Err(e) => {
+                tracing::info!(action_id = %action.id, code = e.code(), error = %e, "action failed at dispatch");
+                self.store
+                    .finish(job, fail(e.code(), e.message.clone(), e.raw.clone()))
+                    .await?;
+                if e.kind == switchyard_drivers::ErrorKind::SchedulerActive {
+                    // Later pushes are refused up front until it is cleared.
+                    let o = Observed {
+                        scheduler_active: true,
+                        rows: e.rows.clone(),
+                        soc_percent: device.observed.as_ref().and_then(|o| o.soc_percent),
+                        mode: device.observed.as_ref().and_then(|o| o.mode.clone()),
+                        at: self.clock.now(),
+                    };
+                    self.store.observe(&job.tenant, &device.id, &o).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn revert(&self, job: &Job) -> Result<(), Error> {
+        let now = self.clock.now();
+        let action = &job.action;
+        let retry_or_fail = |message: String, raw: Option<String>, retry_after: i64| {
+            if job.attempts + 1 >= self.config.max_revert_attempts {
+                tracing::error!(action_id = %action.id, error = %message, "revert failed for good: the override may still be in force");
+                Finish::Failed {
+                    code: codes::REVERT_FAILED.to_owned(),
+                    message: format!(
+                        "the revert kept failing after {} tries: {message}",
+                        job.attempts + 1
+                    ),
+                    raw,
+                }
+            } else {
+                Finish::Retry {
+                    due: now.plus_nanos(self.backoff(job.attempts).max(retry_after)),
+                    message,
+                    raw,
+                }
+            }
+        };
+        let Some(device) = self
+            .store
+            .device_for(&job.tenant, &action.device_id)
+            .await?
+        else {
+            return Ok(());
+        };
+        let driver = match self.driver(&device) {
+            Ok(d) => d,
+            Err(why) => {
+                self.store.finish(job, retry_or_fail(why, None, 0)).await?;
+                return Ok(());
+            }
+        };
+        if let Err(at) = self.budgets.take(
+            &driver.account(),
+            device.id.as_str(),
+            &driver.capabilities().rate_budget,
+            now,
+        ) {
+            self.store.finish(job, Finish::Postpone { due: at }).await?;
+            return Ok(());
+        }
+        let req = RevertRequest {
+            applied: apply_request(action, job.clear_native),
+        };
+        let result = match driver.revert(&req).await {
+            Ok(out) => Finish::Reverted { raw: out.raw },
+            Err(e) => retry_or_fail(
+                e.to_string(),
+                e.raw.clone(),
+                e.retry_after.map_or(0, |d| d.as_nanos() as i64),
+            ),
+        };
+        self.store.finish(job, result).await?;
+        Ok(())
+    }
+
+    /// Reads the state of devices not observed for a while (all of them
+    /// with `force`); returns how many were read.
+    pub async fn observe_due(&self, force: bool) -> Result<usize, Error> {
+        let now = self.clock.now();
+        let before = if force {
+            now.plus_nanos(1)
+        } else {
+            now.plus_nanos(-self.config.observe_every_nanos)
+        };
+        let devices = self.store.devices_to_observe(before, 256).await?;
+        let n = devices.len();
+        for (tenant, d) in devices {
+            let Ok(driver) = self.driver(&d) else {
+                continue;
+            };
+            if self
+                .budgets
+                .take_read(&driver.account(), &driver.capabilities().rate_budget, now)
+                .is_err()
+            {
+                continue;
+            }
+            self.record_observed(&tenant, &d, driver.as_ref()).await;
+        }
+        Ok(n)
+    }
+
+    /// Runs until `shutdown` resolves: wakes when work falls due (at most
+    /// `poll` apart, at once when notified).
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut last_observe = Ts(i64::MIN);
+        loop {
+            if let Err(e) = self.run_due().await {
+                tracing::warn!(error = %e, "dispatch round failed");
+            }
+            let now = self.clock.now();
+            if now.0.saturating_sub(last_observe.0) >= 10 * Ts::SECOND {
+                last_observe = now;
+                if let Err(e) = self.observe_due(false).await {
+                    tracing::warn!(error = %e, "observing devices failed");
+                }
+            }
+            let next = self.store.next_due().await.ok().flatten();
+            let wait = match next {
+                Some(due) if due <= self.clock.now() => continue,
+                Some(due) => Duration::from_nanos((due.0 - self.clock.now().0).max(0) as u64)
+                    .min(self.config.poll),
+                None => self.config.poll,
+            };
+            tokio::select! {
+                () = &mut shutdown => return,
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! The dispatcher's side of the store: claiming due work and recording what
+//! the driver answered, each in one transaction with its audit entry.
+//!
+//! Invariants:
+//! - Work is claimed with a lease; a claim that outlives its lease (a
+//!   crashed dispatcher) is claimed again, so every APPLY and REVERT is
+//!   eventually attempted, and a revert survives any restart.
+//! - Results are recorded against the row as it is at that moment: an
+//!   ACTIVE action cancelled while its end-of-window revert ran stays
+//!   CANCELLED.
+
+use sqlx::Row;
+
+use super::{Store, db_err, rows};
+use crate::domain::{
+    Action, ActionState, Device, DeviceId, Error, Observed, TenantId, Transition, Ts, Work,
+};
+
+/// Work a dispatcher has claimed.
+#[derive(Clone, Debug)]
+pub struct Job {
+    /// The action's tenant.
+    pub tenant: TenantId,
+    /// The action as claimed.
+    pub action: Action,
+    /// What is owed.
+    pub work: Work,
+    /// Failed tries so far.
+    pub attempts: i64,
+    /// Pushed with CANCEL_AND_REPLACE.
+    pub clear_native: bool,
+}
+
+/// What came of a job.
+#[derive(Clone, Debug)]
+pub enum Finish {
+    /// The command is in force: ACTIVE until `end` (then reverted), or
+    /// COMPLETED when it has no end.
+    Applied {
+        /// The OEM's answer.
+        raw: String,
+    },
+    /// The command was undone: ACTIVE → COMPLETED (a cancelled one stays
+    /// CANCELLED).
+    Reverted {
+        /// The OEM's answer.
+        raw: String,
+    },
+    /// Try again at `due` (attempts counted).
+    Retry {
+        /// When.
+        due: Ts,
+        /// What failed.
+        message: String,
+        /// The OEM's answer.
+        raw: Option<String>,
+    },
+    /// Not now (e.g. the rate budget): try at `due`, no attempt counted.
+    Postpone {
+        /// When.
+        due: Ts,
+    },
+    /// Give up: FAILED with `code`.
+    Failed {
+        /// The action error code.
+        code: String,
+        /// Detail.
+        message: String,
+        /// The OEM's answer.
+        raw: Option<String>,
+    },
+}
+
+enum ResultKind {
+    Done,
+    Other,
+}
+
+fn work_of(s: &str) -> Option<Work> {
+    match s {
+        "APPLY" => Some(Work::Apply),
+        "REVERT" => Some(Work::Revert),
+        _ => None,
+    }
+}
+
+impl Store {
+    /// Claims up to `limit` actions whose work is due at `now`, for
+    /// `lease_nanos`.
+    pub async fn claim_due(
+        &self,
+        now: Ts,
+        limit: u32,
+        lease_nanos: i64,
+    ) -> Result<Vec<Job>, Error> {
+        let rs = sqlx::query(
+            "UPDATE actions SET lease_until_ns = ?1
+             WHERE action_id IN (
+               SELECT action_id FROM actions
+               WHERE work != 'NONE' AND due_ns <= ?2 AND (lease_until_ns IS NULL OR lease_until_ns <= ?2)
+               ORDER BY due_ns LIMIT ?3)
+             RETURNING *",
+        )
+        .bind(now.0 + lease_nanos)
+        .bind(now.0)
+        .bind(i64::from(limit))
+        .fetch_all(&self.write)
+        .await
+        .map_err(db_err)?;
+        rs.iter()
+            .map(|r| {
+                let work: String = r.get("work");
+                Ok(Job {
+                    tenant: TenantId::from_stored(r.get("tenant_id")),
+                    action: rows::action_from_row(r)?,
+                    work: work_of(&work)
+                        .ok_or_else(|| Error::Internal("claimed no work".into()))?,
+                    attempts: r.get("attempts"),
+                    clear_native: r.get::<i64, _>("clear_native") != 0,
+                })
+            })
+            .collect()
+    }
+
+    /// When the next work falls due, if any (for the dispatcher's sleep).
+    pub async fn next_due(&self) -> Result<Option<Ts>, Error> {
+        let due: Option<i64> =
+            sqlx::query_scalar("SELECT MIN(due_ns) FROM actions WHERE work != 'NONE'")
+                .fetch_one(&self.read)
+                .await
+                .map_err(db_err)?;
+        Ok(due.map(Ts))
+    }
+
+    /// SCHEDULED → ACKNOWLEDGED before a job's command is sent: from here
+    /// the action is in flight and can no longer be cancelled. Returns the
+    /// action as it now is; `None` if it is no longer owed an apply.
+    pub async fn begin_apply(&self, job: &Job) -> Result<Option<Action>, Error> {
+        let mut tx = self.begin().await?;
+        let now = self.clock.now();
+        let Some(mut a) =
+            rows::fetch_action(&mut *tx, &job.tenant, &job.action.device_id, &job.action.id)
+                .await?
+        else {
+            return Ok(None);
+        };
+        let work: String = sqlx::query_scalar("SELECT work FROM actions WHERE action_id = ?")
+            .bind(a.id.to_string())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        if work_of(&work) != Some(Work::Apply) {
+            return Ok(None);
+        }
+        if a.state == ActionState::Scheduled {
+            a.state = ActionState::Acknowledged;
+            a.revision += 1;
+            a.updated = now;
+            rows::update_action_state(&mut tx, &job.tenant, &a).await?;
+            rows::audit(
+                &mut tx,
+                &job.tenant,
+                &Transition {
+                    action_id: a.id,
+                    device_id: a.device_id.clone(),
+                    from: Some(ActionState::Scheduled),
+                    to: ActionState::Acknowledged,
+                    reason: "DISPATCHED".into(),
+                },
+                None,
+                now,
+            )
+            .await?;
+            tx.commit().await.map_err(db_err)?;
+        }
+        Ok(Some(a))
+    }
+
+    /// Records what came of a job.
+    pub async fn finish(&self, job: &Job, result: Finish) -> Result<Action, Error> {
+        let mut tx = self.begin().await?;
+        let now = self.clock.now();
+        let mut a =
+            rows::fetch_action(&mut *tx, &job.tenant, &job.action.device_id, &job.action.id)
+                .await?
+                .ok_or_else(|| {
+                    Error::Internal(format!(
+                        "action {} vanished while dispatched",
+                        job.action.id
+                    ))
+                })?;
+        let from = a.state;
+        let result_kind = match result {
+            Finish::Applied { .. } | Finish::Reverted { .. } => ResultKind::Done,
+            _ => ResultKind::Other,
+        };
+        let (to, work, due, attempts, reason, raw): (
+            ActionState,
+            Option<Work>,
+            Option<Ts>,
+            i64,
+            String,
+            Option<String>,
+        ) = match result {
+            Finish::Applied { raw } => match a.end {
+                Some(end) => (
+                    ActionState::Active,
+                    Some(Work::Revert),
+                    Some(end),
+                    0,
+                    "APPLIED".into(),
+                    Some(raw),
+                ),
+                None => (
+                    ActionState::Completed,
+                    None,
+                    None,
+                    0,
+                    "APPLIED".into(),
+                    Some(raw),
+                ),
+            },
+            Finish::Reverted { raw } => {
+                let to = if from == ActionState::Cancelled {
+                    ActionState::Cancelled
+                } else {
+                    ActionState::Completed
+                };
+                (to, None, None, 0, "REVERTED".into(), Some(raw))
+            }
+            Finish::Retry { due, message, raw } => {
+                a.error_message = Some(format!("retrying: {message}"));
+                (
+                    from,
+                    Some(job.work),
+                    Some(due),
+                    job.attempts + 1,
+                    "RETRY".into(),
+                    raw,
+                )
+            }
+            Finish::Postpone { due } => (
+                from,
+                Some(job.work),
+                Some(due),
+                job.attempts,
+                "POSTPONED".into(),
+                None,
+            ),
+            Finish::Failed { code, message, raw } => {
+                a.error_code = Some(code.clone());
+                a.error_message = Some(message);
+                (ActionState::Failed, None, None, job.attempts, code, raw)
+            }
+        };
+        if matches!(result_kind, ResultKind::Done) {
+            // Earlier "retrying" notes no longer apply.
+            a.error_message = None;
+        }
+        if raw.is_some() {
+            a.oem_response = raw.clone();
+        }
+        a.state = to;
+        a.revision += 1;
+        a.updated = now;
+        rows::update_action_state(&mut tx, &job.tenant, &a).await?;
+        rows::set_work(&mut tx, &job.tenant, &a.id, work, due, attempts).await?;
+        sqlx::query("UPDATE actions SET oem_raw = COALESCE(?, oem_raw) WHERE action_id = ?")
+            .bind(raw)
+            .bind(a.id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        if to != from {
+            rows::audit(
+                &mut tx,
+                &job.tenant,
+                &Transition {
+                    action_id: a.id,
+                    device_id: a.device_id.clone(),
+                    from: Some(from),
+                    to,
+                    reason,
+                },
+                None,
+                now,
+            )
+            .await?;
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(a)
+    }
+
+    /// The OEM's last raw answer for an action.
+    pub async fn oem_raw(
+        &self,
+        tenant: &TenantId,
+        action: &crate::domain::ActionId,
+    ) -> Result<Option<String>, Error> {
+        sqlx::query_scalar("SELECT oem_raw FROM actions WHERE tenant_id = ? AND action_id = ?")
+            .bind(tenant.as_str())
+            .bind(action.to_string())
+            .fetch_optional(&self.read)
+            .await
+            .map_err(db_err)
+            .map(Option::flatten)
+    }
+
+    /// Records what a driver observed on a device.
+    pub async fn observe(
+        &self,
+        tenant: &TenantId,
+        device: &DeviceId,
+        o: &Observed,
+    ) -> Result<(), Error> {
+        sqlx::query("UPDATE devices SET observed = ?, observed_ns = ? WHERE tenant_id = ? AND device_id = ?")
+            .bind(rows::observed_json(o))
+            .bind(o.at.0)
+            .bind(tenant.as_str())
+            .bind(device.as_str())
+            .execute(&self.write)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    /// Devices last observed before `before` (or never), oldest first.
+    pub async fn devices_to_observe(
+        &self,
+        before: Ts,
+        limit: u32,
+    ) -> Result<Vec<(TenantId, Device)>, Error> {
+        let rs = sqlx::query(
+            "SELECT * FROM devices WHERE observed_ns IS NULL OR observed_ns < ? ORDER BY COALESCE(observed_ns, 0) LIMIT ?",
+        )
+        .bind(before.0)
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await
+        .map_err(db_err)?;
+        rs.iter()
+            .map(|r| {
+                Ok((
+                    TenantId::from_stored(r.get("tenant_id")),
+                    rows::device_from_row(r)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// A device by tenant and id (for the dispatcher).
+    pub async fn device_for(
+        &self,
+        tenant: &TenantId,
+        id: &DeviceId,
+    ) -> Result<Option<Device>, Error> {
+        rows::fetch_device(&self.read, tenant, id).await
+    }
+}

@@ -1,0 +1,524 @@
+//! Dispatch over the simulated driver: actions happen at their start, are
+//! reverted at their end, survive crashes, and every failure is typed.
+//! The clock is driven; nothing sleeps waiting for a schedule.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+use std::collections::BTreeMap;
+
+use switchyard::domain::{ActionId, TenantId, Ts};
+use switchyard_proto::v1::{self as pb, ActionState as St, Command, ConflictStrategy as S};
+use switchyard_tests::{TestServer, action, details, push};
+use tonic::Code;
+
+const H: i64 = 3600;
+const SEC: i64 = Ts::SECOND;
+
+async fn sim_device(srv: &TestServer, id: &str, settings: &[(&str, &str)]) {
+    let mut all: BTreeMap<String, String> = BTreeMap::from([("latency_ms".into(), "0".into())]);
+    for (k, v) in settings {
+        all.insert((*k).into(), (*v).into());
+    }
+    srv.devices()
+        .create_device(pb::CreateDeviceRequest {
+            device_id: id.into(),
+            device: Some(pb::Device {
+                family: pb::DeviceFamily::Battery as i32,
+                driver: "simulated".into(),
+                settings: all,
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap();
+}
+
+async fn set_settings(srv: &TestServer, id: &str, settings: &[(&str, &str)]) {
+    let mut all: BTreeMap<String, String> = BTreeMap::from([("latency_ms".into(), "0".into())]);
+    for (k, v) in settings {
+        all.insert((*k).into(), (*v).into());
+    }
+    srv.devices()
+        .update_device(pb::UpdateDeviceRequest {
+            device: Some(pb::Device {
+                device_id: id.into(),
+                settings: all,
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["settings".into()],
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap();
+}
+
+async fn pushed(srv: &TestServer, req: pb::PushActionRequest) -> pb::Action {
+    srv.actions()
+        .push_action(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .action
+        .unwrap()
+}
+
+async fn get(srv: &TestServer, device: &str, id: &str) -> pb::Action {
+    srv.actions()
+        .get_action(pb::GetActionRequest {
+            device_id: device.into(),
+            action_id: id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+fn at_secs(srv: &TestServer, secs: i64) {
+    srv.clock.set(Ts((switchyard_tests::T0 + secs) * SEC));
+}
+
+fn mode(srv: &TestServer, device: &str) -> String {
+    srv.sim
+        .observe(device)
+        .map(|(m, _, _)| m)
+        .unwrap_or_else(|| "AUTO_BALANCED".into())
+}
+
+async fn history(srv: &TestServer, id: &str) -> Vec<String> {
+    srv.app
+        .store
+        .action_history(&TenantId::default_tenant(), &ActionId::parse(id).unwrap())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, to, _)| to)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_windowed_action_is_applied_at_its_start_and_reverted_at_its_end() {
+    let srv = TestServer::start().await;
+    sim_device(&srv, "b", &[]).await;
+    let a = pushed(
+        &srv,
+        push(
+            "b",
+            action(Command::Charge, Some(H), Some(2 * H)),
+            S::Unspecified,
+        ),
+    )
+    .await;
+    assert_eq!(a.state, St::Scheduled as i32);
+
+    srv.dispatch().await;
+    assert_eq!(
+        get(&srv, "b", &a.action_id).await.state,
+        St::Scheduled as i32,
+        "not before its start"
+    );
+    assert_eq!(mode(&srv, "b"), "AUTO_BALANCED");
+
+    at_secs(&srv, H);
+    srv.dispatch().await;
+    let active = get(&srv, "b", &a.action_id).await;
+    assert_eq!(active.state, St::Active as i32);
+    assert_eq!(mode(&srv, "b"), "CHARGE");
+    assert!(active.oem_response.contains("CHARGE"));
+
+    // In flight: no strategy can cancel it; QUEUE_AFTER still can queue.
+    let st = srv
+        .actions()
+        .push_action(push(
+            "b",
+            action(Command::Discharge, Some(H + 60), Some(2 * H + 60)),
+            S::CancelAndReplace,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(details(&st).reason(), "ACTION_IN_FLIGHT");
+    let q = pushed(
+        &srv,
+        push(
+            "b",
+            action(Command::Discharge, Some(H + 60), Some(2 * H + 60)),
+            S::QueueAfter,
+        ),
+    )
+    .await;
+    assert_eq!(q.start_time, Some(switchyard_tests::at(2 * H)));
+
+    at_secs(&srv, 2 * H - 1);
+    srv.dispatch().await;
+    assert_eq!(
+        get(&srv, "b", &a.action_id).await.state,
+        St::Active as i32,
+        "not reverted early"
+    );
+
+    at_secs(&srv, 2 * H);
+    srv.dispatch().await;
+    assert_eq!(
+        get(&srv, "b", &a.action_id).await.state,
+        St::Completed as i32
+    );
+    assert_eq!(
+        history(&srv, &a.action_id).await,
+        ["SCHEDULED", "ACKNOWLEDGED", "ACTIVE", "COMPLETED"]
+    );
+    // The queued discharge took over at 2 h.
+    assert_eq!(get(&srv, "b", &q.action_id).await.state, St::Active as i32);
+    assert_eq!(mode(&srv, "b"), "DISCHARGE");
+}
+
+#[tokio::test]
+async fn an_immediate_action_completes_once_applied() {
+    let srv = TestServer::start().await;
+    sim_device(&srv, "b", &[]).await;
+    let a = pushed(
+        &srv,
+        push(
+            "b",
+            action(Command::AutoReserve, None, None),
+            S::Unspecified,
+        ),
+    )
+    .await;
+    assert_eq!(a.state, St::Acknowledged as i32);
+    srv.dispatch().await;
+    assert_eq!(
+        get(&srv, "b", &a.action_id).await.state,
+        St::Completed as i32
+    );
+    assert_eq!(mode(&srv, "b"), "AUTO_RESERVE");
+    // Completed: it no longer holds the channel.
+    pushed(
+        &srv,
+        push(
+            "b",
+            action(Command::Charge, Some(H), Some(2 * H)),
+            S::Unspecified,
+        ),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn cancelling_an_active_action_reverts_it_now_and_it_holds_until_reverted() {
+    let srv = TestServer::start().await;
+    sim_device(&srv, "b", &[]).await;
+    let a = pushed(
+        &srv,
+        push(
+            "b",
+            action(Command::Charge, Some(H), Some(3 * H)),
+            S::Unspecified,
+        ),
+    )
+    .await;
+    at_secs(&srv, H);
+    srv.dispatch().await;
+    assert_eq!(mode(&srv, "b"), "CHARGE");
+
+    let c = srv
+        .actions()
+        .cancel_action(pb::CancelActionRequest {
+            device_id: "b".into(),
+            action_id: a.action_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(c.state, St::Cancelled as i32);
+    // Until the revert is done, nothing else may be applied on the channel.
+    let st = srv
+        .actions()
+        .push_action(push(
+            "b",
+            action(Command::Idle, Some(H + 60), Some(H + 120)),
+            S::CancelAndReplace,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(details(&st).reason(), "ACTION_IN_FLIGHT");
+
+    srv.dispatch().await;
+    assert_eq!(mode(&srv, "b"), "AUTO_BALANCED", "reverted early");
+    assert_eq!(
+        get(&srv, "b", &a.action_id).await.state,
+        St::Cancelled as i32
+    );
+    pushed(
+        &srv,
+        push(
+            "b",
+            action(Command::Idle, Some(H + 60), Some(H + 120)),
+            S::Unspecified,
+        ),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_revert_that_keeps_failing_ends_in_revert_failed() {
+    let srv = TestServer::start().await;
+    sim_device(&srv, "b", &[]).await;
+    let a = pushed(
+        &srv,
+        push(
+            "b",
+            action(Command::Charge, Some(H), Some(2 * H)),
+            S::Unspecified,
+        ),
+    )
+    .await;
+    at_secs(&srv, H);
+    srv.dispatch().await;
+    set_settings(&srv, "b", &[("fail_mode", "revert_fails")]).await;
+
+    at_secs(&srv, 2 * H);
+    let mut now = 2 * H;
+    for _ in 0..20 {
+        srv.dispatch().await;
+        if get(&srv, "b", &a.action_id).await.state != St::Active as i32 {
+            break;
+        }
+        let retrying = get(&srv, "b", &a.action_id).await;
+        assert!(
+            retrying.error_message.starts_with("retrying"),
+            "{retrying:?}"
+        );
+        now += 700; // past the longest backoff (10 min)
+        at_secs(&srv, now);
+    }
+    let failed = get(&srv, "b", &a.action_id).await;
+    assert_eq!(failed.state, St::Failed as i32);
+    assert_eq!(failed.error_code, "REVERT_FAILED");
+    assert!(failed.oem_response.contains("revert failed"), "{failed:?}");
+    assert_eq!(
+        history(&srv, &a.action_id).await.last().map(String::as_str),
+        Some("FAILED")
+    );
+}
+
+#[tokio::test]
+async fn a_revert_survives_a_dispatcher_that_crashed_holding_it() {
+    let srv = TestServer::start().await;
+    sim_device(&srv, "b", &[]).await;
+    let a = pushed(
+        &srv,
+        push(
+            "b",
+            action(Command::Discharge, Some(H), Some(2 * H)),
+            S::Unspecified,
+        ),
+    )
+    .await;
+    at_secs(&srv, H);
+    srv.dispatch().await;
+    assert_eq!(mode(&srv, "b"), "DISCHARGE");
+
+    // At the end a dispatcher claims the revert and dies before doing it.
+    at_secs(&srv, 2 * H);
+    let claimed = srv
+        .app
+        .store
+        .claim_due(srv.clock_now(), 10, 120 * SEC)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    // While its claim lasts, nobody else takes the work ...
+    assert_eq!(srv.dispatcher().drain().await.unwrap(), 0);
+    assert_eq!(get(&srv, "b", &a.action_id).await.state, St::Active as i32);
+    // ... and once it has lapsed, a new dispatcher (a restarted process
+    // keeps nothing but the database) reverts on time.
+    at_secs(&srv, 2 * H + 121);
+    assert_eq!(srv.dispatcher().drain().await.unwrap(), 1);
+    assert_eq!(
+        get(&srv, "b", &a.action_id).await.state,
+        St::Completed as i32
+    );
+    assert_eq!(mode(&srv, "b"), "AUTO_BALANCED");
+}
+
+#[tokio::test]
+async fn a_window_that_passed_while_down_is_reported_missed() {
+    let srv = TestServer::start().await;
+    sim_device(&srv, "b", &[]).await;
+    let a = pushed(
+        &srv,
+        push(
+            "b",
+            action(Command::Charge, Some(H), Some(2 * H)),
+            S::Unspecified,
+        ),
+    )
+    .await;
+    at_secs(&srv, 3 * H);
+    srv.dispatch().await;
+    let f = get(&srv, "b", &a.action_id).await;
+    assert_eq!(
+        (f.state, f.error_code.as_str()),
+        (St::Failed as i32, "WINDOW_MISSED")
+    );
+    assert_eq!(mode(&srv, "b"), "AUTO_BALANCED", "never applied");
+}
+
+#[tokio::test]
+async fn oem_failures_are_typed_on_the_action() {
+    let srv = TestServer::start().await;
+    for (id, fail, code) in [
+        ("r", "reject", "OEM_REJECTED"),
+        ("o", "offline", "DEVICE_OFFLINE"),
+    ] {
+        sim_device(&srv, id, &[("fail_mode", fail)]).await;
+        let a = pushed(
+            &srv,
+            push(id, action(Command::Charge, None, None), S::Unspecified),
+        )
+        .await;
+        srv.dispatch().await;
+        let f = get(&srv, id, &a.action_id).await;
+        assert_eq!(
+            (f.state, f.error_code.as_str()),
+            (St::Failed as i32, code),
+            "{f:?}"
+        );
+        assert!(
+            f.oem_response.starts_with("simulated:"),
+            "the raw answer is kept: {f:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_retryable_failure_backs_off_then_fails_after_its_tries() {
+    let srv = TestServer::start().await;
+    sim_device(&srv, "u", &[("fail_mode", "unavailable")]).await;
+    let a = pushed(
+        &srv,
+        push("u", action(Command::Charge, None, None), S::Unspecified),
+    )
+    .await;
+    srv.dispatch().await;
+    let r = get(&srv, "u", &a.action_id).await;
+    assert_eq!(r.state, St::Acknowledged as i32, "retried, not failed");
+    // Backing off: nothing is due at the same instant.
+    assert_eq!(srv.dispatcher().drain().await.unwrap(), 0);
+    let mut t = 0;
+    for _ in 0..10 {
+        t += 700;
+        at_secs(&srv, t);
+        srv.dispatch().await;
+    }
+    let f = get(&srv, "u", &a.action_id).await;
+    assert_eq!(
+        (f.state, f.error_code.as_str()),
+        (St::Failed as i32, "OEM_UNAVAILABLE")
+    );
+
+    // The OEM recovers: a new action goes through.
+    set_settings(&srv, "u", &[]).await;
+    let b = pushed(
+        &srv,
+        push("u", action(Command::Idle, None, None), S::Unspecified),
+    )
+    .await;
+    srv.dispatch().await;
+    assert_eq!(
+        get(&srv, "u", &b.action_id).await.state,
+        St::Completed as i32
+    );
+}
+
+#[tokio::test]
+async fn scheduler_active_fails_at_dispatch_and_is_refused_at_push_once_observed() {
+    let srv = TestServer::start().await;
+    sim_device(&srv, "n", &[("native_scheduler_active", "true")]).await;
+    // Not yet observed: the push is accepted, and fails at dispatch.
+    let a = pushed(
+        &srv,
+        push("n", action(Command::Charge, None, None), S::Unspecified),
+    )
+    .await;
+    srv.dispatcher().drain().await.unwrap();
+    let f = get(&srv, "n", &a.action_id).await;
+    assert_eq!(
+        (f.state, f.error_code.as_str()),
+        (St::Failed as i32, "SCHEDULER_ACTIVE")
+    );
+
+    // Now the state is known: a push without CANCEL_AND_REPLACE is refused
+    // up front, with the native rows.
+    for strategy in [S::Unspecified, S::QueueAfter] {
+        let st = srv
+            .actions()
+            .push_action(push(
+                "n",
+                action(Command::Charge, Some(H), Some(2 * H)),
+                strategy,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(st.code(), Code::FailedPrecondition);
+        assert_eq!(details(&st).reason(), "SCHEDULER_ACTIVE");
+        let detail = details(&st).scheduler.expect("SchedulerDetail");
+        assert_eq!(detail.rows.len(), 1);
+        assert_eq!(detail.rows[0].owner, pb::NativeRowOwner::Foreign as i32);
+        assert_eq!(detail.strategies, [S::CancelAndReplace as i32]);
+    }
+    let dev = srv
+        .devices()
+        .get_device(pb::GetDeviceRequest {
+            device_id: "n".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(dev.observed_state.unwrap().scheduler_active);
+}
+
+#[tokio::test]
+async fn cancel_and_replace_authorises_clearing_the_native_scheduler() {
+    let srv = TestServer::start().await;
+    sim_device(&srv, "n", &[("native_scheduler_active", "true")]).await;
+    srv.dispatch().await; // observe: the scheduler is on
+    let a = pushed(
+        &srv,
+        push(
+            "n",
+            action(Command::Charge, Some(H), Some(2 * H)),
+            S::CancelAndReplace,
+        ),
+    )
+    .await;
+    at_secs(&srv, H);
+    srv.dispatch().await;
+    assert_eq!(get(&srv, "n", &a.action_id).await.state, St::Active as i32);
+    assert_eq!(mode(&srv, "n"), "CHARGE");
+    let dev = srv
+        .devices()
+        .get_device(pb::GetDeviceRequest {
+            device_id: "n".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !dev.observed_state.unwrap().scheduler_active,
+        "cleared, and observed so"
+    );
+    // Later pushes are no longer refused up front.
+    pushed(
+        &srv,
+        push(
+            "n",
+            action(Command::Idle, Some(3 * H), Some(4 * H)),
+            S::Unspecified,
+        ),
+    )
+    .await;
+}
