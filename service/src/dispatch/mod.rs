@@ -103,6 +103,29 @@ fn apply_request(a: &Action, clear_native: bool) -> ApplyRequest {
     }
 }
 
+/// What a job came to, and what to observe once it is recorded.
+struct Done {
+    finish: Finish,
+    observe: Option<Observe>,
+}
+
+impl Done {
+    fn just(finish: Finish) -> Self {
+        Self {
+            finish,
+            observe: None,
+        }
+    }
+}
+
+/// A device state to record after a round.
+enum Observe {
+    /// Read it through the driver.
+    Read(TenantId, Device, Arc<dyn Driver>),
+    /// Already known (from a driver error).
+    Known(TenantId, crate::domain::DeviceId, Observed),
+}
+
 impl Dispatcher {
     /// A dispatcher over `store`; `wake` is notified by the API when work
     /// falls due at once.
@@ -154,13 +177,38 @@ impl Dispatcher {
             let permit = sem.clone().acquire_owned().await;
             set.spawn(async move {
                 let _permit = permit;
-                if let Err(e) = this.process(&job).await {
-                    // The claim expires and the work is tried again.
-                    tracing::warn!(action_id = %job.action.id, error = %e, "dispatch failed; will retry");
-                }
+                let done = this.process(&job).await;
+                (job, done)
             });
         }
-        while set.join_next().await.is_some() {}
+        // Outcomes are recorded together: one transaction per round.
+        let mut results = Vec::with_capacity(n);
+        let mut after = Vec::new();
+        while let Some(joined) = set.join_next().await {
+            let Ok((job, done)) = joined else { continue };
+            match done {
+                Ok(Done { finish, observe }) => {
+                    results.push((job, finish));
+                    after.extend(observe);
+                }
+                // The claim expires and the work is tried again.
+                Err(e) => {
+                    tracing::warn!(action_id = %job.action.id, error = %e, "dispatch failed; will retry")
+                }
+            }
+        }
+        self.store.finish_many(results).await?;
+        for o in after {
+            match o {
+                Observe::Read(tenant, device, driver) => {
+                    self.record_observed(&tenant, &device, driver.as_ref())
+                        .await
+                }
+                Observe::Known(tenant, device, o) => {
+                    self.store.observe(&tenant, &device, &o).await?
+                }
+            }
+        }
         Ok(n)
     }
 
@@ -176,7 +224,7 @@ impl Dispatcher {
         }
     }
 
-    async fn process(&self, job: &Job) -> Result<(), Error> {
+    async fn process(&self, job: &Job) -> Result<Done, Error> {
         match job.work {
             Work::Apply => self.apply(job).await,
             Work::Revert => self.revert(job).await,
@@ -202,10 +250,8 @@ impl Dispatcher {
         }
     }
 
-    async fn apply(&self, job: &Job) -> Result<(), Error> {
-        let Some(action) = self.store.begin_apply(job).await? else {
-            return Ok(());
-        };
+    async fn apply(&self, job: &Job) -> Result<Done, Error> {
+        let action = &job.action;
         let now = self.clock.now();
         let fail = |code: &str, message: String, raw: Option<String>| Finish::Failed {
             code: code.to_owned(),
@@ -213,33 +259,25 @@ impl Dispatcher {
             raw,
         };
         if action.end.is_some_and(|end| end <= now) {
-            self.store
-                .finish(
-                    job,
-                    fail(
-                        codes::WINDOW_MISSED,
-                        "the window ended before the action could be applied".into(),
-                        None,
-                    ),
-                )
-                .await?;
-            return Ok(());
+            return Ok(Done::just(fail(
+                codes::WINDOW_MISSED,
+                "the window ended before the action could be applied".into(),
+                None,
+            )));
         }
         let Some(device) = self
             .store
             .device_for(&job.tenant, &action.device_id)
             .await?
         else {
-            return Ok(());
+            return Err(Error::Internal(format!(
+                "device of action {} is gone",
+                action.id
+            )));
         };
         let driver = match self.driver(&device) {
             Ok(d) => d,
-            Err(why) => {
-                self.store
-                    .finish(job, fail(codes::DEVICE_MISCONFIGURED, why, None))
-                    .await?;
-                return Ok(());
-            }
+            Err(why) => return Ok(Done::just(fail(codes::DEVICE_MISCONFIGURED, why, None))),
         };
         if let Err(at) = self.budgets.take(
             &driver.account(),
@@ -247,57 +285,53 @@ impl Dispatcher {
             &driver.capabilities().rate_budget,
             now,
         ) {
-            self.store.finish(job, Finish::Postpone { due: at }).await?;
-            return Ok(());
+            return Ok(Done::just(Finish::Postpone { due: at }));
         }
-        let req = apply_request(&action, job.clear_native);
-        match driver.apply(&req).await {
-            Ok(out) => {
-                self.store
-                    .finish(job, Finish::Applied { raw: out.raw })
-                    .await?;
-                if job.clear_native {
-                    self.record_observed(&job.tenant, &device, driver.as_ref())
-                        .await;
-                }
-            }
+        let req = apply_request(action, job.clear_native);
+        Ok(match driver.apply(&req).await {
+            Ok(out) => Done {
+                finish: Finish::Applied { raw: out.raw },
+                // A cleared native scheduler changes what pushes may do.
+                observe: job
+                    .clear_native
+                    .then(|| Observe::Read(job.tenant.clone(), device.clone(), driver.clone())),
+            },
             Err(e) if e.retryable() && job.attempts + 1 < self.config.max_apply_attempts => {
                 let wait = self
                     .backoff(job.attempts)
                     .max(e.retry_after.map_or(0, |d| d.as_nanos() as i64));
-                self.store
-                    .finish(
-                        job,
-                        Finish::Retry {
-                            due: self.clock.now().plus_nanos(wait),
-                            message: e.message.clone(),
-                            raw: e.raw.clone(),
-                        },
-                    )
-                    .await?;
+                Done::just(Finish::Retry {
+                    due: self.clock.now().plus_nanos(wait),
+                    message: e.message.clone(),
+                    raw: e.raw.clone(),
+                })
             }
             Err(e) => {
                 tracing::info!(action_id = %action.id, code = e.code(), error = %e, "action failed at dispatch");
-                self.store
-                    .finish(job, fail(e.code(), e.message.clone(), e.raw.clone()))
-                    .await?;
-                if e.kind == switchyard_drivers::ErrorKind::SchedulerActive {
-                    // Later pushes are refused up front until it is cleared.
-                    let o = Observed {
-                        scheduler_active: true,
-                        rows: e.rows.clone(),
-                        soc_percent: device.observed.as_ref().and_then(|o| o.soc_percent),
-                        mode: device.observed.as_ref().and_then(|o| o.mode.clone()),
-                        at: self.clock.now(),
-                    };
-                    self.store.observe(&job.tenant, &device.id, &o).await?;
+                let observe =
+                    (e.kind == switchyard_drivers::ErrorKind::SchedulerActive).then(|| {
+                        // Later pushes are refused up front until it is cleared.
+                        Observe::Known(
+                            job.tenant.clone(),
+                            device.id.clone(),
+                            Observed {
+                                scheduler_active: true,
+                                rows: e.rows.clone(),
+                                soc_percent: device.observed.as_ref().and_then(|o| o.soc_percent),
+                                mode: device.observed.as_ref().and_then(|o| o.mode.clone()),
+                                at: self.clock.now(),
+                            },
+                        )
+                    });
+                Done {
+                    finish: fail(e.code(), e.message.clone(), e.raw.clone()),
+                    observe,
                 }
             }
-        }
-        Ok(())
+        })
     }
 
-    async fn revert(&self, job: &Job) -> Result<(), Error> {
+    async fn revert(&self, job: &Job) -> Result<Done, Error> {
         let now = self.clock.now();
         let action = &job.action;
         let retry_or_fail = |message: String, raw: Option<String>, retry_after: i64| {
@@ -324,14 +358,14 @@ impl Dispatcher {
             .device_for(&job.tenant, &action.device_id)
             .await?
         else {
-            return Ok(());
+            return Err(Error::Internal(format!(
+                "device of action {} is gone",
+                action.id
+            )));
         };
         let driver = match self.driver(&device) {
             Ok(d) => d,
-            Err(why) => {
-                self.store.finish(job, retry_or_fail(why, None, 0)).await?;
-                return Ok(());
-            }
+            Err(why) => return Ok(Done::just(retry_or_fail(why, None, 0))),
         };
         if let Err(at) = self.budgets.take(
             &driver.account(),
@@ -339,8 +373,7 @@ impl Dispatcher {
             &driver.capabilities().rate_budget,
             now,
         ) {
-            self.store.finish(job, Finish::Postpone { due: at }).await?;
-            return Ok(());
+            return Ok(Done::just(Finish::Postpone { due: at }));
         }
         let req = RevertRequest {
             applied: apply_request(action, job.clear_native),
@@ -353,8 +386,7 @@ impl Dispatcher {
                 e.retry_after.map_or(0, |d| d.as_nanos() as i64),
             ),
         };
-        self.store.finish(job, result).await?;
-        Ok(())
+        Ok(Done::just(result))
     }
 
     /// Reads the state of devices not observed for a while (all of them

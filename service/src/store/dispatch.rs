@@ -86,27 +86,56 @@ fn work_of(s: &str) -> Option<Work> {
 
 impl Store {
     /// Claims up to `limit` actions whose work is due at `now`, for
-    /// `lease_nanos`.
+    /// `lease_nanos`, in one transaction; SCHEDULED actions due to be
+    /// applied become ACKNOWLEDGED (in flight, no longer cancellable) in the
+    /// same transaction.
     pub async fn claim_due(
         &self,
         now: Ts,
         limit: u32,
         lease_nanos: i64,
     ) -> Result<Vec<Job>, Error> {
-        let rs = sqlx::query(
-            "UPDATE actions SET lease_until_ns = ?1
+        let owner = uuid::Uuid::now_v7().to_string();
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "UPDATE actions SET lease_until_ns = ?1, lease_owner = ?2
              WHERE action_id IN (
                SELECT action_id FROM actions
-               WHERE work != 'NONE' AND due_ns <= ?2 AND (lease_until_ns IS NULL OR lease_until_ns <= ?2)
-               ORDER BY due_ns LIMIT ?3)
-             RETURNING *",
+               WHERE work != 'NONE' AND due_ns <= ?3 AND (lease_until_ns IS NULL OR lease_until_ns <= ?3)
+               ORDER BY due_ns LIMIT ?4)",
         )
         .bind(now.0 + lease_nanos)
+        .bind(&owner)
         .bind(now.0)
         .bind(i64::from(limit))
-        .fetch_all(&self.write)
+        .execute(&mut *tx)
         .await
         .map_err(db_err)?;
+        sqlx::query(
+            "INSERT INTO audit_log (tenant_id, device_id, action_id, from_state, to_state, reason, request_id, at_ns)
+             SELECT tenant_id, device_id, action_id, 'SCHEDULED', 'ACKNOWLEDGED', 'DISPATCHED', NULL, ?1
+             FROM actions WHERE lease_owner = ?2 AND state = 'SCHEDULED' AND work = 'APPLY'",
+        )
+        .bind(now.0)
+        .bind(&owner)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        sqlx::query(
+            "UPDATE actions SET state = 'ACKNOWLEDGED', revision = revision + 1, update_ns = ?1
+             WHERE lease_owner = ?2 AND state = 'SCHEDULED' AND work = 'APPLY'",
+        )
+        .bind(now.0)
+        .bind(&owner)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let rs = sqlx::query("SELECT * FROM actions WHERE lease_owner = ? ORDER BY due_ns")
+            .bind(&owner)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
         rs.iter()
             .map(|r| {
                 let work: String = r.get("work");
@@ -132,54 +161,33 @@ impl Store {
         Ok(due.map(Ts))
     }
 
-    /// SCHEDULED → ACKNOWLEDGED before a job's command is sent: from here
-    /// the action is in flight and can no longer be cancelled. Returns the
-    /// action as it now is; `None` if it is no longer owed an apply.
-    pub async fn begin_apply(&self, job: &Job) -> Result<Option<Action>, Error> {
-        let mut tx = self.begin().await?;
-        let now = self.clock.now();
-        let Some(mut a) =
-            rows::fetch_action(&mut *tx, &job.tenant, &job.action.device_id, &job.action.id)
-                .await?
-        else {
-            return Ok(None);
-        };
-        let work: String = sqlx::query_scalar("SELECT work FROM actions WHERE action_id = ?")
-            .bind(a.id.to_string())
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        if work_of(&work) != Some(Work::Apply) {
-            return Ok(None);
-        }
-        if a.state == ActionState::Scheduled {
-            a.state = ActionState::Acknowledged;
-            a.revision += 1;
-            a.updated = now;
-            rows::update_action_state(&mut tx, &job.tenant, &a).await?;
-            rows::audit(
-                &mut tx,
-                &job.tenant,
-                &Transition {
-                    action_id: a.id,
-                    device_id: a.device_id.clone(),
-                    from: Some(ActionState::Scheduled),
-                    to: ActionState::Acknowledged,
-                    reason: "DISPATCHED".into(),
-                },
-                None,
-                now,
-            )
-            .await?;
-            tx.commit().await.map_err(db_err)?;
-        }
-        Ok(Some(a))
+    /// Records what came of a job.
+    pub async fn finish(&self, job: &Job, result: Finish) -> Result<(), Error> {
+        self.finish_many(vec![(job.clone(), result)]).await
     }
 
-    /// Records what came of a job.
-    pub async fn finish(&self, job: &Job, result: Finish) -> Result<Action, Error> {
+    /// Records what came of several jobs, in one transaction.
+    pub async fn finish_many(&self, results: Vec<(Job, Finish)>) -> Result<(), Error> {
+        if results.is_empty() {
+            return Ok(());
+        }
         let mut tx = self.begin().await?;
         let now = self.clock.now();
+        for (job, result) in results {
+            finish_one(&mut tx, &job, result, now).await?;
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(())
+    }
+}
+
+async fn finish_one(
+    tx: &mut sqlx::SqliteConnection,
+    job: &Job,
+    result: Finish,
+    now: Ts,
+) -> Result<(), Error> {
+    {
         let mut a =
             rows::fetch_action(&mut *tx, &job.tenant, &job.action.device_id, &job.action.id)
                 .await?
@@ -263,8 +271,8 @@ impl Store {
         a.state = to;
         a.revision += 1;
         a.updated = now;
-        rows::update_action_state(&mut tx, &job.tenant, &a).await?;
-        rows::set_work(&mut tx, &job.tenant, &a.id, work, due, attempts).await?;
+        rows::update_action_state(tx, &job.tenant, &a).await?;
+        rows::set_work(tx, &job.tenant, &a.id, work, due, attempts).await?;
         sqlx::query("UPDATE actions SET oem_raw = COALESCE(?, oem_raw) WHERE action_id = ?")
             .bind(raw)
             .bind(a.id.to_string())
@@ -273,7 +281,7 @@ impl Store {
             .map_err(db_err)?;
         if to != from {
             rows::audit(
-                &mut tx,
+                tx,
                 &job.tenant,
                 &Transition {
                     action_id: a.id,
@@ -287,10 +295,11 @@ impl Store {
             )
             .await?;
         }
-        tx.commit().await.map_err(db_err)?;
-        Ok(a)
+        Ok(())
     }
+}
 
+impl Store {
     /// The OEM's last raw answer for an action.
     pub async fn oem_raw(
         &self,

@@ -93,12 +93,14 @@ CREATE INDEX idempotency_by_expiry ON idempotency_keys (expire_ns);
 ALTER TABLE actions ADD COLUMN work TEXT NOT NULL DEFAULT 'NONE';
 ALTER TABLE actions ADD COLUMN due_ns INTEGER;
 ALTER TABLE actions ADD COLUMN lease_until_ns INTEGER;
+ALTER TABLE actions ADD COLUMN lease_owner TEXT;
 ALTER TABLE actions ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE actions ADD COLUMN clear_native INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE actions ADD COLUMN oem_raw TEXT;
 UPDATE actions SET work = 'APPLY', due_ns = start_ns WHERE state IN ('SCHEDULED', 'ACKNOWLEDGED');
 UPDATE actions SET work = 'REVERT', due_ns = end_ns WHERE state = 'ACTIVE' AND end_ns IS NOT NULL;
 CREATE INDEX actions_due ON actions (work, due_ns);
+CREATE INDEX actions_lease ON actions (lease_owner);
 
 -- The device's state as its driver last observed it (JSON), and when.
 ALTER TABLE devices ADD COLUMN observed TEXT;

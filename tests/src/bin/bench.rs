@@ -57,6 +57,20 @@ enum Cmd {
         #[arg(long)]
         server_bin: Option<std::path::PathBuf>,
     },
+    /// N windowed actions on N simulated devices (latency 0), all due in
+    /// the same second: how late does the dispatcher apply them?
+    Dispatch {
+        /// Number of actions (and devices).
+        #[arg(long, default_value_t = 10_000)]
+        n: usize,
+        /// Concurrent clients for the set-up pushes.
+        #[arg(long, default_value_t = 32)]
+        c: usize,
+        /// The switchyard binary to spawn (default: `switchyard` next to
+        /// this binary).
+        #[arg(long)]
+        server_bin: Option<std::path::PathBuf>,
+    },
 }
 
 struct Server {
@@ -82,6 +96,10 @@ fn free_port() -> u16 {
 }
 
 async fn start_server(bin: Option<std::path::PathBuf>) -> Server {
+    start_server_in(bin, tempfile::tempdir().expect("tempdir")).await
+}
+
+async fn start_server_in(bin: Option<std::path::PathBuf>, dir: tempfile::TempDir) -> Server {
     let bin = bin.unwrap_or_else(|| {
         std::env::current_exe()
             .expect("own path")
@@ -92,7 +110,6 @@ async fn start_server(bin: Option<std::path::PathBuf>) -> Server {
         "{} not found: build it with `cargo build --release -p switchyard`",
         bin.display()
     );
-    let dir = tempfile::tempdir().expect("tempdir");
     let addr = format!("127.0.0.1:{}", free_port());
     let db = format!("sqlite://{}", dir.path().join("bench.db").display());
     let child = Proc::new(&bin)
@@ -336,6 +353,157 @@ async fn baseline(n: usize, c: usize) -> (f64, Vec<Duration>) {
     (rate, lat)
 }
 
+/// Runs `f(i)` for i in 0..n from `c` concurrent workers.
+async fn fan_out<F, Fut>(n: usize, c: usize, f: F)
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..c {
+        let next = next.clone();
+        let f = f.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                f(i).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("worker");
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
+}
+
+async fn bench_dispatch(n: usize, c: usize, bin: Option<std::path::PathBuf>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db_path = dir.path().join("bench.db");
+    let server = start_server_in(bin, dir).await;
+    let pid = server.child.as_ref().map(Child::id);
+    let mut channels = Vec::new();
+    for _ in 0..c {
+        channels.push(connect(&server.addr).await.expect("connect"));
+    }
+    let channels = Arc::new(channels);
+    let t = Instant::now();
+    let chs = channels.clone();
+    fan_out(n, c, move |i| {
+        let ch = chs[i % chs.len()].clone();
+        async move {
+            DeviceServiceClient::new(ch)
+                .create_device(pb::CreateDeviceRequest {
+                    device_id: format!("d{i}"),
+                    device: Some(pb::Device {
+                        family: pb::DeviceFamily::Battery as i32,
+                        driver: "simulated".into(),
+                        settings: [("latency_ms".to_owned(), "0".to_owned())]
+                            .into_iter()
+                            .collect(),
+                        ..Default::default()
+                    }),
+                    request_id: String::new(),
+                })
+                .await
+                .expect("create device");
+        }
+    })
+    .await;
+    let create_secs = t.elapsed().as_secs_f64();
+    // All due in the same second, far enough ahead for the pushes.
+    let due = unix_now() + 15 + (create_secs * 3.0) as i64;
+    let t = Instant::now();
+    let chs = channels.clone();
+    fan_out(n, c, move |i| {
+        let ch = chs[i % chs.len()].clone();
+        async move {
+            ActionServiceClient::new(ch)
+                .push_action(pb::PushActionRequest {
+                    device_id: format!("d{i}"),
+                    action: Some(pb::Action {
+                        command: pb::Command::Charge as i32,
+                        start_time: Some(prost_types::Timestamp {
+                            seconds: due,
+                            nanos: 0,
+                        }),
+                        end_time: Some(prost_types::Timestamp {
+                            seconds: due + 3600,
+                            nanos: 0,
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .expect("push");
+        }
+    })
+    .await;
+    let push_secs = t.elapsed().as_secs_f64();
+    assert!(
+        unix_now() < due,
+        "set-up took longer than planned ({create_secs:.0} s + {push_secs:.0} s)"
+    );
+    // Wait until every action is ACTIVE (bounded).
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let url = format!("sqlite://{}?mode=ro", db_path.display());
+    let ro = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(SqliteConnectOptions::from_str(&url).expect("url"))
+        .await
+        .expect("open db read-only");
+    loop {
+        let active: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM actions WHERE state = 'ACTIVE'")
+            .fetch_one(&ro)
+            .await
+            .expect("count");
+        if active as usize >= n {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {active} of {n} actions applied after 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rss = pid.and_then(peak_rss_kib);
+    let rows: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT a.start_ns, l.at_ns FROM audit_log l JOIN actions a ON a.action_id = l.action_id
+         WHERE l.to_state = 'ACTIVE'",
+    )
+    .fetch_all(&ro)
+    .await
+    .expect("audit");
+    let mut late: Vec<Duration> = rows
+        .iter()
+        .map(|(start, at)| Duration::from_nanos((at - start).max(0) as u64))
+        .collect();
+    late.sort();
+    println!(
+        "switchyard dispatch storm: {n} actions on {n} simulated devices (latency 0), all due in the same second"
+    );
+    println!("  set-up: {n} devices in {create_secs:.1} s, {n} pushes in {push_secs:.1} s");
+    println!(
+        "  lateness (applied - due): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        ms(pct(&late, 0.5)),
+        ms(pct(&late, 0.99)),
+        ms(pct(&late, 1.0))
+    );
+    if let Some(kib) = rss {
+        println!("  server peak RSS {:.1} MiB", kib as f64 / 1024.0);
+    }
+}
+
 #[tokio::main]
 async fn main() {
     match Cli::parse().cmd {
@@ -346,5 +514,6 @@ async fn main() {
             addr,
             server_bin,
         } => bench_push(n, c, devices.max(1), addr, server_bin).await,
+        Cmd::Dispatch { n, c, server_bin } => bench_dispatch(n.max(1), c.max(1), server_bin).await,
     }
 }
