@@ -6,6 +6,7 @@
 //! its domain on the vocabulary defined here.
 
 pub mod driver;
+pub mod foxess;
 pub mod model;
 pub mod registry;
 pub mod simulated;

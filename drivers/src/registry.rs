@@ -97,6 +97,7 @@ impl Registry {
     pub fn builtin() -> Self {
         let mut r = Self::new();
         r.register(Arc::new(crate::simulated::SimulatedFactory::default()));
+        r.register(Arc::new(crate::foxess::FoxessFactory::default()));
         r
     }
 

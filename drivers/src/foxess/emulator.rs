@@ -1,0 +1,697 @@
+//! A FoxESS Open API emulator: the scheduler endpoints with the cloud's
+//! rules and quirks, for tests, the conformance suite and demos.
+//!
+//! Enforced: the signature headers (errno 40256), a daily call budget per
+//! API key and a minimum spacing between writes per device (errno 40400),
+//! group invariants (errno 40257: fields exactly the nine of a group,
+//! minute times, end after start so no midnight crossing, `fdSoc` ≥ 11,
+//! `minSocOnGrid` ≤ `fdSoc`, 0 < `fdPwr` ≤ the maximum, the slot count),
+//! overlaps between enabled groups (errno 42023), whole-list replace.
+//! Quirks: reads return groups re-ordered and with extra `id`/`properties`
+//! fields, padded with `Invalid` slots. Knobs on [`EmulatorHandle`] seed
+//! groups and the flag, inject HTTP failures, errnos and latency, and
+//! change the limits at run time.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::{net::TcpListener, task::JoinHandle};
+
+use super::wire::{
+    ERRNO_AUTH, ERRNO_BAD_PARAMS, ERRNO_OK, ERRNO_OVERLAP, ERRNO_RATE_LIMITED,
+    ERRNO_UNKNOWN_DEVICE, GROUP_FIELDS, Group, PATH_GET, PATH_GET_FLAG, PATH_SET, PATH_SET_FLAG,
+    WorkMode, signature,
+};
+
+/// How reads order the groups (the real cloud may reorder after a write).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadOrder {
+    /// As last written.
+    AsWritten,
+    /// Reversed.
+    Reversed,
+    /// Sorted by work mode name, then start time.
+    ByMode,
+}
+
+/// The emulator's start-up configuration.
+#[derive(Clone, Debug)]
+pub struct EmulatorConfig {
+    /// Where to listen; port 0 picks a free one.
+    pub listen: SocketAddr,
+    /// The one API key accepted.
+    pub api_key: String,
+    /// Known inverter serials (deviceSN).
+    pub devices: Vec<String>,
+    /// Slots per device.
+    pub max_slots: usize,
+    /// Largest `fdPwr`, W.
+    pub max_power_w: i64,
+    /// Calls accepted per API key in any 24 h.
+    pub calls_per_day: usize,
+    /// Minimum time between two writes to one device.
+    pub min_write_interval: Duration,
+    /// Order of groups on read.
+    pub read_order: ReadOrder,
+    /// Whether reads pad the list with `Invalid` slots up to `max_slots`.
+    pub pad_with_invalid: bool,
+}
+
+impl EmulatorConfig {
+    /// Defaults like the real cloud: 127.0.0.1 on a free port, 8 slots,
+    /// 6000 W, 1,440 calls a day, 5 s between writes, reads reversed and
+    /// padded.
+    pub fn new(api_key: impl Into<String>, devices: &[&str]) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            api_key: api_key.into(),
+            devices: devices.iter().map(|d| (*d).to_owned()).collect(),
+            max_slots: 8,
+            max_power_w: 6000,
+            calls_per_day: 1440,
+            min_write_interval: Duration::from_secs(5),
+            read_order: ReadOrder::Reversed,
+            pad_with_invalid: true,
+        }
+    }
+}
+
+/// One call the emulator answered (for tests).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CallRecord {
+    /// Request path.
+    pub path: String,
+    /// HTTP status sent.
+    pub status: u16,
+    /// errno sent (None for a non-JSON failure).
+    pub errno: Option<i64>,
+    /// The deviceSN of the body, if any.
+    pub device: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+enum Fault {
+    Status(u16),
+    Errno(i64, String),
+    Body(String),
+}
+
+#[derive(Clone, Debug, Default)]
+struct Inverter {
+    flag: bool,
+    support: bool,
+    groups: Vec<Group>,
+    last_write: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct State {
+    config: EmulatorConfig,
+    devices: HashMap<String, Inverter>,
+    calls: VecDeque<Instant>,
+    faults: VecDeque<Fault>,
+    latency: Duration,
+    ignore_writes: bool,
+    log: Vec<CallRecord>,
+}
+
+/// A running emulator. Dropping it stops accepting connections.
+#[derive(Debug)]
+pub struct EmulatorHandle {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for EmulatorHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The emulator.
+#[derive(Debug)]
+pub struct Emulator;
+
+impl Emulator {
+    /// Binds and serves in the background on the current tokio runtime.
+    pub async fn start(config: EmulatorConfig) -> std::io::Result<EmulatorHandle> {
+        let listener = TcpListener::bind(config.listen).await?;
+        let addr = listener.local_addr()?;
+        let devices = config
+            .devices
+            .iter()
+            .map(|sn| {
+                (
+                    sn.clone(),
+                    Inverter {
+                        support: true,
+                        ..Inverter::default()
+                    },
+                )
+            })
+            .collect();
+        let state = Arc::new(Mutex::new(State {
+            config,
+            devices,
+            calls: VecDeque::new(),
+            faults: VecDeque::new(),
+            latency: Duration::ZERO,
+            ignore_writes: false,
+            log: Vec::new(),
+        }));
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    // Out of file descriptors and the like: back off, retry.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| handle(st.clone(), req));
+                    // A client hanging up mid-request is not our problem.
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Ok(EmulatorHandle { addr, state, task })
+    }
+}
+
+impl EmulatorHandle {
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// The address served.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`, for a device's `base_url`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Adds an inverter (no groups, flag off).
+    pub fn add_device(&self, sn: &str) {
+        self.state()
+            .devices
+            .entry(sn.to_owned())
+            .or_insert(Inverter {
+                support: true,
+                ..Inverter::default()
+            });
+    }
+
+    /// Replaces a device's groups without any validation (seed foreign,
+    /// Backup, disabled or overlapping groups).
+    pub fn seed_groups(&self, sn: &str, groups: Vec<Group>) {
+        self.add_device(sn);
+        if let Some(d) = self.state().devices.get_mut(sn) {
+            d.groups = groups;
+        }
+    }
+
+    /// A device's groups in stored (written) order, without extra fields.
+    pub fn groups(&self, sn: &str) -> Vec<Group> {
+        self.state()
+            .devices
+            .get(sn)
+            .map(|d| d.groups.clone())
+            .unwrap_or_default()
+    }
+
+    /// Sets a device's scheduler flag.
+    pub fn set_flag(&self, sn: &str, on: bool) {
+        self.add_device(sn);
+        if let Some(d) = self.state().devices.get_mut(sn) {
+            d.flag = on;
+        }
+    }
+
+    /// A device's scheduler flag.
+    pub fn flag(&self, sn: &str) -> bool {
+        self.state().devices.get(sn).is_some_and(|d| d.flag)
+    }
+
+    /// Whether `get/flag` reports scheduler support.
+    pub fn set_support(&self, sn: &str, support: bool) {
+        self.add_device(sn);
+        if let Some(d) = self.state().devices.get_mut(sn) {
+            d.support = support;
+        }
+    }
+
+    /// The next `n` calls fail with HTTP `status` (e.g. 502, 503) and an
+    /// HTML body, before any other check.
+    pub fn fail_next_status(&self, n: usize, status: u16) {
+        let mut s = self.state();
+        s.faults
+            .extend(std::iter::repeat_n(Fault::Status(status), n));
+    }
+
+    /// Drops every injected fault not yet served.
+    pub fn clear_faults(&self) {
+        self.state().faults.clear();
+    }
+
+    /// The next `n` calls answer HTTP 200 with `errno` and `msg`.
+    pub fn fail_next_errno(&self, n: usize, errno: i64, msg: &str) {
+        let mut s = self.state();
+        s.faults
+            .extend(std::iter::repeat_n(Fault::Errno(errno, msg.to_owned()), n));
+    }
+
+    /// The next `n` calls answer HTTP 200 with `body` verbatim (e.g. a
+    /// maintenance page instead of the JSON envelope).
+    pub fn fail_next_body(&self, n: usize, body: &str) {
+        let mut s = self.state();
+        s.faults
+            .extend(std::iter::repeat_n(Fault::Body(body.to_owned()), n));
+    }
+
+    /// Delay before every answer.
+    pub fn set_latency(&self, d: Duration) {
+        self.state().latency = d;
+    }
+
+    /// Calls accepted per API key in any 24 h (resets nothing).
+    pub fn set_calls_per_day(&self, n: usize) {
+        self.state().config.calls_per_day = n;
+    }
+
+    /// Forgets the calls counted so far.
+    pub fn reset_budget(&self) {
+        self.state().calls.clear();
+    }
+
+    /// Minimum time between two writes to one device.
+    pub fn set_min_write_interval(&self, d: Duration) {
+        self.state().config.min_write_interval = d;
+    }
+
+    /// Order of groups on read.
+    pub fn set_read_order(&self, o: ReadOrder) {
+        self.state().config.read_order = o;
+    }
+
+    /// Whether reads pad with `Invalid` slots.
+    pub fn set_pad_with_invalid(&self, on: bool) {
+        self.state().config.pad_with_invalid = on;
+    }
+
+    /// Slots per device.
+    pub fn set_max_slots(&self, n: usize) {
+        self.state().config.max_slots = n;
+    }
+
+    /// Largest `fdPwr`.
+    pub fn set_max_power_w(&self, w: i64) {
+        self.state().config.max_power_w = w;
+    }
+
+    /// Accept writes with errno 0 but do not apply them (the "success that
+    /// is never applied" failure).
+    pub fn set_ignore_writes(&self, on: bool) {
+        self.state().ignore_writes = on;
+    }
+
+    /// Every call answered so far.
+    pub fn calls(&self) -> Vec<CallRecord> {
+        self.state().log.clone()
+    }
+
+    /// Calls to `path` answered with errno 0.
+    pub fn successful_calls(&self, path: &str) -> usize {
+        self.state()
+            .log
+            .iter()
+            .filter(|c| c.path == path && c.errno == Some(ERRNO_OK))
+            .count()
+    }
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    // The state is plain data updated in small steps: a panic in another
+    // handler cannot leave it torn, so keep serving.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn json_response(errno: i64, msg: &str, result: Value) -> Response<Full<Bytes>> {
+    let body = json!({ "errno": errno, "msg": msg, "result": result }).to_string();
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn status_response(status: u16) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(format!(
+        "<html><body><h1>{status}</h1>emulated gateway failure</body></html>"
+    ))));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    r
+}
+
+async fn handle(
+    state: Arc<Mutex<State>>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let latency = lock(&state).latency;
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_owned();
+    let body = Limited::new(body, 1 << 20)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let parsed: Option<Value> = serde_json::from_slice(&body).ok();
+    let device = parsed
+        .as_ref()
+        .and_then(|v| v.get("deviceSN"))
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let mut st = lock(&state);
+    let (resp, errno) = answer(&mut st, &parts, &path, parsed, device.as_deref());
+    st.log.push(CallRecord {
+        path,
+        status: resp.status().as_u16(),
+        errno,
+        device,
+    });
+    Ok(resp)
+}
+
+fn header_str<'a>(parts: &'a hyper::http::request::Parts, name: &str) -> Option<&'a str> {
+    parts.headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Answers one call; returns the response and the errno sent.
+fn answer(
+    st: &mut State,
+    parts: &hyper::http::request::Parts,
+    path: &str,
+    body: Option<Value>,
+    sn: Option<&str>,
+) -> (Response<Full<Bytes>>, Option<i64>) {
+    let reply =
+        |errno: i64, msg: &str, result: Value| (json_response(errno, msg, result), Some(errno));
+    if let Some(f) = st.faults.pop_front() {
+        return match f {
+            Fault::Status(code) => (status_response(code), None),
+            Fault::Errno(n, msg) => reply(n, &msg, Value::Null),
+            Fault::Body(b) => (Response::new(Full::new(Bytes::from(b))), None),
+        };
+    }
+    if parts.method != Method::POST {
+        let mut r = status_response(405);
+        *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+        return (r, None);
+    }
+    if ![PATH_GET_FLAG, PATH_SET_FLAG, PATH_GET, PATH_SET].contains(&path) {
+        let mut r = status_response(404);
+        *r.status_mut() = StatusCode::NOT_FOUND;
+        return (r, None);
+    }
+    // Authentication: token, timestamp (ms), lang, and the signature over
+    // the path with literal "\r\n" separators.
+    let token = header_str(parts, "token");
+    let ts = header_str(parts, "timestamp").and_then(|t| t.parse::<i64>().ok());
+    let sig = header_str(parts, "signature");
+    let authentic = match (token, ts, sig, header_str(parts, "lang")) {
+        (Some(token), Some(ts), Some(sig), Some(_)) => {
+            token == st.config.api_key && sig == signature(path, token, ts)
+        }
+        _ => false,
+    };
+    if !authentic {
+        return reply(ERRNO_AUTH, "illegal signature", Value::Null);
+    }
+    // Daily budget per key (one key here), over a sliding 24 h.
+    let now = Instant::now();
+    while st
+        .calls
+        .front()
+        .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(86_400))
+    {
+        st.calls.pop_front();
+    }
+    if st.calls.len() >= st.config.calls_per_day {
+        return reply(
+            ERRNO_RATE_LIMITED,
+            "The number of requests is too frequent, please try again later",
+            Value::Null,
+        );
+    }
+    st.calls.push_back(now);
+    let Some(body) = body.filter(Value::is_object) else {
+        return reply(
+            ERRNO_BAD_PARAMS,
+            "parameters do not meet expectations",
+            Value::Null,
+        );
+    };
+    let Some(sn) = sn else {
+        return reply(
+            ERRNO_BAD_PARAMS,
+            "parameters do not meet expectations",
+            Value::Null,
+        );
+    };
+    let config = st.config.clone();
+    let ignore_writes = st.ignore_writes;
+    let Some(dev) = st.devices.get_mut(sn) else {
+        return reply(ERRNO_UNKNOWN_DEVICE, "device not found", Value::Null);
+    };
+    let is_write = path == PATH_SET_FLAG || path == PATH_SET;
+    if is_write {
+        if dev
+            .last_write
+            .is_some_and(|t| now.duration_since(t) < config.min_write_interval)
+        {
+            return reply(
+                ERRNO_RATE_LIMITED,
+                "The number of requests is too frequent, please try again later",
+                Value::Null,
+            );
+        }
+        dev.last_write = Some(now);
+    }
+    match path {
+        PATH_GET_FLAG => reply(
+            ERRNO_OK,
+            "success",
+            json!({ "enable": i64::from(dev.flag), "support": dev.support }),
+        ),
+        PATH_SET_FLAG => match body.get("enable").and_then(Value::as_i64) {
+            Some(e @ (0 | 1)) => {
+                if !ignore_writes {
+                    dev.flag = e == 1;
+                }
+                reply(ERRNO_OK, "success", Value::Null)
+            }
+            _ => reply(
+                ERRNO_BAD_PARAMS,
+                "parameters do not meet expectations",
+                Value::Null,
+            ),
+        },
+        PATH_GET => reply(
+            ERRNO_OK,
+            "success",
+            json!({ "enable": i64::from(dev.flag), "groups": read_view(sn, dev, &config) }),
+        ),
+        _ => match validate_write(&body, &config) {
+            Ok(groups) => {
+                if !ignore_writes {
+                    dev.groups = groups;
+                }
+                reply(ERRNO_OK, "success", Value::Null)
+            }
+            Err(errno) => reply(
+                errno,
+                if errno == ERRNO_OVERLAP {
+                    "time overlap"
+                } else {
+                    "parameters do not meet expectations"
+                },
+                Value::Null,
+            ),
+        },
+    }
+}
+
+/// The groups as a read returns them: reordered, with `id` and
+/// `properties`, padded with `Invalid` slots.
+fn read_view(sn: &str, dev: &Inverter, config: &EmulatorConfig) -> Vec<Value> {
+    let mut indexed: Vec<(usize, &Group)> = dev.groups.iter().enumerate().collect();
+    match config.read_order {
+        ReadOrder::AsWritten => {}
+        ReadOrder::Reversed => indexed.reverse(),
+        ReadOrder::ByMode => indexed.sort_by(|a, b| {
+            (a.1.work_mode.as_str(), a.1.start_min())
+                .cmp(&(b.1.work_mode.as_str(), b.1.start_min()))
+        }),
+    }
+    let mut out: Vec<Value> = indexed
+        .into_iter()
+        .map(|(i, g)| {
+            let mut v = serde_json::to_value(g).unwrap_or(Value::Null);
+            if let Some(o) = v.as_object_mut() {
+                o.insert("id".into(), json!(format!("{sn}-{i}")));
+                o.insert(
+                    "properties".into(),
+                    json!({ "fdPwr": { "unit": "W", "range": { "min": 0, "max": config.max_power_w } } }),
+                );
+            }
+            v
+        })
+        .collect();
+    if config.pad_with_invalid {
+        while out.len() < config.max_slots {
+            out.push(json!({
+                "enable": 0, "startHour": 0, "startMinute": 0, "endHour": 0, "endMinute": 0,
+                "workMode": WorkMode::Invalid.as_str(), "minSocOnGrid": 10, "fdSoc": 10,
+                "fdPwr": 0, "id": format!("{sn}-{}", out.len()), "properties": {}
+            }));
+        }
+    }
+    out
+}
+
+/// Checks a `scheduler/enable` body the way the cloud does; `Err` is the
+/// errno.
+fn validate_write(body: &Value, config: &EmulatorConfig) -> Result<Vec<Group>, i64> {
+    let obj = body.as_object().ok_or(ERRNO_BAD_PARAMS)?;
+    if obj.keys().any(|k| k != "deviceSN" && k != "groups") {
+        return Err(ERRNO_BAD_PARAMS);
+    }
+    let list = obj
+        .get("groups")
+        .and_then(Value::as_array)
+        .ok_or(ERRNO_BAD_PARAMS)?;
+    if list.len() > config.max_slots {
+        return Err(ERRNO_BAD_PARAMS);
+    }
+    let mut groups = Vec::with_capacity(list.len());
+    for v in list {
+        let fields = v.as_object().ok_or(ERRNO_BAD_PARAMS)?;
+        // Exactly the nine fields: `id`, `properties` or anything else
+        // copied from a read is refused.
+        if fields.len() != GROUP_FIELDS.len()
+            || !GROUP_FIELDS.iter().all(|f| fields.contains_key(*f))
+        {
+            return Err(ERRNO_BAD_PARAMS);
+        }
+        let g: Group = serde_json::from_value(v.clone()).map_err(|_| ERRNO_BAD_PARAMS)?;
+        let mode = g.mode().ok_or(ERRNO_BAD_PARAMS)?;
+        if mode != WorkMode::Invalid {
+            let ok = matches!(g.enable, 0 | 1)
+                && (0..=23).contains(&g.start_hour)
+                && (0..=23).contains(&g.end_hour)
+                && (0..=59).contains(&g.start_minute)
+                && (0..=59).contains(&g.end_minute)
+                // End strictly after start: this also refuses a group
+                // crossing midnight (22:00-06:00).
+                && g.end_min() > g.start_min()
+                && (11..=100).contains(&g.fd_soc)
+                && (0..=100).contains(&g.min_soc_on_grid)
+                && g.min_soc_on_grid <= g.fd_soc
+                && g.fd_pwr > 0
+                && g.fd_pwr <= config.max_power_w;
+            if !ok {
+                return Err(ERRNO_BAD_PARAMS);
+            }
+        }
+        groups.push(g);
+    }
+    let active: Vec<&Group> = groups.iter().filter(|g| g.is_active()).collect();
+    for (i, a) in active.iter().enumerate() {
+        if active[i + 1..].iter().any(|b| a.overlaps(b)) {
+            return Err(ERRNO_OVERLAP);
+        }
+    }
+    Ok(groups)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(sh: i64, eh: i64) -> Value {
+        json!({
+            "enable": 1, "startHour": sh, "startMinute": 0, "endHour": eh, "endMinute": 0,
+            "workMode": "SelfUse", "minSocOnGrid": 10, "fdSoc": 20, "fdPwr": 1000
+        })
+    }
+
+    fn write(groups: Vec<Value>) -> Result<Vec<Group>, i64> {
+        let config = EmulatorConfig::new("k", &["SN"]);
+        validate_write(&json!({ "deviceSN": "SN", "groups": groups }), &config)
+    }
+
+    fn with(field: &str, v: Value) -> Value {
+        let mut g = group(1, 2);
+        g[field] = v;
+        g
+    }
+
+    #[test]
+    fn accepts_a_valid_list() {
+        assert_eq!(write(vec![group(1, 2), group(2, 3)]).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn refuses_broken_invariants_with_40257() {
+        let mut extra = group(1, 2);
+        extra["id"] = json!("x");
+        let mut props = group(1, 2);
+        props["properties"] = json!({});
+        let cases = [
+            extra,
+            props,
+            group(22, 6),                    // crosses midnight
+            group(3, 3),                     // empty
+            with("fdSoc", json!(10)),        // below 11
+            with("minSocOnGrid", json!(30)), // above fdSoc 20
+            with("fdPwr", json!(0)),
+            with("fdPwr", json!(6001)),
+            with("workMode", json!("Turbo")),
+        ];
+        for (i, g) in cases.into_iter().enumerate() {
+            assert_eq!(write(vec![g]).unwrap_err(), ERRNO_BAD_PARAMS, "case {i}");
+        }
+        assert_eq!(write(vec![group(1, 2); 9]).unwrap_err(), ERRNO_BAD_PARAMS);
+    }
+
+    #[test]
+    fn refuses_overlaps_between_enabled_groups_only() {
+        assert_eq!(
+            write(vec![group(1, 3), group(2, 4)]).unwrap_err(),
+            ERRNO_OVERLAP
+        );
+        let mut off = group(2, 4);
+        off["enable"] = json!(0);
+        assert!(write(vec![group(1, 3), off]).is_ok());
+    }
+}

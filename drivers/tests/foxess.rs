@@ -1,0 +1,872 @@
+//! The `foxess` driver against the FoxESS emulator, over real HTTP on
+//! 127.0.0.1. The drivers' clock is pinned to each action's start so the
+//! tests do not depend on the time of day they run at.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+use std::{collections::BTreeMap, io::Write as _, sync::Arc, time::Duration};
+
+use jiff::{Timestamp, civil::date, tz::TimeZone};
+use switchyard_drivers::{
+    ApplyRequest, Command, ConfigError, DeviceSpec, Driver, DriverError, DriverFactory, ErrorKind,
+    Family, Params, Quantity, RevertRequest, RowOwner, Unit,
+    foxess::{
+        FoxessFactory,
+        emulator::{Emulator, EmulatorConfig, EmulatorHandle, ReadOrder},
+        wire::{self, Group, PATH_GET, PATH_SET, PATH_SET_FLAG, WorkMode},
+    },
+};
+
+const KEY: &str = "fx-SECRET-key-7d1e9a";
+const SN: &str = "SN1";
+const TZ: &str = "Europe/Berlin";
+
+/// A temp file holding the key, referenced as `file:` (edition 2024 makes
+/// `set_var` unsafe, and this workspace forbids unsafe).
+fn key_file(key: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    writeln!(f, "{key}").unwrap();
+    f
+}
+
+/// Local wall-clock time on 2030-01-15 (+ `day` days) in Berlin.
+fn at(day: i8, h: i8, m: i8) -> Timestamp {
+    TimeZone::get(TZ)
+        .unwrap()
+        .to_timestamp(date(2030, 1, 15 + day).at(h, m, 0, 0))
+        .unwrap()
+}
+
+struct Rig {
+    emu: EmulatorHandle,
+    factory: FoxessFactory,
+    settings: BTreeMap<String, String>,
+    _key: tempfile::NamedTempFile,
+}
+
+impl Rig {
+    async fn new() -> Self {
+        Self::with(EmulatorConfig::new(KEY, &[SN]), KEY).await
+    }
+
+    async fn with(mut config: EmulatorConfig, driver_key: &str) -> Self {
+        // Tests space writes themselves where they test spacing.
+        config.min_write_interval = Duration::ZERO;
+        let emu = Emulator::start(config).await.unwrap();
+        let key = key_file(driver_key);
+        let settings = BTreeMap::from([
+            ("base_url".to_owned(), emu.base_url()),
+            (
+                "api_key_ref".to_owned(),
+                format!("file:{}", key.path().display()),
+            ),
+            ("min_write_interval_ms".to_owned(), "0".to_owned()),
+            ("request_timeout_ms".to_owned(), "2000".to_owned()),
+        ]);
+        Self {
+            emu,
+            factory: pinned(FoxessFactory::default(), at(0, 0, 0)),
+            settings,
+            _key: key,
+        }
+    }
+
+    fn set(&mut self, k: &str, v: &str) {
+        self.settings.insert(k.to_owned(), v.to_owned());
+    }
+
+    fn spec(&self) -> DeviceSpec<'_> {
+        DeviceSpec {
+            device_id: "dev-1",
+            family: Family::Battery,
+            oem_device_id: SN,
+            timezone: TZ,
+            settings: &self.settings,
+        }
+    }
+
+    /// A driver whose clock reads `now`.
+    fn driver_at(&self, now: Timestamp) -> Arc<dyn Driver> {
+        pinned(self.factory.clone(), now)
+            .build(&self.spec())
+            .unwrap()
+    }
+
+    /// A driver whose clock reads the action's start.
+    fn driver_for(&self, req: &ApplyRequest) -> Arc<dyn Driver> {
+        self.driver_at(req.start)
+    }
+
+    fn groups(&self) -> Vec<Group> {
+        self.emu.groups(SN)
+    }
+}
+
+fn pinned(f: FoxessFactory, now: Timestamp) -> FoxessFactory {
+    f.with_clock(Arc::new(move || now))
+}
+
+fn req(id: &str, command: Command, start: Timestamp, end: Option<Timestamp>) -> ApplyRequest {
+    ApplyRequest {
+        action_id: id.to_owned(),
+        command,
+        params: Params::default(),
+        start,
+        end,
+        clear_native_scheduler: false,
+    }
+}
+
+fn g(sh: i64, sm: i64, eh: i64, em: i64, mode: WorkMode) -> Group {
+    Group {
+        enable: 1,
+        start_hour: sh,
+        start_minute: sm,
+        end_hour: eh,
+        end_minute: em,
+        work_mode: mode.as_str().to_owned(),
+        min_soc_on_grid: 10,
+        fd_soc: 20,
+        fd_pwr: 3000,
+    }
+}
+
+fn windows(groups: &[Group]) -> Vec<(String, String, String)> {
+    let mut w: Vec<_> = groups
+        .iter()
+        .map(|g| (g.start_hhmm(), g.end_hhmm(), g.work_mode.clone()))
+        .collect();
+    w.sort();
+    w
+}
+
+fn w(s: &str, e: &str, m: WorkMode) -> (String, String, String) {
+    (s.to_owned(), e.to_owned(), m.as_str().to_owned())
+}
+
+fn assert_no_key(text: &str) {
+    assert!(!text.contains(KEY), "the API key leaked into: {text}");
+}
+
+fn assert_err_has_no_key(e: &DriverError) {
+    assert_no_key(&format!("{e:?}"));
+    assert_no_key(&e.to_string());
+}
+
+// ---------------------------------------------------------------- signature
+
+#[test]
+fn signature_is_md5_of_path_token_timestamp_with_literal_backslash_separators() {
+    let input = wire::signature_input("/op/v1/device/scheduler/get", "abc", 1_700_000_000_000);
+    // Backslash, r, backslash, n: four characters, not CR LF.
+    assert_eq!(
+        input,
+        "/op/v1/device/scheduler/get\\r\\nabc\\r\\n1700000000000"
+    );
+    assert!(!input.contains('\r') && !input.contains('\n'));
+    // Expected digests computed independently (Python hashlib).
+    assert_eq!(
+        wire::signature("/op/v1/device/scheduler/get", "abc", 1_700_000_000_000),
+        "43bee9636d0425bcd1215f26401aab50"
+    );
+    // The same with real CR LF bytes would be this: the wrong one.
+    assert_ne!(
+        wire::signature("/op/v1/device/scheduler/get", "abc", 1_700_000_000_000),
+        "dccaf5da7f17f99445bcfd2502a4512d"
+    );
+}
+
+#[tokio::test]
+async fn a_wrong_key_is_refused_by_signature_check() {
+    let rig = Rig::with(EmulatorConfig::new(KEY, &[SN]), "not-the-key").await;
+    let err = rig.driver_at(at(0, 0, 0)).read_state().await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Rejected);
+    assert!(
+        err.raw.as_deref().unwrap().contains("errno 40256"),
+        "{err:?}"
+    );
+}
+
+// ---------------------------------------------------------------- apply
+
+#[tokio::test]
+async fn a_window_across_midnight_becomes_two_groups() {
+    let rig = Rig::new().await;
+    let mut r = req("a1", Command::Charge, at(0, 22, 0), Some(at(1, 6, 0)));
+    r.params.power = Some(Quantity {
+        value: 2.5,
+        unit: Unit::Kilowatt,
+    });
+    r.params.target_soc = Some(Quantity {
+        value: 90.0,
+        unit: Unit::Percent,
+    });
+    let out = rig.driver_for(&r).apply(&r).await.unwrap();
+    assert!(out.verified, "{out:?}");
+    let groups = rig.groups();
+    assert_eq!(
+        windows(&groups),
+        vec![
+            w("00:00", "06:00", WorkMode::ForceCharge),
+            w("22:00", "23:59", WorkMode::ForceCharge),
+        ]
+    );
+    assert!(
+        groups
+            .iter()
+            .all(|g| g.fd_pwr == 2500 && g.fd_soc == 90 && g.enable == 1)
+    );
+    assert!(rig.emu.flag(SN), "apply must enable the scheduler flag");
+}
+
+#[tokio::test]
+async fn discharge_maps_target_and_reserve_to_fd_soc_and_min_soc_on_grid() {
+    let rig = Rig::new().await;
+    let mut r = req("d1", Command::Discharge, at(0, 17, 0), Some(at(0, 19, 30)));
+    r.params.power = Some(Quantity {
+        value: 4000.0,
+        unit: Unit::Watt,
+    });
+    r.params.target_soc = Some(Quantity {
+        value: 30.0,
+        unit: Unit::Percent,
+    });
+    r.params.reserve_soc = Some(Quantity {
+        value: 15.0,
+        unit: Unit::Percent,
+    });
+    assert!(rig.driver_for(&r).apply(&r).await.unwrap().verified);
+    let groups = rig.groups();
+    assert_eq!(groups.len(), 1);
+    let d = &groups[0];
+    assert_eq!(
+        (d.work_mode.as_str(), d.fd_pwr, d.fd_soc, d.min_soc_on_grid),
+        ("ForceDischarge", 4000, 30, 15)
+    );
+    assert_eq!(
+        (d.start_hhmm(), d.end_hhmm()),
+        ("17:00".into(), "19:30".into())
+    );
+
+    // fdSoc below 11, or a reserve above the target, never reaches the OEM.
+    for (target, reserve) in [(10.0, 10.0), (20.0, 25.0)] {
+        let mut bad = req("d2", Command::Discharge, at(0, 20, 0), Some(at(0, 21, 0)));
+        bad.params.target_soc = Some(Quantity {
+            value: target,
+            unit: Unit::Percent,
+        });
+        bad.params.reserve_soc = Some(Quantity {
+            value: reserve,
+            unit: Unit::Percent,
+        });
+        let err = rig.driver_for(&bad).apply(&bad).await.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Rejected, "{err:?}");
+    }
+    assert_eq!(rig.emu.successful_calls(PATH_SET), 1);
+}
+
+#[tokio::test]
+async fn modes_map_to_foxess_work_modes() {
+    let rig = Rig::new().await;
+    let cases: [(Command, WorkMode, i8); 4] = [
+        (Command::AutoBalanced, WorkMode::SelfUse, 1),
+        (Command::AutoExport, WorkMode::Feedin, 3),
+        (Command::AutoReserve, WorkMode::Backup, 5),
+        (Command::Idle, WorkMode::Backup, 7),
+    ];
+    for (c, mode, h) in cases {
+        let r = req(&format!("m{h}"), c, at(0, h, 0), Some(at(0, h + 1, 0)));
+        assert!(rig.driver_for(&r).apply(&r).await.unwrap().verified);
+        assert!(
+            rig.groups()
+                .iter()
+                .any(|g| g.start_hour == i64::from(h) && g.work_mode == mode.as_str()),
+            "{c} should be {mode:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sub_minute_windows_are_rejected_and_times_round_to_the_minute() {
+    let rig = Rig::new().await;
+    let s = at(0, 10, 0);
+    let tiny = req(
+        "t1",
+        Command::Idle,
+        s + Duration::from_secs(5),
+        Some(s + Duration::from_secs(25)),
+    );
+    let err = rig.driver_for(&tiny).apply(&tiny).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Rejected);
+    let r = req(
+        "t2",
+        Command::Idle,
+        s + Duration::from_secs(40),
+        Some(s + Duration::from_secs(3600 + 20)),
+    );
+    assert!(rig.driver_for(&r).apply(&r).await.unwrap().verified);
+    assert_eq!(
+        windows(&rig.groups()),
+        vec![w("10:01", "11:00", WorkMode::Backup)]
+    );
+}
+
+#[tokio::test]
+async fn open_ended_actions_are_an_all_day_group_until_reverted() {
+    let rig = Rig::new().await;
+    let r = req("o1", Command::AutoExport, at(0, 14, 3), None);
+    let d = rig.driver_for(&r);
+    assert!(d.apply(&r).await.unwrap().verified);
+    assert_eq!(
+        windows(&rig.groups()),
+        vec![w("00:00", "23:59", WorkMode::Feedin)]
+    );
+    d.revert(&RevertRequest { applied: r }).await.unwrap();
+    assert!(rig.groups().is_empty());
+}
+
+#[tokio::test]
+async fn an_early_apply_that_would_take_effect_before_the_start_is_rejected() {
+    let rig = Rig::new().await;
+    let r = req("e1", Command::Charge, at(1, 2, 0), Some(at(1, 5, 0)));
+    // A day ahead: today's 02:00-05:00 would run the charge a day early.
+    let err = rig.driver_at(at(0, 1, 0)).apply(&r).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Rejected);
+    assert!(err.message.contains("too early"), "{err:?}");
+    assert!(rig.groups().is_empty());
+    // An hour ahead on the day: nothing covered before the start: fine.
+    assert!(rig.driver_at(at(1, 1, 0)).apply(&r).await.unwrap().verified);
+    // After the end: refused (it would run tomorrow).
+    let late = req("e2", Command::Charge, at(1, 6, 0), Some(at(1, 7, 0)));
+    let err = rig.driver_at(at(1, 8, 0)).apply(&late).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Rejected);
+}
+
+// ---------------------------------------------------------------- foreign groups
+
+#[tokio::test]
+async fn foreign_groups_survive_apply_and_revert() {
+    let rig = Rig::new().await;
+    let mut off = g(20, 0, 21, 0, WorkMode::ForceDischarge);
+    off.enable = 0;
+    let foreign = vec![
+        g(12, 0, 13, 0, WorkMode::SelfUse),
+        g(18, 0, 19, 0, WorkMode::Backup),
+        off,
+    ];
+    rig.emu.seed_groups(SN, foreign.clone());
+    rig.emu.set_flag(SN, true);
+    let r = req("f1", Command::Charge, at(0, 2, 0), Some(at(0, 5, 0)));
+    let d = rig.driver_for(&r);
+    assert!(d.apply(&r).await.unwrap().verified);
+    let after = rig.groups();
+    assert_eq!(after.len(), 4);
+    for f in &foreign {
+        assert!(after.contains(f), "foreign group {f} lost on apply");
+    }
+    let out = d.revert(&RevertRequest { applied: r }).await.unwrap();
+    assert!(out.verified, "{out:?}");
+    let mut left = rig.groups();
+    left.sort_by_key(Group::start_min);
+    let mut want = foreign;
+    want.sort_by_key(Group::start_min);
+    assert_eq!(left, want, "revert must remove exactly our groups");
+}
+
+#[tokio::test]
+async fn reordered_reads_are_verified_by_content() {
+    for order in [ReadOrder::Reversed, ReadOrder::ByMode, ReadOrder::AsWritten] {
+        let rig = Rig::new().await;
+        rig.emu.set_read_order(order);
+        rig.emu.seed_groups(
+            SN,
+            vec![
+                g(12, 0, 13, 0, WorkMode::SelfUse),
+                g(14, 0, 15, 0, WorkMode::Feedin),
+            ],
+        );
+        let r = req("r1", Command::Discharge, at(0, 22, 30), Some(at(1, 1, 0)));
+        let out = rig.driver_for(&r).apply(&r).await.unwrap();
+        assert!(out.verified, "{order:?}: {out:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_write_accepted_but_not_applied_is_not_verified() {
+    let rig = Rig::new().await;
+    rig.emu.set_ignore_writes(true);
+    let r = req("v1", Command::Charge, at(0, 2, 0), Some(at(0, 5, 0)));
+    let out = rig.driver_for(&r).apply(&r).await.unwrap();
+    assert!(!out.verified, "{out:?}");
+}
+
+#[tokio::test]
+async fn an_overlapping_foreign_group_with_the_flag_on_is_scheduler_active() {
+    let rig = Rig::new().await;
+    let before = vec![
+        g(3, 0, 4, 0, WorkMode::SelfUse),
+        g(10, 0, 11, 0, WorkMode::Feedin),
+    ];
+    rig.emu.seed_groups(SN, before.clone());
+    rig.emu.set_flag(SN, true);
+    let r = req("s1", Command::Charge, at(0, 2, 0), Some(at(0, 5, 0)));
+    let err = rig.driver_for(&r).apply(&r).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::SchedulerActive, "{err:?}");
+    assert_eq!(err.rows.len(), 1);
+    assert_eq!(
+        (err.rows[0].start.as_str(), err.rows[0].owner),
+        ("03:00", RowOwner::Foreign)
+    );
+    assert_eq!(rig.groups(), before, "nothing may be written");
+    assert_eq!(rig.emu.successful_calls(PATH_SET), 0);
+}
+
+#[tokio::test]
+async fn clearing_removes_only_overlapping_foreign_groups() {
+    let rig = Rig::new().await;
+    let mut disabled = g(4, 0, 4, 30, WorkMode::ForceDischarge);
+    disabled.enable = 0;
+    let keep = g(10, 0, 11, 0, WorkMode::Feedin);
+    rig.emu.seed_groups(
+        SN,
+        vec![
+            g(3, 0, 4, 0, WorkMode::SelfUse),
+            keep.clone(),
+            disabled.clone(),
+        ],
+    );
+    rig.emu.set_flag(SN, true);
+    let mut r = req("c1", Command::Charge, at(0, 2, 0), Some(at(0, 5, 0)));
+    r.clear_native_scheduler = true;
+    assert!(rig.driver_for(&r).apply(&r).await.unwrap().verified);
+    assert_eq!(
+        windows(&rig.groups()),
+        vec![
+            w("02:00", "05:00", WorkMode::ForceCharge),
+            w("04:00", "04:30", WorkMode::ForceDischarge),
+            w("10:00", "11:00", WorkMode::Feedin),
+        ]
+    );
+    assert!(rig.groups().contains(&disabled) && rig.groups().contains(&keep));
+}
+
+#[tokio::test]
+async fn backup_groups_are_never_cleared() {
+    let rig = Rig::new().await;
+    let before = vec![
+        g(3, 0, 4, 0, WorkMode::Backup),
+        g(4, 0, 4, 30, WorkMode::SelfUse),
+    ];
+    rig.emu.seed_groups(SN, before.clone());
+    rig.emu.set_flag(SN, true);
+    let mut r = req("p1", Command::Charge, at(0, 2, 0), Some(at(0, 5, 0)));
+    let d = rig.driver_for(&r);
+    // Without clearing: SchedulerActive, listing the Backup row as
+    // protected.
+    let err = d.apply(&r).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::SchedulerActive);
+    assert!(
+        err.rows
+            .iter()
+            .any(|row| row.mode == "Backup" && row.owner == RowOwner::Protected)
+    );
+    // With clearing: ProtectedRow naming it, and nothing touched (not even
+    // the SelfUse group that could have been cleared).
+    r.clear_native_scheduler = true;
+    let err = d.apply(&r).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::ProtectedRow, "{err:?}");
+    assert_eq!(err.rows.len(), 1);
+    assert_eq!(err.rows[0].mode, "Backup");
+    assert!(err.message.contains("Backup 03:00-04:00"), "{err:?}");
+    assert_eq!(rig.groups(), before);
+}
+
+#[tokio::test]
+async fn read_state_labels_owners() {
+    let rig = Rig::new().await;
+    rig.emu.seed_groups(
+        SN,
+        vec![
+            g(12, 0, 13, 0, WorkMode::SelfUse),
+            g(18, 0, 19, 0, WorkMode::Backup),
+        ],
+    );
+    let r = req("o1", Command::Charge, at(0, 2, 0), Some(at(0, 5, 0)));
+    let d = rig.driver_for(&r);
+    d.apply(&r).await.unwrap();
+    let state = d.read_state().await.unwrap();
+    let (flag, rows) = state.native_scheduler.unwrap();
+    assert!(flag);
+    let mut owners: Vec<(String, RowOwner)> =
+        rows.iter().map(|r| (r.start.clone(), r.owner)).collect();
+    owners.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        owners,
+        vec![
+            ("02:00".into(), RowOwner::Ours),
+            ("12:00".into(), RowOwner::Foreign),
+            ("18:00".into(), RowOwner::Protected),
+        ],
+        "Invalid padding must not appear as rows"
+    );
+}
+
+// ---------------------------------------------------------------- limits
+
+#[tokio::test]
+async fn no_free_slot_is_rejected_before_writing() {
+    let rig = Rig::new().await;
+    // Seven one-hour foreign groups from 08:00; the window needs two more.
+    let foreign: Vec<Group> = (8..15)
+        .map(|h| g(h, 0, h + 1, 0, WorkMode::SelfUse))
+        .collect();
+    rig.emu.seed_groups(SN, foreign.clone());
+    let r = req("n1", Command::Charge, at(0, 22, 0), Some(at(1, 6, 0)));
+    let err = rig.driver_for(&r).apply(&r).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Rejected);
+    assert!(err.message.contains("no free slot"), "{err:?}");
+    assert_eq!(rig.groups(), foreign);
+    assert_eq!(rig.emu.successful_calls(PATH_SET), 0);
+    // One group still fits.
+    let one = req("n2", Command::Charge, at(0, 2, 0), Some(at(0, 5, 0)));
+    assert!(rig.driver_for(&one).apply(&one).await.unwrap().verified);
+}
+
+#[tokio::test]
+async fn the_daily_budget_gives_rate_limited_with_retry_after() {
+    let rig = Rig::new().await;
+    rig.emu.set_calls_per_day(1);
+    let d = rig.driver_at(at(0, 0, 0));
+    d.read_state().await.unwrap_err(); // flag read passes, groups read is over budget
+    let err = d.read_state().await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::RateLimited);
+    assert!(err.retryable());
+    assert_eq!(err.retry_after, Some(Duration::from_secs(60)));
+    assert!(err.raw.as_deref().unwrap().contains("40400"));
+}
+
+#[tokio::test]
+async fn writes_are_spaced_as_the_oem_requires() {
+    let mut rig = Rig::new().await;
+    rig.emu.set_min_write_interval(Duration::from_millis(400));
+    // Flag off: an apply writes the groups, then the flag. Back to back,
+    // the second write is refused.
+    let r = req("w1", Command::Charge, at(0, 2, 0), Some(at(0, 5, 0)));
+    let err = rig.driver_for(&r).apply(&r).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::RateLimited, "{err:?}");
+    // Spaced by the driver, both writes land.
+    rig.emu.seed_groups(SN, vec![]);
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    rig.set("min_write_interval_ms", "450");
+    let t = std::time::Instant::now();
+    let out = rig.driver_for(&r).apply(&r).await.unwrap();
+    assert!(out.verified, "{out:?}");
+    assert!(rig.emu.flag(SN));
+    assert!(t.elapsed() >= Duration::from_millis(400));
+}
+
+// ---------------------------------------------------------------- errors
+
+#[tokio::test]
+async fn errnos_and_http_failures_are_classified() {
+    let rig = Rig::new().await;
+    let d = rig.driver_at(at(0, 0, 0));
+    let cases: [(i64, &str, ErrorKind); 4] = [
+        (
+            40257,
+            "parameters do not meet expectations",
+            ErrorKind::Rejected,
+        ),
+        (42023, "time overlap", ErrorKind::Rejected),
+        (40400, "too frequent", ErrorKind::RateLimited),
+        (44444, "something new", ErrorKind::Rejected),
+    ];
+    for (errno, msg, kind) in cases {
+        rig.emu.fail_next_errno(1, errno, msg);
+        let err = d.read_state().await.unwrap_err();
+        assert_eq!(err.kind, kind, "errno {errno}: {err:?}");
+        let raw = err.raw.clone().unwrap();
+        assert!(
+            raw.contains(&format!("errno {errno}")) && raw.contains(msg),
+            "{raw}"
+        );
+        assert_eq!(err.retryable(), kind == ErrorKind::RateLimited);
+        if kind == ErrorKind::RateLimited {
+            assert!(err.retry_after.is_some());
+        }
+    }
+    for status in [502, 503] {
+        rig.emu.fail_next_status(1, status);
+        let err = d.read_state().await.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Unavailable, "{err:?}");
+        assert!(err.retryable());
+        assert!(err.raw.unwrap().contains(&format!("HTTP {status}")));
+    }
+    rig.emu.fail_next_body(1, "<html>maintenance</html>");
+    let err = d.read_state().await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Unavailable, "{err:?}");
+    assert!(err.raw.unwrap().contains("malformed"));
+    // After all the failures the device still works.
+    assert!(d.read_state().await.is_ok());
+}
+
+#[tokio::test]
+async fn a_malformed_group_list_is_rejected_not_a_panic() {
+    let rig = Rig::new().await;
+    let d = rig.driver_at(at(0, 0, 0));
+    rig.emu
+        .fail_next_body(1, r#"{"errno":0,"msg":"ok","result":{"enable":1}}"#); // flag ok
+    rig.emu.fail_next_body(
+        1,
+        r#"{"errno":0,"msg":"ok","result":{"groups":[{"enable":1}]}}"#,
+    );
+    let err = d.read_state().await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Rejected, "{err:?}");
+    assert!(err.raw.is_some());
+}
+
+#[tokio::test]
+async fn a_slow_cloud_times_out_as_unavailable() {
+    let mut rig = Rig::new().await;
+    rig.set("request_timeout_ms", "200");
+    rig.emu.set_latency(Duration::from_millis(1000));
+    let err = rig.driver_at(at(0, 0, 0)).read_state().await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Unavailable, "{err:?}");
+    assert!(err.retryable());
+}
+
+#[tokio::test]
+async fn an_unreachable_cloud_is_unavailable() {
+    let mut rig = Rig::new().await;
+    // A port nobody listens on: bind, read the port, drop.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    rig.set("base_url", &format!("http://127.0.0.1:{port}"));
+    let err = rig.driver_at(at(0, 0, 0)).read_state().await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Unavailable, "{err:?}");
+}
+
+// ---------------------------------------------------------------- revert
+
+#[tokio::test]
+async fn revert_is_idempotent_and_survives_a_restart() {
+    let rig = Rig::new().await;
+    rig.emu
+        .seed_groups(SN, vec![g(12, 0, 13, 0, WorkMode::SelfUse)]);
+    let r = req("i1", Command::Discharge, at(0, 22, 0), Some(at(1, 2, 0)));
+    rig.driver_for(&r).apply(&r).await.unwrap();
+    assert_eq!(rig.groups().len(), 3);
+    // A fresh factory (a restart) knows nothing but the request.
+    let d = pinned(FoxessFactory::default(), at(1, 2, 0))
+        .build(&rig.spec())
+        .unwrap();
+    let revert = RevertRequest { applied: r };
+    assert!(d.revert(&revert).await.unwrap().verified);
+    assert_eq!(
+        windows(&rig.groups()),
+        vec![w("12:00", "13:00", WorkMode::SelfUse)]
+    );
+    let writes = rig.emu.successful_calls(PATH_SET);
+    assert!(d.revert(&revert).await.unwrap().verified);
+    assert_eq!(
+        rig.emu.successful_calls(PATH_SET),
+        writes,
+        "nothing to write twice"
+    );
+}
+
+#[tokio::test]
+async fn a_retried_apply_writes_nothing_new() {
+    let rig = Rig::new().await;
+    let r = req("x1", Command::Charge, at(0, 2, 0), Some(at(0, 5, 0)));
+    let d = rig.driver_for(&r);
+    d.apply(&r).await.unwrap();
+    d.apply(&r).await.unwrap();
+    assert_eq!(rig.emu.successful_calls(PATH_SET), 1);
+    assert_eq!(rig.emu.successful_calls(PATH_SET_FLAG), 1);
+    assert_eq!(rig.groups().len(), 1);
+    assert!(rig.emu.successful_calls(PATH_GET) >= 4);
+}
+
+#[tokio::test]
+async fn concurrent_applies_on_one_inverter_do_not_wipe_each_other() {
+    let rig = Rig::new().await;
+    rig.emu.set_latency(Duration::from_millis(20));
+    let a = req("k1", Command::Charge, at(0, 2, 0), Some(at(0, 3, 0)));
+    let b = req("k2", Command::Charge, at(0, 2, 0), Some(at(0, 3, 0)));
+    let mut b = b;
+    b.start = at(0, 3, 0);
+    b.end = Some(at(0, 4, 0));
+    let (da, db) = (rig.driver_for(&a), rig.driver_at(a.start));
+    let (ra, rb) = tokio::join!(da.apply(&a), db.apply(&b));
+    ra.unwrap();
+    rb.unwrap();
+    assert_eq!(rig.groups().len(), 2, "{:?}", rig.groups());
+}
+
+// ---------------------------------------------------------------- settings & secrets
+
+fn spec<'a>(settings: &'a BTreeMap<String, String>, family: Family) -> DeviceSpec<'a> {
+    DeviceSpec {
+        device_id: "d",
+        family,
+        oem_device_id: SN,
+        timezone: TZ,
+        settings,
+    }
+}
+
+fn base_settings() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "base_url".to_owned(),
+            "https://www.foxesscloud.com".to_owned(),
+        ),
+        ("api_key_ref".to_owned(), "env:FOXESS_API_KEY".to_owned()),
+    ])
+}
+
+#[test]
+fn capabilities_declare_the_foxess_limits() {
+    let mut s = base_settings();
+    s.insert("max_slots".into(), "10".into());
+    let caps = FoxessFactory::default()
+        .capabilities(&spec(&s, Family::Battery))
+        .unwrap();
+    assert!(caps.native_scheduler);
+    assert_eq!(caps.window_limits.granularity_seconds, 60);
+    assert!(!caps.window_limits.may_cross_midnight);
+    assert_eq!(caps.window_limits.max_slots, 10);
+    assert_eq!(caps.rate_budget.calls_per_day, 1440);
+    assert_eq!(caps.rate_budget.min_write_interval_seconds, 5);
+    for c in [
+        Command::Charge,
+        Command::Discharge,
+        Command::Idle,
+        Command::AutoBalanced,
+        Command::AutoReserve,
+        Command::AutoExport,
+    ] {
+        assert_eq!(caps.command(c).unwrap().channel, "mode");
+    }
+    assert!(caps.command(Command::EvPowerLimit).is_none());
+    let e = FoxessFactory::default()
+        .capabilities(&spec(&s, Family::EvCharger))
+        .unwrap_err();
+    assert!(matches!(e, ConfigError::UnsupportedFamily(_)));
+}
+
+#[test]
+fn settings_are_validated_without_echoing_values() {
+    let f = FoxessFactory::default();
+    let mut s = base_settings();
+    s.insert("max_slot".into(), "8".into());
+    assert_eq!(
+        f.capabilities(&spec(&s, Family::Battery))
+            .unwrap_err()
+            .key(),
+        Some("max_slot")
+    );
+    let cases = [
+        ("base_url", "ftp://h0st-s3cret"),
+        ("api_key_ref", KEY), // the key pasted instead of a reference
+        ("api_key_ref", "env:1BAD-name"),
+        ("fd_soc", "7"),
+        ("min_soc_on_grid", "57"), // above fd_soc 20
+        ("max_power_w", "lots"),
+    ];
+    for (k, v) in cases {
+        let mut s = base_settings();
+        s.insert(k.into(), v.into());
+        let err = f.capabilities(&spec(&s, Family::Battery)).unwrap_err();
+        assert_eq!(err.key(), Some(k), "{k}={v}");
+        assert!(matches!(err, ConfigError::InvalidSetting { .. }));
+        assert!(!err.to_string().contains(v), "{err} echoes {v}");
+    }
+    for missing in ["base_url", "api_key_ref"] {
+        let mut s = base_settings();
+        s.remove(missing);
+        let err = f.capabilities(&spec(&s, Family::Battery)).unwrap_err();
+        assert_eq!(err.key(), Some(missing));
+    }
+}
+
+#[test]
+fn an_unset_key_variable_fails_the_build_not_capabilities() {
+    let f = FoxessFactory::default();
+    let mut s = base_settings();
+    s.insert(
+        "api_key_ref".into(),
+        "env:SWITCHYARD_TEST_SURELY_UNSET_7C1".into(),
+    );
+    f.capabilities(&spec(&s, Family::Battery)).unwrap();
+    let err = f.build(&spec(&s, Family::Battery)).unwrap_err();
+    assert_eq!(err.key(), Some("api_key_ref"));
+}
+
+#[tokio::test]
+async fn the_api_key_never_appears_in_debug_or_errors() {
+    let rig = Rig::new().await;
+    let d = rig.driver_at(at(0, 0, 0));
+    assert_no_key(&format!("{d:?}"));
+    assert_no_key(&format!("{:?}", rig.factory));
+    assert!(!d.account().contains(KEY));
+    assert!(d.account().contains(&rig.emu.base_url()));
+    // An OEM that echoes the token in its message.
+    rig.emu
+        .fail_next_errno(1, 40256, &format!("bad token {KEY} for request"));
+    let err = d.read_state().await.unwrap_err();
+    assert!(
+        err.raw.as_deref().unwrap().contains("<redacted>"),
+        "{err:?}"
+    );
+    assert_err_has_no_key(&err);
+    for status in [502, 503] {
+        rig.emu.fail_next_status(1, status);
+        assert_err_has_no_key(&d.read_state().await.unwrap_err());
+    }
+    let wrong = Rig::with(EmulatorConfig::new("other", &[SN]), KEY).await;
+    assert_err_has_no_key(&wrong.driver_at(at(0, 0, 0)).read_state().await.unwrap_err());
+    let ok = rig
+        .driver_for(&req("s1", Command::Idle, at(0, 1, 0), Some(at(0, 2, 0))))
+        .apply(&req("s1", Command::Idle, at(0, 1, 0), Some(at(0, 2, 0))))
+        .await
+        .unwrap();
+    assert_no_key(&format!("{ok:?}"));
+}
+
+#[tokio::test]
+async fn devices_on_one_account_share_the_account_name() {
+    let rig = Rig::new().await;
+    let a = rig.driver_at(at(0, 0, 0));
+    let other = DeviceSpec {
+        device_id: "dev-2",
+        family: Family::Battery,
+        oem_device_id: "SN2",
+        timezone: TZ,
+        settings: &rig.settings,
+    };
+    let b = rig.factory.build(&other).unwrap();
+    assert_eq!(a.account(), b.account());
+}
+
+#[test]
+fn an_https_base_url_builds_a_tls_client() {
+    let key = key_file(KEY);
+    let mut s = base_settings();
+    s.insert(
+        "api_key_ref".into(),
+        format!("file:{}", key.path().display()),
+    );
+    // Building sets up rustls (ring, bundled roots); no network needed.
+    let d = FoxessFactory::default()
+        .build(&spec(&s, Family::Battery))
+        .unwrap();
+    assert!(
+        d.account()
+            .starts_with("foxess:https://www.foxesscloud.com#file:")
+    );
+}
