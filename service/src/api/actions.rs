@@ -116,6 +116,8 @@ impl Actions {
             },
         )
         .await
+        // An immediate action is due now: do not wait for the next poll.
+        .inspect(|_| app.wake.notify_one())
     }
 
     async fn list(&self, req: pb::ListActionsRequest) -> Result<pb::ListActionsResponse, Error> {
