@@ -81,6 +81,57 @@ pub struct NativeRow {
     pub owner: RowOwner,
 }
 
+impl NativeRow {
+    /// Whether this daily row (local `start`..`end`, wrapping past midnight
+    /// when `end` ≤ `start`) is in force at some minute of the window
+    /// `[start, end)` in zone `tz`. An open-ended window, or one of a day
+    /// or more, meets every row. Rows whose times cannot be read are
+    /// assumed to meet it (the cautious answer).
+    pub fn meets(
+        &self,
+        start: jiff::Timestamp,
+        end: Option<jiff::Timestamp>,
+        tz: &jiff::tz::TimeZone,
+    ) -> bool {
+        const DAY: i64 = 24 * 60;
+        let (Some(rs), Some(re)) = (minute_of_day(&self.start), minute_of_day(&self.end)) else {
+            return true;
+        };
+        let in_row = |m: i64| {
+            if rs < re {
+                rs <= m && m < re
+            } else {
+                m >= rs || m < re
+            }
+        };
+        let Some(end) = end else { return true };
+        let span = end.duration_since(start).as_secs();
+        if span >= DAY * 60 {
+            return true;
+        }
+        // At most 1,440 steps; local minutes, so DST shifts are honoured.
+        let mut t = start;
+        while t < end {
+            let local = tz.to_datetime(t);
+            if in_row(i64::from(local.hour()) * 60 + i64::from(local.minute())) {
+                return true;
+            }
+            match t.checked_add(jiff::SignedDuration::from_mins(1)) {
+                Ok(next) => t = next,
+                Err(_) => return true,
+            }
+        }
+        false
+    }
+}
+
+/// `HH:MM` → minute of the day (`24:00` is 1,440).
+fn minute_of_day(hhmm: &str) -> Option<i64> {
+    let (h, m) = hhmm.split_once(':')?;
+    let (h, m): (i64, i64) = (h.parse().ok()?, m.parse().ok()?);
+    ((0..=24).contains(&h) && (0..60).contains(&m) && h * 60 + m <= 24 * 60).then_some(h * 60 + m)
+}
+
 /// What a driver observed on a device.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct DeviceState {
@@ -216,4 +267,50 @@ pub trait Driver: Send + Sync + fmt::Debug {
 
     /// Undoes an applied command.
     async fn revert(&self, req: &RevertRequest) -> Result<Outcome, DriverError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(start: &str, end: &str) -> NativeRow {
+        NativeRow {
+            start: start.into(),
+            end: end.into(),
+            mode: "Backup".into(),
+            enabled: true,
+            owner: RowOwner::Protected,
+        }
+    }
+
+    fn utc(h: i8, m: i8) -> jiff::Timestamp {
+        jiff::tz::TimeZone::UTC
+            .to_timestamp(jiff::civil::date(2030, 1, 15).at(h, m, 0, 0))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_row_meets_a_window_only_where_their_local_minutes_overlap() {
+        let berlin = jiff::tz::TimeZone::get("Europe/Berlin").unwrap();
+        let r = row("03:00", "04:00");
+        // 02:00-03:00 Berlin (01:00-02:00 UTC): back to back, no overlap.
+        assert!(!r.meets(utc(1, 0), Some(utc(2, 0)), &berlin));
+        // 02:00-03:01 Berlin: one shared minute.
+        assert!(r.meets(utc(1, 0), Some(utc(2, 1)), &berlin));
+        // The same UTC window seen from UTC misses it.
+        assert!(!r.meets(utc(1, 0), Some(utc(2, 1)), &jiff::tz::TimeZone::UTC));
+        // Open-ended and day-long windows meet every row.
+        assert!(r.meets(utc(5, 0), None, &berlin));
+        assert!(r.meets(
+            utc(5, 0),
+            Some(utc(5, 0) + jiff::SignedDuration::from_hours(24)),
+            &berlin
+        ));
+        // A row wrapping past midnight.
+        let night = row("23:00", "01:00");
+        assert!(night.meets(utc(23, 30), Some(utc(23, 45)), &jiff::tz::TimeZone::UTC));
+        assert!(!night.meets(utc(2, 0), Some(utc(22, 0)), &jiff::tz::TimeZone::UTC));
+        // Unreadable times: assume the worst.
+        assert!(row("x", "04:00").meets(utc(10, 0), Some(utc(11, 0)), &berlin));
+    }
 }

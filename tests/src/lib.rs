@@ -58,6 +58,13 @@ impl TestServer {
         let sim = switchyard_drivers::simulated::SimulatedFactory::default();
         let mut registry = Registry::builtin();
         registry.register(Arc::new(sim.clone()));
+        // FoxESS drivers read the server's clock, so their timing checks
+        // agree with the manual clock.
+        let fox_clock = clock.clone();
+        registry.register(Arc::new(
+            switchyard_drivers::foxess::FoxessFactory::default()
+                .with_clock(Arc::new(move || fox_clock.now().to_jiff())),
+        ));
         let app = server::build_app(&url, clock, registry, server::DEFAULT_HORIZON_DAYS)
             .await
             .expect("open store");
@@ -290,4 +297,105 @@ pub fn details(status: &tonic::Status) -> Details {
     let info = d.info.as_ref().expect("every error carries ErrorInfo");
     assert_eq!(info.domain, "switchyard");
     d
+}
+
+// ---- helpers shared by the dispatch and driver tests ----
+
+/// Creates a simulated battery `id` with `latency_ms` 0 and `settings`.
+pub async fn sim_device(srv: &TestServer, id: &str, settings: &[(&str, &str)]) {
+    let mut all: std::collections::BTreeMap<String, String> =
+        std::collections::BTreeMap::from([("latency_ms".into(), "0".into())]);
+    for (k, v) in settings {
+        all.insert((*k).into(), (*v).into());
+    }
+    srv.devices()
+        .create_device(pb::CreateDeviceRequest {
+            device_id: id.into(),
+            device: Some(pb::Device {
+                family: pb::DeviceFamily::Battery as i32,
+                driver: "simulated".into(),
+                settings: all,
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .expect("rpc");
+}
+
+/// Replaces a device's settings (`latency_ms` 0 plus `settings`).
+pub async fn set_settings(srv: &TestServer, id: &str, settings: &[(&str, &str)]) {
+    let mut all: std::collections::BTreeMap<String, String> =
+        std::collections::BTreeMap::from([("latency_ms".into(), "0".into())]);
+    for (k, v) in settings {
+        all.insert((*k).into(), (*v).into());
+    }
+    srv.devices()
+        .update_device(pb::UpdateDeviceRequest {
+            device: Some(pb::Device {
+                device_id: id.into(),
+                settings: all,
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["settings".into()],
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .expect("rpc");
+}
+
+/// Pushes, expecting success; the booked action.
+pub async fn pushed(srv: &TestServer, req: pb::PushActionRequest) -> pb::Action {
+    srv.actions()
+        .push_action(req)
+        .await
+        .expect("rpc")
+        .into_inner()
+        .action
+        .expect("rpc")
+}
+
+/// An action, expecting it to exist.
+pub async fn get_action(srv: &TestServer, device: &str, id: &str) -> pb::Action {
+    srv.actions()
+        .get_action(pb::GetActionRequest {
+            device_id: device.into(),
+            action_id: id.into(),
+        })
+        .await
+        .expect("rpc")
+        .into_inner()
+}
+
+/// Sets the server's clock `secs` seconds after [`T0`].
+pub fn at_secs(srv: &TestServer, secs: i64) {
+    srv.clock.set(Ts((T0 + secs) * Ts::SECOND));
+}
+
+/// The states an action went through, oldest first, from the audit log.
+pub async fn history(srv: &TestServer, id: &str) -> Vec<String> {
+    srv.app
+        .store
+        .action_history(
+            &switchyard::domain::TenantId::default_tenant(),
+            &switchyard::domain::ActionId::parse(id).expect("action id"),
+        )
+        .await
+        .expect("rpc")
+        .into_iter()
+        .map(|(_, to, _)| to)
+        .collect()
+}
+
+/// A device, expecting it to exist.
+pub async fn get_device(srv: &TestServer, id: &str) -> pb::Device {
+    srv.devices()
+        .get_device(pb::GetDeviceRequest {
+            device_id: id.into(),
+        })
+        .await
+        .expect("rpc")
+        .into_inner()
 }

@@ -4,98 +4,22 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-use std::collections::BTreeMap;
-
-use switchyard::domain::{ActionId, TenantId, Ts};
+use switchyard::domain::Ts;
 use switchyard_proto::v1::{self as pb, ActionState as St, Command, ConflictStrategy as S};
-use switchyard_tests::{TestServer, action, details, push};
+use switchyard_tests::{
+    TestServer, action, at_secs, details, get_action as get, get_device, history, push, pushed,
+    set_settings, sim_device,
+};
 use tonic::Code;
 
 const H: i64 = 3600;
 const SEC: i64 = Ts::SECOND;
-
-async fn sim_device(srv: &TestServer, id: &str, settings: &[(&str, &str)]) {
-    let mut all: BTreeMap<String, String> = BTreeMap::from([("latency_ms".into(), "0".into())]);
-    for (k, v) in settings {
-        all.insert((*k).into(), (*v).into());
-    }
-    srv.devices()
-        .create_device(pb::CreateDeviceRequest {
-            device_id: id.into(),
-            device: Some(pb::Device {
-                family: pb::DeviceFamily::Battery as i32,
-                driver: "simulated".into(),
-                settings: all,
-                ..Default::default()
-            }),
-            request_id: String::new(),
-        })
-        .await
-        .unwrap();
-}
-
-async fn set_settings(srv: &TestServer, id: &str, settings: &[(&str, &str)]) {
-    let mut all: BTreeMap<String, String> = BTreeMap::from([("latency_ms".into(), "0".into())]);
-    for (k, v) in settings {
-        all.insert((*k).into(), (*v).into());
-    }
-    srv.devices()
-        .update_device(pb::UpdateDeviceRequest {
-            device: Some(pb::Device {
-                device_id: id.into(),
-                settings: all,
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["settings".into()],
-            }),
-            request_id: String::new(),
-        })
-        .await
-        .unwrap();
-}
-
-async fn pushed(srv: &TestServer, req: pb::PushActionRequest) -> pb::Action {
-    srv.actions()
-        .push_action(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .action
-        .unwrap()
-}
-
-async fn get(srv: &TestServer, device: &str, id: &str) -> pb::Action {
-    srv.actions()
-        .get_action(pb::GetActionRequest {
-            device_id: device.into(),
-            action_id: id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-fn at_secs(srv: &TestServer, secs: i64) {
-    srv.clock.set(Ts((switchyard_tests::T0 + secs) * SEC));
-}
 
 fn mode(srv: &TestServer, device: &str) -> String {
     srv.sim
         .observe(device)
         .map(|(m, _, _)| m)
         .unwrap_or_else(|| "AUTO_BALANCED".into())
-}
-
-async fn history(srv: &TestServer, id: &str) -> Vec<String> {
-    srv.app
-        .store
-        .action_history(&TenantId::default_tenant(), &ActionId::parse(id).unwrap())
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|(_, to, _)| to)
-        .collect()
 }
 
 #[tokio::test]
@@ -470,14 +394,7 @@ async fn scheduler_active_fails_at_dispatch_and_is_refused_at_push_once_observed
         assert_eq!(detail.rows[0].owner, pb::NativeRowOwner::Foreign as i32);
         assert_eq!(detail.strategies, [S::CancelAndReplace as i32]);
     }
-    let dev = srv
-        .devices()
-        .get_device(pb::GetDeviceRequest {
-            device_id: "n".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let dev = get_device(&srv, "n").await;
     assert!(dev.observed_state.unwrap().scheduler_active);
 }
 
@@ -499,14 +416,7 @@ async fn cancel_and_replace_authorises_clearing_the_native_scheduler() {
     srv.dispatch().await;
     assert_eq!(get(&srv, "n", &a.action_id).await.state, St::Active as i32);
     assert_eq!(mode(&srv, "n"), "CHARGE");
-    let dev = srv
-        .devices()
-        .get_device(pb::GetDeviceRequest {
-            device_id: "n".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let dev = get_device(&srv, "n").await;
     assert!(
         !dev.observed_state.unwrap().scheduler_active,
         "cleared, and observed so"

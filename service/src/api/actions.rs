@@ -88,7 +88,7 @@ impl Actions {
                 ))
             })?;
             let push = validate_push(&input, &caps, now, horizon)?;
-            preflight(device, strategy)?;
+            preflight(device, strategy, push.start, push.end)?;
             Ok(push)
         };
         if req.validate_only {

@@ -253,30 +253,45 @@ pub fn to_status(e: Error) -> Status {
         Error::SchedulerActive {
             device_id,
             rows,
+            protected,
             observed_at,
         } => {
-            let protected = rows
-                .iter()
-                .any(|r| r.owner == crate::domain::device::RowOwner::Protected);
             details.push(any(
                 &pb::SchedulerDetail::full_name(),
                 &pb::SchedulerDetail {
                     rows: super::convert::native_rows_to_proto(&rows),
                     observe_time: Some(ts_to_proto(observed_at)),
-                    strategies: if protected {
-                        vec![]
-                    } else {
+                    // Exactly what preflight would accept: clearing, unless
+                    // a protected row is in force during the window.
+                    strategies: if protected.is_empty() {
                         vec![pb::ConflictStrategy::CancelAndReplace as i32]
+                    } else {
+                        vec![]
                     },
                 },
             ));
+            let description = if protected.is_empty() {
+                "the device's native scheduler is enabled; push with CANCEL_AND_REPLACE to clear it"
+                    .to_owned()
+            } else {
+                let names: Vec<String> = protected
+                    .iter()
+                    .map(|r| format!("{} {}-{}", r.mode, r.start, r.end))
+                    .collect();
+                format!(
+                    "the device's native scheduler is enabled with protected row(s) in force \
+                     during the window, which are never cleared: {}",
+                    names.join(", ")
+                )
+            };
             details.push(precondition(
                 R::SchedulerActive.reason(),
                 format!("devices/{device_id}"),
-                "the device's native scheduler is enabled".into(),
+                description,
             ));
             meta.insert("device_id".into(), device_id);
             meta.insert("native_row_count".into(), rows.len().to_string());
+            meta.insert("protected_row_count".into(), protected.len().to_string());
             meta.insert("observe_time".into(), observed_at.rfc3339());
             (Code::FailedPrecondition, R::SchedulerActive)
         }

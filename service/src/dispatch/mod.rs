@@ -78,10 +78,6 @@ pub struct Dispatcher {
     config: DispatchConfig,
 }
 
-fn ts_to_jiff(t: Ts) -> jiff::Timestamp {
-    jiff::Timestamp::from_nanosecond(i128::from(t.0)).unwrap_or(jiff::Timestamp::UNIX_EPOCH)
-}
-
 fn spec(d: &Device) -> DeviceSpec<'_> {
     DeviceSpec {
         device_id: d.id.as_str(),
@@ -97,8 +93,8 @@ fn apply_request(a: &Action, clear_native: bool) -> ApplyRequest {
         action_id: a.id.to_string(),
         command: a.command,
         params: a.params,
-        start: ts_to_jiff(a.start),
-        end: a.end.map(ts_to_jiff),
+        start: a.start.to_jiff(),
+        end: a.end.map(Ts::to_jiff),
         clear_native_scheduler: clear_native,
     }
 }

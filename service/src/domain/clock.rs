@@ -39,6 +39,12 @@ impl Ts {
         Ts(self.0.saturating_add(nanos))
     }
 
+    /// As a jiff timestamp (the epoch if out of jiff's range, which no
+    /// stored time is).
+    pub fn to_jiff(self) -> jiff::Timestamp {
+        jiff::Timestamp::from_nanosecond(i128::from(self.0)).unwrap_or(jiff::Timestamp::UNIX_EPOCH)
+    }
+
     /// RFC 3339 rendering, for messages.
     pub fn rfc3339(self) -> String {
         match jiff::Timestamp::from_nanosecond(i128::from(self.0)) {

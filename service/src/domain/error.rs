@@ -153,6 +153,9 @@ pub enum Error {
         device_id: String,
         /// The native rows observed.
         rows: Vec<switchyard_drivers::NativeRow>,
+        /// The protected rows in force during the push's window: no
+        /// strategy can clear them.
+        protected: Vec<switchyard_drivers::NativeRow>,
         /// When they were observed.
         observed_at: Ts,
     },

@@ -101,18 +101,37 @@ fn check_param(
 
 /// Refuses a push up front when the device's last observed state shows an
 /// enabled native scheduler, unless the push authorises clearing it
-/// (CANCEL_AND_REPLACE).
-pub fn preflight(device: &super::Device, strategy: super::Strategy) -> Result<(), Error> {
-    match &device.observed {
-        Some(o) if o.scheduler_active && strategy != super::Strategy::CancelAndReplace => {
-            Err(Error::SchedulerActive {
-                device_id: device.id.to_string(),
-                rows: o.rows.clone(),
-                observed_at: o.at,
-            })
-        }
-        _ => Ok(()),
+/// (CANCEL_AND_REPLACE) and no protected row (which no driver clears) is in
+/// force during the push's window `[start, end)`.
+pub fn preflight(
+    device: &super::Device,
+    strategy: super::Strategy,
+    start: Ts,
+    end: Option<Ts>,
+) -> Result<(), Error> {
+    let Some(o) = device.observed.as_ref().filter(|o| o.scheduler_active) else {
+        return Ok(());
+    };
+    let tz = jiff::tz::TimeZone::get(&device.timezone).unwrap_or(jiff::tz::TimeZone::UTC);
+    let protected: Vec<_> = o
+        .rows
+        .iter()
+        .filter(|r| {
+            r.enabled
+                && r.owner == super::device::RowOwner::Protected
+                && r.meets(start.to_jiff(), end.map(Ts::to_jiff), &tz)
+        })
+        .cloned()
+        .collect();
+    if strategy == super::Strategy::CancelAndReplace && protected.is_empty() {
+        return Ok(());
     }
+    Err(Error::SchedulerActive {
+        device_id: device.id.to_string(),
+        rows: o.rows.clone(),
+        protected,
+        observed_at: o.at,
+    })
 }
 
 /// Validates `input` for a device with `caps`, at `now`, with starts

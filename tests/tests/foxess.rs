@@ -1,0 +1,326 @@
+//! The `foxess` driver through the whole service: devices created over
+//! gRPC with an `api_key_ref`, actions pushed over gRPC, the dispatcher
+//! (driven by the manual clock) writing the FoxESS emulator's scheduler on
+//! 127.0.0.1. Nothing sleeps waiting for a schedule.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+use std::{collections::BTreeMap, io::Write as _, time::Duration};
+
+use switchyard_drivers::foxess::{
+    emulator::{Emulator, EmulatorConfig, EmulatorHandle},
+    wire::{Group, PATH_SET, WorkMode},
+};
+use switchyard_proto::v1::{self as pb, ActionState as St, Command, ConflictStrategy as S};
+use switchyard_tests::{
+    TestServer, action, at_secs, details, get_action, get_device, push, pushed,
+};
+use tonic::Code;
+
+const KEY: &str = "fx-e2e-SECRET-4f1c";
+const SN: &str = "SN-E2E-1";
+const H: i64 = 3600;
+
+/// The test server's T0 (2030-01-01T00:00Z) is 01:00 in Berlin, so an
+/// offset of `h` hours from T0 is local hour `h + 1`.
+const TZ: &str = "Europe/Berlin";
+
+struct Rig {
+    srv: TestServer,
+    emu: EmulatorHandle,
+    key: tempfile::NamedTempFile,
+}
+
+impl Rig {
+    async fn new() -> Self {
+        let mut config = EmulatorConfig::new(KEY, &[SN]);
+        config.min_write_interval = Duration::ZERO;
+        let emu = Emulator::start(config).await.unwrap();
+        let mut key = tempfile::NamedTempFile::new().unwrap();
+        writeln!(key, "{KEY}").unwrap();
+        let srv = TestServer::start().await;
+        let settings = BTreeMap::from([
+            ("base_url".to_owned(), emu.base_url()),
+            (
+                "api_key_ref".to_owned(),
+                format!("file:{}", key.path().display()),
+            ),
+            ("min_write_interval_ms".to_owned(), "0".to_owned()),
+            ("request_timeout_ms".to_owned(), "5000".to_owned()),
+        ]);
+        srv.devices()
+            .create_device(pb::CreateDeviceRequest {
+                device_id: "fox".into(),
+                device: Some(pb::Device {
+                    family: pb::DeviceFamily::Battery as i32,
+                    driver: "foxess".into(),
+                    oem_device_id: SN.into(),
+                    timezone: TZ.into(),
+                    settings,
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await
+            .unwrap();
+        Self { srv, emu, key }
+    }
+
+    /// The emulator's groups as (start, end, mode), sorted.
+    fn windows(&self) -> Vec<(String, String, String)> {
+        let mut w: Vec<_> = self
+            .emu
+            .groups(SN)
+            .iter()
+            .filter(|g| !g.is_placeholder())
+            .map(|g| (g.start_hhmm(), g.end_hhmm(), g.work_mode.clone()))
+            .collect();
+        w.sort();
+        w
+    }
+}
+
+fn w(s: &str, e: &str, m: WorkMode) -> (String, String, String) {
+    (s.to_owned(), e.to_owned(), m.as_str().to_owned())
+}
+
+fn g(sh: i64, sm: i64, eh: i64, em: i64, mode: WorkMode) -> Group {
+    Group {
+        enable: 1,
+        start_hour: sh,
+        start_minute: sm,
+        end_hour: eh,
+        end_minute: em,
+        work_mode: mode.as_str().to_owned(),
+        min_soc_on_grid: 10,
+        fd_soc: 20,
+        fd_pwr: 3000,
+    }
+}
+
+#[tokio::test]
+async fn a_window_across_local_midnight_is_written_as_two_groups_and_removed_at_its_end() {
+    let rig = Rig::new().await;
+    let keep = g(10, 0, 11, 0, WorkMode::Feedin);
+    rig.emu.seed_groups(SN, vec![keep.clone()]);
+    // 23:00 → 01:00 local.
+    let a = pushed(
+        &rig.srv,
+        push(
+            "fox",
+            action(Command::Charge, Some(22 * H), Some(24 * H)),
+            S::Unspecified,
+        ),
+    )
+    .await;
+    assert_eq!(a.state, St::Scheduled as i32);
+    // Before its start nothing is written.
+    at_secs(&rig.srv, 22 * H - 60);
+    rig.srv.dispatch().await;
+    assert_eq!(rig.emu.successful_calls(PATH_SET), 0);
+
+    at_secs(&rig.srv, 22 * H);
+    rig.srv.dispatch().await;
+    let active = get_action(&rig.srv, "fox", &a.action_id).await;
+    assert_eq!(active.state, St::Active as i32, "{active:?}");
+    assert!(!active.oem_response.is_empty(), "the OEM's answer is kept");
+    assert_eq!(
+        rig.windows(),
+        vec![
+            w("00:00", "01:00", WorkMode::ForceCharge),
+            w("10:00", "11:00", WorkMode::Feedin),
+            w("23:00", "23:59", WorkMode::ForceCharge),
+        ]
+    );
+
+    at_secs(&rig.srv, 24 * H);
+    rig.srv.dispatch().await;
+    let done = get_action(&rig.srv, "fox", &a.action_id).await;
+    assert_eq!(done.state, St::Completed as i32, "{done:?}");
+    assert_eq!(
+        rig.windows(),
+        vec![w("10:00", "11:00", WorkMode::Feedin)],
+        "the revert removes only our groups"
+    );
+    assert!(rig.emu.groups(SN).contains(&keep));
+}
+
+#[tokio::test]
+async fn cancel_and_replace_clears_the_foxess_scheduler_keeping_what_does_not_collide() {
+    let rig = Rig::new().await;
+    let foreign = g(3, 0, 4, 0, WorkMode::SelfUse);
+    let keep = g(10, 0, 11, 0, WorkMode::Feedin);
+    rig.emu.seed_groups(SN, vec![foreign.clone(), keep.clone()]);
+    rig.emu.set_flag(SN, true);
+    rig.srv.dispatch().await; // observe: the scheduler is on
+
+    let dev = get_device(&rig.srv, "fox").await;
+    let observed = dev.observed_state.unwrap();
+    assert!(observed.scheduler_active);
+    assert_eq!(observed.native_rows.len(), 2);
+
+    // 02:00 → 05:00 local, over the foreign 03:00-04:00 group.
+    let window = || action(Command::Charge, Some(H), Some(4 * H));
+    let st = rig
+        .srv
+        .actions()
+        .push_action(push("fox", window(), S::Unspecified))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::FailedPrecondition);
+    let d = details(&st);
+    assert_eq!(d.reason(), "SCHEDULER_ACTIVE");
+    let detail = d.scheduler.expect("SchedulerDetail");
+    assert_eq!(detail.rows.len(), 2);
+    assert!(
+        detail
+            .rows
+            .iter()
+            .all(|r| r.owner == pb::NativeRowOwner::Foreign as i32)
+    );
+    assert_eq!(detail.strategies, [S::CancelAndReplace as i32]);
+    assert_eq!(rig.emu.groups(SN), vec![foreign.clone(), keep.clone()]);
+
+    let a = pushed(&rig.srv, push("fox", window(), S::CancelAndReplace)).await;
+    at_secs(&rig.srv, H);
+    rig.srv.dispatch().await;
+    let active = get_action(&rig.srv, "fox", &a.action_id).await;
+    assert_eq!(active.state, St::Active as i32, "{active:?}");
+    assert_eq!(
+        rig.windows(),
+        vec![
+            w("02:00", "05:00", WorkMode::ForceCharge),
+            w("10:00", "11:00", WorkMode::Feedin),
+        ],
+        "the colliding foreign group is cleared, the other kept"
+    );
+    // The device was observed again after clearing.
+    let rows = get_device(&rig.srv, "fox")
+        .await
+        .observed_state
+        .unwrap()
+        .native_rows;
+    assert!(
+        rows.iter()
+            .any(|r| r.owner == pb::NativeRowOwner::Ours as i32 && r.start_time_of_day == "02:00"),
+        "{rows:?}"
+    );
+
+    at_secs(&rig.srv, 4 * H);
+    rig.srv.dispatch().await;
+    assert_eq!(
+        get_action(&rig.srv, "fox", &a.action_id).await.state,
+        St::Completed as i32
+    );
+    assert_eq!(rig.emu.groups(SN), vec![keep]);
+}
+
+#[tokio::test]
+async fn a_protected_backup_group_is_named_up_front_and_never_cleared() {
+    let rig = Rig::new().await;
+    let backup = g(3, 0, 4, 0, WorkMode::Backup);
+    rig.emu.seed_groups(SN, vec![backup.clone()]);
+    rig.emu.set_flag(SN, true);
+    rig.srv.dispatch().await;
+    // Even CANCEL_AND_REPLACE cannot clear it: refused at push, saying so.
+    let st = rig
+        .srv
+        .actions()
+        .push_action(push(
+            "fox",
+            action(Command::Charge, Some(H), Some(4 * H)),
+            S::CancelAndReplace,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::FailedPrecondition);
+    let d = details(&st);
+    assert_eq!(d.reason(), "SCHEDULER_ACTIVE");
+    assert_eq!(d.meta("protected_row_count"), "1");
+    let detail = d.scheduler.expect("SchedulerDetail");
+    assert!(detail.strategies.is_empty(), "no strategy can clear it");
+    assert_eq!(detail.rows[0].owner, pb::NativeRowOwner::Protected as i32);
+    // A window clear of it can still clear the scheduler.
+    let a = pushed(
+        &rig.srv,
+        push(
+            "fox",
+            action(Command::Charge, Some(5 * H), Some(6 * H)),
+            S::CancelAndReplace,
+        ),
+    )
+    .await;
+    at_secs(&rig.srv, 5 * H);
+    rig.srv.dispatch().await;
+    assert_eq!(
+        get_action(&rig.srv, "fox", &a.action_id).await.state,
+        St::Active as i32
+    );
+    assert!(rig.emu.groups(SN).contains(&backup));
+}
+
+#[tokio::test]
+async fn a_rate_limited_answer_backs_off_by_its_retry_after_then_applies() {
+    let rig = Rig::new().await;
+    rig.srv.dispatch().await;
+    let a = pushed(
+        &rig.srv,
+        push(
+            "fox",
+            action(Command::Charge, Some(H), Some(3 * H)),
+            S::Unspecified,
+        ),
+    )
+    .await;
+    rig.emu.fail_next_errno(1, 40400, "request too frequent");
+    at_secs(&rig.srv, H);
+    rig.srv.dispatcher().drain().await.unwrap();
+    let waiting = get_action(&rig.srv, "fox", &a.action_id).await;
+    assert_eq!(waiting.state, St::Acknowledged as i32, "{waiting:?}");
+    assert!(waiting.error_message.starts_with("retrying"), "{waiting:?}");
+    assert!(waiting.error_code.is_empty());
+    assert_eq!(rig.emu.successful_calls(PATH_SET), 0);
+
+    // FoxESS gives no retry-after; the driver's is 60 s, longer than the
+    // dispatcher's first backoff (2 s): nothing is tried before it.
+    at_secs(&rig.srv, H + 30);
+    rig.srv.dispatcher().drain().await.unwrap();
+    assert_eq!(rig.emu.successful_calls(PATH_SET), 0);
+    assert_eq!(
+        get_action(&rig.srv, "fox", &a.action_id).await.state,
+        St::Acknowledged as i32
+    );
+
+    at_secs(&rig.srv, H + 60);
+    rig.srv.dispatcher().drain().await.unwrap();
+    let active = get_action(&rig.srv, "fox", &a.action_id).await;
+    assert_eq!(active.state, St::Active as i32, "{active:?}");
+    assert!(active.error_message.is_empty());
+    assert_eq!(
+        rig.windows(),
+        vec![w("02:00", "04:00", WorkMode::ForceCharge)]
+    );
+}
+
+#[tokio::test]
+async fn an_unreadable_key_fails_the_action_as_misconfigured_without_echoing_it() {
+    let rig = Rig::new().await;
+    let path = rig.key.path().to_owned();
+    std::fs::remove_file(&path).unwrap();
+    let a = pushed(
+        &rig.srv,
+        push("fox", action(Command::Charge, None, None), S::Unspecified),
+    )
+    .await;
+    rig.srv.dispatcher().drain().await.unwrap();
+    let f = get_action(&rig.srv, "fox", &a.action_id).await;
+    assert_eq!(
+        (f.state, f.error_code.as_str()),
+        (St::Failed as i32, "DEVICE_MISCONFIGURED"),
+        "{f:?}"
+    );
+    assert!(f.error_message.contains("api_key_ref"), "{f:?}");
+    assert!(!format!("{f:?}").contains(KEY));
+    let dev = get_device(&rig.srv, "fox").await;
+    assert!(!format!("{dev:?}").contains(KEY));
+}
