@@ -432,3 +432,108 @@ async fn cancel_and_replace_authorises_clearing_the_native_scheduler() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn claimed_work_is_next_due_when_its_lease_runs_out() {
+    let srv = TestServer::start().await;
+    sim_device(&srv, "b", &[]).await;
+    pushed(
+        &srv,
+        push(
+            "b",
+            action(Command::Charge, Some(H), Some(2 * H)),
+            S::Unspecified,
+        ),
+    )
+    .await;
+    let store = &srv.app.store;
+    assert_eq!(
+        store.next_due().await.unwrap(),
+        Some(Ts((switchyard_tests::T0 + H) * SEC))
+    );
+    at_secs(&srv, H);
+    assert_eq!(
+        store
+            .claim_due(srv.clock_now(), 10, 120 * SEC)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    // Due since H, but held: a dispatcher sleeps until the lease lapses
+    // instead of spinning on it.
+    assert_eq!(
+        store.next_due().await.unwrap(),
+        Some(Ts((switchyard_tests::T0 + H + 120) * SEC))
+    );
+}
+
+#[tokio::test]
+async fn one_outcome_that_cannot_be_recorded_does_not_lose_the_others() {
+    let srv = TestServer::start().await;
+    sim_device(&srv, "b", &[]).await;
+    let a = pushed(
+        &srv,
+        push("b", action(Command::Charge, None, None), S::Unspecified),
+    )
+    .await;
+    let jobs = srv
+        .app
+        .store
+        .claim_due(srv.clock_now(), 10, 120 * SEC)
+        .await
+        .unwrap();
+    assert_eq!(jobs.len(), 1);
+    let mut ghost = jobs[0].clone();
+    ghost.action.id = switchyard::domain::ActionId::generate();
+    let applied = || switchyard::store::Finish::Applied { raw: "ok".into() };
+    srv.app
+        .store
+        .finish_many(vec![(ghost, applied()), (jobs[0].clone(), applied())])
+        .await
+        .unwrap();
+    assert_eq!(
+        get(&srv, "b", &a.action_id).await.state,
+        St::Completed as i32
+    );
+}
+
+#[tokio::test]
+async fn a_forced_delete_waits_for_an_owed_revert() {
+    let srv = TestServer::start().await;
+    sim_device(&srv, "b", &[]).await;
+    let a = pushed(
+        &srv,
+        push(
+            "b",
+            action(Command::Charge, Some(H), Some(2 * H)),
+            S::Unspecified,
+        ),
+    )
+    .await;
+    at_secs(&srv, H);
+    srv.dispatch().await;
+    srv.actions()
+        .cancel_action(pb::CancelActionRequest {
+            device_id: "b".into(),
+            action_id: a.action_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(mode(&srv, "b"), "CHARGE", "the revert has not run yet");
+    let delete = || pb::DeleteDeviceRequest {
+        device_id: "b".into(),
+        force: true,
+        ..Default::default()
+    };
+    let st = srv.devices().delete_device(delete()).await.unwrap_err();
+    assert_eq!(st.code(), Code::FailedPrecondition);
+    let d = details(&st);
+    assert_eq!(d.reason(), "DEVICE_HAS_ACTIVE_ACTIONS");
+    assert!(d.meta("in_flight_action_ids").contains(&a.action_id));
+    // Once reverted, the forced delete goes through.
+    srv.dispatch().await;
+    assert_ne!(mode(&srv, "b"), "CHARGE");
+    srv.devices().delete_device(delete()).await.unwrap();
+}

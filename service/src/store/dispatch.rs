@@ -151,10 +151,13 @@ impl Store {
             .collect()
     }
 
-    /// When the next work falls due, if any (for the dispatcher's sleep).
+    /// When the next work can be claimed, if any (for the dispatcher's
+    /// sleep): claimed work counts from when its lease runs out, so a
+    /// dispatcher never spins on work another one holds.
     pub async fn next_due(&self) -> Result<Option<Ts>, Error> {
-        let due: Option<i64> =
-            sqlx::query_scalar("SELECT MIN(due_ns) FROM actions WHERE work != 'NONE'")
+        let due: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(MAX(due_ns, COALESCE(lease_until_ns, due_ns))) FROM actions WHERE work != 'NONE'",
+        )
                 .fetch_one(&self.read)
                 .await
                 .map_err(db_err)?;
@@ -174,7 +177,28 @@ impl Store {
         let mut tx = self.begin().await?;
         let now = self.clock.now();
         for (job, result) in results {
-            finish_one(&mut tx, &job, result, now).await?;
+            // One record that cannot be written (its action was deleted
+            // meanwhile, say) must not lose the others: each is its own
+            // savepoint, and a failed one is left to its lease.
+            sqlx::query("SAVEPOINT finish_one")
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            match finish_one(&mut tx, &job, result, now).await {
+                Ok(()) => {}
+                Err(e @ Error::StorageUnavailable(_)) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(action_id = %job.action.id, error = %e, "dispatch outcome not recorded");
+                    sqlx::query("ROLLBACK TO finish_one")
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_err)?;
+                }
+            }
+            sqlx::query("RELEASE finish_one")
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
         }
         tx.commit().await.map_err(db_err)?;
         Ok(())

@@ -480,7 +480,7 @@ impl Store {
 
     /// Deletes a device and its actions. Refused while actions hold a
     /// channel, unless `force` (which cancels the SCHEDULED ones); in-flight
-    /// actions always block.
+    /// actions, and cancelled ones whose revert is still owed, always block.
     pub async fn delete_device(
         &self,
         tenant: &TenantId,
@@ -507,9 +507,12 @@ impl Store {
             },
         )
         .await?;
+        // A cancelled action still listed here has a revert owed: deleting
+        // it would leave its override in force, so it blocks like one the
+        // OEM is executing.
         let in_flight: Vec<ActionId> = holding
             .iter()
-            .filter(|a| a.state.in_flight())
+            .filter(|a| a.state.in_flight() || a.state == ActionState::Cancelled)
             .map(|a| a.id)
             .collect();
         if !holding.is_empty() && (!force || !in_flight.is_empty()) {
