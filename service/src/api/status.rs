@@ -165,7 +165,7 @@ pub fn to_status(e: Error) -> Status {
                 if in_flight.is_empty() {
                     "cancel its actions first, or delete with force".into()
                 } else {
-                    "some actions are in flight; wait for them to finish".into()
+                    "some actions are in flight or owe a revert; wait for them to finish".into()
                 },
             ));
             meta.insert("device_id".into(), device_id);
