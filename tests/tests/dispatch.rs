@@ -537,3 +537,104 @@ async fn a_forced_delete_waits_for_an_owed_revert() {
     assert_ne!(mode(&srv, "b"), "CHARGE");
     srv.devices().delete_device(delete()).await.unwrap();
 }
+
+/// The background loop over `srv`, polling at most every `poll`; stops
+/// when the returned sender is dropped or fires.
+fn run_loop(
+    srv: &TestServer,
+    poll: std::time::Duration,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let config = switchyard::dispatch::DispatchConfig {
+        poll,
+        ..Default::default()
+    };
+    let d = switchyard::server::dispatcher(&srv.app, config);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(d.run(async {
+        let _ = stopped.await;
+    }));
+    (stop, task)
+}
+
+/// Waits (bounded, in real time) until the action is in `want`.
+async fn until_state(srv: &TestServer, device: &str, id: &str, want: St) -> pb::Action {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let a = get(srv, device, id).await;
+        if a.state == want as i32 {
+            return a;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not {want:?} after 10 s: {a:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_loop_applies_an_immediate_push_at_once_when_woken() {
+    let srv = TestServer::start().await;
+    sim_device(&srv, "b", &[("latency_ms", "0")]).await;
+    // A poll far longer than the test: only the push's wake-up can explain
+    // the action being applied.
+    let (stop, task) = run_loop(&srv, std::time::Duration::from_secs(3600));
+    let a = pushed(
+        &srv,
+        push(
+            "b",
+            action(Command::AutoReserve, None, None),
+            S::Unspecified,
+        ),
+    )
+    .await;
+    until_state(&srv, "b", &a.action_id, St::Completed).await;
+    assert_eq!(mode(&srv, "b"), "AUTO_RESERVE");
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn the_loop_applies_at_the_start_and_reverts_at_the_end() {
+    let srv = TestServer::start().await;
+    sim_device(&srv, "b", &[("latency_ms", "0")]).await;
+    sim_device(&srv, "c", &[("latency_ms", "0")]).await;
+    let (stop, task) = run_loop(&srv, std::time::Duration::from_millis(20));
+    let a = pushed(
+        &srv,
+        push(
+            "b",
+            action(Command::Charge, Some(H), Some(2 * H)),
+            S::Unspecified,
+        ),
+    )
+    .await;
+    // Once a later immediate push is done, the loop has had its chance at
+    // the windowed one: still waiting for its start.
+    let marker = pushed(
+        &srv,
+        push(
+            "c",
+            action(Command::AutoReserve, None, None),
+            S::Unspecified,
+        ),
+    )
+    .await;
+    until_state(&srv, "c", &marker.action_id, St::Completed).await;
+    assert_eq!(
+        get(&srv, "b", &a.action_id).await.state,
+        St::Scheduled as i32
+    );
+
+    at_secs(&srv, H);
+    until_state(&srv, "b", &a.action_id, St::Active).await;
+    assert_eq!(mode(&srv, "b"), "CHARGE");
+    at_secs(&srv, 2 * H);
+    until_state(&srv, "b", &a.action_id, St::Completed).await;
+    assert_eq!(mode(&srv, "b"), "AUTO_BALANCED");
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}
