@@ -2,7 +2,6 @@
 
 use std::collections::BTreeMap;
 
-use switchyard_drivers::DeviceSpec;
 use switchyard_proto::v1::{self as pb, device_service_server::DeviceService};
 use tonic::{Request, Response, Status};
 
@@ -56,13 +55,7 @@ fn check_device(app: &App, d: &Device, out: &mut Vec<FieldViolation>) {
         // has keeps working for reads and has no capabilities.
         return;
     };
-    if let Err(e) = factory.capabilities(&DeviceSpec {
-        device_id: d.id.as_str(),
-        family: d.family,
-        oem_device_id: &d.oem_device_id,
-        timezone: &d.timezone,
-        settings: &d.settings,
-    }) {
+    if let Err(e) = factory.capabilities(&d.spec()) {
         let (field, reason) = match e.key() {
             Some(k) => (format!("device.settings[{k:?}]"), Reason::InvalidSettings),
             None => ("device.family".to_owned(), Reason::InvalidField),

@@ -10,7 +10,7 @@ use std::{future::Future, sync::Arc};
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use prost::Message;
-use switchyard_drivers::{Capabilities, DeviceSpec, Registry};
+use switchyard_drivers::{Capabilities, Registry};
 
 use crate::{
     domain::{Clock, Device, DeviceId, Error, FieldViolation, Reason, TenantId, Ts},
@@ -49,14 +49,7 @@ impl App {
     /// settings are no longer valid.
     pub fn capabilities(&self, d: &Device) -> Option<Capabilities> {
         let f = self.registry.get(&d.driver)?;
-        f.capabilities(&DeviceSpec {
-            device_id: d.id.as_str(),
-            family: d.family,
-            oem_device_id: &d.oem_device_id,
-            timezone: &d.timezone,
-            settings: &d.settings,
-        })
-        .ok()
+        f.capabilities(&d.spec()).ok()
     }
 
     /// Runs a mutation under `request_id` idempotency: the same key with the

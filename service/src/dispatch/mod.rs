@@ -17,7 +17,7 @@ mod budget;
 
 use std::{sync::Arc, time::Duration};
 
-use switchyard_drivers::{ApplyRequest, DeviceSpec, Driver, Registry, RevertRequest};
+use switchyard_drivers::{ApplyRequest, Driver, Registry, RevertRequest};
 use tokio::sync::Notify;
 
 use crate::{
@@ -76,16 +76,6 @@ pub struct Dispatcher {
     budgets: Arc<Budgets>,
     wake: Arc<Notify>,
     config: DispatchConfig,
-}
-
-fn spec(d: &Device) -> DeviceSpec<'_> {
-    DeviceSpec {
-        device_id: d.id.as_str(),
-        family: d.family,
-        oem_device_id: &d.oem_device_id,
-        timezone: &d.timezone,
-        settings: &d.settings,
-    }
 }
 
 fn apply_request(a: &Action, clear_native: bool) -> ApplyRequest {
@@ -155,7 +145,7 @@ impl Dispatcher {
             .registry
             .get(&d.driver)
             .ok_or_else(|| format!("no driver {:?} in this build", d.driver))?;
-        factory.build(&spec(d)).map_err(|e| e.to_string())
+        factory.build(&d.spec()).map_err(|e| e.to_string())
     }
 
     /// Claims the work due now and runs it; returns how many jobs ran.
@@ -246,6 +236,41 @@ impl Dispatcher {
         }
     }
 
+    /// The device and driver `job` runs on, with a token of the OEM
+    /// account's rate budget taken; or what to record instead: the driver
+    /// cannot be built (`misconfigured`), or the budget is spent (the work
+    /// is postponed until a token is free).
+    async fn prepare(
+        &self,
+        job: &Job,
+        now: Ts,
+        misconfigured: impl FnOnce(String) -> Finish,
+    ) -> Result<Result<(Device, Arc<dyn Driver>), Finish>, Error> {
+        let Some(device) = self
+            .store
+            .device_for(&job.tenant, &job.action.device_id)
+            .await?
+        else {
+            return Err(Error::Internal(format!(
+                "device of action {} is gone",
+                job.action.id
+            )));
+        };
+        let driver = match self.driver(&device) {
+            Ok(d) => d,
+            Err(why) => return Ok(Err(misconfigured(why))),
+        };
+        if let Err(at) = self.budgets.take(
+            &driver.account(),
+            device.id.as_str(),
+            &driver.capabilities().rate_budget,
+            now,
+        ) {
+            return Ok(Err(Finish::Postpone { due: at }));
+        }
+        Ok(Ok((device, driver)))
+    }
+
     async fn apply(&self, job: &Job) -> Result<Done, Error> {
         let action = &job.action;
         let now = self.clock.now();
@@ -261,28 +286,13 @@ impl Dispatcher {
                 None,
             )));
         }
-        let Some(device) = self
-            .store
-            .device_for(&job.tenant, &action.device_id)
+        let (device, driver) = match self
+            .prepare(job, now, |why| fail(codes::DEVICE_MISCONFIGURED, why, None))
             .await?
-        else {
-            return Err(Error::Internal(format!(
-                "device of action {} is gone",
-                action.id
-            )));
+        {
+            Ok(ready) => ready,
+            Err(instead) => return Ok(Done::just(instead)),
         };
-        let driver = match self.driver(&device) {
-            Ok(d) => d,
-            Err(why) => return Ok(Done::just(fail(codes::DEVICE_MISCONFIGURED, why, None))),
-        };
-        if let Err(at) = self.budgets.take(
-            &driver.account(),
-            device.id.as_str(),
-            &driver.capabilities().rate_budget,
-            now,
-        ) {
-            return Ok(Done::just(Finish::Postpone { due: at }));
-        }
         let req = apply_request(action, job.clear_native);
         Ok(match driver.apply(&req).await {
             Ok(out) => Done {
@@ -349,28 +359,13 @@ impl Dispatcher {
                 }
             }
         };
-        let Some(device) = self
-            .store
-            .device_for(&job.tenant, &action.device_id)
+        let driver = match self
+            .prepare(job, now, |why| retry_or_fail(why, None, 0))
             .await?
-        else {
-            return Err(Error::Internal(format!(
-                "device of action {} is gone",
-                action.id
-            )));
+        {
+            Ok((_, driver)) => driver,
+            Err(instead) => return Ok(Done::just(instead)),
         };
-        let driver = match self.driver(&device) {
-            Ok(d) => d,
-            Err(why) => return Ok(Done::just(retry_or_fail(why, None, 0))),
-        };
-        if let Err(at) = self.budgets.take(
-            &driver.account(),
-            device.id.as_str(),
-            &driver.capabilities().rate_budget,
-            now,
-        ) {
-            return Ok(Done::just(Finish::Postpone { due: at }));
-        }
         let req = RevertRequest {
             applied: apply_request(action, job.clear_native),
         };

@@ -36,6 +36,17 @@ impl Device {
     pub fn etag(&self) -> String {
         super::etag(self.id.as_str(), self.revision)
     }
+
+    /// What a driver needs to know of the device.
+    pub fn spec(&self) -> switchyard_drivers::DeviceSpec<'_> {
+        switchyard_drivers::DeviceSpec {
+            device_id: self.id.as_str(),
+            family: self.family,
+            oem_device_id: &self.oem_device_id,
+            timezone: &self.timezone,
+            settings: &self.settings,
+        }
+    }
 }
 
 /// Checks an IANA time zone name.
