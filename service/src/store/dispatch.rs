@@ -170,16 +170,35 @@ impl Store {
     }
 
     /// Records what came of several jobs, in one transaction.
+    ///
+    /// One record that cannot be written (its action was deleted
+    /// meanwhile, say) must not lose the others. The batch is first
+    /// written straight through; if a record fails, the transaction is
+    /// rolled back and written again with each record in its own
+    /// savepoint, and a failed one is left to its lease.
     pub async fn finish_many(&self, results: Vec<(Job, Finish)>) -> Result<(), Error> {
         if results.is_empty() {
             return Ok(());
         }
-        let mut tx = self.begin().await?;
         let now = self.clock.now();
+        let mut tx = self.begin().await?;
+        let mut clean = true;
+        for (job, result) in &results {
+            match finish_one(&mut tx, job, result.clone(), now).await {
+                Ok(()) => {}
+                Err(e @ Error::StorageUnavailable(_)) => return Err(e),
+                Err(_) => {
+                    clean = false;
+                    break;
+                }
+            }
+        }
+        if clean {
+            return tx.commit().await.map_err(db_err);
+        }
+        tx.rollback().await.map_err(db_err)?;
+        let mut tx = self.begin().await?;
         for (job, result) in results {
-            // One record that cannot be written (its action was deleted
-            // meanwhile, say) must not lose the others: each is its own
-            // savepoint, and a failed one is left to its lease.
             sqlx::query("SAVEPOINT finish_one")
                 .execute(&mut *tx)
                 .await
@@ -295,14 +314,28 @@ async fn finish_one(
         a.state = to;
         a.revision += 1;
         a.updated = now;
-        rows::update_action_state(tx, &job.tenant, &a).await?;
-        rows::set_work(tx, &job.tenant, &a.id, work, due, attempts).await?;
-        sqlx::query("UPDATE actions SET oem_raw = COALESCE(?, oem_raw) WHERE action_id = ?")
-            .bind(raw)
-            .bind(a.id.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
+        // One statement: the outcome, what is owed next, and the claim
+        // released.
+        sqlx::query(
+            "UPDATE actions SET state = ?, error_code = ?, error_message = ?, revision = ?, update_ns = ?,
+               work = ?, due_ns = ?, attempts = ?, lease_until_ns = NULL, lease_owner = NULL,
+               oem_raw = COALESCE(?, oem_raw)
+             WHERE tenant_id = ? AND action_id = ?",
+        )
+        .bind(a.state.as_str())
+        .bind(&a.error_code)
+        .bind(&a.error_message)
+        .bind(a.revision)
+        .bind(a.updated.0)
+        .bind(work.map_or("NONE", |w| w.as_str()))
+        .bind(due.map(|d| d.0))
+        .bind(attempts)
+        .bind(raw)
+        .bind(job.tenant.as_str())
+        .bind(a.id.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
         if to != from {
             rows::audit(
                 tx,

@@ -297,7 +297,7 @@ pub(super) async fn set_work(
     attempts: i64,
 ) -> Result<(), Error> {
     sqlx::query(
-        "UPDATE actions SET work = ?, due_ns = ?, attempts = ?, lease_until_ns = NULL
+        "UPDATE actions SET work = ?, due_ns = ?, attempts = ?, lease_until_ns = NULL, lease_owner = NULL
          WHERE tenant_id = ? AND action_id = ?",
     )
     .bind(work.map_or("NONE", |w| w.as_str()))

@@ -107,4 +107,20 @@ ALTER TABLE devices ADD COLUMN observed TEXT;
 ALTER TABLE devices ADD COLUMN observed_ns INTEGER;
 "#,
     ),
+    (
+        3,
+        r#"
+-- Only owed work is indexed for the dispatcher, so claiming due work and
+-- finding the next due time cost the same however long the history of
+-- finished actions grows (the index on (work, due_ns) could not serve
+-- work != 'NONE' and every round scanned the table). A finished action's
+-- claim is released (lease_owner NULL), so the lease index holds only
+-- claimed rows.
+DROP INDEX actions_due;
+CREATE INDEX actions_owed ON actions (due_ns) WHERE work != 'NONE';
+UPDATE actions SET lease_owner = NULL, lease_until_ns = NULL WHERE work = 'NONE';
+DROP INDEX actions_lease;
+CREATE INDEX actions_leased ON actions (lease_owner) WHERE lease_owner IS NOT NULL;
+"#,
+    ),
 ];
