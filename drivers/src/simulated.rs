@@ -150,6 +150,9 @@ struct SimDevice {
     mode: String,
     /// The action whose command is in force, if any.
     applied_by: Option<String>,
+    /// An EV charger's power limit (its own channel, independent of the
+    /// mode): the action that set it and the limit in watts.
+    power_limit: Option<(String, f64)>,
     /// Signed power in watts (charge > 0).
     power_w: f64,
     soc: f64,
@@ -177,6 +180,14 @@ pub struct SimulatedFactory {
 }
 
 impl SimulatedFactory {
+    /// The power limit in force on a simulated EV charger (watts) and the
+    /// action that set it, as the device sees it (for tests).
+    pub fn power_limit(&self, device_id: &str) -> Option<(f64, String)> {
+        let devices = self.devices.lock().ok()?;
+        let (id, w) = devices.get(device_id)?.power_limit.clone()?;
+        Some((w, id))
+    }
+
     /// The mode in force on a simulated device and the action that put it
     /// there, as the device sees it (for tests).
     pub fn observe(&self, device_id: &str) -> Option<(String, Option<String>, u64)> {
@@ -295,6 +306,7 @@ impl Simulated {
             .or_insert_with(|| SimDevice {
                 mode: REST_MODE.to_owned(),
                 applied_by: None,
+                power_limit: None,
                 power_w: 0.0,
                 soc: self.settings.initial_soc,
                 at: Instant::now(),
@@ -405,6 +417,14 @@ impl Driver for Simulated {
                 }
                 d.native_cleared = true;
             }
+            if req.command == Command::EvPowerLimit {
+                let w = req.params.power_watts().unwrap_or(max).min(max);
+                d.power_limit = Some((req.action_id.clone(), w));
+                return Ok(Outcome {
+                    verified: true,
+                    raw: format!("simulated: power limit {w} W in force"),
+                });
+            }
             d.mode = req.command.as_str().to_owned();
             d.applied_by = Some(req.action_id.clone());
             let p = req.params.power_watts().unwrap_or(max).min(max);
@@ -427,7 +447,17 @@ impl Driver for Simulated {
             return Err(e);
         }
         self.with(|d| {
-            // Undo only our own write: a later action may have replaced it.
+            // Undo only our own write: a later action may have replaced
+            // it. Each channel is undone on its own.
+            if req.applied.command == Command::EvPowerLimit {
+                if d.power_limit.as_ref().map(|(id, _)| id) == Some(&req.applied.action_id) {
+                    d.power_limit = None;
+                }
+                return Outcome {
+                    verified: true,
+                    raw: "simulated: no power limit in force".to_owned(),
+                };
+            }
             if d.applied_by.as_deref() == Some(req.applied.action_id.as_str()) {
                 d.mode = REST_MODE.to_owned();
                 d.applied_by = None;
@@ -495,5 +525,46 @@ mod tests {
             POWER_LIMIT_CHANNEL
         );
         assert!(caps.command(Command::Discharge).is_none());
+    }
+
+    fn apply_request(id: &str, command: Command, power_w: Option<f64>) -> ApplyRequest {
+        ApplyRequest {
+            action_id: id.to_owned(),
+            command,
+            params: crate::model::Params {
+                power: power_w.map(|value| crate::model::Quantity {
+                    value,
+                    unit: Unit::Watt,
+                }),
+                target_soc: None,
+                reserve_soc: None,
+            },
+            start: jiff::Timestamp::UNIX_EPOCH,
+            end: None,
+            clear_native_scheduler: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_ev_power_limit_and_the_mode_are_applied_and_reverted_on_their_own() {
+        let s = BTreeMap::from([("latency_ms".to_owned(), "0".to_owned())]);
+        let f = SimulatedFactory::default();
+        let d = f.build(&spec(Family::EvCharger, &s)).unwrap();
+        let charge = apply_request("a1", Command::Charge, Some(7000.0));
+        let limit = apply_request("a2", Command::EvPowerLimit, Some(3600.0));
+        d.apply(&charge).await.unwrap();
+        d.apply(&limit).await.unwrap();
+        assert_eq!(f.observe("d").unwrap().0, "CHARGE");
+        assert_eq!(f.power_limit("d"), Some((3600.0, "a2".to_owned())));
+
+        // Undoing the limit leaves the mode in force, and the other way round.
+        d.revert(&RevertRequest { applied: limit }).await.unwrap();
+        assert_eq!(f.power_limit("d"), None);
+        assert_eq!(f.observe("d").unwrap().0, "CHARGE");
+        let limit = apply_request("a3", Command::EvPowerLimit, Some(2000.0));
+        d.apply(&limit).await.unwrap();
+        d.revert(&RevertRequest { applied: charge }).await.unwrap();
+        assert_eq!(f.observe("d").unwrap().0, REST_MODE);
+        assert_eq!(f.power_limit("d"), Some((2000.0, "a3".to_owned())));
     }
 }
