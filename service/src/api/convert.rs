@@ -342,6 +342,7 @@ pub fn action_to_proto(a: &Action) -> pb::Action {
         error_code,
         error_message,
         oem_response,
+        verified,
         revision: _,
         created,
         updated,
@@ -365,5 +366,6 @@ pub fn action_to_proto(a: &Action) -> pb::Action {
         etag: a.etag(),
         channel: channel.clone(),
         oem_response: oem_response.clone().unwrap_or_default(),
+        verified: *verified,
     }
 }

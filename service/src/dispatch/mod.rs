@@ -296,7 +296,10 @@ impl Dispatcher {
         let req = apply_request(action, job.clear_native);
         Ok(match driver.apply(&req).await {
             Ok(out) => Done {
-                finish: Finish::Applied { raw: out.raw },
+                finish: Finish::Applied {
+                    raw: out.raw,
+                    verified: out.verified,
+                },
                 // A cleared native scheduler changes what pushes may do.
                 observe: job
                     .clear_native
@@ -370,7 +373,10 @@ impl Dispatcher {
             applied: apply_request(action, job.clear_native),
         };
         let result = match driver.revert(&req).await {
-            Ok(out) => Finish::Reverted { raw: out.raw },
+            Ok(out) => Finish::Reverted {
+                raw: out.raw,
+                verified: out.verified,
+            },
             Err(e) => retry_or_fail(
                 e.to_string(),
                 e.raw.clone(),

@@ -144,6 +144,9 @@ pub struct Action {
     pub error_message: Option<String>,
     /// The OEM's last raw answer (diagnostics).
     pub oem_response: Option<String>,
+    /// The driver read the device back after the last write for this
+    /// action (its apply, then its revert) and found it as intended.
+    pub verified: bool,
     /// Incremented on every change; the etag.
     pub revision: i64,
     /// Booking time.

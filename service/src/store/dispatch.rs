@@ -39,12 +39,16 @@ pub enum Finish {
     Applied {
         /// The OEM's answer.
         raw: String,
+        /// Read back and found in force.
+        verified: bool,
     },
     /// The command was undone: ACTIVE → COMPLETED (a cancelled one stays
     /// CANCELLED).
     Reverted {
         /// The OEM's answer.
         raw: String,
+        /// Read back and found undone.
+        verified: bool,
     },
     /// Try again at `due` (attempts counted).
     Retry {
@@ -253,25 +257,29 @@ async fn finish_one(
             String,
             Option<String>,
         ) = match result {
-            Finish::Applied { raw } => match a.end {
-                Some(end) => (
-                    ActionState::Active,
-                    Some(Work::Revert),
-                    Some(end),
-                    0,
-                    "APPLIED".into(),
-                    Some(raw),
-                ),
-                None => (
-                    ActionState::Completed,
-                    None,
-                    None,
-                    0,
-                    "APPLIED".into(),
-                    Some(raw),
-                ),
-            },
-            Finish::Reverted { raw } => {
+            Finish::Applied { raw, verified } => {
+                a.verified = verified;
+                match a.end {
+                    Some(end) => (
+                        ActionState::Active,
+                        Some(Work::Revert),
+                        Some(end),
+                        0,
+                        "APPLIED".into(),
+                        Some(raw),
+                    ),
+                    None => (
+                        ActionState::Completed,
+                        None,
+                        None,
+                        0,
+                        "APPLIED".into(),
+                        Some(raw),
+                    ),
+                }
+            }
+            Finish::Reverted { raw, verified } => {
+                a.verified = verified;
                 let to = if from == ActionState::Cancelled {
                     ActionState::Cancelled
                 } else {
@@ -318,7 +326,7 @@ async fn finish_one(
         // released.
         sqlx::query(
             "UPDATE actions SET state = ?, error_code = ?, error_message = ?, revision = ?, update_ns = ?,
-               work = ?, due_ns = ?, attempts = ?, lease_until_ns = NULL, lease_owner = NULL,
+               verified = ?, work = ?, due_ns = ?, attempts = ?, lease_until_ns = NULL, lease_owner = NULL,
                oem_raw = COALESCE(?, oem_raw)
              WHERE tenant_id = ? AND action_id = ?",
         )
@@ -327,6 +335,7 @@ async fn finish_one(
         .bind(&a.error_message)
         .bind(a.revision)
         .bind(a.updated.0)
+        .bind(i64::from(a.verified))
         .bind(work.map_or("NONE", |w| w.as_str()))
         .bind(due.map(|d| d.0))
         .bind(attempts)

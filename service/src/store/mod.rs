@@ -634,6 +634,7 @@ impl Store {
             error_code: None,
             error_message: None,
             oem_response: None,
+            verified: false,
             revision: 1,
             created: now,
             updated: now,

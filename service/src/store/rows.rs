@@ -178,6 +178,7 @@ pub(super) fn action_from_row(r: &SqliteRow) -> Result<Action, Error> {
         error_code: r.get("error_code"),
         error_message: r.get("error_message"),
         oem_response: r.get("oem_raw"),
+        verified: r.get::<i64, _>("verified") != 0,
         revision: r.get("revision"),
         created: Ts(r.get("create_ns")),
         updated: Ts(r.get("update_ns")),

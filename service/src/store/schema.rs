@@ -121,6 +121,10 @@ CREATE INDEX actions_owed ON actions (due_ns) WHERE work != 'NONE';
 UPDATE actions SET lease_owner = NULL, lease_until_ns = NULL WHERE work = 'NONE';
 DROP INDEX actions_lease;
 CREATE INDEX actions_leased ON actions (lease_owner) WHERE lease_owner IS NOT NULL;
+
+-- The driver read the device back after its last write for the action
+-- (the apply, then the revert) and found it as intended.
+ALTER TABLE actions ADD COLUMN verified INTEGER NOT NULL DEFAULT 0;
 "#,
     ),
 ];
