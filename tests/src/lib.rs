@@ -196,6 +196,12 @@ pub fn action(command: pb::Command, start: Option<i64>, end: Option<i64>) -> pb:
     }
 }
 
+/// [`action`] with both ends set: `command` from `start` to `end`
+/// (seconds after [`T0`]).
+pub fn window(command: pb::Command, start: i64, end: i64) -> pb::Action {
+    action(command, Some(start), Some(end))
+}
+
 /// A push request.
 pub fn push(
     device: &str,
@@ -268,29 +274,15 @@ pub fn details(status: &tonic::Status) -> Details {
     let mut d = Details::default();
     for any in body.details {
         d.type_urls.push(any.type_url.clone());
-        let v = any.value.as_slice();
-        match any.type_url.as_str() {
-            "type.googleapis.com/google.rpc.ErrorInfo" => {
-                d.info = Some(Message::decode(v).expect("ErrorInfo"))
-            }
-            "type.googleapis.com/google.rpc.BadRequest" => {
-                d.bad_request = Some(Message::decode(v).expect("BadRequest"))
-            }
-            "type.googleapis.com/switchyard.v1.ConflictDetail" => {
-                d.conflict = Some(Message::decode(v).expect("ConflictDetail"))
-            }
-            "type.googleapis.com/switchyard.v1.SchedulerDetail" => {
-                d.scheduler = Some(Message::decode(v).expect("SchedulerDetail"))
-            }
-            "type.googleapis.com/google.rpc.RetryInfo" => {
-                d.retry = Some(Message::decode(v).expect("RetryInfo"))
-            }
-            "type.googleapis.com/google.rpc.PreconditionFailure" => {
-                d.precondition = Some(Message::decode(v).expect("PreconditionFailure"))
-            }
-            "type.googleapis.com/google.rpc.ResourceInfo" => {
-                d.resource = Some(Message::decode(v).expect("ResourceInfo"))
-            }
+        let (url, v) = (any.type_url.as_str(), any.value.as_slice());
+        match url {
+            "type.googleapis.com/google.rpc.ErrorInfo" => d.info = decode(url, v),
+            "type.googleapis.com/google.rpc.BadRequest" => d.bad_request = decode(url, v),
+            "type.googleapis.com/switchyard.v1.ConflictDetail" => d.conflict = decode(url, v),
+            "type.googleapis.com/switchyard.v1.SchedulerDetail" => d.scheduler = decode(url, v),
+            "type.googleapis.com/google.rpc.RetryInfo" => d.retry = decode(url, v),
+            "type.googleapis.com/google.rpc.PreconditionFailure" => d.precondition = decode(url, v),
+            "type.googleapis.com/google.rpc.ResourceInfo" => d.resource = decode(url, v),
             other => panic!("unexpected detail type {other}"),
         }
     }
@@ -299,103 +291,186 @@ pub fn details(status: &tonic::Status) -> Details {
     d
 }
 
-// ---- helpers shared by the dispatch and driver tests ----
-
-/// Creates a simulated battery `id` with `latency_ms` 0 and `settings`.
-pub async fn sim_device(srv: &TestServer, id: &str, settings: &[(&str, &str)]) {
-    let mut all: std::collections::BTreeMap<String, String> =
-        std::collections::BTreeMap::from([("latency_ms".into(), "0".into())]);
-    for (k, v) in settings {
-        all.insert((*k).into(), (*v).into());
-    }
-    srv.devices()
-        .create_device(pb::CreateDeviceRequest {
-            device_id: id.into(),
-            device: Some(pb::Device {
-                family: pb::DeviceFamily::Battery as i32,
-                driver: "simulated".into(),
-                settings: all,
-                ..Default::default()
-            }),
-            request_id: String::new(),
-        })
-        .await
-        .expect("rpc");
+/// One detail of type `url`, decoded; panics if it does not decode.
+fn decode<M: Message + Default>(url: &str, value: &[u8]) -> Option<M> {
+    Some(M::decode(value).expect(url))
 }
 
-/// Replaces a device's settings (`latency_ms` 0 plus `settings`).
-pub async fn set_settings(srv: &TestServer, id: &str, settings: &[(&str, &str)]) {
-    let mut all: std::collections::BTreeMap<String, String> =
-        std::collections::BTreeMap::from([("latency_ms".into(), "0".into())]);
+/// Decodes the details of `status` (see [`details`]), asserting its code
+/// and ErrorInfo reason.
+pub fn expect_error(status: &tonic::Status, code: tonic::Code, reason: &str) -> Details {
+    let d = details(status);
+    assert_eq!((status.code(), d.reason()), (code, reason), "{status:?}");
+    d
+}
+
+// ---- shorthands for the RPCs the tests repeat ----
+
+/// `latency_ms` 0 plus `settings`: a simulated device's settings.
+fn sim_settings(settings: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
+    let mut all = std::collections::BTreeMap::from([("latency_ms".into(), "0".into())]);
     for (k, v) in settings {
         all.insert((*k).into(), (*v).into());
     }
-    srv.devices()
-        .update_device(pb::UpdateDeviceRequest {
-            device: Some(pb::Device {
+    all
+}
+
+impl TestServer {
+    /// Sets the server's clock `secs` seconds after [`T0`].
+    pub fn at_secs(&self, secs: i64) {
+        self.clock.set(Ts((T0 + secs) * Ts::SECOND));
+    }
+
+    /// Sets the clock `secs` seconds after [`T0`], then runs what is due
+    /// (see [`TestServer::dispatch`]).
+    pub async fn dispatch_at(&self, secs: i64) -> usize {
+        self.at_secs(secs);
+        self.dispatch().await
+    }
+
+    /// Creates a simulated battery `id` with `latency_ms` 0 and `settings`.
+    pub async fn sim_device(&self, id: &str, settings: &[(&str, &str)]) {
+        self.devices()
+            .create_device(pb::CreateDeviceRequest {
                 device_id: id.into(),
-                settings: all,
+                device: Some(pb::Device {
+                    family: pb::DeviceFamily::Battery as i32,
+                    driver: "simulated".into(),
+                    settings: sim_settings(settings),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await
+            .expect("rpc");
+    }
+
+    /// Replaces a device's settings (`latency_ms` 0 plus `settings`).
+    pub async fn set_settings(&self, id: &str, settings: &[(&str, &str)]) {
+        self.devices()
+            .update_device(pb::UpdateDeviceRequest {
+                device: Some(pb::Device {
+                    device_id: id.into(),
+                    settings: sim_settings(settings),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["settings".into()],
+                }),
+                request_id: String::new(),
+            })
+            .await
+            .expect("rpc");
+    }
+
+    /// A device, expecting it to exist.
+    pub async fn get_device(&self, id: &str) -> pb::Device {
+        self.get_device_result(id).await.expect("rpc")
+    }
+
+    /// GetDevice, expecting it to be refused; the status.
+    pub async fn get_device_err(&self, id: &str) -> tonic::Status {
+        self.get_device_result(id).await.expect_err("get refused")
+    }
+
+    async fn get_device_result(&self, id: &str) -> Result<pb::Device, tonic::Status> {
+        self.devices()
+            .get_device(pb::GetDeviceRequest {
+                device_id: id.into(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Pushes, expecting success; the whole answer.
+    pub async fn push_ok(&self, req: pb::PushActionRequest) -> pb::PushActionResponse {
+        self.actions()
+            .push_action(req)
+            .await
+            .expect("push accepted")
+            .into_inner()
+    }
+
+    /// Pushes, expecting success; the booked action.
+    pub async fn pushed(&self, req: pb::PushActionRequest) -> pb::Action {
+        self.push_ok(req).await.action.expect("rpc")
+    }
+
+    /// Pushes `action` to `device` with no conflict strategy, expecting
+    /// success; the booked action.
+    pub async fn book(&self, device: &str, action: pb::Action) -> pb::Action {
+        self.pushed(push(device, action, pb::ConflictStrategy::Unspecified))
+            .await
+    }
+
+    /// Pushes, expecting it to be refused; the status.
+    pub async fn refused(&self, req: pb::PushActionRequest) -> tonic::Status {
+        self.actions()
+            .push_action(req)
+            .await
+            .expect_err("push refused")
+    }
+
+    /// An action, expecting it to exist.
+    pub async fn get(&self, device: &str, id: &str) -> pb::Action {
+        self.get_result(device, id).await.expect("rpc")
+    }
+
+    /// GetAction, expecting it to be refused; the status.
+    pub async fn get_err(&self, device: &str, id: &str) -> tonic::Status {
+        self.get_result(device, id).await.expect_err("get refused")
+    }
+
+    async fn get_result(&self, device: &str, id: &str) -> Result<pb::Action, tonic::Status> {
+        self.actions()
+            .get_action(pb::GetActionRequest {
+                device_id: device.into(),
+                action_id: id.into(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// The first page of a device's actions (every state; device `-`: of
+    /// every device), expecting success.
+    pub async fn list(&self, device: &str) -> Vec<pb::Action> {
+        self.actions()
+            .list_actions(pb::ListActionsRequest {
+                device_id: device.into(),
                 ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["settings".into()],
-            }),
-            request_id: String::new(),
-        })
-        .await
-        .expect("rpc");
-}
+            })
+            .await
+            .expect("rpc")
+            .into_inner()
+            .actions
+    }
 
-/// Pushes, expecting success; the booked action.
-pub async fn pushed(srv: &TestServer, req: pb::PushActionRequest) -> pb::Action {
-    srv.actions()
-        .push_action(req)
-        .await
-        .expect("rpc")
-        .into_inner()
-        .action
-        .expect("rpc")
-}
+    /// Cancels an action (no etag, no request id), expecting success; the
+    /// cancelled action.
+    pub async fn cancel(&self, device: &str, id: &str) -> pb::Action {
+        self.actions()
+            .cancel_action(pb::CancelActionRequest {
+                device_id: device.into(),
+                action_id: id.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("cancel")
+            .into_inner()
+    }
 
-/// An action, expecting it to exist.
-pub async fn get_action(srv: &TestServer, device: &str, id: &str) -> pb::Action {
-    srv.actions()
-        .get_action(pb::GetActionRequest {
-            device_id: device.into(),
-            action_id: id.into(),
-        })
-        .await
-        .expect("rpc")
-        .into_inner()
-}
-
-/// Sets the server's clock `secs` seconds after [`T0`].
-pub fn at_secs(srv: &TestServer, secs: i64) {
-    srv.clock.set(Ts((T0 + secs) * Ts::SECOND));
-}
-
-/// The states an action went through, oldest first, from the audit log.
-pub async fn history(srv: &TestServer, id: &str) -> Vec<String> {
-    srv.app
-        .store
-        .action_history(
-            &switchyard::domain::TenantId::default_tenant(),
-            &switchyard::domain::ActionId::parse(id).expect("action id"),
-        )
-        .await
-        .expect("rpc")
-        .into_iter()
-        .map(|(_, to, _)| to)
-        .collect()
-}
-
-/// A device, expecting it to exist.
-pub async fn get_device(srv: &TestServer, id: &str) -> pb::Device {
-    srv.devices()
-        .get_device(pb::GetDeviceRequest {
-            device_id: id.into(),
-        })
-        .await
-        .expect("rpc")
-        .into_inner()
+    /// The states an action went through, oldest first, from the audit log.
+    pub async fn history(&self, id: &str) -> Vec<String> {
+        self.app
+            .store
+            .action_history(
+                &switchyard::domain::TenantId::default_tenant(),
+                &switchyard::domain::ActionId::parse(id).expect("action id"),
+            )
+            .await
+            .expect("rpc")
+            .into_iter()
+            .map(|(_, to, _)| to)
+            .collect()
+    }
 }

@@ -3,94 +3,37 @@
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
 use switchyard_proto::v1::{self as pb, ActionState, Command, ConflictStrategy as S};
-use switchyard_tests::{TestServer, action, at, details, push};
+use switchyard_tests::{TestServer, action, at, details, expect_error, push, window};
 use tonic::Code;
 
 const H: i64 = 3600;
 
-async fn ok(srv: &TestServer, req: pb::PushActionRequest) -> pb::PushActionResponse {
-    srv.actions()
-        .push_action(req)
-        .await
-        .expect("push accepted")
-        .into_inner()
-}
-
-async fn refused(srv: &TestServer, req: pb::PushActionRequest) -> tonic::Status {
-    srv.actions()
-        .push_action(req)
-        .await
-        .expect_err("push refused")
-}
-
-fn id(r: &pb::PushActionResponse) -> String {
-    r.action.as_ref().expect("action").action_id.clone()
-}
-
-async fn state(srv: &TestServer, device: &str, action_id: &str) -> i32 {
-    srv.actions()
-        .get_action(pb::GetActionRequest {
-            device_id: device.into(),
-            action_id: action_id.into(),
-        })
-        .await
-        .expect("get")
-        .into_inner()
-        .state
+/// A server with battery `b`, and on it CHARGE booked from 1 h to 2 h and
+/// IDLE from 2 h to 3 h.
+async fn back_to_back() -> (TestServer, pb::Action, pb::Action) {
+    let srv = TestServer::start().await;
+    srv.battery("b").await;
+    let a1 = srv.book("b", window(Command::Charge, H, 2 * H)).await;
+    let a2 = srv.book("b", window(Command::Idle, 2 * H, 3 * H)).await;
+    (srv, a1, a2)
 }
 
 #[tokio::test]
 async fn collision_without_strategy_is_rejected_listing_every_collider() {
-    let srv = TestServer::start().await;
-    srv.battery("b").await;
-    let a1 = ok(
-        &srv,
-        push(
-            "b",
-            action(Command::Charge, Some(H), Some(2 * H)),
-            S::Unspecified,
-        ),
-    )
-    .await;
-    let a2 = ok(
-        &srv,
-        push(
-            "b",
-            action(Command::Idle, Some(2 * H), Some(3 * H)),
-            S::Unspecified,
-        ),
-    )
-    .await;
-    let _far = ok(
-        &srv,
-        push(
-            "b",
-            action(Command::Idle, Some(10 * H), Some(11 * H)),
-            S::Unspecified,
-        ),
-    )
-    .await;
+    let (srv, a1, a2) = back_to_back().await;
+    let _far = srv.book("b", window(Command::Idle, 10 * H, 11 * H)).await;
 
-    let st = refused(
-        &srv,
-        push(
-            "b",
-            action(Command::Discharge, Some(H + 600), Some(2 * H + 600)),
-            S::Unspecified,
-        ),
-    )
-    .await;
-    assert_eq!(st.code(), Code::FailedPrecondition);
-    let d = details(&st);
-    assert_eq!(d.reason(), "ACTION_CONFLICT");
+    let clash = window(Command::Discharge, H + 600, 2 * H + 600);
+    let st = srv.refused(push("b", clash, S::Unspecified)).await;
+    let d = expect_error(&st, Code::FailedPrecondition, "ACTION_CONFLICT");
     assert_eq!(d.meta("device_id"), "b");
     assert_eq!(
         d.meta("conflicting_action_ids"),
-        format!("{},{}", id(&a1), id(&a2))
+        format!("{},{}", a1.action_id, a2.action_id)
     );
     let c = d.conflict.expect("ConflictDetail");
     let ids: Vec<_> = c.conflicts.iter().map(|x| x.action_id.clone()).collect();
-    assert_eq!(ids, [id(&a1), id(&a2)]);
+    assert_eq!(ids, [a1.action_id, a2.action_id]);
     assert_eq!(c.conflicts[0].state, ActionState::Scheduled as i32);
     assert_eq!(c.conflicts[0].command, Command::Charge as i32);
     assert_eq!(c.conflicts[0].channel, "mode");
@@ -102,16 +45,7 @@ async fn collision_without_strategy_is_rejected_listing_every_collider() {
     );
     assert!(c.in_flight_action_ids.is_empty());
     // Nothing was booked by the refused push.
-    let list = srv
-        .actions()
-        .list_actions(pb::ListActionsRequest {
-            device_id: "b".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(list.actions.len(), 3);
+    assert_eq!(srv.list("b").await.len(), 3);
 }
 
 #[tokio::test]
@@ -120,125 +54,55 @@ async fn back_to_back_windows_other_channels_and_other_devices_coexist() {
     srv.battery("b").await;
     srv.battery("c").await;
     srv.create_device("ev", pb::DeviceFamily::EvCharger).await;
-    ok(
-        &srv,
-        push(
-            "b",
-            action(Command::Charge, Some(H), Some(2 * H)),
-            S::Unspecified,
-        ),
-    )
-    .await;
-    ok(
-        &srv,
-        push(
-            "b",
-            action(Command::Discharge, Some(2 * H), Some(3 * H)),
-            S::Unspecified,
-        ),
-    )
-    .await;
-    ok(
-        &srv,
-        push("b", action(Command::Idle, Some(0), Some(H)), S::Unspecified),
-    )
-    .await;
-    ok(
-        &srv,
-        push(
-            "c",
-            action(Command::Charge, Some(H), Some(2 * H)),
-            S::Unspecified,
-        ),
-    )
-    .await;
+    srv.book("b", window(Command::Charge, H, 2 * H)).await;
+    srv.book("b", window(Command::Discharge, 2 * H, 3 * H))
+        .await;
+    srv.book("b", window(Command::Idle, 0, H)).await;
+    srv.book("c", window(Command::Charge, H, 2 * H)).await;
     // An EV charger's power limit has its own channel: it combines with CHARGE.
-    ok(
-        &srv,
-        push(
-            "ev",
-            action(Command::Charge, Some(H), Some(2 * H)),
-            S::Unspecified,
-        ),
-    )
-    .await;
-    let mut limit = action(Command::EvPowerLimit, Some(H), Some(2 * H));
+    srv.book("ev", window(Command::Charge, H, 2 * H)).await;
+    let mut limit = window(Command::EvPowerLimit, H, 2 * H);
     limit.power = Some(pb::Quantity {
         value: 7.4,
         unit: pb::Unit::Kilowatt as i32,
     });
-    let r = ok(&srv, push("ev", limit, S::Unspecified)).await;
-    assert_eq!(r.action.unwrap().channel, "power_limit");
+    let r = srv.book("ev", limit).await;
+    assert_eq!(r.channel, "power_limit");
 }
 
 #[tokio::test]
 async fn cancel_and_replace_cancels_colliders_atomically_and_records_the_replacement() {
-    let srv = TestServer::start().await;
-    srv.battery("b").await;
-    let a1 = ok(
-        &srv,
-        push(
-            "b",
-            action(Command::Charge, Some(H), Some(2 * H)),
-            S::Unspecified,
-        ),
-    )
-    .await;
-    let a2 = ok(
-        &srv,
-        push(
-            "b",
-            action(Command::Idle, Some(2 * H), Some(3 * H)),
-            S::Unspecified,
-        ),
-    )
-    .await;
-    let keep = ok(
-        &srv,
-        push(
-            "b",
-            action(Command::Idle, Some(5 * H), Some(6 * H)),
-            S::Unspecified,
-        ),
-    )
-    .await;
+    let (srv, a1, a2) = back_to_back().await;
+    let keep = srv.book("b", window(Command::Idle, 5 * H, 6 * H)).await;
 
-    let r = ok(
-        &srv,
-        push(
-            "b",
-            action(Command::Discharge, Some(H), Some(3 * H)),
-            S::CancelAndReplace,
-        ),
-    )
-    .await;
-    let new_id = id(&r);
-    assert_eq!(
-        r.action.as_ref().unwrap().state,
-        ActionState::Scheduled as i32
-    );
+    let replacement = window(Command::Discharge, H, 3 * H);
+    let r = srv
+        .push_ok(push("b", replacement, S::CancelAndReplace))
+        .await;
+    let new = r.action.as_ref().expect("action");
+    assert_eq!(new.state, ActionState::Scheduled as i32);
     let cancelled: Vec<_> = r
         .cancelled_actions
         .iter()
         .map(|a| a.action_id.clone())
         .collect();
-    assert_eq!(cancelled, [id(&a1), id(&a2)]);
+    assert_eq!(cancelled, [a1.action_id.clone(), a2.action_id.clone()]);
     for a in &r.cancelled_actions {
         assert_eq!(a.state, ActionState::Cancelled as i32);
-        assert_eq!(a.replaced_by_action_id, new_id);
+        assert_eq!(a.replaced_by_action_id, new.action_id);
         assert_eq!(a.error_code, "REPLACED");
     }
     assert_eq!(
-        state(&srv, "b", &id(&a1)).await,
+        srv.get("b", &a1.action_id).await.state,
         ActionState::Cancelled as i32
     );
     assert_eq!(
-        state(&srv, "b", &id(&keep)).await,
+        srv.get("b", &keep.action_id).await.state,
         ActionState::Scheduled as i32
     );
 
     // The audit trail holds both transitions.
-    let a1_id = switchyard::domain::ActionId::parse(&id(&a1)).unwrap();
+    let a1_id = switchyard::domain::ActionId::parse(&a1.action_id).unwrap();
     let history = srv
         .app
         .store
@@ -263,37 +127,21 @@ async fn in_flight_colliders_cannot_be_replaced_and_no_cancel_strategy_is_offere
     let srv = TestServer::start().await;
     srv.battery("b").await;
     // An immediate push is accepted as ACKNOWLEDGED (in flight).
-    let now = ok(
-        &srv,
-        push(
-            "b",
-            action(Command::Charge, None, Some(2 * H)),
-            S::Unspecified,
-        ),
-    )
-    .await;
-    assert_eq!(
-        now.action.as_ref().unwrap().state,
-        ActionState::Acknowledged as i32
-    );
-    assert_eq!(now.action.as_ref().unwrap().start_time, Some(at(0)));
-
-    for strategy in [S::Unspecified, S::CancelAndReplace] {
-        let st = refused(
-            &srv,
-            push(
-                "b",
-                action(Command::Discharge, Some(H), Some(3 * H)),
-                strategy,
-            ),
-        )
+    let now = srv
+        .book("b", action(Command::Charge, None, Some(2 * H)))
         .await;
+    assert_eq!(now.state, ActionState::Acknowledged as i32);
+    assert_eq!(now.start_time, Some(at(0)));
+
+    let discharge = || window(Command::Discharge, H, 3 * H);
+    for strategy in [S::Unspecified, S::CancelAndReplace] {
+        let st = srv.refused(push("b", discharge(), strategy)).await;
         assert_eq!(st.code(), Code::FailedPrecondition);
         let d = details(&st);
         assert_eq!(d.reason(), "ACTION_IN_FLIGHT", "{strategy:?}");
-        assert_eq!(d.meta("in_flight_action_ids"), id(&now));
+        assert_eq!(d.meta("in_flight_action_ids"), now.action_id);
         let c = d.conflict.unwrap();
-        assert_eq!(c.in_flight_action_ids, [id(&now)]);
+        assert_eq!(c.in_flight_action_ids, [now.action_id.as_str()]);
         assert_eq!(
             c.strategies,
             [S::QueueAfter as i32],
@@ -301,60 +149,31 @@ async fn in_flight_colliders_cannot_be_replaced_and_no_cancel_strategy_is_offere
         );
     }
     assert_eq!(
-        state(&srv, "b", &id(&now)).await,
+        srv.get("b", &now.action_id).await.state,
         ActionState::Acknowledged as i32
     );
 
     // QUEUE_AFTER still works against an in-flight action with an end.
-    let q = ok(
-        &srv,
-        push(
-            "b",
-            action(Command::Discharge, Some(H), Some(3 * H)),
-            S::QueueAfter,
-        ),
-    )
-    .await;
+    let q = srv.push_ok(push("b", discharge(), S::QueueAfter)).await;
     let a = q.action.unwrap();
     assert_eq!(
         (a.start_time, a.end_time),
         (Some(at(2 * H)), Some(at(4 * H)))
     );
-    assert_eq!(q.queued_after_action_ids, [id(&now)]);
+    assert_eq!(q.queued_after_action_ids, [now.action_id]);
 }
 
 #[tokio::test]
 async fn queue_after_moves_the_start_past_every_collision_keeping_duration() {
     let srv = TestServer::start().await;
     srv.battery("b").await;
-    let a1 = ok(
-        &srv,
-        push(
-            "b",
-            action(Command::Charge, Some(H), Some(2 * H)),
-            S::Unspecified,
-        ),
-    )
-    .await;
-    let a2 = ok(
-        &srv,
-        push(
-            "b",
-            action(Command::Idle, Some(2 * H + 600), Some(3 * H)),
-            S::Unspecified,
-        ),
-    )
-    .await;
+    let a1 = srv.book("b", window(Command::Charge, H, 2 * H)).await;
+    let a2 = srv
+        .book("b", window(Command::Idle, 2 * H + 600, 3 * H))
+        .await;
 
-    let r = ok(
-        &srv,
-        push(
-            "b",
-            action(Command::Discharge, Some(H + 60), Some(2 * H + 60)),
-            S::QueueAfter,
-        ),
-    )
-    .await;
+    let late = window(Command::Discharge, H + 60, 2 * H + 60);
+    let r = srv.push_ok(push("b", late, S::QueueAfter)).await;
     let a = r.action.as_ref().unwrap();
     assert_eq!(
         a.start_time,
@@ -363,7 +182,7 @@ async fn queue_after_moves_the_start_past_every_collision_keeping_duration() {
     );
     assert_eq!(a.end_time, Some(at(4 * H)));
     assert_eq!(a.state, ActionState::Scheduled as i32);
-    assert_eq!(r.queued_after_action_ids, [id(&a1), id(&a2)]);
+    assert_eq!(r.queued_after_action_ids, [a1.action_id, a2.action_id]);
     assert_eq!(a.queued_after_action_ids, r.queued_after_action_ids);
     assert!(r.cancelled_actions.is_empty());
 }
@@ -372,123 +191,60 @@ async fn queue_after_moves_the_start_past_every_collision_keeping_duration() {
 async fn queue_after_is_refused_against_open_ended_actions_with_its_own_reason() {
     let srv = TestServer::start().await;
     srv.battery("b").await;
-    let open = ok(
-        &srv,
-        push(
-            "b",
-            action(Command::AutoBalanced, Some(H), None),
-            S::Unspecified,
-        ),
-    )
-    .await;
-    let st = refused(
-        &srv,
-        push(
-            "b",
-            action(Command::Charge, Some(5 * H), Some(6 * H)),
-            S::QueueAfter,
-        ),
-    )
-    .await;
-    assert_eq!(st.code(), Code::FailedPrecondition);
-    let d = details(&st);
-    assert_eq!(d.reason(), "OPEN_ENDED_CONFLICT");
-    assert_eq!(d.meta("open_ended_action_ids"), id(&open));
+    let open = srv
+        .book("b", action(Command::AutoBalanced, Some(H), None))
+        .await;
+    let later = window(Command::Charge, 5 * H, 6 * H);
+    let st = srv.refused(push("b", later, S::QueueAfter)).await;
+    let d = expect_error(&st, Code::FailedPrecondition, "OPEN_ENDED_CONFLICT");
+    assert_eq!(d.meta("open_ended_action_ids"), open.action_id);
     assert_eq!(d.conflict.unwrap().strategies, [S::CancelAndReplace as i32]);
     // Before the open-ended start there is room.
-    ok(
-        &srv,
-        push(
-            "b",
-            action(Command::Charge, Some(0), Some(H)),
-            S::Unspecified,
-        ),
-    )
-    .await;
+    srv.book("b", window(Command::Charge, 0, H)).await;
 }
 
 #[tokio::test]
 async fn validate_only_answers_what_the_push_would_do_and_changes_nothing() {
     let srv = TestServer::start().await;
     srv.battery("b").await;
-    let a1 = ok(
-        &srv,
-        push(
-            "b",
-            action(Command::Charge, Some(H), Some(2 * H)),
-            S::Unspecified,
-        ),
-    )
-    .await;
+    let a1 = srv.book("b", window(Command::Charge, H, 2 * H)).await;
 
     let mut probe = push(
         "b",
-        action(Command::Discharge, Some(H), Some(2 * H)),
+        window(Command::Discharge, H, 2 * H),
         S::CancelAndReplace,
     );
     probe.validate_only = true;
-    let r = ok(&srv, probe.clone()).await;
+    let r = srv.push_ok(probe.clone()).await;
     assert_eq!(
         r.action.as_ref().unwrap().action_id,
         "",
         "no id: nothing was booked"
     );
-    assert_eq!(r.cancelled_actions[0].action_id, id(&a1));
+    assert_eq!(r.cancelled_actions[0].action_id, a1.action_id);
     assert_eq!(r.cancelled_actions[0].state, ActionState::Cancelled as i32);
     assert_eq!(
-        state(&srv, "b", &id(&a1)).await,
+        srv.get("b", &a1.action_id).await.state,
         ActionState::Scheduled as i32
     );
 
     probe.on_conflict = S::QueueAfter as i32;
-    let r = ok(&srv, probe.clone()).await;
+    let r = srv.push_ok(probe.clone()).await;
     assert_eq!(r.action.as_ref().unwrap().start_time, Some(at(2 * H)));
-    assert_eq!(r.queued_after_action_ids, [id(&a1)]);
+    assert_eq!(r.queued_after_action_ids, [a1.action_id]);
 
     probe.on_conflict = S::Unspecified as i32;
-    let st = refused(&srv, probe).await;
+    let st = srv.refused(probe).await;
     assert_eq!(details(&st).reason(), "ACTION_CONFLICT");
 
-    let list = srv
-        .actions()
-        .list_actions(pb::ListActionsRequest {
-            device_id: "b".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(list.actions.len(), 1, "validate_only booked nothing");
+    assert_eq!(srv.list("b").await.len(), 1, "validate_only booked nothing");
 }
 
 #[tokio::test]
 async fn cancelled_actions_stop_holding_their_channel() {
     let srv = TestServer::start().await;
     srv.battery("b").await;
-    let a1 = ok(
-        &srv,
-        push(
-            "b",
-            action(Command::Charge, Some(H), Some(2 * H)),
-            S::Unspecified,
-        ),
-    )
-    .await;
-    srv.actions()
-        .cancel_action(pb::CancelActionRequest {
-            device_id: "b".into(),
-            action_id: id(&a1),
-            ..Default::default()
-        })
-        .await
-        .expect("cancel");
-    ok(
-        &srv,
-        push(
-            "b",
-            action(Command::Discharge, Some(H), Some(2 * H)),
-            S::Unspecified,
-        ),
-    )
-    .await;
+    let a1 = srv.book("b", window(Command::Charge, H, 2 * H)).await;
+    srv.cancel("b", &a1.action_id).await;
+    srv.book("b", window(Command::Discharge, H, 2 * H)).await;
 }

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use switchyard_proto::v1::{self as pb, Command, ConflictStrategy as S, DeviceFamily};
-use switchyard_tests::{TestServer, action, details, push};
+use switchyard_tests::{TestServer, action, details, expect_error, push, window};
 use tonic::Code;
 
 const H: i64 = 3600;
@@ -48,14 +48,7 @@ async fn create_returns_capabilities_from_the_driver_and_get_reads_it_back() {
     assert_eq!(charge.channel, "mode");
     assert_eq!(charge.parameters[0].name, "power");
     assert_eq!(charge.parameters[0].max, 3000.0);
-    let got = srv
-        .devices()
-        .get_device(pb::GetDeviceRequest {
-            device_id: "garage".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = srv.get_device("garage").await;
     assert_eq!(got, d);
 
     // The driver's bound is enforced on pushes.
@@ -64,11 +57,7 @@ async fn create_returns_capabilities_from_the_driver_and_get_reads_it_back() {
         value: 3.5,
         unit: pb::Unit::Kilowatt as i32,
     });
-    let st = srv
-        .actions()
-        .push_action(push("garage", a, S::Unspecified))
-        .await
-        .unwrap_err();
+    let st = srv.refused(push("garage", a, S::Unspecified)).await;
     assert_eq!(details(&st).reason(), "PARAMETER_OUT_OF_RANGE");
 }
 
@@ -96,20 +85,16 @@ async fn create_validates_every_field() {
         "UNKNOWN_DRIVER"
     );
 
-    let st = d
-        .create_device(create("x", &[("fail_mode", "sometimes")]))
-        .await
-        .unwrap_err();
+    let req = create("x", &[("fail_mode", "sometimes")]);
+    let st = d.create_device(req).await.unwrap_err();
     assert_eq!(details(&st).reason(), "INVALID_SETTINGS");
     assert_eq!(details(&st).fields(), ["device.settings[\"fail_mode\"]"]);
     assert!(
         !st.message().contains("sometimes"),
         "setting values are never echoed"
     );
-    let st = d
-        .create_device(create("x", &[("api_key", "hunter2")]))
-        .await
-        .unwrap_err();
+    let req = create("x", &[("api_key", "hunter2")]);
+    let st = d.create_device(req).await.unwrap_err();
     assert_eq!(details(&st).reason(), "INVALID_SETTINGS");
     assert!(!format!("{st:?}").contains("hunter2"));
 
@@ -128,10 +113,7 @@ async fn create_validates_every_field() {
 
     d.create_device(create("x", &[])).await.unwrap();
     let st = d.create_device(create("x", &[])).await.unwrap_err();
-    assert_eq!(
-        (st.code(), details(&st).reason()),
-        (Code::AlreadyExists, "DEVICE_ALREADY_EXISTS")
-    );
+    expect_error(&st, Code::AlreadyExists, "DEVICE_ALREADY_EXISTS");
 
     // No id: the server picks one.
     let generated = d.create_device(create("", &[])).await.unwrap().into_inner();
@@ -187,10 +169,7 @@ async fn update_applies_the_mask_and_honours_the_etag() {
         .update_device(upd(change.clone(), &["timezone"]))
         .await
         .unwrap_err();
-    assert_eq!(
-        (st.code(), details(&st).reason()),
-        (Code::Aborted, "ETAG_MISMATCH")
-    );
+    expect_error(&st, Code::Aborted, "ETAG_MISMATCH");
 
     let mut s = d1.clone();
     s.settings.insert("fail_mode".into(), "offline".into());
@@ -217,13 +196,7 @@ async fn update_applies_the_mask_and_honours_the_etag() {
     bad.settings.insert("latency_ms".into(), "-5".into());
     let st = d.update_device(upd(bad, &["settings"])).await.unwrap_err();
     assert_eq!(details(&st).reason(), "INVALID_SETTINGS");
-    let after = d
-        .get_device(pb::GetDeviceRequest {
-            device_id: "u".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let after = srv.get_device("u").await;
     assert_eq!(after, d2, "a refused update changes nothing");
 }
 
@@ -276,44 +249,21 @@ async fn list_pages_through_every_device_once() {
 async fn delete_refuses_while_actions_hold_unless_forced() {
     let srv = TestServer::start().await;
     srv.battery("del").await;
-    srv.actions()
-        .push_action(push(
-            "del",
-            action(Command::Charge, Some(H), Some(2 * H)),
-            S::Unspecified,
-        ))
-        .await
-        .unwrap();
+    srv.book("del", window(Command::Charge, H, 2 * H)).await;
     let req = |force| pb::DeleteDeviceRequest {
         device_id: "del".into(),
         force,
         ..Default::default()
     };
     let st = srv.devices().delete_device(req(false)).await.unwrap_err();
-    assert_eq!(
-        (st.code(), details(&st).reason()),
-        (Code::FailedPrecondition, "DEVICE_HAS_ACTIVE_ACTIONS")
-    );
+    expect_error(&st, Code::FailedPrecondition, "DEVICE_HAS_ACTIVE_ACTIONS");
     srv.devices().delete_device(req(true)).await.unwrap();
-    let st = srv
-        .devices()
-        .get_device(pb::GetDeviceRequest {
-            device_id: "del".into(),
-        })
-        .await
-        .unwrap_err();
+    let st = srv.get_device_err("del").await;
     assert_eq!(details(&st).reason(), "DEVICE_NOT_FOUND");
 
     // In-flight actions block even a forced delete.
     srv.battery("busy").await;
-    srv.actions()
-        .push_action(push(
-            "busy",
-            action(Command::Idle, None, None),
-            S::Unspecified,
-        ))
-        .await
-        .unwrap();
+    srv.book("busy", action(Command::Idle, None, None)).await;
     let st = srv
         .devices()
         .delete_device(pb::DeleteDeviceRequest {

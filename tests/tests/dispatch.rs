@@ -6,10 +6,7 @@
 
 use switchyard::domain::Ts;
 use switchyard_proto::v1::{self as pb, ActionState as St, Command, ConflictStrategy as S};
-use switchyard_tests::{
-    TestServer, action, at_secs, details, get_action as get, get_device, history, push, pushed,
-    set_settings, sim_device,
-};
+use switchyard_tests::{TestServer, action, details, expect_error, push, window};
 use tonic::Code;
 
 const H: i64 = 3600;
@@ -22,268 +19,160 @@ fn mode(srv: &TestServer, device: &str) -> String {
         .unwrap_or_else(|| "AUTO_BALANCED".into())
 }
 
+/// A server with a simulated battery `b` on which `action` is booked.
+async fn booked_on_b(action: pb::Action) -> (TestServer, pb::Action) {
+    let srv = TestServer::start().await;
+    srv.sim_device("b", &[]).await;
+    let a = srv.book("b", action).await;
+    (srv, a)
+}
+
+/// Claims what is due now (at most 10, for 120 s), as a dispatcher would.
+async fn claim_due(srv: &TestServer) -> Vec<switchyard::store::Job> {
+    srv.app
+        .store
+        .claim_due(srv.clock_now(), 10, 120 * SEC)
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_windowed_action_is_applied_at_its_start_and_reverted_at_its_end() {
-    let srv = TestServer::start().await;
-    sim_device(&srv, "b", &[]).await;
-    let a = pushed(
-        &srv,
-        push(
-            "b",
-            action(Command::Charge, Some(H), Some(2 * H)),
-            S::Unspecified,
-        ),
-    )
-    .await;
+    let (srv, a) = booked_on_b(window(Command::Charge, H, 2 * H)).await;
     assert_eq!(a.state, St::Scheduled as i32);
+    assert!(!a.verified, "nothing has been read back yet");
 
     srv.dispatch().await;
     assert_eq!(
-        get(&srv, "b", &a.action_id).await.state,
+        srv.get("b", &a.action_id).await.state,
         St::Scheduled as i32,
         "not before its start"
     );
     assert_eq!(mode(&srv, "b"), "AUTO_BALANCED");
 
-    at_secs(&srv, H);
-    srv.dispatch().await;
-    let active = get(&srv, "b", &a.action_id).await;
+    srv.dispatch_at(H).await;
+    let active = srv.get("b", &a.action_id).await;
     assert_eq!(active.state, St::Active as i32);
     assert_eq!(mode(&srv, "b"), "CHARGE");
     assert!(active.oem_response.contains("CHARGE"));
+    assert!(
+        active.verified,
+        "the simulated device reads back what it was told"
+    );
 
     // In flight: no strategy can cancel it; QUEUE_AFTER still can queue.
-    let st = srv
-        .actions()
-        .push_action(push(
-            "b",
-            action(Command::Discharge, Some(H + 60), Some(2 * H + 60)),
-            S::CancelAndReplace,
-        ))
-        .await
-        .unwrap_err();
+    let late = || window(Command::Discharge, H + 60, 2 * H + 60);
+    let st = srv.refused(push("b", late(), S::CancelAndReplace)).await;
     assert_eq!(details(&st).reason(), "ACTION_IN_FLIGHT");
-    let q = pushed(
-        &srv,
-        push(
-            "b",
-            action(Command::Discharge, Some(H + 60), Some(2 * H + 60)),
-            S::QueueAfter,
-        ),
-    )
-    .await;
+    let q = srv.pushed(push("b", late(), S::QueueAfter)).await;
     assert_eq!(q.start_time, Some(switchyard_tests::at(2 * H)));
 
-    at_secs(&srv, 2 * H - 1);
-    srv.dispatch().await;
+    srv.dispatch_at(2 * H - 1).await;
     assert_eq!(
-        get(&srv, "b", &a.action_id).await.state,
+        srv.get("b", &a.action_id).await.state,
         St::Active as i32,
         "not reverted early"
     );
 
-    at_secs(&srv, 2 * H);
-    srv.dispatch().await;
+    srv.dispatch_at(2 * H).await;
+    assert_eq!(srv.get("b", &a.action_id).await.state, St::Completed as i32);
     assert_eq!(
-        get(&srv, "b", &a.action_id).await.state,
-        St::Completed as i32
-    );
-    assert_eq!(
-        history(&srv, &a.action_id).await,
+        srv.history(&a.action_id).await,
         ["SCHEDULED", "ACKNOWLEDGED", "ACTIVE", "COMPLETED"]
     );
     // The queued discharge took over at 2 h.
-    assert_eq!(get(&srv, "b", &q.action_id).await.state, St::Active as i32);
+    assert_eq!(srv.get("b", &q.action_id).await.state, St::Active as i32);
     assert_eq!(mode(&srv, "b"), "DISCHARGE");
 }
 
 #[tokio::test]
 async fn an_immediate_action_completes_once_applied() {
-    let srv = TestServer::start().await;
-    sim_device(&srv, "b", &[]).await;
-    let a = pushed(
-        &srv,
-        push(
-            "b",
-            action(Command::AutoReserve, None, None),
-            S::Unspecified,
-        ),
-    )
-    .await;
+    let (srv, a) = booked_on_b(action(Command::AutoReserve, None, None)).await;
     assert_eq!(a.state, St::Acknowledged as i32);
     srv.dispatch().await;
-    assert_eq!(
-        get(&srv, "b", &a.action_id).await.state,
-        St::Completed as i32
-    );
+    assert_eq!(srv.get("b", &a.action_id).await.state, St::Completed as i32);
     assert_eq!(mode(&srv, "b"), "AUTO_RESERVE");
     // Completed: it no longer holds the channel.
-    pushed(
-        &srv,
-        push(
-            "b",
-            action(Command::Charge, Some(H), Some(2 * H)),
-            S::Unspecified,
-        ),
-    )
-    .await;
+    srv.book("b", window(Command::Charge, H, 2 * H)).await;
 }
 
 #[tokio::test]
 async fn cancelling_an_active_action_reverts_it_now_and_it_holds_until_reverted() {
-    let srv = TestServer::start().await;
-    sim_device(&srv, "b", &[]).await;
-    let a = pushed(
-        &srv,
-        push(
-            "b",
-            action(Command::Charge, Some(H), Some(3 * H)),
-            S::Unspecified,
-        ),
-    )
-    .await;
-    at_secs(&srv, H);
-    srv.dispatch().await;
+    let (srv, a) = booked_on_b(window(Command::Charge, H, 3 * H)).await;
+    srv.dispatch_at(H).await;
     assert_eq!(mode(&srv, "b"), "CHARGE");
 
-    let c = srv
-        .actions()
-        .cancel_action(pb::CancelActionRequest {
-            device_id: "b".into(),
-            action_id: a.action_id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let c = srv.cancel("b", &a.action_id).await;
     assert_eq!(c.state, St::Cancelled as i32);
     // Until the revert is done, nothing else may be applied on the channel.
-    let st = srv
-        .actions()
-        .push_action(push(
-            "b",
-            action(Command::Idle, Some(H + 60), Some(H + 120)),
-            S::CancelAndReplace,
-        ))
-        .await
-        .unwrap_err();
+    let idle = || window(Command::Idle, H + 60, H + 120);
+    let st = srv.refused(push("b", idle(), S::CancelAndReplace)).await;
     assert_eq!(details(&st).reason(), "ACTION_IN_FLIGHT");
 
     srv.dispatch().await;
     assert_eq!(mode(&srv, "b"), "AUTO_BALANCED", "reverted early");
-    assert_eq!(
-        get(&srv, "b", &a.action_id).await.state,
-        St::Cancelled as i32
-    );
-    pushed(
-        &srv,
-        push(
-            "b",
-            action(Command::Idle, Some(H + 60), Some(H + 120)),
-            S::Unspecified,
-        ),
-    )
-    .await;
+    assert_eq!(srv.get("b", &a.action_id).await.state, St::Cancelled as i32);
+    srv.book("b", idle()).await;
 }
 
 #[tokio::test]
 async fn a_revert_that_keeps_failing_ends_in_revert_failed() {
-    let srv = TestServer::start().await;
-    sim_device(&srv, "b", &[]).await;
-    let a = pushed(
-        &srv,
-        push(
-            "b",
-            action(Command::Charge, Some(H), Some(2 * H)),
-            S::Unspecified,
-        ),
-    )
-    .await;
-    at_secs(&srv, H);
-    srv.dispatch().await;
-    set_settings(&srv, "b", &[("fail_mode", "revert_fails")]).await;
+    let (srv, a) = booked_on_b(window(Command::Charge, H, 2 * H)).await;
+    srv.dispatch_at(H).await;
+    srv.set_settings("b", &[("fail_mode", "revert_fails")])
+        .await;
 
-    at_secs(&srv, 2 * H);
+    srv.at_secs(2 * H);
     let mut now = 2 * H;
     for _ in 0..20 {
         srv.dispatch().await;
-        if get(&srv, "b", &a.action_id).await.state != St::Active as i32 {
+        if srv.get("b", &a.action_id).await.state != St::Active as i32 {
             break;
         }
-        let retrying = get(&srv, "b", &a.action_id).await;
+        let retrying = srv.get("b", &a.action_id).await;
         assert!(
             retrying.error_message.starts_with("retrying"),
             "{retrying:?}"
         );
         now += 700; // past the longest backoff (10 min)
-        at_secs(&srv, now);
+        srv.at_secs(now);
     }
-    let failed = get(&srv, "b", &a.action_id).await;
+    let failed = srv.get("b", &a.action_id).await;
     assert_eq!(failed.state, St::Failed as i32);
     assert_eq!(failed.error_code, "REVERT_FAILED");
     assert!(failed.oem_response.contains("revert failed"), "{failed:?}");
     assert_eq!(
-        history(&srv, &a.action_id).await.last().map(String::as_str),
+        srv.history(&a.action_id).await.last().map(String::as_str),
         Some("FAILED")
     );
 }
 
 #[tokio::test]
 async fn a_revert_survives_a_dispatcher_that_crashed_holding_it() {
-    let srv = TestServer::start().await;
-    sim_device(&srv, "b", &[]).await;
-    let a = pushed(
-        &srv,
-        push(
-            "b",
-            action(Command::Discharge, Some(H), Some(2 * H)),
-            S::Unspecified,
-        ),
-    )
-    .await;
-    at_secs(&srv, H);
-    srv.dispatch().await;
+    let (srv, a) = booked_on_b(window(Command::Discharge, H, 2 * H)).await;
+    srv.dispatch_at(H).await;
     assert_eq!(mode(&srv, "b"), "DISCHARGE");
 
     // At the end a dispatcher claims the revert and dies before doing it.
-    at_secs(&srv, 2 * H);
-    let claimed = srv
-        .app
-        .store
-        .claim_due(srv.clock_now(), 10, 120 * SEC)
-        .await
-        .unwrap();
+    srv.at_secs(2 * H);
+    let claimed = claim_due(&srv).await;
     assert_eq!(claimed.len(), 1);
     // While its claim lasts, nobody else takes the work ...
     assert_eq!(srv.dispatcher().drain().await.unwrap(), 0);
-    assert_eq!(get(&srv, "b", &a.action_id).await.state, St::Active as i32);
+    assert_eq!(srv.get("b", &a.action_id).await.state, St::Active as i32);
     // ... and once it has lapsed, a new dispatcher (a restarted process
     // keeps nothing but the database) reverts on time.
-    at_secs(&srv, 2 * H + 121);
+    srv.at_secs(2 * H + 121);
     assert_eq!(srv.dispatcher().drain().await.unwrap(), 1);
-    assert_eq!(
-        get(&srv, "b", &a.action_id).await.state,
-        St::Completed as i32
-    );
+    assert_eq!(srv.get("b", &a.action_id).await.state, St::Completed as i32);
     assert_eq!(mode(&srv, "b"), "AUTO_BALANCED");
 }
 
 #[tokio::test]
 async fn a_window_that_passed_while_down_is_reported_missed() {
-    let srv = TestServer::start().await;
-    sim_device(&srv, "b", &[]).await;
-    let a = pushed(
-        &srv,
-        push(
-            "b",
-            action(Command::Charge, Some(H), Some(2 * H)),
-            S::Unspecified,
-        ),
-    )
-    .await;
-    at_secs(&srv, 3 * H);
-    srv.dispatch().await;
-    let f = get(&srv, "b", &a.action_id).await;
+    let (srv, a) = booked_on_b(window(Command::Charge, H, 2 * H)).await;
+    srv.dispatch_at(3 * H).await;
+    let f = srv.get("b", &a.action_id).await;
     assert_eq!(
         (f.state, f.error_code.as_str()),
         (St::Failed as i32, "WINDOW_MISSED")
@@ -298,14 +187,10 @@ async fn oem_failures_are_typed_on_the_action() {
         ("r", "reject", "OEM_REJECTED"),
         ("o", "offline", "DEVICE_OFFLINE"),
     ] {
-        sim_device(&srv, id, &[("fail_mode", fail)]).await;
-        let a = pushed(
-            &srv,
-            push(id, action(Command::Charge, None, None), S::Unspecified),
-        )
-        .await;
+        srv.sim_device(id, &[("fail_mode", fail)]).await;
+        let a = srv.book(id, action(Command::Charge, None, None)).await;
         srv.dispatch().await;
-        let f = get(&srv, id, &a.action_id).await;
+        let f = srv.get(id, &a.action_id).await;
         assert_eq!(
             (f.state, f.error_code.as_str()),
             (St::Failed as i32, code),
@@ -321,55 +206,40 @@ async fn oem_failures_are_typed_on_the_action() {
 #[tokio::test]
 async fn a_retryable_failure_backs_off_then_fails_after_its_tries() {
     let srv = TestServer::start().await;
-    sim_device(&srv, "u", &[("fail_mode", "unavailable")]).await;
-    let a = pushed(
-        &srv,
-        push("u", action(Command::Charge, None, None), S::Unspecified),
-    )
-    .await;
+    srv.sim_device("u", &[("fail_mode", "unavailable")]).await;
+    let a = srv.book("u", action(Command::Charge, None, None)).await;
     srv.dispatch().await;
-    let r = get(&srv, "u", &a.action_id).await;
+    let r = srv.get("u", &a.action_id).await;
     assert_eq!(r.state, St::Acknowledged as i32, "retried, not failed");
     // Backing off: nothing is due at the same instant.
     assert_eq!(srv.dispatcher().drain().await.unwrap(), 0);
     let mut t = 0;
     for _ in 0..10 {
         t += 700;
-        at_secs(&srv, t);
-        srv.dispatch().await;
+        srv.dispatch_at(t).await;
     }
-    let f = get(&srv, "u", &a.action_id).await;
+    let f = srv.get("u", &a.action_id).await;
     assert_eq!(
         (f.state, f.error_code.as_str()),
         (St::Failed as i32, "OEM_UNAVAILABLE")
     );
 
     // The OEM recovers: a new action goes through.
-    set_settings(&srv, "u", &[]).await;
-    let b = pushed(
-        &srv,
-        push("u", action(Command::Idle, None, None), S::Unspecified),
-    )
-    .await;
+    srv.set_settings("u", &[]).await;
+    let b = srv.book("u", action(Command::Idle, None, None)).await;
     srv.dispatch().await;
-    assert_eq!(
-        get(&srv, "u", &b.action_id).await.state,
-        St::Completed as i32
-    );
+    assert_eq!(srv.get("u", &b.action_id).await.state, St::Completed as i32);
 }
 
 #[tokio::test]
 async fn scheduler_active_fails_at_dispatch_and_is_refused_at_push_once_observed() {
     let srv = TestServer::start().await;
-    sim_device(&srv, "n", &[("native_scheduler_active", "true")]).await;
+    srv.sim_device("n", &[("native_scheduler_active", "true")])
+        .await;
     // Not yet observed: the push is accepted, and fails at dispatch.
-    let a = pushed(
-        &srv,
-        push("n", action(Command::Charge, None, None), S::Unspecified),
-    )
-    .await;
+    let a = srv.book("n", action(Command::Charge, None, None)).await;
     srv.dispatcher().drain().await.unwrap();
-    let f = get(&srv, "n", &a.action_id).await;
+    let f = srv.get("n", &a.action_id).await;
     assert_eq!(
         (f.state, f.error_code.as_str()),
         (St::Failed as i32, "SCHEDULER_ACTIVE")
@@ -379,87 +249,48 @@ async fn scheduler_active_fails_at_dispatch_and_is_refused_at_push_once_observed
     // up front, with the native rows.
     for strategy in [S::Unspecified, S::QueueAfter] {
         let st = srv
-            .actions()
-            .push_action(push(
-                "n",
-                action(Command::Charge, Some(H), Some(2 * H)),
-                strategy,
-            ))
-            .await
-            .unwrap_err();
-        assert_eq!(st.code(), Code::FailedPrecondition);
-        assert_eq!(details(&st).reason(), "SCHEDULER_ACTIVE");
+            .refused(push("n", window(Command::Charge, H, 2 * H), strategy))
+            .await;
+        expect_error(&st, Code::FailedPrecondition, "SCHEDULER_ACTIVE");
         let detail = details(&st).scheduler.expect("SchedulerDetail");
         assert_eq!(detail.rows.len(), 1);
         assert_eq!(detail.rows[0].owner, pb::NativeRowOwner::Foreign as i32);
         assert_eq!(detail.strategies, [S::CancelAndReplace as i32]);
     }
-    let dev = get_device(&srv, "n").await;
+    let dev = srv.get_device("n").await;
     assert!(dev.observed_state.unwrap().scheduler_active);
 }
 
 #[tokio::test]
 async fn cancel_and_replace_authorises_clearing_the_native_scheduler() {
     let srv = TestServer::start().await;
-    sim_device(&srv, "n", &[("native_scheduler_active", "true")]).await;
+    srv.sim_device("n", &[("native_scheduler_active", "true")])
+        .await;
     srv.dispatch().await; // observe: the scheduler is on
-    let a = pushed(
-        &srv,
-        push(
-            "n",
-            action(Command::Charge, Some(H), Some(2 * H)),
-            S::CancelAndReplace,
-        ),
-    )
-    .await;
-    at_secs(&srv, H);
-    srv.dispatch().await;
-    assert_eq!(get(&srv, "n", &a.action_id).await.state, St::Active as i32);
+    let charge = window(Command::Charge, H, 2 * H);
+    let a = srv.pushed(push("n", charge, S::CancelAndReplace)).await;
+    srv.dispatch_at(H).await;
+    assert_eq!(srv.get("n", &a.action_id).await.state, St::Active as i32);
     assert_eq!(mode(&srv, "n"), "CHARGE");
-    let dev = get_device(&srv, "n").await;
+    let dev = srv.get_device("n").await;
     assert!(
         !dev.observed_state.unwrap().scheduler_active,
         "cleared, and observed so"
     );
     // Later pushes are no longer refused up front.
-    pushed(
-        &srv,
-        push(
-            "n",
-            action(Command::Idle, Some(3 * H), Some(4 * H)),
-            S::Unspecified,
-        ),
-    )
-    .await;
+    srv.book("n", window(Command::Idle, 3 * H, 4 * H)).await;
 }
 
 #[tokio::test]
 async fn claimed_work_is_next_due_when_its_lease_runs_out() {
-    let srv = TestServer::start().await;
-    sim_device(&srv, "b", &[]).await;
-    pushed(
-        &srv,
-        push(
-            "b",
-            action(Command::Charge, Some(H), Some(2 * H)),
-            S::Unspecified,
-        ),
-    )
-    .await;
+    let (srv, _) = booked_on_b(window(Command::Charge, H, 2 * H)).await;
     let store = &srv.app.store;
     assert_eq!(
         store.next_due().await.unwrap(),
         Some(Ts((switchyard_tests::T0 + H) * SEC))
     );
-    at_secs(&srv, H);
-    assert_eq!(
-        store
-            .claim_due(srv.clock_now(), 10, 120 * SEC)
-            .await
-            .unwrap()
-            .len(),
-        1
-    );
+    srv.at_secs(H);
+    assert_eq!(claim_due(&srv).await.len(), 1);
     // Due since H, but held: a dispatcher sleeps until the lease lapses
     // instead of spinning on it.
     assert_eq!(
@@ -470,57 +301,28 @@ async fn claimed_work_is_next_due_when_its_lease_runs_out() {
 
 #[tokio::test]
 async fn one_outcome_that_cannot_be_recorded_does_not_lose_the_others() {
-    let srv = TestServer::start().await;
-    sim_device(&srv, "b", &[]).await;
-    let a = pushed(
-        &srv,
-        push("b", action(Command::Charge, None, None), S::Unspecified),
-    )
-    .await;
-    let jobs = srv
-        .app
-        .store
-        .claim_due(srv.clock_now(), 10, 120 * SEC)
-        .await
-        .unwrap();
+    let (srv, a) = booked_on_b(action(Command::Charge, None, None)).await;
+    let jobs = claim_due(&srv).await;
     assert_eq!(jobs.len(), 1);
     let mut ghost = jobs[0].clone();
     ghost.action.id = switchyard::domain::ActionId::generate();
-    let applied = || switchyard::store::Finish::Applied { raw: "ok".into() };
+    let applied = || switchyard::store::Finish::Applied {
+        raw: "ok".into(),
+        verified: true,
+    };
     srv.app
         .store
         .finish_many(vec![(ghost, applied()), (jobs[0].clone(), applied())])
         .await
         .unwrap();
-    assert_eq!(
-        get(&srv, "b", &a.action_id).await.state,
-        St::Completed as i32
-    );
+    assert_eq!(srv.get("b", &a.action_id).await.state, St::Completed as i32);
 }
 
 #[tokio::test]
 async fn a_forced_delete_waits_for_an_owed_revert() {
-    let srv = TestServer::start().await;
-    sim_device(&srv, "b", &[]).await;
-    let a = pushed(
-        &srv,
-        push(
-            "b",
-            action(Command::Charge, Some(H), Some(2 * H)),
-            S::Unspecified,
-        ),
-    )
-    .await;
-    at_secs(&srv, H);
-    srv.dispatch().await;
-    srv.actions()
-        .cancel_action(pb::CancelActionRequest {
-            device_id: "b".into(),
-            action_id: a.action_id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let (srv, a) = booked_on_b(window(Command::Charge, H, 2 * H)).await;
+    srv.dispatch_at(H).await;
+    srv.cancel("b", &a.action_id).await;
     assert_eq!(mode(&srv, "b"), "CHARGE", "the revert has not run yet");
     let delete = || pb::DeleteDeviceRequest {
         device_id: "b".into(),
@@ -528,9 +330,7 @@ async fn a_forced_delete_waits_for_an_owed_revert() {
         ..Default::default()
     };
     let st = srv.devices().delete_device(delete()).await.unwrap_err();
-    assert_eq!(st.code(), Code::FailedPrecondition);
-    let d = details(&st);
-    assert_eq!(d.reason(), "DEVICE_HAS_ACTIVE_ACTIONS");
+    let d = expect_error(&st, Code::FailedPrecondition, "DEVICE_HAS_ACTIVE_ACTIONS");
     assert!(d.meta("in_flight_action_ids").contains(&a.action_id));
     // Once reverted, the forced delete goes through.
     srv.dispatch().await;
@@ -563,7 +363,7 @@ fn run_loop(
 async fn until_state(srv: &TestServer, device: &str, id: &str, want: St) -> pb::Action {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        let a = get(srv, device, id).await;
+        let a = srv.get(device, id).await;
         if a.state == want as i32 {
             return a;
         }
@@ -578,19 +378,13 @@ async fn until_state(srv: &TestServer, device: &str, id: &str, want: St) -> pb::
 #[tokio::test]
 async fn the_loop_applies_an_immediate_push_at_once_when_woken() {
     let srv = TestServer::start().await;
-    sim_device(&srv, "b", &[("latency_ms", "0")]).await;
+    srv.sim_device("b", &[("latency_ms", "0")]).await;
     // A poll far longer than the test: only the push's wake-up can explain
     // the action being applied.
     let (stop, task) = run_loop(&srv, std::time::Duration::from_secs(3600));
-    let a = pushed(
-        &srv,
-        push(
-            "b",
-            action(Command::AutoReserve, None, None),
-            S::Unspecified,
-        ),
-    )
-    .await;
+    let a = srv
+        .book("b", action(Command::AutoReserve, None, None))
+        .await;
     until_state(&srv, "b", &a.action_id, St::Completed).await;
     assert_eq!(mode(&srv, "b"), "AUTO_RESERVE");
     stop.send(()).unwrap();
@@ -600,39 +394,22 @@ async fn the_loop_applies_an_immediate_push_at_once_when_woken() {
 #[tokio::test]
 async fn the_loop_applies_at_the_start_and_reverts_at_the_end() {
     let srv = TestServer::start().await;
-    sim_device(&srv, "b", &[("latency_ms", "0")]).await;
-    sim_device(&srv, "c", &[("latency_ms", "0")]).await;
+    srv.sim_device("b", &[("latency_ms", "0")]).await;
+    srv.sim_device("c", &[("latency_ms", "0")]).await;
     let (stop, task) = run_loop(&srv, std::time::Duration::from_millis(20));
-    let a = pushed(
-        &srv,
-        push(
-            "b",
-            action(Command::Charge, Some(H), Some(2 * H)),
-            S::Unspecified,
-        ),
-    )
-    .await;
+    let a = srv.book("b", window(Command::Charge, H, 2 * H)).await;
     // Once a later immediate push is done, the loop has had its chance at
     // the windowed one: still waiting for its start.
-    let marker = pushed(
-        &srv,
-        push(
-            "c",
-            action(Command::AutoReserve, None, None),
-            S::Unspecified,
-        ),
-    )
-    .await;
+    let marker = srv
+        .book("c", action(Command::AutoReserve, None, None))
+        .await;
     until_state(&srv, "c", &marker.action_id, St::Completed).await;
-    assert_eq!(
-        get(&srv, "b", &a.action_id).await.state,
-        St::Scheduled as i32
-    );
+    assert_eq!(srv.get("b", &a.action_id).await.state, St::Scheduled as i32);
 
-    at_secs(&srv, H);
+    srv.at_secs(H);
     until_state(&srv, "b", &a.action_id, St::Active).await;
     assert_eq!(mode(&srv, "b"), "CHARGE");
-    at_secs(&srv, 2 * H);
+    srv.at_secs(2 * H);
     until_state(&srv, "b", &a.action_id, St::Completed).await;
     assert_eq!(mode(&srv, "b"), "AUTO_BALANCED");
     stop.send(()).unwrap();

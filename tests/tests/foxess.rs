@@ -12,9 +12,7 @@ use switchyard_drivers::foxess::{
     wire::{Group, PATH_SET, WorkMode},
 };
 use switchyard_proto::v1::{self as pb, ActionState as St, Command, ConflictStrategy as S};
-use switchyard_tests::{
-    TestServer, action, at_secs, details, get_action, get_device, push, pushed,
-};
+use switchyard_tests::{TestServer, action, expect_error, push, window};
 use tonic::Code;
 
 const KEY: &str = "fx-e2e-SECRET-4f1c";
@@ -104,26 +102,20 @@ async fn a_window_across_local_midnight_is_written_as_two_groups_and_removed_at_
     let keep = g(10, 0, 11, 0, WorkMode::Feedin);
     rig.emu.seed_groups(SN, vec![keep.clone()]);
     // 23:00 → 01:00 local.
-    let a = pushed(
-        &rig.srv,
-        push(
-            "fox",
-            action(Command::Charge, Some(22 * H), Some(24 * H)),
-            S::Unspecified,
-        ),
-    )
-    .await;
+    let a = rig
+        .srv
+        .book("fox", window(Command::Charge, 22 * H, 24 * H))
+        .await;
     assert_eq!(a.state, St::Scheduled as i32);
     // Before its start nothing is written.
-    at_secs(&rig.srv, 22 * H - 60);
-    rig.srv.dispatch().await;
+    rig.srv.dispatch_at(22 * H - 60).await;
     assert_eq!(rig.emu.successful_calls(PATH_SET), 0);
 
-    at_secs(&rig.srv, 22 * H);
-    rig.srv.dispatch().await;
-    let active = get_action(&rig.srv, "fox", &a.action_id).await;
+    rig.srv.dispatch_at(22 * H).await;
+    let active = rig.srv.get("fox", &a.action_id).await;
     assert_eq!(active.state, St::Active as i32, "{active:?}");
     assert!(!active.oem_response.is_empty(), "the OEM's answer is kept");
+    assert!(active.verified, "the groups were read back as written");
     assert_eq!(
         rig.windows(),
         vec![
@@ -133,9 +125,8 @@ async fn a_window_across_local_midnight_is_written_as_two_groups_and_removed_at_
         ]
     );
 
-    at_secs(&rig.srv, 24 * H);
-    rig.srv.dispatch().await;
-    let done = get_action(&rig.srv, "fox", &a.action_id).await;
+    rig.srv.dispatch_at(24 * H).await;
+    let done = rig.srv.get("fox", &a.action_id).await;
     assert_eq!(done.state, St::Completed as i32, "{done:?}");
     assert_eq!(
         rig.windows(),
@@ -143,6 +134,30 @@ async fn a_window_across_local_midnight_is_written_as_two_groups_and_removed_at_
         "the revert removes only our groups"
     );
     assert!(rig.emu.groups(SN).contains(&keep));
+}
+
+#[tokio::test]
+async fn a_write_the_cloud_accepts_but_does_not_keep_is_active_yet_unverified() {
+    let rig = Rig::new().await;
+    rig.emu.set_ignore_writes(true);
+    let a = rig
+        .srv
+        .book("fox", window(Command::Discharge, 2 * H, 3 * H))
+        .await;
+    rig.srv.dispatch_at(2 * H).await;
+    let active = rig.srv.get("fox", &a.action_id).await;
+    assert_eq!(active.state, St::Active as i32, "{active:?}");
+    assert!(
+        !active.verified,
+        "accepted but not read back: the action must say so"
+    );
+    assert!(rig.windows().is_empty(), "the emulator kept nothing");
+
+    rig.emu.set_ignore_writes(false);
+    rig.srv.dispatch_at(3 * H).await;
+    let done = rig.srv.get("fox", &a.action_id).await;
+    assert_eq!(done.state, St::Completed as i32, "{done:?}");
+    assert!(done.verified, "the revert read back clean");
 }
 
 #[tokio::test]
@@ -154,22 +169,15 @@ async fn cancel_and_replace_clears_the_foxess_scheduler_keeping_what_does_not_co
     rig.emu.set_flag(SN, true);
     rig.srv.dispatch().await; // observe: the scheduler is on
 
-    let dev = get_device(&rig.srv, "fox").await;
+    let dev = rig.srv.get_device("fox").await;
     let observed = dev.observed_state.unwrap();
     assert!(observed.scheduler_active);
     assert_eq!(observed.native_rows.len(), 2);
 
     // 02:00 → 05:00 local, over the foreign 03:00-04:00 group.
-    let window = || action(Command::Charge, Some(H), Some(4 * H));
-    let st = rig
-        .srv
-        .actions()
-        .push_action(push("fox", window(), S::Unspecified))
-        .await
-        .unwrap_err();
-    assert_eq!(st.code(), Code::FailedPrecondition);
-    let d = details(&st);
-    assert_eq!(d.reason(), "SCHEDULER_ACTIVE");
+    let charge = || window(Command::Charge, H, 4 * H);
+    let st = rig.srv.refused(push("fox", charge(), S::Unspecified)).await;
+    let d = expect_error(&st, Code::FailedPrecondition, "SCHEDULER_ACTIVE");
     let detail = d.scheduler.expect("SchedulerDetail");
     assert_eq!(detail.rows.len(), 2);
     assert!(
@@ -181,10 +189,12 @@ async fn cancel_and_replace_clears_the_foxess_scheduler_keeping_what_does_not_co
     assert_eq!(detail.strategies, [S::CancelAndReplace as i32]);
     assert_eq!(rig.emu.groups(SN), vec![foreign.clone(), keep.clone()]);
 
-    let a = pushed(&rig.srv, push("fox", window(), S::CancelAndReplace)).await;
-    at_secs(&rig.srv, H);
-    rig.srv.dispatch().await;
-    let active = get_action(&rig.srv, "fox", &a.action_id).await;
+    let a = rig
+        .srv
+        .pushed(push("fox", charge(), S::CancelAndReplace))
+        .await;
+    rig.srv.dispatch_at(H).await;
+    let active = rig.srv.get("fox", &a.action_id).await;
     assert_eq!(active.state, St::Active as i32, "{active:?}");
     assert_eq!(
         rig.windows(),
@@ -195,7 +205,9 @@ async fn cancel_and_replace_clears_the_foxess_scheduler_keeping_what_does_not_co
         "the colliding foreign group is cleared, the other kept"
     );
     // The device was observed again after clearing.
-    let rows = get_device(&rig.srv, "fox")
+    let rows = rig
+        .srv
+        .get_device("fox")
         .await
         .observed_state
         .unwrap()
@@ -206,10 +218,9 @@ async fn cancel_and_replace_clears_the_foxess_scheduler_keeping_what_does_not_co
         "{rows:?}"
     );
 
-    at_secs(&rig.srv, 4 * H);
-    rig.srv.dispatch().await;
+    rig.srv.dispatch_at(4 * H).await;
     assert_eq!(
-        get_action(&rig.srv, "fox", &a.action_id).await.state,
+        rig.srv.get("fox", &a.action_id).await.state,
         St::Completed as i32
     );
     assert_eq!(rig.emu.groups(SN), vec![keep]);
@@ -223,37 +234,25 @@ async fn a_protected_backup_group_is_named_up_front_and_never_cleared() {
     rig.emu.set_flag(SN, true);
     rig.srv.dispatch().await;
     // Even CANCEL_AND_REPLACE cannot clear it: refused at push, saying so.
+    let over_backup = window(Command::Charge, H, 4 * H);
     let st = rig
         .srv
-        .actions()
-        .push_action(push(
-            "fox",
-            action(Command::Charge, Some(H), Some(4 * H)),
-            S::CancelAndReplace,
-        ))
-        .await
-        .unwrap_err();
-    assert_eq!(st.code(), Code::FailedPrecondition);
-    let d = details(&st);
-    assert_eq!(d.reason(), "SCHEDULER_ACTIVE");
+        .refused(push("fox", over_backup, S::CancelAndReplace))
+        .await;
+    let d = expect_error(&st, Code::FailedPrecondition, "SCHEDULER_ACTIVE");
     assert_eq!(d.meta("protected_row_count"), "1");
     let detail = d.scheduler.expect("SchedulerDetail");
     assert!(detail.strategies.is_empty(), "no strategy can clear it");
     assert_eq!(detail.rows[0].owner, pb::NativeRowOwner::Protected as i32);
     // A window clear of it can still clear the scheduler.
-    let a = pushed(
-        &rig.srv,
-        push(
-            "fox",
-            action(Command::Charge, Some(5 * H), Some(6 * H)),
-            S::CancelAndReplace,
-        ),
-    )
-    .await;
-    at_secs(&rig.srv, 5 * H);
-    rig.srv.dispatch().await;
+    let clear_of_backup = window(Command::Charge, 5 * H, 6 * H);
+    let a = rig
+        .srv
+        .pushed(push("fox", clear_of_backup, S::CancelAndReplace))
+        .await;
+    rig.srv.dispatch_at(5 * H).await;
     assert_eq!(
-        get_action(&rig.srv, "fox", &a.action_id).await.state,
+        rig.srv.get("fox", &a.action_id).await.state,
         St::Active as i32
     );
     assert!(rig.emu.groups(SN).contains(&backup));
@@ -263,19 +262,11 @@ async fn a_protected_backup_group_is_named_up_front_and_never_cleared() {
 async fn a_rate_limited_answer_backs_off_by_its_retry_after_then_applies() {
     let rig = Rig::new().await;
     rig.srv.dispatch().await;
-    let a = pushed(
-        &rig.srv,
-        push(
-            "fox",
-            action(Command::Charge, Some(H), Some(3 * H)),
-            S::Unspecified,
-        ),
-    )
-    .await;
+    let a = rig.srv.book("fox", window(Command::Charge, H, 3 * H)).await;
     rig.emu.fail_next_errno(1, 40400, "request too frequent");
-    at_secs(&rig.srv, H);
+    rig.srv.at_secs(H);
     rig.srv.dispatcher().drain().await.unwrap();
-    let waiting = get_action(&rig.srv, "fox", &a.action_id).await;
+    let waiting = rig.srv.get("fox", &a.action_id).await;
     assert_eq!(waiting.state, St::Acknowledged as i32, "{waiting:?}");
     assert!(waiting.error_message.starts_with("retrying"), "{waiting:?}");
     assert!(waiting.error_code.is_empty());
@@ -283,17 +274,17 @@ async fn a_rate_limited_answer_backs_off_by_its_retry_after_then_applies() {
 
     // FoxESS gives no retry-after; the driver's is 60 s, longer than the
     // dispatcher's first backoff (2 s): nothing is tried before it.
-    at_secs(&rig.srv, H + 30);
+    rig.srv.at_secs(H + 30);
     rig.srv.dispatcher().drain().await.unwrap();
     assert_eq!(rig.emu.successful_calls(PATH_SET), 0);
     assert_eq!(
-        get_action(&rig.srv, "fox", &a.action_id).await.state,
+        rig.srv.get("fox", &a.action_id).await.state,
         St::Acknowledged as i32
     );
 
-    at_secs(&rig.srv, H + 60);
+    rig.srv.at_secs(H + 60);
     rig.srv.dispatcher().drain().await.unwrap();
-    let active = get_action(&rig.srv, "fox", &a.action_id).await;
+    let active = rig.srv.get("fox", &a.action_id).await;
     assert_eq!(active.state, St::Active as i32, "{active:?}");
     assert!(active.error_message.is_empty());
     assert_eq!(
@@ -307,13 +298,12 @@ async fn an_unreadable_key_fails_the_action_as_misconfigured_without_echoing_it(
     let rig = Rig::new().await;
     let path = rig.key.path().to_owned();
     std::fs::remove_file(&path).unwrap();
-    let a = pushed(
-        &rig.srv,
-        push("fox", action(Command::Charge, None, None), S::Unspecified),
-    )
-    .await;
+    let a = rig
+        .srv
+        .book("fox", action(Command::Charge, None, None))
+        .await;
     rig.srv.dispatcher().drain().await.unwrap();
-    let f = get_action(&rig.srv, "fox", &a.action_id).await;
+    let f = rig.srv.get("fox", &a.action_id).await;
     assert_eq!(
         (f.state, f.error_code.as_str()),
         (St::Failed as i32, "DEVICE_MISCONFIGURED"),
@@ -321,6 +311,6 @@ async fn an_unreadable_key_fails_the_action_as_misconfigured_without_echoing_it(
     );
     assert!(f.error_message.contains("api_key_ref"), "{f:?}");
     assert!(!format!("{f:?}").contains(KEY));
-    let dev = get_device(&rig.srv, "fox").await;
+    let dev = rig.srv.get_device("fox").await;
     assert!(!format!("{dev:?}").contains(KEY));
 }

@@ -4,18 +4,11 @@
 
 use switchyard::domain::TenantId;
 use switchyard_proto::v1::{self as pb, ActionState, Command, ConflictStrategy as S};
-use switchyard_tests::{TestServer, action, details, push};
+use switchyard_tests::{TestServer, action, details, expect_error, push, window};
 use tonic::Code;
 
 const H: i64 = 3600;
 const DAY: i64 = 86_400;
-
-async fn refused(srv: &TestServer, req: pb::PushActionRequest) -> tonic::Status {
-    srv.actions()
-        .push_action(req)
-        .await
-        .expect_err("push refused")
-}
 
 fn kw(v: f64) -> Option<pb::Quantity> {
     Some(pb::Quantity {
@@ -30,12 +23,12 @@ async fn bad_fields_are_invalid_argument_naming_each_field() {
     srv.battery("b").await;
     let cases: Vec<(pb::Action, &str, Vec<&str>)> = vec![
         (
-            action(Command::Charge, Some(2 * H), Some(H)),
+            window(Command::Charge, 2 * H, H),
             "INVALID_WINDOW",
             vec!["action.end_time"],
         ),
         (
-            action(Command::Charge, Some(-60), Some(H)),
+            window(Command::Charge, -60, H),
             "START_IN_PAST",
             vec!["action.start_time"],
         ),
@@ -100,7 +93,7 @@ async fn bad_fields_are_invalid_argument_naming_each_field() {
         ),
     ];
     for (a, reason, fields) in cases {
-        let st = refused(&srv, push("b", a.clone(), S::Unspecified)).await;
+        let st = srv.refused(push("b", a.clone(), S::Unspecified)).await;
         assert_eq!(st.code(), Code::InvalidArgument, "{a:?}: {st:?}");
         let d = details(&st);
         assert_eq!(d.reason(), reason, "{a:?}");
@@ -114,70 +107,35 @@ async fn bad_fields_are_invalid_argument_naming_each_field() {
         );
     }
     // Nothing was booked by any of them.
-    let list = srv
-        .actions()
-        .list_actions(pb::ListActionsRequest {
-            device_id: "b".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(list.actions.is_empty());
+    assert!(srv.list("b").await.is_empty());
 }
 
 #[tokio::test]
 async fn missing_and_malformed_identifiers_and_unknown_resources() {
     let srv = TestServer::start().await;
     srv.battery("b").await;
-    let mut a = srv.actions();
 
-    let st = a
-        .push_action(pb::PushActionRequest::default())
-        .await
-        .unwrap_err();
-    assert_eq!(
-        (st.code(), details(&st).reason()),
-        (Code::InvalidArgument, "MISSING_FIELD")
-    );
-    let st = a
-        .push_action(pb::PushActionRequest {
+    let st = srv.refused(pb::PushActionRequest::default()).await;
+    expect_error(&st, Code::InvalidArgument, "MISSING_FIELD");
+    let st = srv
+        .refused(pb::PushActionRequest {
             device_id: "b".into(),
             ..Default::default()
         })
-        .await
-        .unwrap_err();
+        .await;
     assert_eq!(details(&st).fields(), ["action"]);
-    let st = a
-        .push_action(push(
-            "nope",
-            action(Command::Charge, Some(H), None),
-            S::Unspecified,
-        ))
-        .await
-        .unwrap_err();
-    assert_eq!(
-        (st.code(), details(&st).reason()),
-        (Code::NotFound, "DEVICE_NOT_FOUND")
-    );
+    let charge = || action(Command::Charge, Some(H), None);
+    let st = srv.refused(push("nope", charge(), S::Unspecified)).await;
+    expect_error(&st, Code::NotFound, "DEVICE_NOT_FOUND");
     assert_eq!(details(&st).meta("device_id"), "nope");
-    let st = a
-        .push_action(push(
-            &"x".repeat(10_000),
-            action(Command::Charge, Some(H), None),
-            S::Unspecified,
-        ))
-        .await
-        .unwrap_err();
-    assert_eq!(
-        (st.code(), details(&st).reason()),
-        (Code::InvalidArgument, "INVALID_FIELD")
-    );
-    let mut bad = push("b", action(Command::Charge, Some(H), None), S::Unspecified);
+    let long_id = "x".repeat(10_000);
+    let st = srv.refused(push(&long_id, charge(), S::Unspecified)).await;
+    expect_error(&st, Code::InvalidArgument, "INVALID_FIELD");
+    let mut bad = push("b", charge(), S::Unspecified);
     bad.on_conflict = 99;
-    let st = a.push_action(bad).await.unwrap_err();
+    let st = srv.refused(bad).await;
     assert_eq!(details(&st).fields(), ["on_conflict"]);
-    let mut bad = push("b", action(Command::Charge, Some(H), None), S::Unspecified);
+    let mut bad = push("b", charge(), S::Unspecified);
     bad.action
         .as_mut()
         .unwrap()
@@ -185,35 +143,19 @@ async fn missing_and_malformed_identifiers_and_unknown_resources() {
         .as_mut()
         .unwrap()
         .nanos = -5;
-    let st = a.push_action(bad).await.unwrap_err();
+    let st = srv.refused(bad).await;
     assert_eq!(details(&st).reason(), "INVALID_WINDOW");
-    let mut bad = push("b", action(Command::Charge, Some(H), None), S::Unspecified);
+    let mut bad = push("b", charge(), S::Unspecified);
     bad.request_id = "r".repeat(129);
-    let st = a.push_action(bad).await.unwrap_err();
+    let st = srv.refused(bad).await;
     assert_eq!(details(&st).fields(), ["request_id"]);
 
-    let st = a
-        .get_action(pb::GetActionRequest {
-            device_id: "b".into(),
-            action_id: "garbage".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(
-        (st.code(), details(&st).reason()),
-        (Code::InvalidArgument, "INVALID_FIELD")
-    );
-    let st = a
-        .get_action(pb::GetActionRequest {
-            device_id: "b".into(),
-            action_id: "01900000-0000-7000-8000-000000000000".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(
-        (st.code(), details(&st).reason()),
-        (Code::NotFound, "ACTION_NOT_FOUND")
-    );
+    let st = srv.get_err("b", "garbage").await;
+    expect_error(&st, Code::InvalidArgument, "INVALID_FIELD");
+    let st = srv
+        .get_err("b", "01900000-0000-7000-8000-000000000000")
+        .await;
+    expect_error(&st, Code::NotFound, "ACTION_NOT_FOUND");
     assert!(details(&st).resource.is_some());
 }
 
@@ -222,24 +164,8 @@ async fn an_action_is_not_found_under_another_device() {
     let srv = TestServer::start().await;
     srv.battery("b").await;
     srv.battery("c").await;
-    let r = srv
-        .actions()
-        .push_action(push(
-            "b",
-            action(Command::Charge, Some(H), None),
-            S::Unspecified,
-        ))
-        .await
-        .unwrap();
-    let id = r.into_inner().action.unwrap().action_id;
-    let st = srv
-        .actions()
-        .get_action(pb::GetActionRequest {
-            device_id: "c".into(),
-            action_id: id,
-        })
-        .await
-        .unwrap_err();
+    let r = srv.book("b", action(Command::Charge, Some(H), None)).await;
+    let st = srv.get_err("c", &r.action_id).await;
     assert_eq!(details(&st).reason(), "ACTION_NOT_FOUND");
 }
 
@@ -248,17 +174,7 @@ async fn cancel_rules_per_state_and_etag() {
     let srv = TestServer::start().await;
     srv.battery("b").await;
     let mut a = srv.actions();
-    let sched = a
-        .push_action(push(
-            "b",
-            action(Command::Charge, Some(H), Some(2 * H)),
-            S::Unspecified,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .action
-        .unwrap();
+    let sched = srv.book("b", window(Command::Charge, H, 2 * H)).await;
     let cancel = |id: &str, etag: &str| pb::CancelActionRequest {
         device_id: "b".into(),
         action_id: id.into(),
@@ -270,10 +186,7 @@ async fn cancel_rules_per_state_and_etag() {
         .cancel_action(cancel(&sched.action_id, "a999"))
         .await
         .unwrap_err();
-    assert_eq!(
-        (st.code(), details(&st).reason()),
-        (Code::Aborted, "ETAG_MISMATCH")
-    );
+    expect_error(&st, Code::Aborted, "ETAG_MISMATCH");
     assert_eq!(details(&st).meta("current_etag"), sched.etag);
 
     let c = a
@@ -290,28 +203,15 @@ async fn cancel_rules_per_state_and_etag() {
         .cancel_action(cancel(&sched.action_id, ""))
         .await
         .unwrap_err();
-    assert_eq!(
-        (st.code(), details(&st).reason()),
-        (Code::FailedPrecondition, "ACTION_ALREADY_CANCELLED")
-    );
+    expect_error(&st, Code::FailedPrecondition, "ACTION_ALREADY_CANCELLED");
 
     // In flight (ACKNOWLEDGED): not cancellable, and the state is named.
-    let now = a
-        .push_action(push("b", action(Command::Idle, None, None), S::Unspecified))
-        .await
-        .unwrap()
-        .into_inner()
-        .action
-        .unwrap();
+    let now = srv.book("b", action(Command::Idle, None, None)).await;
     let st = a
         .cancel_action(cancel(&now.action_id, ""))
         .await
         .unwrap_err();
-    let d = details(&st);
-    assert_eq!(
-        (st.code(), d.reason()),
-        (Code::FailedPrecondition, "ACTION_NOT_CANCELLABLE")
-    );
+    let d = expect_error(&st, Code::FailedPrecondition, "ACTION_NOT_CANCELLABLE");
     assert_eq!(d.meta("state"), "ACTION_STATE_ACKNOWLEDGED");
 }
 
@@ -319,34 +219,18 @@ async fn cancel_rules_per_state_and_etag() {
 async fn request_id_replays_the_original_answer_and_refuses_another_body() {
     let srv = TestServer::start().await;
     srv.battery("b").await;
-    let mut a = srv.actions();
-    let mut req = push(
-        "b",
-        action(Command::Charge, Some(H), Some(2 * H)),
-        S::Unspecified,
-    );
+    let mut req = push("b", window(Command::Charge, H, 2 * H), S::Unspecified);
     req.request_id = "push-1".into();
-    let first = a.push_action(req.clone()).await.unwrap().into_inner();
-    let again = a.push_action(req.clone()).await.unwrap().into_inner();
+    let first = srv.push_ok(req.clone()).await;
+    let again = srv.push_ok(req.clone()).await;
     assert_eq!(first, again, "the replay is the original answer");
 
-    let list = a
-        .list_actions(pb::ListActionsRequest {
-            device_id: "b".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(list.actions.len(), 1, "no second action");
+    assert_eq!(srv.list("b").await.len(), 1, "no second action");
 
     let mut other = req.clone();
     other.action.as_mut().unwrap().command = Command::Discharge as i32;
-    let st = a.push_action(other).await.unwrap_err();
-    assert_eq!(
-        (st.code(), details(&st).reason()),
-        (Code::FailedPrecondition, "REQUEST_ID_REUSED")
-    );
+    let st = srv.refused(other).await;
+    expect_error(&st, Code::FailedPrecondition, "REQUEST_ID_REUSED");
     assert!(details(&st).retry.is_none());
 }
 
@@ -354,47 +238,22 @@ async fn request_id_replays_the_original_answer_and_refuses_another_body() {
 async fn a_failed_request_releases_its_request_id() {
     let srv = TestServer::start().await;
     srv.battery("b").await;
-    let mut a = srv.actions();
-    let blocker = a
-        .push_action(push(
-            "b",
-            action(Command::Charge, Some(H), Some(2 * H)),
-            S::Unspecified,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .action
-        .unwrap();
-    let mut req = push(
-        "b",
-        action(Command::Discharge, Some(H), Some(2 * H)),
-        S::Unspecified,
-    );
+    let blocker = srv.book("b", window(Command::Charge, H, 2 * H)).await;
+    let mut req = push("b", window(Command::Discharge, H, 2 * H), S::Unspecified);
     req.request_id = "push-2".into();
-    let st = a.push_action(req.clone()).await.unwrap_err();
+    let st = srv.refused(req.clone()).await;
     assert_eq!(details(&st).reason(), "ACTION_CONFLICT");
-    a.cancel_action(pb::CancelActionRequest {
-        device_id: "b".into(),
-        action_id: blocker.action_id,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    srv.cancel("b", &blocker.action_id).await;
     // The same request, same id, now succeeds: the conflict booked nothing.
-    let ok = a.push_action(req).await.unwrap().into_inner();
-    assert_eq!(ok.action.unwrap().state, ActionState::Scheduled as i32);
+    let ok = srv.pushed(req).await;
+    assert_eq!(ok.state, ActionState::Scheduled as i32);
 }
 
 #[tokio::test]
 async fn a_concurrent_duplicate_is_told_to_retry() {
     let srv = TestServer::start().await;
     srv.battery("b").await;
-    let mut req = push(
-        "b",
-        action(Command::Charge, Some(H), Some(2 * H)),
-        S::Unspecified,
-    );
+    let mut req = push("b", window(Command::Charge, H, 2 * H), S::Unspecified);
     req.request_id = "push-3".into();
     // Another replica (or handler) holds the key, mid-request.
     let mut body = req.clone();
@@ -411,18 +270,14 @@ async fn a_concurrent_duplicate_is_told_to_retry() {
         .await
         .unwrap();
     assert!(matches!(claimed, switchyard::store::IdemBegin::Fresh(_)));
-    let st = srv.actions().push_action(req.clone()).await.unwrap_err();
-    let d = details(&st);
-    assert_eq!(
-        (st.code(), d.reason()),
-        (Code::Aborted, "REQUEST_IN_PROGRESS")
-    );
+    let st = srv.refused(req.clone()).await;
+    let d = expect_error(&st, Code::Aborted, "REQUEST_IN_PROGRESS");
     assert!(d.retry.is_some(), "RetryInfo says when");
 
     // An abandoned claim (its holder crashed) expires with its lease.
     srv.clock.advance(61 * 1_000_000_000);
-    let ok = srv.actions().push_action(req).await.unwrap().into_inner();
-    assert_eq!(ok.action.unwrap().state, ActionState::Scheduled as i32);
+    let ok = srv.pushed(req).await;
+    assert_eq!(ok.state, ActionState::Scheduled as i32);
 }
 
 #[tokio::test]
@@ -431,29 +286,19 @@ async fn request_ids_are_kept_for_a_day() {
     srv.battery("b").await;
     let mut req = push(
         "b",
-        action(Command::Charge, Some(2 * DAY), Some(2 * DAY + H)),
+        window(Command::Charge, 2 * DAY, 2 * DAY + H),
         S::Unspecified,
     );
     req.request_id = "push-4".into();
-    let first = srv
-        .actions()
-        .push_action(req.clone())
-        .await
-        .unwrap()
-        .into_inner();
+    let first = srv.push_ok(req.clone()).await;
     srv.clock.advance((DAY - 60) * 1_000_000_000);
-    let replay = srv
-        .actions()
-        .push_action(req.clone())
-        .await
-        .unwrap()
-        .into_inner();
+    let replay = srv.push_ok(req.clone()).await;
     assert_eq!(first, replay);
     srv.clock.advance(120 * 1_000_000_000);
     assert_eq!(srv.app.store.idem_sweep().await.unwrap(), 1);
     // After expiry the key is new again: the same body now collides with
     // the action it booked a day ago.
-    let st = srv.actions().push_action(req).await.unwrap_err();
+    let st = srv.refused(req).await;
     assert_eq!(details(&st).reason(), "ACTION_CONFLICT");
 }
 
@@ -465,31 +310,13 @@ async fn list_actions_filters_by_state_and_pages() {
     let mut a = srv.actions();
     let mut ids = Vec::new();
     for i in 0..5 {
-        let r = a
-            .push_action(push(
-                "b",
-                action(Command::Charge, Some((i + 1) * H), Some((i + 2) * H)),
-                S::Unspecified,
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        ids.push(r.action.unwrap().action_id);
+        let r = srv
+            .book("b", window(Command::Charge, (i + 1) * H, (i + 2) * H))
+            .await;
+        ids.push(r.action_id);
     }
-    a.push_action(push(
-        "c",
-        action(Command::Charge, Some(H), None),
-        S::Unspecified,
-    ))
-    .await
-    .unwrap();
-    a.cancel_action(pb::CancelActionRequest {
-        device_id: "b".into(),
-        action_id: ids[0].clone(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    srv.book("c", action(Command::Charge, Some(H), None)).await;
+    srv.cancel("b", &ids[0]).await;
 
     let mut seen = Vec::new();
     let mut token = String::new();
@@ -524,15 +351,7 @@ async fn list_actions_filters_by_state_and_pages() {
     let expected: Vec<_> = ids[1..].iter().rev().cloned().collect();
     assert_eq!(seen, expected, "newest first, cancelled filtered out");
 
-    let all = a
-        .list_actions(pb::ListActionsRequest {
-            device_id: "-".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(all.actions.len(), 6);
+    assert_eq!(srv.list("-").await.len(), 6);
     let st = a
         .list_actions(pb::ListActionsRequest {
             device_id: "nope".into(),
@@ -548,11 +367,8 @@ async fn a_read_only_device_accepts_no_commands() {
     let srv = TestServer::start().await;
     srv.create_device("pv", pb::DeviceFamily::SolarInverter)
         .await;
-    let st = refused(
-        &srv,
-        push("pv", action(Command::Idle, Some(H), None), S::Unspecified),
-    )
-    .await;
+    let idle = action(Command::Idle, Some(H), None);
+    let st = srv.refused(push("pv", idle, S::Unspecified)).await;
     assert_eq!(details(&st).reason(), "UNSUPPORTED_COMMAND");
 }
 
@@ -561,24 +377,11 @@ async fn storage_outage_is_unavailable_with_retry_info_never_a_conflict() {
     let srv = TestServer::start().await;
     srv.battery("b").await;
     srv.app.store.close().await;
-    let st = refused(
-        &srv,
-        push("b", action(Command::Charge, Some(H), None), S::Unspecified),
-    )
-    .await;
-    let d = details(&st);
-    assert_eq!(
-        (st.code(), d.reason()),
-        (Code::Unavailable, "STORAGE_UNAVAILABLE")
-    );
+    let charge = action(Command::Charge, Some(H), None);
+    let st = srv.refused(push("b", charge, S::Unspecified)).await;
+    let d = expect_error(&st, Code::Unavailable, "STORAGE_UNAVAILABLE");
     assert!(d.retry.is_some());
-    let st = srv
-        .devices()
-        .get_device(pb::GetDeviceRequest {
-            device_id: "b".into(),
-        })
-        .await
-        .unwrap_err();
+    let st = srv.get_device_err("b").await;
     assert_eq!(details(&st).reason(), "STORAGE_UNAVAILABLE");
 }
 
@@ -640,16 +443,7 @@ async fn a_request_that_outlived_its_lease_cannot_apply_after_a_retry_took_over(
         "{late:?}"
     );
     push_with(retry).await.expect("the retry applies");
-    let list = srv
-        .actions()
-        .list_actions(pb::ListActionsRequest {
-            device_id: "b".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(list.actions.len(), 1, "applied once");
+    assert_eq!(srv.list("b").await.len(), 1, "applied once");
     assert_eq!(
         store
             .idem_begin(&tenant, "k", "PushAction", b"body")
@@ -694,18 +488,7 @@ async fn a_key_abandoned_by_a_crashed_request_is_free_for_any_body() {
 async fn a_retried_conditional_cancel_learns_it_already_succeeded() {
     let srv = TestServer::start().await;
     srv.battery("b").await;
-    let a = srv
-        .actions()
-        .push_action(push(
-            "b",
-            action(Command::Charge, Some(H), Some(2 * H)),
-            S::Unspecified,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .action
-        .unwrap();
+    let a = srv.book("b", window(Command::Charge, H, 2 * H)).await;
     let req = pb::CancelActionRequest {
         device_id: "b".into(),
         action_id: a.action_id.clone(),

@@ -11,7 +11,7 @@ use std::{
 };
 
 use switchyard_proto::v1::{self as pb, Command, ConflictStrategy as S};
-use switchyard_tests::{TestServer, action, details, push};
+use switchyard_tests::{TestServer, action, details, expect_error, push, window};
 use tokio_stream::StreamExt;
 use tonic::{Code, transport::Channel};
 
@@ -217,14 +217,7 @@ async fn garbage_bytes_are_invalid_argument_never_internal() {
         }
     }
     // The server is still fine.
-    srv.actions()
-        .push_action(push(
-            "b",
-            action(Command::Charge, Some(H), None),
-            S::Unspecified,
-        ))
-        .await
-        .unwrap();
+    srv.book("b", action(Command::Charge, Some(H), None)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -242,7 +235,7 @@ async fn a_storm_of_overlapping_pushes_books_exactly_one() {
             client
                 .push_action(push(
                     "b",
-                    action(Command::Charge, Some(start), Some(start + H)),
+                    window(Command::Charge, start, start + H),
                     S::Unspecified,
                 ))
                 .await
@@ -259,25 +252,14 @@ async fn a_storm_of_overlapping_pushes_books_exactly_one() {
     assert_eq!(winners.len(), 1, "exactly one push holds the channel");
     assert_eq!(losers.len(), n - 1);
     for st in &losers {
-        assert_eq!(st.code(), Code::FailedPrecondition);
-        let d = details(st);
-        assert_eq!(d.reason(), "ACTION_CONFLICT");
+        let d = expect_error(st, Code::FailedPrecondition, "ACTION_CONFLICT");
         assert_eq!(d.meta("conflicting_action_ids"), winners[0]);
         assert_eq!(
             d.conflict.as_ref().unwrap().conflicts[0].action_id,
             winners[0]
         );
     }
-    let list = srv
-        .actions()
-        .list_actions(pb::ListActionsRequest {
-            device_id: "b".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(list.actions.len(), 1);
+    assert_eq!(srv.list("b").await.len(), 1);
 }
 
 struct Spawned {
@@ -362,22 +344,14 @@ async fn every_acknowledged_push_survives_kill_9() {
             for i in 0..10_000i64 {
                 // Start times far enough ahead for a real clock.
                 let start = chrono_free_now() + 86_400 + (w * 10_000 + i) * 120;
-                let req = pb::PushActionRequest {
-                    device_id: "k".into(),
-                    action: Some(pb::Action {
-                        command: Command::Charge as i32,
-                        start_time: Some(prost_types::Timestamp {
-                            seconds: start,
-                            nanos: 0,
-                        }),
-                        end_time: Some(prost_types::Timestamp {
-                            seconds: start + 60,
-                            nanos: 0,
-                        }),
-                        ..Default::default()
-                    }),
+                let unix = |seconds| Some(prost_types::Timestamp { seconds, nanos: 0 });
+                let charge = pb::Action {
+                    command: Command::Charge as i32,
+                    start_time: unix(start),
+                    end_time: unix(start + 60),
                     ..Default::default()
                 };
+                let req = push("k", charge, S::Unspecified);
                 match c.push_action(req).await {
                     Ok(r) => {
                         let _ = tx.send(r.into_inner().action.unwrap().action_id);
