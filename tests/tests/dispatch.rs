@@ -169,6 +169,56 @@ async fn a_revert_survives_a_dispatcher_that_crashed_holding_it() {
 }
 
 #[tokio::test]
+async fn a_dispatcher_whose_claim_lapsed_records_nothing() {
+    let (srv, a) = booked_on_b(window(Command::Discharge, H, 2 * H)).await;
+    srv.dispatch_at(H).await;
+
+    // A dispatcher claims the revert and stalls past its lease ...
+    srv.at_secs(2 * H);
+    let stalled = claim_due(&srv).await;
+    assert_eq!(stalled.len(), 1);
+    srv.at_secs(2 * H + 121);
+    // ... while another claims it again, and that revert fails for good.
+    let fresh = claim_due(&srv).await;
+    assert_eq!(fresh.len(), 1);
+    let store = &srv.app.store;
+    store
+        .finish(
+            &fresh[0],
+            switchyard::store::Finish::Failed {
+                code: "REVERT_FAILED".into(),
+                message: "rejected".into(),
+                raw: None,
+            },
+        )
+        .await
+        .unwrap();
+    // The stalled one wakes up with a success: it must not overwrite the
+    // outcome recorded under the live claim.
+    store
+        .finish(
+            &stalled[0],
+            switchyard::store::Finish::Reverted {
+                raw: "late".into(),
+                verified: true,
+            },
+        )
+        .await
+        .unwrap();
+    let f = srv.get("b", &a.action_id).await;
+    assert_eq!(
+        (f.state, f.error_code.as_str()),
+        (St::Failed as i32, "REVERT_FAILED")
+    );
+    assert_ne!(f.oem_response, "late");
+    assert_eq!(
+        srv.history(&a.action_id).await.last().map(String::as_str),
+        Some("FAILED"),
+        "no second transition from the stalled claim"
+    );
+}
+
+#[tokio::test]
 async fn a_window_that_passed_while_down_is_reported_missed() {
     let (srv, a) = booked_on_b(window(Command::Charge, H, 2 * H)).await;
     srv.dispatch_at(3 * H).await;

@@ -8,6 +8,9 @@
 //! - Results are recorded against the row as it is at that moment: an
 //!   ACTIVE action cancelled while its end-of-window revert ran stays
 //!   CANCELLED.
+//! - A result is recorded only under the claim it was taken with: a
+//!   dispatcher that stalled past its lease, while another claimed the
+//!   work again, records nothing (the new claim's outcome stands).
 
 use sqlx::Row;
 
@@ -29,6 +32,9 @@ pub struct Job {
     pub attempts: i64,
     /// Pushed with CANCEL_AND_REPLACE.
     pub clear_native: bool,
+    /// The claim this job was taken under: its outcome is recorded only
+    /// while the row still carries it.
+    pub claim: String,
 }
 
 /// What came of a job.
@@ -150,6 +156,7 @@ impl Store {
                         .ok_or_else(|| Error::Internal("claimed no work".into()))?,
                     attempts: r.get("attempts"),
                     clear_native: r.get::<i64, _>("clear_native") != 0,
+                    claim: owner.clone(),
                 })
             })
             .collect()
@@ -323,12 +330,12 @@ async fn finish_one(
         a.revision += 1;
         a.updated = now;
         // One statement: the outcome, what is owed next, and the claim
-        // released.
-        sqlx::query(
+        // released — only if it is still ours.
+        let done = sqlx::query(
             "UPDATE actions SET state = ?, error_code = ?, error_message = ?, revision = ?, update_ns = ?,
                verified = ?, work = ?, due_ns = ?, attempts = ?, lease_until_ns = NULL, lease_owner = NULL,
                oem_raw = COALESCE(?, oem_raw)
-             WHERE tenant_id = ? AND action_id = ?",
+             WHERE tenant_id = ? AND action_id = ? AND lease_owner = ?",
         )
         .bind(a.state.as_str())
         .bind(&a.error_code)
@@ -342,9 +349,16 @@ async fn finish_one(
         .bind(raw)
         .bind(job.tenant.as_str())
         .bind(a.id.to_string())
+        .bind(&job.claim)
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
+        if done.rows_affected() == 0 {
+            return Err(Error::Internal(format!(
+                "the claim on action {} lapsed and was taken again",
+                job.action.id
+            )));
+        }
         if to != from {
             rows::audit(
                 tx,

@@ -288,7 +288,10 @@ pub(super) async fn insert_action(
 }
 
 /// Sets what the dispatcher owes an action (`None`: nothing), due at `due`,
-/// with `attempts` tries made, releasing any claim.
+/// with `attempts` tries made. A claim on the row is kept: an ACTIVE action
+/// cancelled while its end-of-window revert is in flight is recorded by
+/// that revert (or reverted again once the claim lapses), never twice at
+/// once.
 pub(super) async fn set_work(
     tx: &mut SqliteConnection,
     tenant: &TenantId,
@@ -298,7 +301,7 @@ pub(super) async fn set_work(
     attempts: i64,
 ) -> Result<(), Error> {
     sqlx::query(
-        "UPDATE actions SET work = ?, due_ns = ?, attempts = ?, lease_until_ns = NULL, lease_owner = NULL
+        "UPDATE actions SET work = ?, due_ns = ?, attempts = ?
          WHERE tenant_id = ? AND action_id = ?",
     )
     .bind(work.map_or("NONE", |w| w.as_str()))
