@@ -219,6 +219,29 @@ async fn a_dispatcher_whose_claim_lapsed_records_nothing() {
 }
 
 #[tokio::test]
+async fn a_device_is_observed_again_once_its_observation_is_stale() {
+    let srv = TestServer::start().await;
+    srv.sim_device("b", &[]).await;
+    let d = srv.dispatcher();
+    let observed_at = |dev: pb::Device| dev.observed_state.and_then(|o| o.observe_time);
+    d.observe_due(true).await.unwrap();
+    let first = observed_at(srv.get_device("b").await).expect("observed");
+
+    // Until its last observation is more than 300 s old the device is left
+    // alone ...
+    srv.at_secs(300);
+    assert_eq!(d.observe_due(false).await.unwrap(), 0);
+    assert_eq!(observed_at(srv.get_device("b").await), Some(first.clone()));
+    // ... and then it is read again.
+    srv.at_secs(301);
+    assert_eq!(d.observe_due(false).await.unwrap(), 1);
+    assert_eq!(
+        observed_at(srv.get_device("b").await),
+        Some(switchyard_tests::at(301))
+    );
+}
+
+#[tokio::test]
 async fn a_window_that_passed_while_down_is_reported_missed() {
     let (srv, a) = booked_on_b(window(Command::Charge, H, 2 * H)).await;
     srv.dispatch_at(3 * H).await;
