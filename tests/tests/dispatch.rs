@@ -231,7 +231,7 @@ async fn a_device_is_observed_again_once_its_observation_is_stale() {
     // alone ...
     srv.at_secs(300);
     assert_eq!(d.observe_due(false).await.unwrap(), 0);
-    assert_eq!(observed_at(srv.get_device("b").await), Some(first.clone()));
+    assert_eq!(observed_at(srv.get_device("b").await), Some(first));
     // ... and then it is read again.
     srv.at_secs(301);
     assert_eq!(d.observe_due(false).await.unwrap(), 1);
