@@ -137,15 +137,24 @@ impl TestServer {
 
     /// Registers a simulated device of `family`.
     pub async fn create_device(&self, id: &str, family: pb::DeviceFamily) -> pb::Device {
+        self.register(
+            id,
+            pb::Device {
+                family: family as i32,
+                driver: "simulated".into(),
+                timezone: "Europe/London".into(),
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    /// CreateDevice `id` as `device`, expecting success.
+    async fn register(&self, id: &str, device: pb::Device) -> pb::Device {
         self.devices()
             .create_device(pb::CreateDeviceRequest {
                 device_id: id.to_owned(),
-                device: Some(pb::Device {
-                    family: family as i32,
-                    driver: "simulated".into(),
-                    timezone: "Europe/London".into(),
-                    ..Default::default()
-                }),
+                device: Some(device),
                 request_id: String::new(),
             })
             .await
@@ -330,19 +339,16 @@ impl TestServer {
 
     /// Creates a simulated battery `id` with `latency_ms` 0 and `settings`.
     pub async fn sim_device(&self, id: &str, settings: &[(&str, &str)]) {
-        self.devices()
-            .create_device(pb::CreateDeviceRequest {
-                device_id: id.into(),
-                device: Some(pb::Device {
-                    family: pb::DeviceFamily::Battery as i32,
-                    driver: "simulated".into(),
-                    settings: sim_settings(settings),
-                    ..Default::default()
-                }),
-                request_id: String::new(),
-            })
-            .await
-            .expect("rpc");
+        self.register(
+            id,
+            pb::Device {
+                family: pb::DeviceFamily::Battery as i32,
+                driver: "simulated".into(),
+                settings: sim_settings(settings),
+                ..Default::default()
+            },
+        )
+        .await;
     }
 
     /// Replaces a device's settings (`latency_ms` 0 plus `settings`).

@@ -81,11 +81,6 @@ pub enum Finish {
     },
 }
 
-enum ResultKind {
-    Done,
-    Other,
-}
-
 fn work_of(s: &str) -> Option<Work> {
     match s {
         "APPLY" => Some(Work::Apply),
@@ -252,10 +247,7 @@ async fn finish_one(
                     ))
                 })?;
         let from = a.state;
-        let result_kind = match result {
-            Finish::Applied { .. } | Finish::Reverted { .. } => ResultKind::Done,
-            _ => ResultKind::Other,
-        };
+        let settled = matches!(result, Finish::Applied { .. } | Finish::Reverted { .. });
         let (to, work, due, attempts, reason, raw): (
             ActionState,
             Option<Work>,
@@ -266,24 +258,13 @@ async fn finish_one(
         ) = match result {
             Finish::Applied { raw, verified } => {
                 a.verified = verified;
-                match a.end {
-                    Some(end) => (
-                        ActionState::Active,
-                        Some(Work::Revert),
-                        Some(end),
-                        0,
-                        "APPLIED".into(),
-                        Some(raw),
-                    ),
-                    None => (
-                        ActionState::Completed,
-                        None,
-                        None,
-                        0,
-                        "APPLIED".into(),
-                        Some(raw),
-                    ),
-                }
+                // A windowed action is reverted at its end; one without an
+                // end is done once applied.
+                let (to, work) = match a.end {
+                    Some(_) => (ActionState::Active, Some(Work::Revert)),
+                    None => (ActionState::Completed, None),
+                };
+                (to, work, a.end, 0, "APPLIED".into(), Some(raw))
             }
             Finish::Reverted { raw, verified } => {
                 a.verified = verified;
@@ -319,7 +300,7 @@ async fn finish_one(
                 (ActionState::Failed, None, None, job.attempts, code, raw)
             }
         };
-        if matches!(result_kind, ResultKind::Done) {
+        if settled {
             // Earlier "retrying" notes no longer apply.
             a.error_message = None;
         }
