@@ -33,13 +33,16 @@ pub struct RevertRequest {
 }
 
 /// What the OEM said to a write.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Outcome {
     /// The driver read the device back and saw the change in force ("device
     /// verified"), not only the OEM's acceptance.
     pub verified: bool,
     /// The OEM's raw answer, for diagnostics.
     pub raw: String,
+    /// The device's state as read back after the write, when the driver
+    /// read all of it; `None` makes the service read it again.
+    pub state: Option<DeviceState>,
 }
 
 /// Who wrote a native scheduler row.

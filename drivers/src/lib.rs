@@ -8,9 +8,11 @@
 pub mod driver;
 pub mod foxess;
 pub mod model;
+pub mod operator;
 pub mod registry;
 pub mod simulated;
 
 pub use driver::*;
 pub use model::*;
+pub use operator::OperatorPolicy;
 pub use registry::{ConfigError, DeviceSpec, DriverFactory, Registry};

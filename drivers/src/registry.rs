@@ -39,23 +39,55 @@ pub enum ConfigError {
     /// A setting's value is invalid.
     #[error("setting {key:?}: {reason}")]
     InvalidSetting {
-        /// The key.
         key: String,
         /// What is wrong with the value (never the value itself, which may
         /// be sensitive).
         reason: String,
     },
+    /// A field of the device itself (not a setting) that the driver
+    /// cannot work with, e.g. `oem_device_id` or `timezone`.
+    #[error("{field} {reason}")]
+    InvalidDeviceField {
+        /// The device field's name, as in the API.
+        field: &'static str,
+        reason: String,
+    },
 }
 
 impl ConfigError {
+    /// The first of `errors`, for callers that report one (a driver's
+    /// `capabilities` and `build`).
+    pub fn first(mut errors: Vec<ConfigError>) -> ConfigError {
+        if errors.is_empty() {
+            ConfigError::InvalidSetting {
+                key: "settings".to_owned(),
+                reason: "are invalid".to_owned(),
+            }
+        } else {
+            errors.swap_remove(0)
+        }
+    }
+
     /// The settings key at fault, if any.
     pub fn key(&self) -> Option<&str> {
         match self {
-            ConfigError::UnsupportedFamily(_) => None,
+            ConfigError::UnsupportedFamily(_) | ConfigError::InvalidDeviceField { .. } => None,
             ConfigError::UnknownSetting { key, .. } | ConfigError::InvalidSetting { key, .. } => {
                 Some(key)
             }
         }
+    }
+}
+
+/// Every error of a settings parse, so that a client fixes them all in one
+/// round.
+#[derive(Debug, Default)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl ConfigErrors {
+    /// The value of `r`, or `None` with its error kept.
+    pub fn take<T>(&mut self, r: Result<T, ConfigError>) -> Option<T> {
+        r.map_err(|e| self.0.push(e)).ok()
     }
 }
 
@@ -73,8 +105,16 @@ pub trait DriverFactory: Send + Sync + fmt::Debug {
     fn kind(&self) -> &'static str;
 
     /// Validates the device configuration and returns what the driver can
-    /// do with the device.
+    /// do with the device. Cheap: no I/O (it runs on every push).
     fn capabilities(&self, device: &DeviceSpec<'_>) -> Result<Capabilities, ConfigError>;
+
+    /// Everything wrong with the device configuration, for CreateDevice
+    /// and UpdateDevice: every bad setting, and what only I/O can tell
+    /// (e.g. that the referenced secret can be read). Empty when the
+    /// device can be driven.
+    fn validate(&self, device: &DeviceSpec<'_>) -> Vec<ConfigError> {
+        self.capabilities(device).err().into_iter().collect()
+    }
 
     /// A driver bound to the device. Called for every dispatch with the
     /// device as stored then, so settings changed at run time take effect.
@@ -93,11 +133,19 @@ impl Registry {
         Self::default()
     }
 
-    /// The registry of every built-in driver.
+    /// The registry of every built-in driver, with the default operator
+    /// policy (no secrets directory, only the OEMs' own clouds).
     pub fn builtin() -> Self {
+        Self::builtin_with(&crate::OperatorPolicy::default())
+    }
+
+    /// The registry of every built-in driver under `policy`.
+    pub fn builtin_with(policy: &crate::OperatorPolicy) -> Self {
         let mut r = Self::new();
         r.register(Arc::new(crate::simulated::SimulatedFactory::default()));
-        r.register(Arc::new(crate::foxess::FoxessFactory::default()));
+        r.register(Arc::new(
+            crate::foxess::FoxessFactory::default().with_policy(policy.clone()),
+        ));
         r
     }
 

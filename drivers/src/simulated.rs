@@ -27,7 +27,7 @@ use crate::model::{
     Capabilities, Command, CommandSpec, Family, Param, ParamSpec, RateBudget, TimingShape, Unit,
     WindowLimits,
 };
-use crate::registry::{ConfigError, DeviceSpec, DriverFactory};
+use crate::registry::{ConfigError, ConfigErrors, DeviceSpec, DriverFactory};
 
 /// The channel every mode command controls.
 pub const MODE_CHANNEL: &str = "mode";
@@ -76,43 +76,69 @@ pub struct SimulatedSettings {
 }
 
 impl SimulatedSettings {
-    /// Parses and validates settings for a device of `family`.
-    pub fn parse(family: Family, s: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
-        if let Some(key) = s.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-            return Err(ConfigError::UnknownSetting {
-                key: key.clone(),
-                known: KNOWN.join(", "),
-            });
-        }
+    /// Parses and validates settings for a device of `family`; every bad
+    /// setting is reported.
+    pub fn parse(family: Family, s: &BTreeMap<String, String>) -> Result<Self, Vec<ConfigError>> {
+        let mut errors = ConfigErrors(
+            s.keys()
+                .filter(|k| !KNOWN.contains(&k.as_str()))
+                .map(|key| ConfigError::UnknownSetting {
+                    key: key.clone(),
+                    known: KNOWN.join(", "),
+                })
+                .collect(),
+        );
         let default_power = if family == Family::EvCharger {
             11000.0
         } else {
             5000.0
         };
-        Ok(Self {
-            latency_ms: number(s, "latency_ms", 200.0, 0.0, 600_000.0)? as u64,
-            native_scheduler_active: match s.get("native_scheduler_active").map(String::as_str) {
-                None | Some("false") => false,
-                Some("true") => true,
-                Some(_) => return Err(invalid("native_scheduler_active", "must be true or false")),
-            },
-            fail_mode: match s.get("fail_mode").map(String::as_str) {
-                None | Some("none") => FailMode::None,
-                Some("reject") => FailMode::Reject,
-                Some("unavailable") => FailMode::Unavailable,
-                Some("offline") => FailMode::Offline,
-                Some("revert_fails") => FailMode::RevertFails,
-                Some(_) => {
-                    return Err(invalid(
-                        "fail_mode",
-                        "must be one of none, reject, unavailable, offline, revert_fails",
-                    ));
-                }
-            },
-            max_power_w: number(s, "max_power_w", default_power, 1.0, 1_000_000.0)?,
-            capacity_wh: number(s, "capacity_wh", 10_000.0, 1.0, 10_000_000.0)?,
-            initial_soc: number(s, "initial_soc", 50.0, 0.0, 100.0)?,
-        })
+        let latency_ms = errors.take(number(s, "latency_ms", 200.0, 0.0, 600_000.0));
+        let native_scheduler_active =
+            errors.take(match s.get("native_scheduler_active").map(String::as_str) {
+                None | Some("false") => Ok(false),
+                Some("true") => Ok(true),
+                Some(_) => Err(invalid("native_scheduler_active", "must be true or false")),
+            });
+        let fail_mode = errors.take(match s.get("fail_mode").map(String::as_str) {
+            None | Some("none") => Ok(FailMode::None),
+            Some("reject") => Ok(FailMode::Reject),
+            Some("unavailable") => Ok(FailMode::Unavailable),
+            Some("offline") => Ok(FailMode::Offline),
+            Some("revert_fails") => Ok(FailMode::RevertFails),
+            Some(_) => Err(invalid(
+                "fail_mode",
+                "must be one of none, reject, unavailable, offline, revert_fails",
+            )),
+        });
+        let max_power_w = errors.take(number(s, "max_power_w", default_power, 1.0, 1_000_000.0));
+        let capacity_wh = errors.take(number(s, "capacity_wh", 10_000.0, 1.0, 10_000_000.0));
+        let initial_soc = errors.take(number(s, "initial_soc", 50.0, 0.0, 100.0));
+        match (
+            latency_ms,
+            native_scheduler_active,
+            fail_mode,
+            max_power_w,
+            capacity_wh,
+            initial_soc,
+        ) {
+            (
+                Some(latency_ms),
+                Some(native_scheduler_active),
+                Some(fail_mode),
+                Some(max_power_w),
+                Some(capacity_wh),
+                Some(initial_soc),
+            ) if errors.0.is_empty() => Ok(Self {
+                latency_ms: latency_ms as u64,
+                native_scheduler_active,
+                fail_mode,
+                max_power_w,
+                capacity_wh,
+                initial_soc,
+            }),
+            _ => Err(errors.0),
+        }
     }
 }
 
@@ -205,7 +231,8 @@ impl DriverFactory for SimulatedFactory {
 
     fn build(&self, device: &DeviceSpec<'_>) -> Result<Arc<dyn Driver>, ConfigError> {
         let capabilities = self.capabilities(device)?;
-        let settings = SimulatedSettings::parse(device.family, device.settings)?;
+        let settings =
+            SimulatedSettings::parse(device.family, device.settings).map_err(ConfigError::first)?;
         Ok(Arc::new(Simulated {
             device_id: device.device_id.to_owned(),
             settings,
@@ -214,8 +241,16 @@ impl DriverFactory for SimulatedFactory {
         }))
     }
 
+    fn validate(&self, device: &DeviceSpec<'_>) -> Vec<ConfigError> {
+        match SimulatedSettings::parse(device.family, device.settings) {
+            Ok(_) => self.capabilities(device).err().into_iter().collect(),
+            Err(errors) => errors,
+        }
+    }
+
     fn capabilities(&self, device: &DeviceSpec<'_>) -> Result<Capabilities, ConfigError> {
-        let settings = SimulatedSettings::parse(device.family, device.settings)?;
+        let settings =
+            SimulatedSettings::parse(device.family, device.settings).map_err(ConfigError::first)?;
         let all_timing = vec![
             TimingShape::Immediate,
             TimingShape::Scheduled,
@@ -423,6 +458,7 @@ impl Driver for Simulated {
                 return Ok(Outcome {
                     verified: true,
                     raw: format!("simulated: power limit {w} W in force"),
+                    ..Default::default()
                 });
             }
             d.mode = req.command.as_str().to_owned();
@@ -436,6 +472,7 @@ impl Driver for Simulated {
             Ok(Outcome {
                 verified: true,
                 raw: format!("simulated: mode {} in force", d.mode),
+                ..Default::default()
             })
         })?
     }
@@ -456,6 +493,7 @@ impl Driver for Simulated {
                 return Outcome {
                     verified: true,
                     raw: "simulated: no power limit in force".to_owned(),
+                    ..Default::default()
                 };
             }
             if d.applied_by.as_deref() == Some(req.applied.action_id.as_str()) {
@@ -466,6 +504,7 @@ impl Driver for Simulated {
             Outcome {
                 verified: true,
                 raw: format!("simulated: mode {} in force", d.mode),
+                ..Default::default()
             }
         })
     }

@@ -13,11 +13,13 @@ use hyper_util::{
 };
 use serde_json::Value;
 
-use super::{
-    settings::ApiKey,
-    wire::{ERRNO_BAD_PARAMS, ERRNO_OK, ERRNO_OVERLAP, ERRNO_RATE_LIMITED, Envelope, signature},
+use super::wire::{
+    ERRNO_BAD_PARAMS, ERRNO_OK, ERRNO_OVERLAP, ERRNO_RATE_LIMITED, Envelope, signature,
 };
-use crate::driver::{DriverError, ErrorKind};
+use crate::{
+    driver::{DriverError, ErrorKind},
+    operator::Secret,
+};
 
 /// How long to wait after errno 40400. FoxESS does not say; a minute
 /// matches its polling guidance and lets the per-minute spacing recover.
@@ -25,6 +27,10 @@ pub const RATE_LIMIT_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// Largest answer body read (a scheduler answer is a few KiB).
 const MAX_BODY: usize = 1 << 20;
+
+/// Most characters of an answer (its `msg`, or the start of a body that is
+/// not the envelope) kept in a raw description.
+const MAX_SNIPPET: usize = 200;
 
 /// The HTTP(S) client, shared by every driver a factory builds.
 pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -48,23 +54,28 @@ pub fn new_client() -> Result<HttpsClient, rustls::Error> {
 #[derive(Clone, Debug)]
 pub struct Api {
     pub(crate) base_url: String,
-    pub(crate) key: ApiKey,
+    pub(crate) key: Secret,
     pub(crate) timeout: Duration,
     pub(crate) client: HttpsClient,
 }
 
 impl Api {
     /// POSTs `body` to `path`, signed, and returns the envelope's `result`
-    /// on errno 0 plus a short raw description of the answer.
+    /// on errno 0 plus a short raw description of the answer. Whatever the
+    /// OEM echoes, the key is redacted from the answer before it is read,
+    /// so it reaches neither results, errors nor raw descriptions.
     pub async fn call(&self, path: &str, body: &Value) -> Result<(Value, String), DriverError> {
         let result = self.call_inner(path, body).await;
-        // Belt and braces: no error leaves this function with the key in it,
-        // whatever the OEM echoed.
-        result.map_err(|mut e| {
-            e.message = self.key.redact(&e.message);
-            e.raw = e.raw.map(|r| self.key.redact(&r));
-            e
-        })
+        // Belt and braces for what was built from elsewhere (transport
+        // errors may quote the request).
+        match result {
+            Ok((v, raw)) => Ok((v, self.key.redact(&raw))),
+            Err(mut e) => {
+                e.message = self.key.redact(&e.message);
+                e.raw = e.raw.map(|r| self.key.redact(&r));
+                Err(e)
+            }
+        }
     }
 
     async fn call_inner(&self, path: &str, body: &Value) -> Result<(Value, String), DriverError> {
@@ -109,15 +120,30 @@ impl Api {
                 )
                 .with_raw(format!("POST {path}: timeout"))
             })??;
-        let env = classify(path, status, &bytes)?;
+        let text = self.key.redact(&String::from_utf8_lossy(&bytes));
+        let env = classify(path, status, text.as_bytes())?;
         let raw = format!(
             "POST {path}: HTTP {}; errno {}; msg {:?}",
             status.as_u16(),
             env.errno,
-            env.msg
+            snippet(&env.msg)
         );
         Ok((env.result, raw))
     }
+}
+
+/// At most [`MAX_SNIPPET`] characters of `s` on one line, control
+/// characters replaced.
+fn snippet(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .take(MAX_SNIPPET)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if s.chars().count() > MAX_SNIPPET {
+        out.push('…');
+    }
+    out
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -133,11 +159,19 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// Classifies one HTTP answer. `Ok` only for HTTP 2xx with errno 0.
 pub fn classify(path: &str, status: StatusCode, body: &[u8]) -> Result<Envelope, DriverError> {
-    let snippet = || {
-        let s = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
-        s.replace(['\r', '\n'], " ")
-    };
+    let body_snippet = || snippet(&String::from_utf8_lossy(body));
     let code = status.as_u16();
+    if status.is_redirection() {
+        // Following it would send the signed request, key included, to
+        // wherever the answer points.
+        return Err(DriverError::new(
+            ErrorKind::Rejected,
+            format!(
+                "the FoxESS endpoint answered with a redirect (HTTP {code}), which is not followed"
+            ),
+        )
+        .with_raw(format!("POST {path}: HTTP {code}")));
+    }
     if status.is_server_error() {
         // 502/503 are the cloud's everyday outages; any 5xx is treated the
         // same (the request may well succeed later).
@@ -145,7 +179,10 @@ pub fn classify(path: &str, status: StatusCode, body: &[u8]) -> Result<Envelope,
             ErrorKind::Unavailable,
             format!("the FoxESS cloud is unavailable (HTTP {code})"),
         )
-        .with_raw(format!("POST {path}: HTTP {code}; body: {}", snippet())));
+        .with_raw(format!(
+            "POST {path}: HTTP {code}; body: {}",
+            body_snippet()
+        )));
     }
     if status == StatusCode::TOO_MANY_REQUESTS {
         return Err(DriverError::new(
@@ -153,14 +190,20 @@ pub fn classify(path: &str, status: StatusCode, body: &[u8]) -> Result<Envelope,
             "the FoxESS cloud rate-limited the call (HTTP 429)",
         )
         .with_retry_after(RATE_LIMIT_RETRY_AFTER)
-        .with_raw(format!("POST {path}: HTTP {code}; body: {}", snippet())));
+        .with_raw(format!(
+            "POST {path}: HTTP {code}; body: {}",
+            body_snippet()
+        )));
     }
     if !status.is_success() {
         return Err(DriverError::new(
             ErrorKind::Rejected,
             format!("the FoxESS cloud refused the call (HTTP {code})"),
         )
-        .with_raw(format!("POST {path}: HTTP {code}; body: {}", snippet())));
+        .with_raw(format!(
+            "POST {path}: HTTP {code}; body: {}",
+            body_snippet()
+        )));
     }
     let env: Envelope = match serde_json::from_slice(body) {
         Ok(env) => env,
@@ -173,13 +216,14 @@ pub fn classify(path: &str, status: StatusCode, body: &[u8]) -> Result<Envelope,
             )
             .with_raw(format!(
                 "POST {path}: HTTP {code}; malformed body ({e}): {}",
-                snippet()
+                body_snippet()
             )));
         }
     };
     let raw = format!(
         "POST {path}: HTTP {code}; errno {}; msg {:?}",
-        env.errno, env.msg
+        env.errno,
+        snippet(&env.msg)
     );
     let err = |kind, message: &str| Err(DriverError::new(kind, message).with_raw(raw.clone()));
     match env.errno {

@@ -9,8 +9,8 @@
 //!
 //! | key | values | default |
 //! |---|---|---|
-//! | `base_url` | http(s) URL of the Open API (required) | — |
-//! | `api_key_ref` | `env:VAR_NAME` or `file:/path` (required) | — |
+//! | `base_url` | the Open API: `https://www.foxesscloud.com` or a prefix the operator allows | — |
+//! | `api_key_ref` | `env:SWITCHYARD_SECRET_<NAME>` or `file:<name>` in the secrets directory (required) | — |
 //! | `max_slots` | scheduler slots of the inverter, 1..=96 | 8 |
 //! | `max_power_w` | largest `fdPwr`, 1..=100000 | 6000 |
 //! | `min_soc_on_grid` | `minSocOnGrid` written, 10..=100, ≤ `fd_soc` | 10 |
@@ -47,6 +47,7 @@ use crate::{
         Capabilities, Command, CommandSpec, Family, Param, ParamSpec, RateBudget, TimingShape,
         Unit, WindowLimits,
     },
+    operator::OperatorPolicy,
     registry::{ConfigError, DeviceSpec, DriverFactory},
 };
 
@@ -80,12 +81,14 @@ struct Shared {
 pub struct FoxessFactory {
     shared: Arc<Shared>,
     clock: Option<Clock>,
+    policy: OperatorPolicy,
 }
 
 impl fmt::Debug for FoxessFactory {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FoxessFactory")
             .field("pinned_clock", &self.clock.is_some())
+            .field("policy", &self.policy)
             .finish_non_exhaustive()
     }
 }
@@ -95,6 +98,37 @@ impl FoxessFactory {
     pub fn with_clock(mut self, clock: Clock) -> Self {
         self.clock = Some(clock);
         self
+    }
+
+    /// A factory that lets devices use only the secrets and endpoints
+    /// `policy` allows (by default: none, and the FoxESS cloud).
+    pub fn with_policy(mut self, policy: OperatorPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    fn settings(&self, device: &DeviceSpec<'_>) -> Result<FoxessSettings, Vec<ConfigError>> {
+        let mut errors = Vec::new();
+        if device.family != Family::Battery {
+            errors.push(ConfigError::UnsupportedFamily(device.family.as_str()));
+        }
+        if device.oem_device_id.trim().is_empty() {
+            errors.push(ConfigError::InvalidDeviceField {
+                field: "oem_device_id",
+                reason: "must be the inverter's serial number (deviceSN)".to_owned(),
+            });
+        }
+        if let Err(e) = timezone(device) {
+            errors.push(e);
+        }
+        match FoxessSettings::parse(device.settings, &self.policy) {
+            Ok(s) if errors.is_empty() => Ok(s),
+            Ok(_) => Err(errors),
+            Err(more) => {
+                errors.extend(more);
+                Err(errors)
+            }
+        }
     }
 
     fn client(&self) -> Result<HttpsClient, ConfigError> {
@@ -119,16 +153,11 @@ impl FoxessFactory {
     }
 }
 
-fn invalid(key: &str, reason: &str) -> ConfigError {
-    ConfigError::InvalidSetting {
-        key: key.to_owned(),
-        reason: reason.to_owned(),
-    }
-}
-
 fn timezone(device: &DeviceSpec<'_>) -> Result<TimeZone, ConfigError> {
-    TimeZone::get(device.timezone)
-        .map_err(|_| invalid("timezone", "is not an IANA time zone known to the server"))
+    TimeZone::get(device.timezone).map_err(|_| ConfigError::InvalidDeviceField {
+        field: "timezone",
+        reason: "is not an IANA time zone known to the server".to_owned(),
+    })
 }
 
 impl DriverFactory for FoxessFactory {
@@ -137,17 +166,7 @@ impl DriverFactory for FoxessFactory {
     }
 
     fn capabilities(&self, device: &DeviceSpec<'_>) -> Result<Capabilities, ConfigError> {
-        if device.family != Family::Battery {
-            return Err(ConfigError::UnsupportedFamily(device.family.as_str()));
-        }
-        let s = FoxessSettings::parse(device.settings)?;
-        if device.oem_device_id.trim().is_empty() {
-            return Err(invalid(
-                "oem_device_id",
-                "must be the inverter's serial number (deviceSN)",
-            ));
-        }
-        timezone(device)?;
+        let s = self.settings(device).map_err(ConfigError::first)?;
         let timing = vec![
             TimingShape::Immediate,
             TimingShape::Scheduled,
@@ -207,10 +226,22 @@ impl DriverFactory for FoxessFactory {
         })
     }
 
+    fn validate(&self, device: &DeviceSpec<'_>) -> Vec<ConfigError> {
+        match self.settings(device) {
+            Ok(s) => self
+                .policy
+                .resolve("api_key_ref", &s.api_key_ref)
+                .err()
+                .into_iter()
+                .collect(),
+            Err(errors) => errors,
+        }
+    }
+
     fn build(&self, device: &DeviceSpec<'_>) -> Result<Arc<dyn Driver>, ConfigError> {
         let capabilities = self.capabilities(device)?;
-        let settings = FoxessSettings::parse(device.settings)?;
-        let key = settings.api_key_ref.resolve()?;
+        let settings = self.settings(device).map_err(ConfigError::first)?;
+        let key = self.policy.resolve("api_key_ref", &settings.api_key_ref)?;
         let account = format!("foxess:{}#{}", settings.base_url, settings.api_key_ref);
         let sn = device.oem_device_id.trim().to_owned();
         Ok(Arc::new(Foxess {
@@ -245,7 +276,7 @@ pub struct Foxess {
 
 impl fmt::Debug for Foxess {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // `api` carries the key: show only what is safe (ApiKey's Debug
+        // `api` carries the key: show only what is safe (Secret's Debug
         // redacts it anyway).
         f.debug_struct("Foxess")
             .field("account", &self.account)
@@ -337,6 +368,22 @@ impl Foxess {
         .await
     }
 
+    /// The device's state from its flag and groups, each row labelled
+    /// with who wrote it.
+    async fn state(&self, flag: bool, groups: &[Group]) -> DeviceState {
+        let ours = Self::recorded_ours(&*self.memory.lock().await, None);
+        let rows = groups
+            .iter()
+            .filter(|g| !g.is_placeholder())
+            .map(|g| row(g, owner(g, &ours)))
+            .collect();
+        DeviceState {
+            native_scheduler: Some((flag, rows)),
+            soc_percent: None,
+            mode: None,
+        }
+    }
+
     fn recorded_ours(mem: &DeviceMemory, except: Option<&str>) -> Vec<Group> {
         mem.ours
             .iter()
@@ -367,17 +414,7 @@ impl Driver for Foxess {
     async fn read_state(&self) -> Result<DeviceState, DriverError> {
         let (flag, _, _) = self.get_flag().await?;
         let (groups, _) = self.get_groups().await?;
-        let ours = Self::recorded_ours(&*self.memory.lock().await, None);
-        let rows = groups
-            .iter()
-            .filter(|g| !g.is_placeholder())
-            .map(|g| row(g, owner(g, &ours)))
-            .collect();
-        Ok(DeviceState {
-            native_scheduler: Some((flag, rows)),
-            soc_percent: None,
-            mode: None,
-        })
+        Ok(self.state(flag, &groups).await)
     }
 
     async fn apply(&self, req: &ApplyRequest) -> Result<Outcome, DriverError> {
@@ -436,8 +473,10 @@ impl Driver for Foxess {
         );
         // The write was accepted; a failed read-back makes it unverified,
         // not failed.
+        let mut state = None;
         let verified = match (self.get_groups().await, self.get_flag().await) {
             (Ok((back, raw)), Ok((flag, _, _))) => {
+                state = Some(self.state(flag, &back).await);
                 let seen = ours.iter().all(|o| back.iter().any(|b| b == o));
                 log.push(format!(
                     "read back: {}; scheduler flag {}; {raw}",
@@ -462,6 +501,7 @@ impl Driver for Foxess {
         Ok(Outcome {
             verified,
             raw: format!("{summary}; {}", log.join("; ")),
+            state,
         })
     }
 
@@ -475,6 +515,7 @@ impl Driver for Foxess {
             return Ok(Outcome {
                 verified: true,
                 raw: format!("none of the action's groups is on the device; {raw}"),
+                ..Default::default()
             });
         };
         // The scheduler flag is left as it is, even with no group left: it
@@ -511,6 +552,7 @@ impl Driver for Foxess {
                 ours.len(),
                 list.len()
             ),
+            ..Default::default()
         })
     }
 }
