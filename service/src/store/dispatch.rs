@@ -12,12 +12,15 @@
 //!   dispatcher that stalled past its lease, while another claimed the
 //!   work again, records nothing (the new claim's outcome stands).
 
-use sqlx::Row;
-
 use super::{Store, db_err, rows};
 use crate::domain::{
-    Action, ActionState, Device, DeviceId, Error, Observed, TenantId, Transition, Ts, Work,
+    Action, ActionState, Device, DeviceId, Error, Observed, TenantId, Transition, Ts, Work, cap,
 };
+
+/// Most bytes of an OEM's raw answer kept on an action.
+pub const MAX_OEM_RESPONSE_BYTES: usize = 2048;
+/// Most bytes of a driver's error message kept on an action.
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 1024;
 
 /// Work a dispatcher has claimed.
 #[derive(Clone, Debug)]
@@ -141,20 +144,27 @@ impl Store {
             .await
             .map_err(db_err)?;
         tx.commit().await.map_err(db_err)?;
-        rs.iter()
-            .map(|r| {
-                let work: String = r.get("work");
-                Ok(Job {
-                    tenant: TenantId::from_stored(r.get("tenant_id")),
-                    action: rows::action_from_row(r)?,
-                    work: work_of(&work)
-                        .ok_or_else(|| Error::Internal("claimed no work".into()))?,
-                    attempts: r.get("attempts"),
-                    clear_native: r.get::<i64, _>("clear_native") != 0,
-                    claim: owner.clone(),
-                })
+        let job = |r: &sqlx::sqlite::SqliteRow| -> Result<Job, Error> {
+            let work: String = rows::col(r, "work")?;
+            Ok(Job {
+                tenant: TenantId::from_stored(rows::col(r, "tenant_id")?),
+                action: rows::action_from_row(r)?,
+                work: work_of(&work).ok_or_else(|| Error::Internal("claimed no work".into()))?,
+                attempts: rows::col(r, "attempts")?,
+                clear_native: rows::col::<i64>(r, "clear_native")? != 0,
+                claim: owner.clone(),
             })
-            .collect()
+        };
+        // A row that does not decode is reported and left to its lease; it
+        // must not stop the others.
+        Ok(rs
+            .iter()
+            .filter_map(|r| {
+                job(r)
+                    .map_err(|e| tracing::error!(error = %e, "a claimed action cannot be read"))
+                    .ok()
+            })
+            .collect())
     }
 
     /// When the next work can be claimed, if any (for the dispatcher's
@@ -304,6 +314,8 @@ async fn finish_one(
             // Earlier "retrying" notes no longer apply.
             a.error_message = None;
         }
+        let raw = raw.map(|r| cap(r, MAX_OEM_RESPONSE_BYTES));
+        a.error_message = a.error_message.map(|m| cap(m, MAX_ERROR_MESSAGE_BYTES));
         if raw.is_some() {
             a.oem_response = raw.clone();
         }
@@ -376,22 +388,29 @@ impl Store {
             .map(Option::flatten)
     }
 
-    /// Records what a driver observed on a device.
+    /// Records what a driver observed on a device configured as at
+    /// `revision`; an observation of a configuration changed since is
+    /// dropped (the change cleared the old one, and the new configuration
+    /// is observed afresh). Returns whether it was recorded.
     pub async fn observe(
         &self,
         tenant: &TenantId,
         device: &DeviceId,
+        revision: i64,
         o: &Observed,
-    ) -> Result<(), Error> {
-        sqlx::query("UPDATE devices SET observed = ?, observed_ns = ? WHERE tenant_id = ? AND device_id = ?")
-            .bind(rows::observed_json(o))
-            .bind(o.at.0)
-            .bind(tenant.as_str())
-            .bind(device.as_str())
-            .execute(&self.write)
-            .await
-            .map_err(db_err)?;
-        Ok(())
+    ) -> Result<bool, Error> {
+        let done = sqlx::query(
+            "UPDATE devices SET observed = ?, observed_ns = ? WHERE tenant_id = ? AND device_id = ? AND revision = ?",
+        )
+        .bind(rows::observed_json(o))
+        .bind(o.at.0)
+        .bind(tenant.as_str())
+        .bind(device.as_str())
+        .bind(revision)
+        .execute(&self.write)
+        .await
+        .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
     }
 
     /// Devices last observed before `before` (or never), oldest first.
@@ -411,7 +430,7 @@ impl Store {
         rs.iter()
             .map(|r| {
                 Ok((
-                    TenantId::from_stored(r.get("tenant_id")),
+                    TenantId::from_stored(rows::col(r, "tenant_id")?),
                     rows::device_from_row(r)?,
                 ))
             })

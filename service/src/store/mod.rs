@@ -15,13 +15,15 @@
 mod dispatch;
 mod rows;
 mod schema;
+#[cfg(test)]
+mod tests;
 
 pub use dispatch::{Finish, Job};
 
 use std::{collections::BTreeMap, str::FromStr, sync::Arc, time::Duration};
 
 use sqlx::{
-    Row, SqlitePool,
+    SqlitePool,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
 
@@ -89,6 +91,22 @@ pub struct ActionQuery<'a> {
     pub limit: u32,
 }
 
+/// How the store uses its database.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// How long a write waits for another process's write lock before it
+    /// is answered STORAGE_UNAVAILABLE.
+    pub busy_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            busy_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// The database.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -97,31 +115,61 @@ pub struct Store {
     clock: Arc<dyn Clock>,
 }
 
+/// Classifies a database error by its code: what a retry may cure
+/// (the database is busy, locked, out of space or unreachable) is
+/// STORAGE_UNAVAILABLE; what it cannot (corruption, a constraint the code
+/// did not expect) is INTERNAL.
 pub(crate) fn db_err(e: sqlx::Error) -> Error {
-    match &e {
-        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
-            Error::StorageUnavailable(e.to_string())
-        }
-        sqlx::Error::Database(d)
-            if d.message().contains("locked") || d.message().contains("busy") =>
-        {
-            Error::StorageUnavailable(d.message().to_owned())
-        }
-        _ => Error::Internal(format!("database: {e}")),
+    let transient = match &e {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(d) => d.code().is_some_and(|c| transient_code(&c)),
+        _ => false,
+    };
+    if transient {
+        Error::StorageUnavailable(e.to_string())
+    } else {
+        Error::Internal(format!("database: {e}"))
     }
+}
+
+/// SQLite result codes (extended codes carry the primary one in their low
+/// byte) that a retry may cure.
+fn transient_code(code: &str) -> bool {
+    const BUSY: i64 = 5;
+    const LOCKED: i64 = 6;
+    const NOMEM: i64 = 7;
+    const IOERR: i64 = 10;
+    const FULL: i64 = 13;
+    const CANTOPEN: i64 = 14;
+    const PROTOCOL: i64 = 15;
+    code.parse::<i64>().is_ok_and(|c| {
+        matches!(
+            c & 0xff,
+            BUSY | LOCKED | NOMEM | IOERR | FULL | CANTOPEN | PROTOCOL
+        )
+    })
 }
 
 impl Store {
     /// Opens (creating if needed) the database at `url` and applies the
     /// migrations. `sqlite://path` and `sqlite::memory:` are accepted.
     pub async fn open(url: &str, clock: Arc<dyn Clock>) -> Result<Self, Error> {
+        Self::open_with(url, clock, &StoreOptions::default()).await
+    }
+
+    /// [`Store::open`] with `options`.
+    pub async fn open_with(
+        url: &str,
+        clock: Arc<dyn Clock>,
+        options: &StoreOptions,
+    ) -> Result<Self, Error> {
         let opts = SqliteConnectOptions::from_str(url)
             .map_err(|e| Error::Internal(format!("database url: {e}")))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
+            .busy_timeout(options.busy_timeout);
         let in_memory = url.contains(":memory:") || url.contains("mode=memory");
         // One writer: in-process writers queue here instead of spinning on
         // SQLITE_BUSY.
@@ -230,11 +278,11 @@ impl Store {
         .await
         .map_err(db_err)?;
         if let Some(row) = row {
-            let expire: i64 = row.get("expire_ns");
-            let lease: Option<i64> = row.get("lease_until_ns");
-            let response: Option<Vec<u8>> = row.get("response_body");
-            let first_method: String = row.get("method");
-            let first_body: Vec<u8> = row.get("request_body");
+            let expire: i64 = rows::col(&row, "expire_ns")?;
+            let lease: Option<i64> = rows::col(&row, "lease_until_ns")?;
+            let response: Option<Vec<u8>> = rows::col(&row, "response_body")?;
+            let first_method: String = rows::col(&row, "method")?;
+            let first_body: Vec<u8> = rows::col(&row, "request_body")?;
             let same = first_method == method && first_body == body;
             let live_lease = lease.filter(|l| *l > now.0);
             // A completed key, or one still being worked on, binds its
@@ -361,6 +409,7 @@ impl Store {
         device.revision = 1;
         device.created = now;
         device.updated = now;
+        device.incarnation = uuid::Uuid::now_v7().simple().to_string();
         let exists: Option<i64> =
             sqlx::query_scalar("SELECT 1 FROM devices WHERE tenant_id = ? AND device_id = ?")
                 .bind(tenant.as_str())
@@ -592,12 +641,8 @@ impl Store {
             .iter()
             .map(|a| Holder {
                 id: a.id,
-                // A cancelled action still being reverted is in flight.
-                state: if a.state == ActionState::Cancelled {
-                    ActionState::Active
-                } else {
-                    a.state
-                },
+                // A cancelled one here is still being reverted: in flight.
+                state: a.state,
                 command: a.command,
                 start: a.start,
                 end: a.end,
@@ -853,10 +898,15 @@ impl Store {
         .fetch_all(&self.read)
         .await
         .map_err(db_err)?;
-        Ok(rs
-            .iter()
-            .map(|r| (r.get("from_state"), r.get("to_state"), r.get("reason")))
-            .collect())
+        rs.iter()
+            .map(|r| {
+                Ok((
+                    rows::col(r, "from_state")?,
+                    rows::col(r, "to_state")?,
+                    rows::col(r, "reason")?,
+                ))
+            })
+            .collect()
     }
 }
 
@@ -875,7 +925,6 @@ fn check_etag(
     match given {
         Some(g) if g != current => Err(Error::EtagMismatch {
             resource: resource(),
-            given: g.to_owned(),
             current: current.to_owned(),
         }),
         _ => Ok(()),

@@ -17,75 +17,111 @@ fn corrupt(what: &str) -> Error {
     Error::Internal(format!("stored row has an invalid {what}"))
 }
 
+/// A column of a row; a value that does not decode is INTERNAL, never a
+/// panic.
+pub(super) fn col<'r, T>(r: &'r SqliteRow, name: &str) -> Result<T, Error>
+where
+    T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
+{
+    r.try_get(name)
+        .map_err(|e| Error::Internal(format!("stored row: column {name}: {e}")))
+}
+
 pub(super) fn device_from_row(r: &SqliteRow) -> Result<Device, Error> {
-    let id: String = r.get("device_id");
-    let family: String = r.get("family");
-    let settings: String = r.get("settings");
+    let id: String = col(r, "device_id")?;
+    let family: String = col(r, "family")?;
+    let settings: String = col(r, "settings")?;
     Ok(Device {
         id: DeviceId::parse(&id).map_err(|_| corrupt("device_id"))?,
-        display_name: r.get("display_name"),
+        display_name: col(r, "display_name")?,
         family: Family::parse(&family).ok_or_else(|| corrupt("family"))?,
-        driver: r.get("driver"),
-        oem_device_id: r.get("oem_device_id"),
-        timezone: r.get("timezone"),
+        driver: col(r, "driver")?,
+        oem_device_id: col(r, "oem_device_id")?,
+        timezone: col(r, "timezone")?,
         settings: parse_settings(&settings)?,
-        revision: r.get("revision"),
-        created: Ts(r.get("create_ns")),
-        updated: Ts(r.get("update_ns")),
-        observed: r.get::<Option<String>, _>("observed").and_then(|j| {
-            observed_from_json(&j, Ts(r.get::<Option<i64>, _>("observed_ns").unwrap_or(0)))
-        }),
+        revision: col(r, "revision")?,
+        created: Ts(col(r, "create_ns")?),
+        updated: Ts(col(r, "update_ns")?),
+        observed: match col::<Option<String>>(r, "observed")? {
+            None => None,
+            Some(j) => Some(observed_from_json(
+                &j,
+                Ts(col::<Option<i64>>(r, "observed_ns")?.unwrap_or(0)),
+            )?),
+        },
+        incarnation: col(r, "incarnation")?,
     })
+}
+
+/// The stored form of an observation (the `observed` column).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredObserved {
+    scheduler_active: bool,
+    rows: Vec<StoredRow>,
+    soc_percent: Option<f64>,
+    mode: Option<String>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredRow {
+    start: String,
+    end: String,
+    mode: String,
+    enabled: bool,
+    owner: String,
 }
 
 /// Observed state → JSON.
 pub(super) fn observed_json(o: &crate::domain::Observed) -> String {
-    let rows: Vec<serde_json::Value> = o
-        .rows
-        .iter()
-        .map(|r| {
-            serde_json::json!({
-                "start": r.start, "end": r.end, "mode": r.mode,
-                "enabled": r.enabled, "owner": r.owner.as_str(),
+    let stored = StoredObserved {
+        scheduler_active: o.scheduler_active,
+        rows: o
+            .rows
+            .iter()
+            .map(|r| StoredRow {
+                start: r.start.clone(),
+                end: r.end.clone(),
+                mode: r.mode.clone(),
+                enabled: r.enabled,
+                owner: r.owner.as_str().to_owned(),
             })
-        })
-        .collect();
-    serde_json::json!({
-        "scheduler_active": o.scheduler_active,
-        "rows": rows,
-        "soc_percent": o.soc_percent,
-        "mode": o.mode,
-    })
-    .to_string()
+            .collect(),
+        soc_percent: o.soc_percent,
+        mode: o.mode.clone(),
+    };
+    serde_json::to_string(&stored).unwrap_or_default()
 }
 
-/// JSON → observed state; `None` if unreadable (treated as never observed).
-fn observed_from_json(j: &str, at: Ts) -> Option<crate::domain::Observed> {
+/// JSON → observed state. An unreadable observation is an error, not
+/// "never observed": that would let pushes past an active native
+/// scheduler.
+fn observed_from_json(j: &str, at: Ts) -> Result<crate::domain::Observed, Error> {
     use crate::domain::device::{NativeRow, RowOwner};
-    let v: serde_json::Value = serde_json::from_str(j).ok()?;
-    let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
-    Some(crate::domain::Observed {
-        scheduler_active: v["scheduler_active"].as_bool().unwrap_or(false),
-        rows: v["rows"]
-            .as_array()
-            .map(|rows| {
-                rows.iter()
-                    .map(|r| NativeRow {
-                        start: s(&r["start"]),
-                        end: s(&r["end"]),
-                        mode: s(&r["mode"]),
-                        enabled: r["enabled"].as_bool().unwrap_or(false),
-                        owner: match r["owner"].as_str() {
-                            Some("OURS") => RowOwner::Ours,
-                            Some("PROTECTED") => RowOwner::Protected,
-                            _ => RowOwner::Foreign,
-                        },
-                    })
-                    .collect()
+    let v: StoredObserved = serde_json::from_str(j).map_err(|_| corrupt("observed state"))?;
+    let rows = v
+        .rows
+        .into_iter()
+        .map(|r| {
+            let owner = match r.owner.as_str() {
+                "OURS" => RowOwner::Ours,
+                "FOREIGN" => RowOwner::Foreign,
+                "PROTECTED" => RowOwner::Protected,
+                _ => return Err(corrupt("native row owner")),
+            };
+            Ok(NativeRow {
+                start: r.start,
+                end: r.end,
+                mode: r.mode,
+                enabled: r.enabled,
+                owner,
             })
-            .unwrap_or_default(),
-        soc_percent: v["soc_percent"].as_f64(),
-        mode: v["mode"].as_str().map(str::to_owned),
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(crate::domain::Observed {
+        scheduler_active: v.scheduler_active,
+        rows,
+        soc_percent: v.soc_percent,
+        mode: v.mode,
         at,
     })
 }
@@ -113,8 +149,8 @@ pub(super) async fn insert_device(
     d: &Device,
 ) -> Result<(), Error> {
     sqlx::query(
-        "INSERT INTO devices (tenant_id, device_id, display_name, family, driver, oem_device_id, timezone, settings, revision, create_ns, update_ns)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO devices (tenant_id, device_id, display_name, family, driver, oem_device_id, timezone, settings, revision, create_ns, update_ns, incarnation)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(tenant.as_str())
     .bind(d.id.as_str())
@@ -127,6 +163,7 @@ pub(super) async fn insert_device(
     .bind(d.revision)
     .bind(d.created.0)
     .bind(d.updated.0)
+    .bind(&d.incarnation)
     .execute(tx)
     .await
     .map_err(db_err)?;
@@ -134,8 +171,8 @@ pub(super) async fn insert_device(
 }
 
 fn quantity(r: &SqliteRow, value: &str, unit: &str) -> Result<Option<Quantity>, Error> {
-    let v: Option<f64> = r.get(value);
-    let u: Option<String> = r.get(unit);
+    let v: Option<f64> = col(r, value)?;
+    let u: Option<String> = col(r, unit)?;
     match (v, u) {
         (Some(value), Some(u)) => Ok(Some(Quantity {
             value,
@@ -146,25 +183,25 @@ fn quantity(r: &SqliteRow, value: &str, unit: &str) -> Result<Option<Quantity>, 
 }
 
 pub(super) fn action_from_row(r: &SqliteRow) -> Result<Action, Error> {
-    let id: String = r.get("action_id");
-    let device: String = r.get("device_id");
-    let command: String = r.get("command");
-    let state: String = r.get("state");
-    let replaced_by: Option<String> = r.get("replaced_by");
-    let queued_after: String = r.get("queued_after");
-    let immediate: i64 = r.get("immediate");
+    let id: String = col(r, "action_id")?;
+    let device: String = col(r, "device_id")?;
+    let command: String = col(r, "command")?;
+    let state: String = col(r, "state")?;
+    let replaced_by: Option<String> = col(r, "replaced_by")?;
+    let queued_after: String = col(r, "queued_after")?;
+    let immediate: i64 = col(r, "immediate")?;
     Ok(Action {
         id: ActionId::parse(&id).map_err(|_| corrupt("action_id"))?,
         device_id: DeviceId::parse(&device).map_err(|_| corrupt("device_id"))?,
-        channel: r.get("channel"),
+        channel: col(r, "channel")?,
         command: Command::parse(&command).ok_or_else(|| corrupt("command"))?,
         params: Params {
             power: quantity(r, "power_value", "power_unit")?,
             target_soc: quantity(r, "target_value", "target_unit")?,
             reserve_soc: quantity(r, "reserve_value", "reserve_unit")?,
         },
-        start: Ts(r.get("start_ns")),
-        end: r.get::<Option<i64>, _>("end_ns").map(Ts),
+        start: Ts(col(r, "start_ns")?),
+        end: col::<Option<i64>>(r, "end_ns")?.map(Ts),
         immediate: immediate != 0,
         state: ActionState::parse(&state).ok_or_else(|| corrupt("state"))?,
         replaced_by: replaced_by
@@ -175,13 +212,13 @@ pub(super) fn action_from_row(r: &SqliteRow) -> Result<Action, Error> {
             .filter(|s| !s.is_empty())
             .map(|s| ActionId::parse(s).map_err(|_| corrupt("queued_after")))
             .collect::<Result<_, _>>()?,
-        error_code: r.get("error_code"),
-        error_message: r.get("error_message"),
-        oem_response: r.get("oem_raw"),
-        verified: r.get::<i64, _>("verified") != 0,
-        revision: r.get("revision"),
-        created: Ts(r.get("create_ns")),
-        updated: Ts(r.get("update_ns")),
+        error_code: col(r, "error_code")?,
+        error_message: col(r, "error_message")?,
+        oem_response: col(r, "oem_raw")?,
+        verified: col::<i64>(r, "verified")? != 0,
+        revision: col(r, "revision")?,
+        created: Ts(col(r, "create_ns")?),
+        updated: Ts(col(r, "update_ns")?),
     })
 }
 

@@ -127,4 +127,14 @@ CREATE INDEX actions_leased ON actions (lease_owner) WHERE lease_owner IS NOT NU
 ALTER TABLE actions ADD COLUMN verified INTEGER NOT NULL DEFAULT 0;
 "#,
     ),
+    (
+        4,
+        r#"
+-- A device's incarnation: a value fresh at every CreateDevice, part of its
+-- etag, so that an etag read before a device was deleted and created again
+-- never matches the new device. Devices created before keep '' (and the
+-- etags they had).
+ALTER TABLE devices ADD COLUMN incarnation TEXT NOT NULL DEFAULT '';
+"#,
+    ),
 ];

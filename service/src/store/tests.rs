@@ -1,0 +1,156 @@
+//! Storage faults are classified by the database's error code: what a retry
+//! may cure is STORAGE_UNAVAILABLE, provoked here for real.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use std::{collections::BTreeMap, io::BufRead as _, sync::Arc, time::Duration};
+
+use super::{Store, StoreOptions};
+use crate::domain::{Device, DeviceId, Error, Family, ManualClock, TenantId, Ts};
+
+fn device(id: &str, settings: BTreeMap<String, String>) -> Device {
+    Device {
+        id: DeviceId::parse(id).unwrap(),
+        display_name: String::new(),
+        family: Family::Battery,
+        driver: "simulated".into(),
+        oem_device_id: String::new(),
+        timezone: "UTC".into(),
+        settings,
+        revision: 0,
+        created: Ts(0),
+        updated: Ts(0),
+        observed: None,
+        incarnation: String::new(),
+    }
+}
+
+async fn open(path: &std::path::Path, busy: Duration) -> Store {
+    let url = format!("sqlite://{}", path.display());
+    Store::open_with(
+        &url,
+        Arc::new(ManualClock::new(Ts(0))),
+        &StoreOptions { busy_timeout: busy },
+    )
+    .await
+    .unwrap()
+}
+
+/// Another process (Python's sqlite3) takes the write lock and keeps it
+/// past the busy timeout.
+#[tokio::test]
+async fn a_write_lock_held_by_another_process_is_storage_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    let store = open(&path, Duration::from_millis(200)).await;
+    let tenant = TenantId::default_tenant();
+    let mut holder = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sqlite3, sys, time\n\
+             c = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
+             c.execute('BEGIN IMMEDIATE')\n\
+             print('locked', flush=True)\n\
+             time.sleep(30)\n",
+        )
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let mut line = String::new();
+    std::io::BufReader::new(holder.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "locked");
+
+    let refused = store
+        .create_device(&tenant, device("d1", BTreeMap::new()), None)
+        .await
+        .expect_err("the lock is held");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    assert!(
+        matches!(refused, Error::StorageUnavailable(_)),
+        "busy is a retryable storage fault: {refused:?}"
+    );
+    // Once the lock is gone, the same write succeeds.
+    store
+        .create_device(&tenant, device("d1", BTreeMap::new()), None)
+        .await
+        .unwrap();
+}
+
+/// The database file may not grow: a write that needs room is
+/// SQLITE_FULL, a retryable storage fault, and nothing is half-written.
+#[tokio::test]
+async fn a_full_database_is_storage_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("db.sqlite"), Duration::from_secs(1)).await;
+    let tenant = TenantId::default_tenant();
+    let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
+        .fetch_one(&store.write)
+        .await
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "PRAGMA max_page_count = {pages}"
+    )))
+    .execute(&store.write)
+    .await
+    .unwrap();
+    let big: BTreeMap<String, String> = (0..64)
+        .map(|i| (format!("k{i}"), "v".repeat(2048)))
+        .collect();
+    let refused = store
+        .create_device(&tenant, device("big", big), None)
+        .await
+        .expect_err("no room");
+    assert!(
+        matches!(refused, Error::StorageUnavailable(_)),
+        "disk full is a retryable storage fault: {refused:?}"
+    );
+    assert_eq!(store.count_devices(&tenant).await.unwrap(), 0);
+}
+
+/// A stored observation that cannot be read is an error, never "not
+/// observed" (which would let pushes past an active native scheduler).
+#[tokio::test]
+async fn an_unreadable_observation_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("db.sqlite"), Duration::from_secs(1)).await;
+    let tenant = TenantId::default_tenant();
+    let d = store
+        .create_device(&tenant, device("d", BTreeMap::new()), None)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE devices SET observed = '{\"scheduler_active\": tru', observed_ns = 1")
+        .execute(&store.write)
+        .await
+        .unwrap();
+    let e = store
+        .get_device(&tenant, &d.id)
+        .await
+        .expect_err("unreadable");
+    assert!(matches!(e, Error::Internal(_)), "{e:?}");
+    // A column of the wrong type is an error too, not a panic.
+    sqlx::query("UPDATE devices SET observed = NULL, revision = 'x'")
+        .execute(&store.write)
+        .await
+        .unwrap();
+    let e = store
+        .get_device(&tenant, &d.id)
+        .await
+        .expect_err("bad column");
+    assert!(matches!(e, Error::Internal(_)), "{e:?}");
+}
+
+#[test]
+fn codes_a_retry_may_cure_are_transient() {
+    for c in [
+        "5", "6", "7", "10", "13", "14", "15", "261", "517", "266", "3850",
+    ] {
+        assert!(super::transient_code(c), "{c}");
+    }
+    for c in ["1", "11", "19", "26", "2067", "787", "x", ""] {
+        assert!(!super::transient_code(c), "{c}");
+    }
+}
