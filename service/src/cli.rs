@@ -1,10 +1,10 @@
 //! The `switchyard` command line: configuration, logging, and the
 //! composition root.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use switchyard_drivers::Registry;
+use switchyard_drivers::{OperatorPolicy, Registry, operator::url_under};
 use tracing_subscriber::EnvFilter;
 
 use crate::{
@@ -51,9 +51,10 @@ pub enum Cmd {
 /// `switchyard serve` options.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
-    /// Address to listen on (port 0 picks a free port).
+    /// Address to listen on, HOST:PORT (a host name is resolved; port 0
+    /// picks a free port).
     #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:50051")]
-    pub listen: SocketAddr,
+    pub listen: String,
     /// Database URL: `sqlite://PATH` (created if missing) or `sqlite::memory:`.
     #[arg(
         long = "database",
@@ -79,6 +80,109 @@ pub struct ServeArgs {
     /// Seconds to let running calls finish on SIGTERM/SIGINT.
     #[arg(long, env = "SWITCHYARD_SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
     pub shutdown_grace_seconds: u64,
+    /// Directory of the secrets devices may name as `file:<name>` in their
+    /// `api_key_ref` (e.g. a Kubernetes Secret mounted as a directory).
+    /// Unset: `file:` references are refused. `env:` references may name
+    /// only variables beginning SWITCHYARD_SECRET_.
+    #[arg(long, env = "SWITCHYARD_SECRETS_DIR", value_name = "DIR")]
+    pub secrets_dir: Option<PathBuf>,
+    /// An OEM endpoint prefix devices may use as `base_url`, besides each
+    /// OEM's own cloud (e.g. http://127.0.0.1:8089 for the FoxESS
+    /// emulator). Repeatable; the variable takes a comma-separated list.
+    #[arg(
+        long = "oem-url-allow",
+        env = "SWITCHYARD_OEM_URL_ALLOW",
+        value_name = "PREFIX",
+        value_delimiter = ','
+    )]
+    pub oem_url_allow: Vec<String>,
+}
+
+impl ServeArgs {
+    /// What devices may name, as the operator configured it; a startup
+    /// error when the configuration itself is wrong.
+    pub fn policy(&self) -> Result<OperatorPolicy, String> {
+        if let Some(dir) = &self.secrets_dir
+            && !dir.is_dir()
+        {
+            return Err(format!("--secrets-dir {}: not a directory", dir.display()));
+        }
+        let mut url_allow = Vec::new();
+        for p in self
+            .oem_url_allow
+            .iter()
+            .map(|p| p.trim())
+            .filter(|p| !p.is_empty())
+        {
+            let plain = (p.starts_with("http://") || p.starts_with("https://"))
+                && !p.contains(['@', '?', '#']);
+            if !plain || !url_under(p, p) {
+                return Err(format!(
+                    "--oem-url-allow {p:?}: must be an http:// or https:// URL prefix, scheme://host[:port][/path]"
+                ));
+            }
+            url_allow.push(p.to_owned());
+        }
+        Ok(OperatorPolicy {
+            secrets_dir: self.secrets_dir.clone(),
+            url_allow,
+        })
+    }
+}
+
+/// Checks a database URL before opening it, so that a wrong one is
+/// named for what is wrong with it.
+pub fn check_database_url(url: &str) -> Result<(), String> {
+    if url == "sqlite::memory:" || url.starts_with("sqlite::memory:?") {
+        return Ok(());
+    }
+    let Some(rest) = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+    else {
+        let scheme = url.split_once(':').map_or(url, |(s, _)| s);
+        return Err(format!(
+            "--database: unsupported database {scheme:?}; this build supports SQLite: sqlite://PATH (created if missing) or sqlite::memory:"
+        ));
+    };
+    let path = rest.split('?').next().unwrap_or_default();
+    if path.is_empty() {
+        return Err("--database: the SQLite URL names no file; use sqlite://PATH".to_owned());
+    }
+    let parent = std::path::Path::new(path)
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty());
+    if let Some(dir) = parent
+        && !dir.is_dir()
+    {
+        return Err(format!(
+            "--database {url}: the directory {} does not exist",
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Resolves `--listen`: an IP address or a host name, with a port.
+async fn listen_addr(listen: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = listen.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let bad = |why: String| format!("--listen {listen:?}: {why}");
+    if listen
+        .rsplit_once(':')
+        .is_none_or(|(_, port)| port.parse::<u16>().is_err())
+    {
+        return Err(bad(
+            "must be HOST:PORT, e.g. 127.0.0.1:50051 or localhost:50051".into(),
+        ));
+    }
+    let mut addrs = tokio::net::lookup_host(listen)
+        .await
+        .map_err(|e| bad(format!("cannot resolve the host: {e}")))?;
+    addrs
+        .next()
+        .ok_or_else(|| bad("the host resolves to no address".into()))
 }
 
 fn init_logging(format: LogFormat) {
@@ -130,10 +234,13 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
 pub async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     init_logging(args.log_format);
     let shutdown = shutdown_signal();
+    let policy = args.policy()?;
+    check_database_url(&args.database)?;
+    let listen = listen_addr(&args.listen).await?;
     let app = server::build_app(
         &args.database,
         Arc::new(SystemClock),
-        Registry::builtin(),
+        Registry::builtin_with(&policy),
         args.horizon_days,
     )
     .await?;
@@ -144,12 +251,21 @@ pub async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Se
         }
     }
     let dispatcher = server::dispatcher(&app, crate::dispatch::DispatchConfig::default());
-    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("--listen {listen}: {e}"))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, database = %args.database, "listening");
+    tracing::info!(
+        %addr,
+        database = %args.database,
+        secrets_dir = ?policy.secrets_dir,
+        oem_url_allow = ?policy.url_allow,
+        "listening"
+    );
     server::serve(
         app,
         listener,
+        &crate::limits::Limits::default(),
         shutdown,
         Duration::from_secs(args.shutdown_grace_seconds),
         Some(dispatcher),
@@ -173,15 +289,18 @@ pub fn main() -> std::process::ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Cmd::Serve(args) => serve(args).await,
-            Cmd::Migrate { database } => server::build_app(
-                &database,
-                Arc::new(SystemClock),
-                Registry::builtin(),
-                DEFAULT_HORIZON_DAYS,
-            )
-            .await
-            .map(|_| ())
-            .map_err(Into::into),
+            Cmd::Migrate { database } => match check_database_url(&database) {
+                Err(e) => Err(e.into()),
+                Ok(()) => server::build_app(
+                    &database,
+                    Arc::new(SystemClock),
+                    Registry::builtin(),
+                    DEFAULT_HORIZON_DAYS,
+                )
+                .await
+                .map(|_| ())
+                .map_err(Into::into),
+            },
         }
     });
     match result {

@@ -7,5 +7,6 @@ pub mod api;
 pub mod cli;
 pub mod dispatch;
 pub mod domain;
+pub mod limits;
 pub mod server;
 pub mod store;

@@ -8,12 +8,13 @@ use switchyard_proto::v1::{
     action_service_server::ActionServiceServer, device_service_server::DeviceServiceServer,
 };
 use tokio::net::TcpListener;
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::transport::Server;
 
 use crate::{
     api::{App, actions::Actions, devices::Devices},
     dispatch::{DispatchConfig, Dispatcher},
     domain::{Clock, Device, DeviceId, Error, Ts},
+    limits::{self, GuardLayer, Limits},
     store::Store,
 };
 
@@ -59,6 +60,7 @@ pub async fn seed_demo(app: &App) -> Result<usize, Error> {
             created: Ts(0),
             updated: Ts(0),
             observed: None,
+            incarnation: String::new(),
         };
         app.store.create_device(&tenant, device, None).await?;
     }
@@ -79,6 +81,7 @@ pub async fn build_app(
         clock,
         horizon_nanos: i64::from(horizon_days) * 86_400 * Ts::SECOND,
         wake: Arc::new(tokio::sync::Notify::new()),
+        budgets: Arc::default(),
     })
 }
 
@@ -88,17 +91,19 @@ pub fn dispatcher(app: &App, config: DispatchConfig) -> Dispatcher {
         app.store.clone(),
         app.registry.clone(),
         app.clock.clone(),
+        app.budgets.clone(),
         app.wake.clone(),
         config,
     )
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves, then drains
-/// in-flight calls for at most `grace`. With a `dispatcher`, runs it too
-/// (tests drive their own).
+/// Serves `app` on `listener` within `limits` until `shutdown` resolves,
+/// then drains in-flight calls for at most `grace`. With a `dispatcher`,
+/// runs it too (tests drive their own).
 pub async fn serve(
     app: App,
     listener: TcpListener,
+    limits: &Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
     dispatcher: Option<Dispatcher>,
@@ -143,12 +148,22 @@ pub async fn serve(
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let router = Server::builder()
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .http2_max_header_list_size(16 * 1024)
+        .http2_max_pending_accept_reset_streams(Some(64))
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .tcp_keepalive(Some(Duration::from_secs(60)))
+        .initial_connection_window_size(limits.max_request_bytes as u32)
+        .initial_stream_window_size((limits.max_request_bytes / 4) as u32)
+        .timeout(limits.request_timeout)
+        .layer(GuardLayer::new(limits))
         .add_service(health)
         .add_service(v1)
         .add_service(v1alpha)
         .add_service(DeviceServiceServer::new(Devices(app.clone())))
         .add_service(ActionServiceServer::new(Actions(app.clone())));
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = limits::incoming(listener, limits);
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = stop_rx.await;
     }));

@@ -78,6 +78,7 @@ impl TestServer {
             server::serve(
                 serving,
                 listener,
+                &switchyard::limits::Limits::default(),
                 async {
                     let _ = stopped.await;
                 },

@@ -1,16 +1,25 @@
-//! proto ⇄ domain conversions. Conversions out of the domain destructure
-//! every field, so a new field cannot be silently dropped.
+//! proto ⇄ domain conversions, both ways. Every conversion destructures
+//! the whole message, naming the fields it ignores (output-only ones), so
+//! a new proto field breaks the build here instead of being silently
+//! dropped.
+//!
+//! Incoming requests become the values the handlers act on. Each mutation
+//! also yields its idempotency key body: the request re-encoded from what
+//! the server read, so a retry that differs only in ignored fields
+//! (output-only values, fields outside the update mask) is the same
+//! request.
 
 use switchyard_drivers::{
     Capabilities, CommandSpec, ParamSpec, RateBudget, TimingShape, WindowLimits,
 };
 use switchyard_proto::v1 as pb;
 
+use super::{decode_token, page_size, parse_device_id};
 use crate::domain::{
-    Action, ActionState, Command, Device, Error, Family, Observed, Quantity, Reason, Strategy, Ts,
-    Unit,
+    Action, ActionId, ActionState, Command, Device, DeviceId, Error, Family, FieldViolation,
+    Observed, Quantity, Reason, Strategy, Ts, Unit, cap,
     device::{NativeRow, RowOwner},
-    validate::RawQuantity,
+    validate::{PushInput, RawQuantity},
 };
 
 /// Domain instant → protobuf Timestamp.
@@ -26,7 +35,8 @@ pub fn ts_from_proto(t: &prost_types::Timestamp, field: &str) -> Result<Ts, Erro
         Error::invalid(
             field,
             Reason::InvalidWindow,
-            "timestamp is out of range (nanos must be 0..1e9, years up to 2262)",
+            "timestamp is out of range: it must lie from 1677-09-21T00:12:44Z to \
+             2262-04-11T23:47:16Z, with nanos from 0 to 999999999",
         )
     })
 }
@@ -265,6 +275,7 @@ pub fn device_to_proto(d: &Device, caps: Option<&Capabilities>) -> pb::Device {
         created,
         updated,
         observed,
+        incarnation: _,
     } = d;
     pb::Device {
         device_id: id.to_string(),
@@ -293,10 +304,12 @@ pub fn native_rows_to_proto(rows: &[NativeRow]) -> Vec<pb::NativeScheduleRow> {
                 enabled,
                 owner,
             } = r;
+            // These come from the OEM: bounded like everything repeated
+            // from elsewhere.
             pb::NativeScheduleRow {
-                start_time_of_day: start.clone(),
-                end_time_of_day: end.clone(),
-                mode: mode.clone(),
+                start_time_of_day: cap(start.clone(), 16),
+                end_time_of_day: cap(end.clone(), 16),
+                mode: cap(mode.clone(), 64),
                 enabled: *enabled,
                 owner: match owner {
                     RowOwner::Ours => pb::NativeRowOwner::Ours,
@@ -368,4 +381,594 @@ pub fn action_to_proto(a: &Action) -> pb::Action {
         oem_response: oem_response.clone().unwrap_or_default(),
         verified: *verified,
     }
+}
+
+// ---- incoming ------------------------------------------------------------
+
+/// Longest display_name, in characters.
+pub const MAX_NAME_CHARS: usize = 200;
+/// Longest oem_device_id, in characters.
+pub const MAX_OEM_ID_CHARS: usize = 200;
+
+/// The fields of a device that UpdateDevice can change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum DeviceField {
+    DisplayName,
+    OemDeviceId,
+    Timezone,
+    Settings,
+}
+
+impl DeviceField {
+    const ALL: [(&'static str, DeviceField); 4] = [
+        ("display_name", DeviceField::DisplayName),
+        ("oem_device_id", DeviceField::OemDeviceId),
+        ("timezone", DeviceField::Timezone),
+        ("settings", DeviceField::Settings),
+    ];
+
+    fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, f)| *f == self)
+            .map_or("", |(n, _)| n)
+    }
+}
+
+/// A request's idempotency key and the bytes a retry must repeat.
+#[derive(Clone, Debug)]
+pub struct Idem {
+    /// Empty: no idempotency asked for.
+    pub request_id: String,
+    pub body: Vec<u8>,
+}
+
+impl Idem {
+    fn new(request_id: String, canonical: &impl prost::Message) -> Self {
+        Self {
+            request_id,
+            body: canonical.encode_to_vec(),
+        }
+    }
+}
+
+fn etag_opt(etag: String) -> Option<String> {
+    (!etag.is_empty()).then_some(etag)
+}
+
+fn missing(field: &str) -> Error {
+    Error::invalid(field, Reason::MissingField, format!("{field} is required"))
+}
+
+/// An empty time zone is UTC.
+fn timezone_or_utc(tz: String) -> String {
+    if tz.is_empty() { "UTC".to_owned() } else { tz }
+}
+
+/// The writable fields of a device as sent, output-only ones dropped.
+fn device_input(d: pb::Device) -> pb::Device {
+    let pb::Device {
+        device_id,
+        display_name,
+        family,
+        driver,
+        oem_device_id,
+        timezone,
+        settings,
+        capabilities: _,
+        etag,
+        create_time: _,
+        update_time: _,
+        observed_state: _,
+    } = d;
+    pb::Device {
+        device_id,
+        display_name,
+        family,
+        driver,
+        oem_device_id,
+        timezone,
+        settings,
+        etag,
+        ..Default::default()
+    }
+}
+
+/// Checks the length of a string field, in characters.
+fn check_chars(out: &mut Vec<FieldViolation>, field: &str, value: &str, max: usize) {
+    if value.chars().count() > max {
+        out.push(FieldViolation::new(
+            field,
+            Reason::InvalidField,
+            format!("{field} must be at most {max} characters"),
+        ));
+    }
+}
+
+/// CreateDevice as the server reads it.
+#[derive(Debug)]
+pub struct CreateDevice {
+    /// The device to register; its id is generated when none was given.
+    pub device: Device,
+    /// What was wrong with the request itself; the handler adds what the
+    /// driver says, so every bad field is reported at once.
+    pub violations: Vec<FieldViolation>,
+    pub idem: Idem,
+}
+
+/// Parses a CreateDeviceRequest.
+pub fn create_device(req: pb::CreateDeviceRequest) -> Result<CreateDevice, Error> {
+    let pb::CreateDeviceRequest {
+        device_id,
+        device,
+        request_id,
+    } = req;
+    let dev = device_input(device.ok_or_else(|| missing("device"))?);
+    // The id may be given in either place (AIP-133's `device_id` beside
+    // the resource); both set and different is refused rather than one
+    // silently winning. The key body keeps the id as asked, so a retry of
+    // a create without id replays instead of generating another.
+    let requested = match (device_id.as_str(), dev.device_id.as_str()) {
+        ("", "") => None,
+        (a, "") => Some((a.to_owned(), "device_id")),
+        ("", b) => Some((b.to_owned(), "device.device_id")),
+        (a, b) if a == b => Some((a.to_owned(), "device_id")),
+        _ => {
+            return Err(Error::invalid(
+                "device.device_id",
+                Reason::InvalidField,
+                "device_id and device.device_id differ",
+            ));
+        }
+    };
+    let id = match &requested {
+        None => DeviceId::generate(),
+        Some((s, field)) => parse_device_id(s, field)?,
+    };
+    let mut violations = Vec::new();
+    let family = family_from_proto(dev.family)?;
+    if family.is_none() {
+        violations.push(FieldViolation::new(
+            "device.family",
+            Reason::MissingField,
+            "family is required",
+        ));
+    }
+    if dev.driver.is_empty() {
+        violations.push(FieldViolation::new(
+            "device.driver",
+            Reason::MissingField,
+            "driver is required",
+        ));
+    }
+    check_chars(
+        &mut violations,
+        "device.display_name",
+        &dev.display_name,
+        MAX_NAME_CHARS,
+    );
+    check_chars(
+        &mut violations,
+        "device.oem_device_id",
+        &dev.oem_device_id,
+        MAX_OEM_ID_CHARS,
+    );
+    let timezone = timezone_or_utc(dev.timezone);
+    let canonical = pb::CreateDeviceRequest {
+        device_id: requested.map(|(s, _)| s).unwrap_or_default(),
+        device: Some(pb::Device {
+            display_name: dev.display_name.clone(),
+            family: dev.family,
+            driver: dev.driver.clone(),
+            oem_device_id: dev.oem_device_id.clone(),
+            timezone: timezone.clone(),
+            settings: dev.settings.clone(),
+            ..Default::default()
+        }),
+        request_id: String::new(),
+    };
+    Ok(CreateDevice {
+        device: Device {
+            id,
+            display_name: dev.display_name,
+            family: family.unwrap_or(Family::Battery),
+            driver: dev.driver,
+            oem_device_id: dev.oem_device_id,
+            timezone,
+            settings: dev.settings.into_iter().collect(),
+            revision: 0,
+            created: Ts(0),
+            updated: Ts(0),
+            observed: None,
+            incarnation: String::new(),
+        },
+        violations,
+        idem: Idem::new(request_id, &canonical),
+    })
+}
+
+/// UpdateDevice as the server reads it.
+#[derive(Debug)]
+pub struct UpdateDevice {
+    pub id: DeviceId,
+    pub etag: Option<String>,
+    /// The fields to change, each once, in a fixed order.
+    pub fields: Vec<DeviceField>,
+    /// The new values (only `fields` of it are read).
+    pub new: pb::Device,
+    pub idem: Idem,
+}
+
+impl UpdateDevice {
+    /// Applies the new values of the masked fields to `d`.
+    pub fn apply_to(&self, d: &mut Device) {
+        for f in &self.fields {
+            match f {
+                DeviceField::DisplayName => d.display_name = self.new.display_name.clone(),
+                DeviceField::OemDeviceId => d.oem_device_id = self.new.oem_device_id.clone(),
+                DeviceField::Timezone => d.timezone = timezone_or_utc(self.new.timezone.clone()),
+                DeviceField::Settings => {
+                    d.settings = self.new.settings.clone().into_iter().collect();
+                }
+            }
+        }
+    }
+}
+
+/// Parses an UpdateDeviceRequest. Every bad update_mask path is reported,
+/// each once.
+pub fn update_device(req: pb::UpdateDeviceRequest) -> Result<UpdateDevice, Error> {
+    let pb::UpdateDeviceRequest {
+        device,
+        update_mask,
+        request_id,
+    } = req;
+    let dev = device_input(device.ok_or_else(|| missing("device"))?);
+    let id = parse_device_id(&dev.device_id, "device.device_id")?;
+    let paths = update_mask.map(|m| m.paths).unwrap_or_default();
+    if paths.is_empty() {
+        return Err(Error::invalid(
+            "update_mask",
+            Reason::MissingField,
+            "update_mask must name the fields to change: display_name, oem_device_id, timezone, settings",
+        ));
+    }
+    let mut fields = Vec::new();
+    let mut bad: Vec<FieldViolation> = Vec::new();
+    for p in &paths {
+        if let Some((_, f)) = DeviceField::ALL.iter().find(|(n, _)| n == p) {
+            fields.push(*f);
+            continue;
+        }
+        let why = match p.as_str() {
+            "device_id" | "family" | "driver" => format!("{p} is immutable"),
+            "capabilities" | "etag" | "create_time" | "update_time" | "observed_state" => {
+                format!("{p} is output only")
+            }
+            _ => format!(
+                "unknown field {:?}; the fields are display_name, oem_device_id, timezone, settings",
+                p.chars().take(64).collect::<String>()
+            ),
+        };
+        if !bad.iter().any(|v| v.description == why) {
+            bad.push(FieldViolation::new(
+                "update_mask",
+                Reason::InvalidField,
+                why,
+            ));
+        }
+    }
+    if !bad.is_empty() {
+        return Err(Error::Invalid(bad));
+    }
+    fields.sort();
+    fields.dedup();
+    let mut violations = Vec::new();
+    if fields.contains(&DeviceField::DisplayName) {
+        check_chars(
+            &mut violations,
+            "device.display_name",
+            &dev.display_name,
+            MAX_NAME_CHARS,
+        );
+    }
+    if fields.contains(&DeviceField::OemDeviceId) {
+        check_chars(
+            &mut violations,
+            "device.oem_device_id",
+            &dev.oem_device_id,
+            MAX_OEM_ID_CHARS,
+        );
+    }
+    if !violations.is_empty() {
+        return Err(Error::Invalid(violations));
+    }
+    // Only what the mask selects is read, so only that is compared.
+    let mut masked = pb::Device {
+        device_id: dev.device_id.clone(),
+        etag: dev.etag.clone(),
+        ..Default::default()
+    };
+    for f in &fields {
+        match f {
+            DeviceField::DisplayName => masked.display_name = dev.display_name.clone(),
+            DeviceField::OemDeviceId => masked.oem_device_id = dev.oem_device_id.clone(),
+            DeviceField::Timezone => masked.timezone = timezone_or_utc(dev.timezone.clone()),
+            DeviceField::Settings => masked.settings = dev.settings.clone(),
+        }
+    }
+    let canonical = pb::UpdateDeviceRequest {
+        device: Some(masked),
+        update_mask: Some(prost_types::FieldMask {
+            paths: fields.iter().map(|f| f.name().to_owned()).collect(),
+        }),
+        request_id: String::new(),
+    };
+    Ok(UpdateDevice {
+        id,
+        etag: etag_opt(dev.etag.clone()),
+        fields,
+        new: dev,
+        idem: Idem::new(request_id, &canonical),
+    })
+}
+
+/// DeleteDevice as the server reads it.
+#[derive(Debug)]
+pub struct DeleteDevice {
+    pub id: DeviceId,
+    pub etag: Option<String>,
+    pub force: bool,
+    pub idem: Idem,
+}
+
+/// Parses a DeleteDeviceRequest.
+pub fn delete_device(req: pb::DeleteDeviceRequest) -> Result<DeleteDevice, Error> {
+    let pb::DeleteDeviceRequest {
+        device_id,
+        etag,
+        force,
+        request_id,
+    } = req;
+    let id = parse_device_id(&device_id, "device_id")?;
+    let canonical = pb::DeleteDeviceRequest {
+        device_id,
+        etag: etag.clone(),
+        force,
+        request_id: String::new(),
+    };
+    Ok(DeleteDevice {
+        id,
+        etag: etag_opt(etag),
+        force,
+        idem: Idem::new(request_id, &canonical),
+    })
+}
+
+/// Parses a GetDeviceRequest.
+pub fn get_device(req: pb::GetDeviceRequest) -> Result<DeviceId, Error> {
+    let pb::GetDeviceRequest { device_id } = req;
+    parse_device_id(&device_id, "device_id")
+}
+
+/// A page of a listing: its size and where it continues.
+#[derive(Debug)]
+pub struct Page {
+    pub size: u32,
+    /// The last key of the previous page.
+    pub after: Option<String>,
+}
+
+/// Parses a ListDevicesRequest.
+pub fn list_devices(req: pb::ListDevicesRequest) -> Result<Page, Error> {
+    let pb::ListDevicesRequest {
+        page_size: size,
+        page_token,
+    } = req;
+    Ok(Page {
+        size: page_size(size)?,
+        after: decode_token(&page_token, "devices", "")?,
+    })
+}
+
+/// PushAction as the server reads it.
+#[derive(Debug)]
+pub struct PushAction {
+    pub device_id: DeviceId,
+    pub input: PushInput,
+    pub strategy: Strategy,
+    pub validate_only: bool,
+    pub idem: Idem,
+}
+
+/// Parses a PushActionRequest. Output-only fields of the action are
+/// ignored, as the API promises.
+pub fn push_action(req: pb::PushActionRequest) -> Result<PushAction, Error> {
+    let pb::PushActionRequest {
+        device_id,
+        action,
+        on_conflict,
+        validate_only,
+        request_id,
+    } = req;
+    let device = parse_device_id(&device_id, "device_id")?;
+    let pb::Action {
+        action_id: _,
+        device_id: _,
+        command,
+        power,
+        target_soc,
+        reserve_soc,
+        start_time,
+        end_time,
+        state: _,
+        replaced_by_action_id: _,
+        queued_after_action_ids: _,
+        error_code: _,
+        error_message: _,
+        create_time: _,
+        update_time: _,
+        etag: _,
+        channel: _,
+        oem_response: _,
+        verified: _,
+    } = action.ok_or_else(|| missing("action"))?;
+    let strategy = strategy_from_proto(on_conflict)?;
+    let input = PushInput {
+        command: command_from_proto(command)?,
+        power: power.as_ref().map(raw_quantity),
+        target_soc: target_soc.as_ref().map(raw_quantity),
+        reserve_soc: reserve_soc.as_ref().map(raw_quantity),
+        start: start_time
+            .as_ref()
+            .map(|t| ts_from_proto(t, "action.start_time"))
+            .transpose()?,
+        end: end_time
+            .as_ref()
+            .map(|t| ts_from_proto(t, "action.end_time"))
+            .transpose()?,
+    };
+    let canonical = pb::PushActionRequest {
+        device_id,
+        action: Some(pb::Action {
+            command,
+            power,
+            target_soc,
+            reserve_soc,
+            start_time,
+            end_time,
+            ..Default::default()
+        }),
+        on_conflict,
+        validate_only,
+        request_id: String::new(),
+    };
+    Ok(PushAction {
+        device_id: device,
+        input,
+        strategy,
+        validate_only,
+        idem: Idem::new(request_id, &canonical),
+    })
+}
+
+fn parse_action_id(s: &str) -> Result<ActionId, Error> {
+    if s.is_empty() {
+        return Err(missing("action_id"));
+    }
+    ActionId::parse(s).map_err(|why| {
+        Error::invalid(
+            "action_id",
+            Reason::InvalidField,
+            format!("action_id {why}"),
+        )
+    })
+}
+
+/// Parses a GetActionRequest.
+pub fn get_action(req: pb::GetActionRequest) -> Result<(DeviceId, ActionId), Error> {
+    let pb::GetActionRequest {
+        device_id,
+        action_id,
+    } = req;
+    Ok((
+        parse_device_id(&device_id, "device_id")?,
+        parse_action_id(&action_id)?,
+    ))
+}
+
+/// ListActions as the server reads it.
+#[derive(Debug)]
+pub struct ListActions {
+    /// `None`: every device ("-").
+    pub device: Option<DeviceId>,
+    /// Sorted, each once; empty: every state.
+    pub states: Vec<ActionState>,
+    pub size: u32,
+    /// Continue strictly before this action (newest first).
+    pub before: Option<ActionId>,
+    /// What a page token of this listing is bound to.
+    pub scope: String,
+}
+
+/// Parses a ListActionsRequest.
+pub fn list_actions(req: pb::ListActionsRequest) -> Result<ListActions, Error> {
+    let pb::ListActionsRequest {
+        device_id,
+        states,
+        page_size: size,
+        page_token,
+    } = req;
+    let device = if device_id == "-" {
+        None
+    } else {
+        Some(parse_device_id(&device_id, "device_id")?)
+    };
+    let mut states: Vec<ActionState> = states
+        .iter()
+        .map(|s| state_from_proto(*s, "states"))
+        .collect::<Result<_, _>>()?;
+    states.sort();
+    states.dedup();
+    let scope = format!(
+        "actions:{device_id}:{}",
+        states
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let before = decode_token(
+        &page_token,
+        &scope,
+        " (device_id and states must stay the same from page to page)",
+    )?
+    .map(|s| {
+        ActionId::parse(&s).map_err(|_| {
+            Error::invalid(
+                "page_token",
+                Reason::InvalidPageToken,
+                "page_token is malformed",
+            )
+        })
+    })
+    .transpose()?;
+    Ok(ListActions {
+        device,
+        states,
+        size: page_size(size)?,
+        before,
+        scope,
+    })
+}
+
+/// CancelAction as the server reads it.
+#[derive(Debug)]
+pub struct CancelAction {
+    pub device_id: DeviceId,
+    pub action_id: ActionId,
+    pub etag: Option<String>,
+    pub idem: Idem,
+}
+
+/// Parses a CancelActionRequest.
+pub fn cancel_action(req: pb::CancelActionRequest) -> Result<CancelAction, Error> {
+    let pb::CancelActionRequest {
+        device_id,
+        action_id,
+        etag,
+        request_id,
+    } = req;
+    let canonical = pb::CancelActionRequest {
+        device_id: device_id.clone(),
+        action_id: action_id.clone(),
+        etag: etag.clone(),
+        request_id: String::new(),
+    };
+    Ok(CancelAction {
+        device_id: parse_device_id(&device_id, "device_id")?,
+        action_id: parse_action_id(&action_id)?,
+        etag: etag_opt(etag),
+        idem: Idem::new(request_id, &canonical),
+    })
 }

@@ -1,5 +1,6 @@
-//! The gRPC edge: handlers convert proto ⇄ domain and delegate to the
-//! store; errors become statuses in one place ([`status::to_status`]).
+//! The gRPC edge: each handler parses its request ([`convert`]), delegates
+//! to the store, and converts the answer back; errors become statuses in
+//! one place ([`status`]), so handlers just use `?`.
 
 pub mod actions;
 pub mod convert;
@@ -13,7 +14,7 @@ use prost::Message;
 use switchyard_drivers::{Capabilities, Registry};
 
 use crate::{
-    domain::{Clock, Device, DeviceId, Error, FieldViolation, Reason, TenantId, Ts},
+    domain::{Clock, Device, DeviceId, Error, Reason, TenantId},
     store::{IdemBegin, IdemCommit, Store},
 };
 
@@ -24,19 +25,23 @@ pub const DEFAULT_PAGE_SIZE: u32 = 50;
 /// Largest page size; larger requests are coerced down.
 pub const MAX_PAGE_SIZE: u32 = 1000;
 
+/// How long CreateDevice and UpdateDevice wait to observe the device before
+/// answering without an observation (the dispatcher observes it later).
+pub const OBSERVE_ON_CHANGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Shared state of the handlers.
 #[derive(Clone, Debug)]
 pub struct App {
-    /// The database.
     pub store: Store,
-    /// The drivers.
     pub registry: Arc<Registry>,
-    /// Time.
     pub clock: Arc<dyn Clock>,
     /// How far ahead a start may be, in nanoseconds.
     pub horizon_nanos: i64,
     /// Wakes the dispatcher: work may be due now.
     pub wake: Arc<tokio::sync::Notify>,
+    /// The OEM accounts' rate budgets, shared with the dispatcher: the
+    /// observations made on CreateDevice and UpdateDevice count too.
+    pub budgets: Arc<crate::dispatch::Budgets>,
 }
 
 impl App {
@@ -52,45 +57,83 @@ impl App {
         f.capabilities(&d.spec()).ok()
     }
 
+    /// Observes a device just registered or reconfigured, so that the
+    /// first push already sees its native scheduler. Within the OEM
+    /// account's rate budget and [`OBSERVE_ON_CHANGE_TIMEOUT`]; when the
+    /// device cannot be read the answer carries no observed state (and the
+    /// dispatcher tries again).
+    pub async fn observe(&self, tenant: &TenantId, mut device: Device) -> Device {
+        let Some(factory) = self.registry.get(&device.driver) else {
+            return device;
+        };
+        let Ok(driver) = factory.build(&device.spec()) else {
+            return device;
+        };
+        let read = crate::dispatch::observe_now(
+            &self.store,
+            &self.budgets,
+            self.clock.as_ref(),
+            tenant,
+            &device,
+            driver.as_ref(),
+        );
+        if let Ok(Some(o)) = tokio::time::timeout(OBSERVE_ON_CHANGE_TIMEOUT, read).await {
+            device.observed = Some(o);
+        }
+        device
+    }
+
     /// Runs a mutation under `request_id` idempotency: the same key with the
     /// same body returns the stored answer; another body is refused; a
     /// concurrent duplicate is told to retry. A failed mutation releases
-    /// the key (it changed nothing).
+    /// the key (it changed nothing), and so does a call that is cancelled
+    /// or runs out of time midway: its transaction is rolled back, and the
+    /// key is released as soon as that is done.
     pub async fn idempotent<T, Resp, Conv, Run, Fut>(
         &self,
         method: &'static str,
-        request_id: &str,
-        body: Vec<u8>,
+        idem: &convert::Idem,
         to_resp: Conv,
         run: Run,
-    ) -> Result<Resp, Error>
+    ) -> Result<Ran<T, Resp>, Error>
     where
         Resp: Message + Default,
-        Conv: Fn(&T) -> Resp + Clone + Send + 'static,
+        Conv: Fn(&T) -> Resp + Send + 'static,
         Run: FnOnce(Option<IdemCommit<T>>) -> Fut,
         Fut: Future<Output = Result<T, Error>>,
     {
-        if request_id.is_empty() {
-            return run(None).await.map(|t| to_resp(&t));
+        if idem.request_id.is_empty() {
+            return run(None).await.map(Ran::Fresh);
         }
+        let request_id = idem.request_id.as_str();
         check_request_id(request_id)?;
         let tenant = self.tenant();
         match self
             .store
-            .idem_begin(&tenant, request_id, method, &body)
+            .idem_begin(&tenant, request_id, method, &idem.body)
             .await?
         {
             IdemBegin::Replay(bytes) => Resp::decode(bytes.as_slice())
+                .map(Ran::Replayed)
                 .map_err(|e| Error::Internal(format!("stored response: {e}"))),
             IdemBegin::Fresh(claim) => {
-                let conv = to_resp.clone();
+                let mut release = Release {
+                    store: Some(self.store.clone()),
+                    tenant: tenant.clone(),
+                    request_id: request_id.to_owned(),
+                    claim: claim.clone(),
+                };
                 let commit = IdemCommit {
                     request_id: request_id.to_owned(),
                     claim: claim.clone(),
-                    encode: Box::new(move |t: &T| conv(t).encode_to_vec()),
+                    encode: Box::new(move |t: &T| to_resp(t).encode_to_vec()),
                 };
-                match run(Some(commit)).await {
-                    Ok(t) => Ok(to_resp(&t)),
+                let result = run(Some(commit)).await;
+                // Finished: committed (the key holds the answer) or
+                // failed (released here).
+                release.store = None;
+                match result {
+                    Ok(t) => Ok(Ran::Fresh(t)),
                     Err(e) => {
                         if let Err(abort) = self.store.idem_abort(&tenant, request_id, &claim).await
                         {
@@ -101,6 +144,65 @@ impl App {
                 }
             }
         }
+    }
+}
+
+/// What an idempotent mutation came to.
+#[derive(Debug)]
+pub enum Ran<T, Resp> {
+    /// It ran now.
+    Fresh(T),
+    /// It had run before: its stored answer.
+    Replayed(Resp),
+}
+
+impl<T, Resp> Ran<T, Resp> {
+    /// The answer: a fresh outcome converted, or the stored one.
+    pub fn answer(self, convert: impl FnOnce(T) -> Resp) -> Resp {
+        match self {
+            Ran::Fresh(t) => convert(t),
+            Ran::Replayed(r) => r,
+        }
+    }
+}
+
+/// Releases a claimed request_id when the call holding it is dropped
+/// midway (the client cancelled, or its deadline passed): the dropped
+/// transaction rolls back, and the key must not stay "in progress" for
+/// its whole lease. Releasing only touches a key without an answer, so a
+/// change that did commit keeps its answer.
+struct Release {
+    /// `None` once the call has finished one way or the other.
+    store: Option<Store>,
+    tenant: TenantId,
+    request_id: String,
+    claim: String,
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        let Some(store) = self.store.take() else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (tenant, request_id, claim) = (
+            self.tenant.clone(),
+            std::mem::take(&mut self.request_id),
+            std::mem::take(&mut self.claim),
+        );
+        rt.spawn(async move {
+            match store.idem_abort(&tenant, &request_id, &claim).await {
+                Ok(()) => tracing::debug!(
+                    request_id,
+                    "released the request_id of a call dropped midway"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not release the request_id of a dropped call")
+                }
+            }
+        });
     }
 }
 
@@ -130,17 +232,6 @@ pub fn parse_device_id(s: &str, field: &str) -> Result<DeviceId, Error> {
         .map_err(|why| Error::invalid(field, Reason::InvalidField, format!("{field} {why}")))
 }
 
-/// Checks a string field's length.
-pub fn check_len(out: &mut Vec<FieldViolation>, field: &str, value: &str, max: usize) {
-    if value.len() > max {
-        out.push(FieldViolation::new(
-            field,
-            Reason::InvalidField,
-            format!("{field} must be at most {max} bytes"),
-        ));
-    }
-}
-
 /// Page size from a request: 0 → default; larger than the maximum →
 /// coerced; negative → invalid.
 pub fn page_size(n: i32) -> Result<u32, Error> {
@@ -160,8 +251,9 @@ pub fn encode_token(scope: &str, last: &str) -> String {
     URL_SAFE_NO_PAD.encode(format!("{scope}|{last}"))
 }
 
-/// Decodes a page token; it must have been issued for `scope`.
-pub fn decode_token(token: &str, scope: &str) -> Result<Option<String>, Error> {
+/// Decodes a page token; it must have been issued for `scope`. `rule`
+/// says what must stay the same between pages of this listing.
+pub fn decode_token(token: &str, scope: &str, rule: &str) -> Result<Option<String>, Error> {
     if token.is_empty() {
         return Ok(None);
     }
@@ -169,7 +261,9 @@ pub fn decode_token(token: &str, scope: &str) -> Result<Option<String>, Error> {
         Error::invalid(
             "page_token",
             Reason::InvalidPageToken,
-            "page_token was not issued for this listing (filters must not change between pages)",
+            format!(
+                "page_token is not a next_page_token this server issued for this listing{rule}"
+            ),
         )
     };
     let raw = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
@@ -179,16 +273,4 @@ pub fn decode_token(token: &str, scope: &str) -> Result<Option<String>, Error> {
         return Err(bad());
     }
     Ok(Some(last.to_owned()))
-}
-
-/// Request bytes with the idempotency key cleared, for comparing retries.
-pub fn body_without_key<M: Message + Clone>(m: &M, clear: impl FnOnce(&mut M)) -> Vec<u8> {
-    let mut c = m.clone();
-    clear(&mut c);
-    c.encode_to_vec()
-}
-
-/// `now` of the app's clock.
-pub fn now(app: &App) -> Ts {
-    app.clock.now()
 }

@@ -10,14 +10,22 @@
 //! - Retryable driver failures (rate limits, OEM outages) back off —
 //!   by the OEM's retry-after when it gives one — instead of failing.
 //! - Calls to an OEM account stay within the driver's rate budget (one
-//!   token bucket per account, shared by every action on it).
+//!   token bucket per account, shared by every action on it, and by the
+//!   observations the API makes on CreateDevice and UpdateDevice).
+//! - After every apply and revert the device's state is recorded (as the
+//!   driver read it back, or read again within the budget), so pushes are
+//!   checked against what the device holds now.
+//! - A driver that panics fails that attempt, like any persistent driver
+//!   failure: the action ends FAILED (DRIVER_FAULT), a revert is retried
+//!   and may end REVERT_FAILED. The dispatcher itself keeps running.
 //! - Time comes from the [`Clock`]; tests drive it and call [`Dispatcher::drain`].
 
 mod budget;
 
-use std::{sync::Arc, time::Duration};
+use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration};
 
-use switchyard_drivers::{ApplyRequest, Driver, Registry, RevertRequest};
+use futures::FutureExt as _;
+use switchyard_drivers::{ApplyRequest, DeviceState, Driver, Outcome, Registry, RevertRequest};
 use tokio::sync::Notify;
 
 use crate::{
@@ -106,10 +114,83 @@ impl Done {
 
 /// A device state to record after a round.
 enum Observe {
-    /// Read it through the driver.
+    /// Read it through the driver (within the read budget).
     Read(TenantId, Device, Arc<dyn Driver>),
-    /// Already known (from a driver error).
-    Known(TenantId, crate::domain::DeviceId, Observed),
+    /// Already known (read back by the driver, or from its error).
+    Known(TenantId, Device, Observed),
+}
+
+/// A driver's view of a device, as recorded.
+fn observed(s: DeviceState, at: Ts) -> Observed {
+    let DeviceState {
+        native_scheduler,
+        soc_percent,
+        mode,
+    } = s;
+    let (scheduler_active, rows) = native_scheduler.unwrap_or((false, vec![]));
+    Observed {
+        scheduler_active,
+        rows,
+        soc_percent,
+        mode,
+        at,
+    }
+}
+
+/// What to observe after a write that `out` describes.
+fn observe_after(
+    tenant: &TenantId,
+    device: &Device,
+    driver: &Arc<dyn Driver>,
+    out: &Outcome,
+    now: Ts,
+) -> Observe {
+    match &out.state {
+        Some(s) => Observe::Known(tenant.clone(), device.clone(), observed(s.clone(), now)),
+        None => Observe::Read(tenant.clone(), device.clone(), driver.clone()),
+    }
+}
+
+/// Reads `device`'s state through `driver`, within the account's read
+/// budget, and records it. `None` when the budget is spent or the device
+/// cannot be read (it stays as last observed).
+pub async fn observe_now(
+    store: &Store,
+    budgets: &Budgets,
+    clock: &dyn Clock,
+    tenant: &TenantId,
+    device: &Device,
+    driver: &dyn Driver,
+) -> Option<Observed> {
+    let now = clock.now();
+    if budgets
+        .take_read(&driver.account(), &driver.capabilities().rate_budget, now)
+        .is_err()
+    {
+        return None;
+    }
+    let read = AssertUnwindSafe(driver.read_state()).catch_unwind().await;
+    match read {
+        Ok(Ok(s)) => {
+            let o = observed(s, clock.now());
+            match store.observe(tenant, &device.id, device.revision, &o).await {
+                Ok(true) => Some(o),
+                Ok(false) => None,
+                Err(e) => {
+                    tracing::warn!(device_id = %device.id, error = %e, "could not record observed state");
+                    None
+                }
+            }
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(device_id = %device.id, error = %e, "could not read device state");
+            None
+        }
+        Err(_) => {
+            tracing::error!(device_id = %device.id, "the driver panicked reading the device");
+            None
+        }
+    }
 }
 
 impl Dispatcher {
@@ -119,13 +200,14 @@ impl Dispatcher {
         store: Store,
         registry: Arc<Registry>,
         clock: Arc<dyn Clock>,
+        budgets: Arc<Budgets>,
         wake: Arc<Notify>,
         config: DispatchConfig,
     ) -> Self {
         Self {
             store,
             registry,
-            budgets: Arc::new(Budgets::default()),
+            budgets,
             clock,
             wake,
             config,
@@ -163,7 +245,10 @@ impl Dispatcher {
             let permit = sem.clone().acquire_owned().await;
             set.spawn(async move {
                 let _permit = permit;
-                let done = this.process(&job).await;
+                let done = match AssertUnwindSafe(this.process(&job)).catch_unwind().await {
+                    Ok(done) => done,
+                    Err(_) => Ok(this.panicked(&job)),
+                };
                 (job, done)
             });
         }
@@ -188,10 +273,12 @@ impl Dispatcher {
             match o {
                 Observe::Read(tenant, device, driver) => {
                     self.record_observed(&tenant, &device, driver.as_ref())
-                        .await
+                        .await;
                 }
                 Observe::Known(tenant, device, o) => {
-                    self.store.observe(&tenant, &device, &o).await?
+                    self.store
+                        .observe(&tenant, &device.id, device.revision, &o)
+                        .await?;
                 }
             }
         }
@@ -218,21 +305,63 @@ impl Dispatcher {
     }
 
     async fn record_observed(&self, tenant: &TenantId, d: &Device, driver: &dyn Driver) {
-        match driver.read_state().await {
-            Ok(s) => {
-                let (active, rows) = s.native_scheduler.clone().unwrap_or((false, vec![]));
-                let o = Observed {
-                    scheduler_active: active,
-                    rows,
-                    soc_percent: s.soc_percent,
-                    mode: s.mode,
-                    at: self.clock.now(),
-                };
-                if let Err(e) = self.store.observe(tenant, &d.id, &o).await {
-                    tracing::warn!(device_id = %d.id, error = %e, "could not record observed state");
-                }
+        observe_now(
+            &self.store,
+            &self.budgets,
+            self.clock.as_ref(),
+            tenant,
+            d,
+            driver,
+        )
+        .await;
+    }
+
+    /// What a job whose driver panicked comes to: a failed attempt. An
+    /// apply fails for good (the driver is broken, retrying will not mend
+    /// it); a revert is retried, as any failed revert, until it is
+    /// REVERT_FAILED.
+    fn panicked(&self, job: &Job) -> Done {
+        tracing::error!(action_id = %job.action.id, work = job.work.as_str(), "the driver panicked; the attempt counts as failed");
+        let message =
+            "the driver failed unexpectedly (it panicked); the server log has the details";
+        Done::just(match job.work {
+            Work::Apply => Finish::Failed {
+                code: codes::DRIVER_FAULT.to_owned(),
+                message: message.to_owned(),
+                raw: None,
+            },
+            Work::Revert => {
+                self.revert_retry_or_fail(job, self.clock.now(), message.to_owned(), None, 0)
             }
-            Err(e) => tracing::debug!(device_id = %d.id, error = %e, "could not read device state"),
+        })
+    }
+
+    /// A failed revert: tried again later, or REVERT_FAILED once the tries
+    /// are spent.
+    fn revert_retry_or_fail(
+        &self,
+        job: &Job,
+        now: Ts,
+        message: String,
+        raw: Option<String>,
+        retry_after: i64,
+    ) -> Finish {
+        if job.attempts + 1 >= self.config.max_revert_attempts {
+            tracing::error!(action_id = %job.action.id, error = %message, "revert failed for good: the override may still be in force");
+            Finish::Failed {
+                code: codes::REVERT_FAILED.to_owned(),
+                message: format!(
+                    "the revert kept failing after {} tries: {message}",
+                    job.attempts + 1
+                ),
+                raw,
+            }
+        } else {
+            Finish::Retry {
+                due: now.plus_nanos(self.backoff(job.attempts).max(retry_after)),
+                message,
+                raw,
+            }
         }
     }
 
@@ -296,14 +425,17 @@ impl Dispatcher {
         let req = apply_request(action, job.clear_native);
         Ok(match driver.apply(&req).await {
             Ok(out) => Done {
+                observe: Some(observe_after(
+                    &job.tenant,
+                    &device,
+                    &driver,
+                    &out,
+                    self.clock.now(),
+                )),
                 finish: Finish::Applied {
                     raw: out.raw,
                     verified: out.verified,
                 },
-                // A cleared native scheduler changes what pushes may do.
-                observe: job
-                    .clear_native
-                    .then(|| Observe::Read(job.tenant.clone(), device.clone(), driver.clone())),
             },
             Err(e) if e.retryable() && job.attempts + 1 < self.config.max_apply_attempts => {
                 let wait = self
@@ -322,7 +454,7 @@ impl Dispatcher {
                         // Later pushes are refused up front until it is cleared.
                         Observe::Known(
                             job.tenant.clone(),
-                            device.id.clone(),
+                            device.clone(),
                             Observed {
                                 scheduler_active: true,
                                 rows: e.rows.clone(),
@@ -343,47 +475,40 @@ impl Dispatcher {
     async fn revert(&self, job: &Job) -> Result<Done, Error> {
         let now = self.clock.now();
         let action = &job.action;
-        let retry_or_fail = |message: String, raw: Option<String>, retry_after: i64| {
-            if job.attempts + 1 >= self.config.max_revert_attempts {
-                tracing::error!(action_id = %action.id, error = %message, "revert failed for good: the override may still be in force");
-                Finish::Failed {
-                    code: codes::REVERT_FAILED.to_owned(),
-                    message: format!(
-                        "the revert kept failing after {} tries: {message}",
-                        job.attempts + 1
-                    ),
-                    raw,
-                }
-            } else {
-                Finish::Retry {
-                    due: now.plus_nanos(self.backoff(job.attempts).max(retry_after)),
-                    message,
-                    raw,
-                }
-            }
-        };
-        let driver = match self
-            .prepare(job, now, |why| retry_or_fail(why, None, 0))
+        let (device, driver) = match self
+            .prepare(job, now, |why| {
+                self.revert_retry_or_fail(job, now, why, None, 0)
+            })
             .await?
         {
-            Ok((_, driver)) => driver,
+            Ok(ready) => ready,
             Err(instead) => return Ok(Done::just(instead)),
         };
         let req = RevertRequest {
             applied: apply_request(action, job.clear_native),
         };
-        let result = match driver.revert(&req).await {
-            Ok(out) => Finish::Reverted {
-                raw: out.raw,
-                verified: out.verified,
+        Ok(match driver.revert(&req).await {
+            Ok(out) => Done {
+                observe: Some(observe_after(
+                    &job.tenant,
+                    &device,
+                    &driver,
+                    &out,
+                    self.clock.now(),
+                )),
+                finish: Finish::Reverted {
+                    raw: out.raw,
+                    verified: out.verified,
+                },
             },
-            Err(e) => retry_or_fail(
+            Err(e) => Done::just(self.revert_retry_or_fail(
+                job,
+                now,
                 e.to_string(),
                 e.raw.clone(),
                 e.retry_after.map_or(0, |d| d.as_nanos() as i64),
-            ),
-        };
-        Ok(Done::just(result))
+            )),
+        })
     }
 
     /// Reads the state of devices not observed for a while (all of them
@@ -401,13 +526,6 @@ impl Dispatcher {
             let Ok(driver) = self.driver(&d) else {
                 continue;
             };
-            if self
-                .budgets
-                .take_read(&driver.account(), &driver.capabilities().rate_budget, now)
-                .is_err()
-            {
-                continue;
-            }
             self.record_observed(&tenant, &d, driver.as_ref()).await;
         }
         Ok(n)

@@ -92,6 +92,9 @@ pub mod codes {
     /// The device's driver configuration is no longer accepted by its
     /// driver.
     pub const DEVICE_MISCONFIGURED: &str = "DEVICE_MISCONFIGURED";
+    /// The driver failed in a way it did not classify (it panicked): a bug
+    /// in the driver, reported rather than retried.
+    pub const DRIVER_FAULT: &str = "DRIVER_FAULT";
 }
 
 /// What the dispatcher owes an action.

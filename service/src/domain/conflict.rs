@@ -3,9 +3,11 @@
 //!
 //! Invariants:
 //! - Intervals are half-open `[start, end)`; `end = None` is `+∞`.
-//! - Only actions that hold the channel (SCHEDULED, ACKNOWLEDGED, ACTIVE)
-//!   are passed in; the caller reads them under the write lock, so the
-//!   decision and the insert are atomic.
+//! - Only actions that hold the channel (SCHEDULED, ACKNOWLEDGED, ACTIVE,
+//!   and CANCELLED ones whose early revert is still owed) are passed in;
+//!   the caller reads them under the write lock, so the decision and the
+//!   insert are atomic.
+//! - Everything but SCHEDULED is in flight: no strategy cancels it.
 //! - If [`decide`] returns a plan, booking it (and cancelling the plan's
 //!   `cancel` set) leaves no two holding actions overlapping.
 
@@ -14,19 +16,43 @@ use super::{
     error::{Collider, Conflict, ConflictKind},
 };
 
+/// How long a client is told to wait before retrying a push that only
+/// settling actions block: a revert or an apply the dispatcher is making
+/// takes a driver call or two.
+pub const SETTLE_RETRY_NANOS: i64 = 2 * Ts::SECOND;
+
 /// An action that holds the channel.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Holder {
-    /// Its id.
     pub id: ActionId,
-    /// Its state (a holding one).
+    /// SCHEDULED, ACKNOWLEDGED, ACTIVE, or CANCELLED while its early revert
+    /// is owed.
     pub state: ActionState,
-    /// Its command.
     pub command: Command,
-    /// Start.
     pub start: Ts,
-    /// End; `None` = open-ended.
+    /// `None` = open-ended.
     pub end: Option<Ts>,
+}
+
+impl Holder {
+    /// The OEM has it (or is undoing it): no strategy can cancel it.
+    fn in_flight(&self) -> bool {
+        self.state != ActionState::Scheduled
+    }
+
+    /// It stops holding by itself, soon: a cancelled action once its
+    /// revert is done, an open-ended one once it is applied (it is then
+    /// COMPLETED).
+    fn settling(&self) -> bool {
+        match self.state {
+            ActionState::Cancelled => true,
+            ActionState::Acknowledged => self.end.is_none(),
+            ActionState::Scheduled
+            | ActionState::Active
+            | ActionState::Completed
+            | ActionState::Failed => false,
+        }
+    }
 }
 
 /// What to do to book the push.
@@ -110,11 +136,7 @@ pub fn decide(
             queued_after: vec![],
         });
     }
-    let in_flight: Vec<ActionId> = cs
-        .iter()
-        .filter(|h| h.state.in_flight())
-        .map(|h| h.id)
-        .collect();
+    let in_flight: Vec<ActionId> = cs.iter().filter(|h| h.in_flight()).map(|h| h.id).collect();
     let queued = queue(start, end, holders);
     let mut strategies = Vec::new();
     if in_flight.is_empty() {
@@ -123,7 +145,16 @@ pub fn decide(
     if queued.is_ok() {
         strategies.push(Strategy::QueueAfter);
     }
+    // Without a strategy every collider blocks; with CANCEL_AND_REPLACE
+    // only the in-flight ones do.
+    let blocked_only_by_settling = |all: bool| {
+        cs.iter()
+            .filter(|h| all || h.in_flight())
+            .all(|h| h.settling())
+    };
     let refuse = |kind, open_ended: Vec<ActionId>| {
+        let retry = kind == ConflictKind::InFlight
+            && blocked_only_by_settling(strategy == Strategy::Reject);
         Box::new(Conflict {
             kind,
             device_id: device_id.to_owned(),
@@ -144,6 +175,7 @@ pub fn decide(
             strategies: strategies.clone(),
             in_flight: in_flight.clone(),
             open_ended,
+            retry_after_nanos: retry.then_some(SETTLE_RETRY_NANOS),
         })
     };
     match strategy {

@@ -29,12 +29,21 @@ pub struct Device {
     pub updated: Ts,
     /// What the driver last observed on the device (output only).
     pub observed: Option<Observed>,
+    /// Fresh at every registration (empty for devices registered before
+    /// incarnations existed): a device deleted and registered again under
+    /// the same id gets etags the old one never had.
+    pub incarnation: String,
 }
 
 impl Device {
-    /// The device's etag (see [`super::etag`]).
+    /// The device's etag (see [`super::etag`]): its revision, tagged with
+    /// its id and incarnation.
     pub fn etag(&self) -> String {
-        super::etag(self.id.as_str(), self.revision)
+        if self.incarnation.is_empty() {
+            super::etag(self.id.as_str(), self.revision)
+        } else {
+            super::etag(&format!("{}#{}", self.id, self.incarnation), self.revision)
+        }
     }
 
     /// What a driver needs to know of the device.

@@ -84,6 +84,11 @@ pub struct Collider {
     pub end: Option<Ts>,
 }
 
+/// How many ids, colliders, rows or violations one error lists. The rest
+/// are counted, not listed: an error must stay well inside the 8 KiB of
+/// metadata that gRPC clients accept by default (docs/errors.md).
+pub const MAX_LISTED: usize = 8;
+
 /// A refused push, with everything a client needs to resolve it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Conflict {
@@ -105,13 +110,19 @@ pub struct Conflict {
     pub in_flight: Vec<ActionId>,
     /// For OpenEnded: the open-ended actions in the way.
     pub open_ended: Vec<ActionId>,
+    /// Set when every collider that blocks this push is only settling (a
+    /// cancelled action finishing its revert, an open-ended action being
+    /// applied): the same push will pass once they have, so retrying after
+    /// this many nanoseconds is useful. A transitional state is not a
+    /// conflict to resolve.
+    pub retry_after_nanos: Option<i64>,
 }
 
 /// Every way a request can fail.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
     /// One or more bad fields.
-    #[error("invalid request: {}", .0.iter().map(|v| format!("{}: {}", v.field, v.description)).collect::<Vec<_>>().join("; "))]
+    #[error("invalid request: {}", invalid_message(.0))]
     Invalid(Vec<FieldViolation>),
     /// No such device.
     #[error("device {device_id:?} not found")]
@@ -181,13 +192,12 @@ pub enum Error {
         /// The action that replaced it, if any.
         replaced_by: Option<ActionId>,
     },
-    /// Stale etag.
-    #[error("etag {given:?} does not match the current etag {current:?} of {resource}")]
+    /// Stale etag. The etag the client sent is not repeated: it is the
+    /// caller's value, of any size.
+    #[error("the etag given does not match the current etag {current:?} of {resource}")]
     EtagMismatch {
         /// `devices/{id}` or `devices/{id}/actions/{id}`.
         resource: String,
-        /// What the client passed.
-        given: String,
         /// The current one.
         current: String,
     },
@@ -215,11 +225,31 @@ pub enum Error {
     Internal(String),
 }
 
-fn join(ids: &[ActionId]) -> String {
-    ids.iter()
+/// At most [`MAX_LISTED`] ids, then how many more there are.
+pub fn join(ids: &[ActionId]) -> String {
+    let mut s = ids
+        .iter()
+        .take(MAX_LISTED)
         .map(ToString::to_string)
         .collect::<Vec<_>>()
-        .join(", ")
+        .join(", ");
+    if ids.len() > MAX_LISTED {
+        s.push_str(&format!(" and {} more", ids.len() - MAX_LISTED));
+    }
+    s
+}
+
+fn invalid_message(vs: &[FieldViolation]) -> String {
+    let mut s = vs
+        .iter()
+        .take(MAX_LISTED)
+        .map(|v| format!("{}: {}", v.field, v.description))
+        .collect::<Vec<_>>()
+        .join("; ");
+    if vs.len() > MAX_LISTED {
+        s.push_str(&format!("; and {} more", vs.len() - MAX_LISTED));
+    }
+    s
 }
 
 fn conflict_message(c: &Conflict) -> String {
@@ -252,5 +282,29 @@ impl Error {
         description: impl Into<String>,
     ) -> Self {
         Error::Invalid(vec![FieldViolation::new(field, reason, description)])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_id_lists_are_listed_up_to_the_maximum_then_counted() {
+        let ids: Vec<ActionId> = (0..MAX_LISTED as u128 + 3)
+            .map(ActionId::from_u128)
+            .collect();
+        let s = join(&ids);
+        assert_eq!(s.matches(", ").count(), MAX_LISTED - 1, "{s}");
+        assert!(s.ends_with(" and 3 more"), "{s}");
+        assert!(!join(&ids[..MAX_LISTED]).contains("more"));
+        let vs: Vec<FieldViolation> = (0..MAX_LISTED + 2)
+            .map(|i| FieldViolation::new(format!("f{i}"), Reason::InvalidField, "bad"))
+            .collect();
+        let m = Error::Invalid(vs).to_string();
+        assert!(
+            m.ends_with("; and 2 more") && !m.contains(&format!("f{}", MAX_LISTED)),
+            "{m}"
+        );
     }
 }

@@ -27,3 +27,32 @@ pub fn etag(identity: &str, revision: i64) -> String {
     }
     format!("{h:08x}-{revision}")
 }
+
+/// `s` cut to at most `max` bytes on a character boundary, ending in "…"
+/// when cut. Everything the service repeats from elsewhere (an OEM's
+/// answer, a driver's message) is bounded this way.
+pub fn cap(mut s: String, max: usize) -> String {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+    s.push('…');
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cap_cuts_on_a_character_boundary() {
+        assert_eq!(cap("abc".into(), 3), "abc");
+        let cut = cap("ééééé".into(), 6);
+        assert!(cut.len() <= 6 && cut.ends_with('…'), "{cut}");
+        assert_eq!(cap("abcdef".into(), 4), "a…");
+    }
+}
