@@ -481,3 +481,72 @@ impl TestServer {
             .collect()
     }
 }
+
+// ---- server processes ----
+
+/// A `switchyard serve` process on a loopback port, for tests that need
+/// more than one process (or a real crash). Killed (SIGKILL) on drop, so a
+/// failing test never leaves a server behind.
+pub struct ServerProcess {
+    /// The address it listens on (`127.0.0.1:PORT`).
+    pub addr: String,
+    child: std::process::Child,
+}
+
+impl ServerProcess {
+    /// Spawns `exe serve --no-demo` on `database`, listening on a free
+    /// port, and waits until it serves. `exe` is the test's
+    /// `env!("CARGO_BIN_EXE_switchyard-under-test")`: only integration tests
+    /// see that variable, so it cannot be read here.
+    pub fn spawn(exe: &str, database: &str) -> Self {
+        use std::io::{BufRead, BufReader};
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(exe)
+            .args(["serve", "--listen", "127.0.0.1:0", "--database", database])
+            .args(["--no-demo", "--log-format", "json"])
+            .args(["--shutdown-grace-seconds", "3"])
+            .env("SWITCHYARD_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn server");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        // Port 0 is chosen by the OS; the `listening` line names it.
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("server exited before listening")
+                .expect("read server log");
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["fields"]["message"] == "listening" {
+                break v["fields"]["addr"].as_str().expect("addr").to_owned();
+            }
+        };
+        // Keep draining the log so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Self { addr, child }
+    }
+
+    /// A channel to it.
+    pub async fn channel(&self) -> Channel {
+        Endpoint::from_shared(format!("http://{}", self.addr))
+            .expect("endpoint")
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
