@@ -34,6 +34,8 @@ pub struct TestServer {
     /// The simulated driver's factory (its virtual devices can be
     /// inspected).
     pub sim: switchyard_drivers::simulated::SimulatedFactory,
+    /// The operator's secrets directory (`file:<name>` references).
+    pub secrets: std::path::PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     _dir: tempfile::TempDir,
@@ -42,27 +44,40 @@ pub struct TestServer {
 impl TestServer {
     /// A server on a fresh SQLite file, with a manual clock at [`T0`].
     pub async fn start() -> Self {
+        Self::start_allowing(&[]).await
+    }
+
+    /// [`TestServer::start`], whose operator also allows OEM endpoints
+    /// under `urls` (an emulator's base URL).
+    pub async fn start_allowing(urls: &[String]) -> Self {
         let clock = ManualClock::new(Ts(T0 * Ts::SECOND));
-        Self::start_with_clock(clock.clone(), Arc::new(clock)).await
+        Self::start_with_clock(clock.clone(), Arc::new(clock), urls).await
     }
 
     /// A server on a fresh SQLite file reading the system clock.
     pub async fn start_real_time() -> Self {
         let clock = ManualClock::new(Ts(0));
-        Self::start_with_clock(clock, Arc::new(SystemClock)).await
+        Self::start_with_clock(clock, Arc::new(SystemClock), &[]).await
     }
 
-    async fn start_with_clock(manual: ManualClock, clock: Arc<dyn Clock>) -> Self {
+    async fn start_with_clock(manual: ManualClock, clock: Arc<dyn Clock>, urls: &[String]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let url = format!("sqlite://{}", dir.path().join("switchyard.db").display());
+        let secrets = dir.path().join("secrets");
+        std::fs::create_dir(&secrets).expect("secrets dir");
+        let policy = switchyard_drivers::OperatorPolicy {
+            secrets_dir: Some(secrets.clone()),
+            url_allow: urls.to_vec(),
+        };
         let sim = switchyard_drivers::simulated::SimulatedFactory::default();
-        let mut registry = Registry::builtin();
+        let mut registry = Registry::builtin_with(&policy);
         registry.register(Arc::new(sim.clone()));
         // FoxESS drivers read the server's clock, so their timing checks
         // agree with the manual clock.
         let fox_clock = clock.clone();
         registry.register(Arc::new(
             switchyard_drivers::foxess::FoxessFactory::default()
+                .with_policy(policy)
                 .with_clock(Arc::new(move || fox_clock.now().to_jiff())),
         ));
         let app = server::build_app(&url, clock, registry, server::DEFAULT_HORIZON_DAYS)
@@ -100,10 +115,17 @@ impl TestServer {
             app,
             clock: manual,
             sim,
+            secrets,
             stop: Some(stop),
             task: Some(task),
             _dir: dir,
         }
+    }
+
+    /// Writes secret `name` into the operator's secrets directory, for a
+    /// device to name as `file:<name>`.
+    pub fn write_secret(&self, name: &str, value: &str) {
+        std::fs::write(self.secrets.join(name), format!("{value}\n")).expect("write secret");
     }
 
     /// A dispatcher over this server's store and drivers; tests drive it

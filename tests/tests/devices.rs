@@ -88,7 +88,7 @@ async fn create_validates_every_field() {
     let req = create("x", &[("fail_mode", "sometimes")]);
     let st = d.create_device(req).await.unwrap_err();
     assert_eq!(details(&st).reason(), "INVALID_SETTINGS");
-    assert_eq!(details(&st).fields(), ["device.settings[\"fail_mode\"]"]);
+    assert_eq!(details(&st).fields(), ["device.settings.fail_mode"]);
     assert!(
         !st.message().contains("sometimes"),
         "setting values are never echoed"

@@ -305,33 +305,49 @@ async fn a_retryable_failure_backs_off_then_fails_after_its_tries() {
 }
 
 #[tokio::test]
-async fn scheduler_active_fails_at_dispatch_and_is_refused_at_push_once_observed() {
+async fn scheduler_active_is_refused_at_the_first_push_and_fails_at_dispatch_when_it_appears_later()
+{
     let srv = TestServer::start().await;
     srv.sim_device("n", &[("native_scheduler_active", "true")])
         .await;
-    // Not yet observed: the push is accepted, and fails at dispatch.
-    let a = srv.book("n", action(Command::Charge, None, None)).await;
+    // CreateDevice observed the device: the very first push without
+    // CANCEL_AND_REPLACE is refused up front, with the native rows.
+    for strategy in [S::Unspecified, S::QueueAfter] {
+        for a in [
+            action(Command::Charge, None, None),
+            window(Command::Charge, H, 2 * H),
+        ] {
+            let st = srv.refused(push("n", a, strategy)).await;
+            expect_error(&st, Code::FailedPrecondition, "SCHEDULER_ACTIVE");
+            let detail = details(&st).scheduler.expect("SchedulerDetail");
+            assert_eq!(detail.rows.len(), 1);
+            assert_eq!(detail.rows[0].owner, pb::NativeRowOwner::Foreign as i32);
+            assert_eq!(detail.strategies, [S::CancelAndReplace as i32]);
+        }
+    }
+    let dev = srv.get_device("n").await;
+    assert!(dev.observed_state.unwrap().scheduler_active);
+
+    // A scheduler switched on after a push was booked fails that action at
+    // dispatch. UpdateDevice observes the new configuration at once.
+    srv.sim_device("m", &[]).await;
+    let a = srv.book("m", window(Command::Charge, H, 2 * H)).await;
+    srv.set_settings("m", &[("native_scheduler_active", "true")])
+        .await;
+    assert!(
+        srv.get_device("m")
+            .await
+            .observed_state
+            .expect("observed on update")
+            .scheduler_active
+    );
+    srv.at_secs(H);
     srv.dispatcher().drain().await.unwrap();
-    let f = srv.get("n", &a.action_id).await;
+    let f = srv.get("m", &a.action_id).await;
     assert_eq!(
         (f.state, f.error_code.as_str()),
         (St::Failed as i32, "SCHEDULER_ACTIVE")
     );
-
-    // Now the state is known: a push without CANCEL_AND_REPLACE is refused
-    // up front, with the native rows.
-    for strategy in [S::Unspecified, S::QueueAfter] {
-        let st = srv
-            .refused(push("n", window(Command::Charge, H, 2 * H), strategy))
-            .await;
-        expect_error(&st, Code::FailedPrecondition, "SCHEDULER_ACTIVE");
-        let detail = details(&st).scheduler.expect("SchedulerDetail");
-        assert_eq!(detail.rows.len(), 1);
-        assert_eq!(detail.rows[0].owner, pb::NativeRowOwner::Foreign as i32);
-        assert_eq!(detail.strategies, [S::CancelAndReplace as i32]);
-    }
-    let dev = srv.get_device("n").await;
-    assert!(dev.observed_state.unwrap().scheduler_active);
 }
 
 #[tokio::test]

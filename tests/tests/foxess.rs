@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-use std::{collections::BTreeMap, io::Write as _, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
 use switchyard_drivers::foxess::{
     emulator::{Emulator, EmulatorConfig, EmulatorHandle},
@@ -26,23 +26,25 @@ const TZ: &str = "Europe/Berlin";
 struct Rig {
     srv: TestServer,
     emu: EmulatorHandle,
-    key: tempfile::NamedTempFile,
 }
+
+/// The secret's name in the operator's secrets directory.
+const KEY_FILE: &str = "foxess-key";
 
 impl Rig {
     async fn new() -> Self {
-        let mut config = EmulatorConfig::new(KEY, &[SN]);
+        Self::with(EmulatorConfig::new(KEY, &[SN])).await
+    }
+
+    async fn with(mut config: EmulatorConfig) -> Self {
         config.min_write_interval = Duration::ZERO;
         let emu = Emulator::start(config).await.unwrap();
-        let mut key = tempfile::NamedTempFile::new().unwrap();
-        writeln!(key, "{KEY}").unwrap();
-        let srv = TestServer::start().await;
+        // The operator allows the emulator and provides the key.
+        let srv = TestServer::start_allowing(&[emu.base_url()]).await;
+        srv.write_secret(KEY_FILE, KEY);
         let settings = BTreeMap::from([
             ("base_url".to_owned(), emu.base_url()),
-            (
-                "api_key_ref".to_owned(),
-                format!("file:{}", key.path().display()),
-            ),
+            ("api_key_ref".to_owned(), format!("file:{KEY_FILE}")),
             ("min_write_interval_ms".to_owned(), "0".to_owned()),
             ("request_timeout_ms".to_owned(), "5000".to_owned()),
         ]);
@@ -61,7 +63,7 @@ impl Rig {
             })
             .await
             .unwrap();
-        Self { srv, emu, key }
+        Self { srv, emu }
     }
 
     /// The emulator's groups as (start, end, mode), sorted.
@@ -296,8 +298,7 @@ async fn a_rate_limited_answer_backs_off_by_its_retry_after_then_applies() {
 #[tokio::test]
 async fn an_unreadable_key_fails_the_action_as_misconfigured_without_echoing_it() {
     let rig = Rig::new().await;
-    let path = rig.key.path().to_owned();
-    std::fs::remove_file(&path).unwrap();
+    std::fs::remove_file(rig.srv.secrets.join(KEY_FILE)).unwrap();
     let a = rig
         .srv
         .book("fox", action(Command::Charge, None, None))

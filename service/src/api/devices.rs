@@ -4,7 +4,7 @@ use switchyard_drivers::ConfigError;
 use switchyard_proto::v1::{self as pb, device_service_server::DeviceService};
 use tonic::{Request, Response, Status};
 
-use super::{App, Ran, convert, encode_token};
+use super::{App, convert, encode_token};
 use crate::domain::{Device, Error, FieldViolation, Reason, device::valid_timezone};
 
 const MAX_SETTINGS: usize = 64;
@@ -117,20 +117,23 @@ impl Devices {
         }
         let this = self.clone();
         let tenant = app.tenant();
-        let created = app
+        let ran = app
             .idempotent(
                 "CreateDevice",
                 &idem,
                 move |d: &Device| this.to_proto(d),
-                |commit| async { app.store.create_device(&tenant, device, commit).await },
+                |commit| async {
+                    // Read before it is stored (no OEM call under the write
+                    // lock), so that the answer, its replay and the first
+                    // push all see the device's native scheduler.
+                    let mut device = device;
+                    device.observed = app.observe(&device).await;
+                    app.store.create_device(&tenant, device, commit).await
+                },
             )
             .await?;
         app.wake.notify_one();
-        // Observed now, so that the first push sees the native scheduler.
-        Ok(match created {
-            Ran::Fresh(d) => self.to_proto(&app.observe(&tenant, d).await),
-            Ran::Replayed(d) => d,
-        })
+        Ok(ran.answer(|d| self.to_proto(&d)))
     }
 
     async fn update(&self, req: convert::UpdateDevice) -> Result<pb::Device, Error> {
@@ -138,12 +141,30 @@ impl Devices {
         let this = self.clone();
         let tenant = app.tenant();
         let checker = app.clone();
-        let updated = app
+        let check = |d: &Device| {
+            let mut out = Vec::new();
+            check_device(&checker, d, &mut out);
+            if out.is_empty() {
+                Ok(())
+            } else {
+                Err(Error::Invalid(out))
+            }
+        };
+        let ran = app
             .idempotent(
                 "UpdateDevice",
                 &req.idem,
                 move |d: &Device| this.to_proto(d),
                 |commit| async {
+                    // The new configuration is read before the update's
+                    // transaction; the store keeps the reading only if the
+                    // configuration it commits is the one read.
+                    let mut next = app.store.get_device(&tenant, &req.id).await?;
+                    req.apply_to(&mut next);
+                    let observed = match check(&next) {
+                        Ok(()) => app.observe(&next).await.map(|o| (next, o)),
+                        Err(_) => None,
+                    };
                     app.store
                         .update_device(
                             &tenant,
@@ -151,14 +172,9 @@ impl Devices {
                             req.etag.as_deref(),
                             |d| {
                                 req.apply_to(d);
-                                let mut out = Vec::new();
-                                check_device(&checker, d, &mut out);
-                                if out.is_empty() {
-                                    Ok(())
-                                } else {
-                                    Err(Error::Invalid(out))
-                                }
+                                check(d)
                             },
+                            observed,
                             commit,
                         )
                         .await
@@ -166,11 +182,7 @@ impl Devices {
             )
             .await?;
         app.wake.notify_one();
-        // Observed now, so that the first push sees the native scheduler.
-        Ok(match updated {
-            Ran::Fresh(d) => self.to_proto(&app.observe(&tenant, d).await),
-            Ran::Replayed(d) => d,
-        })
+        Ok(ran.answer(|d| self.to_proto(&d)))
     }
 
     async fn list(&self, page: convert::Page) -> Result<pb::ListDevicesResponse, Error> {

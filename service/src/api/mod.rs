@@ -57,30 +57,23 @@ impl App {
         f.capabilities(&d.spec()).ok()
     }
 
-    /// Observes a device just registered or reconfigured, so that the
-    /// first push already sees its native scheduler. Within the OEM
-    /// account's rate budget and [`OBSERVE_ON_CHANGE_TIMEOUT`]; when the
-    /// device cannot be read the answer carries no observed state (and the
-    /// dispatcher tries again).
-    pub async fn observe(&self, tenant: &TenantId, mut device: Device) -> Device {
-        let Some(factory) = self.registry.get(&device.driver) else {
-            return device;
-        };
-        let Ok(driver) = factory.build(&device.spec()) else {
-            return device;
-        };
-        let read = crate::dispatch::observe_now(
-            &self.store,
-            &self.budgets,
-            self.clock.as_ref(),
-            tenant,
-            &device,
-            driver.as_ref(),
-        );
-        if let Ok(Some(o)) = tokio::time::timeout(OBSERVE_ON_CHANGE_TIMEOUT, read).await {
-            device.observed = Some(o);
-        }
-        device
+    /// Reads the state of a device about to be registered or
+    /// reconfigured as `device`, so that the answer (and the first push)
+    /// already sees its native scheduler. Within the OEM account's rate
+    /// budget and [`OBSERVE_ON_CHANGE_TIMEOUT`]; `None` when it cannot be
+    /// read (the dispatcher tries again later).
+    pub async fn observe(&self, device: &Device) -> Option<crate::domain::Observed> {
+        let driver = self
+            .registry
+            .get(&device.driver)?
+            .build(&device.spec())
+            .ok()?;
+        let read =
+            crate::dispatch::read_state(&self.budgets, self.clock.as_ref(), driver.as_ref());
+        tokio::time::timeout(OBSERVE_ON_CHANGE_TIMEOUT, read)
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Runs a mutation under `request_id` idempotency: the same key with the

@@ -151,9 +151,31 @@ fn observe_after(
     }
 }
 
-/// Reads `device`'s state through `driver`, within the account's read
-/// budget, and records it. `None` when the budget is spent or the device
-/// cannot be read (it stays as last observed).
+/// Reads a device's state through `driver`, within the account's read
+/// budget. `None` when the budget is spent or the device cannot be read.
+pub async fn read_state(budgets: &Budgets, clock: &dyn Clock, driver: &dyn Driver) -> Option<Observed> {
+    let now = clock.now();
+    if budgets
+        .take_read(&driver.account(), &driver.capabilities().rate_budget, now)
+        .is_err()
+    {
+        return None;
+    }
+    match AssertUnwindSafe(driver.read_state()).catch_unwind().await {
+        Ok(Ok(s)) => Some(observed(s, clock.now())),
+        Ok(Err(e)) => {
+            tracing::debug!(account = %driver.account(), error = %e, "could not read device state");
+            None
+        }
+        Err(_) => {
+            tracing::error!(account = %driver.account(), "the driver panicked reading a device");
+            None
+        }
+    }
+}
+
+/// [`read_state`], then recorded on `device` (if its configuration is
+/// still the one read).
 pub async fn observe_now(
     store: &Store,
     budgets: &Budgets,
@@ -162,32 +184,12 @@ pub async fn observe_now(
     device: &Device,
     driver: &dyn Driver,
 ) -> Option<Observed> {
-    let now = clock.now();
-    if budgets
-        .take_read(&driver.account(), &driver.capabilities().rate_budget, now)
-        .is_err()
-    {
-        return None;
-    }
-    let read = AssertUnwindSafe(driver.read_state()).catch_unwind().await;
-    match read {
-        Ok(Ok(s)) => {
-            let o = observed(s, clock.now());
-            match store.observe(tenant, &device.id, device.revision, &o).await {
-                Ok(true) => Some(o),
-                Ok(false) => None,
-                Err(e) => {
-                    tracing::warn!(device_id = %device.id, error = %e, "could not record observed state");
-                    None
-                }
-            }
-        }
-        Ok(Err(e)) => {
-            tracing::debug!(device_id = %device.id, error = %e, "could not read device state");
-            None
-        }
-        Err(_) => {
-            tracing::error!(device_id = %device.id, "the driver panicked reading the device");
+    let o = read_state(budgets, clock, driver).await?;
+    match store.observe(tenant, &device.id, device.revision, &o).await {
+        Ok(true) => Some(o),
+        Ok(false) => None,
+        Err(e) => {
+            tracing::warn!(device_id = %device.id, error = %e, "could not record observed state");
             None
         }
     }

@@ -46,6 +46,17 @@ impl Device {
         }
     }
 
+    /// Whether `other` reaches the device the same way (driver, OEM id,
+    /// time zone and settings), so that what was observed through one
+    /// holds for the other.
+    pub fn same_config(&self, other: &Device) -> bool {
+        self.id == other.id
+            && self.driver == other.driver
+            && self.oem_device_id == other.oem_device_id
+            && self.timezone == other.timezone
+            && self.settings == other.settings
+    }
+
     /// What a driver needs to know of the device.
     pub fn spec(&self) -> switchyard_drivers::DeviceSpec<'_> {
         switchyard_drivers::DeviceSpec {

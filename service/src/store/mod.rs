@@ -474,13 +474,18 @@ impl Store {
             .map_err(db_err)
     }
 
-    /// Changes a device with `apply`, if `etag` (when given) matches.
+    /// Changes a device with `apply`, if `etag` (when given) matches. What
+    /// was observed under the old configuration is dropped; `observed`, a
+    /// reading of the configuration `apply` sets up (made before the
+    /// transaction, so no OEM call holds the write lock), is kept if the
+    /// configuration is still the one it was made for.
     pub async fn update_device(
         &self,
         tenant: &TenantId,
         id: &DeviceId,
         etag: Option<&str>,
         apply: impl FnOnce(&mut Device) -> Result<(), Error>,
+        observed: Option<(Device, crate::domain::Observed)>,
         idem: Option<IdemCommit<Device>>,
     ) -> Result<Device, Error> {
         let mut tx = self.begin().await?;
@@ -494,12 +499,12 @@ impl Store {
         apply(&mut device)?;
         device.revision += 1;
         device.updated = now;
-        device.observed = None;
+        device.observed = observed
+            .filter(|(seen, _)| seen.same_config(&device))
+            .map(|(_, o)| o);
         sqlx::query(
-            // What was observed under the old configuration is stale: the
-            // dispatcher reads the device again.
             "UPDATE devices SET display_name = ?, oem_device_id = ?, timezone = ?, settings = ?, revision = ?, update_ns = ?,
-               observed = NULL, observed_ns = NULL
+               observed = ?, observed_ns = ?
              WHERE tenant_id = ? AND device_id = ?",
         )
         .bind(&device.display_name)
@@ -508,6 +513,8 @@ impl Store {
         .bind(rows::settings_json(&device.settings))
         .bind(device.revision)
         .bind(now.0)
+        .bind(device.observed.as_ref().map(rows::observed_json))
+        .bind(device.observed.as_ref().map(|o| o.at.0))
         .bind(tenant.as_str())
         .bind(id.as_str())
         .execute(&mut *tx)

@@ -149,8 +149,8 @@ pub(super) async fn insert_device(
     d: &Device,
 ) -> Result<(), Error> {
     sqlx::query(
-        "INSERT INTO devices (tenant_id, device_id, display_name, family, driver, oem_device_id, timezone, settings, revision, create_ns, update_ns, incarnation)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO devices (tenant_id, device_id, display_name, family, driver, oem_device_id, timezone, settings, revision, create_ns, update_ns, incarnation, observed, observed_ns)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(tenant.as_str())
     .bind(d.id.as_str())
@@ -164,6 +164,8 @@ pub(super) async fn insert_device(
     .bind(d.created.0)
     .bind(d.updated.0)
     .bind(&d.incarnation)
+    .bind(d.observed.as_ref().map(observed_json))
+    .bind(d.observed.as_ref().map(|o| o.at.0))
     .execute(tx)
     .await
     .map_err(db_err)?;
