@@ -10,7 +10,8 @@
 //! Quirks: reads return groups re-ordered and with extra `id`/`properties`
 //! fields, padded with `Invalid` slots. Knobs on [`EmulatorHandle`] seed
 //! groups and the flag, inject HTTP failures, errnos and latency, and
-//! change the limits at run time.
+//! change the limits at run time. Two test switches on [`EmulatorConfig`]
+//! make it echo the API key in every answer or redirect every request.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -65,12 +66,22 @@ pub struct EmulatorConfig {
     pub read_order: ReadOrder,
     /// Whether reads pad the list with `Invalid` slots up to `max_slots`.
     pub pad_with_invalid: bool,
+    /// Test switch, off by default: every JSON answer, errno 0 included,
+    /// carries the `token` header it received in its `msg` (`"success
+    /// (token …)"`), the way some OEM clouds echo the API key. Lets a test
+    /// prove the key never travels from an answer to clients or logs.
+    pub echo_token: bool,
+    /// Test switch, off by default: every request is answered HTTP 307
+    /// with `Location:` this URL, before any other check. Lets a test prove
+    /// the driver never follows a redirect (which would carry the signed
+    /// headers to another host).
+    pub redirect_to: Option<String>,
 }
 
 impl EmulatorConfig {
     /// Defaults like the real cloud: 127.0.0.1 on a free port, 8 slots,
     /// 6000 W, 1,440 calls a day, 5 s between writes, reads reversed and
-    /// padded.
+    /// padded; no test switch on.
     pub fn new(api_key: impl Into<String>, devices: &[&str]) -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -82,6 +93,8 @@ impl EmulatorConfig {
             min_write_interval: Duration::from_secs(5),
             read_order: ReadOrder::Reversed,
             pad_with_invalid: true,
+            echo_token: false,
+            redirect_to: None,
         }
     }
 }
@@ -362,6 +375,17 @@ fn json_response(errno: i64, msg: &str, result: Value) -> Response<Full<Bytes>> 
     r
 }
 
+fn redirect_response(location: &str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+    // A URL that cannot be a header value still gets its 307: the point is
+    // that the client must not follow, wherever the redirect points.
+    if let Ok(v) = header::HeaderValue::from_str(location) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}
+
 fn status_response(status: u16) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(format!(
         "<html><body><h1>{status}</h1>emulated gateway failure</body></html>"
@@ -414,8 +438,22 @@ fn answer(
     body: Option<Value>,
     sn: Option<&str>,
 ) -> (Response<Full<Bytes>>, Option<i64>) {
-    let reply =
-        |errno: i64, msg: &str, result: Value| (json_response(errno, msg, result), Some(errno));
+    if let Some(url) = &st.config.redirect_to {
+        return (redirect_response(url), None);
+    }
+    let echo = st
+        .config
+        .echo_token
+        .then(|| parts.headers.get("token"))
+        .flatten()
+        .map(|t| format!(" (token {})", String::from_utf8_lossy(t.as_bytes())));
+    let reply = |errno: i64, msg: &str, result: Value| {
+        let msg = match &echo {
+            Some(e) => format!("{msg}{e}"),
+            None => msg.to_owned(),
+        };
+        (json_response(errno, &msg, result), Some(errno))
+    };
     if let Some(f) = st.faults.pop_front() {
         return match f {
             Fault::Status(code) => (status_response(code), None),
@@ -682,6 +720,70 @@ mod tests {
             assert_eq!(write(vec![g]).unwrap_err(), ERRNO_BAD_PARAMS, "case {i}");
         }
         assert_eq!(write(vec![group(1, 2); 9]).unwrap_err(), ERRNO_BAD_PARAMS);
+    }
+
+    /// One request over a plain TCP socket, so no client library can hide
+    /// a redirect or rewrite the answer; returns the raw HTTP answer.
+    async fn raw_post(addr: SocketAddr, path: &str, token: &str, signed: bool) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let ts = 1_700_000_000_000_i64;
+        let sig = if signed {
+            signature(path, token, ts)
+        } else {
+            "bad".to_owned()
+        };
+        let body = r#"{"deviceSN":"SN"}"#;
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+             Content-Type: application/json\r\ntoken: {token}\r\ntimestamp: {ts}\r\n\
+             signature: {sig}\r\nlang: en\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("read");
+        out
+    }
+
+    #[tokio::test]
+    async fn echo_token_puts_the_token_in_every_msg_success_included() {
+        let mut config = EmulatorConfig::new("k-echo", &["SN"]);
+        config.echo_token = true;
+        let emu = Emulator::start(config).await.expect("start");
+        let ok = raw_post(emu.addr(), PATH_GET_FLAG, "k-echo", true).await;
+        assert!(ok.contains(r#""errno":0"#), "{ok}");
+        assert!(ok.contains("success (token k-echo)"), "{ok}");
+        let refused = raw_post(emu.addr(), PATH_GET_FLAG, "k-wrong", false).await;
+        assert!(refused.contains("\"errno\":40256"), "{refused}");
+        assert!(refused.contains("(token k-wrong)"), "{refused}");
+
+        let plain = Emulator::start(EmulatorConfig::new("k-echo", &["SN"]))
+            .await
+            .expect("start");
+        let ok = raw_post(plain.addr(), PATH_GET_FLAG, "k-echo", true).await;
+        assert!(
+            ok.contains(r#""errno":0"#) && !ok.contains("k-echo"),
+            "{ok}"
+        );
+    }
+
+    #[tokio::test]
+    async fn redirect_to_answers_every_request_with_307() {
+        let mut config = EmulatorConfig::new("k", &["SN"]);
+        config.redirect_to = Some("http://127.0.0.1:9/elsewhere".to_owned());
+        let emu = Emulator::start(config).await.expect("start");
+        for (signed, path) in [(true, PATH_GET), (false, PATH_SET), (true, "/nowhere")] {
+            let a = raw_post(emu.addr(), path, "k", signed).await;
+            assert!(a.starts_with("HTTP/1.1 307"), "{a}");
+            assert!(
+                a.to_ascii_lowercase()
+                    .contains("location: http://127.0.0.1:9/elsewhere\r\n"),
+                "{a}"
+            );
+        }
+        assert!(emu.calls().iter().all(|c| c.status == 307));
+        assert_eq!(emu.successful_calls(PATH_GET), 0);
     }
 
     #[test]
