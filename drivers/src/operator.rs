@@ -26,8 +26,7 @@ pub const SECRET_ENV_PREFIX: &str = "SWITCHYARD_SECRET_";
 
 /// The one answer to a secret reference that cannot be used.
 pub const SECRET_REF_REFUSED: &str = "must name a secret the operator provided: \
-     env:SWITCHYARD_SECRET_<NAME> (an environment variable of the server) or file:<name> \
-     (a file in the server's secrets directory); the secret itself never goes here";
+     env:SWITCHYARD_SECRET_<NAME> or file:<name> in the secrets directory";
 
 /// The operator's configuration that bounds what device settings may name.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -37,7 +37,7 @@ pub enum ConfigError {
         known: String,
     },
     /// A setting's value is invalid.
-    #[error("setting {key:?}: {reason}")]
+    #[error("{key} {reason}")]
     InvalidSetting {
         key: String,
         /// What is wrong with the value (never the value itself, which may

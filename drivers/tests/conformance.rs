@@ -11,8 +11,8 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use async_trait::async_trait;
 use switchyard_drivers::{
-    ApplyRequest, Command, DeviceSpec, Driver, DriverFactory, ErrorKind, Family, Params, Quantity,
-    RevertRequest, RowOwner, TimingShape, Unit,
+    ApplyRequest, Command, DeviceSpec, DeviceState, Driver, DriverError, DriverFactory, ErrorKind,
+    Family, OperatorPolicy, Outcome, Params, Quantity, RevertRequest, RowOwner, TimingShape, Unit,
     foxess::{
         FoxessFactory,
         emulator::{Emulator, EmulatorConfig, EmulatorHandle},
@@ -33,8 +33,64 @@ trait Harness: Send + Sync {
     /// Makes the next calls fail as a temporary OEM outage (or stops
     /// that).
     async fn set_outage(&self, on: bool);
+    /// Makes the OEM refuse the next calls for good (or stops that).
+    async fn set_refusal(&self, on: bool);
     /// A secret the driver holds, which must never show.
     fn secret(&self) -> Option<String>;
+}
+
+/// Everything the suite saw come out of a driver, as text: the `Debug` of
+/// every outcome, state and error, and every error's `Display`.
+#[derive(Debug, Default)]
+struct Seen {
+    outcomes: usize,
+    states: usize,
+    errors: usize,
+    texts: Vec<String>,
+}
+
+impl Seen {
+    fn outcome(&mut self, o: &Outcome) {
+        self.outcomes += 1;
+        self.texts.push(format!("{o:?}"));
+        if let Some(s) = &o.state {
+            self.state(s);
+        }
+    }
+
+    fn state(&mut self, s: &DeviceState) {
+        self.states += 1;
+        self.texts.push(format!("{s:?}"));
+    }
+
+    fn error(&mut self, e: &DriverError) {
+        self.errors += 1;
+        self.texts.push(format!("{e:?}"));
+        self.texts.push(e.to_string());
+    }
+
+    fn result<T>(&mut self, r: &Result<T, DriverError>, ok: impl FnOnce(&mut Self, &T)) {
+        match r {
+            Ok(v) => ok(self, v),
+            Err(e) => self.error(e),
+        }
+    }
+
+    /// A piece of `secret` in anything seen: the whole of it, or any 12
+    /// characters of it (an echo cut short leaks a prefix, not the key).
+    fn trace_of(&self, secret: &str) -> Option<(String, &str)> {
+        const PIECE: usize = 12;
+        let chars: Vec<char> = secret.chars().collect();
+        let pieces: Vec<String> = std::iter::once(secret.to_owned())
+            .chain(chars.windows(PIECE.min(chars.len())).map(String::from_iter))
+            .collect();
+        self.texts.iter().find_map(|t| {
+            pieces
+                .iter()
+                .find(|p| t.contains(p.as_str()))
+                .map(|p| (p.clone(), t.as_str()))
+        })
+    }
 }
 
 /// The next whole minute, for an hour: what the dispatcher would apply
@@ -67,8 +123,9 @@ fn request(id: &str, command: Command, power_w: Option<f64>, clear: bool) -> App
     }
 }
 
-/// The suite.
-async fn conformance(h: &dyn Harness) {
+/// The suite. Returns everything it saw, for a harness's own checks.
+async fn conformance(h: &dyn Harness) -> Seen {
+    let mut seen = Seen::default();
     let d = h.driver();
     let caps = d.capabilities().clone();
 
@@ -104,17 +161,23 @@ async fn conformance(h: &dyn Harness) {
             .await
             .unwrap_or_else(|e| panic!("apply {:?}: {e}", c.command));
         assert!(!out.raw.is_empty(), "the OEM's answer is kept");
+        seen.outcome(&out);
         let rev = RevertRequest {
             applied: req.clone(),
         };
-        d.revert(&rev)
+        let out = d
+            .revert(&rev)
             .await
             .unwrap_or_else(|e| panic!("revert {:?}: {e}", c.command));
-        d.revert(&rev)
+        seen.outcome(&out);
+        let out = d
+            .revert(&rev)
             .await
             .unwrap_or_else(|e| panic!("second revert {:?}: {e}", c.command));
+        seen.outcome(&out);
     }
     let state = d.read_state().await.unwrap();
+    seen.state(&state);
     if caps.native_scheduler {
         let (_, rows) = state
             .native_scheduler
@@ -132,15 +195,17 @@ async fn conformance(h: &dyn Harness) {
         h.set_foreign_schedule(true).await;
         let d = h.driver();
         let state = d.read_state().await.unwrap();
+        seen.state(&state);
         assert!(state.scheduler_active(), "{state:?}");
         let req = request("conf-native", Command::Charge, Some(1000.0), false);
         let e = d.apply(&req).await.unwrap_err();
+        seen.error(&e);
         assert_eq!(e.kind, ErrorKind::SchedulerActive, "{e}");
         assert!(!e.rows.is_empty(), "the native rows are named");
         assert!(e.rows.iter().any(|r| r.owner == RowOwner::Foreign));
         let req = request("conf-native", Command::Charge, Some(1000.0), true);
-        d.apply(&req).await.unwrap();
-        d.revert(&RevertRequest { applied: req }).await.unwrap();
+        seen.outcome(&d.apply(&req).await.unwrap());
+        seen.outcome(&d.revert(&RevertRequest { applied: req }).await.unwrap());
         h.set_foreign_schedule(false).await;
     }
 
@@ -156,25 +221,47 @@ async fn conformance(h: &dyn Harness) {
         ))
         .await
         .unwrap_err();
+    seen.error(&e);
     assert!(e.retryable(), "{e:?}");
     assert_eq!(e.code(), "OEM_UNAVAILABLE");
     h.set_outage(false).await;
+
+    // A refusal is final: not retryable.
+    h.set_refusal(true).await;
+    let d = h.driver();
+    let req = request("conf-refused", Command::Charge, Some(1000.0), false);
+    let e = d.apply(&req).await.unwrap_err();
+    seen.error(&e);
+    assert!(!e.retryable(), "{e:?}");
+    assert_eq!(e.code(), "OEM_REJECTED", "{e:?}");
+    seen.result(&d.read_state().await, Seen::state);
+    h.set_refusal(false).await;
+
     let d = h.driver();
     let req = request("conf-after", Command::Idle, None, false);
-    d.apply(&req).await.unwrap();
-    d.revert(&RevertRequest { applied: req }).await.unwrap();
+    seen.outcome(&d.apply(&req).await.unwrap());
+    seen.outcome(&d.revert(&RevertRequest { applied: req }).await.unwrap());
+    // A command the device cannot carry out, whichever way it fails.
+    let bad = d
+        .apply(&request("conf-bad", Command::Charge, Some(1e12), false))
+        .await;
+    seen.result(&bad, Seen::outcome);
+    seen.result(&d.read_state().await, Seen::state);
 
-    // Secrets never show.
-    if let Some(secret) = h.secret() {
-        assert!(!format!("{d:?}").contains(&secret));
-        let e = d
-            .apply(&request("conf-bad", Command::Charge, Some(1e12), false))
-            .await
-            .err();
-        if let Some(e) = e {
-            assert!(!format!("{e:?}").contains(&secret));
-        }
+    // Secrets never show: not in the driver's Debug or account, nor in any
+    // outcome, state or error above. The suite must have seen all three.
+    assert!(
+        seen.outcomes > 0 && seen.states > 0 && seen.errors > 0,
+        "{seen:?}"
+    );
+    seen.texts.push(format!("{d:?}"));
+    seen.texts.push(d.account());
+    if let Some(secret) = h.secret()
+        && let Some((piece, text)) = seen.trace_of(&secret)
+    {
+        panic!("the secret leaked ({piece:?}) into: {text}");
     }
+    seen
 }
 
 // --- simulated --------------------------------------------------------------
@@ -224,6 +311,10 @@ impl Harness for Sim {
         self.set("fail_mode", on.then_some("unavailable"));
     }
 
+    async fn set_refusal(&self, on: bool) {
+        self.set("fail_mode", on.then_some("reject"));
+    }
+
     fn secret(&self) -> Option<String> {
         None
     }
@@ -231,42 +322,64 @@ impl Harness for Sim {
 
 #[tokio::test]
 async fn simulated_passes_the_conformance_suite() {
-    conformance(&Sim::new()).await;
+    let seen = conformance(&Sim::new()).await;
+    assert!(seen.errors > 0);
 }
 
 // --- foxess, against the emulator --------------------------------------------
 
-const FOX_KEY: &str = "conformance-secret-4b7e";
+/// The API key: longer than the part of an answer the driver keeps, so an
+/// echo cut before redaction would leak its first part.
+fn fox_key() -> String {
+    const ALPHABET: &[u8; 32] = b"ghjkmnpqrstvwxyzGHJKMNPQRSTVWXYZ";
+    let mut x: u32 = 0x2545_f491;
+    (0..240)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            char::from(ALPHABET[x as usize % ALPHABET.len()])
+        })
+        .collect()
+}
 
 struct Fox {
     emu: EmulatorHandle,
     factory: FoxessFactory,
     settings: BTreeMap<String, String>,
-    _key: tempfile::NamedTempFile,
+    _secrets: tempfile::TempDir,
 }
 
 impl Fox {
     async fn new() -> Self {
-        use std::io::Write as _;
-        let mut config = EmulatorConfig::new(FOX_KEY, &["CONF-SN"]);
+        let mut config = EmulatorConfig::new(fox_key(), &["CONF-SN"]);
         config.min_write_interval = std::time::Duration::ZERO;
+        // Like an OEM that echoes the key in every answer, successes
+        // included: what the driver hands out must still not hold it.
+        config.echo_token = true;
         let emu = Emulator::start(config).await.unwrap();
-        let mut key = tempfile::NamedTempFile::new().unwrap();
-        writeln!(key, "{FOX_KEY}").unwrap();
+        // The operator's secrets directory and allow-list.
+        let secrets = tempfile::tempdir().unwrap();
+        std::fs::write(
+            secrets.path().join("foxess-key"),
+            format!("{}\n", fox_key()),
+        )
+        .unwrap();
+        let policy = OperatorPolicy {
+            secrets_dir: Some(secrets.path().to_path_buf()),
+            url_allow: vec![emu.base_url()],
+        };
         let settings = BTreeMap::from([
             ("base_url".to_owned(), emu.base_url()),
-            (
-                "api_key_ref".to_owned(),
-                format!("file:{}", key.path().display()),
-            ),
+            ("api_key_ref".to_owned(), "file:foxess-key".to_owned()),
             ("min_write_interval_ms".to_owned(), "0".to_owned()),
             ("request_timeout_ms".to_owned(), "2000".to_owned()),
         ]);
         Self {
             emu,
-            factory: FoxessFactory::default(),
+            factory: FoxessFactory::default().with_policy(policy),
             settings,
-            _key: key,
+            _secrets: secrets,
         }
     }
 }
@@ -314,12 +427,27 @@ impl Harness for Fox {
         }
     }
 
+    async fn set_refusal(&self, on: bool) {
+        if on {
+            self.emu
+                .fail_next_errno(1000, 40257, "parameters do not meet expectations");
+        } else {
+            self.emu.clear_faults();
+        }
+    }
+
     fn secret(&self) -> Option<String> {
-        Some(FOX_KEY.to_owned())
+        Some(fox_key())
     }
 }
 
 #[tokio::test]
 async fn foxess_passes_the_conformance_suite_against_the_emulator() {
-    conformance(&Fox::new().await).await;
+    let seen = conformance(&Fox::new().await).await;
+    // The emulator did echo the key, and the driver redacted it: the secret
+    // check above was not vacuous.
+    assert!(
+        seen.texts.iter().any(|t| t.contains("(token <redacted>)")),
+        "{seen:?}"
+    );
 }

@@ -1,32 +1,92 @@
 //! The `foxess` driver against the FoxESS emulator, over real HTTP on
 //! 127.0.0.1. The drivers' clock is pinned to each action's start so the
 //! tests do not depend on the time of day they run at.
+//!
+//! Every rig runs under an operator policy, as a server would: the key is a
+//! file in a secrets directory (`file:<name>`), and the emulator's URL is on
+//! the operator's allow-list.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-use std::{collections::BTreeMap, io::Write as _, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, path::Path, sync::Arc, time::Duration};
 
 use jiff::{Timestamp, civil::date, tz::TimeZone};
 use switchyard_drivers::{
     ApplyRequest, Command, ConfigError, DeviceSpec, Driver, DriverError, DriverFactory, ErrorKind,
-    Family, Params, Quantity, RevertRequest, RowOwner, Unit,
+    Family, OperatorPolicy, Params, Quantity, RevertRequest, RowOwner, Unit,
     foxess::{
         FoxessFactory,
         emulator::{Emulator, EmulatorConfig, EmulatorHandle, ReadOrder},
-        wire::{self, Group, PATH_GET, PATH_SET, PATH_SET_FLAG, WorkMode},
+        settings::FOXESS_CLOUD,
+        wire::{self, Group, PATH_GET, PATH_GET_FLAG, PATH_SET, PATH_SET_FLAG, WorkMode},
     },
+    operator::SECRET_REF_REFUSED,
 };
 
 const KEY: &str = "fx-SECRET-key-7d1e9a";
 const SN: &str = "SN1";
 const TZ: &str = "Europe/Berlin";
+/// The key's file name in the operator's secrets directory.
+const KEY_FILE: &str = "foxess-key";
 
-/// A temp file holding the key, referenced as `file:` (edition 2024 makes
-/// `set_var` unsafe, and this workspace forbids unsafe).
-fn key_file(key: &str) -> tempfile::NamedTempFile {
-    let mut f = tempfile::NamedTempFile::new().unwrap();
-    writeln!(f, "{key}").unwrap();
-    f
+/// An operator secrets directory holding `key` as [`KEY_FILE`] (a file,
+/// since edition 2024 makes `set_var` unsafe and this workspace forbids
+/// unsafe).
+fn secrets_with(key: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(KEY_FILE), format!("{key}\n")).unwrap();
+    dir
+}
+
+/// The operator policy of a server with `secrets` and `urls` allowed.
+fn policy(secrets: &Path, urls: &[String]) -> OperatorPolicy {
+    OperatorPolicy {
+        secrets_dir: Some(secrets.to_path_buf()),
+        url_allow: urls.to_vec(),
+    }
+}
+
+/// The one refusal of every unusable secret reference.
+fn refused() -> ConfigError {
+    ConfigError::InvalidSetting {
+        key: "api_key_ref".to_owned(),
+        reason: SECRET_REF_REFUSED.to_owned(),
+    }
+}
+
+/// A key longer than the 200 characters of an answer the driver keeps: if
+/// an echo of it were cut before being redacted, a piece of it would show.
+fn long_key() -> String {
+    const ALPHABET: &[u8; 32] = b"ghjkmnpqrstvwxyzGHJKMNPQRSTVWXYZ";
+    let mut x: u32 = 0x9e37_79b9;
+    (0..240)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            char::from(ALPHABET[x as usize % ALPHABET.len()])
+        })
+        .collect()
+}
+
+/// The first piece of `secret` found in `text`: the whole of it, or any
+/// 12 characters of it (a truncated echo leaks a prefix, not the key).
+fn trace_of(text: &str, secret: &str) -> Option<String> {
+    const PIECE: usize = 12;
+    if text.contains(secret) {
+        return Some(secret.to_owned());
+    }
+    let chars: Vec<char> = secret.chars().collect();
+    chars
+        .windows(PIECE.min(chars.len()))
+        .map(String::from_iter)
+        .find(|piece| text.contains(piece.as_str()))
+}
+
+fn assert_no_trace(text: &str, secret: &str) {
+    if let Some(piece) = trace_of(text, secret) {
+        panic!("the API key leaked ({piece:?}) into: {text}");
+    }
 }
 
 /// Local wall-clock time on 2030-01-15 (+ `day` days) in Berlin.
@@ -40,8 +100,9 @@ fn at(day: i8, h: i8, m: i8) -> Timestamp {
 struct Rig {
     emu: EmulatorHandle,
     factory: FoxessFactory,
+    policy: OperatorPolicy,
     settings: BTreeMap<String, String>,
-    _key: tempfile::NamedTempFile,
+    _secrets: tempfile::TempDir,
 }
 
 impl Rig {
@@ -53,22 +114,31 @@ impl Rig {
         // Tests space writes themselves where they test spacing.
         config.min_write_interval = Duration::ZERO;
         let emu = Emulator::start(config).await.unwrap();
-        let key = key_file(driver_key);
+        let secrets = secrets_with(driver_key);
+        let policy = policy(secrets.path(), &[emu.base_url()]);
         let settings = BTreeMap::from([
             ("base_url".to_owned(), emu.base_url()),
-            (
-                "api_key_ref".to_owned(),
-                format!("file:{}", key.path().display()),
-            ),
+            ("api_key_ref".to_owned(), format!("file:{KEY_FILE}")),
             ("min_write_interval_ms".to_owned(), "0".to_owned()),
             ("request_timeout_ms".to_owned(), "2000".to_owned()),
         ]);
         Self {
             emu,
-            factory: pinned(FoxessFactory::default(), at(0, 0, 0)),
+            factory: pinned(
+                FoxessFactory::default().with_policy(policy.clone()),
+                at(0, 0, 0),
+            ),
+            policy,
             settings,
-            _key: key,
+            _secrets: secrets,
         }
+    }
+
+    /// The operator also allows `url` (the factory keeps what its drivers
+    /// remember).
+    fn allow(&mut self, url: &str) {
+        self.policy.url_allow.push(url.to_owned());
+        self.factory = self.factory.clone().with_policy(self.policy.clone());
     }
 
     fn set(&mut self, k: &str, v: &str) {
@@ -145,7 +215,7 @@ fn w(s: &str, e: &str, m: WorkMode) -> (String, String, String) {
 }
 
 fn assert_no_key(text: &str) {
-    assert!(!text.contains(KEY), "the API key leaked into: {text}");
+    assert_no_trace(text, KEY);
 }
 
 fn assert_err_has_no_key(e: &DriverError) {
@@ -644,7 +714,9 @@ async fn an_unreachable_cloud_is_unavailable() {
         .local_addr()
         .unwrap()
         .port();
-    rig.set("base_url", &format!("http://127.0.0.1:{port}"));
+    let url = format!("http://127.0.0.1:{port}");
+    rig.allow(&url);
+    rig.set("base_url", &url);
     let err = rig.driver_at(at(0, 0, 0)).read_state().await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::Unavailable, "{err:?}");
 }
@@ -660,9 +732,12 @@ async fn revert_is_idempotent_and_survives_a_restart() {
     rig.driver_for(&r).apply(&r).await.unwrap();
     assert_eq!(rig.groups().len(), 3);
     // A fresh factory (a restart) knows nothing but the request.
-    let d = pinned(FoxessFactory::default(), at(1, 2, 0))
-        .build(&rig.spec())
-        .unwrap();
+    let d = pinned(
+        FoxessFactory::default().with_policy(rig.policy.clone()),
+        at(1, 2, 0),
+    )
+    .build(&rig.spec())
+    .unwrap();
     let revert = RevertRequest { applied: r };
     assert!(d.revert(&revert).await.unwrap().verified);
     assert_eq!(
@@ -719,13 +794,15 @@ fn spec<'a>(settings: &'a BTreeMap<String, String>, family: Family) -> DeviceSpe
     }
 }
 
+/// Settings that pass every syntax and policy check; the variable named is
+/// not set, so only `validate` and `build` (which read it) refuse them.
 fn base_settings() -> BTreeMap<String, String> {
     BTreeMap::from([
+        ("base_url".to_owned(), FOXESS_CLOUD.to_owned()),
         (
-            "base_url".to_owned(),
-            "https://www.foxesscloud.com".to_owned(),
+            "api_key_ref".to_owned(),
+            "env:SWITCHYARD_SECRET_FOXESS_TESTS_UNSET".to_owned(),
         ),
-        ("api_key_ref".to_owned(), "env:FOXESS_API_KEY".to_owned()),
     ])
 }
 
@@ -772,8 +849,12 @@ fn settings_are_validated_without_echoing_values() {
     );
     let cases = [
         ("base_url", "ftp://h0st-s3cret"),
-        ("api_key_ref", KEY), // the key pasted instead of a reference
+        ("base_url", "http://169.254.169.254/latest"), // not allowed
+        ("api_key_ref", KEY),                          // the key pasted instead of a reference
         ("api_key_ref", "env:1BAD-name"),
+        ("api_key_ref", "env:DATABASE_PASSWORD"), // no SWITCHYARD_SECRET_
+        ("api_key_ref", "file:/etc/passwd"),
+        ("api_key_ref", "file:foxess-key"), // no secrets directory here
         ("fd_soc", "7"),
         ("min_soc_on_grid", "57"), // above fd_soc 20
         ("max_power_w", "lots"),
@@ -785,6 +866,10 @@ fn settings_are_validated_without_echoing_values() {
         assert_eq!(err.key(), Some(k), "{k}={v}");
         assert!(matches!(err, ConfigError::InvalidSetting { .. }));
         assert!(!err.to_string().contains(v), "{err} echoes {v}");
+        assert!(!format!("{err:?}").contains(v), "{err:?} echoes {v}");
+        if k == "api_key_ref" {
+            assert_eq!(err, refused(), "{v}");
+        }
     }
     for missing in ["base_url", "api_key_ref"] {
         let mut s = base_settings();
@@ -796,15 +881,197 @@ fn settings_are_validated_without_echoing_values() {
 
 #[test]
 fn an_unset_key_variable_fails_the_build_not_capabilities() {
+    let name = "SWITCHYARD_SECRET_SURELY_UNSET_7C1";
+    assert!(std::env::var(name).is_err(), "{name} must not be set");
     let f = FoxessFactory::default();
     let mut s = base_settings();
-    s.insert(
-        "api_key_ref".into(),
-        "env:SWITCHYARD_TEST_SURELY_UNSET_7C1".into(),
-    );
+    s.insert("api_key_ref".into(), format!("env:{name}"));
+    // A well-formed reference: capabilities (no I/O) accepts it ...
     f.capabilities(&spec(&s, Family::Battery)).unwrap();
+    // ... and reading it, in validate and build, refuses it.
+    assert_eq!(f.validate(&spec(&s, Family::Battery)), vec![refused()]);
     let err = f.build(&spec(&s, Family::Battery)).unwrap_err();
-    assert_eq!(err.key(), Some("api_key_ref"));
+    assert_eq!(err, refused());
+}
+
+#[test]
+fn forbidden_and_unreadable_secret_references_all_get_the_same_refusal() {
+    // Every forbidden reference names something that exists, so a refusal
+    // that differed by existence would show here.
+    let root = tempfile::tempdir().unwrap();
+    let secrets = root.path().join("secrets");
+    std::fs::create_dir_all(secrets.join("a")).unwrap();
+    std::fs::write(secrets.join(KEY_FILE), KEY).unwrap();
+    std::fs::write(secrets.join("a").join("b"), KEY).unwrap();
+    std::fs::write(secrets.join("..data"), KEY).unwrap();
+    std::fs::write(root.path().join("x"), KEY).unwrap();
+    assert!(std::env::var("HOME").is_ok(), "HOME is set for this test");
+    assert!(std::env::var("SWITCHYARD_SECRET_UNSET_XYZ").is_err());
+    let f = FoxessFactory::default().with_policy(policy(&secrets, &[]));
+    let with_ref = |r: &str| {
+        let mut s = base_settings();
+        s.insert("api_key_ref".into(), r.to_owned());
+        s
+    };
+    // The control: the key's own file is accepted.
+    let ok = with_ref(&format!("file:{KEY_FILE}"));
+    assert_eq!(f.validate(&spec(&ok, Family::Battery)), vec![]);
+    f.build(&spec(&ok, Family::Battery)).unwrap();
+
+    let forbidden = [
+        "env:DATABASE_PASSWORD",
+        "env:HOME",
+        "file:/etc/passwd",
+        "file:../x",
+        "file:a/b",
+        "file:..data",
+        KEY,
+    ];
+    let unreadable = ["file:nope", "env:SWITCHYARD_SECRET_UNSET_XYZ"];
+    for r in forbidden.iter().chain(&unreadable) {
+        let s = with_ref(r);
+        let device = spec(&s, Family::Battery);
+        let errors = f.validate(&device);
+        assert_eq!(errors, vec![refused()], "validate {r}");
+        let built = f.build(&device).unwrap_err();
+        assert_eq!(built, refused(), "build {r}");
+        // capabilities reads nothing: it refuses what the policy forbids
+        // and lets a well-formed reference through.
+        let caps = f.capabilities(&device);
+        if unreadable.contains(r) {
+            assert!(caps.is_ok(), "capabilities {r}: {caps:?}");
+        } else {
+            assert_eq!(caps.unwrap_err(), refused(), "capabilities {r}");
+        }
+        let name = r.split_once(':').map_or(*r, |(_, n)| n);
+        for e in errors.iter().chain([&built]) {
+            for text in [e.to_string(), format!("{e:?}")] {
+                assert!(
+                    !text.contains(r) && !text.contains(name),
+                    "{text} echoes {r}"
+                );
+                assert_no_key(&text);
+            }
+        }
+    }
+}
+
+#[test]
+fn validate_reports_every_bad_setting_at_once() {
+    let f = FoxessFactory::default();
+    let mut s = base_settings();
+    s.insert("max_slot".into(), "8".into());
+    s.insert("fd_soc".into(), "7".into());
+    s.insert("base_url".into(), "http://169.254.169.254".into());
+    let keys = |errors: &[ConfigError]| {
+        let mut k: Vec<String> = errors
+            .iter()
+            .map(|e| e.key().unwrap_or("-").to_owned())
+            .collect();
+        k.sort();
+        k
+    };
+    let errors = f.validate(&spec(&s, Family::Battery));
+    assert_eq!(
+        keys(&errors),
+        ["base_url", "fd_soc", "max_slot"],
+        "{errors:?}"
+    );
+    assert!(matches!(
+        errors.iter().find(|e| e.key() == Some("max_slot")),
+        Some(ConfigError::UnknownSetting { .. })
+    ));
+    // capabilities reports one of them.
+    let first = f.capabilities(&spec(&s, Family::Battery)).unwrap_err();
+    assert!(errors.contains(&first), "{first:?}");
+
+    // The device's own fields are reported with the settings, as device
+    // fields (no settings key).
+    let device = DeviceSpec {
+        device_id: "d",
+        family: Family::Battery,
+        oem_device_id: "  ",
+        timezone: "Mars/Olympus_Mons",
+        settings: &s,
+    };
+    let errors = f.validate(&device);
+    assert_eq!(errors.len(), 5, "{errors:?}");
+    let mut fields: Vec<&str> = errors
+        .iter()
+        .filter_map(|e| match e {
+            ConfigError::InvalidDeviceField { field, .. } => Some(*field),
+            _ => None,
+        })
+        .collect();
+    fields.sort_unstable();
+    assert_eq!(fields, ["oem_device_id", "timezone"], "{errors:?}");
+    for e in &errors {
+        let text = e.to_string();
+        assert!(
+            !text.contains("169.254") && !text.contains("Mars"),
+            "{text}"
+        );
+    }
+    // Each device field alone is an InvalidDeviceField too.
+    for (sn, tz, field) in [("", TZ, "oem_device_id"), (SN, "Not/AZone", "timezone")] {
+        let good = base_settings();
+        let device = DeviceSpec {
+            device_id: "d",
+            family: Family::Battery,
+            oem_device_id: sn,
+            timezone: tz,
+            settings: &good,
+        };
+        let errors = f.validate(&device);
+        assert!(
+            matches!(errors.as_slice(), [ConfigError::InvalidDeviceField { field: f, .. }] if *f == field),
+            "{field}: {errors:?}"
+        );
+        assert_eq!(f.capabilities(&device).unwrap_err(), errors[0], "{field}");
+    }
+}
+
+#[tokio::test]
+async fn base_urls_outside_the_allow_list_are_refused() {
+    let rig = Rig::new().await;
+    let port = rig.emu.addr().port();
+    let other_port = if port == u16::MAX { port - 1 } else { port + 1 };
+    // The control: the emulator's URL, allowed by the operator.
+    rig.factory.capabilities(&rig.spec()).unwrap();
+    for url in [
+        "http://169.254.169.254".to_owned(),
+        "http://169.254.169.254/latest/meta-data".to_owned(),
+        "https://www.foxesscloud.com.evil.example".to_owned(),
+        "http://www.foxesscloud.com".to_owned(),
+        format!("http://127.0.0.1:{other_port}"),
+        format!("http://localhost:{port}"),
+    ] {
+        let mut s = rig.settings.clone();
+        s.insert("base_url".into(), url.clone());
+        let device = spec(&s, Family::Battery);
+        let err = rig.factory.capabilities(&device).unwrap_err();
+        assert_eq!(err.key(), Some("base_url"), "{url}: {err:?}");
+        assert!(matches!(err, ConfigError::InvalidSetting { .. }));
+        assert!(!err.to_string().contains(&url), "{err} echoes {url}");
+        assert_eq!(rig.factory.validate(&device), vec![err.clone()], "{url}");
+        assert_eq!(rig.factory.build(&device).unwrap_err(), err, "{url}");
+    }
+    // Without the operator's word, the emulator is refused too; the
+    // FoxESS cloud itself needs no permission.
+    let default = FoxessFactory::default();
+    let err = default.capabilities(&rig.spec()).unwrap_err();
+    assert_eq!(err.key(), Some("base_url"));
+    for url in [
+        FOXESS_CLOUD,
+        "https://www.foxesscloud.com/",
+        "https://WWW.foxesscloud.com:443",
+    ] {
+        let mut s = base_settings();
+        s.insert("base_url".into(), url.to_owned());
+        default
+            .capabilities(&spec(&s, Family::Battery))
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+    }
 }
 
 #[tokio::test]
@@ -855,18 +1122,96 @@ async fn devices_on_one_account_share_the_account_name() {
 
 #[test]
 fn an_https_base_url_builds_a_tls_client() {
-    let key = key_file(KEY);
+    let secrets = secrets_with(KEY);
     let mut s = base_settings();
-    s.insert(
-        "api_key_ref".into(),
-        format!("file:{}", key.path().display()),
-    );
-    // Building sets up rustls (ring, bundled roots); no network needed.
+    s.insert("api_key_ref".into(), format!("file:{KEY_FILE}"));
+    // Building sets up rustls (ring, bundled roots); no network needed. The
+    // FoxESS cloud needs no operator allow-list entry.
     let d = FoxessFactory::default()
+        .with_policy(policy(secrets.path(), &[]))
         .build(&spec(&s, Family::Battery))
         .unwrap();
-    assert!(
-        d.account()
-            .starts_with("foxess:https://www.foxesscloud.com#file:")
+    assert_eq!(
+        d.account(),
+        format!("foxess:{FOXESS_CLOUD}#file:{KEY_FILE}")
     );
+}
+
+// ---------------------------------------------------------------- redirects & echoes
+
+#[tokio::test]
+async fn a_redirect_is_never_followed() {
+    // Where a follower would go: an emulator that accepts the same key.
+    let elsewhere = Emulator::start(EmulatorConfig::new(KEY, &[SN]))
+        .await
+        .unwrap();
+    let mut config = EmulatorConfig::new(KEY, &[SN]);
+    config.redirect_to = Some(format!("{}{PATH_GET_FLAG}", elsewhere.base_url()));
+    let rig = Rig::with(config, KEY).await;
+    let r = req("rd1", Command::Charge, at(0, 2, 0), Some(at(0, 5, 0)));
+    let d = rig.driver_for(&r);
+    let errors = [
+        d.read_state().await.unwrap_err(),
+        d.apply(&r).await.unwrap_err(),
+        d.revert(&RevertRequest { applied: r }).await.unwrap_err(),
+    ];
+    for err in &errors {
+        assert_eq!(err.kind, ErrorKind::Rejected, "{err:?}");
+        assert!(!err.retryable());
+        assert!(err.message.contains("redirect"), "{err:?}");
+        assert!(err.raw.as_deref().unwrap().contains("HTTP 307"), "{err:?}");
+        assert_err_has_no_key(err);
+    }
+    // One call per driver call reached the first emulator, each answered
+    // with the redirect; the second one heard nothing at all.
+    let calls = rig.emu.calls();
+    assert_eq!(calls.len(), 3, "{calls:?}");
+    assert!(calls.iter().all(|c| c.status == 307), "{calls:?}");
+    assert_eq!(elsewhere.calls(), vec![], "a redirect was followed");
+}
+
+#[tokio::test]
+async fn an_echoed_key_is_redacted_from_outcomes_state_and_errors() {
+    // A short key, and one longer than the part of an answer the driver
+    // keeps (a key cut before redaction would leak its first part).
+    for key in [KEY.to_owned(), long_key()] {
+        let mut config = EmulatorConfig::new(key.clone(), &[SN]);
+        config.echo_token = true;
+        let rig = Rig::with(config, &key).await;
+        rig.emu
+            .seed_groups(SN, vec![g(12, 0, 13, 0, WorkMode::SelfUse)]);
+        let r = req("e1", Command::Charge, at(0, 2, 0), Some(at(0, 5, 0)));
+        let d = rig.driver_for(&r);
+
+        let out = d.apply(&r).await.unwrap();
+        assert!(out.verified, "{out:?}");
+        // The emulator echoed the key in every answer; it shows redacted.
+        assert!(out.raw.contains("(token <redacted>)"), "{out:?}");
+        assert_no_trace(&format!("{out:?}"), &key);
+        let state = out.state.clone().expect("apply read the state back");
+        assert_eq!(state.native_scheduler.as_ref().unwrap().1.len(), 2);
+        assert_no_trace(&format!("{state:?}"), &key);
+
+        let read = d.read_state().await.unwrap();
+        assert_eq!(read, state);
+        assert_no_trace(&format!("{read:?}"), &key);
+
+        let back = d.revert(&RevertRequest { applied: r }).await.unwrap();
+        assert!(back.raw.contains("(token <redacted>)"), "{back:?}");
+        assert_no_trace(&format!("{back:?}"), &key);
+
+        // Refusals echo it too, and a long message is cut where the key
+        // was (176 + " (token " puts the cut 16 characters into it).
+        for msg in [
+            "parameters do not meet expectations".to_owned(),
+            "x".repeat(176),
+        ] {
+            rig.emu.fail_next_errno(1, 40257, &msg);
+            let err = d.read_state().await.unwrap_err();
+            assert_eq!(err.kind, ErrorKind::Rejected, "{err:?}");
+            for text in [format!("{err:?}"), err.to_string()] {
+                assert_no_trace(&text, &key);
+            }
+        }
+    }
 }

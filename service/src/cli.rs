@@ -96,9 +96,40 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub oem_url_allow: Vec<String>,
+    /// Most client connections at once; more are closed at once.
+    #[arg(long, env = "SWITCHYARD_MAX_CONNECTIONS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Most concurrent streams (calls) per connection.
+    #[arg(long, env = "SWITCHYARD_MAX_STREAMS_PER_CONNECTION", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams_per_connection: u32,
+    /// Most calls handled at once in the whole server; more are answered
+    /// UNAVAILABLE / SERVER_BUSY.
+    #[arg(long, env = "SWITCHYARD_MAX_IN_FLIGHT", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight: u32,
+    /// Milliseconds a new connection has to send its HTTP/2 preface, and a
+    /// call to send its whole request.
+    #[arg(long, env = "SWITCHYARD_CLIENT_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(100..))]
+    pub client_timeout_ms: u64,
 }
 
 impl ServeArgs {
+    /// The server's resource bounds.
+    pub fn limits(&self) -> crate::limits::Limits {
+        let client = Duration::from_millis(self.client_timeout_ms);
+        crate::limits::Limits {
+            max_connections: self.max_connections as usize,
+            max_streams_per_connection: self.max_streams_per_connection,
+            max_in_flight: self.max_in_flight as usize,
+            preface_timeout: client,
+            body_timeout: client,
+            ..Default::default()
+        }
+    }
+
     /// What devices may name, as the operator configured it; a startup
     /// error when the configuration itself is wrong.
     pub fn policy(&self) -> Result<OperatorPolicy, String> {
@@ -265,7 +296,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Se
     server::serve(
         app,
         listener,
-        &crate::limits::Limits::default(),
+        &args.limits(),
         shutdown,
         Duration::from_secs(args.shutdown_grace_seconds),
         Some(dispatcher),

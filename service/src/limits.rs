@@ -267,8 +267,8 @@ where
                     return Ok(refuse(
                         ErrorReason::MalformedRequest,
                         format!(
-                            "the request body did not arrive within {} s",
-                            limits.body_timeout.as_secs()
+                            "the request body did not arrive within {} ms",
+                            limits.body_timeout.as_millis()
                         ),
                     ));
                 }

@@ -154,8 +154,10 @@ pub async fn serve(
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .tcp_keepalive(Some(Duration::from_secs(60)))
-        .initial_connection_window_size(limits.max_request_bytes as u32)
-        .initial_stream_window_size((limits.max_request_bytes / 4) as u32)
+        // What a connection may send before the server reads it: small,
+        // since requests are small, so idle buffers stay small too.
+        .initial_connection_window_size(256 * 1024)
+        .initial_stream_window_size(64 * 1024)
         .timeout(limits.request_timeout)
         .layer(GuardLayer::new(limits))
         .add_service(health)

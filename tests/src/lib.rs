@@ -513,6 +513,7 @@ pub struct ServerProcess {
     /// The address it listens on (`127.0.0.1:PORT`).
     pub addr: String,
     child: std::process::Child,
+    log: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl ServerProcess {
@@ -521,33 +522,73 @@ impl ServerProcess {
     /// `env!("CARGO_BIN_EXE_switchyard-under-test")`: only integration tests
     /// see that variable, so it cannot be read here.
     pub fn spawn(exe: &str, database: &str) -> Self {
+        Self::spawn_with(exe, database, &[], &[])
+    }
+
+    /// [`ServerProcess::spawn`] with more `serve` arguments and environment
+    /// variables. The server logs JSON at `SWITCHYARD_LOG` (default info);
+    /// every line is kept for [`ServerProcess::log`].
+    pub fn spawn_with(exe: &str, database: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         use std::io::{BufRead, BufReader};
         use std::process::{Command, Stdio};
-        let mut child = Command::new(exe)
-            .args(["serve", "--listen", "127.0.0.1:0", "--database", database])
+        let mut cmd = Command::new(exe);
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--database", database])
             .args(["--no-demo", "--log-format", "json"])
             .args(["--shutdown-grace-seconds", "3"])
+            .args(args)
             .env("SWITCHYARD_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn server");
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn server");
         let stderr = child.stderr.take().expect("stderr");
         let mut lines = BufReader::new(stderr).lines();
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
         // Port 0 is chosen by the OS; the `listening` line names it.
         let addr = loop {
             let line = lines
                 .next()
-                .expect("server exited before listening")
+                .unwrap_or_else(|| panic!("server exited before listening: {:?}", log))
                 .expect("read server log");
+            log.lock().expect("log").push(line.clone());
             let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
             if v["fields"]["message"] == "listening" {
                 break v["fields"]["addr"].as_str().expect("addr").to_owned();
             }
         };
-        // Keep draining the log so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Self { addr, child }
+        // Keep draining (and keeping) the log so the server never blocks on
+        // a full pipe.
+        let keep = log.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if let Ok(mut l) = keep.lock() {
+                    l.push(line);
+                }
+            }
+        });
+        Self { addr, child, log }
+    }
+
+    /// Every line the server logged so far.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let pid = self.child.id().to_string();
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        assert!(ok.success(), "kill -TERM {pid}");
+    }
+
+    /// The exit status, once the process has exited.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("try_wait")
     }
 
     /// A channel to it.

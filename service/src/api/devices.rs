@@ -78,11 +78,12 @@ fn check_device(app: &App, d: &Device, out: &mut Vec<FieldViolation>) {
         if field == "device.timezone" && out.iter().any(|v| v.field == field) {
             continue;
         }
-        out.push(FieldViolation::new(
-            field,
-            reason,
-            format!("driver {:?}: {e}", d.driver),
-        ));
+        // The field names the setting; the family needs the driver named.
+        let description = match e {
+            ConfigError::UnsupportedFamily(_) => format!("the {:?} {e}", d.driver),
+            _ => e.to_string(),
+        };
+        out.push(FieldViolation::new(field, reason, description));
     }
 }
 

@@ -68,8 +68,7 @@ impl App {
             .get(&device.driver)?
             .build(&device.spec())
             .ok()?;
-        let read =
-            crate::dispatch::read_state(&self.budgets, self.clock.as_ref(), driver.as_ref());
+        let read = crate::dispatch::read_state(&self.budgets, self.clock.as_ref(), driver.as_ref());
         tokio::time::timeout(OBSERVE_ON_CHANGE_TIMEOUT, read)
             .await
             .ok()

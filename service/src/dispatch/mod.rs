@@ -153,7 +153,11 @@ fn observe_after(
 
 /// Reads a device's state through `driver`, within the account's read
 /// budget. `None` when the budget is spent or the device cannot be read.
-pub async fn read_state(budgets: &Budgets, clock: &dyn Clock, driver: &dyn Driver) -> Option<Observed> {
+pub async fn read_state(
+    budgets: &Budgets,
+    clock: &dyn Clock,
+    driver: &dyn Driver,
+) -> Option<Observed> {
     let now = clock.now();
     if budgets
         .take_read(&driver.account(), &driver.capabilities().rate_budget, now)

@@ -100,7 +100,8 @@ fn check_param(
 }
 
 /// Refuses a push up front when the device's last observed state shows an
-/// enabled native scheduler, unless the push authorises clearing it
+/// enabled native scheduler holding rows that are not switchyard's own,
+/// unless the push authorises clearing it
 /// (CANCEL_AND_REPLACE) and no protected row (which no driver clears) is in
 /// force during the push's window `[start, end)`.
 pub fn preflight(
@@ -109,7 +110,14 @@ pub fn preflight(
     start: Ts,
     end: Option<Ts>,
 ) -> Result<(), Error> {
-    let Some(o) = device.observed.as_ref().filter(|o| o.scheduler_active) else {
+    // Rows switchyard wrote for its own actions do not block it: the
+    // conflict rules order those.
+    let Some(o) = device.observed.as_ref().filter(|o| {
+        o.scheduler_active
+            && o.rows
+                .iter()
+                .any(|r| r.enabled && r.owner != super::device::RowOwner::Ours)
+    }) else {
         return Ok(());
     };
     let tz = jiff::tz::TimeZone::get(&device.timezone).unwrap_or(jiff::tz::TimeZone::UTC);

@@ -19,23 +19,27 @@ own switchyard.v1.ConflictDetail).
   no test waits on the scheduler.
 """
 
+import base64
 import importlib
 import importlib.resources
 import json
 import os
 import queue
+import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
 import pytest
-from google.protobuf import empty_pb2, timestamp_pb2, wrappers_pb2
-from google.rpc import error_details_pb2
+from google.protobuf import empty_pb2, field_mask_pb2, timestamp_pb2, wrappers_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from grpc_tools import protoc
 

@@ -1,0 +1,314 @@
+//! A caller cannot reach the server's secrets or network: device settings
+//! name only what the operator provided, and the OEM's echo of the API key
+//! reaches no answer, error, audit row or log line. Against the real
+//! binary (its log is read) and the FoxESS emulator on loopback.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+use std::{collections::BTreeMap, time::Duration};
+
+use switchyard_drivers::foxess::emulator::{Emulator, EmulatorConfig};
+use switchyard_proto::v1::{
+    self as pb, ActionState as St, Command, action_service_client::ActionServiceClient,
+    device_service_client::DeviceServiceClient,
+};
+use switchyard_tests::{ServerProcess, action, expect_error, push};
+use tonic::{Code, transport::Channel};
+
+const KEY: &str = "fx-SECRET-9d2e-never-shown";
+const SN: &str = "SN-SEC-1";
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard-under-test");
+
+fn foxess(settings: &[(&str, &str)]) -> pb::CreateDeviceRequest {
+    pb::CreateDeviceRequest {
+        device_id: String::new(),
+        device: Some(pb::Device {
+            family: pb::DeviceFamily::Battery as i32,
+            driver: "foxess".into(),
+            oem_device_id: SN.into(),
+            timezone: "Europe/Berlin".into(),
+            settings: settings
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect::<BTreeMap<_, _>>()
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        }),
+        request_id: String::new(),
+    }
+}
+
+struct Rig {
+    server: ServerProcess,
+    channel: Channel,
+    emu: switchyard_drivers::foxess::emulator::EmulatorHandle,
+    _dir: tempfile::TempDir,
+}
+
+/// The server binary with a secrets directory holding the key, the
+/// emulator allowed, and a variable that must never be reachable.
+async fn rig(config: EmulatorConfig) -> Rig {
+    let emu = Emulator::start(config).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    std::fs::create_dir(&secrets).unwrap();
+    std::fs::write(secrets.join("foxess-key"), format!("{KEY}\n")).unwrap();
+    let db = format!("sqlite://{}", dir.path().join("s.db").display());
+    let server = ServerProcess::spawn_with(
+        BIN,
+        &db,
+        &[
+            "--secrets-dir",
+            secrets.to_str().unwrap(),
+            "--oem-url-allow",
+            &emu.base_url(),
+        ],
+        &[
+            ("SWITCHYARD_LOG", "debug"),
+            ("DATABASE_PASSWORD", KEY),
+            ("SWITCHYARD_SECRET_FOX", KEY),
+        ],
+    );
+    let channel = server.channel().await;
+    Rig {
+        server,
+        channel,
+        emu,
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_cannot_name_the_servers_secrets_or_hosts_and_refusals_reveal_nothing() {
+    let r = rig(EmulatorConfig::new(KEY, &[SN])).await;
+    let mut devices = DeviceServiceClient::new(r.channel.clone());
+    let emu = r.emu.base_url();
+    // Another local port: an attacker's listener, say.
+    let elsewhere = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let mut descriptions = Vec::new();
+    for key_ref in [
+        "env:DATABASE_PASSWORD", // set on the server
+        "env:NO_SUCH_VARIABLE",  // not set
+        "env:HOME",
+        "file:/etc/passwd",            // exists
+        "file:/etc/no-such-file-here", // does not
+        "file:../s.db",
+        "file:..data",
+        "file:nope", // allowed shape, but no such secret
+        KEY,         // the key pasted itself
+    ] {
+        let st = devices
+            .create_device(foxess(&[("base_url", &emu), ("api_key_ref", key_ref)]))
+            .await
+            .expect_err(key_ref);
+        let d = expect_error(&st, Code::InvalidArgument, "INVALID_SETTINGS");
+        let v = &d.bad_request.as_ref().unwrap().field_violations;
+        assert_eq!(d.fields(), ["device.settings.api_key_ref"], "{key_ref}");
+        let shown = format!("{st:?}");
+        let named = key_ref.split_once(':').map_or(key_ref, |(_, name)| name);
+        for part in [named].into_iter().filter(|p| p.len() > 3) {
+            assert!(
+                !shown.contains(part),
+                "{key_ref}: the refusal repeats it: {shown}"
+            );
+        }
+        assert!(!shown.contains(KEY));
+        descriptions.push(v[0].description.clone());
+    }
+    descriptions.dedup();
+    assert_eq!(
+        descriptions.len(),
+        1,
+        "one message whatever exists: {descriptions:?}"
+    );
+    for url in [
+        elsewhere.as_str(),
+        "http://169.254.169.254/latest",
+        "https://www.foxesscloud.com.evil.example",
+    ] {
+        let st = devices
+            .create_device(foxess(&[
+                ("base_url", url),
+                ("api_key_ref", "file:foxess-key"),
+            ]))
+            .await
+            .expect_err(url);
+        let d = expect_error(&st, Code::InvalidArgument, "INVALID_SETTINGS");
+        assert_eq!(d.fields(), ["device.settings.base_url"], "{url}");
+    }
+    // Nothing was created, and the emulator saw no request with the key
+    // from any of this.
+    let listed = devices
+        .list_devices(pb::ListDevicesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.devices.is_empty());
+    assert_eq!(r.emu.calls().len(), 0);
+    // What the operator did provide works, both ways.
+    for key_ref in ["file:foxess-key", "env:SWITCHYARD_SECRET_FOX"] {
+        devices
+            .create_device(foxess(&[("base_url", &emu), ("api_key_ref", key_ref)]))
+            .await
+            .unwrap_or_else(|e| panic!("{key_ref}: {e:?}"));
+    }
+    assert_no_key_in_log(&r.server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oem_that_echoes_the_key_never_gets_it_shown_anywhere() {
+    let mut config = EmulatorConfig::new(KEY, &[SN]);
+    config.min_write_interval = Duration::ZERO;
+    // Every answer, successes included, carries the token it received.
+    config.echo_token = true;
+    let r = rig(config).await;
+    let mut devices = DeviceServiceClient::new(r.channel.clone());
+    let mut actions = ActionServiceClient::new(r.channel.clone());
+    let created = devices
+        .create_device(foxess(&[
+            ("base_url", &r.emu.base_url()),
+            ("api_key_ref", "file:foxess-key"),
+            ("min_write_interval_ms", "0"),
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    let id = created.device_id.clone();
+    assert!(
+        created.observed_state.is_some(),
+        "observed on create through the echoing emulator"
+    );
+    let a = actions
+        .push_action(push(
+            &id,
+            action(Command::Charge, None, None),
+            Default::default(),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .action
+        .unwrap();
+    // The server's own dispatcher applies an immediate action within about
+    // a second; wait for its outcome (no schedule involved).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let done = loop {
+        let got = actions
+            .get_action(pb::GetActionRequest {
+                device_id: id.clone(),
+                action_id: a.action_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if got.state == St::Completed as i32 || got.state == St::Failed as i32 {
+            break got;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not dispatched: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(done.state, St::Completed as i32, "{done:?}");
+    // The emulator really echoed the key, and what was kept says so.
+    assert!(
+        r.emu
+            .calls()
+            .iter()
+            .all(|c| c.errno.is_some_and(|e| e != 40256)),
+        "the key reached the allowed endpoint: {:?}",
+        r.emu.calls()
+    );
+    assert!(
+        done.oem_response.contains("<redacted>"),
+        "{}",
+        done.oem_response
+    );
+    // An error answer that echoes it too.
+    r.emu
+        .fail_next_errno(1, 40257, &format!("bad request from {KEY}"));
+    let b = actions
+        .push_action(push(
+            &id,
+            action(Command::Idle, None, None),
+            Default::default(),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .action
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let failed = loop {
+        let got = actions
+            .get_action(pb::GetActionRequest {
+                device_id: id.clone(),
+                action_id: b.action_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if got.state == St::Completed as i32 || got.state == St::Failed as i32 {
+            break got;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not dispatched: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(failed.error_code, "OEM_REJECTED", "{failed:?}");
+
+    // Nowhere: answers, listings, the device, errors.
+    let everything = [
+        format!("{done:?}{failed:?}"),
+        format!(
+            "{:?}",
+            actions
+                .list_actions(pb::ListActionsRequest {
+                    device_id: "-".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+        ),
+        format!(
+            "{:?}",
+            devices
+                .get_device(pb::GetDeviceRequest {
+                    device_id: id.clone(),
+                })
+                .await
+                .unwrap()
+        ),
+    ];
+    for text in everything {
+        assert!(!text.contains(KEY), "the key leaked: {text}");
+    }
+    // Nor the audit trail or anything else in the database file.
+    let db_bytes = std::fs::read(r._dir.path().join("s.db")).unwrap();
+    let wal = std::fs::read(r._dir.path().join("s.db-wal")).unwrap_or_default();
+    for bytes in [db_bytes, wal] {
+        assert!(
+            !bytes.windows(KEY.len()).any(|w| w == KEY.as_bytes()),
+            "the key is stored in the database"
+        );
+    }
+    assert_no_key_in_log(&r.server);
+}
+
+fn assert_no_key_in_log(server: &ServerProcess) {
+    let log = server.log();
+    assert!(log.len() > 3, "the server logged: {log:?}");
+    for line in log {
+        assert!(
+            !line.contains(KEY),
+            "the key is in the server's log: {line}"
+        );
+    }
+}
