@@ -1,87 +1,170 @@
 //! A stand-alone FoxESS Open API emulator for demos and manual tests:
 //!
 //! ```text
-//! foxess-emulator --listen 127.0.0.1:8089 --api-key demo-key --device SN1 [--device SN2 ...]
-//!     [--calls-per-day 1440] [--min-write-interval-ms 5000] [--max-slots 8]
-//!     [--max-power-w 6000] [--read-order reversed|by-mode|as-written] [--no-padding]
+//! foxess-emulator --api-key demo-key --device SN1 [--device SN2 ...]
+//!     [--listen 127.0.0.1:8089] [--calls-per-day 1440]
+//!     [--min-write-interval-ms 5000] [--max-slots 8] [--max-power-w 6000]
+//!     [--read-order reversed|by-mode|as-written] [--no-padding]
+//!     [--echo-token] [--redirect-to URL]
 //! ```
 //!
-//! Arguments are parsed by hand to keep the drivers crate free of a CLI
-//! dependency.
+//! `foxess-emulator --help` describes every flag and its default. The
+//! defaults are read from [`EmulatorConfig::new`], so the command line
+//! and the library cannot drift apart. It prints the base URL to give a
+//! device (never the key) and serves until Ctrl-C or SIGTERM.
 
-use std::{process::ExitCode, time::Duration};
+use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
+use clap::{Parser, ValueEnum};
 use switchyard_drivers::foxess::emulator::{Emulator, EmulatorConfig, ReadOrder};
 
-const USAGE: &str =
-    "usage: foxess-emulator --listen ADDR --api-key KEY --device SN [--device SN ...]
-    [--calls-per-day N] [--min-write-interval-ms MS] [--max-slots N] [--max-power-w W]
-    [--read-order reversed|by-mode|as-written] [--no-padding]";
+/// Emulates the FoxESS Open API scheduler endpoints, with the cloud's
+/// limits and quirks, for demos and manual tests.
+#[derive(Debug, Parser)]
+#[command(name = "foxess-emulator", version)]
+struct Cli {
+    /// Address to listen on, IP:PORT (port 0 picks a free one).
+    #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:8089")]
+    listen: SocketAddr,
+    /// The one API key accepted (required).
+    #[arg(long, value_name = "KEY")]
+    api_key: String,
+    /// An inverter serial (deviceSN) to emulate; repeatable, at least one
+    /// required.
+    #[arg(long = "device", value_name = "SN", required = true)]
+    devices: Vec<String>,
+    /// Calls accepted per API key in any 24 h.
+    #[arg(long, value_name = "N", default_value_t = defaults().calls_per_day)]
+    calls_per_day: usize,
+    /// Minimum time between two writes to one device, ms.
+    #[arg(long, value_name = "MS", default_value_t = default_write_interval_ms())]
+    min_write_interval_ms: u64,
+    /// Scheduler slots per device.
+    #[arg(long, value_name = "N", default_value_t = defaults().max_slots)]
+    max_slots: usize,
+    /// Largest discharge power (`fdPwr`) accepted, W.
+    #[arg(long, value_name = "W", default_value_t = defaults().max_power_w,
+          value_parser = clap::value_parser!(i64).range(0..))]
+    max_power_w: i64,
+    /// Order of the groups on read (the real cloud reorders them).
+    #[arg(long, value_enum, default_value_t = defaults().read_order.into())]
+    read_order: ReadOrderArg,
+    /// Reads return only the stored groups (default: off, reads pad the
+    /// list with `Invalid` slots up to --max-slots, like the real cloud).
+    #[arg(long)]
+    no_padding: bool,
+    /// Test switch (default: off): every JSON answer carries the `token`
+    /// header it received in its `msg`, like an OEM echoing the API key.
+    #[arg(long)]
+    echo_token: bool,
+    /// Test switch (default: none): answer every request HTTP 307 with
+    /// this `Location`, to check that clients do not follow redirects.
+    #[arg(long, value_name = "URL", value_parser = parse_url)]
+    redirect_to: Option<String>,
+}
 
-fn parse(args: Vec<String>) -> Result<EmulatorConfig, String> {
-    let mut config = EmulatorConfig::new("", &[]);
-    config.listen = ([127, 0, 0, 1], 8089).into();
-    let mut key = None;
-    let mut it = args.into_iter();
-    while let Some(flag) = it.next() {
-        if flag == "--no-padding" {
-            config.pad_with_invalid = false;
-            continue;
-        }
-        if flag == "--help" || flag == "-h" {
-            return Err(String::new());
-        }
-        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        let number = |what: &str| {
-            value
-                .parse::<u64>()
-                .map_err(|_| format!("{what} must be a whole number"))
-        };
-        match flag.as_str() {
-            "--listen" => {
-                config.listen = value
-                    .parse()
-                    .map_err(|_| "--listen must be IP:PORT".to_owned())?;
-            }
-            "--api-key" => key = Some(value),
-            "--device" => config.devices.push(value),
-            "--calls-per-day" => config.calls_per_day = number("--calls-per-day")? as usize,
-            "--min-write-interval-ms" => {
-                config.min_write_interval =
-                    Duration::from_millis(number("--min-write-interval-ms")?);
-            }
-            "--max-slots" => config.max_slots = number("--max-slots")? as usize,
-            "--max-power-w" => config.max_power_w = number("--max-power-w")? as i64,
-            "--read-order" => {
-                config.read_order = match value.as_str() {
-                    "reversed" => ReadOrder::Reversed,
-                    "by-mode" => ReadOrder::ByMode,
-                    "as-written" => ReadOrder::AsWritten,
-                    _ => return Err("--read-order: reversed, by-mode or as-written".into()),
-                };
-            }
-            _ => return Err(format!("unknown argument {flag}")),
+/// `--read-order` values; a mirror of [`ReadOrder`] so the library does
+/// not depend on clap.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ReadOrderArg {
+    /// Reversed from the written order.
+    Reversed,
+    /// Sorted by work mode, then start time.
+    ByMode,
+    /// As last written.
+    AsWritten,
+}
+
+impl From<ReadOrder> for ReadOrderArg {
+    fn from(o: ReadOrder) -> Self {
+        match o {
+            ReadOrder::Reversed => Self::Reversed,
+            ReadOrder::ByMode => Self::ByMode,
+            ReadOrder::AsWritten => Self::AsWritten,
         }
     }
-    config.api_key = key.ok_or("--api-key is required")?;
-    if config.devices.is_empty() {
-        return Err("give at least one --device SN".into());
+}
+
+impl From<ReadOrderArg> for ReadOrder {
+    fn from(o: ReadOrderArg) -> Self {
+        match o {
+            ReadOrderArg::Reversed => Self::Reversed,
+            ReadOrderArg::ByMode => Self::ByMode,
+            ReadOrderArg::AsWritten => Self::AsWritten,
+        }
     }
-    Ok(config)
+}
+
+fn defaults() -> EmulatorConfig {
+    EmulatorConfig::new("", &[])
+}
+
+fn default_write_interval_ms() -> u64 {
+    u64::try_from(defaults().min_write_interval.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Refuses what could not go into a `Location` header, so a typo is a
+/// usage error rather than a 307 without a target.
+fn parse_url(s: &str) -> Result<String, String> {
+    s.parse::<hyper::Uri>()
+        .map(|_| s.to_owned())
+        .map_err(|e| format!("not a URL: {e}"))
+}
+
+impl Cli {
+    fn into_config(self) -> EmulatorConfig {
+        let mut config = EmulatorConfig::new(self.api_key, &[]);
+        config.listen = self.listen;
+        config.devices = self.devices;
+        config.calls_per_day = self.calls_per_day;
+        config.min_write_interval = Duration::from_millis(self.min_write_interval_ms);
+        config.max_slots = self.max_slots;
+        config.max_power_w = self.max_power_w;
+        config.read_order = self.read_order.into();
+        config.pad_with_invalid = !self.no_padding;
+        config.echo_token = self.echo_token;
+        config.redirect_to = self.redirect_to;
+        config
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM (what `docker stop` and service managers
+/// send), so the emulator stops cleanly either way.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    r = tokio::signal::ctrl_c() => {
+                        if r.is_err() {
+                            // Still stoppable by SIGTERM.
+                            term.recv().await;
+                        }
+                    }
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                if tokio::signal::ctrl_c().await.is_err() {
+                    eprintln!("foxess-emulator: cannot wait for a signal; exiting");
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        if tokio::signal::ctrl_c().await.is_err() {
+            eprintln!("foxess-emulator: cannot wait for Ctrl-C; exiting");
+        }
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let config = match parse(std::env::args().skip(1).collect()) {
-        Ok(c) => c,
-        Err(e) => {
-            if !e.is_empty() {
-                eprintln!("foxess-emulator: {e}");
-            }
-            eprintln!("{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
+    // Usage errors exit 2 with clap's message; --help and --version exit 0.
+    let config = Cli::parse().into_config();
     let devices = config.devices.join(", ");
     let handle = match Emulator::start(config).await {
         Ok(h) => h,
@@ -95,8 +178,93 @@ async fn main() -> ExitCode {
         "foxess-emulator: serving {} for device(s) {devices}",
         handle.base_url()
     );
-    if tokio::signal::ctrl_c().await.is_err() {
-        eprintln!("foxess-emulator: cannot wait for Ctrl-C; exiting");
-    }
+    shutdown_signal().await;
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn config(args: &[&str]) -> EmulatorConfig {
+        Cli::try_parse_from(std::iter::once("foxess-emulator").chain(args.iter().copied()))
+            .expect("valid arguments")
+            .into_config()
+    }
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn only_the_required_flags_give_the_library_defaults() {
+        let c = config(&["--api-key", "k", "--device", "SN"]);
+        let d = defaults();
+        assert_eq!(c.listen, SocketAddr::from(([127, 0, 0, 1], 8089)));
+        assert_eq!(
+            (c.api_key.as_str(), c.devices),
+            ("k", vec!["SN".to_owned()])
+        );
+        assert_eq!(c.calls_per_day, d.calls_per_day);
+        assert_eq!(c.min_write_interval, d.min_write_interval);
+        assert_eq!(c.max_slots, d.max_slots);
+        assert_eq!(c.max_power_w, d.max_power_w);
+        assert_eq!(c.read_order, d.read_order);
+        assert_eq!(c.pad_with_invalid, d.pad_with_invalid);
+        assert_eq!(c.echo_token, d.echo_token);
+        assert_eq!(c.redirect_to, d.redirect_to);
+    }
+
+    #[test]
+    fn every_flag_reaches_the_config() {
+        let c = config(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--api-key",
+            "k",
+            "--device",
+            "A",
+            "--device",
+            "B",
+            "--calls-per-day",
+            "3",
+            "--min-write-interval-ms",
+            "250",
+            "--max-slots",
+            "4",
+            "--max-power-w",
+            "1200",
+            "--read-order",
+            "by-mode",
+            "--no-padding",
+            "--echo-token",
+            "--redirect-to",
+            "http://127.0.0.1:9/x",
+        ]);
+        assert_eq!(c.listen, SocketAddr::from(([127, 0, 0, 1], 0)));
+        assert_eq!(c.devices, ["A", "B"]);
+        assert_eq!(c.calls_per_day, 3);
+        assert_eq!(c.min_write_interval, Duration::from_millis(250));
+        assert_eq!(c.max_slots, 4);
+        assert_eq!(c.max_power_w, 1200);
+        assert_eq!(c.read_order, ReadOrder::ByMode);
+        assert!(!c.pad_with_invalid);
+        assert!(c.echo_token);
+        assert_eq!(c.redirect_to.as_deref(), Some("http://127.0.0.1:9/x"));
+        assert_eq!(
+            config(&[
+                "--api-key",
+                "k",
+                "--device",
+                "A",
+                "--read-order",
+                "as-written"
+            ])
+            .read_order,
+            ReadOrder::AsWritten
+        );
+    }
 }
