@@ -1,31 +1,68 @@
 //! The `foxess-emulator` binary behaves like a CLI: `--help` documents
 //! every flag and its default, and a usage error exits 2.
 
-use std::process::{Command, Output};
+use std::{
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
 
 use switchyard_drivers::foxess::emulator::{EmulatorConfig, ReadOrder};
 
+/// Runs the emulator. Were a usage error accepted, it would serve until
+/// killed: after a deadline it is, and the test fails instead of hanging.
 fn emulator(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_foxess-emulator"))
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = |name: &str| std::fs::File::create(dir.path().join(name)).expect("output file");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_foxess-emulator"))
         .args(args)
-        .output()
-        .expect("run foxess-emulator")
+        .stdin(Stdio::null())
+        .stdout(file("stdout"))
+        .stderr(file("stderr"))
+        .spawn()
+        .expect("run foxess-emulator");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("foxess-emulator {args:?} still running after 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let read = |name: &str| std::fs::read(dir.path().join(name)).expect("read output");
+    Output {
+        status,
+        stdout: read("stdout"),
+        stderr: read("stderr"),
+    }
 }
 
 /// The help of `flag` in `--help` output: its own line and the indented
 /// lines under it, up to the next flag.
 fn paragraph(help: &str, flag: &str) -> String {
-    let is_flag_line = |l: &str| {
+    // A flag line is indented at most 6 columns and starts with the flag
+    // names; the words after the names are help text and may name flags.
+    let names = |l: &str| -> Vec<String> {
         let t = l.trim_start();
-        t.starts_with('-') && l.len() - t.len() <= 6
+        if l.len() - t.len() > 6 {
+            return Vec::new();
+        }
+        t.split([' ', ','])
+            .filter(|w| !w.is_empty())
+            .take_while(|w| w.starts_with('-'))
+            .map(str::to_owned)
+            .collect()
     };
     let mut lines = help
         .lines()
-        .skip_while(|l| !(is_flag_line(l) && l.trim_start().split([' ', ',']).any(|w| w == flag)));
+        .skip_while(|l| !names(l).iter().any(|n| n == flag));
     let first = lines
         .next()
-        .unwrap_or_else(|| panic!("{flag} missing from --help:\n{help}"));
-    let rest = lines.take_while(|l| !is_flag_line(l));
+        .unwrap_or_else(|| panic!("{flag} missing from help:\n{help}"));
+    let rest = lines.take_while(|l| names(l).is_empty());
     std::iter::once(first)
         .chain(rest)
         .collect::<Vec<_>>()
@@ -77,33 +114,41 @@ fn help_lists_every_flag_with_its_default() {
 
 #[test]
 fn usage_errors_exit_2_with_a_message() {
-    for args in [
-        &["--no-such-flag"][..],
-        &["--api-key", "k", "--device", "SN", "--max-slots", "many"],
-        &[
-            "--api-key",
-            "k",
-            "--device",
-            "SN",
-            "--read-order",
-            "sideways",
-        ],
-        &["--api-key", "k", "--device", "SN", "--listen", "localhost"],
-        &[
-            "--api-key",
-            "k",
-            "--device",
-            "SN",
-            "--redirect-to",
-            "not a url",
-        ],
-        &["--api-key", "k"],
-        &["--device", "SN"],
+    // Valid apart from the one fault, which clap's message must name; a
+    // free port should the fault go unnoticed.
+    let ok = ["--api-key", "k", "--device", "SN"];
+    for (extra, named) in [
+        (&["--no-such-flag"][..], "--no-such-flag"),
+        (&["--max-slots", "many"], "many"),
+        (&["--max-power-w", "-1"], "-1"),
+        (&["--read-order", "sideways"], "sideways"),
+        (&["--listen", "localhost"], "localhost"),
+        (&["--redirect-to", "not a url"], "not a url"),
+    ] {
+        let port: &[&str] = match extra {
+            ["--listen", ..] => &[],
+            _ => &["--listen", "127.0.0.1:0"],
+        };
+        let args: Vec<&str> = ok.iter().chain(port).chain(extra).copied().collect();
+        let out = emulator(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("error:") && err.contains(named),
+            "{args:?}: {err}"
+        );
+        assert!(out.stdout.is_empty(), "{args:?}: {out:?}");
+    }
+    for (args, missing) in [
+        (&["--api-key", "k"][..], "--device"),
+        (&["--device", "SN"], "--api-key"),
     ] {
         let out = emulator(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("error:"), "{args:?}: {err}");
-        assert!(out.stdout.is_empty(), "{args:?}: {out:?}");
+        assert!(
+            err.contains("required") && err.contains(missing),
+            "{args:?}: {err}"
+        );
     }
 }
