@@ -41,36 +41,43 @@ enum Cmd {
     /// baseline.
     Push {
         /// Number of pushes.
-        #[arg(long, default_value_t = 20_000)]
+        #[arg(long, default_value_t = 20_000, value_parser = at_least_one())]
         n: usize,
         /// Concurrent clients (each its own HTTP/2 connection).
-        #[arg(long, default_value_t = 32)]
+        #[arg(long, default_value_t = 32, value_parser = at_least_one())]
         c: usize,
         /// Devices the pushes are spread over.
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = 100, value_parser = at_least_one())]
         devices: usize,
-        /// Use a running server instead of spawning one.
-        #[arg(long)]
+        /// Use a running server instead of spawning one (default: spawn
+        /// --server-bin on a free port and a fresh database).
+        #[arg(long, value_name = "HOST:PORT")]
         addr: Option<String>,
         /// The switchyard binary to spawn (default: `switchyard` next to
         /// this binary).
-        #[arg(long)]
+        #[arg(long, value_name = "PATH")]
         server_bin: Option<std::path::PathBuf>,
     },
     /// N windowed actions on N simulated devices (latency 0), all due in
     /// the same second: how late does the dispatcher apply them?
     Dispatch {
         /// Number of actions (and devices).
-        #[arg(long, default_value_t = 10_000)]
+        #[arg(long, default_value_t = 10_000, value_parser = at_least_one())]
         n: usize,
         /// Concurrent clients for the set-up pushes.
-        #[arg(long, default_value_t = 32)]
+        #[arg(long, default_value_t = 32, value_parser = at_least_one())]
         c: usize,
         /// The switchyard binary to spawn (default: `switchyard` next to
         /// this binary).
-        #[arg(long)]
+        #[arg(long, value_name = "PATH")]
         server_bin: Option<std::path::PathBuf>,
     },
+}
+
+/// Zero pushes, clients or devices measures nothing (and zero devices
+/// would divide by zero): refuse it as a usage error.
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..)
 }
 
 struct Server {
