@@ -170,16 +170,13 @@ impl OperatorPolicy {
         if allowed {
             return Ok(());
         }
+        // The operator's own prefixes are not listed: callers are not told
+        // about the server's network.
         Err(ConfigError::InvalidSetting {
             key: key.to_owned(),
             reason: format!(
-                "is not an endpoint the operator allows; allowed: {} (operators add more with --oem-url-allow)",
-                defaults
-                    .iter()
-                    .copied()
-                    .chain(self.url_allow.iter().map(String::as_str))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                "is not an endpoint this server may call: {} or a prefix its operator allows",
+                defaults.join(", ")
             ),
         })
     }
@@ -220,11 +217,20 @@ fn parts(url: &str) -> Option<Parts> {
     if uri.authority()?.as_str().contains('@') || uri.query().is_some() {
         return None;
     }
+    let path = uri.path().trim_end_matches('/');
+    let lower = path.to_ascii_lowercase();
+    if path.split('/').any(|seg| seg == "." || seg == "..")
+        || lower.contains("%2e")
+        || lower.contains("%2f")
+        || path.contains('\\')
+    {
+        return None;
+    }
     Some(Parts {
         scheme,
         host: uri.host()?.to_ascii_lowercase(),
         port,
-        path: uri.path().trim_end_matches('/').to_owned(),
+        path: path.to_owned(),
     })
 }
 

@@ -56,6 +56,9 @@ pub enum FailMode {
     Offline,
     /// Applies succeed, reverts fail.
     RevertFails,
+    /// Every apply and revert panics: a driver bug, to show that the
+    /// service survives one (the attempt fails; reads still work).
+    Panic,
 }
 
 /// Parsed settings of a simulated device.
@@ -106,9 +109,10 @@ impl SimulatedSettings {
             Some("unavailable") => Ok(FailMode::Unavailable),
             Some("offline") => Ok(FailMode::Offline),
             Some("revert_fails") => Ok(FailMode::RevertFails),
+            Some("panic") => Ok(FailMode::Panic),
             Some(_) => Err(invalid(
                 "fail_mode",
-                "must be one of none, reject, unavailable, offline, revert_fails",
+                "must be one of none, reject, unavailable, offline, revert_fails, panic",
             )),
         });
         let max_power_w = errors.take(number(s, "max_power_w", default_power, 1.0, 1_000_000.0));
@@ -406,6 +410,8 @@ impl Simulated {
                     .with_raw(raw("revert failed (fail_mode=revert_fails)")),
             ),
             FailMode::RevertFails => None,
+            #[allow(clippy::panic)] // the point of this fault
+            FailMode::Panic => panic!("simulated driver bug (fail_mode=panic)"),
         }
     }
 }

@@ -971,10 +971,12 @@ fn validate_reports_every_bad_setting_at_once() {
         k.sort();
         k
     };
+    // The base settings name an unset variable: the unreadable secret is
+    // reported along with the rest, not in a second round.
     let errors = f.validate(&spec(&s, Family::Battery));
     assert_eq!(
         keys(&errors),
-        ["base_url", "fd_soc", "max_slot"],
+        ["api_key_ref", "base_url", "fd_soc", "max_slot"],
         "{errors:?}"
     );
     assert!(matches!(
@@ -995,7 +997,7 @@ fn validate_reports_every_bad_setting_at_once() {
         settings: &s,
     };
     let errors = f.validate(&device);
-    assert_eq!(errors.len(), 5, "{errors:?}");
+    assert_eq!(errors.len(), 6, "{errors:?}");
     let mut fields: Vec<&str> = errors
         .iter()
         .filter_map(|e| match e {
@@ -1012,9 +1014,17 @@ fn validate_reports_every_bad_setting_at_once() {
             "{text}"
         );
     }
-    // Each device field alone is an InvalidDeviceField too.
+    // Each device field alone is an InvalidDeviceField too (with a secret
+    // that can be read, so that nothing else is wrong).
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("k"), KEY).unwrap();
+    let f = FoxessFactory::default().with_policy(OperatorPolicy {
+        secrets_dir: Some(dir.path().to_path_buf()),
+        url_allow: vec![],
+    });
     for (sn, tz, field) in [("", TZ, "oem_device_id"), (SN, "Not/AZone", "timezone")] {
-        let good = base_settings();
+        let mut good = base_settings();
+        good.insert("api_key_ref".into(), "file:k".into());
         let device = DeviceSpec {
             device_id: "d",
             family: Family::Battery,

@@ -15,7 +15,12 @@ use crate::{
 /// Books control actions on home-energy devices, and never lets two
 /// writers silently fight over a device.
 #[derive(Debug, Parser)]
-#[command(name = "switchyard", version, about)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Books control actions on home-energy devices, and never lets two writers silently fight over a device.",
+    after_help = "Log filter: SWITCHYARD_LOG or RUST_LOG (default: info), e.g. SWITCHYARD_LOG=debug."
+)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -38,7 +43,8 @@ pub enum Cmd {
     Serve(ServeArgs),
     /// Apply database migrations and exit.
     Migrate {
-        /// Database URL.
+        /// Database URL: `sqlite://PATH` (created if missing) or
+        /// `sqlite::memory:`.
         #[arg(
             long = "database",
             env = "SWITCHYARD_DATABASE_URL",
@@ -53,16 +59,24 @@ pub enum Cmd {
 pub struct ServeArgs {
     /// Address to listen on, HOST:PORT (a host name is resolved; port 0
     /// picks a free port).
-    #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "SWITCHYARD_LISTEN",
+        default_value = "127.0.0.1:50051",
+        value_name = "HOST:PORT",
+        value_parser = listen_syntax
+    )]
     pub listen: String,
     /// Database URL: `sqlite://PATH` (created if missing) or `sqlite::memory:`.
     #[arg(
         long = "database",
         env = "SWITCHYARD_DATABASE_URL",
-        default_value = "sqlite://switchyard.db"
+        default_value = "sqlite://switchyard.db",
+        value_name = "URL"
     )]
     pub database: String,
-    /// Do not create the demo devices on an empty database.
+    /// Do not create the demo devices on an empty database (default: an
+    /// empty database gets three simulated demo devices).
     #[arg(long)]
     pub no_demo: bool,
     /// Log format.
@@ -74,11 +88,16 @@ pub struct ServeArgs {
     )]
     pub log_format: LogFormat,
     /// How many days ahead an action may start.
-    #[arg(long, env = "SWITCHYARD_HORIZON_DAYS", default_value_t = DEFAULT_HORIZON_DAYS,
+    #[arg(long, env = "SWITCHYARD_HORIZON_DAYS", default_value_t = DEFAULT_HORIZON_DAYS, value_name = "DAYS",
           value_parser = clap::value_parser!(u32).range(1..=3650))]
     pub horizon_days: u32,
     /// Seconds to let running calls finish on SIGTERM/SIGINT.
-    #[arg(long, env = "SWITCHYARD_SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
+    #[arg(
+        long,
+        env = "SWITCHYARD_SHUTDOWN_GRACE_SECONDS",
+        default_value_t = 10,
+        value_name = "SECONDS"
+    )]
     pub shutdown_grace_seconds: u64,
     /// Directory of the secrets devices may name as `file:<name>` in their
     /// `api_key_ref` (e.g. a Kubernetes Secret mounted as a directory).
@@ -192,6 +211,19 @@ pub fn check_database_url(url: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Checks `--listen` is HOST:PORT (a usage error otherwise); the host is
+/// resolved when the server starts.
+fn listen_syntax(s: &str) -> Result<String, String> {
+    let ok = s.parse::<SocketAddr>().is_ok()
+        || s.rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err("must be HOST:PORT, e.g. 127.0.0.1:50051 or localhost:50051".to_owned())
+    }
 }
 
 /// Resolves `--listen`: an IP address or a host name, with a port.

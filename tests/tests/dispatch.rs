@@ -435,17 +435,28 @@ fn run_loop(
 ) -> (
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<()>,
+    switchyard::dispatch::Dispatcher,
 ) {
     let config = switchyard::dispatch::DispatchConfig {
         poll,
         ..Default::default()
     };
     let d = switchyard::server::dispatcher(&srv.app, config);
+    let probe = d.clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(d.run(async {
         let _ = stopped.await;
     }));
-    (stop, task)
+    (stop, task, probe)
+}
+
+/// Waits (bounded, in real time) until the loop has completed `n` rounds.
+async fn until_rounds(d: &switchyard::dispatch::Dispatcher, n: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while d.rounds() < n {
+        assert!(std::time::Instant::now() < deadline, "the loop is stuck");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
 }
 
 /// Waits (bounded, in real time) until the action is in `want`.
@@ -468,9 +479,11 @@ async fn until_state(srv: &TestServer, device: &str, id: &str, want: St) -> pb::
 async fn the_loop_applies_an_immediate_push_at_once_when_woken() {
     let srv = TestServer::start().await;
     srv.sim_device("b", &[("latency_ms", "0")]).await;
-    // A poll far longer than the test: only the push's wake-up can explain
-    // the action being applied.
-    let (stop, task) = run_loop(&srv, std::time::Duration::from_secs(3600));
+    // A poll far longer than the test, and the push only once the loop has
+    // finished its first round and gone to sleep: only the push's wake-up
+    // can explain the action being applied.
+    let (stop, task, probe) = run_loop(&srv, std::time::Duration::from_secs(3600));
+    until_rounds(&probe, 1).await;
     let a = srv
         .book("b", action(Command::AutoReserve, None, None))
         .await;
@@ -485,7 +498,7 @@ async fn the_loop_applies_at_the_start_and_reverts_at_the_end() {
     let srv = TestServer::start().await;
     srv.sim_device("b", &[("latency_ms", "0")]).await;
     srv.sim_device("c", &[("latency_ms", "0")]).await;
-    let (stop, task) = run_loop(&srv, std::time::Duration::from_millis(20));
+    let (stop, task, _) = run_loop(&srv, std::time::Duration::from_millis(20));
     let a = srv.book("b", window(Command::Charge, H, 2 * H)).await;
     // Once a later immediate push is done, the loop has had its chance at
     // the windowed one: still waiting for its start.

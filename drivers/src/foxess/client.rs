@@ -121,7 +121,9 @@ impl Api {
                 .with_raw(format!("POST {path}: timeout"))
             })??;
         let text = self.key.redact(&String::from_utf8_lossy(&bytes));
-        let env = classify(path, status, text.as_bytes())?;
+        let mut env = classify(path, status, text.as_bytes(), Some(&self.key))?;
+        // A key escaped in the JSON (\u0041…) is only seen once decoded.
+        redact_strings(&mut env.result, &self.key);
         let raw = format!(
             "POST {path}: HTTP {}; errno {}; msg {:?}",
             status.as_u16(),
@@ -129,6 +131,20 @@ impl Api {
             snippet(&env.msg)
         );
         Ok((env.result, raw))
+    }
+}
+
+/// Redacts `secret` from every string inside `v`.
+fn redact_strings(v: &mut Value, secret: &Secret) {
+    match v {
+        Value::String(s) => {
+            if s.contains(secret.expose()) {
+                *s = secret.redact(s);
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| redact_strings(x, secret)),
+        Value::Object(o) => o.values_mut().for_each(|x| redact_strings(x, secret)),
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
     }
 }
 
@@ -158,7 +174,12 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Classifies one HTTP answer. `Ok` only for HTTP 2xx with errno 0.
-pub fn classify(path: &str, status: StatusCode, body: &[u8]) -> Result<Envelope, DriverError> {
+pub fn classify(
+    path: &str,
+    status: StatusCode,
+    body: &[u8],
+    secret: Option<&Secret>,
+) -> Result<Envelope, DriverError> {
     let body_snippet = || snippet(&String::from_utf8_lossy(body));
     let code = status.as_u16();
     if status.is_redirection() {
@@ -205,8 +226,13 @@ pub fn classify(path: &str, status: StatusCode, body: &[u8]) -> Result<Envelope,
             body_snippet()
         )));
     }
-    let env: Envelope = match serde_json::from_slice(body) {
-        Ok(env) => env,
+    let env: Envelope = match serde_json::from_slice::<Envelope>(body) {
+        Ok(mut env) => {
+            if let Some(s) = secret {
+                env.msg = s.redact(&env.msg);
+            }
+            env
+        }
         // A 200 with a body that is not the envelope is a gateway or
         // maintenance page far more often than a protocol change.
         Err(e) => {

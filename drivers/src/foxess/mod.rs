@@ -227,15 +227,16 @@ impl DriverFactory for FoxessFactory {
     }
 
     fn validate(&self, device: &DeviceSpec<'_>) -> Vec<ConfigError> {
-        match self.settings(device) {
-            Ok(s) => self
-                .policy
-                .resolve("api_key_ref", &s.api_key_ref)
-                .err()
-                .into_iter()
-                .collect(),
-            Err(errors) => errors,
+        let mut errors = self.settings(device).err().unwrap_or_default();
+        // The secret is read whatever else is wrong, so that every problem
+        // is reported in one round.
+        if let Some(r) = device.settings.get("api_key_ref")
+            && let Ok(r) = self.policy.secret_ref("api_key_ref", r)
+            && let Err(e) = self.policy.resolve("api_key_ref", &r)
+        {
+            errors.push(e);
         }
+        errors
     }
 
     fn build(&self, device: &DeviceSpec<'_>) -> Result<Arc<dyn Driver>, ConfigError> {

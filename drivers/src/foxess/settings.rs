@@ -140,11 +140,23 @@ fn parse_base_url(raw: &str) -> Result<String, ConfigError> {
     let Some(rest) = rest else {
         return Err(invalid("base_url", "must start with http:// or https://"));
     };
-    // Credentials in the URL would end up in account names and logs.
-    if rest.is_empty() || rest.contains('@') || rest.contains('?') || rest.contains('#') {
+    // Credentials in the URL would end up in account names and logs; dot
+    // segments, encoded or not, and backslashes could climb out of an
+    // allowed prefix at a proxy that normalises paths.
+    let lower = rest.to_ascii_lowercase();
+    if rest.is_empty()
+        || rest.contains(['@', '?', '#', '\\'])
+        || lower.contains("%2e")
+        || lower.contains("%2f")
+        || lower.contains("%5c")
+        || rest
+            .split('/')
+            .skip(1)
+            .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+    {
         return Err(invalid(
             "base_url",
-            "must be scheme://host[:port][/prefix], without credentials, query or fragment",
+            "must be scheme://host[:port][/prefix], without credentials, query, fragment or dot segments",
         ));
     }
     match trimmed.parse::<hyper::Uri>() {

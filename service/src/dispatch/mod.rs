@@ -84,6 +84,8 @@ pub struct Dispatcher {
     budgets: Arc<Budgets>,
     wake: Arc<Notify>,
     config: DispatchConfig,
+    /// Rounds of [`Dispatcher::run`] completed (shared by clones).
+    rounds: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn apply_request(a: &Action, clear_native: bool) -> ApplyRequest {
@@ -217,7 +219,15 @@ impl Dispatcher {
             clock,
             wake,
             config,
+            rounds: Arc::default(),
         }
+    }
+
+    /// How many rounds [`Dispatcher::run`] has completed: each claims due
+    /// work, runs it, and then sleeps until work is due or a push wakes
+    /// it.
+    pub fn rounds(&self) -> u64 {
+        self.rounds.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn backoff(&self, attempts: i64) -> i64 {
@@ -554,6 +564,8 @@ impl Dispatcher {
                 }
             }
             let next = self.store.next_due().await.ok().flatten();
+            self.rounds
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
             let wait = match next {
                 Some(due) if due <= self.clock.now() => continue,
                 Some(due) => Duration::from_nanos((due.0 - self.clock.now().0).max(0) as u64)

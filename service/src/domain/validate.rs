@@ -75,9 +75,16 @@ fn check_param(
         ));
         return None;
     };
-    let in_bound = unit.convert(q.value, spec.bound_unit);
-    match in_bound {
-        Some(v) if q.value.is_finite() && v >= spec.min && v <= spec.max => Some(Quantity {
+    if !q.value.is_finite() {
+        out.push(FieldViolation::new(
+            format!("{field}.value"),
+            Reason::ParameterOutOfRange,
+            format!("{} must be finite", spec.param.name()),
+        ));
+        return None;
+    }
+    match unit.convert(q.value, spec.bound_unit) {
+        Some(v) if v >= spec.min && v <= spec.max => Some(Quantity {
             value: q.value,
             unit,
         }),
@@ -87,7 +94,7 @@ fn check_param(
                 Reason::ParameterOutOfRange,
                 format!(
                     "{} {} is outside the accepted range {} to {} {}",
-                    q.value,
+                    number(q.value),
                     unit.as_str(),
                     spec.min,
                     spec.max,
@@ -96,6 +103,17 @@ fn check_param(
             ));
             None
         }
+    }
+}
+
+/// A number as a person would write it: plain when short, in scientific
+/// notation when huge or tiny (1e308 is not 309 digits).
+fn number(v: f64) -> String {
+    let plain = v.to_string();
+    if plain.len() <= 16 {
+        plain
+    } else {
+        format!("{v:e}")
     }
 }
 
@@ -327,6 +345,35 @@ mod tests {
             command: Some(Command::Charge),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn non_finite_and_huge_powers_are_refused_in_words_a_person_reads() {
+        let caps = battery();
+        let message = |value: f64| {
+            let input = PushInput {
+                power: Some(RawQuantity {
+                    value,
+                    unit: Some(Unit::Kilowatt),
+                }),
+                ..charge()
+            };
+            match validate_push(&input, &caps, NOW, DAY) {
+                Err(Error::Invalid(v)) => {
+                    assert_eq!(v[0].reason, Reason::ParameterOutOfRange);
+                    assert_eq!(v[0].field, "action.power.value");
+                    v[0].description.clone()
+                }
+                other => panic!("{value}: {other:?}"),
+            }
+        };
+        for v in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            assert_eq!(message(v), "power must be finite", "{v}");
+        }
+        let huge = message(1e308);
+        assert!(huge.starts_with("1e308 kW is outside"), "{huge}");
+        assert!(huge.len() < 100, "{huge}");
+        assert!(message(-3.5).starts_with("-3.5 kW"));
     }
 
     #[test]
