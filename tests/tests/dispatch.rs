@@ -517,3 +517,59 @@ async fn the_loop_applies_at_the_start_and_reverts_at_the_end() {
     stop.send(()).unwrap();
     task.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_driver_that_panics_fails_its_attempt_and_the_dispatcher_goes_on() {
+    let srv = TestServer::start().await;
+    srv.sim_device("p", &[("fail_mode", "panic")]).await;
+    srv.sim_device("b", &[]).await;
+    let bad = srv.book("p", action(Command::Charge, None, None)).await;
+    let good = srv.book("b", action(Command::Charge, None, None)).await;
+    // Both in one round: the panic costs only its own action.
+    srv.dispatch().await;
+    let f = srv.get("p", &bad.action_id).await;
+    assert_eq!(
+        (f.state, f.error_code.as_str()),
+        (St::Failed as i32, "DRIVER_FAULT"),
+        "{f:?}"
+    );
+    assert!(f.error_message.contains("panicked"), "{f:?}");
+    assert_eq!(
+        srv.get("b", &good.action_id).await.state,
+        St::Completed as i32
+    );
+
+    // A revert whose driver panics is a failed try: retried with backoff,
+    // then REVERT_FAILED, like any revert that keeps failing.
+    srv.sim_device("r", &[]).await;
+    let w = srv.book("r", window(Command::Charge, H, 2 * H)).await;
+    srv.dispatch_at(H).await;
+    assert_eq!(srv.get("r", &w.action_id).await.state, St::Active as i32);
+    srv.set_settings("r", &[("fail_mode", "panic")]).await;
+    let mut now = 2 * H;
+    let mut tries = 0;
+    loop {
+        srv.dispatch_at(now).await;
+        tries += 1;
+        let a = srv.get("r", &w.action_id).await;
+        if a.state != St::Active as i32 {
+            assert_eq!(
+                (a.state, a.error_code.as_str()),
+                (St::Failed as i32, "REVERT_FAILED"),
+                "{a:?}"
+            );
+            break;
+        }
+        assert!(a.error_message.starts_with("retrying"), "{a:?}");
+        assert!(tries < 20, "never gave up");
+        now += 700; // past the longest backoff
+    }
+    assert_eq!(tries, 10, "every panic counted as one of the 10 tries");
+    // The dispatcher still serves other work.
+    let later = srv.book("b", action(Command::Idle, None, None)).await;
+    srv.dispatch().await;
+    assert_eq!(
+        srv.get("b", &later.action_id).await.state,
+        St::Completed as i32
+    );
+}

@@ -3,15 +3,10 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-use std::{
-    collections::HashSet,
-    io::{BufRead, BufReader},
-    process::{Child, Command as Proc, Stdio},
-    time::Duration,
-};
+use std::{collections::HashSet, time::Duration};
 
 use switchyard_proto::v1::{self as pb, Command, ConflictStrategy as S};
-use switchyard_tests::{TestServer, action, details, expect_error, push, window};
+use switchyard_tests::{ServerProcess, TestServer, action, details, expect_error, push, window};
 use tokio_stream::StreamExt;
 use tonic::{Code, transport::Channel};
 
@@ -262,54 +257,7 @@ async fn a_storm_of_overlapping_pushes_books_exactly_one() {
     assert_eq!(srv.list("b").await.len(), 1);
 }
 
-struct Spawned {
-    child: Child,
-    addr: String,
-}
-
-fn spawn_server(db: &str) -> Spawned {
-    let mut child = Proc::new(env!("CARGO_BIN_EXE_switchyard-under-test"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--database",
-            db,
-            "--no-demo",
-            "--log-format",
-            "json",
-        ])
-        .args(["--shutdown-grace-seconds", "3"])
-        .env("SWITCHYARD_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn server");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("server exited before listening")
-            .expect("read");
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["fields"]["message"] == "listening" {
-            break v["fields"]["addr"].as_str().expect("addr").to_owned();
-        }
-    };
-    // Keep draining the log so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Spawned { child, addr }
-}
-
-async fn connect(addr: &str) -> Channel {
-    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .unwrap()
-}
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard-under-test");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_acknowledged_push_survives_kill_9() {
@@ -318,8 +266,8 @@ async fn every_acknowledged_push_survives_kill_9() {
     };
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite://{}", dir.path().join("crash.db").display());
-    let mut s = spawn_server(&db);
-    let ch = connect(&s.addr).await;
+    let s = ServerProcess::spawn(BIN, &db);
+    let ch = s.channel().await;
     DeviceServiceClient::new(ch.clone())
         .create_device(pb::CreateDeviceRequest {
             device_id: "k".into(),
@@ -366,8 +314,7 @@ async fn every_acknowledged_push_survives_kill_9() {
     while acked.len() < 150 {
         acked.push(acked_rx.recv().await.expect("acks"));
     }
-    s.child.kill().expect("kill -9");
-    s.child.wait().unwrap();
+    drop(s); // SIGKILL, and waits for the process
     for w in writers {
         let _ = w.await;
     }
@@ -375,9 +322,8 @@ async fn every_acknowledged_push_survives_kill_9() {
         acked.push(id);
     }
 
-    let s2 = spawn_server(&db);
-    let ch = connect(&s2.addr).await;
-    let mut c = ActionServiceClient::new(ch);
+    let s2 = ServerProcess::spawn(BIN, &db);
+    let mut c = ActionServiceClient::new(s2.channel().await);
     for id in &acked {
         let a = c
             .get_action(pb::GetActionRequest {
@@ -392,9 +338,6 @@ async fn every_acknowledged_push_survives_kill_9() {
         "{} acknowledged actions all present after kill -9",
         acked.len()
     );
-    let mut child = s2.child;
-    child.kill().unwrap();
-    child.wait().unwrap();
 }
 
 fn chrono_free_now() -> i64 {
@@ -404,31 +347,109 @@ fn chrono_free_now() -> i64 {
         .as_secs() as i64
 }
 
+/// SIGTERM while a call is running: health turns NOT_SERVING at once, the
+/// call completes, and the process exits as soon as it has — well inside
+/// its 3 s grace period, which it would wait out if draining were broken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_stops_the_server_gracefully_within_its_grace_period() {
+async fn sigterm_lets_a_running_call_finish_reports_not_serving_and_exits_promptly() {
     use pb::device_service_client::DeviceServiceClient;
+    use switchyard_drivers::foxess::emulator::{Emulator, EmulatorConfig};
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    // A slow OEM makes CreateDevice slow: it observes the device first
+    // (two calls, 700 ms each).
+    let emu = Emulator::start(EmulatorConfig::new("k3y-term", &["SN-T"]))
+        .await
+        .unwrap();
+    emu.set_latency(Duration::from_millis(700));
     let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("key"), "k3y-term").unwrap();
     let db = format!("sqlite://{}", dir.path().join("term.db").display());
-    let mut s = spawn_server(&db);
-    let ch = connect(&s.addr).await;
-    let listed = DeviceServiceClient::new(ch.clone())
-        .list_devices(pb::ListDevicesRequest::default())
-        .await;
-    assert!(listed.is_ok());
-    let pid = s.child.id().to_string();
-    let killed = Proc::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(killed.success());
-    // The grace period is 3 s; give the process some slack to exit.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(status) = s.child.try_wait().unwrap() {
+    let mut s = ServerProcess::spawn_with(
+        BIN,
+        &db,
+        &[
+            "--secrets-dir",
+            dir.path().to_str().unwrap(),
+            "--oem-url-allow",
+            &emu.base_url(),
+        ],
+        &[],
+    );
+    let ch = s.channel().await;
+    let mut watch = HealthClient::new(ch.clone())
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.next().await.unwrap().unwrap();
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+
+    let create = tokio::spawn({
+        let ch = ch.clone();
+        let url = emu.base_url();
+        async move {
+            DeviceServiceClient::new(ch)
+                .create_device(pb::CreateDeviceRequest {
+                    device_id: "slow".into(),
+                    device: Some(pb::Device {
+                        family: 1,
+                        driver: "foxess".into(),
+                        oem_device_id: "SN-T".into(),
+                        settings: [
+                            ("base_url".to_owned(), url),
+                            ("api_key_ref".to_owned(), "file:key".to_owned()),
+                        ]
+                        .into_iter()
+                        .collect(),
+                        ..Default::default()
+                    }),
+                    request_id: String::new(),
+                })
+                .await
+        }
+    });
+    // The call is with the emulator by now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let term = std::time::Instant::now();
+    s.terminate();
+
+    // Health says NOT_SERVING while the call is still running.
+    let next = tokio::time::timeout(Duration::from_secs(1), watch.next())
+        .await
+        .expect("health changes at once")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.status, ServingStatus::NotServing as i32);
+    assert!(!create.is_finished(), "the call is still running");
+    drop(watch);
+
+    // The running call completes, with its answer.
+    let created = create.await.unwrap().expect("the running call completes");
+    let done = term.elapsed();
+    assert_eq!(created.into_inner().device_id, "slow");
+    // And the process exits right after: well before the 3 s grace.
+    let exited = loop {
+        if let Some(status) = s.try_wait() {
             assert!(status.success(), "exit status {status:?}");
-            break;
+            break term.elapsed();
         }
         assert!(
-            std::time::Instant::now() < deadline,
-            "server did not stop within its grace period"
+            term.elapsed() < Duration::from_secs(10),
+            "no exit after SIGTERM"
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        exited < done + Duration::from_millis(1000) && exited < Duration::from_millis(2700),
+        "call done {done:?} after SIGTERM, exit {exited:?}"
+    );
+    // New calls are refused once draining began (the listener is closed).
+    assert!(
+        tokio::net::TcpStream::connect(&s.addr).await.is_err(),
+        "no longer listening"
+    );
 }
