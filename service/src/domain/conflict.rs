@@ -221,6 +221,51 @@ mod tests {
     const S: ActionState = ActionState::Scheduled;
     const A: ActionState = ActionState::Active;
 
+    const C: ActionState = ActionState::Cancelled;
+    const K: ActionState = ActionState::Acknowledged;
+
+    fn retry(hs: &[Holder], strategy: Strategy) -> Option<i64> {
+        match decide("d", "mode", Ts(10), Some(Ts(20)), hs, strategy) {
+            Err(c) => {
+                assert_eq!(c.kind, ConflictKind::InFlight, "{c:?}");
+                c.retry_after_nanos
+            }
+            Ok(p) => panic!("booked: {p:?}"),
+        }
+    }
+
+    #[test]
+    fn only_colliders_that_settle_by_themselves_make_a_refusal_worth_retrying() {
+        // A cancelled action finishing its revert, an open-ended one being
+        // applied: retry.
+        for settling in [h(1, C, 0, Some(30)), h(1, K, 0, None)] {
+            for strategy in [Strategy::Reject, Strategy::CancelAndReplace] {
+                assert_eq!(
+                    retry(std::slice::from_ref(&settling), strategy),
+                    Some(SETTLE_RETRY_NANOS),
+                    "{settling:?} {strategy:?}"
+                );
+            }
+        }
+        // An action the OEM is executing holds until its end: no retry.
+        assert_eq!(retry(&[h(1, A, 0, Some(30))], Strategy::Reject), None);
+        assert_eq!(retry(&[h(1, K, 0, Some(30))], Strategy::Reject), None);
+        // Settling plus a scheduled one: without a strategy the scheduled
+        // one would still collide; CANCEL_AND_REPLACE would cancel it.
+        let both = [h(1, C, 0, Some(12)), h(2, S, 12, Some(30))];
+        assert_eq!(retry(&both, Strategy::Reject), None);
+        assert_eq!(
+            retry(&both, Strategy::CancelAndReplace),
+            Some(SETTLE_RETRY_NANOS)
+        );
+        // A cancelled holder is in flight: never cancelled again, and
+        // reported as it is.
+        let c = decide("d", "mode", Ts(10), Some(Ts(20)), &both, Strategy::Reject).unwrap_err();
+        assert_eq!(c.in_flight, [ActionId::from_u128(1)]);
+        assert_eq!(c.colliders[0].state, C);
+        assert_eq!(c.strategies, [Strategy::QueueAfter]);
+    }
+
     #[test]
     fn back_to_back_windows_do_not_collide() {
         let hs = [h(1, S, 10, Some(20))];
