@@ -11,7 +11,6 @@ use crate::model::{Capabilities, Command, Params};
 pub struct ApplyRequest {
     /// The switchyard action id (drivers may tag what they write with it).
     pub action_id: String,
-    /// The command.
     pub command: Command,
     /// Its parameters, as booked.
     pub params: Params,

@@ -7,7 +7,6 @@ use std::fmt;
 pub enum Family {
     /// A home battery or hybrid inverter.
     Battery,
-    /// An EV charger.
     EvCharger,
     /// A solar inverter without storage (read-only).
     SolarInverter,
@@ -34,7 +33,6 @@ impl Family {
     }
 }
 
-/// A control command.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Command {
     /// Charge (battery or vehicle).
@@ -93,9 +91,7 @@ impl fmt::Display for Command {
 /// The unit of a quantity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Unit {
-    /// Watts.
     Watt,
-    /// Kilowatts.
     Kilowatt,
     /// Percent, 0 to 100.
     Percent,
@@ -136,16 +132,13 @@ impl Unit {
 /// A value with its unit.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Quantity {
-    /// The magnitude.
     pub value: f64,
-    /// The unit.
     pub unit: Unit,
 }
 
 /// The parameters of an action, each optional.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Params {
-    /// Power.
     pub power: Option<Quantity>,
     /// Target state of charge.
     pub target_soc: Option<Quantity>,
@@ -153,10 +146,8 @@ pub struct Params {
     pub reserve_soc: Option<Quantity>,
 }
 
-/// A command parameter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Param {
-    /// Power.
     Power,
     /// Target state of charge.
     TargetSoc,
@@ -206,7 +197,6 @@ pub struct ParamSpec {
 /// One command a device accepts.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CommandSpec {
-    /// The command.
     pub command: Command,
     /// The channel it controls; actions collide only within a channel.
     pub channel: String,

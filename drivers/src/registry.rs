@@ -31,7 +31,6 @@ pub enum ConfigError {
     /// A settings key the driver does not know.
     #[error("unknown setting {key:?}; known settings: {known}")]
     UnknownSetting {
-        /// The key.
         key: String,
         /// The keys the driver knows, comma-separated.
         known: String,
@@ -128,7 +127,6 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// An empty registry.
     pub fn new() -> Self {
         Self::default()
     }

@@ -46,7 +46,6 @@ const KNOWN: &[&str] = &[
 /// How a simulated device misbehaves (setting `fail_mode`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FailMode {
-    /// Behaves.
     None,
     /// Every apply is rejected (OEM_REJECTED).
     Reject,

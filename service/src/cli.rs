@@ -36,7 +36,6 @@ pub enum LogFormat {
     Json,
 }
 
-/// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
     /// Run the gRPC server.

@@ -39,7 +39,6 @@ use super::wire::{
 pub enum ReadOrder {
     /// As last written.
     AsWritten,
-    /// Reversed.
     Reversed,
     /// Sorted by work mode name, then start time.
     ByMode,
@@ -152,7 +151,6 @@ impl Drop for EmulatorHandle {
     }
 }
 
-/// The emulator.
 #[derive(Debug)]
 pub struct Emulator;
 
@@ -210,7 +208,6 @@ impl EmulatorHandle {
         lock(&self.state)
     }
 
-    /// The address served.
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }

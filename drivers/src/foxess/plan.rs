@@ -27,7 +27,6 @@ fn rejected(msg: impl Into<String>) -> DriverError {
 /// The per-group values of an action (everything but the times).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Template {
-    /// The work mode.
     pub mode: WorkMode,
     /// `minSocOnGrid`.
     pub min_soc_on_grid: i64,

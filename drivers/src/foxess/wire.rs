@@ -17,7 +17,6 @@ pub const PATH_GET: &str = "/op/v1/device/scheduler/get";
 /// Replaces the whole group list: `{deviceSN, groups}`.
 pub const PATH_SET: &str = "/op/v1/device/scheduler/enable";
 
-/// Success.
 pub const ERRNO_OK: i64 = 0;
 /// Bad or missing authentication headers (token, timestamp, signature,
 /// lang). The emulator answers this; the real cloud uses it for
@@ -64,12 +63,10 @@ pub enum WorkMode {
     ForceCharge,
     /// Discharge to the grid.
     ForceDischarge,
-    /// An unused slot.
     Invalid,
 }
 
 impl WorkMode {
-    /// The wire name.
     pub fn as_str(self) -> &'static str {
         match self {
             WorkMode::SelfUse => "SelfUse",
@@ -195,7 +192,6 @@ impl fmt::Display for Group {
     }
 }
 
-/// The response envelope.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Envelope {
     /// 0 = success.
@@ -203,7 +199,6 @@ pub struct Envelope {
     /// Human-readable message.
     #[serde(default)]
     pub msg: String,
-    /// The payload.
     #[serde(default)]
     pub result: Value,
 }

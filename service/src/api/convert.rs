@@ -571,6 +571,9 @@ pub fn create_device(req: pb::CreateDeviceRequest) -> Result<CreateDevice, Error
         device: Device {
             id,
             display_name: dev.display_name,
+            // A placeholder only: a missing family is already a recorded
+            // violation, so this device is refused before it is used;
+            // parsing goes on to report every other bad field too.
             family: family.unwrap_or(Family::Battery),
             driver: dev.driver,
             oem_device_id: dev.oem_device_id,

@@ -31,7 +31,6 @@ use crate::domain::{
     error::{Conflict, MAX_LISTED},
 };
 
-/// The ErrorInfo domain.
 pub const DOMAIN: &str = "switchyard";
 /// Longest status message, in bytes (longer ones end in "…").
 pub const MAX_MESSAGE_BYTES: usize = 400;

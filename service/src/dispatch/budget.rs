@@ -15,7 +15,6 @@ struct Bucket {
     at: Ts,
 }
 
-/// The buckets.
 #[derive(Debug, Default)]
 pub struct Budgets {
     accounts: Mutex<HashMap<String, Bucket>>,

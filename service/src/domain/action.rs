@@ -13,9 +13,7 @@ pub enum ActionState {
     Acknowledged,
     /// A windowed command accepted by the OEM; the window is running.
     Active,
-    /// Done.
     Completed,
-    /// Failed.
     Failed,
     /// Cancelled or replaced.
     Cancelled,
@@ -119,15 +117,11 @@ impl Work {
 /// A booked action, as stored.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Action {
-    /// Its id.
     pub id: ActionId,
-    /// Its device.
     pub device_id: DeviceId,
     /// The channel its command controls.
     pub channel: String,
-    /// The command.
     pub command: Command,
-    /// The parameters.
     pub params: Params,
     /// Start of its occupancy (for an immediate action, when it was booked).
     pub start: Ts,
@@ -135,7 +129,6 @@ pub struct Action {
     pub end: Option<Ts>,
     /// Whether it was pushed without a start.
     pub immediate: bool,
-    /// State.
     pub state: ActionState,
     /// The action that replaced it.
     pub replaced_by: Option<ActionId>,
@@ -169,9 +162,7 @@ impl Action {
 /// A transition to record in the audit trail.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Transition {
-    /// The action.
     pub action_id: ActionId,
-    /// Its device.
     pub device_id: DeviceId,
     /// Previous state; `None` when created.
     pub from: Option<ActionState>,

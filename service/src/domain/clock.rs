@@ -56,7 +56,6 @@ impl Ts {
 
 /// A source of the current time.
 pub trait Clock: Send + Sync + std::fmt::Debug {
-    /// Now.
     fn now(&self) -> Ts;
 }
 

@@ -4,14 +4,11 @@ use std::collections::BTreeMap;
 
 use super::{DeviceId, Family, Ts};
 
-/// A registered device.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Device {
-    /// Its id.
     pub id: DeviceId,
     /// Human-readable name.
     pub display_name: String,
-    /// Family.
     pub family: Family,
     /// Driver kind.
     pub driver: String,

@@ -39,14 +39,12 @@ pub enum Reason {
 pub struct FieldViolation {
     /// Path of the field, e.g. `action.power.unit`.
     pub field: String,
-    /// Why.
     pub reason: Reason,
     /// Human-readable explanation (never echoes secret values).
     pub description: String,
 }
 
 impl FieldViolation {
-    /// A violation.
     pub fn new(field: impl Into<String>, reason: Reason, description: impl Into<String>) -> Self {
         Self {
             field: field.into(),
@@ -70,15 +68,10 @@ pub enum ConflictKind {
 /// One colliding action, as reported.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Collider {
-    /// Its id.
     pub id: ActionId,
-    /// Its state.
     pub state: ActionState,
-    /// Its command.
     pub command: Command,
-    /// The shared channel.
     pub channel: String,
-    /// Its start.
     pub start: Ts,
     /// Its end, if any.
     pub end: Option<Ts>,
@@ -94,13 +87,9 @@ pub const MAX_LISTED: usize = 8;
 pub struct Conflict {
     /// Which rule refused it.
     pub kind: ConflictKind,
-    /// The device.
     pub device_id: String,
-    /// The channel.
     pub channel: String,
-    /// The requested window.
     pub requested_start: Ts,
-    /// The requested end.
     pub requested_end: Option<Ts>,
     /// Every colliding action, by start.
     pub colliders: Vec<Collider>,
@@ -133,34 +122,26 @@ pub enum Error {
     /// No such action on the device.
     #[error("action {action_id:?} not found on device {device_id:?}")]
     ActionNotFound {
-        /// The device.
         device_id: String,
         /// The action asked for.
         action_id: String,
     },
     /// Device id taken.
     #[error("device {device_id:?} already exists")]
-    DeviceAlreadyExists {
-        /// The id.
-        device_id: String,
-    },
+    DeviceAlreadyExists { device_id: String },
     /// Device has holding actions.
     #[error("device {device_id:?} has actions that hold a channel: {}", join(.action_ids))]
     DeviceHasActiveActions {
-        /// The device.
         device_id: String,
-        /// The holding actions.
         action_ids: Vec<ActionId>,
         /// Those in flight (not cancellable even with force).
         in_flight: Vec<ActionId>,
     },
-    /// A refused push.
     #[error("{}", conflict_message(.0))]
     Conflict(Box<Conflict>),
     /// The device's native scheduler blocks direct writes.
     #[error("the native scheduler of device {device_id:?} is enabled and blocks direct writes ({} row(s)); push with CANCEL_AND_REPLACE to clear it", .rows.len())]
     SchedulerActive {
-        /// The device.
         device_id: String,
         /// The native rows observed.
         rows: Vec<switchyard_drivers::NativeRow>,
@@ -173,19 +154,14 @@ pub enum Error {
     /// Cancel not possible in this state.
     #[error("action {action_id} is {} and cannot be cancelled", .state.as_str())]
     NotCancellable {
-        /// The device.
         device_id: String,
-        /// The action.
         action_id: ActionId,
-        /// Its current state.
         state: ActionState,
     },
     /// Already cancelled.
     #[error("action {action_id} is already cancelled")]
     AlreadyCancelled {
-        /// The device.
         device_id: String,
-        /// The action.
         action_id: ActionId,
         /// When it was cancelled.
         cancelled_at: Ts,
@@ -198,13 +174,11 @@ pub enum Error {
     EtagMismatch {
         /// `devices/{id}` or `devices/{id}/actions/{id}`.
         resource: String,
-        /// The current one.
         current: String,
     },
     /// request_id reused with another body.
     #[error("request_id {request_id:?} was already used for a different request")]
     RequestIdReused {
-        /// The key.
         request_id: String,
         /// The RPC it was first used with.
         first_method: String,
@@ -212,7 +186,6 @@ pub enum Error {
     /// request_id still being processed.
     #[error("a request with request_id {request_id:?} is still being processed")]
     RequestInProgress {
-        /// The key.
         request_id: String,
         /// How long to wait before retrying, in nanoseconds.
         retry_after_nanos: i64,

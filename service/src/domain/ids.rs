@@ -49,7 +49,6 @@ impl DeviceId {
         Self(format!("dev-{}", uuid::Uuid::now_v7().simple()))
     }
 
-    /// The id.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -66,7 +65,6 @@ impl fmt::Display for DeviceId {
 pub struct ActionId(uuid::Uuid);
 
 impl ActionId {
-    /// A fresh id.
     pub fn generate() -> Self {
         Self(uuid::Uuid::now_v7())
     }

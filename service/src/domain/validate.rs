@@ -9,7 +9,6 @@ use super::{Command, Error, FieldViolation, Params, Quantity, Reason, Ts, Unit};
 /// A quantity as received: the unit may be missing or unknown.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RawQuantity {
-    /// The value.
     pub value: f64,
     /// The unit; `None` when unspecified or unknown.
     pub unit: Option<Unit>,
@@ -20,7 +19,6 @@ pub struct RawQuantity {
 pub struct PushInput {
     /// The command; `None` when unspecified or unknown.
     pub command: Option<Command>,
-    /// Power.
     pub power: Option<RawQuantity>,
     /// Target state of charge.
     pub target_soc: Option<RawQuantity>,
@@ -35,7 +33,6 @@ pub struct PushInput {
 /// A push that the device can take, timed against the server clock.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ValidPush {
-    /// The command.
     pub command: Command,
     /// The channel it controls.
     pub channel: String,

@@ -61,7 +61,6 @@ pub enum Finish {
     },
     /// Try again at `due` (attempts counted).
     Retry {
-        /// When.
         due: Ts,
         /// What failed.
         message: String,
@@ -69,15 +68,11 @@ pub enum Finish {
         raw: Option<String>,
     },
     /// Not now (e.g. the rate budget): try at `due`, no attempt counted.
-    Postpone {
-        /// When.
-        due: Ts,
-    },
+    Postpone { due: Ts },
     /// Give up: FAILED with `code`.
     Failed {
         /// The action error code.
         code: String,
-        /// Detail.
         message: String,
         /// The OEM's answer.
         raw: Option<String>,

@@ -48,7 +48,6 @@ pub type EncodeResponse<T> = Box<dyn FnOnce(&T) -> Vec<u8> + Send>;
 /// Records the response of an idempotent request in the transaction that
 /// makes its change, so a retry after a crash can never apply it twice.
 pub struct IdemCommit<T> {
-    /// The key.
     pub request_id: String,
     /// The claim [`Store::idem_begin`] handed out; the response is recorded
     /// only while this claim still holds the key.
@@ -107,7 +106,6 @@ impl Default for StoreOptions {
     }
 }
 
-/// The database.
 #[derive(Clone, Debug)]
 pub struct Store {
     write: SqlitePool,
