@@ -17,6 +17,11 @@ own switchyard.v1.ConflictDetail).
   other's order.
 - Every action is booked hours ahead, so nothing ever starts during a run:
   no test waits on the scheduler.
+- The "bounded errors" tests provoke the largest error of each RPC (300 and
+  600 booked actions, 100 bad mask paths, 4 KB etags, 64 bad settings,
+  malformed bodies) on a channel with grpcio's default options, and check
+  that each arrives typed within grpcio's 8 KiB metadata limit. One case
+  needs curl with HTTP/2 (a gRPC frame cut short) and is skipped without it.
 """
 
 import base64
