@@ -53,6 +53,21 @@ fn check_device(app: &App, d: &Device, out: &mut Vec<FieldViolation>) {
         ));
         return;
     }
+    // Keys are names (they are repeated in errors and field paths); a
+    // key with other characters is refused as one problem, not per key.
+    let name = |k: &String| {
+        !k.is_empty()
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    };
+    if !d.settings.keys().all(name) {
+        out.push(FieldViolation::new(
+            "device.settings",
+            Reason::InvalidField,
+            "setting keys are names: letters, digits, '_', '-' and '.'",
+        ));
+        return;
+    }
     if d.settings
         .iter()
         .any(|(k, v)| k.len() > MAX_SETTING_KEY || v.len() > MAX_SETTING_VALUE)

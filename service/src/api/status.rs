@@ -36,6 +36,8 @@ pub const DOMAIN: &str = "switchyard";
 pub const MAX_MESSAGE_BYTES: usize = 400;
 /// Longest description of one field violation or precondition, in bytes.
 pub const MAX_DESCRIPTION_BYTES: usize = 160;
+/// Longest field path, in bytes (paths name caller-chosen keys).
+pub const MAX_FIELD_BYTES: usize = 96;
 
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
@@ -308,23 +310,23 @@ impl Rich {
 
     fn invalid(&mut self, violations: &[FieldViolation]) {
         let listed = &violations[..violations.len().min(MAX_LISTED)];
-        let mut fields: Vec<&str> = Vec::new();
+        let field = |v: &FieldViolation| cap(v.field.clone(), MAX_FIELD_BYTES);
+        let mut fields: Vec<String> = Vec::new();
         for v in listed {
-            if !fields.contains(&v.field.as_str()) {
-                fields.push(&v.field);
+            let f = field(v);
+            if !fields.contains(&f) {
+                fields.push(f);
             }
         }
         self.meta("fields", fields.join(","));
-        if violations.len() > MAX_LISTED {
-            self.truncated("field_violation_count", violations.len());
-        }
+        self.truncated("field_violation_count", violations.len());
         self.details.push(any(
             "google.rpc.BadRequest",
             &rpc::BadRequest {
                 field_violations: listed
                     .iter()
                     .map(|v| rpc::bad_request::FieldViolation {
-                        field: v.field.clone(),
+                        field: field(v),
                         description: cap(v.description.clone(), MAX_DESCRIPTION_BYTES),
                         reason: field_reason(v.reason).reason().to_owned(),
                         localized_message: None,
@@ -556,11 +558,20 @@ mod tests {
             .collect();
         let ids = many_ids(600);
         let field = |i: usize| format!("device.settings[\"{}{i}\"]", "k".repeat(60));
+        // Escaped control characters: six bytes each in a field path.
+        let escaped = |i: usize| format!("device.settings[{:?}]", format!("\u{7f}{i}").repeat(30));
         vec![
             Error::Invalid(
                 (0..100)
                     .map(|i| {
                         FieldViolation::new(field(i), Reason::InvalidSettings, "é".repeat(400))
+                    })
+                    .collect(),
+            ),
+            Error::Invalid(
+                (0..64)
+                    .map(|i| {
+                        FieldViolation::new(escaped(i), Reason::InvalidSettings, "ü".repeat(300))
                     })
                     .collect(),
             ),
@@ -640,13 +651,16 @@ mod tests {
                 }
                 "INVALID_SETTINGS" => {
                     assert_eq!(truncated, Some("true"));
-                    assert_eq!(info.metadata["field_violation_count"], "100");
+                    assert!(
+                        ["100", "64"].contains(&info.metadata["field_violation_count"].as_str())
+                    );
                     let br = rpc::BadRequest::decode(body.details[1].value.as_slice()).expect("br");
                     assert_eq!(br.field_violations.len(), MAX_LISTED);
                     assert!(
                         br.field_violations
                             .iter()
-                            .all(|v| v.description.len() <= MAX_DESCRIPTION_BYTES)
+                            .all(|v| v.description.len() <= MAX_DESCRIPTION_BYTES
+                                && v.field.len() <= MAX_FIELD_BYTES)
                     );
                     assert!(status.message().len() <= MAX_MESSAGE_BYTES);
                 }
@@ -664,7 +678,7 @@ mod tests {
                         (MAX_LISTED, 96, true)
                     );
                 }
-                _ => assert_eq!(truncated, None),
+                other => assert_eq!(truncated, None, "{other}"),
             }
         }
     }
