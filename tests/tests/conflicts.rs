@@ -248,3 +248,113 @@ async fn cancelled_actions_stop_holding_their_channel() {
     srv.cancel("b", &a1.action_id).await;
     srv.book("b", window(Command::Discharge, H, 2 * H)).await;
 }
+
+#[tokio::test]
+async fn only_a_collision_that_settles_by_itself_carries_retry_info() {
+    let srv = TestServer::start().await;
+    srv.sim_device("c", &[]).await;
+    srv.sim_device("a", &[]).await;
+    let stopped = srv.book("c", window(Command::Charge, H, 3 * H)).await;
+    let later = srv.book("c", window(Command::Idle, 4 * H, 5 * H)).await;
+    let running = srv.book("a", window(Command::Charge, H, 3 * H)).await;
+    srv.dispatch_at(H).await;
+    for (device, a) in [("c", &stopped), ("a", &running)] {
+        assert_eq!(
+            srv.get(device, &a.action_id).await.state,
+            ActionState::Active as i32
+        );
+    }
+    // Stopped while ACTIVE: its revert is owed until the next dispatch,
+    // and it holds its channel until then.
+    let c = srv.cancel("c", &stopped.action_id).await;
+    assert_eq!(c.state, ActionState::Cancelled as i32);
+
+    // Only that settling action in the way: the same push will pass once
+    // it is reverted, so the client is told when to retry.
+    let clash = || {
+        push(
+            "c",
+            window(Command::Discharge, H + 600, 2 * H),
+            S::Unspecified,
+        )
+    };
+    let st = srv.refused(clash()).await;
+    let d = expect_error(&st, Code::FailedPrecondition, "ACTION_IN_FLIGHT");
+    let delay = d
+        .retry
+        .as_ref()
+        .and_then(|r| r.retry_delay)
+        .expect("RetryInfo with a delay");
+    assert!(delay.seconds > 0 || delay.nanos > 0, "{delay:?}");
+    let cd = d.conflict.as_ref().expect("ConflictDetail");
+    assert_eq!(cd.conflicts.len(), 1);
+    assert_eq!(cd.conflicts[0].action_id, stopped.action_id);
+    assert_eq!(cd.conflicts[0].state, ActionState::Cancelled as i32);
+    assert_eq!(cd.in_flight_action_ids, [stopped.action_id.as_str()]);
+    assert_eq!(d.meta("in_flight_action_ids"), stopped.action_id);
+
+    // An ACTIVE collider does not go away by itself: no RetryInfo.
+    let st = srv
+        .refused(push(
+            "a",
+            window(Command::Discharge, H + 600, 2 * H),
+            S::Unspecified,
+        ))
+        .await;
+    let d = expect_error(&st, Code::FailedPrecondition, "ACTION_IN_FLIGHT");
+    assert!(d.retry.is_none(), "{:?}", d.retry);
+    let cd = d.conflict.expect("ConflictDetail");
+    assert_eq!(cd.conflicts[0].action_id, running.action_id);
+    assert_eq!(cd.conflicts[0].state, ActionState::Active as i32);
+
+    // The settling action and a SCHEDULED one, without a strategy: the
+    // SCHEDULED one still blocks after the revert, so no RetryInfo.
+    let both = push(
+        "c",
+        window(Command::Discharge, 2 * H, 4 * H + 600),
+        S::Unspecified,
+    );
+    let st = srv.refused(both.clone()).await;
+    let d = expect_error(&st, Code::FailedPrecondition, "ACTION_IN_FLIGHT");
+    assert!(d.retry.is_none(), "{:?}", d.retry);
+    let cd = d.conflict.expect("ConflictDetail");
+    let listed: Vec<_> = cd
+        .conflicts
+        .iter()
+        .map(|x| (x.action_id.clone(), x.state))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            (stopped.action_id.clone(), ActionState::Cancelled as i32),
+            (later.action_id.clone(), ActionState::Scheduled as i32),
+        ]
+    );
+    // With CANCEL_AND_REPLACE only the settling one blocks (the SCHEDULED
+    // one would be replaced): retrying that is useful.
+    let mut replace = both.clone();
+    replace.on_conflict = S::CancelAndReplace as i32;
+    let st = srv.refused(replace.clone()).await;
+    let d = expect_error(&st, Code::FailedPrecondition, "ACTION_IN_FLIGHT");
+    assert!(d.retry.is_some(), "only a settling action blocks it");
+    assert_eq!(
+        srv.list("c").await.len(),
+        2,
+        "nothing was booked or replaced"
+    );
+
+    // The revert done, each answer proves right.
+    srv.dispatch().await;
+    let ok = srv.pushed(clash()).await;
+    assert_eq!(ok.state, ActionState::Scheduled as i32);
+    let st = srv.refused(both).await;
+    expect_error(&st, Code::FailedPrecondition, "ACTION_CONFLICT");
+    let r = srv.push_ok(replace).await;
+    assert_eq!(
+        r.cancelled_actions
+            .iter()
+            .map(|a| a.action_id.as_str())
+            .collect::<Vec<_>>(),
+        [later.action_id.as_str()]
+    );
+}

@@ -499,3 +499,204 @@ async fn a_retried_conditional_cancel_learns_it_already_succeeded() {
     let st = srv.actions().cancel_action(req).await.unwrap_err();
     assert_eq!(details(&st).reason(), "ACTION_ALREADY_CANCELLED");
 }
+
+// ---- retries that echo output-only fields, cancel of finished actions,
+// ---- validate_only and request_id
+
+/// `a` with every output-only field set to a value the server never
+/// returned for it, as a client sends when it echoes an Action it read
+/// (or fills them in carelessly). Every field is named, so a new one must
+/// be sorted here.
+fn with_output_only_fields(a: pb::Action) -> pb::Action {
+    let pb::Action {
+        command,
+        power,
+        target_soc,
+        reserve_soc,
+        start_time,
+        end_time,
+        ..
+    } = a;
+    pb::Action {
+        action_id: "01900000-0000-7000-8000-000000000001".into(),
+        device_id: "some-other-device".into(),
+        command,
+        power,
+        target_soc,
+        reserve_soc,
+        start_time,
+        end_time,
+        state: ActionState::Failed as i32,
+        replaced_by_action_id: "01900000-0000-7000-8000-000000000002".into(),
+        queued_after_action_ids: vec!["01900000-0000-7000-8000-000000000003".into()],
+        error_code: "OEM_REJECTED".into(),
+        error_message: "made up".into(),
+        create_time: Some(switchyard_tests::at(-DAY)),
+        update_time: Some(switchyard_tests::at(-H)),
+        etag: "0badf00d-9".into(),
+        channel: "power_limit".into(),
+        oem_response: "{\"errno\":0}".into(),
+        verified: true,
+    }
+}
+
+#[tokio::test]
+async fn a_retried_push_with_output_only_fields_filled_in_is_the_same_request() {
+    let srv = TestServer::start().await;
+    srv.battery("b").await;
+    let mut req = push(
+        "b",
+        pb::Action {
+            power: kw(2.5),
+            target_soc: Some(pb::Quantity {
+                value: 80.0,
+                unit: pb::Unit::Percent as i32,
+            }),
+            ..window(Command::Charge, H, 2 * H)
+        },
+        S::Unspecified,
+    );
+    req.request_id = "echo-1".into();
+    let first = srv.push_ok(req.clone()).await;
+    let booked = first.action.clone().unwrap();
+
+    // Made-up output-only values, and the booked action exactly as the
+    // server answered it (its own output-only values).
+    let mut filled = req.clone();
+    filled.action = Some(with_output_only_fields(req.action.clone().unwrap()));
+    let mut echoed = req.clone();
+    echoed.action = Some(booked.clone());
+    for (what, retry) in [("filled", filled), ("echoed", echoed)] {
+        let again = srv
+            .actions()
+            .push_action(retry)
+            .await
+            .unwrap_or_else(|st| panic!("{what}: the same request: {st:?}"))
+            .into_inner();
+        assert_eq!(again, first, "{what}: the original answer");
+        assert_eq!(again.action.unwrap().action_id, booked.action_id);
+    }
+    let listed = srv.list("b").await;
+    assert_eq!(listed.len(), 1, "booked once");
+    assert_eq!(listed[0].action_id, booked.action_id);
+
+    // A field the server reads makes it another request.
+    let mut later_end = req.clone();
+    later_end.action.as_mut().unwrap().end_time = Some(switchyard_tests::at(3 * H));
+    let mut more_power = req.clone();
+    more_power.action.as_mut().unwrap().power = kw(3.0);
+    let mut strategy = req.clone();
+    strategy.on_conflict = S::QueueAfter as i32;
+    for (what, other) in [
+        ("end_time", later_end),
+        ("power", more_power),
+        ("on_conflict", strategy),
+    ] {
+        let st = srv.refused(other).await;
+        let d = expect_error(&st, Code::FailedPrecondition, "REQUEST_ID_REUSED");
+        assert_eq!(d.meta("request_id"), "echo-1", "{what}");
+        assert_eq!(d.meta("first_method"), "PushAction", "{what}");
+    }
+    assert_eq!(srv.list("b").await.len(), 1, "still booked once");
+}
+
+#[tokio::test]
+async fn completed_and_failed_actions_are_not_cancellable_and_the_state_is_named() {
+    let srv = TestServer::start().await;
+    srv.sim_device("ok", &[]).await;
+    srv.sim_device("bad", &[("fail_mode", "reject")]).await;
+    let done = srv
+        .book("ok", action(Command::AutoReserve, None, None))
+        .await;
+    let failed = srv
+        .book("bad", action(Command::AutoReserve, None, None))
+        .await;
+    assert_eq!(done.state, ActionState::Acknowledged as i32);
+    srv.dispatch().await;
+    let done = srv.get("ok", &done.action_id).await;
+    assert_eq!(done.state, ActionState::Completed as i32);
+    let failed = srv.get("bad", &failed.action_id).await;
+    assert_eq!(failed.state, ActionState::Failed as i32);
+    assert_eq!(failed.error_code, "OEM_REJECTED");
+
+    for (device, a, state) in [
+        ("ok", &done, "ACTION_STATE_COMPLETED"),
+        ("bad", &failed, "ACTION_STATE_FAILED"),
+    ] {
+        // With its current etag and without one: the state refuses it.
+        for etag in [a.etag.clone(), String::new()] {
+            let st = srv
+                .actions()
+                .cancel_action(pb::CancelActionRequest {
+                    device_id: device.into(),
+                    action_id: a.action_id.clone(),
+                    etag,
+                    request_id: String::new(),
+                })
+                .await
+                .unwrap_err();
+            let d = expect_error(&st, Code::FailedPrecondition, "ACTION_NOT_CANCELLABLE");
+            assert_eq!(d.meta("state"), state);
+            assert_eq!(d.meta("device_id"), device);
+            assert_eq!(d.meta("action_id"), a.action_id);
+            let p = d.precondition.expect("PreconditionFailure");
+            assert_eq!(p.violations[0].r#type, "ACTION_NOT_CANCELLABLE");
+            assert_eq!(
+                p.violations[0].subject,
+                format!("devices/{device}/actions/{}", a.action_id)
+            );
+            assert!(d.retry.is_none());
+        }
+        assert_eq!(&srv.get(device, &a.action_id).await, a, "unchanged");
+    }
+}
+
+#[tokio::test]
+async fn validate_only_with_a_request_id_leaves_no_idempotency_record() {
+    use switchyard::store::IdemBegin;
+    let srv = TestServer::start().await;
+    srv.battery("b").await;
+    let mut probe = push("b", window(Command::Charge, H, 2 * H), S::Unspecified);
+    probe.validate_only = true;
+    probe.request_id = "vo-1".into();
+    let answered = srv.push_ok(probe.clone()).await;
+    assert_eq!(answered.action.unwrap().action_id, "", "nothing booked");
+    assert!(srv.list("b").await.is_empty());
+
+    // The store holds nothing under the key: a claim for another method
+    // and body is fresh (a completed or running key would bind its body).
+    let tenant = TenantId::default_tenant();
+    let store = &srv.app.store;
+    match store
+        .idem_begin(&tenant, "vo-1", "CancelAction", b"another body")
+        .await
+    {
+        Ok(IdemBegin::Fresh(claim)) => store.idem_abort(&tenant, "vo-1", &claim).await.unwrap(),
+        other => panic!("validate_only left a record under its request_id: {other:?}"),
+    }
+
+    // A real push with another body may take the key.
+    let mut real = push(
+        "b",
+        window(Command::Discharge, 3 * H, 4 * H),
+        S::Unspecified,
+    );
+    real.request_id = "vo-1".into();
+    let booked = srv.pushed(real.clone()).await;
+    assert_eq!(booked.state, ActionState::Scheduled as i32);
+    assert_eq!(
+        srv.push_ok(real).await.action.unwrap(),
+        booked,
+        "now it replays"
+    );
+
+    // And validate_only neither reads nor takes a key that is held: it
+    // answers for its own body, without an id.
+    let answered = srv.push_ok(probe).await;
+    let a = answered.action.unwrap();
+    assert_eq!(
+        (a.action_id.as_str(), a.command),
+        ("", Command::Charge as i32)
+    );
+    assert_eq!(srv.list("b").await.len(), 1);
+}

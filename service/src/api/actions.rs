@@ -55,7 +55,11 @@ impl Actions {
             Ok(push)
         };
         if validate_only {
-            // Changes nothing, so nothing to make idempotent.
+            // Changes nothing, so nothing to make idempotent; a malformed
+            // key is refused all the same.
+            if !idem.request_id.is_empty() {
+                super::check_request_id(&idem.request_id)?;
+            }
             let mut resp = push_response(
                 &app.store
                     .push(&tenant, &device_id, prepare, strategy, true, None)

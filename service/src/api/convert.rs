@@ -638,7 +638,13 @@ pub fn update_device(req: pb::UpdateDeviceRequest) -> Result<UpdateDevice, Error
     }
     let mut fields = Vec::new();
     let mut bad: Vec<FieldViolation> = Vec::new();
+    let mut seen: Vec<&str> = Vec::new();
     for p in &paths {
+        // Each bad path once, however often it is repeated.
+        if seen.contains(&p.as_str()) {
+            continue;
+        }
+        seen.push(p);
         if let Some((_, f)) = DeviceField::ALL.iter().find(|(n, _)| n == p) {
             fields.push(*f);
             continue;
@@ -653,13 +659,11 @@ pub fn update_device(req: pb::UpdateDeviceRequest) -> Result<UpdateDevice, Error
                 p.chars().take(64).collect::<String>()
             ),
         };
-        if !bad.iter().any(|v| v.description == why) {
-            bad.push(FieldViolation::new(
-                "update_mask",
-                Reason::InvalidField,
-                why,
-            ));
-        }
+        bad.push(FieldViolation::new(
+            "update_mask",
+            Reason::InvalidField,
+            why,
+        ));
     }
     if !bad.is_empty() {
         return Err(Error::Invalid(bad));

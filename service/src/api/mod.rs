@@ -198,7 +198,8 @@ impl Drop for Release {
     }
 }
 
-fn check_request_id(id: &str) -> Result<(), Error> {
+/// Checks a request_id's form (also of calls that record none).
+pub fn check_request_id(id: &str) -> Result<(), Error> {
     if id.len() > MAX_REQUEST_ID_LEN || id.chars().any(char::is_control) {
         return Err(Error::invalid(
             "request_id",
