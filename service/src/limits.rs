@@ -100,6 +100,12 @@ pub fn incoming(
                         continue;
                     };
                     let _ = tcp.set_nodelay(true);
+                    // Dead peers that never answer HTTP/2 pings either (the
+                    // connection gone without a FIN) are found by TCP too.
+                    let keepalive = socket2::TcpKeepalive::new()
+                        .with_time(Duration::from_secs(60))
+                        .with_interval(Duration::from_secs(10));
+                    let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
                     let io = Guarded {
                         tcp,
                         _slot: slot,

@@ -153,7 +153,6 @@ pub async fn serve(
         .http2_max_pending_accept_reset_streams(Some(64))
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
-        .tcp_keepalive(Some(Duration::from_secs(60)))
         // What a connection may send before the server reads it: small,
         // since requests are small, so idle buffers stay small too.
         .initial_connection_window_size(256 * 1024)
