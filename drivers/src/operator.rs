@@ -34,7 +34,10 @@ pub struct OperatorPolicy {
     /// Where `file:` secrets live; `None` refuses every `file:` reference.
     pub secrets_dir: Option<PathBuf>,
     /// Endpoint prefixes allowed besides each driver's own cloud, e.g.
-    /// `http://127.0.0.1:8099` for an emulator.
+    /// `http://127.0.0.1:8099` for an emulator. `PREFIX=REF` pairs the
+    /// prefix with one secret reference: an endpoint that has pairings
+    /// receives only the secrets paired with it; a bare prefix receives
+    /// any (see [`OperatorPolicy::check_secret_for`]).
     pub url_allow: Vec<String>,
 }
 
@@ -157,15 +160,22 @@ impl OperatorPolicy {
         Ok(Secret(value.to_owned()))
     }
 
-    /// Checks that `url` (already normalised: scheme://host[:port][/path],
-    /// no trailing '/') lies under `defaults` (the OEM's cloud) or an
-    /// operator prefix: same scheme, host and port, and a path that is the
-    /// prefix's or below it.
+    /// The allowed prefixes and what each is paired with.
+    fn entries(&self) -> impl Iterator<Item = (&str, Option<&str>)> {
+        self.url_allow.iter().map(|e| match e.split_once('=') {
+            Some((prefix, secret)) => (prefix, Some(secret)),
+            None => (e.as_str(), None),
+        })
+    }
+
+    /// Checks that `url` (normalised by [`canonical_url`]) lies under
+    /// `defaults` (the OEM's cloud) or an operator prefix: same scheme,
+    /// host and port, and a path that is the prefix's or below it.
     pub fn check_url(&self, key: &str, url: &str, defaults: &[&str]) -> Result<(), ConfigError> {
         let allowed = defaults
             .iter()
             .copied()
-            .chain(self.url_allow.iter().map(String::as_str))
+            .chain(self.entries().map(|(p, _)| p))
             .any(|prefix| url_under(url, prefix));
         if allowed {
             return Ok(());
@@ -179,6 +189,66 @@ impl OperatorPolicy {
                 defaults.join(", ")
             ),
         })
+    }
+
+    /// Checks that the secret `secret` (a reference, as the device names
+    /// it) may be sent to `url`: always to the OEM's own cloud; to an
+    /// operator prefix only if no pairing of that prefix excludes it.
+    /// Without this a caller could pair any operator secret with any
+    /// allowed endpoint, e.g. one it controls.
+    pub fn check_secret_for(
+        &self,
+        key: &str,
+        url: &str,
+        secret: &str,
+        defaults: &[&str],
+    ) -> Result<(), ConfigError> {
+        if defaults.iter().any(|d| url_under(url, d)) {
+            return Ok(());
+        }
+        let covering: Vec<Option<&str>> = self
+            .entries()
+            .filter(|(p, _)| url_under(url, p))
+            .map(|(_, s)| s)
+            .collect();
+        let paired = covering.iter().any(Option::is_some);
+        let ok = if paired {
+            covering.contains(&Some(secret))
+        } else {
+            !covering.is_empty()
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(ConfigError::InvalidSetting {
+                key: key.to_owned(),
+                reason: "is not a secret the operator lets this server send to that base_url"
+                    .to_owned(),
+            })
+        }
+    }
+
+    /// Checks an operator's `--oem-url-allow` entry: `PREFIX` or
+    /// `PREFIX=REF`, the prefix an http(s) URL prefix in canonical form.
+    pub fn check_entry(entry: &str) -> Result<(), String> {
+        let (prefix, secret) = match entry.split_once('=') {
+            Some((p, s)) => (p, Some(s)),
+            None => (entry, None),
+        };
+        if canonical_url(prefix).is_none() {
+            return Err(format!(
+                "{prefix:?} must be an http:// or https:// URL prefix, scheme://host[:port][/path], \
+                 without credentials, query, fragment, dot segments or percent-escapes"
+            ));
+        }
+        if let Some(s) = secret
+            && !(s.starts_with("env:") || s.starts_with("file:"))
+        {
+            return Err(format!(
+                "{s:?} must be a secret reference, env:SWITCHYARD_SECRET_<NAME> or file:<name>"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -205,33 +275,66 @@ struct Parts {
     path: String,
 }
 
+/// Splits an http(s) URL into its parts; `None` for anything but
+/// scheme://host[:port][/path] whose path is made of unreserved characters
+/// and '/' only (no percent-escapes, no dot segments, no empty segments):
+/// such a path cannot climb out of a prefix at a server or proxy that
+/// normalises it.
 fn parts(url: &str) -> Option<Parts> {
     let uri: hyper::Uri = url.parse().ok()?;
     let scheme = uri.scheme_str()?.to_ascii_lowercase();
     let port = match (uri.port_u16(), scheme.as_str()) {
-        (Some(p), _) => p,
+        (Some(p), "http" | "https") => p,
         (None, "https") => 443,
         (None, "http") => 80,
         _ => return None,
     };
-    if uri.authority()?.as_str().contains('@') || uri.query().is_some() {
+    let authority = uri.authority()?.as_str();
+    if authority.contains('@') || uri.query().is_some() || url.contains('#') {
+        return None;
+    }
+    let host = uri.host()?.to_ascii_lowercase();
+    let host = host.strip_suffix('.').unwrap_or(&host).to_owned();
+    if host.is_empty() {
         return None;
     }
     let path = uri.path().trim_end_matches('/');
-    let lower = path.to_ascii_lowercase();
-    if path.split('/').any(|seg| seg == "." || seg == "..")
-        || lower.contains("%2e")
-        || lower.contains("%2f")
-        || path.contains('\\')
+    let unreserved =
+        |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '~' | '/');
+    if !path.chars().all(unreserved)
+        || path
+            .split('/')
+            .skip(1)
+            .any(|seg| seg.is_empty() || seg.starts_with(".."))
+        || path.split('/').any(|seg| seg == ".")
     {
         return None;
     }
     Some(Parts {
         scheme,
-        host: uri.host()?.to_ascii_lowercase(),
+        host,
         port,
         path: path.to_owned(),
     })
+}
+
+/// The one spelling of an http(s) URL: lower-case scheme and host, no
+/// default port, no trailing '/' (so spellings of one endpoint are one
+/// OEM account); `None` when [`parts`] refuses it.
+pub fn canonical_url(url: &str) -> Option<String> {
+    let p = parts(url.trim())?;
+    let default = if p.scheme == "https" { 443 } else { 80 };
+    let host = if p.host.contains(':') {
+        format!("[{}]", p.host.trim_matches(['[', ']']))
+    } else {
+        p.host
+    };
+    let port = if p.port == default {
+        String::new()
+    } else {
+        format!(":{}", p.port)
+    };
+    Some(format!("{}://{host}{port}{}", p.scheme, p.path))
 }
 
 /// Whether `url` is `prefix` or below it, compared part by part (so
@@ -357,6 +460,66 @@ mod tests {
                 .is_err()
         );
         assert!(scoped.check_url("b", "https://gw.example", &[]).is_err());
+    }
+
+    #[test]
+    fn spellings_of_one_endpoint_are_one_canonical_url() {
+        for same in [
+            "https://www.foxesscloud.com",
+            "HTTPS://WWW.FoxessCloud.COM/",
+            "https://www.foxesscloud.com:443",
+            "https://www.foxesscloud.com.",
+        ] {
+            assert_eq!(
+                canonical_url(same).as_deref(),
+                Some("https://www.foxesscloud.com"),
+                "{same}"
+            );
+        }
+        assert_eq!(
+            canonical_url("http://127.0.0.1:8099/v1/").as_deref(),
+            Some("http://127.0.0.1:8099/v1")
+        );
+        assert_eq!(
+            canonical_url("http://[::1]:80").as_deref(),
+            Some("http://[::1]")
+        );
+        for bad in ["ftp://x", "https://", "https://a/%41", "https://a/b/../c"] {
+            assert_eq!(canonical_url(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_paired_endpoint_receives_only_its_own_secrets() {
+        let cloud = ["https://www.foxesscloud.com"];
+        let p = OperatorPolicy {
+            secrets_dir: None,
+            url_allow: vec![
+                "http://127.0.0.1:8099=env:SWITCHYARD_SECRET_DEMO".into(),
+                "http://127.0.0.1:8098".into(),
+            ],
+        };
+        let ok = |url: &str, s: &str| p.check_secret_for("k", url, s, &cloud).is_ok();
+        // The OEM's own cloud takes every secret.
+        assert!(ok(
+            "https://www.foxesscloud.com",
+            "env:SWITCHYARD_SECRET_PROD"
+        ));
+        // A paired prefix takes only its own.
+        assert!(ok("http://127.0.0.1:8099", "env:SWITCHYARD_SECRET_DEMO"));
+        assert!(ok("http://127.0.0.1:8099/v1", "env:SWITCHYARD_SECRET_DEMO"));
+        assert!(!ok("http://127.0.0.1:8099", "env:SWITCHYARD_SECRET_PROD"));
+        assert!(!ok("http://127.0.0.1:8099", "file:prod"));
+        // A bare prefix takes any; an endpoint not allowed takes none.
+        assert!(ok("http://127.0.0.1:8098", "env:SWITCHYARD_SECRET_PROD"));
+        assert!(!ok("http://127.0.0.1:8097", "env:SWITCHYARD_SECRET_DEMO"));
+        // The pairing also allows the endpoint itself.
+        assert!(p.check_url("b", "http://127.0.0.1:8099", &cloud).is_ok());
+        assert!(
+            OperatorPolicy::check_entry("http://127.0.0.1:8099=env:SWITCHYARD_SECRET_DEMO").is_ok()
+        );
+        assert!(OperatorPolicy::check_entry("http://127.0.0.1:8099=DEMO").is_err());
+        assert!(OperatorPolicy::check_entry("http://127.0.0.1:8099/../x").is_err());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use switchyard_drivers::{OperatorPolicy, Registry, operator::url_under};
+use switchyard_drivers::{OperatorPolicy, Registry};
 use tracing_subscriber::EnvFilter;
 
 use crate::{
@@ -106,7 +106,10 @@ pub struct ServeArgs {
     pub secrets_dir: Option<PathBuf>,
     /// An OEM endpoint prefix devices may use as `base_url`, besides each
     /// OEM's own cloud (e.g. http://127.0.0.1:8089 for the FoxESS
-    /// emulator). Repeatable; the variable takes a comma-separated list.
+    /// emulator). `PREFIX=REF` pairs it with a secret (e.g.
+    /// `http://127.0.0.1:8089=env:SWITCHYARD_SECRET_DEMO`): a paired
+    /// endpoint receives only its paired secrets; a bare one, any.
+    /// Repeatable; the variable takes a comma-separated list.
     #[arg(
         long = "oem-url-allow",
         env = "SWITCHYARD_OEM_URL_ALLOW",
@@ -163,12 +166,14 @@ impl ServeArgs {
             .map(|p| p.trim())
             .filter(|p| !p.is_empty())
         {
-            let plain = (p.starts_with("http://") || p.starts_with("https://"))
-                && !p.contains(['@', '?', '#']);
-            if !plain || !url_under(p, p) {
-                return Err(format!(
-                    "--oem-url-allow {p:?}: must be an http:// or https:// URL prefix, scheme://host[:port][/path]"
-                ));
+            OperatorPolicy::check_entry(p).map_err(|e| format!("--oem-url-allow: {e}"))?;
+            if !p.contains('=') {
+                tracing::warn!(
+                    prefix = p,
+                    "--oem-url-allow without a paired secret: devices may send any of the \
+                     operator's secrets there; pair it (PREFIX=env:SWITCHYARD_SECRET_NAME) \
+                     unless every secret may go there"
+                );
             }
             url_allow.push(p.to_owned());
         }

@@ -47,8 +47,9 @@ struct Rig {
 }
 
 /// The server binary with a secrets directory holding the key, the
-/// emulator allowed, and a variable that must never be reachable.
-async fn rig(config: EmulatorConfig) -> Rig {
+/// emulator allowed (paired with the key file's secret only, when
+/// `paired`), and a variable that must never be reachable.
+async fn rig(config: EmulatorConfig, paired: bool) -> Rig {
     let emu = Emulator::start(config).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let secrets = dir.path().join("secrets");
@@ -62,7 +63,12 @@ async fn rig(config: EmulatorConfig) -> Rig {
             "--secrets-dir",
             secrets.to_str().unwrap(),
             "--oem-url-allow",
-            &emu.base_url(),
+            &if paired {
+                // The emulator may receive the key file's secret, no other.
+                format!("{}=file:foxess-key", emu.base_url())
+            } else {
+                emu.base_url()
+            },
         ],
         &[
             ("SWITCHYARD_LOG", "debug"),
@@ -81,7 +87,7 @@ async fn rig(config: EmulatorConfig) -> Rig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_cannot_name_the_servers_secrets_or_hosts_and_refusals_reveal_nothing() {
-    let r = rig(EmulatorConfig::new(KEY, &[SN])).await;
+    let r = rig(EmulatorConfig::new(KEY, &[SN]), false).await;
     let mut devices = DeviceServiceClient::new(r.channel.clone());
     let emu = r.emu.base_url();
     // Another local port: an attacker's listener, say.
@@ -160,12 +166,41 @@ async fn settings_cannot_name_the_servers_secrets_or_hosts_and_refusals_reveal_n
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_goes_only_to_the_endpoints_the_operator_paired_it_with() {
+    let r = rig(EmulatorConfig::new(KEY, &[SN]), true).await;
+    let mut devices = DeviceServiceClient::new(r.channel.clone());
+    let emu = r.emu.base_url();
+    // The server holds SWITCHYARD_SECRET_FOX and allows the emulator, but
+    // has not paired the two: a caller cannot send one to the other.
+    let st = devices
+        .create_device(foxess(&[
+            ("base_url", &emu),
+            ("api_key_ref", "env:SWITCHYARD_SECRET_FOX"),
+        ]))
+        .await
+        .expect_err("not paired");
+    let d = expect_error(&st, Code::InvalidArgument, "INVALID_SETTINGS");
+    assert_eq!(d.fields(), ["device.settings.api_key_ref"]);
+    assert_eq!(r.emu.calls().len(), 0, "nothing was sent to the emulator");
+    // The paired secret goes to the emulator.
+    devices
+        .create_device(foxess(&[
+            ("base_url", &emu),
+            ("api_key_ref", "file:foxess-key"),
+        ]))
+        .await
+        .unwrap();
+    assert!(!r.emu.calls().is_empty(), "observed through the emulator");
+    assert_no_key_in_log(&r.server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oem_that_echoes_the_key_never_gets_it_shown_anywhere() {
     let mut config = EmulatorConfig::new(KEY, &[SN]);
     config.min_write_interval = Duration::ZERO;
     // Every answer, successes included, carries the token it received.
     config.echo_token = true;
-    let r = rig(config).await;
+    let r = rig(config, true).await;
     let mut devices = DeviceServiceClient::new(r.channel.clone());
     let mut actions = ActionServiceClient::new(r.channel.clone());
     let created = devices

@@ -229,8 +229,9 @@ impl DriverFactory for FoxessFactory {
     fn validate(&self, device: &DeviceSpec<'_>) -> Vec<ConfigError> {
         let mut errors = self.settings(device).err().unwrap_or_default();
         // The secret is read whatever else is wrong, so that every problem
-        // is reported in one round.
-        if let Some(r) = device.settings.get("api_key_ref")
+        // is reported in one round (unless its reference is refused).
+        if !errors.iter().any(|e| e.key() == Some("api_key_ref"))
+            && let Some(r) = device.settings.get("api_key_ref")
             && let Ok(r) = self.policy.secret_ref("api_key_ref", r)
             && let Err(e) = self.policy.resolve("api_key_ref", &r)
         {

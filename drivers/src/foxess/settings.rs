@@ -84,6 +84,10 @@ impl FoxessSettings {
                 })
                 .and_then(|r| policy.secret_ref("api_key_ref", r)),
         );
+        // A secret goes only where the operator lets it go.
+        if let (Some(url), Some(_), Some(raw)) = (&base_url, &api_key_ref, s.get("api_key_ref")) {
+            errors.take(policy.check_secret_for("api_key_ref", url, raw, &[FOXESS_CLOUD]));
+        }
         let min_soc_on_grid = errors.take(int(s, "min_soc_on_grid", 10, 10, 100));
         let fd_soc = errors.take(int(s, "fd_soc", 20, 11, 100));
         let max_slots = errors.take(int(s, "max_slots", 8, 1, 96));
@@ -132,37 +136,16 @@ impl FoxessSettings {
     }
 }
 
+/// The base URL in its one spelling (so spellings of one endpoint share
+/// one OEM account and rate budget).
 fn parse_base_url(raw: &str) -> Result<String, ConfigError> {
-    let trimmed = raw.trim().trim_end_matches('/');
-    let rest = trimmed
-        .strip_prefix("http://")
-        .or_else(|| trimmed.strip_prefix("https://"));
-    let Some(rest) = rest else {
-        return Err(invalid("base_url", "must start with http:// or https://"));
-    };
-    // Credentials in the URL would end up in account names and logs; dot
-    // segments, encoded or not, and backslashes could climb out of an
-    // allowed prefix at a proxy that normalises paths.
-    let lower = rest.to_ascii_lowercase();
-    if rest.is_empty()
-        || rest.contains(['@', '?', '#', '\\'])
-        || lower.contains("%2e")
-        || lower.contains("%2f")
-        || lower.contains("%5c")
-        || rest
-            .split('/')
-            .skip(1)
-            .any(|seg| seg.is_empty() || seg == "." || seg == "..")
-    {
-        return Err(invalid(
+    crate::operator::canonical_url(raw).ok_or_else(|| {
+        invalid(
             "base_url",
-            "must be scheme://host[:port][/prefix], without credentials, query, fragment or dot segments",
-        ));
-    }
-    match trimmed.parse::<hyper::Uri>() {
-        Ok(u) if u.host().is_some() => Ok(trimmed.to_owned()),
-        _ => Err(invalid("base_url", "is not a valid URL")),
-    }
+            "must be an http:// or https:// URL, scheme://host[:port][/prefix], without \
+             credentials, query, fragment, dot segments or percent-escapes",
+        )
+    })
 }
 
 fn invalid(key: &str, reason: &str) -> ConfigError {
