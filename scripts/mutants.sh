@@ -20,10 +20,13 @@ if ! cargo mutants --version 2>/dev/null | grep -q "$version"; then
     cargo install --locked --version "$version" cargo-mutants
 fi
 
+tool=cargo
+if cargo nextest --version >/dev/null 2>&1; then tool=nextest; fi
+
 exec cargo mutants \
     --file 'service/src/domain/**' \
     --file service/src/api/status.rs \
     --test-workspace=true \
-    --test-tool nextest \
+    --test-tool "$tool" \
     --timeout 180 \
     "$@"

@@ -5,9 +5,12 @@
 //! - A connection must send the HTTP/2 preface within `preface_timeout`,
 //!   or it is closed; dead peers are found by HTTP/2 and TCP keep-alive.
 //! - At most `max_streams_per_connection` streams per connection (HTTP/2
-//!   refuses more), and at most `max_in_flight` calls in the whole server:
-//!   beyond that a call is answered UNAVAILABLE / SERVER_BUSY at once
-//!   instead of being held.
+//!   refuses more). At most `max_in_flight` requests being received and at
+//!   most `max_in_flight` calls being handled in the whole server, counted
+//!   apart so that slow senders never take handler capacity: beyond either
+//!   a call is answered UNAVAILABLE / SERVER_BUSY at once instead of being
+//!   held. The health check counts against neither, so probes are
+//!   answered under load.
 //! - A unary request body must arrive whole within `body_timeout` and be at
 //!   most `max_request_bytes`; all bodies being received share
 //!   `max_buffered_bytes`. An empty, truncated or oversized body is
@@ -190,6 +193,7 @@ impl AsyncWrite for Guarded {
 #[derive(Clone, Debug)]
 pub struct GuardLayer {
     limits: Arc<Limits>,
+    receiving: Arc<Semaphore>,
     in_flight: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
 }
@@ -198,9 +202,18 @@ impl GuardLayer {
     pub fn new(limits: &Limits) -> Self {
         Self {
             limits: Arc::new(limits.clone()),
+            receiving: Arc::new(Semaphore::new(limits.max_in_flight)),
             in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
             bytes: Arc::new(Semaphore::new(limits.max_buffered_bytes)),
         }
+    }
+}
+
+/// A slot of `pool`, or none needed (`None` pool: the health check).
+fn slot(pool: Option<&Arc<Semaphore>>) -> Result<Option<OwnedSemaphorePermit>, ()> {
+    match pool {
+        None => Ok(None),
+        Some(p) => p.clone().try_acquire_owned().map(Some).map_err(|_| ()),
     }
 }
 
@@ -255,8 +268,9 @@ where
             return Box::pin(inner.call(req));
         }
         let layer = self.layer.clone();
+        let probe = req.uri().path() == "/grpc.health.v1.Health/Check";
         Box::pin(async move {
-            let Ok(_slot) = layer.in_flight.clone().try_acquire_owned() else {
+            let Ok(receiving) = slot((!probe).then_some(&layer.receiving)) else {
                 return Ok(busy());
             };
             let (parts, body) = req.into_parts();
@@ -279,9 +293,14 @@ where
                     ));
                 }
             };
+            drop(receiving);
             if let Some(why) = framing_error(&bytes) {
                 return Ok(refuse(ErrorReason::MalformedRequest, why));
             }
+            // Handler capacity is taken only once the request is here.
+            let Ok(_handling) = slot((!probe).then_some(&layer.in_flight)) else {
+                return Ok(busy());
+            };
             let req = http::Request::from_parts(parts, Body::new(Full::new(bytes)));
             inner.call(req).await
         })
@@ -314,7 +333,9 @@ async fn collect(
             ));
         }
         let n = u32::try_from(data.len()).unwrap_or(u32::MAX);
-        let Ok(permit) = budget.clone().acquire_many_owned(n).await else {
+        // Bytes beyond the budget are refused, not waited for: waiting
+        // would let slow senders hold everyone else's requests back.
+        let Ok(permit) = budget.clone().try_acquire_many_owned(n) else {
             return Err(busy());
         };
         match held.as_mut() {

@@ -193,3 +193,51 @@ fn bench_usage_errors_exit_2() {
         assert_usage_error(BENCH, &with_nowhere);
     }
 }
+
+/// A configuration the server cannot start with is named for what is
+/// wrong with it (exit 1), before anything listens.
+#[test]
+fn a_wrong_operator_configuration_stops_the_server_at_start_with_its_reason() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--secrets-dir", "/no/such/dir/here"], "--secrets-dir"),
+        (
+            &["--oem-url-allow", "ftp://127.0.0.1:21"],
+            "--oem-url-allow",
+        ),
+        (
+            &["--oem-url-allow", "http://127.0.0.1:8099/a/../b"],
+            "--oem-url-allow",
+        ),
+        (
+            &[
+                "--oem-url-allow",
+                "http://127.0.0.1:8099=SWITCHYARD_SECRET_X",
+            ],
+            "--oem-url-allow",
+        ),
+        (
+            &["--database", "postgres://localhost/x"],
+            "unsupported database",
+        ),
+        (
+            &["--database", "sqlite:///no/such/dir/switchyard.db"],
+            "does not exist",
+        ),
+        (&["--listen", "no-such-host.invalid:50051"], "--listen"),
+    ];
+    for (args, said) in cases {
+        let mut all = vec!["serve", "--no-demo"];
+        if !args.contains(&"--listen") {
+            all.extend(["--listen", "127.0.0.1:0"]);
+        }
+        all.extend_from_slice(args);
+        let out = run(SWITCHYARD, &all);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(said),
+            "{args:?} should say {said:?}: {stderr}"
+        );
+        assert!(!stderr.contains("listening"), "{args:?} started: {stderr}");
+    }
+}

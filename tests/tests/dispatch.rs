@@ -189,6 +189,7 @@ async fn a_dispatcher_whose_claim_lapsed_records_nothing() {
                 code: "REVERT_FAILED".into(),
                 message: "rejected".into(),
                 raw: None,
+                revert: false,
             },
         )
         .await
@@ -538,6 +539,30 @@ async fn a_driver_that_panics_fails_its_attempt_and_the_dispatcher_goes_on() {
         srv.get("b", &good.action_id).await.state,
         St::Completed as i32
     );
+    // What the driver wrote before panicking is unknown: a revert is owed,
+    // and until it is done the action holds its channel (a push is told to
+    // retry: it settles by itself).
+    let st = srv
+        .refused(push(
+            "p",
+            action(Command::Idle, None, None),
+            S::CancelAndReplace,
+        ))
+        .await;
+    let d = expect_error(&st, Code::FailedPrecondition, "ACTION_IN_FLIGHT");
+    assert!(d.retry.is_some(), "{st:?}");
+    // (The owed revert panicked too, in the same drain: a failed try.)
+    srv.set_settings("p", &[]).await;
+    srv.dispatch_at(60).await;
+    let reverted = srv.get("p", &bad.action_id).await;
+    assert_eq!(
+        (reverted.state, reverted.error_code.as_str()),
+        (St::Failed as i32, "DRIVER_FAULT"),
+        "still failed, and why: {reverted:?}"
+    );
+    assert!(reverted.error_message.contains("panicked"), "{reverted:?}");
+    assert!(reverted.verified, "the revert was read back");
+    srv.book("p", action(Command::Idle, None, None)).await;
 
     // A revert whose driver panics is a failed try: retried with backoff,
     // then REVERT_FAILED, like any revert that keeps failing.
@@ -570,6 +595,38 @@ async fn a_driver_that_panics_fails_its_attempt_and_the_dispatcher_goes_on() {
     srv.dispatch().await;
     assert_eq!(
         srv.get("b", &later.action_id).await.state,
+        St::Completed as i32
+    );
+}
+
+#[tokio::test]
+async fn a_driver_call_that_outlives_half_the_lease_is_a_failed_try_not_a_stalled_round() {
+    let srv = TestServer::start().await;
+    srv.sim_device("slow", &[("latency_ms", "5000")]).await;
+    srv.sim_device("b", &[]).await;
+    let slow = srv.book("slow", action(Command::Charge, None, None)).await;
+    let quick = srv.book("b", action(Command::Charge, None, None)).await;
+    // A 2 s lease: a job gets 1 s before it is cut off.
+    let d = switchyard::server::dispatcher(
+        &srv.app,
+        switchyard::dispatch::DispatchConfig {
+            lease_nanos: 2 * SEC,
+            ..Default::default()
+        },
+    );
+    let started = std::time::Instant::now();
+    d.run_due().await.unwrap();
+    let took = started.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(3),
+        "the round took {took:?}"
+    );
+    let s = srv.get("slow", &slow.action_id).await;
+    assert_eq!(s.state, St::Acknowledged as i32, "{s:?}");
+    assert!(s.error_message.starts_with("retrying"), "{s:?}");
+    assert!(s.error_message.contains("did not answer"), "{s:?}");
+    assert_eq!(
+        srv.get("b", &quick.action_id).await.state,
         St::Completed as i32
     );
 }

@@ -319,3 +319,44 @@ async fn empty_cut_short_and_missing_bodies_are_malformed_requests() {
     let took = started.elapsed();
     assert!(took < Duration::from_secs(5), "refused after {took:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_over_the_limit_are_server_busy_at_once_and_the_health_check_still_answers() {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("f.db").display());
+    let server = std::sync::Arc::new(ServerProcess::spawn_with(
+        BIN,
+        &db,
+        &["--max-in-flight", "2", "--client-timeout-ms", "1500"],
+        &[],
+    ));
+    // Two calls whose bodies never come hold both receiving slots.
+    let stalled: Vec<_> = (0..2)
+        .map(|_| {
+            let s = server.clone();
+            tokio::spawn(async move { raw_unary(&s, None).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A third is refused at once, typed and retryable.
+    let started = Instant::now();
+    assert_eq!(
+        raw_unary(&server, Some(vec![0, 0, 0, 0, 0])).await,
+        ("14".to_owned(), "SERVER_BUSY".to_owned())
+    );
+    assert!(started.elapsed() < Duration::from_millis(500));
+    // Probes are answered all the same.
+    let health = HealthClient::new(server.channel().await)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health answers under load");
+    assert_eq!(health.into_inner().status, 1, "SERVING");
+    // Once the stalled ones time out, their slots are free again.
+    for s in stalled {
+        assert_eq!(s.await.unwrap().1, "MALFORMED_REQUEST");
+    }
+    assert_eq!(raw_unary(&server, Some(vec![0, 0, 0, 0, 0])).await.0, "0");
+}

@@ -87,7 +87,7 @@ async fn rig(config: EmulatorConfig, paired: bool) -> Rig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_cannot_name_the_servers_secrets_or_hosts_and_refusals_reveal_nothing() {
-    let r = rig(EmulatorConfig::new(KEY, &[SN]), false).await;
+    let mut r = rig(EmulatorConfig::new(KEY, &[SN]), false).await;
     let mut devices = DeviceServiceClient::new(r.channel.clone());
     let emu = r.emu.base_url();
     // Another local port: an attacker's listener, say.
@@ -162,12 +162,12 @@ async fn settings_cannot_name_the_servers_secrets_or_hosts_and_refusals_reveal_n
             .await
             .unwrap_or_else(|e| panic!("{key_ref}: {e:?}"));
     }
-    assert_no_key_in_log(&r.server);
+    assert_no_key_in_log(&mut r.server);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_secret_goes_only_to_the_endpoints_the_operator_paired_it_with() {
-    let r = rig(EmulatorConfig::new(KEY, &[SN]), true).await;
+    let mut r = rig(EmulatorConfig::new(KEY, &[SN]), true).await;
     let mut devices = DeviceServiceClient::new(r.channel.clone());
     let emu = r.emu.base_url();
     // The server holds SWITCHYARD_SECRET_FOX and allows the emulator, but
@@ -191,7 +191,7 @@ async fn a_secret_goes_only_to_the_endpoints_the_operator_paired_it_with() {
         .await
         .unwrap();
     assert!(!r.emu.calls().is_empty(), "observed through the emulator");
-    assert_no_key_in_log(&r.server);
+    assert_no_key_in_log(&mut r.server);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -200,7 +200,7 @@ async fn an_oem_that_echoes_the_key_never_gets_it_shown_anywhere() {
     config.min_write_interval = Duration::ZERO;
     // Every answer, successes included, carries the token it received.
     config.echo_token = true;
-    let r = rig(config, true).await;
+    let mut r = rig(config, true).await;
     let mut devices = DeviceServiceClient::new(r.channel.clone());
     let mut actions = ActionServiceClient::new(r.channel.clone());
     let created = devices
@@ -334,11 +334,24 @@ async fn an_oem_that_echoes_the_key_never_gets_it_shown_anywhere() {
             "the key is stored in the database"
         );
     }
-    assert_no_key_in_log(&r.server);
+    assert_no_key_in_log(&mut r.server);
 }
 
-fn assert_no_key_in_log(server: &ServerProcess) {
+/// Stops the server and reads its whole log (up to its last line).
+fn assert_no_key_in_log(server: &mut ServerProcess) {
+    server.terminate();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while server.try_wait().is_none() {
+        assert!(std::time::Instant::now() < deadline, "no exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The log thread reads to EOF once the process is gone.
+    std::thread::sleep(Duration::from_millis(100));
     let log = server.log();
+    assert!(
+        log.iter().any(|l| l.contains("\"stopped\"")),
+        "the whole log, up to its last line: {log:?}"
+    );
     assert!(log.len() > 3, "the server logged: {log:?}");
     for line in log {
         assert!(

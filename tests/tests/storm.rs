@@ -278,6 +278,12 @@ async fn two_server_processes_on_one_sqlite_file_never_double_book() {
         census.overlapped.len(),
         began.elapsed()
     );
+    // The two processes took turns at the write lock, not one after the
+    // other: the storm really raced two writers.
+    assert!(
+        handovers >= 2,
+        "the write lock changed process only {handovers} times"
+    );
     assert!(
         census.overlaps.is_empty(),
         "holding actions overlap on one channel: {:#?}",

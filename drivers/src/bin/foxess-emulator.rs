@@ -26,8 +26,14 @@ struct Cli {
     /// Address to listen on, IP:PORT (port 0 picks a free one).
     #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:8089")]
     listen: SocketAddr,
-    /// The one API key accepted (required).
-    #[arg(long, value_name = "KEY")]
+    /// The one API key accepted (required; from the environment it stays
+    /// out of the process list).
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "FOXESS_EMULATOR_API_KEY",
+        hide_env_values = true
+    )]
     api_key: String,
     /// An inverter serial (deviceSN) to emulate; repeatable, at least one
     /// required.

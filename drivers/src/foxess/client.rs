@@ -143,7 +143,15 @@ fn redact_strings(v: &mut Value, secret: &Secret) {
             }
         }
         Value::Array(a) => a.iter_mut().for_each(|x| redact_strings(x, secret)),
-        Value::Object(o) => o.values_mut().for_each(|x| redact_strings(x, secret)),
+        Value::Object(o) => {
+            if o.keys().any(|k| k.contains(secret.expose())) {
+                *o = std::mem::take(o)
+                    .into_iter()
+                    .map(|(k, v)| (secret.redact(&k), v))
+                    .collect();
+            }
+            o.values_mut().for_each(|x| redact_strings(x, secret));
+        }
         Value::Null | Value::Bool(_) | Value::Number(_) => {}
     }
 }
@@ -180,7 +188,19 @@ pub fn classify(
     body: &[u8],
     secret: Option<&Secret>,
 ) -> Result<Envelope, DriverError> {
-    let body_snippet = || snippet(&String::from_utf8_lossy(body));
+    // Only JSON is quoted, and only once its strings are decoded and
+    // redacted: a key the OEM echoed in some escaped form (\/, \u0026)
+    // is plain again after decoding. Anything else is described, not
+    // quoted.
+    let body_snippet = || match serde_json::from_slice::<Value>(body) {
+        Ok(mut v) => {
+            if let Some(s) = secret {
+                redact_strings(&mut v, s);
+            }
+            snippet(&v.to_string())
+        }
+        Err(_) => format!("{} bytes, not JSON", body.len()),
+    };
     let code = status.as_u16();
     if status.is_redirection() {
         // Following it would send the signed request, key included, to
@@ -272,5 +292,36 @@ pub fn classify(
             ErrorKind::Rejected,
             &format!("FoxESS refused the call (errno {n})"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_answers_quote_only_json_and_only_redacted() {
+        let key = Secret::new(r#"k/e&y"#);
+        // PHP escapes '/', Go escapes '&': the raw text never holds the key
+        // as such, the decoded JSON does.
+        let body = br#"{"msg":"bad token k\/e&y","k\/e&y":1}"#;
+        let e = classify("/p", StatusCode::INTERNAL_SERVER_ERROR, body, Some(&key)).unwrap_err();
+        let raw = e.raw.unwrap_or_default();
+        assert!(
+            !raw.contains(key.expose()) && raw.contains("<redacted>"),
+            "{raw}"
+        );
+        // Not JSON: described, never quoted.
+        let page = format!("<html>proxy error for token {}</html>", key.expose());
+        let e = classify("/p", StatusCode::BAD_GATEWAY, page.as_bytes(), Some(&key)).unwrap_err();
+        let raw = e.raw.unwrap_or_default();
+        assert!(
+            raw.contains("bytes, not JSON") && !raw.contains("token"),
+            "{raw}"
+        );
+        // An envelope's msg is redacted once decoded, on success too.
+        let ok = br#"{"errno":0,"msg":"hello k\/e&y","result":{"x":"k\/e&y"}}"#;
+        let env = classify("/p", StatusCode::OK, ok, Some(&key)).unwrap();
+        assert!(!env.msg.contains(key.expose()), "{}", env.msg);
     }
 }

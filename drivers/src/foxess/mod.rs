@@ -396,6 +396,8 @@ impl Foxess {
 }
 
 fn malformed(raw: &str, why: &str) -> DriverError {
+    // `why` may quote the answer (a parse error names what it found).
+    let why: String = why.chars().take(200).collect();
     DriverError::new(
         ErrorKind::Rejected,
         format!("unexpected FoxESS answer: {why}"),

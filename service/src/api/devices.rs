@@ -142,6 +142,12 @@ impl Devices {
                     // Read before it is stored (no OEM call under the write
                     // lock), so that the answer, its replay and the first
                     // push all see the device's native scheduler.
+                    // A device that exists is refused before any OEM call.
+                    if app.store.device_exists(&tenant, &device.id).await? {
+                        return Err(Error::DeviceAlreadyExists {
+                            device_id: device.id.to_string(),
+                        });
+                    }
                     let mut device = device;
                     device.observed = app.observe(&device).await;
                     app.store.create_device(&tenant, device, commit).await
@@ -175,11 +181,27 @@ impl Devices {
                     // The new configuration is read before the update's
                     // transaction; the store keeps the reading only if the
                     // configuration it commits is the one read.
-                    let mut next = app.store.get_device(&tenant, &req.id).await?;
+                    // A change that is refused anyway (stale etag, bad
+                    // settings) makes no OEM call; one that leaves the
+                    // configuration as it was keeps what was observed.
+                    let current = app.store.get_device(&tenant, &req.id).await?;
+                    if let Some(given) = &req.etag
+                        && *given != current.etag()
+                    {
+                        return Err(Error::EtagMismatch {
+                            resource: format!("devices/{}", req.id),
+                            current: current.etag(),
+                        });
+                    }
+                    let mut next = current.clone();
                     req.apply_to(&mut next);
-                    let observed = match check(&next) {
-                        Ok(()) => app.observe(&next).await.map(|o| (next, o)),
-                        Err(_) => None,
+                    let observed = if next.same_config(&current) {
+                        current.observed.clone().map(|o| (next, o))
+                    } else {
+                        match check(&next) {
+                            Ok(()) => app.observe(&next).await.map(|o| (next, o)),
+                            Err(_) => None,
+                        }
                     };
                     app.store
                         .update_device(

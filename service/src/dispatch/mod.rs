@@ -16,8 +16,10 @@
 //!   driver read it back, or read again within the budget), so pushes are
 //!   checked against what the device holds now.
 //! - A driver that panics fails that attempt, like any persistent driver
-//!   failure: the action ends FAILED (DRIVER_FAULT), a revert is retried
-//!   and may end REVERT_FAILED. The dispatcher itself keeps running.
+//!   failure: an apply ends FAILED (DRIVER_FAULT) and, since what it wrote
+//!   before panicking is unknown, is reverted at once (holding its channel
+//!   until then); a revert is retried and may end REVERT_FAILED. The
+//!   dispatcher itself keeps running.
 //! - Time comes from the [`Clock`]; tests drive it and call [`Dispatcher::drain`].
 
 mod budget;
@@ -122,19 +124,41 @@ enum Observe {
     Known(TenantId, Device, Observed),
 }
 
-/// A driver's view of a device, as recorded.
+/// Most native rows kept of one observation (the largest OEM scheduler
+/// known has 96 slots).
+pub const MAX_OBSERVED_ROWS: usize = 96;
+
+/// A driver's view of a device, as recorded. It comes from the OEM, so it
+/// is bounded: at most [`MAX_OBSERVED_ROWS`] rows, the ones that matter
+/// to a push first (enabled protected, then enabled foreign rows), and
+/// short strings.
 fn observed(s: DeviceState, at: Ts) -> Observed {
+    use switchyard_drivers::RowOwner;
     let DeviceState {
         native_scheduler,
         soc_percent,
         mode,
     } = s;
-    let (scheduler_active, rows) = native_scheduler.unwrap_or((false, vec![]));
+    let (scheduler_active, mut rows) = native_scheduler.unwrap_or((false, vec![]));
+    if rows.len() > MAX_OBSERVED_ROWS {
+        rows.sort_by_key(|r| match (r.enabled, r.owner) {
+            (true, RowOwner::Protected) => 0,
+            (true, RowOwner::Foreign) => 1,
+            (true, RowOwner::Ours) => 2,
+            (false, _) => 3,
+        });
+        rows.truncate(MAX_OBSERVED_ROWS);
+    }
+    for r in &mut rows {
+        r.start = crate::domain::cap(std::mem::take(&mut r.start), 16);
+        r.end = crate::domain::cap(std::mem::take(&mut r.end), 16);
+        r.mode = crate::domain::cap(std::mem::take(&mut r.mode), 64);
+    }
     Observed {
         scheduler_active,
         rows,
-        soc_percent,
-        mode,
+        soc_percent: soc_percent.filter(|v| v.is_finite()),
+        mode: mode.map(|m| crate::domain::cap(m, 64)),
         at,
     }
 }
@@ -191,7 +215,7 @@ pub async fn observe_now(
     driver: &dyn Driver,
 ) -> Option<Observed> {
     let o = read_state(budgets, clock, driver).await?;
-    match store.observe(tenant, &device.id, device.revision, &o).await {
+    match store.observe(tenant, device, &o).await {
         Ok(true) => Some(o),
         Ok(false) => None,
         Err(e) => {
@@ -261,9 +285,18 @@ impl Dispatcher {
             let permit = sem.clone().acquire_owned().await;
             set.spawn(async move {
                 let _permit = permit;
-                let done = match AssertUnwindSafe(this.process(&job)).catch_unwind().await {
-                    Ok(done) => done,
-                    Err(_) => Ok(this.panicked(&job)),
+                // Within half the lease: a job that runs longer would be
+                // taken up again by another dispatcher while still running.
+                let limit = Duration::from_nanos(
+                    u64::try_from(this.config.lease_nanos / 2)
+                        .unwrap_or(0)
+                        .max(1_000_000_000),
+                );
+                let run = AssertUnwindSafe(this.process(&job)).catch_unwind();
+                let done = match tokio::time::timeout(limit, run).await {
+                    Ok(Ok(done)) => done,
+                    Ok(Err(_)) => Ok(this.panicked(&job)),
+                    Err(_) => Ok(this.timed_out(&job, limit)),
                 };
                 (job, done)
             });
@@ -292,9 +325,7 @@ impl Dispatcher {
                         .await;
                 }
                 Observe::Known(tenant, device, o) => {
-                    self.store
-                        .observe(&tenant, &device.id, device.revision, &o)
-                        .await?;
+                    self.store.observe(&tenant, &device, &o).await?;
                 }
             }
         }
@@ -341,14 +372,39 @@ impl Dispatcher {
         let message =
             "the driver failed unexpectedly (it panicked); the server log has the details";
         Done::just(match job.work {
+            // It may have written part of the command before it
+            // panicked: undo whatever it did.
             Work::Apply => Finish::Failed {
                 code: codes::DRIVER_FAULT.to_owned(),
                 message: message.to_owned(),
                 raw: None,
+                revert: true,
             },
             Work::Revert => {
                 self.revert_retry_or_fail(job, self.clock.now(), message.to_owned(), None, 0)
             }
+        })
+    }
+
+    /// What a job whose driver did not answer within `limit` comes to: a
+    /// failed try, retried like an OEM outage.
+    fn timed_out(&self, job: &Job, limit: Duration) -> Done {
+        let message = format!("the driver did not answer within {} s", limit.as_secs());
+        tracing::warn!(action_id = %job.action.id, work = job.work.as_str(), "{message}");
+        let now = self.clock.now();
+        Done::just(match job.work {
+            Work::Apply if job.attempts + 1 < self.config.max_apply_attempts => Finish::Retry {
+                due: now.plus_nanos(self.backoff(job.attempts)),
+                message,
+                raw: None,
+            },
+            Work::Apply => Finish::Failed {
+                code: "OEM_UNAVAILABLE".to_owned(),
+                message,
+                raw: None,
+                revert: false,
+            },
+            Work::Revert => self.revert_retry_or_fail(job, now, message, None, 0),
         })
     }
 
@@ -371,6 +427,7 @@ impl Dispatcher {
                     job.attempts + 1
                 ),
                 raw,
+                revert: false,
             }
         } else {
             Finish::Retry {
@@ -423,6 +480,7 @@ impl Dispatcher {
             code: code.to_owned(),
             message,
             raw,
+            revert: false,
         };
         if action.end.is_some_and(|end| end <= now) {
             return Ok(Done::just(fail(
@@ -578,5 +636,49 @@ impl Dispatcher {
                 () = tokio::time::sleep(wait) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use switchyard_drivers::{NativeRow, RowOwner};
+
+    use super::*;
+
+    fn row(i: usize, enabled: bool, owner: RowOwner) -> NativeRow {
+        NativeRow {
+            start: "00:00".into(),
+            end: format!("{i}{}", "9".repeat(100)),
+            mode: "m".repeat(10_000),
+            enabled,
+            owner,
+        }
+    }
+
+    #[test]
+    fn an_observation_is_bounded_and_keeps_the_rows_that_block_pushes() {
+        let mut rows: Vec<NativeRow> = (0..5000)
+            .map(|i| row(i, i % 2 == 0, RowOwner::Ours))
+            .collect();
+        rows.push(row(1, true, RowOwner::Protected));
+        rows.push(row(2, true, RowOwner::Foreign));
+        let o = observed(
+            DeviceState {
+                native_scheduler: Some((true, rows)),
+                soc_percent: Some(f64::NAN),
+                mode: Some("x".repeat(1000)),
+            },
+            Ts(0),
+        );
+        assert_eq!(o.rows.len(), MAX_OBSERVED_ROWS);
+        assert_eq!(o.rows[0].owner, RowOwner::Protected);
+        assert_eq!(o.rows[1].owner, RowOwner::Foreign);
+        assert!(
+            o.rows
+                .iter()
+                .all(|r| r.mode.len() <= 64 && r.end.len() <= 16)
+        );
+        assert!(o.mode.is_some_and(|m| m.len() <= 64));
+        assert_eq!(o.soc_percent, None);
     }
 }

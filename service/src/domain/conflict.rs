@@ -25,8 +25,8 @@ pub const SETTLE_RETRY_NANOS: i64 = 2 * Ts::SECOND;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Holder {
     pub id: ActionId,
-    /// SCHEDULED, ACKNOWLEDGED, ACTIVE, or CANCELLED while its early revert
-    /// is owed.
+    /// SCHEDULED, ACKNOWLEDGED, ACTIVE, or CANCELLED / FAILED while a
+    /// revert is owed.
     pub state: ActionState,
     pub command: Command,
     pub start: Ts,
@@ -40,17 +40,14 @@ impl Holder {
         self.state != ActionState::Scheduled
     }
 
-    /// It stops holding by itself, soon: a cancelled action once its
-    /// revert is done, an open-ended one once it is applied (it is then
+    /// It stops holding by itself, soon: a cancelled or failed action once
+    /// its revert is done, an open-ended one once it is applied (it is then
     /// COMPLETED).
     fn settling(&self) -> bool {
         match self.state {
-            ActionState::Cancelled => true,
+            ActionState::Cancelled | ActionState::Failed => true,
             ActionState::Acknowledged => self.end.is_none(),
-            ActionState::Scheduled
-            | ActionState::Active
-            | ActionState::Completed
-            | ActionState::Failed => false,
+            ActionState::Scheduled | ActionState::Active | ActionState::Completed => false,
         }
     }
 }

@@ -17,6 +17,9 @@ use crate::domain::{
     Action, ActionState, Device, DeviceId, Error, Observed, TenantId, Transition, Ts, Work, cap,
 };
 
+/// How a note of a failed try that will be retried starts.
+const RETRYING: &str = "retrying: ";
+
 /// Most bytes of an OEM's raw answer kept on an action.
 pub const MAX_OEM_RESPONSE_BYTES: usize = 2048;
 /// Most bytes of a driver's error message kept on an action.
@@ -76,6 +79,9 @@ pub enum Finish {
         message: String,
         /// The OEM's answer.
         raw: Option<String>,
+        /// What the driver did is unknown (it panicked midway): a revert is
+        /// owed at once, and the action holds its channel until it is done.
+        revert: bool,
     },
 }
 
@@ -273,15 +279,21 @@ async fn finish_one(
             }
             Finish::Reverted { raw, verified } => {
                 a.verified = verified;
-                let to = if from == ActionState::Cancelled {
-                    ActionState::Cancelled
-                } else {
-                    ActionState::Completed
+                // A cancelled or failed action stays so once undone.
+                let to = match from {
+                    ActionState::Cancelled | ActionState::Failed => from,
+                    ActionState::Scheduled
+                    | ActionState::Acknowledged
+                    | ActionState::Active
+                    | ActionState::Completed => ActionState::Completed,
                 };
                 (to, None, None, 0, "REVERTED".into(), Some(raw))
             }
             Finish::Retry { due, message, raw } => {
-                a.error_message = Some(format!("retrying: {message}"));
+                // A cancelled or failed action keeps saying why it is so.
+                if !matches!(from, ActionState::Cancelled | ActionState::Failed) {
+                    a.error_message = Some(format!("{RETRYING}{message}"));
+                }
                 (
                     from,
                     Some(job.work),
@@ -299,14 +311,29 @@ async fn finish_one(
                 "POSTPONED".into(),
                 None,
             ),
-            Finish::Failed { code, message, raw } => {
+            Finish::Failed {
+                code,
+                message,
+                raw,
+                revert,
+            } => {
                 a.error_code = Some(code.clone());
                 a.error_message = Some(message);
-                (ActionState::Failed, None, None, job.attempts, code, raw)
+                let (work, due) = if revert {
+                    (Some(Work::Revert), Some(now))
+                } else {
+                    (None, None)
+                };
+                (ActionState::Failed, work, due, 0, code, raw)
             }
         };
-        if settled {
-            // Earlier "retrying" notes no longer apply.
+        if settled
+            && a.error_message
+                .as_deref()
+                .is_some_and(|m| m.starts_with(RETRYING))
+        {
+            // An earlier "retrying" note no longer applies (why an action
+            // was cancelled or failed still does).
             a.error_message = None;
         }
         let raw = raw.map(|r| cap(r, MAX_OEM_RESPONSE_BYTES));
@@ -383,25 +410,29 @@ impl Store {
             .map(Option::flatten)
     }
 
-    /// Records what a driver observed on a device configured as at
-    /// `revision`; an observation of a configuration changed since is
+    /// Records what a driver observed on `device` as it was configured
+    /// then; an observation of a configuration changed since (or of a
+    /// device deleted and created again) is
     /// dropped (the change cleared the old one, and the new configuration
     /// is observed afresh). Returns whether it was recorded.
     pub async fn observe(
         &self,
         tenant: &TenantId,
-        device: &DeviceId,
-        revision: i64,
+        device: &Device,
         o: &Observed,
     ) -> Result<bool, Error> {
+        // Revision and incarnation: a device deleted and created again
+        // starts at revision 1 once more.
         let done = sqlx::query(
-            "UPDATE devices SET observed = ?, observed_ns = ? WHERE tenant_id = ? AND device_id = ? AND revision = ?",
+            "UPDATE devices SET observed = ?, observed_ns = ?
+             WHERE tenant_id = ? AND device_id = ? AND revision = ? AND incarnation = ?",
         )
         .bind(rows::observed_json(o))
         .bind(o.at.0)
         .bind(tenant.as_str())
-        .bind(device.as_str())
-        .bind(revision)
+        .bind(device.id.as_str())
+        .bind(device.revision)
+        .bind(&device.incarnation)
         .execute(&self.write)
         .await
         .map_err(db_err)?;

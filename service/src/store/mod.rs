@@ -435,6 +435,19 @@ impl Store {
         Ok(device)
     }
 
+    /// Whether a device exists (read outside any transaction: a hint to
+    /// spare work, the write decides).
+    pub async fn device_exists(&self, tenant: &TenantId, id: &DeviceId) -> Result<bool, Error> {
+        let found: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM devices WHERE tenant_id = ? AND device_id = ?")
+                .bind(tenant.as_str())
+                .bind(id.as_str())
+                .fetch_optional(&self.read)
+                .await
+                .map_err(db_err)?;
+        Ok(found.is_some())
+    }
+
     /// One device.
     pub async fn get_device(&self, tenant: &TenantId, id: &DeviceId) -> Result<Device, Error> {
         rows::fetch_device(&self.read, tenant, id)
@@ -561,12 +574,12 @@ impl Store {
             },
         )
         .await?;
-        // A cancelled action still listed here has a revert owed: deleting
-        // it would leave its override in force, so it blocks like one the
-        // OEM is executing.
+        // A cancelled or failed action still listed here has a revert owed:
+        // deleting it would leave its override in force, so it blocks like
+        // one the OEM is executing.
         let in_flight: Vec<ActionId> = holding
             .iter()
-            .filter(|a| a.state.in_flight() || a.state == ActionState::Cancelled)
+            .filter(|a| !a.state.holds() || a.state.in_flight())
             .map(|a| a.id)
             .collect();
         if !holding.is_empty() && (!force || !in_flight.is_empty()) {

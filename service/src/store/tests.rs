@@ -154,3 +154,77 @@ fn codes_a_retry_may_cure_are_transient() {
         assert!(!super::transient_code(c), "{c}");
     }
 }
+
+/// An observation made of a device that was since deleted and created
+/// again under the same id (revision 1 once more) is not recorded on the
+/// new device: it could hide the new device's native scheduler.
+#[tokio::test]
+async fn an_observation_of_a_deleted_device_does_not_land_on_its_successor() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("db.sqlite"), Duration::from_secs(1)).await;
+    let tenant = TenantId::default_tenant();
+    let old = store
+        .create_device(&tenant, device("d", BTreeMap::new()), None)
+        .await
+        .unwrap();
+    store
+        .delete_device(&tenant, &old.id, None, false, None)
+        .await
+        .unwrap();
+    let new = store
+        .create_device(&tenant, device("d", BTreeMap::new()), None)
+        .await
+        .unwrap();
+    assert_eq!((old.revision, new.revision), (1, 1));
+    let seen = crate::domain::Observed {
+        scheduler_active: false,
+        rows: vec![],
+        soc_percent: None,
+        mode: None,
+        at: Ts(5),
+    };
+    assert!(!store.observe(&tenant, &old, &seen).await.unwrap());
+    assert!(
+        store
+            .get_device(&tenant, &new.id)
+            .await
+            .unwrap()
+            .observed
+            .is_none()
+    );
+    assert!(store.observe(&tenant, &new, &seen).await.unwrap());
+}
+
+/// Releasing a request_id never discards a recorded answer: a call
+/// dropped just after its commit keeps its answer for the retry.
+#[tokio::test]
+async fn releasing_a_request_id_after_its_commit_keeps_the_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("db.sqlite"), Duration::from_secs(1)).await;
+    let tenant = TenantId::default_tenant();
+    let super::IdemBegin::Fresh(claim) = store
+        .idem_begin(&tenant, "r1", "CreateDevice", b"body")
+        .await
+        .unwrap()
+    else {
+        panic!("a fresh key")
+    };
+    let commit = super::IdemCommit {
+        request_id: "r1".into(),
+        claim: claim.clone(),
+        encode: Box::new(|_: &Device| b"answer".to_vec()),
+    };
+    store
+        .create_device(&tenant, device("d", BTreeMap::new()), Some(commit))
+        .await
+        .unwrap();
+    // The drop guard's release, arriving after the commit.
+    store.idem_abort(&tenant, "r1", &claim).await.unwrap();
+    assert_eq!(
+        store
+            .idem_begin(&tenant, "r1", "CreateDevice", b"body")
+            .await
+            .unwrap(),
+        super::IdemBegin::Replay(b"answer".to_vec())
+    );
+}
