@@ -100,37 +100,51 @@ impl App {
         let request_id = idem.request_id.as_str();
         check_request_id(request_id)?;
         let tenant = self.tenant();
-        match self
+        // The guard exists before the key is claimed: a call dropped while
+        // claiming it releases it too.
+        let claim = uuid::Uuid::now_v7().to_string();
+        let mut release = Release {
+            store: Some(self.store.clone()),
+            tenant: tenant.clone(),
+            request_id: request_id.to_owned(),
+            claim: claim.clone(),
+        };
+        let begun = self
             .store
-            .idem_begin(&tenant, request_id, method, &idem.body)
-            .await?
-        {
-            IdemBegin::Replay(bytes) => Resp::decode(bytes.as_slice())
-                .map(Ran::Replayed)
-                .map_err(|e| Error::Internal(format!("stored response: {e}"))),
-            IdemBegin::Fresh(claim) => {
-                let mut release = Release {
-                    store: Some(self.store.clone()),
-                    tenant: tenant.clone(),
-                    request_id: request_id.to_owned(),
-                    claim: claim.clone(),
-                };
+            .idem_begin_as(&tenant, request_id, method, &idem.body, &claim)
+            .await;
+        match begun {
+            Err(e) => {
+                release.store = None;
+                Err(e)
+            }
+            Ok(IdemBegin::Replay(bytes)) => {
+                release.store = None;
+                Resp::decode(bytes.as_slice())
+                    .map(Ran::Replayed)
+                    .map_err(|e| Error::Internal(format!("stored response: {e}")))
+            }
+            Ok(IdemBegin::Fresh(claim)) => {
                 let commit = IdemCommit {
                     request_id: request_id.to_owned(),
                     claim: claim.clone(),
                     encode: Box::new(move |t: &T| to_resp(t).encode_to_vec()),
                 };
                 let result = run(Some(commit)).await;
-                // Finished: committed (the key holds the answer) or
-                // failed (released here).
-                release.store = None;
                 match result {
-                    Ok(t) => Ok(Ran::Fresh(t)),
+                    // Committed: the key holds the answer.
+                    Ok(t) => {
+                        release.store = None;
+                        Ok(Ran::Fresh(t))
+                    }
+                    // Failed: released here (or, if this call is dropped
+                    // meanwhile, by the guard).
                     Err(e) => {
                         if let Err(abort) = self.store.idem_abort(&tenant, request_id, &claim).await
                         {
                             tracing::warn!(error = %abort, "could not release request_id");
                         }
+                        release.store = None;
                         Err(e)
                     }
                 }

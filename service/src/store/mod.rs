@@ -265,6 +265,22 @@ impl Store {
         method: &str,
         body: &[u8],
     ) -> Result<IdemBegin, Error> {
+        let claim = uuid::Uuid::now_v7().to_string();
+        self.idem_begin_as(tenant, request_id, method, body, &claim)
+            .await
+    }
+
+    /// [`Store::idem_begin`] with the claim chosen by the caller, so that
+    /// it can release the key even when the call is dropped while this
+    /// runs (releasing a key held under another claim does nothing).
+    pub async fn idem_begin_as(
+        &self,
+        tenant: &TenantId,
+        request_id: &str,
+        method: &str,
+        body: &[u8],
+        claim: &str,
+    ) -> Result<IdemBegin, Error> {
         let mut tx = self.begin().await?;
         let now = self.clock.now();
         let row = sqlx::query(
@@ -305,7 +321,6 @@ impl Store {
             }
         }
         // New, expired, or abandoned by a crashed request: take it.
-        let claim = uuid::Uuid::now_v7().to_string();
         sqlx::query(
             "INSERT INTO idempotency_keys (tenant_id, request_id, method, request_body, response_body, lease_until_ns, claim, create_ns, expire_ns)
              VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?)
@@ -319,14 +334,14 @@ impl Store {
         .bind(method)
         .bind(body)
         .bind(now.0 + IDEMPOTENCY_LEASE_NANOS)
-        .bind(&claim)
+        .bind(claim)
         .bind(now.0)
         .bind(now.0 + IDEMPOTENCY_TTL_NANOS)
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
         tx.commit().await.map_err(db_err)?;
-        Ok(IdemBegin::Fresh(claim))
+        Ok(IdemBegin::Fresh(claim.to_owned()))
     }
 
     /// Releases a key whose request failed: a failed request changed
