@@ -684,6 +684,23 @@ mod tests {
     }
 
     #[test]
+    fn retry_info_carries_the_delay_in_seconds_and_nanos() {
+        let status = to_status(Error::RequestInProgress {
+            request_id: "r".into(),
+            retry_after_nanos: 2 * Ts::SECOND + 250_000_000,
+        });
+        let body = rpc::Status::decode(status.details()).expect("status");
+        let retry = body
+            .details
+            .iter()
+            .find(|a| a.type_url.ends_with("RetryInfo"))
+            .map(|a| rpc::RetryInfo::decode(a.value.as_slice()).expect("retry"))
+            .expect("RetryInfo");
+        let d = retry.retry_delay.expect("delay");
+        assert_eq!((d.seconds, d.nanos), (2, 250_000_000));
+    }
+
+    #[test]
     fn a_stale_etag_is_not_repeated_back() {
         let status = to_status(Error::EtagMismatch {
             resource: "devices/d".into(),

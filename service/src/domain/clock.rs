@@ -99,6 +99,15 @@ impl Clock for ManualClock {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn instants_render_as_rfc_3339_in_utc() {
+        assert_eq!(Ts(0).rfc3339(), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            Ts(1_893_456_000 * Ts::SECOND + 500_000_000).rfc3339(),
+            "2030-01-01T00:00:00.5Z"
+        );
+    }
+
     use super::*;
 
     #[test]

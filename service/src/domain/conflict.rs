@@ -264,6 +264,42 @@ mod tests {
     }
 
     #[test]
+    fn half_open_intervals_overlap_only_where_they_share_an_instant() {
+        let t = Ts;
+        assert!(overlaps(t(0), Some(t(10)), t(5), Some(t(15))));
+        assert!(overlaps(t(5), Some(t(15)), t(0), Some(t(10))));
+        assert!(overlaps(t(0), Some(t(10)), t(2), Some(t(3))));
+        assert!(!overlaps(t(0), Some(t(10)), t(10), Some(t(20))));
+        assert!(!overlaps(t(10), Some(t(20)), t(0), Some(t(10))));
+        assert!(!overlaps(t(0), Some(t(10)), t(11), Some(t(20))));
+        // Open ends reach +infinity.
+        assert!(overlaps(t(0), None, t(100), Some(t(101))));
+        assert!(overlaps(t(100), Some(t(101)), t(0), None));
+        assert!(!overlaps(t(100), None, t(0), Some(t(100))));
+        assert!(overlaps(t(0), None, t(5), None));
+    }
+
+    #[test]
+    fn queue_after_stops_at_an_open_ended_collider() {
+        let hs = [h(1, S, 10, Some(20)), h(2, S, 20, None)];
+        let c = decide("d", "mode", Ts(12), Some(Ts(14)), &hs, Strategy::QueueAfter)
+            .expect_err("cannot queue behind an open end");
+        assert_eq!(c.kind, ConflictKind::OpenEnded);
+        assert_eq!(c.open_ended, [ActionId::from_u128(2)]);
+        // Without the open-ended one, it queues after the other.
+        let p = decide(
+            "d",
+            "mode",
+            Ts(12),
+            Some(Ts(14)),
+            &hs[..1],
+            Strategy::QueueAfter,
+        )
+        .unwrap();
+        assert_eq!((p.start, p.end), (Ts(20), Some(Ts(22))));
+    }
+
+    #[test]
     fn back_to_back_windows_do_not_collide() {
         let hs = [h(1, S, 10, Some(20))];
         assert!(decide("d", "mode", Ts(20), Some(Ts(30)), &hs, Strategy::Reject).is_ok());

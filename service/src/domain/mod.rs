@@ -49,6 +49,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn etags_are_fnv_1a_of_the_identity_and_the_revision() {
+        // FNV-1a (32 bit) of "abc" is 0x1a47e90b; clients keep etags, so
+        // the hash must never change.
+        assert_eq!(etag("abc", 7), "1a47e90b-7");
+        assert_eq!(etag("", 1), "811c9dc5-1");
+        assert_ne!(etag("abd", 7), etag("abc", 7));
+    }
+
+    #[test]
     fn cap_cuts_on_a_character_boundary() {
         assert_eq!(cap("abc".into(), 3), "abc");
         let cut = cap("ééééé".into(), 6);
