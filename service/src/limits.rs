@@ -277,7 +277,17 @@ where
             let limits = &layer.limits;
             let collected = tokio::time::timeout(
                 limits.body_timeout,
-                collect(body, limits.max_request_bytes, &layer.bytes),
+                // A probe is a few bytes: exempt from the counts, but not
+                // a way round them.
+                collect(
+                    body,
+                    if probe {
+                        1024
+                    } else {
+                        limits.max_request_bytes
+                    },
+                    (!probe).then_some(&layer.bytes),
+                ),
             )
             .await;
             let (bytes, _held) = match collected {
@@ -308,11 +318,11 @@ where
 }
 
 /// Reads a whole body, at most `max` bytes, each byte counted against the
-/// server-wide budget while the call lasts.
+/// server-wide `budget` (none for probes) while the call lasts.
 async fn collect(
     mut body: Body,
     max: usize,
-    budget: &Arc<Semaphore>,
+    budget: Option<&Arc<Semaphore>>,
 ) -> Result<(Bytes, Option<OwnedSemaphorePermit>), http::Response<Body>> {
     let mut buf = BytesMut::new();
     let mut held: Option<OwnedSemaphorePermit> = None;
@@ -332,15 +342,17 @@ async fn collect(
                 format!("the request is larger than {max} bytes"),
             ));
         }
-        let n = u32::try_from(data.len()).unwrap_or(u32::MAX);
-        // Bytes beyond the budget are refused, not waited for: waiting
-        // would let slow senders hold everyone else's requests back.
-        let Ok(permit) = budget.clone().try_acquire_many_owned(n) else {
-            return Err(busy());
-        };
-        match held.as_mut() {
-            Some(h) => h.merge(permit),
-            None => held = Some(permit),
+        if let Some(budget) = budget {
+            let n = u32::try_from(data.len()).unwrap_or(u32::MAX);
+            // Bytes beyond the budget are refused, not waited for: waiting
+            // would let slow senders hold everyone else's requests back.
+            let Ok(permit) = budget.clone().try_acquire_many_owned(n) else {
+                return Err(busy());
+            };
+            match held.as_mut() {
+                Some(h) => h.merge(permit),
+                None => held = Some(permit),
+            }
         }
         buf.extend_from_slice(&data);
     }

@@ -630,3 +630,31 @@ async fn a_driver_call_that_outlives_half_the_lease_is_a_failed_try_not_a_stalle
         St::Completed as i32
     );
 }
+
+#[tokio::test]
+async fn a_cancelled_action_keeps_saying_why_through_retried_reverts() {
+    let (srv, a) = booked_on_b(window(Command::Charge, H, 3 * H)).await;
+    srv.dispatch_at(H).await;
+    srv.set_settings("b", &[("fail_mode", "revert_fails")])
+        .await;
+    let c = srv.cancel("b", &a.action_id).await;
+    assert_eq!(c.error_code, "CANCELLED_BY_CLIENT");
+    let why = c.error_message.clone();
+    // The early revert fails and is retried: the action still says it was
+    // cancelled, and why (the failed tries are in oem_response).
+    srv.dispatch().await;
+    let retried = srv.get("b", &a.action_id).await;
+    assert_eq!(retried.state, St::Cancelled as i32);
+    assert_eq!(retried.error_message, why);
+    assert!(
+        retried.oem_response.contains("revert failed"),
+        "{retried:?}"
+    );
+    srv.set_settings("b", &[]).await;
+    srv.dispatch_at(H + 700).await;
+    let done = srv.get("b", &a.action_id).await;
+    assert_eq!(
+        (done.state, done.error_message),
+        (St::Cancelled as i32, why)
+    );
+}

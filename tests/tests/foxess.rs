@@ -322,3 +322,82 @@ async fn a_key_removed_after_create_fails_the_action_as_misconfigured() {
     );
     assert!(!f.error_message.contains(KEY_FILE), "{f:?}");
 }
+
+#[tokio::test]
+async fn refused_or_unchanged_device_changes_make_no_oem_call() {
+    let rig = Rig::new().await;
+    let before = rig.emu.calls().len();
+    let observed = rig.srv.get_device("fox").await.observed_state;
+    assert!(observed.is_some(), "observed on create");
+    // Creating it again: refused before any call to the OEM.
+    let again = rig
+        .srv
+        .devices()
+        .create_device(pb::CreateDeviceRequest {
+            device_id: "fox".into(),
+            device: rig.srv.get_device("fox").await.into(),
+            request_id: String::new(),
+        })
+        .await
+        .expect_err("exists");
+    expect_error(&again, Code::AlreadyExists, "DEVICE_ALREADY_EXISTS");
+    // A stale etag: refused before any call.
+    let stale = rig
+        .srv
+        .devices()
+        .update_device(pb::UpdateDeviceRequest {
+            device: Some(pb::Device {
+                device_id: "fox".into(),
+                display_name: "x".into(),
+                etag: "00000000-9".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["display_name".into()],
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .expect_err("stale");
+    expect_error(&stale, Code::Aborted, "ETAG_MISMATCH");
+    // A rename reaches the device the same way: it keeps what was observed
+    // and reads nothing.
+    let renamed = rig
+        .srv
+        .devices()
+        .update_device(pb::UpdateDeviceRequest {
+            device: Some(pb::Device {
+                device_id: "fox".into(),
+                display_name: "Garage inverter".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["display_name".into()],
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(renamed.observed_state, observed);
+    assert_eq!(rig.emu.calls().len(), before, "{:?}", rig.emu.calls());
+    // A settings change is a new configuration: read at once.
+    let mut settings = renamed.settings.clone();
+    settings.insert("fd_soc".into(), "25".into());
+    rig.srv
+        .devices()
+        .update_device(pb::UpdateDeviceRequest {
+            device: Some(pb::Device {
+                device_id: "fox".into(),
+                settings,
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["settings".into()],
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap();
+    assert!(rig.emu.calls().len() > before, "read after the change");
+}

@@ -526,16 +526,21 @@ impl Dispatcher {
                 let observe =
                     (e.kind == switchyard_drivers::ErrorKind::SchedulerActive).then(|| {
                         // Later pushes are refused up front until it is cleared.
+                        // Bounded like every observation.
                         Observe::Known(
                             job.tenant.clone(),
                             device.clone(),
-                            Observed {
-                                scheduler_active: true,
-                                rows: e.rows.clone(),
-                                soc_percent: device.observed.as_ref().and_then(|o| o.soc_percent),
-                                mode: device.observed.as_ref().and_then(|o| o.mode.clone()),
-                                at: self.clock.now(),
-                            },
+                            observed(
+                                DeviceState {
+                                    native_scheduler: Some((true, e.rows.clone())),
+                                    soc_percent: device
+                                        .observed
+                                        .as_ref()
+                                        .and_then(|o| o.soc_percent),
+                                    mode: device.observed.as_ref().and_then(|o| o.mode.clone()),
+                                },
+                                self.clock.now(),
+                            ),
                         )
                     });
                 Done {
