@@ -217,38 +217,7 @@ async fn an_oem_that_echoes_the_key_never_gets_it_shown_anywhere() {
         created.observed_state.is_some(),
         "observed on create through the echoing emulator"
     );
-    let a = actions
-        .push_action(push(
-            &id,
-            action(Command::Charge, None, None),
-            Default::default(),
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .action
-        .unwrap();
-    // The server's own dispatcher applies an immediate action within about
-    // a second; wait for its outcome (no schedule involved).
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let done = loop {
-        let got = actions
-            .get_action(pb::GetActionRequest {
-                device_id: id.clone(),
-                action_id: a.action_id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if got.state == St::Completed as i32 || got.state == St::Failed as i32 {
-            break got;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not dispatched: {got:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let done = push_and_settle(&mut actions, &id, Command::Charge).await;
     assert_eq!(done.state, St::Completed as i32, "{done:?}");
     // The emulator really echoed the key, and what was kept says so.
     assert!(
@@ -267,36 +236,7 @@ async fn an_oem_that_echoes_the_key_never_gets_it_shown_anywhere() {
     // An error answer that echoes it too.
     r.emu
         .fail_next_errno(1, 40257, &format!("bad request from {KEY}"));
-    let b = actions
-        .push_action(push(
-            &id,
-            action(Command::Idle, None, None),
-            Default::default(),
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .action
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let failed = loop {
-        let got = actions
-            .get_action(pb::GetActionRequest {
-                device_id: id.clone(),
-                action_id: b.action_id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if got.state == St::Completed as i32 || got.state == St::Failed as i32 {
-            break got;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not dispatched: {got:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let failed = push_and_settle(&mut actions, &id, Command::Idle).await;
     assert_eq!(failed.error_code, "OEM_REJECTED", "{failed:?}");
 
     // Nowhere: answers, listings, the device, errors.
@@ -335,6 +275,46 @@ async fn an_oem_that_echoes_the_key_never_gets_it_shown_anywhere() {
         );
     }
     assert_no_key_in_log(&mut r.server);
+}
+
+/// Pushes an immediate `command` and waits for the server's own
+/// dispatcher to settle it (it applies one within about a second: no
+/// schedule is involved); the action as it ended.
+async fn push_and_settle(
+    actions: &mut ActionServiceClient<Channel>,
+    device: &str,
+    command: Command,
+) -> pb::Action {
+    let a = actions
+        .push_action(push(
+            device,
+            action(command, None, None),
+            Default::default(),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .action
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = actions
+            .get_action(pb::GetActionRequest {
+                device_id: device.to_owned(),
+                action_id: a.action_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if got.state == St::Completed as i32 || got.state == St::Failed as i32 {
+            return got;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not dispatched: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Stops the server and reads its whole log (up to its last line).

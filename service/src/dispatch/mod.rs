@@ -163,20 +163,6 @@ fn observed(s: DeviceState, at: Ts) -> Observed {
     }
 }
 
-/// What to observe after a write that `out` describes.
-fn observe_after(
-    tenant: &TenantId,
-    device: &Device,
-    driver: &Arc<dyn Driver>,
-    out: &Outcome,
-    now: Ts,
-) -> Observe {
-    match &out.state {
-        Some(s) => Observe::Known(tenant.clone(), device.clone(), observed(s.clone(), now)),
-        None => Observe::Read(tenant.clone(), device.clone(), driver.clone()),
-    }
-}
-
 /// Reads a device's state through `driver`, within the account's read
 /// budget. `None` when the budget is spent or the device cannot be read.
 pub async fn read_state(
@@ -363,6 +349,39 @@ impl Dispatcher {
         .await;
     }
 
+    /// What a write the OEM accepted comes to: applied or reverted, and
+    /// the device's state recorded (as read back, or read again).
+    fn written(
+        &self,
+        job: &Job,
+        device: &Device,
+        driver: &Arc<dyn Driver>,
+        out: Outcome,
+        work: Work,
+    ) -> Done {
+        let Outcome {
+            verified,
+            raw,
+            state,
+        } = out;
+        let observe = match state {
+            Some(s) => Observe::Known(
+                job.tenant.clone(),
+                device.clone(),
+                observed(s, self.clock.now()),
+            ),
+            None => Observe::Read(job.tenant.clone(), device.clone(), driver.clone()),
+        };
+        let finish = match work {
+            Work::Apply => Finish::Applied { raw, verified },
+            Work::Revert => Finish::Reverted { raw, verified },
+        };
+        Done {
+            finish,
+            observe: Some(observe),
+        }
+    }
+
     /// What a job whose driver panicked comes to: a failed attempt. An
     /// apply fails for good (the driver is broken, retrying will not mend
     /// it); a revert is retried, as any failed revert, until it is
@@ -498,19 +517,7 @@ impl Dispatcher {
         };
         let req = apply_request(action, job.clear_native);
         Ok(match driver.apply(&req).await {
-            Ok(out) => Done {
-                observe: Some(observe_after(
-                    &job.tenant,
-                    &device,
-                    &driver,
-                    &out,
-                    self.clock.now(),
-                )),
-                finish: Finish::Applied {
-                    raw: out.raw,
-                    verified: out.verified,
-                },
-            },
+            Ok(out) => self.written(job, &device, &driver, out, Work::Apply),
             Err(e) if e.retryable() && job.attempts + 1 < self.config.max_apply_attempts => {
                 let wait = self
                     .backoff(job.attempts)
@@ -567,19 +574,7 @@ impl Dispatcher {
             applied: apply_request(action, job.clear_native),
         };
         Ok(match driver.revert(&req).await {
-            Ok(out) => Done {
-                observe: Some(observe_after(
-                    &job.tenant,
-                    &device,
-                    &driver,
-                    &out,
-                    self.clock.now(),
-                )),
-                finish: Finish::Reverted {
-                    raw: out.raw,
-                    verified: out.verified,
-                },
-            },
+            Ok(out) => self.written(job, &device, &driver, out, Work::Revert),
             Err(e) => Done::just(self.revert_retry_or_fail(
                 job,
                 now,
