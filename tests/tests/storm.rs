@@ -362,13 +362,13 @@ fn holding(t: &str) -> String {
     format!("({t}state IN ('SCHEDULED', 'ACKNOWLEDGED', 'ACTIVE') OR {t}work = 'REVERT')")
 }
 
-/// Reads the database file directly, read-only: every action row, and
-/// every pair of holding actions on one channel whose half-open windows
-/// [start_ns, end_ns) overlap (no end: until forever).
+/// Reads the database file directly: every action row, and every pair of
+/// holding actions on one channel whose half-open windows [start_ns,
+/// end_ns) overlap (no end: until forever). Opened read-write though it
+/// only reads: after SIGKILL the write-ahead log may need recovering,
+/// which a read-only connection cannot do (SQLITE_READONLY_RECOVERY).
 async fn census(path: &std::path::Path) -> Census {
-    let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
-        .unwrap()
-        .read_only(true);
+    let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display())).unwrap();
     let mut conn = sqlx::SqliteConnection::connect_with(&opts).await.unwrap();
     let (a_holding, b_holding) = (holding("a."), holding("b."));
     let overlaps = sqlx::query(sqlx::AssertSqlSafe(format!(
