@@ -5,7 +5,8 @@
 # runs the whole workspace's tests against each change. A mutant the tests
 # do not catch ("missed") is a rule no test would notice breaking.
 #
-#   scripts/mutants.sh            # every mutant (about an hour on 2 cores)
+#   scripts/mutants.sh            # every mutant, every test (hours on 2 cores)
+#   scripts/mutants.sh --test-package switchyard   # unit tests only (fast)
 #   scripts/mutants.sh --list     # just list them
 #   scripts/mutants.sh -F etag    # only mutants whose name matches a regex
 #
@@ -26,7 +27,9 @@ if cargo nextest --version >/dev/null 2>&1; then tool=nextest; fi
 exec cargo mutants \
     --file 'service/src/domain/**' \
     --file service/src/api/status.rs \
-    --test-workspace=true \
+    --test-package switchyard \
+    --test-package switchyard-drivers \
+    --test-package switchyard-tests \
     --test-tool "$tool" \
     --timeout 180 \
     "$@"
