@@ -6,7 +6,6 @@
 # do not catch ("missed") is a rule no test would notice breaking.
 #
 #   scripts/mutants.sh            # every mutant, every test (hours on 2 cores)
-#   scripts/mutants.sh --test-package switchyard   # unit tests only (fast)
 #   scripts/mutants.sh --list     # just list them
 #   scripts/mutants.sh -F etag    # only mutants whose name matches a regex
 #
