@@ -19,7 +19,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::registry::ConfigError;
+use crate::factory::ConfigError;
 
 /// The prefix every environment variable named by `env:` must carry.
 pub const SECRET_ENV_PREFIX: &str = "SWITCHYARD_SECRET_";

@@ -23,11 +23,11 @@ use crate::driver::{
     ApplyRequest, DeviceState, Driver, DriverError, ErrorKind, NativeRow, Outcome, RevertRequest,
     RowOwner,
 };
+use crate::factory::{ConfigError, ConfigErrors, DeviceSpec, DriverFactory};
 use crate::model::{
     Capabilities, Command, CommandSpec, Family, Param, ParamSpec, RateBudget, TimingShape, Unit,
     WindowLimits,
 };
-use crate::registry::{ConfigError, ConfigErrors, DeviceSpec, DriverFactory};
 
 /// The channel every mode command controls.
 pub const MODE_CHANNEL: &str = "mode";

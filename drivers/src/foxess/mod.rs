@@ -43,12 +43,12 @@ use self::{
 };
 use crate::{
     driver::{ApplyRequest, DeviceState, Driver, DriverError, ErrorKind, Outcome, RevertRequest},
+    factory::{ConfigError, DeviceSpec, DriverFactory},
     model::{
         Capabilities, Command, CommandSpec, Family, Param, ParamSpec, RateBudget, TimingShape,
         Unit, WindowLimits,
     },
     operator::OperatorPolicy,
-    registry::{ConfigError, DeviceSpec, DriverFactory},
 };
 
 /// The channel every command controls.

@@ -5,8 +5,8 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use crate::{
+    factory::{ConfigError, ConfigErrors},
     operator::{OperatorPolicy, SecretRef},
-    registry::{ConfigError, ConfigErrors},
 };
 
 /// The FoxESS Open API cloud: the one endpoint allowed without operator
