@@ -12,6 +12,9 @@
 //! groups and the flag, inject HTTP failures, errnos and latency, and
 //! change the limits at run time. Two test switches on [`EmulatorConfig`]
 //! make it echo the API key in every answer or redirect every request.
+//!
+//! Behind the crate's `emulator` feature: tests and demos enable it, the
+//! server does not contain it.
 
 use std::{
     collections::{HashMap, VecDeque},

@@ -19,6 +19,7 @@
 //! | `request_timeout_ms` | timeout of one HTTP call, 100..=120000 | 15000 |
 
 pub mod client;
+#[cfg(feature = "emulator")]
 pub mod emulator;
 pub mod plan;
 pub mod settings;
