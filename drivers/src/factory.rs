@@ -3,7 +3,7 @@
 //! [`DriverFactory`] that validates a device and builds its driver.
 //!
 //! Every driver implements this; the [`Registry`](crate::Registry) only
-//! maps kinds to factories, and [`builtin`](crate::builtin) assembles the
+//! maps kinds to factories, and [`builtin()`](crate::builtin()) assembles the
 //! drivers that ship with switchyard.
 
 use std::{collections::BTreeMap, fmt, sync::Arc};

@@ -1,5 +1,5 @@
 //! The registry: maps a driver kind to its [`DriverFactory`]. It knows no
-//! driver; [`builtin`](crate::builtin) fills one with the built-in drivers.
+//! driver; [`builtin()`](crate::builtin()) fills one with the built-in drivers.
 
 use std::{collections::BTreeMap, sync::Arc};
 
