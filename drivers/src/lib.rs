@@ -7,6 +7,8 @@
 //! its domain on the vocabulary defined here.
 
 pub mod builtin;
+#[cfg(feature = "conformance")]
+pub mod conformance;
 pub mod driver;
 pub mod factory;
 pub mod foxess;
