@@ -365,9 +365,10 @@ impl Simulated {
         Some((
             active,
             if active {
+                // The whole day: it stands in the way of every window.
                 vec![NativeRow {
                     start: "00:00".into(),
-                    end: "23:59".into(),
+                    end: "24:00".into(),
                     mode: "SelfUse".into(),
                     enabled: true,
                     owner: RowOwner::Foreign,

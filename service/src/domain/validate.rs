@@ -115,36 +115,39 @@ fn number(v: f64) -> String {
 }
 
 /// Refuses a push up front when the device's last observed state shows an
-/// enabled native scheduler holding rows that are not switchyard's own,
-/// unless the push authorises clearing it
-/// (CANCEL_AND_REPLACE) and no protected row (which no driver clears) is in
-/// force during the push's window `[start, end)`.
+/// enabled native scheduler with rows that are not switchyard's own in
+/// force during the push's window `[start, end)` (rows of its own actions
+/// are ordered by the conflict rules; foreign rows at other times of day
+/// do not stand in the way), unless the push authorises clearing them
+/// (CANCEL_AND_REPLACE) and none of them is protected (which no driver
+/// clears).
 pub fn preflight(
     device: &super::Device,
     strategy: super::Strategy,
     start: Ts,
     end: Option<Ts>,
 ) -> Result<(), Error> {
-    // Rows switchyard wrote for its own actions do not block it: the
-    // conflict rules order those.
-    let Some(o) = device.observed.as_ref().filter(|o| {
-        o.scheduler_active
-            && o.rows
-                .iter()
-                .any(|r| r.enabled && r.owner != super::device::RowOwner::Ours)
-    }) else {
+    use super::device::RowOwner;
+    let Some(o) = device.observed.as_ref().filter(|o| o.scheduler_active) else {
         return Ok(());
     };
     let tz = jiff::tz::TimeZone::get(&device.timezone).unwrap_or(jiff::tz::TimeZone::UTC);
-    let protected: Vec<_> = o
+    let in_the_way: Vec<_> = o
         .rows
         .iter()
         .filter(|r| {
             r.enabled
-                && r.owner == super::device::RowOwner::Protected
+                && r.owner != RowOwner::Ours
                 && r.meets(start.to_jiff(), end.map(Ts::to_jiff), &tz)
         })
-        .cloned()
+        .collect();
+    if in_the_way.is_empty() {
+        return Ok(());
+    }
+    let protected: Vec<_> = in_the_way
+        .iter()
+        .filter(|r| r.owner == RowOwner::Protected)
+        .map(|r| (*r).clone())
         .collect();
     if strategy == super::Strategy::CancelAndReplace && protected.is_empty() {
         return Ok(());
@@ -341,6 +344,73 @@ mod tests {
         PushInput {
             command: Some(Command::Charge),
             ..Default::default()
+        }
+    }
+
+    fn observed_device(rows: Vec<super::super::device::NativeRow>) -> super::super::Device {
+        super::super::Device {
+            id: super::super::DeviceId::parse("d").unwrap(),
+            display_name: String::new(),
+            family: Family::Battery,
+            driver: "foxess".into(),
+            oem_device_id: "SN".into(),
+            timezone: "UTC".into(),
+            settings: BTreeMap::new(),
+            revision: 1,
+            created: Ts(0),
+            updated: Ts(0),
+            observed: Some(super::super::Observed {
+                scheduler_active: true,
+                rows,
+                soc_percent: None,
+                mode: None,
+                at: NOW,
+            }),
+            incarnation: String::new(),
+        }
+    }
+
+    fn native(
+        start: &str,
+        end: &str,
+        owner: super::super::device::RowOwner,
+    ) -> super::super::device::NativeRow {
+        super::super::device::NativeRow {
+            start: start.into(),
+            end: end.into(),
+            mode: "ForceCharge".into(),
+            enabled: true,
+            owner,
+        }
+    }
+
+    #[test]
+    fn only_foreign_rows_in_force_during_the_window_refuse_a_push() {
+        use super::super::{Strategy, device::RowOwner};
+        // NOW is 2027-01-15T08:00:00Z.
+        let at = |h: i64| NOW.plus_nanos(h * 3600 * Ts::SECOND);
+        let device = observed_device(vec![
+            native("14:00", "15:00", RowOwner::Foreign),
+            native("09:00", "10:00", RowOwner::Ours),
+            native("20:00", "21:00", RowOwner::Protected),
+        ]);
+        let push = |from: i64, to: i64, s| preflight(&device, s, at(from), Some(at(to)));
+        // Our own row, and foreign rows at other times: no refusal.
+        assert!(push(1, 2, Strategy::Reject).is_ok(), "09:00-10:00 is ours");
+        assert!(
+            push(2, 5, Strategy::Reject).is_ok(),
+            "10:00-13:00 meets nothing"
+        );
+        // A foreign row in the window refuses; CANCEL_AND_REPLACE clears it.
+        assert!(matches!(
+            push(5, 7, Strategy::Reject),
+            Err(Error::SchedulerActive { .. })
+        ));
+        assert!(push(5, 7, Strategy::CancelAndReplace).is_ok());
+        // A protected one refuses even CANCEL_AND_REPLACE, and is named.
+        match push(11, 13, Strategy::CancelAndReplace) {
+            Err(Error::SchedulerActive { protected, .. }) => assert_eq!(protected.len(), 1),
+            other => panic!("{other:?}"),
         }
     }
 
