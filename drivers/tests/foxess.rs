@@ -1296,7 +1296,10 @@ async fn a_refused_token_is_oem_credentials_invalid_and_not_retried() {
         assert_eq!(err.code(), "OEM_CREDENTIALS_INVALID");
         assert!(!err.retryable() && err.retry_after.is_none(), "{err:?}");
         assert!(
-            err.raw.as_deref().unwrap().contains(&format!("errno {errno}")),
+            err.raw
+                .as_deref()
+                .unwrap()
+                .contains(&format!("errno {errno}")),
             "{err:?}"
         );
         assert_err_has_no_key(&err);
@@ -1308,16 +1311,16 @@ async fn a_refused_token_is_oem_credentials_invalid_and_not_retried() {
 #[tokio::test]
 async fn settings_refused_while_the_scheduler_is_active_are_scheduler_active() {
     let rig = Rig::new().await;
-    rig.emu.fail_next_errno(
-        1,
-        44096,
-        "cannot update settings when schedule is active",
-    );
+    rig.emu
+        .fail_next_errno(1, 44096, "cannot update settings when schedule is active");
     let err = rig.driver_at(at(0, 0, 0)).read_state().await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::SchedulerActive, "{err:?}");
     assert_eq!(err.code(), "SCHEDULER_ACTIVE");
     assert!(!err.retryable());
-    assert!(err.raw.as_deref().unwrap().contains("errno 44096"), "{err:?}");
+    assert!(
+        err.raw.as_deref().unwrap().contains("errno 44096"),
+        "{err:?}"
+    );
 }
 
 /// From `t` to the next midnight UTC.
@@ -1339,7 +1342,10 @@ async fn a_spent_daily_budget_backs_off_until_the_next_utc_midnight() {
     let after = Timestamp::now();
     assert_eq!(err.kind, ErrorKind::RateLimited, "{err:?}");
     assert!(err.retryable());
-    assert!(err.raw.as_deref().unwrap().contains("errno 40402"), "{err:?}");
+    assert!(
+        err.raw.as_deref().unwrap().contains("errno 40402"),
+        "{err:?}"
+    );
     let wait = err.retry_after.unwrap();
     let (most, least) = (to_utc_midnight(before), to_utc_midnight(after));
     // (A run straddling midnight UTC proves nothing: skip the bounds.)
@@ -1365,7 +1371,10 @@ async fn a_query_a_second_per_path_and_frequency_too_high_waits_a_minute() {
     assert_eq!(err.kind, ErrorKind::RateLimited, "{err:?}");
     assert!(err.retryable());
     assert_eq!(err.retry_after, Some(Duration::from_secs(60)));
-    assert!(err.raw.as_deref().unwrap().contains("errno 40400"), "{err:?}");
+    assert!(
+        err.raw.as_deref().unwrap().contains("errno 40400"),
+        "{err:?}"
+    );
     tokio::time::sleep(Duration::from_millis(1050)).await;
     d.read_state().await.unwrap();
 
@@ -1377,7 +1386,10 @@ async fn a_query_a_second_per_path_and_frequency_too_high_waits_a_minute() {
     let b = req("q2", Command::Charge, at(0, 4, 0), Some(at(0, 5, 0)));
     let err = rig.driver_for(&b).apply(&b).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::RateLimited, "{err:?}");
-    assert!(err.raw.as_deref().unwrap().contains("errno 40400"), "{err:?}");
+    assert!(
+        err.raw.as_deref().unwrap().contains("errno 40400"),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
@@ -1393,6 +1405,10 @@ async fn every_call_carries_the_switchyard_user_agent() {
     assert!(calls.len() >= 6, "{calls:?}");
     for c in &calls {
         assert_eq!(c.errno, Some(0), "{c:?}");
-        assert_eq!(c.user_agent.as_deref(), Some(user_agent().as_str()), "{c:?}");
+        assert_eq!(
+            c.user_agent.as_deref(),
+            Some(user_agent().as_str()),
+            "{c:?}"
+        );
     }
 }

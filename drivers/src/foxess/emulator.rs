@@ -35,8 +35,8 @@ use tokio::{net::TcpListener, task::JoinHandle};
 
 use super::wire::{
     ERRNO_AUTH, ERRNO_BAD_PARAMS, ERRNO_DAILY_LIMIT, ERRNO_OK, ERRNO_OVERLAP, ERRNO_RATE_LIMITED,
-    ERRNO_SIGNATURE_EXPIRED, ERRNO_UNKNOWN_DEVICE, GROUP_FIELDS, Group, PATH_GET, PATH_GET_FLAG, PATH_SET, PATH_SET_FLAG,
-    WorkMode, signature,
+    ERRNO_SIGNATURE_EXPIRED, ERRNO_UNKNOWN_DEVICE, GROUP_FIELDS, Group, PATH_GET, PATH_GET_FLAG,
+    PATH_SET, PATH_SET_FLAG, WorkMode, signature,
 };
 
 /// How reads order the groups (the real cloud may reorder after a write).
