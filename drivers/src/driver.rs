@@ -168,6 +168,9 @@ pub enum ErrorKind {
     Unavailable,
     /// A protected native row stands in the way and may not be cleared.
     ProtectedRow,
+    /// The OEM refused the account's credentials (an API key that is
+    /// invalid or expired): not retryable, the operator must replace them.
+    Credentials,
 }
 
 /// A classified driver failure.
@@ -230,6 +233,7 @@ impl DriverError {
             ErrorKind::RateLimited => "OEM_RATE_LIMITED",
             ErrorKind::Unavailable => "OEM_UNAVAILABLE",
             ErrorKind::ProtectedRow => "PROTECTED_SCHEDULE",
+            ErrorKind::Credentials => "OEM_CREDENTIALS_INVALID",
         }
     }
 }

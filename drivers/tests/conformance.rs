@@ -119,6 +119,8 @@ impl Fox {
     async fn new() -> Self {
         let mut config = EmulatorConfig::new(fox_key(), &["CONF-SN"]);
         config.min_write_interval = std::time::Duration::ZERO;
+        config.query_interval = std::time::Duration::ZERO;
+        config.write_interval = std::time::Duration::ZERO;
         // Like an OEM that echoes the key in every answer, successes
         // included: what the driver hands out must still not hold it.
         config.echo_token = true;

@@ -77,6 +77,7 @@ fn help_lists_every_flag_with_its_default() {
     // The library's defaults, plus the CLI's own fixed listen address.
     let lib = EmulatorConfig::new("", &[]);
     assert!(lib.pad_with_invalid && !lib.echo_token && lib.redirect_to.is_none());
+    let ms = |d: Duration| format!("[default: {}]", d.as_millis());
     let read_order = match lib.read_order {
         ReadOrder::Reversed => "reversed",
         ReadOrder::ByMode => "by-mode",
@@ -91,6 +92,13 @@ fn help_lists_every_flag_with_its_default() {
         (
             "--min-write-interval-ms",
             format!("[default: {}]", lib.min_write_interval.as_millis()),
+        ),
+        ("--query-interval-ms", ms(lib.query_interval)),
+        ("--write-interval-ms", ms(lib.write_interval)),
+        ("--max-clock-skew-ms", ms(lib.max_clock_skew)),
+        (
+            "--require-user-agent",
+            format!("[default: {}]", lib.require_user_agent),
         ),
         ("--max-slots", format!("[default: {}]", lib.max_slots)),
         ("--max-power-w", format!("[default: {}]", lib.max_power_w)),
@@ -124,6 +132,8 @@ fn usage_errors_exit_2_with_a_message() {
         (&["--read-order", "sideways"], "sideways"),
         (&["--listen", "localhost"], "localhost"),
         (&["--redirect-to", "not a url"], "not a url"),
+        (&["--require-user-agent", "maybe"], "maybe"),
+        (&["--query-interval-ms", "-5"], "-5"),
     ] {
         let port: &[&str] = match extra {
             ["--listen", ..] => &[],

@@ -113,6 +113,8 @@ impl Rig {
     async fn with(mut config: EmulatorConfig, driver_key: &str) -> Self {
         // Tests space writes themselves where they test spacing.
         config.min_write_interval = Duration::ZERO;
+        config.query_interval = Duration::ZERO;
+        config.write_interval = Duration::ZERO;
         let emu = Emulator::start(config).await.unwrap();
         let secrets = secrets_with(driver_key);
         let policy = policy(secrets.path(), &[emu.base_url()]);
@@ -611,8 +613,9 @@ async fn the_daily_budget_gives_rate_limited_with_retry_after() {
     let err = d.read_state().await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::RateLimited);
     assert!(err.retryable());
-    assert_eq!(err.retry_after, Some(Duration::from_secs(60)));
-    assert!(err.raw.as_deref().unwrap().contains("40400"));
+    // Until the budget's reset (see the 40402 test at the end).
+    assert!(err.retry_after.is_some());
+    assert!(err.raw.as_deref().unwrap().contains("40402"));
 }
 
 #[tokio::test]
@@ -1223,5 +1226,189 @@ async fn an_echoed_key_is_redacted_from_outcomes_state_and_errors() {
                 assert_no_trace(&text, &key);
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------- errnos, headers, pacing
+
+/// The `User-Agent` the driver sends.
+fn user_agent() -> String {
+    format!("switchyard/{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// The emulator's answers to `path`, in order: (errno, timestamp header).
+fn answers(emu: &EmulatorHandle, path: &str) -> Vec<(Option<i64>, Option<i64>)> {
+    emu.calls()
+        .into_iter()
+        .filter(|c| c.path == path)
+        .map(|c| (c.errno, c.timestamp))
+        .collect()
+}
+
+#[tokio::test]
+async fn an_expired_signature_is_signed_again_once_with_a_fresh_timestamp() {
+    let rig = Rig::new().await;
+    rig.emu.fail_next_errno(1, 41809, "invalid token");
+    let state = rig.driver_at(at(0, 0, 0)).read_state().await.unwrap();
+    assert_eq!(state.native_scheduler, Some((false, vec![])));
+    let flag = answers(&rig.emu, PATH_GET_FLAG);
+    assert_eq!(flag.len(), 2, "{flag:?}");
+    assert_eq!((flag[0].0, flag[1].0), (Some(41809), Some(0)));
+    // Signed again with a new timestamp, taken after the interface's
+    // one-second spacing.
+    let (first, again) = (flag[0].1.unwrap(), flag[1].1.unwrap());
+    assert!(again - first >= 1000, "{first} then {again}");
+}
+
+#[tokio::test]
+async fn an_expired_signature_twice_is_a_retryable_failure() {
+    let rig = Rig::new().await;
+    let d = rig.driver_at(at(0, 0, 0));
+    rig.emu.fail_next_errno(2, 41809, "invalid token");
+    let err = d.read_state().await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Unavailable, "{err:?}");
+    assert!(err.retryable());
+    assert_eq!(err.code(), "OEM_UNAVAILABLE");
+    let raw = err.raw.as_deref().unwrap();
+    assert!(
+        raw.contains("errno 41809") && raw.contains("fresh timestamp"),
+        "{raw}"
+    );
+    // Signed again once, not more.
+    let flag: Vec<_> = answers(&rig.emu, PATH_GET_FLAG)
+        .into_iter()
+        .map(|(errno, _)| errno)
+        .collect();
+    assert_eq!(flag, [Some(41809); 2]);
+    assert_eq!(rig.emu.calls().len(), 2);
+    d.read_state().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_refused_token_is_oem_credentials_invalid_and_not_retried() {
+    let rig = Rig::new().await;
+    let d = rig.driver_at(at(0, 0, 0));
+    for errno in [41807, 41808] {
+        let before = rig.emu.calls().len();
+        rig.emu.fail_next_errno(1, errno, "invalid token");
+        let err = d.read_state().await.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Credentials, "{errno}: {err:?}");
+        assert_eq!(err.code(), "OEM_CREDENTIALS_INVALID");
+        assert!(!err.retryable() && err.retry_after.is_none(), "{err:?}");
+        assert!(
+            err.raw
+                .as_deref()
+                .unwrap()
+                .contains(&format!("errno {errno}")),
+            "{err:?}"
+        );
+        assert_err_has_no_key(&err);
+        // One call, not signed again like 41809.
+        assert_eq!(rig.emu.calls().len(), before + 1, "{errno}");
+    }
+}
+
+#[tokio::test]
+async fn settings_refused_while_the_scheduler_is_active_are_scheduler_active() {
+    let rig = Rig::new().await;
+    rig.emu
+        .fail_next_errno(1, 44096, "cannot update settings when schedule is active");
+    let err = rig.driver_at(at(0, 0, 0)).read_state().await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::SchedulerActive, "{err:?}");
+    assert_eq!(err.code(), "SCHEDULER_ACTIVE");
+    assert!(!err.retryable());
+    assert!(
+        err.raw.as_deref().unwrap().contains("errno 44096"),
+        "{err:?}"
+    );
+}
+
+/// From `t` to the next midnight UTC.
+fn to_utc_midnight(t: Timestamp) -> Duration {
+    let utc = TimeZone::UTC;
+    let next = utc
+        .to_timestamp(utc.to_datetime(t).date().tomorrow().unwrap().at(0, 0, 0, 0))
+        .unwrap();
+    Duration::try_from(t.duration_until(next)).unwrap()
+}
+
+#[tokio::test]
+async fn a_spent_daily_budget_backs_off_until_the_next_utc_midnight() {
+    let rig = Rig::new().await;
+    rig.emu.set_calls_per_day(0);
+    let before = Timestamp::now();
+    // The emulator's own answer, not an injected one.
+    let err = rig.driver_at(at(0, 0, 0)).read_state().await.unwrap_err();
+    let after = Timestamp::now();
+    assert_eq!(err.kind, ErrorKind::RateLimited, "{err:?}");
+    assert!(err.retryable());
+    assert!(
+        err.raw.as_deref().unwrap().contains("errno 40402"),
+        "{err:?}"
+    );
+    let wait = err.retry_after.unwrap();
+    let (most, least) = (to_utc_midnight(before), to_utc_midnight(after));
+    // (A run straddling midnight UTC proves nothing: skip the bounds.)
+    if least <= most {
+        let ms = Duration::from_millis(1);
+        assert!(
+            least.saturating_sub(ms) <= wait && wait <= most + ms,
+            "{wait:?} not within {least:?}..={most:?}"
+        );
+    }
+    assert_eq!(rig.emu.calls().len(), 1, "not retried");
+}
+
+#[tokio::test]
+async fn a_query_a_second_per_path_and_frequency_too_high_waits_a_minute() {
+    let rig = Rig::new().await;
+    rig.emu.set_query_interval(Duration::from_secs(1));
+    let d = rig.driver_at(at(0, 0, 0));
+    // The flag and the groups are two paths: one call each passes.
+    d.read_state().await.unwrap();
+    // The flag again at once: 40400 from the emulator.
+    let err = d.read_state().await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::RateLimited, "{err:?}");
+    assert!(err.retryable());
+    assert_eq!(err.retry_after, Some(Duration::from_secs(60)));
+    assert!(
+        err.raw.as_deref().unwrap().contains("errno 40400"),
+        "{err:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(1050)).await;
+    d.read_state().await.unwrap();
+
+    // Updates: one per 2 s per path, whatever the device's own spacing.
+    rig.emu.set_query_interval(Duration::ZERO);
+    rig.emu.set_write_interval(Duration::from_secs(2));
+    let a = req("q1", Command::Charge, at(0, 2, 0), Some(at(0, 3, 0)));
+    rig.driver_for(&a).apply(&a).await.unwrap();
+    let b = req("q2", Command::Charge, at(0, 4, 0), Some(at(0, 5, 0)));
+    let err = rig.driver_for(&b).apply(&b).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::RateLimited, "{err:?}");
+    assert!(
+        err.raw.as_deref().unwrap().contains("errno 40400"),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn every_call_carries_the_switchyard_user_agent() {
+    let rig = Rig::new().await;
+    // The rig's emulator refuses a call without one (errno 40256).
+    assert!(EmulatorConfig::new(KEY, &[SN]).require_user_agent);
+    let r = req("u1", Command::Charge, at(0, 2, 0), Some(at(0, 5, 0)));
+    let d = rig.driver_for(&r);
+    assert!(d.apply(&r).await.unwrap().verified);
+    d.revert(&RevertRequest { applied: r }).await.unwrap();
+    let calls = rig.emu.calls();
+    assert!(calls.len() >= 6, "{calls:?}");
+    for c in &calls {
+        assert_eq!(c.errno, Some(0), "{c:?}");
+        assert_eq!(
+            c.user_agent.as_deref(),
+            Some(user_agent().as_str()),
+            "{c:?}"
+        );
     }
 }

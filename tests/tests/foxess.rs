@@ -38,6 +38,8 @@ impl Rig {
 
     async fn with(mut config: EmulatorConfig) -> Self {
         config.min_write_interval = Duration::ZERO;
+        config.query_interval = Duration::ZERO;
+        config.write_interval = Duration::ZERO;
         let emu = Emulator::start(config).await.unwrap();
         // The operator allows the emulator and provides the key.
         let srv = TestServer::start_allowing(&[emu.base_url()]).await;

@@ -49,7 +49,9 @@ struct Rig {
 /// The server binary with a secrets directory holding the key, the
 /// emulator allowed (paired with the key file's secret only, when
 /// `paired`), and a variable that must never be reachable.
-async fn rig(config: EmulatorConfig, paired: bool) -> Rig {
+async fn rig(mut config: EmulatorConfig, paired: bool) -> Rig {
+    config.query_interval = Duration::ZERO;
+    config.write_interval = Duration::ZERO;
     let emu = Emulator::start(config).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let secrets = dir.path().join("secrets");

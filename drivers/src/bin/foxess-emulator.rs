@@ -3,7 +3,9 @@
 //! ```text
 //! foxess-emulator --api-key demo-key --device SN1 [--device SN2 ...]
 //!     [--listen 127.0.0.1:8089] [--calls-per-day 1440]
-//!     [--min-write-interval-ms 5000] [--max-slots 8] [--max-power-w 6000]
+//!     [--min-write-interval-ms 5000] [--query-interval-ms 1000]
+//!     [--write-interval-ms 2000] [--max-clock-skew-ms 600000]
+//!     [--require-user-agent true|false] [--max-slots 8] [--max-power-w 6000]
 //!     [--read-order reversed|by-mode|as-written] [--no-padding]
 //!     [--echo-token] [--redirect-to URL]
 //! ```
@@ -45,6 +47,24 @@ struct Cli {
     /// Minimum time between two writes to one device, ms.
     #[arg(long, value_name = "MS", default_value_t = default_write_interval_ms())]
     min_write_interval_ms: u64,
+    /// Minimum time between two calls to one query path (a read), ms; the
+    /// cloud allows one a second per query interface. Faster: errno 40400.
+    #[arg(long, value_name = "MS", default_value_t = millis(defaults().query_interval))]
+    query_interval_ms: u64,
+    /// Minimum time between two calls to one update path (a write), ms,
+    /// whatever the device; the cloud allows one per 2 s per update
+    /// interface. Faster: errno 40400.
+    #[arg(long, value_name = "MS", default_value_t = millis(defaults().write_interval))]
+    write_interval_ms: u64,
+    /// Largest difference, either way, between a request's `timestamp`
+    /// and the emulator's clock, ms. Beyond it: errno 41809.
+    #[arg(long, value_name = "MS", default_value_t = millis(defaults().max_clock_skew))]
+    max_clock_skew_ms: u64,
+    /// Whether a request without a `User-Agent` header is refused with
+    /// errno 40256, as FoxESS asks script callers to set their own.
+    #[arg(long, value_name = "BOOL", default_value_t = defaults().require_user_agent,
+          action = clap::ArgAction::Set)]
+    require_user_agent: bool,
     /// Scheduler slots per device.
     #[arg(long, value_name = "N", default_value_t = defaults().max_slots)]
     max_slots: usize,
@@ -106,7 +126,11 @@ fn defaults() -> EmulatorConfig {
 }
 
 fn default_write_interval_ms() -> u64 {
-    u64::try_from(defaults().min_write_interval.as_millis()).unwrap_or(u64::MAX)
+    millis(defaults().min_write_interval)
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Refuses what could not go into a `Location` header, so a typo is a
@@ -124,6 +148,10 @@ impl Cli {
         config.devices = self.devices;
         config.calls_per_day = self.calls_per_day;
         config.min_write_interval = Duration::from_millis(self.min_write_interval_ms);
+        config.query_interval = Duration::from_millis(self.query_interval_ms);
+        config.write_interval = Duration::from_millis(self.write_interval_ms);
+        config.max_clock_skew = Duration::from_millis(self.max_clock_skew_ms);
+        config.require_user_agent = self.require_user_agent;
         config.max_slots = self.max_slots;
         config.max_power_w = self.max_power_w;
         config.read_order = self.read_order.into();
@@ -216,6 +244,10 @@ mod tests {
         );
         assert_eq!(c.calls_per_day, d.calls_per_day);
         assert_eq!(c.min_write_interval, d.min_write_interval);
+        assert_eq!(c.query_interval, d.query_interval);
+        assert_eq!(c.write_interval, d.write_interval);
+        assert_eq!(c.max_clock_skew, d.max_clock_skew);
+        assert_eq!(c.require_user_agent, d.require_user_agent);
         assert_eq!(c.max_slots, d.max_slots);
         assert_eq!(c.max_power_w, d.max_power_w);
         assert_eq!(c.read_order, d.read_order);
@@ -239,6 +271,14 @@ mod tests {
             "3",
             "--min-write-interval-ms",
             "250",
+            "--query-interval-ms",
+            "10",
+            "--write-interval-ms",
+            "20",
+            "--max-clock-skew-ms",
+            "30",
+            "--require-user-agent",
+            "false",
             "--max-slots",
             "4",
             "--max-power-w",
@@ -254,6 +294,10 @@ mod tests {
         assert_eq!(c.devices, ["A", "B"]);
         assert_eq!(c.calls_per_day, 3);
         assert_eq!(c.min_write_interval, Duration::from_millis(250));
+        assert_eq!(c.query_interval, Duration::from_millis(10));
+        assert_eq!(c.write_interval, Duration::from_millis(20));
+        assert_eq!(c.max_clock_skew, Duration::from_millis(30));
+        assert!(!c.require_user_agent);
         assert_eq!(c.max_slots, 4);
         assert_eq!(c.max_power_w, 1200);
         assert_eq!(c.read_order, ReadOrder::ByMode);

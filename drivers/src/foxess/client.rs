@@ -14,7 +14,9 @@ use hyper_util::{
 use serde_json::Value;
 
 use super::wire::{
-    ERRNO_BAD_PARAMS, ERRNO_OK, ERRNO_OVERLAP, ERRNO_RATE_LIMITED, Envelope, signature,
+    ERRNO_BAD_PARAMS, ERRNO_DAILY_LIMIT, ERRNO_OK, ERRNO_OVERLAP, ERRNO_RATE_LIMITED,
+    ERRNO_SCHEDULER_ACTIVE, ERRNO_SIGNATURE_EXPIRED, ERRNO_TOKEN_INVALID, ERRNO_TOKEN_REFUSED,
+    Envelope, PATH_SET, PATH_SET_FLAG, signature,
 };
 use crate::{
     driver::{DriverError, ErrorKind},
@@ -24,6 +26,18 @@ use crate::{
 /// How long to wait after errno 40400. FoxESS does not say; a minute
 /// matches its polling guidance and lets the per-minute spacing recover.
 pub const RATE_LIMIT_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// The `User-Agent` of every call: FoxESS's Open API document asks script
+/// callers to set their own.
+pub const USER_AGENT: &str = concat!("switchyard/", env!("CARGO_PKG_VERSION"));
+
+/// How long to wait before resending a query (a read) refused with errno
+/// 41809: FoxESS allows one call a second per query interface, and the
+/// refused call may have counted.
+pub const QUERY_RETRY_SPACING: Duration = Duration::from_secs(1);
+
+/// The same for an update (a write): one call per 2 s per interface.
+pub const WRITE_RETRY_SPACING: Duration = Duration::from_secs(2);
 
 /// Largest answer body read (a scheduler answer is a few KiB).
 const MAX_BODY: usize = 1 << 20;
@@ -79,10 +93,53 @@ impl Api {
     }
 
     async fn call_inner(&self, path: &str, body: &Value) -> Result<(Value, String), DriverError> {
+        let (mut status, mut bytes) = self.send(path, body).await?;
+        // 41809: the signature's timestamp was out of the cloud's window.
+        // Signed again with a fresh timestamp, once, after the interface's
+        // spacing; a second 41809 is classified (retryable) below.
+        let retried = signature_expired(status, &bytes);
+        if retried {
+            let is_write = path == PATH_SET || path == PATH_SET_FLAG;
+            tokio::time::sleep(if is_write {
+                WRITE_RETRY_SPACING
+            } else {
+                QUERY_RETRY_SPACING
+            })
+            .await;
+            (status, bytes) = self.send(path, body).await?;
+        }
+        let note = if retried {
+            "; signed again with a fresh timestamp after errno 41809"
+        } else {
+            ""
+        };
+        let text = self.key.redact(&String::from_utf8_lossy(&bytes));
+        let mut env =
+            classify(path, status, text.as_bytes(), Some(&self.key)).map_err(|mut e| {
+                if let Some(raw) = &mut e.raw {
+                    raw.push_str(note);
+                }
+                e
+            })?;
+        // A key escaped in the JSON (\u0041…) is only seen once decoded.
+        redact_strings(&mut env.result, &self.key);
+        let raw = format!(
+            "POST {path}: HTTP {}; errno {}; msg {:?}{note}",
+            status.as_u16(),
+            env.errno,
+            snippet(&env.msg)
+        );
+        Ok((env.result, raw))
+    }
+
+    /// One signed POST, with a timestamp taken now; the answer's status
+    /// and body, unclassified.
+    async fn send(&self, path: &str, body: &Value) -> Result<(StatusCode, Bytes), DriverError> {
         let ts = jiff::Timestamp::now().as_millisecond();
         let token = self.key.expose();
         let req = Request::post(format!("{}{path}", self.base_url))
             .header(header::CONTENT_TYPE, "application/json")
+            .header(header::USER_AGENT, USER_AGENT)
             .header("token", token)
             .header("timestamp", ts.to_string())
             .header("signature", signature(path, token, ts))
@@ -108,7 +165,7 @@ impl Api {
                 .to_bytes();
             Ok::<_, DriverError>((status, bytes))
         };
-        let (status, bytes) = tokio::time::timeout(self.timeout, exchange)
+        tokio::time::timeout(self.timeout, exchange)
             .await
             .map_err(|_| {
                 DriverError::new(
@@ -119,19 +176,27 @@ impl Api {
                     ),
                 )
                 .with_raw(format!("POST {path}: timeout"))
-            })??;
-        let text = self.key.redact(&String::from_utf8_lossy(&bytes));
-        let mut env = classify(path, status, text.as_bytes(), Some(&self.key))?;
-        // A key escaped in the JSON (\u0041…) is only seen once decoded.
-        redact_strings(&mut env.result, &self.key);
-        let raw = format!(
-            "POST {path}: HTTP {}; errno {}; msg {:?}",
-            status.as_u16(),
-            env.errno,
-            snippet(&env.msg)
-        );
-        Ok((env.result, raw))
+            })?
     }
+}
+
+/// Whether an answer is the envelope with errno 41809 (signature or
+/// timestamp expired).
+fn signature_expired(status: StatusCode, body: &[u8]) -> bool {
+    status.is_success()
+        && serde_json::from_slice::<Envelope>(body)
+            .is_ok_and(|env| env.errno == ERRNO_SIGNATURE_EXPIRED)
+}
+
+/// How long from `now` to the next midnight UTC, at least a second. FoxESS
+/// does not document when the daily budget resets: midnight UTC is the
+/// assumption.
+pub fn until_next_utc_midnight(now: jiff::Timestamp) -> Duration {
+    // Unix time has no leap seconds: every UTC day is 86,400,000 ms.
+    const DAY_MS: i64 = 86_400_000;
+    let ms = now.as_millisecond();
+    let left = DAY_MS - ms.rem_euclid(DAY_MS);
+    Duration::from_millis(u64::try_from(left).unwrap_or(0)).max(Duration::from_secs(1))
 }
 
 /// Redacts `secret` from every string inside `v`.
@@ -276,10 +341,35 @@ pub fn classify(
         ERRNO_OK => Ok(env),
         ERRNO_RATE_LIMITED => Err(DriverError::new(
             ErrorKind::RateLimited,
-            "FoxESS rate limit reached (errno 40400)",
+            "FoxESS rate limit reached (errno 40400: request frequency too high)",
         )
         .with_retry_after(RATE_LIMIT_RETRY_AFTER)
         .with_raw(raw)),
+        // Retrying every minute would only spend calls the cloud refuses:
+        // wait for the budget's reset.
+        ERRNO_DAILY_LIMIT => Err(DriverError::new(
+            ErrorKind::RateLimited,
+            "FoxESS daily call budget used up (errno 40402); waiting for its reset, assumed at midnight UTC",
+        )
+        .with_retry_after(until_next_utc_midnight(jiff::Timestamp::now()))
+        .with_raw(raw)),
+        ERRNO_TOKEN_REFUSED | ERRNO_TOKEN_INVALID => err(
+            ErrorKind::Credentials,
+            &format!(
+                "FoxESS refused the API key (errno {}: token invalid); replace the secret the device's api_key_ref names",
+                env.errno
+            ),
+        ),
+        // Reached only when a call signed again with a fresh timestamp got
+        // it too (see `Api::call`): a clock far off, or the cloud's.
+        ERRNO_SIGNATURE_EXPIRED => err(
+            ErrorKind::Unavailable,
+            "FoxESS refused the request's timestamp, also when signed again with a fresh one (errno 41809: signature or timestamp expired); check the server's clock",
+        ),
+        ERRNO_SCHEDULER_ACTIVE => err(
+            ErrorKind::SchedulerActive,
+            "FoxESS refused the settings while the inverter's scheduler is active (errno 44096)",
+        ),
         ERRNO_BAD_PARAMS => err(
             ErrorKind::Rejected,
             "FoxESS rejected the parameters (errno 40257: parameters do not meet expectations)",
@@ -323,5 +413,26 @@ mod tests {
         let ok = br#"{"errno":0,"msg":"hello k\/e&y","result":{"x":"k\/e&y"}}"#;
         let env = classify("/p", StatusCode::OK, ok, Some(&key)).unwrap();
         assert!(!env.msg.contains(key.expose()), "{}", env.msg);
+    }
+
+    #[test]
+    fn the_daily_budget_is_waited_out_until_the_next_utc_midnight() {
+        let t = |s: &str| s.parse::<jiff::Timestamp>().unwrap();
+        let cases = [
+            ("2030-01-15T23:00:00Z", 3_600),
+            ("2030-01-15T00:00:00Z", 86_400),
+            // Midnight UTC whatever the offset the instant is written in.
+            ("2030-01-15T21:30:00-02:00", 1_800),
+            ("1969-12-31T23:59:00Z", 60),
+            // Never less than a second.
+            ("2030-01-15T23:59:59.9995Z", 1),
+        ];
+        for (now, secs) in cases {
+            assert_eq!(
+                until_next_utc_midnight(t(now)),
+                Duration::from_secs(secs),
+                "{now}"
+            );
+        }
     }
 }

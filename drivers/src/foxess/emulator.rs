@@ -1,9 +1,11 @@
 //! A FoxESS Open API emulator: the scheduler endpoints with the cloud's
 //! rules and quirks, for tests, the conformance suite and demos.
 //!
-//! Enforced: the signature headers (errno 40256), a daily call budget per
-//! API key and a minimum spacing between writes per device (errno 40400),
-//! group invariants (errno 40257: fields exactly the nine of a group,
+//! Enforced: the signature and `User-Agent` headers (errno 40256), the
+//! timestamp within a clock skew of the emulator's clock (errno 41809), a
+//! daily call budget per API key (errno 40402), one query a second and
+//! one update per 2 s per path, and a minimum spacing between writes per
+//! device (errno 40400), group invariants (errno 40257: fields exactly the nine of a group,
 //! minute times, end after start so no midnight crossing, `fdSoc` ≥ 11,
 //! `minSocOnGrid` ≤ `fdSoc`, 0 < `fdPwr` ≤ the maximum, the slot count),
 //! overlaps between enabled groups (errno 42023), whole-list replace.
@@ -32,9 +34,9 @@ use serde_json::{Value, json};
 use tokio::{net::TcpListener, task::JoinHandle};
 
 use super::wire::{
-    ERRNO_AUTH, ERRNO_BAD_PARAMS, ERRNO_OK, ERRNO_OVERLAP, ERRNO_RATE_LIMITED,
-    ERRNO_UNKNOWN_DEVICE, GROUP_FIELDS, Group, PATH_GET, PATH_GET_FLAG, PATH_SET, PATH_SET_FLAG,
-    WorkMode, signature,
+    ERRNO_AUTH, ERRNO_BAD_PARAMS, ERRNO_DAILY_LIMIT, ERRNO_OK, ERRNO_OVERLAP, ERRNO_RATE_LIMITED,
+    ERRNO_SIGNATURE_EXPIRED, ERRNO_UNKNOWN_DEVICE, GROUP_FIELDS, Group, PATH_GET, PATH_GET_FLAG,
+    PATH_SET, PATH_SET_FLAG, WorkMode, signature,
 };
 
 /// How reads order the groups (the real cloud may reorder after a write).
@@ -64,6 +66,19 @@ pub struct EmulatorConfig {
     pub calls_per_day: usize,
     /// Minimum time between two writes to one device.
     pub min_write_interval: Duration,
+    /// Minimum time between two calls to one query path (a read), per API
+    /// key; the cloud allows one a second per query interface.
+    pub query_interval: Duration,
+    /// Minimum time between two calls to one update path (a write), per
+    /// API key, whatever the device; the cloud allows one per 2 s per
+    /// update interface.
+    pub write_interval: Duration,
+    /// Largest difference, either way, between a request's `timestamp`
+    /// header and the emulator's clock; beyond it errno 41809.
+    pub max_clock_skew: Duration,
+    /// Whether a request without a `User-Agent` header is refused (errno
+    /// 40256); FoxESS asks script callers to set their own.
+    pub require_user_agent: bool,
     /// Order of groups on read.
     pub read_order: ReadOrder,
     /// Whether reads pad the list with `Invalid` slots up to `max_slots`.
@@ -82,7 +97,9 @@ pub struct EmulatorConfig {
 
 impl EmulatorConfig {
     /// Defaults like the real cloud: 127.0.0.1 on a free port, 8 slots,
-    /// 6000 W, 1,440 calls a day, 5 s between writes, reads reversed and
+    /// 6000 W, 1,440 calls a day, 5 s between writes to a device, 1 s
+    /// between calls to a query path and 2 s to an update path, timestamps
+    /// within 10 minutes, a `User-Agent` required, reads reversed and
     /// padded; no test switch on.
     pub fn new(api_key: impl Into<String>, devices: &[&str]) -> Self {
         Self {
@@ -93,6 +110,10 @@ impl EmulatorConfig {
             max_power_w: 6000,
             calls_per_day: 1440,
             min_write_interval: Duration::from_secs(5),
+            query_interval: Duration::from_secs(1),
+            write_interval: Duration::from_secs(2),
+            max_clock_skew: Duration::from_secs(600),
+            require_user_agent: true,
             read_order: ReadOrder::Reversed,
             pad_with_invalid: true,
             echo_token: false,
@@ -112,6 +133,10 @@ pub struct CallRecord {
     pub errno: Option<i64>,
     /// The deviceSN of the body, if any.
     pub device: Option<String>,
+    /// The `timestamp` header, if it was a number.
+    pub timestamp: Option<i64>,
+    /// The `User-Agent` header, if any.
+    pub user_agent: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -134,6 +159,8 @@ struct State {
     config: EmulatorConfig,
     devices: HashMap<String, Inverter>,
     calls: VecDeque<Instant>,
+    /// When each path last took a call (one API key, so per path).
+    last_call: HashMap<String, Instant>,
     faults: VecDeque<Fault>,
     latency: Duration,
     ignore_writes: bool,
@@ -179,6 +206,7 @@ impl Emulator {
             config,
             devices,
             calls: VecDeque::new(),
+            last_call: HashMap::new(),
             faults: VecDeque::new(),
             latency: Duration::ZERO,
             ignore_writes: false,
@@ -318,6 +346,26 @@ impl EmulatorHandle {
         self.state().config.min_write_interval = d;
     }
 
+    /// Minimum time between two calls to one query path.
+    pub fn set_query_interval(&self, d: Duration) {
+        self.state().config.query_interval = d;
+    }
+
+    /// Minimum time between two calls to one update path.
+    pub fn set_write_interval(&self, d: Duration) {
+        self.state().config.write_interval = d;
+    }
+
+    /// Largest accepted difference between a `timestamp` and the clock.
+    pub fn set_max_clock_skew(&self, d: Duration) {
+        self.state().config.max_clock_skew = d;
+    }
+
+    /// Whether a request without a `User-Agent` is refused.
+    pub fn set_require_user_agent(&self, on: bool) {
+        self.state().config.require_user_agent = on;
+    }
+
     /// Order of groups on read.
     pub fn set_read_order(&self, o: ReadOrder) {
         self.state().config.read_order = o;
@@ -415,6 +463,8 @@ async fn handle(
         .and_then(|v| v.get("deviceSN"))
         .and_then(Value::as_str)
         .map(str::to_owned);
+    let timestamp = header_str(&parts, "timestamp").and_then(|t| t.parse::<i64>().ok());
+    let user_agent = header_str(&parts, header::USER_AGENT.as_str()).map(str::to_owned);
     let mut st = lock(&state);
     let (resp, errno) = answer(&mut st, &parts, &path, parsed, device.as_deref());
     st.log.push(CallRecord {
@@ -422,6 +472,8 @@ async fn handle(
         status: resp.status().as_u16(),
         errno,
         device,
+        timestamp,
+        user_agent,
     });
     Ok(resp)
 }
@@ -471,19 +523,36 @@ fn answer(
         *r.status_mut() = StatusCode::NOT_FOUND;
         return (r, None);
     }
-    // Authentication: token, timestamp (ms), lang, and the signature over
-    // the path with literal "\r\n" separators.
+    // Headers: token, timestamp (ms), signature, lang and (unless switched
+    // off) a User-Agent, all present; then the signature over the path
+    // with literal "\r\n" separators.
     let token = header_str(parts, "token");
     let ts = header_str(parts, "timestamp").and_then(|t| t.parse::<i64>().ok());
     let sig = header_str(parts, "signature");
-    let authentic = match (token, ts, sig, header_str(parts, "lang")) {
-        (Some(token), Some(ts), Some(sig), Some(_)) => {
-            token == st.config.api_key && sig == signature(path, token, ts)
-        }
-        _ => false,
+    let user_agent = header_str(parts, header::USER_AGENT.as_str()).filter(|ua| !ua.is_empty());
+    let (Some(token), Some(ts), Some(sig), Some(_)) = (token, ts, sig, header_str(parts, "lang"))
+    else {
+        return reply(ERRNO_AUTH, "Missing request header parameters", Value::Null);
     };
-    if !authentic {
+    if st.config.require_user_agent && user_agent.is_none() {
+        return reply(
+            ERRNO_AUTH,
+            "Missing request header parameters (User-Agent)",
+            Value::Null,
+        );
+    }
+    if token != st.config.api_key || sig != signature(path, token, ts) {
         return reply(ERRNO_AUTH, "illegal signature", Value::Null);
+    }
+    // The timestamp, within the skew of the emulator's clock either way.
+    let skew_ms = i64::try_from(st.config.max_clock_skew.as_millis()).unwrap_or(i64::MAX);
+    let clock_ms = jiff::Timestamp::now().as_millisecond();
+    if clock_ms.abs_diff(ts) > skew_ms.unsigned_abs() {
+        return reply(
+            ERRNO_SIGNATURE_EXPIRED,
+            "invalid token (the signature's timestamp is out of the accepted clock skew)",
+            Value::Null,
+        );
     }
     // Daily budget per key (one key here), over a sliding 24 h.
     let now = Instant::now();
@@ -496,11 +565,31 @@ fn answer(
     }
     if st.calls.len() >= st.config.calls_per_day {
         return reply(
+            ERRNO_DAILY_LIMIT,
+            "Your request exceeds the limit. Please try again later",
+            Value::Null,
+        );
+    }
+    // Frequency per interface (path) and key: a refused call neither
+    // counts against the budget nor restarts the interval.
+    let is_write = path == PATH_SET_FLAG || path == PATH_SET;
+    let interval = if is_write {
+        st.config.write_interval
+    } else {
+        st.config.query_interval
+    };
+    if st
+        .last_call
+        .get(path)
+        .is_some_and(|t| now.duration_since(*t) < interval)
+    {
+        return reply(
             ERRNO_RATE_LIMITED,
             "The number of requests is too frequent, please try again later",
             Value::Null,
         );
     }
+    st.last_call.insert(path.to_owned(), now);
     st.calls.push_back(now);
     let Some(body) = body.filter(Value::is_object) else {
         return reply(
@@ -521,7 +610,6 @@ fn answer(
     let Some(dev) = st.devices.get_mut(sn) else {
         return reply(ERRNO_UNKNOWN_DEVICE, "device not found", Value::Null);
     };
-    let is_write = path == PATH_SET_FLAG || path == PATH_SET;
     if is_write {
         if dev
             .last_write
@@ -725,18 +813,32 @@ mod tests {
     /// One request over a plain TCP socket, so no client library can hide
     /// a redirect or rewrite the answer; returns the raw HTTP answer.
     async fn raw_post(addr: SocketAddr, path: &str, token: &str, signed: bool) -> String {
+        let ts = jiff::Timestamp::now().as_millisecond();
+        raw_post_at(addr, path, token, signed, ts, Some("emulator-test")).await
+    }
+
+    /// [`raw_post`] with the `timestamp` and `User-Agent` (none: no such
+    /// header) given.
+    async fn raw_post_at(
+        addr: SocketAddr,
+        path: &str,
+        token: &str,
+        signed: bool,
+        ts: i64,
+        user_agent: Option<&str>,
+    ) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let ts = 1_700_000_000_000_i64;
         let sig = if signed {
             signature(path, token, ts)
         } else {
             "bad".to_owned()
         };
+        let ua = user_agent.map_or_else(String::new, |ua| format!("User-Agent: {ua}\r\n"));
         let body = r#"{"deviceSN":"SN"}"#;
         let req = format!(
             "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
              Content-Type: application/json\r\ntoken: {token}\r\ntimestamp: {ts}\r\n\
-             signature: {sig}\r\nlang: en\r\nContent-Length: {}\r\n\r\n{body}",
+             signature: {sig}\r\nlang: en\r\n{ua}Content-Length: {}\r\n\r\n{body}",
             body.len()
         );
         let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
@@ -795,5 +897,97 @@ mod tests {
         let mut off = group(2, 4);
         off["enable"] = json!(0);
         assert!(write(vec![group(1, 3), off]).is_ok());
+    }
+
+    fn errno_of(answer: &str) -> i64 {
+        let body = answer.split("\r\n\r\n").nth(1).expect("a body");
+        serde_json::from_str::<Value>(body).expect("json")["errno"]
+            .as_i64()
+            .expect("errno")
+    }
+
+    #[tokio::test]
+    async fn timestamps_beyond_the_clock_skew_either_way_get_41809() {
+        let mut config = EmulatorConfig::new("k", &["SN"]);
+        config.query_interval = Duration::ZERO;
+        let emu = Emulator::start(config).await.expect("start");
+        let now = jiff::Timestamp::now().as_millisecond();
+        let min = 60_000;
+        for (ts, errno) in [
+            (now - 11 * min, ERRNO_SIGNATURE_EXPIRED),
+            (now + 11 * min, ERRNO_SIGNATURE_EXPIRED),
+            (now - 9 * min, ERRNO_OK),
+            (now + 9 * min, ERRNO_OK),
+        ] {
+            let a = raw_post_at(emu.addr(), PATH_GET_FLAG, "k", true, ts, Some("t")).await;
+            assert_eq!(errno_of(&a), errno, "{} min: {a}", (ts - now) / min);
+        }
+        // The window is a knob.
+        emu.set_max_clock_skew(Duration::from_secs(30));
+        let a = raw_post_at(emu.addr(), PATH_GET_FLAG, "k", true, now - min, Some("t")).await;
+        assert_eq!(errno_of(&a), ERRNO_SIGNATURE_EXPIRED, "{a}");
+    }
+
+    #[tokio::test]
+    async fn a_request_without_a_user_agent_gets_40256_unless_switched_off() {
+        let emu = Emulator::start(EmulatorConfig::new("k", &["SN"]))
+            .await
+            .expect("start");
+        let now = jiff::Timestamp::now().as_millisecond();
+        for ua in [None, Some("")] {
+            let a = raw_post_at(emu.addr(), PATH_GET_FLAG, "k", true, now, ua).await;
+            assert_eq!(errno_of(&a), ERRNO_AUTH, "{ua:?}: {a}");
+            assert!(a.contains("User-Agent"), "{a}");
+        }
+        let ok = raw_post_at(emu.addr(), PATH_GET_FLAG, "k", true, now, Some("me/1")).await;
+        assert_eq!(errno_of(&ok), ERRNO_OK, "{ok}");
+        assert_eq!(emu.calls()[2].user_agent.as_deref(), Some("me/1"));
+        emu.set_require_user_agent(false);
+        emu.set_query_interval(Duration::ZERO);
+        let a = raw_post_at(emu.addr(), PATH_GET_FLAG, "k", true, now, None).await;
+        assert_eq!(errno_of(&a), ERRNO_OK, "{a}");
+    }
+
+    #[tokio::test]
+    async fn each_path_takes_one_query_a_second_and_one_update_per_2_s() {
+        let mut config = EmulatorConfig::new("k", &["SN"]);
+        // Only the per-path spacing here, not the per-device one.
+        config.min_write_interval = Duration::ZERO;
+        let emu = Emulator::start(config).await.expect("start");
+        let post = |path: &'static str| raw_post(emu.addr(), path, "k", true);
+        // A first call to each path passes (the write's body is refused
+        // as a write, after the frequency check).
+        assert_eq!(errno_of(&post(PATH_GET_FLAG).await), ERRNO_OK);
+        assert_eq!(errno_of(&post(PATH_GET).await), ERRNO_OK);
+        assert_eq!(errno_of(&post(PATH_SET).await), ERRNO_BAD_PARAMS);
+        // A second one at once is too frequent, on every path.
+        for path in [PATH_GET_FLAG, PATH_GET, PATH_SET] {
+            assert_eq!(errno_of(&post(path).await), ERRNO_RATE_LIMITED, "{path}");
+        }
+        // A query a second later passes; an update needs 2 s.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(errno_of(&post(PATH_GET_FLAG).await), ERRNO_OK);
+        assert_eq!(errno_of(&post(PATH_SET).await), ERRNO_RATE_LIMITED);
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert_eq!(errno_of(&post(PATH_SET).await), ERRNO_BAD_PARAMS);
+        // The four refused calls did not count against the budget: five
+        // taken, a sixth passes, a seventh is over.
+        emu.set_calls_per_day(6);
+        assert_eq!(errno_of(&post(PATH_SET_FLAG).await), ERRNO_BAD_PARAMS);
+        assert_eq!(errno_of(&post(PATH_GET).await), ERRNO_DAILY_LIMIT);
+    }
+
+    #[tokio::test]
+    async fn a_spent_daily_budget_gets_40402() {
+        let mut config = EmulatorConfig::new("k", &["SN"]);
+        config.calls_per_day = 1;
+        let emu = Emulator::start(config).await.expect("start");
+        assert_eq!(
+            errno_of(&raw_post(emu.addr(), PATH_GET_FLAG, "k", true).await),
+            ERRNO_OK
+        );
+        let a = raw_post(emu.addr(), PATH_GET, "k", true).await;
+        assert_eq!(errno_of(&a), ERRNO_DAILY_LIMIT, "{a}");
+        assert!(a.contains("exceeds the limit"), "{a}");
     }
 }

@@ -18,14 +18,26 @@ pub const PATH_GET: &str = "/op/v1/device/scheduler/get";
 pub const PATH_SET: &str = "/op/v1/device/scheduler/enable";
 
 pub const ERRNO_OK: i64 = 0;
-/// Bad or missing authentication headers (token, timestamp, signature,
-/// lang). The emulator answers this; the real cloud uses it for
-/// signature failures too.
+/// Bad or missing request headers (token, timestamp, signature, lang,
+/// User-Agent): "Missing request header parameters", and "illegal
+/// signature" for a signature that does not match.
 pub const ERRNO_AUTH: i64 = 40256;
 /// "Parameters do not meet expectations" (any broken group invariant).
 pub const ERRNO_BAD_PARAMS: i64 = 40257;
-/// Too many requests (daily budget or write spacing).
+/// "Request frequency too high": the per-interface spacing (1 query a
+/// second, 1 update per 2 s, per path) or the per-device write spacing.
 pub const ERRNO_RATE_LIMITED: i64 = 40400;
+/// "Your request exceeds the limit": the daily call budget is used up.
+pub const ERRNO_DAILY_LIMIT: i64 = 40402;
+/// Token (API key) refused; reported as "wrong user name or password".
+pub const ERRNO_TOKEN_REFUSED: i64 = 41807;
+/// Token (API key) invalid or expired.
+pub const ERRNO_TOKEN_INVALID: i64 = 41808;
+/// Signature or timestamp expired: the `timestamp` header is too far from
+/// the cloud's clock. A fresh timestamp may pass.
+pub const ERRNO_SIGNATURE_EXPIRED: i64 = 41809;
+/// Settings refused while the scheduler is active.
+pub const ERRNO_SCHEDULER_ACTIVE: i64 = 44096;
 /// Groups overlap in time.
 pub const ERRNO_OVERLAP: i64 = 42023;
 /// Emulator only: the deviceSN is not known to the emulator.
