@@ -140,6 +140,8 @@ impl Fox {
             ("base_url".to_owned(), emu.base_url()),
             ("api_key_ref".to_owned(), "file:foxess-key".to_owned()),
             ("min_write_interval_ms".to_owned(), "0".to_owned()),
+            ("min_query_interval_ms".to_owned(), "0".to_owned()),
+            ("min_update_interval_ms".to_owned(), "0".to_owned()),
             ("request_timeout_ms".to_owned(), "2000".to_owned()),
         ]);
         Self {

@@ -122,6 +122,8 @@ impl Rig {
             ("base_url".to_owned(), emu.base_url()),
             ("api_key_ref".to_owned(), format!("file:{KEY_FILE}")),
             ("min_write_interval_ms".to_owned(), "0".to_owned()),
+            ("min_query_interval_ms".to_owned(), "0".to_owned()),
+            ("min_update_interval_ms".to_owned(), "0".to_owned()),
             ("request_timeout_ms".to_owned(), "2000".to_owned()),
         ]);
         Self {
@@ -1411,4 +1413,34 @@ async fn every_call_carries_the_switchyard_user_agent() {
             "{c:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn the_driver_paces_each_path_as_the_cloud_allows_so_nothing_is_refused_for_frequency() {
+    let mut rig = Rig::new().await;
+    // The cloud's limits: one query a second and one update every 2 s per
+    // path, per key; the driver's defaults keep to them.
+    rig.emu.set_query_interval(Duration::from_secs(1));
+    rig.emu.set_write_interval(Duration::from_secs(2));
+    rig.settings.remove("min_query_interval_ms");
+    rig.settings.remove("min_update_interval_ms");
+    let started = std::time::Instant::now();
+    let d = rig.driver_at(at(0, 1, 0));
+    d.read_state().await.unwrap();
+    let r = req("p1", Command::Charge, at(0, 1, 0), Some(at(0, 2, 0)));
+    // An apply reads the flag and the groups again right after the read
+    // above, writes, and reads back: each path waits its turn.
+    let out = d.apply(&r).await.unwrap();
+    assert!(out.verified, "{out:?}");
+    let refused: Vec<_> = rig
+        .emu
+        .calls()
+        .into_iter()
+        .filter(|c| c.errno != Some(0))
+        .collect();
+    assert!(refused.is_empty(), "refused for frequency: {refused:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "the second read of a path waited"
+    );
 }

@@ -48,6 +48,8 @@ impl Rig {
             ("base_url".to_owned(), emu.base_url()),
             ("api_key_ref".to_owned(), format!("file:{KEY_FILE}")),
             ("min_write_interval_ms".to_owned(), "0".to_owned()),
+            ("min_query_interval_ms".to_owned(), "0".to_owned()),
+            ("min_update_interval_ms".to_owned(), "0".to_owned()),
             ("request_timeout_ms".to_owned(), "5000".to_owned()),
         ]);
         srv.devices()

@@ -210,6 +210,8 @@ async fn an_oem_that_echoes_the_key_never_gets_it_shown_anywhere() {
             ("base_url", &r.emu.base_url()),
             ("api_key_ref", "file:foxess-key"),
             ("min_write_interval_ms", "0"),
+            ("min_query_interval_ms", "0"),
+            ("min_update_interval_ms", "0"),
         ]))
         .await
         .unwrap()

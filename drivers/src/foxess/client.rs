@@ -64,6 +64,57 @@ pub fn new_client() -> Result<HttpsClient, rustls::Error> {
         .build(https))
 }
 
+/// When each path of each account may next be called: the cloud allows
+/// about one query a second and one update every 2 s per interface, and
+/// calls past that are refused (errno 40400). Shared by every driver a
+/// factory builds, so devices on one account pace together.
+#[derive(Debug, Default)]
+pub struct Pacer {
+    next: std::sync::Mutex<std::collections::HashMap<(String, String), std::time::Instant>>,
+}
+
+impl Pacer {
+    /// Reserves the next slot of `path` on `account`, `interval` after the
+    /// one before, and waits for it. The lock is never held while waiting.
+    pub async fn wait(&self, account: &str, path: &str, interval: Duration) {
+        if interval.is_zero() {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let at = {
+            let mut next = match self.next.lock() {
+                Ok(n) => n,
+                // Inserts and reads only: a panic elsewhere leaves it usable.
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            let slot = next
+                .get(&(account.to_owned(), path.to_owned()))
+                .copied()
+                .filter(|t| *t > now)
+                .unwrap_or(now);
+            next.insert((account.to_owned(), path.to_owned()), slot + interval);
+            // Old entries of quiet paths go, so the map stays small.
+            if next.len() > 4096 {
+                next.retain(|_, t| *t > now);
+            }
+            slot
+        };
+        if at > now {
+            tokio::time::sleep_until(at.into()).await;
+        }
+    }
+}
+
+/// How one device's calls are paced.
+#[derive(Clone, Debug)]
+pub struct Pacing {
+    pub(crate) pacer: Arc<Pacer>,
+    /// The account the spacing is kept for (endpoint and key reference).
+    pub(crate) account: String,
+    pub(crate) query: Duration,
+    pub(crate) update: Duration,
+}
+
 /// One device's view of the Open API.
 #[derive(Clone, Debug)]
 pub struct Api {
@@ -71,6 +122,7 @@ pub struct Api {
     pub(crate) key: Secret,
     pub(crate) timeout: Duration,
     pub(crate) client: HttpsClient,
+    pub(crate) pacing: Pacing,
 }
 
 impl Api {
@@ -135,6 +187,13 @@ impl Api {
     /// One signed POST, with a timestamp taken now; the answer's status
     /// and body, unclassified.
     async fn send(&self, path: &str, body: &Value) -> Result<(StatusCode, Bytes), DriverError> {
+        let p = &self.pacing;
+        let interval = if path == PATH_SET || path == PATH_SET_FLAG {
+            p.update
+        } else {
+            p.query
+        };
+        p.pacer.wait(&p.account, path, interval).await;
         let ts = jiff::Timestamp::now().as_millisecond();
         let token = self.key.expose();
         let req = Request::post(format!("{}{path}", self.base_url))

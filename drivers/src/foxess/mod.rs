@@ -16,6 +16,8 @@
 //! | `min_soc_on_grid` | `minSocOnGrid` written, 10..=100, ≤ `fd_soc` | 10 |
 //! | `fd_soc` | `fdSoc` of DISCHARGE without `target_soc`, 11..=100 | 20 |
 //! | `min_write_interval_ms` | spacing between two writes, 0..=600000 | 5000 |
+//! | `min_query_interval_ms` | spacing between two calls to one read path of the account, 0..=60000 | 1000 |
+//! | `min_update_interval_ms` | spacing between two calls to one write path of the account, 0..=60000 | 2000 |
 //! | `request_timeout_ms` | timeout of one HTTP call, 100..=120000 | 15000 |
 
 pub mod client;
@@ -72,6 +74,7 @@ struct DeviceMemory {
 
 #[derive(Default)]
 struct Shared {
+    pacer: Arc<client::Pacer>,
     client: OnceLock<Result<HttpsClient, String>>,
     devices: Mutex<HashMap<String, Arc<tokio::sync::Mutex<DeviceMemory>>>>,
 }
@@ -253,6 +256,12 @@ impl DriverFactory for FoxessFactory {
                 key,
                 timeout: settings.request_timeout,
                 client: self.client()?,
+                pacing: client::Pacing {
+                    pacer: self.shared.pacer.clone(),
+                    account: account.clone(),
+                    query: settings.min_query_interval,
+                    update: settings.min_update_interval,
+                },
             },
             memory: self.memory(&format!("{account}/{sn}")),
             tz: timezone(device)?,

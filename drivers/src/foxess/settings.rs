@@ -22,6 +22,8 @@ pub const KNOWN: &[&str] = &[
     "min_soc_on_grid",
     "fd_soc",
     "min_write_interval_ms",
+    "min_query_interval_ms",
+    "min_update_interval_ms",
     "request_timeout_ms",
 ];
 
@@ -44,6 +46,12 @@ pub struct FoxessSettings {
     pub fd_soc: u32,
     /// Spacing this process keeps between two writes to the device.
     pub min_write_interval: Duration,
+    /// Spacing between two calls to one query (read) path of the account:
+    /// the cloud allows about one a second.
+    pub min_query_interval: Duration,
+    /// Spacing between two calls to one update (write) path of the
+    /// account: the cloud allows about one every 2 s.
+    pub min_update_interval: Duration,
     /// Timeout of one HTTP request (connect + answer).
     pub request_timeout: Duration,
 }
@@ -93,6 +101,8 @@ impl FoxessSettings {
         let max_slots = errors.take(int(s, "max_slots", 8, 1, 96));
         let max_power_w = errors.take(int(s, "max_power_w", 6000, 1, 100_000));
         let write_ms = errors.take(int(s, "min_write_interval_ms", 5000, 0, 600_000));
+        let query_ms = errors.take(int(s, "min_query_interval_ms", 1000, 0, 60_000));
+        let update_ms = errors.take(int(s, "min_update_interval_ms", 2000, 0, 60_000));
         let timeout_ms = errors.take(int(s, "request_timeout_ms", 15_000, 100, 120_000));
         if let (Some(m), Some(f)) = (min_soc_on_grid, fd_soc)
             && m > f
@@ -111,6 +121,8 @@ impl FoxessSettings {
             max_power_w,
             write_ms,
             timeout_ms,
+            query_ms,
+            update_ms,
         ) {
             (
                 Some(base_url),
@@ -121,6 +133,8 @@ impl FoxessSettings {
                 Some(max_power_w),
                 Some(write_ms),
                 Some(timeout_ms),
+                Some(query_ms),
+                Some(update_ms),
             ) if errors.0.is_empty() => Ok(Self {
                 base_url,
                 api_key_ref,
@@ -129,6 +143,8 @@ impl FoxessSettings {
                 min_soc_on_grid,
                 fd_soc,
                 min_write_interval: Duration::from_millis(write_ms.into()),
+                min_query_interval: Duration::from_millis(query_ms.into()),
+                min_update_interval: Duration::from_millis(update_ms.into()),
                 request_timeout: Duration::from_millis(timeout_ms.into()),
             }),
             _ => Err(errors.0),
