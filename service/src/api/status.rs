@@ -683,6 +683,80 @@ mod tests {
         }
     }
 
+    /// The ErrorInfo metadata of a status.
+    fn meta(status: &Status) -> HashMap<String, String> {
+        let body = rpc::Status::decode(status.details()).expect("status");
+        rpc::ErrorInfo::decode(body.details[0].value.as_slice())
+            .expect("info")
+            .metadata
+    }
+
+    #[test]
+    fn a_list_of_exactly_the_maximum_is_whole_and_one_more_is_cut() {
+        let colliders = |n: usize| {
+            Error::Conflict(Box::new(Conflict {
+                kind: ConflictKind::ActionConflict,
+                device_id: "d".into(),
+                channel: "mode".into(),
+                requested_start: Ts(0),
+                requested_end: None,
+                colliders: (0..n)
+                    .map(|i| Collider {
+                        id: ActionId::generate(),
+                        state: ActionState::Scheduled,
+                        command: Command::Charge,
+                        channel: "mode".into(),
+                        start: Ts(i as i64),
+                        end: None,
+                    })
+                    .collect(),
+                strategies: vec![],
+                in_flight: vec![],
+                open_ended: vec![],
+                retry_after_nanos: None,
+            }))
+        };
+        let rows = |n: usize| Error::SchedulerActive {
+            device_id: "d".into(),
+            rows: (0..n).map(row).collect(),
+            protected: vec![],
+            observed_at: Ts(0),
+        };
+        let fields = |n: usize| {
+            Error::Invalid(
+                (0..n)
+                    .map(|i| FieldViolation::new(format!("f{i}"), Reason::InvalidField, "bad"))
+                    .collect(),
+            )
+        };
+        for e in [colliders(MAX_LISTED), rows(MAX_LISTED), fields(MAX_LISTED)] {
+            let m = meta(&to_status(e));
+            assert_eq!(m.get("truncated"), None, "{m:?}");
+        }
+        for e in [
+            colliders(MAX_LISTED + 1),
+            rows(MAX_LISTED + 1),
+            fields(MAX_LISTED + 1),
+        ] {
+            let m = meta(&to_status(e));
+            assert_eq!(
+                m.get("truncated").map(String::as_str),
+                Some("true"),
+                "{m:?}"
+            );
+        }
+        let s = to_status(rows(MAX_LISTED));
+        let body = rpc::Status::decode(s.details()).expect("status");
+        let sd = pb::SchedulerDetail::decode(body.details[1].value.as_slice()).expect("sd");
+        assert!(!sd.truncated && sd.rows.len() == MAX_LISTED);
+    }
+
+    #[test]
+    fn a_refusal_that_only_settling_actions_cause_says_retry_in_2_s() {
+        // docs/errors.md promises 2 s.
+        assert_eq!(crate::domain::conflict::SETTLE_RETRY_NANOS, 2_000_000_000);
+    }
+
     #[test]
     fn retry_info_carries_the_delay_in_seconds_and_nanos() {
         let status = to_status(Error::RequestInProgress {

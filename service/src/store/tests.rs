@@ -228,3 +228,21 @@ async fn releasing_a_request_id_after_its_commit_keeps_the_answer() {
         super::IdemBegin::Replay(b"answer".to_vec())
     );
 }
+
+/// Rows are stored under the tenant they belong to.
+#[tokio::test]
+async fn rows_carry_their_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("db.sqlite"), Duration::from_secs(1)).await;
+    let tenant = TenantId::default_tenant();
+    assert_eq!(tenant.as_str(), "default");
+    store
+        .create_device(&tenant, device("d", BTreeMap::new()), None)
+        .await
+        .unwrap();
+    let stored: String = sqlx::query_scalar("SELECT tenant_id FROM devices")
+        .fetch_one(&store.read)
+        .await
+        .unwrap();
+    assert_eq!(stored, "default");
+}
