@@ -261,7 +261,6 @@ impl Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::Command;
 
     #[test]
     fn long_id_lists_are_listed_up_to_the_maximum_then_counted() {
