@@ -384,6 +384,62 @@ mod tests {
         }
     }
 
+    fn ev_charger() -> Capabilities {
+        let settings = BTreeMap::new();
+        SimulatedFactory::default()
+            .capabilities(&DeviceSpec {
+                device_id: "ev",
+                family: Family::EvCharger,
+                oem_device_id: "",
+                timezone: "UTC",
+                settings: &settings,
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn the_horizon_admits_a_start_exactly_at_its_end() {
+        let caps = battery();
+        let at = |t: Ts| PushInput {
+            start: Some(t),
+            ..charge()
+        };
+        assert!(validate_push(&at(NOW.plus_nanos(DAY)), &caps, NOW, DAY).is_ok());
+        assert_eq!(
+            reasons(validate_push(&at(NOW.plus_nanos(DAY + 1)), &caps, NOW, DAY)),
+            [("action.start_time".to_owned(), Reason::StartBeyondHorizon)]
+        );
+        // Now itself is not in the past.
+        assert!(validate_push(&at(NOW), &caps, NOW, DAY).is_ok());
+    }
+
+    #[test]
+    fn a_required_parameter_left_out_is_a_missing_field_and_units_are_listed() {
+        let caps = ev_charger();
+        let limit = PushInput {
+            command: Some(Command::EvPowerLimit),
+            ..Default::default()
+        };
+        assert_eq!(
+            reasons(validate_push(&limit, &caps, NOW, DAY)),
+            [("action.power".to_owned(), Reason::MissingField)]
+        );
+        let in_percent = PushInput {
+            power: Some(RawQuantity {
+                value: 3.0,
+                unit: Some(Unit::Percent),
+            }),
+            ..limit
+        };
+        match validate_push(&in_percent, &caps, NOW, DAY) {
+            Err(Error::Invalid(v)) => {
+                assert_eq!(v[0].reason, Reason::UnsupportedUnit);
+                assert!(v[0].description.ends_with("one of: W, kW"), "{:?}", v[0]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn only_foreign_rows_in_force_during_the_window_refuse_a_push() {
         use super::super::{Strategy, device::RowOwner};
