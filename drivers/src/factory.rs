@@ -90,6 +90,24 @@ impl ConfigError {
 pub struct ConfigErrors(pub Vec<ConfigError>);
 
 impl ConfigErrors {
+    /// Starts a parse of `settings`: every key not in `known` is an error
+    /// already (typos are never silently ignored).
+    pub fn unknown_keys(
+        settings: &std::collections::BTreeMap<String, String>,
+        known: &[&str],
+    ) -> Self {
+        Self(
+            settings
+                .keys()
+                .filter(|k| !known.contains(&k.as_str()))
+                .map(|key| ConfigError::UnknownSetting {
+                    key: key.clone(),
+                    known: known.join(", "),
+                })
+                .collect(),
+        )
+    }
+
     /// The value of `r`, or `None` with its error kept.
     pub fn take<T>(&mut self, r: Result<T, ConfigError>) -> Option<T> {
         r.map_err(|e| self.0.push(e)).ok()

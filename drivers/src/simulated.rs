@@ -81,15 +81,7 @@ impl SimulatedSettings {
     /// Parses and validates settings for a device of `family`; every bad
     /// setting is reported.
     pub fn parse(family: Family, s: &BTreeMap<String, String>) -> Result<Self, Vec<ConfigError>> {
-        let mut errors = ConfigErrors(
-            s.keys()
-                .filter(|k| !KNOWN.contains(&k.as_str()))
-                .map(|key| ConfigError::UnknownSetting {
-                    key: key.clone(),
-                    known: KNOWN.join(", "),
-                })
-                .collect(),
-        );
+        let mut errors = ConfigErrors::unknown_keys(s, KNOWN);
         let default_power = if family == Family::EvCharger {
             11000.0
         } else {

@@ -63,15 +63,7 @@ impl FoxessSettings {
         s: &BTreeMap<String, String>,
         policy: &OperatorPolicy,
     ) -> Result<Self, Vec<ConfigError>> {
-        let mut errors = ConfigErrors(
-            s.keys()
-                .filter(|k| !KNOWN.contains(&k.as_str()))
-                .map(|key| ConfigError::UnknownSetting {
-                    key: key.clone(),
-                    known: KNOWN.join(", "),
-                })
-                .collect(),
-        );
+        let mut errors = ConfigErrors::unknown_keys(s, KNOWN);
         let base_url = errors.take(
             s.get("base_url")
                 .ok_or_else(|| invalid("base_url", "is required (the Open API's https URL)"))
