@@ -274,10 +274,58 @@ mod tests {
         let vs: Vec<FieldViolation> = (0..MAX_LISTED + 2)
             .map(|i| FieldViolation::new(format!("f{i}"), Reason::InvalidField, "bad"))
             .collect();
-        let m = Error::Invalid(vs).to_string();
+        let m = Error::Invalid(vs.clone()).to_string();
         assert!(
             m.ends_with("; and 2 more") && !m.contains(&format!("f{}", MAX_LISTED)),
             "{m}"
+        );
+        // Exactly the maximum: all listed, nothing "more".
+        let m = Error::Invalid(vs[..MAX_LISTED].to_vec()).to_string();
+        assert!(
+            !m.contains("more") && m.contains(&format!("f{}", MAX_LISTED - 1)),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn conflict_messages_name_the_channel_the_device_and_the_actions() {
+        let collider = Collider {
+            id: ActionId::from_u128(7),
+            state: ActionState::Scheduled,
+            command: Command::Charge,
+            channel: "mode".into(),
+            start: Ts(0),
+            end: Some(Ts(10)),
+        };
+        let conflict = |kind, open_ended: Vec<ActionId>| {
+            Error::Conflict(Box::new(Conflict {
+                kind,
+                device_id: "bat".into(),
+                channel: "mode".into(),
+                requested_start: Ts(0),
+                requested_end: Some(Ts(5)),
+                colliders: vec![collider.clone()],
+                strategies: vec![],
+                in_flight: vec![ActionId::from_u128(7)],
+                open_ended,
+                retry_after_nanos: None,
+            }))
+            .to_string()
+        };
+        let id = ActionId::from_u128(7).to_string();
+        assert_eq!(
+            conflict(ConflictKind::ActionConflict, vec![]),
+            format!("the action collides on channel \"mode\" of device \"bat\" with: {id}")
+        );
+        let in_flight = conflict(ConflictKind::InFlight, vec![]);
+        assert!(
+            in_flight.contains("already sent to the device") && in_flight.contains(&id),
+            "{in_flight}"
+        );
+        let open = conflict(ConflictKind::OpenEnded, vec![ActionId::from_u128(7)]);
+        assert!(
+            open.starts_with(&format!("cannot queue after open-ended action(s) {id}")),
+            "{open}"
         );
     }
 }

@@ -106,6 +106,10 @@ mod tests {
     #[test]
     fn device_ids_parse_strictly() {
         assert!(DeviceId::parse("home-battery-1").is_ok());
+        assert!(
+            DeviceId::parse(&"x".repeat(63)).is_ok(),
+            "63 characters are allowed"
+        );
         for bad in ["", "-a", "a-", "A", "a_b", "a b", &"x".repeat(64), "ü"] {
             assert!(DeviceId::parse(bad).is_err(), "{bad:?} accepted");
         }
