@@ -398,6 +398,29 @@ mod tests {
     }
 
     #[test]
+    fn a_timing_the_command_does_not_take_names_the_field_to_change() {
+        let mut caps = battery();
+        for c in &mut caps.commands {
+            c.timing = vec![TimingShape::Scheduled];
+        }
+        // Immediate: a start is what is missing.
+        assert_eq!(
+            reasons(validate_push(&charge(), &caps, NOW, DAY)),
+            [("action.start_time".to_owned(), Reason::UnsupportedTiming)]
+        );
+        // Windowed: the end is what is too much.
+        let windowed = PushInput {
+            start: Some(NOW.plus_nanos(60 * Ts::SECOND)),
+            end: Some(NOW.plus_nanos(120 * Ts::SECOND)),
+            ..charge()
+        };
+        assert_eq!(
+            reasons(validate_push(&windowed, &caps, NOW, DAY)),
+            [("action.end_time".to_owned(), Reason::UnsupportedTiming)]
+        );
+    }
+
+    #[test]
     fn the_horizon_admits_a_start_exactly_at_its_end() {
         let caps = battery();
         let at = |t: Ts| PushInput {
