@@ -21,14 +21,34 @@ pub struct ApplyRequest {
     /// The client pushed with CANCEL_AND_REPLACE: the driver may clear the
     /// device's native scheduler (never a protected row) to apply.
     pub clear_native_scheduler: bool,
+    /// The other actions on the device whose writes may still be in force,
+    /// with what their drivers recorded ([`Outcome::memo`]): what
+    /// switchyard wrote for them is switchyard's, not foreign, and a
+    /// revert leaves it in place.
+    pub live: Vec<Applied>,
+}
+
+/// An action whose write may still be in force on a device, and what the
+/// driver recorded about that write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    /// The switchyard action id.
+    pub action_id: String,
+    /// The driver's record of the write ([`Outcome::memo`]), opaque to the
+    /// service.
+    pub memo: String,
 }
 
 /// Undo a command applied earlier (the end of its window, or an early
 /// cancel).
 #[derive(Clone, Debug, PartialEq)]
 pub struct RevertRequest {
-    /// What was applied.
+    /// What was applied (its `live`: the device's other live actions).
     pub applied: ApplyRequest,
+    /// What the apply recorded ([`Outcome::memo`]), when it did: the revert
+    /// removes exactly that, whatever changed in the device's settings
+    /// since.
+    pub memo: Option<String>,
 }
 
 /// What the OEM said to a write.
@@ -42,7 +62,17 @@ pub struct Outcome {
     /// The device's state as read back after the write, when the driver
     /// read all of it; `None` makes the service read it again.
     pub state: Option<DeviceState>,
+    /// What the driver needs to undo this write later, exactly (e.g. the
+    /// rows it wrote and the settings it found): kept durably with the
+    /// action until it is reverted, and handed back in
+    /// [`RevertRequest::memo`] and, to the device's other actions, in
+    /// [`ApplyRequest::live`]. At most [`MAX_MEMO_BYTES`].
+    pub memo: Option<String>,
 }
+
+/// The largest [`Outcome::memo`] the service keeps; a larger one is
+/// dropped (and the revert works from the request alone).
+pub const MAX_MEMO_BYTES: usize = 16 * 1024;
 
 /// Who wrote a native scheduler row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,6 +201,17 @@ pub enum ErrorKind {
     /// The OEM refused the account's credentials (an API key that is
     /// invalid or expired): not retryable, the operator must replace them.
     Credentials,
+    /// A row switchyard does not own holds values the OEM would refuse if
+    /// it were written back unchanged (the OEM's API replaces whole lists),
+    /// and the push did not authorise clearing it: not retryable.
+    ForeignUnwritable,
+    /// Another writer changed the device's schedule between switchyard's
+    /// read and write, again after one redo: retryable.
+    Contended,
+    /// The OEM reports facts that contradict the device as configured in
+    /// switchyard (e.g. another time zone): not retryable until the device
+    /// is corrected.
+    Misconfigured,
 }
 
 /// A classified driver failure.
@@ -221,7 +262,10 @@ impl DriverError {
 
     /// Whether sending the same call later may succeed.
     pub fn retryable(&self) -> bool {
-        matches!(self.kind, ErrorKind::RateLimited | ErrorKind::Unavailable)
+        matches!(
+            self.kind,
+            ErrorKind::RateLimited | ErrorKind::Unavailable | ErrorKind::Contended
+        )
     }
 
     /// The action error code this failure is recorded as.
@@ -234,6 +278,9 @@ impl DriverError {
             ErrorKind::Unavailable => "OEM_UNAVAILABLE",
             ErrorKind::ProtectedRow => "PROTECTED_SCHEDULE",
             ErrorKind::Credentials => "OEM_CREDENTIALS_INVALID",
+            ErrorKind::ForeignUnwritable => "FOREIGN_SCHEDULE_UNWRITABLE",
+            ErrorKind::Contended => "OEM_CONCURRENT_WRITE",
+            ErrorKind::Misconfigured => "DEVICE_MISCONFIGURED",
         }
     }
 }
@@ -265,8 +312,10 @@ pub trait Driver: Send + Sync + fmt::Debug {
     /// account share one rate budget.
     fn account(&self) -> String;
 
-    /// Reads the device's state, including its native scheduler.
-    async fn read_state(&self) -> Result<DeviceState, DriverError>;
+    /// Reads the device's state, including its native scheduler; `live`
+    /// are the device's actions whose writes may be in force (their rows
+    /// are labelled [`RowOwner::Ours`]).
+    async fn read_state(&self, live: &[Applied]) -> Result<DeviceState, DriverError>;
 
     /// Puts a command in force.
     async fn apply(&self, req: &ApplyRequest) -> Result<Outcome, DriverError>;

@@ -418,7 +418,7 @@ impl Driver for Simulated {
         format!("simulated/{}", self.device_id)
     }
 
-    async fn read_state(&self) -> Result<DeviceState, DriverError> {
+    async fn read_state(&self, _live: &[crate::driver::Applied]) -> Result<DeviceState, DriverError> {
         if self.settings.fail_mode == FailMode::Offline {
             return Err(self
                 .fault(false)

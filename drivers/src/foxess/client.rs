@@ -131,7 +131,28 @@ impl Api {
     /// OEM echoes, the key is redacted from the answer before it is read,
     /// so it reaches neither results, errors nor raw descriptions.
     pub async fn call(&self, path: &str, body: &Value) -> Result<(Value, String), DriverError> {
-        let result = self.call_inner(path, body).await;
+        self.redacted(self.call_inner(path, "", Some(body)).await)
+    }
+
+    /// GETs `path` with the query `params` (percent-encoded), signed over
+    /// the path alone; otherwise as [`Api::call`].
+    pub async fn get(
+        &self,
+        path: &str,
+        params: &[(&str, &str)],
+    ) -> Result<(Value, String), DriverError> {
+        let query: Vec<String> = params
+            .iter()
+            .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
+            .collect();
+        let query = format!("?{}", query.join("&"));
+        self.redacted(self.call_inner(path, &query, None).await)
+    }
+
+    fn redacted(
+        &self,
+        result: Result<(Value, String), DriverError>,
+    ) -> Result<(Value, String), DriverError> {
         // Belt and braces for what was built from elsewhere (transport
         // errors may quote the request).
         match result {
@@ -144,8 +165,13 @@ impl Api {
         }
     }
 
-    async fn call_inner(&self, path: &str, body: &Value) -> Result<(Value, String), DriverError> {
-        let (mut status, mut bytes) = self.send(path, body).await?;
+    async fn call_inner(
+        &self,
+        path: &str,
+        query: &str,
+        body: Option<&Value>,
+    ) -> Result<(Value, String), DriverError> {
+        let (mut status, mut bytes) = self.send(path, query, body).await?;
         // 41809: the signature's timestamp was out of the cloud's window.
         // Signed again with a fresh timestamp, once, after the interface's
         // spacing; a second 41809 is classified (retryable) below.
@@ -158,7 +184,7 @@ impl Api {
                 QUERY_RETRY_SPACING
             })
             .await;
-            (status, bytes) = self.send(path, body).await?;
+            (status, bytes) = self.send(path, query, body).await?;
         }
         let note = if retried {
             "; signed again with a fresh timestamp after errno 41809"
@@ -176,7 +202,8 @@ impl Api {
         // A key escaped in the JSON (\u0041…) is only seen once decoded.
         redact_strings(&mut env.result, &self.key);
         let raw = format!(
-            "POST {path}: HTTP {}; errno {}; msg {:?}{note}",
+            "{} {path}: HTTP {}; errno {}; msg {:?}{note}",
+            if body.is_some() { "POST" } else { "GET" },
             status.as_u16(),
             env.errno,
             snippet(&env.msg)
@@ -186,7 +213,12 @@ impl Api {
 
     /// One signed POST, with a timestamp taken now; the answer's status
     /// and body, unclassified.
-    async fn send(&self, path: &str, body: &Value) -> Result<(StatusCode, Bytes), DriverError> {
+    async fn send(
+        &self,
+        path: &str,
+        query: &str,
+        body: Option<&Value>,
+    ) -> Result<(StatusCode, Bytes), DriverError> {
         let p = &self.pacing;
         let interval = if path == PATH_SET || path == PATH_SET_FLAG {
             p.update
@@ -196,22 +228,25 @@ impl Api {
         p.pacer.wait(&p.account, path, interval).await;
         let ts = jiff::Timestamp::now().as_millisecond();
         let token = self.key.expose();
-        let req = Request::post(format!("{}{path}", self.base_url))
+        let method = if body.is_some() { "POST" } else { "GET" };
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}{query}", self.base_url))
             .header(header::CONTENT_TYPE, "application/json")
             .header(header::USER_AGENT, USER_AGENT)
             .header("token", token)
             .header("timestamp", ts.to_string())
             .header("signature", signature(path, token, ts))
             .header("lang", "en")
-            .body(Full::new(Bytes::from(body.to_string())))
+            .body(Full::new(body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()))))
             .map_err(|e| {
                 DriverError::new(ErrorKind::Rejected, "cannot build the FoxESS request")
-                    .with_raw(format!("POST {path}: {e}"))
+                    .with_raw(format!("{method} {path}: {e}"))
             })?;
         let exchange = async {
             let resp = self.client.request(req).await.map_err(|e| {
                 DriverError::new(ErrorKind::Unavailable, "cannot reach the FoxESS cloud")
-                    .with_raw(format!("POST {path}: {}", error_chain(&e)))
+                    .with_raw(format!("{method} {path}: {}", error_chain(&e)))
             })?;
             let status = resp.status();
             let bytes = Limited::new(resp.into_body(), MAX_BODY)
@@ -219,7 +254,10 @@ impl Api {
                 .await
                 .map_err(|e| {
                     DriverError::new(ErrorKind::Unavailable, "FoxESS answer cut short")
-                        .with_raw(format!("POST {path}: HTTP {}; body: {e}", status.as_u16()))
+                        .with_raw(format!(
+                            "{method} {path}: HTTP {}; body: {e}",
+                            status.as_u16()
+                        ))
                 })?
                 .to_bytes();
             Ok::<_, DriverError>((status, bytes))
@@ -234,9 +272,22 @@ impl Api {
                         self.timeout.as_millis()
                     ),
                 )
-                .with_raw(format!("POST {path}: timeout"))
+                .with_raw(format!("{method} {path}: timeout"))
             })?
     }
+}
+
+/// Percent-encodes a query component (unreserved characters pass).
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Whether an answer is the envelope with errno 41809 (signature or

@@ -730,24 +730,8 @@ fn validate_write(body: &Value, config: &EmulatorConfig) -> Result<Vec<Group>, i
             return Err(ERRNO_BAD_PARAMS);
         }
         let g: Group = serde_json::from_value(v.clone()).map_err(|_| ERRNO_BAD_PARAMS)?;
-        let mode = g.mode().ok_or(ERRNO_BAD_PARAMS)?;
-        if mode != WorkMode::Invalid {
-            let ok = matches!(g.enable, 0 | 1)
-                && (0..=23).contains(&g.start_hour)
-                && (0..=23).contains(&g.end_hour)
-                && (0..=59).contains(&g.start_minute)
-                && (0..=59).contains(&g.end_minute)
-                // End strictly after start: this also refuses a group
-                // crossing midnight (22:00-06:00).
-                && g.end_min() > g.start_min()
-                && (11..=100).contains(&g.fd_soc)
-                && (0..=100).contains(&g.min_soc_on_grid)
-                && g.min_soc_on_grid <= g.fd_soc
-                && g.fd_pwr > 0
-                && g.fd_pwr <= config.max_power_w;
-            if !ok {
-                return Err(ERRNO_BAD_PARAMS);
-            }
+        if g.write_problem(config.max_power_w).is_some() {
+            return Err(ERRNO_BAD_PARAMS);
         }
         groups.push(g);
     }

@@ -36,16 +36,26 @@ use std::{
 
 use async_trait::async_trait;
 use jiff::tz::TimeZone;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use self::{
     client::{Api, HttpsClient, new_client},
-    plan::{ApplyPlan, check_timing, coverage, groups_for, owner, plan_apply, plan_revert, row},
+    plan::{
+        ApplyPlan, Context, check_timing, coverage, groups_for, owner, plan_apply, plan_revert,
+        row, same_content, same_groups,
+    },
     settings::FoxessSettings,
-    wire::{Group, PATH_GET, PATH_GET_FLAG, PATH_SET, PATH_SET_FLAG, as_flag, parse_groups},
+    wire::{
+        Group, GroupsRead, PATH_DEVICE_DETAIL, PATH_GET, PATH_GET_FLAG, PATH_PLANT_DETAIL,
+        PATH_SET, PATH_SET_FLAG, as_flag, parse_groups,
+    },
 };
 use crate::{
-    driver::{ApplyRequest, DeviceState, Driver, DriverError, ErrorKind, Outcome, RevertRequest},
+    driver::{
+        Applied, ApplyRequest, DeviceState, Driver, DriverError, ErrorKind, Outcome,
+        RevertRequest,
+    },
     factory::{ConfigError, DeviceSpec, DriverFactory},
     model::{
         Capabilities, Command, CommandSpec, Family, Param, ParamSpec, RateBudget, TimingShape,
@@ -60,16 +70,48 @@ pub const MODE_CHANNEL: &str = "mode";
 /// The time source of the drivers (tests pin it).
 pub type Clock = Arc<dyn Fn() -> jiff::Timestamp + Send + Sync>;
 
-/// What this process remembers about one inverter. Drivers are built per
-/// dispatch, so this lives in the factory.
+/// What this process remembers about one inverter (keyed by endpoint and
+/// serial, whatever key reference reaches it). Drivers are built per
+/// dispatch, so this lives in the factory. Nothing here is needed for
+/// correctness after a restart: what was written is in each action's memo.
 #[derive(Debug, Default)]
 struct DeviceMemory {
     /// When this process last wrote to the device (write spacing).
     last_write: Option<Instant>,
-    /// The groups written per action id, to label rows `Ours` in
-    /// `read_state` (apply and revert recompute them from the request, so
-    /// they do not need this after a restart).
+    /// The groups written per action id since this process started (a
+    /// cache of the memos, which the service keeps durably).
     ours: BTreeMap<String, Vec<Group>>,
+    /// The plant's time zone as the cloud reported it, and when it was
+    /// read (`None` inside: not reported).
+    plant_tz: Option<(Instant, Option<String>)>,
+}
+
+/// How long a plant's time zone read from the cloud is trusted.
+const PLANT_TZ_TTL: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
+
+/// What an apply records (the action's memo, JSON): the groups it wrote,
+/// and the scheduler flag as the homeowner left it before switchyard's
+/// first write, so the last revert restores it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Memo {
+    /// Format version (1).
+    pub v: u32,
+    /// The inverter written to.
+    pub sn: String,
+    /// The groups written, as on the wire.
+    pub groups: Vec<Group>,
+    /// The scheduler flag before switchyard first turned it on (inherited
+    /// from the device's other live actions).
+    pub flag_before: bool,
+}
+
+impl Memo {
+    /// Parses a memo of inverter `sn`; `None` for anything else.
+    pub fn parse(memo: &str, sn: &str) -> Option<Self> {
+        serde_json::from_str::<Memo>(memo)
+            .ok()
+            .filter(|m| m.v == 1 && m.sn == sn)
+    }
 }
 
 #[derive(Default)]
@@ -171,7 +213,12 @@ impl DriverFactory for FoxessFactory {
 
     fn capabilities(&self, device: &DeviceSpec<'_>) -> Result<Capabilities, ConfigError> {
         let s = self.settings(device).map_err(ConfigError::first)?;
-        let timing = vec![
+        // Every command is a daily-recurring group: only a window has an
+        // end at which switchyard removes it. AUTO_BALANCED without an end
+        // hands the inverter back to the homeowner's own schedule (see
+        // `Foxess::release`).
+        let windowed = vec![TimingShape::Windowed];
+        let any = vec![
             TimingShape::Immediate,
             TimingShape::Scheduled,
             TimingShape::Windowed,
@@ -196,7 +243,11 @@ impl DriverFactory for FoxessFactory {
             command,
             channel: MODE_CHANNEL.to_owned(),
             params,
-            timing: timing.clone(),
+            timing: if command == Command::AutoBalanced {
+                any.clone()
+            } else {
+                windowed.clone()
+            },
         };
         Ok(Capabilities {
             commands: vec![
@@ -250,6 +301,9 @@ impl DriverFactory for FoxessFactory {
         let key = self.policy.resolve("api_key_ref", &settings.api_key_ref)?;
         let account = format!("foxess:{}#{}", settings.base_url, settings.api_key_ref);
         let sn = device.oem_device_id.trim().to_owned();
+        // One read-modify-write at a time per inverter: keyed by endpoint
+        // and serial, so two key references to one inverter share it.
+        let inverter = format!("foxess:{}/{sn}", settings.base_url);
         Ok(Arc::new(Foxess {
             api: Api {
                 base_url: settings.base_url.clone(),
@@ -263,7 +317,7 @@ impl DriverFactory for FoxessFactory {
                     update: settings.min_update_interval,
                 },
             },
-            memory: self.memory(&format!("{account}/{sn}")),
+            memory: self.memory(&inverter),
             tz: timezone(device)?,
             clock: self.clock.clone(),
             account,
@@ -306,19 +360,40 @@ impl Foxess {
             .map_or_else(jiff::Timestamp::now, |c| c())
     }
 
-    /// This action's groups, recomputed from the request alone (so a
-    /// revert after a restart finds exactly what the apply wrote).
-    fn compile(&self, req: &ApplyRequest) -> Result<Vec<Group>, DriverError> {
-        let t = plan::template(req.command, &req.params, &self.settings)?;
+    /// This action's groups, from the request and the device's `fdPwr`
+    /// maximum (when the cloud reports it).
+    fn compile(&self, req: &ApplyRequest, max_power_w: Option<i64>) -> Result<Vec<Group>, DriverError> {
+        let t = plan::template(req.command, &req.params, &self.settings, max_power_w)?;
         let bits = coverage(req.start, req.end, &self.tz)?;
         let groups = groups_for(&bits, &t);
         if groups.is_empty() {
             return Err(DriverError::new(
                 ErrorKind::Rejected,
-                "the window cannot be expressed as FoxESS groups (only 23:59-24:00)",
+                "the window cannot be expressed as FoxESS groups",
             ));
         }
         Ok(groups)
+    }
+
+    /// The memos of the device's other live actions (memos of another
+    /// inverter, or unreadable ones, are ignored).
+    fn memos(&self, live: &[Applied]) -> Vec<Memo> {
+        live.iter()
+            .filter_map(|a| Memo::parse(&a.memo, &self.sn))
+            .collect()
+    }
+
+    /// Every group switchyard wrote that may be in force: the live
+    /// actions' memos, and what this process wrote (except for `except`).
+    fn switchyards(mem: &DeviceMemory, memos: &[Memo], except: Option<&str>) -> Vec<Group> {
+        let mut all: Vec<Group> = memos.iter().flat_map(|m| m.groups.iter().cloned()).collect();
+        all.extend(
+            mem.ours
+                .iter()
+                .filter(|(id, _)| Some(id.as_str()) != except)
+                .flat_map(|(_, g)| g.iter().cloned()),
+        );
+        all
     }
 
     async fn get_flag(&self) -> Result<(bool, bool, String), DriverError> {
@@ -335,7 +410,7 @@ impl Foxess {
         }
     }
 
-    async fn get_groups(&self) -> Result<(Vec<Group>, String), DriverError> {
+    async fn get_groups(&self) -> Result<(GroupsRead, String), DriverError> {
         let (result, raw) = self
             .api
             .call(PATH_GET, &json!({ "deviceSN": self.sn }))
@@ -343,6 +418,82 @@ impl Foxess {
         parse_groups(&result)
             .map(|g| (g, raw.clone()))
             .map_err(|why| malformed(&raw, &why))
+    }
+
+    /// The device's slot count and `fdPwr` maximum: the cloud's where it
+    /// reports them, else the settings'.
+    fn limits(&self, read: &GroupsRead) -> (usize, i64) {
+        let slots = read
+            .max_group_count
+            .map_or(self.settings.max_slots as usize, |n| n.clamp(1, 96) as usize);
+        let power = read
+            .max_power_w
+            .map_or(i64::from(self.settings.max_power_w), |p| {
+                p.min(i64::from(self.settings.max_power_w))
+            });
+        (slots, power)
+    }
+
+    /// Refuses to write when the cloud reports the plant in another time
+    /// zone than the device's: every group would land hours off. Read at
+    /// most every few hours; a cloud that does not report it (or cannot
+    /// be asked) is not a reason to refuse.
+    async fn check_plant_timezone(&self, mem: &mut DeviceMemory) -> Result<(), DriverError> {
+        let fresh = mem
+            .plant_tz
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < PLANT_TZ_TTL);
+        let reported = match fresh {
+            Some((_, tz)) => tz.clone(),
+            None => {
+                let tz = self.read_plant_timezone().await;
+                mem.plant_tz = Some((Instant::now(), tz.clone()));
+                tz
+            }
+        };
+        let Some(name) = reported else { return Ok(()) };
+        let same = TimeZone::get(&name)
+            .ok()
+            .and_then(|t| t.iana_name().map(str::to_owned))
+            .is_some_and(|n| Some(n.as_str()) == self.tz.iana_name());
+        if same {
+            return Ok(());
+        }
+        Err(DriverError::new(
+            ErrorKind::Misconfigured,
+            format!(
+                "the FoxESS cloud reports this inverter's plant in time zone {:?}, but the device \
+                 is configured with {:?}: every group would land at the wrong hours; correct the \
+                 device's timezone",
+                name.chars().take(64).collect::<String>(),
+                self.tz.iana_name().unwrap_or("?")
+            ),
+        ))
+    }
+
+    async fn read_plant_timezone(&self) -> Option<String> {
+        let (detail, _) = self
+            .api
+            .get(PATH_DEVICE_DETAIL, &[("sn", &self.sn)])
+            .await
+            .ok()?;
+        let plant = ["stationID", "plantID", "stationId", "plantId"]
+            .iter()
+            .find_map(|k| match detail.get(*k) {
+                Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+                Some(Value::Number(n)) => Some(n.to_string()),
+                _ => None,
+            })?;
+        let (plant, _) = self
+            .api
+            .get(PATH_PLANT_DETAIL, &[("id", &plant)])
+            .await
+            .ok()?;
+        plant
+            .get("ianaTimezone")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
     }
 
     /// Writes with the device's write spacing kept.
@@ -372,6 +523,7 @@ impl Foxess {
         mem: &mut DeviceMemory,
         groups: &[Group],
     ) -> Result<String, DriverError> {
+        let groups: Vec<Value> = groups.iter().map(Group::to_wire).collect();
         self.write(
             mem,
             PATH_SET,
@@ -380,14 +532,22 @@ impl Foxess {
         .await
     }
 
+    async fn set_flag(&self, mem: &mut DeviceMemory, on: bool) -> Result<String, DriverError> {
+        self.write(
+            mem,
+            PATH_SET_FLAG,
+            json!({ "deviceSN": self.sn, "enable": i64::from(on) }),
+        )
+        .await
+    }
+
     /// The device's state from its flag and groups, each row labelled
     /// with who wrote it.
-    async fn state(&self, flag: bool, groups: &[Group]) -> DeviceState {
-        let ours = Self::recorded_ours(&*self.memory.lock().await, None);
+    fn state(flag: bool, groups: &[Group], switchyards: &[Group]) -> DeviceState {
         let rows = groups
             .iter()
             .filter(|g| !g.is_placeholder())
-            .map(|g| row(g, owner(g, &ours)))
+            .map(|g| row(g, owner(g, switchyards)))
             .collect();
         DeviceState {
             native_scheduler: Some((flag, rows)),
@@ -396,12 +556,91 @@ impl Foxess {
         }
     }
 
-    fn recorded_ours(mem: &DeviceMemory, except: Option<&str>) -> Vec<Group> {
-        mem.ours
-            .iter()
-            .filter(|(id, _)| Some(id.as_str()) != except)
-            .flat_map(|(_, g)| g.iter().cloned())
-            .collect()
+    /// One read-modify-write of the group list for `ours`: plans against
+    /// `current`, writes, and reads back. `Ok(Err(back))` when the list
+    /// read back is neither what was written nor what was there before:
+    /// another writer changed it in between.
+    async fn merge_and_write(
+        &self,
+        mem: &mut DeviceMemory,
+        current: &GroupsRead,
+        ours: &[Group],
+        switchyards: &[Group],
+        clear: bool,
+        log: &mut Vec<String>,
+    ) -> Result<(ApplyPlan, Result<GroupsRead, GroupsRead>), DriverError> {
+        let (max_slots, max_power_w) = self.limits(current);
+        let plan = plan_apply(
+            &current.groups,
+            &Context {
+                ours,
+                switchyards,
+                clear,
+                max_slots,
+                max_power_w,
+            },
+        )?;
+        if plan.write {
+            log.push(self.write_groups(mem, &plan.list).await?);
+        }
+        let back = match self.get_groups().await {
+            Ok((back, raw)) => {
+                log.push(format!("read back: {raw}"));
+                back
+            }
+            // The write was accepted; a failed read-back makes it
+            // unverified, not failed.
+            Err(e) => {
+                log.push(format!(
+                    "read back failed: {}: {}",
+                    e.message,
+                    e.raw.unwrap_or_default()
+                ));
+                return Ok((plan, Ok(GroupsRead::default())));
+            }
+        };
+        let changed_by_another = !same_groups(&back.groups, &plan.list)
+            && !same_groups(&back.groups, &current.groups);
+        Ok((plan, if changed_by_another { Err(back) } else { Ok(back) }))
+    }
+
+    /// AUTO_BALANCED without an end: switchyard gives the inverter back to
+    /// the homeowner's own schedule. Groups this process wrote for actions
+    /// no longer live are removed; live actions' groups stay (their
+    /// reverts remove them); nothing is added.
+    async fn release(&self, req: &ApplyRequest) -> Result<Outcome, DriverError> {
+        let mut mem = self.memory.lock().await;
+        let memos = self.memos(&req.live);
+        let live: Vec<Group> = memos.iter().flat_map(|m| m.groups.iter().cloned()).collect();
+        let stale: Vec<Group> = Self::switchyards(&mem, &[], Some(&req.action_id))
+            .into_iter()
+            .filter(|g| !live.iter().any(|l| same_content(l, g)))
+            .collect();
+        let (current, raw) = self.get_groups().await?;
+        let mut log = vec![raw];
+        if let Some(list) = plan_revert(&current.groups, &stale, &live) {
+            log.push(self.write_groups(&mut mem, &list).await?);
+        }
+        mem.ours.retain(|_, g| g.iter().any(|g| live.iter().any(|l| same_content(l, g))));
+        drop(mem);
+        let (verified, state) = match (self.get_groups().await, self.get_flag().await) {
+            (Ok((back, _)), Ok((flag, _, _))) => {
+                let clean = !back.groups.iter().any(|b| stale.iter().any(|s| same_content(s, b)));
+                (clean, Some(Self::state(flag, &back.groups, &live)))
+            }
+            _ => (false, None),
+        };
+        Ok(Outcome {
+            verified,
+            raw: format!(
+                "AUTO_BALANCED without an end: the inverter follows its own schedule; {} live \
+                 action(s) keep their groups until their end; {}",
+                memos.len(),
+                log.join("; ")
+            ),
+            state,
+            memo: None,
+        })
     }
 }
 
@@ -415,6 +654,14 @@ fn malformed(raw: &str, why: &str) -> DriverError {
     .with_raw(raw.to_owned())
 }
 
+fn describe(groups: &[Group]) -> String {
+    let parts: Vec<String> = groups
+        .iter()
+        .map(|g| format!("{} {}-{}", g.work_mode, g.start_hhmm(), g.end_hhmm()))
+        .collect();
+    parts.join(", ")
+}
+
 #[async_trait]
 impl Driver for Foxess {
     fn capabilities(&self) -> &Capabilities {
@@ -425,18 +672,36 @@ impl Driver for Foxess {
         self.account.clone()
     }
 
-    async fn read_state(&self) -> Result<DeviceState, DriverError> {
+    async fn read_state(&self, live: &[Applied]) -> Result<DeviceState, DriverError> {
         let (flag, _, _) = self.get_flag().await?;
-        let (groups, _) = self.get_groups().await?;
-        Ok(self.state(flag, &groups).await)
+        let (read, _) = self.get_groups().await?;
+        let switchyards = Self::switchyards(&*self.memory.lock().await, &self.memos(live), None);
+        Ok(Self::state(flag, &read.groups, &switchyards))
     }
 
     async fn apply(&self, req: &ApplyRequest) -> Result<Outcome, DriverError> {
-        let ours = self.compile(req)?;
-        check_timing(&ours, req.start, req.end, self.now(), &self.tz)?;
+        if req.end.is_none() {
+            if req.command != Command::AutoBalanced {
+                return Err(DriverError::new(
+                    ErrorKind::Rejected,
+                    "FoxESS groups recur daily: this command needs a window with an end",
+                ));
+            }
+            return self.release(req).await;
+        }
+        // The times do not depend on the device's power limit: refuse an
+        // early or late apply before any call.
+        check_timing(
+            &self.compile(req, None)?,
+            req.start,
+            req.end,
+            self.now(),
+            &self.tz,
+        )?;
         // One read-modify-write at a time per inverter in this process: two
         // writers of the whole list wipe each other's groups.
         let mut mem = self.memory.lock().await;
+        self.check_plant_timezone(&mut mem).await?;
         let (flag_on, support, _) = self.get_flag().await?;
         if !support {
             return Err(DriverError::new(
@@ -445,110 +710,169 @@ impl Driver for Foxess {
             )
             .with_raw("scheduler/get/flag: support=false"));
         }
+        // Re-read just before the write.
         let (current, _) = self.get_groups().await?;
-        let other_ours = Self::recorded_ours(&mem, Some(&req.action_id));
-        let ApplyPlan {
-            list,
-            write,
-            kept,
-            removed,
-        } = plan_apply(
-            &current,
-            &ours,
-            &other_ours,
-            flag_on,
-            req.clear_native_scheduler,
-            self.settings.max_slots,
-        )?;
+        let ours = self.compile(req, self.limits(&current).1.into())?;
+        let memos = self.memos(&req.live);
+        let switchyards = Self::switchyards(&mem, &memos, Some(&req.action_id));
+        // The homeowner's flag: as the first live action found it.
+        let flag_before = memos.first().map_or(flag_on, |m| m.flag_before);
+        let memo = Memo {
+            v: 1,
+            sn: self.sn.clone(),
+            groups: ours.clone(),
+            flag_before,
+        };
         // Recorded before writing: a write that times out may still land.
         mem.ours.insert(req.action_id.clone(), ours.clone());
         let mut log = Vec::new();
-        if write {
-            log.push(self.write_groups(&mut mem, &list).await?);
-        }
-        if !flag_on {
-            log.push(
-                self.write(
-                    &mut mem,
-                    PATH_SET_FLAG,
-                    json!({ "deviceSN": self.sn, "enable": 1 }),
+        let (mut plan, mut back) = self
+            .merge_and_write(&mut mem, &current, &ours, &switchyards, req.clear_native_scheduler, &mut log)
+            .await?;
+        if let Err(changed) = back {
+            // Another writer changed the list between our read and our
+            // write (or right after): merge once more with what it wrote.
+            log.push("another writer changed the groups meanwhile; merged again".to_owned());
+            let again = self
+                .merge_and_write(&mut mem, &changed, &ours, &switchyards, req.clear_native_scheduler, &mut log)
+                .await?;
+            (plan, back) = again;
+            if back.is_err() {
+                return Err(DriverError::new(
+                    ErrorKind::Contended,
+                    "another writer keeps changing this inverter's FoxESS schedule between \
+                     switchyard's read and write; retrying later",
                 )
-                .await?,
-            );
+                .with_raw(log.join("; ")));
+            }
+        }
+        let back = back.unwrap_or_default();
+        let mut notes = Vec::new();
+        if !flag_on {
+            log.push(self.set_flag(&mut mem, true).await?);
+            let dormant: Vec<Group> = plan
+                .kept
+                .iter()
+                .filter(|g| g.is_active() && !switchyards.iter().any(|o| same_content(o, g)))
+                .cloned()
+                .collect();
+            if !dormant.is_empty() {
+                notes.push(format!(
+                    "the scheduler was off: turning it on also put {} dormant foreign group(s) in \
+                     force ({}); the revert turns it off again",
+                    dormant.len(),
+                    describe(&dormant)
+                ));
+            }
         }
         drop(mem);
+        if !plan.removed.is_empty() {
+            notes.push(format!(
+                "cleared {} foreign group(s) as CANCEL_AND_REPLACE authorised ({})",
+                plan.removed.len(),
+                describe(&plan.removed)
+            ));
+        }
+        if !plan.superseded.is_empty() {
+            notes.push(format!(
+                "superseded {} group(s) switchyard wrote for another action ({})",
+                plan.superseded.len(),
+                describe(&plan.superseded)
+            ));
+        }
+        let flag = match self.get_flag().await {
+            Ok((f, _, _)) => Some(f),
+            Err(_) => None,
+        };
+        // By content: a group whose time has passed today may read back
+        // disabled, and the cloud may reorder.
+        let seen = !back.groups.is_empty()
+            && ours
+                .iter()
+                .all(|o| back.groups.iter().any(|b| same_content(b, o)));
+        let kept_survived = plan
+            .kept
+            .iter()
+            .all(|k| back.groups.iter().any(|b| same_content(b, k)));
+        let verified = seen && kept_survived && flag == Some(true);
+        let mut switchyards_now = switchyards;
+        switchyards_now.extend(ours.iter().cloned());
+        let state = flag.map(|f| Self::state(f, &back.groups, &switchyards_now));
         let summary = format!(
-            "{} group(s) for {} ({} foreign kept, {} removed){}",
+            "{} group(s) for {} ({} other kept){}; read back: {}; scheduler flag {}",
             ours.len(),
             req.command,
-            kept,
-            removed.len(),
-            if write { "" } else { "; already in place" }
+            plan.kept.len(),
+            if plan.write { "" } else { "; already in place" },
+            if seen { "all groups present" } else { "groups MISSING" },
+            match flag {
+                Some(true) => "on",
+                Some(false) => "OFF",
+                None => "unread",
+            }
         );
-        // The write was accepted; a failed read-back makes it unverified,
-        // not failed.
-        let mut state = None;
-        let verified = match (self.get_groups().await, self.get_flag().await) {
-            (Ok((back, raw)), Ok((flag, _, _))) => {
-                state = Some(self.state(flag, &back).await);
-                let seen = ours.iter().all(|o| back.iter().any(|b| b == o));
-                log.push(format!(
-                    "read back: {}; scheduler flag {}; {raw}",
-                    if seen {
-                        "all groups present"
-                    } else {
-                        "groups MISSING"
-                    },
-                    if flag { "on" } else { "off" }
-                ));
-                seen && flag
-            }
-            (Err(e), _) | (_, Err(e)) => {
-                log.push(format!(
-                    "read back failed: {}: {}",
-                    e.message,
-                    e.raw.unwrap_or_default()
-                ));
-                false
-            }
-        };
+        notes.insert(0, summary);
+        notes.extend(log);
         Ok(Outcome {
             verified,
-            raw: format!("{summary}; {}", log.join("; ")),
+            raw: notes.join("; "),
             state,
+            memo: serde_json::to_string(&memo).ok(),
         })
     }
 
     async fn revert(&self, req: &RevertRequest) -> Result<Outcome, DriverError> {
         let applied = &req.applied;
-        let ours = self.compile(applied)?;
-        let mut mem = self.memory.lock().await;
-        let (current, raw) = self.get_groups().await?;
-        let Some(list) = plan_revert(&current, &ours) else {
-            mem.ours.remove(&applied.action_id);
-            return Ok(Outcome {
-                verified: true,
-                raw: format!("none of the action's groups is on the device; {raw}"),
-                ..Default::default()
-            });
+        let memo = req.memo.as_deref().and_then(|m| Memo::parse(m, &self.sn));
+        // What the apply wrote, as it recorded it; an action applied before
+        // memos existed is recomputed from the request.
+        let mine = match &memo {
+            Some(m) => m.groups.clone(),
+            None if applied.end.is_none() => Vec::new(),
+            None => self.compile(applied, None)?,
         };
-        // The scheduler flag is left as it is, even with no group left: it
-        // may be the homeowner's, and an enabled empty scheduler runs the
-        // inverter's base work mode.
-        let wrote = self.write_groups(&mut mem, &list).await?;
+        let mut mem = self.memory.lock().await;
+        let memos = self.memos(&applied.live);
+        let keep: Vec<Group> = memos.iter().flat_map(|m| m.groups.iter().cloned()).collect();
+        let (current, raw) = self.get_groups().await?;
+        let mut log = Vec::new();
+        let removed = match plan_revert(&current.groups, &mine, &keep) {
+            Some(list) => {
+                log.push(self.write_groups(&mut mem, &list).await?);
+                true
+            }
+            None => {
+                log.push(format!("none of the action's groups to remove is on the device; {raw}"));
+                false
+            }
+        };
+        // The last of switchyard's actions on the device gives the
+        // scheduler flag back as the homeowner left it.
+        let mut flag_note = String::new();
+        if let Some(m) = &memo
+            && memos.is_empty()
+            && !m.flag_before
+        {
+            let (flag, _, _) = self.get_flag().await?;
+            if flag {
+                log.push(self.set_flag(&mut mem, false).await?);
+                flag_note = "; scheduler flag turned off again, as it was found".to_owned();
+            }
+        }
         mem.ours.remove(&applied.action_id);
         drop(mem);
+        let gone: Vec<&Group> = mine
+            .iter()
+            .filter(|g| !keep.iter().any(|k| same_content(k, g)))
+            .collect();
         let (verified, back) = match self.get_groups().await {
             Ok((back, raw)) => {
-                let gone = !back
+                let clean = !back
+                    .groups
                     .iter()
-                    .any(|b| ours.iter().any(|o| plan::same_content(o, b)));
-                let what = if gone {
-                    "groups gone"
-                } else {
-                    "groups STILL THERE"
-                };
-                (gone, format!("read back: {what}; {raw}"))
+                    .any(|b| gone.iter().any(|o| same_content(o, b)));
+                let what = if clean { "groups gone" } else { "groups STILL THERE" };
+                (clean, format!("read back: {what}; {raw}"))
             }
             Err(e) => (
                 false,
@@ -562,9 +886,23 @@ impl Driver for Foxess {
         Ok(Outcome {
             verified,
             raw: format!(
-                "removed {} group(s), {} kept; {wrote}; {back}",
-                ours.len(),
-                list.len()
+                "{} {} group(s){}{}{flag_note}; {}; {back}",
+                if removed { "removed" } else { "nothing to remove of" },
+                gone.len(),
+                if mine.len() > gone.len() {
+                    format!(
+                        ", {} left in place for another live action",
+                        mine.len() - gone.len()
+                    )
+                } else {
+                    String::new()
+                },
+                if memo.is_none() && applied.end.is_some() {
+                    " (recomputed: no memo)"
+                } else {
+                    ""
+                },
+                log.join("; ")
             ),
             ..Default::default()
         })
