@@ -142,4 +142,13 @@ pub trait DriverFactory: Send + Sync + fmt::Debug {
     /// A driver bound to the device. Called for every dispatch with the
     /// device as stored then, so settings changed at run time take effect.
     fn build(&self, device: &DeviceSpec<'_>) -> Result<Arc<dyn Driver>, ConfigError>;
+
+    /// What the driver writes to: two configurations with the same target
+    /// reach the same physical device, so a revert owed under one can be
+    /// carried out under the other. The service refuses a change of
+    /// target while an action's write may be in force (it would strand
+    /// it). By default the OEM's device id.
+    fn target(&self, device: &DeviceSpec<'_>) -> String {
+        device.oem_device_id.trim().to_owned()
+    }
 }

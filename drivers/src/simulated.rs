@@ -418,7 +418,10 @@ impl Driver for Simulated {
         format!("simulated/{}", self.device_id)
     }
 
-    async fn read_state(&self, _live: &[crate::driver::Applied]) -> Result<DeviceState, DriverError> {
+    async fn read_state(
+        &self,
+        _live: &[crate::driver::Applied],
+    ) -> Result<DeviceState, DriverError> {
         if self.settings.fail_mode == FailMode::Offline {
             return Err(self
                 .fault(false)
@@ -579,6 +582,7 @@ mod tests {
             start: jiff::Timestamp::UNIX_EPOCH,
             end: None,
             clear_native_scheduler: false,
+            live: Vec::new(),
         }
     }
 
@@ -595,12 +599,22 @@ mod tests {
         assert_eq!(f.power_limit("d"), Some((3600.0, "a2".to_owned())));
 
         // Undoing the limit leaves the mode in force, and the other way round.
-        d.revert(&RevertRequest { applied: limit }).await.unwrap();
+        d.revert(&RevertRequest {
+            applied: limit,
+            memo: None,
+        })
+        .await
+        .unwrap();
         assert_eq!(f.power_limit("d"), None);
         assert_eq!(f.observe("d").unwrap().0, "CHARGE");
         let limit = apply_request("a3", Command::EvPowerLimit, Some(2000.0));
         d.apply(&limit).await.unwrap();
-        d.revert(&RevertRequest { applied: charge }).await.unwrap();
+        d.revert(&RevertRequest {
+            applied: charge,
+            memo: None,
+        })
+        .await
+        .unwrap();
         assert_eq!(f.observe("d").unwrap().0, REST_MODE);
         assert_eq!(f.power_limit("d"), Some((2000.0, "a3".to_owned())));
     }

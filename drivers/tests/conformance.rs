@@ -177,17 +177,7 @@ impl Harness for Fox {
     async fn set_foreign_schedule(&self, on: bool) {
         // The homeowner's app: self-use all day, scheduler on.
         let groups = if on {
-            vec![Group {
-                enable: 1,
-                start_hour: 0,
-                start_minute: 0,
-                end_hour: 23,
-                end_minute: 59,
-                work_mode: "SelfUse".into(),
-                min_soc_on_grid: 10,
-                fd_soc: 20,
-                fd_pwr: 3000,
-            }]
+            vec![Group::new(true, (0, 0), (23, 59), "SelfUse", 10, 20, 3000)]
         } else {
             vec![]
         };

@@ -12,8 +12,9 @@ use std::{collections::BTreeMap, path::Path, sync::Arc, time::Duration};
 
 use jiff::{Timestamp, civil::date, tz::TimeZone};
 use switchyard_drivers::{
-    ApplyRequest, Command, ConfigError, DeviceSpec, Driver, DriverError, DriverFactory, ErrorKind,
-    Family, OperatorPolicy, Params, Quantity, RevertRequest, RowOwner, Unit,
+    Applied, ApplyRequest, Command, ConfigError, DeviceSpec, Driver, DriverError, DriverFactory,
+    ErrorKind, Family, OperatorPolicy, Params, Quantity, RevertRequest, RowOwner, TimingShape,
+    Unit,
     foxess::{
         FoxessFactory,
         emulator::{Emulator, EmulatorConfig, EmulatorHandle, ReadOrder},
@@ -188,27 +189,29 @@ fn req(id: &str, command: Command, start: Timestamp, end: Option<Timestamp>) -> 
         start,
         end,
         clear_native_scheduler: false,
+        live: Vec::new(),
     }
 }
 
+/// A group for the window `sh:sm`-`eh:em`, the end exclusive as users
+/// write windows (the wire's end is the minute before).
 fn g(sh: i64, sm: i64, eh: i64, em: i64, mode: WorkMode) -> Group {
-    Group {
-        enable: 1,
-        start_hour: sh,
-        start_minute: sm,
-        end_hour: eh,
-        end_minute: em,
-        work_mode: mode.as_str().to_owned(),
-        min_soc_on_grid: 10,
-        fd_soc: 20,
-        fd_pwr: 3000,
-    }
+    let last = eh * 60 + em - 1;
+    Group::new(
+        true,
+        (sh, sm),
+        (last / 60, last % 60),
+        mode.as_str(),
+        10,
+        20,
+        3000,
+    )
 }
 
 fn windows(groups: &[Group]) -> Vec<(String, String, String)> {
     let mut w: Vec<_> = groups
         .iter()
-        .map(|g| (g.start_hhmm(), g.end_hhmm(), g.work_mode.clone()))
+        .map(|g| (g.start_hhmm(), g.end_excl_hhmm(), g.work_mode.clone()))
         .collect();
     w.sort();
     w
@@ -253,7 +256,11 @@ fn signature_is_md5_of_path_token_timestamp_with_literal_backslash_separators() 
 #[tokio::test]
 async fn a_wrong_key_is_refused_by_signature_check() {
     let rig = Rig::with(EmulatorConfig::new(KEY, &[SN]), "not-the-key").await;
-    let err = rig.driver_at(at(0, 0, 0)).read_state().await.unwrap_err();
+    let err = rig
+        .driver_at(at(0, 0, 0))
+        .read_state(&[])
+        .await
+        .unwrap_err();
     assert_eq!(err.kind, ErrorKind::Rejected);
     assert!(
         err.raw.as_deref().unwrap().contains("errno 40256"),
@@ -282,7 +289,7 @@ async fn a_window_across_midnight_becomes_two_groups() {
         windows(&groups),
         vec![
             w("00:00", "06:00", WorkMode::ForceCharge),
-            w("22:00", "23:59", WorkMode::ForceCharge),
+            w("22:00", "24:00", WorkMode::ForceCharge),
         ]
     );
     assert!(
@@ -315,11 +322,12 @@ async fn discharge_maps_target_and_reserve_to_fd_soc_and_min_soc_on_grid() {
     let d = &groups[0];
     assert_eq!(
         (d.work_mode.as_str(), d.fd_pwr, d.fd_soc, d.min_soc_on_grid),
-        ("ForceDischarge", 4000, 30, 15)
+        ("ForceDischarge", 4000, 30, Some(15))
     );
+    // The wire's end is inclusive: the last minute, 19:29.
     assert_eq!(
         (d.start_hhmm(), d.end_hhmm()),
-        ("17:00".into(), "19:30".into())
+        ("17:00".into(), "19:29".into())
     );
 
     // fdSoc below 11, or a reserve above the target, never reaches the OEM.
@@ -386,17 +394,47 @@ async fn sub_minute_windows_are_rejected_and_times_round_to_the_minute() {
 }
 
 #[tokio::test]
-async fn open_ended_actions_are_an_all_day_group_until_reverted() {
+async fn open_ended_commands_leave_nothing_behind() {
     let rig = Rig::new().await;
-    let r = req("o1", Command::AutoExport, at(0, 14, 3), None);
-    let d = rig.driver_for(&r);
-    assert!(d.apply(&r).await.unwrap().verified);
-    assert_eq!(
-        windows(&rig.groups()),
-        vec![w("00:00", "23:59", WorkMode::Feedin)]
-    );
-    d.revert(&RevertRequest { applied: r }).await.unwrap();
-    assert!(rig.groups().is_empty());
+    // A forced mode without an end would recur every day for ever: refused
+    // before any call.
+    for command in [Command::AutoExport, Command::Charge, Command::Idle] {
+        let r = req("o1", command, at(0, 14, 3), None);
+        let err = rig.driver_for(&r).apply(&r).await.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Rejected, "{command:?}");
+        assert!(err.message.contains("window with an end"), "{err:?}");
+    }
+    assert!(rig.emu.calls().is_empty());
+    // A windowed charge whose action is no longer live (its memo was never
+    // recorded), then AUTO_BALANCED without an end: the leftover goes, the
+    // foreign group stays, nothing is added.
+    let foreign = g(20, 0, 21, 0, WorkMode::Feedin);
+    rig.emu.seed_groups(SN, vec![foreign.clone()]);
+    let c = req("c1", Command::Charge, at(0, 14, 3), Some(at(0, 15, 0)));
+    let d = rig.driver_for(&c);
+    d.apply(&c).await.unwrap();
+    assert_eq!(rig.groups().len(), 2);
+    let auto = req("a1", Command::AutoBalanced, at(0, 14, 10), None);
+    let out = d.apply(&auto).await.unwrap();
+    assert!(out.verified, "{out:?}");
+    assert!(out.memo.is_none(), "nothing to undo later");
+    assert_eq!(rig.groups(), vec![foreign.clone()]);
+    // A live action's groups stay: its own revert removes them.
+    let c2 = req("c2", Command::Charge, at(0, 14, 12), Some(at(0, 15, 0)));
+    let applied = d.apply(&c2).await.unwrap();
+    let mut auto = req("a2", Command::AutoBalanced, at(0, 14, 13), None);
+    auto.live = vec![Applied {
+        action_id: "c2".into(),
+        memo: applied.memo.unwrap(),
+    }];
+    d.apply(&auto).await.unwrap();
+    assert_eq!(rig.groups().len(), 2);
+    // The capabilities say so up front.
+    for c in &d.capabilities().commands {
+        let open = c.timing.contains(&TimingShape::Immediate);
+        assert_eq!(open, c.command == Command::AutoBalanced, "{:?}", c.command);
+        assert!(c.timing.contains(&TimingShape::Windowed));
+    }
 }
 
 #[tokio::test]
@@ -438,7 +476,13 @@ async fn foreign_groups_survive_apply_and_revert() {
     for f in &foreign {
         assert!(after.contains(f), "foreign group {f} lost on apply");
     }
-    let out = d.revert(&RevertRequest { applied: r }).await.unwrap();
+    let out = d
+        .revert(&RevertRequest {
+            applied: r,
+            memo: None,
+        })
+        .await
+        .unwrap();
     assert!(out.verified, "{out:?}");
     let mut left = rig.groups();
     left.sort_by_key(Group::start_min);
@@ -498,30 +542,42 @@ async fn an_overlapping_foreign_group_with_the_flag_on_is_scheduler_active() {
 #[tokio::test]
 async fn clearing_removes_only_overlapping_foreign_groups() {
     let rig = Rig::new().await;
-    let mut disabled = g(4, 0, 4, 30, WorkMode::ForceDischarge);
-    disabled.enable = 0;
+    // The cloud checks disabled groups for overlaps too (and a group whose
+    // time has passed today reads disabled): one in the window is cleared
+    // like an enabled one; one outside it is kept.
+    let mut in_window = g(4, 0, 4, 30, WorkMode::ForceDischarge);
+    in_window.enable = 0;
+    let mut outside = g(6, 0, 6, 30, WorkMode::ForceDischarge);
+    outside.enable = 0;
     let keep = g(10, 0, 11, 0, WorkMode::Feedin);
     rig.emu.seed_groups(
         SN,
         vec![
             g(3, 0, 4, 0, WorkMode::SelfUse),
             keep.clone(),
-            disabled.clone(),
+            in_window,
+            outside.clone(),
         ],
     );
     rig.emu.set_flag(SN, true);
     let mut r = req("c1", Command::Charge, at(0, 2, 0), Some(at(0, 5, 0)));
     r.clear_native_scheduler = true;
-    assert!(rig.driver_for(&r).apply(&r).await.unwrap().verified);
+    let out = rig.driver_for(&r).apply(&r).await.unwrap();
+    assert!(out.verified, "{out:?}");
+    assert!(
+        out.raw.contains("cleared 2 foreign group(s)"),
+        "{}",
+        out.raw
+    );
     assert_eq!(
         windows(&rig.groups()),
         vec![
             w("02:00", "05:00", WorkMode::ForceCharge),
-            w("04:00", "04:30", WorkMode::ForceDischarge),
+            w("06:00", "06:30", WorkMode::ForceDischarge),
             w("10:00", "11:00", WorkMode::Feedin),
         ]
     );
-    assert!(rig.groups().contains(&disabled) && rig.groups().contains(&keep));
+    assert!(rig.groups().contains(&outside) && rig.groups().contains(&keep));
 }
 
 #[tokio::test]
@@ -568,7 +624,7 @@ async fn read_state_labels_owners() {
     let r = req("o1", Command::Charge, at(0, 2, 0), Some(at(0, 5, 0)));
     let d = rig.driver_for(&r);
     d.apply(&r).await.unwrap();
-    let state = d.read_state().await.unwrap();
+    let state = d.read_state(&[]).await.unwrap();
     let (flag, rows) = state.native_scheduler.unwrap();
     assert!(flag);
     let mut owners: Vec<(String, RowOwner)> =
@@ -611,8 +667,8 @@ async fn the_daily_budget_gives_rate_limited_with_retry_after() {
     let rig = Rig::new().await;
     rig.emu.set_calls_per_day(1);
     let d = rig.driver_at(at(0, 0, 0));
-    d.read_state().await.unwrap_err(); // flag read passes, groups read is over budget
-    let err = d.read_state().await.unwrap_err();
+    d.read_state(&[]).await.unwrap_err(); // flag read passes, groups read is over budget
+    let err = d.read_state(&[]).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::RateLimited);
     assert!(err.retryable());
     // Until the budget's reset (see the 40402 test at the end).
@@ -658,7 +714,7 @@ async fn errnos_and_http_failures_are_classified() {
     ];
     for (errno, msg, kind) in cases {
         rig.emu.fail_next_errno(1, errno, msg);
-        let err = d.read_state().await.unwrap_err();
+        let err = d.read_state(&[]).await.unwrap_err();
         assert_eq!(err.kind, kind, "errno {errno}: {err:?}");
         let raw = err.raw.clone().unwrap();
         assert!(
@@ -672,17 +728,17 @@ async fn errnos_and_http_failures_are_classified() {
     }
     for status in [502, 503] {
         rig.emu.fail_next_status(1, status);
-        let err = d.read_state().await.unwrap_err();
+        let err = d.read_state(&[]).await.unwrap_err();
         assert_eq!(err.kind, ErrorKind::Unavailable, "{err:?}");
         assert!(err.retryable());
         assert!(err.raw.unwrap().contains(&format!("HTTP {status}")));
     }
     rig.emu.fail_next_body(1, "<html>maintenance</html>");
-    let err = d.read_state().await.unwrap_err();
+    let err = d.read_state(&[]).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::Unavailable, "{err:?}");
     assert!(err.raw.unwrap().contains("malformed"));
     // After all the failures the device still works.
-    assert!(d.read_state().await.is_ok());
+    assert!(d.read_state(&[]).await.is_ok());
 }
 
 #[tokio::test]
@@ -691,13 +747,47 @@ async fn a_malformed_group_list_is_rejected_not_a_panic() {
     let d = rig.driver_at(at(0, 0, 0));
     rig.emu
         .fail_next_body(1, r#"{"errno":0,"msg":"ok","result":{"enable":1}}"#); // flag ok
-    rig.emu.fail_next_body(
-        1,
-        r#"{"errno":0,"msg":"ok","result":{"groups":[{"enable":1}]}}"#,
-    );
-    let err = d.read_state().await.unwrap_err();
+    rig.emu
+        .fail_next_body(1, r#"{"errno":0,"msg":"ok","result":{"groups":"none"}}"#);
+    let err = d.read_state(&[]).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::Rejected, "{err:?}");
     assert!(err.raw.is_some());
+}
+
+#[tokio::test]
+async fn odd_slots_and_a_null_result_are_read_without_failing_the_device() {
+    let rig = Rig::new().await;
+    let d = rig.driver_at(at(0, 0, 0));
+    // A slot without times, one that is not an object, an unknown mode and
+    // a null minSocOnGrid: read, the unknown mode as a foreign row.
+    rig.emu
+        .fail_next_body(1, r#"{"errno":0,"msg":"ok","result":{"enable":1}}"#);
+    rig.emu.fail_next_body(
+        1,
+        r#"{"errno":0,"msg":"ok","result":{"groups":[{"enable":1}, null, 7,
+            {"enable":1,"startHour":9,"startMinute":0,"endHour":9,"endMinute":59,
+             "workMode":"PeakShaving","minSocOnGrid":null,"fdSoc":20,"fdPwr":100}]}}"#,
+    );
+    let state = d.read_state(&[]).await.unwrap();
+    let (on, rows) = state.native_scheduler.unwrap();
+    assert!(on);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(
+        (
+            rows[0].mode.as_str(),
+            rows[0].start.as_str(),
+            rows[0].end.as_str()
+        ),
+        ("PeakShaving", "09:00", "10:00")
+    );
+    assert_eq!(rows[0].owner, RowOwner::Foreign);
+    // `result: null` (the mode was set in the app): no groups.
+    rig.emu
+        .fail_next_body(1, r#"{"errno":0,"msg":"ok","result":{"enable":0}}"#);
+    rig.emu
+        .fail_next_body(1, r#"{"errno":0,"msg":"ok","result":null}"#);
+    let state = d.read_state(&[]).await.unwrap();
+    assert_eq!(state.native_scheduler, Some((false, vec![])));
 }
 
 #[tokio::test]
@@ -705,7 +795,11 @@ async fn a_slow_cloud_times_out_as_unavailable() {
     let mut rig = Rig::new().await;
     rig.set("request_timeout_ms", "200");
     rig.emu.set_latency(Duration::from_millis(1000));
-    let err = rig.driver_at(at(0, 0, 0)).read_state().await.unwrap_err();
+    let err = rig
+        .driver_at(at(0, 0, 0))
+        .read_state(&[])
+        .await
+        .unwrap_err();
     assert_eq!(err.kind, ErrorKind::Unavailable, "{err:?}");
     assert!(err.retryable());
 }
@@ -722,7 +816,11 @@ async fn an_unreachable_cloud_is_unavailable() {
     let url = format!("http://127.0.0.1:{port}");
     rig.allow(&url);
     rig.set("base_url", &url);
-    let err = rig.driver_at(at(0, 0, 0)).read_state().await.unwrap_err();
+    let err = rig
+        .driver_at(at(0, 0, 0))
+        .read_state(&[])
+        .await
+        .unwrap_err();
     assert_eq!(err.kind, ErrorKind::Unavailable, "{err:?}");
 }
 
@@ -743,7 +841,10 @@ async fn revert_is_idempotent_and_survives_a_restart() {
     )
     .build(&rig.spec())
     .unwrap();
-    let revert = RevertRequest { applied: r };
+    let revert = RevertRequest {
+        applied: r,
+        memo: None,
+    };
     assert!(d.revert(&revert).await.unwrap().verified);
     assert_eq!(
         windows(&rig.groups()),
@@ -1100,7 +1201,7 @@ async fn the_api_key_never_appears_in_debug_or_errors() {
     // An OEM that echoes the token in its message.
     rig.emu
         .fail_next_errno(1, 40256, &format!("bad token {KEY} for request"));
-    let err = d.read_state().await.unwrap_err();
+    let err = d.read_state(&[]).await.unwrap_err();
     assert!(
         err.raw.as_deref().unwrap().contains("<redacted>"),
         "{err:?}"
@@ -1108,10 +1209,16 @@ async fn the_api_key_never_appears_in_debug_or_errors() {
     assert_err_has_no_key(&err);
     for status in [502, 503] {
         rig.emu.fail_next_status(1, status);
-        assert_err_has_no_key(&d.read_state().await.unwrap_err());
+        assert_err_has_no_key(&d.read_state(&[]).await.unwrap_err());
     }
     let wrong = Rig::with(EmulatorConfig::new("other", &[SN]), KEY).await;
-    assert_err_has_no_key(&wrong.driver_at(at(0, 0, 0)).read_state().await.unwrap_err());
+    assert_err_has_no_key(
+        &wrong
+            .driver_at(at(0, 0, 0))
+            .read_state(&[])
+            .await
+            .unwrap_err(),
+    );
     let ok = rig
         .driver_for(&req("s1", Command::Idle, at(0, 1, 0), Some(at(0, 2, 0))))
         .apply(&req("s1", Command::Idle, at(0, 1, 0), Some(at(0, 2, 0))))
@@ -1166,9 +1273,14 @@ async fn a_redirect_is_never_followed() {
     let r = req("rd1", Command::Charge, at(0, 2, 0), Some(at(0, 5, 0)));
     let d = rig.driver_for(&r);
     let errors = [
-        d.read_state().await.unwrap_err(),
+        d.read_state(&[]).await.unwrap_err(),
         d.apply(&r).await.unwrap_err(),
-        d.revert(&RevertRequest { applied: r }).await.unwrap_err(),
+        d.revert(&RevertRequest {
+            applied: r,
+            memo: None,
+        })
+        .await
+        .unwrap_err(),
     ];
     for err in &errors {
         assert_eq!(err.kind, ErrorKind::Rejected, "{err:?}");
@@ -1177,10 +1289,11 @@ async fn a_redirect_is_never_followed() {
         assert!(err.raw.as_deref().unwrap().contains("HTTP 307"), "{err:?}");
         assert_err_has_no_key(err);
     }
-    // One call per driver call reached the first emulator, each answered
-    // with the redirect; the second one heard nothing at all.
+    // One call per driver call reached the first emulator (the apply's
+    // plant time zone lookup first, which gives up on the redirect), each
+    // answered with the redirect; the second one heard nothing at all.
     let calls = rig.emu.calls();
-    assert_eq!(calls.len(), 3, "{calls:?}");
+    assert_eq!(calls.len(), 4, "{calls:?}");
     assert!(calls.iter().all(|c| c.status == 307), "{calls:?}");
     assert_eq!(elsewhere.calls(), vec![], "a redirect was followed");
 }
@@ -1207,11 +1320,17 @@ async fn an_echoed_key_is_redacted_from_outcomes_state_and_errors() {
         assert_eq!(state.native_scheduler.as_ref().unwrap().1.len(), 2);
         assert_no_trace(&format!("{state:?}"), &key);
 
-        let read = d.read_state().await.unwrap();
+        let read = d.read_state(&[]).await.unwrap();
         assert_eq!(read, state);
         assert_no_trace(&format!("{read:?}"), &key);
 
-        let back = d.revert(&RevertRequest { applied: r }).await.unwrap();
+        let back = d
+            .revert(&RevertRequest {
+                applied: r,
+                memo: None,
+            })
+            .await
+            .unwrap();
         assert!(back.raw.contains("(token <redacted>)"), "{back:?}");
         assert_no_trace(&format!("{back:?}"), &key);
 
@@ -1222,7 +1341,7 @@ async fn an_echoed_key_is_redacted_from_outcomes_state_and_errors() {
             "x".repeat(176),
         ] {
             rig.emu.fail_next_errno(1, 40257, &msg);
-            let err = d.read_state().await.unwrap_err();
+            let err = d.read_state(&[]).await.unwrap_err();
             assert_eq!(err.kind, ErrorKind::Rejected, "{err:?}");
             for text in [format!("{err:?}"), err.to_string()] {
                 assert_no_trace(&text, &key);
@@ -1251,7 +1370,7 @@ fn answers(emu: &EmulatorHandle, path: &str) -> Vec<(Option<i64>, Option<i64>)> 
 async fn an_expired_signature_is_signed_again_once_with_a_fresh_timestamp() {
     let rig = Rig::new().await;
     rig.emu.fail_next_errno(1, 41809, "invalid token");
-    let state = rig.driver_at(at(0, 0, 0)).read_state().await.unwrap();
+    let state = rig.driver_at(at(0, 0, 0)).read_state(&[]).await.unwrap();
     assert_eq!(state.native_scheduler, Some((false, vec![])));
     let flag = answers(&rig.emu, PATH_GET_FLAG);
     assert_eq!(flag.len(), 2, "{flag:?}");
@@ -1267,7 +1386,7 @@ async fn an_expired_signature_twice_is_a_retryable_failure() {
     let rig = Rig::new().await;
     let d = rig.driver_at(at(0, 0, 0));
     rig.emu.fail_next_errno(2, 41809, "invalid token");
-    let err = d.read_state().await.unwrap_err();
+    let err = d.read_state(&[]).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::Unavailable, "{err:?}");
     assert!(err.retryable());
     assert_eq!(err.code(), "OEM_UNAVAILABLE");
@@ -1283,7 +1402,7 @@ async fn an_expired_signature_twice_is_a_retryable_failure() {
         .collect();
     assert_eq!(flag, [Some(41809); 2]);
     assert_eq!(rig.emu.calls().len(), 2);
-    d.read_state().await.unwrap();
+    d.read_state(&[]).await.unwrap();
 }
 
 #[tokio::test]
@@ -1293,7 +1412,7 @@ async fn a_refused_token_is_oem_credentials_invalid_and_not_retried() {
     for errno in [41807, 41808] {
         let before = rig.emu.calls().len();
         rig.emu.fail_next_errno(1, errno, "invalid token");
-        let err = d.read_state().await.unwrap_err();
+        let err = d.read_state(&[]).await.unwrap_err();
         assert_eq!(err.kind, ErrorKind::Credentials, "{errno}: {err:?}");
         assert_eq!(err.code(), "OEM_CREDENTIALS_INVALID");
         assert!(!err.retryable() && err.retry_after.is_none(), "{err:?}");
@@ -1315,7 +1434,11 @@ async fn settings_refused_while_the_scheduler_is_active_are_scheduler_active() {
     let rig = Rig::new().await;
     rig.emu
         .fail_next_errno(1, 44096, "cannot update settings when schedule is active");
-    let err = rig.driver_at(at(0, 0, 0)).read_state().await.unwrap_err();
+    let err = rig
+        .driver_at(at(0, 0, 0))
+        .read_state(&[])
+        .await
+        .unwrap_err();
     assert_eq!(err.kind, ErrorKind::SchedulerActive, "{err:?}");
     assert_eq!(err.code(), "SCHEDULER_ACTIVE");
     assert!(!err.retryable());
@@ -1340,7 +1463,11 @@ async fn a_spent_daily_budget_backs_off_until_the_next_utc_midnight() {
     rig.emu.set_calls_per_day(0);
     let before = Timestamp::now();
     // The emulator's own answer, not an injected one.
-    let err = rig.driver_at(at(0, 0, 0)).read_state().await.unwrap_err();
+    let err = rig
+        .driver_at(at(0, 0, 0))
+        .read_state(&[])
+        .await
+        .unwrap_err();
     let after = Timestamp::now();
     assert_eq!(err.kind, ErrorKind::RateLimited, "{err:?}");
     assert!(err.retryable());
@@ -1367,9 +1494,9 @@ async fn a_query_a_second_per_path_and_frequency_too_high_waits_a_minute() {
     rig.emu.set_query_interval(Duration::from_secs(1));
     let d = rig.driver_at(at(0, 0, 0));
     // The flag and the groups are two paths: one call each passes.
-    d.read_state().await.unwrap();
+    d.read_state(&[]).await.unwrap();
     // The flag again at once: 40400 from the emulator.
-    let err = d.read_state().await.unwrap_err();
+    let err = d.read_state(&[]).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::RateLimited, "{err:?}");
     assert!(err.retryable());
     assert_eq!(err.retry_after, Some(Duration::from_secs(60)));
@@ -1378,7 +1505,7 @@ async fn a_query_a_second_per_path_and_frequency_too_high_waits_a_minute() {
         "{err:?}"
     );
     tokio::time::sleep(Duration::from_millis(1050)).await;
-    d.read_state().await.unwrap();
+    d.read_state(&[]).await.unwrap();
 
     // Updates: one per 2 s per path, whatever the device's own spacing.
     rig.emu.set_query_interval(Duration::ZERO);
@@ -1402,7 +1529,12 @@ async fn every_call_carries_the_switchyard_user_agent() {
     let r = req("u1", Command::Charge, at(0, 2, 0), Some(at(0, 5, 0)));
     let d = rig.driver_for(&r);
     assert!(d.apply(&r).await.unwrap().verified);
-    d.revert(&RevertRequest { applied: r }).await.unwrap();
+    d.revert(&RevertRequest {
+        applied: r,
+        memo: None,
+    })
+    .await
+    .unwrap();
     let calls = rig.emu.calls();
     assert!(calls.len() >= 6, "{calls:?}");
     for c in &calls {
@@ -1426,7 +1558,7 @@ async fn the_driver_paces_each_path_as_the_cloud_allows_so_nothing_is_refused_fo
     rig.settings.remove("min_update_interval_ms");
     let started = std::time::Instant::now();
     let d = rig.driver_at(at(0, 1, 0));
-    d.read_state().await.unwrap();
+    d.read_state(&[]).await.unwrap();
     let r = req("p1", Command::Charge, at(0, 1, 0), Some(at(0, 2, 0)));
     // An apply reads the flag and the groups again right after the read
     // above, writes, and reads back: each path waits its turn.

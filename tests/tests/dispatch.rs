@@ -399,6 +399,7 @@ async fn one_outcome_that_cannot_be_recorded_does_not_lose_the_others() {
     let applied = || switchyard::store::Finish::Applied {
         raw: "ok".into(),
         verified: true,
+        memo: None,
     };
     srv.app
         .store

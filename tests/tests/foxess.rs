@@ -77,7 +77,7 @@ impl Rig {
             .groups(SN)
             .iter()
             .filter(|g| !g.is_placeholder())
-            .map(|g| (g.start_hhmm(), g.end_hhmm(), g.work_mode.clone()))
+            .map(|g| (g.start_hhmm(), g.end_excl_hhmm(), g.work_mode.clone()))
             .collect();
         w.sort();
         w
@@ -88,18 +88,19 @@ fn w(s: &str, e: &str, m: WorkMode) -> (String, String, String) {
     (s.to_owned(), e.to_owned(), m.as_str().to_owned())
 }
 
+/// A group for the window `sh:sm`-`eh:em`, the end exclusive as users
+/// write windows (the wire's end is the minute before).
 fn g(sh: i64, sm: i64, eh: i64, em: i64, mode: WorkMode) -> Group {
-    Group {
-        enable: 1,
-        start_hour: sh,
-        start_minute: sm,
-        end_hour: eh,
-        end_minute: em,
-        work_mode: mode.as_str().to_owned(),
-        min_soc_on_grid: 10,
-        fd_soc: 20,
-        fd_pwr: 3000,
-    }
+    let last = eh * 60 + em - 1;
+    Group::new(
+        true,
+        (sh, sm),
+        (last / 60, last % 60),
+        mode.as_str(),
+        10,
+        20,
+        3000,
+    )
 }
 
 #[tokio::test]

@@ -132,6 +132,7 @@ fn request(
         start,
         end: Some(end),
         clear_native_scheduler: clear,
+        live: Vec::new(),
     }
 }
 
@@ -175,8 +176,10 @@ pub(super) async fn apply_then_revert_twice(h: &dyn Harness, seen: &mut Seen) {
             .unwrap_or_else(|e| panic!("apply {:?}: {e}", c.command));
         assert!(!out.raw.is_empty(), "the OEM's answer is kept");
         seen.outcome(&out);
+        // The service hands the apply's memo back to the revert.
         let rev = RevertRequest {
             applied: req.clone(),
+            memo: out.memo.clone(),
         };
         let out = d
             .revert(&rev)
@@ -196,7 +199,7 @@ pub(super) async fn apply_then_revert_twice(h: &dyn Harness, seen: &mut Seen) {
 /// was reverted).
 pub(super) async fn no_rows_of_ours(h: &dyn Harness, seen: &mut Seen) {
     let d = h.driver();
-    let state = d.read_state().await.unwrap();
+    let state = d.read_state(&[]).await.unwrap();
     seen.state(&state);
     if d.capabilities().native_scheduler {
         let (_, rows) = state
@@ -214,7 +217,7 @@ pub(super) async fn no_rows_of_ours(h: &dyn Harness, seen: &mut Seen) {
 /// active. Needs a native scheduler.
 pub(super) async fn scheduler_shows_active(h: &dyn Harness, seen: &mut Seen) {
     h.set_foreign_schedule(true).await;
-    let state = h.driver().read_state().await.unwrap();
+    let state = h.driver().read_state(&[]).await.unwrap();
     seen.state(&state);
     assert!(state.scheduler_active(), "{state:?}");
     h.set_foreign_schedule(false).await;
@@ -249,8 +252,14 @@ pub(super) async fn clearing_lets_apply_through(
     h.set_foreign_schedule(true).await;
     let d = h.driver();
     let req = request(h, "conf-native", cmd, true);
-    seen.outcome(&d.apply(&req).await.unwrap());
-    seen.outcome(&d.revert(&RevertRequest { applied: req }).await.unwrap());
+    let out = d.apply(&req).await.unwrap();
+    seen.outcome(&out);
+    let memo = out.memo;
+    seen.outcome(
+        &d.revert(&RevertRequest { applied: req, memo })
+            .await
+            .unwrap(),
+    );
     h.set_foreign_schedule(false).await;
 }
 
@@ -288,7 +297,7 @@ pub(super) async fn refusal_is_final(
     seen.error(&e);
     assert!(!e.retryable(), "{e:?}");
     assert_eq!(e.code(), "OEM_REJECTED", "{e:?}");
-    seen.result(&d.read_state().await, Seen::state);
+    seen.result(&d.read_state(&[]).await, Seen::state);
     h.set_refusal(false).await;
 }
 
@@ -296,8 +305,14 @@ pub(super) async fn refusal_is_final(
 pub(super) async fn works(h: &dyn Harness, cmd: (Command, Option<f64>), seen: &mut Seen) {
     let d = h.driver();
     let req = request(h, "conf-after", cmd, false);
-    seen.outcome(&d.apply(&req).await.unwrap());
-    seen.outcome(&d.revert(&RevertRequest { applied: req }).await.unwrap());
+    let out = d.apply(&req).await.unwrap();
+    seen.outcome(&out);
+    let memo = out.memo;
+    seen.outcome(
+        &d.revert(&RevertRequest { applied: req, memo })
+            .await
+            .unwrap(),
+    );
 }
 
 /// A command the device cannot carry out (`cmd` at 1 TW), whichever way
@@ -308,5 +323,5 @@ pub(super) async fn impossible(h: &dyn Harness, cmd: Command, seen: &mut Seen) {
         .apply(&request(h, "conf-bad", (cmd, Some(1e12)), false))
         .await;
     seen.result(&bad, Seen::outcome);
-    seen.result(&d.read_state().await, Seen::state);
+    seen.result(&d.read_state(&[]).await, Seen::state);
 }

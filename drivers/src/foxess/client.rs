@@ -238,7 +238,9 @@ impl Api {
             .header("timestamp", ts.to_string())
             .header("signature", signature(path, token, ts))
             .header("lang", "en")
-            .body(Full::new(body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()))))
+            .body(Full::new(
+                body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string())),
+            ))
             .map_err(|e| {
                 DriverError::new(ErrorKind::Rejected, "cannot build the FoxESS request")
                     .with_raw(format!("{method} {path}: {e}"))
@@ -253,11 +255,9 @@ impl Api {
                 .collect()
                 .await
                 .map_err(|e| {
-                    DriverError::new(ErrorKind::Unavailable, "FoxESS answer cut short")
-                        .with_raw(format!(
-                            "{method} {path}: HTTP {}; body: {e}",
-                            status.as_u16()
-                        ))
+                    DriverError::new(ErrorKind::Unavailable, "FoxESS answer cut short").with_raw(
+                        format!("{method} {path}: HTTP {}; body: {e}", status.as_u16()),
+                    )
                 })?
                 .to_bytes();
             Ok::<_, DriverError>((status, bytes))

@@ -53,8 +53,7 @@ use self::{
 };
 use crate::{
     driver::{
-        Applied, ApplyRequest, DeviceState, Driver, DriverError, ErrorKind, Outcome,
-        RevertRequest,
+        Applied, ApplyRequest, DeviceState, Driver, DriverError, ErrorKind, Outcome, RevertRequest,
     },
     factory::{ConfigError, DeviceSpec, DriverFactory},
     model::{
@@ -295,6 +294,20 @@ impl DriverFactory for FoxessFactory {
         errors
     }
 
+    /// The endpoint and serial: another key reference (a rotated key) still
+    /// reaches the same inverter; another `base_url` or serial does not.
+    fn target(&self, device: &DeviceSpec<'_>) -> String {
+        let base = match FoxessSettings::parse(device.settings, &self.policy) {
+            Ok(s) => s.base_url,
+            Err(_) => device
+                .settings
+                .get("base_url")
+                .cloned()
+                .unwrap_or_else(|| settings::FOXESS_CLOUD.to_owned()),
+        };
+        format!("{base}/{}", device.oem_device_id.trim())
+    }
+
     fn build(&self, device: &DeviceSpec<'_>) -> Result<Arc<dyn Driver>, ConfigError> {
         let capabilities = self.capabilities(device)?;
         let settings = self.settings(device).map_err(ConfigError::first)?;
@@ -362,7 +375,11 @@ impl Foxess {
 
     /// This action's groups, from the request and the device's `fdPwr`
     /// maximum (when the cloud reports it).
-    fn compile(&self, req: &ApplyRequest, max_power_w: Option<i64>) -> Result<Vec<Group>, DriverError> {
+    fn compile(
+        &self,
+        req: &ApplyRequest,
+        max_power_w: Option<i64>,
+    ) -> Result<Vec<Group>, DriverError> {
         let t = plan::template(req.command, &req.params, &self.settings, max_power_w)?;
         let bits = coverage(req.start, req.end, &self.tz)?;
         let groups = groups_for(&bits, &t);
@@ -386,7 +403,10 @@ impl Foxess {
     /// Every group switchyard wrote that may be in force: the live
     /// actions' memos, and what this process wrote (except for `except`).
     fn switchyards(mem: &DeviceMemory, memos: &[Memo], except: Option<&str>) -> Vec<Group> {
-        let mut all: Vec<Group> = memos.iter().flat_map(|m| m.groups.iter().cloned()).collect();
+        let mut all: Vec<Group> = memos
+            .iter()
+            .flat_map(|m| m.groups.iter().cloned())
+            .collect();
         all.extend(
             mem.ours
                 .iter()
@@ -425,7 +445,9 @@ impl Foxess {
     fn limits(&self, read: &GroupsRead) -> (usize, i64) {
         let slots = read
             .max_group_count
-            .map_or(self.settings.max_slots as usize, |n| n.clamp(1, 96) as usize);
+            .map_or(self.settings.max_slots as usize, |n| {
+                n.clamp(1, 96) as usize
+            });
         let power = read
             .max_power_w
             .map_or(i64::from(self.settings.max_power_w), |p| {
@@ -445,11 +467,14 @@ impl Foxess {
             .filter(|(at, _)| at.elapsed() < PLANT_TZ_TTL);
         let reported = match fresh {
             Some((_, tz)) => tz.clone(),
-            None => {
-                let tz = self.read_plant_timezone().await;
-                mem.plant_tz = Some((Instant::now(), tz.clone()));
-                tz
-            }
+            None => match self.read_plant_timezone().await {
+                Ok(tz) => {
+                    mem.plant_tz = Some((Instant::now(), tz.clone()));
+                    tz
+                }
+                // Asked again at the next apply.
+                Err(()) => None,
+            },
         };
         let Some(name) = reported else { return Ok(()) };
         let same = TimeZone::get(&name)
@@ -471,29 +496,32 @@ impl Foxess {
         ))
     }
 
-    async fn read_plant_timezone(&self) -> Option<String> {
-        let (detail, _) = self
-            .api
-            .get(PATH_DEVICE_DETAIL, &[("sn", &self.sn)])
-            .await
-            .ok()?;
+    /// The plant's time zone as the cloud reports it; `Ok(None)` when it
+    /// does not, `Err` when it could not be asked now (an outage, the rate
+    /// limit).
+    async fn read_plant_timezone(&self) -> Result<Option<String>, ()> {
+        let transient = |e: DriverError| if e.retryable() { Err(()) } else { Ok(None) };
+        let detail = match self.api.get(PATH_DEVICE_DETAIL, &[("sn", &self.sn)]).await {
+            Ok((detail, _)) => detail,
+            Err(e) => return transient(e),
+        };
         let plant = ["stationID", "plantID", "stationId", "plantId"]
             .iter()
             .find_map(|k| match detail.get(*k) {
                 Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
                 Some(Value::Number(n)) => Some(n.to_string()),
                 _ => None,
-            })?;
-        let (plant, _) = self
-            .api
-            .get(PATH_PLANT_DETAIL, &[("id", &plant)])
-            .await
-            .ok()?;
-        plant
+            });
+        let Some(plant) = plant else { return Ok(None) };
+        let plant = match self.api.get(PATH_PLANT_DETAIL, &[("id", &plant)]).await {
+            Ok((plant, _)) => plant,
+            Err(e) => return transient(e),
+        };
+        Ok(plant
             .get("ianaTimezone")
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
-            .map(str::to_owned)
+            .map(str::to_owned))
     }
 
     /// Writes with the device's write spacing kept.
@@ -599,9 +627,16 @@ impl Foxess {
                 return Ok((plan, Ok(GroupsRead::default())));
             }
         };
-        let changed_by_another = !same_groups(&back.groups, &plan.list)
-            && !same_groups(&back.groups, &current.groups);
-        Ok((plan, if changed_by_another { Err(back) } else { Ok(back) }))
+        let changed_by_another =
+            !same_groups(&back.groups, &plan.list) && !same_groups(&back.groups, &current.groups);
+        Ok((
+            plan,
+            if changed_by_another {
+                Err(back)
+            } else {
+                Ok(back)
+            },
+        ))
     }
 
     /// AUTO_BALANCED without an end: switchyard gives the inverter back to
@@ -611,7 +646,10 @@ impl Foxess {
     async fn release(&self, req: &ApplyRequest) -> Result<Outcome, DriverError> {
         let mut mem = self.memory.lock().await;
         let memos = self.memos(&req.live);
-        let live: Vec<Group> = memos.iter().flat_map(|m| m.groups.iter().cloned()).collect();
+        let live: Vec<Group> = memos
+            .iter()
+            .flat_map(|m| m.groups.iter().cloned())
+            .collect();
         let stale: Vec<Group> = Self::switchyards(&mem, &[], Some(&req.action_id))
             .into_iter()
             .filter(|g| !live.iter().any(|l| same_content(l, g)))
@@ -621,11 +659,15 @@ impl Foxess {
         if let Some(list) = plan_revert(&current.groups, &stale, &live) {
             log.push(self.write_groups(&mut mem, &list).await?);
         }
-        mem.ours.retain(|_, g| g.iter().any(|g| live.iter().any(|l| same_content(l, g))));
+        mem.ours
+            .retain(|_, g| g.iter().any(|g| live.iter().any(|l| same_content(l, g))));
         drop(mem);
         let (verified, state) = match (self.get_groups().await, self.get_flag().await) {
             (Ok((back, _)), Ok((flag, _, _))) => {
-                let clean = !back.groups.iter().any(|b| stale.iter().any(|s| same_content(s, b)));
+                let clean = !back
+                    .groups
+                    .iter()
+                    .any(|b| stale.iter().any(|s| same_content(s, b)));
                 (clean, Some(Self::state(flag, &back.groups, &live)))
             }
             _ => (false, None),
@@ -657,7 +699,7 @@ fn malformed(raw: &str, why: &str) -> DriverError {
 fn describe(groups: &[Group]) -> String {
     let parts: Vec<String> = groups
         .iter()
-        .map(|g| format!("{} {}-{}", g.work_mode, g.start_hhmm(), g.end_hhmm()))
+        .map(|g| format!("{} {}-{}", g.work_mode, g.start_hhmm(), g.end_excl_hhmm()))
         .collect();
     parts.join(", ")
 }
@@ -727,14 +769,28 @@ impl Driver for Foxess {
         mem.ours.insert(req.action_id.clone(), ours.clone());
         let mut log = Vec::new();
         let (mut plan, mut back) = self
-            .merge_and_write(&mut mem, &current, &ours, &switchyards, req.clear_native_scheduler, &mut log)
+            .merge_and_write(
+                &mut mem,
+                &current,
+                &ours,
+                &switchyards,
+                req.clear_native_scheduler,
+                &mut log,
+            )
             .await?;
         if let Err(changed) = back {
             // Another writer changed the list between our read and our
             // write (or right after): merge once more with what it wrote.
             log.push("another writer changed the groups meanwhile; merged again".to_owned());
             let again = self
-                .merge_and_write(&mut mem, &changed, &ours, &switchyards, req.clear_native_scheduler, &mut log)
+                .merge_and_write(
+                    &mut mem,
+                    &changed,
+                    &ours,
+                    &switchyards,
+                    req.clear_native_scheduler,
+                    &mut log,
+                )
                 .await?;
             (plan, back) = again;
             if back.is_err() {
@@ -804,7 +860,11 @@ impl Driver for Foxess {
             req.command,
             plan.kept.len(),
             if plan.write { "" } else { "; already in place" },
-            if seen { "all groups present" } else { "groups MISSING" },
+            if seen {
+                "all groups present"
+            } else {
+                "groups MISSING"
+            },
             match flag {
                 Some(true) => "on",
                 Some(false) => "OFF",
@@ -833,7 +893,10 @@ impl Driver for Foxess {
         };
         let mut mem = self.memory.lock().await;
         let memos = self.memos(&applied.live);
-        let keep: Vec<Group> = memos.iter().flat_map(|m| m.groups.iter().cloned()).collect();
+        let keep: Vec<Group> = memos
+            .iter()
+            .flat_map(|m| m.groups.iter().cloned())
+            .collect();
         let (current, raw) = self.get_groups().await?;
         let mut log = Vec::new();
         let removed = match plan_revert(&current.groups, &mine, &keep) {
@@ -842,7 +905,9 @@ impl Driver for Foxess {
                 true
             }
             None => {
-                log.push(format!("none of the action's groups to remove is on the device; {raw}"));
+                log.push(format!(
+                    "none of the action's groups to remove is on the device; {raw}"
+                ));
                 false
             }
         };
@@ -871,7 +936,11 @@ impl Driver for Foxess {
                     .groups
                     .iter()
                     .any(|b| gone.iter().any(|o| same_content(o, b)));
-                let what = if clean { "groups gone" } else { "groups STILL THERE" };
+                let what = if clean {
+                    "groups gone"
+                } else {
+                    "groups STILL THERE"
+                };
                 (clean, format!("read back: {what}; {raw}"))
             }
             Err(e) => (
@@ -887,7 +956,11 @@ impl Driver for Foxess {
             verified,
             raw: format!(
                 "{} {} group(s){}{}{flag_note}; {}; {back}",
-                if removed { "removed" } else { "nothing to remove of" },
+                if removed {
+                    "removed"
+                } else {
+                    "nothing to remove of"
+                },
                 gone.len(),
                 if mine.len() > gone.len() {
                     format!(

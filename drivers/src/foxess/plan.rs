@@ -337,7 +337,7 @@ pub struct ApplyPlan {
 fn named(groups: &[&Group]) -> String {
     let parts: Vec<String> = groups
         .iter()
-        .map(|g| format!("{} {}-{}", g.work_mode, g.start_hhmm(), g.end_hhmm()))
+        .map(|g| format!("{} {}-{}", g.work_mode, g.start_hhmm(), g.end_excl_hhmm()))
         .collect();
     parts.join(", ")
 }
@@ -364,9 +364,7 @@ pub fn plan_apply(current: &[Group], cx: &Context<'_>) -> Result<ApplyPlan, Driv
     let mut conflicts: Vec<&Group> = Vec::new();
     for g in real {
         let meets_ours = cx.ours.iter().any(|o| o.overlaps(g));
-        if cx.ours.iter().any(|o| same_content(o, g))
-            && !mine.iter().any(|m| same_content(m, g))
-        {
+        if cx.ours.iter().any(|o| same_content(o, g)) && !mine.iter().any(|m| same_content(m, g)) {
             mine.push(g);
         } else if cx.switchyards.iter().any(|o| same_content(o, g))
             || cx.ours.iter().any(|o| same_content(o, g))
@@ -401,7 +399,11 @@ pub fn plan_apply(current: &[Group], cx: &Context<'_>) -> Result<ApplyPlan, Driv
             .with_raw(describe(&conflicts))
             .with_rows(rows));
         }
-        let protected: Vec<&Group> = conflicts.iter().copied().filter(|g| is_protected(g)).collect();
+        let protected: Vec<&Group> = conflicts
+            .iter()
+            .copied()
+            .filter(|g| is_protected(g))
+            .collect();
         if !protected.is_empty() {
             return Err(DriverError::new(
                 ErrorKind::ProtectedRow,
@@ -435,14 +437,29 @@ pub fn plan_apply(current: &[Group], cx: &Context<'_>) -> Result<ApplyPlan, Driv
             .find(|(j, o)| *j != i && o.overlaps(g))
             .map(|(_, o)| *o)
         {
-            unwritable.push((g, format!("it overlaps {} {}-{}", other.work_mode, other.start_hhmm(), other.end_hhmm())));
+            unwritable.push((
+                g,
+                format!(
+                    "it overlaps {} {}-{}",
+                    other.work_mode,
+                    other.start_hhmm(),
+                    other.end_excl_hhmm()
+                ),
+            ));
         }
     }
     let mut removed: Vec<&Group> = conflicts.clone();
     if !unwritable.is_empty() {
         let why: Vec<String> = unwritable
             .iter()
-            .map(|(g, p)| format!("{} {}-{} ({p})", g.work_mode, g.start_hhmm(), g.end_hhmm()))
+            .map(|(g, p)| {
+                format!(
+                    "{} {}-{} ({p})",
+                    g.work_mode,
+                    g.start_hhmm(),
+                    g.end_excl_hhmm()
+                )
+            })
             .collect();
         let blocked: Vec<&Group> = unwritable
             .iter()
@@ -494,8 +511,8 @@ pub fn plan_apply(current: &[Group], cx: &Context<'_>) -> Result<ApplyPlan, Driv
         if let Some(b) = list[i + 1..].iter().find(|b| a.overlaps(b)) {
             return Err(rejected(format!(
                 "groups would overlap ({} and {}); FoxESS would refuse the list (errno 42023)",
-                a.start_hhmm() + "-" + &a.end_hhmm(),
-                b.start_hhmm() + "-" + &b.end_hhmm()
+                a.start_hhmm() + "-" + &a.end_excl_hhmm(),
+                b.start_hhmm() + "-" + &b.end_excl_hhmm()
             ))
             .with_raw(describe(&[a, b])));
         }
@@ -509,10 +526,10 @@ pub fn plan_apply(current: &[Group], cx: &Context<'_>) -> Result<ApplyPlan, Driv
             cx.ours.len()
         )));
     }
-    let all_in_place = cx
-        .ours
-        .iter()
-        .all(|o| mine.iter().any(|m| m.enable == 1 && same_content(m, o) && m.extra == o.extra));
+    let all_in_place = cx.ours.iter().all(|o| {
+        mine.iter()
+            .any(|m| m.enable == 1 && same_content(m, o) && m.extra == o.extra)
+    });
     Ok(ApplyPlan {
         write: !(all_in_place && removed.is_empty() && superseded.is_empty()),
         kept: kept.iter().map(|g| (*g).clone()).collect(),
@@ -578,12 +595,18 @@ mod tests {
         let e: Timestamp = "2030-01-02T00:00:00Z".parse().unwrap();
         let gs = groups_for(&coverage(s, Some(e), &tz).unwrap(), &t(WorkMode::SelfUse));
         assert_eq!(gs.len(), 1);
-        assert_eq!((gs[0].start_hhmm(), gs[0].end_hhmm()), ("22:00".into(), "23:59".into()));
+        assert_eq!(
+            (gs[0].start_hhmm(), gs[0].end_hhmm()),
+            ("22:00".into(), "23:59".into())
+        );
         assert_eq!(gs[0].end_min(), 1440);
         // A one-minute window is one inclusive minute.
         let e: Timestamp = "2030-01-01T22:01:00Z".parse().unwrap();
         let gs = groups_for(&coverage(s, Some(e), &tz).unwrap(), &t(WorkMode::SelfUse));
-        assert_eq!((gs[0].start_hhmm(), gs[0].end_hhmm()), ("22:00".into(), "22:00".into()));
+        assert_eq!(
+            (gs[0].start_hhmm(), gs[0].end_hhmm()),
+            ("22:00".into(), "22:00".into())
+        );
     }
 
     #[test]
@@ -611,15 +634,29 @@ mod tests {
     #[test]
     fn daily_windows_across_both_berlin_dst_sundays_land_on_wall_clock_minutes() {
         let berlin = TimeZone::get("Europe/Berlin").unwrap();
-        let local = |s: &str| berlin.to_timestamp(s.parse::<jiff::civil::DateTime>().unwrap()).unwrap();
+        let local = |s: &str| {
+            berlin
+                .to_timestamp(s.parse::<jiff::civil::DateTime>().unwrap())
+                .unwrap()
+        };
         let hhmm = |gs: &[Group]| -> Vec<(String, String)> {
             gs.iter().map(|g| (g.start_hhmm(), g.end_hhmm())).collect()
         };
         let groups = |a: &str, b: &str| {
-            groups_for(&coverage(local(a), Some(local(b)), &berlin).unwrap(), &t(WorkMode::ForceCharge))
+            groups_for(
+                &coverage(local(a), Some(local(b)), &berlin).unwrap(),
+                &t(WorkMode::ForceCharge),
+            )
         };
         // 2027-03-28 and 2027-10-31 are the last Sundays of March and October.
-        for day in ["2027-03-27", "2027-03-28", "2027-03-29", "2027-10-30", "2027-10-31", "2027-11-01"] {
+        for day in [
+            "2027-03-27",
+            "2027-03-28",
+            "2027-03-29",
+            "2027-10-30",
+            "2027-10-31",
+            "2027-11-01",
+        ] {
             let gs = groups(&format!("{day}T17:00"), &format!("{day}T19:00"));
             assert_eq!(hhmm(&gs), vec![("17:00".into(), "18:59".into())], "{day}");
         }
@@ -627,7 +664,10 @@ mod tests {
         let gs = groups("2027-03-28T01:00", "2027-03-28T04:00");
         assert_eq!(
             hhmm(&gs),
-            vec![("01:00".into(), "01:59".into()), ("03:00".into(), "03:59".into())]
+            vec![
+                ("01:00".into(), "01:59".into()),
+                ("03:00".into(), "03:59".into())
+            ]
         );
         // The night they go back: 01:00-04:00 local lasts four hours and
         // covers 02:xx twice, written once.
@@ -698,7 +738,11 @@ mod tests {
         let ours = vec![g(2, 4, WorkMode::ForceCharge)];
         let err = plan_apply(&[app_only.clone()], &cx(&ours, &[], false)).unwrap_err();
         assert_eq!(err.kind, ErrorKind::ForeignUnwritable);
-        assert!(err.message.contains("SelfUse 05:00-05:59") && err.message.contains("fdSoc 10"), "{}", err.message);
+        assert!(
+            err.message.contains("SelfUse 05:00-06:00") && err.message.contains("fdSoc 10"),
+            "{}",
+            err.message
+        );
         let plan = plan_apply(&[app_only.clone()], &cx(&ours, &[], true)).unwrap();
         assert_eq!(plan.removed, vec![app_only]);
         assert_eq!(plan.list, ours);
@@ -737,7 +781,10 @@ mod tests {
         let current = vec![shared.clone(), mine[1].clone(), g(5, 6, WorkMode::SelfUse)];
         let left = plan_revert(&current, &mine, &[shared.clone()]).unwrap();
         assert_eq!(left, vec![shared.clone(), g(5, 6, WorkMode::SelfUse)]);
-        assert_eq!(plan_revert(&[shared.clone()], &[shared.clone()], &[shared]), None);
+        assert_eq!(
+            plan_revert(&[shared.clone()], &[shared.clone()], &[shared]),
+            None
+        );
     }
 
     #[test]
@@ -747,7 +794,10 @@ mod tests {
         a_off.enable = 0;
         let b = g(3, 4, WorkMode::SelfUse);
         let pad = Group::new(false, (0, 0), (0, 0), "Invalid", 10, 10, 0);
-        assert!(same_groups(&[a.clone(), b.clone()], &[b.clone(), pad, a_off]));
+        assert!(same_groups(
+            &[a.clone(), b.clone()],
+            &[b.clone(), pad, a_off]
+        ));
         assert!(!same_groups(&[a.clone(), b.clone()], &[a.clone()]));
         assert!(!same_groups(&[a.clone()], &[a.clone(), a]));
     }

@@ -307,7 +307,10 @@ impl Group {
         let mode = self.work_mode.trim();
         mode.is_empty()
             || mode == WorkMode::Invalid.as_str()
-            || (self.enable != 1 && self.start_min() == 0 && self.end_hour == 0 && self.end_minute == 0)
+            || (self.enable != 1
+                && self.start_min() == 0
+                && self.end_hour == 0
+                && self.end_minute == 0)
     }
 
     /// Whether the group is enabled and a real slot.
@@ -519,7 +522,10 @@ mod tests {
         assert_eq!(o.len(), GROUP_FIELDS.len() + 2);
         assert!(!read.groups[0].incomplete);
         // Inclusive end: 01:00-01:59 covers minutes 60..120.
-        assert_eq!((read.groups[0].start_min(), read.groups[0].end_min()), (60, 120));
+        assert_eq!(
+            (read.groups[0].start_min(), read.groups[0].end_min()),
+            (60, 120)
+        );
         assert_eq!(read.groups[0].end_excl_hhmm(), "02:00");
     }
 
@@ -539,7 +545,10 @@ mod tests {
         assert!(g[0].is_placeholder() && g[0].min_soc_on_grid.is_none());
         assert!(g[1].is_placeholder() && g[1].incomplete);
         assert!(!g[2].is_placeholder() && g[2].start_hour == 3 && !g[2].incomplete);
-        assert!(g[2].write_problem(6000).is_some(), "an unknown mode cannot be written");
+        assert!(
+            g[2].write_problem(6000).is_some(),
+            "an unknown mode cannot be written"
+        );
         assert_eq!(parse_groups(&Value::Null).unwrap().groups.len(), 0);
     }
 

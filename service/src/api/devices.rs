@@ -209,8 +209,17 @@ impl Devices {
                             &req.id,
                             req.etag.as_deref(),
                             |d| {
+                                let target = |d: &Device| {
+                                    app.registry.get(&d.driver).map(|f| f.target(&d.spec()))
+                                };
+                                let before = target(d);
                                 req.apply_to(d);
-                                check(d)
+                                check(d)?;
+                                Ok(if before == target(d) {
+                                    crate::store::Retarget::No
+                                } else {
+                                    crate::store::Retarget::Yes
+                                })
                             },
                             observed,
                             commit,

@@ -68,7 +68,15 @@ impl App {
             .get(&device.driver)?
             .build(&device.spec())
             .ok()?;
-        let read = crate::dispatch::read_state(&self.budgets, self.clock.as_ref(), driver.as_ref());
+        // A device being created has none; one being reconfigured keeps
+        // its actions' memos.
+        let live = self
+            .store
+            .memos(&self.tenant(), &device.id)
+            .await
+            .unwrap_or_default();
+        let read =
+            crate::dispatch::read_state(&self.budgets, self.clock.as_ref(), driver.as_ref(), &live);
         tokio::time::timeout(OBSERVE_ON_CHANGE_TIMEOUT, read)
             .await
             .ok()

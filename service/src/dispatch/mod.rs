@@ -27,7 +27,9 @@ mod budget;
 use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration};
 
 use futures::FutureExt as _;
-use switchyard_drivers::{ApplyRequest, DeviceState, Driver, Outcome, Registry, RevertRequest};
+use switchyard_drivers::{
+    Applied, ApplyRequest, DeviceState, Driver, MAX_MEMO_BYTES, Outcome, Registry, RevertRequest,
+};
 use tokio::sync::Notify;
 
 use crate::{
@@ -90,7 +92,7 @@ pub struct Dispatcher {
     rounds: Arc<std::sync::atomic::AtomicU64>,
 }
 
-fn apply_request(a: &Action, clear_native: bool) -> ApplyRequest {
+fn apply_request(a: &Action, clear_native: bool, live: Vec<Applied>) -> ApplyRequest {
     ApplyRequest {
         action_id: a.id.to_string(),
         command: a.command,
@@ -98,7 +100,24 @@ fn apply_request(a: &Action, clear_native: bool) -> ApplyRequest {
         start: a.start.to_jiff(),
         end: a.end.map(Ts::to_jiff),
         clear_native_scheduler: clear_native,
+        live,
     }
+}
+
+/// The memos of `device`'s actions whose writes may be in force, split
+/// into `action`'s own and the others'.
+async fn memos_of(
+    store: &Store,
+    tenant: &TenantId,
+    device: &crate::domain::DeviceId,
+    action: &str,
+) -> Result<(Option<String>, Vec<Applied>), Error> {
+    let (own, others): (Vec<Applied>, Vec<Applied>) = store
+        .memos(tenant, device)
+        .await?
+        .into_iter()
+        .partition(|a| a.action_id == action);
+    Ok((own.into_iter().next().map(|a| a.memo), others))
 }
 
 /// What a job came to, and what to observe once it is recorded.
@@ -169,6 +188,7 @@ pub async fn read_state(
     budgets: &Budgets,
     clock: &dyn Clock,
     driver: &dyn Driver,
+    live: &[Applied],
 ) -> Option<Observed> {
     let now = clock.now();
     if budgets
@@ -177,7 +197,10 @@ pub async fn read_state(
     {
         return None;
     }
-    match AssertUnwindSafe(driver.read_state()).catch_unwind().await {
+    match AssertUnwindSafe(driver.read_state(live))
+        .catch_unwind()
+        .await
+    {
         Ok(Ok(s)) => Some(observed(s, clock.now())),
         Ok(Err(e)) => {
             tracing::debug!(account = %driver.account(), error = %e, "could not read device state");
@@ -200,7 +223,14 @@ pub async fn observe_now(
     device: &Device,
     driver: &dyn Driver,
 ) -> Option<Observed> {
-    let o = read_state(budgets, clock, driver).await?;
+    let live = match store.memos(tenant, &device.id).await {
+        Ok(live) => live,
+        Err(e) => {
+            tracing::warn!(device_id = %device.id, error = %e, "could not read the device's memos");
+            return None;
+        }
+    };
+    let o = read_state(budgets, clock, driver, &live).await?;
     match store.observe(tenant, device, &o).await {
         Ok(true) => Some(o),
         Ok(false) => None,
@@ -363,7 +393,15 @@ impl Dispatcher {
             verified,
             raw,
             state,
+            memo,
         } = out;
+        let memo = memo.filter(|m| {
+            let fits = m.len() <= MAX_MEMO_BYTES;
+            if !fits {
+                tracing::warn!(action_id = %job.action.id, bytes = m.len(), "the driver's memo is too large to keep");
+            }
+            fits
+        });
         let observe = match state {
             Some(s) => Observe::Known(
                 job.tenant.clone(),
@@ -373,7 +411,11 @@ impl Dispatcher {
             None => Observe::Read(job.tenant.clone(), device.clone(), driver.clone()),
         };
         let finish = match work {
-            Work::Apply => Finish::Applied { raw, verified },
+            Work::Apply => Finish::Applied {
+                raw,
+                verified,
+                memo,
+            },
             Work::Revert => Finish::Reverted { raw, verified },
         };
         Done {
@@ -515,7 +557,14 @@ impl Dispatcher {
             Ok(ready) => ready,
             Err(instead) => return Ok(Done::just(instead)),
         };
-        let req = apply_request(action, job.clear_native);
+        let (_, live) = memos_of(
+            &self.store,
+            &job.tenant,
+            &action.device_id,
+            &action.id.to_string(),
+        )
+        .await?;
+        let req = apply_request(action, job.clear_native, live);
         Ok(match driver.apply(&req).await {
             Ok(out) => self.written(job, &device, &driver, out, Work::Apply),
             Err(e) if e.retryable() && job.attempts + 1 < self.config.max_apply_attempts => {
@@ -570,8 +619,16 @@ impl Dispatcher {
             Ok(ready) => ready,
             Err(instead) => return Ok(Done::just(instead)),
         };
+        let (memo, live) = memos_of(
+            &self.store,
+            &job.tenant,
+            &action.device_id,
+            &action.id.to_string(),
+        )
+        .await?;
         let req = RevertRequest {
-            applied: apply_request(action, job.clear_native),
+            applied: apply_request(action, job.clear_native, live),
+            memo,
         };
         Ok(match driver.revert(&req).await {
             Ok(out) => self.written(job, &device, &driver, out, Work::Revert),

@@ -53,6 +53,8 @@ pub enum Finish {
         raw: String,
         /// Read back and found in force.
         verified: bool,
+        /// What the driver recorded to undo it (kept until the revert).
+        memo: Option<String>,
     },
     /// The command was undone: ACTIVE → COMPLETED (a cancelled one stays
     /// CANCELLED).
@@ -259,6 +261,13 @@ async fn finish_one(
                 })?;
         let from = a.state;
         let settled = matches!(result, Finish::Applied { .. } | Finish::Reverted { .. });
+        // The driver's memo: set by an apply, cleared by a revert, kept
+        // otherwise.
+        let memo: Option<Option<String>> = match &result {
+            Finish::Applied { memo, .. } => memo.clone().map(Some),
+            Finish::Reverted { .. } => Some(None),
+            _ => None,
+        };
         let (to, work, due, attempts, reason, raw): (
             ActionState,
             Option<Work>,
@@ -267,7 +276,7 @@ async fn finish_one(
             String,
             Option<String>,
         ) = match result {
-            Finish::Applied { raw, verified } => {
+            Finish::Applied { raw, verified, .. } => {
                 a.verified = verified;
                 // A windowed action is reverted at its end; one without an
                 // end is done once applied.
@@ -349,7 +358,8 @@ async fn finish_one(
         let done = sqlx::query(
             "UPDATE actions SET state = ?, error_code = ?, error_message = ?, revision = ?, update_ns = ?,
                verified = ?, work = ?, due_ns = ?, attempts = ?, lease_until_ns = NULL, lease_owner = NULL,
-               oem_raw = COALESCE(?, oem_raw)
+               oem_raw = COALESCE(?, oem_raw),
+               driver_memo = CASE WHEN ? THEN ? ELSE driver_memo END
              WHERE tenant_id = ? AND action_id = ? AND lease_owner = ?",
         )
         .bind(a.state.as_str())
@@ -362,6 +372,8 @@ async fn finish_one(
         .bind(due.map(|d| d.0))
         .bind(attempts)
         .bind(raw)
+        .bind(memo.is_some())
+        .bind(memo.flatten())
         .bind(job.tenant.as_str())
         .bind(a.id.to_string())
         .bind(&job.claim)
@@ -395,6 +407,30 @@ async fn finish_one(
 }
 
 impl Store {
+    /// The drivers' memos of `device`'s actions whose writes may be in
+    /// force (applied and not yet reverted): (action id, memo), oldest
+    /// first.
+    pub async fn memos(
+        &self,
+        tenant: &TenantId,
+        device: &DeviceId,
+    ) -> Result<Vec<switchyard_drivers::Applied>, Error> {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT action_id, driver_memo FROM actions
+             WHERE tenant_id = ? AND device_id = ? AND driver_memo IS NOT NULL
+             ORDER BY start_ns, action_id",
+        )
+        .bind(tenant.as_str())
+        .bind(device.as_str())
+        .fetch_all(&self.read)
+        .await
+        .map_err(db_err)?;
+        Ok(rows
+            .into_iter()
+            .map(|(action_id, memo)| switchyard_drivers::Applied { action_id, memo })
+            .collect())
+    }
+
     /// The OEM's last raw answer for an action.
     pub async fn oem_raw(
         &self,

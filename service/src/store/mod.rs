@@ -66,6 +66,16 @@ pub enum IdemBegin {
     Replay(Vec<u8>),
 }
 
+/// Whether a device change points its driver at another physical device
+/// ([`switchyard_drivers::DriverFactory::target`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retarget {
+    /// Same target.
+    No,
+    /// Another target.
+    Yes,
+}
+
 /// The outcome of a push.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PushOutcome {
@@ -500,7 +510,9 @@ impl Store {
             .map_err(db_err)
     }
 
-    /// Changes a device with `apply`, if `etag` (when given) matches. What
+    /// Changes a device with `apply`, if `etag` (when given) matches; a
+    /// change `apply` says retargets the device is refused while any of its
+    /// actions' writes may be in force (they hold a driver memo). What
     /// was observed under the old configuration is dropped; `observed`, a
     /// reading of the configuration `apply` sets up (made before the
     /// transaction, so no OEM call holds the write lock), is kept if the
@@ -510,7 +522,7 @@ impl Store {
         tenant: &TenantId,
         id: &DeviceId,
         etag: Option<&str>,
-        apply: impl FnOnce(&mut Device) -> Result<(), Error>,
+        apply: impl FnOnce(&mut Device) -> Result<Retarget, Error>,
         observed: Option<(Device, crate::domain::Observed)>,
         idem: Option<IdemCommit<Device>>,
     ) -> Result<Device, Error> {
@@ -522,7 +534,31 @@ impl Store {
                 device_id: id.to_string(),
             })?;
         check_etag(etag, &device.etag(), || format!("devices/{id}"))?;
-        apply(&mut device)?;
+        if apply(&mut device)? == Retarget::Yes {
+            // A revert owed under the old target could not reach the
+            // device under the new one.
+            let held: Vec<(String,)> = sqlx::query_as(
+                "SELECT action_id FROM actions
+                 WHERE tenant_id = ? AND device_id = ? AND driver_memo IS NOT NULL
+                 ORDER BY start_ns, action_id",
+            )
+            .bind(tenant.as_str())
+            .bind(id.as_str())
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err)?;
+            let ids: Vec<ActionId> = held
+                .iter()
+                .filter_map(|(a,)| ActionId::parse(a).ok())
+                .collect();
+            if !ids.is_empty() {
+                return Err(Error::DeviceHasActiveActions {
+                    device_id: id.to_string(),
+                    in_flight: ids.clone(),
+                    action_ids: ids,
+                });
+            }
+        }
         device.revision += 1;
         device.updated = now;
         device.observed = observed

@@ -137,4 +137,14 @@ ALTER TABLE actions ADD COLUMN verified INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE devices ADD COLUMN incarnation TEXT NOT NULL DEFAULT '';
 "#,
     ),
+    (
+        5,
+        r#"
+-- What the driver recorded when it applied the action (opaque to the
+-- service): set by an apply the OEM accepted, cleared by the revert. While
+-- set, the action's write may be in force on the device: its revert gets
+-- it back, and the device's other actions see it as switchyard's.
+ALTER TABLE actions ADD COLUMN driver_memo TEXT;
+"#,
+    ),
 ];
