@@ -888,6 +888,422 @@ async fn concurrent_applies_on_one_inverter_do_not_wipe_each_other() {
     assert_eq!(rig.groups().len(), 2, "{:?}", rig.groups());
 }
 
+#[tokio::test]
+async fn one_inverter_reached_through_two_key_references_is_locked_once() {
+    let mut rig = Rig::new().await;
+    rig.emu.set_latency(Duration::from_millis(20));
+    // A second file holding the same key: another reference, same inverter.
+    std::fs::write(rig._secrets.path().join("foxess-key-2"), format!("{KEY}\n")).unwrap();
+    let a = req("k1", Command::Charge, at(0, 2, 0), Some(at(0, 3, 0)));
+    let mut b = req("k2", Command::Charge, at(0, 3, 0), Some(at(0, 4, 0)));
+    b.start = at(0, 3, 0);
+    let da = rig.driver_for(&a);
+    rig.set("api_key_ref", "file:foxess-key-2");
+    let db = rig.driver_at(a.start);
+    assert_ne!(da.account(), db.account(), "two accounts by key reference");
+    let (ra, rb) = tokio::join!(da.apply(&a), db.apply(&b));
+    ra.unwrap();
+    rb.unwrap();
+    assert_eq!(rig.groups().len(), 2, "{:?}", rig.groups());
+}
+
+// ---------------------------------------------------------------- field rules
+
+/// A foreign group as the v1 API returns it: with `maxSoc` and a field a
+/// newer firmware added.
+fn v1_group(sh: i64, eh: i64, mode: WorkMode) -> Group {
+    let mut g = g(sh, 0, eh, 0, mode);
+    g.extra.insert("maxSoc".into(), serde_json::json!(95));
+    g.extra.insert("extraParam".into(), serde_json::json!({"importLimit": 3000}));
+    g
+}
+
+fn applied(id: &str, out: &switchyard_drivers::Outcome) -> Applied {
+    Applied {
+        action_id: id.to_owned(),
+        memo: out.memo.clone().expect("an apply records a memo"),
+    }
+}
+
+#[tokio::test]
+async fn foreign_groups_are_written_back_with_every_field_they_had() {
+    let rig = Rig::new().await;
+    let foreign = v1_group(10, 11, WorkMode::Feedin);
+    rig.emu.seed_groups(SN, vec![foreign.clone()]);
+    let r = req("v1", Command::Charge, at(0, 2, 0), Some(at(0, 3, 0)));
+    let d = rig.driver_for(&r);
+    let out = d.apply(&r).await.unwrap();
+    assert!(out.verified, "{out:?}");
+    let kept = rig
+        .groups()
+        .into_iter()
+        .find(|g| g.work_mode == "Feedin")
+        .expect("kept");
+    assert_eq!(kept, foreign, "maxSoc and extraParam survive the write");
+    d.revert(&RevertRequest {
+        applied: r,
+        memo: out.memo,
+    })
+    .await
+    .unwrap();
+    assert_eq!(rig.groups(), vec![foreign]);
+}
+
+#[tokio::test]
+async fn a_foreign_group_the_cloud_would_refuse_is_never_rewritten_silently() {
+    let rig = Rig::new().await;
+    // Set in the app: fdSoc 10 and fdPwr 0, which the write endpoint
+    // refuses.
+    let mut app_only = g(6, 0, 7, 0, WorkMode::SelfUse);
+    app_only.fd_soc = 10;
+    app_only.fd_pwr = 0;
+    rig.emu.seed_groups(SN, vec![app_only.clone()]);
+    let mut r = req("u1", Command::Charge, at(0, 2, 0), Some(at(0, 3, 0)));
+    let d = rig.driver_for(&r);
+    let err = d.apply(&r).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::ForeignUnwritable, "{err:?}");
+    assert_eq!(err.code(), "FOREIGN_SCHEDULE_UNWRITABLE");
+    assert!(!err.retryable());
+    assert!(err.message.contains("SelfUse 06:00-07:00"), "{err:?}");
+    assert!(err.message.contains("fdSoc 10"), "{err:?}");
+    assert_eq!(err.rows.len(), 1);
+    assert_eq!(rig.groups(), vec![app_only.clone()], "nothing written");
+    assert_eq!(rig.emu.successful_calls(PATH_SET), 0);
+    // CANCEL_AND_REPLACE authorises clearing it.
+    r.clear_native_scheduler = true;
+    let out = d.apply(&r).await.unwrap();
+    assert!(out.verified, "{out:?}");
+    assert!(out.raw.contains("cleared 1 foreign group(s)"), "{}", out.raw);
+    assert_eq!(
+        windows(&rig.groups()),
+        vec![w("02:00", "03:00", WorkMode::ForceCharge)]
+    );
+}
+
+#[tokio::test]
+async fn back_to_back_actions_never_share_a_minute_on_the_wire() {
+    let rig = Rig::new().await;
+    let a = req("b1", Command::Charge, at(0, 10, 0), Some(at(0, 11, 0)));
+    let b = req("b2", Command::Discharge, at(0, 11, 0), Some(at(0, 12, 0)));
+    let d = rig.driver_for(&a);
+    let out_a = d.apply(&a).await.unwrap();
+    let mut b = b;
+    b.live = vec![applied("b1", &out_a)];
+    let out_b = rig.driver_at(at(0, 10, 59)).apply(&b).await.unwrap();
+    assert!(out_b.verified, "{out_b:?}");
+    let mut wire: Vec<(String, String)> = rig
+        .groups()
+        .iter()
+        .map(|g| (g.start_hhmm(), g.end_hhmm()))
+        .collect();
+    wire.sort();
+    assert_eq!(
+        wire,
+        vec![
+            ("10:00".into(), "10:59".into()),
+            ("11:00".into(), "11:59".into())
+        ]
+    );
+    // Read back accordingly: the rows end where the windows end.
+    let state = d.read_state(&[]).await.unwrap();
+    let mut rows: Vec<(String, String)> = state
+        .native_scheduler
+        .unwrap()
+        .1
+        .into_iter()
+        .map(|r| (r.start, r.end))
+        .collect();
+    rows.sort();
+    assert_eq!(
+        rows,
+        vec![
+            ("10:00".into(), "11:00".into()),
+            ("11:00".into(), "12:00".into())
+        ]
+    );
+}
+
+#[tokio::test]
+async fn the_scheduler_flag_is_left_as_found_by_the_last_revert() {
+    let rig = Rig::new().await;
+    assert!(!rig.emu.flag(SN));
+    let a = req("f1", Command::Charge, at(0, 2, 0), Some(at(0, 3, 0)));
+    let b = req("f2", Command::Charge, at(0, 4, 0), Some(at(0, 5, 0)));
+    let d = rig.driver_for(&a);
+    let out_a = d.apply(&a).await.unwrap();
+    assert!(rig.emu.flag(SN), "on while switchyard's groups are in force");
+    let mut b = b;
+    b.live = vec![applied("f1", &out_a)];
+    let out_b = d.apply(&b).await.unwrap();
+    // The first revert leaves the flag on: the other action still needs it.
+    let mut a_rev = a.clone();
+    a_rev.live = vec![applied("f2", &out_b)];
+    d.revert(&RevertRequest {
+        applied: a_rev,
+        memo: out_a.memo.clone(),
+    })
+    .await
+    .unwrap();
+    assert!(rig.emu.flag(SN));
+    // The last one turns it off again, as it was found; b had found it on
+    // (a had turned it on) and still restores the homeowner's "off".
+    let out = d
+        .revert(&RevertRequest {
+            applied: b,
+            memo: out_b.memo,
+        })
+        .await
+        .unwrap();
+    assert!(!rig.emu.flag(SN), "{out:?}");
+    assert!(out.raw.contains("turned off again"), "{}", out.raw);
+    assert!(rig.groups().is_empty());
+
+    // A homeowner's flag that was on stays on.
+    rig.emu.set_flag(SN, true);
+    let c = req("f3", Command::Charge, at(0, 2, 0), Some(at(0, 3, 0)));
+    let out_c = d.apply(&c).await.unwrap();
+    d.revert(&RevertRequest {
+        applied: c,
+        memo: out_c.memo,
+    })
+    .await
+    .unwrap();
+    assert!(rig.emu.flag(SN));
+}
+
+#[tokio::test]
+async fn turning_the_flag_on_says_which_dormant_foreign_groups_it_wakes() {
+    let rig = Rig::new().await;
+    let dormant = g(18, 0, 19, 0, WorkMode::ForceDischarge);
+    rig.emu.seed_groups(SN, vec![dormant.clone()]);
+    let r = req("w1", Command::Charge, at(0, 2, 0), Some(at(0, 3, 0)));
+    let d = rig.driver_for(&r);
+    let out = d.apply(&r).await.unwrap();
+    assert!(
+        out.raw.contains("1 dormant foreign group(s) in force (ForceDischarge 18:00-19:00)"),
+        "{}",
+        out.raw
+    );
+    d.revert(&RevertRequest {
+        applied: r,
+        memo: out.memo,
+    })
+    .await
+    .unwrap();
+    assert!(!rig.emu.flag(SN), "dormant again after the revert");
+    assert_eq!(rig.groups(), vec![dormant]);
+    // With the flag already on nothing is woken, and nothing is said.
+    rig.emu.set_flag(SN, true);
+    let r = req("w2", Command::Charge, at(0, 2, 0), Some(at(0, 3, 0)));
+    let out = d.apply(&r).await.unwrap();
+    assert!(!out.raw.contains("dormant"), "{}", out.raw);
+}
+
+/// Two actions with identical groups: `first` applied, then `second`
+/// (its groups already in place). Returns both outcomes.
+async fn identical_pair(
+    rig: &Rig,
+    d: &Arc<dyn Driver>,
+) -> (
+    ApplyRequest,
+    switchyard_drivers::Outcome,
+    ApplyRequest,
+    switchyard_drivers::Outcome,
+) {
+    let first = req("i1", Command::Charge, at(0, 2, 0), Some(at(0, 3, 0)));
+    let out1 = d.apply(&first).await.unwrap();
+    let mut second = req("i2", Command::Charge, at(0, 2, 0), Some(at(0, 3, 0)));
+    second.live = vec![applied("i1", &out1)];
+    let out2 = d.apply(&second).await.unwrap();
+    assert!(out2.verified && out2.raw.contains("already in place"), "{out2:?}");
+    assert_eq!(rig.groups().len(), 1);
+    (first, out1, second, out2)
+}
+
+#[tokio::test]
+async fn identical_groups_of_two_actions_outlive_the_first_revert_in_either_order() {
+    // Order 1: the second applies, then the first reverts.
+    let rig = Rig::new().await;
+    let d = rig.driver_at(at(0, 2, 0));
+    let (mut first, out1, second, out2) = identical_pair(&rig, &d).await;
+    first.live = vec![applied("i2", &out2)];
+    let out = d
+        .revert(&RevertRequest {
+            applied: first,
+            memo: out1.memo,
+        })
+        .await
+        .unwrap();
+    assert!(out.verified, "{out:?}");
+    assert!(out.raw.contains("left in place for another live action"), "{}", out.raw);
+    assert_eq!(rig.groups().len(), 1, "the second action's group stays");
+    assert!(rig.emu.flag(SN));
+    d.revert(&RevertRequest {
+        applied: second,
+        memo: out2.memo,
+    })
+    .await
+    .unwrap();
+    assert!(rig.groups().is_empty());
+
+    // Order 2: the first reverts (the second still live), then the second
+    // applies again (a retry) and finds its group in place.
+    let rig = Rig::new().await;
+    let d = rig.driver_at(at(0, 2, 0));
+    let (mut first, out1, second, _) = identical_pair(&rig, &d).await;
+    first.live = vec![applied("i2", &out1)];
+    d.revert(&RevertRequest {
+        applied: first,
+        memo: out1.memo,
+    })
+    .await
+    .unwrap();
+    assert_eq!(rig.groups().len(), 1);
+    let mut retry = second;
+    retry.live = Vec::new();
+    assert!(d.apply(&retry).await.unwrap().verified);
+    assert_eq!(rig.groups().len(), 1);
+}
+
+#[tokio::test]
+async fn a_revert_removes_what_the_memo_says_even_after_the_timezone_changed() {
+    let mut rig = Rig::new().await;
+    let r = req("t1", Command::Charge, at(0, 2, 0), Some(at(0, 3, 0)));
+    let out = rig.driver_for(&r).apply(&r).await.unwrap();
+    assert_eq!(rig.groups().len(), 1);
+    // The device is now said to be in UTC: recomputing "our" groups would
+    // look for 01:00-02:00 and find nothing.
+    rig.set("max_power_w", "5000");
+    let spec = DeviceSpec {
+        timezone: "UTC",
+        ..rig.spec()
+    };
+    let moved = rig.factory.build(&spec).unwrap();
+    let recomputed = moved
+        .revert(&RevertRequest {
+            applied: r.clone(),
+            memo: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(rig.groups().len(), 1, "recomputed from the request: missed ({recomputed:?})");
+    let out = moved
+        .revert(&RevertRequest {
+            applied: r,
+            memo: out.memo,
+        })
+        .await
+        .unwrap();
+    assert!(out.verified, "{out:?}");
+    assert!(rig.groups().is_empty(), "{:?}", rig.groups());
+}
+
+#[tokio::test]
+async fn the_devices_own_power_limit_and_slot_count_come_from_the_cloud() {
+    let mut config = EmulatorConfig::new(KEY, &[SN]);
+    config.max_power_w = 5000;
+    config.max_slots = 2;
+    let rig = Rig::with(config, KEY).await;
+    // Settings say 6000 W and 8 slots; the cloud says 5000 W and 2.
+    let r = req("p1", Command::Charge, at(0, 2, 0), Some(at(0, 3, 0)));
+    let d = rig.driver_for(&r);
+    let out = d.apply(&r).await.unwrap();
+    assert!(out.verified, "{out:?}");
+    assert_eq!(rig.groups()[0].fd_pwr, 5000, "full power is the device's");
+    let mut big = req("p2", Command::Discharge, at(0, 4, 0), Some(at(0, 5, 0)));
+    big.params.power = Some(Quantity {
+        value: 5500.0,
+        unit: Unit::Watt,
+    });
+    let err = rig.driver_for(&big).apply(&big).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Rejected);
+    assert!(err.message.contains("5000 W"), "{err:?}");
+    // Two slots: one taken, an overnight window needs two more.
+    let mut night = req("p3", Command::Charge, at(0, 22, 0), Some(at(1, 6, 0)));
+    night.live = vec![applied("p1", &out)];
+    let err = rig.driver_for(&night).apply(&night).await.unwrap_err();
+    assert!(err.message.contains("no free slot"), "{err:?}");
+    assert!(err.message.contains("2 scheduler slots"), "{err:?}");
+    assert_eq!(rig.groups().len(), 1, "nothing written");
+}
+
+#[tokio::test]
+async fn a_plant_in_another_time_zone_refuses_the_device_as_misconfigured() {
+    let rig = Rig::new().await;
+    rig.emu.set_plant_timezone(Some("Europe/London".to_owned()));
+    let r = req("z1", Command::Charge, at(0, 2, 0), Some(at(0, 3, 0)));
+    let err = rig.driver_for(&r).apply(&r).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Misconfigured, "{err:?}");
+    assert_eq!(err.code(), "DEVICE_MISCONFIGURED");
+    assert!(err.message.contains("Europe/London") && err.message.contains(TZ), "{err:?}");
+    assert_eq!(rig.emu.successful_calls(PATH_SET), 0);
+    // The same zone passes (a fresh factory: the answer is cached).
+    let rig = Rig::new().await;
+    rig.emu.set_plant_timezone(Some(TZ.to_owned()));
+    assert!(rig.driver_for(&r).apply(&r).await.unwrap().verified);
+}
+
+#[tokio::test]
+async fn an_overnight_window_verifies_though_its_passed_half_reads_disabled() {
+    let rig = Rig::new().await;
+    let r = req("n1", Command::Charge, at(0, 22, 0), Some(at(1, 6, 0)));
+    // The cloud's clock: 22:00 local, so 00:00-05:59 has passed today.
+    rig.emu.set_plant_timezone(Some(TZ.to_owned()));
+    rig.emu.set_now(Some(r.start));
+    let d = rig.driver_for(&r);
+    let out = d.apply(&r).await.unwrap();
+    let state = d.read_state(&[applied("n1", &out)]).await.unwrap();
+    let rows = state.native_scheduler.unwrap().1;
+    assert!(
+        rows.iter().any(|r| r.start == "00:00" && !r.enabled),
+        "the passed half reads disabled: {rows:?}"
+    );
+    assert!(out.verified, "{out:?}");
+    assert!(rows.iter().all(|r| r.owner == RowOwner::Ours), "{rows:?}");
+    // Another action written the next evening keeps switchyard's passed
+    // half enabled (written back disabled, it would not run tomorrow).
+    let mut r2 = req("n2", Command::Discharge, at(1, 20, 0), Some(at(1, 21, 0)));
+    r2.live = vec![applied("n1", &out)];
+    rig.emu.set_now(Some(r2.start));
+    rig.driver_for(&r2).apply(&r2).await.unwrap();
+    assert!(
+        rig.groups().iter().all(|g| g.enable == 1),
+        "switchyard's own passed group is written back enabled: {:?}",
+        rig.groups()
+    );
+}
+
+#[tokio::test]
+async fn a_concurrent_writer_is_merged_once_then_reported_retryable() {
+    let rig = Rig::new().await;
+    let theirs = serde_json::json!({
+        "enable": 1, "startHour": 5, "startMinute": 0, "endHour": 5, "endMinute": 29,
+        "workMode": "Feedin", "minSocOnGrid": 10, "fdSoc": 20, "fdPwr": 1000
+    });
+    rig.emu.set_concurrent_writer(1, theirs.clone());
+    let r = req("cw1", Command::Charge, at(0, 2, 0), Some(at(0, 3, 0)));
+    let d = rig.driver_for(&r);
+    let out = d.apply(&r).await.unwrap();
+    assert!(out.verified, "{out:?}");
+    assert!(out.raw.contains("another writer changed the groups"), "{}", out.raw);
+    assert_eq!(
+        windows(&rig.groups()),
+        vec![
+            w("02:00", "03:00", WorkMode::ForceCharge),
+            w("05:00", "05:30", WorkMode::Feedin)
+        ],
+        "ours and theirs both survive"
+    );
+    // A writer that keeps interfering: one redo, then a retryable error.
+    let rig = Rig::new().await;
+    rig.emu.set_concurrent_writer(2, theirs);
+    let err = rig.driver_for(&r).apply(&r).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Contended, "{err:?}");
+    assert!(err.retryable());
+    assert_eq!(err.code(), "OEM_CONCURRENT_WRITE");
+    assert_eq!(rig.emu.successful_calls(PATH_SET), 2, "one write and one redo");
+}
+
 // ---------------------------------------------------------------- settings & secrets
 
 fn spec<'a>(settings: &'a BTreeMap<String, String>, family: Family) -> DeviceSpec<'a> {

@@ -406,3 +406,297 @@ async fn refused_or_unchanged_device_changes_make_no_oem_call() {
         .unwrap();
     assert!(rig.emu.calls().len() > before, "read after the change");
 }
+
+// ---------------------------------------------------------------- field rules, end to end
+
+/// The emulator's clock at `secs` after T0 (the server's manual clock).
+fn emu_time(secs: i64) -> jiff::Timestamp {
+    jiff::Timestamp::from_second(switchyard_tests::T0 + secs).unwrap()
+}
+
+#[tokio::test]
+async fn an_overnight_window_is_verified_though_the_cloud_disables_its_passed_half() {
+    let mut config = EmulatorConfig::new(KEY, &[SN]);
+    config.disable_passed = true;
+    config.plant_timezone = Some(TZ.to_owned());
+    let rig = Rig::with(config).await;
+    // 23:00 → 06:00 local.
+    let a = rig
+        .srv
+        .book("fox", window(Command::Charge, 22 * H, 29 * H))
+        .await;
+    rig.emu.set_now(Some(emu_time(22 * H)));
+    rig.srv.dispatch_at(22 * H).await;
+    let active = rig.srv.get("fox", &a.action_id).await;
+    assert_eq!(active.state, St::Active as i32, "{active:?}");
+    assert!(active.verified, "{active:?}");
+    // What the cloud reports: the 00:00-06:00 half disabled (it has
+    // passed today), both halves switchyard's.
+    let rows = rig
+        .srv
+        .get_device("fox")
+        .await
+        .observed_state
+        .unwrap()
+        .native_rows;
+    assert!(
+        rows.iter().any(|r| r.start_time_of_day == "00:00" && !r.enabled),
+        "{rows:?}"
+    );
+    assert!(
+        rows.iter()
+            .all(|r| r.owner == pb::NativeRowOwner::Ours as i32),
+        "{rows:?}"
+    );
+    rig.emu.set_now(Some(emu_time(29 * H)));
+    rig.srv.dispatch_at(29 * H).await;
+    let done = rig.srv.get("fox", &a.action_id).await;
+    assert_eq!(done.state, St::Completed as i32, "{done:?}");
+    assert!(done.verified, "{done:?}");
+    assert!(rig.windows().is_empty());
+    assert!(!rig.emu.flag(SN), "the flag is left as it was found");
+}
+
+async fn update(rig: &Rig, device: pb::Device, path: &str) -> Result<pb::Device, tonic::Status> {
+    rig.srv
+        .devices()
+        .update_device(pb::UpdateDeviceRequest {
+            device: Some(pb::Device {
+                device_id: "fox".into(),
+                ..device
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec![path.into()],
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn a_device_change_while_a_write_is_in_force_is_carried_through_or_refused() {
+    let rig = Rig::new().await;
+    // 03:00 → 04:00 local.
+    let a = rig
+        .srv
+        .book("fox", window(Command::Charge, 2 * H, 3 * H))
+        .await;
+    rig.srv.dispatch_at(2 * H).await;
+    assert_eq!(
+        rig.srv.get("fox", &a.action_id).await.state,
+        St::Active as i32
+    );
+    assert_eq!(
+        rig.windows(),
+        vec![w("03:00", "04:00", WorkMode::ForceCharge)]
+    );
+    // Another inverter: the revert could not reach this one. Refused,
+    // naming the action.
+    let st = update(
+        &rig,
+        pb::Device {
+            oem_device_id: "SN-OTHER".into(),
+            ..Default::default()
+        },
+        "oem_device_id",
+    )
+    .await
+    .unwrap_err();
+    let d = expect_error(&st, Code::FailedPrecondition, "DEVICE_HAS_ACTIVE_ACTIONS");
+    assert!(d.meta("action_ids").contains(&a.action_id), "{d:?}");
+    assert_eq!(rig.srv.get_device("fox").await.oem_device_id, SN);
+    // Another time zone: carried through. The revert removes what was
+    // written, not what the new zone would compute (02:00-03:00 UTC).
+    update(
+        &rig,
+        pb::Device {
+            timezone: "UTC".into(),
+            ..Default::default()
+        },
+        "timezone",
+    )
+    .await
+    .unwrap();
+    rig.srv.dispatch_at(3 * H).await;
+    let done = rig.srv.get("fox", &a.action_id).await;
+    assert_eq!(done.state, St::Completed as i32, "{done:?}");
+    assert!(done.verified, "{done:?}");
+    assert!(rig.windows().is_empty(), "{:?}", rig.windows());
+    // Nothing in force now: the change is accepted.
+    rig.emu.add_device("SN-OTHER");
+    update(
+        &rig,
+        pb::Device {
+            oem_device_id: "SN-OTHER".into(),
+            ..Default::default()
+        },
+        "oem_device_id",
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_replacement_with_the_same_content_keeps_its_groups_whatever_the_order() {
+    let rig = Rig::new().await;
+    let a = rig
+        .srv
+        .book("fox", window(Command::Charge, 2 * H, 3 * H))
+        .await;
+    rig.srv.dispatch_at(2 * H).await;
+    // The same charge again, pushed 20 s later over the first: the same
+    // minutes, so the same group. The first's revert and the second's
+    // apply are due in one round, in no set order.
+    rig.srv.at_secs(2 * H + 20);
+    let b = rig
+        .srv
+        .pushed(push(
+            "fox",
+            window(Command::Charge, 2 * H + 20, 3 * H),
+            S::CancelAndReplace,
+        ))
+        .await;
+    rig.srv.dispatch_at(2 * H + 20).await;
+    assert_eq!(
+        rig.srv.get("fox", &a.action_id).await.state,
+        St::Cancelled as i32
+    );
+    let active = rig.srv.get("fox", &b.action_id).await;
+    assert_eq!(active.state, St::Active as i32, "{active:?}");
+    assert!(active.verified, "{active:?}");
+    assert_eq!(
+        rig.windows(),
+        vec![w("03:00", "04:00", WorkMode::ForceCharge)],
+        "the replacement's group survives the first's revert"
+    );
+    assert!(rig.emu.flag(SN));
+    rig.srv.dispatch_at(3 * H).await;
+    assert_eq!(
+        rig.srv.get("fox", &b.action_id).await.state,
+        St::Completed as i32
+    );
+    assert!(rig.windows().is_empty());
+    assert!(!rig.emu.flag(SN), "the homeowner's flag was off");
+}
+
+#[tokio::test]
+async fn immediate_commands_hand_back_control_and_leave_nothing_behind() {
+    let rig = Rig::new().await;
+    // A forced mode has no end to remove it at: refused up front.
+    let st = rig
+        .srv
+        .refused(push(
+            "fox",
+            action(Command::Charge, None, None),
+            S::Unspecified,
+        ))
+        .await;
+    expect_error(&st, Code::InvalidArgument, "UNSUPPORTED_TIMING");
+    // A window, then AUTO_BALANCED now: the window is cancelled (its
+    // revert removes its group) and nothing new is written.
+    let a = rig
+        .srv
+        .book("fox", window(Command::Discharge, H, 2 * H))
+        .await;
+    rig.srv.dispatch_at(H).await;
+    assert_eq!(rig.windows().len(), 1);
+    rig.srv.at_secs(H + 60);
+    let auto = rig
+        .srv
+        .pushed(push(
+            "fox",
+            action(Command::AutoBalanced, None, None),
+            S::CancelAndReplace,
+        ))
+        .await;
+    rig.srv.dispatch_at(H + 60).await;
+    let done = rig.srv.get("fox", &auto.action_id).await;
+    assert_eq!(done.state, St::Completed as i32, "{done:?}");
+    assert!(done.verified, "{done:?}");
+    assert_eq!(
+        rig.srv.get("fox", &a.action_id).await.state,
+        St::Cancelled as i32
+    );
+    assert!(rig.windows().is_empty(), "{:?}", rig.windows());
+    assert!(!rig.emu.flag(SN));
+    // A later plain push needs no CANCEL_AND_REPLACE.
+    let later = rig
+        .srv
+        .book("fox", window(Command::Charge, 3 * H, 4 * H))
+        .await;
+    assert_eq!(later.state, St::Scheduled as i32);
+}
+
+#[tokio::test]
+async fn an_app_only_foreign_group_fails_the_action_with_a_typed_code_unless_cleared() {
+    let rig = Rig::new().await;
+    let mut app_only = g(6, 0, 7, 0, WorkMode::SelfUse);
+    app_only.fd_soc = 10;
+    app_only.fd_pwr = 0;
+    rig.emu.seed_groups(SN, vec![app_only.clone()]);
+    let a = rig
+        .srv
+        .book("fox", window(Command::Charge, 2 * H, 3 * H))
+        .await;
+    rig.srv.dispatch_at(2 * H).await;
+    let failed = rig.srv.get("fox", &a.action_id).await;
+    assert_eq!(failed.state, St::Failed as i32, "{failed:?}");
+    assert_eq!(failed.error_code, "FOREIGN_SCHEDULE_UNWRITABLE");
+    assert!(
+        failed.error_message.contains("SelfUse 06:00-07:00"),
+        "{failed:?}"
+    );
+    assert_eq!(rig.emu.groups(SN), vec![app_only]);
+    let b = rig
+        .srv
+        .pushed(push(
+            "fox",
+            window(Command::Charge, 2 * H, 3 * H),
+            S::CancelAndReplace,
+        ))
+        .await;
+    rig.srv.dispatch_at(2 * H).await;
+    let active = rig.srv.get("fox", &b.action_id).await;
+    assert_eq!(active.state, St::Active as i32, "{active:?}");
+    assert_eq!(
+        rig.windows(),
+        vec![w("03:00", "04:00", WorkMode::ForceCharge)]
+    );
+}
+
+#[tokio::test]
+async fn the_flag_switchyard_turned_on_never_refuses_a_later_push() {
+    let rig = Rig::new().await;
+    let foreign = g(10, 0, 11, 0, WorkMode::Feedin);
+    rig.emu.seed_groups(SN, vec![foreign]);
+    let a = rig
+        .srv
+        .book("fox", window(Command::Charge, 2 * H, 3 * H))
+        .await;
+    rig.srv.dispatch_at(2 * H).await;
+    rig.srv.dispatcher().observe_due(true).await.unwrap();
+    let observed = rig.srv.get_device("fox").await.observed_state.unwrap();
+    assert!(observed.scheduler_active, "the flag is on");
+    // switchyard's own group, and a foreign one at another time of day:
+    // neither refuses a push.
+    let b = rig
+        .srv
+        .book("fox", window(Command::Discharge, 5 * H, 6 * H))
+        .await;
+    assert_eq!(b.state, St::Scheduled as i32);
+    // A foreign group in the window does.
+    let st = rig
+        .srv
+        .refused(push(
+            "fox",
+            window(Command::Charge, 9 * H, 10 * H),
+            S::Unspecified,
+        ))
+        .await;
+    expect_error(&st, Code::FailedPrecondition, "SCHEDULER_ACTIVE");
+    assert_eq!(
+        rig.srv.get("fox", &a.action_id).await.state,
+        St::Active as i32
+    );
+}

@@ -768,7 +768,7 @@ impl Driver for Foxess {
         // Recorded before writing: a write that times out may still land.
         mem.ours.insert(req.action_id.clone(), ours.clone());
         let mut log = Vec::new();
-        let (mut plan, mut back) = self
+        let first = self
             .merge_and_write(
                 &mut mem,
                 &current,
@@ -777,7 +777,17 @@ impl Driver for Foxess {
                 req.clear_native_scheduler,
                 &mut log,
             )
-            .await?;
+            .await;
+        let (mut plan, mut back) = match first {
+            Ok(done) => done,
+            Err(e) => {
+                // Refused before writing: nothing of this action is there.
+                if !matches!(e.kind, ErrorKind::Unavailable | ErrorKind::RateLimited) {
+                    mem.ours.remove(&req.action_id);
+                }
+                return Err(e);
+            }
+        };
         if let Err(changed) = back {
             // Another writer changed the list between our read and our
             // write (or right after): merge once more with what it wrote.
@@ -892,11 +902,10 @@ impl Driver for Foxess {
             None => self.compile(applied, None)?,
         };
         let mut mem = self.memory.lock().await;
-        let memos = self.memos(&applied.live);
-        let keep: Vec<Group> = memos
-            .iter()
-            .flat_map(|m| m.groups.iter().cloned())
-            .collect();
+        // Groups another action may still need: the live actions' memos,
+        // and what this process applied for actions not yet reverted (an
+        // apply in the same dispatch round is not recorded yet).
+        let keep = Self::switchyards(&mem, &self.memos(&applied.live), Some(&applied.action_id));
         let (current, raw) = self.get_groups().await?;
         let mut log = Vec::new();
         let removed = match plan_revert(&current.groups, &mine, &keep) {
@@ -915,7 +924,7 @@ impl Driver for Foxess {
         // scheduler flag back as the homeowner left it.
         let mut flag_note = String::new();
         if let Some(m) = &memo
-            && memos.is_empty()
+            && keep.is_empty()
             && !m.flag_before
         {
             let (flag, _, _) = self.get_flag().await?;
