@@ -38,9 +38,15 @@ use tokio::{net::TcpListener, task::JoinHandle};
 
 use super::wire::{
     ERRNO_AUTH, ERRNO_BAD_PARAMS, ERRNO_DAILY_LIMIT, ERRNO_OK, ERRNO_OVERLAP, ERRNO_RATE_LIMITED,
-    ERRNO_SIGNATURE_EXPIRED, ERRNO_UNKNOWN_DEVICE, GROUP_FIELDS, Group, PATH_GET, PATH_GET_FLAG,
-    PATH_SET, PATH_SET_FLAG, READ_ONLY_FIELDS, WorkMode, as_int, signature,
+    ERRNO_SIGNATURE_EXPIRED, ERRNO_UNKNOWN_DEVICE, GROUP_FIELDS, Group, PATH_DEVICE_DETAIL,
+    PATH_GET, PATH_GET_FLAG, PATH_PLANT_DETAIL, PATH_SET, PATH_SET_FLAG, READ_ONLY_FIELDS,
+    WorkMode, as_int, signature,
 };
+
+/// The paths answered to a signed POST with a JSON body.
+const POST_PATHS: [&str; 4] = [PATH_GET_FLAG, PATH_SET_FLAG, PATH_GET, PATH_SET];
+/// The paths answered to a signed GET with a query string.
+const GET_PATHS: [&str; 2] = [PATH_DEVICE_DETAIL, PATH_PLANT_DETAIL];
 
 /// How reads order the groups (the real cloud may reorder after a write).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,6 +102,13 @@ pub struct EmulatorConfig {
     /// the driver never follows a redirect (which would carry the signed
     /// headers to another host).
     pub redirect_to: Option<String>,
+    /// The IANA time zone of every device's plant (e.g.
+    /// `Europe/London`), reported as `ianaTimezone` by the plant detail
+    /// and the "local" time of the passed-group rule; `None` (the
+    /// default): the plant detail has no `ianaTimezone` and local time is
+    /// UTC. A name jiff does not know is reported as given and counts as
+    /// UTC.
+    pub plant_timezone: Option<String>,
 }
 
 impl EmulatorConfig {
@@ -103,7 +116,7 @@ impl EmulatorConfig {
     /// 6000 W, 1,440 calls a day, 5 s between writes to a device, 1 s
     /// between calls to a query path and 2 s to an update path, timestamps
     /// within 10 minutes, a `User-Agent` required, reads reversed and
-    /// padded; no test switch on.
+    /// padded, no plant time zone; no test switch on.
     pub fn new(api_key: impl Into<String>, devices: &[&str]) -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -121,6 +134,7 @@ impl EmulatorConfig {
             pad_with_invalid: true,
             echo_token: false,
             redirect_to: None,
+            plant_timezone: None,
         }
     }
 }
@@ -134,7 +148,7 @@ pub struct CallRecord {
     pub status: u16,
     /// errno sent (None for a non-JSON failure).
     pub errno: Option<i64>,
-    /// The deviceSN of the body, if any.
+    /// The `deviceSN` of the body, or the `sn` query parameter, if any.
     pub device: Option<String>,
     /// The `timestamp` header, if it was a number.
     pub timestamp: Option<i64>,
@@ -411,6 +425,11 @@ impl EmulatorHandle {
         self.state().config.max_power_w = w;
     }
 
+    /// The plant time zone (see [`EmulatorConfig::plant_timezone`]).
+    pub fn set_plant_timezone(&self, zone: Option<String>) {
+        self.state().config.plant_timezone = zone;
+    }
+
     /// Accept writes with errno 0 but do not apply them (the "success that
     /// is never applied" failure).
     pub fn set_ignore_writes(&self, on: bool) {
@@ -487,7 +506,8 @@ async fn handle(
         .as_ref()
         .and_then(|v| v.get("deviceSN"))
         .and_then(Value::as_str)
-        .map(str::to_owned);
+        .map(str::to_owned)
+        .or_else(|| query_param(parts.uri.query(), "sn"));
     let timestamp = header_str(&parts, "timestamp").and_then(|t| t.parse::<i64>().ok());
     let user_agent = header_str(&parts, header::USER_AGENT.as_str()).map(str::to_owned);
     let mut st = lock(&state);
@@ -538,14 +558,18 @@ fn answer(
             Fault::Body(b) => (Response::new(Full::new(Bytes::from(b))), None),
         };
     }
-    if parts.method != Method::POST {
-        let mut r = status_response(405);
-        *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
-        return (r, None);
-    }
-    if ![PATH_GET_FLAG, PATH_SET_FLAG, PATH_GET, PATH_SET].contains(&path) {
+    let method = if POST_PATHS.contains(&path) {
+        Method::POST
+    } else if GET_PATHS.contains(&path) {
+        Method::GET
+    } else {
         let mut r = status_response(404);
         *r.status_mut() = StatusCode::NOT_FOUND;
+        return (r, None);
+    };
+    if parts.method != method {
+        let mut r = status_response(405);
+        *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
         return (r, None);
     }
     // Headers: token, timestamp (ms), signature, lang and (unless switched
@@ -616,6 +640,12 @@ fn answer(
     }
     st.last_call.insert(path.to_owned(), now);
     st.calls.push_back(now);
+    if method == Method::GET {
+        return match detail(st, path, parts.uri.query()) {
+            Ok(result) => reply(ERRNO_OK, "success", result),
+            Err((errno, msg)) => reply(errno, msg, Value::Null),
+        };
+    }
     let Some(body) = body.filter(Value::is_object) else {
         return reply(
             ERRNO_BAD_PARAMS,
@@ -694,6 +724,79 @@ fn answer(
             ),
         },
     }
+}
+
+/// The value of query parameter `name`, percent-decoded (`+` is a
+/// space); `None` when absent or not UTF-8 once decoded.
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    query?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (percent_decode(k).as_deref() == Some(name))
+            .then(|| percent_decode(v))
+            .flatten()
+    })
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let hex = |c: u8| char::from(c).to_digit(16);
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hi = b.get(i + 1).copied().and_then(hex)?;
+                let lo = b.get(i + 2).copied().and_then(hex)?;
+                out.push(u8::try_from(hi * 16 + lo).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The plant id the emulator gives a device: one plant per device.
+fn plant_id(sn: &str) -> String {
+    format!("plant-{sn}")
+}
+
+/// Answers the GET endpoints: the device detail (`?sn=`) and the plant
+/// detail (`?id=`). `Err` is the errno and message.
+fn detail(st: &State, path: &str, query: Option<&str>) -> Result<Value, (i64, &'static str)> {
+    const BAD: (i64, &str) = (ERRNO_BAD_PARAMS, "parameters do not meet expectations");
+    if path == PATH_DEVICE_DETAIL {
+        let sn = query_param(query, "sn").ok_or(BAD)?;
+        let dev = st
+            .devices
+            .get(&sn)
+            .ok_or((ERRNO_UNKNOWN_DEVICE, "device not found"))?;
+        return Ok(json!({
+            "deviceSN": sn,
+            "stationID": plant_id(&sn),
+            "stationName": format!("Emulated plant {sn}"),
+            "deviceType": "emulated",
+            "hasBattery": true,
+            "function": { "scheduler": dev.support },
+        }));
+    }
+    let id = query_param(query, "id").ok_or(BAD)?;
+    let sn = id
+        .strip_prefix("plant-")
+        .filter(|sn| st.devices.contains_key(*sn))
+        .ok_or((ERRNO_UNKNOWN_DEVICE, "plant not found"))?;
+    let mut plant = json!({ "stationID": id, "name": format!("Emulated plant {sn}") });
+    if let (Some(zone), Some(o)) = (&st.config.plant_timezone, plant.as_object_mut()) {
+        o.insert("ianaTimezone".into(), json!(zone));
+    }
+    Ok(plant)
 }
 
 /// The `properties` a read attaches to every group: the `fdPwr` range,
@@ -1002,6 +1105,12 @@ mod tests {
         envelope(&signed(emu.addr(), "POST", path, &body.to_string()).await)
     }
 
+    /// A signed GET of `target` (path and query) with key `k`: its
+    /// envelope.
+    async fn get(emu: &EmulatorHandle, target: &str) -> Value {
+        envelope(&signed(emu.addr(), "GET", target, "").await)
+    }
+
     /// Key `k`, device `SN`, no spacing between calls, reads as written.
     fn quick_config() -> EmulatorConfig {
         let mut c = EmulatorConfig::new("k", &["SN"]);
@@ -1077,6 +1186,111 @@ mod tests {
             read(&emu).await["groups"][0]["properties"]["fdpwr"]["range"]["max"],
             5000
         );
+    }
+
+    #[tokio::test]
+    async fn device_and_plant_detail_name_the_plant_and_its_time_zone() {
+        let emu = quick().await;
+        emu.add_device("A B/1");
+        let d = get(&emu, "/op/v0/device/detail?sn=SN").await;
+        assert_eq!(d["errno"], 0, "{d}");
+        assert_eq!(d["result"]["deviceSN"], "SN", "{d}");
+        assert_eq!(d["result"]["stationID"], "plant-SN", "{d}");
+        // Percent-encoded as the driver sends it, among other parameters.
+        let d = get(&emu, "/op/v0/device/detail?x=1&sn=A%20B%2F1").await;
+        assert_eq!(d["result"]["stationID"], "plant-A B/1", "{d}");
+        for (target, errno) in [
+            ("/op/v0/device/detail?sn=NOPE", ERRNO_UNKNOWN_DEVICE),
+            ("/op/v0/device/detail", ERRNO_BAD_PARAMS),
+            ("/op/v0/device/detail?sn=%zz", ERRNO_BAD_PARAMS),
+            ("/op/v0/plant/detail?id=plant-NOPE", ERRNO_UNKNOWN_DEVICE),
+            ("/op/v0/plant/detail?id=SN", ERRNO_UNKNOWN_DEVICE),
+            ("/op/v0/plant/detail?sn=SN", ERRNO_BAD_PARAMS),
+        ] {
+            assert_eq!(get(&emu, target).await["errno"], errno, "{target}");
+        }
+
+        let p = get(&emu, "/op/v0/plant/detail?id=plant-SN").await;
+        assert_eq!(p["errno"], 0, "{p}");
+        assert_eq!(p["result"]["stationID"], "plant-SN", "{p}");
+        assert!(p["result"]["name"].is_string(), "{p}");
+        assert!(p["result"].get("ianaTimezone").is_none(), "{p}");
+        emu.set_plant_timezone(Some("Europe/Berlin".to_owned()));
+        let p = get(&emu, "/op/v0/plant/detail?id=plant-SN").await;
+        assert_eq!(p["result"]["ianaTimezone"], "Europe/Berlin", "{p}");
+        let mut config = quick_config();
+        config.plant_timezone = Some("Australia/Sydney".to_owned());
+        let emu = Emulator::start(config).await.expect("start");
+        let p = get(&emu, "/op/v0/plant/detail?id=plant-SN").await;
+        assert_eq!(p["result"]["ianaTimezone"], "Australia/Sydney", "{p}");
+        assert_eq!(emu.calls()[0].path, PATH_PLANT_DETAIL);
+    }
+
+    #[tokio::test]
+    async fn gets_are_signed_over_the_path_alone_and_paced_and_counted_like_posts() {
+        let mut config = EmulatorConfig::new("k", &["SN"]);
+        config.calls_per_day = 3;
+        let emu = Emulator::start(config).await.expect("start");
+        let target = "/op/v0/device/detail?sn=SN";
+        let ts = jiff::Timestamp::now().as_millisecond();
+        // Signed over the path and query: refused.
+        let h = headers("k", ts, &signature(target, "k", ts), Some("t"));
+        let a = raw_http(emu.addr(), "GET", target, &h, "").await;
+        assert_eq!(envelope(&a)["errno"], ERRNO_AUTH, "{a}");
+        // No User-Agent, or a timestamp beyond the skew.
+        let h = headers("k", ts, &signature(PATH_DEVICE_DETAIL, "k", ts), None);
+        let a = raw_http(emu.addr(), "GET", target, &h, "").await;
+        assert_eq!(envelope(&a)["errno"], ERRNO_AUTH, "{a}");
+        let old = ts - 3_600_000;
+        let h = headers(
+            "k",
+            old,
+            &signature(PATH_DEVICE_DETAIL, "k", old),
+            Some("t"),
+        );
+        let a = raw_http(emu.addr(), "GET", target, &h, "").await;
+        assert_eq!(envelope(&a)["errno"], ERRNO_SIGNATURE_EXPIRED, "{a}");
+        // One query a second per path.
+        assert_eq!(get(&emu, target).await["errno"], ERRNO_OK);
+        assert_eq!(get(&emu, target).await["errno"], ERRNO_RATE_LIMITED);
+        let plant = "/op/v0/plant/detail?id=plant-SN";
+        assert_eq!(get(&emu, plant).await["errno"], ERRNO_OK);
+        // The daily budget counts GETs: two taken, one left.
+        let r = post(&emu, PATH_GET_FLAG, json!({ "deviceSN": "SN" })).await;
+        assert_eq!(r["errno"], ERRNO_OK, "{r}");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(get(&emu, target).await["errno"], ERRNO_DAILY_LIMIT);
+        assert_eq!(emu.successful_calls(PATH_DEVICE_DETAIL), 1);
+        assert_eq!(emu.calls()[3].device.as_deref(), Some("SN"));
+    }
+
+    #[tokio::test]
+    async fn each_path_takes_its_own_method_only() {
+        let emu = quick().await;
+        let status = |a: String| a.split(' ').nth(1).unwrap_or_default().to_owned();
+        let body = r#"{"deviceSN":"SN"}"#;
+        for path in [PATH_GET_FLAG, PATH_SET_FLAG, PATH_GET, PATH_SET] {
+            let a = signed(emu.addr(), "GET", &format!("{path}?sn=SN"), "").await;
+            assert_eq!(status(a), "405", "GET {path}");
+            let a = signed(emu.addr(), "PUT", path, body).await;
+            assert_eq!(status(a), "405", "PUT {path}");
+        }
+        for target in [
+            "/op/v0/device/detail?sn=SN",
+            "/op/v0/plant/detail?id=plant-SN",
+        ] {
+            let a = signed(emu.addr(), "POST", target, body).await;
+            assert_eq!(status(a), "405", "POST {target}");
+        }
+        for method in ["GET", "POST"] {
+            let a = signed(emu.addr(), method, "/op/v0/device/list", body).await;
+            assert_eq!(status(a), "404", "{method}");
+        }
+        // The right method gets an answer.
+        let a = signed(emu.addr(), "GET", "/op/v0/device/detail?sn=SN", "").await;
+        assert_eq!(envelope(&a)["errno"], ERRNO_OK, "{a}");
+        assert_eq!(emu.successful_calls(PATH_DEVICE_DETAIL), 1);
+        assert_eq!(emu.calls().len(), 13);
     }
 
     #[tokio::test]
