@@ -109,6 +109,13 @@ pub struct EmulatorConfig {
     /// UTC. A name jiff does not know is reported as given and counts as
     /// UTC.
     pub plant_timezone: Option<String>,
+    /// Whether a read reports an enabled group whose window has passed
+    /// for today (its last, inclusive, minute is before the current
+    /// minute of the day in the plant's time zone) with `enable: 0`, as
+    /// the cloud does; the stored group keeps `enable: 1`. On by default.
+    /// "Now" is the real clock unless [`EmulatorHandle::set_now`] says
+    /// otherwise.
+    pub disable_passed: bool,
 }
 
 impl EmulatorConfig {
@@ -116,7 +123,8 @@ impl EmulatorConfig {
     /// 6000 W, 1,440 calls a day, 5 s between writes to a device, 1 s
     /// between calls to a query path and 2 s to an update path, timestamps
     /// within 10 minutes, a `User-Agent` required, reads reversed and
-    /// padded, no plant time zone; no test switch on.
+    /// padded, no plant time zone, passed groups read disabled; no test
+    /// switch on.
     pub fn new(api_key: impl Into<String>, devices: &[&str]) -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -135,6 +143,7 @@ impl EmulatorConfig {
             echo_token: false,
             redirect_to: None,
             plant_timezone: None,
+            disable_passed: true,
         }
     }
 }
@@ -182,6 +191,8 @@ struct State {
     faults: VecDeque<Fault>,
     latency: Duration,
     ignore_writes: bool,
+    /// The "now" of the passed-group rule; `None`: the real clock.
+    now: Option<jiff::Timestamp>,
     log: Vec<CallRecord>,
 }
 
@@ -228,6 +239,7 @@ impl Emulator {
             faults: VecDeque::new(),
             latency: Duration::ZERO,
             ignore_writes: false,
+            now: None,
             log: Vec::new(),
         }));
         let st = state.clone();
@@ -428,6 +440,19 @@ impl EmulatorHandle {
     /// The plant time zone (see [`EmulatorConfig::plant_timezone`]).
     pub fn set_plant_timezone(&self, zone: Option<String>) {
         self.state().config.plant_timezone = zone;
+    }
+
+    /// Whether reads report passed groups disabled (see
+    /// [`EmulatorConfig::disable_passed`]).
+    pub fn set_disable_passed(&self, on: bool) {
+        self.state().config.disable_passed = on;
+    }
+
+    /// The "now" reads judge passed groups by (`None`: the real clock).
+    /// Only that rule: the `timestamp` header is always checked against
+    /// the real clock (errno 41809), and the rate limits use it too.
+    pub fn set_now(&self, now: Option<jiff::Timestamp>) {
+        self.state().now = now;
     }
 
     /// Accept writes with errno 0 but do not apply them (the "success that
@@ -662,6 +687,10 @@ fn answer(
     };
     let config = st.config.clone();
     let ignore_writes = st.ignore_writes;
+    let minute_now = local_minute(
+        st.now.unwrap_or_else(jiff::Timestamp::now),
+        config.plant_timezone.as_deref(),
+    );
     let Some(dev) = st.devices.get_mut(sn) else {
         return reply(ERRNO_UNKNOWN_DEVICE, "device not found", Value::Null);
     };
@@ -703,7 +732,7 @@ fn answer(
             json!({
                 "enable": i64::from(dev.flag),
                 "maxGroupCount": config.max_slots,
-                "groups": read_view(sn, dev, &config),
+                "groups": read_view(sn, dev, &config, minute_now),
             }),
         ),
         _ => match validate_write(&body, &config) {
@@ -805,9 +834,20 @@ fn properties(max_power_w: i64) -> Value {
     json!({ "fdpwr": { "unit": "W", "range": { "min": 0, "max": max_power_w } } })
 }
 
+/// The minute of the day `now` is in `zone` (UTC when none or unknown).
+fn local_minute(now: jiff::Timestamp, zone: Option<&str>) -> i64 {
+    let tz = zone
+        .and_then(|z| jiff::tz::TimeZone::get(z).ok())
+        .unwrap_or(jiff::tz::TimeZone::UTC);
+    let t = tz.to_datetime(now);
+    i64::from(t.hour()) * 60 + i64::from(t.minute())
+}
+
 /// The groups as a read returns them: reordered, each stored object with
-/// `id` and `properties` added, padded with `Invalid` slots.
-fn read_view(sn: &str, dev: &Inverter, config: &EmulatorConfig) -> Vec<Value> {
+/// `id` and `properties` added and, when `disable_passed` is on, `enable:
+/// 0` if its last minute is before `minute_now`; padded with `Invalid`
+/// slots.
+fn read_view(sn: &str, dev: &Inverter, config: &EmulatorConfig, minute_now: i64) -> Vec<Value> {
     let mut indexed: Vec<(usize, &Value, Option<Group>)> = dev
         .groups
         .iter()
@@ -822,9 +862,15 @@ fn read_view(sn: &str, dev: &Inverter, config: &EmulatorConfig) -> Vec<Value> {
     }
     let mut out: Vec<Value> = indexed
         .into_iter()
-        .map(|(i, v, _)| {
+        .map(|(i, v, g)| {
             let mut v = v.clone();
             if let Some(o) = v.as_object_mut() {
+                // `end_min` is exclusive: the last minute is end_min - 1.
+                let passed =
+                    g.is_some_and(|g| g.enable == 1 && !g.incomplete && g.end_min() <= minute_now);
+                if config.disable_passed && passed {
+                    o.insert("enable".into(), json!(0));
+                }
                 o.insert("id".into(), json!(format!("{sn}-{i}")));
                 o.insert("properties".into(), properties(config.max_power_w));
             }
@@ -1111,14 +1157,108 @@ mod tests {
         envelope(&signed(emu.addr(), "GET", target, "").await)
     }
 
-    /// Key `k`, device `SN`, no spacing between calls, reads as written.
+    /// Key `k`, device `SN`, no spacing between calls, reads as written
+    /// and with the stored `enable` whatever the time of day (the passed
+    /// rule has tests of its own).
     fn quick_config() -> EmulatorConfig {
         let mut c = EmulatorConfig::new("k", &["SN"]);
         c.min_write_interval = Duration::ZERO;
         c.query_interval = Duration::ZERO;
         c.write_interval = Duration::ZERO;
         c.read_order = ReadOrder::AsWritten;
+        c.disable_passed = false;
         c
+    }
+
+    fn at(s: &str) -> jiff::Timestamp {
+        s.parse().expect("a timestamp")
+    }
+
+    /// The `enable` of each group read, in stored order.
+    async fn enables(emu: &EmulatorHandle) -> Vec<i64> {
+        let n = emu.raw_groups("SN").len();
+        read(emu).await["groups"]
+            .as_array()
+            .expect("groups")
+            .iter()
+            .take(n)
+            .map(|g| g["enable"].as_i64().expect("enable"))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn groups_whose_last_minute_has_passed_read_disabled_but_stay_stored() {
+        let mut config = quick_config();
+        config.disable_passed = EmulatorConfig::new("k", &[]).disable_passed;
+        assert!(config.disable_passed, "on by default");
+        let emu = Emulator::start(config).await.expect("start");
+        let mut off = span((6, 0), (6, 59));
+        off["enable"] = json!(0);
+        let stored = vec![
+            span((10, 0), (12, 29)),  // last minute 12:29: passed at 12:30
+            span((12, 30), (12, 30)), // the current minute: not passed
+            span((13, 0), (13, 59)),
+            off,
+        ];
+        assert_eq!(write_groups(&emu, stored.clone()).await, ERRNO_OK);
+        emu.set_now(Some(at("2026-03-10T12:30:59Z")));
+        assert_eq!(enables(&emu).await, [0, 1, 1, 0]);
+        assert_eq!(emu.raw_groups("SN"), stored, "reads change nothing stored");
+        assert_eq!(emu.raw_groups("SN")[3]["enable"], 0, "a written 0 stays 0");
+        emu.set_now(Some(at("2026-03-10T12:31:00Z")));
+        assert_eq!(enables(&emu).await, [0, 0, 1, 0]);
+        // Local is the plant's time zone: 12:31 UTC is 21:31 in Tokyo.
+        emu.set_plant_timezone(Some("Asia/Tokyo".to_owned()));
+        assert_eq!(enables(&emu).await, [0, 0, 0, 0]);
+        // 05:00 in Tokyo: nothing has passed yet today.
+        emu.set_now(Some(at("2026-03-09T20:00:00Z")));
+        assert_eq!(enables(&emu).await, [1, 1, 1, 0]);
+        // An unknown zone counts as UTC (20:00).
+        emu.set_plant_timezone(Some("Mars/Olympus_Mons".to_owned()));
+        assert_eq!(enables(&emu).await, [0, 0, 0, 0]);
+        emu.set_disable_passed(false);
+        assert_eq!(enables(&emu).await, [1, 1, 1, 0]);
+        assert_eq!(emu.raw_groups("SN"), stored);
+    }
+
+    #[tokio::test]
+    async fn without_a_set_now_the_passed_rule_follows_the_real_clock() {
+        let mut config = quick_config();
+        config.disable_passed = true;
+        let emu = Emulator::start(config).await.expect("start");
+        emu.seed_raw("SN", vec![span((0, 0), (0, 0)), span((0, 0), (23, 59))]);
+        let before = local_minute(jiff::Timestamp::now(), None);
+        let read = enables(&emu).await;
+        let after = local_minute(jiff::Timestamp::now(), None);
+        // Through 23:59 never passes; 00:00 has passed from 00:01 on.
+        assert_eq!(read[1], 1);
+        if before >= 1 && after >= before {
+            assert_eq!(read[0], 0, "{before}..{after}");
+        }
+        // A fixed "now" and back to the real clock.
+        emu.set_now(Some(at("2026-03-10T00:00:30Z")));
+        assert_eq!(enables(&emu).await, [1, 1]);
+        emu.set_now(None);
+        let before = local_minute(jiff::Timestamp::now(), None);
+        let read = enables(&emu).await;
+        if before >= 1 {
+            assert_eq!(read[0], 0, "{before}");
+        }
+    }
+
+    #[tokio::test]
+    async fn set_now_leaves_the_timestamp_check_on_the_real_clock() {
+        let emu = quick().await;
+        let fake = at("2020-01-01T00:00:00Z");
+        emu.set_now(Some(fake));
+        let now = jiff::Timestamp::now().as_millisecond();
+        for (ts, errno) in [
+            (now, ERRNO_OK),
+            (fake.as_millisecond(), ERRNO_SIGNATURE_EXPIRED),
+        ] {
+            let a = raw_post_at(emu.addr(), PATH_GET_FLAG, "k", true, ts, Some("t")).await;
+            assert_eq!(errno_of(&a), errno, "{a}");
+        }
     }
 
     async fn quick() -> EmulatorHandle {
