@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use switchyard_drivers::foxess::emulator::{EmulatorConfig, ReadOrder};
+use switchyard_drivers::foxess::emulator::{EmulatorConfig, Placeholders, ReadOrder};
 
 /// Runs the emulator. Were a usage error accepted, it would serve until
 /// killed: after a deadline it is, and the test fails instead of hanging.
@@ -76,7 +76,9 @@ fn help_lists_every_flag_with_its_default() {
     let help = String::from_utf8(out.stdout).expect("utf-8 help");
     // The library's defaults, plus the CLI's own fixed listen address.
     let lib = EmulatorConfig::new("", &[]);
-    assert!(lib.pad_with_invalid && !lib.echo_token && lib.redirect_to.is_none());
+    assert!(
+        lib.placeholders == Placeholders::Invalid && !lib.echo_token && lib.redirect_to.is_none()
+    );
     let ms = |d: Duration| format!("[default: {}]", d.as_millis());
     let read_order = match lib.read_order {
         ReadOrder::Reversed => "reversed",

@@ -18,7 +18,7 @@
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
 use clap::{Parser, ValueEnum};
-use switchyard_drivers::foxess::emulator::{Emulator, EmulatorConfig, ReadOrder};
+use switchyard_drivers::foxess::emulator::{Emulator, EmulatorConfig, Placeholders, ReadOrder};
 
 /// Emulates the FoxESS Open API scheduler endpoints, with the cloud's
 /// limits and quirks, for demos and manual tests.
@@ -155,7 +155,9 @@ impl Cli {
         config.max_slots = self.max_slots;
         config.max_power_w = self.max_power_w;
         config.read_order = self.read_order.into();
-        config.pad_with_invalid = !self.no_padding;
+        if self.no_padding {
+            config.placeholders = Placeholders::None;
+        }
         config.echo_token = self.echo_token;
         config.redirect_to = self.redirect_to;
         config
@@ -251,7 +253,7 @@ mod tests {
         assert_eq!(c.max_slots, d.max_slots);
         assert_eq!(c.max_power_w, d.max_power_w);
         assert_eq!(c.read_order, d.read_order);
-        assert_eq!(c.pad_with_invalid, d.pad_with_invalid);
+        assert_eq!(c.placeholders, d.placeholders);
         assert_eq!(c.echo_token, d.echo_token);
         assert_eq!(c.redirect_to, d.redirect_to);
     }
@@ -301,7 +303,7 @@ mod tests {
         assert_eq!(c.max_slots, 4);
         assert_eq!(c.max_power_w, 1200);
         assert_eq!(c.read_order, ReadOrder::ByMode);
-        assert!(!c.pad_with_invalid);
+        assert_eq!(c.placeholders, Placeholders::None);
         assert!(c.echo_token);
         assert_eq!(c.redirect_to.as_deref(), Some("http://127.0.0.1:9/x"));
         assert_eq!(

@@ -58,6 +58,66 @@ pub enum ReadOrder {
     ByMode,
 }
 
+/// What a read pads the group list with, up to the slot count: the
+/// cloud has been seen answering each of these for unused slots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placeholders {
+    /// Disabled 00:00–00:00 slots in mode `Invalid` (`minSocOnGrid` 10,
+    /// `fdSoc` 10, `fdPwr` 0), which the write endpoint refuses.
+    Invalid,
+    /// The same with mode `""`.
+    EmptyMode,
+    /// Disabled zero-length 00:00–00:00 `SelfUse` slots (`minSocOnGrid`
+    /// 10, `fdSoc` 10, `fdPwr` 0): a real mode, values the write refuses.
+    DisabledSelfUse,
+    /// No padding: reads return the stored groups only.
+    None,
+}
+
+impl Placeholders {
+    /// The placeholder group, without `id` and `properties`; `None` for
+    /// [`Placeholders::None`].
+    fn group(self, null_min_soc_on_grid: bool) -> Option<Value> {
+        let mode = match self {
+            Placeholders::Invalid => WorkMode::Invalid.as_str(),
+            Placeholders::EmptyMode => "",
+            Placeholders::DisabledSelfUse => WorkMode::SelfUse.as_str(),
+            Placeholders::None => return None,
+        };
+        let min_soc = if null_min_soc_on_grid {
+            Value::Null
+        } else {
+            json!(10)
+        };
+        Some(json!({
+            "enable": 0, "startHour": 0, "startMinute": 0, "endHour": 0, "endMinute": 0,
+            "workMode": mode, "minSocOnGrid": min_soc, "fdSoc": 10, "fdPwr": 0
+        }))
+    }
+}
+
+/// The group [`EmulatorConfig::app_only_group`] and
+/// [`EmulatorHandle::seed_app_only_group`] give a device, as set in the
+/// app: `SelfUse` 06:00–06:59, enabled, `minSocOnGrid` 10, `fdSoc` 10,
+/// `fdPwr` 0. The write endpoint refuses it (`fdSoc` below 11, `fdPwr`
+/// 0), so writing it back unchanged fails with errno 40257.
+pub fn app_only_group() -> Value {
+    json!({
+        "enable": 1, "startHour": 6, "startMinute": 0, "endHour": 6, "endMinute": 59,
+        "workMode": "SelfUse", "minSocOnGrid": 10, "fdSoc": 10, "fdPwr": 0
+    })
+}
+
+/// The group the concurrent writer of [`EmulatorConfig::concurrent_writer`]
+/// adds: `Feedin` 05:00–05:29, enabled, `minSocOnGrid` 10, `fdSoc` 20,
+/// `fdPwr` 1000.
+pub fn concurrent_writer_group() -> Value {
+    json!({
+        "enable": 1, "startHour": 5, "startMinute": 0, "endHour": 5, "endMinute": 29,
+        "workMode": "Feedin", "minSocOnGrid": 10, "fdSoc": 20, "fdPwr": 1000
+    })
+}
+
 /// The emulator's start-up configuration.
 #[derive(Clone, Debug)]
 pub struct EmulatorConfig {
@@ -90,8 +150,34 @@ pub struct EmulatorConfig {
     pub require_user_agent: bool,
     /// Order of groups on read.
     pub read_order: ReadOrder,
-    /// Whether reads pad the list with `Invalid` slots up to `max_slots`.
-    pub pad_with_invalid: bool,
+    /// What reads pad the list with, up to `max_slots`; `Invalid` slots by
+    /// default.
+    pub placeholders: Placeholders,
+    /// Test switch, off by default: padding slots read with
+    /// `minSocOnGrid: null` (stored groups read as stored).
+    pub null_min_soc_on_grid: bool,
+    /// Test switch, `None` by default: reads carry `maxSoc` on every group,
+    /// padding included, as v1 answers do: the stored value where the
+    /// group was written (or seeded) with one, else this one. The stored
+    /// groups are not changed.
+    pub max_soc: Option<i64>,
+    /// Test switch, off by default: `scheduler/get` answers `result: null`
+    /// while the device stores no group, as the cloud does when the mode
+    /// was set in the app.
+    pub result_null: bool,
+    /// Test switch, off by default: every device starts with the foreign
+    /// [`app_only_group`], set in the app with values the write endpoint
+    /// refuses.
+    pub app_only_group: bool,
+    /// Test switch, 0 by default: models another read-modify-write client
+    /// that read before our write and writes after it. For the next this
+    /// many accepted `scheduler/enable` writes (errno 0, whatever the
+    /// device), right after the write the stored list is replaced by the
+    /// list as it was before that write plus [`concurrent_writer_group`]
+    /// (unchecked); each such write uses one up.
+    /// [`EmulatorHandle::set_concurrent_writer`] sets the count again and
+    /// the group.
+    pub concurrent_writer: usize,
     /// Test switch, off by default: every JSON answer, errno 0 included,
     /// carries the `token` header it received in its `msg` (`"success
     /// (token …)"`), the way some OEM clouds echo the API key. Lets a test
@@ -139,7 +225,12 @@ impl EmulatorConfig {
             max_clock_skew: Duration::from_secs(600),
             require_user_agent: true,
             read_order: ReadOrder::Reversed,
-            pad_with_invalid: true,
+            placeholders: Placeholders::Invalid,
+            null_min_soc_on_grid: false,
+            max_soc: None,
+            result_null: false,
+            app_only_group: false,
+            concurrent_writer: 0,
             echo_token: false,
             redirect_to: None,
             plant_timezone: None,
@@ -181,6 +272,22 @@ struct Inverter {
     last_write: Option<Instant>,
 }
 
+impl Inverter {
+    /// A new device: flag off, scheduler supported, no groups but the
+    /// app-only one when that switch is on.
+    fn new(config: &EmulatorConfig) -> Self {
+        Self {
+            support: true,
+            groups: if config.app_only_group {
+                vec![app_only_group()]
+            } else {
+                Vec::new()
+            },
+            ..Self::default()
+        }
+    }
+}
+
 #[derive(Debug)]
 struct State {
     config: EmulatorConfig,
@@ -191,6 +298,10 @@ struct State {
     faults: VecDeque<Fault>,
     latency: Duration,
     ignore_writes: bool,
+    /// Accepted writes the concurrent writer still follows.
+    concurrent_left: usize,
+    /// The group the concurrent writer adds.
+    concurrent_group: Value,
     /// The "now" of the passed-group rule; `None`: the real clock.
     now: Option<jiff::Timestamp>,
     log: Vec<CallRecord>,
@@ -221,17 +332,11 @@ impl Emulator {
         let devices = config
             .devices
             .iter()
-            .map(|sn| {
-                (
-                    sn.clone(),
-                    Inverter {
-                        support: true,
-                        ..Inverter::default()
-                    },
-                )
-            })
+            .map(|sn| (sn.clone(), Inverter::new(&config)))
             .collect();
         let state = Arc::new(Mutex::new(State {
+            concurrent_left: config.concurrent_writer,
+            concurrent_group: concurrent_writer_group(),
             config,
             devices,
             calls: VecDeque::new(),
@@ -278,15 +383,25 @@ impl EmulatorHandle {
         format!("http://{}", self.addr)
     }
 
-    /// Adds an inverter (no groups, flag off).
+    /// Adds an inverter if it is not known yet: flag off, no groups (but
+    /// the [`app_only_group`] when [`EmulatorConfig::app_only_group`] is
+    /// on).
     pub fn add_device(&self, sn: &str) {
-        self.state()
-            .devices
-            .entry(sn.to_owned())
-            .or_insert(Inverter {
-                support: true,
-                ..Inverter::default()
-            });
+        let mut st = self.state();
+        let dev = Inverter::new(&st.config);
+        st.devices.entry(sn.to_owned()).or_insert(dev);
+    }
+
+    /// Adds the foreign [`app_only_group`] to a device's stored groups
+    /// (adding the device if needed), unless it already holds it.
+    pub fn seed_app_only_group(&self, sn: &str) {
+        self.add_device(sn);
+        let g = app_only_group();
+        if let Some(d) = self.state().devices.get_mut(sn)
+            && !d.groups.contains(&g)
+        {
+            d.groups.push(g);
+        }
     }
 
     /// Replaces a device's groups without any validation (seed foreign,
@@ -422,9 +537,49 @@ impl EmulatorHandle {
         self.state().config.read_order = o;
     }
 
-    /// Whether reads pad with `Invalid` slots.
+    /// Whether reads pad with `Invalid` slots: `true` sets
+    /// [`Placeholders::Invalid`], `false` [`Placeholders::None`].
     pub fn set_pad_with_invalid(&self, on: bool) {
-        self.state().config.pad_with_invalid = on;
+        self.set_placeholders(if on {
+            Placeholders::Invalid
+        } else {
+            Placeholders::None
+        });
+    }
+
+    /// What reads pad the list with.
+    pub fn set_placeholders(&self, p: Placeholders) {
+        self.state().config.placeholders = p;
+    }
+
+    /// Whether padding slots read with `minSocOnGrid: null`.
+    pub fn set_null_min_soc_on_grid(&self, on: bool) {
+        self.state().config.null_min_soc_on_grid = on;
+    }
+
+    /// The `maxSoc` reads give groups stored without one (`None`: none).
+    pub fn set_max_soc(&self, max_soc: Option<i64>) {
+        self.state().config.max_soc = max_soc;
+    }
+
+    /// Whether `scheduler/get` answers `result: null` for a device without
+    /// groups.
+    pub fn set_result_null(&self, on: bool) {
+        self.state().config.result_null = on;
+    }
+
+    /// The next `n` accepted `scheduler/enable` writes are followed by
+    /// another client's write of the list as it was before each plus
+    /// `group` (see [`EmulatorConfig::concurrent_writer`]); 0 stops it.
+    pub fn set_concurrent_writer(&self, n: usize, group: Value) {
+        let mut st = self.state();
+        st.concurrent_left = n;
+        st.concurrent_group = group;
+    }
+
+    /// Accepted writes the concurrent writer still follows.
+    pub fn concurrent_writes_left(&self) -> usize {
+        self.state().concurrent_left
     }
 
     /// Slots per device.
@@ -726,6 +881,9 @@ fn answer(
                 Value::Null,
             ),
         },
+        PATH_GET if config.result_null && dev.groups.is_empty() => {
+            reply(ERRNO_OK, "success", Value::Null)
+        }
         PATH_GET => reply(
             ERRNO_OK,
             "success",
@@ -737,8 +895,17 @@ fn answer(
         ),
         _ => match validate_write(&body, &config) {
             Ok(groups) => {
+                // The other client read the list before this write and
+                // writes it back, plus its group, right after.
+                let other = (st.concurrent_left > 0).then(|| {
+                    st.concurrent_left -= 1;
+                    st.concurrent_group.clone()
+                });
                 if !ignore_writes {
-                    dev.groups = groups;
+                    match other {
+                        Some(g) => dev.groups.push(g),
+                        None => dev.groups = groups,
+                    }
                 }
                 reply(ERRNO_OK, "success", Value::Null)
             }
@@ -871,23 +1038,31 @@ fn read_view(sn: &str, dev: &Inverter, config: &EmulatorConfig, minute_now: i64)
                 if config.disable_passed && passed {
                     o.insert("enable".into(), json!(0));
                 }
-                o.insert("id".into(), json!(format!("{sn}-{i}")));
-                o.insert("properties".into(), properties(config.max_power_w));
+                decorate(o, format!("{sn}-{i}"), config);
             }
             v
         })
         .collect();
-    if config.pad_with_invalid {
+    if let Some(pad) = config.placeholders.group(config.null_min_soc_on_grid) {
         while out.len() < config.max_slots {
-            out.push(json!({
-                "enable": 0, "startHour": 0, "startMinute": 0, "endHour": 0, "endMinute": 0,
-                "workMode": WorkMode::Invalid.as_str(), "minSocOnGrid": 10, "fdSoc": 10,
-                "fdPwr": 0, "id": format!("{sn}-{}", out.len()),
-                "properties": properties(config.max_power_w)
-            }));
+            let mut p = pad.clone();
+            if let Some(o) = p.as_object_mut() {
+                decorate(o, format!("{sn}-{}", out.len()), config);
+            }
+            out.push(p);
         }
     }
     out
+}
+
+/// Adds what a read adds to every group: `id`, `properties` and, when
+/// [`EmulatorConfig::max_soc`] is set, a `maxSoc` the group lacks.
+fn decorate(group: &mut serde_json::Map<String, Value>, id: String, config: &EmulatorConfig) {
+    group.insert("id".into(), json!(id));
+    group.insert("properties".into(), properties(config.max_power_w));
+    if let Some(m) = config.max_soc {
+        group.entry("maxSoc").or_insert(json!(m));
+    }
 }
 
 /// Checks a `scheduler/enable` body the way the cloud does and returns
@@ -1431,6 +1606,174 @@ mod tests {
         assert_eq!(envelope(&a)["errno"], ERRNO_OK, "{a}");
         assert_eq!(emu.successful_calls(PATH_DEVICE_DETAIL), 1);
         assert_eq!(emu.calls().len(), 13);
+    }
+
+    /// The padding of a read of `SN` (everything after the stored groups).
+    async fn padding(emu: &EmulatorHandle) -> Vec<Value> {
+        let n = emu.raw_groups("SN").len();
+        read(emu).await["groups"]
+            .as_array()
+            .expect("groups")
+            .iter()
+            .skip(n)
+            .cloned()
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn placeholders_pad_reads_with_each_kind_of_unused_slot() {
+        let emu = quick().await;
+        emu.seed_raw("SN", vec![group(1, 2)]);
+        assert_eq!(
+            EmulatorConfig::new("k", &[]).placeholders,
+            Placeholders::Invalid
+        );
+        for (p, mode) in [
+            (Placeholders::Invalid, "Invalid"),
+            (Placeholders::EmptyMode, ""),
+            (Placeholders::DisabledSelfUse, "SelfUse"),
+        ] {
+            emu.set_placeholders(p);
+            let pad = padding(&emu).await;
+            assert_eq!(pad.len(), 7, "{p:?}: up to 8 slots");
+            for slot in &pad {
+                assert_eq!(slot["workMode"], mode, "{p:?}: {slot}");
+                assert_eq!(slot["enable"], 0, "{p:?}: {slot}");
+                assert_eq!(slot["minSocOnGrid"], 10, "{p:?}: {slot}");
+                assert_eq!((&slot["fdSoc"], &slot["fdPwr"]), (&json!(10), &json!(0)));
+                for f in ["startHour", "startMinute", "endHour", "endMinute"] {
+                    assert_eq!(slot[f], 0, "{p:?}: {slot}");
+                }
+                assert!(slot["id"].is_string() && slot["properties"].is_object());
+                let g = Group::from_wire(slot).expect("a group");
+                assert!(g.is_placeholder() && !g.incomplete, "{p:?}: {slot}");
+            }
+        }
+        emu.set_placeholders(Placeholders::None);
+        assert_eq!(read(&emu).await["groups"].as_array().map(Vec::len), Some(1));
+        // The older switch still works.
+        emu.set_pad_with_invalid(true);
+        assert_eq!(padding(&emu).await[0]["workMode"], "Invalid");
+        emu.set_pad_with_invalid(false);
+        assert!(padding(&emu).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn null_min_soc_on_grid_nulls_the_padding_only() {
+        let mut config = quick_config();
+        config.null_min_soc_on_grid = true;
+        let emu = Emulator::start(config).await.expect("start");
+        emu.seed_raw("SN", vec![group(1, 2)]);
+        let r = read(&emu).await;
+        assert_eq!(r["groups"][0]["minSocOnGrid"], 10, "{r}");
+        let pad = padding(&emu).await;
+        assert_eq!(pad.len(), 7);
+        assert!(pad.iter().all(|g| g["minSocOnGrid"].is_null()), "{pad:?}");
+        emu.set_null_min_soc_on_grid(false);
+        assert!(padding(&emu).await.iter().all(|g| g["minSocOnGrid"] == 10));
+    }
+
+    #[tokio::test]
+    async fn max_soc_gives_every_group_read_a_max_soc_the_stored_one_first() {
+        let mut config = quick_config();
+        config.max_soc = Some(95);
+        let emu = Emulator::start(config).await.expect("start");
+        let mut own = group(3, 4);
+        own["maxSoc"] = json!(80);
+        let stored = vec![group(1, 2), own];
+        assert_eq!(write_groups(&emu, stored.clone()).await, ERRNO_OK);
+        let r = read(&emu).await;
+        let groups = r["groups"].as_array().expect("groups");
+        assert_eq!(groups[0]["maxSoc"], 95, "{r}");
+        assert_eq!(groups[1]["maxSoc"], 80, "{r}");
+        assert!(groups[2..].iter().all(|g| g["maxSoc"] == 95), "{r}");
+        assert_eq!(emu.raw_groups("SN"), stored, "reads add, storage does not");
+        emu.set_max_soc(None);
+        let r = read(&emu).await;
+        assert!(r["groups"][0].get("maxSoc").is_none(), "{r}");
+        assert_eq!(r["groups"][1]["maxSoc"], 80, "{r}");
+    }
+
+    #[tokio::test]
+    async fn result_null_answers_null_while_the_device_has_no_group() {
+        let mut config = quick_config();
+        config.result_null = true;
+        let emu = Emulator::start(config).await.expect("start");
+        let e = post(&emu, PATH_GET, json!({ "deviceSN": "SN" })).await;
+        assert_eq!(e["errno"], 0, "{e}");
+        assert!(e["result"].is_null(), "{e}");
+        assert_eq!(write_groups(&emu, vec![group(1, 2)]).await, ERRNO_OK);
+        assert_eq!(read(&emu).await["groups"][0]["startHour"], 1);
+        assert_eq!(write_groups(&emu, vec![]).await, ERRNO_OK);
+        assert!(read(&emu).await.is_null());
+        emu.set_result_null(false);
+        assert_eq!(read(&emu).await["groups"].as_array().map(Vec::len), Some(8));
+    }
+
+    #[tokio::test]
+    async fn app_only_group_starts_every_device_with_a_group_the_write_refuses() {
+        let mut config = quick_config();
+        config.app_only_group = true;
+        let emu = Emulator::start(config).await.expect("start");
+        emu.add_device("LATER");
+        for sn in ["SN", "LATER"] {
+            assert_eq!(emu.raw_groups(sn), vec![app_only_group()], "{sn}");
+        }
+        let g = &emu.groups("SN")[0];
+        assert_eq!(*g, Group::new(true, (6, 0), (6, 59), "SelfUse", 10, 10, 0));
+        assert_eq!(read(&emu).await["groups"][0]["fdPwr"], 0);
+        // Written back as read (less id and properties): refused.
+        assert_eq!(
+            write_groups(&emu, vec![app_only_group()]).await,
+            ERRNO_BAD_PARAMS
+        );
+        assert_eq!(emu.raw_groups("SN"), vec![app_only_group()]);
+
+        let plain = quick().await;
+        assert!(plain.raw_groups("SN").is_empty());
+        plain.seed_raw("SN", vec![group(1, 2)]);
+        plain.seed_app_only_group("SN");
+        plain.seed_app_only_group("SN");
+        assert_eq!(plain.raw_groups("SN"), vec![group(1, 2), app_only_group()]);
+    }
+
+    #[tokio::test]
+    async fn a_concurrent_writer_puts_back_the_list_before_our_write_plus_its_group() {
+        let mut config = quick_config();
+        config.concurrent_writer = 1;
+        let emu = Emulator::start(config).await.expect("start");
+        let before = vec![group(1, 2)];
+        emu.seed_raw("SN", before.clone());
+        assert_eq!(emu.concurrent_writes_left(), 1);
+        // Refused writes are not followed.
+        assert_eq!(
+            write_groups(&emu, vec![group(3, 2)]).await,
+            ERRNO_BAD_PARAMS
+        );
+        assert_eq!(emu.concurrent_writes_left(), 1);
+        // Ours is accepted, then overwritten.
+        assert_eq!(write_groups(&emu, vec![group(8, 9)]).await, ERRNO_OK);
+        assert_eq!(
+            emu.raw_groups("SN"),
+            vec![group(1, 2), concurrent_writer_group()]
+        );
+        assert_eq!(emu.concurrent_writes_left(), 0);
+        // Used up: the next write stands.
+        assert_eq!(write_groups(&emu, vec![group(8, 9)]).await, ERRNO_OK);
+        assert_eq!(emu.raw_groups("SN"), vec![group(8, 9)]);
+
+        let theirs = span((23, 0), (23, 59));
+        emu.set_concurrent_writer(2, theirs.clone());
+        assert_eq!(write_groups(&emu, vec![group(10, 11)]).await, ERRNO_OK);
+        assert_eq!(emu.raw_groups("SN"), vec![group(8, 9), theirs.clone()]);
+        assert_eq!(write_groups(&emu, vec![]).await, ERRNO_OK);
+        assert_eq!(
+            emu.raw_groups("SN"),
+            vec![group(8, 9), theirs.clone(), theirs.clone()]
+        );
+        assert_eq!(write_groups(&emu, vec![]).await, ERRNO_OK);
+        assert!(emu.raw_groups("SN").is_empty());
+        assert_eq!(emu.successful_calls(PATH_SET), 5);
     }
 
     #[tokio::test]
