@@ -1,22 +1,63 @@
-//! A FoxESS Open API emulator: the scheduler endpoints with the cloud's
-//! rules and quirks, for tests, the conformance suite and demos.
+//! A FoxESS Open API emulator: the scheduler endpoints and the device and
+//! plant detail with the cloud's rules and quirks, for tests, the
+//! conformance suite and demos. It is meant to be at least as strict as
+//! the real cloud.
 //!
-//! Enforced: the signature and `User-Agent` headers (errno 40256), the
-//! timestamp within a clock skew of the emulator's clock (errno 41809), a
-//! daily call budget per API key (errno 40402), one query a second and
-//! one update per 2 s per path, and a minimum spacing between writes per
-//! device (errno 40400), group invariants (errno 40257: all nine fields of
-//! a group, no `id`/`properties`, minute times with the end inclusive and
-//! not before the start so no midnight crossing, `fdSoc` ≥ 11,
-//! `minSocOnGrid` 10..=`fdSoc`, 0 < `fdPwr` ≤ the maximum, the slot
-//! count), overlaps between any two groups, disabled ones too (errno
-//! 42023), whole-list replace; groups are stored verbatim, extra fields
-//! included. Quirks: reads return groups re-ordered and with extra
-//! `id`/`properties` fields and `maxGroupCount`, padded with `Invalid`
-//! slots. Knobs on [`EmulatorHandle`] seed
-//! groups and the flag, inject HTTP failures, errnos and latency, and
-//! change the limits at run time. Two test switches on [`EmulatorConfig`]
-//! make it echo the API key in every answer or redirect every request.
+//! Endpoints: signed POSTs with a JSON body to `scheduler/get/flag`,
+//! `scheduler/set/flag`, `scheduler/get` and `scheduler/enable`; signed
+//! GETs to `/op/v0/device/detail?sn=SN` (`{deviceSN, stationID:
+//! "plant-SN", …}`, errno 41930 for an unknown device) and
+//! `/op/v0/plant/detail?id=plant-SN` (`{stationID, name}` plus
+//! `ianaTimezone` when [`EmulatorConfig::plant_timezone`] is set). The
+//! other method on any of these paths is HTTP 405, an unknown path 404.
+//!
+//! Enforced on every call, in this order:
+//! - the `token`, `timestamp`, `signature`, `lang` headers and (unless
+//!   [`EmulatorConfig::require_user_agent`] is off) a `User-Agent`, and
+//!   the signature over the path alone, never the query (errno 40256);
+//! - the timestamp within [`EmulatorConfig::max_clock_skew`] of the real
+//!   clock, either way (errno 41809);
+//! - a daily call budget per API key (errno 40402);
+//! - one call per [`EmulatorConfig::query_interval`] to each query path
+//!   (GETs included) and per [`EmulatorConfig::write_interval`] to each
+//!   update path, whatever the device (errno 40400), and
+//!   [`EmulatorConfig::min_write_interval`] between writes to one device
+//!   (errno 40400).
+//!
+//! Writes (`scheduler/enable`, errno 40257 unless said otherwise): body
+//! keys only `deviceSN` and `groups`; at most `max_slots` groups; each
+//! with all nine fields of a group and `enable` 0 or 1; `id` or
+//! `properties` refused, any other field (`maxSoc`, `extraParam`, …)
+//! accepted and stored verbatim; modes `Invalid`, `""` and unknown ones
+//! refused; what [`Group::write_problem`] refuses (minute times with an
+//! **inclusive** end not before the start, so no midnight crossing and
+//! 10:00–10:00 is one valid minute; `fdSoc` 11..=100; `minSocOnGrid`
+//! 10..=`fdSoc`, not `null`; `fdPwr` 1..=`max_power_w`); and any two
+//! groups sharing a minute, disabled ones too, give errno 42023 ("time
+//! overlap": 10:00–11:00 and 11:00–12:00 overlap). A write replaces the
+//! whole list.
+//!
+//! Reads (`scheduler/get`): `{enable, maxGroupCount, groups}`, each stored
+//! group verbatim plus `id` and `properties` (`{"fdpwr": {"unit": "W",
+//! "range": {"min": 0, "max": max_power_w}}}`), in
+//! [`EmulatorConfig::read_order`], padded up to the slot count as
+//! [`EmulatorConfig::placeholders`] says (`Invalid` slots by default).
+//! With [`EmulatorConfig::disable_passed`] (on by default) an enabled group
+//! whose last minute is before the current minute of the day in the plant
+//! time zone (UTC without one) reads `enable: 0`, the stored group
+//! unchanged; [`EmulatorHandle::set_now`] pins that "now".
+//!
+//! Test switches on [`EmulatorConfig`], off by default, most with a
+//! setter on [`EmulatorHandle`]: `null_min_soc_on_grid` (padding reads
+//! `minSocOnGrid: null`), `max_soc` (every group read carries a `maxSoc`),
+//! `result_null` (`result: null` for a device without groups),
+//! `app_only_group` (devices start with a group the write refuses,
+//! [`app_only_group`]), `concurrent_writer` (another client puts back the
+//! list as it was before each of our next N writes, plus its group),
+//! `echo_token` (every answer echoes the API key) and `redirect_to`
+//! (every request is redirected). Knobs on [`EmulatorHandle`] also seed
+//! groups (typed or raw JSON) and the flag, inject HTTP failures, errnos
+//! and latency, ignore writes, and change the limits at run time.
 //!
 //! Behind the crate's `emulator` feature: tests and demos enable it, the
 //! server does not contain it.
@@ -53,6 +94,7 @@ const GET_PATHS: [&str; 2] = [PATH_DEVICE_DETAIL, PATH_PLANT_DETAIL];
 pub enum ReadOrder {
     /// As last written.
     AsWritten,
+    /// The last written first (the default).
     Reversed,
     /// Sorted by work mode name, then start time.
     ByMode,
@@ -321,6 +363,7 @@ impl Drop for EmulatorHandle {
     }
 }
 
+/// Starts emulators: see [`Emulator::start`].
 #[derive(Debug)]
 pub struct Emulator;
 
@@ -374,6 +417,7 @@ impl EmulatorHandle {
         lock(&self.state)
     }
 
+    /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
