@@ -216,7 +216,9 @@ pub struct EmulatorConfig {
     /// many accepted `scheduler/enable` writes (errno 0, whatever the
     /// device), right after the write the stored list is replaced by the
     /// list as it was before that write plus [`concurrent_writer_group`]
-    /// (unchecked); each such write uses one up.
+    /// (unchecked); each such write uses one up. The write itself still
+    /// answers errno 0. Under [`EmulatorHandle::set_ignore_writes`]
+    /// neither write is applied, but the write still uses one up.
     /// [`EmulatorHandle::set_concurrent_writer`] sets the count again and
     /// the group.
     pub concurrent_writer: usize,
