@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use switchyard_drivers::foxess::emulator::{EmulatorConfig, ReadOrder};
+use switchyard_drivers::foxess::emulator::{EmulatorConfig, Placeholders, ReadOrder};
 
 /// Runs the emulator. Were a usage error accepted, it would serve until
 /// killed: after a deadline it is, and the test fails instead of hanging.
@@ -76,7 +76,16 @@ fn help_lists_every_flag_with_its_default() {
     let help = String::from_utf8(out.stdout).expect("utf-8 help");
     // The library's defaults, plus the CLI's own fixed listen address.
     let lib = EmulatorConfig::new("", &[]);
-    assert!(lib.pad_with_invalid && !lib.echo_token && lib.redirect_to.is_none());
+    // The switches documented as off or none are so in the library.
+    assert!(!lib.echo_token && lib.redirect_to.is_none());
+    assert!(!lib.null_min_soc_on_grid && !lib.result_null && !lib.app_only_group);
+    assert!(lib.max_soc.is_none() && lib.plant_timezone.is_none());
+    let placeholders = match lib.placeholders {
+        Placeholders::Invalid => "invalid",
+        Placeholders::EmptyMode => "empty-mode",
+        Placeholders::DisabledSelfUse => "disabled-self-use",
+        Placeholders::None => "none",
+    };
     let ms = |d: Duration| format!("[default: {}]", d.as_millis());
     let read_order = match lib.read_order {
         ReadOrder::Reversed => "reversed",
@@ -103,7 +112,21 @@ fn help_lists_every_flag_with_its_default() {
         ("--max-slots", format!("[default: {}]", lib.max_slots)),
         ("--max-power-w", format!("[default: {}]", lib.max_power_w)),
         ("--read-order", format!("[default: {read_order}]")),
+        ("--placeholders", format!("[default: {placeholders}]")),
         ("--no-padding", "default: off".to_owned()),
+        ("--null-min-soc-on-grid", "default: off".to_owned()),
+        ("--max-soc", "default: none".to_owned()),
+        ("--result-null", "default: off".to_owned()),
+        ("--app-only-group", "default: off".to_owned()),
+        (
+            "--concurrent-writer",
+            format!("[default: {}]", lib.concurrent_writer),
+        ),
+        (
+            "--disable-passed",
+            format!("[default: {}]", lib.disable_passed),
+        ),
+        ("--plant-timezone", "default: none".to_owned()),
         ("--echo-token", "default: off".to_owned()),
         ("--redirect-to", "default: none".to_owned()),
         ("--api-key", "required".to_owned()),
@@ -112,10 +135,19 @@ fn help_lists_every_flag_with_its_default() {
         let p = paragraph(&help, flag);
         assert!(p.contains(&default), "{flag} lacks {default:?}: {p}");
     }
-    for value in ["reversed", "by-mode", "as-written"] {
+    for (flag, value) in [
+        ("--read-order", "reversed"),
+        ("--read-order", "by-mode"),
+        ("--read-order", "as-written"),
+        ("--placeholders", "invalid"),
+        ("--placeholders", "empty-mode"),
+        ("--placeholders", "disabled-self-use"),
+        ("--placeholders", "none"),
+        ("--no-padding", "--placeholders none"),
+    ] {
         assert!(
-            paragraph(&help, "--read-order").contains(value),
-            "{value}: {help}"
+            paragraph(&help, flag).contains(value),
+            "{flag} {value}: {help}"
         );
     }
 }
@@ -134,6 +166,20 @@ fn usage_errors_exit_2_with_a_message() {
         (&["--redirect-to", "not a url"], "not a url"),
         (&["--require-user-agent", "maybe"], "maybe"),
         (&["--query-interval-ms", "-5"], "-5"),
+        (&["--placeholders", "sometimes"], "sometimes"),
+        (
+            &["--no-padding", "--placeholders", "none"],
+            "--placeholders",
+        ),
+        (&["--max-soc", "101"], "101"),
+        (&["--max-soc", "lots"], "lots"),
+        (&["--concurrent-writer", "two"], "two"),
+        (&["--concurrent-writer", "-1"], "-1"),
+        (&["--disable-passed", "maybe"], "maybe"),
+        (
+            &["--plant-timezone", "Mars/Olympus_Mons"],
+            "Mars/Olympus_Mons",
+        ),
     ] {
         let port: &[&str] = match extra {
             ["--listen", ..] => &[],

@@ -6,9 +6,27 @@
 //!     [--min-write-interval-ms 5000] [--query-interval-ms 1000]
 //!     [--write-interval-ms 2000] [--max-clock-skew-ms 600000]
 //!     [--require-user-agent true|false] [--max-slots 8] [--max-power-w 6000]
-//!     [--read-order reversed|by-mode|as-written] [--no-padding]
+//!     [--read-order reversed|by-mode|as-written]
+//!     [--placeholders invalid|empty-mode|disabled-self-use|none | --no-padding]
+//!     [--plant-timezone ZONE] [--disable-passed true|false]
+//!     [--null-min-soc-on-grid] [--max-soc N] [--result-null]
+//!     [--app-only-group] [--concurrent-writer N]
 //!     [--echo-token] [--redirect-to URL]
 //! ```
+//!
+//! It serves the scheduler POSTs (`scheduler/get/flag`, `set/flag`,
+//! `get`, `enable`) and the device and plant detail GETs, with the cloud's
+//! checks: headers and signature (errno 40256), timestamp skew (41809),
+//! daily budget (40402), per-path and per-device spacing (40400), group
+//! invariants (40257) and overlaps with inclusive ends, disabled groups
+//! included (42023). Reads pad unused slots (`--placeholders`), report
+//! `maxGroupCount` and the `fdpwr` range, and report passed groups
+//! disabled in the plant's time zone (`--disable-passed`,
+//! `--plant-timezone`). The remaining switches reproduce odd answers of
+//! the real cloud (`--null-min-soc-on-grid`, `--max-soc`, `--result-null`,
+//! `--app-only-group`), another client racing ours
+//! (`--concurrent-writer`), or test the client's hygiene (`--echo-token`,
+//! `--redirect-to`).
 //!
 //! `foxess-emulator --help` describes every flag and its default. The
 //! defaults are read from [`EmulatorConfig::new`], so the command line
@@ -18,7 +36,7 @@
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
 use clap::{Parser, ValueEnum};
-use switchyard_drivers::foxess::emulator::{Emulator, EmulatorConfig, ReadOrder};
+use switchyard_drivers::foxess::emulator::{Emulator, EmulatorConfig, Placeholders, ReadOrder};
 
 /// Emulates the FoxESS Open API scheduler endpoints, with the cloud's
 /// limits and quirks, for demos and manual tests.
@@ -75,10 +93,48 @@ struct Cli {
     /// Order of the groups on read (the real cloud reorders them).
     #[arg(long, value_enum, default_value_t = defaults().read_order.into())]
     read_order: ReadOrderArg,
-    /// Reads return only the stored groups (default: off, reads pad the
-    /// list with `Invalid` slots up to --max-slots, like the real cloud).
-    #[arg(long)]
+    /// What reads pad the group list with, up to --max-slots (the real
+    /// cloud has been seen answering each).
+    #[arg(long, value_enum, default_value_t = defaults().placeholders.into())]
+    placeholders: PlaceholdersArg,
+    /// Reads return only the stored groups: the same as `--placeholders
+    /// none` (default: off).
+    #[arg(long, conflicts_with = "placeholders")]
     no_padding: bool,
+    /// Padding slots read with `minSocOnGrid: null`, as the cloud sometimes
+    /// answers (default: off).
+    #[arg(long)]
+    null_min_soc_on_grid: bool,
+    /// Reads carry `maxSoc` on every group, as v1 answers do: the written
+    /// value where a group was written with one, else N (default: none,
+    /// only written `maxSoc` fields are read back).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i64).range(0..=100))]
+    max_soc: Option<i64>,
+    /// `scheduler/get` answers `result: null` while a device has no group,
+    /// as the cloud does when the mode was set in the app (default: off).
+    #[arg(long)]
+    result_null: bool,
+    /// Every device starts with a group set in the app that the write
+    /// endpoint refuses: SelfUse 06:00-06:59, enabled, minSocOnGrid 10,
+    /// fdSoc 10, fdPwr 0 (default: off).
+    #[arg(long)]
+    app_only_group: bool,
+    /// Another read-modify-write client races the next N accepted group
+    /// writes: right after each, the list is put back as it was before it,
+    /// plus a Feedin 05:00-05:29 group (0: no such client).
+    #[arg(long, value_name = "N", default_value_t = defaults().concurrent_writer)]
+    concurrent_writer: usize,
+    /// Whether reads report an enabled group whose last minute has passed
+    /// today (in the plant's time zone) with `enable: 0`, as the cloud
+    /// does; the stored group is unchanged.
+    #[arg(long, value_name = "BOOL", default_value_t = defaults().disable_passed,
+          action = clap::ArgAction::Set)]
+    disable_passed: bool,
+    /// The plants' IANA time zone, e.g. Europe/London: reported as
+    /// `ianaTimezone` by the plant detail, and the local time of
+    /// --disable-passed (default: none, no `ianaTimezone`, and UTC).
+    #[arg(long, value_name = "ZONE", value_parser = parse_zone)]
+    plant_timezone: Option<String>,
     /// Test switch (default: off): every JSON answer carries the `token`
     /// header it received in its `msg`, like an OEM echoing the API key.
     #[arg(long)]
@@ -99,6 +155,41 @@ enum ReadOrderArg {
     ByMode,
     /// As last written.
     AsWritten,
+}
+
+/// `--placeholders` values; a mirror of [`Placeholders`].
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum PlaceholdersArg {
+    /// Disabled 00:00-00:00 slots in mode `Invalid`.
+    Invalid,
+    /// The same with mode "".
+    EmptyMode,
+    /// Disabled zero-length 00:00-00:00 SelfUse slots.
+    DisabledSelfUse,
+    /// No padding.
+    None,
+}
+
+impl From<Placeholders> for PlaceholdersArg {
+    fn from(p: Placeholders) -> Self {
+        match p {
+            Placeholders::Invalid => Self::Invalid,
+            Placeholders::EmptyMode => Self::EmptyMode,
+            Placeholders::DisabledSelfUse => Self::DisabledSelfUse,
+            Placeholders::None => Self::None,
+        }
+    }
+}
+
+impl From<PlaceholdersArg> for Placeholders {
+    fn from(p: PlaceholdersArg) -> Self {
+        match p {
+            PlaceholdersArg::Invalid => Self::Invalid,
+            PlaceholdersArg::EmptyMode => Self::EmptyMode,
+            PlaceholdersArg::DisabledSelfUse => Self::DisabledSelfUse,
+            PlaceholdersArg::None => Self::None,
+        }
+    }
 }
 
 impl From<ReadOrder> for ReadOrderArg {
@@ -141,6 +232,14 @@ fn parse_url(s: &str) -> Result<String, String> {
         .map_err(|e| format!("not a URL: {e}"))
 }
 
+/// Refuses a zone the time zone database does not know, so a typo is a
+/// usage error rather than a silent UTC.
+fn parse_zone(s: &str) -> Result<String, String> {
+    jiff::tz::TimeZone::get(s)
+        .map(|_| s.to_owned())
+        .map_err(|_| "not an IANA time zone name (e.g. Europe/London)".to_owned())
+}
+
 impl Cli {
     fn into_config(self) -> EmulatorConfig {
         let mut config = EmulatorConfig::new(self.api_key, &[]);
@@ -155,7 +254,18 @@ impl Cli {
         config.max_slots = self.max_slots;
         config.max_power_w = self.max_power_w;
         config.read_order = self.read_order.into();
-        config.pad_with_invalid = !self.no_padding;
+        config.placeholders = if self.no_padding {
+            Placeholders::None
+        } else {
+            self.placeholders.into()
+        };
+        config.null_min_soc_on_grid = self.null_min_soc_on_grid;
+        config.max_soc = self.max_soc;
+        config.result_null = self.result_null;
+        config.app_only_group = self.app_only_group;
+        config.concurrent_writer = self.concurrent_writer;
+        config.disable_passed = self.disable_passed;
+        config.plant_timezone = self.plant_timezone;
         config.echo_token = self.echo_token;
         config.redirect_to = self.redirect_to;
         config
@@ -251,7 +361,14 @@ mod tests {
         assert_eq!(c.max_slots, d.max_slots);
         assert_eq!(c.max_power_w, d.max_power_w);
         assert_eq!(c.read_order, d.read_order);
-        assert_eq!(c.pad_with_invalid, d.pad_with_invalid);
+        assert_eq!(c.placeholders, d.placeholders);
+        assert_eq!(c.null_min_soc_on_grid, d.null_min_soc_on_grid);
+        assert_eq!(c.max_soc, d.max_soc);
+        assert_eq!(c.result_null, d.result_null);
+        assert_eq!(c.app_only_group, d.app_only_group);
+        assert_eq!(c.concurrent_writer, d.concurrent_writer);
+        assert_eq!(c.disable_passed, d.disable_passed);
+        assert_eq!(c.plant_timezone, d.plant_timezone);
         assert_eq!(c.echo_token, d.echo_token);
         assert_eq!(c.redirect_to, d.redirect_to);
     }
@@ -286,6 +403,17 @@ mod tests {
             "--read-order",
             "by-mode",
             "--no-padding",
+            "--null-min-soc-on-grid",
+            "--max-soc",
+            "95",
+            "--result-null",
+            "--app-only-group",
+            "--concurrent-writer",
+            "3",
+            "--disable-passed",
+            "false",
+            "--plant-timezone",
+            "Europe/London",
             "--echo-token",
             "--redirect-to",
             "http://127.0.0.1:9/x",
@@ -301,7 +429,14 @@ mod tests {
         assert_eq!(c.max_slots, 4);
         assert_eq!(c.max_power_w, 1200);
         assert_eq!(c.read_order, ReadOrder::ByMode);
-        assert!(!c.pad_with_invalid);
+        assert_eq!(c.placeholders, Placeholders::None);
+        assert!(c.null_min_soc_on_grid);
+        assert_eq!(c.max_soc, Some(95));
+        assert!(c.result_null);
+        assert!(c.app_only_group);
+        assert_eq!(c.concurrent_writer, 3);
+        assert!(!c.disable_passed);
+        assert_eq!(c.plant_timezone.as_deref(), Some("Europe/London"));
         assert!(c.echo_token);
         assert_eq!(c.redirect_to.as_deref(), Some("http://127.0.0.1:9/x"));
         assert_eq!(
@@ -316,5 +451,29 @@ mod tests {
             .read_order,
             ReadOrder::AsWritten
         );
+        for (value, p) in [
+            ("invalid", Placeholders::Invalid),
+            ("empty-mode", Placeholders::EmptyMode),
+            ("disabled-self-use", Placeholders::DisabledSelfUse),
+            ("none", Placeholders::None),
+        ] {
+            let c = config(&["--api-key", "k", "--device", "A", "--placeholders", value]);
+            assert_eq!(c.placeholders, p, "{value}");
+        }
+    }
+
+    #[test]
+    fn no_padding_and_placeholders_do_not_mix() {
+        let args = [
+            "foxess-emulator",
+            "--api-key",
+            "k",
+            "--device",
+            "A",
+            "--no-padding",
+            "--placeholders",
+            "invalid",
+        ];
+        assert!(Cli::try_parse_from(args).is_err());
     }
 }
