@@ -160,8 +160,10 @@ impl Rig {
         }
     }
 
-    /// A driver whose clock reads `now`.
+    /// A driver whose clock reads `now`; the emulator's clock (for the
+    /// groups whose time has passed today) reads it too.
     fn driver_at(&self, now: Timestamp) -> Arc<dyn Driver> {
+        self.emu.set_now(Some(now));
         pinned(self.factory.clone(), now)
             .build(&self.spec())
             .unwrap()
@@ -914,7 +916,10 @@ async fn one_inverter_reached_through_two_key_references_is_locked_once() {
 fn v1_group(sh: i64, eh: i64, mode: WorkMode) -> Group {
     let mut g = g(sh, 0, eh, 0, mode);
     g.extra.insert("maxSoc".into(), serde_json::json!(95));
-    g.extra.insert("extraParam".into(), serde_json::json!({"importLimit": 3000}));
+    g.extra.insert(
+        "extraParam".into(),
+        serde_json::json!({"importLimit": 3000}),
+    );
     g
 }
 
@@ -973,7 +978,11 @@ async fn a_foreign_group_the_cloud_would_refuse_is_never_rewritten_silently() {
     r.clear_native_scheduler = true;
     let out = d.apply(&r).await.unwrap();
     assert!(out.verified, "{out:?}");
-    assert!(out.raw.contains("cleared 1 foreign group(s)"), "{}", out.raw);
+    assert!(
+        out.raw.contains("cleared 1 foreign group(s)"),
+        "{}",
+        out.raw
+    );
     assert_eq!(
         windows(&rig.groups()),
         vec![w("02:00", "03:00", WorkMode::ForceCharge)]
@@ -1031,7 +1040,10 @@ async fn the_scheduler_flag_is_left_as_found_by_the_last_revert() {
     let b = req("f2", Command::Charge, at(0, 4, 0), Some(at(0, 5, 0)));
     let d = rig.driver_for(&a);
     let out_a = d.apply(&a).await.unwrap();
-    assert!(rig.emu.flag(SN), "on while switchyard's groups are in force");
+    assert!(
+        rig.emu.flag(SN),
+        "on while switchyard's groups are in force"
+    );
     let mut b = b;
     b.live = vec![applied("f1", &out_a)];
     let out_b = d.apply(&b).await.unwrap();
@@ -1046,7 +1058,9 @@ async fn the_scheduler_flag_is_left_as_found_by_the_last_revert() {
     .unwrap();
     assert!(rig.emu.flag(SN));
     // The last one turns it off again, as it was found; b had found it on
-    // (a had turned it on) and still restores the homeowner's "off".
+    // (a had turned it on) and still restores the homeowner's "off". (No
+    // other action is live any more.)
+    b.live = Vec::new();
     let out = d
         .revert(&RevertRequest {
             applied: b,
@@ -1080,7 +1094,8 @@ async fn turning_the_flag_on_says_which_dormant_foreign_groups_it_wakes() {
     let d = rig.driver_for(&r);
     let out = d.apply(&r).await.unwrap();
     assert!(
-        out.raw.contains("1 dormant foreign group(s) in force (ForceDischarge 18:00-19:00)"),
+        out.raw
+            .contains("1 dormant foreign group(s) in force (ForceDischarge 18:00-19:00)"),
         "{}",
         out.raw
     );
@@ -1115,7 +1130,10 @@ async fn identical_pair(
     let mut second = req("i2", Command::Charge, at(0, 2, 0), Some(at(0, 3, 0)));
     second.live = vec![applied("i1", &out1)];
     let out2 = d.apply(&second).await.unwrap();
-    assert!(out2.verified && out2.raw.contains("already in place"), "{out2:?}");
+    assert!(
+        out2.verified && out2.raw.contains("already in place"),
+        "{out2:?}"
+    );
     assert_eq!(rig.groups().len(), 1);
     (first, out1, second, out2)
 }
@@ -1135,9 +1153,15 @@ async fn identical_groups_of_two_actions_outlive_the_first_revert_in_either_orde
         .await
         .unwrap();
     assert!(out.verified, "{out:?}");
-    assert!(out.raw.contains("left in place for another live action"), "{}", out.raw);
+    assert!(
+        out.raw.contains("left in place for another live action"),
+        "{}",
+        out.raw
+    );
     assert_eq!(rig.groups().len(), 1, "the second action's group stays");
     assert!(rig.emu.flag(SN));
+    let mut second = second;
+    second.live = Vec::new();
     d.revert(&RevertRequest {
         applied: second,
         memo: out2.memo,
@@ -1186,7 +1210,11 @@ async fn a_revert_removes_what_the_memo_says_even_after_the_timezone_changed() {
         })
         .await
         .unwrap();
-    assert_eq!(rig.groups().len(), 1, "recomputed from the request: missed ({recomputed:?})");
+    assert_eq!(
+        rig.groups().len(),
+        1,
+        "recomputed from the request: missed ({recomputed:?})"
+    );
     let out = moved
         .revert(&RevertRequest {
             applied: r,
@@ -1207,7 +1235,8 @@ async fn the_devices_own_power_limit_and_slot_count_come_from_the_cloud() {
     // Settings say 6000 W and 8 slots; the cloud says 5000 W and 2.
     let r = req("p1", Command::Charge, at(0, 2, 0), Some(at(0, 3, 0)));
     let d = rig.driver_for(&r);
-    let out = d.apply(&r).await.unwrap();
+    let r = req("p1", Command::Charge, at(0, 10, 0), Some(at(0, 11, 0)));
+    let out = rig.driver_for(&r).apply(&r).await.unwrap();
     assert!(out.verified, "{out:?}");
     assert_eq!(rig.groups()[0].fd_pwr, 5000, "full power is the device's");
     let mut big = req("p2", Command::Discharge, at(0, 4, 0), Some(at(0, 5, 0)));
@@ -1235,7 +1264,10 @@ async fn a_plant_in_another_time_zone_refuses_the_device_as_misconfigured() {
     let err = rig.driver_for(&r).apply(&r).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::Misconfigured, "{err:?}");
     assert_eq!(err.code(), "DEVICE_MISCONFIGURED");
-    assert!(err.message.contains("Europe/London") && err.message.contains(TZ), "{err:?}");
+    assert!(
+        err.message.contains("Europe/London") && err.message.contains(TZ),
+        "{err:?}"
+    );
     assert_eq!(rig.emu.successful_calls(PATH_SET), 0);
     // The same zone passes (a fresh factory: the answer is cached).
     let rig = Rig::new().await;
@@ -1285,7 +1317,11 @@ async fn a_concurrent_writer_is_merged_once_then_reported_retryable() {
     let d = rig.driver_for(&r);
     let out = d.apply(&r).await.unwrap();
     assert!(out.verified, "{out:?}");
-    assert!(out.raw.contains("another writer changed the groups"), "{}", out.raw);
+    assert!(
+        out.raw.contains("another writer changed the groups"),
+        "{}",
+        out.raw
+    );
     assert_eq!(
         windows(&rig.groups()),
         vec![
@@ -1301,7 +1337,11 @@ async fn a_concurrent_writer_is_merged_once_then_reported_retryable() {
     assert_eq!(err.kind, ErrorKind::Contended, "{err:?}");
     assert!(err.retryable());
     assert_eq!(err.code(), "OEM_CONCURRENT_WRITE");
-    assert_eq!(rig.emu.successful_calls(PATH_SET), 2, "one write and one redo");
+    assert_eq!(
+        rig.emu.successful_calls(PATH_SET),
+        2,
+        "one write and one redo"
+    );
 }
 
 // ---------------------------------------------------------------- settings & secrets

@@ -779,10 +779,14 @@ mod tests {
         let shared = g(10, 11, WorkMode::ForceCharge);
         let mine = vec![shared.clone(), g(12, 13, WorkMode::ForceCharge)];
         let current = vec![shared.clone(), mine[1].clone(), g(5, 6, WorkMode::SelfUse)];
-        let left = plan_revert(&current, &mine, &[shared.clone()]).unwrap();
+        let left = plan_revert(&current, &mine, std::slice::from_ref(&shared)).unwrap();
         assert_eq!(left, vec![shared.clone(), g(5, 6, WorkMode::SelfUse)]);
         assert_eq!(
-            plan_revert(&[shared.clone()], &[shared.clone()], &[shared]),
+            plan_revert(
+                std::slice::from_ref(&shared),
+                std::slice::from_ref(&shared),
+                std::slice::from_ref(&shared)
+            ),
             None
         );
     }
@@ -798,7 +802,13 @@ mod tests {
             &[a.clone(), b.clone()],
             &[b.clone(), pad, a_off]
         ));
-        assert!(!same_groups(&[a.clone(), b.clone()], &[a.clone()]));
-        assert!(!same_groups(&[a.clone()], &[a.clone(), a]));
+        assert!(!same_groups(
+            &[a.clone(), b.clone()],
+            std::slice::from_ref(&a)
+        ));
+        assert!(!same_groups(
+            std::slice::from_ref(&a),
+            &[a.clone(), a.clone()]
+        ));
     }
 }
