@@ -1233,8 +1233,6 @@ async fn the_devices_own_power_limit_and_slot_count_come_from_the_cloud() {
     config.max_slots = 2;
     let rig = Rig::with(config, KEY).await;
     // Settings say 6000 W and 8 slots; the cloud says 5000 W and 2.
-    let r = req("p1", Command::Charge, at(0, 2, 0), Some(at(0, 3, 0)));
-    let d = rig.driver_for(&r);
     let r = req("p1", Command::Charge, at(0, 10, 0), Some(at(0, 11, 0)));
     let out = rig.driver_for(&r).apply(&r).await.unwrap();
     assert!(out.verified, "{out:?}");

@@ -12,7 +12,7 @@ use switchyard_proto::v1::{
     self as pb, ActionState as St, Command, action_service_client::ActionServiceClient,
     device_service_client::DeviceServiceClient,
 };
-use switchyard_tests::{ServerProcess, action, expect_error, push};
+use switchyard_tests::{ServerProcess, expect_error, push};
 use tonic::{Code, transport::Channel};
 
 const KEY: &str = "fx-SECRET-9d2e-never-shown";
@@ -222,7 +222,7 @@ async fn an_oem_that_echoes_the_key_never_gets_it_shown_anywhere() {
         "observed on create through the echoing emulator"
     );
     let done = push_and_settle(&mut actions, &id, Command::Charge).await;
-    assert_eq!(done.state, St::Completed as i32, "{done:?}");
+    assert_eq!(done.state, St::Active as i32, "{done:?}");
     // The emulator really echoed the key, and what was kept says so.
     assert!(
         r.emu
@@ -237,10 +237,29 @@ async fn an_oem_that_echoes_the_key_never_gets_it_shown_anywhere() {
         "{}",
         done.oem_response
     );
-    // An error answer that echoes it too.
+    // An error answer that echoes it too, on a second inverter (the first
+    // one's channel is taken for the hour). Its apply's first call, the
+    // plant lookup, gives up on a refusal; the second, the flag, fails it.
+    r.emu.add_device("SN-SEC-2");
+    let mut second = foxess(&[
+        ("base_url", &r.emu.base_url()),
+        ("api_key_ref", "file:foxess-key"),
+        ("min_write_interval_ms", "0"),
+        ("min_query_interval_ms", "0"),
+        ("min_update_interval_ms", "0"),
+    ]);
+    if let Some(d) = second.device.as_mut() {
+        d.oem_device_id = "SN-SEC-2".into();
+    }
+    let id2 = devices
+        .create_device(second)
+        .await
+        .unwrap()
+        .into_inner()
+        .device_id;
     r.emu
-        .fail_next_errno(1, 40257, &format!("bad request from {KEY}"));
-    let failed = push_and_settle(&mut actions, &id, Command::Idle).await;
+        .fail_next_errno(2, 40257, &format!("bad request from {KEY}"));
+    let failed = push_and_settle(&mut actions, &id2, Command::Idle).await;
     assert_eq!(failed.error_code, "OEM_REJECTED", "{failed:?}");
 
     // Nowhere: answers, listings, the device, errors.
@@ -281,9 +300,9 @@ async fn an_oem_that_echoes_the_key_never_gets_it_shown_anywhere() {
     assert_no_key_in_log(&mut r.server);
 }
 
-/// Pushes an immediate `command` and waits for the server's own
-/// dispatcher to settle it (it applies one within about a second: no
-/// schedule is involved); the action as it ended.
+/// Pushes `command` for the hour from now and waits for the server's own
+/// dispatcher to apply it (within about a second: it is due at once); the
+/// action as it was applied (ACTIVE) or failed.
 async fn push_and_settle(
     actions: &mut ActionServiceClient<Channel>,
     device: &str,
@@ -292,7 +311,21 @@ async fn push_and_settle(
     let a = actions
         .push_action(push(
             device,
-            action(command, None, None),
+            {
+                // No start: from now, until the end.
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs() as i64;
+                pb::Action {
+                    command: command as i32,
+                    end_time: Some(prost_types::Timestamp {
+                        seconds: now + 3600,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                }
+            },
             Default::default(),
         ))
         .await
@@ -310,7 +343,7 @@ async fn push_and_settle(
             .await
             .unwrap()
             .into_inner();
-        if got.state == St::Completed as i32 || got.state == St::Failed as i32 {
+        if got.state == St::Active as i32 || got.state == St::Failed as i32 {
             return got;
         }
         assert!(
