@@ -1267,6 +1267,11 @@ async fn a_plant_in_another_time_zone_refuses_the_device_as_misconfigured() {
         "{err:?}"
     );
     assert_eq!(rig.emu.successful_calls(PATH_SET), 0);
+    // A name this server cannot resolve is not a reason to refuse.
+    let rig = Rig::new().await;
+    rig.emu
+        .set_plant_timezone(Some("Mars/Olympus_Mons".to_owned()));
+    assert!(rig.driver_for(&r).apply(&r).await.unwrap().verified);
     // The same zone passes (a fresh factory: the answer is cached).
     let rig = Rig::new().await;
     rig.emu.set_plant_timezone(Some(TZ.to_owned()));
@@ -1339,6 +1344,122 @@ async fn a_concurrent_writer_is_merged_once_then_reported_retryable() {
         rig.emu.successful_calls(PATH_SET),
         2,
         "one write and one redo"
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_mode_from_a_newer_firmware_is_kept_verbatim_and_blocks_nothing() {
+    let rig = Rig::new().await;
+    let newer = serde_json::json!({
+        "enable": 1, "startHour": 12, "startMinute": 0, "endHour": 12, "endMinute": 59,
+        "workMode": "PeakShaving", "minSocOnGrid": 10, "fdSoc": 10, "fdPwr": 0,
+        "maxSoc": 90, "peakLimit": 4000
+    });
+    let placeholder = serde_json::json!({
+        "enable": 0, "startHour": 0, "startMinute": 0, "endHour": 0, "endMinute": 0,
+        "workMode": "", "minSocOnGrid": null, "fdSoc": 10, "fdPwr": 0
+    });
+    rig.emu.seed_raw(SN, vec![newer.clone(), placeholder]);
+    let r = req("m1", Command::Charge, at(0, 2, 0), Some(at(0, 3, 0)));
+    let d = rig.driver_for(&r);
+    let out = d.apply(&r).await.unwrap();
+    assert!(out.verified, "{out:?}");
+    let stored = rig.emu.raw_groups(SN);
+    assert_eq!(
+        stored.len(),
+        2,
+        "the placeholder is not written back: {stored:?}"
+    );
+    assert!(stored.contains(&newer), "kept verbatim: {stored:?}");
+    d.revert(&RevertRequest {
+        applied: r,
+        memo: out.memo,
+    })
+    .await
+    .unwrap();
+    assert_eq!(rig.emu.raw_groups(SN), vec![newer]);
+}
+
+#[tokio::test]
+async fn a_revert_blocked_by_an_app_only_group_says_which_and_clears_it_only_if_authorised() {
+    let rig = Rig::new().await;
+    let mut r = req("rv1", Command::Charge, at(0, 2, 0), Some(at(0, 3, 0)));
+    let d = rig.driver_for(&r);
+    let out = d.apply(&r).await.unwrap();
+    // While the action is in force, the homeowner adds a group in the app
+    // that the write endpoint would refuse.
+    rig.emu.seed_app_only_group(SN);
+    let rev = |r: &ApplyRequest| RevertRequest {
+        applied: r.clone(),
+        memo: out.memo.clone(),
+    };
+    let err = d.revert(&rev(&r)).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::ForeignUnwritable, "{err:?}");
+    assert!(err.message.contains("SelfUse 06:00-07:00"), "{err:?}");
+    assert_eq!(rig.groups().len(), 2, "nothing written");
+    // Pushed with CANCEL_AND_REPLACE: the revert may clear it.
+    r.clear_native_scheduler = true;
+    let out = d.revert(&rev(&r)).await.unwrap();
+    assert!(out.verified, "{out:?}");
+    assert!(
+        out.raw.contains("cleared 1 foreign group(s)"),
+        "{}",
+        out.raw
+    );
+    assert!(rig.groups().is_empty());
+}
+
+#[tokio::test]
+async fn a_daily_window_lands_on_the_same_wall_clock_minutes_across_both_dst_sundays() {
+    let berlin = TimeZone::get(TZ).unwrap();
+    let local =
+        |y: i16, mo: i8, d: i8, h: i8| berlin.to_timestamp(date(y, mo, d).at(h, 0, 0, 0)).unwrap();
+    // 2027-03-28 and 2027-10-31: the last Sundays of March and October.
+    for (mo, d) in [(3, 27), (3, 28), (3, 29), (10, 30), (10, 31), (11, 1)] {
+        let rig = Rig::new().await;
+        let r = req(
+            "dst",
+            Command::Charge,
+            local(2027, mo, d, 17),
+            Some(local(2027, mo, d, 19)),
+        );
+        let out = rig.driver_for(&r).apply(&r).await.unwrap();
+        assert!(out.verified, "{out:?}");
+        assert_eq!(
+            windows(&rig.groups()),
+            vec![w("17:00", "19:00", WorkMode::ForceCharge)],
+            "2027-{mo}-{d}"
+        );
+    }
+    // The nights the clocks change: 01:00-04:00 local.
+    let rig = Rig::new().await;
+    let r = req(
+        "dst",
+        Command::Charge,
+        local(2027, 3, 28, 1),
+        Some(local(2027, 3, 28, 4)),
+    );
+    rig.driver_for(&r).apply(&r).await.unwrap();
+    assert_eq!(
+        windows(&rig.groups()),
+        vec![
+            w("01:00", "02:00", WorkMode::ForceCharge),
+            w("03:00", "04:00", WorkMode::ForceCharge)
+        ],
+        "02:00-03:00 does not exist that night"
+    );
+    let rig = Rig::new().await;
+    let r = req(
+        "dst",
+        Command::Charge,
+        local(2027, 10, 31, 1),
+        Some(local(2027, 10, 31, 4)),
+    );
+    rig.driver_for(&r).apply(&r).await.unwrap();
+    assert_eq!(
+        windows(&rig.groups()),
+        vec![w("01:00", "04:00", WorkMode::ForceCharge)],
+        "02:00-03:00 happens twice that night, written once"
     );
 }
 

@@ -939,7 +939,7 @@ fn answer(
                 "groups": read_view(sn, dev, &config, minute_now),
             }),
         ),
-        _ => match validate_write(&body, &config) {
+        _ => match validate_write(&body, &config, &firmware_modes(dev)) {
             Ok(groups) => {
                 // The other client read the list before this write and
                 // writes it back, plus its group, right after.
@@ -1111,9 +1111,27 @@ fn decorate(group: &mut serde_json::Map<String, Value>, id: String, config: &Emu
     }
 }
 
+/// Work modes this emulator does not know that the device's stored groups
+/// already use: a newer firmware's modes (seeded by a test), which the
+/// cloud accepts back as they are.
+fn firmware_modes(dev: &Inverter) -> Vec<String> {
+    dev.groups
+        .iter()
+        .filter_map(Group::from_wire)
+        .filter(|g| g.mode().is_none() && !g.work_mode.trim().is_empty())
+        .map(|g| g.work_mode)
+        .collect()
+}
+
 /// Checks a `scheduler/enable` body the way the cloud does and returns
-/// the groups to store, verbatim; `Err` is the errno.
-fn validate_write(body: &Value, config: &EmulatorConfig) -> Result<Vec<Value>, i64> {
+/// the groups to store, verbatim; `Err` is the errno. A group in one of
+/// `firmware_modes` (the device's own, unknown here) is not judged by the
+/// rules of the known modes.
+fn validate_write(
+    body: &Value,
+    config: &EmulatorConfig,
+    firmware_modes: &[String],
+) -> Result<Vec<Value>, i64> {
     let obj = body.as_object().ok_or(ERRNO_BAD_PARAMS)?;
     if obj.keys().any(|k| k != "deviceSN" && k != "groups") {
         return Err(ERRNO_BAD_PARAMS);
@@ -1141,7 +1159,8 @@ fn validate_write(body: &Value, config: &EmulatorConfig) -> Result<Vec<Value>, i
         // `Invalid`, "" and unknown modes, bad times, fdSoc, minSocOnGrid
         // (null included) and fdPwr.
         let g = Group::from_wire(v).ok_or(ERRNO_BAD_PARAMS)?;
-        if g.write_problem(config.max_power_w).is_some() {
+        let firmwares = g.mode().is_none() && firmware_modes.contains(&g.work_mode);
+        if !firmwares && g.write_problem(config.max_power_w).is_some() {
             return Err(ERRNO_BAD_PARAMS);
         }
         groups.push(g);
@@ -1176,7 +1195,7 @@ mod tests {
 
     fn write(groups: Vec<Value>) -> Result<Vec<Value>, i64> {
         let config = EmulatorConfig::new("k", &["SN"]);
-        validate_write(&json!({ "deviceSN": "SN", "groups": groups }), &config)
+        validate_write(&json!({ "deviceSN": "SN", "groups": groups }), &config, &[])
     }
 
     fn with(field: &str, v: Value) -> Value {
@@ -1256,7 +1275,7 @@ mod tests {
             json!([group(1, 2)]),
         ] {
             assert_eq!(
-                validate_write(&body, &config),
+                validate_write(&body, &config, &[]),
                 Err(ERRNO_BAD_PARAMS),
                 "{body}"
             );

@@ -477,11 +477,12 @@ impl Foxess {
             },
         };
         let Some(name) = reported else { return Ok(()) };
-        let same = TimeZone::get(&name)
-            .ok()
-            .and_then(|t| t.iana_name().map(str::to_owned))
-            .is_some_and(|n| Some(n.as_str()) == self.tz.iana_name());
-        if same {
+        // A name this server's time-zone database does not know cannot be
+        // compared: no refusal on a guess.
+        let Ok(plant) = TimeZone::get(&name) else {
+            return Ok(());
+        };
+        if plant.iana_name().is_some() && plant.iana_name() == self.tz.iana_name() {
             return Ok(());
         }
         Err(DriverError::new(
@@ -597,7 +598,7 @@ impl Foxess {
         clear: bool,
         log: &mut Vec<String>,
     ) -> Result<(ApplyPlan, Result<GroupsRead, GroupsRead>), DriverError> {
-        let (max_slots, max_power_w) = self.limits(current);
+        let (max_slots, _) = self.limits(current);
         let plan = plan_apply(
             &current.groups,
             &Context {
@@ -605,7 +606,9 @@ impl Foxess {
                 switchyards,
                 clear,
                 max_slots,
-                max_power_w,
+                // Foreign groups are judged by the device's own limit (the
+                // settings bound only what switchyard writes).
+                max_power_w: current.max_power_w.unwrap_or(i64::MAX),
             },
         )?;
         if plan.write {
@@ -910,6 +913,36 @@ impl Driver for Foxess {
         let mut log = Vec::new();
         let removed = match plan_revert(&current.groups, &mine, &keep) {
             Some(list) => {
+                // The rest goes back as read: a foreign group the cloud
+                // would refuse blocks the write (named), unless the push
+                // authorised clearing foreign groups.
+                let rest: Vec<&Group> = list.iter().collect();
+                let bad = plan::unwritable(&rest, &keep, current.max_power_w.unwrap_or(i64::MAX));
+                let cleared: Vec<Group> =
+                    plan::clear_or_refuse(&bad, applied.clear_native_scheduler, &keep)?
+                        .into_iter()
+                        .cloned()
+                        .collect();
+                // switchyard's own groups of other actions go back enabled
+                // (one whose time has passed today may read disabled).
+                let list: Vec<Group> = list
+                    .into_iter()
+                    .filter(|g| !cleared.contains(g))
+                    .map(|mut g| {
+                        if keep.iter().any(|k| same_content(k, &g)) {
+                            g.enable = 1;
+                        }
+                        g
+                    })
+                    .collect();
+                if !cleared.is_empty() {
+                    log.push(format!(
+                        "cleared {} foreign group(s) the cloud would refuse, as CANCEL_AND_REPLACE \
+                         authorised ({})",
+                        cleared.len(),
+                        describe(&cleared)
+                    ));
+                }
                 log.push(self.write_groups(&mut mem, &list).await?);
                 true
             }

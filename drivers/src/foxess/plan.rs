@@ -313,7 +313,8 @@ pub struct Context<'a> {
     pub clear: bool,
     /// The device's slot count.
     pub max_slots: usize,
-    /// The device's largest `fdPwr`, W.
+    /// The device's largest `fdPwr`, W, as the cloud reports it (foreign
+    /// groups are judged by it; `i64::MAX` when not reported).
     pub max_power_w: i64,
 }
 
@@ -424,75 +425,11 @@ pub fn plan_apply(current: &[Group], cx: &Context<'_>) -> Result<ApplyPlan, Driv
     // Foreign groups that cannot be written back as they are: values the
     // cloud refuses, or overlapping each other.
     let foreign = |g: &Group| !cx.switchyards.iter().any(|o| same_content(o, g));
-    let mut unwritable: Vec<(&Group, String)> = Vec::new();
-    for (i, g) in kept.iter().enumerate() {
-        if !foreign(g) {
-            continue;
-        }
-        if let Some(p) = g.write_problem(cx.max_power_w) {
-            unwritable.push((g, p));
-        } else if let Some(other) = kept
-            .iter()
-            .enumerate()
-            .find(|(j, o)| *j != i && o.overlaps(g))
-            .map(|(_, o)| *o)
-        {
-            unwritable.push((
-                g,
-                format!(
-                    "it overlaps {} {}-{}",
-                    other.work_mode,
-                    other.start_hhmm(),
-                    other.end_excl_hhmm()
-                ),
-            ));
-        }
-    }
+    let unwritable = unwritable(&kept, cx.switchyards, cx.max_power_w);
     let mut removed: Vec<&Group> = conflicts.clone();
-    if !unwritable.is_empty() {
-        let why: Vec<String> = unwritable
-            .iter()
-            .map(|(g, p)| {
-                format!(
-                    "{} {}-{} ({p})",
-                    g.work_mode,
-                    g.start_hhmm(),
-                    g.end_excl_hhmm()
-                )
-            })
-            .collect();
-        let blocked: Vec<&Group> = unwritable
-            .iter()
-            .map(|(g, _)| *g)
-            .filter(|g| !cx.clear || is_protected(g))
-            .collect();
-        if !blocked.is_empty() {
-            return Err(DriverError::new(
-                ErrorKind::ForeignUnwritable,
-                format!(
-                    "FoxESS writes the whole group list, and {} foreign group(s) hold values the \
-                     cloud refuses on write: {}; they are never changed silently{}",
-                    unwritable.len(),
-                    why.join("; "),
-                    if cx.clear {
-                        " (Backup groups are never cleared)"
-                    } else {
-                        ": correct them in the FoxESS app, or push with CANCEL_AND_REPLACE to \
-                         clear them"
-                    }
-                ),
-            )
-            .with_raw(describe(&blocked))
-            .with_rows(
-                blocked
-                    .iter()
-                    .map(|g| row(g, owner(g, cx.switchyards)))
-                    .collect(),
-            ));
-        }
-        removed.extend(unwritable.iter().map(|(g, _)| *g));
-        kept.retain(|g| !removed.iter().any(|r| std::ptr::eq(*r, *g)));
-    }
+    let cleared = clear_or_refuse(&unwritable, cx.clear, cx.switchyards)?;
+    kept.retain(|g| !cleared.iter().any(|r| std::ptr::eq(*r, *g)));
+    removed.extend(cleared);
     // Foreign groups go back exactly as read. switchyard's own groups of
     // other actions go back enabled: one whose time has passed today may
     // read back disabled, and writing that back would drop it tomorrow.
@@ -537,6 +474,99 @@ pub fn plan_apply(current: &[Group], cx: &Context<'_>) -> Result<ApplyPlan, Driv
         superseded: superseded.iter().map(|g| (*g).clone()).collect(),
         list,
     })
+}
+
+/// The foreign groups among `kept` that the cloud would refuse if they were
+/// written back as they are, and why: values the write endpoint refuses
+/// (`fdSoc` 10 or `fdPwr` 0 set in the app, `minSocOnGrid: null`, a
+/// missing field), or an overlap with another kept group. A mode this
+/// driver does not know (a newer firmware's) is not judged: the group is
+/// written back verbatim, as the cloud gave it.
+pub fn unwritable<'a>(
+    kept: &[&'a Group],
+    switchyards: &[Group],
+    max_power_w: i64,
+) -> Vec<(&'a Group, String)> {
+    let mut out = Vec::new();
+    for (i, g) in kept.iter().enumerate() {
+        if switchyards.iter().any(|o| same_content(o, g)) {
+            continue;
+        }
+        let problem = match g.mode() {
+            None if !g.incomplete => None,
+            _ => g.write_problem(max_power_w),
+        };
+        if let Some(p) = problem {
+            out.push((*g, p));
+        } else if let Some(other) = kept
+            .iter()
+            .enumerate()
+            .find(|(j, o)| *j != i && o.overlaps(g))
+            .map(|(_, o)| *o)
+        {
+            out.push((
+                *g,
+                format!(
+                    "it overlaps {} {}-{}",
+                    other.work_mode,
+                    other.start_hhmm(),
+                    other.end_excl_hhmm()
+                ),
+            ));
+        }
+    }
+    out
+}
+
+/// What to do about foreign groups that cannot be written back: with
+/// `clear` (CANCEL_AND_REPLACE authorised clearing foreign groups) they
+/// are removed — returned — unless one is a Backup group; otherwise
+/// ForeignUnwritable naming each one and why.
+pub fn clear_or_refuse<'a>(
+    unwritable: &[(&'a Group, String)],
+    clear: bool,
+    switchyards: &[Group],
+) -> Result<Vec<&'a Group>, DriverError> {
+    let blocked: Vec<&Group> = unwritable
+        .iter()
+        .map(|(g, _)| *g)
+        .filter(|g| !clear || g.mode() == Some(WorkMode::Backup))
+        .collect();
+    if blocked.is_empty() {
+        return Ok(unwritable.iter().map(|(g, _)| *g).collect());
+    }
+    let why: Vec<String> = unwritable
+        .iter()
+        .map(|(g, p)| {
+            format!(
+                "{} {}-{} ({p})",
+                g.work_mode,
+                g.start_hhmm(),
+                g.end_excl_hhmm()
+            )
+        })
+        .collect();
+    Err(DriverError::new(
+        ErrorKind::ForeignUnwritable,
+        format!(
+            "FoxESS writes the whole group list, and {} foreign group(s) hold values the cloud \
+             refuses on write: {}; they are never changed silently{}",
+            unwritable.len(),
+            why.join("; "),
+            if clear {
+                " (Backup groups are never cleared)"
+            } else {
+                ": correct them in the FoxESS app, or push with CANCEL_AND_REPLACE to clear them"
+            }
+        ),
+    )
+    .with_raw(describe(&blocked))
+    .with_rows(
+        blocked
+            .iter()
+            .map(|g| row(g, owner(g, switchyards)))
+            .collect(),
+    ))
 }
 
 /// The list after removing `mine` (this action's groups), except those

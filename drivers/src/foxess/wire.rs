@@ -475,6 +475,8 @@ pub fn parse_groups(result: &Value) -> Result<GroupsRead, String> {
             .get("maxGroupCount")
             .and_then(as_int)
             .filter(|n| *n > 0),
+        // Some answers carry `properties` once, next to the groups.
+        max_power_w: fd_pwr_max(result).filter(|m| *m > 0),
         ..GroupsRead::default()
     };
     for v in list {
@@ -527,6 +529,16 @@ mod tests {
             (60, 120)
         );
         assert_eq!(read.groups[0].end_excl_hhmm(), "02:00");
+    }
+
+    #[test]
+    fn the_power_limit_is_read_where_the_answer_puts_it() {
+        let top = serde_json::json!({"groups": [],
+            "properties": {"fdPwr": {"range": {"min": 0, "max": 4600}}}});
+        assert_eq!(parse_groups(&top).unwrap().max_power_w, Some(4600));
+        let none = serde_json::json!({"groups": [{"enable": 0, "properties": {}}]});
+        assert_eq!(parse_groups(&none).unwrap().max_power_w, None);
+        assert_eq!(parse_groups(&none).unwrap().max_group_count, None);
     }
 
     #[test]
