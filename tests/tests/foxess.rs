@@ -509,6 +509,7 @@ async fn a_device_change_while_a_write_is_in_force_is_carried_through_or_refused
     .unwrap_err();
     let d = expect_error(&st, Code::FailedPrecondition, "DEVICE_HAS_ACTIVE_ACTIONS");
     assert!(d.meta("action_ids").contains(&a.action_id), "{d:?}");
+    assert!(st.message().contains("still in force"), "{}", st.message());
     assert_eq!(rig.srv.get_device("fox").await.oem_device_id, SN);
     // Another time zone: carried through. The revert removes what was
     // written, not what the new zone would compute (02:00-03:00 UTC).

@@ -55,7 +55,7 @@ pub fn classify(e: &Error) -> (Code, R) {
         Error::DeviceNotFound { .. } => (Code::NotFound, R::DeviceNotFound),
         Error::ActionNotFound { .. } => (Code::NotFound, R::ActionNotFound),
         Error::DeviceAlreadyExists { .. } => (Code::AlreadyExists, R::DeviceAlreadyExists),
-        Error::DeviceHasActiveActions { .. } => {
+        Error::DeviceHasActiveActions { .. } | Error::WritesInForce { .. } => {
             (Code::FailedPrecondition, R::DeviceHasActiveActions)
         }
         Error::Conflict(c) => (
@@ -135,6 +135,22 @@ pub fn to_status(e: Error) -> Status {
             action_ids,
             in_flight,
         } => d.has_active_actions(device_id, &action_ids, &in_flight),
+        Error::WritesInForce {
+            device_id,
+            action_ids,
+        } => {
+            d.precondition(
+                R::DeviceHasActiveActions,
+                format!("devices/{device_id}"),
+                "what its actions wrote is still in force: the change would strand it; wait \
+                 for them to end, or cancel them"
+                    .into(),
+            );
+            d.meta("device_id", device_id);
+            d.meta("action_ids", ids(&action_ids).join(","));
+            d.id_list("in_flight_action_ids", &action_ids);
+            d.truncated("action_count", action_ids.len());
+        }
         Error::Conflict(c) => d.conflict(&c, reason),
         Error::SchedulerActive {
             device_id,
@@ -591,6 +607,10 @@ mod tests {
                 device_id: id.clone(),
                 action_ids: ids.clone(),
                 in_flight: ids.clone(),
+            },
+            Error::WritesInForce {
+                device_id: id.clone(),
+                action_ids: ids.clone(),
             },
             Error::SchedulerActive {
                 device_id: id.clone(),

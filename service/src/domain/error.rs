@@ -137,6 +137,15 @@ pub enum Error {
         /// Those in flight (not cancellable even with force).
         in_flight: Vec<ActionId>,
     },
+    /// A change that points the device's driver at another physical device
+    /// (another OEM device id or endpoint) while actions' writes may still
+    /// be in force there: their reverts could not reach them.
+    #[error("changing device {device_id:?} this way would point it at another physical device while what these actions wrote is still in force on this one: {}; wait until they end, or cancel them and let their reverts finish", join(.action_ids))]
+    WritesInForce {
+        device_id: String,
+        /// The actions whose writes may be in force.
+        action_ids: Vec<ActionId>,
+    },
     #[error("{}", conflict_message(.0))]
     Conflict(Box<Conflict>),
     /// The device's native scheduler blocks direct writes.

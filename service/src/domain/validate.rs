@@ -256,8 +256,14 @@ pub fn validate_push(
                 },
                 Reason::UnsupportedTiming,
                 format!(
-                    "{} does not accept {:?} timing on this device",
-                    spec.command, shape
+                    "{} does not accept {} timing on this device; it accepts: {}",
+                    spec.command,
+                    timing_words(shape),
+                    spec.timing
+                        .iter()
+                        .map(|t| timing_words(*t))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             ));
         }
@@ -306,6 +312,15 @@ pub fn validate_push(
             immediate: input.start.is_none(),
         }),
         _ => Err(Error::Invalid(out)),
+    }
+}
+
+/// A timing shape as a client writes it.
+fn timing_words(t: TimingShape) -> &'static str {
+    match t {
+        TimingShape::Immediate => "immediate (no start_time, no end_time)",
+        TimingShape::Scheduled => "scheduled (a start_time, no end_time)",
+        TimingShape::Windowed => "windowed (an end_time; start_time now when omitted)",
     }
 }
 
@@ -417,6 +432,18 @@ mod tests {
         assert_eq!(
             reasons(validate_push(&windowed, &caps, NOW, DAY)),
             [("action.end_time".to_owned(), Reason::UnsupportedTiming)]
+        );
+        // The message says what the device takes instead.
+        let Err(Error::Invalid(v)) = validate_push(&windowed, &caps, NOW, DAY) else {
+            panic!("refused")
+        };
+        assert!(
+            v[0].description.contains("windowed")
+                && v[0]
+                    .description
+                    .contains("it accepts: scheduled (a start_time, no end_time)"),
+            "{}",
+            v[0].description
         );
     }
 

@@ -552,9 +552,8 @@ impl Store {
                 .filter_map(|(a,)| ActionId::parse(a).ok())
                 .collect();
             if !ids.is_empty() {
-                return Err(Error::DeviceHasActiveActions {
+                return Err(Error::WritesInForce {
                     device_id: id.to_string(),
-                    in_flight: ids.clone(),
                     action_ids: ids,
                 });
             }
