@@ -228,6 +228,10 @@ pub struct DriverError {
     pub raw: Option<String>,
     /// The native rows involved (SchedulerActive, ProtectedRow).
     pub rows: Vec<NativeRow>,
+    /// The apply failed after a write that may have landed: what to undo
+    /// (as [`Outcome::memo`]). The service keeps it with the action and
+    /// owes a revert when the failure is final.
+    pub memo: Option<String>,
 }
 
 impl DriverError {
@@ -239,7 +243,14 @@ impl DriverError {
             retry_after: None,
             raw: None,
             rows: Vec::new(),
+            memo: None,
         }
+    }
+
+    /// With what a write that may have landed needs undone.
+    pub fn with_memo(mut self, memo: Option<String>) -> Self {
+        self.memo = memo;
+        self
     }
 
     /// With the OEM's raw answer.

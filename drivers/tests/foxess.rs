@@ -407,30 +407,40 @@ async fn open_ended_commands_leave_nothing_behind() {
         assert!(err.message.contains("window with an end"), "{err:?}");
     }
     assert!(rig.emu.calls().is_empty());
-    // A windowed charge whose action is no longer live (its memo was never
-    // recorded), then AUTO_BALANCED without an end: the leftover goes, the
-    // foreign group stays, nothing is added.
+    // AUTO_BALANCED without an end hands the inverter back: nothing is
+    // written, a foreign group and a windowed action's group (applied
+    // moments earlier, its memo not recorded yet) stay.
     let foreign = g(20, 0, 21, 0, WorkMode::Feedin);
     rig.emu.seed_groups(SN, vec![foreign.clone()]);
     let c = req("c1", Command::Charge, at(0, 14, 3), Some(at(0, 15, 0)));
     let d = rig.driver_for(&c);
-    d.apply(&c).await.unwrap();
-    assert_eq!(rig.groups().len(), 2);
+    let applied_c = d.apply(&c).await.unwrap();
+    let before = rig.groups();
+    assert_eq!(before.len(), 2);
+    let writes = rig.emu.successful_calls(PATH_SET);
     let auto = req("a1", Command::AutoBalanced, at(0, 14, 10), None);
     let out = d.apply(&auto).await.unwrap();
     assert!(out.verified, "{out:?}");
     assert!(out.memo.is_none(), "nothing to undo later");
-    assert_eq!(rig.groups(), vec![foreign.clone()]);
-    // A live action's groups stay: its own revert removes them.
-    let c2 = req("c2", Command::Charge, at(0, 14, 12), Some(at(0, 15, 0)));
-    let applied = d.apply(&c2).await.unwrap();
-    let mut auto = req("a2", Command::AutoBalanced, at(0, 14, 13), None);
-    auto.live = vec![Applied {
-        action_id: "c2".into(),
-        memo: applied.memo.unwrap(),
-    }];
-    d.apply(&auto).await.unwrap();
-    assert_eq!(rig.groups().len(), 2);
+    assert!(
+        out.raw.contains("1 group(s) of 0 live action(s)"),
+        "{}",
+        out.raw
+    );
+    assert_eq!(rig.groups(), before);
+    assert_eq!(
+        rig.emu.successful_calls(PATH_SET),
+        writes,
+        "nothing written"
+    );
+    // The windowed action's revert removes its group as usual.
+    d.revert(&RevertRequest {
+        applied: c,
+        memo: applied_c.memo,
+    })
+    .await
+    .unwrap();
+    assert_eq!(rig.groups(), vec![foreign]);
     // The capabilities say so up front.
     for c in &d.capabilities().commands {
         let open = c.timing.contains(&TimingShape::Immediate);
@@ -904,9 +914,14 @@ async fn one_inverter_reached_through_two_key_references_is_locked_once() {
     let db = rig.driver_at(a.start);
     assert_ne!(da.account(), db.account(), "two accounts by key reference");
     let (ra, rb) = tokio::join!(da.apply(&a), db.apply(&b));
-    ra.unwrap();
-    rb.unwrap();
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
     assert_eq!(rig.groups().len(), 2, "{:?}", rig.groups());
+    // One lock: the second read-modify-write began after the first ended,
+    // so neither had to merge with the other's write.
+    for out in [&ra, &rb] {
+        assert!(!out.raw.contains("another writer"), "{}", out.raw);
+    }
+    assert_eq!(rig.emu.successful_calls(PATH_SET), 2);
 }
 
 // ---------------------------------------------------------------- field rules
@@ -1339,6 +1354,9 @@ async fn a_concurrent_writer_is_merged_once_then_reported_retryable() {
     let err = rig.driver_for(&r).apply(&r).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::Contended, "{err:?}");
     assert!(err.retryable());
+    // Its writes may have landed: the error says what to undo.
+    let memo: serde_json::Value = serde_json::from_str(err.memo.as_deref().unwrap()).unwrap();
+    assert_eq!(memo["groups"][0]["startHour"], 2, "{memo}");
     assert_eq!(err.code(), "OEM_CONCURRENT_WRITE");
     assert_eq!(
         rig.emu.successful_calls(PATH_SET),
@@ -1461,6 +1479,194 @@ async fn a_daily_window_lands_on_the_same_wall_clock_minutes_across_both_dst_sun
         vec![w("01:00", "04:00", WorkMode::ForceCharge)],
         "02:00-03:00 happens twice that night, written once"
     );
+}
+
+#[tokio::test]
+async fn two_applies_of_one_round_both_remember_the_homeowners_flag() {
+    let rig = Rig::new().await;
+    let d = rig.driver_at(at(0, 2, 0));
+    // Same round: neither memo is recorded when the other runs.
+    let a = req("r1", Command::Charge, at(0, 2, 0), Some(at(0, 3, 0)));
+    let b = req("r2", Command::Discharge, at(0, 4, 0), Some(at(0, 5, 0)));
+    let out_a = d.apply(&a).await.unwrap();
+    let out_b = rig.driver_at(at(0, 4, 0)).apply(&b).await.unwrap();
+    let flag_before = |o: &switchyard_drivers::Outcome| {
+        serde_json::from_str::<serde_json::Value>(o.memo.as_deref().unwrap()).unwrap()["flag_before"]
+            .clone()
+    };
+    assert_eq!(flag_before(&out_a), false);
+    assert_eq!(flag_before(&out_b), false, "b found the flag a turned on");
+    let mut a_rev = a.clone();
+    a_rev.live = vec![applied("r2", &out_b)];
+    d.revert(&RevertRequest {
+        applied: a_rev,
+        memo: out_a.memo,
+    })
+    .await
+    .unwrap();
+    assert!(rig.emu.flag(SN));
+    d.revert(&RevertRequest {
+        applied: b,
+        memo: out_b.memo,
+    })
+    .await
+    .unwrap();
+    assert!(!rig.emu.flag(SN), "the homeowner's flag was off");
+}
+
+#[tokio::test]
+async fn a_foreign_group_disabled_only_because_its_time_passed_stays_enabled() {
+    let rig = Rig::new().await;
+    let morning = g(6, 0, 7, 0, WorkMode::Feedin);
+    rig.emu.seed_groups(SN, vec![morning.clone()]);
+    // Seen enabled in the morning (an observation), then an apply at 22:00
+    // reads it disabled: it has passed today.
+    rig.driver_at(at(0, 5, 0)).read_state(&[]).await.unwrap();
+    let r = req("pg1", Command::Charge, at(0, 22, 0), Some(at(0, 23, 0)));
+    let d = rig.driver_for(&r);
+    let out = d.apply(&r).await.unwrap();
+    assert!(
+        out.raw.contains("kept 1 foreign group(s) enabled"),
+        "{}",
+        out.raw
+    );
+    assert!(
+        rig.groups().contains(&morning),
+        "written back enabled: {:?}",
+        rig.groups()
+    );
+    d.revert(&RevertRequest {
+        applied: r,
+        memo: out.memo,
+    })
+    .await
+    .unwrap();
+    assert_eq!(rig.groups(), vec![morning.clone()]);
+    // Never seen enabled (a fresh process): written back as read.
+    let rig = Rig::new().await;
+    rig.emu.seed_groups(SN, vec![morning.clone()]);
+    let r = req("pg2", Command::Charge, at(0, 22, 0), Some(at(0, 23, 0)));
+    rig.driver_for(&r).apply(&r).await.unwrap();
+    let stored = rig.groups();
+    let kept = stored.iter().find(|g| g.work_mode == "Feedin").unwrap();
+    assert_eq!(kept.enable, 0, "as read: {stored:?}");
+    // A group the homeowner disabled before its time is forgotten as
+    // enabled, and stays disabled.
+    let rig = Rig::new().await;
+    rig.emu.seed_groups(SN, vec![morning.clone()]);
+    rig.driver_at(at(0, 5, 0)).read_state(&[]).await.unwrap();
+    let mut off = morning.clone();
+    off.enable = 0;
+    rig.emu.seed_groups(SN, vec![off.clone()]);
+    rig.driver_at(at(0, 5, 30)).read_state(&[]).await.unwrap();
+    let r = req("pg3", Command::Charge, at(0, 22, 0), Some(at(0, 23, 0)));
+    rig.driver_for(&r).apply(&r).await.unwrap();
+    assert!(rig.groups().contains(&off), "{:?}", rig.groups());
+}
+
+#[tokio::test]
+async fn plant_time_zones_compare_by_their_rules_not_their_names() {
+    let rig = Rig::new().await;
+    let spec_in = |tz: &'static str| DeviceSpec {
+        timezone: tz,
+        ..rig.spec()
+    };
+    let r = req("al1", Command::Charge, at(0, 2, 0), Some(at(0, 3, 0)));
+    // Aliases agree.
+    for (device, plant) in [("UTC", "Etc/UTC"), ("Asia/Kolkata", "Asia/Calcutta")] {
+        let rig = Rig::new().await;
+        rig.emu.set_plant_timezone(Some(plant.to_owned()));
+        let d = pinned(rig.factory.clone(), r.start)
+            .build(&DeviceSpec {
+                timezone: device,
+                ..rig.spec()
+            })
+            .unwrap();
+        rig.emu.set_now(Some(r.start));
+        assert!(d.apply(&r).await.is_ok(), "{device} / {plant}");
+    }
+    // UTC+1 all year is not Europe/Berlin (summer time differs).
+    rig.emu.set_plant_timezone(Some("Etc/GMT-1".to_owned()));
+    let err = pinned(rig.factory.clone(), r.start)
+        .build(&spec_in(TZ))
+        .unwrap()
+        .apply(&r)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Misconfigured, "{err:?}");
+}
+
+#[tokio::test]
+async fn a_revert_merges_once_with_a_concurrent_writer() {
+    let rig = Rig::new().await;
+    let r = req("rc1", Command::Charge, at(0, 2, 0), Some(at(0, 3, 0)));
+    let d = rig.driver_for(&r);
+    let out = d.apply(&r).await.unwrap();
+    let theirs = serde_json::json!({
+        "enable": 1, "startHour": 5, "startMinute": 0, "endHour": 5, "endMinute": 29,
+        "workMode": "Feedin", "minSocOnGrid": 10, "fdSoc": 20, "fdPwr": 1000
+    });
+    rig.emu.set_concurrent_writer(1, theirs);
+    let out = d
+        .revert(&RevertRequest {
+            applied: r,
+            memo: out.memo,
+        })
+        .await
+        .unwrap();
+    assert!(out.verified, "{out:?}");
+    assert!(
+        out.raw.contains("another writer changed the groups"),
+        "{}",
+        out.raw
+    );
+    assert_eq!(
+        windows(&rig.groups()),
+        vec![w("05:00", "05:30", WorkMode::Feedin)],
+        "ours gone, theirs kept"
+    );
+}
+
+#[tokio::test]
+async fn absurd_times_from_the_cloud_neither_panic_nor_get_written_back() {
+    let rig = Rig::new().await;
+    rig.emu.seed_raw(
+        SN,
+        vec![serde_json::json!({
+            "enable": 1, "startHour": 0, "startMinute": 0,
+            "endHour": i64::MAX, "endMinute": i64::MIN,
+            "workMode": "SelfUse", "minSocOnGrid": 10, "fdSoc": 20, "fdPwr": 100
+        })],
+    );
+    let r = req("ab1", Command::Charge, at(0, 2, 0), Some(at(0, 3, 0)));
+    let d = rig.driver_for(&r);
+    let state = d.read_state(&[]).await.unwrap();
+    assert_eq!(state.native_scheduler.unwrap().1.len(), 1);
+    let err = d.apply(&r).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::ForeignUnwritable, "{err:?}");
+    assert!(err.message.contains("out of range"), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_40400_that_says_the_limit_is_exceeded_waits_for_the_daily_reset() {
+    let rig = Rig::new().await;
+    let d = rig.driver_at(at(0, 0, 0));
+    rig.emu.fail_next_errno(
+        1,
+        40400,
+        "Your request exceeds the limit. Please try again later",
+    );
+    let err = d.read_state(&[]).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::RateLimited);
+    assert!(err.message.contains("daily call budget"), "{err:?}");
+    assert!(
+        err.retry_after.unwrap() > Duration::from_secs(60)
+            || to_utc_midnight(Timestamp::now()) <= Duration::from_secs(60)
+    );
+    // Plain frequency: a minute.
+    rig.emu.fail_next_errno(1, 40400, "request too frequent");
+    let err = d.read_state(&[]).await.unwrap_err();
+    assert_eq!(err.retry_after, Some(Duration::from_secs(60)));
 }
 
 // ---------------------------------------------------------------- settings & secrets

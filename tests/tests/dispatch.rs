@@ -190,6 +190,7 @@ async fn a_dispatcher_whose_claim_lapsed_records_nothing() {
                 message: "rejected".into(),
                 raw: None,
                 revert: false,
+                memo: None,
             },
         )
         .await
@@ -658,4 +659,123 @@ async fn a_cancelled_action_keeps_saying_why_through_retried_reverts() {
         (done.state, done.error_message),
         (St::Cancelled as i32, why)
     );
+}
+
+/// The memos on record for device `b`.
+async fn memos_of_b(srv: &TestServer) -> Vec<(String, String)> {
+    srv.app
+        .store
+        .memos(
+            &switchyard::domain::TenantId::default_tenant(),
+            &switchyard::domain::DeviceId::parse("b").unwrap(),
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| (a.action_id, a.memo))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_drivers_memo_is_kept_from_the_first_write_until_the_revert() {
+    use switchyard::store::Finish;
+    let (srv, a) = booked_on_b(window(Command::Charge, 0, H)).await;
+    let memo = |m: &str| Some(m.to_owned());
+    // A try that failed after a write that may have landed: kept.
+    let job = claim_due(&srv).await.remove(0);
+    srv.app
+        .store
+        .finish(
+            &job,
+            Finish::Retry {
+                due: srv.clock_now().plus_nanos(SEC),
+                message: "lost answer".into(),
+                raw: None,
+                memo: memo("first"),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        memos_of_b(&srv).await,
+        [(a.action_id.clone(), "first".into())]
+    );
+    // A later try that failed before writing keeps it; the apply replaces
+    // it.
+    srv.at_secs(2);
+    let job = claim_due(&srv).await.remove(0);
+    let retry = Finish::Retry {
+        due: srv.clock_now().plus_nanos(SEC),
+        message: "outage".into(),
+        raw: None,
+        memo: None,
+    };
+    srv.app.store.finish(&job, retry).await.unwrap();
+    assert_eq!(memos_of_b(&srv).await.len(), 1);
+    srv.at_secs(4);
+    let job = claim_due(&srv).await.remove(0);
+    let applied = Finish::Applied {
+        raw: "ok".into(),
+        verified: true,
+        memo: memo("applied"),
+    };
+    srv.app.store.finish(&job, applied).await.unwrap();
+    assert_eq!(
+        memos_of_b(&srv).await,
+        [(a.action_id.clone(), "applied".into())]
+    );
+    // The revert clears it.
+    srv.at_secs(H);
+    let job = claim_due(&srv).await.remove(0);
+    let reverted = Finish::Reverted {
+        raw: "ok".into(),
+        verified: true,
+    };
+    srv.app.store.finish(&job, reverted).await.unwrap();
+    assert!(memos_of_b(&srv).await.is_empty());
+    assert_eq!(srv.get("b", &a.action_id).await.state, St::Completed as i32);
+}
+
+#[tokio::test]
+async fn a_final_failure_after_a_write_owes_a_revert_and_an_endless_action_keeps_no_memo() {
+    use switchyard::store::Finish;
+    let (srv, a) = booked_on_b(window(Command::Charge, 0, H)).await;
+    let job = claim_due(&srv).await.remove(0);
+    let retry = Finish::Retry {
+        due: srv.clock_now().plus_nanos(SEC),
+        message: "lost answer".into(),
+        raw: None,
+        memo: Some("written".into()),
+    };
+    srv.app.store.finish(&job, retry).await.unwrap();
+    // The next try fails for good before writing: the earlier write may
+    // still be in force, so a revert is owed at once, with the memo.
+    srv.at_secs(2);
+    let job = claim_due(&srv).await.remove(0);
+    let failed = Finish::Failed {
+        code: "OEM_REJECTED".into(),
+        message: "refused".into(),
+        raw: None,
+        revert: false,
+        memo: None,
+    };
+    srv.app.store.finish(&job, failed).await.unwrap();
+    let f = srv.get("b", &a.action_id).await;
+    assert_eq!(f.state, St::Failed as i32);
+    let owed = claim_due(&srv).await;
+    assert_eq!(owed.len(), 1, "a revert is owed");
+    assert_eq!(owed[0].work, switchyard::domain::Work::Revert);
+    assert_eq!(memos_of_b(&srv).await.len(), 1);
+
+    // An action without an end is complete once applied: no memo kept.
+    let (srv, b) = booked_on_b(action(Command::AutoBalanced, None, None)).await;
+    let job = claim_due(&srv).await.remove(0);
+    let applied = Finish::Applied {
+        raw: "ok".into(),
+        verified: true,
+        memo: Some("never reverted".into()),
+    };
+    srv.app.store.finish(&job, applied).await.unwrap();
+    assert_eq!(srv.get("b", &b.action_id).await.state, St::Completed as i32);
+    assert!(memos_of_b(&srv).await.is_empty());
 }

@@ -28,6 +28,9 @@ struct Rig {
     emu: EmulatorHandle,
 }
 
+/// Another allowed endpoint (see [`Rig::with`]).
+const OTHER_ENDPOINT: &str = "http://127.0.0.2:8";
+
 /// The secret's name in the operator's secrets directory.
 const KEY_FILE: &str = "foxess-key";
 
@@ -46,7 +49,9 @@ impl Rig {
         config.write_interval = Duration::ZERO;
         let emu = Emulator::start(config).await.unwrap();
         // The operator allows the emulator and provides the key.
-        let srv = TestServer::start_allowing(&[emu.base_url()]).await;
+        // A second endpoint the operator allows (nothing listens there):
+        // a device can be pointed at it.
+        let srv = TestServer::start_allowing(&[emu.base_url(), OTHER_ENDPOINT.to_owned()]).await;
         srv.write_secret(KEY_FILE, KEY);
         let settings = BTreeMap::from([
             ("base_url".to_owned(), emu.base_url()),
@@ -511,6 +516,30 @@ async fn a_device_change_while_a_write_is_in_force_is_carried_through_or_refused
     assert!(d.meta("action_ids").contains(&a.action_id), "{d:?}");
     assert!(st.message().contains("still in force"), "{}", st.message());
     assert_eq!(rig.srv.get_device("fox").await.oem_device_id, SN);
+    // Another endpoint: refused likewise. Another reference to the same
+    // key (a rotated key file): accepted, the same inverter.
+    let stored = rig.srv.get_device("fox").await.settings;
+    let settings = |k: &str, v: &str| {
+        let mut s = stored.clone();
+        s.insert(k.to_owned(), v.to_owned());
+        pb::Device {
+            settings: s,
+            ..Default::default()
+        }
+    };
+    let st = update(&rig, settings("base_url", OTHER_ENDPOINT), "settings")
+        .await
+        .unwrap_err();
+    expect_error(&st, Code::FailedPrecondition, "DEVICE_HAS_ACTIVE_ACTIONS");
+    rig.srv.write_secret("foxess-key-2", KEY);
+    let moved = update(
+        &rig,
+        settings("api_key_ref", "file:foxess-key-2"),
+        "settings",
+    )
+    .await
+    .unwrap();
+    assert_eq!(moved.settings["api_key_ref"], "file:foxess-key-2");
     // Another time zone: carried through. The revert removes what was
     // written, not what the new zone would compute (02:00-03:00 UTC).
     update(

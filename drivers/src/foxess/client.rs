@@ -453,21 +453,24 @@ pub fn classify(
         snippet(&env.msg)
     );
     let err = |kind, message: &str| Err(DriverError::new(kind, message).with_raw(raw.clone()));
+    // Some answers report the spent daily budget under 40400 with the
+    // budget's own words ("exceeds the limit"): wait for its reset then.
+    let daily = env.errno == ERRNO_DAILY_LIMIT
+        || (env.errno == ERRNO_RATE_LIMITED
+            && env.msg.to_ascii_lowercase().contains("exceeds the limit"));
     match env.errno {
         ERRNO_OK => Ok(env),
+        _ if daily => Err(DriverError::new(
+            ErrorKind::RateLimited,
+            "FoxESS daily call budget used up (errno 40402, or 40400 saying the limit is exceeded); waiting for its reset, assumed at midnight UTC",
+        )
+        .with_retry_after(until_next_utc_midnight(jiff::Timestamp::now()))
+        .with_raw(raw)),
         ERRNO_RATE_LIMITED => Err(DriverError::new(
             ErrorKind::RateLimited,
             "FoxESS rate limit reached (errno 40400: request frequency too high)",
         )
         .with_retry_after(RATE_LIMIT_RETRY_AFTER)
-        .with_raw(raw)),
-        // Retrying every minute would only spend calls the cloud refuses:
-        // wait for the budget's reset.
-        ERRNO_DAILY_LIMIT => Err(DriverError::new(
-            ErrorKind::RateLimited,
-            "FoxESS daily call budget used up (errno 40402); waiting for its reset, assumed at midnight UTC",
-        )
-        .with_retry_after(until_next_utc_midnight(jiff::Timestamp::now()))
         .with_raw(raw)),
         ERRNO_TOKEN_REFUSED | ERRNO_TOKEN_INVALID => err(
             ErrorKind::Credentials,

@@ -83,7 +83,18 @@ struct DeviceMemory {
     /// The plant's time zone as the cloud reported it, and when it was
     /// read (`None` inside: not reported).
     plant_tz: Option<(Instant, Option<String>)>,
+    /// Groups last read enabled (by content, at most 96): a foreign group
+    /// that reads disabled only because its time has passed today is
+    /// written back enabled when it was seen enabled before.
+    seen_enabled: Vec<Group>,
+    /// The scheduler flag as switchyard first found it, while this process
+    /// has groups of its own on the inverter (same-round applies whose
+    /// memos are not recorded yet inherit it).
+    flag_found: Option<bool>,
 }
+
+/// Most groups remembered as seen enabled per inverter.
+const MAX_SEEN: usize = 96;
 
 /// How long a plant's time zone read from the cloud is trusted.
 const PLANT_TZ_TTL: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
@@ -299,13 +310,15 @@ impl DriverFactory for FoxessFactory {
     fn target(&self, device: &DeviceSpec<'_>) -> String {
         let base = match FoxessSettings::parse(device.settings, &self.policy) {
             Ok(s) => s.base_url,
-            Err(_) => device
-                .settings
-                .get("base_url")
-                .cloned()
-                .unwrap_or_else(|| settings::FOXESS_CLOUD.to_owned()),
+            // Settings the policy refuses now (a key file removed, say) still
+            // name their endpoint: canonical, as a valid one would be.
+            Err(_) => device.settings.get("base_url").map_or_else(
+                || settings::FOXESS_CLOUD.to_owned(),
+                |u| crate::operator::canonical_url(u).unwrap_or_else(|| u.clone()),
+            ),
         };
-        format!("{base}/{}", device.oem_device_id.trim())
+        // Structured, so no serial or URL can make two targets spell alike.
+        serde_json::json!([base, device.oem_device_id.trim()]).to_string()
     }
 
     fn build(&self, device: &DeviceSpec<'_>) -> Result<Arc<dyn Driver>, ConfigError> {
@@ -316,7 +329,7 @@ impl DriverFactory for FoxessFactory {
         let sn = device.oem_device_id.trim().to_owned();
         // One read-modify-write at a time per inverter: keyed by endpoint
         // and serial, so two key references to one inverter share it.
-        let inverter = format!("foxess:{}/{sn}", settings.base_url);
+        let inverter = serde_json::json!(["foxess", settings.base_url, sn]).to_string();
         Ok(Arc::new(Foxess {
             api: Api {
                 base_url: settings.base_url.clone(),
@@ -371,6 +384,52 @@ impl Foxess {
         self.clock
             .as_ref()
             .map_or_else(jiff::Timestamp::now, |c| c())
+    }
+
+    /// The current minute of the day in the device's zone.
+    fn local_minute(&self) -> i64 {
+        let local = self.tz.to_datetime(self.now());
+        i64::from(local.hour()) * 60 + i64::from(local.minute())
+    }
+
+    /// Remembers which groups read enabled; with `revive`, a foreign group
+    /// that reads disabled while its time has passed today, and that was
+    /// seen enabled before, is set enabled again in `read` (the cloud may
+    /// report passed groups disabled; written back so, the homeowner's
+    /// daily group would stop). Returns the groups set enabled.
+    fn note_seen(
+        &self,
+        mem: &mut DeviceMemory,
+        read: &mut GroupsRead,
+        switchyards: &[Group],
+        revive: bool,
+    ) -> Vec<Group> {
+        let now = self.local_minute();
+        let mut revived = Vec::new();
+        for g in read.groups.iter_mut().filter(|g| !g.is_placeholder()) {
+            let known = mem.seen_enabled.iter().position(|s| same_content(s, g));
+            let passed = g.end_min() <= now;
+            match (g.enable == 1, known) {
+                (true, None) => {
+                    if mem.seen_enabled.len() >= MAX_SEEN {
+                        mem.seen_enabled.remove(0);
+                    }
+                    mem.seen_enabled.push(g.clone());
+                }
+                (false, Some(_))
+                    if revive && passed && !switchyards.iter().any(|o| same_content(o, g)) =>
+                {
+                    g.enable = 1;
+                    revived.push(g.clone());
+                }
+                // Disabled before its time: the homeowner turned it off.
+                (false, Some(i)) if !passed => {
+                    mem.seen_enabled.remove(i);
+                }
+                _ => {}
+            }
+        }
+        revived
     }
 
     /// This action's groups, from the request and the device's `fdPwr`
@@ -482,7 +541,9 @@ impl Foxess {
         let Ok(plant) = TimeZone::get(&name) else {
             return Ok(());
         };
-        if plant.iana_name().is_some() && plant.iana_name() == self.tz.iana_name() {
+        // By the rules, not the name: aliases (`Asia/Calcutta`,
+        // `Europe/Kiev`, `Etc/UTC`) agree with their canonical names.
+        if same_rules(&plant, &self.tz, self.now()) {
             return Ok(());
         }
         Err(DriverError::new(
@@ -518,9 +579,12 @@ impl Foxess {
             Ok((plant, _)) => plant,
             Err(e) => return transient(e),
         };
-        Ok(plant
-            .get("ianaTimezone")
-            .and_then(Value::as_str)
+        // `ianaTimezone` in the answers public clients show; `timezone` in
+        // FoxESS's document.
+        Ok(["ianaTimezone", "timezone"]
+            .iter()
+            .find_map(|k| plant.get(*k).and_then(Value::as_str))
+            .map(str::trim)
             .filter(|s| !s.is_empty())
             .map(str::to_owned))
     }
@@ -585,10 +649,55 @@ impl Foxess {
         }
     }
 
+    /// Writes `list` and reads it back: `Ok(Err(back))` when the list
+    /// read back is neither what was written nor `before` (what was there
+    /// before the write): another writer changed it in between. A failed
+    /// read-back is `Ok(Ok(empty))`, logged (the write was accepted;
+    /// unverified, not failed).
+    async fn write_and_read_back(
+        &self,
+        mem: &mut DeviceMemory,
+        before: &[Group],
+        list: &[Group],
+        write: bool,
+        memo: Option<&str>,
+        log: &mut Vec<String>,
+    ) -> Result<Result<GroupsRead, GroupsRead>, DriverError> {
+        if write {
+            // The write may land even if its answer is lost.
+            let wrote = self
+                .write_groups(mem, list)
+                .await
+                .map_err(|e| e.with_memo(memo.map(str::to_owned)))?;
+            log.push(wrote);
+        }
+        let back = match self.get_groups().await {
+            Ok((back, raw)) => {
+                log.push(format!("read back: {raw}"));
+                back
+            }
+            Err(e) => {
+                log.push(format!(
+                    "read back failed: {}: {}",
+                    e.message,
+                    e.raw.unwrap_or_default()
+                ));
+                return Ok(Ok(GroupsRead::default()));
+            }
+        };
+        let changed_by_another =
+            !same_groups(&back.groups, list) && !same_groups(&back.groups, before);
+        Ok(if changed_by_another {
+            Err(back)
+        } else {
+            Ok(back)
+        })
+    }
+
     /// One read-modify-write of the group list for `ours`: plans against
-    /// `current`, writes, and reads back. `Ok(Err(back))` when the list
-    /// read back is neither what was written nor what was there before:
-    /// another writer changed it in between.
+    /// `current`, writes, and reads back (see
+    /// [`Foxess::write_and_read_back`]).
+    #[allow(clippy::too_many_arguments)]
     async fn merge_and_write(
         &self,
         mem: &mut DeviceMemory,
@@ -596,6 +705,7 @@ impl Foxess {
         ours: &[Group],
         switchyards: &[Group],
         clear: bool,
+        memo: &str,
         log: &mut Vec<String>,
     ) -> Result<(ApplyPlan, Result<GroupsRead, GroupsRead>), DriverError> {
         let (max_slots, _) = self.limits(current);
@@ -611,79 +721,89 @@ impl Foxess {
                 max_power_w: current.max_power_w.unwrap_or(i64::MAX),
             },
         )?;
-        if plan.write {
-            log.push(self.write_groups(mem, &plan.list).await?);
-        }
-        let back = match self.get_groups().await {
-            Ok((back, raw)) => {
-                log.push(format!("read back: {raw}"));
-                back
-            }
-            // The write was accepted; a failed read-back makes it
-            // unverified, not failed.
-            Err(e) => {
-                log.push(format!(
-                    "read back failed: {}: {}",
-                    e.message,
-                    e.raw.unwrap_or_default()
-                ));
-                return Ok((plan, Ok(GroupsRead::default())));
-            }
+        let back = self
+            .write_and_read_back(
+                mem,
+                &current.groups,
+                &plan.list,
+                plan.write,
+                Some(memo),
+                log,
+            )
+            .await?;
+        Ok((plan, back))
+    }
+
+    /// The list a revert writes: `current` without `mine` (except what
+    /// `keep` holds), switchyard's other groups enabled, foreign groups as
+    /// read — unless the cloud would refuse one: then ForeignUnwritable, or
+    /// cleared when `clear`. `None` when there is nothing to remove.
+    fn revert_list(
+        &self,
+        current: &GroupsRead,
+        mine: &[Group],
+        keep: &[Group],
+        clear: bool,
+        log: &mut Vec<String>,
+    ) -> Result<Option<Vec<Group>>, DriverError> {
+        let Some(list) = plan_revert(&current.groups, mine, keep) else {
+            return Ok(None);
         };
-        let changed_by_another =
-            !same_groups(&back.groups, &plan.list) && !same_groups(&back.groups, &current.groups);
-        Ok((
-            plan,
-            if changed_by_another {
-                Err(back)
-            } else {
-                Ok(back)
-            },
+        let rest: Vec<&Group> = list.iter().collect();
+        let bad = plan::unwritable(&rest, keep, current.max_power_w.unwrap_or(i64::MAX));
+        let cleared: Vec<Group> = plan::clear_or_refuse(&bad, clear, keep)?
+            .into_iter()
+            .cloned()
+            .collect();
+        if !cleared.is_empty() {
+            log.push(format!(
+                "cleared {} foreign group(s) the cloud would refuse, as CANCEL_AND_REPLACE \
+                 authorised ({})",
+                cleared.len(),
+                describe(&cleared)
+            ));
+        }
+        // switchyard's own groups of other actions go back enabled (one
+        // whose time has passed today may read disabled).
+        Ok(Some(
+            list.into_iter()
+                .filter(|g| !cleared.contains(g))
+                .map(|mut g| {
+                    if keep.iter().any(|k| same_content(k, &g)) {
+                        g.enable = 1;
+                    }
+                    g
+                })
+                .collect(),
         ))
     }
 
-    /// AUTO_BALANCED without an end: switchyard gives the inverter back to
-    /// the homeowner's own schedule. Groups this process wrote for actions
-    /// no longer live are removed; live actions' groups stay (their
-    /// reverts remove them); nothing is added.
+    /// AUTO_BALANCED without an end: switchyard hands the inverter back to
+    /// the homeowner's own schedule. Nothing is written: the live actions'
+    /// groups stay until their reverts remove them (the service cancels
+    /// what collides with this action first). The groups are read to
+    /// report what is on the inverter.
     async fn release(&self, req: &ApplyRequest) -> Result<Outcome, DriverError> {
-        let mut mem = self.memory.lock().await;
         let memos = self.memos(&req.live);
-        let live: Vec<Group> = memos
-            .iter()
-            .flat_map(|m| m.groups.iter().cloned())
-            .collect();
-        let stale: Vec<Group> = Self::switchyards(&mem, &[], Some(&req.action_id))
-            .into_iter()
-            .filter(|g| !live.iter().any(|l| same_content(l, g)))
-            .collect();
-        let (current, raw) = self.get_groups().await?;
-        let mut log = vec![raw];
-        if let Some(list) = plan_revert(&current.groups, &stale, &live) {
-            log.push(self.write_groups(&mut mem, &list).await?);
-        }
-        mem.ours
-            .retain(|_, g| g.iter().any(|g| live.iter().any(|l| same_content(l, g))));
-        drop(mem);
-        let (verified, state) = match (self.get_groups().await, self.get_flag().await) {
-            (Ok((back, _)), Ok((flag, _, _))) => {
-                let clean = !back
-                    .groups
-                    .iter()
-                    .any(|b| stale.iter().any(|s| same_content(s, b)));
-                (clean, Some(Self::state(flag, &back.groups, &live)))
-            }
-            _ => (false, None),
+        let (read, raw) = self.get_groups().await?;
+        let (flag, _, _) = self.get_flag().await?;
+        let switchyards = {
+            let mem = self.memory.lock().await;
+            Self::switchyards(&mem, &memos, Some(&req.action_id))
         };
+        let ours_left = read
+            .groups
+            .iter()
+            .filter(|g| !g.is_placeholder() && switchyards.iter().any(|o| same_content(o, g)))
+            .count();
         Ok(Outcome {
-            verified,
+            verified: true,
             raw: format!(
-                "AUTO_BALANCED without an end: the inverter follows its own schedule; {} live \
-                 action(s) keep their groups until their end; {}",
-                memos.len(),
-                log.join("; ")
+                "AUTO_BALANCED without an end: the inverter follows its own schedule; nothing \
+                 written; {ours_left} group(s) of {} live action(s) stay until their end; {raw}",
+                memos.len()
             ),
-            state,
+            state: Some(Self::state(flag, &read.groups, &switchyards)),
             memo: None,
         })
     }
@@ -707,6 +827,15 @@ fn describe(groups: &[Group]) -> String {
     parts.join(", ")
 }
 
+/// Whether two zones keep the same offsets from `from` for two years (so
+/// `Asia/Calcutta` and `Asia/Kolkata`, `Etc/UTC` and `UTC` agree).
+fn same_rules(a: &TimeZone, b: &TimeZone, from: jiff::Timestamp) -> bool {
+    (0..=730).all(|day| {
+        from.checked_add(jiff::SignedDuration::from_hours(24 * day))
+            .map_or(true, |t| a.to_offset(t) == b.to_offset(t))
+    })
+}
+
 #[async_trait]
 impl Driver for Foxess {
     fn capabilities(&self) -> &Capabilities {
@@ -719,8 +848,10 @@ impl Driver for Foxess {
 
     async fn read_state(&self, live: &[Applied]) -> Result<DeviceState, DriverError> {
         let (flag, _, _) = self.get_flag().await?;
-        let (read, _) = self.get_groups().await?;
-        let switchyards = Self::switchyards(&*self.memory.lock().await, &self.memos(live), None);
+        let (mut read, _) = self.get_groups().await?;
+        let mut mem = self.memory.lock().await;
+        let switchyards = Self::switchyards(&mem, &self.memos(live), None);
+        self.note_seen(&mut mem, &mut read, &switchyards, false);
         Ok(Self::state(flag, &read.groups, &switchyards))
     }
 
@@ -756,18 +887,28 @@ impl Driver for Foxess {
             .with_raw("scheduler/get/flag: support=false"));
         }
         // Re-read just before the write.
-        let (current, _) = self.get_groups().await?;
+        let (mut current, _) = self.get_groups().await?;
         let ours = self.compile(req, self.limits(&current).1.into())?;
         let memos = self.memos(&req.live);
         let switchyards = Self::switchyards(&mem, &memos, Some(&req.action_id));
-        // The homeowner's flag: as the first live action found it.
-        let flag_before = memos.first().map_or(flag_on, |m| m.flag_before);
+        let mut revived = self.note_seen(&mut mem, &mut current, &switchyards, true);
+        // The homeowner's flag: as the oldest live action recorded it, or
+        // as this process found it for an action of the same round, or as
+        // it is now.
+        let others_here = mem.ours.keys().any(|k| *k != req.action_id);
+        let flag_before = memos
+            .first()
+            .map(|m| m.flag_before)
+            .or(if others_here { mem.flag_found } else { None })
+            .unwrap_or(flag_on);
+        mem.flag_found = Some(flag_before);
         let memo = Memo {
             v: 1,
             sn: self.sn.clone(),
             groups: ours.clone(),
             flag_before,
         };
+        let memo_json = serde_json::to_string(&memo).unwrap_or_default();
         // Recorded before writing: a write that times out may still land.
         mem.ours.insert(req.action_id.clone(), ours.clone());
         let mut log = Vec::new();
@@ -778,6 +919,7 @@ impl Driver for Foxess {
                 &ours,
                 &switchyards,
                 req.clear_native_scheduler,
+                &memo_json,
                 &mut log,
             )
             .await;
@@ -785,16 +927,20 @@ impl Driver for Foxess {
             Ok(done) => done,
             Err(e) => {
                 // Refused before writing: nothing of this action is there.
-                if !matches!(e.kind, ErrorKind::Unavailable | ErrorKind::RateLimited) {
+                if e.memo.is_none() && !e.retryable() {
                     mem.ours.remove(&req.action_id);
                 }
                 return Err(e);
             }
         };
-        if let Err(changed) = back {
+        // From here a write has landed (or may have): a failure carries
+        // the memo, so that the service owes a revert.
+        let with_memo = |e: DriverError| e.with_memo(Some(memo_json.clone()));
+        if let Err(mut changed) = back {
             // Another writer changed the list between our read and our
             // write (or right after): merge once more with what it wrote.
             log.push("another writer changed the groups meanwhile; merged again".to_owned());
+            revived.extend(self.note_seen(&mut mem, &mut changed, &switchyards, true));
             let again = self
                 .merge_and_write(
                     &mut mem,
@@ -802,23 +948,27 @@ impl Driver for Foxess {
                     &ours,
                     &switchyards,
                     req.clear_native_scheduler,
+                    &memo_json,
                     &mut log,
                 )
-                .await?;
+                .await
+                .map_err(with_memo)?;
             (plan, back) = again;
             if back.is_err() {
-                return Err(DriverError::new(
-                    ErrorKind::Contended,
-                    "another writer keeps changing this inverter's FoxESS schedule between \
-                     switchyard's read and write; retrying later",
-                )
-                .with_raw(log.join("; ")));
+                return Err(with_memo(
+                    DriverError::new(
+                        ErrorKind::Contended,
+                        "another writer keeps changing this inverter's FoxESS schedule between \
+                         switchyard's read and write; retrying later",
+                    )
+                    .with_raw(log.join("; ")),
+                ));
             }
         }
         let back = back.unwrap_or_default();
         let mut notes = Vec::new();
         if !flag_on {
-            log.push(self.set_flag(&mut mem, true).await?);
+            log.push(self.set_flag(&mut mem, true).await.map_err(with_memo)?);
             let dormant: Vec<Group> = plan
                 .kept
                 .iter()
@@ -835,6 +985,14 @@ impl Driver for Foxess {
             }
         }
         drop(mem);
+        if !revived.is_empty() && plan.write {
+            notes.push(format!(
+                "kept {} foreign group(s) enabled that read disabled only because their time has \
+                 passed today ({})",
+                revived.len(),
+                describe(&revived)
+            ));
+        }
         if !plan.removed.is_empty() {
             notes.push(format!(
                 "cleared {} foreign group(s) as CANCEL_AND_REPLACE authorised ({})",
@@ -854,16 +1012,14 @@ impl Driver for Foxess {
             Err(_) => None,
         };
         // By content: a group whose time has passed today may read back
-        // disabled, and the cloud may reorder.
+        // disabled, and the cloud may reorder. (That the rest of the list
+        // survived was checked against the write: `back` is the list
+        // written or, if the write did not take, the one before.)
         let seen = !back.groups.is_empty()
             && ours
                 .iter()
                 .all(|o| back.groups.iter().any(|b| same_content(b, o)));
-        let kept_survived = plan
-            .kept
-            .iter()
-            .all(|k| back.groups.iter().any(|b| same_content(b, k)));
-        let verified = seen && kept_survived && flag == Some(true);
+        let verified = seen && flag == Some(true);
         let mut switchyards_now = switchyards;
         switchyards_now.extend(ours.iter().cloned());
         let state = flag.map(|f| Self::state(f, &back.groups, &switchyards_now));
@@ -890,7 +1046,7 @@ impl Driver for Foxess {
             verified,
             raw: notes.join("; "),
             state,
-            memo: serde_json::to_string(&memo).ok(),
+            memo: Some(memo_json),
         })
     }
 
@@ -909,41 +1065,43 @@ impl Driver for Foxess {
         // and what this process applied for actions not yet reverted (an
         // apply in the same dispatch round is not recorded yet).
         let keep = Self::switchyards(&mem, &self.memos(&applied.live), Some(&applied.action_id));
-        let (current, raw) = self.get_groups().await?;
+        let (mut current, raw) = self.get_groups().await?;
+        self.note_seen(&mut mem, &mut current, &keep, true);
         let mut log = Vec::new();
-        let removed = match plan_revert(&current.groups, &mine, &keep) {
+        let clear = applied.clear_native_scheduler;
+        let removed = match self.revert_list(&current, &mine, &keep, clear, &mut log)? {
             Some(list) => {
-                // The rest goes back as read: a foreign group the cloud
-                // would refuse blocks the write (named), unless the push
-                // authorised clearing foreign groups.
-                let rest: Vec<&Group> = list.iter().collect();
-                let bad = plan::unwritable(&rest, &keep, current.max_power_w.unwrap_or(i64::MAX));
-                let cleared: Vec<Group> =
-                    plan::clear_or_refuse(&bad, applied.clear_native_scheduler, &keep)?
-                        .into_iter()
-                        .cloned()
-                        .collect();
-                // switchyard's own groups of other actions go back enabled
-                // (one whose time has passed today may read disabled).
-                let list: Vec<Group> = list
-                    .into_iter()
-                    .filter(|g| !cleared.contains(g))
-                    .map(|mut g| {
-                        if keep.iter().any(|k| same_content(k, &g)) {
-                            g.enable = 1;
+                let back = self
+                    .write_and_read_back(&mut mem, &current.groups, &list, true, None, &mut log)
+                    .await?;
+                if let Err(mut changed) = back {
+                    // Another writer changed the list meanwhile: remove ours
+                    // from what it wrote, once.
+                    log.push(
+                        "another writer changed the groups meanwhile; merged again".to_owned(),
+                    );
+                    self.note_seen(&mut mem, &mut changed, &keep, true);
+                    if let Some(list) = self.revert_list(&changed, &mine, &keep, clear, &mut log)? {
+                        let again = self
+                            .write_and_read_back(
+                                &mut mem,
+                                &changed.groups,
+                                &list,
+                                true,
+                                None,
+                                &mut log,
+                            )
+                            .await?;
+                        if again.is_err() {
+                            return Err(DriverError::new(
+                                ErrorKind::Contended,
+                                "another writer keeps changing this inverter's FoxESS schedule \
+                                 between switchyard's read and write; retrying later",
+                            )
+                            .with_raw(log.join("; ")));
                         }
-                        g
-                    })
-                    .collect();
-                if !cleared.is_empty() {
-                    log.push(format!(
-                        "cleared {} foreign group(s) the cloud would refuse, as CANCEL_AND_REPLACE \
-                         authorised ({})",
-                        cleared.len(),
-                        describe(&cleared)
-                    ));
+                    }
                 }
-                log.push(self.write_groups(&mut mem, &list).await?);
                 true
             }
             None => {
@@ -967,6 +1125,9 @@ impl Driver for Foxess {
             }
         }
         mem.ours.remove(&applied.action_id);
+        if mem.ours.is_empty() {
+            mem.flag_found = None;
+        }
         drop(mem);
         let gone: Vec<&Group> = mine
             .iter()

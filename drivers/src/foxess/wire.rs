@@ -146,8 +146,8 @@ pub struct Group {
     /// Every other field, kept verbatim (`maxSoc`, …).
     pub extra: Map<String, Value>,
     /// A field of the nine was missing, `null` (other than
-    /// `minSocOnGrid`) or not a number as read: the group cannot be
-    /// written back as it is.
+    /// `minSocOnGrid`) or not a number as read, or a time was out of range
+    /// (then all four read 0): the group cannot be written back as it is.
     pub incomplete: bool,
 }
 
@@ -232,6 +232,22 @@ impl Group {
         let (start_hour, start_minute) = (int("startHour"), int("startMinute"));
         let (end_hour, end_minute) = (int("endHour"), int("endMinute"));
         let (fd_soc, fd_pwr) = (int("fdSoc"), int("fdPwr"));
+        // Times out of range (a hostile or broken answer) cannot be
+        // reasoned about: read as 00:00 and marked incomplete, so no
+        // arithmetic on them can overflow and the group is never written
+        // back as it is.
+        let hours = 0..=23;
+        let minutes = 0..=59;
+        let in_range = hours.contains(&start_hour)
+            && hours.contains(&end_hour)
+            && minutes.contains(&start_minute)
+            && minutes.contains(&end_minute);
+        let (start_hour, start_minute, end_hour, end_minute) = if in_range {
+            (start_hour, start_minute, end_hour, end_minute)
+        } else {
+            incomplete = true;
+            (0, 0, 0, 0)
+        };
         let min_soc_on_grid = match o.get("minSocOnGrid") {
             None | Some(Value::Null) => None,
             Some(v) => {
@@ -333,7 +349,7 @@ impl Group {
         let p = if mode.is_none() || mode == Some(WorkMode::Invalid) {
             format!("work mode {:?} cannot be written", self.work_mode)
         } else if self.incomplete {
-            "a field is missing or not a number".to_owned()
+            "a field is missing, not a number or out of range".to_owned()
         } else if !matches!(self.enable, 0 | 1)
             || !(0..=23).contains(&self.start_hour)
             || !(0..=23).contains(&self.end_hour)
@@ -447,12 +463,27 @@ pub struct GroupsRead {
     pub max_power_w: Option<i64>,
 }
 
+/// The least `fdPwr` maximum believed: below it a reported value is taken
+/// for a unit mix-up or garbage and ignored.
+pub const MIN_PLAUSIBLE_MAX_POWER_W: i64 = 100;
+
 fn fd_pwr_max(group: &Value) -> Option<i64> {
     let props = group.get("properties")?.as_object()?;
     let (_, fd) = props
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case("fdpwr"))?;
-    fd.get("range")?.get("max").and_then(as_int)
+    let max = fd.get("range")?.get("max")?;
+    // Watts unless the answer says kW (a fraction of a kW is allowed).
+    let kw = fd
+        .get("unit")
+        .and_then(Value::as_str)
+        .is_some_and(|u| u.trim().eq_ignore_ascii_case("kw"));
+    let w = if kw {
+        max.as_f64().map(|k| (k * 1000.0).round())
+    } else {
+        max.as_f64().map(f64::round)
+    }?;
+    (w.is_finite() && w >= MIN_PLAUSIBLE_MAX_POWER_W as f64 && w <= 1e9).then_some(w as i64)
 }
 
 /// Parses the group list out of a `scheduler/get` result: either
@@ -536,6 +567,13 @@ mod tests {
         let top = serde_json::json!({"groups": [],
             "properties": {"fdPwr": {"range": {"min": 0, "max": 4600}}}});
         assert_eq!(parse_groups(&top).unwrap().max_power_w, Some(4600));
+        let kw = serde_json::json!({"groups": [{"enable": 0,
+            "properties": {"fdpwr": {"unit": "kW", "range": {"max": 5.5}}}}]});
+        assert_eq!(parse_groups(&kw).unwrap().max_power_w, Some(5500));
+        // 10 "W" is no inverter's maximum: a unit mix-up, ignored.
+        let tiny = serde_json::json!({"groups": [{"enable": 0,
+            "properties": {"fdpwr": {"unit": "W", "range": {"max": 10}}}}]});
+        assert_eq!(parse_groups(&tiny).unwrap().max_power_w, None);
         let none = serde_json::json!({"groups": [{"enable": 0, "properties": {}}]});
         assert_eq!(parse_groups(&none).unwrap().max_power_w, None);
         assert_eq!(parse_groups(&none).unwrap().max_group_count, None);

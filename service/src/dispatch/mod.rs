@@ -104,6 +104,18 @@ fn apply_request(a: &Action, clear_native: bool, live: Vec<Applied>) -> ApplyReq
     }
 }
 
+/// A driver's memo, if it fits [`MAX_MEMO_BYTES`] (a larger one is
+/// dropped, logged: the revert then works from the request).
+fn bounded_memo(memo: Option<String>, action: &crate::domain::ActionId) -> Option<String> {
+    memo.filter(|m| {
+        let fits = m.len() <= MAX_MEMO_BYTES;
+        if !fits {
+            tracing::warn!(action_id = %action, bytes = m.len(), "the driver's memo is too large to keep");
+        }
+        fits
+    })
+}
+
 /// The memos of `device`'s actions whose writes may be in force, split
 /// into `action`'s own and the others'.
 async fn memos_of(
@@ -395,13 +407,7 @@ impl Dispatcher {
             state,
             memo,
         } = out;
-        let memo = memo.filter(|m| {
-            let fits = m.len() <= MAX_MEMO_BYTES;
-            if !fits {
-                tracing::warn!(action_id = %job.action.id, bytes = m.len(), "the driver's memo is too large to keep");
-            }
-            fits
-        });
+        let memo = bounded_memo(memo, &job.action.id);
         let observe = match state {
             Some(s) => Observe::Known(
                 job.tenant.clone(),
@@ -440,6 +446,7 @@ impl Dispatcher {
                 message: message.to_owned(),
                 raw: None,
                 revert: true,
+                memo: None,
             },
             Work::Revert => {
                 self.revert_retry_or_fail(job, self.clock.now(), message.to_owned(), None, 0)
@@ -458,12 +465,14 @@ impl Dispatcher {
                 due: now.plus_nanos(self.backoff(job.attempts)),
                 message,
                 raw: None,
+                memo: None,
             },
             Work::Apply => Finish::Failed {
                 code: "OEM_UNAVAILABLE".to_owned(),
                 message,
                 raw: None,
                 revert: false,
+                memo: None,
             },
             Work::Revert => self.revert_retry_or_fail(job, now, message, None, 0),
         })
@@ -489,12 +498,14 @@ impl Dispatcher {
                 ),
                 raw,
                 revert: false,
+                memo: None,
             }
         } else {
             Finish::Retry {
                 due: now.plus_nanos(self.backoff(job.attempts).max(retry_after)),
                 message,
                 raw,
+                memo: None,
             }
         }
     }
@@ -542,6 +553,7 @@ impl Dispatcher {
             message,
             raw,
             revert: false,
+            memo: None,
         };
         if action.end.is_some_and(|end| end <= now) {
             return Ok(Done::just(fail(
@@ -575,6 +587,8 @@ impl Dispatcher {
                     due: self.clock.now().plus_nanos(wait),
                     message: e.message.clone(),
                     raw: e.raw.clone(),
+                    // A write that may have landed is kept on record.
+                    memo: bounded_memo(e.memo.clone(), &action.id),
                 })
             }
             Err(e) => {
@@ -599,10 +613,19 @@ impl Dispatcher {
                             ),
                         )
                     });
-                Done {
-                    finish: fail(e.code(), e.message.clone(), e.raw.clone()),
-                    observe,
-                }
+                // A failure after a write that may have landed owes a revert:
+                // the driver's memo says what to undo.
+                let finish = match bounded_memo(e.memo.clone(), &action.id) {
+                    Some(memo) => Finish::Failed {
+                        code: e.code().to_owned(),
+                        message: e.message.clone(),
+                        raw: e.raw.clone(),
+                        revert: true,
+                        memo: Some(memo),
+                    },
+                    None => fail(e.code(), e.message.clone(), e.raw.clone()),
+                };
+                Done { finish, observe }
             }
         })
     }

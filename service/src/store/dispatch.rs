@@ -71,6 +71,9 @@ pub enum Finish {
         message: String,
         /// The OEM's answer.
         raw: Option<String>,
+        /// A write that may have landed despite the failure: what the
+        /// driver needs to undo it (kept until a revert).
+        memo: Option<String>,
     },
     /// Not now (e.g. the rate budget): try at `due`, no attempt counted.
     Postpone { due: Ts },
@@ -81,9 +84,12 @@ pub enum Finish {
         message: String,
         /// The OEM's answer.
         raw: Option<String>,
-        /// What the driver did is unknown (it panicked midway): a revert is
-        /// owed at once, and the action holds its channel until it is done.
+        /// What the driver did is unknown (it panicked midway), or a write
+        /// may have landed: a revert is owed at once, and the action holds
+        /// its channel until it is done.
         revert: bool,
+        /// What the driver needs to undo a write that may have landed.
+        memo: Option<String>,
     },
 }
 
@@ -264,9 +270,26 @@ async fn finish_one(
         // The driver's memo: set by an apply, cleared by a revert, kept
         // otherwise.
         let memo: Option<Option<String>> = match &result {
-            Finish::Applied { memo, .. } => memo.clone().map(Some),
+            // An action without an end is done once applied: it is never
+            // reverted, so nothing of it is kept as in force.
+            Finish::Applied { memo, .. } if a.end.is_some() => memo.clone().map(Some),
+            Finish::Retry { memo, .. } | Finish::Failed { memo, .. } => memo.clone().map(Some),
             Finish::Reverted { .. } => Some(None),
             _ => None,
+        };
+        // A write of an earlier try may be in force (its memo is on
+        // record): a final failure then owes a revert too.
+        let written_before: bool = match &result {
+            // (Not for a revert that failed for good: REVERT_FAILED stands.)
+            Finish::Failed { revert: false, .. } if job.work == Work::Apply => sqlx::query_scalar(
+                "SELECT driver_memo IS NOT NULL FROM actions WHERE tenant_id = ? AND action_id = ?",
+            )
+            .bind(job.tenant.as_str())
+            .bind(job.action.id.to_string())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_err)?,
+            _ => false,
         };
         let (to, work, due, attempts, reason, raw): (
             ActionState,
@@ -298,7 +321,9 @@ async fn finish_one(
                 };
                 (to, None, None, 0, "REVERTED".into(), Some(raw))
             }
-            Finish::Retry { due, message, raw } => {
+            Finish::Retry {
+                due, message, raw, ..
+            } => {
                 // A cancelled or failed action keeps saying why it is so.
                 if !matches!(from, ActionState::Cancelled | ActionState::Failed) {
                     a.error_message = Some(format!("{RETRYING}{message}"));
@@ -325,10 +350,11 @@ async fn finish_one(
                 message,
                 raw,
                 revert,
+                ..
             } => {
                 a.error_code = Some(code.clone());
                 a.error_message = Some(message);
-                let (work, due) = if revert {
+                let (work, due) = if revert || written_before {
                     (Some(Work::Revert), Some(now))
                 } else {
                     (None, None)

@@ -512,7 +512,8 @@ impl Store {
 
     /// Changes a device with `apply`, if `etag` (when given) matches; a
     /// change `apply` says retargets the device is refused while any of its
-    /// actions' writes may be in force (they hold a driver memo). What
+    /// actions' writes may be in force: a driver memo on record, an apply
+    /// in flight or retrying, an ACTIVE action, or a revert owed. What
     /// was observed under the old configuration is dropped; `observed`, a
     /// reading of the configuration `apply` sets up (made before the
     /// transaction, so no OEM call holds the write lock), is kept if the
@@ -537,9 +538,14 @@ impl Store {
         if apply(&mut device)? == Retarget::Yes {
             // A revert owed under the old target could not reach the
             // device under the new one.
+            // A memo on record, an apply in flight or being retried (its
+            // write may land), an ACTIVE action (one applied before memos
+            // existed has none), or a revert owed.
             let held: Vec<(String,)> = sqlx::query_as(
                 "SELECT action_id FROM actions
-                 WHERE tenant_id = ? AND device_id = ? AND driver_memo IS NOT NULL
+                 WHERE tenant_id = ? AND device_id = ?
+                   AND (driver_memo IS NOT NULL OR state IN ('ACKNOWLEDGED', 'ACTIVE')
+                        OR work = 'REVERT' OR lease_owner IS NOT NULL)
                  ORDER BY start_ns, action_id",
             )
             .bind(tenant.as_str())
