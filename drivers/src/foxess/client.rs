@@ -198,13 +198,18 @@ impl Api {
             ""
         };
         let text = self.key.redact(&String::from_utf8_lossy(&bytes));
-        let mut env =
-            classify(path, status, text.as_bytes(), Some(&self.key)).map_err(|mut e| {
-                if let Some(raw) = &mut e.raw {
-                    raw.push_str(note);
-                }
-                e
-            })?;
+        let mut env = classify(
+            &format!("{} {path}", if body.is_some() { "POST" } else { "GET" }),
+            status,
+            text.as_bytes(),
+            Some(&self.key),
+        )
+        .map_err(|mut e| {
+            if let Some(raw) = &mut e.raw {
+                raw.push_str(note);
+            }
+            e
+        })?;
         // A key escaped in the JSON (\u0041…) is only seen once decoded.
         redact_strings(&mut env.result, &self.key);
         let raw = format!(
@@ -362,9 +367,10 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Classifies one HTTP answer. `Ok` only for HTTP 2xx with errno 0.
+/// Classifies one HTTP answer to `request` (`"POST /op/…"`, as `raw`
+/// names it). `Ok` only for HTTP 2xx with errno 0.
 pub fn classify(
-    path: &str,
+    request: &str,
     status: StatusCode,
     body: &[u8],
     secret: Option<&Secret>,
@@ -392,7 +398,7 @@ pub fn classify(
                 "the FoxESS endpoint answered with a redirect (HTTP {code}), which is not followed"
             ),
         )
-        .with_raw(format!("POST {path}: HTTP {code}")));
+        .with_raw(format!("{request}: HTTP {code}")));
     }
     if status.is_server_error() {
         // 502/503 are the cloud's everyday outages; any 5xx is treated the
@@ -401,10 +407,7 @@ pub fn classify(
             ErrorKind::Unavailable,
             format!("the FoxESS cloud is unavailable (HTTP {code})"),
         )
-        .with_raw(format!(
-            "POST {path}: HTTP {code}; body: {}",
-            body_snippet()
-        )));
+        .with_raw(format!("{request}: HTTP {code}; body: {}", body_snippet())));
     }
     if status == StatusCode::TOO_MANY_REQUESTS {
         return Err(DriverError::new(
@@ -412,20 +415,14 @@ pub fn classify(
             "the FoxESS cloud rate-limited the call (HTTP 429)",
         )
         .with_retry_after(RATE_LIMIT_RETRY_AFTER)
-        .with_raw(format!(
-            "POST {path}: HTTP {code}; body: {}",
-            body_snippet()
-        )));
+        .with_raw(format!("{request}: HTTP {code}; body: {}", body_snippet())));
     }
     if !status.is_success() {
         return Err(DriverError::new(
             ErrorKind::Rejected,
             format!("the FoxESS cloud refused the call (HTTP {code})"),
         )
-        .with_raw(format!(
-            "POST {path}: HTTP {code}; body: {}",
-            body_snippet()
-        )));
+        .with_raw(format!("{request}: HTTP {code}; body: {}", body_snippet())));
     }
     let env: Envelope = match serde_json::from_slice::<Envelope>(body) {
         Ok(mut env) => {
@@ -442,13 +439,13 @@ pub fn classify(
                 "the FoxESS cloud sent an answer that is not its JSON envelope",
             )
             .with_raw(format!(
-                "POST {path}: HTTP {code}; malformed body ({e}): {}",
+                "{request}: HTTP {code}; malformed body ({e}): {}",
                 body_snippet()
             )));
         }
     };
     let raw = format!(
-        "POST {path}: HTTP {code}; errno {}; msg {:?}",
+        "{request}: HTTP {code}; errno {}; msg {:?}",
         env.errno,
         snippet(&env.msg)
     );
@@ -514,7 +511,13 @@ mod tests {
         // PHP escapes '/', Go escapes '&': the raw text never holds the key
         // as such, the decoded JSON does.
         let body = br#"{"msg":"bad token k\/e&y","k\/e&y":1}"#;
-        let e = classify("/p", StatusCode::INTERNAL_SERVER_ERROR, body, Some(&key)).unwrap_err();
+        let e = classify(
+            "POST /p",
+            StatusCode::INTERNAL_SERVER_ERROR,
+            body,
+            Some(&key),
+        )
+        .unwrap_err();
         let raw = e.raw.unwrap_or_default();
         assert!(
             !raw.contains(key.expose()) && raw.contains("<redacted>"),
@@ -522,7 +525,13 @@ mod tests {
         );
         // Not JSON: described, never quoted.
         let page = format!("<html>proxy error for token {}</html>", key.expose());
-        let e = classify("/p", StatusCode::BAD_GATEWAY, page.as_bytes(), Some(&key)).unwrap_err();
+        let e = classify(
+            "POST /p",
+            StatusCode::BAD_GATEWAY,
+            page.as_bytes(),
+            Some(&key),
+        )
+        .unwrap_err();
         let raw = e.raw.unwrap_or_default();
         assert!(
             raw.contains("bytes, not JSON") && !raw.contains("token"),
@@ -530,7 +539,7 @@ mod tests {
         );
         // An envelope's msg is redacted once decoded, on success too.
         let ok = br#"{"errno":0,"msg":"hello k\/e&y","result":{"x":"k\/e&y"}}"#;
-        let env = classify("/p", StatusCode::OK, ok, Some(&key)).unwrap();
+        let env = classify("POST /p", StatusCode::OK, ok, Some(&key)).unwrap();
         assert!(!env.msg.contains(key.expose()), "{}", env.msg);
     }
 
