@@ -11,7 +11,7 @@
 //! the time; [`conformance_suite!`](crate::conformance_suite) turns it into
 //! one `#[tokio::test]` per rule of [`rules`]:
 //!
-//! ```ignore
+//! ```text
 //! switchyard_drivers::conformance_suite!(simulated, Sim::new());
 //! switchyard_drivers::conformance_suite!(foxess, Fox::new().await);
 //! ```
@@ -74,7 +74,7 @@ pub trait Harness: Send + Sync {
 /// module where the macro is invoked. The invoking crate needs tokio with
 /// the `macros` and `rt` features.
 ///
-/// ```ignore
+/// ```text
 /// switchyard_drivers::conformance_suite!(foxess, Fox::new().await);
 /// ```
 #[macro_export]
