@@ -26,6 +26,9 @@ pub struct ApplyRequest {
     /// switchyard wrote for them is switchyard's, not foreign, and a
     /// revert leaves it in place.
     pub live: Vec<Applied>,
+    /// What an earlier try of this action recorded ([`Outcome::memo`] or
+    /// [`DriverError::memo`]): its write may be in force already.
+    pub memo: Option<String>,
 }
 
 /// An action whose write may still be in force on a device, and what the

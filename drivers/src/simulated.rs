@@ -583,6 +583,7 @@ mod tests {
             end: None,
             clear_native_scheduler: false,
             live: Vec::new(),
+            memo: None,
         }
     }
 

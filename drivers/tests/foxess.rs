@@ -192,6 +192,7 @@ fn req(id: &str, command: Command, start: Timestamp, end: Option<Timestamp>) -> 
         end,
         clear_native_scheduler: false,
         live: Vec::new(),
+        memo: None,
     }
 }
 
@@ -420,7 +421,8 @@ async fn open_ended_commands_leave_nothing_behind() {
     let writes = rig.emu.successful_calls(PATH_SET);
     let auto = req("a1", Command::AutoBalanced, at(0, 14, 10), None);
     let out = d.apply(&auto).await.unwrap();
-    assert!(out.verified, "{out:?}");
+    // Not verified: a group of switchyard's is still in force.
+    assert!(!out.verified, "{out:?}");
     assert!(out.memo.is_none(), "nothing to undo later");
     assert!(
         out.raw.contains("1 group(s) of 0 live action(s)"),
@@ -441,6 +443,9 @@ async fn open_ended_commands_leave_nothing_behind() {
     .await
     .unwrap();
     assert_eq!(rig.groups(), vec![foreign]);
+    // Handing back now verifies: nothing of switchyard's is in force.
+    let auto = req("a2", Command::AutoBalanced, at(0, 14, 20), None);
+    assert!(d.apply(&auto).await.unwrap().verified);
     // The capabilities say so up front.
     for c in &d.capabilities().commands {
         let open = c.timing.contains(&TimingShape::Immediate);
@@ -1217,7 +1222,13 @@ async fn a_revert_removes_what_the_memo_says_even_after_the_timezone_changed() {
         timezone: "UTC",
         ..rig.spec()
     };
-    let moved = rig.factory.build(&spec).unwrap();
+    // Another process (a restart): nothing remembered but the memo.
+    let moved = pinned(
+        FoxessFactory::default().with_policy(rig.policy.clone()),
+        r.start,
+    )
+    .build(&spec)
+    .unwrap();
     let recomputed = moved
         .revert(&RevertRequest {
             applied: r.clone(),
@@ -1667,6 +1678,95 @@ async fn a_40400_that_says_the_limit_is_exceeded_waits_for_the_daily_reset() {
     rig.emu.fail_next_errno(1, 40400, "request too frequent");
     let err = d.read_state(&[]).await.unwrap_err();
     assert_eq!(err.retry_after, Some(Duration::from_secs(60)));
+}
+
+#[tokio::test]
+async fn a_retry_takes_over_what_an_earlier_try_wrote_and_the_flag_it_found() {
+    let rig = Rig::new().await;
+    // The first try wrote (and turned the flag on) but its answer was
+    // lost: only its memo came back.
+    let r = req("t1", Command::Charge, at(0, 2, 0), Some(at(0, 3, 0)));
+    let first = rig.driver_for(&r).apply(&r).await.unwrap();
+    assert!(rig.emu.flag(SN));
+    // The device's time zone changes before the retry: the retry writes
+    // other minutes, and takes over the first try's group.
+    let mut retry = r.clone();
+    retry.memo = first.memo.clone();
+    let spec = DeviceSpec {
+        timezone: "UTC",
+        ..rig.spec()
+    };
+    let moved = pinned(rig.factory.clone(), r.start).build(&spec).unwrap();
+    let out = moved.apply(&retry).await.unwrap();
+    let memo: serde_json::Value = serde_json::from_str(out.memo.as_deref().unwrap()).unwrap();
+    assert_eq!(
+        memo["flag_before"], false,
+        "the homeowner's flag, not the first try's"
+    );
+    assert_eq!(memo["groups"].as_array().unwrap().len(), 2, "{memo}");
+    assert_eq!(rig.groups().len(), 2);
+    moved
+        .revert(&RevertRequest {
+            applied: retry,
+            memo: out.memo,
+        })
+        .await
+        .unwrap();
+    assert!(
+        rig.groups().is_empty(),
+        "both tries' groups removed: {:?}",
+        rig.groups()
+    );
+    assert!(!rig.emu.flag(SN));
+}
+
+#[tokio::test]
+async fn a_revert_the_cloud_accepts_but_does_not_keep_is_a_failed_try() {
+    let rig = Rig::new().await;
+    let r = req("k1", Command::Charge, at(0, 2, 0), Some(at(0, 3, 0)));
+    let d = rig.driver_for(&r);
+    let out = d.apply(&r).await.unwrap();
+    rig.emu.set_ignore_writes(true);
+    let rev = RevertRequest {
+        applied: r,
+        memo: out.memo,
+    };
+    let err = d.revert(&rev).await.unwrap_err();
+    assert!(err.retryable(), "{err:?}");
+    assert!(err.message.contains("still there"), "{err:?}");
+    rig.emu.set_ignore_writes(false);
+    assert!(d.revert(&rev).await.unwrap().verified);
+    assert!(rig.groups().is_empty());
+}
+
+#[tokio::test]
+async fn zones_with_other_transition_times_are_not_the_same_plant_zone() {
+    let rig = Rig::new().await;
+    rig.emu
+        .set_plant_timezone(Some("America/Havana".to_owned()));
+    let r = req("hv1", Command::Charge, at(0, 2, 0), Some(at(0, 3, 0)));
+    let d = pinned(rig.factory.clone(), r.start)
+        .build(&DeviceSpec {
+            timezone: "America/New_York",
+            ..rig.spec()
+        })
+        .unwrap();
+    let err = d.apply(&r).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Misconfigured, "{err:?}");
+}
+
+#[tokio::test]
+async fn a_disabled_group_with_absurd_times_is_not_taken_for_an_empty_slot() {
+    let rig = Rig::new().await;
+    let odd = serde_json::json!({
+        "enable": 0, "startHour": 99, "startMinute": 0, "endHour": 0, "endMinute": 0,
+        "workMode": "SelfUse", "minSocOnGrid": 10, "fdSoc": 20, "fdPwr": 100
+    });
+    rig.emu.seed_raw(SN, vec![odd.clone()]);
+    let r = req("bt1", Command::Charge, at(0, 2, 0), Some(at(0, 3, 0)));
+    let err = rig.driver_for(&r).apply(&r).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::ForeignUnwritable, "{err:?}");
+    assert_eq!(rig.emu.raw_groups(SN), vec![odd], "not deleted silently");
 }
 
 // ---------------------------------------------------------------- settings & secrets

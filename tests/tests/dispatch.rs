@@ -779,3 +779,60 @@ async fn a_final_failure_after_a_write_owes_a_revert_and_an_endless_action_keeps
     assert_eq!(srv.get("b", &b.action_id).await.state, St::Completed as i32);
     assert!(memos_of_b(&srv).await.is_empty());
 }
+
+#[tokio::test]
+async fn an_apply_cut_short_on_its_last_try_owes_a_revert() {
+    let srv = TestServer::start().await;
+    srv.sim_device("slow", &[("latency_ms", "5000")]).await;
+    let slow = srv.book("slow", window(Command::Charge, 0, H)).await;
+    // One try, a 2 s lease: the job is cut off after 1 s, for good.
+    let d = switchyard::server::dispatcher(
+        &srv.app,
+        switchyard::dispatch::DispatchConfig {
+            lease_nanos: 2 * SEC,
+            max_apply_attempts: 1,
+            ..Default::default()
+        },
+    );
+    d.run_due().await.unwrap();
+    let f = srv.get("slow", &slow.action_id).await;
+    assert_eq!(
+        (f.state, f.error_code.as_str()),
+        (St::Failed as i32, "OEM_UNAVAILABLE"),
+        "{f:?}"
+    );
+    // It may have written part of the command: a revert is owed at once.
+    let owed = claim_due(&srv).await;
+    assert_eq!(owed.len(), 1, "{owed:?}");
+    assert_eq!(owed[0].work, switchyard::domain::Work::Revert);
+}
+
+#[tokio::test]
+async fn a_revert_that_failed_for_good_is_not_owed_again_though_its_memo_stays() {
+    use switchyard::store::Finish;
+    let (srv, a) = booked_on_b(window(Command::Charge, 0, H)).await;
+    let job = claim_due(&srv).await.remove(0);
+    let applied = Finish::Applied {
+        raw: "ok".into(),
+        verified: true,
+        memo: Some("written".into()),
+    };
+    srv.app.store.finish(&job, applied).await.unwrap();
+    srv.at_secs(H);
+    let job = claim_due(&srv).await.remove(0);
+    let failed = Finish::Failed {
+        code: "REVERT_FAILED".into(),
+        message: "kept failing".into(),
+        raw: None,
+        revert: false,
+        memo: None,
+    };
+    srv.app.store.finish(&job, failed).await.unwrap();
+    assert_eq!(srv.get("b", &a.action_id).await.state, St::Failed as i32);
+    assert!(claim_due(&srv).await.is_empty(), "REVERT_FAILED stands");
+    assert_eq!(
+        memos_of_b(&srv).await.len(),
+        1,
+        "what may be in force stays on record"
+    );
+}

@@ -733,3 +733,80 @@ async fn the_flag_switchyard_turned_on_never_refuses_a_later_push() {
         St::Active as i32
     );
 }
+
+#[tokio::test]
+async fn a_write_whose_answer_was_lost_is_on_record_until_reverted() {
+    let rig = Rig::new().await;
+    // The group write lands, but its answer is a 502: the try fails
+    // (retryable), and what it may have written is kept on record.
+    rig.emu.lose_next_write_answers(1);
+    let a = rig
+        .srv
+        .book("fox", window(Command::Charge, 2 * H, 3 * H))
+        .await;
+    rig.srv.dispatch_at(2 * H).await;
+    let trying = rig.srv.get("fox", &a.action_id).await;
+    assert_eq!(trying.state, St::Acknowledged as i32, "{trying:?}");
+    assert!(trying.error_message.starts_with("retrying"), "{trying:?}");
+    assert_eq!(
+        rig.windows(),
+        vec![w("03:00", "04:00", WorkMode::ForceCharge)],
+        "the write landed"
+    );
+    // On record: the device cannot be pointed elsewhere meanwhile.
+    let st = update(
+        &rig,
+        pb::Device {
+            oem_device_id: "SN-OTHER".into(),
+            ..Default::default()
+        },
+        "oem_device_id",
+    )
+    .await
+    .unwrap_err();
+    expect_error(&st, Code::FailedPrecondition, "DEVICE_HAS_ACTIVE_ACTIONS");
+    // The retry finds the group in place; the revert removes it.
+    rig.srv.dispatch_at(2 * H + 10).await;
+    let active = rig.srv.get("fox", &a.action_id).await;
+    assert_eq!(active.state, St::Active as i32, "{active:?}");
+    assert!(active.verified);
+    rig.srv.dispatch_at(3 * H).await;
+    assert!(rig.windows().is_empty());
+    assert_eq!(
+        rig.srv.get("fox", &a.action_id).await.state,
+        St::Completed as i32
+    );
+}
+
+#[tokio::test]
+async fn an_apply_that_fails_for_good_after_writing_is_reverted() {
+    let rig = Rig::new().await;
+    // Another client rewrites the list after each of the apply's writes (a
+    // write and a redo per try, five tries): OEM_CONCURRENT_WRITE in the
+    // end; the writes may have landed, so a revert is owed and runs.
+    let theirs = serde_json::json!({
+        "enable": 1, "startHour": 5, "startMinute": 0, "endHour": 5, "endMinute": 29,
+        "workMode": "Feedin", "minSocOnGrid": 10, "fdSoc": 20, "fdPwr": 1000
+    });
+    rig.emu.set_concurrent_writer(10, theirs);
+    let a = rig
+        .srv
+        .book("fox", window(Command::Charge, 2 * H, 3 * H))
+        .await;
+    let mut t = 2 * H;
+    while rig.srv.get("fox", &a.action_id).await.state != St::Failed as i32 {
+        assert!(t < 2 * H + 600, "still not failed");
+        rig.srv.dispatch_at(t).await;
+        t += 20;
+    }
+    let failed = rig.srv.get("fox", &a.action_id).await;
+    assert_eq!(failed.error_code, "OEM_CONCURRENT_WRITE", "{failed:?}");
+    assert_eq!(rig.emu.concurrent_writes_left(), 0);
+    // Our group is back on the inverter (the last clobber kept what was
+    // there before our write, which by then included it) until the owed
+    // revert removes it; theirs stays.
+    rig.srv.dispatch_at(t + 20).await;
+    let windows = rig.windows();
+    assert!(windows.iter().all(|(_, _, m)| m == "Feedin"), "{windows:?}");
+    assert_eq!(windows.len(), 1, "{windows:?}");
+}

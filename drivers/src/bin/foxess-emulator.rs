@@ -121,7 +121,8 @@ struct Cli {
     app_only_group: bool,
     /// Another read-modify-write client races the next N accepted group
     /// writes: right after each, the list is put back as it was before it,
-    /// plus a Feedin 05:00-05:29 group (0: no such client).
+    /// plus a Feedin 05:00-05:29 group (its own of the time before
+    /// replaced, fdPwr one watt up each time) (0: no such client).
     #[arg(long, value_name = "N", default_value_t = defaults().concurrent_writer)]
     concurrent_writer: usize,
     /// Whether reads report an enabled group whose last minute has passed

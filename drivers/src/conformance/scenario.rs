@@ -133,6 +133,7 @@ fn request(
         end: Some(end),
         clear_native_scheduler: clear,
         live: Vec::new(),
+        memo: None,
     }
 }
 

@@ -216,7 +216,9 @@ pub struct EmulatorConfig {
     /// many accepted `scheduler/enable` writes (errno 0, whatever the
     /// device), right after the write the stored list is replaced by the
     /// list as it was before that write plus [`concurrent_writer_group`]
-    /// (unchecked); each such write uses one up. The write itself still
+    /// (unchecked), its group of the previous time replaced and its
+    /// `fdPwr` one watt higher each time (each of its writes changes the
+    /// list); each such write uses one up. The write itself still
     /// answers errno 0. Under [`EmulatorHandle::set_ignore_writes`]
     /// neither write is applied, but the write still uses one up.
     /// [`EmulatorHandle::set_concurrent_writer`] sets the count again and
@@ -346,6 +348,13 @@ struct State {
     concurrent_left: usize,
     /// The group the concurrent writer adds.
     concurrent_group: Value,
+    /// Accepted writes still to be answered HTTP 502 (applied, the answer
+    /// lost on the way back).
+    lose_write_answers: usize,
+    /// How many times the concurrent writer has written, and its last
+    /// group.
+    concurrent_writes: usize,
+    concurrent_last: Option<Value>,
     /// The "now" of the passed-group rule; `None`: the real clock.
     now: Option<jiff::Timestamp>,
     log: Vec<CallRecord>,
@@ -382,6 +391,9 @@ impl Emulator {
         let state = Arc::new(Mutex::new(State {
             concurrent_left: config.concurrent_writer,
             concurrent_group: concurrent_writer_group(),
+            lose_write_answers: 0,
+            concurrent_writes: 0,
+            concurrent_last: None,
             config,
             devices,
             calls: VecDeque::new(),
@@ -621,6 +633,15 @@ impl EmulatorHandle {
         let mut st = self.state();
         st.concurrent_left = n;
         st.concurrent_group = group;
+        st.concurrent_writes = 0;
+        st.concurrent_last = None;
+    }
+
+    /// The next `n` accepted `scheduler/enable` writes are applied but
+    /// answered HTTP 502, as when the answer is lost on the way back: the
+    /// client cannot tell whether its write landed.
+    pub fn lose_next_write_answers(&self, n: usize) {
+        self.state().lose_write_answers = n;
     }
 
     /// Accepted writes the concurrent writer still follows.
@@ -949,9 +970,28 @@ fn answer(
                 });
                 if !ignore_writes {
                     match other {
-                        Some(g) => dev.groups.push(g),
+                        // It replaces the group it wrote last time, and
+                        // each of its writes changes something (`fdPwr` one
+                        // watt up), as another optimiser's would.
+                        Some(g) => {
+                            let n = st.concurrent_writes;
+                            st.concurrent_writes += 1;
+                            let mut g = g;
+                            if let Some(p) = g.get("fdPwr").and_then(Value::as_i64) {
+                                g["fdPwr"] = json!(p + i64::try_from(n).unwrap_or(0));
+                            }
+                            if let Some(last) = st.concurrent_last.take() {
+                                dev.groups.retain(|x| *x != last);
+                            }
+                            st.concurrent_last = Some(g.clone());
+                            dev.groups.push(g);
+                        }
                         None => dev.groups = groups,
                     }
+                }
+                if st.lose_write_answers > 0 {
+                    st.lose_write_answers -= 1;
+                    return (status_response(502), None);
                 }
                 reply(ERRNO_OK, "success", Value::Null)
             }
@@ -1832,10 +1872,10 @@ mod tests {
         assert_eq!(write_groups(&emu, vec![group(10, 11)]).await, ERRNO_OK);
         assert_eq!(emu.raw_groups("SN"), vec![group(8, 9), theirs.clone()]);
         assert_eq!(write_groups(&emu, vec![]).await, ERRNO_OK);
-        assert_eq!(
-            emu.raw_groups("SN"),
-            vec![group(8, 9), theirs.clone(), theirs.clone()]
-        );
+        // Its second write replaces its first, and differs from it.
+        let mut theirs_again = theirs.clone();
+        theirs_again["fdPwr"] = json!(theirs["fdPwr"].as_i64().unwrap() + 1);
+        assert_eq!(emu.raw_groups("SN"), vec![group(8, 9), theirs_again]);
         assert_eq!(write_groups(&emu, vec![]).await, ERRNO_OK);
         assert!(emu.raw_groups("SN").is_empty());
         assert_eq!(emu.successful_calls(PATH_SET), 5);

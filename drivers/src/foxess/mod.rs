@@ -91,6 +91,10 @@ struct DeviceMemory {
     /// has groups of its own on the inverter (same-round applies whose
     /// memos are not recorded yet inherit it).
     flag_found: Option<bool>,
+    /// This inverter's cloud has shown an enabled group after its time had
+    /// passed today: it does not disable passed groups, so a disabled
+    /// one was disabled by someone, and is never revived.
+    keeps_passed_enabled: bool,
 }
 
 /// Most groups remembered as seen enabled per inverter.
@@ -409,6 +413,9 @@ impl Foxess {
         for g in read.groups.iter_mut().filter(|g| !g.is_placeholder()) {
             let known = mem.seen_enabled.iter().position(|s| same_content(s, g));
             let passed = g.end_min() <= now;
+            if g.enable == 1 && passed {
+                mem.keeps_passed_enabled = true;
+            }
             match (g.enable == 1, known) {
                 (true, None) => {
                     if mem.seen_enabled.len() >= MAX_SEEN {
@@ -417,7 +424,10 @@ impl Foxess {
                     mem.seen_enabled.push(g.clone());
                 }
                 (false, Some(_))
-                    if revive && passed && !switchyards.iter().any(|o| same_content(o, g)) =>
+                    if revive
+                        && passed
+                        && !mem.keeps_passed_enabled
+                        && !switchyards.iter().any(|o| same_content(o, g)) =>
                 {
                     g.enable = 1;
                     revived.push(g.clone());
@@ -664,11 +674,16 @@ impl Foxess {
         log: &mut Vec<String>,
     ) -> Result<Result<GroupsRead, GroupsRead>, DriverError> {
         if write {
-            // The write may land even if its answer is lost.
-            let wrote = self
-                .write_groups(mem, list)
-                .await
-                .map_err(|e| e.with_memo(memo.map(str::to_owned)))?;
+            // The write may land even if its answer is lost (a transport
+            // failure, a timeout, a 5xx): then the error says what to undo.
+            // A refusal in the cloud's own words wrote nothing.
+            let wrote = self.write_groups(mem, list).await.map_err(|e| {
+                if e.kind == ErrorKind::Unavailable {
+                    e.with_memo(memo.map(str::to_owned))
+                } else {
+                    e
+                }
+            })?;
             log.push(wrote);
         }
         let back = match self.get_groups().await {
@@ -797,7 +812,8 @@ impl Foxess {
             .filter(|g| !g.is_placeholder() && switchyards.iter().any(|o| same_content(o, g)))
             .count();
         Ok(Outcome {
-            verified: true,
+            // Verified when nothing of switchyard's is left in force.
+            verified: ours_left == 0,
             raw: format!(
                 "AUTO_BALANCED without an end: the inverter follows its own schedule; nothing \
                  written; {ours_left} group(s) of {} live action(s) stay until their end; {raw}",
@@ -828,12 +844,22 @@ fn describe(groups: &[Group]) -> String {
 }
 
 /// Whether two zones keep the same offsets from `from` for two years (so
-/// `Asia/Calcutta` and `Asia/Kolkata`, `Etc/UTC` and `UTC` agree).
+/// `Asia/Calcutta` and `Asia/Kolkata`, `Etc/UTC` and `UTC` agree). Offsets
+/// only change at a zone's transitions: comparing them at `from` and at
+/// every transition of either zone in the span is exact.
 fn same_rules(a: &TimeZone, b: &TimeZone, from: jiff::Timestamp) -> bool {
-    (0..=730).all(|day| {
-        from.checked_add(jiff::SignedDuration::from_hours(24 * day))
-            .map_or(true, |t| a.to_offset(t) == b.to_offset(t))
-    })
+    let until = from
+        .checked_add(jiff::SignedDuration::from_hours(24 * 731))
+        .unwrap_or(jiff::Timestamp::MAX);
+    let at = |t: jiff::Timestamp| a.to_offset(t) == b.to_offset(t);
+    at(from)
+        && [a, b].iter().all(|z| {
+            z.following(from)
+                .map(|tr| tr.timestamp())
+                .take_while(|t| *t <= until)
+                .take(1000)
+                .all(at)
+        })
 }
 
 #[async_trait]
@@ -890,14 +916,30 @@ impl Driver for Foxess {
         let (mut current, _) = self.get_groups().await?;
         let ours = self.compile(req, self.limits(&current).1.into())?;
         let memos = self.memos(&req.live);
-        let switchyards = Self::switchyards(&mem, &memos, Some(&req.action_id));
-        let mut revived = self.note_seen(&mut mem, &mut current, &switchyards, true);
+        // An earlier try of this action may have written already (its memo
+        // came back): those groups are switchyard's, and this memo takes
+        // them over so that the revert removes them too.
+        let earlier = req.memo.as_deref().and_then(|m| Memo::parse(m, &self.sn));
+        let mut switchyards = Self::switchyards(&mem, &memos, Some(&req.action_id));
+        let mut memo_groups = ours.clone();
+        if let Some(e) = &earlier {
+            switchyards.extend(e.groups.iter().cloned());
+            for g in &e.groups {
+                if !memo_groups.iter().any(|m| same_content(m, g)) {
+                    memo_groups.push(g.clone());
+                }
+            }
+        }
+        let mut not_foreign = switchyards.clone();
+        not_foreign.extend(ours.iter().cloned());
+        let mut revived = self.note_seen(&mut mem, &mut current, &not_foreign, true);
         // The homeowner's flag: as the oldest live action recorded it, or
         // as this process found it for an action of the same round, or as
         // it is now.
         let others_here = mem.ours.keys().any(|k| *k != req.action_id);
-        let flag_before = memos
-            .first()
+        let flag_before = earlier
+            .as_ref()
+            .or(memos.first())
             .map(|m| m.flag_before)
             .or(if others_here { mem.flag_found } else { None })
             .unwrap_or(flag_on);
@@ -905,7 +947,7 @@ impl Driver for Foxess {
         let memo = Memo {
             v: 1,
             sn: self.sn.clone(),
-            groups: ours.clone(),
+            groups: memo_groups,
             flag_before,
         };
         let memo_json = serde_json::to_string(&memo).unwrap_or_default();
@@ -940,7 +982,11 @@ impl Driver for Foxess {
             // Another writer changed the list between our read and our
             // write (or right after): merge once more with what it wrote.
             log.push("another writer changed the groups meanwhile; merged again".to_owned());
-            revived.extend(self.note_seen(&mut mem, &mut changed, &switchyards, true));
+            for g in self.note_seen(&mut mem, &mut changed, &not_foreign, true) {
+                if !revived.iter().any(|r| same_content(r, &g)) {
+                    revived.push(g);
+                }
+            }
             let again = self
                 .merge_and_write(
                     &mut mem,
@@ -1053,14 +1099,17 @@ impl Driver for Foxess {
     async fn revert(&self, req: &RevertRequest) -> Result<Outcome, DriverError> {
         let applied = &req.applied;
         let memo = req.memo.as_deref().and_then(|m| Memo::parse(m, &self.sn));
-        // What the apply wrote, as it recorded it; an action applied before
-        // memos existed is recomputed from the request.
-        let mine = match &memo {
-            Some(m) => m.groups.clone(),
-            None if applied.end.is_none() => Vec::new(),
-            None => self.compile(applied, None)?,
-        };
         let mut mem = self.memory.lock().await;
+        // What the apply wrote, as it recorded it; else as this process
+        // remembers writing it (an apply cut short before its memo was
+        // recorded); else, for an action applied before memos existed,
+        // recomputed from the request.
+        let mine = match (&memo, mem.ours.get(&applied.action_id)) {
+            (Some(m), _) => m.groups.clone(),
+            (None, Some(written)) => written.clone(),
+            (None, None) if applied.end.is_none() => Vec::new(),
+            (None, None) => self.compile(applied, None)?,
+        };
         // Groups another action may still need: the live actions' memos,
         // and what this process applied for actions not yet reverted (an
         // apply in the same dispatch round is not recorded yet).
@@ -1139,6 +1188,17 @@ impl Driver for Foxess {
                     .groups
                     .iter()
                     .any(|b| gone.iter().any(|o| same_content(o, b)));
+                if !clean && removed {
+                    // Accepted but not kept: the groups would recur every
+                    // day. A failed try: the memo stays, the revert is
+                    // tried again.
+                    return Err(DriverError::new(
+                        ErrorKind::Unavailable,
+                        "FoxESS accepted the revert's write but the action's groups are still \
+                         there; retrying",
+                    )
+                    .with_raw(format!("{}; read back: {raw}", log.join("; "))));
+                }
                 let what = if clean {
                     "groups gone"
                 } else {

@@ -149,6 +149,9 @@ pub struct Group {
     /// `minSocOnGrid`) or not a number as read, or a time was out of range
     /// (then all four read 0): the group cannot be written back as it is.
     pub incomplete: bool,
+    /// A time was out of range as read (so the four read 0): never taken
+    /// for an empty slot.
+    pub bad_times: bool,
 }
 
 /// The field names of a v0 group (all required on write).
@@ -210,6 +213,7 @@ impl Group {
             fd_pwr,
             extra: Map::new(),
             incomplete: false,
+            bad_times: false,
         }
     }
 
@@ -248,6 +252,7 @@ impl Group {
             incomplete = true;
             (0, 0, 0, 0)
         };
+        let bad_times = !in_range;
         let min_soc_on_grid = match o.get("minSocOnGrid") {
             None | Some(Value::Null) => None,
             Some(v) => {
@@ -279,6 +284,7 @@ impl Group {
             fd_pwr,
             extra,
             incomplete,
+            bad_times,
         })
     }
 
@@ -324,6 +330,7 @@ impl Group {
         mode.is_empty()
             || mode == WorkMode::Invalid.as_str()
             || (self.enable != 1
+                && !self.bad_times
                 && self.start_min() == 0
                 && self.end_hour == 0
                 && self.end_minute == 0)
@@ -472,18 +479,14 @@ fn fd_pwr_max(group: &Value) -> Option<i64> {
     let (_, fd) = props
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case("fdpwr"))?;
-    let max = fd.get("range")?.get("max")?;
-    // Watts unless the answer says kW (a fraction of a kW is allowed).
-    let kw = fd
-        .get("unit")
-        .and_then(Value::as_str)
-        .is_some_and(|u| u.trim().eq_ignore_ascii_case("kw"));
-    let w = if kw {
-        max.as_f64().map(|k| (k * 1000.0).round())
-    } else {
-        max.as_f64().map(f64::round)
-    }?;
-    (w.is_finite() && w >= MIN_PLAUSIBLE_MAX_POWER_W as f64 && w <= 1e9).then_some(w as i64)
+    // Watts (`fdPwr` is written in watts): a maximum in any other unit
+    // says nothing sure about what may be written, and is ignored.
+    let watts = match fd.get("unit").and_then(Value::as_str) {
+        None => true,
+        Some(u) => u.trim().eq_ignore_ascii_case("w"),
+    };
+    let w = as_int(fd.get("range")?.get("max")?)?;
+    (watts && (MIN_PLAUSIBLE_MAX_POWER_W..=1_000_000_000).contains(&w)).then_some(w)
 }
 
 /// Parses the group list out of a `scheduler/get` result: either
@@ -567,9 +570,13 @@ mod tests {
         let top = serde_json::json!({"groups": [],
             "properties": {"fdPwr": {"range": {"min": 0, "max": 4600}}}});
         assert_eq!(parse_groups(&top).unwrap().max_power_w, Some(4600));
+        // Any unit but watts: ignored (what would `fdPwr` be written in?).
         let kw = serde_json::json!({"groups": [{"enable": 0,
             "properties": {"fdpwr": {"unit": "kW", "range": {"max": 5.5}}}}]});
-        assert_eq!(parse_groups(&kw).unwrap().max_power_w, Some(5500));
+        assert_eq!(parse_groups(&kw).unwrap().max_power_w, None);
+        let text = serde_json::json!({"groups": [{"enable": 0,
+            "properties": {"fdpwr": {"unit": "W", "range": {"max": "8000"}}}}]});
+        assert_eq!(parse_groups(&text).unwrap().max_power_w, Some(8000));
         // 10 "W" is no inverter's maximum: a unit mix-up, ignored.
         let tiny = serde_json::json!({"groups": [{"enable": 0,
             "properties": {"fdpwr": {"unit": "W", "range": {"max": 10}}}}]});

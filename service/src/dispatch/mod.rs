@@ -92,7 +92,12 @@ pub struct Dispatcher {
     rounds: Arc<std::sync::atomic::AtomicU64>,
 }
 
-fn apply_request(a: &Action, clear_native: bool, live: Vec<Applied>) -> ApplyRequest {
+fn apply_request(
+    a: &Action,
+    clear_native: bool,
+    live: Vec<Applied>,
+    memo: Option<String>,
+) -> ApplyRequest {
     ApplyRequest {
         action_id: a.id.to_string(),
         command: a.command,
@@ -101,6 +106,7 @@ fn apply_request(a: &Action, clear_native: bool, live: Vec<Applied>) -> ApplyReq
         end: a.end.map(Ts::to_jiff),
         clear_native_scheduler: clear_native,
         live,
+        memo,
     }
 }
 
@@ -467,11 +473,13 @@ impl Dispatcher {
                 raw: None,
                 memo: None,
             },
+            // Cut short, it may have written part of the command: undo
+            // whatever it did, as after a panic.
             Work::Apply => Finish::Failed {
                 code: "OEM_UNAVAILABLE".to_owned(),
                 message,
                 raw: None,
-                revert: false,
+                revert: true,
                 memo: None,
             },
             Work::Revert => self.revert_retry_or_fail(job, now, message, None, 0),
@@ -569,14 +577,14 @@ impl Dispatcher {
             Ok(ready) => ready,
             Err(instead) => return Ok(Done::just(instead)),
         };
-        let (_, live) = memos_of(
+        let (own, live) = memos_of(
             &self.store,
             &job.tenant,
             &action.device_id,
             &action.id.to_string(),
         )
         .await?;
-        let req = apply_request(action, job.clear_native, live);
+        let req = apply_request(action, job.clear_native, live, own);
         Ok(match driver.apply(&req).await {
             Ok(out) => self.written(job, &device, &driver, out, Work::Apply),
             Err(e) if e.retryable() && job.attempts + 1 < self.config.max_apply_attempts => {
@@ -650,7 +658,7 @@ impl Dispatcher {
         )
         .await?;
         let req = RevertRequest {
-            applied: apply_request(action, job.clear_native, live),
+            applied: apply_request(action, job.clear_native, live, memo.clone()),
             memo,
         };
         Ok(match driver.revert(&req).await {

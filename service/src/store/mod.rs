@@ -538,13 +538,14 @@ impl Store {
         if apply(&mut device)? == Retarget::Yes {
             // A revert owed under the old target could not reach the
             // device under the new one.
-            // A memo on record, an apply in flight or being retried (its
-            // write may land), an ACTIVE action (one applied before memos
-            // existed has none), or a revert owed.
+            // A memo on record (a write that may be in force), an apply in
+            // flight (a dispatch lease), an ACTIVE action (one applied
+            // before memos existed has none), or a revert owed. An apply
+            // waiting to be retried that never wrote does not count.
             let held: Vec<(String,)> = sqlx::query_as(
                 "SELECT action_id FROM actions
                  WHERE tenant_id = ? AND device_id = ?
-                   AND (driver_memo IS NOT NULL OR state IN ('ACKNOWLEDGED', 'ACTIVE')
+                   AND (driver_memo IS NOT NULL OR state = 'ACTIVE'
                         OR work = 'REVERT' OR lease_owner IS NOT NULL)
                  ORDER BY start_ns, action_id",
             )
