@@ -8,6 +8,7 @@ pub mod conflict;
 pub mod device;
 pub mod error;
 pub mod ids;
+pub mod lifecycle;
 pub mod validate;
 
 pub use action::*;

@@ -13,17 +13,9 @@
 //!   work again, records nothing (the new claim's outcome stands).
 
 use super::{Store, db_err, rows};
-use crate::domain::{
-    Action, ActionState, Device, DeviceId, Error, Observed, TenantId, Transition, Ts, Work, cap,
-};
+use crate::domain::{Action, Device, DeviceId, Error, Observed, TenantId, Ts, Work, lifecycle};
 
-/// How a note of a failed try that will be retried starts.
-const RETRYING: &str = "retrying: ";
-
-/// Most bytes of an OEM's raw answer kept on an action.
-pub const MAX_OEM_RESPONSE_BYTES: usize = 2048;
-/// Most bytes of a driver's error message kept on an action.
-pub const MAX_ERROR_MESSAGE_BYTES: usize = 1024;
+pub use crate::domain::lifecycle::Finish;
 
 /// Work a dispatcher has claimed.
 #[derive(Clone, Debug)]
@@ -41,56 +33,6 @@ pub struct Job {
     /// The claim this job was taken under: its outcome is recorded only
     /// while the row still carries it.
     pub claim: String,
-}
-
-/// What came of a job.
-#[derive(Clone, Debug)]
-pub enum Finish {
-    /// The command is in force: ACTIVE until `end` (then reverted), or
-    /// COMPLETED when it has no end.
-    Applied {
-        /// The OEM's answer.
-        raw: String,
-        /// Read back and found in force.
-        verified: bool,
-        /// What the driver recorded to undo it (kept until the revert).
-        memo: Option<String>,
-    },
-    /// The command was undone: ACTIVE → COMPLETED (a cancelled one stays
-    /// CANCELLED).
-    Reverted {
-        /// The OEM's answer.
-        raw: String,
-        /// Read back and found undone.
-        verified: bool,
-    },
-    /// Try again at `due` (attempts counted).
-    Retry {
-        due: Ts,
-        /// What failed.
-        message: String,
-        /// The OEM's answer.
-        raw: Option<String>,
-        /// A write that may have landed despite the failure: what the
-        /// driver needs to undo it (kept until a revert).
-        memo: Option<String>,
-    },
-    /// Not now (e.g. the rate budget): try at `due`, no attempt counted.
-    Postpone { due: Ts },
-    /// Give up: FAILED with `code`.
-    Failed {
-        /// The action error code.
-        code: String,
-        message: String,
-        /// The OEM's answer.
-        raw: Option<String>,
-        /// What the driver did is unknown (it panicked midway), or a write
-        /// may have landed: a revert is owed at once, and the action holds
-        /// its channel until it is done.
-        revert: bool,
-        /// What the driver needs to undo a write that may have landed.
-        memo: Option<String>,
-    },
 }
 
 fn work_of(s: &str) -> Option<Work> {
@@ -255,181 +197,76 @@ async fn finish_one(
     result: Finish,
     now: Ts,
 ) -> Result<(), Error> {
-    {
-        let mut a =
-            rows::fetch_action(&mut *tx, &job.tenant, &job.action.device_id, &job.action.id)
-                .await?
-                .ok_or_else(|| {
-                    Error::Internal(format!(
-                        "action {} vanished while dispatched",
-                        job.action.id
-                    ))
-                })?;
-        let from = a.state;
-        let settled = matches!(result, Finish::Applied { .. } | Finish::Reverted { .. });
-        // The driver's memo: set by an apply, cleared by a revert, kept
-        // otherwise.
-        let memo: Option<Option<String>> = match &result {
-            // An action without an end is done once applied: it is never
-            // reverted, so nothing of it is kept as in force.
-            Finish::Applied { memo, .. } if a.end.is_some() => memo.clone().map(Some),
-            Finish::Retry { memo, .. } | Finish::Failed { memo, .. } => memo.clone().map(Some),
-            Finish::Reverted { .. } => Some(None),
-            _ => None,
-        };
-        // A write of an earlier try may be in force (its memo is on
-        // record): a final failure then owes a revert too.
-        let written_before: bool = match &result {
-            // (Not for a revert that failed for good: REVERT_FAILED stands.)
-            Finish::Failed { revert: false, .. } if job.work == Work::Apply => sqlx::query_scalar(
-                "SELECT driver_memo IS NOT NULL FROM actions WHERE tenant_id = ? AND action_id = ?",
-            )
-            .bind(job.tenant.as_str())
-            .bind(job.action.id.to_string())
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db_err)?,
-            _ => false,
-        };
-        let (to, work, due, attempts, reason, raw): (
-            ActionState,
-            Option<Work>,
-            Option<Ts>,
-            i64,
-            String,
-            Option<String>,
-        ) = match result {
-            Finish::Applied { raw, verified, .. } => {
-                a.verified = verified;
-                // A windowed action is reverted at its end; one without an
-                // end is done once applied.
-                let (to, work) = match a.end {
-                    Some(_) => (ActionState::Active, Some(Work::Revert)),
-                    None => (ActionState::Completed, None),
-                };
-                (to, work, a.end, 0, "APPLIED".into(), Some(raw))
-            }
-            Finish::Reverted { raw, verified } => {
-                a.verified = verified;
-                // A cancelled or failed action stays so once undone.
-                let to = match from {
-                    ActionState::Cancelled | ActionState::Failed => from,
-                    ActionState::Scheduled
-                    | ActionState::Acknowledged
-                    | ActionState::Active
-                    | ActionState::Completed => ActionState::Completed,
-                };
-                (to, None, None, 0, "REVERTED".into(), Some(raw))
-            }
-            Finish::Retry {
-                due, message, raw, ..
-            } => {
-                // A cancelled or failed action keeps saying why it is so.
-                if !matches!(from, ActionState::Cancelled | ActionState::Failed) {
-                    a.error_message = Some(format!("{RETRYING}{message}"));
-                }
-                (
-                    from,
-                    Some(job.work),
-                    Some(due),
-                    job.attempts + 1,
-                    "RETRY".into(),
-                    raw,
-                )
-            }
-            Finish::Postpone { due } => (
-                from,
-                Some(job.work),
-                Some(due),
-                job.attempts,
-                "POSTPONED".into(),
-                None,
-            ),
-            Finish::Failed {
-                code,
-                message,
-                raw,
-                revert,
-                ..
-            } => {
-                a.error_code = Some(code.clone());
-                a.error_message = Some(message);
-                let (work, due) = if revert || written_before {
-                    (Some(Work::Revert), Some(now))
-                } else {
-                    (None, None)
-                };
-                (ActionState::Failed, work, due, 0, code, raw)
-            }
-        };
-        if settled
-            && a.error_message
-                .as_deref()
-                .is_some_and(|m| m.starts_with(RETRYING))
-        {
-            // An earlier "retrying" note no longer applies (why an action
-            // was cancelled or failed still does).
-            a.error_message = None;
-        }
-        let raw = raw.map(|r| cap(r, MAX_OEM_RESPONSE_BYTES));
-        a.error_message = a.error_message.map(|m| cap(m, MAX_ERROR_MESSAGE_BYTES));
-        if raw.is_some() {
-            a.oem_response = raw.clone();
-        }
-        a.state = to;
-        a.revision += 1;
-        a.updated = now;
-        // One statement: the outcome, what is owed next, and the claim
-        // released — only if it is still ours.
-        let done = sqlx::query(
-            "UPDATE actions SET state = ?, error_code = ?, error_message = ?, revision = ?, update_ns = ?,
-               verified = ?, work = ?, due_ns = ?, attempts = ?, lease_until_ns = NULL, lease_owner = NULL,
-               oem_raw = COALESCE(?, oem_raw),
-               driver_memo = CASE WHEN ? THEN ? ELSE driver_memo END
-             WHERE tenant_id = ? AND action_id = ? AND lease_owner = ?",
-        )
-        .bind(a.state.as_str())
-        .bind(&a.error_code)
-        .bind(&a.error_message)
-        .bind(a.revision)
-        .bind(a.updated.0)
-        .bind(i64::from(a.verified))
-        .bind(work.map_or("NONE", |w| w.as_str()))
-        .bind(due.map(|d| d.0))
-        .bind(attempts)
-        .bind(raw)
-        .bind(memo.is_some())
-        .bind(memo.flatten())
-        .bind(job.tenant.as_str())
-        .bind(a.id.to_string())
-        .bind(&job.claim)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        if done.rows_affected() == 0 {
-            return Err(Error::Internal(format!(
-                "the claim on action {} lapsed and was taken again",
+    let a = rows::fetch_action(&mut *tx, &job.tenant, &job.action.device_id, &job.action.id)
+        .await?
+        .ok_or_else(|| {
+            Error::Internal(format!(
+                "action {} vanished while dispatched",
                 job.action.id
-            )));
-        }
-        if to != from {
-            rows::audit(
-                tx,
-                &job.tenant,
-                &Transition {
-                    action_id: a.id,
-                    device_id: a.device_id.clone(),
-                    from: Some(from),
-                    to,
-                    reason,
-                },
-                None,
-                now,
-            )
-            .await?;
-        }
-        Ok(())
+            ))
+        })?;
+    // A write of an earlier try may be in force (its memo is on record):
+    // a final failure then owes a revert too.
+    let written_before: bool = if result.needs_written_before(job.work) {
+        sqlx::query_scalar(
+            "SELECT driver_memo IS NOT NULL FROM actions WHERE tenant_id = ? AND action_id = ?",
+        )
+        .bind(job.tenant.as_str())
+        .bind(job.action.id.to_string())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_err)?
+    } else {
+        false
+    };
+    let lifecycle::Settled {
+        change,
+        attempts,
+        raw,
+        memo,
+    } = lifecycle::settle(&a, job.work, job.attempts, result, written_before, now);
+    let a = change.action;
+    let (work, due) = match change.work {
+        Some((w, at)) => (Some(w), Some(at)),
+        None => (None, None),
+    };
+    // One statement: the outcome, what is owed next, and the claim
+    // released — only if it is still ours.
+    let done = sqlx::query(
+        "UPDATE actions SET state = ?, error_code = ?, error_message = ?, revision = ?, update_ns = ?,
+           verified = ?, work = ?, due_ns = ?, attempts = ?, lease_until_ns = NULL, lease_owner = NULL,
+           oem_raw = COALESCE(?, oem_raw),
+           driver_memo = CASE WHEN ? THEN ? ELSE driver_memo END
+         WHERE tenant_id = ? AND action_id = ? AND lease_owner = ?",
+    )
+    .bind(a.state.as_str())
+    .bind(&a.error_code)
+    .bind(&a.error_message)
+    .bind(a.revision)
+    .bind(a.updated.0)
+    .bind(i64::from(a.verified))
+    .bind(work.map_or("NONE", |w| w.as_str()))
+    .bind(due.map(|d| d.0))
+    .bind(attempts)
+    .bind(raw)
+    .bind(memo.is_some())
+    .bind(memo.flatten())
+    .bind(job.tenant.as_str())
+    .bind(a.id.to_string())
+    .bind(&job.claim)
+    .execute(&mut *tx)
+    .await
+    .map_err(db_err)?;
+    if done.rows_affected() == 0 {
+        return Err(Error::Internal(format!(
+            "the claim on action {} lapsed and was taken again",
+            job.action.id
+        )));
     }
+    if let Some(t) = &change.transition {
+        rows::audit(tx, &job.tenant, t, None, now).await?;
+    }
+    Ok(())
 }
 
 impl Store {

@@ -31,6 +31,7 @@ use crate::domain::{
     Action, ActionId, ActionState, Clock, Device, DeviceId, Error, Strategy, TenantId, Transition,
     Ts, codes,
     conflict::{self, Holder},
+    lifecycle,
     validate::ValidPush,
 };
 
@@ -759,19 +760,12 @@ impl Store {
             created: now,
             updated: now,
         };
-        let cancelled: Vec<Action> = holding
-            .into_iter()
+        let replaced: Vec<lifecycle::Change> = holding
+            .iter()
             .filter(|a| plan.cancel.contains(&a.id))
-            .map(|mut a| {
-                a.state = ActionState::Cancelled;
-                a.replaced_by = Some(action.id);
-                a.error_code = Some(codes::REPLACED.to_owned());
-                a.error_message = Some(format!("replaced by action {}", action.id));
-                a.revision += 1;
-                a.updated = now;
-                a
-            })
+            .map(|a| lifecycle::replace(a, action.id, now))
             .collect();
+        let cancelled: Vec<Action> = replaced.iter().map(|c| c.action.clone()).collect();
         let outcome = PushOutcome {
             action,
             cancelled,
@@ -782,23 +776,13 @@ impl Store {
         }
 
         let request_id = idem.as_ref().map(|i| i.request_id.clone());
-        for c in &outcome.cancelled {
-            rows::update_action_state(&mut tx, tenant, c).await?;
-            rows::set_work(&mut tx, tenant, &c.id, None, None, 0).await?;
-            rows::audit(
-                &mut tx,
-                tenant,
-                &Transition {
-                    action_id: c.id,
-                    device_id: device_id.clone(),
-                    from: Some(ActionState::Scheduled),
-                    to: ActionState::Cancelled,
-                    reason: codes::REPLACED.to_owned(),
-                },
-                request_id.as_deref(),
-                now,
-            )
-            .await?;
+        for c in &replaced {
+            rows::update_action_state(&mut tx, tenant, &c.action).await?;
+            let (work, due) = c.work.map_or((None, None), |(w, at)| (Some(w), Some(at)));
+            rows::set_work(&mut tx, tenant, &c.action.id, work, due, 0).await?;
+            if let Some(t) = &c.transition {
+                rows::audit(&mut tx, tenant, t, request_id.as_deref(), now).await?;
+            }
         }
         rows::insert_action(
             &mut tx,
@@ -807,15 +791,11 @@ impl Store {
             strategy == Strategy::CancelAndReplace,
         )
         .await?;
-        let reason = match (
+        let reason = lifecycle::push_reason(
             strategy,
-            outcome.cancelled.is_empty(),
-            outcome.queued_after.is_empty(),
-        ) {
-            (Strategy::CancelAndReplace, false, _) => "PUSHED_CANCEL_AND_REPLACE",
-            (Strategy::QueueAfter, _, false) => "PUSHED_QUEUE_AFTER",
-            _ => "PUSHED",
-        };
+            !outcome.cancelled.is_empty(),
+            !outcome.queued_after.is_empty(),
+        );
         rows::audit(
             &mut tx,
             tenant,
@@ -907,53 +887,25 @@ impl Store {
                 format!("devices/{device_id}/actions/{action_id}")
             })?;
         }
-        match action.state {
-            ActionState::Scheduled | ActionState::Active => {}
-            ActionState::Cancelled => {
-                return Err(Error::AlreadyCancelled {
-                    device_id: device_id.to_string(),
-                    action_id: *action_id,
-                    cancelled_at: action.updated,
-                    replaced_by: action.replaced_by,
-                });
-            }
-            state @ (ActionState::Acknowledged | ActionState::Completed | ActionState::Failed) => {
-                return Err(Error::NotCancellable {
-                    device_id: device_id.to_string(),
-                    action_id: *action_id,
-                    state,
-                });
-            }
-        }
-        let from = action.state;
-        action.state = ActionState::Cancelled;
-        action.error_code = Some(codes::CANCELLED_BY_CLIENT.to_owned());
-        action.error_message = Some("cancelled by CancelAction".to_owned());
-        action.revision += 1;
-        action.updated = now;
-        rows::update_action_state(&mut tx, tenant, &action).await?;
         // A SCHEDULED action was never applied; an ACTIVE one is reverted
         // now, and holds its channel until that is done.
-        let (work, due) = if from == ActionState::Active {
-            (Some(crate::domain::Work::Revert), Some(now))
-        } else {
-            (None, None)
-        };
+        let change = lifecycle::cancel_by_client(&action, now)?;
+        action = change.action;
+        rows::update_action_state(&mut tx, tenant, &action).await?;
+        let (work, due) = change
+            .work
+            .map_or((None, None), |(w, at)| (Some(w), Some(at)));
         rows::set_work(&mut tx, tenant, &action.id, work, due, 0).await?;
-        rows::audit(
-            &mut tx,
-            tenant,
-            &Transition {
-                action_id: action.id,
-                device_id: device_id.clone(),
-                from: Some(from),
-                to: ActionState::Cancelled,
-                reason: codes::CANCELLED_BY_CLIENT.to_owned(),
-            },
-            idem.as_ref().map(|i| i.request_id.as_str()),
-            now,
-        )
-        .await?;
+        if let Some(t) = &change.transition {
+            rows::audit(
+                &mut tx,
+                tenant,
+                t,
+                idem.as_ref().map(|i| i.request_id.as_str()),
+                now,
+            )
+            .await?;
+        }
         Self::idem_complete(&mut tx, tenant, idem, &action).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(action)
