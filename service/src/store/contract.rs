@@ -1,0 +1,640 @@
+//! The storage contract: what every backend of [`Store`] must do, as one
+//! named check per rule. A backend runs all of them with
+//! [`storage_contract_suite!`](crate::storage_contract_suite), supplying a
+//! fresh [`Fixture`] (an empty store on its own database) per check:
+//!
+//! ```text
+//! switchyard::storage_contract_suite!(sqlite, sqlite_fixture().await);
+//! ```
+//!
+//! A failure names the rule it broke. The checks speak only the store's
+//! API, never SQL, so the same suite holds every backend to the same
+//! contract.
+
+// Checks, not service code: a broken rule fails loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::{any::Any, collections::BTreeMap};
+
+use super::{ActionQuery, Finish, IdemBegin, IdemCommit, Retarget, Store};
+use crate::domain::{
+    Action, ActionId, ActionState, Command, Device, DeviceId, Error, Family, ManualClock, Observed,
+    Params, Strategy, TenantId, Ts, Work, validate::ValidPush,
+};
+
+/// An empty store on a database of its own, and the clock it reads.
+pub struct Fixture {
+    /// The store under test.
+    pub store: Store,
+    /// Its clock (starts at [`T0`]).
+    pub clock: ManualClock,
+    /// Whatever must live as long as the store (a temporary directory, a
+    /// database to drop).
+    pub keep: Box<dyn Any + Send + Sync>,
+}
+
+/// The fixtures' start time: 2030-01-01T00:00:00Z.
+pub const T0: Ts = Ts(1_893_456_000 * Ts::SECOND);
+const H: i64 = 3600 * Ts::SECOND;
+
+fn tenant() -> TenantId {
+    TenantId::default_tenant()
+}
+
+fn device_id(id: &str) -> DeviceId {
+    DeviceId::parse(id).expect("a valid device id")
+}
+
+fn device(id: &str) -> Device {
+    Device {
+        id: device_id(id),
+        display_name: format!("device {id}"),
+        family: Family::Battery,
+        driver: "simulated".into(),
+        oem_device_id: format!("oem-{id}"),
+        timezone: "UTC".into(),
+        settings: BTreeMap::from([("latency_ms".to_owned(), "0".to_owned())]),
+        revision: 0,
+        created: Ts(0),
+        updated: Ts(0),
+        observed: None,
+        incarnation: String::new(),
+    }
+}
+
+async fn with_device(f: &Fixture, id: &str) -> Device {
+    f.store
+        .create_device(&tenant(), device(id), None)
+        .await
+        .expect("create_device")
+}
+
+fn window(start: i64, end: Option<i64>) -> ValidPush {
+    ValidPush {
+        command: Command::Charge,
+        channel: "mode".into(),
+        params: Params::default(),
+        start: T0.plus_nanos(start),
+        end: end.map(|e| T0.plus_nanos(e)),
+        immediate: false,
+    }
+}
+
+async fn push(
+    f: &Fixture,
+    id: &str,
+    p: ValidPush,
+    strategy: Strategy,
+) -> Result<super::PushOutcome, Error> {
+    f.store
+        .push(
+            &tenant(),
+            &device_id(id),
+            |_, _| Ok(p),
+            strategy,
+            false,
+            None,
+        )
+        .await
+}
+
+async fn get(f: &Fixture, id: &str, a: &Action) -> Action {
+    f.store
+        .get_action(&tenant(), &device_id(id), &a.id)
+        .await
+        .expect("get_action")
+}
+
+/// A device reads back as created; its id is unique per tenant.
+pub async fn a_device_round_trips_and_its_id_is_unique(f: &Fixture) {
+    let created = with_device(f, "d1").await;
+    assert_eq!(created.revision, 1);
+    let read = f
+        .store
+        .get_device(&tenant(), &device_id("d1"))
+        .await
+        .expect("get_device");
+    assert_eq!(read.oem_device_id, "oem-d1");
+    assert_eq!(read.settings, device("d1").settings);
+    assert_eq!(read.etag(), created.etag());
+    let again = f.store.create_device(&tenant(), device("d1"), None).await;
+    assert!(
+        matches!(again, Err(Error::DeviceAlreadyExists { .. })),
+        "{again:?}"
+    );
+    let missing = f.store.get_device(&tenant(), &device_id("nope")).await;
+    assert!(
+        matches!(missing, Err(Error::DeviceNotFound { .. })),
+        "{missing:?}"
+    );
+}
+
+/// An update with a stale etag is refused and changes nothing; one with the
+/// current etag advances the revision.
+pub async fn a_stale_etag_changes_nothing(f: &Fixture) {
+    let d = with_device(f, "d1").await;
+    let stale = "stale-etag";
+    let r = f
+        .store
+        .update_device(
+            &tenant(),
+            &d.id,
+            Some(stale),
+            |d| {
+                d.display_name = "changed".into();
+                Ok(Retarget::No)
+            },
+            None,
+            None,
+        )
+        .await;
+    assert!(matches!(r, Err(Error::EtagMismatch { .. })), "{r:?}");
+    let etag = d.etag();
+    let updated = f
+        .store
+        .update_device(
+            &tenant(),
+            &d.id,
+            Some(&etag),
+            |d| {
+                d.display_name = "changed".into();
+                Ok(Retarget::No)
+            },
+            None,
+            None,
+        )
+        .await
+        .expect("update_device");
+    assert_eq!(
+        (updated.revision, updated.display_name.as_str()),
+        (2, "changed")
+    );
+    assert_ne!(updated.etag(), etag);
+}
+
+/// A push is stored as decided, SCHEDULED, and audited.
+pub async fn a_push_round_trips_and_is_audited(f: &Fixture) {
+    with_device(f, "d1").await;
+    let out = push(f, "d1", window(H, Some(2 * H)), Strategy::Reject)
+        .await
+        .expect("push");
+    let a = get(f, "d1", &out.action).await;
+    assert_eq!(a, out.action);
+    assert_eq!(a.state, ActionState::Scheduled);
+    let history = f
+        .store
+        .action_history(&tenant(), &a.id)
+        .await
+        .expect("history");
+    assert_eq!(
+        history,
+        vec![(None, "SCHEDULED".to_owned(), "PUSHED".to_owned())]
+    );
+}
+
+/// Overlapping holders of a channel collide with a typed conflict naming
+/// the holder; back-to-back windows do not.
+pub async fn overlapping_holders_collide(f: &Fixture) {
+    with_device(f, "d1").await;
+    let first = push(f, "d1", window(H, Some(2 * H)), Strategy::Reject)
+        .await
+        .expect("push");
+    let clash = push(
+        f,
+        "d1",
+        window(H + 60 * Ts::SECOND, Some(3 * H)),
+        Strategy::Reject,
+    )
+    .await;
+    match clash {
+        Err(Error::Conflict(c)) => {
+            assert_eq!(c.colliders.len(), 1);
+            assert_eq!(c.colliders[0].id, first.action.id);
+        }
+        other => panic!("expected a conflict: {other:?}"),
+    }
+    push(f, "d1", window(2 * H, Some(3 * H)), Strategy::Reject)
+        .await
+        .expect("back to back");
+    // Another device's channel is its own.
+    with_device(f, "d2").await;
+    push(f, "d2", window(H, Some(2 * H)), Strategy::Reject)
+        .await
+        .expect("another device");
+}
+
+/// CANCEL_AND_REPLACE cancels the colliders and books the push in one
+/// transaction; the replaced action names its replacement.
+pub async fn cancel_and_replace_replaces_atomically(f: &Fixture) {
+    with_device(f, "d1").await;
+    let old = push(f, "d1", window(H, Some(2 * H)), Strategy::Reject)
+        .await
+        .expect("push")
+        .action;
+    let new = push(f, "d1", window(H, Some(3 * H)), Strategy::CancelAndReplace)
+        .await
+        .expect("replace");
+    assert_eq!(new.cancelled.len(), 1);
+    let old = get(f, "d1", &old).await;
+    assert_eq!(old.state, ActionState::Cancelled);
+    assert_eq!(old.replaced_by, Some(new.action.id));
+    assert_eq!(old.error_code.as_deref(), Some("REPLACED"));
+    let history = f
+        .store
+        .action_history(&tenant(), &new.action.id)
+        .await
+        .unwrap();
+    assert_eq!(history[0].2, "PUSHED_CANCEL_AND_REPLACE");
+}
+
+/// QUEUE_AFTER starts the push when the last collider ends.
+pub async fn queue_after_starts_at_the_holders_end(f: &Fixture) {
+    with_device(f, "d1").await;
+    let first = push(f, "d1", window(H, Some(2 * H)), Strategy::Reject)
+        .await
+        .expect("push")
+        .action;
+    let queued = push(f, "d1", window(H, Some(3 * H)), Strategy::QueueAfter)
+        .await
+        .expect("queue");
+    assert_eq!(queued.action.start, T0.plus_nanos(2 * H));
+    assert_eq!(queued.queued_after, vec![first.id]);
+}
+
+/// validate_only answers as a push would and writes nothing.
+pub async fn validate_only_writes_nothing(f: &Fixture) {
+    with_device(f, "d1").await;
+    let out = f
+        .store
+        .push(
+            &tenant(),
+            &device_id("d1"),
+            |_, _| Ok(window(H, Some(2 * H))),
+            Strategy::Reject,
+            true,
+            None,
+        )
+        .await
+        .expect("validate_only");
+    let r = f
+        .store
+        .get_action(&tenant(), &device_id("d1"), &out.action.id)
+        .await;
+    assert!(matches!(r, Err(Error::ActionNotFound { .. })), "{r:?}");
+}
+
+/// A request_id completed with its response replays it; the same key with
+/// another body is refused; an aborted key is free again.
+pub async fn idempotency_replays_and_refuses_another_body(f: &Fixture) {
+    with_device(f, "d1").await;
+    let claim = match f
+        .store
+        .idem_begin(&tenant(), "req-1", "PushAction", b"body")
+        .await
+    {
+        Ok(IdemBegin::Fresh(c)) => c,
+        other => panic!("fresh: {other:?}"),
+    };
+    let commit = IdemCommit {
+        request_id: "req-1".to_owned(),
+        claim,
+        encode: Box::new(|o: &super::PushOutcome| o.action.id.to_string().into_bytes()),
+    };
+    let out = f
+        .store
+        .push(
+            &tenant(),
+            &device_id("d1"),
+            |_, _| Ok(window(H, Some(2 * H))),
+            Strategy::Reject,
+            false,
+            Some(commit),
+        )
+        .await
+        .expect("push");
+    match f
+        .store
+        .idem_begin(&tenant(), "req-1", "PushAction", b"body")
+        .await
+    {
+        Ok(IdemBegin::Replay(bytes)) => assert_eq!(bytes, out.action.id.to_string().into_bytes()),
+        other => panic!("replay: {other:?}"),
+    }
+    let other = f
+        .store
+        .idem_begin(&tenant(), "req-1", "PushAction", b"other")
+        .await;
+    assert!(
+        matches!(other, Err(Error::RequestIdReused { .. })),
+        "{other:?}"
+    );
+    // A key claimed and released (the request failed) is free again.
+    let claim = match f
+        .store
+        .idem_begin(&tenant(), "req-2", "PushAction", b"b")
+        .await
+    {
+        Ok(IdemBegin::Fresh(c)) => c,
+        other => panic!("fresh: {other:?}"),
+    };
+    f.store
+        .idem_abort(&tenant(), "req-2", &claim)
+        .await
+        .expect("abort");
+    assert!(matches!(
+        f.store
+            .idem_begin(&tenant(), "req-2", "PushAction", b"b")
+            .await,
+        Ok(IdemBegin::Fresh(_))
+    ));
+}
+
+async fn claim(f: &Fixture) -> Vec<super::Job> {
+    f.store
+        .claim_due(f.clock_now(), 10, 120 * Ts::SECOND)
+        .await
+        .expect("claim_due")
+}
+
+impl Fixture {
+    fn clock_now(&self) -> Ts {
+        use crate::domain::Clock as _;
+        self.clock.now()
+    }
+}
+
+/// Due work is claimed once (the apply makes the action ACKNOWLEDGED) and
+/// again only after its lease has run out.
+pub async fn due_work_is_claimed_once_per_lease(f: &Fixture) {
+    with_device(f, "d1").await;
+    push(f, "d1", window(H, Some(2 * H)), Strategy::Reject)
+        .await
+        .expect("push");
+    f.clock.set(T0.plus_nanos(H - Ts::SECOND));
+    assert!(claim(f).await.is_empty(), "not due yet");
+    f.clock.set(T0.plus_nanos(H));
+    let jobs = claim(f).await;
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].work, Work::Apply);
+    assert_eq!(jobs[0].action.state, ActionState::Acknowledged);
+    assert!(claim(f).await.is_empty(), "claimed");
+    f.clock.set(T0.plus_nanos(H + 121 * Ts::SECOND));
+    assert_eq!(claim(f).await.len(), 1, "the lease ran out");
+}
+
+/// An outcome is recorded only under the claim it was taken with.
+pub async fn an_outcome_counts_only_under_its_claim(f: &Fixture) {
+    with_device(f, "d1").await;
+    let a = push(f, "d1", window(H, Some(2 * H)), Strategy::Reject)
+        .await
+        .expect("push")
+        .action;
+    f.clock.set(T0.plus_nanos(H));
+    let stale = claim(f).await.remove(0);
+    f.clock.set(T0.plus_nanos(H + 121 * Ts::SECOND));
+    let fresh = claim(f).await.remove(0);
+    let applied = || Finish::Applied {
+        raw: "ok".into(),
+        verified: true,
+        memo: None,
+    };
+    // Recorded nowhere (the batch it is in still commits the others).
+    f.store.finish(&stale, applied()).await.expect("finish");
+    assert_eq!(
+        get(f, "d1", &a).await.state,
+        ActionState::Acknowledged,
+        "the lapsed claim recorded nothing"
+    );
+    f.store.finish(&fresh, applied()).await.expect("finish");
+    assert_eq!(get(f, "d1", &a).await.state, ActionState::Active);
+}
+
+/// Applied, a windowed action is ACTIVE with its revert due at its end;
+/// the driver's memo is on record until the revert is.
+pub async fn a_memo_is_on_record_until_the_revert(f: &Fixture) {
+    with_device(f, "d1").await;
+    let a = push(f, "d1", window(H, Some(2 * H)), Strategy::Reject)
+        .await
+        .expect("push")
+        .action;
+    f.clock.set(T0.plus_nanos(H));
+    let job = claim(f).await.remove(0);
+    f.store
+        .finish(
+            &job,
+            Finish::Applied {
+                raw: "ok".into(),
+                verified: true,
+                memo: Some("what was written".into()),
+            },
+        )
+        .await
+        .expect("finish");
+    let memos = f.store.memos(&tenant(), &device_id("d1")).await.unwrap();
+    assert_eq!(memos.len(), 1);
+    assert_eq!(
+        (memos[0].action_id.as_str(), memos[0].memo.as_str()),
+        (a.id.to_string().as_str(), "what was written")
+    );
+    f.clock.set(T0.plus_nanos(2 * H - Ts::SECOND));
+    assert!(claim(f).await.is_empty(), "the revert is due at the end");
+    f.clock.set(T0.plus_nanos(2 * H));
+    let job = claim(f).await.remove(0);
+    assert_eq!(job.work, Work::Revert);
+    f.store
+        .finish(
+            &job,
+            Finish::Reverted {
+                raw: "ok".into(),
+                verified: true,
+            },
+        )
+        .await
+        .expect("finish");
+    assert_eq!(get(f, "d1", &a).await.state, ActionState::Completed);
+    assert!(
+        f.store
+            .memos(&tenant(), &device_id("d1"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// A client's cancel of an ACTIVE action owes its revert at once; of an
+/// in-flight one is refused.
+pub async fn a_client_cancel_follows_the_lifecycle(f: &Fixture) {
+    with_device(f, "d1").await;
+    let a = push(f, "d1", window(H, Some(2 * H)), Strategy::Reject)
+        .await
+        .expect("push")
+        .action;
+    f.clock.set(T0.plus_nanos(H));
+    let job = claim(f).await.remove(0);
+    let refused = f
+        .store
+        .cancel_action(&tenant(), &device_id("d1"), &a.id, None, None)
+        .await;
+    assert!(
+        matches!(refused, Err(Error::NotCancellable { .. })),
+        "{refused:?}"
+    );
+    f.store
+        .finish(
+            &job,
+            Finish::Applied {
+                raw: "ok".into(),
+                verified: true,
+                memo: None,
+            },
+        )
+        .await
+        .unwrap();
+    let c = f
+        .store
+        .cancel_action(&tenant(), &device_id("d1"), &a.id, None, None)
+        .await
+        .expect("cancel");
+    assert_eq!(c.state, ActionState::Cancelled);
+    let owed = claim(f).await;
+    assert_eq!(owed.len(), 1);
+    assert_eq!(owed[0].work, Work::Revert);
+}
+
+/// Deleting a device is refused while its actions hold a channel.
+pub async fn delete_is_refused_while_actions_hold_a_channel(f: &Fixture) {
+    with_device(f, "d1").await;
+    push(f, "d1", window(H, Some(2 * H)), Strategy::Reject)
+        .await
+        .expect("push");
+    let r = f
+        .store
+        .delete_device(&tenant(), &device_id("d1"), None, false, None)
+        .await;
+    assert!(
+        matches!(r, Err(Error::DeviceHasActiveActions { .. })),
+        "{r:?}"
+    );
+    // With force, the SCHEDULED ones are cancelled and the device goes.
+    f.store
+        .delete_device(&tenant(), &device_id("d1"), None, true, None)
+        .await
+        .expect("forced delete");
+    assert!(
+        f.store
+            .get_device(&tenant(), &device_id("d1"))
+            .await
+            .is_err()
+    );
+}
+
+/// Actions page newest first, across devices or for one.
+pub async fn actions_page_newest_first(f: &Fixture) {
+    with_device(f, "d1").await;
+    let mut ids: Vec<ActionId> = Vec::new();
+    for i in 0..5 {
+        let out = push(
+            f,
+            "d1",
+            window((i + 1) * H, Some((i + 2) * H)),
+            Strategy::Reject,
+        )
+        .await
+        .expect("push");
+        ids.push(out.action.id);
+    }
+    let page = |before: Option<ActionId>| ActionQuery {
+        device: None,
+        states: &[],
+        before,
+        limit: 2,
+    };
+    let first = f.store.list_actions(&tenant(), page(None)).await.unwrap();
+    assert_eq!(
+        first.iter().map(|a| a.id).collect::<Vec<_>>(),
+        vec![ids[4], ids[3]]
+    );
+    let next = f
+        .store
+        .list_actions(&tenant(), page(Some(ids[3])))
+        .await
+        .unwrap();
+    assert_eq!(
+        next.iter().map(|a| a.id).collect::<Vec<_>>(),
+        vec![ids[2], ids[1]]
+    );
+}
+
+/// An observation is kept only for the configuration it was read under.
+pub async fn an_observation_is_kept_only_for_its_configuration(f: &Fixture) {
+    let d = with_device(f, "d1").await;
+    let seen = Observed {
+        scheduler_active: true,
+        rows: vec![],
+        soc_percent: Some(50.0),
+        mode: Some("IDLE".into()),
+        at: T0,
+    };
+    assert!(f.store.observe(&tenant(), &d, &seen).await.unwrap());
+    let now = f.store.get_device(&tenant(), &d.id).await.unwrap();
+    assert_eq!(
+        now.observed.as_ref().and_then(|o| o.soc_percent),
+        Some(50.0)
+    );
+    // Reconfigured since: an observation of the old configuration is
+    // dropped.
+    f.store
+        .update_device(
+            &tenant(),
+            &d.id,
+            None,
+            |d| {
+                d.timezone = "Europe/Berlin".into();
+                Ok(Retarget::No)
+            },
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(!f.store.observe(&tenant(), &d, &seen).await.unwrap());
+}
+
+/// Registers one `#[tokio::test]` per contract rule in a module named
+/// `$backend`, each on a fresh fixture from `$fixture` (an expression,
+/// awaited inside each test if it is a future).
+#[macro_export]
+macro_rules! storage_contract_suite {
+    ($backend:ident, $fixture:expr) => {
+        mod $backend {
+            #[allow(unused_imports)]
+            use super::*;
+            $crate::storage_contract_suite!(@rules $fixture;
+                a_device_round_trips_and_its_id_is_unique,
+                a_stale_etag_changes_nothing,
+                a_push_round_trips_and_is_audited,
+                overlapping_holders_collide,
+                cancel_and_replace_replaces_atomically,
+                queue_after_starts_at_the_holders_end,
+                validate_only_writes_nothing,
+                idempotency_replays_and_refuses_another_body,
+                due_work_is_claimed_once_per_lease,
+                an_outcome_counts_only_under_its_claim,
+                a_memo_is_on_record_until_the_revert,
+                a_client_cancel_follows_the_lifecycle,
+                delete_is_refused_while_actions_hold_a_channel,
+                actions_page_newest_first,
+                an_observation_is_kept_only_for_its_configuration,
+            );
+        }
+    };
+    (@rules $fixture:expr; $($rule:ident),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $rule() {
+                let fixture = $fixture;
+                $crate::store::contract::$rule(&fixture).await;
+            }
+        )*
+    };
+}
