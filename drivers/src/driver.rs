@@ -29,6 +29,13 @@ pub struct ApplyRequest {
     /// What an earlier try of this action recorded ([`Outcome::memo`] or
     /// [`DriverError::memo`]): its write may be in force already.
     pub memo: Option<String>,
+    /// The fencing token of the dispatch claim this call runs under: it
+    /// grows with every claim of the action's work (0: not fenced). A
+    /// driver, or an OEM that can check it, that has seen a larger token
+    /// for the action refuses a smaller one with [`ErrorKind::StaleFence`]:
+    /// the call comes from a dispatcher that stalled past its lease while
+    /// another took the work over.
+    pub fence: u64,
 }
 
 /// An action whose write may still be in force on a device, and what the
@@ -215,6 +222,9 @@ pub enum ErrorKind {
     /// switchyard (e.g. another time zone): not retryable until the device
     /// is corrected.
     Misconfigured,
+    /// The call carried a fencing token older than one already seen for
+    /// the action ([`ApplyRequest::fence`]): a newer claim owns the work.
+    StaleFence,
 }
 
 /// A classified driver failure.
@@ -295,6 +305,7 @@ impl DriverError {
             ErrorKind::ForeignUnwritable => "FOREIGN_SCHEDULE_UNWRITABLE",
             ErrorKind::Contended => "OEM_CONCURRENT_WRITE",
             ErrorKind::Misconfigured => "DEVICE_MISCONFIGURED",
+            ErrorKind::StaleFence => "STALE_CLAIM",
         }
     }
 }

@@ -183,6 +183,38 @@ struct SimDevice {
     /// Calls made (apply + revert + read), for tests and the conformance
     /// suite.
     calls: u64,
+    /// The largest fencing token seen per action: a call with a smaller
+    /// one lands too late (a newer claim owns the work) and is refused.
+    fences: HashMap<String, u64>,
+    /// Applies that took effect, per action (for tests: exactly once).
+    applies: HashMap<String, u32>,
+    /// Calls refused for a stale fencing token.
+    stale_refused: u64,
+}
+
+impl SimDevice {
+    /// Refuses a call whose fencing token is older than one seen for the
+    /// action; remembers a newer one. Checked when the call lands (after
+    /// its latency), as a device would.
+    fn fenced(&mut self, action: &str, fence: u64) -> Result<(), DriverError> {
+        if fence == 0 {
+            return Ok(());
+        }
+        let seen = self.fences.entry(action.to_owned()).or_insert(0);
+        if fence < *seen {
+            self.stale_refused += 1;
+            return Err(DriverError::new(
+                ErrorKind::StaleFence,
+                format!(
+                    "stale fencing token {fence} for action {action}: token {} already seen",
+                    *seen
+                ),
+            )
+            .with_raw("simulated: stale fencing token"));
+        }
+        *seen = fence;
+        Ok(())
+    }
 }
 
 impl SimDevice {
@@ -207,6 +239,17 @@ impl SimulatedFactory {
         let devices = self.devices.lock().ok()?;
         let (id, w) = devices.get(device_id)?.power_limit.clone()?;
         Some((w, id))
+    }
+
+    /// How many applies of `action` took effect on `device_id`, and how
+    /// many calls the device refused for a stale fencing token (for tests).
+    pub fn applies(&self, device_id: &str, action: &str) -> (u32, u64) {
+        let Ok(devices) = self.devices.lock() else {
+            return (0, 0);
+        };
+        devices.get(device_id).map_or((0, 0), |d| {
+            (d.applies.get(action).copied().unwrap_or(0), d.stale_refused)
+        })
     }
 
     /// The mode in force on a simulated device and the action that put it
@@ -342,6 +385,9 @@ impl Simulated {
                 at: Instant::now(),
                 native_cleared: false,
                 calls: 0,
+                fences: HashMap::new(),
+                applies: HashMap::new(),
+                stale_refused: 0,
             });
         if !self.settings.native_scheduler_active {
             // Turning the setting off and on again brings a fresh row back.
@@ -442,6 +488,7 @@ impl Driver for Simulated {
         }
         let max = self.settings.max_power_w;
         self.with(|d| {
+            d.fenced(&req.action_id, req.fence)?;
             if let Some((true, rows)) = self.native_rows(d) {
                 if !req.clear_native_scheduler {
                     return Err(DriverError::new(
@@ -453,6 +500,7 @@ impl Driver for Simulated {
                 }
                 d.native_cleared = true;
             }
+            *d.applies.entry(req.action_id.clone()).or_insert(0) += 1;
             if req.command == Command::EvPowerLimit {
                 let w = req.params.power_watts().unwrap_or(max).min(max);
                 d.power_limit = Some((req.action_id.clone(), w));
@@ -485,29 +533,30 @@ impl Driver for Simulated {
             return Err(e);
         }
         self.with(|d| {
+            d.fenced(&req.applied.action_id, req.applied.fence)?;
             // Undo only our own write: a later action may have replaced
             // it. Each channel is undone on its own.
             if req.applied.command == Command::EvPowerLimit {
                 if d.power_limit.as_ref().map(|(id, _)| id) == Some(&req.applied.action_id) {
                     d.power_limit = None;
                 }
-                return Outcome {
+                return Ok(Outcome {
                     verified: true,
                     raw: "simulated: no power limit in force".to_owned(),
                     ..Default::default()
-                };
+                });
             }
             if d.applied_by.as_deref() == Some(req.applied.action_id.as_str()) {
                 d.mode = REST_MODE.to_owned();
                 d.applied_by = None;
                 d.power_w = 0.0;
             }
-            Outcome {
+            Ok(Outcome {
                 verified: true,
                 raw: format!("simulated: mode {} in force", d.mode),
                 ..Default::default()
-            }
-        })
+            })
+        })?
     }
 }
 
@@ -584,6 +633,7 @@ mod tests {
             clear_native_scheduler: false,
             live: Vec::new(),
             memo: None,
+            fence: 0,
         }
     }
 

@@ -89,6 +89,10 @@ impl Harness for Sim {
     fn secret(&self) -> Option<String> {
         None
     }
+
+    fn checks_fences(&self) -> bool {
+        true
+    }
 }
 
 // --- foxess, against the emulator --------------------------------------------
@@ -204,6 +208,10 @@ impl Harness for Fox {
 
     fn secret(&self) -> Option<String> {
         Some(fox_key())
+    }
+
+    fn checks_fences(&self) -> bool {
+        true
     }
 
     fn redacted_echo(&self) -> Option<String> {

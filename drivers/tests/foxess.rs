@@ -193,6 +193,7 @@ fn req(id: &str, command: Command, start: Timestamp, end: Option<Timestamp>) -> 
         clear_native_scheduler: false,
         live: Vec::new(),
         memo: None,
+        fence: 0,
     }
 }
 
@@ -1767,6 +1768,36 @@ async fn a_disabled_group_with_absurd_times_is_not_taken_for_an_empty_slot() {
     let err = rig.driver_for(&r).apply(&r).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::ForeignUnwritable, "{err:?}");
     assert_eq!(rig.emu.raw_groups(SN), vec![odd], "not deleted silently");
+}
+
+#[tokio::test]
+async fn the_emulator_counts_fenced_writes_and_refuses_a_stale_token() {
+    let rig = Rig::new().await;
+    let mut r = req("fz1", Command::Charge, at(0, 2, 0), Some(at(0, 3, 0)));
+    r.fence = 5;
+    let d = rig.driver_for(&r);
+    d.apply(&r).await.unwrap();
+    assert_eq!(rig.emu.writes_for(SN, "fz1"), 1);
+    // A retry under a newer claim finds its group in place: no write.
+    r.fence = 6;
+    assert!(d.apply(&r).await.unwrap().raw.contains("already in place"));
+    assert_eq!(rig.emu.writes_for(SN, "fz1"), 1);
+    // Reverted under a newer claim still; then the dispatcher that lost
+    // the work writes late: refused.
+    let mut rev = r.clone();
+    rev.fence = 7;
+    d.revert(&RevertRequest {
+        applied: rev,
+        memo: None,
+    })
+    .await
+    .unwrap();
+    let mut stale = r.clone();
+    stale.fence = 4;
+    let err = d.apply(&stale).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::StaleFence, "{err:?}");
+    assert_eq!(rig.emu.writes_for(SN, "fz1"), 2, "the apply and the revert only");
+    assert!(rig.groups().is_empty());
 }
 
 // ---------------------------------------------------------------- settings & secrets

@@ -836,3 +836,45 @@ async fn a_revert_that_failed_for_good_is_not_owed_again_though_its_memo_stays()
         "what may be in force stays on record"
     );
 }
+
+#[tokio::test]
+async fn a_dispatcher_that_lost_its_claim_cannot_apply_what_another_took_over() {
+    let srv = TestServer::start().await;
+    // A slow device: the first dispatcher's call is still on its way when
+    // its lease runs out.
+    srv.sim_device("b", &[("latency_ms", "1500")]).await;
+    let a = srv.book("b", action(Command::Charge, None, None)).await;
+    let stalled = switchyard::server::dispatcher(
+        &srv.app,
+        switchyard::dispatch::DispatchConfig {
+            lease_nanos: 20 * SEC,
+            ..Default::default()
+        },
+    );
+    let first = tokio::spawn(async move { stalled.run_due().await });
+    // Wait until its claim is taken (the action is in flight).
+    while srv.get("b", &a.action_id).await.state != St::Acknowledged as i32 {
+        tokio::task::yield_now().await;
+    }
+    // The device answers at once from now on; the lease runs out; another
+    // dispatcher takes the work over under a newer fencing token.
+    srv.set_settings("b", &[("latency_ms", "0")]).await;
+    srv.clock.advance(21 * SEC);
+    switchyard::server::dispatcher(&srv.app, switchyard::dispatch::DispatchConfig::default())
+        .run_due()
+        .await
+        .unwrap();
+    assert_eq!(srv.get("b", &a.action_id).await.state, St::Completed as i32);
+    // The stalled call lands late with the old token: refused by the
+    // device, and recorded nowhere (its claim lapsed).
+    first.await.unwrap().unwrap();
+    let (applies, stale) = srv.sim.applies("b", &a.action_id);
+    assert_eq!(
+        (applies, stale),
+        (1, 1),
+        "applied once; the stale call refused"
+    );
+    let done = srv.get("b", &a.action_id).await;
+    assert_eq!(done.state, St::Completed as i32);
+    assert!(done.error_code.is_empty(), "{done:?}");
+}

@@ -55,6 +55,13 @@ pub trait Harness: Send + Sync {
     /// A secret the driver holds, which must never show.
     fn secret(&self) -> Option<String>;
 
+    /// Whether the device (or the OEM's emulator) checks dispatch fencing
+    /// tokens ([`ApplyRequest::fence`](crate::ApplyRequest::fence)), so a
+    /// stale one must be refused. By default it does not.
+    fn checks_fences(&self) -> bool {
+        false
+    }
+
     /// What shows, where the device echoed the secret, once the driver
     /// redacted it (e.g. `(token <redacted>)`). When given, the secrets
     /// rule also checks that it did show: the device did echo the secret,
@@ -91,6 +98,7 @@ macro_rules! conformance_suite {
             outage_is_retryable,
             refusal_is_not_retryable,
             the_driver_works_again_once_faults_clear,
+            a_stale_fencing_token_is_refused,
             secrets_never_show,
         );
     };

@@ -118,6 +118,21 @@ pub async fn the_driver_works_again_once_faults_clear(h: &dyn Harness) {
     scenario::works(h, after, &mut seen).await;
 }
 
+/// A call whose fencing token is older than one the device has seen for
+/// the action (a dispatcher that lost its claim) is refused, STALE_CLAIM,
+/// not retryable; calls with the current token work. Needs a device that
+/// checks fences and a windowed command.
+pub async fn a_stale_fencing_token_is_refused(h: &dyn Harness) {
+    let caps = h.driver().capabilities().clone();
+    let Some(cmd) = plain(&caps).filter(|_| h.checks_fences()) else {
+        return skip(
+            "a_stale_fencing_token_is_refused",
+            "the device checks no fencing tokens, or no windowed command declared",
+        );
+    };
+    scenario::stale_fence_is_refused(h, cmd, &mut Seen::default()).await;
+}
+
 /// Secrets never show: not in the driver's `Debug` or account, nor in any
 /// outcome, state or error of every step of the other rules (those the
 /// capabilities allow) and of a command the device cannot carry out. The

@@ -134,6 +134,7 @@ fn request(
         clear_native_scheduler: clear,
         live: Vec::new(),
         memo: None,
+        fence: 0,
     }
 }
 
@@ -314,6 +315,37 @@ pub(super) async fn works(h: &dyn Harness, cmd: (Command, Option<f64>), seen: &m
             .await
             .unwrap(),
     );
+}
+
+/// `cmd` applied under fencing token 2 and reverted under 3; then an apply
+/// under token 1 (a stale claim) is refused.
+pub(super) async fn stale_fence_is_refused(
+    h: &dyn Harness,
+    cmd: (Command, Option<f64>),
+    seen: &mut Seen,
+) {
+    let d = h.driver();
+    let mut req = request(h, "conf-fence", cmd, false);
+    req.fence = 2;
+    let out = d.apply(&req).await.unwrap();
+    seen.outcome(&out);
+    let mut rev = req.clone();
+    rev.fence = 3;
+    seen.outcome(
+        &d.revert(&RevertRequest {
+            applied: rev,
+            memo: out.memo,
+        })
+        .await
+        .unwrap(),
+    );
+    let mut stale = req;
+    stale.fence = 1;
+    let e = d.apply(&stale).await.unwrap_err();
+    seen.error(&e);
+    assert_eq!(e.kind, ErrorKind::StaleFence, "{e:?}");
+    assert_eq!(e.code(), "STALE_CLAIM");
+    assert!(!e.retryable());
 }
 
 /// A command the device cannot carry out (`cmd` at 1 TW), whichever way

@@ -15,8 +15,8 @@ use serde_json::Value;
 
 use super::wire::{
     ERRNO_BAD_PARAMS, ERRNO_DAILY_LIMIT, ERRNO_OK, ERRNO_OVERLAP, ERRNO_RATE_LIMITED,
-    ERRNO_SCHEDULER_ACTIVE, ERRNO_SIGNATURE_EXPIRED, ERRNO_TOKEN_INVALID, ERRNO_TOKEN_REFUSED,
-    Envelope, PATH_SET, PATH_SET_FLAG, signature,
+    ERRNO_SCHEDULER_ACTIVE, ERRNO_SIGNATURE_EXPIRED, ERRNO_STALE_FENCE, ERRNO_TOKEN_INVALID,
+    ERRNO_TOKEN_REFUSED, Envelope, PATH_SET, PATH_SET_FLAG, signature,
 };
 use crate::{
     driver::{DriverError, ErrorKind},
@@ -137,7 +137,20 @@ impl Api {
     /// OEM echoes, the key is redacted from the answer before it is read,
     /// so it reaches neither results, errors nor raw descriptions.
     pub async fn call(&self, path: &str, body: &Value) -> Result<(Value, String), DriverError> {
-        self.redacted(self.call_inner(path, "", Some(body)).await)
+        self.redacted(self.call_inner(path, "", Some(body), None).await)
+    }
+
+    /// [`Api::call`] carrying the dispatch claim's fencing token in the
+    /// [`FENCE_HEADER`] header (`<action id>:<token>`): the real cloud
+    /// ignores it; the emulator refuses a token older than one it has seen
+    /// for the action.
+    pub async fn call_fenced(
+        &self,
+        path: &str,
+        body: &Value,
+        fence: Option<&str>,
+    ) -> Result<(Value, String), DriverError> {
+        self.redacted(self.call_inner(path, "", Some(body), fence).await)
     }
 
     /// GETs `path` with the query `params` (percent-encoded), signed over
@@ -152,7 +165,7 @@ impl Api {
             .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
             .collect();
         let query = format!("?{}", query.join("&"));
-        self.redacted(self.call_inner(path, &query, None).await)
+        self.redacted(self.call_inner(path, &query, None, None).await)
     }
 
     fn redacted(
@@ -176,8 +189,9 @@ impl Api {
         path: &str,
         query: &str,
         body: Option<&Value>,
+        fence: Option<&str>,
     ) -> Result<(Value, String), DriverError> {
-        let (mut status, mut bytes) = self.send(path, query, body).await?;
+        let (mut status, mut bytes) = self.send(path, query, body, fence).await?;
         // 41809: the signature's timestamp was out of the cloud's window.
         // Signed again with a fresh timestamp, once, after the interface's
         // spacing; a second 41809 is classified (retryable) below.
@@ -190,7 +204,7 @@ impl Api {
                 QUERY_RETRY_SPACING
             })
             .await;
-            (status, bytes) = self.send(path, query, body).await?;
+            (status, bytes) = self.send(path, query, body, fence).await?;
         }
         let note = if retried {
             "; signed again with a fresh timestamp after errno 41809"
@@ -229,6 +243,7 @@ impl Api {
         path: &str,
         query: &str,
         body: Option<&Value>,
+        fence: Option<&str>,
     ) -> Result<(StatusCode, Bytes), DriverError> {
         let p = &self.pacing;
         let interval = if path == PATH_SET || path == PATH_SET_FLAG {
@@ -240,7 +255,11 @@ impl Api {
         let ts = jiff::Timestamp::now().as_millisecond();
         let token = self.key.expose();
         let method = if body.is_some() { "POST" } else { "GET" };
-        let req = Request::builder()
+        let mut req = Request::builder();
+        if let Some(f) = fence {
+            req = req.header(FENCE_HEADER, f);
+        }
+        let req = req
             .method(method)
             .uri(format!("{}{path}{query}", self.base_url))
             .header(header::CONTENT_TYPE, "application/json")
@@ -287,6 +306,9 @@ impl Api {
             })?
     }
 }
+
+/// The header that carries a write's fencing token (`<action id>:<token>`).
+pub const FENCE_HEADER: &str = "x-switchyard-fence";
 
 /// Percent-encodes a query component (unreserved characters pass).
 fn encode(s: &str) -> String {
@@ -481,6 +503,10 @@ pub fn classify(
         ERRNO_SIGNATURE_EXPIRED => err(
             ErrorKind::Unavailable,
             "FoxESS refused the request's timestamp, also when signed again with a fresh one (errno 41809: signature or timestamp expired); check the server's clock",
+        ),
+        ERRNO_STALE_FENCE => err(
+            ErrorKind::StaleFence,
+            "the write's fencing token is older than one already used for the action (a newer dispatch claim owns it)",
         ),
         ERRNO_SCHEDULER_ACTIVE => err(
             ErrorKind::SchedulerActive,

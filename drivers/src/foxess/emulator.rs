@@ -77,11 +77,12 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::{net::TcpListener, task::JoinHandle};
 
+use super::client::FENCE_HEADER;
 use super::wire::{
     ERRNO_AUTH, ERRNO_BAD_PARAMS, ERRNO_DAILY_LIMIT, ERRNO_OK, ERRNO_OVERLAP, ERRNO_RATE_LIMITED,
-    ERRNO_SIGNATURE_EXPIRED, ERRNO_UNKNOWN_DEVICE, GROUP_FIELDS, Group, PATH_DEVICE_DETAIL,
-    PATH_GET, PATH_GET_FLAG, PATH_PLANT_DETAIL, PATH_SET, PATH_SET_FLAG, READ_ONLY_FIELDS,
-    WorkMode, as_int, signature,
+    ERRNO_SIGNATURE_EXPIRED, ERRNO_STALE_FENCE, ERRNO_UNKNOWN_DEVICE, GROUP_FIELDS, Group,
+    PATH_DEVICE_DETAIL, PATH_GET, PATH_GET_FLAG, PATH_PLANT_DETAIL, PATH_SET, PATH_SET_FLAG,
+    READ_ONLY_FIELDS, WorkMode, as_int, signature,
 };
 
 /// The paths answered to a signed POST with a JSON body.
@@ -316,6 +317,10 @@ struct Inverter {
     /// The groups as written: whole JSON objects, every field kept.
     groups: Vec<Value>,
     last_write: Option<Instant>,
+    /// The largest fencing token seen per action (`x-switchyard-fence`).
+    fences: HashMap<String, u64>,
+    /// Accepted `scheduler/enable` writes per action (fenced writes only).
+    writes: HashMap<String, u32>,
 }
 
 impl Inverter {
@@ -644,6 +649,16 @@ impl EmulatorHandle {
         self.state().lose_write_answers = n;
     }
 
+    /// Accepted `scheduler/enable` writes of `action` on `sn` (writes that
+    /// carried its fencing token).
+    pub fn writes_for(&self, sn: &str, action: &str) -> u32 {
+        self.state()
+            .devices
+            .get(sn)
+            .and_then(|d| d.writes.get(action).copied())
+            .unwrap_or(0)
+    }
+
     /// Accepted writes the concurrent writer still follows.
     pub fn concurrent_writes_left(&self) -> usize {
         self.state().concurrent_left
@@ -929,6 +944,19 @@ fn answer(
         }
         dev.last_write = Some(now);
     }
+    // A write fenced by a dispatch claim older than one already seen for
+    // its action comes from a dispatcher that lost the work: refused.
+    let fence = header_str(parts, FENCE_HEADER).and_then(|f| {
+        let (action, n) = f.rsplit_once(':')?;
+        Some((action.to_owned(), n.parse::<u64>().ok()?))
+    });
+    if is_write && let Some((action, n)) = &fence {
+        let seen = dev.fences.entry(action.clone()).or_insert(0);
+        if *n < *seen {
+            return reply(ERRNO_STALE_FENCE, "stale fencing token", Value::Null);
+        }
+        *seen = *n;
+    }
     match path {
         PATH_GET_FLAG => reply(
             ERRNO_OK,
@@ -962,6 +990,9 @@ fn answer(
         ),
         _ => match validate_write(&body, &config, &firmware_modes(dev)) {
             Ok(groups) => {
+                if let Some((action, _)) = &fence {
+                    *dev.writes.entry(action.clone()).or_insert(0) += 1;
+                }
                 // The other client read the list before this write and
                 // writes it back, plus its group, right after.
                 let other = (st.concurrent_left > 0).then(|| {

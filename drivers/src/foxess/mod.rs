@@ -95,6 +95,9 @@ struct DeviceMemory {
     /// passed today: it does not disable passed groups, so a disabled
     /// one was disabled by someone, and is never revived.
     keeps_passed_enabled: bool,
+    /// The fencing token (`<action id>:<token>`) of the call that holds
+    /// the inverter's lock: sent with each of its writes.
+    fence: Option<String>,
 }
 
 /// Most groups remembered as seen enabled per inverter.
@@ -615,7 +618,10 @@ impl Foxess {
                 tokio::time::sleep(wait).await;
             }
         }
-        let res = self.api.call(path, &body).await;
+        let res = self
+            .api
+            .call_fenced(path, &body, mem.fence.as_deref())
+            .await;
         // Any attempt counts against the OEM's spacing, failed or not.
         mem.last_write = Some(Instant::now());
         res.map(|(_, raw)| raw)
@@ -825,6 +831,11 @@ impl Foxess {
     }
 }
 
+/// The fencing token a request's writes carry, if it has one.
+fn fence_of(req: &ApplyRequest) -> Option<String> {
+    (req.fence > 0).then(|| format!("{}:{}", req.action_id, req.fence))
+}
+
 fn malformed(raw: &str, why: &str) -> DriverError {
     // `why` may quote the answer (a parse error names what it found).
     let why: String = why.chars().take(200).collect();
@@ -903,6 +914,7 @@ impl Driver for Foxess {
         // One read-modify-write at a time per inverter in this process: two
         // writers of the whole list wipe each other's groups.
         let mut mem = self.memory.lock().await;
+        mem.fence = fence_of(req);
         self.check_plant_timezone(&mut mem).await?;
         let (flag_on, support, _) = self.get_flag().await?;
         if !support {
@@ -922,12 +934,16 @@ impl Driver for Foxess {
         let earlier = req.memo.as_deref().and_then(|m| Memo::parse(m, &self.sn));
         let mut switchyards = Self::switchyards(&mem, &memos, Some(&req.action_id));
         let mut memo_groups = ours.clone();
-        if let Some(e) = &earlier {
-            switchyards.extend(e.groups.iter().cloned());
-            for g in &e.groups {
-                if !memo_groups.iter().any(|m| same_content(m, g)) {
-                    memo_groups.push(g.clone());
-                }
+        // (So are the groups this process wrote for an earlier try.)
+        let earlier_groups: Vec<Group> = earlier
+            .iter()
+            .flat_map(|e| e.groups.iter().cloned())
+            .chain(mem.ours.get(&req.action_id).into_iter().flatten().cloned())
+            .collect();
+        for g in &earlier_groups {
+            switchyards.push(g.clone());
+            if !memo_groups.iter().any(|m| same_content(m, g)) {
+                memo_groups.push(g.clone());
             }
         }
         let mut not_foreign = switchyards.clone();
@@ -1100,6 +1116,7 @@ impl Driver for Foxess {
         let applied = &req.applied;
         let memo = req.memo.as_deref().and_then(|m| Memo::parse(m, &self.sn));
         let mut mem = self.memory.lock().await;
+        mem.fence = fence_of(applied);
         // What the apply wrote, as it recorded it; else as this process
         // remembers writing it (an apply cut short before its memo was
         // recorded); else, for an action applied before memos existed,

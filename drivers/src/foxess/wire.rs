@@ -45,6 +45,9 @@ pub const ERRNO_SIGNATURE_EXPIRED: i64 = 41809;
 pub const ERRNO_SCHEDULER_ACTIVE: i64 = 44096;
 /// Groups overlap in time.
 pub const ERRNO_OVERLAP: i64 = 42023;
+/// Emulator only: a write's fencing token (`x-switchyard-fence`) is older
+/// than one already seen for the action.
+pub const ERRNO_STALE_FENCE: i64 = 49901;
 /// Emulator only: the deviceSN is not known to the emulator.
 pub const ERRNO_UNKNOWN_DEVICE: i64 = 41930;
 

@@ -97,6 +97,7 @@ fn apply_request(
     clear_native: bool,
     live: Vec<Applied>,
     memo: Option<String>,
+    fence: u64,
 ) -> ApplyRequest {
     ApplyRequest {
         action_id: a.id.to_string(),
@@ -107,6 +108,7 @@ fn apply_request(
         clear_native_scheduler: clear_native,
         live,
         memo,
+        fence,
     }
 }
 
@@ -584,7 +586,7 @@ impl Dispatcher {
             &action.id.to_string(),
         )
         .await?;
-        let req = apply_request(action, job.clear_native, live, own);
+        let req = apply_request(action, job.clear_native, live, own, job.fence);
         Ok(match driver.apply(&req).await {
             Ok(out) => self.written(job, &device, &driver, out, Work::Apply),
             Err(e) if e.retryable() && job.attempts + 1 < self.config.max_apply_attempts => {
@@ -658,7 +660,7 @@ impl Dispatcher {
         )
         .await?;
         let req = RevertRequest {
-            applied: apply_request(action, job.clear_native, live, memo.clone()),
+            applied: apply_request(action, job.clear_native, live, memo.clone(), job.fence),
             memo,
         };
         Ok(match driver.revert(&req).await {

@@ -33,6 +33,9 @@ pub struct Job {
     /// The claim this job was taken under: its outcome is recorded only
     /// while the row still carries it.
     pub claim: String,
+    /// The claim's fencing token: larger than every earlier claim's of the
+    /// action, handed to the driver ([`switchyard_drivers::ApplyRequest::fence`]).
+    pub fence: u64,
 }
 
 fn work_of(s: &str) -> Option<Work> {
@@ -57,7 +60,7 @@ impl Store {
         let owner = uuid::Uuid::now_v7().to_string();
         let mut tx = self.begin().await?;
         sqlx::query(
-            "UPDATE actions SET lease_until_ns = ?1, lease_owner = ?2
+            "UPDATE actions SET lease_until_ns = ?1, lease_owner = ?2, fence = fence + 1
              WHERE action_id IN (
                SELECT action_id FROM actions
                WHERE work != 'NONE' AND due_ns <= ?3 AND (lease_until_ns IS NULL OR lease_until_ns <= ?3)
@@ -104,6 +107,7 @@ impl Store {
                 attempts: rows::col(r, "attempts")?,
                 clear_native: rows::col::<i64>(r, "clear_native")? != 0,
                 claim: owner.clone(),
+                fence: u64::try_from(rows::col::<i64>(r, "fence")?).unwrap_or(0),
             })
         };
         // A row that does not decode is reported and left to its lease; it

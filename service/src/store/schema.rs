@@ -147,4 +147,13 @@ ALTER TABLE devices ADD COLUMN incarnation TEXT NOT NULL DEFAULT '';
 ALTER TABLE actions ADD COLUMN driver_memo TEXT;
 "#,
     ),
+    (
+        6,
+        r#"
+-- The fencing token of the action's work: one more at every claim, handed
+-- to the driver with the call, so a call from a dispatcher that stalled
+-- past its lease (the work claimed again since) can be refused.
+ALTER TABLE actions ADD COLUMN fence INTEGER NOT NULL DEFAULT 0;
+"#,
+    ),
 ];
