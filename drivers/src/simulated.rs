@@ -197,7 +197,9 @@ impl SimDevice {
     /// action; remembers a newer one. Checked when the call lands (after
     /// its latency), as a device would.
     fn fenced(&mut self, action: &str, fence: u64) -> Result<(), DriverError> {
-        if fence == 0 {
+        // Unfenced (0) is accepted only until a token was seen for the
+        // action: then it is as stale as any smaller token.
+        if fence == 0 && self.fences.get(action).is_none_or(|s| *s == 0) {
             return Ok(());
         }
         let seen = self.fences.entry(action.to_owned()).or_insert(0);

@@ -1796,7 +1796,11 @@ async fn the_emulator_counts_fenced_writes_and_refuses_a_stale_token() {
     stale.fence = 4;
     let err = d.apply(&stale).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::StaleFence, "{err:?}");
-    assert_eq!(rig.emu.writes_for(SN, "fz1"), 2, "the apply and the revert only");
+    assert_eq!(
+        rig.emu.writes_for(SN, "fz1"),
+        2,
+        "the apply and the revert only"
+    );
     assert!(rig.groups().is_empty());
 }
 

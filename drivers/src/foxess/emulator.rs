@@ -931,19 +931,6 @@ fn answer(
     let Some(dev) = st.devices.get_mut(sn) else {
         return reply(ERRNO_UNKNOWN_DEVICE, "device not found", Value::Null);
     };
-    if is_write {
-        if dev
-            .last_write
-            .is_some_and(|t| now.duration_since(t) < config.min_write_interval)
-        {
-            return reply(
-                ERRNO_RATE_LIMITED,
-                "The number of requests is too frequent, please try again later",
-                Value::Null,
-            );
-        }
-        dev.last_write = Some(now);
-    }
     // A write fenced by a dispatch claim older than one already seen for
     // its action comes from a dispatcher that lost the work: refused.
     let fence = header_str(parts, FENCE_HEADER).and_then(|f| {
@@ -957,6 +944,20 @@ fn answer(
         }
         *seen = *n;
     }
+    if is_write {
+        if dev
+            .last_write
+            .is_some_and(|t| now.duration_since(t) < config.min_write_interval)
+        {
+            return reply(
+                ERRNO_RATE_LIMITED,
+                "The number of requests is too frequent, please try again later",
+                Value::Null,
+            );
+        }
+        dev.last_write = Some(now);
+    }
+
     match path {
         PATH_GET_FLAG => reply(
             ERRNO_OK,

@@ -84,6 +84,11 @@ pub fn cancel_by_client(action: &Action, now: Ts) -> Result<Change, Error> {
 /// be: the collision rules refuse the others) is cancelled, naming its
 /// replacement; nothing is owed.
 pub fn replace(holder: &Action, by: ActionId, now: Ts) -> Change {
+    debug_assert_eq!(
+        holder.state,
+        ActionState::Scheduled,
+        "only SCHEDULED holders are replaced"
+    );
     let mut a = holder.clone();
     a.state = ActionState::Cancelled;
     a.replaced_by = Some(by);

@@ -26,6 +26,9 @@ use crate::domain::{
 pub struct Fixture {
     /// The store under test.
     pub store: Store,
+    /// A second store on the same database, as another replica would open
+    /// it (its own connections), reading the same clock.
+    pub replica: Store,
     /// Its clock (starts at [`T0`]).
     pub clock: ManualClock,
     /// Whatever must live as long as the store (a temporary directory, a
@@ -114,9 +117,8 @@ pub async fn a_device_round_trips_and_its_id_is_unique(f: &Fixture) {
         .get_device(&tenant(), &device_id("d1"))
         .await
         .expect("get_device");
+    assert_eq!(read, created);
     assert_eq!(read.oem_device_id, "oem-d1");
-    assert_eq!(read.settings, device("d1").settings);
-    assert_eq!(read.etag(), created.etag());
     let again = f.store.create_device(&tenant(), device("d1"), None).await;
     assert!(
         matches!(again, Err(Error::DeviceAlreadyExists { .. })),
@@ -247,7 +249,8 @@ pub async fn cancel_and_replace_replaces_atomically(f: &Fixture) {
     assert_eq!(history[0].2, "PUSHED_CANCEL_AND_REPLACE");
 }
 
-/// QUEUE_AFTER starts the push when the last collider ends.
+/// QUEUE_AFTER starts the push when the last collider ends; the window
+/// keeps its length.
 pub async fn queue_after_starts_at_the_holders_end(f: &Fixture) {
     with_device(f, "d1").await;
     let first = push(f, "d1", window(H, Some(2 * H)), Strategy::Reject)
@@ -259,26 +262,36 @@ pub async fn queue_after_starts_at_the_holders_end(f: &Fixture) {
         .expect("queue");
     assert_eq!(queued.action.start, T0.plus_nanos(2 * H));
     assert_eq!(queued.queued_after, vec![first.id]);
+    let stored = get(f, "d1", &queued.action).await;
+    assert_eq!(stored, queued.action);
+    assert_eq!(stored.end, Some(T0.plus_nanos(4 * H)));
 }
 
-/// validate_only answers as a push would and writes nothing.
+/// validate_only answers as a push would and writes nothing, not even the
+/// replacement a CANCEL_AND_REPLACE would make.
 pub async fn validate_only_writes_nothing(f: &Fixture) {
     with_device(f, "d1").await;
-    let out = f
+    let holder = push(f, "d1", window(3 * H, Some(4 * H)), Strategy::Reject)
+        .await
+        .expect("push")
+        .action;
+    let would = f
         .store
         .push(
             &tenant(),
             &device_id("d1"),
-            |_, _| Ok(window(H, Some(2 * H))),
-            Strategy::Reject,
+            |_, _| Ok(window(3 * H, Some(5 * H))),
+            Strategy::CancelAndReplace,
             true,
             None,
         )
         .await
         .expect("validate_only");
+    assert_eq!(would.cancelled.len(), 1);
+    assert_eq!(get(f, "d1", &holder).await, holder, "untouched");
     let r = f
         .store
-        .get_action(&tenant(), &device_id("d1"), &out.action.id)
+        .get_action(&tenant(), &device_id("d1"), &would.action.id)
         .await;
     assert!(matches!(r, Err(Error::ActionNotFound { .. })), "{r:?}");
 }
@@ -501,12 +514,15 @@ pub async fn a_client_cancel_follows_the_lifecycle(f: &Fixture) {
     assert_eq!(owed[0].work, Work::Revert);
 }
 
-/// Deleting a device is refused while its actions hold a channel.
+/// Deleting a device is refused while its actions hold a channel; with
+/// force only while one is in flight; a forced delete cancels the rest
+/// (audited: the history outlives the device).
 pub async fn delete_is_refused_while_actions_hold_a_channel(f: &Fixture) {
     with_device(f, "d1").await;
-    push(f, "d1", window(H, Some(2 * H)), Strategy::Reject)
+    let held = push(f, "d1", window(3 * H, Some(4 * H)), Strategy::Reject)
         .await
-        .expect("push");
+        .expect("push")
+        .action;
     let r = f
         .store
         .delete_device(&tenant(), &device_id("d1"), None, false, None)
@@ -515,16 +531,39 @@ pub async fn delete_is_refused_while_actions_hold_a_channel(f: &Fixture) {
         matches!(r, Err(Error::DeviceHasActiveActions { .. })),
         "{r:?}"
     );
-    // With force, the SCHEDULED ones are cancelled and the device goes.
+    // An action in flight blocks even a forced delete.
+    with_device(f, "d2").await;
+    push(f, "d2", window(H, Some(2 * H)), Strategy::Reject)
+        .await
+        .expect("push");
+    f.clock.set(T0.plus_nanos(H));
+    assert_eq!(claim(f).await.len(), 1);
+    let r = f
+        .store
+        .delete_device(&tenant(), &device_id("d2"), None, true, None)
+        .await;
+    assert!(
+        matches!(&r, Err(Error::DeviceHasActiveActions { in_flight, .. }) if !in_flight.is_empty()),
+        "{r:?}"
+    );
     f.store
         .delete_device(&tenant(), &device_id("d1"), None, true, None)
         .await
         .expect("forced delete");
-    assert!(
+    assert!(matches!(
+        f.store.get_device(&tenant(), &device_id("d1")).await,
+        Err(Error::DeviceNotFound { .. })
+    ));
+    assert!(matches!(
         f.store
-            .get_device(&tenant(), &device_id("d1"))
-            .await
-            .is_err()
+            .get_action(&tenant(), &device_id("d1"), &held.id)
+            .await,
+        Err(Error::ActionNotFound { .. })
+    ));
+    let history = f.store.action_history(&tenant(), &held.id).await.unwrap();
+    assert_eq!(
+        history.last().map(|h| (h.1.as_str(), h.2.as_str())),
+        Some(("CANCELLED", "DEVICE_DELETED"))
     );
 }
 
@@ -600,9 +639,363 @@ pub async fn an_observation_is_kept_only_for_its_configuration(f: &Fixture) {
     assert!(!f.store.observe(&tenant(), &d, &seen).await.unwrap());
 }
 
+/// Every claim of an action's work takes a larger fencing token: a
+/// claimed-again apply, then its revert.
+pub async fn each_claim_takes_a_larger_fencing_token(f: &Fixture) {
+    with_device(f, "d1").await;
+    push(f, "d1", window(H, Some(2 * H)), Strategy::Reject)
+        .await
+        .expect("push");
+    f.clock.set(T0.plus_nanos(H));
+    let first = claim(f).await.remove(0);
+    f.clock.set(T0.plus_nanos(H + 121 * Ts::SECOND));
+    let again = claim(f).await.remove(0);
+    assert!(
+        again.fence > first.fence && first.fence > 0,
+        "{} then {}",
+        first.fence,
+        again.fence
+    );
+    f.store
+        .finish(
+            &again,
+            Finish::Applied {
+                raw: "ok".into(),
+                verified: true,
+                memo: None,
+            },
+        )
+        .await
+        .unwrap();
+    f.clock.set(T0.plus_nanos(2 * H));
+    let revert = claim(f).await.remove(0);
+    assert_eq!(revert.work, Work::Revert);
+    assert!(revert.fence > again.fence);
+}
+
+/// A retry counts a failed try; a postponement does not.
+pub async fn retries_count_and_postponements_do_not(f: &Fixture) {
+    with_device(f, "d1").await;
+    push(f, "d1", window(H, Some(2 * H)), Strategy::Reject)
+        .await
+        .expect("push");
+    f.clock.set(T0.plus_nanos(H));
+    let job = claim(f).await.remove(0);
+    assert_eq!(job.attempts, 0);
+    let due = T0.plus_nanos(H + Ts::SECOND);
+    f.store
+        .finish(
+            &job,
+            Finish::Retry {
+                due,
+                message: "outage".into(),
+                raw: None,
+                memo: None,
+            },
+        )
+        .await
+        .unwrap();
+    f.clock.set(due);
+    let job = claim(f).await.remove(0);
+    assert_eq!(job.attempts, 1);
+    assert_eq!(
+        job.action.error_message.as_deref(),
+        Some("retrying: outage")
+    );
+    let later = T0.plus_nanos(H + 2 * Ts::SECOND);
+    f.store
+        .finish(&job, Finish::Postpone { due: later })
+        .await
+        .unwrap();
+    f.clock.set(later);
+    assert_eq!(claim(f).await.remove(0).attempts, 1);
+}
+
+/// A replaced action owes nothing: at its start only its replacement is
+/// due; the trail shows REPLACED, and DISPATCHED at the claim.
+pub async fn a_replaced_action_owes_no_work(f: &Fixture) {
+    with_device(f, "d1").await;
+    let old = push(f, "d1", window(H, Some(2 * H)), Strategy::Reject)
+        .await
+        .expect("push")
+        .action;
+    let new = push(f, "d1", window(H, Some(2 * H)), Strategy::CancelAndReplace)
+        .await
+        .expect("replace")
+        .action;
+    f.clock.set(T0.plus_nanos(H));
+    let jobs = claim(f).await;
+    assert_eq!(
+        jobs.iter().map(|j| j.action.id).collect::<Vec<_>>(),
+        vec![new.id]
+    );
+    let old_trail = f.store.action_history(&tenant(), &old.id).await.unwrap();
+    assert_eq!(
+        old_trail,
+        vec![
+            (None, "SCHEDULED".to_owned(), "PUSHED".to_owned()),
+            (
+                Some("SCHEDULED".to_owned()),
+                "CANCELLED".to_owned(),
+                "REPLACED".to_owned()
+            ),
+        ]
+    );
+    let new_trail = f.store.action_history(&tenant(), &new.id).await.unwrap();
+    assert_eq!(
+        new_trail.last().cloned(),
+        Some((
+            Some("SCHEDULED".to_owned()),
+            "ACKNOWLEDGED".to_owned(),
+            "DISPATCHED".to_owned()
+        ))
+    );
+}
+
+/// The memos of a device's actions come oldest (earliest start) first.
+pub async fn memos_come_oldest_first(f: &Fixture) {
+    with_device(f, "d1").await;
+    // Both in force at once: the later one on another channel.
+    let mut later = window(3 * H, Some(4 * H));
+    later.channel = "power_limit".into();
+    let late = push(f, "d1", later, Strategy::Reject)
+        .await
+        .expect("push")
+        .action;
+    let early = push(f, "d1", window(H, Some(5 * H)), Strategy::Reject)
+        .await
+        .expect("push")
+        .action;
+    for (at, id, memo) in [(H, early.id, "early"), (3 * H, late.id, "late")] {
+        f.clock.set(T0.plus_nanos(at));
+        let job = claim(f)
+            .await
+            .into_iter()
+            .find(|j| j.action.id == id)
+            .expect("its apply is due");
+        f.store
+            .finish(
+                &job,
+                Finish::Applied {
+                    raw: "ok".into(),
+                    verified: true,
+                    memo: Some(memo.into()),
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let memos = f.store.memos(&tenant(), &device_id("d1")).await.unwrap();
+    let ids: Vec<String> = memos.iter().map(|m| m.action_id.clone()).collect();
+    assert_eq!(ids, vec![early.id.to_string(), late.id.to_string()]);
+}
+
+/// What holds a channel: a cancelled action whose revert is owed does; a
+/// failed one without a revert and a reverted one do not; another channel
+/// of the device is free.
+pub async fn what_holds_a_channel(f: &Fixture) {
+    with_device(f, "d1").await;
+    let a = push(f, "d1", window(H, Some(3 * H)), Strategy::Reject)
+        .await
+        .expect("push")
+        .action;
+    f.clock.set(T0.plus_nanos(H));
+    let job = claim(f).await.remove(0);
+    f.store
+        .finish(
+            &job,
+            Finish::Applied {
+                raw: "ok".into(),
+                verified: true,
+                memo: None,
+            },
+        )
+        .await
+        .unwrap();
+    f.store
+        .cancel_action(&tenant(), &device_id("d1"), &a.id, None, None)
+        .await
+        .unwrap();
+    let clash = push(f, "d1", window(2 * H, Some(4 * H)), Strategy::Reject).await;
+    assert!(matches!(clash, Err(Error::Conflict(_))), "{clash:?}");
+    let mut other = window(2 * H, Some(4 * H));
+    other.channel = "power_limit".into();
+    push(f, "d1", other, Strategy::Reject)
+        .await
+        .expect("another channel");
+    let job = claim(f).await.remove(0);
+    assert_eq!(job.work, Work::Revert);
+    f.store
+        .finish(
+            &job,
+            Finish::Reverted {
+                raw: "ok".into(),
+                verified: true,
+            },
+        )
+        .await
+        .unwrap();
+    push(f, "d1", window(2 * H, Some(4 * H)), Strategy::Reject)
+        .await
+        .expect("free once reverted");
+    with_device(f, "d2").await;
+    push(f, "d2", window(5 * H, Some(6 * H)), Strategy::Reject)
+        .await
+        .expect("push");
+    f.clock.set(T0.plus_nanos(5 * H));
+    let job = claim(f)
+        .await
+        .into_iter()
+        .find(|j| j.action.device_id.as_str() == "d2")
+        .unwrap();
+    f.store
+        .finish(
+            &job,
+            Finish::Failed {
+                code: "OEM_REJECTED".into(),
+                message: "no".into(),
+                raw: None,
+                revert: false,
+                memo: None,
+            },
+        )
+        .await
+        .unwrap();
+    push(f, "d2", window(5 * H, Some(6 * H)), Strategy::Reject)
+        .await
+        .expect("a failed action holds nothing");
+}
+
+/// Another tenant's devices and actions do not exist for this one; the
+/// same device id may exist in both.
+pub async fn tenants_see_only_their_own(f: &Fixture) {
+    let other = TenantId::from_stored("other-tenant".to_owned());
+    f.store
+        .create_device(&other, device("d1"), None)
+        .await
+        .expect("create in the other tenant");
+    assert!(matches!(
+        f.store.get_device(&tenant(), &device_id("d1")).await,
+        Err(Error::DeviceNotFound { .. })
+    ));
+    with_device(f, "d1").await;
+    let mine = push(f, "d1", window(H, Some(2 * H)), Strategy::Reject)
+        .await
+        .expect("push")
+        .action;
+    assert!(matches!(
+        f.store.get_action(&other, &device_id("d1"), &mine.id).await,
+        Err(Error::ActionNotFound { .. })
+    ));
+    let theirs = f
+        .store
+        .list_actions(
+            &other,
+            ActionQuery {
+                device: None,
+                states: &[],
+                before: None,
+                limit: 10,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(theirs.is_empty());
+}
+
+/// Two replicas pushing overlapping windows at once: exactly one is
+/// booked, the others get the typed conflict.
+pub async fn concurrent_overlapping_pushes_book_one(f: &Fixture) {
+    with_device(f, "d1").await;
+    let mut tries = Vec::new();
+    for i in 0..16_i64 {
+        let store = if i % 2 == 0 {
+            f.store.clone()
+        } else {
+            f.replica.clone()
+        };
+        tries.push(tokio::spawn(async move {
+            store
+                .push(
+                    &tenant(),
+                    &device_id("d1"),
+                    move |_, _| Ok(window(H + i * Ts::SECOND, Some(2 * H))),
+                    Strategy::Reject,
+                    false,
+                    None,
+                )
+                .await
+        }));
+    }
+    let mut booked = 0;
+    for t in tries {
+        match t.await.unwrap() {
+            Ok(_) => booked += 1,
+            Err(Error::Conflict(_)) => {}
+            Err(e) => panic!("neither booked nor a conflict: {e:?}"),
+        }
+    }
+    assert_eq!(booked, 1);
+}
+
+/// Two replicas claiming at once never share a job, and together take
+/// everything due.
+pub async fn concurrent_claims_never_share_work(f: &Fixture) {
+    for d in 0..12 {
+        let id = format!("d{d}");
+        with_device(f, &id).await;
+        push(f, &id, window(H, Some(2 * H)), Strategy::Reject)
+            .await
+            .expect("push");
+    }
+    f.clock.set(T0.plus_nanos(H));
+    let now = f.clock_now();
+    let (a, b) = (f.store.clone(), f.replica.clone());
+    let ta = tokio::spawn(async move { a.claim_due(now, 8, 120 * Ts::SECOND).await });
+    let tb = tokio::spawn(async move { b.claim_due(now, 8, 120 * Ts::SECOND).await });
+    let mut ids: Vec<ActionId> = ta
+        .await
+        .unwrap()
+        .unwrap()
+        .into_iter()
+        .map(|j| j.action.id)
+        .collect();
+    let from_b: Vec<ActionId> = tb
+        .await
+        .unwrap()
+        .unwrap()
+        .into_iter()
+        .map(|j| j.action.id)
+        .collect();
+    let before = ids.len() + from_b.len();
+    ids.extend(from_b);
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), before, "a job claimed twice");
+    assert_eq!(ids.len(), 12, "everything due was taken");
+}
+
+/// Two replicas beginning the same request_id at once: one goes ahead,
+/// the other is told it is in progress.
+pub async fn concurrent_requests_with_one_id_run_once(f: &Fixture) {
+    let (a, b) = (f.store.clone(), f.replica.clone());
+    let ta = tokio::spawn(async move { a.idem_begin(&tenant(), "same", "PushAction", b"x").await });
+    let tb = tokio::spawn(async move { b.idem_begin(&tenant(), "same", "PushAction", b"x").await });
+    let results = [ta.await.unwrap(), tb.await.unwrap()];
+    let fresh = results
+        .iter()
+        .filter(|r| matches!(r, Ok(IdemBegin::Fresh(_))))
+        .count();
+    let busy = results
+        .iter()
+        .filter(|r| matches!(r, Err(Error::RequestInProgress { .. })))
+        .count();
+    assert_eq!((fresh, busy), (1, 1), "{results:?}");
+}
+
 /// Registers one `#[tokio::test]` per contract rule in a module named
-/// `$backend`, each on a fresh fixture from `$fixture` (an expression,
-/// awaited inside each test if it is a future).
+/// `$backend`, each on a fresh fixture: `$fixture` is an expression
+/// evaluated inside each (async) test, so it may end in `.await`.
 #[macro_export]
 macro_rules! storage_contract_suite {
     ($backend:ident, $fixture:expr) => {
@@ -625,6 +1018,15 @@ macro_rules! storage_contract_suite {
                 delete_is_refused_while_actions_hold_a_channel,
                 actions_page_newest_first,
                 an_observation_is_kept_only_for_its_configuration,
+                each_claim_takes_a_larger_fencing_token,
+                retries_count_and_postponements_do_not,
+                a_replaced_action_owes_no_work,
+                memos_come_oldest_first,
+                what_holds_a_channel,
+                tenants_see_only_their_own,
+                concurrent_overlapping_pushes_book_one,
+                concurrent_claims_never_share_work,
+                concurrent_requests_with_one_id_run_once,
             );
         }
     };

@@ -107,7 +107,8 @@ impl Store {
                 attempts: rows::col(r, "attempts")?,
                 clear_native: rows::col::<i64>(r, "clear_native")? != 0,
                 claim: owner.clone(),
-                fence: u64::try_from(rows::col::<i64>(r, "fence")?).unwrap_or(0),
+                fence: u64::try_from(rows::col::<i64>(r, "fence")?)
+                    .map_err(|_| Error::Internal("a negative fencing token is stored".into()))?,
             })
         };
         // A row that does not decode is reported and left to its lease; it

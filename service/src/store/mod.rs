@@ -13,6 +13,7 @@
 //!   is never met in-process; `busy_timeout` covers other processes.
 
 mod actions;
+#[cfg(feature = "contract")]
 pub mod contract;
 mod devices;
 mod dispatch;
