@@ -118,7 +118,6 @@ fn asks(seed: u64, base: i64) -> Vec<Ask> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_server_processes_on_one_sqlite_file_never_double_book() {
-    let began = Instant::now();
     let seed = std::env::var("STORM_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -128,8 +127,28 @@ async fn two_server_processes_on_one_sqlite_file_never_double_book() {
                 .unwrap()
                 .as_nanos() as u64
         });
-    // STORM_SEED replays the same pushes (not the same interleaving).
-    eprintln!("storm seed {seed}");
+    // Every storm must keep every rule. The scheduler decides how often the
+    // two processes take turns at the write lock: a storm in which one
+    // process booked (nearly) all before the other raced little, so it is
+    // run again, a few times at most, until the two really interleaved.
+    let mut turns = Vec::new();
+    for attempt in 0..4_u64 {
+        // STORM_SEED replays the same pushes (not the same interleaving).
+        let seed = seed.wrapping_add(attempt);
+        eprintln!("storm seed {seed}");
+        let handovers = storm(seed).await;
+        turns.push(handovers);
+        if handovers >= 2 {
+            return;
+        }
+    }
+    panic!("the write lock never changed process more than once in 4 storms: {turns:?}");
+}
+
+/// One storm on a fresh file: every rule checked; returns how often the
+/// write lock changed process between bookings.
+async fn storm(seed: u64) -> usize {
+    let began = Instant::now();
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("shared.db");
@@ -278,12 +297,6 @@ async fn two_server_processes_on_one_sqlite_file_never_double_book() {
         census.overlapped.len(),
         began.elapsed()
     );
-    // The two processes took turns at the write lock, not one after the
-    // other: the storm really raced two writers.
-    assert!(
-        handovers >= 2,
-        "the write lock changed process only {handovers} times"
-    );
     assert!(
         census.overlaps.is_empty(),
         "holding actions overlap on one channel: {:#?}",
@@ -328,6 +341,7 @@ async fn two_server_processes_on_one_sqlite_file_never_double_book() {
         assert!(booked.contains_key(id), "row {id} no client was told about");
     }
     assert_eq!(census.holding, booked.len() - cancelled.len());
+    handovers
 }
 
 /// One row of `actions`, as the checker reads it.
