@@ -42,6 +42,61 @@ fn transition(a: &Action, from: ActionState, reason: &str) -> Option<Transition>
     })
 }
 
+/// The audit reason of a claim that sends a SCHEDULED action's apply on
+/// its way (SCHEDULED → ACKNOWLEDGED).
+pub const DISPATCHED: &str = "DISPATCHED";
+
+/// Whether an action holds its channel: it is booked or in force
+/// ([`ActionState::holds`]), or a revert of what it wrote is still owed
+/// (a cancelled or failed one: nothing new may be applied before that is
+/// undone). Stores select holders by exactly this.
+pub fn holds_channel(state: ActionState, work: Option<Work>) -> bool {
+    state.holds() || work == Some(Work::Revert)
+}
+
+/// What DeleteDevice may do with the device's `holding` actions (those for
+/// which [`holds_channel`]): without `force` none may exist; with it, only
+/// SCHEDULED ones, which are cancelled (`DEVICE_DELETED`). An action the
+/// OEM is executing, or one whose revert is owed, always blocks: deleting
+/// it would leave its command in force. Returns the cancellations to
+/// record.
+pub fn delete_device(
+    device_id: &super::DeviceId,
+    holding: &[Action],
+    force: bool,
+    now: Ts,
+) -> Result<Vec<Change>, Error> {
+    // Held but not in a holding state: a revert is owed.
+    let in_flight: Vec<ActionId> = holding
+        .iter()
+        .filter(|a| !a.state.holds() || a.state.in_flight())
+        .map(|a| a.id)
+        .collect();
+    if !holding.is_empty() && (!force || !in_flight.is_empty()) {
+        return Err(Error::DeviceHasActiveActions {
+            device_id: device_id.to_string(),
+            action_ids: holding.iter().map(|a| a.id).collect(),
+            in_flight,
+        });
+    }
+    Ok(holding
+        .iter()
+        .map(|held| {
+            let mut a = held.clone();
+            a.state = ActionState::Cancelled;
+            a.error_code = Some(codes::DEVICE_DELETED.to_owned());
+            a.revision += 1;
+            a.updated = now;
+            let transition = transition(&a, held.state, codes::DEVICE_DELETED);
+            Change {
+                action: a,
+                work: None,
+                transition,
+            }
+        })
+        .collect())
+}
+
 /// CancelAction: a SCHEDULED action is cancelled (never applied); an
 /// ACTIVE one is cancelled with its revert owed at once (it holds its
 /// channel until that is done). Anything else is refused with the error
@@ -539,6 +594,49 @@ mod tests {
         assert_eq!(s.change.action.state, ActionState::Failed);
         assert_eq!(s.change.action.error_code.as_deref(), Some("OEM_REJECTED"));
         assert_eq!(s.memo, Some(Some("m".into())));
+    }
+
+    #[test]
+    fn a_channel_is_held_while_booked_in_force_or_owing_a_revert() {
+        for s in ActionState::ALL {
+            let booked = matches!(
+                s,
+                ActionState::Scheduled | ActionState::Acknowledged | ActionState::Active
+            );
+            assert_eq!(holds_channel(s, None), booked, "{s:?}");
+            assert!(holds_channel(s, Some(Work::Revert)), "{s:?} owing a revert");
+            assert_eq!(holds_channel(s, Some(Work::Apply)), booked, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn a_device_is_deleted_only_without_holders_or_forced_over_scheduled_ones() {
+        let d = DeviceId::parse("d").unwrap();
+        assert_eq!(delete_device(&d, &[], false, NOW).unwrap(), vec![]);
+        let scheduled = action(ActionState::Scheduled, Some(Ts(100)));
+        let refused = delete_device(&d, std::slice::from_ref(&scheduled), false, NOW);
+        assert!(
+            matches!(refused, Err(Error::DeviceHasActiveActions { ref in_flight, .. }) if in_flight.is_empty())
+        );
+        let forced = delete_device(&d, std::slice::from_ref(&scheduled), true, NOW).unwrap();
+        assert_eq!(forced[0].action.state, ActionState::Cancelled);
+        assert_eq!(
+            forced[0].transition.as_ref().unwrap().reason,
+            codes::DEVICE_DELETED
+        );
+        // In force, or cancelled with its revert owed: blocks even forced.
+        for blocking in [
+            ActionState::Acknowledged,
+            ActionState::Active,
+            ActionState::Cancelled,
+        ] {
+            let a = action(blocking, Some(Ts(100)));
+            let r = delete_device(&d, &[scheduled.clone(), a.clone()], true, NOW);
+            assert!(
+                matches!(r, Err(Error::DeviceHasActiveActions { ref in_flight, .. }) if *in_flight == vec![a.id]),
+                "{blocking:?}: {r:?}"
+            );
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! delete.
 
 use super::{IdemCommit, Store, check_etag, db_err, rows};
-use crate::domain::{ActionId, ActionState, Device, DeviceId, Error, TenantId, Transition, codes};
+use crate::domain::{ActionId, Device, DeviceId, Error, TenantId, lifecycle};
 
 /// Whether a device change points its driver at another physical device
 /// ([`switchyard_drivers::DriverFactory::target`]).
@@ -227,37 +227,14 @@ impl Store {
             },
         )
         .await?;
-        // A cancelled or failed action still listed here has a revert owed:
-        // deleting it would leave its override in force, so it blocks like
-        // one the OEM is executing.
-        let in_flight: Vec<ActionId> = holding
-            .iter()
-            .filter(|a| !a.state.holds() || a.state.in_flight())
-            .map(|a| a.id)
-            .collect();
-        if !holding.is_empty() && (!force || !in_flight.is_empty()) {
-            return Err(Error::DeviceHasActiveActions {
-                device_id: id.to_string(),
-                action_ids: holding.iter().map(|a| a.id).collect(),
-                in_flight,
-            });
-        }
+        // The actions go with the device (their rows are deleted below);
+        // their cancellations stay in the audit trail.
+        let cancelled = lifecycle::delete_device(id, &holding, force, now)?;
         let request_id = idem.as_ref().map(|i| i.request_id.clone());
-        for a in &holding {
-            rows::audit(
-                &mut tx,
-                tenant,
-                &Transition {
-                    action_id: a.id,
-                    device_id: id.clone(),
-                    from: Some(a.state),
-                    to: ActionState::Cancelled,
-                    reason: codes::DEVICE_DELETED.to_owned(),
-                },
-                request_id.as_deref(),
-                now,
-            )
-            .await?;
+        for c in &cancelled {
+            if let Some(t) = &c.transition {
+                rows::audit(&mut tx, tenant, t, request_id.as_deref(), now).await?;
+            }
         }
         sqlx::query("DELETE FROM devices WHERE tenant_id = ? AND device_id = ?")
             .bind(tenant.as_str())

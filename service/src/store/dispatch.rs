@@ -13,7 +13,9 @@
 //!   work again, records nothing (the new claim's outcome stands).
 
 use super::{Store, db_err, rows};
-use crate::domain::{Action, Device, DeviceId, Error, Observed, TenantId, Ts, Work, lifecycle};
+use crate::domain::{
+    Action, ActionState, Device, DeviceId, Error, Observed, TenantId, Ts, Work, lifecycle,
+};
 
 pub use crate::domain::lifecycle::Finish;
 
@@ -73,22 +75,35 @@ impl Store {
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
+        // The claim sends SCHEDULED applies on their way (the lifecycle's
+        // DISPATCHED step), in bulk: states and reason from the domain.
+        let (from, to) = (
+            ActionState::Scheduled.as_str(),
+            ActionState::Acknowledged.as_str(),
+        );
         sqlx::query(
             "INSERT INTO audit_log (tenant_id, device_id, action_id, from_state, to_state, reason, request_id, at_ns)
-             SELECT tenant_id, device_id, action_id, 'SCHEDULED', 'ACKNOWLEDGED', 'DISPATCHED', NULL, ?1
-             FROM actions WHERE lease_owner = ?2 AND state = 'SCHEDULED' AND work = 'APPLY'",
+             SELECT tenant_id, device_id, action_id, ?3, ?4, ?5, NULL, ?1
+             FROM actions WHERE lease_owner = ?2 AND state = ?3 AND work = ?6",
         )
         .bind(now.0)
         .bind(&owner)
+        .bind(from)
+        .bind(to)
+        .bind(lifecycle::DISPATCHED)
+        .bind(Work::Apply.as_str())
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
         sqlx::query(
-            "UPDATE actions SET state = 'ACKNOWLEDGED', revision = revision + 1, update_ns = ?1
-             WHERE lease_owner = ?2 AND state = 'SCHEDULED' AND work = 'APPLY'",
+            "UPDATE actions SET state = ?4, revision = revision + 1, update_ns = ?1
+             WHERE lease_owner = ?2 AND state = ?3 AND work = ?5",
         )
         .bind(now.0)
         .bind(&owner)
+        .bind(from)
+        .bind(to)
+        .bind(Work::Apply.as_str())
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;

@@ -256,6 +256,24 @@ pub(super) struct HoldingFilter<'a> {
     pub ending_after: Option<Ts>,
 }
 
+/// The holders of a device's channel(s): the SQL form of
+/// [`lifecycle::holds_channel`], built from the domain's states.
+static HOLDING_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let states: Vec<String> = crate::domain::ActionState::ALL
+        .iter()
+        .filter(|s| crate::domain::lifecycle::holds_channel(**s, None))
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect();
+    format!(
+        "SELECT * FROM actions WHERE tenant_id = ?1 AND device_id = ?2 AND (?3 = '' OR channel = ?3)
+           AND (state IN ({}) OR work = '{}')
+           AND (end_ns IS NULL OR end_ns > ?4)
+         ORDER BY start_ns, action_id",
+        states.join(", "),
+        crate::domain::Work::Revert.as_str()
+    )
+});
+
 /// Actions of a device that hold their channel, by start. A cancelled
 /// action whose early revert is still owed holds it too (reported as in
 /// flight), so nothing new is applied before the old command is undone.
@@ -265,19 +283,14 @@ pub(super) async fn holding_actions(
     device_id: &DeviceId,
     f: HoldingFilter<'_>,
 ) -> Result<Vec<Action>, Error> {
-    let rs = sqlx::query(
-        "SELECT * FROM actions WHERE tenant_id = ?1 AND device_id = ?2 AND (?3 = '' OR channel = ?3)
-           AND (state IN ('SCHEDULED', 'ACKNOWLEDGED', 'ACTIVE') OR work = 'REVERT')
-           AND (end_ns IS NULL OR end_ns > ?4)
-         ORDER BY start_ns, action_id",
-    )
-    .bind(tenant.as_str())
-    .bind(device_id.as_str())
-    .bind(f.channel.unwrap_or(""))
-    .bind(f.ending_after.map_or(i64::MIN, |t| t.0))
-    .fetch_all(tx)
-    .await
-    .map_err(db_err)?;
+    let rs = sqlx::query(sqlx::AssertSqlSafe(HOLDING_SQL.as_str()))
+        .bind(tenant.as_str())
+        .bind(device_id.as_str())
+        .bind(f.channel.unwrap_or(""))
+        .bind(f.ending_after.map_or(i64::MIN, |t| t.0))
+        .fetch_all(tx)
+        .await
+        .map_err(db_err)?;
     rs.iter().map(action_from_row).collect()
 }
 
