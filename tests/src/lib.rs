@@ -1,6 +1,8 @@
 //! Test harness: a real switchyard server on a loopback port with a fresh
 //! database, gRPC clients for it, and a decoder for rich error details.
 
+pub mod postgres;
+
 use std::{sync::Arc, time::Duration};
 
 use prost::Message;
