@@ -1084,7 +1084,11 @@ impl Driver for Foxess {
         let verified = seen && flag == Some(true);
         let mut switchyards_now = switchyards;
         switchyards_now.extend(ours.iter().cloned());
-        let state = flag.map(|f| Self::state(f, &back.groups, &switchyards_now));
+        // Only a complete reading is returned: a failed read-back leaves
+        // the service to read the device again.
+        let state = flag
+            .filter(|_| back.answered)
+            .map(|f| Self::state(f, &back.groups, &switchyards_now));
         let summary = format!(
             "{} group(s) for {} ({} other kept){}; read back: {}; scheduler flag {}",
             ours.len(),

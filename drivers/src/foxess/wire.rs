@@ -471,6 +471,8 @@ pub struct GroupsRead {
     /// The largest `properties.fdpwr.range.max` of any group, when
     /// reported: the device's `fdPwr` maximum.
     pub max_power_w: Option<i64>,
+    /// Read from an answer (`false`: a stand-in for a read that failed).
+    pub answered: bool,
 }
 
 /// The least `fdPwr` maximum believed: below it a reported value is taken
@@ -514,6 +516,7 @@ pub fn parse_groups(result: &Value) -> Result<GroupsRead, String> {
             .filter(|n| *n > 0),
         // Some answers carry `properties` once, next to the groups.
         max_power_w: fd_pwr_max(result).filter(|m| *m > 0),
+        answered: true,
         ..GroupsRead::default()
     };
     for v in list {
