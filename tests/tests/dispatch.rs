@@ -840,34 +840,63 @@ async fn a_revert_that_failed_for_good_is_not_owed_again_though_its_memo_stays()
 #[tokio::test]
 async fn a_dispatcher_that_lost_its_claim_cannot_apply_what_another_took_over() {
     let srv = TestServer::start().await;
-    // A slow device: the first dispatcher's call is still on its way when
-    // its lease runs out.
-    srv.sim_device("b", &[("latency_ms", "1500")]).await;
+    srv.sim_device("b", &[]).await;
     let a = srv.book("b", action(Command::Charge, None, None)).await;
-    let stalled = switchyard::server::dispatcher(
-        &srv.app,
-        switchyard::dispatch::DispatchConfig {
-            lease_nanos: 20 * SEC,
-            ..Default::default()
-        },
-    );
-    let first = tokio::spawn(async move { stalled.run_due().await });
-    // Wait until its claim is taken (the action is in flight).
-    while srv.get("b", &a.action_id).await.state != St::Acknowledged as i32 {
-        tokio::task::yield_now().await;
-    }
-    // The device answers at once from now on; the lease runs out; another
-    // dispatcher takes the work over under a newer fencing token.
-    srv.set_settings("b", &[("latency_ms", "0")]).await;
-    srv.clock.advance(21 * SEC);
+    // A dispatcher claims the apply, then stalls past its lease before its
+    // driver call goes out.
+    let stalled = claim_due(&srv).await.remove(0);
+    assert_eq!(stalled.fence, 1);
+    srv.clock.advance(121 * SEC);
+    // Another dispatcher takes the work over (a newer fencing token) and
+    // applies it.
     switchyard::server::dispatcher(&srv.app, switchyard::dispatch::DispatchConfig::default())
         .run_due()
         .await
         .unwrap();
     assert_eq!(srv.get("b", &a.action_id).await.state, St::Completed as i32);
-    // The stalled call lands late with the old token: refused by the
-    // device, and recorded nowhere (its claim lapsed).
-    first.await.unwrap().unwrap();
+    // The stalled dispatcher's call lands late, with its old token: the
+    // device refuses it; its outcome is recorded nowhere.
+    let device = srv
+        .app
+        .store
+        .get_device(
+            &switchyard::domain::TenantId::default_tenant(),
+            &stalled.action.device_id,
+        )
+        .await
+        .unwrap();
+    let driver = srv
+        .app
+        .registry
+        .get("simulated")
+        .unwrap()
+        .build(&device.spec())
+        .unwrap();
+    let late = switchyard_drivers::ApplyRequest {
+        action_id: stalled.action.id.to_string(),
+        command: stalled.action.command,
+        params: stalled.action.params,
+        start: stalled.action.start.to_jiff(),
+        end: None,
+        clear_native_scheduler: false,
+        live: Vec::new(),
+        memo: None,
+        fence: stalled.fence,
+    };
+    let err = driver.apply(&late).await.unwrap_err();
+    assert_eq!(
+        err.kind,
+        switchyard_drivers::ErrorKind::StaleFence,
+        "{err:?}"
+    );
+    let failed = switchyard::store::Finish::Failed {
+        code: err.code().to_owned(),
+        message: err.message.clone(),
+        raw: None,
+        revert: false,
+        memo: None,
+    };
+    srv.app.store.finish(&stalled, failed).await.unwrap();
     let (applies, stale) = srv.sim.applies("b", &a.action_id);
     assert_eq!(
         (applies, stale),
@@ -875,6 +904,10 @@ async fn a_dispatcher_that_lost_its_claim_cannot_apply_what_another_took_over() 
         "applied once; the stale call refused"
     );
     let done = srv.get("b", &a.action_id).await;
-    assert_eq!(done.state, St::Completed as i32);
+    assert_eq!(
+        done.state,
+        St::Completed as i32,
+        "the late outcome changed nothing"
+    );
     assert!(done.error_code.is_empty(), "{done:?}");
 }
