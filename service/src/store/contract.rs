@@ -369,6 +369,35 @@ async fn claim(f: &Fixture) -> Vec<super::Job> {
         .expect("claim_due")
 }
 
+/// Records `job` as applied, with `memo`.
+async fn applied(f: &Fixture, job: &super::Job, memo: Option<&str>) {
+    f.store
+        .finish(
+            job,
+            Finish::Applied {
+                raw: "ok".into(),
+                verified: true,
+                memo: memo.map(str::to_owned),
+            },
+        )
+        .await
+        .expect("finish as applied");
+}
+
+/// Records `job` as reverted.
+async fn reverted(f: &Fixture, job: &super::Job) {
+    f.store
+        .finish(
+            job,
+            Finish::Reverted {
+                raw: "ok".into(),
+                verified: true,
+            },
+        )
+        .await
+        .expect("finish as reverted");
+}
+
 impl Fixture {
     fn clock_now(&self) -> Ts {
         use crate::domain::Clock as _;
@@ -432,17 +461,7 @@ pub async fn a_memo_is_on_record_until_the_revert(f: &Fixture) {
         .action;
     f.clock.set(T0.plus_nanos(H));
     let job = claim(f).await.remove(0);
-    f.store
-        .finish(
-            &job,
-            Finish::Applied {
-                raw: "ok".into(),
-                verified: true,
-                memo: Some("what was written".into()),
-            },
-        )
-        .await
-        .expect("finish");
+    applied(f, &job, Some("what was written")).await;
     let memos = f.store.memos(&tenant(), &device_id("d1")).await.unwrap();
     assert_eq!(memos.len(), 1);
     assert_eq!(
@@ -454,16 +473,7 @@ pub async fn a_memo_is_on_record_until_the_revert(f: &Fixture) {
     f.clock.set(T0.plus_nanos(2 * H));
     let job = claim(f).await.remove(0);
     assert_eq!(job.work, Work::Revert);
-    f.store
-        .finish(
-            &job,
-            Finish::Reverted {
-                raw: "ok".into(),
-                verified: true,
-            },
-        )
-        .await
-        .expect("finish");
+    reverted(f, &job).await;
     assert_eq!(get(f, "d1", &a).await.state, ActionState::Completed);
     assert!(
         f.store
@@ -492,17 +502,7 @@ pub async fn a_client_cancel_follows_the_lifecycle(f: &Fixture) {
         matches!(refused, Err(Error::NotCancellable { .. })),
         "{refused:?}"
     );
-    f.store
-        .finish(
-            &job,
-            Finish::Applied {
-                raw: "ok".into(),
-                verified: true,
-                memo: None,
-            },
-        )
-        .await
-        .unwrap();
+    applied(f, &job, None).await;
     let c = f
         .store
         .cancel_action(&tenant(), &device_id("d1"), &a.id, None, None)
@@ -656,17 +656,7 @@ pub async fn each_claim_takes_a_larger_fencing_token(f: &Fixture) {
         first.fence,
         again.fence
     );
-    f.store
-        .finish(
-            &again,
-            Finish::Applied {
-                raw: "ok".into(),
-                verified: true,
-                memo: None,
-            },
-        )
-        .await
-        .unwrap();
+    applied(f, &again, None).await;
     f.clock.set(T0.plus_nanos(2 * H));
     let revert = claim(f).await.remove(0);
     assert_eq!(revert.work, Work::Revert);
@@ -773,17 +763,7 @@ pub async fn memos_come_oldest_first(f: &Fixture) {
             .into_iter()
             .find(|j| j.action.id == id)
             .expect("its apply is due");
-        f.store
-            .finish(
-                &job,
-                Finish::Applied {
-                    raw: "ok".into(),
-                    verified: true,
-                    memo: Some(memo.into()),
-                },
-            )
-            .await
-            .unwrap();
+        applied(f, &job, Some(memo)).await;
     }
     let memos = f.store.memos(&tenant(), &device_id("d1")).await.unwrap();
     let ids: Vec<String> = memos.iter().map(|m| m.action_id.clone()).collect();
@@ -801,17 +781,7 @@ pub async fn what_holds_a_channel(f: &Fixture) {
         .action;
     f.clock.set(T0.plus_nanos(H));
     let job = claim(f).await.remove(0);
-    f.store
-        .finish(
-            &job,
-            Finish::Applied {
-                raw: "ok".into(),
-                verified: true,
-                memo: None,
-            },
-        )
-        .await
-        .unwrap();
+    applied(f, &job, None).await;
     f.store
         .cancel_action(&tenant(), &device_id("d1"), &a.id, None, None)
         .await
@@ -825,16 +795,7 @@ pub async fn what_holds_a_channel(f: &Fixture) {
         .expect("another channel");
     let job = claim(f).await.remove(0);
     assert_eq!(job.work, Work::Revert);
-    f.store
-        .finish(
-            &job,
-            Finish::Reverted {
-                raw: "ok".into(),
-                verified: true,
-            },
-        )
-        .await
-        .unwrap();
+    reverted(f, &job).await;
     push(f, "d1", window(2 * H, Some(4 * H)), Strategy::Reject)
         .await
         .expect("free once reverted");
