@@ -42,8 +42,8 @@ pub enum Cmd {
     Serve(ServeArgs),
     /// Apply database migrations and exit.
     Migrate {
-        /// Database URL: `sqlite://PATH` (created if missing) or
-        /// `sqlite::memory:`.
+        /// Database URL: `postgres://USER[:PASSWORD]@HOST:PORT/DATABASE`,
+        /// `sqlite://PATH` (created if missing) or `sqlite::memory:`.
         #[arg(
             long = "database",
             env = "SWITCHYARD_DATABASE_URL",
@@ -66,7 +66,9 @@ pub struct ServeArgs {
         value_parser = listen_syntax
     )]
     pub listen: String,
-    /// Database URL: `sqlite://PATH` (created if missing) or `sqlite::memory:`.
+    /// Database URL: `postgres://USER[:PASSWORD]@HOST:PORT/DATABASE` (an
+    /// existing database; several replicas may share it), `sqlite://PATH`
+    /// (created if missing) or `sqlite::memory:`.
     #[arg(
         long = "database",
         env = "SWITCHYARD_DATABASE_URL",
@@ -190,13 +192,26 @@ pub fn check_database_url(url: &str) -> Result<(), String> {
     if url == "sqlite::memory:" || url.starts_with("sqlite::memory:?") {
         return Ok(());
     }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        // Parsed as the driver will; the message never repeats a password.
+        return url
+            .parse::<sqlx::postgres::PgConnectOptions>()
+            .map(|_| ())
+            .map_err(|e| {
+                format!(
+                    "--database {}: not a PostgreSQL URL ({}); use postgres://USER[:PASSWORD]@HOST:PORT/DATABASE",
+                    crate::store::redact_url(url),
+                    crate::store::redact_url(&e.to_string())
+                )
+            });
+    }
     let Some(rest) = url
         .strip_prefix("sqlite://")
         .or_else(|| url.strip_prefix("sqlite:"))
     else {
         let scheme = url.split_once(':').map_or(url, |(s, _)| s);
         return Err(format!(
-            "--database: unsupported database {scheme:?}; this build supports SQLite: sqlite://PATH (created if missing) or sqlite::memory:"
+            "--database: unsupported database {scheme:?}; use postgres://USER@HOST:PORT/DATABASE (an existing database), sqlite://PATH (created if missing) or sqlite::memory:"
         ));
     };
     let path = rest.split('?').next().unwrap_or_default();
@@ -310,7 +325,13 @@ pub async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Se
         Registry::builtin_with(&policy),
         args.horizon_days,
     )
-    .await?;
+    .await
+    .map_err(|e| {
+        format!(
+            "--database {}: {e}",
+            crate::store::redact_url(&args.database)
+        )
+    })?;
     if !args.no_demo {
         let n = server::seed_demo(&app).await?;
         if n > 0 {
@@ -324,7 +345,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Se
     let addr = listener.local_addr()?;
     tracing::info!(
         %addr,
-        database = %args.database,
+        database = %crate::store::redact_url(&args.database),
         secrets_dir = ?policy.secrets_dir,
         oem_url_allow = ?policy.url_allow,
         "listening"
@@ -358,15 +379,18 @@ pub fn main() -> std::process::ExitCode {
             Cmd::Serve(args) => serve(args).await,
             Cmd::Migrate { database } => match check_database_url(&database) {
                 Err(e) => Err(e.into()),
-                Ok(()) => server::build_app(
-                    &database,
-                    Arc::new(SystemClock),
-                    Registry::builtin(),
-                    DEFAULT_HORIZON_DAYS,
-                )
-                .await
-                .map(|_| ())
-                .map_err(Into::into),
+                Ok(()) => crate::store::Store::migrate_only(&database, Arc::new(SystemClock))
+                    .await
+                    .map(|applied| {
+                        if applied.is_empty() {
+                            println!("switchyard: the database is up to date");
+                        } else {
+                            println!("switchyard: applied migrations {applied:?}");
+                        }
+                    })
+                    .map_err(|e| {
+                        format!("--database {}: {e}", crate::store::redact_url(&database)).into()
+                    }),
             },
         }
     });

@@ -62,7 +62,12 @@ pub async fn seed_demo(app: &App) -> Result<usize, Error> {
             observed: None,
             incarnation: String::new(),
         };
-        app.store.create_device(&tenant, device, None).await?;
+        // Replicas started together on one empty database all try: the
+        // first creates each device, the others find it there.
+        match app.store.create_device(&tenant, device, None).await {
+            Ok(_) | Err(Error::DeviceAlreadyExists { .. }) => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(demo.len())
 }
@@ -126,6 +131,42 @@ pub async fn serve(
     let v1 = v1.build_v1()?;
     let v1alpha = v1alpha.build_v1alpha()?;
 
+    // Health follows the database: NOT_SERVING while it does not answer
+    // (a load balancer then sends calls to a replica that can serve them),
+    // SERVING again as soon as it does.
+    let health_store = app.store.clone();
+    let health_reporter = reporter.clone();
+    let health_watch = tokio::spawn(async move {
+        let mut serving = true;
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let up = matches!(
+                tokio::time::timeout(Duration::from_secs(2), health_store.ping()).await,
+                Ok(Ok(()))
+            );
+            if up == serving {
+                continue;
+            }
+            serving = up;
+            let status = if up {
+                tracing::info!("the database answers again: SERVING");
+                tonic_health::ServingStatus::Serving
+            } else {
+                tracing::warn!("the database does not answer: NOT_SERVING");
+                tonic_health::ServingStatus::NotServing
+            };
+            for service in [
+                "",
+                <DeviceServiceServer<Devices> as tonic::server::NamedService>::NAME,
+                <ActionServiceServer<Actions> as tonic::server::NamedService>::NAME,
+            ] {
+                health_reporter.set_service_status(service, status).await;
+            }
+        }
+    });
+
     // Background upkeep: expired idempotency keys.
     let sweeper_store = app.store.clone();
     let sweeper = tokio::spawn(async move {
@@ -172,10 +213,13 @@ pub async fn serve(
     tokio::select! {
         r = &mut server => {
             sweeper.abort();
+            health_watch.abort();
             return Ok(r??);
         }
         () = shutdown => {}
     }
+    // Shutting down is NOT_SERVING for good.
+    health_watch.abort();
     tracing::info!(
         grace_seconds = grace.as_secs_f64(),
         "shutting down: draining calls"

@@ -66,6 +66,36 @@ impl TestDatabase {
     }
 }
 
+impl TestDatabase {
+    /// Hands the database to a guard that drops it when the guard is
+    /// dropped (for fixtures that cannot await their teardown).
+    pub fn drop_on_drop(self) -> DropOnDrop {
+        DropOnDrop(Some(self))
+    }
+}
+
+/// Drops its test database when dropped, on a thread of its own (a drop
+/// cannot await).
+#[derive(Debug)]
+pub struct DropOnDrop(Option<TestDatabase>);
+
+impl Drop for DropOnDrop {
+    fn drop(&mut self) {
+        let Some(db) = self.0.take() else { return };
+        let dropped = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime to drop the test database")
+                .block_on(db.drop_database());
+        })
+        .join();
+        if dropped.is_err() && !std::thread::panicking() {
+            panic!("the test database could not be dropped");
+        }
+    }
+}
+
 /// Whether the database at `url` answers a query.
 async fn answers(url: &str) -> bool {
     match tokio::time::timeout(

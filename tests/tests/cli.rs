@@ -216,8 +216,14 @@ fn a_wrong_operator_configuration_stops_the_server_at_start_with_its_reason() {
             "--oem-url-allow",
         ),
         (
-            &["--database", "postgres://localhost/x"],
+            &["--database", "mysql://localhost/x"],
             "unsupported database",
+        ),
+        // Nothing listens on port 1: the database is named, its password
+        // is not.
+        (
+            &["--database", "postgres://sy:hunter2@127.0.0.1:1/x"],
+            "--database postgres://sy:<redacted>@127.0.0.1:1/x",
         ),
         (
             &["--database", "sqlite:///no/such/dir/switchyard.db"],
@@ -239,5 +245,9 @@ fn a_wrong_operator_configuration_stops_the_server_at_start_with_its_reason() {
             "{args:?} should say {said:?}: {stderr}"
         );
         assert!(!stderr.contains("listening"), "{args:?} started: {stderr}");
+        assert!(
+            !stderr.contains("hunter2"),
+            "{args:?} echoed a password: {stderr}"
+        );
     }
 }

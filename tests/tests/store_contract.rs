@@ -1,5 +1,6 @@
 //! The storage contract suite (`switchyard::store::contract`) against
-//! SQLite: each rule on a fresh database file of its own.
+//! SQLite (each rule on a fresh database file of its own) and PostgreSQL
+//! (each rule on a fresh database of its own).
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
@@ -29,4 +30,20 @@ async fn sqlite() -> Fixture {
     }
 }
 
+/// An empty store on a fresh PostgreSQL database, and a replica on it;
+/// `None` (said loudly, a failure under CI=true) without PostgreSQL.
+async fn postgres() -> Option<Fixture> {
+    let db = switchyard_tests::postgres::database().await?;
+    let clock = ManualClock::new(T0);
+    let store = Store::open(&db.url, Arc::new(clock.clone())).await.unwrap();
+    let replica = Store::open(&db.url, Arc::new(clock.clone())).await.unwrap();
+    Some(Fixture {
+        store,
+        replica,
+        clock,
+        keep: Box::new(db.drop_on_drop()),
+    })
+}
+
 switchyard::storage_contract_suite!(on_sqlite, sqlite().await);
+switchyard::storage_contract_suite!(on_postgres, postgres().await);

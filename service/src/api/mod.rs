@@ -98,7 +98,7 @@ impl App {
     ) -> Result<Ran<T, Resp>, Error>
     where
         Resp: Message + Default,
-        Conv: Fn(&T) -> Resp + Send + 'static,
+        Conv: Fn(&T) -> Resp + Send + Sync + 'static,
         Run: FnOnce(Option<IdemCommit<T>>) -> Fut,
         Fut: Future<Output = Result<T, Error>>,
     {

@@ -72,7 +72,9 @@ pub fn classify(e: &Error) -> (Code, R) {
         Error::EtagMismatch { .. } => (Code::Aborted, R::EtagMismatch),
         Error::RequestIdReused { .. } => (Code::FailedPrecondition, R::RequestIdReused),
         Error::RequestInProgress { .. } => (Code::Aborted, R::RequestInProgress),
-        Error::StorageUnavailable(_) => (Code::Unavailable, R::StorageUnavailable),
+        Error::StorageUnavailable(_) | Error::StorageContention(_) => {
+            (Code::Unavailable, R::StorageUnavailable)
+        }
         Error::Internal(_) => (Code::Internal, R::Internal),
     }
 }
@@ -214,7 +216,7 @@ pub fn to_status(e: Error) -> Status {
             d.retry(retry_after_nanos);
             d.meta("request_id", request_id);
         }
-        Error::StorageUnavailable(msg) => {
+        Error::StorageUnavailable(msg) | Error::StorageContention(msg) => {
             tracing::warn!(error = %msg, "storage unavailable");
             // The database's own words stay in the server log.
             message = "storage is unavailable; retry later".to_owned();

@@ -202,6 +202,12 @@ pub enum Error {
     /// Database unreachable or overloaded.
     #[error("storage unavailable: {0}")]
     StorageUnavailable(String),
+    /// A write lost a race with another writer on the same database (a
+    /// serialization failure, a deadlock, the no-overlap constraint). The
+    /// store runs such a write again; one that keeps losing reaches the
+    /// caller as STORAGE_UNAVAILABLE.
+    #[error("storage contended: {0}")]
+    StorageContention(String),
     /// A bug or corrupt data.
     #[error("internal error: {0}")]
     Internal(String),

@@ -1,7 +1,13 @@
 //! Actions: a push decided and booked in one transaction, reads, pages,
 //! a client's cancel, and the audit trail.
 
-use super::{IdemCommit, Store, check_etag, db_err, not_found, rows};
+use sea_orm::{
+    ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+};
+
+use super::{
+    IdemCommit, Store, check_etag, db_err, entity::action, entity::audit, not_found, rows,
+};
 use crate::domain::{
     Action, ActionId, ActionState, Device, DeviceId, Error, Strategy, TenantId, Transition, Ts,
     conflict::{self, Holder},
@@ -43,14 +49,45 @@ impl Store {
         &self,
         tenant: &TenantId,
         device_id: &DeviceId,
-        prepare: impl FnOnce(&Device, Ts) -> Result<ValidPush, Error>,
+        prepare: impl Fn(&Device, Ts) -> Result<ValidPush, Error>,
         strategy: Strategy,
         validate_only: bool,
         idem: Option<IdemCommit<PushOutcome>>,
     ) -> Result<PushOutcome, Error> {
-        let mut tx = self.begin().await?;
+        self.retrying(|| async {
+            let tx = self.begin().await?;
+            let outcome = self
+                .push_in(
+                    &tx,
+                    tenant,
+                    device_id,
+                    &prepare,
+                    strategy,
+                    validate_only,
+                    idem.as_ref(),
+                )
+                .await?;
+            if !validate_only {
+                tx.commit().await.map_err(db_err)?;
+            }
+            Ok(outcome)
+        })
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn push_in(
+        &self,
+        tx: &DatabaseTransaction,
+        tenant: &TenantId,
+        device_id: &DeviceId,
+        prepare: &impl Fn(&Device, Ts) -> Result<ValidPush, Error>,
+        strategy: Strategy,
+        validate_only: bool,
+        idem: Option<&IdemCommit<PushOutcome>>,
+    ) -> Result<PushOutcome, Error> {
         let now = self.clock.now();
-        let device = rows::fetch_device(&mut *tx, tenant, device_id)
+        let device = rows::fetch_device(tx, tenant, device_id, true)
             .await?
             .ok_or_else(|| Error::DeviceNotFound {
                 device_id: device_id.to_string(),
@@ -60,7 +97,7 @@ impl Store {
         // starts. Later ones are needed too, even without a strategy: the
         // error must say whether QUEUE_AFTER would resolve the collision.
         let holding = rows::holding_actions(
-            &mut tx,
+            tx,
             tenant,
             device_id,
             rows::HoldingFilter {
@@ -131,17 +168,17 @@ impl Store {
             return Ok(outcome);
         }
 
-        let request_id = idem.as_ref().map(|i| i.request_id.clone());
+        let request_id = idem.map(|i| i.request_id.clone());
         for c in &replaced {
-            rows::update_action_state(&mut tx, tenant, &c.action).await?;
+            rows::update_action_state(tx, tenant, &c.action).await?;
             let (work, due) = c.work.map_or((None, None), |(w, at)| (Some(w), Some(at)));
-            rows::set_work(&mut tx, tenant, &c.action.id, work, due, 0).await?;
+            rows::set_work(tx, tenant, &c.action.id, work, due, 0).await?;
             if let Some(t) = &c.transition {
-                rows::audit(&mut tx, tenant, t, request_id.as_deref(), now).await?;
+                rows::audit(tx, tenant, t, request_id.as_deref(), now).await?;
             }
         }
         rows::insert_action(
-            &mut tx,
+            tx,
             tenant,
             &outcome.action,
             strategy == Strategy::CancelAndReplace,
@@ -153,7 +190,7 @@ impl Store {
             !outcome.queued_after.is_empty(),
         );
         rows::audit(
-            &mut tx,
+            tx,
             tenant,
             &Transition {
                 action_id: outcome.action.id,
@@ -166,8 +203,7 @@ impl Store {
             now,
         )
         .await?;
-        Self::idem_complete(&mut tx, tenant, idem, &outcome).await?;
-        tx.commit().await.map_err(db_err)?;
+        Self::idem_complete(tx, tenant, idem, &outcome).await?;
         Ok(outcome)
     }
 
@@ -178,7 +214,7 @@ impl Store {
         device_id: &DeviceId,
         action_id: &ActionId,
     ) -> Result<Action, Error> {
-        rows::fetch_action(&self.read, tenant, device_id, action_id)
+        rows::fetch_action(&self.read, tenant, device_id, action_id, false)
             .await?
             .ok_or_else(|| not_found(device_id, action_id))
     }
@@ -189,36 +225,25 @@ impl Store {
         tenant: &TenantId,
         q: ActionQuery<'_>,
     ) -> Result<Vec<Action>, Error> {
-        let states: String = if q.states.is_empty() {
-            String::new()
-        } else {
-            let mut s = String::from(",");
-            for st in q.states {
-                s.push_str(st.as_str());
-                s.push(',');
-            }
-            s
-        };
-        let before = q
-            .before
-            .map(|b| b.to_string())
-            .unwrap_or_else(|| "~".to_owned());
-        let rs = sqlx::query(
-            "SELECT * FROM actions WHERE tenant_id = ?1
-               AND (?2 = '' OR device_id = ?2)
-               AND (?3 = '' OR instr(?3, ',' || state || ',') > 0)
-               AND action_id < ?4
-             ORDER BY action_id DESC LIMIT ?5",
-        )
-        .bind(tenant.as_str())
-        .bind(q.device.map(DeviceId::as_str).unwrap_or(""))
-        .bind(states)
-        .bind(before)
-        .bind(i64::from(q.limit))
-        .fetch_all(&self.read)
-        .await
-        .map_err(db_err)?;
-        rs.iter().map(rows::action_from_row).collect()
+        let mut select = rows::actions_of(tenant);
+        if let Some(d) = q.device {
+            select = select.filter(action::Column::DeviceId.eq(d.as_str()));
+        }
+        if !q.states.is_empty() {
+            select =
+                select.filter(action::Column::State.is_in(q.states.iter().map(|s| s.as_str())));
+        }
+        if let Some(b) = q.before {
+            select = select.filter(action::Column::ActionId.lt(b.to_string()));
+        }
+        let select = select
+            .order_by_desc(action::Column::ActionId)
+            .limit(u64::from(q.limit));
+        rows::all(&self.read, select)
+            .await?
+            .iter()
+            .map(rows::action_from_model)
+            .collect()
     }
 
     /// Cancels a SCHEDULED action, or stops an ACTIVE one early (its revert
@@ -231,9 +256,31 @@ impl Store {
         etag: Option<&str>,
         idem: Option<IdemCommit<Action>>,
     ) -> Result<Action, Error> {
-        let mut tx = self.begin().await?;
+        self.retrying(|| async {
+            let tx = self.begin().await?;
+            let action = self
+                .cancel_in(&tx, tenant, device_id, action_id, etag, idem.as_ref())
+                .await?;
+            tx.commit().await.map_err(db_err)?;
+            Ok(action)
+        })
+        .await
+    }
+
+    async fn cancel_in(
+        &self,
+        tx: &DatabaseTransaction,
+        tenant: &TenantId,
+        device_id: &DeviceId,
+        action_id: &ActionId,
+        etag: Option<&str>,
+        idem: Option<&IdemCommit<Action>>,
+    ) -> Result<Action, Error> {
         let now = self.clock.now();
-        let mut action = rows::fetch_action(&mut *tx, tenant, device_id, action_id)
+        // The device's row first: every writer of a device's actions
+        // takes it before theirs.
+        rows::fetch_device(tx, tenant, device_id, true).await?;
+        let mut action = rows::fetch_action(tx, tenant, device_id, action_id, true)
             .await?
             .ok_or_else(|| not_found(device_id, action_id))?;
         // An already-cancelled action is answered as such even when the
@@ -247,23 +294,15 @@ impl Store {
         // now, and holds its channel until that is done.
         let change = lifecycle::cancel_by_client(&action, now)?;
         action = change.action;
-        rows::update_action_state(&mut tx, tenant, &action).await?;
+        rows::update_action_state(tx, tenant, &action).await?;
         let (work, due) = change
             .work
             .map_or((None, None), |(w, at)| (Some(w), Some(at)));
-        rows::set_work(&mut tx, tenant, &action.id, work, due, 0).await?;
+        rows::set_work(tx, tenant, &action.id, work, due, 0).await?;
         if let Some(t) = &change.transition {
-            rows::audit(
-                &mut tx,
-                tenant,
-                t,
-                idem.as_ref().map(|i| i.request_id.as_str()),
-                now,
-            )
-            .await?;
+            rows::audit(tx, tenant, t, idem.map(|i| i.request_id.as_str()), now).await?;
         }
-        Self::idem_complete(&mut tx, tenant, idem, &action).await?;
-        tx.commit().await.map_err(db_err)?;
+        Self::idem_complete(tx, tenant, idem, &action).await?;
         Ok(action)
     }
 
@@ -273,22 +312,14 @@ impl Store {
         tenant: &TenantId,
         action_id: &ActionId,
     ) -> Result<Vec<(Option<String>, String, String)>, Error> {
-        let rs = sqlx::query(
-            "SELECT from_state, to_state, reason FROM audit_log WHERE tenant_id = ? AND action_id = ? ORDER BY seq",
-        )
-        .bind(tenant.as_str())
-        .bind(action_id.to_string())
-        .fetch_all(&self.read)
-        .await
-        .map_err(db_err)?;
-        rs.iter()
-            .map(|r| {
-                Ok((
-                    rows::col(r, "from_state")?,
-                    rows::col(r, "to_state")?,
-                    rows::col(r, "reason")?,
-                ))
-            })
-            .collect()
+        let select = audit::Entity::find()
+            .filter(audit::Column::TenantId.eq(tenant.as_str()))
+            .filter(audit::Column::ActionId.eq(action_id.to_string()))
+            .order_by_asc(audit::Column::Seq);
+        Ok(rows::all(&self.read, select)
+            .await?
+            .into_iter()
+            .map(|r| (r.from_state, r.to_state, r.reason))
+            .collect())
     }
 }

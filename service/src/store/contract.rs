@@ -36,6 +36,26 @@ pub struct Fixture {
     pub keep: Box<dyn Any + Send + Sync>,
 }
 
+/// What a backend's fixture expression may give: a [`Fixture`], or
+/// `Option<Fixture>` when the backend may be out of reach (the rule then
+/// passes without running; the backend's harness must say so loudly).
+pub trait IntoFixture {
+    /// The fixture, if there is one.
+    fn into_fixture(self) -> Option<Fixture>;
+}
+
+impl IntoFixture for Fixture {
+    fn into_fixture(self) -> Option<Fixture> {
+        Some(self)
+    }
+}
+
+impl IntoFixture for Option<Fixture> {
+    fn into_fixture(self) -> Option<Fixture> {
+        self
+    }
+}
+
 /// The fixtures' start time: 2030-01-01T00:00:00Z.
 pub const T0: Ts = Ts(1_893_456_000 * Ts::SECOND);
 const H: i64 = 3600 * Ts::SECOND;
@@ -93,7 +113,7 @@ async fn push(
         .push(
             &tenant(),
             &device_id(id),
-            |_, _| Ok(p),
+            |_, _| Ok(p.clone()),
             strategy,
             false,
             None,
@@ -956,7 +976,8 @@ pub async fn concurrent_requests_with_one_id_run_once(f: &Fixture) {
 
 /// Registers one `#[tokio::test]` per contract rule in a module named
 /// `$backend`, each on a fresh fixture: `$fixture` is an expression
-/// evaluated inside each (async) test, so it may end in `.await`.
+/// evaluated inside each (async) test, so it may end in `.await`; it gives a
+/// [`Fixture`] or an `Option<Fixture>` ([`IntoFixture`]).
 #[macro_export]
 macro_rules! storage_contract_suite {
     ($backend:ident, $fixture:expr) => {
@@ -995,7 +1016,12 @@ macro_rules! storage_contract_suite {
         $(
             #[tokio::test]
             async fn $rule() {
-                let fixture = $fixture;
+                // `None`: the backend is not reachable here (its harness
+                // has said so loudly, and fails the run under CI=true).
+                let Some(fixture) = $crate::store::contract::IntoFixture::into_fixture($fixture)
+                else {
+                    return;
+                };
                 $crate::store::contract::$rule(&fixture).await;
             }
         )*

@@ -1,7 +1,17 @@
 //! Devices: create, read, list, update (with the retarget check) and
 //! delete.
 
-use super::{IdemCommit, Store, check_etag, db_err, rows};
+use sea_orm::{
+    ColumnTrait, DatabaseTransaction, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect,
+    sea_query::{Expr, ExprTrait},
+};
+
+use super::{
+    IdemCommit, Store, check_etag, db_err,
+    entity::{action, device},
+    rows,
+};
 use crate::domain::{ActionId, Device, DeviceId, Error, TenantId, lifecycle};
 
 /// Whether a device change points its driver at another physical device
@@ -20,58 +30,57 @@ impl Store {
     pub async fn create_device(
         &self,
         tenant: &TenantId,
-        mut device: Device,
+        device: Device,
         idem: Option<IdemCommit<Device>>,
     ) -> Result<Device, Error> {
-        let mut tx = self.begin().await?;
-        let now = self.clock.now();
-        device.revision = 1;
-        device.created = now;
-        device.updated = now;
-        device.incarnation = uuid::Uuid::now_v7().simple().to_string();
-        let exists: Option<i64> =
-            sqlx::query_scalar("SELECT 1 FROM devices WHERE tenant_id = ? AND device_id = ?")
-                .bind(tenant.as_str())
-                .bind(device.id.as_str())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db_err)?;
-        if exists.is_some() {
-            return Err(Error::DeviceAlreadyExists {
-                device_id: device.id.to_string(),
-            });
-        }
-        rows::insert_device(&mut tx, tenant, &device).await?;
-        rows::audit_device(
-            &mut tx,
-            tenant,
-            &device.id,
-            "CREATED",
-            idem.as_ref().map(|i| i.request_id.as_str()),
-            now,
-        )
-        .await?;
-        Self::idem_complete(&mut tx, tenant, idem, &device).await?;
-        tx.commit().await.map_err(db_err)?;
-        Ok(device)
+        self.retrying(|| async {
+            let tx = self.begin().await?;
+            let now = self.clock.now();
+            let mut device = device.clone();
+            device.revision = 1;
+            device.created = now;
+            device.updated = now;
+            device.incarnation = uuid::Uuid::now_v7().simple().to_string();
+            if rows::fetch_device(&tx, tenant, &device.id, true)
+                .await?
+                .is_some()
+            {
+                return Err(Error::DeviceAlreadyExists {
+                    device_id: device.id.to_string(),
+                });
+            }
+            rows::insert_device(&tx, tenant, &device).await?;
+            rows::audit_device(
+                &tx,
+                tenant,
+                &device.id,
+                "CREATED",
+                idem.as_ref().map(|i| i.request_id.as_str()),
+                now,
+            )
+            .await?;
+            Self::idem_complete(&tx, tenant, idem.as_ref(), &device).await?;
+            tx.commit().await.map_err(db_err)?;
+            Ok(device)
+        })
+        .await
     }
 
     /// Whether a device exists (read outside any transaction: a hint to
     /// spare work, the write decides).
     pub async fn device_exists(&self, tenant: &TenantId, id: &DeviceId) -> Result<bool, Error> {
-        let found: Option<i64> =
-            sqlx::query_scalar("SELECT 1 FROM devices WHERE tenant_id = ? AND device_id = ?")
-                .bind(tenant.as_str())
-                .bind(id.as_str())
-                .fetch_optional(&self.read)
-                .await
-                .map_err(db_err)?;
-        Ok(found.is_some())
+        let found = device::Entity::find()
+            .filter(device::Column::TenantId.eq(tenant.as_str()))
+            .filter(device::Column::DeviceId.eq(id.as_str()))
+            .count(&self.read)
+            .await
+            .map_err(db_err)?;
+        Ok(found > 0)
     }
 
     /// One device.
     pub async fn get_device(&self, tenant: &TenantId, id: &DeviceId) -> Result<Device, Error> {
-        rows::fetch_device(&self.read, tenant, id)
+        rows::fetch_device(&self.read, tenant, id, false)
             .await?
             .ok_or_else(|| Error::DeviceNotFound {
                 device_id: id.to_string(),
@@ -85,25 +94,26 @@ impl Store {
         after: Option<&str>,
         limit: u32,
     ) -> Result<Vec<Device>, Error> {
-        let rs = sqlx::query(
-            "SELECT * FROM devices WHERE tenant_id = ? AND device_id > ? ORDER BY device_id LIMIT ?",
-        )
-        .bind(tenant.as_str())
-        .bind(after.unwrap_or(""))
-        .bind(i64::from(limit))
-        .fetch_all(&self.read)
-        .await
-        .map_err(db_err)?;
-        rs.iter().map(rows::device_from_row).collect()
+        let select = device::Entity::find()
+            .filter(device::Column::TenantId.eq(tenant.as_str()))
+            .filter(device::Column::DeviceId.gt(after.unwrap_or("")))
+            .order_by_asc(device::Column::DeviceId)
+            .limit(u64::from(limit));
+        rows::all(&self.read, select)
+            .await?
+            .into_iter()
+            .map(rows::device_from_model)
+            .collect()
     }
 
     /// Number of devices of the tenant.
     pub async fn count_devices(&self, tenant: &TenantId) -> Result<i64, Error> {
-        sqlx::query_scalar("SELECT COUNT(*) FROM devices WHERE tenant_id = ?")
-            .bind(tenant.as_str())
-            .fetch_one(&self.read)
+        let n = device::Entity::find()
+            .filter(device::Column::TenantId.eq(tenant.as_str()))
+            .count(&self.read)
             .await
-            .map_err(db_err)
+            .map_err(db_err)?;
+        i64::try_from(n).map_err(|_| Error::Internal("device count out of range".into()))
     }
 
     /// Changes a device with `apply`, if `etag` (when given) matches; a
@@ -119,13 +129,42 @@ impl Store {
         tenant: &TenantId,
         id: &DeviceId,
         etag: Option<&str>,
-        apply: impl FnOnce(&mut Device) -> Result<Retarget, Error>,
+        apply: impl Fn(&mut Device) -> Result<Retarget, Error>,
         observed: Option<(Device, crate::domain::Observed)>,
         idem: Option<IdemCommit<Device>>,
     ) -> Result<Device, Error> {
-        let mut tx = self.begin().await?;
+        self.retrying(|| async {
+            let tx = self.begin().await?;
+            let device = self
+                .update_in(
+                    &tx,
+                    tenant,
+                    id,
+                    etag,
+                    &apply,
+                    observed.as_ref(),
+                    idem.as_ref(),
+                )
+                .await?;
+            tx.commit().await.map_err(db_err)?;
+            Ok(device)
+        })
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn update_in(
+        &self,
+        tx: &DatabaseTransaction,
+        tenant: &TenantId,
+        id: &DeviceId,
+        etag: Option<&str>,
+        apply: &impl Fn(&mut Device) -> Result<Retarget, Error>,
+        observed: Option<&(Device, crate::domain::Observed)>,
+        idem: Option<&IdemCommit<Device>>,
+    ) -> Result<Device, Error> {
         let now = self.clock.now();
-        let mut device = rows::fetch_device(&mut *tx, tenant, id)
+        let mut device = rows::fetch_device(tx, tenant, id, true)
             .await?
             .ok_or_else(|| Error::DeviceNotFound {
                 device_id: id.to_string(),
@@ -138,21 +177,25 @@ impl Store {
             // flight (a dispatch lease), an ACTIVE action (one applied
             // before memos existed has none), or a revert owed. An apply
             // waiting to be retried that never wrote does not count.
-            let held: Vec<(String,)> = sqlx::query_as(
-                "SELECT action_id FROM actions
-                 WHERE tenant_id = ? AND device_id = ?
-                   AND (driver_memo IS NOT NULL OR state = 'ACTIVE'
-                        OR work = 'REVERT' OR lease_owner IS NOT NULL)
-                 ORDER BY start_ns, action_id",
+            let held = rows::all(
+                tx,
+                rows::actions_of(tenant)
+                    .filter(action::Column::DeviceId.eq(id.as_str()))
+                    .filter(
+                        action::Column::DriverMemo
+                            .is_not_null()
+                            .or(action::Column::State
+                                .eq(crate::domain::ActionState::Active.as_str()))
+                            .or(action::Column::Work.eq(crate::domain::Work::Revert.as_str()))
+                            .or(action::Column::LeaseOwner.is_not_null()),
+                    )
+                    .order_by_asc(action::Column::StartNs)
+                    .order_by_asc(action::Column::ActionId),
             )
-            .bind(tenant.as_str())
-            .bind(id.as_str())
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db_err)?;
+            .await?;
             let ids: Vec<ActionId> = held
                 .iter()
-                .filter_map(|(a,)| ActionId::parse(a).ok())
+                .filter_map(|a| ActionId::parse(&a.action_id).ok())
                 .collect();
             if !ids.is_empty() {
                 return Err(Error::WritesInForce {
@@ -165,36 +208,49 @@ impl Store {
         device.updated = now;
         device.observed = observed
             .filter(|(seen, _)| seen.same_config(&device))
-            .map(|(_, o)| o);
-        sqlx::query(
-            "UPDATE devices SET display_name = ?, oem_device_id = ?, timezone = ?, settings = ?, revision = ?, update_ns = ?,
-               observed = ?, observed_ns = ?
-             WHERE tenant_id = ? AND device_id = ?",
-        )
-        .bind(&device.display_name)
-        .bind(&device.oem_device_id)
-        .bind(&device.timezone)
-        .bind(rows::settings_json(&device.settings))
-        .bind(device.revision)
-        .bind(now.0)
-        .bind(device.observed.as_ref().map(rows::observed_json))
-        .bind(device.observed.as_ref().map(|o| o.at.0))
-        .bind(tenant.as_str())
-        .bind(id.as_str())
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
+            .map(|(_, o)| o.clone());
+        device::Entity::update_many()
+            .col_expr(
+                device::Column::DisplayName,
+                Expr::value(device.display_name.clone()),
+            )
+            .col_expr(
+                device::Column::OemDeviceId,
+                Expr::value(device.oem_device_id.clone()),
+            )
+            .col_expr(
+                device::Column::Timezone,
+                Expr::value(device.timezone.clone()),
+            )
+            .col_expr(
+                device::Column::Settings,
+                Expr::value(rows::settings_json(&device.settings)),
+            )
+            .col_expr(device::Column::Revision, Expr::value(device.revision))
+            .col_expr(device::Column::UpdateNs, Expr::value(now.0))
+            .col_expr(
+                device::Column::Observed,
+                Expr::value(device.observed.as_ref().map(rows::observed_json)),
+            )
+            .col_expr(
+                device::Column::ObservedNs,
+                Expr::value(device.observed.as_ref().map(|o| o.at.0)),
+            )
+            .filter(device::Column::TenantId.eq(tenant.as_str()))
+            .filter(device::Column::DeviceId.eq(id.as_str()))
+            .exec(tx)
+            .await
+            .map_err(db_err)?;
         rows::audit_device(
-            &mut tx,
+            tx,
             tenant,
             id,
             "UPDATED",
-            idem.as_ref().map(|i| i.request_id.as_str()),
+            idem.map(|i| i.request_id.as_str()),
             now,
         )
         .await?;
-        Self::idem_complete(&mut tx, tenant, idem, &device).await?;
-        tx.commit().await.map_err(db_err)?;
+        Self::idem_complete(tx, tenant, idem, &device).await?;
         Ok(device)
     }
 
@@ -209,16 +265,33 @@ impl Store {
         force: bool,
         idem: Option<IdemCommit<()>>,
     ) -> Result<(), Error> {
-        let mut tx = self.begin().await?;
+        self.retrying(|| async {
+            let tx = self.begin().await?;
+            self.delete_in(&tx, tenant, id, etag, force, idem.as_ref())
+                .await?;
+            tx.commit().await.map_err(db_err)
+        })
+        .await
+    }
+
+    async fn delete_in(
+        &self,
+        tx: &DatabaseTransaction,
+        tenant: &TenantId,
+        id: &DeviceId,
+        etag: Option<&str>,
+        force: bool,
+        idem: Option<&IdemCommit<()>>,
+    ) -> Result<(), Error> {
         let now = self.clock.now();
-        let device = rows::fetch_device(&mut *tx, tenant, id)
+        let device = rows::fetch_device(tx, tenant, id, true)
             .await?
             .ok_or_else(|| Error::DeviceNotFound {
                 device_id: id.to_string(),
             })?;
         check_etag(etag, &device.etag(), || format!("devices/{id}"))?;
         let holding = rows::holding_actions(
-            &mut tx,
+            tx,
             tenant,
             id,
             rows::HoldingFilter {
@@ -230,21 +303,20 @@ impl Store {
         // The actions go with the device (their rows are deleted below);
         // their cancellations stay in the audit trail.
         let cancelled = lifecycle::delete_device(id, &holding, force, now)?;
-        let request_id = idem.as_ref().map(|i| i.request_id.clone());
+        let request_id = idem.map(|i| i.request_id.clone());
         for c in &cancelled {
             if let Some(t) = &c.transition {
-                rows::audit(&mut tx, tenant, t, request_id.as_deref(), now).await?;
+                rows::audit(tx, tenant, t, request_id.as_deref(), now).await?;
             }
         }
-        sqlx::query("DELETE FROM devices WHERE tenant_id = ? AND device_id = ?")
-            .bind(tenant.as_str())
-            .bind(id.as_str())
-            .execute(&mut *tx)
+        device::Entity::delete_many()
+            .filter(device::Column::TenantId.eq(tenant.as_str()))
+            .filter(device::Column::DeviceId.eq(id.as_str()))
+            .exec(tx)
             .await
             .map_err(db_err)?;
-        rows::audit_device(&mut tx, tenant, id, "DELETED", request_id.as_deref(), now).await?;
-        Self::idem_complete(&mut tx, tenant, idem, &()).await?;
-        tx.commit().await.map_err(db_err)?;
+        rows::audit_device(tx, tenant, id, "DELETED", request_id.as_deref(), now).await?;
+        Self::idem_complete(tx, tenant, idem, &()).await?;
         Ok(())
     }
 }

@@ -12,12 +12,29 @@
 //!   dispatcher that stalled past its lease, while another claimed the
 //!   work again, records nothing (the new claim's outcome stands).
 
-use super::{Store, db_err, rows};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, QueryTrait, TransactionTrait,
+    sea_query::{Expr, ExprTrait, Func, LockBehavior, LockType, Query},
+};
+
+use super::{
+    Store, db_err,
+    entity::{action, audit, device},
+    rows,
+};
 use crate::domain::{
     Action, ActionState, Device, DeviceId, Error, Observed, TenantId, Ts, Work, lifecycle,
 };
 
 pub use crate::domain::lifecycle::Finish;
+
+/// Actions that owe work, as a literal condition: the partial index
+/// `actions_owed` (migration 3) is chosen only when the query states its
+/// predicate, which a bound parameter would hide from the planner.
+fn owed() -> Expr {
+    Expr::cust("work <> 'NONE'")
+}
 
 /// Work a dispatcher has claimed.
 #[derive(Clone, Debug)]
@@ -60,78 +77,32 @@ impl Store {
         lease_nanos: i64,
     ) -> Result<Vec<Job>, Error> {
         let owner = uuid::Uuid::now_v7().to_string();
-        let mut tx = self.begin().await?;
-        sqlx::query(
-            "UPDATE actions SET lease_until_ns = ?1, lease_owner = ?2, fence = fence + 1
-             WHERE action_id IN (
-               SELECT action_id FROM actions
-               WHERE work != 'NONE' AND due_ns <= ?3 AND (lease_until_ns IS NULL OR lease_until_ns <= ?3)
-               ORDER BY due_ns LIMIT ?4)",
-        )
-        .bind(now.0 + lease_nanos)
-        .bind(&owner)
-        .bind(now.0)
-        .bind(i64::from(limit))
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        // The claim sends SCHEDULED applies on their way (the lifecycle's
-        // DISPATCHED step), in bulk: states and reason from the domain.
-        let (from, to) = (
-            ActionState::Scheduled.as_str(),
-            ActionState::Acknowledged.as_str(),
-        );
-        sqlx::query(
-            "INSERT INTO audit_log (tenant_id, device_id, action_id, from_state, to_state, reason, request_id, at_ns)
-             SELECT tenant_id, device_id, action_id, ?3, ?4, ?5, NULL, ?1
-             FROM actions WHERE lease_owner = ?2 AND state = ?3 AND work = ?6",
-        )
-        .bind(now.0)
-        .bind(&owner)
-        .bind(from)
-        .bind(to)
-        .bind(lifecycle::DISPATCHED)
-        .bind(Work::Apply.as_str())
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        sqlx::query(
-            "UPDATE actions SET state = ?4, revision = revision + 1, update_ns = ?1
-             WHERE lease_owner = ?2 AND state = ?3 AND work = ?5",
-        )
-        .bind(now.0)
-        .bind(&owner)
-        .bind(from)
-        .bind(to)
-        .bind(Work::Apply.as_str())
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
-        let rs = sqlx::query("SELECT * FROM actions WHERE lease_owner = ? ORDER BY due_ns")
-            .bind(&owner)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db_err)?;
-        tx.commit().await.map_err(db_err)?;
-        let job = |r: &sqlx::sqlite::SqliteRow| -> Result<Job, Error> {
-            let work: String = rows::col(r, "work")?;
+        let rows = self
+            .retrying(|| async {
+                let tx = self.begin().await?;
+                let rows = claim_in(&tx, now, limit, lease_nanos, &owner).await?;
+                tx.commit().await.map_err(db_err)?;
+                Ok(rows)
+            })
+            .await?;
+        let job = |m: action::Model| -> Result<Job, Error> {
             Ok(Job {
-                tenant: TenantId::from_stored(rows::col(r, "tenant_id")?),
-                action: rows::action_from_row(r)?,
-                work: work_of(&work).ok_or_else(|| Error::Internal("claimed no work".into()))?,
-                attempts: rows::col(r, "attempts")?,
-                clear_native: rows::col::<i64>(r, "clear_native")? != 0,
+                tenant: TenantId::from_stored(m.tenant_id.clone()),
+                action: rows::action_from_model(&m)?,
+                work: work_of(&m.work).ok_or_else(|| Error::Internal("claimed no work".into()))?,
+                attempts: m.attempts,
+                clear_native: m.clear_native,
                 claim: owner.clone(),
-                fence: u64::try_from(rows::col::<i64>(r, "fence")?)
+                fence: u64::try_from(m.fence)
                     .map_err(|_| Error::Internal("a negative fencing token is stored".into()))?,
             })
         };
         // A row that does not decode is reported and left to its lease; it
         // must not stop the others.
-        Ok(rs
-            .iter()
+        Ok(rows
+            .into_iter()
             .filter_map(|r| {
-                job(r)
+                r.and_then(job)
                     .map_err(|e| tracing::error!(error = %e, "a claimed action cannot be read"))
                     .ok()
             })
@@ -142,13 +113,20 @@ impl Store {
     /// sleep): claimed work counts from when its lease runs out, so a
     /// dispatcher never spins on work another one holds.
     pub async fn next_due(&self) -> Result<Option<Ts>, Error> {
-        let due: Option<i64> = sqlx::query_scalar(
-            "SELECT MIN(MAX(due_ns, COALESCE(lease_until_ns, due_ns))) FROM actions WHERE work != 'NONE'",
-        )
-                .fetch_one(&self.read)
-                .await
-                .map_err(db_err)?;
-        Ok(due.map(Ts))
+        let lease = || Expr::col(action::Column::LeaseUntilNs);
+        let due = || Expr::col(action::Column::DueNs);
+        let free_at = Expr::case(lease().gt(due()), lease()).finally(due());
+        let q = Query::select()
+            .expr_as(Func::min(free_at), "next_ns")
+            .from(action::Entity)
+            .and_where(owed())
+            .to_owned();
+        let row = self.read.query_one(&q).await.map_err(db_err)?;
+        let next: Option<i64> = match row {
+            Some(r) => r.try_get("", "next_ns").map_err(db_err)?,
+            None => None,
+        };
+        Ok(next.map(Ts))
     }
 
     /// Records what came of a job.
@@ -167,13 +145,29 @@ impl Store {
         if results.is_empty() {
             return Ok(());
         }
+        let mut results = results;
+        // Devices in one order in every transaction, so two dispatchers'
+        // batches never wait on each other in a cycle.
+        results.sort_by(|(a, _), (b, _)| {
+            (a.tenant.as_str(), a.action.device_id.as_str(), a.action.id).cmp(&(
+                b.tenant.as_str(),
+                b.action.device_id.as_str(),
+                b.action.id,
+            ))
+        });
+        self.retrying(|| self.finish_batch(&results)).await
+    }
+
+    async fn finish_batch(&self, results: &[(Job, Finish)]) -> Result<(), Error> {
         let now = self.clock.now();
-        let mut tx = self.begin().await?;
+        let tx = self.begin().await?;
         let mut clean = true;
-        for (job, result) in &results {
-            match finish_one(&mut tx, job, result.clone(), now).await {
+        for (job, result) in results {
+            match finish_one(&tx, job, result.clone(), now).await {
                 Ok(()) => {}
-                Err(e @ Error::StorageUnavailable(_)) => return Err(e),
+                Err(e @ (Error::StorageUnavailable(_) | Error::StorageContention(_))) => {
+                    return Err(e);
+                }
                 Err(_) => {
                     clean = false;
                     break;
@@ -184,61 +178,152 @@ impl Store {
             return tx.commit().await.map_err(db_err);
         }
         tx.rollback().await.map_err(db_err)?;
-        let mut tx = self.begin().await?;
+        let tx = self.begin().await?;
         for (job, result) in results {
-            sqlx::query("SAVEPOINT finish_one")
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
-            match finish_one(&mut tx, &job, result, now).await {
-                Ok(()) => {}
-                Err(e @ Error::StorageUnavailable(_)) => return Err(e),
+            let one = tx.begin().await.map_err(db_err)?;
+            match finish_one(&one, job, result.clone(), now).await {
+                Ok(()) => one.commit().await.map_err(db_err)?,
+                Err(e @ (Error::StorageUnavailable(_) | Error::StorageContention(_))) => {
+                    return Err(e);
+                }
                 Err(e) => {
                     tracing::warn!(action_id = %job.action.id, error = %e, "dispatch outcome not recorded");
-                    sqlx::query("ROLLBACK TO finish_one")
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(db_err)?;
+                    one.rollback().await.map_err(db_err)?;
                 }
             }
-            sqlx::query("RELEASE finish_one")
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
         }
         tx.commit().await.map_err(db_err)?;
         Ok(())
     }
 }
 
-async fn finish_one(
-    tx: &mut sqlx::SqliteConnection,
+/// Claims due work under `owner` (see [`Store::claim_due`]); the claimed
+/// rows, each decoded on its own.
+async fn claim_in(
+    tx: &DatabaseTransaction,
+    now: Ts,
+    limit: u32,
+    lease_nanos: i64,
+    owner: &str,
+) -> Result<Vec<Result<action::Model, Error>>, Error> {
+    // Due and unclaimed (or its claim lapsed). On PostgreSQL rows another
+    // replica is claiming right now are skipped, not waited for.
+    let due = action::Entity::find()
+        .select_only()
+        .column(action::Column::ActionId)
+        .filter(owed())
+        .filter(action::Column::DueNs.lte(now.0))
+        .filter(
+            action::Column::LeaseUntilNs
+                .is_null()
+                .or(action::Column::LeaseUntilNs.lte(now.0)),
+        )
+        .order_by_asc(action::Column::DueNs)
+        .limit(u64::from(limit))
+        .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
+        .into_query();
+    action::Entity::update_many()
+        .col_expr(
+            action::Column::LeaseUntilNs,
+            Expr::value(now.0 + lease_nanos),
+        )
+        .col_expr(action::Column::LeaseOwner, Expr::value(owner))
+        .col_expr(
+            action::Column::Fence,
+            Expr::col(action::Column::Fence).add(1),
+        )
+        .filter(action::Column::ActionId.in_subquery(due))
+        .exec(tx)
+        .await
+        .map_err(db_err)?;
+    // The claim sends SCHEDULED applies on their way (the lifecycle's
+    // DISPATCHED step), in bulk: states and reason from the domain.
+    let (from, to) = (
+        ActionState::Scheduled.as_str(),
+        ActionState::Acknowledged.as_str(),
+    );
+    let dispatched = || {
+        sea_orm::Condition::all()
+            .add(action::Column::LeaseOwner.eq(owner))
+            .add(action::Column::State.eq(from))
+            .add(action::Column::Work.eq(Work::Apply.as_str()))
+    };
+    let select = Query::select()
+        .column(action::Column::TenantId)
+        .column(action::Column::DeviceId)
+        .column(action::Column::ActionId)
+        .expr(Expr::value(from))
+        .expr(Expr::value(to))
+        .expr(Expr::value(lifecycle::DISPATCHED))
+        .expr(Expr::value(Option::<String>::None))
+        .expr(Expr::value(now.0))
+        .from(action::Entity)
+        .cond_where(dispatched())
+        .to_owned();
+    let insert = Query::insert()
+        .into_table(audit::Entity)
+        .columns([
+            audit::Column::TenantId,
+            audit::Column::DeviceId,
+            audit::Column::ActionId,
+            audit::Column::FromState,
+            audit::Column::ToState,
+            audit::Column::Reason,
+            audit::Column::RequestId,
+            audit::Column::AtNs,
+        ])
+        .select_from(select)
+        .map_err(|e| Error::Internal(format!("audit statement: {e}")))?
+        .to_owned();
+    tx.execute(&insert).await.map_err(db_err)?;
+    action::Entity::update_many()
+        .col_expr(action::Column::State, Expr::value(to))
+        .col_expr(
+            action::Column::Revision,
+            Expr::col(action::Column::Revision).add(1),
+        )
+        .col_expr(action::Column::UpdateNs, Expr::value(now.0))
+        .filter(dispatched())
+        .exec(tx)
+        .await
+        .map_err(db_err)?;
+    rows::each(
+        tx,
+        action::Entity::find()
+            .filter(action::Column::LeaseOwner.eq(owner))
+            .order_by_asc(action::Column::DueNs),
+    )
+    .await
+}
+
+async fn finish_one<C: ConnectionTrait>(
+    tx: &C,
     job: &Job,
     result: Finish,
     now: Ts,
 ) -> Result<(), Error> {
-    let a = rows::fetch_action(&mut *tx, &job.tenant, &job.action.device_id, &job.action.id)
+    let vanished = || {
+        Error::Internal(format!(
+            "action {} vanished while dispatched",
+            job.action.id
+        ))
+    };
+    // The device's row, then the action's: the order every writer of a
+    // device takes them in.
+    rows::fetch_device(tx, &job.tenant, &job.action.device_id, true)
         .await?
-        .ok_or_else(|| {
-            Error::Internal(format!(
-                "action {} vanished while dispatched",
-                job.action.id
-            ))
-        })?;
-    // A write of an earlier try may be in force (its memo is on record):
-    // a final failure then owes a revert too.
-    let written_before: bool = if result.needs_written_before(job.work) {
-        sqlx::query_scalar(
-            "SELECT driver_memo IS NOT NULL FROM actions WHERE tenant_id = ? AND action_id = ?",
-        )
-        .bind(job.tenant.as_str())
-        .bind(job.action.id.to_string())
-        .fetch_one(&mut *tx)
+        .ok_or_else(vanished)?;
+    let row = rows::actions_of(&job.tenant)
+        .filter(action::Column::ActionId.eq(job.action.id.to_string()))
+        .lock_exclusive()
+        .one(tx)
         .await
         .map_err(db_err)?
-    } else {
-        false
-    };
+        .ok_or_else(vanished)?;
+    let a = rows::action_from_model(&row)?;
+    // A write of an earlier try may be in force (its memo is on record):
+    // a final failure then owes a revert too.
+    let written_before = result.needs_written_before(job.work) && row.driver_memo.is_some();
     let lifecycle::Settled {
         change,
         attempts,
@@ -252,32 +337,44 @@ async fn finish_one(
     };
     // One statement: the outcome, what is owed next, and the claim
     // released — only if it is still ours.
-    let done = sqlx::query(
-        "UPDATE actions SET state = ?, error_code = ?, error_message = ?, revision = ?, update_ns = ?,
-           verified = ?, work = ?, due_ns = ?, attempts = ?, lease_until_ns = NULL, lease_owner = NULL,
-           oem_raw = COALESCE(?, oem_raw),
-           driver_memo = CASE WHEN ? THEN ? ELSE driver_memo END
-         WHERE tenant_id = ? AND action_id = ? AND lease_owner = ?",
-    )
-    .bind(a.state.as_str())
-    .bind(&a.error_code)
-    .bind(&a.error_message)
-    .bind(a.revision)
-    .bind(a.updated.0)
-    .bind(i64::from(a.verified))
-    .bind(work.map_or("NONE", |w| w.as_str()))
-    .bind(due.map(|d| d.0))
-    .bind(attempts)
-    .bind(raw)
-    .bind(memo.is_some())
-    .bind(memo.flatten())
-    .bind(job.tenant.as_str())
-    .bind(a.id.to_string())
-    .bind(&job.claim)
-    .execute(&mut *tx)
-    .await
-    .map_err(db_err)?;
-    if done.rows_affected() == 0 {
+    let mut update = action::Entity::update_many()
+        .col_expr(action::Column::State, Expr::value(a.state.as_str()))
+        .col_expr(action::Column::ErrorCode, Expr::value(a.error_code.clone()))
+        .col_expr(
+            action::Column::ErrorMessage,
+            Expr::value(a.error_message.clone()),
+        )
+        .col_expr(action::Column::Revision, Expr::value(a.revision))
+        .col_expr(action::Column::UpdateNs, Expr::value(a.updated.0))
+        .col_expr(action::Column::Verified, Expr::value(a.verified))
+        .col_expr(
+            action::Column::Work,
+            Expr::value(work.map_or("NONE", |w| w.as_str())),
+        )
+        .col_expr(action::Column::DueNs, Expr::value(due.map(|d| d.0)))
+        .col_expr(action::Column::Attempts, Expr::value(attempts))
+        .col_expr(
+            action::Column::LeaseUntilNs,
+            Expr::value(Option::<i64>::None),
+        )
+        .col_expr(
+            action::Column::LeaseOwner,
+            Expr::value(Option::<String>::None),
+        );
+    if let Some(raw) = raw {
+        update = update.col_expr(action::Column::OemRaw, Expr::value(raw));
+    }
+    if let Some(memo) = memo {
+        update = update.col_expr(action::Column::DriverMemo, Expr::value(memo));
+    }
+    let done = update
+        .filter(action::Column::TenantId.eq(job.tenant.as_str()))
+        .filter(action::Column::ActionId.eq(a.id.to_string()))
+        .filter(action::Column::LeaseOwner.eq(job.claim.as_str()))
+        .exec(tx)
+        .await
+        .map_err(db_err)?;
+    if done.rows_affected == 0 {
         return Err(Error::Internal(format!(
             "the claim on action {} lapsed and was taken again",
             job.action.id
@@ -298,19 +395,23 @@ impl Store {
         tenant: &TenantId,
         device: &DeviceId,
     ) -> Result<Vec<switchyard_drivers::Applied>, Error> {
-        let rows: Vec<(String, String)> = sqlx::query_as(
-            "SELECT action_id, driver_memo FROM actions
-             WHERE tenant_id = ? AND device_id = ? AND driver_memo IS NOT NULL
-             ORDER BY start_ns, action_id",
-        )
-        .bind(tenant.as_str())
-        .bind(device.as_str())
-        .fetch_all(&self.read)
-        .await
-        .map_err(db_err)?;
+        let rows: Vec<(String, Option<String>)> = rows::actions_of(tenant)
+            .select_only()
+            .column(action::Column::ActionId)
+            .column(action::Column::DriverMemo)
+            .filter(action::Column::DeviceId.eq(device.as_str()))
+            .filter(action::Column::DriverMemo.is_not_null())
+            .order_by_asc(action::Column::StartNs)
+            .order_by_asc(action::Column::ActionId)
+            .into_tuple()
+            .all(&self.read)
+            .await
+            .map_err(db_err)?;
         Ok(rows
             .into_iter()
-            .map(|(action_id, memo)| switchyard_drivers::Applied { action_id, memo })
+            .filter_map(|(action_id, memo)| {
+                memo.map(|memo| switchyard_drivers::Applied { action_id, memo })
+            })
             .collect())
     }
 
@@ -320,13 +421,15 @@ impl Store {
         tenant: &TenantId,
         action: &crate::domain::ActionId,
     ) -> Result<Option<String>, Error> {
-        sqlx::query_scalar("SELECT oem_raw FROM actions WHERE tenant_id = ? AND action_id = ?")
-            .bind(tenant.as_str())
-            .bind(action.to_string())
-            .fetch_optional(&self.read)
+        let raw: Option<Option<String>> = rows::actions_of(tenant)
+            .select_only()
+            .column(action::Column::OemRaw)
+            .filter(action::Column::ActionId.eq(action.to_string()))
+            .into_tuple()
+            .one(&self.read)
             .await
-            .map_err(db_err)
-            .map(Option::flatten)
+            .map_err(db_err)?;
+        Ok(raw.flatten())
     }
 
     /// Records what a driver observed on `device` as it was configured
@@ -342,20 +445,20 @@ impl Store {
     ) -> Result<bool, Error> {
         // Revision and incarnation: a device deleted and created again
         // starts at revision 1 once more.
-        let done = sqlx::query(
-            "UPDATE devices SET observed = ?, observed_ns = ?
-             WHERE tenant_id = ? AND device_id = ? AND revision = ? AND incarnation = ?",
-        )
-        .bind(rows::observed_json(o))
-        .bind(o.at.0)
-        .bind(tenant.as_str())
-        .bind(device.id.as_str())
-        .bind(device.revision)
-        .bind(&device.incarnation)
-        .execute(&self.write)
-        .await
-        .map_err(db_err)?;
-        Ok(done.rows_affected() == 1)
+        let done = device::Entity::update_many()
+            .col_expr(
+                device::Column::Observed,
+                Expr::value(rows::observed_json(o)),
+            )
+            .col_expr(device::Column::ObservedNs, Expr::value(o.at.0))
+            .filter(device::Column::TenantId.eq(tenant.as_str()))
+            .filter(device::Column::DeviceId.eq(device.id.as_str()))
+            .filter(device::Column::Revision.eq(device.revision))
+            .filter(device::Column::Incarnation.eq(device.incarnation.as_str()))
+            .exec(&self.write)
+            .await
+            .map_err(db_err)?;
+        Ok(done.rows_affected == 1)
     }
 
     /// Devices last observed before `before` (or never), oldest first.
@@ -364,20 +467,23 @@ impl Store {
         before: Ts,
         limit: u32,
     ) -> Result<Vec<(TenantId, Device)>, Error> {
-        let rs = sqlx::query(
-            "SELECT * FROM devices WHERE observed_ns IS NULL OR observed_ns < ? ORDER BY COALESCE(observed_ns, 0) LIMIT ?",
-        )
-        .bind(before.0)
-        .bind(i64::from(limit))
-        .fetch_all(&self.read)
-        .await
-        .map_err(db_err)?;
-        rs.iter()
-            .map(|r| {
-                Ok((
-                    TenantId::from_stored(rows::col(r, "tenant_id")?),
-                    rows::device_from_row(r)?,
-                ))
+        let select = device::Entity::find()
+            .filter(
+                device::Column::ObservedNs
+                    .is_null()
+                    .or(device::Column::ObservedNs.lt(before.0)),
+            )
+            .order_by_asc(Func::coalesce([
+                Expr::col(device::Column::ObservedNs),
+                Expr::value(0i64),
+            ]))
+            .limit(u64::from(limit));
+        rows::all(&self.read, select)
+            .await?
+            .into_iter()
+            .map(|m| {
+                let tenant = TenantId::from_stored(m.tenant_id.clone());
+                Ok((tenant, rows::device_from_model(m)?))
             })
             .collect()
     }
@@ -388,6 +494,6 @@ impl Store {
         tenant: &TenantId,
         id: &DeviceId,
     ) -> Result<Option<Device>, Error> {
-        rows::fetch_device(&self.read, tenant, id).await
+        rows::fetch_device(&self.read, tenant, id, false).await
     }
 }

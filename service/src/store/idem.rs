@@ -3,7 +3,13 @@
 
 use crate::domain::{Error, TenantId, Ts};
 
-use super::{Store, db_err, rows};
+use sea_orm::{
+    ActiveValue::Set,
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect,
+    sea_query::{Expr, ExprTrait, OnConflict},
+};
+
+use super::{Store, db_err, entity::idem_key};
 
 /// How long an idempotency key is kept.
 pub const IDEMPOTENCY_TTL_NANOS: i64 = 24 * 3600 * Ts::SECOND;
@@ -14,7 +20,7 @@ pub const IDEMPOTENCY_TTL_NANOS: i64 = 24 * 3600 * Ts::SECOND;
 pub const IDEMPOTENCY_LEASE_NANOS: i64 = 60 * Ts::SECOND;
 
 /// Encodes a mutation's outcome as the response bytes to replay.
-pub type EncodeResponse<T> = Box<dyn FnOnce(&T) -> Vec<u8> + Send>;
+pub type EncodeResponse<T> = Box<dyn Fn(&T) -> Vec<u8> + Send + Sync>;
 
 /// Records the response of an idempotent request in the transaction that
 /// makes its change, so a retry after a crash can never apply it twice.
@@ -63,35 +69,45 @@ impl Store {
         body: &[u8],
         claim: &str,
     ) -> Result<IdemBegin, Error> {
-        let mut tx = self.begin().await?;
+        self.retrying(|| self.idem_begin_once(tenant, request_id, method, body, claim))
+            .await
+    }
+
+    async fn idem_begin_once(
+        &self,
+        tenant: &TenantId,
+        request_id: &str,
+        method: &str,
+        body: &[u8],
+        claim: &str,
+    ) -> Result<IdemBegin, Error> {
+        let tx = self.begin().await?;
         let now = self.clock.now();
-        let row = sqlx::query(
-            "SELECT method, request_body, response_body, lease_until_ns, expire_ns FROM idempotency_keys WHERE tenant_id = ? AND request_id = ?",
-        )
-        .bind(tenant.as_str())
-        .bind(request_id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db_err)?;
+        let key = || {
+            sea_orm::Condition::all()
+                .add(idem_key::Column::TenantId.eq(tenant.as_str()))
+                .add(idem_key::Column::RequestId.eq(request_id))
+        };
+        let row = idem_key::Entity::find()
+            .filter(key())
+            .lock_exclusive()
+            .one(&tx)
+            .await
+            .map_err(db_err)?;
         if let Some(row) = row {
-            let expire: i64 = rows::col(&row, "expire_ns")?;
-            let lease: Option<i64> = rows::col(&row, "lease_until_ns")?;
-            let response: Option<Vec<u8>> = rows::col(&row, "response_body")?;
-            let first_method: String = rows::col(&row, "method")?;
-            let first_body: Vec<u8> = rows::col(&row, "request_body")?;
-            let same = first_method == method && first_body == body;
-            let live_lease = lease.filter(|l| *l > now.0);
+            let same = row.method == method && row.request_body == body;
+            let live_lease = row.lease_until_ns.filter(|l| *l > now.0);
             // A completed key, or one still being worked on, binds its
             // body. One abandoned by a crashed request (lease expired, no
             // response) is free again, whatever the body.
-            if expire > now.0 && (response.is_some() || live_lease.is_some()) {
+            if row.expire_ns > now.0 && (row.response_body.is_some() || live_lease.is_some()) {
                 if !same {
                     return Err(Error::RequestIdReused {
                         request_id: request_id.to_owned(),
-                        first_method,
+                        first_method: row.method,
                     });
                 }
-                if let Some(resp) = response {
+                if let Some(resp) = row.response_body {
                     return Ok(IdemBegin::Replay(resp));
                 }
                 if let Some(lease) = live_lease {
@@ -102,26 +118,54 @@ impl Store {
                 }
             }
         }
-        // New, expired, or abandoned by a crashed request: take it.
-        sqlx::query(
-            "INSERT INTO idempotency_keys (tenant_id, request_id, method, request_body, response_body, lease_until_ns, claim, create_ns, expire_ns)
-             VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?)
-             ON CONFLICT (tenant_id, request_id) DO UPDATE SET method = excluded.method,
-               request_body = excluded.request_body, response_body = NULL,
-               lease_until_ns = excluded.lease_until_ns, claim = excluded.claim,
-               create_ns = excluded.create_ns, expire_ns = excluded.expire_ns",
+        // New, expired, or abandoned by a crashed request: take it — but
+        // only if it still is when the write lands. Another replica may
+        // have taken a new key between the read and this write (PostgreSQL
+        // locks no row that does not exist yet); then nothing is written,
+        // and the read, run again, finds that request's key.
+        let existing = |c: idem_key::Column| Expr::col((idem_key::Entity, c));
+        let free = existing(idem_key::Column::ExpireNs).lte(now.0).or(existing(
+            idem_key::Column::ResponseBody,
         )
-        .bind(tenant.as_str())
-        .bind(request_id)
-        .bind(method)
-        .bind(body)
-        .bind(now.0 + IDEMPOTENCY_LEASE_NANOS)
-        .bind(claim)
-        .bind(now.0)
-        .bind(now.0 + IDEMPOTENCY_TTL_NANOS)
-        .execute(&mut *tx)
+        .is_null()
+        .and(
+            existing(idem_key::Column::LeaseUntilNs)
+                .is_null()
+                .or(existing(idem_key::Column::LeaseUntilNs).lte(now.0)),
+        ));
+        let taken = idem_key::Entity::insert(idem_key::ActiveModel {
+            tenant_id: Set(tenant.as_str().to_owned()),
+            request_id: Set(request_id.to_owned()),
+            method: Set(method.to_owned()),
+            request_body: Set(body.to_vec()),
+            response_body: Set(None),
+            lease_until_ns: Set(Some(now.0 + IDEMPOTENCY_LEASE_NANOS)),
+            claim: Set(Some(claim.to_owned())),
+            create_ns: Set(now.0),
+            expire_ns: Set(now.0 + IDEMPOTENCY_TTL_NANOS),
+        })
+        .on_conflict(
+            OnConflict::columns([idem_key::Column::TenantId, idem_key::Column::RequestId])
+                .update_columns([
+                    idem_key::Column::Method,
+                    idem_key::Column::RequestBody,
+                    idem_key::Column::ResponseBody,
+                    idem_key::Column::LeaseUntilNs,
+                    idem_key::Column::Claim,
+                    idem_key::Column::CreateNs,
+                    idem_key::Column::ExpireNs,
+                ])
+                .action_and_where(free)
+                .to_owned(),
+        )
+        .exec_without_returning(&tx)
         .await
         .map_err(db_err)?;
+        if taken == 0 {
+            return Err(Error::StorageContention(format!(
+                "request_id {request_id:?} was taken by another request meanwhile"
+            )));
+        }
         tx.commit().await.map_err(db_err)?;
         Ok(IdemBegin::Fresh(claim.to_owned()))
     }
@@ -135,53 +179,54 @@ impl Store {
         request_id: &str,
         claim: &str,
     ) -> Result<(), Error> {
-        sqlx::query(
-            "DELETE FROM idempotency_keys WHERE tenant_id = ? AND request_id = ? AND claim = ? AND response_body IS NULL",
-        )
-        .bind(tenant.as_str())
-        .bind(request_id)
-        .bind(claim)
-        .execute(&self.write)
-        .await
-        .map_err(db_err)?;
+        idem_key::Entity::delete_many()
+            .filter(idem_key::Column::TenantId.eq(tenant.as_str()))
+            .filter(idem_key::Column::RequestId.eq(request_id))
+            .filter(idem_key::Column::Claim.eq(claim))
+            .filter(idem_key::Column::ResponseBody.is_null())
+            .exec(&self.write)
+            .await
+            .map_err(db_err)?;
         Ok(())
     }
 
     /// Deletes expired keys; returns how many.
     pub async fn idem_sweep(&self) -> Result<u64, Error> {
-        let r = sqlx::query("DELETE FROM idempotency_keys WHERE expire_ns <= ?")
-            .bind(self.clock.now().0)
-            .execute(&self.write)
+        let r = idem_key::Entity::delete_many()
+            .filter(idem_key::Column::ExpireNs.lte(self.clock.now().0))
+            .exec(&self.write)
             .await
             .map_err(db_err)?;
-        Ok(r.rows_affected())
+        Ok(r.rows_affected)
     }
 
-    pub(super) async fn idem_complete<T>(
-        tx: &mut sqlx::SqliteConnection,
+    pub(super) async fn idem_complete<T, C: ConnectionTrait>(
+        conn: &C,
         tenant: &TenantId,
-        idem: Option<IdemCommit<T>>,
+        idem: Option<&IdemCommit<T>>,
         outcome: &T,
     ) -> Result<(), Error> {
         if let Some(idem) = idem {
             let body = (idem.encode)(outcome);
-            let done = sqlx::query(
-                "UPDATE idempotency_keys SET response_body = ?, lease_until_ns = NULL
-                 WHERE tenant_id = ? AND request_id = ? AND claim = ? AND response_body IS NULL",
-            )
-            .bind(body)
-            .bind(tenant.as_str())
-            .bind(&idem.request_id)
-            .bind(&idem.claim)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
-            if done.rows_affected() == 0 {
+            let done = idem_key::Entity::update_many()
+                .col_expr(idem_key::Column::ResponseBody, Expr::value(Some(body)))
+                .col_expr(
+                    idem_key::Column::LeaseUntilNs,
+                    Expr::value(Option::<i64>::None),
+                )
+                .filter(idem_key::Column::TenantId.eq(tenant.as_str()))
+                .filter(idem_key::Column::RequestId.eq(idem.request_id.as_str()))
+                .filter(idem_key::Column::Claim.eq(idem.claim.as_str()))
+                .filter(idem_key::Column::ResponseBody.is_null())
+                .exec(conn)
+                .await
+                .map_err(db_err)?;
+            if done.rows_affected == 0 {
                 // This request outlived its lease and a retry took the key
                 // over: the retry applies the change, so this one must not
                 // (its transaction rolls back).
                 return Err(Error::RequestInProgress {
-                    request_id: idem.request_id,
+                    request_id: idem.request_id.clone(),
                     retry_after_nanos: Ts::SECOND,
                 });
             }

@@ -1,12 +1,17 @@
-//! The store: the only place that speaks SQL.
+//! The store: the only place that speaks SQL, through sea-orm, to SQLite
+//! or PostgreSQL (ADR 0009). Its statements are built with sea-query from
+//! the entities (`entity.rs`) and rendered for the backend; sea-orm types
+//! never leave this module.
 //!
 //! Invariants:
 //! - Every mutation runs in one write transaction (`BEGIN IMMEDIATE` on
 //!   SQLite, so the decision and the write are serialised across processes
-//!   too) and is answered only after COMMIT.
+//!   too; on PostgreSQL the device's row is locked first) and is answered
+//!   only after COMMIT.
 //! - Collisions are decided inside that transaction from the rows it reads,
 //!   so no channel ever holds two overlapping actions, however many clients
-//!   push at once.
+//!   push at once; on PostgreSQL an exclusion constraint makes an overlap
+//!   impossible even so, and a write that loses a race is run again.
 //! - Every action transition is appended to `audit_log` in the same
 //!   transaction.
 //! - In-process writers queue on a single write connection, so SQLITE_BUSY
@@ -17,6 +22,7 @@ mod actions;
 pub mod contract;
 mod devices;
 mod dispatch;
+mod entity;
 mod idem;
 mod rows;
 mod schema;
@@ -32,8 +38,13 @@ pub use idem::{
 
 use std::{collections::BTreeMap, str::FromStr, sync::Arc, time::Duration};
 
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr,
+    EntityTrait, QueryFilter, RuntimeErr, SqlxPostgresConnector, SqlxSqliteConnector,
+    TransactionOptions, TransactionTrait,
+};
 use sqlx::{
-    SqlitePool,
+    postgres::{PgConnectOptions, PgPoolOptions},
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
 
@@ -42,46 +53,96 @@ use crate::domain::{ActionId, Clock, DeviceId, Error};
 /// How the store uses its database.
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
-    /// How long a write waits for another process's write lock before it
-    /// is answered STORAGE_UNAVAILABLE.
+    /// How long a write waits for another process's write lock (SQLite),
+    /// or for a connection (PostgreSQL), before it is answered
+    /// STORAGE_UNAVAILABLE.
     pub busy_timeout: Duration,
+    /// PostgreSQL: connections in the pool.
+    pub max_connections: u32,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
         Self {
             busy_timeout: Duration::from_secs(10),
+            max_connections: 16,
         }
     }
 }
 
 #[derive(Clone, Debug)]
 pub struct Store {
-    write: SqlitePool,
-    read: SqlitePool,
+    /// Where writes go: on SQLite one connection (in-process writers
+    /// queue here); on PostgreSQL the pool.
+    write: DatabaseConnection,
+    /// Where reads go: on SQLite a pool of readers beside the writer; on
+    /// PostgreSQL the same pool.
+    read: DatabaseConnection,
     clock: Arc<dyn Clock>,
 }
 
-/// Classifies a database error by its code: what a retry may cure
-/// (the database is busy, locked, out of space or unreachable) is
-/// STORAGE_UNAVAILABLE; what it cannot (corruption, a constraint the code
-/// did not expect) is INTERNAL.
-pub(crate) fn db_err(e: sqlx::Error) -> Error {
-    let transient = match &e {
-        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
-        sqlx::Error::Database(d) => d.code().is_some_and(|c| transient_code(&c)),
-        _ => false,
+/// How many times a write that lost a race with another writer
+/// ([`Error::StorageContention`]) is run again before the caller is told
+/// STORAGE_UNAVAILABLE.
+const CONTENTION_TRIES: u32 = 6;
+
+/// Classifies a database error by its code (SQLite's result code,
+/// PostgreSQL's SQLSTATE): what a retry may cure (the database is busy,
+/// locked, out of space or unreachable) is STORAGE_UNAVAILABLE; a lost
+/// race with another writer (a serialization failure, a deadlock, the
+/// no-overlap constraint) is [`Error::StorageContention`], run again by the
+/// store; what no retry cures (corruption, a constraint the code did not
+/// expect, a row that does not decode) is INTERNAL.
+pub(crate) fn db_err(e: DbErr) -> Error {
+    let class = match &e {
+        DbErr::ConnectionAcquire(_) => Class::Transient,
+        DbErr::Conn(RuntimeErr::SqlxError(s))
+        | DbErr::Exec(RuntimeErr::SqlxError(s))
+        | DbErr::Query(RuntimeErr::SqlxError(s)) => sqlx_class(s),
+        DbErr::Conn(_) => Class::Transient,
+        _ => Class::Internal,
     };
-    if transient {
-        Error::StorageUnavailable(e.to_string())
-    } else {
-        Error::Internal(format!("database: {e}"))
+    match class {
+        Class::Transient => Error::StorageUnavailable(e.to_string()),
+        Class::Contention => Error::StorageContention(e.to_string()),
+        Class::Internal => Error::Internal(format!("database: {e}")),
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Class {
+    Transient,
+    Contention,
+    Internal,
+}
+
+fn sqlx_class(e: &sqlx::Error) -> Class {
+    match e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed => Class::Transient,
+        sqlx::Error::Database(d) => {
+            let code = d.code().unwrap_or_default();
+            if d.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                if sqlite_transient(&code) {
+                    Class::Transient
+                } else {
+                    Class::Internal
+                }
+            } else {
+                postgres_class(&code)
+            }
+        }
+        _ => Class::Internal,
     }
 }
 
 /// SQLite result codes (extended codes carry the primary one in their low
 /// byte) that a retry may cure.
-fn transient_code(code: &str) -> bool {
+fn sqlite_transient(code: &str) -> bool {
     const BUSY: i64 = 5;
     const LOCKED: i64 = 6;
     const NOMEM: i64 = 7;
@@ -97,9 +158,36 @@ fn transient_code(code: &str) -> bool {
     })
 }
 
+/// PostgreSQL SQLSTATEs by what a retry may do.
+fn postgres_class(sqlstate: &str) -> Class {
+    match sqlstate {
+        // serialization_failure, deadlock_detected, exclusion_violation
+        // (the no-overlap constraint: another replica booked first; run
+        // again, the application's check names the winner),
+        // lock_not_available.
+        "40001" | "40P01" | "23P01" | "55P03" => Class::Contention,
+        // admin_shutdown, crash_shutdown, cannot_connect_now,
+        // idle_in_transaction_session_timeout, query_canceled (a
+        // statement timeout), read_only_sql_transaction (a failover in
+        // progress).
+        "57P01" | "57P02" | "57P03" | "25P03" | "57014" | "25006" => Class::Transient,
+        // Class 08 (connection exception), 53 (insufficient resources:
+        // disk full, out of memory, too many connections), 58 (system
+        // error: I/O).
+        s if s.starts_with("08") || s.starts_with("53") || s.starts_with("58") => Class::Transient,
+        _ => Class::Internal,
+    }
+}
+
+/// Which database a URL names.
+fn is_postgres(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
 impl Store {
-    /// Opens (creating if needed) the database at `url` and applies the
-    /// migrations. `sqlite://path` and `sqlite::memory:` are accepted.
+    /// Opens the database at `url` and applies the migrations.
+    /// `sqlite://path` (created if missing), `sqlite::memory:` and
+    /// `postgres://user@host:port/db` (an existing database) are accepted.
     pub async fn open(url: &str, clock: Arc<dyn Clock>) -> Result<Self, Error> {
         Self::open_with(url, clock, &StoreOptions::default()).await
     }
@@ -110,6 +198,44 @@ impl Store {
         clock: Arc<dyn Clock>,
         options: &StoreOptions,
     ) -> Result<Self, Error> {
+        let store = Self::connect(url, clock, options).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Connects without migrating.
+    async fn connect(
+        url: &str,
+        clock: Arc<dyn Clock>,
+        options: &StoreOptions,
+    ) -> Result<Self, Error> {
+        let sqlx_err = |e: sqlx::Error| db_err(DbErr::Conn(RuntimeErr::SqlxError(Arc::new(e))));
+        if is_postgres(url) {
+            let opts = PgConnectOptions::from_str(url)
+                .map_err(|e| {
+                    Error::Internal(format!("database url: {}", redact_url(&e.to_string())))
+                })?
+                .application_name("switchyard")
+                // A session left idle inside a transaction (a caller gone
+                // mid-request) is ended by the server, never left holding
+                // locks.
+                .options([("idle_in_transaction_session_timeout", "30000")]);
+            let pool = PgPoolOptions::new()
+                .max_connections(options.max_connections.max(1))
+                .min_connections(0)
+                .acquire_timeout(options.busy_timeout)
+                .idle_timeout(Some(Duration::from_secs(60)))
+                .test_before_acquire(true)
+                .connect_lazy_with(opts);
+            let conn = SqlxPostgresConnector::from_sqlx_postgres_pool(pool);
+            // Fail at start, not at the first request, when it is not there.
+            conn.execute_unprepared("SELECT 1").await.map_err(db_err)?;
+            return Ok(Self {
+                write: conn.clone(),
+                read: conn,
+                clock,
+            });
+        }
         let opts = SqliteConnectOptions::from_str(url)
             .map_err(|e| Error::Internal(format!("database url: {e}")))?
             .create_if_missing(true)
@@ -128,7 +254,7 @@ impl Store {
             .max_lifetime(None)
             .connect_with(opts.clone())
             .await
-            .map_err(db_err)?;
+            .map_err(sqlx_err)?;
         // An in-memory database lives in its one connection.
         let read = if in_memory {
             write.clone()
@@ -138,57 +264,103 @@ impl Store {
                 .acquire_timeout(Duration::from_secs(30))
                 .connect_with(opts)
                 .await
-                .map_err(db_err)?
+                .map_err(sqlx_err)?
         };
-        let store = Self { write, read, clock };
-        store.migrate().await?;
-        Ok(store)
+        Ok(Self {
+            write: SqlxSqliteConnector::from_sqlx_sqlite_pool(write),
+            read: SqlxSqliteConnector::from_sqlx_sqlite_pool(read),
+            clock,
+        })
     }
 
-    /// Applies pending migrations.
-    async fn migrate(&self) -> Result<(), Error> {
-        let mut conn = self.write.acquire().await.map_err(db_err)?;
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_ns INTEGER NOT NULL)",
-        )
-        .execute(&mut *conn)
-        .await
-        .map_err(db_err)?;
-        drop(conn);
-        for (version, sql) in schema::MIGRATIONS {
-            let mut tx = self
-                .write
-                .begin_with("BEGIN IMMEDIATE")
+    /// Applies pending migrations (`switchyard migrate`): what
+    /// [`Store::open`] does, without serving.
+    pub async fn migrate_only(url: &str, clock: Arc<dyn Clock>) -> Result<Vec<i64>, Error> {
+        let store = Self::connect(url, clock, &StoreOptions::default()).await?;
+        let applied = store.migrate().await?;
+        store.close().await;
+        Ok(applied)
+    }
+
+    /// Applies pending migrations, each in its own transaction; returns the
+    /// versions applied. On PostgreSQL every step holds a transaction-level
+    /// advisory lock, so replicas started together migrate once (the others
+    /// wait, then find each version applied).
+    async fn migrate(&self) -> Result<Vec<i64>, Error> {
+        use entity::migration;
+        let backend = self.backend();
+        let mut applied = Vec::new();
+        let create = match backend {
+            DbBackend::Postgres => {
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_ns BIGINT NOT NULL)"
+            }
+            _ => {
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_ns INTEGER NOT NULL)"
+            }
+        };
+        let tx = self.begin().await?;
+        Self::migration_lock(&tx).await?;
+        tx.execute_unprepared(create).await.map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        for (version, only, sql) in schema::MIGRATIONS {
+            let tx = self.begin().await?;
+            Self::migration_lock(&tx).await?;
+            let done = migration::Entity::find()
+                .filter(migration::Column::Version.eq(*version))
+                .one(&tx)
                 .await
                 .map_err(db_err)?;
-            let done: Option<i64> =
-                sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = ?")
-                    .bind(version)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(db_err)?;
             if done.is_some() {
                 continue;
             }
-            sqlx::raw_sql(sqlx::AssertSqlSafe(*sql))
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
-            sqlx::query("INSERT INTO schema_migrations (version, applied_ns) VALUES (?, ?)")
-                .bind(version)
-                .bind(self.clock.now().0)
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
+            if let Some(sql) = schema::render(backend, *only, sql) {
+                tx.execute_unprepared(&sql).await.map_err(db_err)?;
+            }
+            migration::Entity::insert(migration::ActiveModel {
+                version: sea_orm::Set(*version),
+                applied_ns: sea_orm::Set(self.clock.now().0),
+            })
+            .exec_without_returning(&tx)
+            .await
+            .map_err(db_err)?;
             tx.commit().await.map_err(db_err)?;
+            applied.push(*version);
         }
+        Ok(applied)
+    }
+
+    /// PostgreSQL: the migrations' advisory lock, held until the
+    /// transaction ends. (SQLite's `BEGIN IMMEDIATE` already serialises.)
+    async fn migration_lock(tx: &DatabaseTransaction) -> Result<(), Error> {
+        if tx.get_database_backend() == DbBackend::Postgres {
+            // An arbitrary key of switchyard's own ("switchya" in ASCII).
+            tx.execute_unprepared("SELECT pg_advisory_xact_lock(8319683406441506657)")
+                .await
+                .map_err(db_err)?;
+        }
+        Ok(())
+    }
+
+    /// Which backend this store runs on.
+    pub fn backend(&self) -> DbBackend {
+        self.write.get_database_backend()
+    }
+
+    /// Whether the database answers (for the health check).
+    pub async fn ping(&self) -> Result<(), Error> {
+        self.read
+            .execute_unprepared("SELECT 1")
+            .await
+            .map_err(db_err)?;
         Ok(())
     }
 
     /// Closes the pools.
     pub async fn close(&self) {
-        self.write.close().await;
-        self.read.close().await;
+        // Closing a pool twice (read and write share one on PostgreSQL and
+        // in memory) is harmless.
+        let _ = self.write.clone().close().await;
+        let _ = self.read.clone().close().await;
     }
 
     /// The clock the store stamps changes with.
@@ -196,11 +368,74 @@ impl Store {
         &self.clock
     }
 
-    pub(super) async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, Error> {
-        self.write
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(db_err)
+    /// A write transaction: `BEGIN IMMEDIATE` on SQLite (the write lock
+    /// taken before anything is read, so every decision is serialised
+    /// across processes too); on PostgreSQL READ COMMITTED, with the rows a
+    /// decision reads locked by the statements that read them.
+    pub(super) async fn begin(&self) -> Result<DatabaseTransaction, Error> {
+        let options = match self.backend() {
+            DbBackend::Sqlite => TransactionOptions {
+                sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
+                ..Default::default()
+            },
+            _ => TransactionOptions::default(),
+        };
+        self.write.begin_with_options(options).await.map_err(db_err)
+    }
+
+    /// Runs `op` (one write transaction) again while it loses races with
+    /// other writers, up to [`CONTENTION_TRIES`] times with a jittered,
+    /// growing pause; after that the caller is told STORAGE_UNAVAILABLE
+    /// (retry later).
+    pub(super) async fn retrying<T, F, Fut>(&self, mut op: F) -> Result<T, Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, Error>>,
+    {
+        let mut tries = 0;
+        loop {
+            match op().await {
+                Err(Error::StorageContention(msg)) => {
+                    tries += 1;
+                    if tries >= CONTENTION_TRIES {
+                        return Err(Error::StorageUnavailable(format!(
+                            "still contended after {tries} tries: {msg}"
+                        )));
+                    }
+                    tracing::debug!(tries, error = %msg, "write contended, running it again");
+                    tokio::time::sleep(jitter(tries)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// A pause of up to 2^tries milliseconds (at least 1 ms), drawn afresh each
+/// time so that writers which collided do not collide again in step.
+fn jitter(tries: u32) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(tries);
+    let ceiling = 1u64 << tries.min(8);
+    Duration::from_millis(1 + h.finish() % ceiling)
+}
+
+/// A database URL with its password replaced, for messages.
+pub fn redact_url(s: &str) -> String {
+    // scheme://user:password@host → scheme://user:<redacted>@host
+    let Some(scheme_end) = s.find("://") else {
+        return s.to_owned();
+    };
+    let rest = &s[scheme_end + 3..];
+    match (rest.find(':'), rest.find('@')) {
+        (Some(colon), Some(at)) if colon < at => format!(
+            "{}{}:<redacted>{}",
+            &s[..scheme_end + 3],
+            &rest[..colon],
+            &rest[at..]
+        ),
+        _ => s.to_owned(),
     }
 }
 

@@ -1,13 +1,19 @@
 //! Row ⇄ domain mapping and the statements shared by the store's
-//! transactions.
+//! transactions, built from the entities for whichever backend runs them.
 
-use sqlx::{Row, SqliteConnection, sqlite::SqliteRow};
+use sea_orm::{
+    ActiveValue::{NotSet, Set},
+    ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
+    QuerySelect, QueryTrait, Select,
+    sea_query::{Expr, ExprTrait, IntoCondition},
+};
 
-use super::{db_err, parse_settings};
+use super::{db_err, entity, parse_settings};
 use crate::domain::{
     Action, ActionId, ActionState, Command, Device, DeviceId, Error, Family, Params, Quantity,
     TenantId, Transition, Ts, Unit,
 };
+use entity::{action, audit, device};
 
 pub(super) fn settings_json(s: &std::collections::BTreeMap<String, String>) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "{}".to_owned())
@@ -17,39 +23,23 @@ fn corrupt(what: &str) -> Error {
     Error::Internal(format!("stored row has an invalid {what}"))
 }
 
-/// A column of a row; a value that does not decode is INTERNAL, never a
-/// panic.
-pub(super) fn col<'r, T>(r: &'r SqliteRow, name: &str) -> Result<T, Error>
-where
-    T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
-{
-    r.try_get(name)
-        .map_err(|e| Error::Internal(format!("stored row: column {name}: {e}")))
-}
-
-pub(super) fn device_from_row(r: &SqliteRow) -> Result<Device, Error> {
-    let id: String = col(r, "device_id")?;
-    let family: String = col(r, "family")?;
-    let settings: String = col(r, "settings")?;
+pub(super) fn device_from_model(m: device::Model) -> Result<Device, Error> {
     Ok(Device {
-        id: DeviceId::parse(&id).map_err(|_| corrupt("device_id"))?,
-        display_name: col(r, "display_name")?,
-        family: Family::parse(&family).ok_or_else(|| corrupt("family"))?,
-        driver: col(r, "driver")?,
-        oem_device_id: col(r, "oem_device_id")?,
-        timezone: col(r, "timezone")?,
-        settings: parse_settings(&settings)?,
-        revision: col(r, "revision")?,
-        created: Ts(col(r, "create_ns")?),
-        updated: Ts(col(r, "update_ns")?),
-        observed: match col::<Option<String>>(r, "observed")? {
+        id: DeviceId::parse(&m.device_id).map_err(|_| corrupt("device_id"))?,
+        display_name: m.display_name,
+        family: Family::parse(&m.family).ok_or_else(|| corrupt("family"))?,
+        driver: m.driver,
+        oem_device_id: m.oem_device_id,
+        timezone: m.timezone,
+        settings: parse_settings(&m.settings)?,
+        revision: m.revision,
+        created: Ts(m.create_ns),
+        updated: Ts(m.update_ns),
+        observed: match m.observed {
             None => None,
-            Some(j) => Some(observed_from_json(
-                &j,
-                Ts(col::<Option<i64>>(r, "observed_ns")?.unwrap_or(0)),
-            )?),
+            Some(j) => Some(observed_from_json(&j, Ts(m.observed_ns.unwrap_or(0)))?),
         },
-        incarnation: col(r, "incarnation")?,
+        incarnation: m.incarnation,
     })
 }
 
@@ -126,123 +116,160 @@ fn observed_from_json(j: &str, at: Ts) -> Result<crate::domain::Observed, Error>
     })
 }
 
-pub(super) async fn fetch_device<'e, E>(
-    exec: E,
-    tenant: &TenantId,
-    id: &DeviceId,
-) -> Result<Option<Device>, Error>
+/// Runs `select` and decodes every row: a row that does not decode is
+/// INTERNAL (never a panic), reported by itself.
+pub(super) async fn all<E, C>(conn: &C, select: Select<E>) -> Result<Vec<E::Model>, Error>
 where
-    E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
+    E: EntityTrait,
+    C: ConnectionTrait,
 {
-    let row = sqlx::query("SELECT * FROM devices WHERE tenant_id = ? AND device_id = ?")
-        .bind(tenant.as_str())
-        .bind(id.as_str())
-        .fetch_optional(exec)
-        .await
-        .map_err(db_err)?;
-    row.as_ref().map(device_from_row).transpose()
+    select.all(conn).await.map_err(db_err)
 }
 
-pub(super) async fn insert_device(
-    tx: &mut SqliteConnection,
+/// Rows of `select`, each decoded on its own: one that does not decode
+/// does not hide the others.
+pub(super) async fn each<E, C>(
+    conn: &C,
+    select: Select<E>,
+) -> Result<Vec<Result<E::Model, Error>>, Error>
+where
+    E: EntityTrait,
+    C: ConnectionTrait,
+{
+    let stmt = select.build(conn.get_database_backend());
+    let rows = conn.query_all_raw(stmt).await.map_err(db_err)?;
+    Ok(rows
+        .iter()
+        .map(|r| E::Model::from_query_result(r, "").map_err(db_err))
+        .collect())
+}
+
+/// One device. `lock`: inside a write transaction, lock its row until the
+/// transaction ends (PostgreSQL's `FOR UPDATE`; SQLite's `BEGIN IMMEDIATE`
+/// already holds the whole database): every write to a device's actions
+/// takes this lock first, so writers of one device queue on it in one
+/// order.
+pub(super) async fn fetch_device<C: ConnectionTrait>(
+    conn: &C,
+    tenant: &TenantId,
+    id: &DeviceId,
+    lock: bool,
+) -> Result<Option<Device>, Error> {
+    let mut q = device::Entity::find()
+        .filter(device::Column::TenantId.eq(tenant.as_str()))
+        .filter(device::Column::DeviceId.eq(id.as_str()));
+    if lock {
+        q = q.lock_exclusive();
+    }
+    q.one(conn)
+        .await
+        .map_err(db_err)?
+        .map(device_from_model)
+        .transpose()
+}
+
+pub(super) fn device_row(tenant: &TenantId, d: &Device) -> device::ActiveModel {
+    device::ActiveModel {
+        tenant_id: Set(tenant.as_str().to_owned()),
+        device_id: Set(d.id.as_str().to_owned()),
+        display_name: Set(d.display_name.clone()),
+        family: Set(d.family.as_str().to_owned()),
+        driver: Set(d.driver.clone()),
+        oem_device_id: Set(d.oem_device_id.clone()),
+        timezone: Set(d.timezone.clone()),
+        settings: Set(settings_json(&d.settings)),
+        revision: Set(d.revision),
+        create_ns: Set(d.created.0),
+        update_ns: Set(d.updated.0),
+        observed: Set(d.observed.as_ref().map(observed_json)),
+        observed_ns: Set(d.observed.as_ref().map(|o| o.at.0)),
+        incarnation: Set(d.incarnation.clone()),
+    }
+}
+
+pub(super) async fn insert_device<C: ConnectionTrait>(
+    conn: &C,
     tenant: &TenantId,
     d: &Device,
 ) -> Result<(), Error> {
-    sqlx::query(
-        "INSERT INTO devices (tenant_id, device_id, display_name, family, driver, oem_device_id, timezone, settings, revision, create_ns, update_ns, incarnation, observed, observed_ns)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(tenant.as_str())
-    .bind(d.id.as_str())
-    .bind(&d.display_name)
-    .bind(d.family.as_str())
-    .bind(&d.driver)
-    .bind(&d.oem_device_id)
-    .bind(&d.timezone)
-    .bind(settings_json(&d.settings))
-    .bind(d.revision)
-    .bind(d.created.0)
-    .bind(d.updated.0)
-    .bind(&d.incarnation)
-    .bind(d.observed.as_ref().map(observed_json))
-    .bind(d.observed.as_ref().map(|o| o.at.0))
-    .execute(tx)
-    .await
-    .map_err(db_err)?;
+    device::Entity::insert(device_row(tenant, d))
+        .exec_without_returning(conn)
+        .await
+        .map_err(db_err)?;
     Ok(())
 }
 
-fn quantity(r: &SqliteRow, value: &str, unit: &str) -> Result<Option<Quantity>, Error> {
-    let v: Option<f64> = col(r, value)?;
-    let u: Option<String> = col(r, unit)?;
-    match (v, u) {
+fn quantity(value: Option<f64>, unit: Option<&str>, what: &str) -> Result<Option<Quantity>, Error> {
+    match (value, unit) {
         (Some(value), Some(u)) => Ok(Some(Quantity {
             value,
-            unit: Unit::parse(&u).ok_or_else(|| corrupt(unit))?,
+            unit: Unit::parse(u).ok_or_else(|| corrupt(what))?,
         })),
         _ => Ok(None),
     }
 }
 
-pub(super) fn action_from_row(r: &SqliteRow) -> Result<Action, Error> {
-    let id: String = col(r, "action_id")?;
-    let device: String = col(r, "device_id")?;
-    let command: String = col(r, "command")?;
-    let state: String = col(r, "state")?;
-    let replaced_by: Option<String> = col(r, "replaced_by")?;
-    let queued_after: String = col(r, "queued_after")?;
-    let immediate: i64 = col(r, "immediate")?;
+pub(super) fn action_from_model(m: &action::Model) -> Result<Action, Error> {
     Ok(Action {
-        id: ActionId::parse(&id).map_err(|_| corrupt("action_id"))?,
-        device_id: DeviceId::parse(&device).map_err(|_| corrupt("device_id"))?,
-        channel: col(r, "channel")?,
-        command: Command::parse(&command).ok_or_else(|| corrupt("command"))?,
+        id: ActionId::parse(&m.action_id).map_err(|_| corrupt("action_id"))?,
+        device_id: DeviceId::parse(&m.device_id).map_err(|_| corrupt("device_id"))?,
+        channel: m.channel.clone(),
+        command: Command::parse(&m.command).ok_or_else(|| corrupt("command"))?,
         params: Params {
-            power: quantity(r, "power_value", "power_unit")?,
-            target_soc: quantity(r, "target_value", "target_unit")?,
-            reserve_soc: quantity(r, "reserve_value", "reserve_unit")?,
+            power: quantity(m.power_value, m.power_unit.as_deref(), "power_unit")?,
+            target_soc: quantity(m.target_value, m.target_unit.as_deref(), "target_unit")?,
+            reserve_soc: quantity(m.reserve_value, m.reserve_unit.as_deref(), "reserve_unit")?,
         },
-        start: Ts(col(r, "start_ns")?),
-        end: col::<Option<i64>>(r, "end_ns")?.map(Ts),
-        immediate: immediate != 0,
-        state: ActionState::parse(&state).ok_or_else(|| corrupt("state"))?,
-        replaced_by: replaced_by
-            .map(|s| ActionId::parse(&s).map_err(|_| corrupt("replaced_by")))
+        start: Ts(m.start_ns),
+        end: m.end_ns.map(Ts),
+        immediate: m.immediate,
+        state: ActionState::parse(&m.state).ok_or_else(|| corrupt("state"))?,
+        replaced_by: m
+            .replaced_by
+            .as_deref()
+            .map(|s| ActionId::parse(s).map_err(|_| corrupt("replaced_by")))
             .transpose()?,
-        queued_after: queued_after
+        queued_after: m
+            .queued_after
             .split(',')
             .filter(|s| !s.is_empty())
             .map(|s| ActionId::parse(s).map_err(|_| corrupt("queued_after")))
             .collect::<Result<_, _>>()?,
-        error_code: col(r, "error_code")?,
-        error_message: col(r, "error_message")?,
-        oem_response: col(r, "oem_raw")?,
-        verified: col::<i64>(r, "verified")? != 0,
-        revision: col(r, "revision")?,
-        created: Ts(col(r, "create_ns")?),
-        updated: Ts(col(r, "update_ns")?),
+        error_code: m.error_code.clone(),
+        error_message: m.error_message.clone(),
+        oem_response: m.oem_raw.clone(),
+        verified: m.verified,
+        revision: m.revision,
+        created: Ts(m.create_ns),
+        updated: Ts(m.update_ns),
     })
 }
 
-pub(super) async fn fetch_action<'e, E>(
-    exec: E,
+/// The actions of a tenant matching `cond`.
+pub(super) fn actions_of(tenant: &TenantId) -> Select<action::Entity> {
+    action::Entity::find().filter(action::Column::TenantId.eq(tenant.as_str()))
+}
+
+/// One action of a device; `lock` as in [`fetch_device`].
+pub(super) async fn fetch_action<C: ConnectionTrait>(
+    conn: &C,
     tenant: &TenantId,
     device_id: &DeviceId,
     action_id: &ActionId,
-) -> Result<Option<Action>, Error>
-where
-    E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
-{
-    let row = sqlx::query(
-        "SELECT * FROM actions WHERE tenant_id = ? AND device_id = ? AND action_id = ?",
-    )
-    .bind(tenant.as_str())
-    .bind(device_id.as_str())
-    .bind(action_id.to_string())
-    .fetch_optional(exec)
-    .await
-    .map_err(db_err)?;
-    row.as_ref().map(action_from_row).transpose()
+    lock: bool,
+) -> Result<Option<Action>, Error> {
+    let mut q = actions_of(tenant)
+        .filter(action::Column::DeviceId.eq(device_id.as_str()))
+        .filter(action::Column::ActionId.eq(action_id.to_string()));
+    if lock {
+        q = q.lock_exclusive();
+    }
+    q.one(conn)
+        .await
+        .map_err(db_err)?
+        .as_ref()
+        .map(action_from_model)
+        .transpose()
 }
 
 /// Which holding actions to read.
@@ -256,87 +283,106 @@ pub(super) struct HoldingFilter<'a> {
     pub ending_after: Option<Ts>,
 }
 
-/// The holders of a device's channel(s): the SQL form of
-/// [`lifecycle::holds_channel`], built from the domain's states.
-static HOLDING_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let states: Vec<String> = crate::domain::ActionState::ALL
+/// The holding condition: [`lifecycle::holds_channel`] in SQL, built from
+/// the domain's states.
+///
+/// [`lifecycle::holds_channel`]: crate::domain::lifecycle::holds_channel
+pub(super) fn holding() -> impl IntoCondition {
+    let states: Vec<&'static str> = ActionState::ALL
         .iter()
         .filter(|s| crate::domain::lifecycle::holds_channel(**s, None))
-        .map(|s| format!("'{}'", s.as_str()))
+        .map(|s| s.as_str())
         .collect();
-    format!(
-        "SELECT * FROM actions WHERE tenant_id = ?1 AND device_id = ?2 AND (?3 = '' OR channel = ?3)
-           AND (state IN ({}) OR work = '{}')
-           AND (end_ns IS NULL OR end_ns > ?4)
-         ORDER BY start_ns, action_id",
-        states.join(", "),
-        crate::domain::Work::Revert.as_str()
-    )
-});
+    action::Column::State
+        .is_in(states)
+        .or(action::Column::Work.eq(crate::domain::Work::Revert.as_str()))
+}
 
-/// Actions of a device that hold their channel, by start. A cancelled
-/// action whose early revert is still owed holds it too (reported as in
-/// flight), so nothing new is applied before the old command is undone.
-pub(super) async fn holding_actions(
-    tx: &mut SqliteConnection,
+/// Actions of a device that hold their channel, by start, locked for the
+/// transaction (PostgreSQL): a dispatcher's claim of one of them waits, or
+/// skips it. A cancelled action whose early revert is still owed holds its
+/// channel too (reported as in flight), so nothing new is applied before
+/// the old command is undone.
+pub(super) async fn holding_actions<C: ConnectionTrait>(
+    conn: &C,
     tenant: &TenantId,
     device_id: &DeviceId,
     f: HoldingFilter<'_>,
 ) -> Result<Vec<Action>, Error> {
-    let rs = sqlx::query(sqlx::AssertSqlSafe(HOLDING_SQL.as_str()))
-        .bind(tenant.as_str())
-        .bind(device_id.as_str())
-        .bind(f.channel.unwrap_or(""))
-        .bind(f.ending_after.map_or(i64::MIN, |t| t.0))
-        .fetch_all(tx)
-        .await
-        .map_err(db_err)?;
-    rs.iter().map(action_from_row).collect()
+    let mut q = actions_of(tenant)
+        .filter(action::Column::DeviceId.eq(device_id.as_str()))
+        .filter(holding());
+    if let Some(c) = f.channel {
+        q = q.filter(action::Column::Channel.eq(c));
+    }
+    if let Some(t) = f.ending_after {
+        q = q.filter(
+            action::Column::EndNs
+                .is_null()
+                .or(action::Column::EndNs.gt(t.0)),
+        );
+    }
+    let q = q
+        .order_by_asc(action::Column::StartNs)
+        .order_by_asc(action::Column::ActionId)
+        .lock_exclusive();
+    all(conn, q).await?.iter().map(action_from_model).collect()
 }
 
-pub(super) async fn insert_action(
-    tx: &mut SqliteConnection,
+pub(super) async fn insert_action<C: ConnectionTrait>(
+    conn: &C,
     tenant: &TenantId,
     a: &Action,
     clear_native: bool,
 ) -> Result<(), Error> {
     let p = &a.params;
     let queued: Vec<String> = a.queued_after.iter().map(ToString::to_string).collect();
-    sqlx::query(
-        "INSERT INTO actions (tenant_id, action_id, device_id, channel, command,
-            power_value, power_unit, target_value, target_unit, reserve_value, reserve_unit,
-            start_ns, end_ns, immediate, state, replaced_by, queued_after, error_code, error_message,
-            revision, create_ns, update_ns, work, due_ns, clear_native)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'APPLY', ?, ?)",
-    )
-    .bind(tenant.as_str())
-    .bind(a.id.to_string())
-    .bind(a.device_id.as_str())
-    .bind(&a.channel)
-    .bind(a.command.as_str())
-    .bind(p.power.map(|q| q.value))
-    .bind(p.power.map(|q| q.unit.as_str()))
-    .bind(p.target_soc.map(|q| q.value))
-    .bind(p.target_soc.map(|q| q.unit.as_str()))
-    .bind(p.reserve_soc.map(|q| q.value))
-    .bind(p.reserve_soc.map(|q| q.unit.as_str()))
-    .bind(a.start.0)
-    .bind(a.end.map(|e| e.0))
-    .bind(i64::from(a.immediate))
-    .bind(a.state.as_str())
-    .bind(a.replaced_by.map(|r| r.to_string()))
-    .bind(queued.join(","))
-    .bind(&a.error_code)
-    .bind(&a.error_message)
-    .bind(a.revision)
-    .bind(a.created.0)
-    .bind(a.updated.0)
-    .bind(a.start.0)
-    .bind(i64::from(clear_native))
-    .execute(tx)
-    .await
-    .map_err(db_err)?;
+    let row = action::ActiveModel {
+        tenant_id: Set(tenant.as_str().to_owned()),
+        action_id: Set(a.id.to_string()),
+        device_id: Set(a.device_id.as_str().to_owned()),
+        channel: Set(a.channel.clone()),
+        command: Set(a.command.as_str().to_owned()),
+        power_value: Set(p.power.map(|q| q.value)),
+        power_unit: Set(p.power.map(|q| q.unit.as_str().to_owned())),
+        target_value: Set(p.target_soc.map(|q| q.value)),
+        target_unit: Set(p.target_soc.map(|q| q.unit.as_str().to_owned())),
+        reserve_value: Set(p.reserve_soc.map(|q| q.value)),
+        reserve_unit: Set(p.reserve_soc.map(|q| q.unit.as_str().to_owned())),
+        start_ns: Set(a.start.0),
+        end_ns: Set(a.end.map(|e| e.0)),
+        immediate: Set(a.immediate),
+        state: Set(a.state.as_str().to_owned()),
+        replaced_by: Set(a.replaced_by.map(|r| r.to_string())),
+        queued_after: Set(queued.join(",")),
+        error_code: Set(a.error_code.clone()),
+        error_message: Set(a.error_message.clone()),
+        revision: Set(a.revision),
+        create_ns: Set(a.created.0),
+        update_ns: Set(a.updated.0),
+        work: Set(crate::domain::Work::Apply.as_str().to_owned()),
+        due_ns: Set(Some(a.start.0)),
+        lease_until_ns: Set(None),
+        lease_owner: Set(None),
+        attempts: Set(0),
+        clear_native: Set(clear_native),
+        oem_raw: Set(None),
+        verified: Set(false),
+        driver_memo: Set(None),
+        fence: Set(0),
+    };
+    action::Entity::insert(row)
+        .exec_without_returning(conn)
+        .await
+        .map_err(db_err)?;
     Ok(())
+}
+
+/// The row of one action of a tenant.
+fn one_action(tenant: &TenantId, id: &ActionId) -> sea_orm::Condition {
+    sea_orm::Condition::all()
+        .add(action::Column::TenantId.eq(tenant.as_str()))
+        .add(action::Column::ActionId.eq(id.to_string()))
 }
 
 /// Sets what the dispatcher owes an action (`None`: nothing), due at `due`,
@@ -344,98 +390,117 @@ pub(super) async fn insert_action(
 /// cancelled while its end-of-window revert is in flight is recorded by
 /// that revert (or reverted again once the claim lapses), never twice at
 /// once.
-pub(super) async fn set_work(
-    tx: &mut SqliteConnection,
+pub(super) async fn set_work<C: ConnectionTrait>(
+    conn: &C,
     tenant: &TenantId,
     id: &ActionId,
     work: Option<crate::domain::Work>,
     due: Option<Ts>,
     attempts: i64,
 ) -> Result<(), Error> {
-    sqlx::query(
-        "UPDATE actions SET work = ?, due_ns = ?, attempts = ?
-         WHERE tenant_id = ? AND action_id = ?",
-    )
-    .bind(work.map_or("NONE", |w| w.as_str()))
-    .bind(due.map(|d| d.0))
-    .bind(attempts)
-    .bind(tenant.as_str())
-    .bind(id.to_string())
-    .execute(tx)
-    .await
-    .map_err(db_err)?;
+    action::Entity::update_many()
+        .col_expr(
+            action::Column::Work,
+            Expr::value(work.map_or("NONE", |w| w.as_str())),
+        )
+        .col_expr(action::Column::DueNs, Expr::value(due.map(|d| d.0)))
+        .col_expr(action::Column::Attempts, Expr::value(attempts))
+        .filter(one_action(tenant, id))
+        .exec(conn)
+        .await
+        .map_err(db_err)?;
     Ok(())
 }
 
 /// Writes an action's state, outcome fields, revision and update time.
-pub(super) async fn update_action_state(
-    tx: &mut SqliteConnection,
+pub(super) async fn update_action_state<C: ConnectionTrait>(
+    conn: &C,
     tenant: &TenantId,
     a: &Action,
 ) -> Result<(), Error> {
-    sqlx::query(
-        "UPDATE actions SET state = ?, replaced_by = ?, error_code = ?, error_message = ?, revision = ?, update_ns = ?
-         WHERE tenant_id = ? AND action_id = ?",
-    )
-    .bind(a.state.as_str())
-    .bind(a.replaced_by.map(|r| r.to_string()))
-    .bind(&a.error_code)
-    .bind(&a.error_message)
-    .bind(a.revision)
-    .bind(a.updated.0)
-    .bind(tenant.as_str())
-    .bind(a.id.to_string())
-    .execute(tx)
-    .await
-    .map_err(db_err)?;
+    action::Entity::update_many()
+        .col_expr(action::Column::State, Expr::value(a.state.as_str()))
+        .col_expr(
+            action::Column::ReplacedBy,
+            Expr::value(a.replaced_by.map(|r| r.to_string())),
+        )
+        .col_expr(action::Column::ErrorCode, Expr::value(a.error_code.clone()))
+        .col_expr(
+            action::Column::ErrorMessage,
+            Expr::value(a.error_message.clone()),
+        )
+        .col_expr(action::Column::Revision, Expr::value(a.revision))
+        .col_expr(action::Column::UpdateNs, Expr::value(a.updated.0))
+        .filter(one_action(tenant, &a.id))
+        .exec(conn)
+        .await
+        .map_err(db_err)?;
     Ok(())
 }
 
-pub(super) async fn audit(
-    tx: &mut SqliteConnection,
+#[allow(clippy::too_many_arguments)] // one per column
+fn audit_row(
+    tenant: &TenantId,
+    device_id: &DeviceId,
+    action_id: Option<String>,
+    from: Option<&str>,
+    to: &str,
+    reason: &str,
+    request_id: Option<&str>,
+    at: Ts,
+) -> audit::ActiveModel {
+    audit::ActiveModel {
+        seq: NotSet,
+        tenant_id: Set(tenant.as_str().to_owned()),
+        device_id: Set(device_id.as_str().to_owned()),
+        action_id: Set(action_id),
+        from_state: Set(from.map(str::to_owned)),
+        to_state: Set(to.to_owned()),
+        reason: Set(reason.to_owned()),
+        request_id: Set(request_id.map(str::to_owned)),
+        at_ns: Set(at.0),
+    }
+}
+
+pub(super) async fn audit<C: ConnectionTrait>(
+    conn: &C,
     tenant: &TenantId,
     t: &Transition,
     request_id: Option<&str>,
     at: Ts,
 ) -> Result<(), Error> {
-    sqlx::query(
-        "INSERT INTO audit_log (tenant_id, device_id, action_id, from_state, to_state, reason, request_id, at_ns)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(tenant.as_str())
-    .bind(t.device_id.as_str())
-    .bind(t.action_id.to_string())
-    .bind(t.from.map(ActionState::as_str))
-    .bind(t.to.as_str())
-    .bind(&t.reason)
-    .bind(request_id)
-    .bind(at.0)
-    .execute(tx)
-    .await
-    .map_err(db_err)?;
+    let row = audit_row(
+        tenant,
+        &t.device_id,
+        Some(t.action_id.to_string()),
+        t.from.map(ActionState::as_str),
+        t.to.as_str(),
+        &t.reason,
+        request_id,
+        at,
+    );
+    audit::Entity::insert(row)
+        .exec_without_returning(conn)
+        .await
+        .map_err(db_err)?;
     Ok(())
 }
 
 /// Records a device-level change (no action).
-pub(super) async fn audit_device(
-    tx: &mut SqliteConnection,
+pub(super) async fn audit_device<C: ConnectionTrait>(
+    conn: &C,
     tenant: &TenantId,
     device_id: &DeviceId,
     change: &str,
     request_id: Option<&str>,
     at: Ts,
 ) -> Result<(), Error> {
-    sqlx::query(
-        "INSERT INTO audit_log (tenant_id, device_id, action_id, from_state, to_state, reason, request_id, at_ns)
-         VALUES (?, ?, NULL, NULL, ?, 'DEVICE', ?, ?)",
-    )
-    .bind(tenant.as_str())
-    .bind(device_id.as_str())
-    .bind(change)
-    .bind(request_id)
-    .bind(at.0)
-    .execute(tx)
-    .await
-    .map_err(db_err)?;
+    let row = audit_row(
+        tenant, device_id, None, None, change, "DEVICE", request_id, at,
+    );
+    audit::Entity::insert(row)
+        .exec_without_returning(conn)
+        .await
+        .map_err(db_err)?;
     Ok(())
 }

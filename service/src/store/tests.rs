@@ -5,6 +5,8 @@
 
 use std::{collections::BTreeMap, io::BufRead as _, sync::Arc, time::Duration};
 
+use sea_orm::ConnectionTrait;
+
 use super::{Store, StoreOptions};
 use crate::domain::{Device, DeviceId, Error, Family, ManualClock, TenantId, Ts};
 
@@ -30,7 +32,10 @@ async fn open(path: &std::path::Path, busy: Duration) -> Store {
     Store::open_with(
         &url,
         Arc::new(ManualClock::new(Ts(0))),
-        &StoreOptions { busy_timeout: busy },
+        &StoreOptions {
+            busy_timeout: busy,
+            ..StoreOptions::default()
+        },
     )
     .await
     .unwrap()
@@ -87,16 +92,12 @@ async fn a_full_database_is_storage_unavailable() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(&dir.path().join("db.sqlite"), Duration::from_secs(1)).await;
     let tenant = TenantId::default_tenant();
-    let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
-        .fetch_one(&store.write)
+    let pages: i64 = scalar(&store.write, "PRAGMA page_count").await;
+    store
+        .write
+        .execute_unprepared(&format!("PRAGMA max_page_count = {pages}"))
         .await
         .unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "PRAGMA max_page_count = {pages}"
-    )))
-    .execute(&store.write)
-    .await
-    .unwrap();
     let big: BTreeMap<String, String> = (0..64)
         .map(|i| (format!("k{i}"), "v".repeat(2048)))
         .collect();
@@ -122,8 +123,11 @@ async fn an_unreadable_observation_is_an_error() {
         .create_device(&tenant, device("d", BTreeMap::new()), None)
         .await
         .unwrap();
-    sqlx::query("UPDATE devices SET observed = '{\"scheduler_active\": tru', observed_ns = 1")
-        .execute(&store.write)
+    store
+        .write
+        .execute_unprepared(
+            "UPDATE devices SET observed = '{\"scheduler_active\": tru', observed_ns = 1",
+        )
         .await
         .unwrap();
     let e = store
@@ -132,8 +136,9 @@ async fn an_unreadable_observation_is_an_error() {
         .expect_err("unreadable");
     assert!(matches!(e, Error::Internal(_)), "{e:?}");
     // A column of the wrong type is an error too, not a panic.
-    sqlx::query("UPDATE devices SET observed = NULL, revision = 'x'")
-        .execute(&store.write)
+    store
+        .write
+        .execute_unprepared("UPDATE devices SET observed = NULL, revision = 'x'")
         .await
         .unwrap();
     let e = store
@@ -148,10 +153,29 @@ fn codes_a_retry_may_cure_are_transient() {
     for c in [
         "5", "6", "7", "10", "13", "14", "15", "261", "517", "266", "3850",
     ] {
-        assert!(super::transient_code(c), "{c}");
+        assert!(super::sqlite_transient(c), "{c}");
     }
     for c in ["1", "11", "19", "26", "2067", "787", "x", ""] {
-        assert!(!super::transient_code(c), "{c}");
+        assert!(!super::sqlite_transient(c), "{c}");
+    }
+}
+
+/// PostgreSQL SQLSTATEs: a lost race is run again, an unreachable or
+/// overloaded server is a retryable fault, the rest is INTERNAL.
+#[test]
+fn sqlstates_are_classified() {
+    use super::{Class, postgres_class};
+    for c in ["40001", "40P01", "23P01", "55P03"] {
+        assert_eq!(postgres_class(c), Class::Contention, "{c}");
+    }
+    for c in [
+        "08000", "08006", "08001", "57P01", "57P02", "57P03", "53300", "53100", "58030", "57014",
+        "25006",
+    ] {
+        assert_eq!(postgres_class(c), Class::Transient, "{c}");
+    }
+    for c in ["23505", "23503", "42P01", "22P02", "XX000", ""] {
+        assert_eq!(postgres_class(c), Class::Internal, "{c}");
     }
 }
 
@@ -240,9 +264,34 @@ async fn rows_carry_their_tenant() {
         .create_device(&tenant, device("d", BTreeMap::new()), None)
         .await
         .unwrap();
-    let stored: String = sqlx::query_scalar("SELECT tenant_id FROM devices")
-        .fetch_one(&store.read)
-        .await
-        .unwrap();
+    let stored: String = scalar(&store.read, "SELECT tenant_id FROM devices").await;
     assert_eq!(stored, "default");
+}
+
+/// The first column of the first row of `sql`.
+async fn scalar<T: sea_orm::TryGetable>(conn: &sea_orm::DatabaseConnection, sql: &str) -> T {
+    use sea_orm::ConnectionTrait;
+    let row = conn
+        .query_one_raw(sea_orm::Statement::from_string(
+            conn.get_database_backend(),
+            sql,
+        ))
+        .await
+        .unwrap()
+        .expect("a row");
+    row.try_get_by_index(0).unwrap()
+}
+
+#[test]
+fn a_database_password_is_never_repeated() {
+    use super::redact_url;
+    assert_eq!(
+        redact_url("postgres://sy:hunter2@db:5432/switchyard"),
+        "postgres://sy:<redacted>@db:5432/switchyard"
+    );
+    assert_eq!(
+        redact_url("postgres://sy@db:5432/switchyard"),
+        "postgres://sy@db:5432/switchyard"
+    );
+    assert_eq!(redact_url("sqlite://a.db"), "sqlite://a.db");
 }

@@ -1,0 +1,159 @@
+//! The tables as sea-orm entities: the one description of the schema the
+//! store's statements are built from, rendered for SQLite or PostgreSQL.
+//! Migrations (`schema.rs`) create what these describe; a column added
+//! there is added here.
+//!
+//! Booleans are `INTEGER` 0/1 on SQLite and `BOOLEAN` on PostgreSQL;
+//! instants are nanoseconds since the epoch in 64-bit integers.
+
+/// `devices`: one row per registered device.
+pub mod device {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "devices")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub tenant_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub device_id: String,
+        pub display_name: String,
+        pub family: String,
+        pub driver: String,
+        pub oem_device_id: String,
+        pub timezone: String,
+        /// Settings as a JSON object of strings.
+        pub settings: String,
+        pub revision: i64,
+        pub create_ns: i64,
+        pub update_ns: i64,
+        /// The last observation (JSON), and when it was made.
+        pub observed: Option<String>,
+        pub observed_ns: Option<i64>,
+        pub incarnation: String,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// `actions`: one row per booked action, with what the dispatcher owes it.
+pub mod action {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "actions")]
+    pub struct Model {
+        pub tenant_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub action_id: String,
+        pub device_id: String,
+        pub channel: String,
+        pub command: String,
+        pub power_value: Option<f64>,
+        pub power_unit: Option<String>,
+        pub target_value: Option<f64>,
+        pub target_unit: Option<String>,
+        pub reserve_value: Option<f64>,
+        pub reserve_unit: Option<String>,
+        pub start_ns: i64,
+        pub end_ns: Option<i64>,
+        pub immediate: bool,
+        pub state: String,
+        pub replaced_by: Option<String>,
+        /// Comma-separated action ids.
+        pub queued_after: String,
+        pub error_code: Option<String>,
+        pub error_message: Option<String>,
+        pub revision: i64,
+        pub create_ns: i64,
+        pub update_ns: i64,
+        /// APPLY, REVERT or NONE.
+        pub work: String,
+        pub due_ns: Option<i64>,
+        pub lease_until_ns: Option<i64>,
+        pub lease_owner: Option<String>,
+        pub attempts: i64,
+        pub clear_native: bool,
+        pub oem_raw: Option<String>,
+        pub verified: bool,
+        pub driver_memo: Option<String>,
+        pub fence: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// `audit_log`: every change of every resource, append-only.
+pub mod audit {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "audit_log")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub seq: i64,
+        pub tenant_id: String,
+        pub device_id: String,
+        pub action_id: Option<String>,
+        pub from_state: Option<String>,
+        pub to_state: String,
+        pub reason: String,
+        pub request_id: Option<String>,
+        pub at_ns: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// `idempotency_keys`: a request_id's claim and, once done, its response.
+pub mod idem_key {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "idempotency_keys")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub tenant_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub request_id: String,
+        pub method: String,
+        pub request_body: Vec<u8>,
+        pub response_body: Option<Vec<u8>>,
+        pub lease_until_ns: Option<i64>,
+        pub claim: Option<String>,
+        pub create_ns: i64,
+        pub expire_ns: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// `schema_migrations`: the migrations applied.
+pub mod migration {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "schema_migrations")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub version: i64,
+        pub applied_ns: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
