@@ -503,6 +503,14 @@ impl Driver for Simulated {
                 d.native_cleared = true;
             }
             *d.applies.entry(req.action_id.clone()).or_insert(0) += 1;
+            // One line per apply that took effect: several replicas'
+            // logs together show whether any action was applied twice.
+            tracing::info!(
+                target: "switchyard::simulated",
+                action_id = %req.action_id,
+                fence = req.fence,
+                "simulated apply took effect"
+            );
             if req.command == Command::EvPowerLimit {
                 let w = req.params.power_watts().unwrap_or(max).min(max);
                 d.power_limit = Some((req.action_id.clone(), w));

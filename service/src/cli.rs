@@ -100,6 +100,18 @@ pub struct ServeArgs {
         value_name = "SECONDS"
     )]
     pub shutdown_grace_seconds: u64,
+    /// How long a dispatch claim lasts: a replica that dies or stalls has
+    /// its claimed work taken up by another after this long. Renewed every
+    /// third of it while the work runs; a driver call is cut off after half
+    /// of it.
+    #[arg(
+        long,
+        env = "SWITCHYARD_DISPATCH_LEASE_SECONDS",
+        default_value_t = 60,
+        value_name = "SECONDS",
+        value_parser = clap::value_parser!(u64).range(2..=3600)
+    )]
+    pub dispatch_lease_seconds: u64,
     /// Directory of the secrets devices may name as `file:<name>` in their
     /// `api_key_ref` (e.g. a Kubernetes Secret mounted as a directory).
     /// Unset: `file:` references are refused. `env:` references may name
@@ -338,7 +350,14 @@ pub async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Se
             tracing::info!(devices = n, "created demo devices on the empty database");
         }
     }
-    let dispatcher = server::dispatcher(&app, crate::dispatch::DispatchConfig::default());
+    let dispatcher = server::dispatcher(
+        &app,
+        crate::dispatch::DispatchConfig {
+            lease_nanos: i64::try_from(args.dispatch_lease_seconds).unwrap_or(60)
+                * crate::domain::Ts::SECOND,
+            ..Default::default()
+        },
+    );
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("--listen {listen}: {e}"))?;

@@ -81,12 +81,12 @@ pub async fn build_app(
 ) -> Result<App, Error> {
     let store = Store::open(database_url, clock.clone()).await?;
     Ok(App {
+        budgets: Arc::new(crate::dispatch::Budgets::new(store.clone())),
         store,
         registry: Arc::new(registry),
         clock,
         horizon_nanos: i64::from(horizon_days) * 86_400 * Ts::SECOND,
         wake: Arc::new(tokio::sync::Notify::new()),
-        budgets: Arc::default(),
     })
 }
 

@@ -1,122 +1,242 @@
 //! Rate budgets: one token bucket per OEM account, shared by every action
 //! (and every read) on that account, plus a minimum spacing between writes
-//! to one device. Held in this process: replicas each keep their own (a
-//! shared budget across replicas needs the database and is not done yet).
-
-use std::{collections::HashMap, sync::Mutex};
+//! to one device. Kept in the database ([`Store::spend_budget`]), so every
+//! replica on it spends from the same buckets: two replicas together never
+//! spend more of an account's budget than one would. An account without a
+//! budget (the simulated driver's) costs no database work.
 
 use switchyard_drivers::RateBudget;
 
-use crate::domain::Ts;
+use crate::{
+    domain::Ts,
+    store::{Bucket, Spend, Store},
+};
 
-#[derive(Debug)]
-struct Bucket {
-    tokens: f64,
-    at: Ts,
-}
-
-#[derive(Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Budgets {
-    accounts: Mutex<HashMap<String, Bucket>>,
-    last_write: Mutex<HashMap<String, Ts>>,
+    store: Store,
 }
 
 const DAY: f64 = 86_400.0;
 
+/// How long to wait when the budget cannot be read (the database is
+/// unreachable): the call waits rather than spend blindly.
+const UNKNOWN_WAIT_NANOS: i64 = 5 * Ts::SECOND;
+
+/// The token-bucket rule: `calls_per_day` spread evenly, bursts of up to an
+/// hour's worth (at least one call). Takes one token from `bucket` at
+/// `now` (a bucket never used is full), or says when one is next there.
+pub fn take_token(
+    bucket: Option<Bucket>,
+    budget: &RateBudget,
+    now: Ts,
+) -> (Result<(), Ts>, Bucket) {
+    let per_sec = f64::from(budget.calls_per_day) / DAY;
+    let capacity = (per_sec * 3600.0).max(1.0);
+    let b = bucket.unwrap_or(Bucket {
+        tokens: capacity,
+        at: now,
+    });
+    let elapsed = (now.0 - b.at.0).max(0) as f64 / Ts::SECOND as f64;
+    let tokens = (b.tokens + elapsed * per_sec).min(capacity);
+    if tokens >= 1.0 {
+        (
+            Ok(()),
+            Bucket {
+                tokens: tokens - 1.0,
+                at: now,
+            },
+        )
+    } else {
+        let wait = (1.0 - tokens) / per_sec;
+        (
+            Err(now.plus_nanos((wait * Ts::SECOND as f64) as i64)),
+            Bucket { tokens, at: now },
+        )
+    }
+}
+
+/// The write-spacing rule: not before `last` + the spacing.
+fn spaced(last: Option<Ts>, budget: &RateBudget, now: Ts) -> Result<(), Ts> {
+    let spacing = i64::from(budget.min_write_interval_seconds) * Ts::SECOND;
+    match last {
+        Some(prev) if spacing > 0 && now.0 < prev.0 + spacing => Err(Ts(prev.0 + spacing)),
+        _ => Ok(()),
+    }
+}
+
 impl Budgets {
-    fn take_token(&self, account: &str, budget: &RateBudget, now: Ts) -> Result<(), Ts> {
-        if budget.calls_per_day == 0 {
-            return Ok(());
-        }
-        let per_sec = f64::from(budget.calls_per_day) / DAY;
-        // Bursts of up to an hour's worth of calls.
-        let capacity = (per_sec * 3600.0).max(1.0);
-        let mut accounts = self.accounts.lock().map_err(|_| now)?;
-        let b = accounts.entry(account.to_owned()).or_insert(Bucket {
-            tokens: capacity,
-            at: now,
-        });
-        let elapsed = (now.0 - b.at.0).max(0) as f64 / Ts::SECOND as f64;
-        b.tokens = (b.tokens + elapsed * per_sec).min(capacity);
-        b.at = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            Ok(())
-        } else {
-            let wait = (1.0 - b.tokens) / per_sec;
-            Err(now.plus_nanos((wait * Ts::SECOND as f64) as i64))
-        }
+    /// Budgets kept in `store`'s database.
+    pub fn new(store: Store) -> Self {
+        Self { store }
     }
 
     /// Takes one write call for `device` on `account`, or says when one is
     /// next available.
-    pub fn take(
+    pub async fn take(
         &self,
         account: &str,
         device: &str,
         budget: &RateBudget,
         now: Ts,
     ) -> Result<(), Ts> {
-        let spacing = i64::from(budget.min_write_interval_seconds) * Ts::SECOND;
-        if spacing > 0 {
-            let last = self.last_write.lock().map_err(|_| now)?;
-            if let Some(prev) = last.get(device)
-                && now.0 < prev.0 + spacing
-            {
-                return Err(Ts(prev.0 + spacing));
-            }
+        let spacing = budget.min_write_interval_seconds > 0;
+        if budget.calls_per_day == 0 && !spacing {
+            return Ok(());
         }
-        self.take_token(account, budget, now)?;
-        if spacing > 0
-            && let Ok(mut last) = self.last_write.lock()
-        {
-            last.insert(device.to_owned(), now);
-        }
-        Ok(())
+        // The device within its account: one physical device, whichever
+        // replica or tenant writes to it.
+        let key = format!("{account}\u{1f}{device}");
+        let decided = self
+            .store
+            .spend_budget(account, spacing.then_some(key.as_str()), |bucket, last| {
+                if let Err(at) = spaced(last, budget, now) {
+                    return Spend {
+                        verdict: Err(at),
+                        bucket: None,
+                        wrote: None,
+                    };
+                }
+                if budget.calls_per_day == 0 {
+                    return Spend {
+                        verdict: Ok(()),
+                        bucket: None,
+                        wrote: Some(now),
+                    };
+                }
+                let (verdict, bucket) = take_token(bucket, budget, now);
+                Spend {
+                    verdict,
+                    bucket: Some(bucket),
+                    wrote: verdict.is_ok().then_some(now),
+                }
+            })
+            .await;
+        self.settle(account, decided, now)
     }
 
     /// Takes one read call on `account`.
-    pub fn take_read(&self, account: &str, budget: &RateBudget, now: Ts) -> Result<(), Ts> {
-        self.take_token(account, budget, now)
+    pub async fn take_read(&self, account: &str, budget: &RateBudget, now: Ts) -> Result<(), Ts> {
+        if budget.calls_per_day == 0 {
+            return Ok(());
+        }
+        let decided = self
+            .store
+            .spend_budget(account, None, |bucket, _| {
+                let (verdict, bucket) = take_token(bucket, budget, now);
+                Spend {
+                    verdict,
+                    bucket: Some(bucket),
+                    wrote: None,
+                }
+            })
+            .await;
+        self.settle(account, decided, now)
+    }
+
+    fn settle(
+        &self,
+        account: &str,
+        decided: Result<Result<(), Ts>, crate::domain::Error>,
+        now: Ts,
+    ) -> Result<(), Ts> {
+        decided.unwrap_or_else(|e| {
+            tracing::warn!(%account, error = %e, "the rate budget cannot be read; waiting");
+            Err(now.plus_nanos(UNKNOWN_WAIT_NANOS))
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::sync::Arc;
 
-    #[test]
-    fn a_daily_budget_runs_out_and_refills() {
-        let b = Budgets::default();
+    use super::*;
+    use crate::domain::ManualClock;
+
+    async fn budgets() -> Budgets {
+        let store = Store::open("sqlite::memory:", Arc::new(ManualClock::new(Ts(0))))
+            .await
+            .unwrap();
+        Budgets::new(store)
+    }
+
+    #[tokio::test]
+    async fn a_daily_budget_runs_out_and_refills() {
+        let b = budgets().await;
         let budget = RateBudget {
             calls_per_day: 24,
             min_write_interval_seconds: 0,
         };
         let t0 = Ts(0);
         // 24/day = 1 per hour; a burst of one hour's worth = 1 call.
-        assert!(b.take_read("acct", &budget, t0).is_ok());
-        let next = b.take_read("acct", &budget, t0).unwrap_err();
+        assert!(b.take_read("acct", &budget, t0).await.is_ok());
+        let next = b.take_read("acct", &budget, t0).await.unwrap_err();
         assert_eq!(next.0 / Ts::SECOND, 3600);
-        assert!(b.take_read("acct", &budget, next).is_ok());
+        assert!(b.take_read("acct", &budget, next).await.is_ok());
         assert!(
-            b.take_read("other", &budget, t0).is_ok(),
+            b.take_read("other", &budget, t0).await.is_ok(),
             "accounts are separate"
         );
     }
 
-    #[test]
-    fn writes_to_one_device_are_spaced() {
-        let b = Budgets::default();
+    #[tokio::test]
+    async fn writes_to_one_device_are_spaced() {
+        let b = budgets().await;
         let budget = RateBudget {
             calls_per_day: 0,
             min_write_interval_seconds: 5,
         };
-        assert!(b.take("a", "dev", &budget, Ts(0)).is_ok());
+        assert!(b.take("a", "dev", &budget, Ts(0)).await.is_ok());
         assert_eq!(
-            b.take("a", "dev", &budget, Ts(Ts::SECOND)),
+            b.take("a", "dev", &budget, Ts(Ts::SECOND)).await,
             Err(Ts(5 * Ts::SECOND))
         );
-        assert!(b.take("a", "dev2", &budget, Ts(Ts::SECOND)).is_ok());
-        assert!(b.take("a", "dev", &budget, Ts(5 * Ts::SECOND)).is_ok());
+        assert!(b.take("a", "dev2", &budget, Ts(Ts::SECOND)).await.is_ok());
+        assert!(
+            b.take("a", "dev", &budget, Ts(5 * Ts::SECOND))
+                .await
+                .is_ok()
+        );
+    }
+
+    /// A refused write spends nothing: neither a token nor the device's
+    /// spacing.
+    #[tokio::test]
+    async fn a_refused_write_spends_nothing() {
+        let b = budgets().await;
+        let budget = RateBudget {
+            calls_per_day: 24,
+            min_write_interval_seconds: 5,
+        };
+        assert!(b.take("a", "dev", &budget, Ts(0)).await.is_ok());
+        // Spaced out, then out of tokens: both refused.
+        assert!(b.take("a", "dev", &budget, Ts(Ts::SECOND)).await.is_err());
+        let next = b
+            .take("a", "dev2", &budget, Ts(Ts::SECOND))
+            .await
+            .unwrap_err();
+        // One token an hour, the refusals took none.
+        assert_eq!(next.0 / Ts::SECOND, 3600);
+        assert!(b.take("a", "dev2", &budget, next).await.is_ok());
+    }
+
+    /// Two replicas' budgets on one database spend from one bucket.
+    #[tokio::test]
+    async fn replicas_share_one_bucket() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("b.db").display());
+        let clock = Arc::new(ManualClock::new(Ts(0)));
+        let one = Budgets::new(Store::open(&url, clock.clone()).await.unwrap());
+        let two = Budgets::new(Store::open(&url, clock).await.unwrap());
+        let budget = RateBudget {
+            calls_per_day: 48,
+            min_write_interval_seconds: 0,
+        };
+        // 48/day: a burst of 2.
+        assert!(one.take_read("acct", &budget, Ts(0)).await.is_ok());
+        assert!(two.take_read("acct", &budget, Ts(0)).await.is_ok());
+        assert!(one.take_read("acct", &budget, Ts(0)).await.is_err());
+        assert!(two.take_read("acct", &budget, Ts(0)).await.is_err());
     }
 }

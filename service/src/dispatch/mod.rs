@@ -49,7 +49,9 @@ pub struct DispatchConfig {
     pub batch: u32,
     /// Most driver calls in flight at once.
     pub concurrency: usize,
-    /// How long a claim lasts before another dispatcher may take the work.
+    /// How long a claim lasts before another dispatcher may take the work
+    /// (a replica that died or stalled). Renewed every third of it while
+    /// the round runs; a driver call is cut off after half of it.
     pub lease_nanos: i64,
     /// Tries of a retryable apply before it fails.
     pub max_apply_attempts: i64,
@@ -69,7 +71,7 @@ impl Default for DispatchConfig {
             poll: Duration::from_secs(1),
             batch: 512,
             concurrency: 256,
-            lease_nanos: 120 * Ts::SECOND,
+            lease_nanos: 60 * Ts::SECOND,
             max_apply_attempts: 5,
             max_revert_attempts: 10,
             backoff_base_nanos: 2 * Ts::SECOND,
@@ -213,6 +215,7 @@ pub async fn read_state(
     let now = clock.now();
     if budgets
         .take_read(&driver.account(), &driver.capabilities().rate_budget, now)
+        .await
         .is_err()
     {
         return None;
@@ -314,6 +317,25 @@ impl Dispatcher {
             .claim_due(now, self.config.batch, self.config.lease_nanos)
             .await?;
         let n = jobs.len();
+        // The heartbeat: while this round runs (jobs queued behind the
+        // concurrency bound included), its claim is renewed, so no other
+        // replica takes the work up; if this process stops, the renewals
+        // stop and the lease runs out.
+        let heartbeat = jobs.first().map(|j| {
+            let (store, clock, claim) = (self.store.clone(), self.clock.clone(), j.claim.clone());
+            let lease = self.config.lease_nanos;
+            let every = Duration::from_nanos(u64::try_from(lease / 3).unwrap_or(0))
+                .max(Duration::from_millis(100));
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    if let Err(e) = store.renew(&claim, clock.now().plus_nanos(lease)).await {
+                        tracing::warn!(error = %e, "could not renew the dispatch lease");
+                    }
+                }
+            })
+        });
+        let _stop_heartbeat = AbortOnDrop(heartbeat);
         let sem = Arc::new(tokio::sync::Semaphore::new(self.config.concurrency.max(1)));
         let mut set = tokio::task::JoinSet::new();
         for job in jobs {
@@ -544,12 +566,16 @@ impl Dispatcher {
             Ok(d) => d,
             Err(why) => return Ok(Err(misconfigured(why))),
         };
-        if let Err(at) = self.budgets.take(
-            &driver.account(),
-            device.id.as_str(),
-            &driver.capabilities().rate_budget,
-            now,
-        ) {
+        if let Err(at) = self
+            .budgets
+            .take(
+                &driver.account(),
+                device.id.as_str(),
+                &driver.capabilities().rate_budget,
+                now,
+            )
+            .await
+        {
             return Ok(Err(Finish::Postpone { due: at }));
         }
         Ok(Ok((device, driver)))
@@ -725,6 +751,18 @@ impl Dispatcher {
                 () = self.wake.notified() => {}
                 () = tokio::time::sleep(wait) => {}
             }
+        }
+    }
+}
+
+/// Aborts its task when dropped (the lease heartbeat ends with its round,
+/// however the round ends).
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            t.abort();
         }
     }
 }

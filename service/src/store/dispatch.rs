@@ -109,6 +109,20 @@ impl Store {
             .collect())
     }
 
+    /// Extends the lease of every job still held under `claim` to
+    /// `until` (the dispatcher's heartbeat while a round runs); returns
+    /// how many. Jobs already recorded hold no claim and are untouched; a
+    /// claim that lapsed and was taken again is not this one any more.
+    pub async fn renew(&self, claim: &str, until: Ts) -> Result<u64, Error> {
+        let done = action::Entity::update_many()
+            .col_expr(action::Column::LeaseUntilNs, Expr::value(until.0))
+            .filter(action::Column::LeaseOwner.eq(claim))
+            .exec(&self.write)
+            .await
+            .map_err(db_err)?;
+        Ok(done.rows_affected)
+    }
+
     /// When the next work can be claimed, if any (for the dispatcher's
     /// sleep): claimed work counts from when its lease runs out, so a
     /// dispatcher never spins on work another one holds.

@@ -157,3 +157,40 @@ pub mod migration {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+/// `rate_buckets`: an OEM account's token bucket.
+pub mod rate_bucket {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "rate_buckets")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub account: String,
+        pub tokens: f64,
+        pub at_ns: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// `device_writes`: when a device was last written to.
+pub mod device_write {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "device_writes")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub device_key: String,
+        pub last_ns: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

@@ -18,6 +18,7 @@
 //!   is never met in-process; `busy_timeout` covers other processes.
 
 mod actions;
+mod budget;
 #[cfg(feature = "contract")]
 pub mod contract;
 mod devices;
@@ -30,6 +31,7 @@ mod schema;
 mod tests;
 
 pub use actions::{ActionQuery, PushOutcome};
+pub use budget::{Bucket, Spend};
 pub use devices::Retarget;
 pub use dispatch::{Finish, Job};
 pub use idem::{

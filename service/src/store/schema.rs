@@ -232,6 +232,24 @@ ALTER TABLE actions ADD CONSTRAINT actions_no_overlap EXCLUDE USING gist (
 ) WHERE (state IN ('SCHEDULED', 'ACKNOWLEDGED', 'ACTIVE') OR work = 'REVERT');
 "#,
     ),
+    (
+        8,
+        Only::Both,
+        r#"
+-- OEM rate budgets, shared by every replica on this database: one token
+-- bucket per OEM account (tokens left, and when they were counted), and
+-- the last write to each device (for the minimum spacing between writes).
+CREATE TABLE rate_buckets (
+    account TEXT  NOT NULL PRIMARY KEY,
+    tokens  {f64} NOT NULL,
+    at_ns   {i64} NOT NULL
+);
+CREATE TABLE device_writes (
+    device_key TEXT  NOT NULL PRIMARY KEY,
+    last_ns    {i64} NOT NULL
+);
+"#,
+    ),
 ];
 
 #[cfg(test)]

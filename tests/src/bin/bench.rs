@@ -1,7 +1,8 @@
 //! switchyard-bench: measures the service from outside, over gRPC.
 //!
 //! `switchyard-bench push` sends N pushes from C concurrent clients to a
-//! switchyard server on SQLite (a spawned release binary, or `--addr`),
+//! switchyard server on SQLite, or on PostgreSQL with `--database` (a
+//! spawned release binary, or `--addr`),
 //! and prints pushes/s and latency percentiles next to a baseline measured
 //! in the same run: bare single-row INSERT transactions on SQLite with the
 //! same durability settings (WAL, synchronous=FULL, BEGIN IMMEDIATE, one
@@ -57,6 +58,11 @@ enum Cmd {
         /// this binary).
         #[arg(long, value_name = "PATH")]
         server_bin: Option<std::path::PathBuf>,
+        /// The database of the spawned server (default: a fresh SQLite
+        /// file), e.g. an empty PostgreSQL database:
+        /// `postgres://postgres@127.0.0.1:5432/bench`.
+        #[arg(long, value_name = "URL")]
+        database: Option<String>,
     },
     /// N windowed actions on N simulated devices (latency 0), all due in
     /// the same second: how late does the dispatcher apply them?
@@ -102,11 +108,19 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
-async fn start_server(bin: Option<std::path::PathBuf>) -> Server {
-    start_server_in(bin, tempfile::tempdir().expect("tempdir")).await
+async fn start_server(bin: Option<std::path::PathBuf>, database: Option<String>) -> Server {
+    start_server_on(bin, tempfile::tempdir().expect("tempdir"), database).await
 }
 
 async fn start_server_in(bin: Option<std::path::PathBuf>, dir: tempfile::TempDir) -> Server {
+    start_server_on(bin, dir, None).await
+}
+
+async fn start_server_on(
+    bin: Option<std::path::PathBuf>,
+    dir: tempfile::TempDir,
+    database: Option<String>,
+) -> Server {
     let bin = bin.unwrap_or_else(|| {
         std::env::current_exe()
             .expect("own path")
@@ -118,7 +132,8 @@ async fn start_server_in(bin: Option<std::path::PathBuf>, dir: tempfile::TempDir
         bin.display()
     );
     let addr = format!("127.0.0.1:{}", free_port());
-    let db = format!("sqlite://{}", dir.path().join("bench.db").display());
+    let db =
+        database.unwrap_or_else(|| format!("sqlite://{}", dir.path().join("bench.db").display()));
     let child = Proc::new(&bin)
         .args([
             "serve",
@@ -181,6 +196,7 @@ async fn bench_push(
     devices: usize,
     addr: Option<String>,
     bin: Option<std::path::PathBuf>,
+    database: Option<String>,
 ) {
     let server = match addr {
         Some(addr) => Server {
@@ -188,7 +204,7 @@ async fn bench_push(
             addr,
             _dir: None,
         },
-        None => start_server(bin).await,
+        None => start_server(bin, database).await,
     };
     let ch = connect(&server.addr).await.expect("connect");
     let run = format!("{:x}", std::process::id());
@@ -520,7 +536,8 @@ async fn main() {
             devices,
             addr,
             server_bin,
-        } => bench_push(n, c, devices.max(1), addr, server_bin).await,
+            database,
+        } => bench_push(n, c, devices.max(1), addr, server_bin, database).await,
         Cmd::Dispatch { n, c, server_bin } => bench_dispatch(n.max(1), c.max(1), server_bin).await,
     }
 }
