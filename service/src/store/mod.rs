@@ -225,7 +225,9 @@ impl Store {
             let pool = PgPoolOptions::new()
                 .max_connections(options.max_connections.max(1))
                 .min_connections(0)
-                .acquire_timeout(options.busy_timeout)
+                // An unreachable server is answered STORAGE_UNAVAILABLE
+                // within a client's usual deadline, not after it.
+                .acquire_timeout(options.busy_timeout.min(Duration::from_secs(5)))
                 .idle_timeout(Some(Duration::from_secs(60)))
                 .test_before_acquire(true)
                 .connect_lazy_with(opts);
