@@ -823,7 +823,7 @@ struct Plan {
 impl Plan {
     fn request(&self, changed: bool) -> pb::PushActionRequest {
         // A changed body ends a minute later: still within its own slot.
-        let end = self.end + if changed { 0 } else { 0 };
+        let end = self.end + if changed { MIN } else { 0 };
         pb::PushActionRequest {
             request_id: self.request_id.clone(),
             ..push(&self.device, charge(self.start, Some(end)), self.strategy)
