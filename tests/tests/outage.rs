@@ -15,6 +15,11 @@
 //! - no connection of the server is left idle inside a transaction (which
 //!   would hold row locks against every other replica).
 //!
+//! Two kinds of outage: the connections closed (a database restarted or
+//! gone: the client sees the end of its connections at once), and the
+//! network gone silent (a partition: nothing arrives and nothing is
+//! closed, so only the client's own time limits end a call).
+//!
 //! The relay is what makes this testable: stopping the shared PostgreSQL
 //! server would disturb every other test, and only a real network path
 //! breaks the server's pooled connections mid-use.
@@ -47,7 +52,9 @@ const BIN: &str = env!("CARGO_BIN_EXE_switchyard-under-test");
 /// The deadline every call is made with.
 const CALL_DEADLINE: Duration = Duration::from_secs(15);
 
-/// A TCP relay to PostgreSQL that can be cut and restored.
+/// A TCP relay to PostgreSQL that can be cut (connections closed, new ones
+/// refused) or frozen (nothing passes either way, nothing is closed), and
+/// restored.
 struct Relay {
     addr: SocketAddr,
     shared: Arc<RelayShared>,
@@ -63,6 +70,8 @@ struct RelayShared {
     conns: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Connections closed at once while cut.
     refused: AtomicU64,
+    /// Frozen: bytes are held (not lost) until thawed.
+    frozen: tokio::sync::watch::Sender<bool>,
 }
 
 impl Relay {
@@ -73,10 +82,11 @@ impl Relay {
             cut: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),
             refused: AtomicU64::new(0),
+            frozen: tokio::sync::watch::channel(false).0,
         });
         let s = shared.clone();
         let task = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
+            while let Ok((client, _)) = listener.accept().await {
                 let mut conns = s.conns.lock().unwrap();
                 if s.cut.load(Ordering::SeqCst) {
                     s.refused.fetch_add(1, Ordering::SeqCst);
@@ -84,12 +94,20 @@ impl Relay {
                     continue;
                 }
                 let up = upstream.clone();
+                let frozen = s.frozen.subscribe();
                 conns.retain(|t| !t.is_finished());
                 conns.push(tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(&up).await else {
+                    let Ok(server) = TcpStream::connect(&up).await else {
                         return;
                     };
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    let (from_client, to_client) = client.into_split();
+                    let (from_server, to_server) = server.into_split();
+                    // One task for both directions: aborting it closes both
+                    // ends of both connections.
+                    tokio::join!(
+                        pipe(from_client, to_server, frozen.clone()),
+                        pipe(from_server, to_client, frozen),
+                    );
                 }));
             }
         });
@@ -111,6 +129,17 @@ impl Relay {
         self.shared.cut.store(false, Ordering::SeqCst);
     }
 
+    /// Nothing passes, either way, on any connection, new ones included;
+    /// nothing is closed.
+    fn freeze(&self) {
+        self.shared.frozen.send_replace(true);
+    }
+
+    /// What was held passes, and everything after it.
+    fn thaw(&self) {
+        self.shared.frozen.send_replace(false);
+    }
+
     fn refused(&self) -> u64 {
         self.shared.refused.load(Ordering::SeqCst)
     }
@@ -118,8 +147,28 @@ impl Relay {
 
 impl Drop for Relay {
     fn drop(&mut self) {
+        self.thaw();
         self.cut();
         self.task.abort();
+    }
+}
+
+/// Copies `from` to `to`, holding what it read while `frozen`.
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if frozen.wait_for(|f| !*f).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
 
@@ -246,16 +295,15 @@ async fn idle_in_transaction(
     .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_database_outage_is_unavailable_and_not_serving_then_recovers_without_a_restart() {
-    let Some(db) = postgres::database().await else {
-        return; // said loudly by the harness (and impossible under CI=true)
-    };
+/// A relay to the test's database, a server reaching the database
+/// through it, and a channel to the server; the server has a simulated
+/// battery `bat`.
+async fn start(db: &postgres::TestDatabase) -> (Relay, ServerProcess, Channel) {
     let placeholder: SocketAddr = "127.0.0.1:1".parse().unwrap();
     let (_, upstream) = through(&db.url, placeholder);
     let relay = Relay::start(upstream).await;
     let (url, _) = through(&db.url, relay.addr);
-    let mut server = ServerProcess::spawn(BIN, &url);
+    let server = ServerProcess::spawn(BIN, &url);
     let ch = server.channel().await;
     DeviceServiceClient::new(ch.clone())
         .create_device(req(pb::CreateDeviceRequest {
@@ -270,6 +318,15 @@ async fn a_database_outage_is_unavailable_and_not_serving_then_recovers_without_
         }))
         .await
         .unwrap();
+    (relay, server, ch)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_is_unavailable_and_not_serving_then_recovers_without_a_restart() {
+    let Some(db) = postgres::database().await else {
+        return; // said loudly by the harness (and impossible under CI=true)
+    };
+    let (relay, mut server, ch) = start(&db).await;
     let base = unix_secs() + 2 * 86_400;
     let mut acked = Vec::new();
     let mut actions = ActionServiceClient::new(ch.clone());
@@ -447,4 +504,159 @@ async fn a_database_outage_is_unavailable_and_not_serving_then_recovers_without_
     assert!(said("the database answers again: SERVING"));
     drop((pg, server, relay));
     db.drop_database().await;
+}
+
+/// One push of a client that keeps pushing: when it was sent, how long
+/// its answer took, and the answer.
+type Sent = (Instant, Duration, Result<String, tonic::Status>);
+
+/// The network to the database goes silent (a partition: nothing arrives,
+/// nothing is closed) while clients keep pushing, so that calls are in the
+/// middle of a transaction when it does. Each call must still be answered
+/// before its deadline, UNAVAILABLE with STORAGE_UNAVAILABLE and a
+/// RetryInfo (or OK), health must turn NOT_SERVING, and once the network
+/// is back the server must serve again by itself, with every acknowledged
+/// push kept and no session left idle in a transaction.
+///
+/// Without a deadline on each store operation (8 s on PostgreSQL), a call
+/// whose statement is in flight when the network goes silent waits until
+/// the client's deadline and is answered CANCELLED ("Timeout expired", no
+/// details), while its session stays idle in a transaction holding row
+/// locks against every other replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_network_mid_transaction_is_still_answered_unavailable_before_the_deadline() {
+    let Some(db) = postgres::database().await else {
+        return; // said loudly by the harness (and impossible under CI=true)
+    };
+    let (relay, server, ch) = start(&db).await;
+    let base = unix_secs() + 2 * 86_400;
+    let actions = ActionServiceClient::new(ch.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent: Arc<Mutex<Vec<Vec<Sent>>>> = Arc::new(Mutex::new(vec![Vec::new(); 8]));
+    let pushers: Vec<_> = (0..8i64)
+        .map(|w| {
+            let (stop, sent, mut c) = (stop.clone(), sent.clone(), actions.clone());
+            tokio::spawn(async move {
+                let mut n = 1000 * (w + 1); // slots of its own, within the horizon
+                while !stop.load(Ordering::SeqCst) {
+                    n += 1;
+                    let at = Instant::now();
+                    let (r, took) = bounded("push", c.push_action(req(nth_push(n, base)))).await;
+                    let r = r.map(|a| a.action.unwrap().action_id);
+                    sent.lock().unwrap()[usize::try_from(w).unwrap()].push((at, took, r));
+                }
+            })
+        })
+        .collect();
+    // Every client has pushed: calls are flowing.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sent.lock().unwrap().iter().any(Vec::is_empty) {
+        assert!(Instant::now() < deadline, "the clients could not push");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    relay.freeze();
+    let frozen = Instant::now();
+    // Until every client has had the answer to the call it had in flight
+    // (it has sent one after the freeze), and health has turned.
+    let mut not_serving = None;
+    loop {
+        if not_serving.is_none() && health(&ch).await.unwrap() == ServingStatus::NotServing as i32 {
+            not_serving = Some(frozen.elapsed());
+        }
+        let answered = sent
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|calls| calls.iter().any(|(at, _, _)| *at > frozen));
+        if answered && not_serving.is_some() {
+            break;
+        }
+        assert!(
+            frozen.elapsed() < CALL_DEADLINE + Duration::from_secs(10),
+            "calls or health still unanswered {:?} into the silence",
+            frozen.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    relay.thaw();
+    let thawed = Instant::now();
+    let (mut push_back, mut serving) = (false, false);
+    let mut n = 0;
+    while !(push_back && serving) {
+        if !push_back {
+            n += 1;
+            let (r, _) = bounded("push", actions.clone().push_action(req(nth_push(n, base)))).await;
+            push_back = r.is_ok();
+        }
+        serving = serving || health(&ch).await.unwrap() == ServingStatus::Serving as i32;
+        assert!(
+            thawed.elapsed() < Duration::from_secs(20),
+            "not recovered 20 s after the network came back (push: {push_back}, SERVING: {serving})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    for p in pushers {
+        p.await.unwrap();
+    }
+    let sent = std::mem::take(&mut *sent.lock().unwrap());
+    let calls: Vec<&Sent> = sent.iter().flatten().collect();
+    let wrong: Vec<String> = calls
+        .iter()
+        .filter_map(|(at, took, r)| {
+            let late = *took >= CALL_DEADLINE - Duration::from_secs(1);
+            let refused_right = r.as_ref().err().is_none_or(|st| {
+                st.code() == Code::Unavailable
+                    && !st.details().is_empty()
+                    && details(st).reason() == "STORAGE_UNAVAILABLE"
+                    && details(st).retry.is_some()
+            });
+            (late || !refused_right).then(|| {
+                format!(
+                    "sent {:+.2} s from the freeze, answered in {took:.2?}: {:?}",
+                    at.saturating_duration_since(frozen).as_secs_f64()
+                        - frozen.saturating_duration_since(*at).as_secs_f64(),
+                    r.as_ref()
+                        .map_err(|st| (st.code(), st.message().to_owned()))
+                )
+            })
+        })
+        .collect();
+    eprintln!(
+        "{} calls; health NOT_SERVING {not_serving:?} into the silence; {} answered wrong or late",
+        calls.len(),
+        wrong.len()
+    );
+    let mut c = actions.clone();
+    for (_, _, r) in &calls {
+        if let Ok(id) = r {
+            let (got, _) = bounded(
+                "get",
+                c.get_action(req(pb::GetActionRequest {
+                    device_id: "bat".into(),
+                    action_id: id.clone(),
+                })),
+            )
+            .await;
+            got.unwrap_or_else(|e| panic!("acknowledged push {id} lost: {e:?}"));
+        }
+    }
+    let mut pg = PgConnection::connect(&db.url).await.unwrap();
+    let name = database_name(&db.url);
+    let first = idle_in_transaction(&mut pg, &name).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let second = idle_in_transaction(&mut pg, &name).await;
+    let stuck: Vec<_> = first
+        .iter()
+        .filter(|a| second.iter().any(|b| (b.0, &b.1) == (a.0, &a.1)))
+        .collect();
+    assert!(stuck.is_empty(), "left idle in transaction: {stuck:#?}");
+    drop((pg, server, relay));
+    db.drop_database().await;
+    assert!(
+        wrong.is_empty(),
+        "calls not answered STORAGE_UNAVAILABLE before their deadline: {wrong:#?}"
+    );
 }

@@ -214,9 +214,12 @@ impl Store {
         device_id: &DeviceId,
         action_id: &ActionId,
     ) -> Result<Action, Error> {
-        rows::fetch_action(&self.read, tenant, device_id, action_id, false)
-            .await?
-            .ok_or_else(|| not_found(device_id, action_id))
+        self.bounded(async {
+            rows::fetch_action(&self.read, tenant, device_id, action_id, false)
+                .await?
+                .ok_or_else(|| not_found(device_id, action_id))
+        })
+        .await
     }
 
     /// Actions, newest first.
@@ -225,25 +228,28 @@ impl Store {
         tenant: &TenantId,
         q: ActionQuery<'_>,
     ) -> Result<Vec<Action>, Error> {
-        let mut select = rows::actions_of(tenant);
-        if let Some(d) = q.device {
-            select = select.filter(action::Column::DeviceId.eq(d.as_str()));
-        }
-        if !q.states.is_empty() {
-            select =
-                select.filter(action::Column::State.is_in(q.states.iter().map(|s| s.as_str())));
-        }
-        if let Some(b) = q.before {
-            select = select.filter(action::Column::ActionId.lt(b.to_string()));
-        }
-        let select = select
-            .order_by_desc(action::Column::ActionId)
-            .limit(u64::from(q.limit));
-        rows::all(&self.read, select)
-            .await?
-            .iter()
-            .map(rows::action_from_model)
-            .collect()
+        self.bounded(async {
+            let mut select = rows::actions_of(tenant);
+            if let Some(d) = q.device {
+                select = select.filter(action::Column::DeviceId.eq(d.as_str()));
+            }
+            if !q.states.is_empty() {
+                select =
+                    select.filter(action::Column::State.is_in(q.states.iter().map(|s| s.as_str())));
+            }
+            if let Some(b) = q.before {
+                select = select.filter(action::Column::ActionId.lt(b.to_string()));
+            }
+            let select = select
+                .order_by_desc(action::Column::ActionId)
+                .limit(u64::from(q.limit));
+            rows::all(&self.read, select)
+                .await?
+                .iter()
+                .map(rows::action_from_model)
+                .collect()
+        })
+        .await
     }
 
     /// Cancels a SCHEDULED action, or stops an ACTIVE one early (its revert
@@ -312,14 +318,17 @@ impl Store {
         tenant: &TenantId,
         action_id: &ActionId,
     ) -> Result<Vec<(Option<String>, String, String)>, Error> {
-        let select = audit::Entity::find()
-            .filter(audit::Column::TenantId.eq(tenant.as_str()))
-            .filter(audit::Column::ActionId.eq(action_id.to_string()))
-            .order_by_asc(audit::Column::Seq);
-        Ok(rows::all(&self.read, select)
-            .await?
-            .into_iter()
-            .map(|r| (r.from_state, r.to_state, r.reason))
-            .collect())
+        self.bounded(async {
+            let select = audit::Entity::find()
+                .filter(audit::Column::TenantId.eq(tenant.as_str()))
+                .filter(audit::Column::ActionId.eq(action_id.to_string()))
+                .order_by_asc(audit::Column::Seq);
+            Ok(rows::all(&self.read, select)
+                .await?
+                .into_iter()
+                .map(|r| (r.from_state, r.to_state, r.reason))
+                .collect())
+        })
+        .await
     }
 }

@@ -69,22 +69,28 @@ impl Store {
     /// Whether a device exists (read outside any transaction: a hint to
     /// spare work, the write decides).
     pub async fn device_exists(&self, tenant: &TenantId, id: &DeviceId) -> Result<bool, Error> {
-        let found = device::Entity::find()
-            .filter(device::Column::TenantId.eq(tenant.as_str()))
-            .filter(device::Column::DeviceId.eq(id.as_str()))
-            .count(&self.read)
-            .await
-            .map_err(db_err)?;
-        Ok(found > 0)
+        self.bounded(async {
+            let found = device::Entity::find()
+                .filter(device::Column::TenantId.eq(tenant.as_str()))
+                .filter(device::Column::DeviceId.eq(id.as_str()))
+                .count(&self.read)
+                .await
+                .map_err(db_err)?;
+            Ok(found > 0)
+        })
+        .await
     }
 
     /// One device.
     pub async fn get_device(&self, tenant: &TenantId, id: &DeviceId) -> Result<Device, Error> {
-        rows::fetch_device(&self.read, tenant, id, false)
-            .await?
-            .ok_or_else(|| Error::DeviceNotFound {
-                device_id: id.to_string(),
-            })
+        self.bounded(async {
+            rows::fetch_device(&self.read, tenant, id, false)
+                .await?
+                .ok_or_else(|| Error::DeviceNotFound {
+                    device_id: id.to_string(),
+                })
+        })
+        .await
     }
 
     /// Devices in id order, after `after`.
@@ -94,26 +100,32 @@ impl Store {
         after: Option<&str>,
         limit: u32,
     ) -> Result<Vec<Device>, Error> {
-        let select = device::Entity::find()
-            .filter(device::Column::TenantId.eq(tenant.as_str()))
-            .filter(device::Column::DeviceId.gt(after.unwrap_or("")))
-            .order_by_asc(device::Column::DeviceId)
-            .limit(u64::from(limit));
-        rows::all(&self.read, select)
-            .await?
-            .into_iter()
-            .map(rows::device_from_model)
-            .collect()
+        self.bounded(async {
+            let select = device::Entity::find()
+                .filter(device::Column::TenantId.eq(tenant.as_str()))
+                .filter(device::Column::DeviceId.gt(after.unwrap_or("")))
+                .order_by_asc(device::Column::DeviceId)
+                .limit(u64::from(limit));
+            rows::all(&self.read, select)
+                .await?
+                .into_iter()
+                .map(rows::device_from_model)
+                .collect()
+        })
+        .await
     }
 
     /// Number of devices of the tenant.
     pub async fn count_devices(&self, tenant: &TenantId) -> Result<i64, Error> {
-        let n = device::Entity::find()
-            .filter(device::Column::TenantId.eq(tenant.as_str()))
-            .count(&self.read)
-            .await
-            .map_err(db_err)?;
-        i64::try_from(n).map_err(|_| Error::Internal("device count out of range".into()))
+        self.bounded(async {
+            let n = device::Entity::find()
+                .filter(device::Column::TenantId.eq(tenant.as_str()))
+                .count(&self.read)
+                .await
+                .map_err(db_err)?;
+            i64::try_from(n).map_err(|_| Error::Internal("device count out of range".into()))
+        })
+        .await
     }
 
     /// Changes a device with `apply`, if `etag` (when given) matches; a

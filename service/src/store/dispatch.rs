@@ -114,33 +114,39 @@ impl Store {
     /// how many. Jobs already recorded hold no claim and are untouched; a
     /// claim that lapsed and was taken again is not this one any more.
     pub async fn renew(&self, claim: &str, until: Ts) -> Result<u64, Error> {
-        let done = action::Entity::update_many()
-            .col_expr(action::Column::LeaseUntilNs, Expr::value(until.0))
-            .filter(action::Column::LeaseOwner.eq(claim))
-            .exec(&self.write)
-            .await
-            .map_err(db_err)?;
-        Ok(done.rows_affected)
+        self.bounded(async {
+            let done = action::Entity::update_many()
+                .col_expr(action::Column::LeaseUntilNs, Expr::value(until.0))
+                .filter(action::Column::LeaseOwner.eq(claim))
+                .exec(&self.write)
+                .await
+                .map_err(db_err)?;
+            Ok(done.rows_affected)
+        })
+        .await
     }
 
     /// When the next work can be claimed, if any (for the dispatcher's
     /// sleep): claimed work counts from when its lease runs out, so a
     /// dispatcher never spins on work another one holds.
     pub async fn next_due(&self) -> Result<Option<Ts>, Error> {
-        let lease = || Expr::col(action::Column::LeaseUntilNs);
-        let due = || Expr::col(action::Column::DueNs);
-        let free_at = Expr::case(lease().gt(due()), lease()).finally(due());
-        let q = Query::select()
-            .expr_as(Func::min(free_at), "next_ns")
-            .from(action::Entity)
-            .and_where(owed())
-            .to_owned();
-        let row = self.read.query_one(&q).await.map_err(db_err)?;
-        let next: Option<i64> = match row {
-            Some(r) => r.try_get("", "next_ns").map_err(db_err)?,
-            None => None,
-        };
-        Ok(next.map(Ts))
+        self.bounded(async {
+            let lease = || Expr::col(action::Column::LeaseUntilNs);
+            let due = || Expr::col(action::Column::DueNs);
+            let free_at = Expr::case(lease().gt(due()), lease()).finally(due());
+            let q = Query::select()
+                .expr_as(Func::min(free_at), "next_ns")
+                .from(action::Entity)
+                .and_where(owed())
+                .to_owned();
+            let row = self.read.query_one(&q).await.map_err(db_err)?;
+            let next: Option<i64> = match row {
+                Some(r) => r.try_get("", "next_ns").map_err(db_err)?,
+                None => None,
+            };
+            Ok(next.map(Ts))
+        })
+        .await
     }
 
     /// Records what came of a job.
@@ -409,24 +415,27 @@ impl Store {
         tenant: &TenantId,
         device: &DeviceId,
     ) -> Result<Vec<switchyard_drivers::Applied>, Error> {
-        let rows: Vec<(String, Option<String>)> = rows::actions_of(tenant)
-            .select_only()
-            .column(action::Column::ActionId)
-            .column(action::Column::DriverMemo)
-            .filter(action::Column::DeviceId.eq(device.as_str()))
-            .filter(action::Column::DriverMemo.is_not_null())
-            .order_by_asc(action::Column::StartNs)
-            .order_by_asc(action::Column::ActionId)
-            .into_tuple()
-            .all(&self.read)
-            .await
-            .map_err(db_err)?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(action_id, memo)| {
-                memo.map(|memo| switchyard_drivers::Applied { action_id, memo })
-            })
-            .collect())
+        self.bounded(async {
+            let rows: Vec<(String, Option<String>)> = rows::actions_of(tenant)
+                .select_only()
+                .column(action::Column::ActionId)
+                .column(action::Column::DriverMemo)
+                .filter(action::Column::DeviceId.eq(device.as_str()))
+                .filter(action::Column::DriverMemo.is_not_null())
+                .order_by_asc(action::Column::StartNs)
+                .order_by_asc(action::Column::ActionId)
+                .into_tuple()
+                .all(&self.read)
+                .await
+                .map_err(db_err)?;
+            Ok(rows
+                .into_iter()
+                .filter_map(|(action_id, memo)| {
+                    memo.map(|memo| switchyard_drivers::Applied { action_id, memo })
+                })
+                .collect())
+        })
+        .await
     }
 
     /// The OEM's last raw answer for an action.
@@ -435,15 +444,18 @@ impl Store {
         tenant: &TenantId,
         action: &crate::domain::ActionId,
     ) -> Result<Option<String>, Error> {
-        let raw: Option<Option<String>> = rows::actions_of(tenant)
-            .select_only()
-            .column(action::Column::OemRaw)
-            .filter(action::Column::ActionId.eq(action.to_string()))
-            .into_tuple()
-            .one(&self.read)
-            .await
-            .map_err(db_err)?;
-        Ok(raw.flatten())
+        self.bounded(async {
+            let raw: Option<Option<String>> = rows::actions_of(tenant)
+                .select_only()
+                .column(action::Column::OemRaw)
+                .filter(action::Column::ActionId.eq(action.to_string()))
+                .into_tuple()
+                .one(&self.read)
+                .await
+                .map_err(db_err)?;
+            Ok(raw.flatten())
+        })
+        .await
     }
 
     /// Records what a driver observed on `device` as it was configured
@@ -457,22 +469,25 @@ impl Store {
         device: &Device,
         o: &Observed,
     ) -> Result<bool, Error> {
-        // Revision and incarnation: a device deleted and created again
-        // starts at revision 1 once more.
-        let done = device::Entity::update_many()
-            .col_expr(
-                device::Column::Observed,
-                Expr::value(rows::observed_json(o)),
-            )
-            .col_expr(device::Column::ObservedNs, Expr::value(o.at.0))
-            .filter(device::Column::TenantId.eq(tenant.as_str()))
-            .filter(device::Column::DeviceId.eq(device.id.as_str()))
-            .filter(device::Column::Revision.eq(device.revision))
-            .filter(device::Column::Incarnation.eq(device.incarnation.as_str()))
-            .exec(&self.write)
-            .await
-            .map_err(db_err)?;
-        Ok(done.rows_affected == 1)
+        self.bounded(async {
+            // Revision and incarnation: a device deleted and created again
+            // starts at revision 1 once more.
+            let done = device::Entity::update_many()
+                .col_expr(
+                    device::Column::Observed,
+                    Expr::value(rows::observed_json(o)),
+                )
+                .col_expr(device::Column::ObservedNs, Expr::value(o.at.0))
+                .filter(device::Column::TenantId.eq(tenant.as_str()))
+                .filter(device::Column::DeviceId.eq(device.id.as_str()))
+                .filter(device::Column::Revision.eq(device.revision))
+                .filter(device::Column::Incarnation.eq(device.incarnation.as_str()))
+                .exec(&self.write)
+                .await
+                .map_err(db_err)?;
+            Ok(done.rows_affected == 1)
+        })
+        .await
     }
 
     /// Devices last observed before `before` (or never), oldest first.
@@ -481,25 +496,28 @@ impl Store {
         before: Ts,
         limit: u32,
     ) -> Result<Vec<(TenantId, Device)>, Error> {
-        let select = device::Entity::find()
-            .filter(
-                device::Column::ObservedNs
-                    .is_null()
-                    .or(device::Column::ObservedNs.lt(before.0)),
-            )
-            .order_by_asc(Func::coalesce([
-                Expr::col(device::Column::ObservedNs),
-                Expr::value(0i64),
-            ]))
-            .limit(u64::from(limit));
-        rows::all(&self.read, select)
-            .await?
-            .into_iter()
-            .map(|m| {
-                let tenant = TenantId::from_stored(m.tenant_id.clone());
-                Ok((tenant, rows::device_from_model(m)?))
-            })
-            .collect()
+        self.bounded(async {
+            let select = device::Entity::find()
+                .filter(
+                    device::Column::ObservedNs
+                        .is_null()
+                        .or(device::Column::ObservedNs.lt(before.0)),
+                )
+                .order_by_asc(Func::coalesce([
+                    Expr::col(device::Column::ObservedNs),
+                    Expr::value(0i64),
+                ]))
+                .limit(u64::from(limit));
+            rows::all(&self.read, select)
+                .await?
+                .into_iter()
+                .map(|m| {
+                    let tenant = TenantId::from_stored(m.tenant_id.clone());
+                    Ok((tenant, rows::device_from_model(m)?))
+                })
+                .collect()
+        })
+        .await
     }
 
     /// A device by tenant and id (for the dispatcher).
@@ -508,6 +526,7 @@ impl Store {
         tenant: &TenantId,
         id: &DeviceId,
     ) -> Result<Option<Device>, Error> {
-        rows::fetch_device(&self.read, tenant, id, false).await
+        self.bounded(async { rows::fetch_device(&self.read, tenant, id, false).await })
+            .await
     }
 }

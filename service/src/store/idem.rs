@@ -179,25 +179,31 @@ impl Store {
         request_id: &str,
         claim: &str,
     ) -> Result<(), Error> {
-        idem_key::Entity::delete_many()
-            .filter(idem_key::Column::TenantId.eq(tenant.as_str()))
-            .filter(idem_key::Column::RequestId.eq(request_id))
-            .filter(idem_key::Column::Claim.eq(claim))
-            .filter(idem_key::Column::ResponseBody.is_null())
-            .exec(&self.write)
-            .await
-            .map_err(db_err)?;
-        Ok(())
+        self.bounded(async {
+            idem_key::Entity::delete_many()
+                .filter(idem_key::Column::TenantId.eq(tenant.as_str()))
+                .filter(idem_key::Column::RequestId.eq(request_id))
+                .filter(idem_key::Column::Claim.eq(claim))
+                .filter(idem_key::Column::ResponseBody.is_null())
+                .exec(&self.write)
+                .await
+                .map_err(db_err)?;
+            Ok(())
+        })
+        .await
     }
 
     /// Deletes expired keys; returns how many.
     pub async fn idem_sweep(&self) -> Result<u64, Error> {
-        let r = idem_key::Entity::delete_many()
-            .filter(idem_key::Column::ExpireNs.lte(self.clock.now().0))
-            .exec(&self.write)
-            .await
-            .map_err(db_err)?;
-        Ok(r.rows_affected)
+        self.bounded(async {
+            let r = idem_key::Entity::delete_many()
+                .filter(idem_key::Column::ExpireNs.lte(self.clock.now().0))
+                .exec(&self.write)
+                .await
+                .map_err(db_err)?;
+            Ok(r.rows_affected)
+        })
+        .await
     }
 
     pub(super) async fn idem_complete<T, C: ConnectionTrait>(

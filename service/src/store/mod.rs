@@ -61,6 +61,9 @@ pub struct StoreOptions {
     pub busy_timeout: Duration,
     /// PostgreSQL: connections in the pool.
     pub max_connections: u32,
+    /// PostgreSQL: how long one store operation may take (see
+    /// `Store::deadline`).
+    pub deadline: Duration,
 }
 
 impl Default for StoreOptions {
@@ -68,6 +71,7 @@ impl Default for StoreOptions {
         Self {
             busy_timeout: Duration::from_secs(10),
             max_connections: 16,
+            deadline: Duration::from_secs(8),
         }
     }
 }
@@ -81,6 +85,11 @@ pub struct Store {
     /// PostgreSQL the same pool.
     read: DatabaseConnection,
     clock: Arc<dyn Clock>,
+    /// How long one operation (a transaction, a read) may take before it is
+    /// abandoned as STORAGE_UNAVAILABLE: on PostgreSQL, where a network
+    /// that went silent would otherwise hold a call until its client gives
+    /// up; none on SQLite (its busy timeout bounds the waits).
+    deadline: Option<Duration>,
 }
 
 /// How many times a write that lost a race with another writer
@@ -238,6 +247,7 @@ impl Store {
                 write: conn.clone(),
                 read: conn,
                 clock,
+                deadline: Some(options.deadline),
             });
         }
         let opts = SqliteConnectOptions::from_str(url)
@@ -274,6 +284,7 @@ impl Store {
             write: SqlxSqliteConnector::from_sqlx_sqlite_pool(write),
             read: SqlxSqliteConnector::from_sqlx_sqlite_pool(read),
             clock,
+            deadline: None,
         })
     }
 
@@ -352,11 +363,14 @@ impl Store {
 
     /// Whether the database answers (for the health check).
     pub async fn ping(&self) -> Result<(), Error> {
-        self.read
-            .execute_unprepared("SELECT 1")
-            .await
-            .map_err(db_err)?;
-        Ok(())
+        self.bounded(async {
+            self.read
+                .execute_unprepared("SELECT 1")
+                .await
+                .map_err(db_err)?;
+            Ok(())
+        })
+        .await
     }
 
     /// Closes the pools.
@@ -398,7 +412,7 @@ impl Store {
     {
         let mut tries = 0;
         loop {
-            match op().await {
+            match self.bounded(op()).await {
                 Err(Error::StorageContention(msg)) => {
                     tries += 1;
                     if tries >= CONTENTION_TRIES {
@@ -411,6 +425,27 @@ impl Store {
                 }
                 other => return other,
             }
+        }
+    }
+}
+
+impl Store {
+    /// Runs one operation within the store's deadline, if it has one. An
+    /// operation cut off there is dropped mid-flight: its transaction is
+    /// rolled back (the connection, if it answers again, is reset before
+    /// reuse; one that does not is closed when the pool tests it).
+    pub(super) async fn bounded<T>(
+        &self,
+        op: impl Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        match self.deadline {
+            None => op.await,
+            Some(d) => tokio::time::timeout(d, op).await.unwrap_or_else(|_| {
+                Err(Error::StorageUnavailable(format!(
+                    "the database did not answer within {} s",
+                    d.as_secs_f64()
+                )))
+            }),
         }
     }
 }
