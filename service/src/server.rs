@@ -218,8 +218,10 @@ pub async fn serve(
         }
         () = shutdown => {}
     }
-    // Shutting down is NOT_SERVING for good.
+    // Shutting down is NOT_SERVING for good: the watcher is gone before
+    // the status is set.
     health_watch.abort();
+    let _ = health_watch.await;
     tracing::info!(
         grace_seconds = grace.as_secs_f64(),
         "shutting down: draining calls"

@@ -265,4 +265,310 @@ mod store_on_postgres {
         assert!(matches!(e, Error::StorageUnavailable(_)), "{e:?}");
         assert!(started.elapsed() < std::time::Duration::from_secs(15));
     }
+
+    async fn push_window(
+        store: &Store,
+        dev: &str,
+        start: i64,
+        end: i64,
+    ) -> Result<switchyard::store::PushOutcome, Error> {
+        store
+            .push(
+                &TenantId::default_tenant(),
+                &DeviceId::parse(dev).unwrap(),
+                move |_, _| {
+                    Ok(ValidPush {
+                        command: Command::Charge,
+                        channel: "mode".into(),
+                        params: Params::default(),
+                        start: T0.plus_nanos(start),
+                        end: Some(T0.plus_nanos(end)),
+                        immediate: false,
+                    })
+                },
+                Strategy::Reject,
+                false,
+                None,
+            )
+            .await
+    }
+
+    async fn opened(url: &str) -> Store {
+        Store::open(url, Arc::new(ManualClock::new(T0)))
+            .await
+            .unwrap()
+    }
+
+    /// A push locks its device's row before it decides: while another
+    /// transaction holds that row, the push waits, and goes on when it is
+    /// released.
+    #[tokio::test]
+    async fn a_push_waits_for_the_devices_row() {
+        let Some(db) = postgres::database().await else {
+            return;
+        };
+        let store = opened(&db.url).await;
+        let tenant = TenantId::default_tenant();
+        store
+            .create_device(&tenant, device("d"), None)
+            .await
+            .unwrap();
+        let mut raw = PgConnection::connect(&db.url).await.unwrap();
+        raw.execute("BEGIN").await.unwrap();
+        // NO KEY UPDATE: the lock the push must wait for, but not the one
+        // its insert's foreign-key check waits for (KEY SHARE), so the
+        // push is held here only by its own lock on the device.
+        raw.execute("SELECT 1 FROM devices WHERE device_id = 'd' FOR NO KEY UPDATE")
+            .await
+            .unwrap();
+        let s = store.clone();
+        let mut push = tokio::spawn(async move { push_window(&s, "d", H, 2 * H).await });
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(400), &mut push)
+                .await
+                .is_err(),
+            "the push went ahead while the device's row was locked"
+        );
+        raw.execute("COMMIT").await.unwrap();
+        push.await.unwrap().unwrap();
+        store.close().await;
+        drop(raw);
+        db.drop_database().await;
+    }
+
+    /// A claim skips the rows another transaction holds instead of waiting
+    /// for them, and takes the rest.
+    #[tokio::test]
+    async fn a_claim_skips_rows_another_replica_holds() {
+        let Some(db) = postgres::database().await else {
+            return;
+        };
+        let store = opened(&db.url).await;
+        let tenant = TenantId::default_tenant();
+        let mut ids = Vec::new();
+        for i in 0..4 {
+            let id = format!("d{i}");
+            store
+                .create_device(&tenant, device(&id), None)
+                .await
+                .unwrap();
+            ids.push(push_window(&store, &id, 0, H).await.unwrap().action.id);
+        }
+        let mut raw = PgConnection::connect(&db.url).await.unwrap();
+        raw.execute("BEGIN").await.unwrap();
+        raw.execute(sqlx::AssertSqlSafe(format!(
+            "SELECT 1 FROM actions WHERE action_id = '{}' FOR UPDATE",
+            ids[0]
+        )))
+        .await
+        .unwrap();
+        let jobs = tokio::time::timeout(
+            std::time::Duration::from_secs(3),
+            store.claim_due(T0.plus_nanos(1), 10, 60 * Ts::SECOND),
+        )
+        .await
+        .expect("the claim waited for a locked row")
+        .unwrap();
+        let claimed: Vec<_> = jobs.iter().map(|j| j.action.id).collect();
+        assert_eq!(claimed.len(), 3, "{claimed:?}");
+        assert!(!claimed.contains(&ids[0]));
+        raw.execute("ROLLBACK").await.unwrap();
+        // Released: the next claim takes it.
+        let jobs = store
+            .claim_due(T0.plus_nanos(1), 10, 60 * Ts::SECOND)
+            .await
+            .unwrap();
+        assert_eq!(
+            jobs.iter().map(|j| j.action.id).collect::<Vec<_>>(),
+            vec![ids[0]]
+        );
+        store.close().await;
+        drop(raw);
+        db.drop_database().await;
+    }
+
+    /// A booking that loses its race at the exclusion constraint (the
+    /// winner's row was not yet committed when the push read the channel)
+    /// is decided again, and answered with the typed conflict naming the
+    /// winner: never INTERNAL.
+    #[tokio::test]
+    async fn a_push_that_loses_at_the_constraint_names_the_winner() {
+        let Some(db) = postgres::database().await else {
+            return;
+        };
+        let store = opened(&db.url).await;
+        let tenant = TenantId::default_tenant();
+        store
+            .create_device(&tenant, device("d"), None)
+            .await
+            .unwrap();
+        let winner = switchyard::domain::ActionId::generate();
+        let mut raw = PgConnection::connect(&db.url).await.unwrap();
+        raw.execute("BEGIN").await.unwrap();
+        raw.execute(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO actions (tenant_id, action_id, device_id, channel, command, start_ns, end_ns,
+               immediate, state, queued_after, revision, create_ns, update_ns)
+             VALUES ('default', '{winner}', 'd', 'mode', 'CHARGE', {}, {}, FALSE, 'SCHEDULED', '', 1, 0, 0)",
+            T0.plus_nanos(H).0,
+            T0.plus_nanos(2 * H).0
+        )))
+        .await
+        .unwrap();
+        let s = store.clone();
+        let mut push = tokio::spawn(async move { push_window(&s, "d", H, 2 * H).await });
+        // The push has read no holder and now waits at the constraint.
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(400), &mut push)
+                .await
+                .is_err()
+        );
+        raw.execute("COMMIT").await.unwrap();
+        match push.await.unwrap() {
+            Err(Error::Conflict(c)) => assert!(c.colliders.iter().any(|h| h.id == winner), "{c:?}"),
+            other => panic!("expected the conflict naming the winner: {other:?}"),
+        }
+        store.close().await;
+        drop(raw);
+        db.drop_database().await;
+    }
+
+    /// Several replicas migrating an empty database at once apply each
+    /// migration exactly once between them.
+    #[tokio::test]
+    async fn concurrent_migrations_apply_each_version_once() {
+        let Some(db) = postgres::database().await else {
+            return;
+        };
+        let clock = || Arc::new(ManualClock::new(T0)) as Arc<dyn switchyard::domain::Clock>;
+        let (a, b, c, d) = tokio::join!(
+            Store::migrate_only(&db.url, clock()),
+            Store::migrate_only(&db.url, clock()),
+            Store::migrate_only(&db.url, clock()),
+            Store::migrate_only(&db.url, clock()),
+        );
+        let mut all: Vec<i64> = [a, b, c, d].into_iter().flat_map(Result::unwrap).collect();
+        let n = all.len();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), n, "a migration was applied twice");
+        assert_eq!(all, (1..=all.len() as i64).collect::<Vec<_>>());
+        db.drop_database().await;
+    }
+
+    /// One device id created through two replicas at once: one creates it,
+    /// the others are told it exists (never INTERNAL).
+    #[tokio::test]
+    async fn concurrent_creates_of_one_device_create_it_once() {
+        let Some(db) = postgres::database().await else {
+            return;
+        };
+        let (one, two) = (opened(&db.url).await, opened(&db.url).await);
+        let tenant = TenantId::default_tenant();
+        let tries = (0..8).map(|i| {
+            let s = if i % 2 == 0 { one.clone() } else { two.clone() };
+            let tenant = tenant.clone();
+            tokio::spawn(async move { s.create_device(&tenant, device("same"), None).await })
+        });
+        let mut created = 0;
+        for t in tries {
+            match t.await.unwrap() {
+                Ok(_) => created += 1,
+                Err(Error::DeviceAlreadyExists { .. }) => {}
+                Err(e) => panic!("neither created nor exists: {e:?}"),
+            }
+        }
+        assert_eq!(created, 1);
+        one.close().await;
+        two.close().await;
+        db.drop_database().await;
+    }
+
+    /// A retarget and a dispatch claim of the device's action at once:
+    /// whichever commits first, the other sees it. Here the claim holds the
+    /// row (uncommitted) when the retarget reads: the retarget waits, then
+    /// finds the lease and refuses (WRITES_IN_FORCE).
+    #[tokio::test]
+    async fn a_retarget_racing_a_claim_sees_the_claim() {
+        let Some(db) = postgres::database().await else {
+            return;
+        };
+        let store = opened(&db.url).await;
+        let tenant = TenantId::default_tenant();
+        store
+            .create_device(&tenant, device("d"), None)
+            .await
+            .unwrap();
+        let booked = push_window(&store, "d", H, 2 * H).await.unwrap().action.id;
+        let mut raw = PgConnection::connect(&db.url).await.unwrap();
+        raw.execute("BEGIN").await.unwrap();
+        raw.execute(sqlx::AssertSqlSafe(format!(
+            "UPDATE actions SET lease_owner = 'another-replica', lease_until_ns = {} WHERE action_id = '{booked}'",
+            T0.plus_nanos(3 * H).0
+        )))
+        .await
+        .unwrap();
+        let s = store.clone();
+        let mut update = tokio::spawn(async move {
+            s.update_device(
+                &TenantId::default_tenant(),
+                &DeviceId::parse("d").unwrap(),
+                None,
+                |d| {
+                    d.oem_device_id = "another-inverter".into();
+                    Ok(switchyard::store::Retarget::Yes)
+                },
+                None,
+                None,
+            )
+            .await
+        });
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(400), &mut update)
+                .await
+                .is_err(),
+            "the retarget decided without waiting for the claim"
+        );
+        raw.execute("COMMIT").await.unwrap();
+        match update.await.unwrap() {
+            Err(Error::WritesInForce { action_ids, .. }) => assert_eq!(action_ids, vec![booked]),
+            other => panic!("expected WRITES_IN_FORCE: {other:?}"),
+        }
+        store.close().await;
+        drop(raw);
+        db.drop_database().await;
+    }
+
+    /// Two replicas' rate budgets on one database spend from one bucket,
+    /// even when they take from it at the same moment.
+    #[tokio::test]
+    async fn replicas_spend_one_budget_between_them() {
+        let Some(db) = postgres::database().await else {
+            return;
+        };
+        let (one, two) = (opened(&db.url).await, opened(&db.url).await);
+        let budgets = [
+            Arc::new(switchyard::dispatch::Budgets::new(one.clone())),
+            Arc::new(switchyard::dispatch::Budgets::new(two.clone())),
+        ];
+        // 48 a day: a burst of 2.
+        let budget = switchyard_drivers::RateBudget {
+            calls_per_day: 48,
+            min_write_interval_seconds: 0,
+        };
+        let takes = (0..20).map(|i| {
+            let (b, budget) = (budgets[i % 2].clone(), budget.clone());
+            tokio::spawn(async move { b.take_read("account", &budget, T0).await.is_ok() })
+        });
+        let mut granted = 0;
+        for t in takes {
+            granted += usize::from(t.await.unwrap());
+        }
+        assert_eq!(
+            granted, 2,
+            "two replicas together spent more than the bucket held"
+        );
+        one.close().await;
+        two.close().await;
+        db.drop_database().await;
+    }
 }

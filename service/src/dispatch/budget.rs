@@ -37,21 +37,24 @@ pub fn take_token(
         tokens: capacity,
         at: now,
     });
-    let elapsed = (now.0 - b.at.0).max(0) as f64 / Ts::SECOND as f64;
+    // Counted up to the later of the two: a replica whose clock is behind
+    // neither moves the count back nor earns the difference again later.
+    let at = Ts(now.0.max(b.at.0));
+    let elapsed = (at.0 - b.at.0) as f64 / Ts::SECOND as f64;
     let tokens = (b.tokens + elapsed * per_sec).min(capacity);
     if tokens >= 1.0 {
         (
             Ok(()),
             Bucket {
                 tokens: tokens - 1.0,
-                at: now,
+                at,
             },
         )
     } else {
         let wait = (1.0 - tokens) / per_sec;
         (
-            Err(now.plus_nanos((wait * Ts::SECOND as f64) as i64)),
-            Bucket { tokens, at: now },
+            Err(at.plus_nanos((wait * Ts::SECOND as f64) as i64)),
+            Bucket { tokens, at },
         )
     }
 }
@@ -219,6 +222,26 @@ mod tests {
         // One token an hour, the refusals took none.
         assert_eq!(next.0 / Ts::SECOND, 3600);
         assert!(b.take("a", "dev2", &budget, next).await.is_ok());
+    }
+
+    /// A replica whose clock is behind does not refill the bucket: the
+    /// count never goes back in time.
+    #[test]
+    fn a_clock_behind_earns_nothing() {
+        let budget = RateBudget {
+            calls_per_day: 24,
+            min_write_interval_seconds: 0,
+        };
+        let h = 3600 * Ts::SECOND;
+        let (ok, b) = take_token(None, &budget, Ts(10 * h));
+        assert!(ok.is_ok());
+        // Another replica, an hour behind, is refused and moves nothing.
+        let (refused, b) = take_token(Some(b), &budget, Ts(9 * h));
+        assert_eq!(refused, Err(Ts(11 * h)));
+        assert_eq!(b.at, Ts(10 * h));
+        // Back on time, still nothing until an hour has passed.
+        assert!(take_token(Some(b), &budget, Ts(10 * h + h / 2)).0.is_err());
+        assert!(take_token(Some(b), &budget, Ts(11 * h)).0.is_ok());
     }
 
     /// Two replicas' budgets on one database spend from one bucket.

@@ -321,28 +321,47 @@ impl Dispatcher {
         // concurrency bound included), its claim is renewed, so no other
         // replica takes the work up; if this process stops, the renewals
         // stop and the lease runs out.
+        // Until when the claim is known to be held: a job that would start
+        // with less than half a lease left (the renewals failed) is not
+        // started, for another dispatcher may take the work up meanwhile.
+        let lease = self.config.lease_nanos;
+        let held_until = Arc::new(std::sync::atomic::AtomicI64::new(now.0 + lease));
         let heartbeat = jobs.first().map(|j| {
             let (store, clock, claim) = (self.store.clone(), self.clock.clone(), j.claim.clone());
-            let lease = self.config.lease_nanos;
+            let held_until = held_until.clone();
             let every = Duration::from_nanos(u64::try_from(lease / 3).unwrap_or(0))
                 .max(Duration::from_millis(100));
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(every).await;
-                    if let Err(e) = store.renew(&claim, clock.now().plus_nanos(lease)).await {
-                        tracing::warn!(error = %e, "could not renew the dispatch lease");
+                    let until = clock.now().plus_nanos(lease);
+                    match store.renew(&claim, until).await {
+                        Ok(_) => held_until.store(until.0, std::sync::atomic::Ordering::Release),
+                        Err(e) => tracing::warn!(error = %e, "could not renew the dispatch lease"),
                     }
                 }
             })
         });
-        let _stop_heartbeat = AbortOnDrop(heartbeat);
+        let stop_heartbeat = AbortOnDrop(heartbeat);
         let sem = Arc::new(tokio::sync::Semaphore::new(self.config.concurrency.max(1)));
         let mut set = tokio::task::JoinSet::new();
         for job in jobs {
             let this = self.clone();
             let permit = sem.clone().acquire_owned().await;
+            let held_until = held_until.clone();
             set.spawn(async move {
                 let _permit = permit;
+                let left = held_until.load(std::sync::atomic::Ordering::Acquire)
+                    - this.clock.now().0;
+                if left < this.config.lease_nanos / 2 {
+                    return (
+                        job,
+                        Err(Error::StorageUnavailable(
+                            "the claim's lease could not be renewed; the work is left to the next claim"
+                                .into(),
+                        )),
+                    );
+                }
                 // Within half the lease: a job that runs longer would be
                 // taken up again by another dispatcher while still running.
                 let limit = Duration::from_nanos(
@@ -375,7 +394,22 @@ impl Dispatcher {
                 }
             }
         }
-        self.store.finish_many(results).await?;
+        // Recorded while the heartbeat still holds the claim: a database
+        // that failed for a moment gets a few more tries before the whole
+        // round is left to be done again.
+        let mut tries = 0;
+        loop {
+            match self.store.finish_many(results.clone()).await {
+                Ok(()) => break,
+                Err(Error::StorageUnavailable(e)) if tries < 3 => {
+                    tries += 1;
+                    tracing::warn!(error = %e, tries, "could not record the round's outcomes; trying again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        drop(stop_heartbeat);
         for o in after {
             match o {
                 Observe::Read(tenant, device, driver) => {

@@ -41,15 +41,14 @@ impl Store {
             device.created = now;
             device.updated = now;
             device.incarnation = uuid::Uuid::now_v7().simple().to_string();
-            if rows::fetch_device(&tx, tenant, &device.id, true)
-                .await?
-                .is_some()
-            {
+            // A device another replica is creating at this moment has no
+            // row to lock yet: the insert itself decides, and the second
+            // one writes nothing.
+            if !rows::insert_device(&tx, tenant, &device).await? {
                 return Err(Error::DeviceAlreadyExists {
                     device_id: device.id.to_string(),
                 });
             }
-            rows::insert_device(&tx, tenant, &device).await?;
             rows::audit_device(
                 &tx,
                 tenant,
@@ -189,7 +188,11 @@ impl Store {
             // flight (a dispatch lease), an ACTIVE action (one applied
             // before memos existed has none), or a revert owed. An apply
             // waiting to be retried that never wrote does not count.
-            let held = rows::all(
+            // Locked (PostgreSQL): also every row that owes work, so a
+            // dispatch claim either took its row before this (and the row
+            // is seen leased) or skips it until this change is committed
+            // (and then dispatches under the new target).
+            let rows = rows::all(
                 tx,
                 rows::actions_of(tenant)
                     .filter(action::Column::DeviceId.eq(id.as_str()))
@@ -198,17 +201,28 @@ impl Store {
                             .is_not_null()
                             .or(action::Column::State
                                 .eq(crate::domain::ActionState::Active.as_str()))
-                            .or(action::Column::Work.eq(crate::domain::Work::Revert.as_str()))
+                            .or(Expr::cust("work <> 'NONE'"))
                             .or(action::Column::LeaseOwner.is_not_null()),
                     )
                     .order_by_asc(action::Column::StartNs)
-                    .order_by_asc(action::Column::ActionId),
+                    .order_by_asc(action::Column::ActionId)
+                    .lock_exclusive(),
             )
             .await?;
-            let ids: Vec<ActionId> = held
+            let revert = crate::domain::Work::Revert.as_str();
+            let ids: Vec<ActionId> = rows
                 .iter()
-                .filter_map(|a| ActionId::parse(&a.action_id).ok())
-                .collect();
+                .filter(|a| {
+                    a.driver_memo.is_some()
+                        || a.state == crate::domain::ActionState::Active.as_str()
+                        || a.work == revert
+                        || a.lease_owner.is_some()
+                })
+                .map(|a| {
+                    ActionId::parse(&a.action_id)
+                        .map_err(|_| Error::Internal("stored row has an invalid action_id".into()))
+                })
+                .collect::<Result<_, _>>()?;
             if !ids.is_empty() {
                 return Err(Error::WritesInForce {
                     device_id: id.to_string(),

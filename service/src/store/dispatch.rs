@@ -115,8 +115,18 @@ impl Store {
     /// claim that lapsed and was taken again is not this one any more.
     pub async fn renew(&self, claim: &str, until: Ts) -> Result<u64, Error> {
         self.bounded(async {
+            // Rows being recorded right now (locked by the round's own
+            // finish, or a push) are skipped, not waited for: renewing in
+            // one order while they lock in another would deadlock.
+            let mine = action::Entity::find()
+                .select_only()
+                .column(action::Column::ActionId)
+                .filter(action::Column::LeaseOwner.eq(claim))
+                .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
+                .into_query();
             let done = action::Entity::update_many()
                 .col_expr(action::Column::LeaseUntilNs, Expr::value(until.0))
+                .filter(action::Column::ActionId.in_subquery(mine))
                 .filter(action::Column::LeaseOwner.eq(claim))
                 .exec(&self.write)
                 .await
@@ -253,6 +263,14 @@ async fn claim_in(
             Expr::col(action::Column::Fence).add(1),
         )
         .filter(action::Column::ActionId.in_subquery(due))
+        // Again here: the claim never takes a row another claim holds,
+        // however the database runs the subquery.
+        .filter(owed())
+        .filter(
+            action::Column::LeaseUntilNs
+                .is_null()
+                .or(action::Column::LeaseUntilNs.lte(now.0)),
+        )
         .exec(tx)
         .await
         .map_err(db_err)?;

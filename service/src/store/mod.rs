@@ -84,6 +84,8 @@ pub struct Store {
     /// Where reads go: on SQLite a pool of readers beside the writer; on
     /// PostgreSQL the same pool.
     read: DatabaseConnection,
+    /// Where the health check asks: on PostgreSQL a connection of its own.
+    health: DatabaseConnection,
     clock: Arc<dyn Clock>,
     /// How long one operation (a transaction, a read) may take before it is
     /// abandoned as STORAGE_UNAVAILABLE: on PostgreSQL, where a network
@@ -230,22 +232,42 @@ impl Store {
                 // A session left idle inside a transaction (a caller gone
                 // mid-request) is ended by the server, never left holding
                 // locks.
-                .options([("idle_in_transaction_session_timeout", "30000")]);
-            let pool = PgPoolOptions::new()
+                .options([
+                    ("idle_in_transaction_session_timeout", "30000"),
+                    // A lock held elsewhere (a stalled replica) is waited
+                    // for 4 s, then the write is run again (55P03); no
+                    // statement outlives the operation's deadline on the
+                    // server either, so a connection given up on is soon
+                    // free again.
+                    ("lock_timeout", "4000"),
+                    (
+                        "statement_timeout",
+                        &options.deadline.as_millis().to_string(),
+                    ),
+                ]);
+            let pool_options = PgPoolOptions::new()
                 .max_connections(options.max_connections.max(1))
                 .min_connections(0)
                 // An unreachable server is answered STORAGE_UNAVAILABLE
                 // within a client's usual deadline, not after it.
                 .acquire_timeout(options.busy_timeout.min(Duration::from_secs(5)))
                 .idle_timeout(Some(Duration::from_secs(60)))
-                .test_before_acquire(true)
-                .connect_lazy_with(opts);
+                .test_before_acquire(true);
+            // The health check's own connection: a pool busy with
+            // requests (or waiting on locks) is not a database that is down.
+            let health = PgPoolOptions::new()
+                .max_connections(1)
+                .min_connections(0)
+                .acquire_timeout(Duration::from_secs(2))
+                .connect_lazy_with(opts.clone());
+            let pool = pool_options.connect_lazy_with(opts);
             let conn = SqlxPostgresConnector::from_sqlx_postgres_pool(pool);
             // Fail at start, not at the first request, when it is not there.
             conn.execute_unprepared("SELECT 1").await.map_err(db_err)?;
             return Ok(Self {
                 write: conn.clone(),
                 read: conn,
+                health: SqlxPostgresConnector::from_sqlx_postgres_pool(health),
                 clock,
                 deadline: Some(options.deadline),
             });
@@ -280,9 +302,11 @@ impl Store {
                 .await
                 .map_err(sqlx_err)?
         };
+        let read = SqlxSqliteConnector::from_sqlx_sqlite_pool(read);
         Ok(Self {
             write: SqlxSqliteConnector::from_sqlx_sqlite_pool(write),
-            read: SqlxSqliteConnector::from_sqlx_sqlite_pool(read),
+            health: read.clone(),
+            read,
             clock,
             deadline: None,
         })
@@ -349,6 +373,11 @@ impl Store {
     async fn migration_lock(tx: &DatabaseTransaction) -> Result<(), Error> {
         if tx.get_database_backend() == DbBackend::Postgres {
             // An arbitrary key of switchyard's own ("switchya" in ASCII).
+            // A migration may rebuild a large table, and another replica's
+            // may be running: neither is cut short by the request limits.
+            tx.execute_unprepared("SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0")
+                .await
+                .map_err(db_err)?;
             tx.execute_unprepared("SELECT pg_advisory_xact_lock(8319683406441506657)")
                 .await
                 .map_err(db_err)?;
@@ -364,7 +393,7 @@ impl Store {
     /// Whether the database answers (for the health check).
     pub async fn ping(&self) -> Result<(), Error> {
         self.bounded(async {
-            self.read
+            self.health
                 .execute_unprepared("SELECT 1")
                 .await
                 .map_err(db_err)?;
@@ -379,6 +408,7 @@ impl Store {
         // in memory) is harmless.
         let _ = self.write.clone().close().await;
         let _ = self.read.clone().close().await;
+        let _ = self.health.clone().close().await;
     }
 
     /// The clock the store stamps changes with.
@@ -403,29 +433,33 @@ impl Store {
 
     /// Runs `op` (one write transaction) again while it loses races with
     /// other writers, up to [`CONTENTION_TRIES`] times with a jittered,
-    /// growing pause; after that the caller is told STORAGE_UNAVAILABLE
-    /// (retry later).
+    /// growing pause (up to 2, 4, … 32 ms); after that, or past the store's
+    /// deadline for all the tries together, the caller is told
+    /// STORAGE_UNAVAILABLE (retry later).
     pub(super) async fn retrying<T, F, Fut>(&self, mut op: F) -> Result<T, Error>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, Error>>,
     {
         let mut tries = 0;
-        loop {
-            match self.bounded(op()).await {
-                Err(Error::StorageContention(msg)) => {
-                    tries += 1;
-                    if tries >= CONTENTION_TRIES {
-                        return Err(Error::StorageUnavailable(format!(
-                            "still contended after {tries} tries: {msg}"
-                        )));
+        self.bounded(async {
+            loop {
+                match op().await {
+                    Err(Error::StorageContention(msg)) => {
+                        tries += 1;
+                        if tries >= CONTENTION_TRIES {
+                            return Err(Error::StorageUnavailable(format!(
+                                "still contended after {tries} tries: {msg}"
+                            )));
+                        }
+                        tracing::debug!(tries, error = %msg, "write contended, running it again");
+                        tokio::time::sleep(jitter(tries)).await;
                     }
-                    tracing::debug!(tries, error = %msg, "write contended, running it again");
-                    tokio::time::sleep(jitter(tries)).await;
+                    other => return other,
                 }
-                other => return other,
             }
-        }
+        })
+        .await
     }
 }
 
@@ -460,22 +494,42 @@ fn jitter(tries: u32) -> Duration {
     Duration::from_millis(1 + h.finish() % ceiling)
 }
 
-/// A database URL with its password replaced, for messages.
+/// A database URL (or a message quoting one) with its password replaced,
+/// for messages and logs: the password of `scheme://user:password@host`
+/// (up to the last `@` of the authority, so a password containing `@` is
+/// hidden whole) and any `password=` query parameter.
 pub fn redact_url(s: &str) -> String {
-    // scheme://user:password@host → scheme://user:<redacted>@host
-    let Some(scheme_end) = s.find("://") else {
-        return s.to_owned();
-    };
-    let rest = &s[scheme_end + 3..];
-    match (rest.find(':'), rest.find('@')) {
-        (Some(colon), Some(at)) if colon < at => format!(
-            "{}{}:<redacted>{}",
-            &s[..scheme_end + 3],
-            &rest[..colon],
-            &rest[at..]
-        ),
-        _ => s.to_owned(),
+    let mut out = s.to_owned();
+    if let Some(scheme_end) = out.find("://") {
+        let start = scheme_end + 3;
+        let rest = &out[start..];
+        // The authority ends at the query; its last `@` ends the user
+        // information (a password may contain `@` or `/`).
+        let before_query = rest.find('?').unwrap_or(rest.len());
+        if let Some(at) = rest[..before_query].rfind('@')
+            && let Some(colon) = rest[..at].find(':')
+        {
+            out = format!(
+                "{}{}:<redacted>{}",
+                &out[..start],
+                &rest[..colon],
+                &rest[at..]
+            );
+        }
     }
+    let mut redacted = String::with_capacity(out.len());
+    let mut rest = out.as_str();
+    while let Some(i) = rest.find("password=") {
+        let value = i + "password=".len();
+        redacted.push_str(&rest[..value]);
+        redacted.push_str("<redacted>");
+        let end = rest[value..]
+            .find(['&', ' ', '"', '\''])
+            .map_or(rest.len(), |e| value + e);
+        rest = &rest[end..];
+    }
+    redacted.push_str(rest);
+    redacted
 }
 
 fn not_found(device_id: &DeviceId, action_id: &ActionId) -> Error {

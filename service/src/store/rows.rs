@@ -187,16 +187,25 @@ pub(super) fn device_row(tenant: &TenantId, d: &Device) -> device::ActiveModel {
     }
 }
 
+/// Inserts a device; `false` (nothing written) when its id is taken.
 pub(super) async fn insert_device<C: ConnectionTrait>(
     conn: &C,
     tenant: &TenantId,
     d: &Device,
-) -> Result<(), Error> {
-    device::Entity::insert(device_row(tenant, d))
+) -> Result<bool, Error> {
+    let n = device::Entity::insert(device_row(tenant, d))
+        .on_conflict(
+            sea_orm::sea_query::OnConflict::columns([
+                device::Column::TenantId,
+                device::Column::DeviceId,
+            ])
+            .do_nothing()
+            .to_owned(),
+        )
         .exec_without_returning(conn)
         .await
         .map_err(db_err)?;
-    Ok(())
+    Ok(n == 1)
 }
 
 fn quantity(value: Option<f64>, unit: Option<&str>, what: &str) -> Result<Option<Quantity>, Error> {

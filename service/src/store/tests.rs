@@ -294,4 +294,16 @@ fn a_database_password_is_never_repeated() {
         "postgres://sy@db:5432/switchyard"
     );
     assert_eq!(redact_url("sqlite://a.db"), "sqlite://a.db");
+    assert_eq!(
+        redact_url("postgres://sy@db/x?password=hunter2&sslmode=require"),
+        "postgres://sy@db/x?password=<redacted>&sslmode=require"
+    );
+    assert_eq!(
+        redact_url("postgresql://sy:p@ss/w@db:5432/x"),
+        "postgresql://sy:<redacted>@db:5432/x"
+    );
+    assert_eq!(
+        redact_url("error with configuration: postgres://sy:hunter2@db/x"),
+        "error with configuration: postgres://sy:<redacted>@db/x"
+    );
 }
