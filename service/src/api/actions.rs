@@ -78,8 +78,15 @@ impl Actions {
                     .await
             })
             .await?;
-        // An immediate action is due now: do not wait for the next poll.
-        app.wake.notify_one();
+        // An action due before the dispatcher's next look (it looks at
+        // least once a second) is not left waiting for it; one due later is
+        // found by that look, and waking the dispatcher for it would only
+        // add a claim transaction per push.
+        if let super::Ran::Fresh(o) = &ran
+            && o.action.start <= app.clock.now().plus_nanos(crate::domain::Ts::SECOND)
+        {
+            app.wake.notify_one();
+        }
         Ok(ran.answer(|o| push_response(&o)))
     }
 

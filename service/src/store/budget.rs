@@ -12,6 +12,7 @@ use sea_orm::{
 use super::{
     Store, db_err,
     entity::{device_write, rate_bucket},
+    rows,
 };
 use crate::domain::{Error, Ts};
 
@@ -47,19 +48,23 @@ impl Store {
     ) -> Result<Result<(), Ts>, Error> {
         self.retrying(|| async {
             let tx = self.begin().await?;
-            let bucket = rate_bucket::Entity::find()
-                .filter(rate_bucket::Column::Account.eq(account))
-                .lock_exclusive()
-                .one(&tx)
-                .await
-                .map_err(db_err)?;
+            let bucket = rows::first(
+                &tx,
+                rate_bucket::Entity::find()
+                    .filter(rate_bucket::Column::Account.eq(account))
+                    .lock_exclusive(),
+            )
+            .await?;
             let last = match device_key {
-                Some(k) => device_write::Entity::find()
-                    .filter(device_write::Column::DeviceKey.eq(k))
-                    .lock_exclusive()
-                    .one(&tx)
-                    .await
-                    .map_err(db_err)?,
+                Some(k) => {
+                    rows::first(
+                        &tx,
+                        device_write::Entity::find()
+                            .filter(device_write::Column::DeviceKey.eq(k))
+                            .lock_exclusive(),
+                    )
+                    .await?
+                }
                 None => None,
             };
             let spend = decide(

@@ -351,13 +351,14 @@ async fn finish_one<C: ConnectionTrait>(
     rows::fetch_device(tx, &job.tenant, &job.action.device_id, true)
         .await?
         .ok_or_else(vanished)?;
-    let row = rows::actions_of(&job.tenant)
-        .filter(action::Column::ActionId.eq(job.action.id.to_string()))
-        .lock_exclusive()
-        .one(tx)
-        .await
-        .map_err(db_err)?
-        .ok_or_else(vanished)?;
+    let row = rows::first(
+        tx,
+        rows::actions_of(&job.tenant)
+            .filter(action::Column::ActionId.eq(job.action.id.to_string()))
+            .lock_exclusive(),
+    )
+    .await?
+    .ok_or_else(vanished)?;
     let a = rows::action_from_model(&row)?;
     // A write of an earlier try may be in force (its memo is on record):
     // a final failure then owes a revert too.
@@ -463,15 +464,12 @@ impl Store {
         action: &crate::domain::ActionId,
     ) -> Result<Option<String>, Error> {
         self.bounded(async {
-            let raw: Option<Option<String>> = rows::actions_of(tenant)
-                .select_only()
-                .column(action::Column::OemRaw)
-                .filter(action::Column::ActionId.eq(action.to_string()))
-                .into_tuple()
-                .one(&self.read)
-                .await
-                .map_err(db_err)?;
-            Ok(raw.flatten())
+            let row = rows::first(
+                &self.read,
+                rows::actions_of(tenant).filter(action::Column::ActionId.eq(action.to_string())),
+            )
+            .await?;
+            Ok(row.and_then(|m| m.oem_raw))
         })
         .await
     }

@@ -9,7 +9,7 @@ use sea_orm::{
     sea_query::{Expr, ExprTrait, OnConflict},
 };
 
-use super::{Store, db_err, entity::idem_key};
+use super::{Store, db_err, entity::idem_key, rows};
 
 /// How long an idempotency key is kept.
 pub const IDEMPOTENCY_TTL_NANOS: i64 = 24 * 3600 * Ts::SECOND;
@@ -88,12 +88,7 @@ impl Store {
                 .add(idem_key::Column::TenantId.eq(tenant.as_str()))
                 .add(idem_key::Column::RequestId.eq(request_id))
         };
-        let row = idem_key::Entity::find()
-            .filter(key())
-            .lock_exclusive()
-            .one(&tx)
-            .await
-            .map_err(db_err)?;
+        let row = rows::first(&tx, idem_key::Entity::find().filter(key()).lock_exclusive()).await?;
         if let Some(row) = row {
             let same = row.method == method && row.request_body == body;
             let live_lease = row.lease_until_ns.filter(|l| *l > now.0);

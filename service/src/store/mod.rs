@@ -344,11 +344,11 @@ impl Store {
         for (version, only, sql) in schema::MIGRATIONS {
             let tx = self.begin().await?;
             Self::migration_lock(&tx).await?;
-            let done = migration::Entity::find()
-                .filter(migration::Column::Version.eq(*version))
-                .one(&tx)
-                .await
-                .map_err(db_err)?;
+            let done = rows::first(
+                &tx,
+                migration::Entity::find().filter(migration::Column::Version.eq(*version)),
+            )
+            .await?;
             if done.is_some() {
                 continue;
             }

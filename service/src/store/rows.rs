@@ -126,6 +126,17 @@ where
     select.all(conn).await.map_err(db_err)
 }
 
+/// The row a lookup by key finds, if any. Not `Select::one`: that adds
+/// `LIMIT ?`, and SQLite prepares a statement whose LIMIT is a bound
+/// parameter afresh at every run (measured: one extra prepare per push).
+pub(super) async fn first<E, C>(conn: &C, select: Select<E>) -> Result<Option<E::Model>, Error>
+where
+    E: EntityTrait,
+    C: ConnectionTrait,
+{
+    Ok(select.all(conn).await.map_err(db_err)?.into_iter().next())
+}
+
 /// Rows of `select`, each decoded on its own: one that does not decode
 /// does not hide the others.
 pub(super) async fn each<E, C>(
@@ -161,11 +172,7 @@ pub(super) async fn fetch_device<C: ConnectionTrait>(
     if lock {
         q = q.lock_exclusive();
     }
-    q.one(conn)
-        .await
-        .map_err(db_err)?
-        .map(device_from_model)
-        .transpose()
+    first(conn, q).await?.map(device_from_model).transpose()
 }
 
 pub(super) fn device_row(tenant: &TenantId, d: &Device) -> device::ActiveModel {
@@ -273,9 +280,8 @@ pub(super) async fn fetch_action<C: ConnectionTrait>(
     if lock {
         q = q.lock_exclusive();
     }
-    q.one(conn)
-        .await
-        .map_err(db_err)?
+    first(conn, q)
+        .await?
         .as_ref()
         .map(action_from_model)
         .transpose()
