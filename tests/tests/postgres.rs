@@ -572,3 +572,51 @@ mod store_on_postgres {
         db.drop_database().await;
     }
 }
+
+/// `switchyard migrate` and `serve` on PostgreSQL, with a password in the
+/// URL (trust authentication ignores it here): the database is migrated
+/// once, the second `migrate` finds nothing to do, and the password
+/// appears in no output or log line.
+#[tokio::test]
+async fn migrate_and_serve_on_postgres_never_show_the_password() {
+    let Some(db) = postgres::database().await else {
+        return;
+    };
+    const BIN: &str = env!("CARGO_BIN_EXE_switchyard-under-test");
+    let url = db
+        .url
+        .replacen("postgres://postgres@", "postgres://postgres:hunter2@", 1);
+    assert_ne!(url, db.url, "the URL carries a password");
+    let migrate = || {
+        std::process::Command::new(BIN)
+            .args(["migrate", "--database", &url])
+            .env_remove("SWITCHYARD_DATABASE_URL")
+            .output()
+            .unwrap()
+    };
+    let first = migrate();
+    let out = String::from_utf8_lossy(&first.stdout).into_owned()
+        + &String::from_utf8_lossy(&first.stderr);
+    assert!(first.status.success(), "{out}");
+    assert!(
+        out.contains("applied migrations [1, 2, 3, 4, 5, 6, 7, 8"),
+        "{out}"
+    );
+    let again = migrate();
+    let out2 = String::from_utf8_lossy(&again.stdout).into_owned()
+        + &String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{out2}");
+    assert!(out2.contains("up to date"), "{out2}");
+    let server = switchyard_tests::ServerProcess::spawn_with(BIN, &url, &[], &[]);
+    let log = server.log();
+    drop(server);
+    let listening = log
+        .iter()
+        .find(|l| l.contains("\"listening\""))
+        .expect("a listening line");
+    assert!(listening.contains("<redacted>"), "{listening}");
+    for text in log.iter().chain([&out, &out2]) {
+        assert!(!text.contains("hunter2"), "the password was shown: {text}");
+    }
+    db.drop_database().await;
+}
