@@ -47,6 +47,7 @@ pub async fn seed_demo(app: &App) -> Result<usize, Error> {
             "Europe/London",
         ),
     ];
+    let mut created = 0;
     for (id, name, family, tz) in demo {
         let device = Device {
             id: DeviceId::parse(id).map_err(|e| Error::Internal(e.to_owned()))?,
@@ -65,11 +66,12 @@ pub async fn seed_demo(app: &App) -> Result<usize, Error> {
         // Replicas started together on one empty database all try: the
         // first creates each device, the others find it there.
         match app.store.create_device(&tenant, device, None).await {
-            Ok(_) | Err(Error::DeviceAlreadyExists { .. }) => {}
+            Ok(_) => created += 1,
+            Err(Error::DeviceAlreadyExists { .. }) => {}
             Err(e) => return Err(e),
         }
     }
-    Ok(demo.len())
+    Ok(created)
 }
 
 /// Opens the store and assembles the handlers' state.

@@ -234,6 +234,8 @@ impl Store {
                 // locks.
                 .options([
                     ("idle_in_transaction_session_timeout", "30000"),
+                    // Notices ("already exists, skipping") are not news.
+                    ("client_min_messages", "warning"),
                     // A lock held elsewhere (a stalled replica) is waited
                     // for 4 s, then the write is run again (55P03); no
                     // statement outlives the operation's deadline on the
