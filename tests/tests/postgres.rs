@@ -620,3 +620,61 @@ async fn migrate_and_serve_on_postgres_never_show_the_password() {
     }
     db.drop_database().await;
 }
+
+/// Two replicas started together on one empty database, both seeding the
+/// demo devices: both come up, and the devices exist once.
+#[tokio::test]
+async fn replicas_seeding_the_demo_devices_together_both_start() {
+    use std::io::{BufRead, BufReader};
+    let Some(db) = postgres::database().await else {
+        return;
+    };
+    const BIN: &str = env!("CARGO_BIN_EXE_switchyard-under-test");
+    let mut children: Vec<std::process::Child> = (0..2)
+        .map(|_| {
+            std::process::Command::new(BIN)
+                .args(["serve", "--listen", "127.0.0.1:0", "--database", &db.url])
+                .args(["--log-format", "json"])
+                .env("SWITCHYARD_LOG", "info")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let readers: Vec<_> = children
+        .iter_mut()
+        .map(|c| {
+            let lines = BufReader::new(c.stderr.take().unwrap()).lines();
+            std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                for line in lines.map_while(Result::ok) {
+                    let listening = line.contains("\"listening\"");
+                    seen.push(line);
+                    if listening {
+                        return (true, seen);
+                    }
+                }
+                (false, seen)
+            })
+        })
+        .collect();
+    let outcomes: Vec<(bool, Vec<String>)> =
+        readers.into_iter().map(|r| r.join().unwrap()).collect();
+    for c in &mut children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    for (up, log) in &outcomes {
+        assert!(up, "a replica did not start: {log:#?}");
+    }
+    let mut conn = PgConnection::connect(&db.url).await.unwrap();
+    let n: i64 = sqlx::query("SELECT count(*) FROM devices")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 3);
+    drop(conn);
+    db.drop_database().await;
+}
