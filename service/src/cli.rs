@@ -112,6 +112,17 @@ pub struct ServeArgs {
         value_parser = clap::value_parser!(u64).range(2..=3600)
     )]
     pub dispatch_lease_seconds: u64,
+    /// How many days finished actions (completed, failed, cancelled, with
+    /// nothing owed) are kept after their last change, with their audit
+    /// trail; 0 keeps them for ever.
+    #[arg(
+        long,
+        env = "SWITCHYARD_RETENTION_DAYS",
+        default_value_t = server::DEFAULT_RETENTION_DAYS,
+        value_name = "DAYS",
+        value_parser = clap::value_parser!(u32).range(0..=36_500)
+    )]
+    pub retention_days: u32,
     /// Directory of the secrets devices may name as `file:<name>` in their
     /// `api_key_ref` (e.g. a Kubernetes Secret mounted as a directory).
     /// Unset: `file:` references are refused. `env:` references may name
@@ -344,6 +355,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Se
             crate::store::redact_url(&args.database)
         )
     })?;
+    let mut app = app;
+    app.retention_nanos = i64::from(args.retention_days) * 86_400 * crate::domain::Ts::SECOND;
     if !args.no_demo {
         let n = server::seed_demo(&app).await?;
         if n > 0 {

@@ -21,6 +21,12 @@ use crate::{
 /// Default booking horizon.
 pub const DEFAULT_HORIZON_DAYS: u32 = 30;
 
+/// Default retention of finished actions.
+pub const DEFAULT_RETENTION_DAYS: u32 = 90;
+
+/// Finished actions forgotten per write transaction of the retention sweep.
+const PRUNE_BATCH: u32 = 500;
+
 /// Creates the demo devices on an empty database. Returns how many.
 pub async fn seed_demo(app: &App) -> Result<usize, Error> {
     let tenant = app.tenant();
@@ -88,6 +94,7 @@ pub async fn build_app(
         registry: Arc::new(registry),
         clock,
         horizon_nanos: i64::from(horizon_days) * 86_400 * Ts::SECOND,
+        retention_nanos: i64::from(DEFAULT_RETENTION_DAYS) * 86_400 * Ts::SECOND,
         wake: Arc::new(tokio::sync::Notify::new()),
     })
 }
@@ -132,6 +139,44 @@ pub async fn serve(
     }
     let v1 = v1.build_v1()?;
     let v1alpha = v1alpha.build_v1alpha()?;
+
+    // Retention: finished actions older than the retention period are
+    // forgotten, a batch per short transaction, with a pause between
+    // batches so that writers are not kept waiting.
+    let prune_store = app.store.clone();
+    let (prune_clock, retention) = (app.clock.clone(), app.retention_nanos);
+    let pruner = tokio::spawn(async move {
+        if retention <= 0 {
+            return;
+        }
+        let mut tick = tokio::time::interval(Duration::from_secs(600));
+        loop {
+            tick.tick().await;
+            let cut = prune_clock.now().plus_nanos(-retention);
+            let mut total = 0;
+            loop {
+                match prune_store.prune_finished(cut, PRUNE_BATCH).await {
+                    Ok(n) => {
+                        total += n;
+                        if n < u64::from(PRUNE_BATCH) {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "retention sweep failed");
+                        break;
+                    }
+                }
+            }
+            if total > 0 {
+                tracing::info!(
+                    actions = total,
+                    "forgot finished actions past their retention"
+                );
+            }
+        }
+    });
 
     // Health follows the database: NOT_SERVING while it does not answer
     // (a load balancer then sends calls to a replica that can serve them),
@@ -215,6 +260,7 @@ pub async fn serve(
     tokio::select! {
         r = &mut server => {
             sweeper.abort();
+            pruner.abort();
             health_watch.abort();
             return Ok(r??);
         }
@@ -246,6 +292,7 @@ pub async fn serve(
         let _ = tokio::time::timeout(grace, t).await;
     }
     sweeper.abort();
+    pruner.abort();
     match drained {
         Ok(r) => r??,
         Err(_) => {

@@ -37,6 +37,9 @@ pub struct App {
     pub clock: Arc<dyn Clock>,
     /// How far ahead a start may be, in nanoseconds.
     pub horizon_nanos: i64,
+    /// How long finished actions are kept (after their last change), in
+    /// nanoseconds; 0 keeps them for ever.
+    pub retention_nanos: i64,
     /// Wakes the dispatcher: work may be due now.
     pub wake: Arc<tokio::sync::Notify>,
     /// The OEM accounts' rate budgets, shared with the dispatcher: the

@@ -974,6 +974,88 @@ pub async fn concurrent_requests_with_one_id_run_once(f: &Fixture) {
     assert_eq!((fresh, busy), (1, 1), "{results:?}");
 }
 
+/// Finished actions older than the cut-off are forgotten with their audit
+/// trail, a batch at a time; booked, in-force and newer ones stay, and so
+/// does an action whose driver memo is on record.
+pub async fn old_finished_actions_are_forgotten_with_their_trail(f: &Fixture) {
+    with_device(f, "d1").await;
+    // Completed: applied at H, reverted at 2H.
+    let done = push(f, "d1", window(H, Some(2 * H)), Strategy::Reject)
+        .await
+        .expect("push")
+        .action;
+    // Cancelled by the client before it started.
+    let cancelled = push(f, "d1", window(3 * H, Some(4 * H)), Strategy::Reject)
+        .await
+        .expect("push")
+        .action;
+    f.store
+        .cancel_action(&tenant(), &device_id("d1"), &cancelled.id, None, None)
+        .await
+        .expect("cancel");
+    f.clock.set(T0.plus_nanos(H));
+    let job = claim(f).await.remove(0);
+    applied(f, &job, None).await;
+    f.clock.set(T0.plus_nanos(2 * H));
+    let job = claim(f).await.remove(0);
+    reverted(f, &job).await;
+    // In force with a memo on record until 6H.
+    let active = push(f, "d1", window(5 * H, Some(6 * H)), Strategy::Reject)
+        .await
+        .expect("push")
+        .action;
+    f.clock.set(T0.plus_nanos(5 * H));
+    let job = claim(f).await.remove(0);
+    applied(f, &job, Some("written")).await;
+    // Still booked.
+    let booked = push(f, "d1", window(7 * H, Some(8 * H)), Strategy::Reject)
+        .await
+        .expect("push")
+        .action;
+    assert_eq!(get(f, "d1", &done).await.state, ActionState::Completed);
+    assert!(
+        !f.store
+            .action_history(&tenant(), &done.id)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // A cut-off before they finished forgets nothing.
+    assert_eq!(f.store.prune_finished(T0, 10).await.unwrap(), 0);
+    // Later: the two finished ones go, one per batch.
+    let cut = T0.plus_nanos(7 * H);
+    assert_eq!(f.store.prune_finished(cut, 1).await.unwrap(), 1);
+    assert_eq!(f.store.prune_finished(cut, 1).await.unwrap(), 1);
+    assert_eq!(f.store.prune_finished(cut, 1).await.unwrap(), 0);
+    for gone in [&done, &cancelled] {
+        assert!(matches!(
+            f.store
+                .get_action(&tenant(), &device_id("d1"), &gone.id)
+                .await,
+            Err(Error::ActionNotFound { .. })
+        ));
+        assert!(
+            f.store
+                .action_history(&tenant(), &gone.id)
+                .await
+                .unwrap()
+                .is_empty(),
+            "its audit trail went with it"
+        );
+    }
+    for kept in [&active, &booked] {
+        get(f, "d1", kept).await;
+        assert!(
+            !f.store
+                .action_history(&tenant(), &kept.id)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+}
+
 /// Registers one `#[tokio::test]` per contract rule in a module named
 /// `$backend`, each on a fresh fixture: `$fixture` is an expression
 /// evaluated inside each (async) test, so it may end in `.await`; it gives a
@@ -1009,6 +1091,7 @@ macro_rules! storage_contract_suite {
                 concurrent_overlapping_pushes_book_one,
                 concurrent_claims_never_share_work,
                 concurrent_requests_with_one_id_run_once,
+                old_finished_actions_are_forgotten_with_their_trail,
             );
         }
     };

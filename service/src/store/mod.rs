@@ -25,6 +25,7 @@ mod devices;
 mod dispatch;
 mod entity;
 mod idem;
+mod prune;
 mod rows;
 mod schema;
 #[cfg(test)]

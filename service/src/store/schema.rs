@@ -250,6 +250,15 @@ CREATE TABLE device_writes (
 );
 "#,
     ),
+    (
+        9,
+        Only::Both,
+        r#"
+-- Finished actions by when they last changed, for the retention sweep
+-- (Store::prune_finished), which states this predicate literally.
+CREATE INDEX actions_finished ON actions (update_ns) WHERE work = 'NONE';
+"#,
+    ),
 ];
 
 #[cfg(test)]

@@ -1,0 +1,75 @@
+//! Retention: finished actions are forgotten once old enough, with their
+//! audit trail, a small batch per short write transaction, so writers
+//! never wait long behind the sweep.
+
+use sea_orm::{
+    ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    sea_query::{Expr, LockBehavior, LockType},
+};
+
+use super::{
+    Store, db_err,
+    entity::{action, audit},
+};
+use crate::domain::{ActionState, Error, Ts, lifecycle};
+
+impl Store {
+    /// Deletes up to `batch` finished actions that last changed before
+    /// `before`, with their audit entries; returns how many. Finished: not
+    /// holding a channel ([`lifecycle::holds_channel`]), no work owed, no
+    /// claim, and no driver memo on record (a write that may still be in
+    /// force is never forgotten). Device-level audit entries are kept.
+    pub async fn prune_finished(&self, before: Ts, batch: u32) -> Result<u64, Error> {
+        let holding: Vec<&'static str> = ActionState::ALL
+            .iter()
+            .filter(|s| lifecycle::holds_channel(**s, None))
+            .map(|s| s.as_str())
+            .collect();
+        self.retrying(|| async {
+            let tx = self.begin().await?;
+            let old: Vec<(String, String)> = action::Entity::find()
+                .select_only()
+                .column(action::Column::TenantId)
+                .column(action::Column::ActionId)
+                // The partial index `actions_finished` (migration 9).
+                .filter(Expr::cust("work = 'NONE'"))
+                .filter(action::Column::UpdateNs.lt(before.0))
+                .filter(action::Column::State.is_not_in(holding.clone()))
+                .filter(action::Column::LeaseOwner.is_null())
+                .filter(action::Column::DriverMemo.is_null())
+                .order_by_asc(action::Column::UpdateNs)
+                .limit(u64::from(batch))
+                .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
+                .into_tuple()
+                .all(&tx)
+                .await
+                .map_err(db_err)?;
+            if old.is_empty() {
+                return Ok(0);
+            }
+            let mut by_tenant: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+            for (tenant, id) in &old {
+                by_tenant.entry(tenant).or_default().push(id);
+            }
+            let mut pruned = 0;
+            for (tenant, ids) in by_tenant {
+                audit::Entity::delete_many()
+                    .filter(audit::Column::TenantId.eq(tenant))
+                    .filter(audit::Column::ActionId.is_in(ids.iter().copied()))
+                    .exec(&tx)
+                    .await
+                    .map_err(db_err)?;
+                pruned += action::Entity::delete_many()
+                    .filter(action::Column::TenantId.eq(tenant))
+                    .filter(action::Column::ActionId.is_in(ids.iter().copied()))
+                    .exec(&tx)
+                    .await
+                    .map_err(db_err)?
+                    .rows_affected;
+            }
+            tx.commit().await.map_err(db_err)?;
+            Ok(pruned)
+        })
+        .await
+    }
+}
