@@ -302,6 +302,13 @@ async fn bench_push(
     if let Some(kib) = rss {
         println!("  server peak RSS {:.1} MiB", kib as f64 / 1024.0);
     }
+    // The same clients' rate of the cheapest call the server answers: what
+    // the transport and the runtime allow, against which pushes are set.
+    let health = health_rate(&server.addr, c, n).await;
+    println!(
+        "grpc.health.v1 Check from the same {c} clients: {health:.0} calls/s; ratio pushes/s ÷ checks/s = {:.3}",
+        rate / health
+    );
     drop(server);
 
     let (base_rate, base_lat) = baseline(n, c).await;
@@ -317,6 +324,37 @@ async fn bench_push(
     if failed > 0 {
         std::process::exit(1);
     }
+}
+
+/// Calls per second of `grpc.health.v1.Health/Check` from `c` clients
+/// (each its own connection), `n` calls in all (at least 20,000).
+async fn health_rate(addr: &str, c: usize, n: usize) -> f64 {
+    let n = n.max(20_000);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut clients = Vec::with_capacity(c);
+    for _ in 0..c {
+        clients.push(connect(addr).await.expect("connect"));
+    }
+    let started = Instant::now();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|ch| {
+            let next = next.clone();
+            tokio::spawn(async move {
+                let mut client = tonic_health::pb::health_client::HealthClient::new(ch);
+                while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < n {
+                    client
+                        .check(tonic_health::pb::HealthCheckRequest::default())
+                        .await
+                        .expect("health check");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("health client");
+    }
+    n as f64 / started.elapsed().as_secs_f64()
 }
 
 async fn baseline(n: usize, c: usize) -> (f64, Vec<Duration>) {
