@@ -154,7 +154,8 @@ impl Devices {
                 },
             )
             .await?;
-        app.wake.notify_one();
+        // A new device owes the dispatcher nothing: no wake (each would
+        // cost a claim transaction on the single writer).
         Ok(ran.answer(|d| self.to_proto(&d)))
     }
 

@@ -5,7 +5,7 @@ use sea_orm::{
     ActiveValue::{NotSet, Set},
     ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
     QuerySelect, QueryTrait, Select,
-    sea_query::{Expr, ExprTrait, IntoCondition},
+    sea_query::{Expr, ExprTrait},
 };
 
 use super::{db_err, entity, parse_settings};
@@ -299,18 +299,25 @@ pub(super) struct HoldingFilter<'a> {
 }
 
 /// The holding condition: [`lifecycle::holds_channel`] in SQL, built from
-/// the domain's states.
+/// the domain's states, as literals. A bound parameter here would make
+/// SQLite prepare the statement afresh at every push: its value decides
+/// whether the partial index of owed work applies.
 ///
 /// [`lifecycle::holds_channel`]: crate::domain::lifecycle::holds_channel
-pub(super) fn holding() -> impl IntoCondition {
-    let states: Vec<&'static str> = ActionState::ALL
-        .iter()
-        .filter(|s| crate::domain::lifecycle::holds_channel(**s, None))
-        .map(|s| s.as_str())
-        .collect();
-    action::Column::State
-        .is_in(states)
-        .or(action::Column::Work.eq(crate::domain::Work::Revert.as_str()))
+pub(super) fn holding() -> sea_orm::sea_query::Expr {
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let states: Vec<String> = ActionState::ALL
+            .iter()
+            .filter(|s| crate::domain::lifecycle::holds_channel(**s, None))
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect();
+        format!(
+            "(state IN ({}) OR work = '{}')",
+            states.join(", "),
+            crate::domain::Work::Revert.as_str()
+        )
+    });
+    Expr::cust(SQL.as_str())
 }
 
 /// Actions of a device that hold their channel, by start, locked for the
