@@ -95,7 +95,7 @@ pub async fn build_app(
         clock,
         horizon_nanos: i64::from(horizon_days) * 86_400 * Ts::SECOND,
         retention_nanos: i64::from(DEFAULT_RETENTION_DAYS) * 86_400 * Ts::SECOND,
-        wake: Arc::new(tokio::sync::Notify::new()),
+        wake: Arc::default(),
     })
 }
 

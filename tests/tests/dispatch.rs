@@ -496,6 +496,28 @@ async fn the_loop_applies_an_immediate_push_at_once_when_woken() {
     task.await.unwrap();
 }
 
+/// A push due before the loop's next look wakes it; one due after does
+/// not (the look finds it; a wake would cost a claim transaction).
+#[tokio::test]
+async fn the_loop_is_woken_only_for_work_due_before_its_next_look() {
+    let srv = TestServer::start().await;
+    srv.sim_device("b", &[("latency_ms", "0")]).await;
+    srv.sim_device("c", &[("latency_ms", "0")]).await;
+    // Asleep for an hour after its first round.
+    let (stop, task, probe) = run_loop(&srv, std::time::Duration::from_secs(3600));
+    until_rounds(&probe, 1).await;
+    // Due in two hours: after the next look, so no wake.
+    srv.book("c", window(Command::Charge, 2 * H, 3 * H)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(probe.rounds(), 1, "woken for work its next look finds");
+    // Due in a second: long before the next look, so woken, and applied.
+    let a = srv.book("b", window(Command::Charge, 1, H)).await;
+    srv.at_secs(1);
+    until_state(&srv, "b", &a.action_id, St::Active).await;
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}
+
 #[tokio::test]
 async fn the_loop_applies_at_the_start_and_reverts_at_the_end() {
     let srv = TestServer::start().await;

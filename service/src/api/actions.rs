@@ -78,14 +78,11 @@ impl Actions {
                     .await
             })
             .await?;
-        // An action due before the dispatcher's next look (it looks at
-        // least once a second) is not left waiting for it; one due later is
-        // found by that look, and waking the dispatcher for it would only
-        // add a claim transaction per push.
-        if let super::Ran::Fresh(o) = &ran
-            && o.action.start <= app.clock.now().plus_nanos(crate::domain::Ts::SECOND)
-        {
-            app.wake.notify_one();
+        // An action due before the dispatcher's next look is not left
+        // waiting for it; one due later is found by that look, and waking
+        // the dispatcher for it would only add a claim transaction.
+        if let super::Ran::Fresh(o) = &ran {
+            app.wake.due(o.action.start);
         }
         Ok(ran.answer(|o| push_response(&o)))
     }
@@ -143,7 +140,7 @@ impl Actions {
             )
             .await?;
         // A cancelled ACTIVE action is reverted now.
-        app.wake.notify_one();
+        app.wake.now();
         Ok(ran.answer(|a| convert::action_to_proto(&a)))
     }
 }

@@ -229,7 +229,7 @@ impl Devices {
                 },
             )
             .await?;
-        app.wake.notify_one();
+        app.wake.now();
         Ok(ran.answer(|d| self.to_proto(&d)))
     }
 

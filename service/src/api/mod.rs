@@ -41,7 +41,7 @@ pub struct App {
     /// nanoseconds; 0 keeps them for ever.
     pub retention_nanos: i64,
     /// Wakes the dispatcher: work may be due now.
-    pub wake: Arc<tokio::sync::Notify>,
+    pub wake: Arc<crate::dispatch::Wake>,
     /// The OEM accounts' rate budgets, shared with the dispatcher: the
     /// observations made on CreateDevice and UpdateDevice count too.
     pub budgets: Arc<crate::dispatch::Budgets>,

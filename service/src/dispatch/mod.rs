@@ -43,7 +43,8 @@ pub use budget::Budgets;
 #[derive(Clone, Debug)]
 pub struct DispatchConfig {
     /// Longest sleep between looks at the database (the embedded default
-    /// wakes at least once a second, and at once when a push is due now).
+    /// wakes at least once a second, and at once when a push is due before
+    /// its next look: [`Wake`]).
     pub poll: Duration,
     /// Most actions claimed at once.
     pub batch: u32,
@@ -88,7 +89,7 @@ pub struct Dispatcher {
     registry: Arc<Registry>,
     clock: Arc<dyn Clock>,
     budgets: Arc<Budgets>,
-    wake: Arc<Notify>,
+    wake: Arc<Wake>,
     config: DispatchConfig,
     /// Rounds of [`Dispatcher::run`] completed (shared by clones).
     rounds: Arc<std::sync::atomic::AtomicU64>,
@@ -272,7 +273,7 @@ impl Dispatcher {
         registry: Arc<Registry>,
         clock: Arc<dyn Clock>,
         budgets: Arc<Budgets>,
-        wake: Arc<Notify>,
+        wake: Arc<Wake>,
         config: DispatchConfig,
     ) -> Self {
         Self {
@@ -780,12 +781,58 @@ impl Dispatcher {
                     .min(self.config.poll),
                 None => self.config.poll,
             };
+            self.wake.planned(
+                self.clock
+                    .now()
+                    .plus_nanos(i64::try_from(wait.as_nanos()).unwrap_or(i64::MAX)),
+            );
             tokio::select! {
                 () = &mut shutdown => return,
-                () = self.wake.notified() => {}
+                () = self.wake.notify.notified() => {}
                 () = tokio::time::sleep(wait) => {}
             }
         }
+    }
+}
+
+/// How the API wakes the dispatcher: at once for work due before the
+/// dispatcher's next look (it says when that is), and not for work due
+/// later, which that look finds anyway (a wake costs a claim transaction).
+#[derive(Debug)]
+pub struct Wake {
+    notify: Notify,
+    /// When the dispatcher looks next, in nanoseconds (`i64::MAX` until it
+    /// has said: every due time is before it).
+    next_look: std::sync::atomic::AtomicI64,
+}
+
+impl Default for Wake {
+    fn default() -> Self {
+        Self {
+            notify: Notify::new(),
+            next_look: std::sync::atomic::AtomicI64::new(i64::MAX),
+        }
+    }
+}
+
+impl Wake {
+    /// Work is due at `at`: wakes the dispatcher if that is before its
+    /// next look.
+    pub fn due(&self, at: Ts) {
+        if at.0 < self.next_look.load(std::sync::atomic::Ordering::Acquire) {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Work may be due now: wakes the dispatcher.
+    pub fn now(&self) {
+        self.notify.notify_one();
+    }
+
+    /// The dispatcher's next look is at `at`.
+    fn planned(&self, at: Ts) {
+        self.next_look
+            .store(at.0, std::sync::atomic::Ordering::Release);
     }
 }
 

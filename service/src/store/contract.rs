@@ -999,16 +999,48 @@ pub async fn old_finished_actions_are_forgotten_with_their_trail(f: &Fixture) {
     f.clock.set(T0.plus_nanos(2 * H));
     let job = claim(f).await.remove(0);
     reverted(f, &job).await;
-    // In force with a memo on record until 6H.
-    let active = push(f, "d1", window(5 * H, Some(6 * H)), Strategy::Reject)
+    // In force with a memo on record until 30H.
+    let active = push(f, "d1", window(5 * H, Some(30 * H)), Strategy::Reject)
         .await
         .expect("push")
         .action;
     f.clock.set(T0.plus_nanos(5 * H));
     let job = claim(f).await.remove(0);
     applied(f, &job, Some("written")).await;
+    // Reverts that failed for good, with a memo and without: the command
+    // may still be in force, so neither is ever forgotten.
+    with_device(f, "d2").await;
+    with_device(f, "d3").await;
+    let mut revert_failed = Vec::new();
+    for (i, memo) in [(0, Some("written")), (1, None)] {
+        let start = 9 * H + 2 * i * H;
+        let a = push(f, "d2", window(start, Some(start + H)), Strategy::Reject)
+            .await
+            .expect("push")
+            .action;
+        f.clock.set(T0.plus_nanos(start));
+        let job = claim(f).await.remove(0);
+        applied(f, &job, memo).await;
+        f.clock.set(T0.plus_nanos(start + H));
+        let job = claim(f).await.remove(0);
+        f.store
+            .finish(
+                &job,
+                Finish::Failed {
+                    code: crate::domain::codes::REVERT_FAILED.into(),
+                    message: "gave up".into(),
+                    raw: None,
+                    revert: false,
+                    memo: None,
+                },
+            )
+            .await
+            .expect("finish as failed");
+        assert_eq!(get(f, "d2", &a).await.state, ActionState::Failed);
+        revert_failed.push(a);
+    }
     // Still booked.
-    let booked = push(f, "d1", window(7 * H, Some(8 * H)), Strategy::Reject)
+    let booked = push(f, "d3", window(20 * H, Some(21 * H)), Strategy::Reject)
         .await
         .expect("push")
         .action;
@@ -1024,7 +1056,7 @@ pub async fn old_finished_actions_are_forgotten_with_their_trail(f: &Fixture) {
     // A cut-off before they finished forgets nothing.
     assert_eq!(f.store.prune_finished(T0, 10).await.unwrap(), 0);
     // Later: the two finished ones go, one per batch.
-    let cut = T0.plus_nanos(7 * H);
+    let cut = T0.plus_nanos(19 * H);
     assert_eq!(f.store.prune_finished(cut, 1).await.unwrap(), 1);
     assert_eq!(f.store.prune_finished(cut, 1).await.unwrap(), 1);
     assert_eq!(f.store.prune_finished(cut, 1).await.unwrap(), 0);
@@ -1044,8 +1076,13 @@ pub async fn old_finished_actions_are_forgotten_with_their_trail(f: &Fixture) {
             "its audit trail went with it"
         );
     }
-    for kept in [&active, &booked] {
-        get(f, "d1", kept).await;
+    for (device, kept) in [
+        ("d1", &active),
+        ("d3", &booked),
+        ("d2", &revert_failed[0]),
+        ("d2", &revert_failed[1]),
+    ] {
+        get(f, device, kept).await;
         assert!(
             !f.store
                 .action_history(&tenant(), &kept.id)

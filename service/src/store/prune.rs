@@ -4,21 +4,22 @@
 
 use sea_orm::{
     ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    sea_query::{Expr, LockBehavior, LockType},
+    sea_query::{Expr, ExprTrait, LockBehavior, LockType},
 };
 
 use super::{
     Store, db_err,
     entity::{action, audit},
 };
-use crate::domain::{ActionState, Error, Ts, lifecycle};
+use crate::domain::{ActionState, Error, Ts, codes, lifecycle};
 
 impl Store {
     /// Deletes up to `batch` finished actions that last changed before
     /// `before`, with their audit entries; returns how many. Finished: not
     /// holding a channel ([`lifecycle::holds_channel`]), no work owed, no
-    /// claim, and no driver memo on record (a write that may still be in
-    /// force is never forgotten). Device-level audit entries are kept.
+    /// claim, no driver memo on record, and not a revert that failed for
+    /// good (a write that may still be in force is never forgotten).
+    /// Device-level audit entries are kept.
     pub async fn prune_finished(&self, before: Ts, batch: u32) -> Result<u64, Error> {
         let holding: Vec<&'static str> = ActionState::ALL
             .iter()
@@ -37,6 +38,13 @@ impl Store {
                 .filter(action::Column::State.is_not_in(holding.clone()))
                 .filter(action::Column::LeaseOwner.is_null())
                 .filter(action::Column::DriverMemo.is_null())
+                // A revert that failed for good: its command may still be
+                // in force, memo or not.
+                .filter(
+                    action::Column::ErrorCode
+                        .is_null()
+                        .or(action::Column::ErrorCode.ne(codes::REVERT_FAILED)),
+                )
                 .order_by_asc(action::Column::UpdateNs)
                 .limit(u64::from(batch))
                 .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
