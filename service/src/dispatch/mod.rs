@@ -760,17 +760,26 @@ impl Dispatcher {
     /// `poll` apart, at once when notified).
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
-        let mut last_observe = Ts(i64::MIN);
+        // Observation passes run beside the rounds, not between them: a
+        // slow OEM read (or an account's paced queries) never holds up
+        // work that falls due. Gone with this loop.
+        let observer = self.clone();
+        let _observer = AbortOnDrop(Some(tokio::spawn(async move {
+            let mut last_observe = Ts(i64::MIN);
+            loop {
+                let now = observer.clock.now();
+                if now.0.saturating_sub(last_observe.0) >= 10 * Ts::SECOND {
+                    last_observe = now;
+                    if let Err(e) = observer.observe_due(false).await {
+                        tracing::warn!(error = %e, "observing devices failed");
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })));
         loop {
             if let Err(e) = self.run_due().await {
                 tracing::warn!(error = %e, "dispatch round failed");
-            }
-            let now = self.clock.now();
-            if now.0.saturating_sub(last_observe.0) >= 10 * Ts::SECOND {
-                last_observe = now;
-                if let Err(e) = self.observe_due(false).await {
-                    tracing::warn!(error = %e, "observing devices failed");
-                }
             }
             let next = self.store.next_due().await.ok().flatten();
             self.rounds
