@@ -5,9 +5,7 @@ use sea_orm::{
     ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
 };
 
-use super::{
-    IdemCommit, Store, check_etag, db_err, entity::action, entity::audit, not_found, rows,
-};
+use super::{IdemCommit, Store, check_etag, entity::action, entity::audit, not_found, rows};
 use crate::domain::{
     Action, ActionId, ActionState, Device, DeviceId, Error, Strategy, TenantId, Transition, Ts,
     conflict::{self, Holder},
@@ -54,23 +52,27 @@ impl Store {
         validate_only: bool,
         idem: Option<IdemCommit<PushOutcome>>,
     ) -> Result<PushOutcome, Error> {
-        self.retrying(|| async {
+        if validate_only {
+            // Nothing is written: a transaction of its own, never committed.
             let tx = self.begin().await?;
+            return self
+                .push_in(&tx, tenant, device_id, &prepare, strategy, true, None)
+                .await;
+        }
+        self.retrying(|| async {
+            let slot = self.slot().await?;
             let outcome = self
                 .push_in(
-                    &tx,
+                    slot.tx(),
                     tenant,
                     device_id,
                     &prepare,
                     strategy,
-                    validate_only,
+                    false,
                     idem.as_ref(),
                 )
-                .await?;
-            if !validate_only {
-                tx.commit().await.map_err(db_err)?;
-            }
-            Ok(outcome)
+                .await;
+            slot.end(outcome).await
         })
         .await
     }
@@ -263,12 +265,11 @@ impl Store {
         idem: Option<IdemCommit<Action>>,
     ) -> Result<Action, Error> {
         self.retrying(|| async {
-            let tx = self.begin().await?;
+            let slot = self.slot().await?;
             let action = self
-                .cancel_in(&tx, tenant, device_id, action_id, etag, idem.as_ref())
-                .await?;
-            tx.commit().await.map_err(db_err)?;
-            Ok(action)
+                .cancel_in(slot.tx(), tenant, device_id, action_id, etag, idem.as_ref())
+                .await;
+            slot.end(action).await
         })
         .await
     }

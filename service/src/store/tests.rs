@@ -307,3 +307,94 @@ fn a_database_password_is_never_repeated() {
         "error with configuration: postgres://sy:<redacted>@db/x"
     );
 }
+
+/// Concurrent pushes commit in groups, each decided as if alone: of two
+/// pushes for one window the first booked wins and the other is refused
+/// with the conflict naming it, in the same group as successes, which
+/// commit all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_holds_refused_and_booked_pushes_each_as_if_alone() {
+    use crate::domain::{Command, Params, Strategy, validate::ValidPush};
+    const WINDOWS: i64 = 48;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("db.sqlite"), Duration::from_secs(10)).await;
+    let tenant = TenantId::default_tenant();
+    store
+        .create_device(&tenant, device("d", BTreeMap::new()), None)
+        .await
+        .unwrap();
+    let (groups_before, members_before) = store.group_counts().unwrap();
+    let h = 3600 * Ts::SECOND;
+    let pushes: Vec<_> = (0..2 * WINDOWS)
+        .map(|i| {
+            let store = store.clone();
+            let w = i / 2;
+            tokio::spawn(async move {
+                store
+                    .push(
+                        &TenantId::default_tenant(),
+                        &DeviceId::parse("d").unwrap(),
+                        move |_, _| {
+                            Ok(ValidPush {
+                                command: Command::Charge,
+                                channel: "mode".into(),
+                                params: Params::default(),
+                                start: Ts(h * (w + 1)),
+                                end: Some(Ts(h * (w + 2))),
+                                immediate: false,
+                            })
+                        },
+                        Strategy::Reject,
+                        false,
+                        None,
+                    )
+                    .await
+                    .map(|o| (w, o.action.id))
+                    .map_err(|e| (w, e))
+            })
+        })
+        .collect();
+    let mut booked = BTreeMap::new();
+    let mut refused = Vec::new();
+    for p in pushes {
+        match p.await.unwrap() {
+            Ok((w, id)) => assert!(booked.insert(w, id).is_none(), "window {w} booked twice"),
+            Err((w, Error::Conflict(c))) => refused.push((w, c)),
+            Err((w, e)) => panic!("window {w}: {e:?}"),
+        }
+    }
+    assert_eq!(booked.len() as i64, WINDOWS, "each window booked once");
+    assert_eq!(refused.len() as i64, WINDOWS, "its twin refused");
+    for (w, c) in &refused {
+        assert_eq!(c.colliders.len(), 1, "{c:?}");
+        assert_eq!(c.colliders[0].id, booked[w], "the refusal names the winner");
+    }
+    // What was answered is what is stored, and durable: a fresh store on
+    // the file reads it back.
+    let again = open(&dir.path().join("db.sqlite"), Duration::from_secs(10)).await;
+    for (w, id) in &booked {
+        let a = again
+            .get_action(&tenant, &DeviceId::parse("d").unwrap(), id)
+            .await
+            .unwrap();
+        assert_eq!(a.start, Ts(h * (w + 1)));
+    }
+    let listed = again
+        .list_actions(
+            &tenant,
+            super::ActionQuery {
+                device: None,
+                states: &[],
+                before: None,
+                limit: 1000,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(listed.len() as i64, WINDOWS, "refused pushes left nothing");
+    // And the writes were grouped: fewer commits than writes.
+    let (groups, members) = store.group_counts().unwrap();
+    let (groups, members) = (groups - groups_before, members - members_before);
+    assert_eq!(members as i64, 2 * WINDOWS);
+    assert!(groups < members, "{groups} groups for {members} writes");
+}
