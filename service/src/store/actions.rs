@@ -5,7 +5,9 @@ use sea_orm::{
     ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
 };
 
-use super::{IdemCommit, Store, check_etag, entity::action, entity::audit, not_found, rows};
+use super::{
+    IdemCommit, Store, check_etag, db_err, entity::action, entity::audit, not_found, rows,
+};
 use crate::domain::{
     Action, ActionId, ActionState, Device, DeviceId, Error, Strategy, TenantId, Transition, Ts,
     conflict::{self, Holder},
@@ -52,27 +54,23 @@ impl Store {
         validate_only: bool,
         idem: Option<IdemCommit<PushOutcome>>,
     ) -> Result<PushOutcome, Error> {
-        if validate_only {
-            // Nothing is written: a transaction of its own, never committed.
-            let tx = self.begin().await?;
-            return self
-                .push_in(&tx, tenant, device_id, &prepare, strategy, true, None)
-                .await;
-        }
         self.retrying(|| async {
-            let slot = self.slot().await?;
+            let tx = self.begin().await?;
             let outcome = self
                 .push_in(
-                    slot.tx(),
+                    &tx,
                     tenant,
                     device_id,
                     &prepare,
                     strategy,
-                    false,
+                    validate_only,
                     idem.as_ref(),
                 )
-                .await;
-            slot.end(outcome).await
+                .await?;
+            if !validate_only {
+                tx.commit().await.map_err(db_err)?;
+            }
+            Ok(outcome)
         })
         .await
     }
@@ -265,11 +263,12 @@ impl Store {
         idem: Option<IdemCommit<Action>>,
     ) -> Result<Action, Error> {
         self.retrying(|| async {
-            let slot = self.slot().await?;
+            let tx = self.begin().await?;
             let action = self
-                .cancel_in(slot.tx(), tenant, device_id, action_id, etag, idem.as_ref())
-                .await;
-            slot.end(action).await
+                .cancel_in(&tx, tenant, device_id, action_id, etag, idem.as_ref())
+                .await?;
+            tx.commit().await.map_err(db_err)?;
+            Ok(action)
         })
         .await
     }

@@ -34,23 +34,7 @@ impl Store {
         idem: Option<IdemCommit<Device>>,
     ) -> Result<Device, Error> {
         self.retrying(|| async {
-            let slot = self.slot().await?;
-            let created = self
-                .create_in(slot.tx(), tenant, &device, idem.as_ref())
-                .await;
-            slot.end(created).await
-        })
-        .await
-    }
-
-    async fn create_in(
-        &self,
-        tx: &DatabaseTransaction,
-        tenant: &TenantId,
-        device: &Device,
-        idem: Option<&IdemCommit<Device>>,
-    ) -> Result<Device, Error> {
-        {
+            let tx = self.begin().await?;
             let now = self.clock.now();
             let mut device = device.clone();
             device.revision = 1;
@@ -60,23 +44,25 @@ impl Store {
             // A device another replica is creating at this moment has no
             // row to lock yet: the insert itself decides, and the second
             // one writes nothing.
-            if !rows::insert_device(tx, tenant, &device).await? {
+            if !rows::insert_device(&tx, tenant, &device).await? {
                 return Err(Error::DeviceAlreadyExists {
                     device_id: device.id.to_string(),
                 });
             }
             rows::audit_device(
-                tx,
+                &tx,
                 tenant,
                 &device.id,
                 "CREATED",
-                idem.map(|i| i.request_id.as_str()),
+                idem.as_ref().map(|i| i.request_id.as_str()),
                 now,
             )
             .await?;
-            Self::idem_complete(tx, tenant, idem, &device).await?;
+            Self::idem_complete(&tx, tenant, idem.as_ref(), &device).await?;
+            tx.commit().await.map_err(db_err)?;
             Ok(device)
-        }
+        })
+        .await
     }
 
     /// Whether a device exists (read outside any transaction: a hint to
@@ -159,10 +145,10 @@ impl Store {
         idem: Option<IdemCommit<Device>>,
     ) -> Result<Device, Error> {
         self.retrying(|| async {
-            let slot = self.slot().await?;
+            let tx = self.begin().await?;
             let device = self
                 .update_in(
-                    slot.tx(),
+                    &tx,
                     tenant,
                     id,
                     etag,
@@ -170,8 +156,9 @@ impl Store {
                     observed.as_ref(),
                     idem.as_ref(),
                 )
-                .await;
-            slot.end(device).await
+                .await?;
+            tx.commit().await.map_err(db_err)?;
+            Ok(device)
         })
         .await
     }
@@ -305,11 +292,10 @@ impl Store {
         idem: Option<IdemCommit<()>>,
     ) -> Result<(), Error> {
         self.retrying(|| async {
-            let slot = self.slot().await?;
-            let deleted = self
-                .delete_in(slot.tx(), tenant, id, etag, force, idem.as_ref())
-                .await;
-            slot.end(deleted).await
+            let tx = self.begin().await?;
+            self.delete_in(&tx, tenant, id, etag, force, idem.as_ref())
+                .await?;
+            tx.commit().await.map_err(db_err)
         })
         .await
     }

@@ -69,32 +69,26 @@ impl Store {
         body: &[u8],
         claim: &str,
     ) -> Result<IdemBegin, Error> {
-        self.retrying(|| async {
-            let slot = self.slot().await?;
-            let begun = self
-                .idem_begin_in(slot.tx(), tenant, request_id, method, body, claim)
-                .await;
-            slot.end(begun).await
-        })
-        .await
+        self.retrying(|| self.idem_begin_once(tenant, request_id, method, body, claim))
+            .await
     }
 
-    async fn idem_begin_in(
+    async fn idem_begin_once(
         &self,
-        tx: &sea_orm::DatabaseTransaction,
         tenant: &TenantId,
         request_id: &str,
         method: &str,
         body: &[u8],
         claim: &str,
     ) -> Result<IdemBegin, Error> {
+        let tx = self.begin().await?;
         let now = self.clock.now();
         let key = || {
             sea_orm::Condition::all()
                 .add(idem_key::Column::TenantId.eq(tenant.as_str()))
                 .add(idem_key::Column::RequestId.eq(request_id))
         };
-        let row = rows::first(tx, idem_key::Entity::find().filter(key()).lock_exclusive()).await?;
+        let row = rows::first(&tx, idem_key::Entity::find().filter(key()).lock_exclusive()).await?;
         if let Some(row) = row {
             let same = row.method == method && row.request_body == body;
             let live_lease = row.lease_until_ns.filter(|l| *l > now.0);
@@ -159,7 +153,7 @@ impl Store {
                 .action_and_where(free)
                 .to_owned(),
         )
-        .exec_without_returning(tx)
+        .exec_without_returning(&tx)
         .await
         .map_err(db_err)?;
         if taken == 0 {
@@ -167,6 +161,7 @@ impl Store {
                 "request_id {request_id:?} was taken by another request meanwhile"
             )));
         }
+        tx.commit().await.map_err(db_err)?;
         Ok(IdemBegin::Fresh(claim.to_owned()))
     }
 

@@ -24,7 +24,6 @@ pub mod contract;
 mod devices;
 mod dispatch;
 mod entity;
-mod group;
 mod idem;
 mod prune;
 mod rows;
@@ -88,8 +87,6 @@ pub struct Store {
     read: DatabaseConnection,
     /// Where the health check asks: on PostgreSQL a connection of its own.
     health: DatabaseConnection,
-    /// SQLite: the group writer (concurrent writes share one transaction).
-    group: Option<Arc<group::Group>>,
     clock: Arc<dyn Clock>,
     /// How long one operation (a transaction, a read) may take before it is
     /// abandoned as STORAGE_UNAVAILABLE: on PostgreSQL, where a network
@@ -274,7 +271,6 @@ impl Store {
                 write: conn.clone(),
                 read: conn,
                 health: SqlxPostgresConnector::from_sqlx_postgres_pool(health),
-                group: None,
                 clock,
                 deadline: Some(options.deadline),
             });
@@ -314,7 +310,6 @@ impl Store {
             write: SqlxSqliteConnector::from_sqlx_sqlite_pool(write),
             health: read.clone(),
             read,
-            group: Some(Arc::default()),
             clock,
             deadline: None,
         })
