@@ -47,7 +47,7 @@ mod store_on_postgres {
     use sqlx::{Connection, Executor, PgConnection, Row};
     use switchyard::{
         domain::{
-            Command, Device, DeviceId, Error, Family, ManualClock, Params, Strategy, TenantId, Ts,
+            Command, DeviceId, Error, ManualClock, Params, Strategy, TenantId, Ts,
             validate::ValidPush,
         },
         store::Store,
@@ -57,21 +57,17 @@ mod store_on_postgres {
     const T0: Ts = Ts(1_893_456_000 * Ts::SECOND);
     const H: i64 = 3600 * Ts::SECOND;
 
-    fn device(id: &str) -> Device {
-        Device {
-            id: DeviceId::parse(id).unwrap(),
-            display_name: String::new(),
-            family: Family::Battery,
-            driver: "simulated".into(),
-            oem_device_id: String::new(),
-            timezone: "UTC".into(),
-            settings: BTreeMap::new(),
-            revision: 0,
-            created: Ts(0),
-            updated: Ts(0),
-            observed: None,
-            incarnation: String::new(),
-        }
+    use switchyard::store::contract::device;
+
+    /// An action row written past the store (channel holders on device
+    /// `d`), for what the database itself must refuse or accept.
+    fn raw_action(id: &str, state: &str, channel: &str, start: i64, end: Option<i64>) -> String {
+        let end = end.map_or("NULL".to_owned(), |e| e.to_string());
+        format!(
+            "INSERT INTO actions (tenant_id, action_id, device_id, channel, command, start_ns, end_ns,
+               immediate, state, queued_after, revision, create_ns, update_ns)
+             VALUES ('default', '{id}', 'd', '{channel}', 'CHARGE', {start}, {end}, FALSE, '{state}', '', 1, 0, 0)"
+        )
     }
 
     /// Replicas started together on an empty database: every one opens,
@@ -162,13 +158,7 @@ mod store_on_postgres {
         .map(|n| (n, switchyard::domain::ActionId::generate().to_string()))
         .collect();
         let copy = |name: &str, state: &str, channel: &str, start: i64, end: Option<i64>| {
-            let id = &ids[name];
-            let end = end.map_or("NULL".to_owned(), |e| e.to_string());
-            format!(
-                "INSERT INTO actions (tenant_id, action_id, device_id, channel, command, start_ns, end_ns,
-                   immediate, state, queued_after, revision, create_ns, update_ns)
-                 VALUES ('default', '{id}', 'd', '{channel}', 'CHARGE', {start}, {end}, FALSE, '{state}', '', 1, 0, 0)"
-            )
+            raw_action(&ids[name], state, channel, start, end)
         };
         let (t1, t2, t3) = (
             T0.plus_nanos(H).0,
@@ -405,12 +395,12 @@ mod store_on_postgres {
         let winner = switchyard::domain::ActionId::generate();
         let mut raw = PgConnection::connect(&db.url).await.unwrap();
         raw.execute("BEGIN").await.unwrap();
-        raw.execute(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO actions (tenant_id, action_id, device_id, channel, command, start_ns, end_ns,
-               immediate, state, queued_after, revision, create_ns, update_ns)
-             VALUES ('default', '{winner}', 'd', 'mode', 'CHARGE', {}, {}, FALSE, 'SCHEDULED', '', 1, 0, 0)",
+        raw.execute(sqlx::AssertSqlSafe(raw_action(
+            &winner.to_string(),
+            "SCHEDULED",
+            "mode",
             T0.plus_nanos(H).0,
-            T0.plus_nanos(2 * H).0
+            Some(T0.plus_nanos(2 * H).0),
         )))
         .await
         .unwrap();

@@ -68,7 +68,9 @@ fn device_id(id: &str) -> DeviceId {
     DeviceId::parse(id).expect("a valid device id")
 }
 
-fn device(id: &str) -> Device {
+/// A simulated battery `id` as a fixture registers it (for backends'
+/// own tests too).
+pub fn device(id: &str) -> Device {
     Device {
         id: device_id(id),
         display_name: format!("device {id}"),
