@@ -112,6 +112,18 @@ pub struct ServeArgs {
         value_parser = clap::value_parser!(u64).range(2..=3600)
     )]
     pub dispatch_lease_seconds: u64,
+    /// How far ahead of its start work is claimed, with its device, so
+    /// that a burst due at one instant (a tariff boundary) starts on time;
+    /// claimed work stays SCHEDULED, and cancellable, until its start. 0
+    /// claims work only once it is due.
+    #[arg(
+        long,
+        env = "SWITCHYARD_DISPATCH_HORIZON_SECONDS",
+        default_value_t = 10,
+        value_name = "SECONDS",
+        value_parser = clap::value_parser!(u64).range(0..=60)
+    )]
+    pub dispatch_horizon_seconds: u64,
     /// How many days finished actions (completed, failed, cancelled, with
     /// nothing owed) are kept after their last change, with their audit
     /// trail; 0 keeps them for ever.
@@ -367,6 +379,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Se
         &app,
         crate::dispatch::DispatchConfig {
             lease_nanos: i64::try_from(args.dispatch_lease_seconds).unwrap_or(60)
+                * crate::domain::Ts::SECOND,
+            horizon_nanos: i64::try_from(args.dispatch_horizon_seconds).unwrap_or(10)
                 * crate::domain::Ts::SECOND,
             ..Default::default()
         },

@@ -475,8 +475,8 @@ mod store_on_postgres {
 
     /// A retarget and a dispatch claim of the device's action at once:
     /// whichever commits first, the other sees it. Here the claim holds the
-    /// row (uncommitted) when the retarget reads: the retarget waits, then
-    /// finds the lease and refuses (WRITES_IN_FORCE).
+    /// row (uncommitted, the action started) when the retarget reads: the
+    /// retarget waits, then finds the lease and refuses (WRITES_IN_FORCE).
     #[tokio::test]
     async fn a_retarget_racing_a_claim_sees_the_claim() {
         let Some(db) = postgres::database().await else {
@@ -492,7 +492,7 @@ mod store_on_postgres {
         let mut raw = PgConnection::connect(&db.url).await.unwrap();
         raw.execute("BEGIN").await.unwrap();
         raw.execute(sqlx::AssertSqlSafe(format!(
-            "UPDATE actions SET lease_owner = 'another-replica', lease_until_ns = {} WHERE action_id = '{booked}'",
+            "UPDATE actions SET state = 'ACKNOWLEDGED', lease_owner = 'another-replica', lease_until_ns = {} WHERE action_id = '{booked}'",
             T0.plus_nanos(3 * H).0
         )))
         .await

@@ -421,7 +421,14 @@ async fn work_claimed_by_a_replica_killed_mid_call_is_taken_up_by_the_survivor_a
     // fit in it, and still be in flight long enough to be killed in.
     const LATENCY_MS: &str = "1000";
     let lease = LEASE_S.to_string();
-    let args = ["--dispatch-lease-seconds", lease.as_str()];
+    // Claimed when due, not ahead: the test pauses B before the work is
+    // due so that A claims it all.
+    let args = [
+        "--dispatch-lease-seconds",
+        lease.as_str(),
+        "--dispatch-horizon-seconds",
+        "0",
+    ];
     let a = ServerProcess::spawn_with(BIN, &db.url, &args, &[]);
     let b = ServerProcess::spawn_with(BIN, &db.url, &args, &[]);
     let chs = [a.channel().await, b.channel().await];

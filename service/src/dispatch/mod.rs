@@ -24,7 +24,12 @@
 
 mod budget;
 
-use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    panic::AssertUnwindSafe,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use futures::FutureExt as _;
 use switchyard_drivers::{
@@ -48,8 +53,10 @@ pub struct DispatchConfig {
     pub poll: Duration,
     /// Most actions claimed at once.
     pub batch: u32,
-    /// Most driver calls in flight at once.
+    /// Most jobs (driver calls) in flight at once.
     pub concurrency: usize,
+    /// Most driver calls in flight at once to one OEM account.
+    pub per_account: usize,
     /// How long a claim lasts before another dispatcher may take the work
     /// (a replica that died or stalled). Renewed every third of it while
     /// the round runs; a driver call is cut off after half of it.
@@ -64,20 +71,31 @@ pub struct DispatchConfig {
     pub backoff_max_nanos: i64,
     /// How often each device's state is read.
     pub observe_every_nanos: i64,
+    /// How far ahead of its due time work is claimed (prefetched, with
+    /// its device), so that a burst due at one instant (a tariff
+    /// boundary) starts on time instead of being claimed then. Work
+    /// claimed ahead stays SCHEDULED, and cancellable, until it is due.
+    pub horizon_nanos: i64,
+    /// Most claimed jobs held at once, prefetched or running (bounds the
+    /// memory a burst takes).
+    pub max_held: usize,
 }
 
 impl Default for DispatchConfig {
     fn default() -> Self {
         Self {
             poll: Duration::from_secs(1),
-            batch: 512,
-            concurrency: 256,
+            batch: 2048,
+            concurrency: 1024,
+            per_account: 32,
             lease_nanos: 60 * Ts::SECOND,
             max_apply_attempts: 5,
             max_revert_attempts: 10,
             backoff_base_nanos: 2 * Ts::SECOND,
             backoff_max_nanos: 600 * Ts::SECOND,
             observe_every_nanos: 300 * Ts::SECOND,
+            horizon_nanos: 10 * Ts::SECOND,
+            max_held: 200_000,
         }
     }
 }
@@ -93,6 +111,14 @@ pub struct Dispatcher {
     config: DispatchConfig,
     /// Rounds of [`Dispatcher::run`] completed (shared by clones).
     rounds: Arc<std::sync::atomic::AtomicU64>,
+    /// One job per device at a time in this process.
+    devices: Arc<DeviceLocks>,
+    /// The bounds on driver calls in flight.
+    calls: Arc<Calls>,
+    /// Starts due work of several claims at once.
+    starter: Arc<Starter>,
+    /// Set when [`Dispatcher::run`] is told to stop: no more jobs start.
+    stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn apply_request(
@@ -127,19 +153,20 @@ fn bounded_memo(memo: Option<String>, action: &crate::domain::ActionId) -> Optio
     })
 }
 
-/// The memos of `device`'s actions whose writes may be in force, split
-/// into `action`'s own and the others'.
+/// The memos of the job's device's actions whose writes may be in force
+/// (`known`, or read now), split into the job's own and the others'.
 async fn memos_of(
     store: &Store,
-    tenant: &TenantId,
-    device: &crate::domain::DeviceId,
-    action: &str,
+    job: &Job,
+    known: Option<Vec<Applied>>,
 ) -> Result<(Option<String>, Vec<Applied>), Error> {
-    let (own, others): (Vec<Applied>, Vec<Applied>) = store
-        .memos(tenant, device)
-        .await?
-        .into_iter()
-        .partition(|a| a.action_id == action);
+    let memos = match known {
+        Some(m) => m,
+        None => store.memos(&job.tenant, &job.action.device_id).await?,
+    };
+    let action = job.action.id.to_string();
+    let (own, others): (Vec<Applied>, Vec<Applied>) =
+        memos.into_iter().partition(|a| a.action_id == action);
     Ok((own.into_iter().next().map(|a| a.memo), others))
 }
 
@@ -158,12 +185,20 @@ impl Done {
     }
 }
 
+/// What a job runs with, read for its whole claim at once: its device as
+/// claimed, and the memos on record when it was started (`None`: read
+/// them now).
+struct Context {
+    device: Option<Arc<Device>>,
+    memos: Option<Vec<Applied>>,
+}
+
 /// A device state to record after a round.
 enum Observe {
     /// Read it through the driver (within the read budget).
-    Read(TenantId, Device, Arc<dyn Driver>),
+    Read(TenantId, Arc<Device>, Arc<dyn Driver>),
     /// Already known (read back by the driver, or from its error).
-    Known(TenantId, Device, Observed),
+    Known(Arc<Device>, Observed),
 }
 
 /// Most native rows kept of one observation (the largest OEM scheduler
@@ -282,8 +317,12 @@ impl Dispatcher {
             budgets,
             clock,
             wake,
-            config,
             rounds: Arc::default(),
+            devices: Arc::default(),
+            calls: Arc::new(Calls::new(config.concurrency, config.per_account)),
+            stopping: Arc::default(),
+            starter: Arc::default(),
+            config,
         }
     }
 
@@ -313,22 +352,38 @@ impl Dispatcher {
     /// Claims the work due now and runs it; returns how many jobs ran.
     pub async fn run_due(&self) -> Result<usize, Error> {
         let now = self.clock.now();
-        let jobs = self
+        let claim = self
             .store
-            .claim_due(now, self.config.batch, self.config.lease_nanos)
+            .claim_ahead(now, now, self.config.batch, self.config.lease_nanos)
             .await?;
-        let n = jobs.len();
-        // The heartbeat: while this round runs (jobs queued behind the
-        // concurrency bound included), its claim is renewed, so no other
-        // replica takes the work up; if this process stops, the renewals
-        // stop and the lease runs out.
-        // Until when the claim is known to be held: a job that would start
-        // with less than half a lease left (the renewals failed) is not
-        // started, for another dispatcher may take the work up meanwhile.
+        self.run_claim(claim).await
+    }
+
+    /// Runs a claim's jobs as they fall due, each device's one at a time,
+    /// and records their outcomes as they come (in groups, with the device
+    /// states seen); returns how many jobs were claimed.
+    ///
+    /// The heartbeat: while the claim is held (jobs waiting for their
+    /// time or queued behind the concurrency bound included), its lease is
+    /// renewed, so no other replica takes the work up; if this process
+    /// stops, the renewals stop and the lease runs out. A job that would
+    /// start with less than half a lease known to be held (the renewals
+    /// failed) is not started, for another dispatcher may take the work up
+    /// meanwhile.
+    async fn run_claim(&self, claim: crate::store::Claim) -> Result<usize, Error> {
+        let crate::store::Claim {
+            owner,
+            jobs,
+            devices,
+        } = claim;
+        if jobs.is_empty() {
+            return Ok(0);
+        }
         let lease = self.config.lease_nanos;
+        let now = self.clock.now();
         let held_until = Arc::new(std::sync::atomic::AtomicI64::new(now.0 + lease));
-        let heartbeat = jobs.first().map(|j| {
-            let (store, clock, claim) = (self.store.clone(), self.clock.clone(), j.claim.clone());
+        let heartbeat = {
+            let (store, clock, claim) = (self.store.clone(), self.clock.clone(), owner.clone());
             let held_until = held_until.clone();
             let every = Duration::from_nanos(u64::try_from(lease / 3).unwrap_or(0))
                 .max(Duration::from_millis(100));
@@ -342,87 +397,250 @@ impl Dispatcher {
                     }
                 }
             })
-        });
-        let stop_heartbeat = AbortOnDrop(heartbeat);
-        let sem = Arc::new(tokio::sync::Semaphore::new(self.config.concurrency.max(1)));
-        let mut set = tokio::task::JoinSet::new();
-        for job in jobs {
-            let this = self.clone();
-            let permit = sem.clone().acquire_owned().await;
-            let held_until = held_until.clone();
-            set.spawn(async move {
-                let _permit = permit;
-                let left = held_until.load(std::sync::atomic::Ordering::Acquire)
-                    - this.clock.now().0;
-                if left < this.config.lease_nanos / 2 {
-                    return (
-                        job,
-                        Err(Error::StorageUnavailable(
-                            "the claim's lease could not be renewed; the work is left to the next claim"
-                                .into(),
-                        )),
-                    );
-                }
-                // Within half the lease: a job that runs longer would be
-                // taken up again by another dispatcher while still running.
-                let limit = Duration::from_nanos(
-                    u64::try_from(this.config.lease_nanos / 2)
-                        .unwrap_or(0)
-                        .max(1_000_000_000),
-                );
-                let run = AssertUnwindSafe(this.process(&job)).catch_unwind();
-                let done = match tokio::time::timeout(limit, run).await {
-                    Ok(Ok(done)) => done,
-                    Ok(Err(_)) => Ok(this.panicked(&job)),
-                    Err(_) => Ok(this.timed_out(&job, limit)),
-                };
-                (job, done)
-            });
-        }
-        // Outcomes are recorded together: one transaction per round.
-        let mut results = Vec::with_capacity(n);
-        let mut after = Vec::new();
-        while let Some(joined) = set.join_next().await {
-            let Ok((job, done)) = joined else { continue };
-            match done {
-                Ok(Done { finish, observe }) => {
-                    results.push((job, finish));
-                    after.extend(observe);
-                }
-                // The claim expires and the work is tried again.
+        };
+        let _stop_heartbeat = AbortOnDrop(Some(heartbeat));
+        let devices: std::collections::HashMap<_, _> =
+            devices.into_iter().map(|(k, d)| (k, Arc::new(d))).collect();
+        // Outcomes go to the recorder as they come; it records whatever
+        // has gathered while it was recording the last group.
+        let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel::<Ran>();
+        let recorder = tokio::spawn(self.clone().recorder(done_rx));
+        let claimed = jobs.len();
+        let mut pending: std::collections::VecDeque<Job> = jobs.into();
+        let mut unstarted = Vec::new();
+        while let Some(first) = pending.front() {
+            let now = self.clock.now();
+            if self.stopping.load(std::sync::atomic::Ordering::Acquire) {
+                unstarted.extend(pending.drain(..).map(|j| j.action.id.to_string()));
+                break;
+            }
+            if first.due > now {
+                let wait = Duration::from_nanos(u64::try_from(first.due.0 - now.0).unwrap_or(0));
+                tokio::time::sleep(wait.min(Duration::from_millis(250))).await;
+                continue;
+            }
+            let seen = Instant::now();
+            let ready = match self.start(&owner).await {
+                Ok(ready) => ready,
                 Err(e) => {
-                    tracing::warn!(action_id = %job.action.id, error = %e, "dispatch failed; will retry")
-                }
-            }
-        }
-        // Recorded while the heartbeat still holds the claim: a database
-        // that failed for a moment gets a few more tries before the whole
-        // round is left to be done again.
-        let mut tries = 0;
-        loop {
-            match self.store.finish_many(results.clone()).await {
-                Ok(()) => break,
-                Err(Error::StorageUnavailable(e)) if tries < 3 => {
-                    tries += 1;
-                    tracing::warn!(error = %e, tries, "could not record the round's outcomes; trying again");
+                    tracing::warn!(error = %e, "could not start due work; trying again");
                     tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
                 }
-                Err(e) => return Err(e),
+            };
+            tracing::debug!(
+                claim = %owner,
+                ready = ready.ready.len(),
+                late_ms = (self.clock.now().0 - first.due.0) / 1_000_000,
+                took_ms = seen.elapsed().as_millis() as u64,
+                "started due work"
+            );
+            let (ready, memos) = (&ready.ready, &ready.memos);
+            while pending.front().is_some_and(|j| j.due <= now) {
+                let Some(job) = pending.pop_front() else {
+                    break;
+                };
+                // Cancelled or replaced before it started, or given up to
+                // a device change: nothing to do.
+                if !ready.contains(&job.action.id.to_string()) {
+                    continue;
+                }
+                let key = (
+                    job.tenant.as_str().to_owned(),
+                    job.action.device_id.as_str().to_owned(),
+                );
+                let ctx = Context {
+                    device: devices.get(&key).cloned(),
+                    memos: Some(memos.get(&key).cloned().unwrap_or_default()),
+                };
+                let this = self.clone();
+                let (held_until, done_tx) = (held_until.clone(), done_tx.clone());
+                tokio::spawn(async move {
+                    let (guard, ctx) = this.devices.lock(key, seen, ctx).await;
+                    let Ok(_permit) = this.calls.all.clone().acquire_owned().await else {
+                        return;
+                    };
+                    let left =
+                        held_until.load(std::sync::atomic::Ordering::Acquire) - this.clock.now().0;
+                    if left < this.config.lease_nanos / 2 {
+                        tracing::warn!(action_id = %job.action.id, "the claim's lease could not be renewed; the work is left to the next claim");
+                        return;
+                    }
+                    // Boxed: a job waiting its turn takes little memory.
+                    if let Some((done, at)) = Box::pin(this.run_one(&job, ctx)).await {
+                        let _ = done_tx.send(Ran {
+                            job,
+                            done,
+                            at,
+                            guard,
+                        });
+                    }
+                });
             }
         }
-        drop(stop_heartbeat);
-        for o in after {
-            match o {
-                Observe::Read(tenant, device, driver) => {
-                    self.record_observed(&tenant, &device, driver.as_ref())
-                        .await;
-                }
-                Observe::Known(tenant, device, o) => {
-                    self.store.observe(&tenant, &device, &o).await?;
+        drop(done_tx);
+        if !unstarted.is_empty()
+            && let Err(e) = self.store.release(&owner, &unstarted).await
+        {
+            tracing::warn!(error = %e, "could not let go of unstarted work; it waits for its lease");
+        }
+        match recorder.await {
+            Ok(r) => r?,
+            Err(e) => return Err(Error::Internal(format!("the recorder failed: {e}"))),
+        }
+        Ok(claimed)
+    }
+
+    /// Starts the due work of `claim` ([`Store::start_due`]) together with
+    /// that of every other claim of this dispatcher that falls due
+    /// meanwhile: claims queue while a start runs and go together in the
+    /// next one.
+    async fn start(&self, claim: &str) -> Result<Arc<crate::store::Started>, Error> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.starter
+            .queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((claim.to_owned(), tx));
+        {
+            let _turn = self.starter.running.lock().await;
+            let batch = std::mem::take(
+                &mut *self
+                    .starter
+                    .queue
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
+            if !batch.is_empty() {
+                let claims: Vec<String> = batch.iter().map(|(c, _)| c.clone()).collect();
+                let result = self
+                    .store
+                    .start_due(&claims, self.clock.now())
+                    .await
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string());
+                for (_, tx) in batch {
+                    let _ = tx.send(result.clone());
                 }
             }
         }
-        Ok(n)
+        rx.await
+            .unwrap_or_else(|_| Err("the start was abandoned".into()))
+            .map_err(Error::StorageUnavailable)
+    }
+
+    /// Runs one job within half a lease (a job that runs longer would be
+    /// taken up again by another dispatcher while still running); what
+    /// came of it, and when (`None`: nothing to record, the claim runs
+    /// out and the work is tried again).
+    async fn run_one(&self, job: &Job, ctx: Context) -> Option<(Done, Ts)> {
+        let limit = Duration::from_nanos(
+            u64::try_from(self.config.lease_nanos / 2)
+                .unwrap_or(0)
+                .max(1_000_000_000),
+        );
+        let run = AssertUnwindSafe(self.process(job, ctx)).catch_unwind();
+        let done = match tokio::time::timeout(limit, run).await {
+            Ok(Ok(Ok(done))) => done,
+            // The claim expires and the work is tried again.
+            Ok(Ok(Err(e))) => {
+                tracing::warn!(action_id = %job.action.id, error = %e, "dispatch failed; will retry");
+                return None;
+            }
+            Ok(Err(_)) => self.panicked(job),
+            Err(_) => self.timed_out(job, limit),
+        };
+        Some((done, self.clock.now()))
+    }
+
+    /// Records what jobs came to, in groups: whatever has come in while
+    /// the last group was being recorded. A device's next job waits until
+    /// its last one is recorded (its guard is let go then).
+    async fn recorder(
+        self,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<Ran>,
+    ) -> Result<(), Error> {
+        let mut failed = None;
+        let mut readers = tokio::task::JoinSet::new();
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < 4096 {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            let mut outcomes = Vec::with_capacity(batch.len());
+            let mut reads = Vec::new();
+            let mut guards = Vec::with_capacity(batch.len());
+            for Ran {
+                job,
+                done,
+                at,
+                guard,
+            } in batch
+            {
+                let observed = match done.observe {
+                    Some(Observe::Known(device, o)) => Some((device, o)),
+                    Some(Observe::Read(tenant, device, driver)) => {
+                        reads.push((tenant, device, driver));
+                        None
+                    }
+                    None => None,
+                };
+                outcomes.push(crate::store::Outcome {
+                    job,
+                    finish: done.finish,
+                    at,
+                    observed,
+                });
+                guards.push(guard);
+            }
+            // Recorded while the heartbeat still holds the claim: a
+            // database that failed for a moment gets a few more tries
+            // before the work is left to be done again.
+            let mut tries = 0;
+            let recorded = loop {
+                match self.store.record(&mut outcomes).await {
+                    Ok(()) => break Ok(()),
+                    Err(Error::StorageUnavailable(e)) if tries < 3 => {
+                        tries += 1;
+                        tracing::warn!(error = %e, tries, "could not record dispatch outcomes; trying again");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    Err(e) => break Err(e),
+                }
+            };
+            let keys: Vec<_> = outcomes
+                .iter()
+                .map(|o| {
+                    (
+                        o.job.tenant.as_str().to_owned(),
+                        o.job.action.device_id.as_str().to_owned(),
+                    )
+                })
+                .collect();
+            self.devices.recorded(keys);
+            drop(guards);
+            if let Err(e) = recorded {
+                tracing::warn!(error = %e, "dispatch outcomes not recorded; the work is taken up again when its claim runs out");
+                failed = Some(e);
+                continue;
+            }
+            // States read after the outcome is on record, off the way of
+            // the next group (the claim ends when they are done).
+            if !reads.is_empty() {
+                let this = self.clone();
+                readers.spawn(async move {
+                    for (tenant, device, driver) in reads {
+                        this.record_observed(&tenant, &device, driver.as_ref())
+                            .await;
+                    }
+                });
+            }
+        }
+        while readers.join_next().await.is_some() {}
+        failed.map_or(Ok(()), Err)
     }
 
     /// Runs work until nothing is due at the clock's now (tests).
@@ -437,10 +655,10 @@ impl Dispatcher {
         }
     }
 
-    async fn process(&self, job: &Job) -> Result<Done, Error> {
+    async fn process(&self, job: &Job, ctx: Context) -> Result<Done, Error> {
         match job.work {
-            Work::Apply => self.apply(job).await,
-            Work::Revert => self.revert(job).await,
+            Work::Apply => self.apply(job, ctx).await,
+            Work::Revert => self.revert(job, ctx).await,
         }
     }
 
@@ -461,7 +679,7 @@ impl Dispatcher {
     fn written(
         &self,
         job: &Job,
-        device: &Device,
+        device: &Arc<Device>,
         driver: &Arc<dyn Driver>,
         out: Outcome,
         work: Work,
@@ -474,11 +692,7 @@ impl Dispatcher {
         } = out;
         let memo = bounded_memo(memo, &job.action.id);
         let observe = match state {
-            Some(s) => Observe::Known(
-                job.tenant.clone(),
-                device.clone(),
-                observed(s, self.clock.now()),
-            ),
+            Some(s) => Observe::Known(device.clone(), observed(s, self.clock.now())),
             None => Observe::Read(job.tenant.clone(), device.clone(), driver.clone()),
         };
         let finish = match work {
@@ -584,14 +798,19 @@ impl Dispatcher {
     async fn prepare(
         &self,
         job: &Job,
+        device: Option<Arc<Device>>,
         now: Ts,
         misconfigured: impl FnOnce(String) -> Finish,
-    ) -> Result<Result<(Device, Arc<dyn Driver>), Finish>, Error> {
-        let Some(device) = self
-            .store
-            .device_for(&job.tenant, &job.action.device_id)
-            .await?
-        else {
+    ) -> Result<Result<(Arc<Device>, Arc<dyn Driver>), Finish>, Error> {
+        let device = match device {
+            Some(d) => Some(d),
+            None => self
+                .store
+                .device_for(&job.tenant, &job.action.device_id)
+                .await?
+                .map(Arc::new),
+        };
+        let Some(device) = device else {
             return Err(Error::Internal(format!(
                 "device of action {} is gone",
                 job.action.id
@@ -616,7 +835,7 @@ impl Dispatcher {
         Ok(Ok((device, driver)))
     }
 
-    async fn apply(&self, job: &Job) -> Result<Done, Error> {
+    async fn apply(&self, job: &Job, ctx: Context) -> Result<Done, Error> {
         let action = &job.action;
         let now = self.clock.now();
         let fail = |code: &str, message: String, raw: Option<String>| Finish::Failed {
@@ -634,20 +853,17 @@ impl Dispatcher {
             )));
         }
         let (device, driver) = match self
-            .prepare(job, now, |why| fail(codes::DEVICE_MISCONFIGURED, why, None))
+            .prepare(job, ctx.device, now, |why| {
+                fail(codes::DEVICE_MISCONFIGURED, why, None)
+            })
             .await?
         {
             Ok(ready) => ready,
             Err(instead) => return Ok(Done::just(instead)),
         };
-        let (own, live) = memos_of(
-            &self.store,
-            &job.tenant,
-            &action.device_id,
-            &action.id.to_string(),
-        )
-        .await?;
+        let (own, live) = memos_of(&self.store, job, ctx.memos).await?;
         let req = apply_request(action, job.clear_native, live, own, job.fence);
+        let _account = self.calls.account(&driver.account()).await;
         Ok(match driver.apply(&req).await {
             Ok(out) => self.written(job, &device, &driver, out, Work::Apply),
             Err(e) if e.retryable() && job.attempts + 1 < self.config.max_apply_attempts => {
@@ -669,7 +885,6 @@ impl Dispatcher {
                         // Later pushes are refused up front until it is cleared.
                         // Bounded like every observation.
                         Observe::Known(
-                            job.tenant.clone(),
                             device.clone(),
                             observed(
                                 DeviceState {
@@ -701,11 +916,11 @@ impl Dispatcher {
         })
     }
 
-    async fn revert(&self, job: &Job) -> Result<Done, Error> {
+    async fn revert(&self, job: &Job, ctx: Context) -> Result<Done, Error> {
         let now = self.clock.now();
         let action = &job.action;
         let (device, driver) = match self
-            .prepare(job, now, |why| {
+            .prepare(job, ctx.device, now, |why| {
                 self.revert_retry_or_fail(job, now, why, None, 0)
             })
             .await?
@@ -713,17 +928,12 @@ impl Dispatcher {
             Ok(ready) => ready,
             Err(instead) => return Ok(Done::just(instead)),
         };
-        let (memo, live) = memos_of(
-            &self.store,
-            &job.tenant,
-            &action.device_id,
-            &action.id.to_string(),
-        )
-        .await?;
+        let (memo, live) = memos_of(&self.store, job, ctx.memos).await?;
         let req = RevertRequest {
             applied: apply_request(action, job.clear_native, live, memo.clone(), job.fence),
             memo,
         };
+        let _account = self.calls.account(&driver.account()).await;
         Ok(match driver.revert(&req).await {
             Ok(out) => self.written(job, &device, &driver, out, Work::Revert),
             Err(e) => Done::just(self.revert_retry_or_fail(
@@ -756,8 +966,11 @@ impl Dispatcher {
         Ok(n)
     }
 
-    /// Runs until `shutdown` resolves: wakes when work falls due (at most
-    /// `poll` apart, at once when notified).
+    /// Runs until `shutdown` resolves: claims work as it comes within
+    /// [`DispatchConfig::horizon_nanos`] of falling due (looking at most
+    /// `poll` apart, at once when notified), and runs each claim beside the
+    /// others. When told to stop, no more work starts: what was claimed
+    /// and not started is let go, what runs is recorded.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         // Observation passes run beside the rounds, not between them: a
@@ -777,31 +990,259 @@ impl Dispatcher {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         })));
+        let batch = self.config.batch.max(1);
+        let held = Arc::new(tokio::sync::Semaphore::new(
+            self.config.max_held.max(batch as usize),
+        ));
+        let mut claims = tokio::task::JoinSet::new();
         loop {
-            if let Err(e) = self.run_due().await {
-                tracing::warn!(error = %e, "dispatch round failed");
+            while let Some(r) = claims.try_join_next() {
+                if let Ok(Err(e)) = r {
+                    tracing::warn!(error = %e, "dispatch round failed");
+                }
             }
-            let next = self.store.next_due().await.ok().flatten();
+            let mut full = false;
+            // Room for a claim: a burst larger than max_held is claimed as
+            // the earlier work is done.
+            let room = tokio::select! {
+                () = &mut shutdown => break,
+                room = held.clone().acquire_many_owned(batch) => room,
+            };
+            let Ok(mut room) = room else { break };
+            let now = self.clock.now();
+            let until = now.plus_nanos(self.config.horizon_nanos.max(0));
+            match self
+                .store
+                .claim_ahead(now, until, batch, self.config.lease_nanos)
+                .await
+            {
+                Ok(claim) if !claim.jobs.is_empty() => {
+                    let n = claim.jobs.len();
+                    tracing::debug!(claim = %claim.owner, jobs = n, took_ms = (self.clock.now().0 - now.0) / 1_000_000, "claimed work");
+                    full = n >= batch as usize;
+                    let keep = room.split(n);
+                    drop(room);
+                    let this = self.clone();
+                    claims.spawn(async move {
+                        let _held = keep;
+                        this.run_claim(claim).await
+                    });
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "could not claim due work"),
+            }
             self.rounds
                 .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            if full {
+                continue;
+            }
+            // The next look: when the next work not claimed comes within
+            // the horizon (claimed work counts from when its lease runs
+            // out, so a dispatcher never spins on work another one holds).
+            let next = self.store.next_due().await.ok().flatten();
+            let now = self.clock.now();
             let wait = match next {
-                Some(due) if due <= self.clock.now() => continue,
-                Some(due) => Duration::from_nanos((due.0 - self.clock.now().0).max(0) as u64)
-                    .min(self.config.poll),
+                Some(due) => {
+                    let ahead = due.0 - self.config.horizon_nanos.max(0) - now.0;
+                    Duration::from_nanos(u64::try_from(ahead).unwrap_or(0))
+                        .max(Duration::from_millis(20))
+                        .min(self.config.poll)
+                }
                 None => self.config.poll,
             };
             self.wake.planned(
-                self.clock
-                    .now()
-                    .plus_nanos(i64::try_from(wait.as_nanos()).unwrap_or(i64::MAX)),
+                now.plus_nanos(i64::try_from(wait.as_nanos()).unwrap_or(i64::MAX))
+                    .plus_nanos(self.config.horizon_nanos.max(0)),
             );
             tokio::select! {
-                () = &mut shutdown => return,
+                () = &mut shutdown => break,
                 () = self.wake.notify.notified() => {}
                 () = tokio::time::sleep(wait) => {}
             }
         }
+        // No more work starts; what runs is recorded.
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Release);
+        while let Some(r) = claims.join_next().await {
+            if let Ok(Err(e)) = r {
+                tracing::warn!(error = %e, "dispatch round failed");
+            }
+        }
     }
+}
+
+/// One job of a device at a time in this process, from its start until
+/// its outcome is recorded (its memos, the writes in force on the device,
+/// change with that record); and when each device's last job was
+/// recorded, so a job whose memos were read before that reads them again.
+#[derive(Debug, Default)]
+struct DeviceLocks {
+    held: std::sync::Mutex<HashMap<DeviceKey, Arc<tokio::sync::Mutex<()>>>>,
+    recorded: std::sync::Mutex<HashMap<DeviceKey, Instant>>,
+}
+
+type DeviceKey = (String, String);
+
+/// How long a device's last record is remembered; memos read longer ago
+/// than half of it are read again in any case.
+const RECORDED_MEMORY: Duration = Duration::from_secs(120);
+
+impl DeviceLocks {
+    /// Waits for `key`'s turn; `ctx`'s memos (read at `seen`) are dropped,
+    /// to be read again, if a job of the device was recorded since.
+    async fn lock(
+        self: &Arc<Self>,
+        key: DeviceKey,
+        seen: Instant,
+        mut ctx: Context,
+    ) -> (DeviceGuard, Context) {
+        let m = {
+            let mut held = self
+                .held
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            held.entry(key.clone()).or_default().clone()
+        };
+        let guard = m.lock_owned().await;
+        let stale = seen.elapsed() > RECORDED_MEMORY / 2
+            || self
+                .recorded
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(&key)
+                .is_some_and(|at| *at >= seen);
+        if stale {
+            ctx.memos = None;
+        }
+        (
+            DeviceGuard {
+                locks: self.clone(),
+                key,
+                guard: Some(guard),
+            },
+            ctx,
+        )
+    }
+
+    /// Jobs of these devices were recorded just now.
+    fn recorded(&self, keys: Vec<DeviceKey>) {
+        let now = Instant::now();
+        let mut recorded = self
+            .recorded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if recorded.len() > 100_000 {
+            recorded.retain(|_, at| now.duration_since(*at) < RECORDED_MEMORY);
+        }
+        for k in keys {
+            recorded.insert(k, now);
+        }
+    }
+}
+
+/// Claims waiting for their due work to be started, and the turn to start
+/// it ([`Dispatcher::start`]).
+type StartResult = Result<Arc<crate::store::Started>, String>;
+
+#[derive(Debug, Default)]
+struct Starter {
+    queue: std::sync::Mutex<Vec<(String, tokio::sync::oneshot::Sender<StartResult>)>>,
+    running: tokio::sync::Mutex<()>,
+}
+
+/// The bounds on driver calls in flight: in all, and per OEM account.
+#[derive(Debug)]
+struct Calls {
+    all: Arc<tokio::sync::Semaphore>,
+    per_account: usize,
+    accounts: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+}
+
+impl Calls {
+    fn new(all: usize, per_account: usize) -> Self {
+        Self {
+            all: Arc::new(tokio::sync::Semaphore::new(all.max(1))),
+            per_account: per_account.max(1),
+            accounts: std::sync::Mutex::default(),
+        }
+    }
+
+    /// A call's turn on `account`.
+    async fn account(&self, account: &str) -> Option<AccountTurn<'_>> {
+        let sem = {
+            let mut accounts = self
+                .accounts
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            accounts
+                .entry(account.to_owned())
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.per_account)))
+                .clone()
+        };
+        let permit = sem.acquire_owned().await.ok()?;
+        Some(AccountTurn {
+            calls: self,
+            account: account.to_owned(),
+            permit: Some(permit),
+        })
+    }
+}
+
+/// A call's turn on an account; an account nobody calls is forgotten.
+struct AccountTurn<'a> {
+    calls: &'a Calls,
+    account: String,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Drop for AccountTurn<'_> {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        let mut accounts = self
+            .calls
+            .accounts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if accounts
+            .get(&self.account)
+            .is_some_and(|s| Arc::strong_count(s) == 1)
+        {
+            accounts.remove(&self.account);
+        }
+    }
+}
+
+/// A device's turn; the next job of the device goes when it is dropped.
+struct DeviceGuard {
+    locks: Arc<DeviceLocks>,
+    key: DeviceKey,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for DeviceGuard {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut held = self
+            .locks
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Nobody else holds or waits for it: forgotten.
+        if held
+            .get(&self.key)
+            .is_some_and(|m| Arc::strong_count(m) == 1)
+        {
+            held.remove(&self.key);
+        }
+    }
+}
+
+/// A job that ran, on its way to be recorded.
+struct Ran {
+    job: Job,
+    done: Done,
+    at: Ts,
+    guard: DeviceGuard,
 }
 
 /// How the API wakes the dispatcher: at once for work due before the

@@ -1095,6 +1095,187 @@ pub async fn old_finished_actions_are_forgotten_with_their_trail(f: &Fixture) {
     }
 }
 
+/// Work claimed ahead of its start stays SCHEDULED, and cancellable,
+/// until it is due; started then, in bulk, only if still owed; a
+/// cancelled one is let go (nothing holds it any more). An outcome is
+/// recorded at the time the driver answered, with the device state seen.
+pub async fn work_claimed_ahead_starts_when_due_if_still_owed(f: &Fixture) {
+    with_device(f, "d1").await;
+    let d2 = with_device(f, "d2").await;
+    let kept = push(f, "d1", window(H, Some(2 * H)), Strategy::Reject)
+        .await
+        .expect("push")
+        .action;
+    let gone = push(f, "d2", window(H, Some(2 * H)), Strategy::Reject)
+        .await
+        .expect("push")
+        .action;
+    let later = push(f, "d2", window(3 * H, Some(4 * H)), Strategy::Reject)
+        .await
+        .expect("push")
+        .action;
+    let claim = f
+        .store
+        .claim_ahead(T0, T0.plus_nanos(H), 10, 4 * H)
+        .await
+        .expect("claim_ahead");
+    let mut ids: Vec<ActionId> = claim.jobs.iter().map(|j| j.action.id).collect();
+    ids.sort();
+    let mut want = vec![kept.id, gone.id];
+    want.sort();
+    assert_eq!(ids, want, "due within the horizon, and nothing later");
+    assert_eq!(claim.devices.len(), 2, "with their devices");
+    assert_eq!(get(f, "d1", &kept).await.state, ActionState::Scheduled);
+    assert!(
+        f.replica
+            .claim_ahead(T0, T0.plus_nanos(H), 10, 4 * H)
+            .await
+            .expect("claim_ahead")
+            .jobs
+            .is_empty(),
+        "held by the first claim"
+    );
+    let c = f
+        .store
+        .cancel_action(&tenant(), &device_id("d2"), &gone.id, None, None)
+        .await
+        .expect("a claim taken ahead does not stop a cancel");
+    assert_eq!(c.state, ActionState::Cancelled);
+    let early = f
+        .store
+        .start_due(std::slice::from_ref(&claim.owner), T0)
+        .await
+        .expect("start_due");
+    assert!(early.ready.is_empty(), "nothing is due yet");
+    assert_eq!(get(f, "d1", &kept).await.state, ActionState::Scheduled);
+
+    f.clock.set(T0.plus_nanos(H));
+    let started = f
+        .store
+        .start_due(std::slice::from_ref(&claim.owner), T0.plus_nanos(H))
+        .await
+        .expect("start_due");
+    assert_eq!(
+        started.ready,
+        std::collections::HashSet::from([kept.id.to_string()])
+    );
+    assert_eq!(get(f, "d1", &kept).await.state, ActionState::Acknowledged);
+    assert_eq!(get(f, "d2", &gone).await.state, ActionState::Cancelled);
+    // Let go: a finished action nobody holds is forgotten in time (a
+    // claimed one never is).
+    assert_eq!(
+        f.store
+            .prune_finished(T0.plus_nanos(2 * H), 10)
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(matches!(
+        f.store
+            .get_action(&tenant(), &device_id("d2"), &gone.id)
+            .await,
+        Err(Error::ActionNotFound { .. })
+    ));
+
+    // Recorded later than the driver answered: the transition keeps the
+    // answer's time, and the state seen is recorded with it.
+    let answered = T0.plus_nanos(H + Ts::SECOND);
+    f.clock.set(T0.plus_nanos(H + 5 * Ts::SECOND));
+    let job = claim
+        .jobs
+        .into_iter()
+        .find(|j| j.action.id == kept.id)
+        .expect("kept was claimed");
+    let d1 = claim
+        .devices
+        .get(&(tenant().as_str().to_owned(), "d1".to_owned()))
+        .expect("its device")
+        .clone();
+    let seen = Observed {
+        scheduler_active: false,
+        rows: vec![],
+        soc_percent: Some(61.0),
+        mode: Some("CHARGE".into()),
+        at: answered,
+    };
+    f.store
+        .record(&mut [super::Outcome {
+            job,
+            finish: Finish::Applied {
+                raw: "ok".into(),
+                verified: true,
+                memo: None,
+            },
+            at: answered,
+            observed: Some((std::sync::Arc::new(d1), seen)),
+        }])
+        .await
+        .expect("record");
+    let active = get(f, "d1", &kept).await;
+    assert_eq!(active.state, ActionState::Active);
+    assert_eq!(active.updated, answered);
+    let d1 = f
+        .store
+        .get_device(&tenant(), &device_id("d1"))
+        .await
+        .unwrap();
+    assert_eq!(d1.observed.and_then(|o| o.soc_percent), Some(61.0));
+    // The later action on d2 is untouched.
+    assert_eq!(get(f, "d2", &later).await.state, ActionState::Scheduled);
+    assert_eq!(d2.id, device_id("d2"));
+}
+
+/// A device change takes back work claimed ahead of its start (it would
+/// run under the old target): the change goes through, the claim starts
+/// nothing, and the work is claimed again with the device as it is now.
+pub async fn a_device_change_takes_back_work_claimed_ahead(f: &Fixture) {
+    with_device(f, "d1").await;
+    let a = push(f, "d1", window(H, Some(2 * H)), Strategy::Reject)
+        .await
+        .expect("push")
+        .action;
+    let claim = f
+        .store
+        .claim_ahead(T0, T0.plus_nanos(H), 10, 4 * H)
+        .await
+        .expect("claim_ahead");
+    assert_eq!(claim.jobs.len(), 1);
+    f.store
+        .update_device(
+            &tenant(),
+            &device_id("d1"),
+            None,
+            |d| {
+                d.oem_device_id = "another-inverter".into();
+                Ok(Retarget::Yes)
+            },
+            None,
+            None,
+        )
+        .await
+        .expect("work not started does not hold the device to its target");
+    f.clock.set(T0.plus_nanos(H));
+    let started = f
+        .store
+        .start_due(std::slice::from_ref(&claim.owner), T0.plus_nanos(H))
+        .await
+        .expect("start_due");
+    assert!(started.ready.is_empty(), "the claim was taken back");
+    assert_eq!(get(f, "d1", &a).await.state, ActionState::Scheduled);
+    let again = f
+        .replica
+        .claim_ahead(T0.plus_nanos(H), T0.plus_nanos(H), 10, 4 * H)
+        .await
+        .expect("claim_ahead");
+    assert_eq!(again.jobs.len(), 1);
+    assert_eq!(again.jobs[0].action.state, ActionState::Acknowledged);
+    let d = again
+        .devices
+        .get(&(tenant().as_str().to_owned(), "d1".to_owned()))
+        .expect("its device");
+    assert_eq!(d.oem_device_id, "another-inverter");
+}
+
 /// Registers one `#[tokio::test]` per contract rule in a module named
 /// `$backend`, each on a fresh fixture: `$fixture` is an expression
 /// evaluated inside each (async) test, so it may end in `.await`; it gives a
@@ -1131,6 +1312,8 @@ macro_rules! storage_contract_suite {
                 concurrent_claims_never_share_work,
                 concurrent_requests_with_one_id_run_once,
                 old_finished_actions_are_forgotten_with_their_trail,
+                work_claimed_ahead_starts_when_due_if_still_owed,
+                a_device_change_takes_back_work_claimed_ahead,
             );
         }
     };

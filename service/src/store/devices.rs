@@ -210,13 +210,20 @@ impl Store {
             )
             .await?;
             let revert = crate::domain::Work::Revert.as_str();
+            let scheduled = crate::domain::ActionState::Scheduled.as_str();
+            // Work a dispatcher claimed ahead of its start and has not
+            // started (still SCHEDULED) gives way: its claim is let go
+            // below, and it is dispatched under the new target.
+            let ahead = |a: &action::Model| {
+                a.state == scheduled && a.driver_memo.is_none() && a.lease_owner.is_some()
+            };
             let ids: Vec<ActionId> = rows
                 .iter()
                 .filter(|a| {
                     a.driver_memo.is_some()
                         || a.state == crate::domain::ActionState::Active.as_str()
                         || a.work == revert
-                        || a.lease_owner.is_some()
+                        || (a.lease_owner.is_some() && !ahead(a))
                 })
                 .map(|a| {
                     ActionId::parse(&a.action_id)
@@ -228,6 +235,27 @@ impl Store {
                     device_id: id.to_string(),
                     action_ids: ids,
                 });
+            }
+            let let_go: Vec<String> = rows
+                .iter()
+                .filter(|a| ahead(a))
+                .map(|a| a.action_id.clone())
+                .collect();
+            if !let_go.is_empty() {
+                action::Entity::update_many()
+                    .col_expr(
+                        action::Column::LeaseUntilNs,
+                        Expr::value(Option::<i64>::None),
+                    )
+                    .col_expr(
+                        action::Column::LeaseOwner,
+                        Expr::value(Option::<String>::None),
+                    )
+                    .filter(action::Column::TenantId.eq(tenant.as_str()))
+                    .filter(action::Column::ActionId.is_in(let_go))
+                    .exec(tx)
+                    .await
+                    .map_err(db_err)?;
             }
         }
         device.revision += 1;

@@ -12,6 +12,8 @@
 //!   dispatcher that stalled past its lease, while another claimed the
 //!   work again, records nothing (the new claim's outcome stands).
 
+use std::collections::{HashMap, HashSet};
+
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder,
     QuerySelect, QueryTrait, TransactionTrait,
@@ -55,7 +57,48 @@ pub struct Job {
     /// The claim's fencing token: larger than every earlier claim's of the
     /// action, handed to the driver ([`switchyard_drivers::ApplyRequest::fence`]).
     pub fence: u64,
+    /// When the work falls due.
+    pub due: Ts,
 }
+
+/// Work claimed by [`Store::claim_ahead`].
+#[derive(Debug)]
+pub struct Claim {
+    /// The claim's owner token (every job's [`Job::claim`]).
+    pub owner: String,
+    /// The claimed work, earliest due first.
+    pub jobs: Vec<Job>,
+    /// The devices it runs on, by (tenant, device id), as they were when
+    /// claimed.
+    pub devices: HashMap<(String, String), Device>,
+}
+
+/// What [`Store::start_due`] found ready.
+#[derive(Debug, Default)]
+pub struct Started {
+    /// The actions of the claim that may run now.
+    pub ready: HashSet<String>,
+    /// The drivers' memos on record for their devices, by (tenant, device
+    /// id), oldest first (as [`Store::memos`]).
+    pub memos: HashMap<(String, String), Vec<switchyard_drivers::Applied>>,
+}
+
+/// What came of one job, to record.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// The job.
+    pub job: Job,
+    /// Its result.
+    pub finish: Finish,
+    /// When the driver answered: the time of the transition.
+    pub at: Ts,
+    /// The device's state seen with it (as configured when the job was
+    /// claimed), recorded in the same transaction.
+    pub observed: Option<(std::sync::Arc<Device>, Observed)>,
+}
+
+/// Most outcomes recorded in one transaction.
+const RECORD_CHUNK: usize = 256;
 
 fn work_of(s: &str) -> Option<Work> {
     match s {
@@ -76,13 +119,35 @@ impl Store {
         limit: u32,
         lease_nanos: i64,
     ) -> Result<Vec<Job>, Error> {
+        Ok(self.claim_ahead(now, now, limit, lease_nanos).await?.jobs)
+    }
+
+    /// Claims up to `limit` actions whose work is due by `until` (`now`
+    /// or later: work prefetched before it is due), earliest first, for
+    /// `lease_nanos` from `now`, with the devices they run on. What is
+    /// due at `now` is sent on its way as by [`Store::claim_due`]; what
+    /// falls due later stays SCHEDULED (cancellable) until
+    /// [`Store::start_due`] starts it.
+    pub async fn claim_ahead(
+        &self,
+        now: Ts,
+        until: Ts,
+        limit: u32,
+        lease_nanos: i64,
+    ) -> Result<Claim, Error> {
         let owner = uuid::Uuid::now_v7().to_string();
-        let rows = self
+        let until = Ts(Ord::max(until.0, now.0));
+        let (rows, devices) = self
             .retrying(|| async {
                 let tx = self.begin().await?;
-                let rows = claim_in(&tx, now, limit, lease_nanos, &owner).await?;
+                let rows = claim_in(&tx, now, until, limit, lease_nanos, &owner).await?;
+                let devices = if rows.is_empty() {
+                    vec![]
+                } else {
+                    rows::each(&tx, device::Entity::find().filter(devices_of(&owner))).await?
+                };
                 tx.commit().await.map_err(db_err)?;
-                Ok(rows)
+                Ok((rows, devices))
             })
             .await?;
         let job = |m: action::Model| -> Result<Job, Error> {
@@ -95,18 +160,151 @@ impl Store {
                 claim: owner.clone(),
                 fence: u64::try_from(m.fence)
                     .map_err(|_| Error::Internal("a negative fencing token is stored".into()))?,
+                due: Ts(m.due_ns.unwrap_or(now.0)),
             })
         };
         // A row that does not decode is reported and left to its lease; it
         // must not stop the others.
-        Ok(rows
+        let jobs = rows
             .into_iter()
             .filter_map(|r| {
                 r.and_then(job)
                     .map_err(|e| tracing::error!(error = %e, "a claimed action cannot be read"))
                     .ok()
             })
-            .collect())
+            .collect();
+        let devices = devices
+            .into_iter()
+            .filter_map(|r| {
+                r.and_then(|m| {
+                    let key = (m.tenant_id.clone(), m.device_id.clone());
+                    Ok((key, rows::device_from_model(m)?))
+                })
+                .map_err(
+                    |e| tracing::error!(error = %e, "a claimed action's device cannot be read"),
+                )
+                .ok()
+            })
+            .collect();
+        Ok(Claim {
+            owner,
+            jobs,
+            devices,
+        })
+    }
+
+    /// Starts what `claims` hold that is due at `now`: their SCHEDULED
+    /// applies become ACKNOWLEDGED (no longer cancellable), in bulk; rows
+    /// they hold that owe nothing any more (cancelled or replaced before
+    /// they started) are let go. Returns the ids of the actions they may
+    /// run now, and the memos on record for their devices, in one
+    /// transaction: one for every claim of a dispatcher whose work falls
+    /// due together, since a transaction's cost is mostly in the pages it
+    /// writes, and rows claimed apart share pages.
+    pub async fn start_due(&self, claims: &[String], now: Ts) -> Result<Started, Error> {
+        if claims.is_empty() {
+            return Ok(Started::default());
+        }
+        self.retrying(|| async {
+            let tx = self.begin().await?;
+            let claim = || action::Column::LeaseOwner.is_in(claims.iter().map(String::as_str));
+            dispatched(&tx, claim(), now).await?;
+            action::Entity::update_many()
+                .col_expr(
+                    action::Column::LeaseUntilNs,
+                    Expr::value(Option::<i64>::None),
+                )
+                .col_expr(
+                    action::Column::LeaseOwner,
+                    Expr::value(Option::<String>::None),
+                )
+                .filter(claim())
+                .filter(Expr::cust("work = 'NONE'"))
+                .exec(&tx)
+                .await
+                .map_err(db_err)?;
+            let ready_rows = || {
+                action::Entity::find()
+                    .filter(claim())
+                    .filter(owed())
+                    .filter(action::Column::DueNs.lte(now.0))
+            };
+            let ready: Vec<String> = ready_rows()
+                .select_only()
+                .column(action::Column::ActionId)
+                .into_tuple()
+                .all(&tx)
+                .await
+                .map_err(db_err)?;
+            let on_devices = ready_rows()
+                .select_only()
+                .column(action::Column::TenantId)
+                .column(action::Column::DeviceId)
+                .into_query();
+            let memos: Vec<(String, String, String, Option<String>)> = action::Entity::find()
+                .select_only()
+                .column(action::Column::TenantId)
+                .column(action::Column::DeviceId)
+                .column(action::Column::ActionId)
+                .column(action::Column::DriverMemo)
+                .filter(action::Column::DriverMemo.is_not_null())
+                .filter(
+                    Expr::tuple([
+                        Expr::col(action::Column::TenantId),
+                        Expr::col(action::Column::DeviceId),
+                    ])
+                    .in_subquery(on_devices),
+                )
+                .order_by_asc(action::Column::StartNs)
+                .order_by_asc(action::Column::ActionId)
+                .into_tuple()
+                .all(&tx)
+                .await
+                .map_err(db_err)?;
+            tx.commit().await.map_err(db_err)?;
+            let mut started = Started {
+                ready: ready.into_iter().collect(),
+                memos: HashMap::new(),
+            };
+            for (tenant, device, action_id, memo) in memos {
+                if let Some(memo) = memo {
+                    started
+                        .memos
+                        .entry((tenant, device))
+                        .or_default()
+                        .push(switchyard_drivers::Applied { action_id, memo });
+                }
+            }
+            Ok(started)
+        })
+        .await
+    }
+
+    /// Lets go of work `claim` holds and did not start (the dispatcher is
+    /// stopping): it can be claimed again at once, instead of when the
+    /// lease runs out.
+    pub async fn release(&self, claim: &str, action_ids: &[String]) -> Result<(), Error> {
+        for ids in action_ids.chunks(512) {
+            self.retrying(|| async {
+                action::Entity::update_many()
+                    .col_expr(
+                        action::Column::LeaseUntilNs,
+                        Expr::value(Option::<i64>::None),
+                    )
+                    .col_expr(
+                        action::Column::LeaseOwner,
+                        Expr::value(Option::<String>::None),
+                    )
+                    .filter(action::Column::LeaseOwner.eq(claim))
+                    .filter(action::Column::ActionId.is_in(ids.iter().map(String::as_str)))
+                    .exec(&self.write)
+                    .await
+                    .map_err(db_err)?;
+                Ok(())
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     /// Extends the lease of every job still held under `claim` to
@@ -164,60 +362,70 @@ impl Store {
         self.finish_many(vec![(job.clone(), result)]).await
     }
 
-    /// Records what came of several jobs, in one transaction.
-    ///
-    /// One record that cannot be written (its action was deleted
-    /// meanwhile, say) must not lose the others. The batch is first
-    /// written straight through; if a record fails, the transaction is
-    /// rolled back and written again with each record in its own
-    /// savepoint, and a failed one is left to its lease.
+    /// Records what came of several jobs, at the clock's now.
     pub async fn finish_many(&self, results: Vec<(Job, Finish)>) -> Result<(), Error> {
-        if results.is_empty() {
-            return Ok(());
-        }
-        let mut results = results;
-        // Devices in one order in every transaction, so two dispatchers'
-        // batches never wait on each other in a cycle.
-        results.sort_by(|(a, _), (b, _)| {
-            (a.tenant.as_str(), a.action.device_id.as_str(), a.action.id).cmp(&(
-                b.tenant.as_str(),
-                b.action.device_id.as_str(),
-                b.action.id,
-            ))
-        });
-        self.retrying(|| self.finish_batch(&results)).await
+        let at = self.clock.now();
+        let mut outcomes: Vec<Outcome> = results
+            .into_iter()
+            .map(|(job, finish)| Outcome {
+                job,
+                finish,
+                at,
+                observed: None,
+            })
+            .collect();
+        self.record(&mut outcomes).await
     }
 
-    async fn finish_batch(&self, results: &[(Job, Finish)]) -> Result<(), Error> {
-        let now = self.clock.now();
-        let tx = self.begin().await?;
-        let mut clean = true;
-        for (job, result) in results {
-            match finish_one(&tx, job, result.clone(), now).await {
-                Ok(()) => {}
-                Err(e @ (Error::StorageUnavailable(_) | Error::StorageContention(_))) => {
-                    return Err(e);
-                }
-                Err(_) => {
-                    clean = false;
-                    break;
-                }
-            }
+    /// Records outcomes, up to [`RECORD_CHUNK`] per transaction: the
+    /// devices and actions of a chunk are locked and read with one
+    /// statement each, then each action written, and the audit entries
+    /// inserted together.
+    ///
+    /// An outcome that cannot be recorded (its action was deleted
+    /// meanwhile, or its claim lapsed and was taken again) is reported and
+    /// left out; it must not lose the others. A chunk that fails otherwise
+    /// is rolled back and written again with each outcome in its own
+    /// savepoint.
+    pub async fn record(&self, outcomes: &mut [Outcome]) -> Result<(), Error> {
+        // Devices in one order in every transaction, so two dispatchers'
+        // batches never wait on each other in a cycle.
+        outcomes.sort_by(|a, b| {
+            let key = |o: &Outcome| {
+                (
+                    o.job.tenant.as_str().to_owned(),
+                    o.job.action.device_id.as_str().to_owned(),
+                    o.job.action.id,
+                )
+            };
+            key(a).cmp(&key(b))
+        });
+        for chunk in outcomes.chunks(RECORD_CHUNK) {
+            self.retrying(|| self.record_chunk(chunk)).await?;
         }
-        if clean {
-            return tx.commit().await.map_err(db_err);
+        Ok(())
+    }
+
+    async fn record_chunk(&self, chunk: &[Outcome]) -> Result<(), Error> {
+        let tx = self.begin().await?;
+        match record_in(&tx, chunk).await {
+            Ok(()) => return tx.commit().await.map_err(db_err),
+            Err(e @ (Error::StorageUnavailable(_) | Error::StorageContention(_))) => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "recording dispatch outcomes together failed; recording them one by one");
+            }
         }
         tx.rollback().await.map_err(db_err)?;
         let tx = self.begin().await?;
-        for (job, result) in results {
+        for o in chunk {
             let one = tx.begin().await.map_err(db_err)?;
-            match finish_one(&one, job, result.clone(), now).await {
+            match record_in(&one, std::slice::from_ref(o)).await {
                 Ok(()) => one.commit().await.map_err(db_err)?,
                 Err(e @ (Error::StorageUnavailable(_) | Error::StorageContention(_))) => {
                     return Err(e);
                 }
                 Err(e) => {
-                    tracing::warn!(action_id = %job.action.id, error = %e, "dispatch outcome not recorded");
+                    tracing::warn!(action_id = %o.job.action.id, error = %e, "dispatch outcome not recorded");
                     one.rollback().await.map_err(db_err)?;
                 }
             }
@@ -227,11 +435,114 @@ impl Store {
     }
 }
 
-/// Claims due work under `owner` (see [`Store::claim_due`]); the claimed
-/// rows, each decoded on its own.
+/// Records `chunk` (sorted by tenant, device, action) in `tx`.
+async fn record_in<C: ConnectionTrait>(tx: &C, chunk: &[Outcome]) -> Result<(), Error> {
+    let mut audits = Vec::new();
+    for group in chunk.chunk_by(|a, b| a.job.tenant == b.job.tenant) {
+        let tenant = &group[0].job.tenant;
+        let mut devices: Vec<&str> = group
+            .iter()
+            .map(|o| o.job.action.device_id.as_str())
+            .collect();
+        devices.dedup();
+        // The devices' rows, then the actions': the order every writer
+        // of a device takes them in.
+        let _locked: Vec<String> = device::Entity::find()
+            .select_only()
+            .column(device::Column::DeviceId)
+            .filter(device::Column::TenantId.eq(tenant.as_str()))
+            .filter(device::Column::DeviceId.is_in(devices))
+            .order_by_asc(device::Column::DeviceId)
+            .lock_exclusive()
+            .into_tuple()
+            .all(tx)
+            .await
+            .map_err(db_err)?;
+        let ids: Vec<String> = group.iter().map(|o| o.job.action.id.to_string()).collect();
+        let rows: HashMap<String, action::Model> = rows::all(
+            tx,
+            rows::actions_of(tenant)
+                .filter(action::Column::ActionId.is_in(ids))
+                .order_by_asc(action::Column::ActionId)
+                .lock_exclusive(),
+        )
+        .await?
+        .into_iter()
+        .map(|m| (m.action_id.clone(), m))
+        .collect();
+        let mut settled = Vec::with_capacity(group.len());
+        // The latest state seen of each device.
+        let mut seen: HashMap<&str, (&Device, &Observed)> = HashMap::new();
+        for o in group {
+            let job = &o.job;
+            let Some(row) = rows.get(&job.action.id.to_string()) else {
+                tracing::warn!(action_id = %job.action.id, "dispatch outcome not recorded: the action vanished while dispatched");
+                continue;
+            };
+            if row.lease_owner.as_deref() != Some(job.claim.as_str()) {
+                tracing::warn!(action_id = %job.action.id, "dispatch outcome not recorded: the claim lapsed and was taken again");
+                continue;
+            }
+            let (s, transition) = settle_row(job, row, o.finish.clone(), o.at)?;
+            settled.push(s);
+            if let Some(t) = transition {
+                audits.push(rows::audit_row(
+                    tenant,
+                    &t.device_id,
+                    Some(t.action_id.to_string()),
+                    t.from.map(ActionState::as_str),
+                    t.to.as_str(),
+                    &t.reason,
+                    None,
+                    o.at,
+                ));
+            }
+            if let Some((device, o)) = &o.observed {
+                let key = device.id.as_str();
+                if seen.get(key).is_none_or(|(_, before)| before.at <= o.at) {
+                    seen.insert(key, (device, o));
+                }
+            }
+        }
+        for part in settled.chunks(RECORD_CHUNK) {
+            write_settled(tx, tenant, part).await?;
+        }
+        let seen: Vec<_> = seen.into_values().collect();
+        for part in seen.chunks(RECORD_CHUNK) {
+            write_observed(tx, tenant, part).await?;
+        }
+    }
+    if !audits.is_empty() {
+        audit::Entity::insert_many(audits)
+            .exec_without_returning(tx)
+            .await
+            .map_err(db_err)?;
+    }
+    Ok(())
+}
+
+/// Rows claimed under `owner` on `devices`' side of a join: the devices
+/// they run on.
+fn devices_of(owner: &str) -> Expr {
+    let claimed = Query::select()
+        .column(action::Column::TenantId)
+        .column(action::Column::DeviceId)
+        .from(action::Entity)
+        .and_where(action::Column::LeaseOwner.eq(owner))
+        .to_owned();
+    Expr::tuple([
+        Expr::col(device::Column::TenantId),
+        Expr::col(device::Column::DeviceId),
+    ])
+    .in_subquery(claimed)
+}
+
+/// Claims work due by `until` under `owner` (see [`Store::claim_ahead`]);
+/// the claimed rows, each decoded on its own.
 async fn claim_in(
     tx: &DatabaseTransaction,
     now: Ts,
+    until: Ts,
     limit: u32,
     lease_nanos: i64,
     owner: &str,
@@ -242,7 +553,7 @@ async fn claim_in(
         .select_only()
         .column(action::Column::ActionId)
         .filter(owed())
-        .filter(action::Column::DueNs.lte(now.0))
+        .filter(action::Column::DueNs.lte(until.0))
         .filter(
             action::Column::LeaseUntilNs
                 .is_null()
@@ -274,17 +585,30 @@ async fn claim_in(
         .exec(tx)
         .await
         .map_err(db_err)?;
-    // The claim sends SCHEDULED applies on their way (the lifecycle's
-    // DISPATCHED step), in bulk: states and reason from the domain.
+    dispatched(tx, action::Column::LeaseOwner.eq(owner), now).await?;
+    rows::each(
+        tx,
+        action::Entity::find()
+            .filter(action::Column::LeaseOwner.eq(owner))
+            .order_by_asc(action::Column::DueNs),
+    )
+    .await
+}
+
+/// Sends the SCHEDULED applies held by the claims `owner` selects that are
+/// due at `now` on their way (the lifecycle's DISPATCHED step), in bulk:
+/// states and reason from the domain.
+async fn dispatched(tx: &DatabaseTransaction, owner: Expr, now: Ts) -> Result<(), Error> {
     let (from, to) = (
         ActionState::Scheduled.as_str(),
         ActionState::Acknowledged.as_str(),
     );
     let dispatched = || {
         sea_orm::Condition::all()
-            .add(action::Column::LeaseOwner.eq(owner))
+            .add(owner.clone())
             .add(action::Column::State.eq(from))
             .add(action::Column::Work.eq(Work::Apply.as_str()))
+            .add(action::Column::DueNs.lte(now.0))
     };
     let select = Query::select()
         .column(action::Column::TenantId)
@@ -325,41 +649,30 @@ async fn claim_in(
         .exec(tx)
         .await
         .map_err(db_err)?;
-    rows::each(
-        tx,
-        action::Entity::find()
-            .filter(action::Column::LeaseOwner.eq(owner))
-            .order_by_asc(action::Column::DueNs),
-    )
-    .await
+    Ok(())
 }
 
-async fn finish_one<C: ConnectionTrait>(
-    tx: &C,
+/// What an outcome makes of its action's row, to write.
+struct Settled {
+    action_id: String,
+    claim: String,
+    a: Action,
+    work: Option<Work>,
+    due: Option<Ts>,
+    attempts: i64,
+    raw: Option<String>,
+    memo: Option<Option<String>>,
+}
+
+/// What `result` makes of the action in `row` (locked, and held under
+/// `job`'s claim) at `now`; the transition to audit, if the state changed.
+fn settle_row(
     job: &Job,
+    row: &action::Model,
     result: Finish,
     now: Ts,
-) -> Result<(), Error> {
-    let vanished = || {
-        Error::Internal(format!(
-            "action {} vanished while dispatched",
-            job.action.id
-        ))
-    };
-    // The device's row, then the action's: the order every writer of a
-    // device takes them in.
-    rows::fetch_device(tx, &job.tenant, &job.action.device_id, true)
-        .await?
-        .ok_or_else(vanished)?;
-    let row = rows::first(
-        tx,
-        rows::actions_of(&job.tenant)
-            .filter(action::Column::ActionId.eq(job.action.id.to_string()))
-            .lock_exclusive(),
-    )
-    .await?
-    .ok_or_else(vanished)?;
-    let a = rows::action_from_model(&row)?;
+) -> Result<(Settled, Option<crate::domain::Transition>), Error> {
+    let a = rows::action_from_model(row)?;
     // A write of an earlier try may be in force (its memo is on record):
     // a final failure then owes a revert too.
     let written_before = result.needs_written_before(job.work) && row.driver_memo.is_some();
@@ -369,60 +682,177 @@ async fn finish_one<C: ConnectionTrait>(
         raw,
         memo,
     } = lifecycle::settle(&a, job.work, job.attempts, result, written_before, now);
-    let a = change.action;
     let (work, due) = match change.work {
         Some((w, at)) => (Some(w), Some(at)),
         None => (None, None),
     };
-    // One statement: the outcome, what is owed next, and the claim
-    // released — only if it is still ours.
-    let mut update = action::Entity::update_many()
-        .col_expr(action::Column::State, Expr::value(a.state.as_str()))
-        .col_expr(action::Column::ErrorCode, Expr::value(a.error_code.clone()))
-        .col_expr(
-            action::Column::ErrorMessage,
-            Expr::value(a.error_message.clone()),
-        )
-        .col_expr(action::Column::Revision, Expr::value(a.revision))
-        .col_expr(action::Column::UpdateNs, Expr::value(a.updated.0))
-        .col_expr(action::Column::Verified, Expr::value(a.verified))
-        .col_expr(
-            action::Column::Work,
-            Expr::value(work.map_or("NONE", |w| w.as_str())),
-        )
-        .col_expr(action::Column::DueNs, Expr::value(due.map(|d| d.0)))
-        .col_expr(action::Column::Attempts, Expr::value(attempts))
-        .col_expr(
-            action::Column::LeaseUntilNs,
-            Expr::value(Option::<i64>::None),
-        )
-        .col_expr(
-            action::Column::LeaseOwner,
-            Expr::value(Option::<String>::None),
-        );
-    if let Some(raw) = raw {
-        update = update.col_expr(action::Column::OemRaw, Expr::value(raw));
+    Ok((
+        Settled {
+            action_id: row.action_id.clone(),
+            claim: job.claim.clone(),
+            a: change.action,
+            work,
+            due,
+            attempts,
+            raw,
+            memo,
+        },
+        change.transition,
+    ))
+}
+
+/// Columns of one row of [`write_settled`]'s VALUES list.
+const SETTLED_COLUMNS: usize = 15;
+
+/// Writes settled rows of `tenant` in one statement: the outcome, what is
+/// owed next, and the claim released — only where it is still the one
+/// the outcome was taken under (checked already under the row lock, so
+/// every row is written, or the statement fails).
+async fn write_settled<C: ConnectionTrait>(
+    tx: &C,
+    tenant: &TenantId,
+    settled: &[Settled],
+) -> Result<(), Error> {
+    use sea_orm::{DbBackend, Statement, Value};
+    if settled.is_empty() {
+        return Ok(());
     }
-    if let Some(memo) = memo {
-        update = update.col_expr(action::Column::DriverMemo, Expr::value(memo));
+    let backend = tx.get_database_backend();
+    let mut n = 0;
+    let mut param = || {
+        n += 1;
+        match backend {
+            DbBackend::Postgres => format!("${n}"),
+            _ => "?".to_owned(),
+        }
+    };
+    let mut values: Vec<Value> = Vec::with_capacity(settled.len() * SETTLED_COLUMNS + 1);
+    let mut rows = Vec::with_capacity(settled.len());
+    for r in settled {
+        let cols: Vec<String> = (0..SETTLED_COLUMNS).map(|_| param()).collect();
+        rows.push(format!("({})", cols.join(", ")));
+        let a = &r.a;
+        values.extend([
+            Value::from(r.action_id.clone()),
+            Value::from(r.claim.clone()),
+            Value::from(a.state.as_str()),
+            Value::from(a.error_code.clone()),
+            Value::from(a.error_message.clone()),
+            Value::from(a.revision),
+            Value::from(a.updated.0),
+            Value::from(a.verified),
+            Value::from(r.work.map_or("NONE", |w| w.as_str())),
+            Value::from(r.due.map(|d| d.0)),
+            Value::from(r.attempts),
+            Value::from(r.raw.is_some()),
+            Value::from(r.raw.clone()),
+            Value::from(r.memo.is_some()),
+            Value::from(r.memo.clone().flatten()),
+        ]);
     }
-    let done = update
-        .filter(action::Column::TenantId.eq(job.tenant.as_str()))
-        .filter(action::Column::ActionId.eq(a.id.to_string()))
-        .filter(action::Column::LeaseOwner.eq(job.claim.as_str()))
-        .exec(tx)
+    let tenant_param = param();
+    values.push(Value::from(tenant.as_str()));
+    // VALUES columns are column1, column2, ... on both SQLite and
+    // PostgreSQL; each parameter is bound with its type.
+    let sql = format!(
+        "UPDATE actions SET state = v.column3, error_code = v.column4, error_message = v.column5, \
+         revision = v.column6, update_ns = v.column7, verified = v.column8, work = v.column9, \
+         due_ns = v.column10, attempts = v.column11, lease_until_ns = NULL, lease_owner = NULL, \
+         oem_raw = CASE WHEN v.column12 THEN v.column13 ELSE actions.oem_raw END, \
+         driver_memo = CASE WHEN v.column14 THEN v.column15 ELSE actions.driver_memo END \
+         FROM (VALUES {}) AS v \
+         WHERE actions.action_id = v.column1 AND actions.lease_owner = v.column2 \
+         AND actions.tenant_id = {tenant_param}",
+        rows.join(", ")
+    );
+    let done = tx
+        .execute_raw(Statement::from_sql_and_values(backend, sql, values))
         .await
         .map_err(db_err)?;
-    if done.rows_affected == 0 {
+    if done.rows_affected() != settled.len() as u64 {
         return Err(Error::Internal(format!(
-            "the claim on action {} lapsed and was taken again",
-            job.action.id
+            "{} of {} outcomes written: a claim lapsed while they were recorded",
+            done.rows_affected(),
+            settled.len()
         )));
     }
-    if let Some(t) = &change.transition {
-        rows::audit(tx, &job.tenant, t, None, now).await?;
-    }
     Ok(())
+}
+
+/// Records observations of `tenant`'s devices, each as the device was
+/// configured then (see [`Store::observe`]), in one statement.
+async fn write_observed<C: ConnectionTrait>(
+    tx: &C,
+    tenant: &TenantId,
+    seen: &[(&Device, &Observed)],
+) -> Result<(), Error> {
+    use sea_orm::{DbBackend, Statement, Value};
+    if seen.is_empty() {
+        return Ok(());
+    }
+    let backend = tx.get_database_backend();
+    let mut n = 0;
+    let mut param = || {
+        n += 1;
+        match backend {
+            DbBackend::Postgres => format!("${n}"),
+            _ => "?".to_owned(),
+        }
+    };
+    let mut values: Vec<Value> = Vec::with_capacity(seen.len() * 5 + 1);
+    let mut rows = Vec::with_capacity(seen.len());
+    for (device, o) in seen {
+        let cols: Vec<String> = (0..5).map(|_| param()).collect();
+        rows.push(format!("({})", cols.join(", ")));
+        values.extend([
+            Value::from(device.id.as_str()),
+            Value::from(rows::observed_json(o)),
+            Value::from(o.at.0),
+            Value::from(device.revision),
+            Value::from(device.incarnation.as_str()),
+        ]);
+    }
+    let tenant_param = param();
+    values.push(Value::from(tenant.as_str()));
+    // Revision and incarnation: a device reconfigured since, or deleted
+    // and created again (revision 1 once more), keeps what it has.
+    let sql = format!(
+        "UPDATE devices SET observed = v.column2, observed_ns = v.column3 \
+         FROM (VALUES {}) AS v \
+         WHERE devices.device_id = v.column1 AND devices.revision = v.column4 \
+         AND devices.incarnation = v.column5 AND devices.tenant_id = {tenant_param}",
+        rows.join(", ")
+    );
+    tx.execute_raw(Statement::from_sql_and_values(backend, sql, values))
+        .await
+        .map_err(db_err)?;
+    Ok(())
+}
+
+/// Records an observation of `device` as it was configured then (see
+/// [`Store::observe`]); whether it was recorded.
+async fn observe_in<C: ConnectionTrait>(
+    conn: &C,
+    tenant: &TenantId,
+    device: &Device,
+    o: &Observed,
+) -> Result<bool, Error> {
+    // Revision and incarnation: a device deleted and created again
+    // starts at revision 1 once more.
+    let done = device::Entity::update_many()
+        .col_expr(
+            device::Column::Observed,
+            Expr::value(rows::observed_json(o)),
+        )
+        .col_expr(device::Column::ObservedNs, Expr::value(o.at.0))
+        .filter(device::Column::TenantId.eq(tenant.as_str()))
+        .filter(device::Column::DeviceId.eq(device.id.as_str()))
+        .filter(device::Column::Revision.eq(device.revision))
+        .filter(device::Column::Incarnation.eq(device.incarnation.as_str()))
+        .exec(conn)
+        .await
+        .map_err(db_err)?;
+    Ok(done.rows_affected == 1)
 }
 
 impl Store {
@@ -485,25 +915,8 @@ impl Store {
         device: &Device,
         o: &Observed,
     ) -> Result<bool, Error> {
-        self.bounded(async {
-            // Revision and incarnation: a device deleted and created again
-            // starts at revision 1 once more.
-            let done = device::Entity::update_many()
-                .col_expr(
-                    device::Column::Observed,
-                    Expr::value(rows::observed_json(o)),
-                )
-                .col_expr(device::Column::ObservedNs, Expr::value(o.at.0))
-                .filter(device::Column::TenantId.eq(tenant.as_str()))
-                .filter(device::Column::DeviceId.eq(device.id.as_str()))
-                .filter(device::Column::Revision.eq(device.revision))
-                .filter(device::Column::Incarnation.eq(device.incarnation.as_str()))
-                .exec(&self.write)
-                .await
-                .map_err(db_err)?;
-            Ok(done.rows_affected == 1)
-        })
-        .await
+        self.bounded(observe_in(&self.write, tenant, device, o))
+            .await
     }
 
     /// Devices last observed before `before` (or never), oldest first.

@@ -34,7 +34,7 @@ mod tests;
 pub use actions::{ActionQuery, PushOutcome};
 pub use budget::{Bucket, Spend};
 pub use devices::Retarget;
-pub use dispatch::{Finish, Job};
+pub use dispatch::{Claim, Finish, Job, Outcome, Started};
 pub use idem::{
     EncodeResponse, IDEMPOTENCY_LEASE_NANOS, IDEMPOTENCY_TTL_NANOS, IdemBegin, IdemCommit,
 };
@@ -291,7 +291,10 @@ impl Store {
             .acquire_timeout(Duration::from_secs(30))
             .idle_timeout(None)
             .max_lifetime(None)
-            .connect_with(opts.clone())
+            // The writer's page cache (SQLite's default is 2 MiB): bulk
+            // dispatch writes (a burst of starts, a round's outcomes)
+            // touch pages all over the actions table and its indexes.
+            .connect_with(opts.clone().pragma("cache_size", "-32768"))
             .await
             .map_err(sqlx_err)?;
         // An in-memory database lives in its one connection.
@@ -301,7 +304,7 @@ impl Store {
             SqlitePoolOptions::new()
                 .max_connections(8)
                 .acquire_timeout(Duration::from_secs(30))
-                .connect_with(opts)
+                .connect_with(opts.pragma("cache_size", "-8192"))
                 .await
                 .map_err(sqlx_err)?
         };

@@ -461,7 +461,7 @@ pub(super) async fn update_action_state<C: ConnectionTrait>(
 }
 
 #[allow(clippy::too_many_arguments)] // one per column
-fn audit_row(
+pub(super) fn audit_row(
     tenant: &TenantId,
     device_id: &DeviceId,
     action_id: Option<String>,

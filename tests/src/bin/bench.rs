@@ -64,8 +64,8 @@ enum Cmd {
         #[arg(long, value_name = "URL")]
         database: Option<String>,
     },
-    /// N windowed actions on N simulated devices (latency 0), all due in
-    /// the same second: how late does the dispatcher apply them?
+    /// N windowed actions on N simulated devices, all due in the same
+    /// second: how late does the dispatcher apply them?
     Dispatch {
         /// Number of actions (and devices).
         #[arg(long, default_value_t = 10_000, value_parser = at_least_one())]
@@ -73,10 +73,21 @@ enum Cmd {
         /// Concurrent clients for the set-up pushes.
         #[arg(long, default_value_t = 32, value_parser = at_least_one())]
         c: usize,
+        /// How long each simulated device takes to answer (`latency_ms`).
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        /// Clients polling GetAction and ListActions through the storm
+        /// (each its own connection).
+        #[arg(long, default_value_t = 0)]
+        readers: usize,
         /// The switchyard binary to spawn (default: `switchyard` next to
         /// this binary).
         #[arg(long, value_name = "PATH")]
         server_bin: Option<std::path::PathBuf>,
+        /// The database of the spawned server (default: a fresh SQLite
+        /// file), e.g. an empty PostgreSQL database.
+        #[arg(long, value_name = "URL")]
+        database: Option<String>,
     },
 }
 
@@ -112,10 +123,6 @@ async fn start_server(bin: Option<std::path::PathBuf>, database: Option<String>)
     start_server_on(bin, tempfile::tempdir().expect("tempdir"), database).await
 }
 
-async fn start_server_in(bin: Option<std::path::PathBuf>, dir: tempfile::TempDir) -> Server {
-    start_server_on(bin, dir, None).await
-}
-
 async fn start_server_on(
     bin: Option<std::path::PathBuf>,
     dir: tempfile::TempDir,
@@ -145,7 +152,12 @@ async fn start_server_on(
             "--horizon-days",
             "3650",
         ])
-        .env("SWITCHYARD_LOG", "warn")
+        // The server's log level: warnings, unless the bench is run with
+        // SWITCHYARD_LOG set (say `switchyard::dispatch=debug`).
+        .env(
+            "SWITCHYARD_LOG",
+            std::env::var("SWITCHYARD_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -447,10 +459,117 @@ fn unix_now() -> i64 {
         .as_secs() as i64
 }
 
-async fn bench_dispatch(n: usize, c: usize, bin: Option<std::path::PathBuf>) {
+/// The bench's own view of the server's database (read-only use).
+enum Db {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+impl Db {
+    async fn open(url: &str) -> Self {
+        if url.starts_with("postgres") {
+            Db::Postgres(
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(1)
+                    .connect(url)
+                    .await
+                    .expect("open the database"),
+            )
+        } else {
+            let url = format!("{url}?mode=ro");
+            Db::Sqlite(
+                SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .connect_with(SqliteConnectOptions::from_str(&url).expect("url"))
+                    .await
+                    .expect("open the database read-only"),
+            )
+        }
+    }
+
+    async fn active(&self) -> i64 {
+        let q = "SELECT COUNT(*) FROM actions WHERE state = 'ACTIVE'";
+        match self {
+            Db::Sqlite(p) => sqlx::query_scalar(q).fetch_one(p).await,
+            Db::Postgres(p) => sqlx::query_scalar(q).fetch_one(p).await,
+        }
+        .expect("count")
+    }
+
+    /// (due, applied) of every action that became ACTIVE: the transition's
+    /// time is when the driver answered.
+    async fn applied(&self) -> Vec<(i64, i64)> {
+        let q = "SELECT a.start_ns, l.at_ns FROM audit_log l JOIN actions a ON a.action_id = l.action_id
+                 WHERE l.to_state = 'ACTIVE'";
+        match self {
+            Db::Sqlite(p) => sqlx::query_as(q).fetch_all(p).await,
+            Db::Postgres(p) => sqlx::query_as(q).fetch_all(p).await,
+        }
+        .expect("audit")
+    }
+}
+
+/// Clients reading through the storm: each polls GetAction and
+/// ListActions of the storm's devices until `stop`; the latency of each
+/// call.
+fn spawn_readers(
+    channels: &[Channel],
+    ids: Arc<Vec<String>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Vec<Duration>>> {
+    channels
+        .iter()
+        .enumerate()
+        .map(|(r, ch)| {
+            let (ch, ids, stop) = (ch.clone(), ids.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut client = ActionServiceClient::new(ch);
+                let mut lat = Vec::new();
+                let mut k = r;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // Spread over the devices (a stride coprime with most n).
+                    k = (k + 7919) % ids.len();
+                    let device_id = format!("d{k}");
+                    let t = Instant::now();
+                    let got = client
+                        .get_action(pb::GetActionRequest {
+                            device_id: device_id.clone(),
+                            action_id: ids[k].clone(),
+                        })
+                        .await;
+                    lat.push(t.elapsed());
+                    let t = Instant::now();
+                    let listed = client
+                        .list_actions(pb::ListActionsRequest {
+                            device_id,
+                            page_size: 10,
+                            ..Default::default()
+                        })
+                        .await;
+                    lat.push(t.elapsed());
+                    if got.is_err() || listed.is_err() {
+                        eprintln!("a read failed: {:?} {:?}", got.err(), listed.err());
+                    }
+                }
+                lat
+            })
+        })
+        .collect()
+}
+
+async fn bench_dispatch(
+    n: usize,
+    c: usize,
+    latency_ms: u64,
+    readers: usize,
+    bin: Option<std::path::PathBuf>,
+    database: Option<String>,
+) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let db_path = dir.path().join("bench.db");
-    let server = start_server_in(bin, dir).await;
+    let url = database
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("bench.db").display()));
+    let server = start_server_on(bin, dir, Some(url.clone())).await;
     let pid = server.child.as_ref().map(Child::id);
     let mut channels = Vec::new();
     for _ in 0..c {
@@ -459,8 +578,10 @@ async fn bench_dispatch(n: usize, c: usize, bin: Option<std::path::PathBuf>) {
     let channels = Arc::new(channels);
     let t = Instant::now();
     let chs = channels.clone();
+    let latency = latency_ms.to_string();
     fan_out(n, c, move |i| {
         let ch = chs[i % chs.len()].clone();
+        let latency = latency.clone();
         async move {
             DeviceServiceClient::new(ch)
                 .create_device(pb::CreateDeviceRequest {
@@ -468,9 +589,7 @@ async fn bench_dispatch(n: usize, c: usize, bin: Option<std::path::PathBuf>) {
                     device: Some(pb::Device {
                         family: pb::DeviceFamily::Battery as i32,
                         driver: "simulated".into(),
-                        settings: [("latency_ms".to_owned(), "0".to_owned())]
-                            .into_iter()
-                            .collect(),
+                        settings: [("latency_ms".to_owned(), latency)].into_iter().collect(),
                         ..Default::default()
                     }),
                     request_id: String::new(),
@@ -485,10 +604,13 @@ async fn bench_dispatch(n: usize, c: usize, bin: Option<std::path::PathBuf>) {
     let due = unix_now() + 15 + (create_secs * 3.0) as i64;
     let t = Instant::now();
     let chs = channels.clone();
+    let ids = Arc::new(std::sync::Mutex::new(vec![String::new(); n]));
+    let pushed = ids.clone();
     fan_out(n, c, move |i| {
         let ch = chs[i % chs.len()].clone();
+        let pushed = pushed.clone();
         async move {
-            ActionServiceClient::new(ch)
+            let a = ActionServiceClient::new(ch)
                 .push_action(pb::PushActionRequest {
                     device_id: format!("d{i}"),
                     action: Some(pb::Action {
@@ -506,7 +628,10 @@ async fn bench_dispatch(n: usize, c: usize, bin: Option<std::path::PathBuf>) {
                     ..Default::default()
                 })
                 .await
-                .expect("push");
+                .expect("push")
+                .into_inner();
+            let id = a.action.map(|a| a.action_id).unwrap_or_default();
+            pushed.lock().expect("ids")[i] = id;
         }
     })
     .await;
@@ -515,19 +640,23 @@ async fn bench_dispatch(n: usize, c: usize, bin: Option<std::path::PathBuf>) {
         unix_now() < due,
         "set-up took longer than planned ({create_secs:.0} s + {push_secs:.0} s)"
     );
+    let ids = Arc::new(std::mem::take(&mut *ids.lock().expect("ids")));
+    // Readers from a few seconds before the storm until it is over.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut reader_channels = Vec::new();
+    for _ in 0..readers {
+        reader_channels.push(connect(&server.addr).await.expect("connect"));
+    }
+    while unix_now() < due - 5 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let reading = Instant::now();
+    let reader_tasks = spawn_readers(&reader_channels, ids, stop.clone());
     // Wait until every action is ACTIVE (bounded).
     let deadline = Instant::now() + Duration::from_secs(600);
-    let url = format!("sqlite://{}?mode=ro", db_path.display());
-    let ro = SqlitePoolOptions::new()
-        .max_connections(1)
-        .connect_with(SqliteConnectOptions::from_str(&url).expect("url"))
-        .await
-        .expect("open db read-only");
+    let db = Db::open(&url).await;
     loop {
-        let active: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM actions WHERE state = 'ACTIVE'")
-            .fetch_one(&ro)
-            .await
-            .expect("count");
+        let active = db.active().await;
         if active as usize >= n {
             break;
         }
@@ -537,21 +666,28 @@ async fn bench_dispatch(n: usize, c: usize, bin: Option<std::path::PathBuf>) {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let read_secs = reading.elapsed().as_secs_f64();
+    let mut read_lat = Vec::new();
+    for t in reader_tasks {
+        read_lat.extend(t.await.expect("reader"));
+    }
+    read_lat.sort();
     let rss = pid.and_then(peak_rss_kib);
-    let rows: Vec<(i64, i64)> = sqlx::query_as(
-        "SELECT a.start_ns, l.at_ns FROM audit_log l JOIN actions a ON a.action_id = l.action_id
-         WHERE l.to_state = 'ACTIVE'",
-    )
-    .fetch_all(&ro)
-    .await
-    .expect("audit");
-    let mut late: Vec<Duration> = rows
+    let mut late: Vec<Duration> = db
+        .applied()
+        .await
         .iter()
         .map(|(start, at)| Duration::from_nanos((at - start).max(0) as u64))
         .collect();
     late.sort();
+    let backend = if url.starts_with("postgres") {
+        "PostgreSQL"
+    } else {
+        "SQLite"
+    };
     println!(
-        "switchyard dispatch storm: {n} actions on {n} simulated devices (latency 0), all due in the same second"
+        "switchyard dispatch storm on {backend}: {n} actions on {n} simulated devices (latency {latency_ms} ms), all due in the same second"
     );
     println!("  set-up: {n} devices in {create_secs:.1} s, {n} pushes in {push_secs:.1} s");
     println!(
@@ -560,6 +696,14 @@ async fn bench_dispatch(n: usize, c: usize, bin: Option<std::path::PathBuf>) {
         ms(pct(&late, 0.99)),
         ms(pct(&late, 1.0))
     );
+    if readers > 0 {
+        println!(
+            "  {readers} readers (GetAction + ListActions) through the storm: {:.0} reads/s, p50 {:.1} ms, p99 {:.1} ms",
+            read_lat.len() as f64 / read_secs,
+            ms(pct(&read_lat, 0.5)),
+            ms(pct(&read_lat, 0.99)),
+        );
+    }
     if let Some(kib) = rss {
         println!("  server peak RSS {:.1} MiB", kib as f64 / 1024.0);
     }
@@ -576,6 +720,23 @@ async fn main() {
             server_bin,
             database,
         } => bench_push(n, c, devices.max(1), addr, server_bin, database).await,
-        Cmd::Dispatch { n, c, server_bin } => bench_dispatch(n.max(1), c.max(1), server_bin).await,
+        Cmd::Dispatch {
+            n,
+            c,
+            latency_ms,
+            readers,
+            server_bin,
+            database,
+        } => {
+            bench_dispatch(
+                n.max(1),
+                c.max(1),
+                latency_ms,
+                readers,
+                server_bin,
+                database,
+            )
+            .await
+        }
     }
 }
