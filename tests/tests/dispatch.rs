@@ -543,6 +543,38 @@ async fn the_loop_applies_at_the_start_and_reverts_at_the_end() {
     task.await.unwrap();
 }
 
+/// The loop claims work ahead of its start (here 5 s ahead, within the
+/// 10 s horizon); told to stop before the start, it lets the claim go, so
+/// another dispatcher takes the work up at once rather than after the
+/// lease; nothing was started.
+#[tokio::test]
+async fn a_stopping_loop_lets_go_of_work_it_claimed_ahead() {
+    let srv = TestServer::start().await;
+    srv.sim_device("b", &[]).await;
+    let a = srv.book("b", window(Command::Charge, 5, H)).await;
+    let (stop, task, probe) = run_loop(&srv, std::time::Duration::from_millis(20));
+    until_rounds(&probe, 2).await;
+    let now = srv.clock_now();
+    let store = &srv.app.store;
+    stop.send(()).unwrap();
+    task.await.unwrap();
+    assert_eq!(srv.get("b", &a.action_id).await.state, St::Scheduled as i32);
+    assert_eq!(mode(&srv, "b"), "AUTO_BALANCED");
+    let again = store
+        .claim_ahead(now, now.plus_nanos(10 * SEC), 10, 60 * SEC)
+        .await
+        .unwrap();
+    assert_eq!(
+        again
+            .jobs
+            .iter()
+            .map(|j| j.action.id.to_string())
+            .collect::<Vec<_>>(),
+        vec![a.action_id.clone()],
+        "let go when the loop stopped"
+    );
+}
+
 #[tokio::test]
 async fn a_driver_that_panics_fails_its_attempt_and_the_dispatcher_goes_on() {
     let srv = TestServer::start().await;

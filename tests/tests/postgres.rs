@@ -492,7 +492,8 @@ mod store_on_postgres {
         let mut raw = PgConnection::connect(&db.url).await.unwrap();
         raw.execute("BEGIN").await.unwrap();
         raw.execute(sqlx::AssertSqlSafe(format!(
-            "UPDATE actions SET state = 'ACKNOWLEDGED', lease_owner = 'another-replica', lease_until_ns = {} WHERE action_id = '{booked}'",
+            "UPDATE actions SET state = 'ACKNOWLEDGED', due_ns = {}, lease_owner = 'another-replica', lease_until_ns = {} WHERE action_id = '{booked}'",
+            T0.0,
             T0.plus_nanos(3 * H).0
         )))
         .await

@@ -711,9 +711,12 @@ async fn a_stalled_replicas_late_write_is_refused_for_its_stale_token_and_the_ne
     std::fs::write(dir.path().join("foxess-key"), format!("{KEY}\n")).unwrap();
     let allow = format!("{}=file:foxess-key", relay.base_url());
     let lease = LEASE_S.to_string();
+    // Claimed when due, not ahead (see above).
     let args = [
         "--dispatch-lease-seconds",
         lease.as_str(),
+        "--dispatch-horizon-seconds",
+        "0",
         "--secrets-dir",
         dir.path().to_str().unwrap(),
         "--oem-url-allow",

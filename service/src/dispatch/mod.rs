@@ -190,6 +190,8 @@ impl Done {
 /// them now).
 struct Context {
     device: Option<Arc<Device>>,
+    /// The device's driver, built before the job's turn on its account.
+    driver: Option<Result<Arc<dyn Driver>, String>>,
     memos: Option<Vec<Applied>>,
 }
 
@@ -240,6 +242,9 @@ fn observed(s: DeviceState, at: Ts) -> Observed {
     }
 }
 
+/// Longest a device read may take.
+const READ_LIMIT: Duration = Duration::from_secs(30);
+
 /// Reads a device's state through `driver`, within the account's read
 /// budget. `None` when the budget is spent or the device cannot be read.
 pub async fn read_state(
@@ -256,17 +261,21 @@ pub async fn read_state(
     {
         return None;
     }
-    match AssertUnwindSafe(driver.read_state(live))
-        .catch_unwind()
-        .await
-    {
-        Ok(Ok(s)) => Some(observed(s, clock.now())),
-        Ok(Err(e)) => {
+    // A read that hangs must not hold up what waits for it (a claim's
+    // end, an observation pass).
+    let read = AssertUnwindSafe(driver.read_state(live)).catch_unwind();
+    match tokio::time::timeout(READ_LIMIT, read).await {
+        Ok(Ok(Ok(s))) => Some(observed(s, clock.now())),
+        Ok(Ok(Err(e))) => {
             tracing::debug!(account = %driver.account(), error = %e, "could not read device state");
             None
         }
-        Err(_) => {
+        Ok(Err(_)) => {
             tracing::error!(account = %driver.account(), "the driver panicked reading a device");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(account = %driver.account(), "a device read did not answer within {} s", READ_LIMIT.as_secs());
             None
         }
     }
@@ -361,7 +370,7 @@ impl Dispatcher {
 
     /// Runs a claim's jobs as they fall due, each device's one at a time,
     /// and records their outcomes as they come (in groups, with the device
-    /// states seen); returns how many jobs were claimed.
+    /// states seen); returns how many jobs were started.
     ///
     /// The heartbeat: while the claim is held (jobs waiting for their
     /// time or queued behind the concurrency bound included), its lease is
@@ -392,6 +401,9 @@ impl Dispatcher {
                     tokio::time::sleep(every).await;
                     let until = clock.now().plus_nanos(lease);
                     match store.renew(&claim, until).await {
+                        // Nothing renewed: every job is recorded, or the
+                        // claim lapsed and was taken; not held either way.
+                        Ok(0) => {}
                         Ok(_) => held_until.store(until.0, std::sync::atomic::Ordering::Release),
                         Err(e) => tracing::warn!(error = %e, "could not renew the dispatch lease"),
                     }
@@ -399,14 +411,23 @@ impl Dispatcher {
             })
         };
         let _stop_heartbeat = AbortOnDrop(Some(heartbeat));
-        let devices: std::collections::HashMap<_, _> =
+        let mut devices: std::collections::HashMap<_, _> =
             devices.into_iter().map(|(k, d)| (k, Arc::new(d))).collect();
+        let mut uses: std::collections::HashMap<DeviceKey, usize> = HashMap::new();
+        for j in &jobs {
+            *uses
+                .entry((
+                    j.tenant.as_str().to_owned(),
+                    j.action.device_id.as_str().to_owned(),
+                ))
+                .or_default() += 1;
+        }
         // Outcomes go to the recorder as they come; it records whatever
         // has gathered while it was recording the last group.
         let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel::<Ran>();
         let recorder = tokio::spawn(self.clone().recorder(done_rx));
-        let claimed = jobs.len();
         let mut pending: std::collections::VecDeque<Job> = jobs.into();
+        let mut started = 0;
         let mut unstarted = Vec::new();
         while let Some(first) = pending.front() {
             let now = self.clock.now();
@@ -431,7 +452,7 @@ impl Dispatcher {
             tracing::debug!(
                 claim = %owner,
                 ready = ready.ready.len(),
-                late_ms = (self.clock.now().0 - first.due.0) / 1_000_000,
+                late_ms = self.clock.now().0.saturating_sub(first.due.0) / 1_000_000,
                 took_ms = seen.elapsed().as_millis() as u64,
                 "started due work"
             );
@@ -442,24 +463,69 @@ impl Dispatcher {
                 };
                 // Cancelled or replaced before it started, or given up to
                 // a device change: nothing to do.
-                if !ready.contains(&job.action.id.to_string()) {
+                if ready.get(&job.action.id.to_string()) != Some(&job.claim) {
                     continue;
                 }
                 let key = (
                     job.tenant.as_str().to_owned(),
                     job.action.device_id.as_str().to_owned(),
                 );
+                // The device's snapshot goes with its last job of the
+                // claim (memory is freed as jobs end).
+                let device = match uses.get_mut(&key) {
+                    Some(n) if *n > 1 => {
+                        *n -= 1;
+                        devices.get(&key).cloned()
+                    }
+                    _ => devices.remove(&key),
+                };
                 let ctx = Context {
-                    device: devices.get(&key).cloned(),
+                    device,
+                    driver: None,
                     memos: Some(memos.get(&key).cloned().unwrap_or_default()),
                 };
+                // A job is spawned once it has a slot: a burst waits as
+                // claimed jobs, not as tasks.
+                let Ok(spawned) = self.calls.spawned.clone().acquire_owned().await else {
+                    break;
+                };
+                started += 1;
                 let this = self.clone();
                 let (held_until, done_tx) = (held_until.clone(), done_tx.clone());
                 tokio::spawn(async move {
-                    let (guard, ctx) = this.devices.lock(key, seen, ctx).await;
-                    let Ok(_permit) = this.calls.all.clone().acquire_owned().await else {
+                    let _spawned = spawned;
+                    let (guard, mut ctx) = this.devices.lock(key, seen, ctx).await;
+                    // The device and its driver, then the job's turn on
+                    // the OEM account and a call slot: waiting for them
+                    // does not count against the call's time limit.
+                    let device = match ctx.device.take() {
+                        Some(d) => d,
+                        None => match this
+                            .store
+                            .device_for(&job.tenant, &job.action.device_id)
+                            .await
+                        {
+                            Ok(Some(d)) => Arc::new(d),
+                            Ok(None) => {
+                                tracing::warn!(action_id = %job.action.id, "the action's device is gone");
+                                return;
+                            }
+                            Err(e) => {
+                                tracing::warn!(action_id = %job.action.id, error = %e, "dispatch failed; will retry");
+                                return;
+                            }
+                        },
+                    };
+                    let driver = this.driver(&device);
+                    let _account = match &driver {
+                        Ok(d) => this.calls.account(&d.account()).await,
+                        Err(_) => None,
+                    };
+                    let Ok(_call) = this.calls.all.clone().acquire_owned().await else {
                         return;
                     };
+                    ctx.device = Some(device);
+                    ctx.driver = Some(driver);
                     let left =
                         held_until.load(std::sync::atomic::Ordering::Acquire) - this.clock.now().0;
                     if left < this.config.lease_nanos / 2 {
@@ -488,7 +554,7 @@ impl Dispatcher {
             Ok(r) => r?,
             Err(e) => return Err(Error::Internal(format!("the recorder failed: {e}"))),
         }
-        Ok(claimed)
+        Ok(started)
     }
 
     /// Starts the due work of `claim` ([`Store::start_due`]) together with
@@ -504,13 +570,15 @@ impl Dispatcher {
             .push((claim.to_owned(), tx));
         {
             let _turn = self.starter.running.lock().await;
-            let batch = std::mem::take(
-                &mut *self
+            let batch: Vec<_> = {
+                let mut queue = self
                     .starter
                     .queue
                     .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner),
-            );
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let n = queue.len().min(START_BATCH);
+                queue.drain(..n).collect()
+            };
             if !batch.is_empty() {
                 let claims: Vec<String> = batch.iter().map(|(c, _)| c.clone()).collect();
                 let result = self
@@ -600,6 +668,7 @@ impl Dispatcher {
             // database that failed for a moment gets a few more tries
             // before the work is left to be done again.
             let mut tries = 0;
+            let took = Instant::now();
             let recorded = loop {
                 match self.store.record(&mut outcomes).await {
                     Ok(()) => break Ok(()),
@@ -620,6 +689,11 @@ impl Dispatcher {
                     )
                 })
                 .collect();
+            tracing::debug!(
+                outcomes = outcomes.len(),
+                took_ms = took.elapsed().as_millis() as u64,
+                "recorded dispatch outcomes"
+            );
             self.devices.recorded(keys);
             drop(guards);
             if let Err(e) = recorded {
@@ -799,6 +873,7 @@ impl Dispatcher {
         &self,
         job: &Job,
         device: Option<Arc<Device>>,
+        driver: Option<Result<Arc<dyn Driver>, String>>,
         now: Ts,
         misconfigured: impl FnOnce(String) -> Finish,
     ) -> Result<Result<(Arc<Device>, Arc<dyn Driver>), Finish>, Error> {
@@ -816,7 +891,7 @@ impl Dispatcher {
                 job.action.id
             )));
         };
-        let driver = match self.driver(&device) {
+        let driver = match driver.unwrap_or_else(|| self.driver(&device)) {
             Ok(d) => d,
             Err(why) => return Ok(Err(misconfigured(why))),
         };
@@ -853,7 +928,7 @@ impl Dispatcher {
             )));
         }
         let (device, driver) = match self
-            .prepare(job, ctx.device, now, |why| {
+            .prepare(job, ctx.device, ctx.driver, now, |why| {
                 fail(codes::DEVICE_MISCONFIGURED, why, None)
             })
             .await?
@@ -863,7 +938,6 @@ impl Dispatcher {
         };
         let (own, live) = memos_of(&self.store, job, ctx.memos).await?;
         let req = apply_request(action, job.clear_native, live, own, job.fence);
-        let _account = self.calls.account(&driver.account()).await;
         Ok(match driver.apply(&req).await {
             Ok(out) => self.written(job, &device, &driver, out, Work::Apply),
             Err(e) if e.retryable() && job.attempts + 1 < self.config.max_apply_attempts => {
@@ -920,7 +994,7 @@ impl Dispatcher {
         let now = self.clock.now();
         let action = &job.action;
         let (device, driver) = match self
-            .prepare(job, ctx.device, now, |why| {
+            .prepare(job, ctx.device, ctx.driver, now, |why| {
                 self.revert_retry_or_fail(job, now, why, None, 0)
             })
             .await?
@@ -933,7 +1007,6 @@ impl Dispatcher {
             applied: apply_request(action, job.clear_native, live, memo.clone(), job.fence),
             memo,
         };
-        let _account = self.calls.account(&driver.account()).await;
         Ok(match driver.revert(&req).await {
             Ok(out) => self.written(job, &device, &driver, out, Work::Revert),
             Err(e) => Done::just(self.revert_retry_or_fail(
@@ -1043,7 +1116,10 @@ impl Dispatcher {
             let now = self.clock.now();
             let wait = match next {
                 Some(due) => {
-                    let ahead = due.0 - self.config.horizon_nanos.max(0) - now.0;
+                    let ahead = due
+                        .0
+                        .saturating_sub(self.config.horizon_nanos.max(0))
+                        .saturating_sub(now.0);
                     Duration::from_nanos(u64::try_from(ahead).unwrap_or(0))
                         .max(Duration::from_millis(20))
                         .min(self.config.poll)
@@ -1140,6 +1216,10 @@ impl DeviceLocks {
     }
 }
 
+/// Most claims started in one transaction: a burst's first jobs run
+/// while the rest is being started.
+const START_BATCH: usize = 12;
+
 /// Claims waiting for their due work to be started, and the turn to start
 /// it ([`Dispatcher::start`]).
 type StartResult = Result<Arc<crate::store::Started>, String>;
@@ -1153,6 +1233,9 @@ struct Starter {
 /// The bounds on driver calls in flight: in all, and per OEM account.
 #[derive(Debug)]
 struct Calls {
+    /// Jobs spawned (waiting for their device, account or a call slot, or
+    /// running): what bounds the memory of a burst.
+    spawned: Arc<tokio::sync::Semaphore>,
     all: Arc<tokio::sync::Semaphore>,
     per_account: usize,
     accounts: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
@@ -1161,6 +1244,7 @@ struct Calls {
 impl Calls {
     fn new(all: usize, per_account: usize) -> Self {
         Self {
+            spawned: Arc::new(tokio::sync::Semaphore::new(all.max(1).saturating_mul(8))),
             all: Arc::new(tokio::sync::Semaphore::new(all.max(1))),
             per_account: per_account.max(1),
             accounts: std::sync::Mutex::default(),

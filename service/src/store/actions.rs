@@ -172,7 +172,7 @@ impl Store {
         for c in &replaced {
             rows::update_action_state(tx, tenant, &c.action).await?;
             let (work, due) = c.work.map_or((None, None), |(w, at)| (Some(w), Some(at)));
-            rows::set_work(tx, tenant, &c.action.id, work, due, 0).await?;
+            rows::set_work(tx, tenant, &c.action.id, work, due, 0, now).await?;
             if let Some(t) = &c.transition {
                 rows::audit(tx, tenant, t, request_id.as_deref(), now).await?;
             }
@@ -304,7 +304,7 @@ impl Store {
         let (work, due) = change
             .work
             .map_or((None, None), |(w, at)| (Some(w), Some(at)));
-        rows::set_work(tx, tenant, &action.id, work, due, 0).await?;
+        rows::set_work(tx, tenant, &action.id, work, due, 0, now).await?;
         if let Some(t) = &change.transition {
             rows::audit(tx, tenant, t, idem.map(|i| i.request_id.as_str()), now).await?;
         }

@@ -1157,7 +1157,7 @@ pub async fn work_claimed_ahead_starts_when_due_if_still_owed(f: &Fixture) {
         .expect("start_due");
     assert_eq!(
         started.ready,
-        std::collections::HashSet::from([kept.id.to_string()])
+        std::collections::HashMap::from([(kept.id.to_string(), claim.owner.clone())])
     );
     assert_eq!(get(f, "d1", &kept).await.state, ActionState::Acknowledged);
     assert_eq!(get(f, "d2", &gone).await.state, ActionState::Cancelled);
@@ -1276,6 +1276,558 @@ pub async fn a_device_change_takes_back_work_claimed_ahead(f: &Fixture) {
     assert_eq!(d.oem_device_id, "another-inverter");
 }
 
+async fn claim_ahead(store: &Store, now: Ts, until: Ts) -> super::Claim {
+    store
+        .claim_ahead(now, until, 10, 4 * H)
+        .await
+        .expect("claim_ahead")
+}
+
+/// An action claimed twice (the first claim let go by a device change,
+/// the second taken afterwards) and started with both claims at once runs
+/// under the second claim only.
+pub async fn a_start_names_the_claim_each_action_runs_under(f: &Fixture) {
+    with_device(f, "d1").await;
+    let a = push(f, "d1", window(H, Some(2 * H)), Strategy::Reject)
+        .await
+        .expect("push")
+        .action;
+    let first = claim_ahead(&f.store, T0, T0.plus_nanos(H)).await;
+    f.store
+        .update_device(
+            &tenant(),
+            &device_id("d1"),
+            None,
+            |d| {
+                d.display_name = "renamed".into();
+                Ok(Retarget::No)
+            },
+            None,
+            None,
+        )
+        .await
+        .expect("update_device");
+    let second = claim_ahead(&f.store, T0, T0.plus_nanos(H)).await;
+    assert_eq!(second.jobs.len(), 1, "let go by the device change");
+    assert_eq!(
+        second
+            .devices
+            .values()
+            .next()
+            .map(|d| d.display_name.as_str()),
+        Some("renamed"),
+        "claimed again with the device as it is now"
+    );
+    f.clock.set(T0.plus_nanos(H));
+    let started = f
+        .store
+        .start_due(
+            &[first.owner.clone(), second.owner.clone()],
+            T0.plus_nanos(H),
+        )
+        .await
+        .expect("start_due");
+    assert_eq!(started.ready.len(), 1);
+    assert_eq!(
+        started.ready.get(&a.id.to_string()),
+        Some(&second.owner),
+        "only the live claim may run it"
+    );
+}
+
+/// A claim on work in flight (started when due) still holds the device
+/// to its target; a cancel lets go of a claim taken ahead at once (its
+/// row owes nothing: forgotten in time, and no device change is refused
+/// over it); a cancel of an ACTIVE action whose revert was claimed ahead
+/// lets that claim go too, so the revert owed now is claimed at once.
+pub async fn claims_are_let_go_when_their_work_changes(f: &Fixture) {
+    with_device(f, "d1").await;
+    with_device(f, "d2").await;
+    with_device(f, "d3").await;
+    let retarget = |d: &mut Device| {
+        d.oem_device_id = format!("{}-moved", d.oem_device_id);
+        Ok(Retarget::Yes)
+    };
+    // Started: in flight, the retarget is refused.
+    let flying = push(f, "d1", window(H, Some(2 * H)), Strategy::Reject)
+        .await
+        .expect("push")
+        .action;
+    // Claimed ahead, then cancelled without a start.
+    let dropped = push(f, "d2", window(H, Some(2 * H)), Strategy::Reject)
+        .await
+        .expect("push")
+        .action;
+    // ACTIVE, its revert claimed ahead, then cancelled.
+    let active = push(
+        f,
+        "d3",
+        window(H - Ts::SECOND, Some(H + 5 * Ts::SECOND)),
+        Strategy::Reject,
+    )
+    .await
+    .expect("push")
+    .action;
+    f.clock.set(T0.plus_nanos(H - Ts::SECOND));
+    let job = claim(f)
+        .await
+        .into_iter()
+        .find(|j| j.action.id == active.id)
+        .expect("due");
+    applied(f, &job, Some("m")).await;
+    let ahead = claim_ahead(
+        &f.store,
+        T0.plus_nanos(H - Ts::SECOND),
+        T0.plus_nanos(H + 10 * Ts::SECOND),
+    )
+    .await;
+    let mut ids: Vec<ActionId> = ahead.jobs.iter().map(|j| j.action.id).collect();
+    ids.sort();
+    let mut want = vec![flying.id, dropped.id, active.id];
+    want.sort();
+    assert_eq!(ids, want);
+    f.store
+        .cancel_action(&tenant(), &device_id("d2"), &dropped.id, None, None)
+        .await
+        .expect("cancel");
+    f.store
+        .cancel_action(&tenant(), &device_id("d3"), &active.id, None, None)
+        .await
+        .expect("cancel");
+    f.store
+        .update_device(&tenant(), &device_id("d2"), None, retarget, None, None)
+        .await
+        .expect("a cancelled action holds nothing");
+    let owed = f
+        .replica
+        .claim_due(T0.plus_nanos(H - Ts::SECOND), 10, 4 * H)
+        .await
+        .expect("claim_due");
+    assert_eq!(owed.len(), 1, "the revert owed now is claimed at once");
+    assert_eq!((owed[0].action.id, owed[0].work), (active.id, Work::Revert));
+    assert_eq!(
+        f.store
+            .prune_finished(T0.plus_nanos(2 * H), 10)
+            .await
+            .unwrap(),
+        1,
+        "the cancelled action is forgotten in time: nothing holds it"
+    );
+    f.clock.set(T0.plus_nanos(H));
+    let started = f
+        .store
+        .start_due(std::slice::from_ref(&ahead.owner), T0.plus_nanos(H))
+        .await
+        .expect("start_due");
+    assert_eq!(
+        started.ready.keys().collect::<Vec<_>>(),
+        vec![&flying.id.to_string()]
+    );
+    assert!(matches!(
+        f.store
+            .update_device(&tenant(), &device_id("d1"), None, retarget, None, None)
+            .await,
+        Err(Error::WritesInForce { .. })
+    ));
+}
+
+/// A start hands over the memos on record for the devices it starts
+/// work on (and only those), oldest first; releasing a claim's unstarted
+/// work leaves other claims alone.
+pub async fn a_start_carries_its_devices_memos(f: &Fixture) {
+    for d in ["d1", "d2"] {
+        with_device(f, d).await;
+    }
+    let mut later = window(3 * H, Some(6 * H));
+    later.channel = "power_limit".into();
+    let mut held = vec![];
+    for (d, p) in [
+        ("d1", window(H, Some(6 * H))),
+        ("d1", later.clone()),
+        ("d2", window(H, Some(20 * H))),
+    ] {
+        held.push(push(f, d, p, Strategy::Reject).await.expect("push").action);
+    }
+    for (at, done) in [
+        (H, vec![(&held[0], "d1-early"), (&held[2], "d2")]),
+        (3 * H, vec![(&held[1], "d1-late")]),
+    ] {
+        f.clock.set(T0.plus_nanos(at));
+        let jobs = claim(f).await;
+        assert_eq!(jobs.len(), done.len());
+        for (a, memo) in done {
+            let job = jobs.iter().find(|j| j.action.id == a.id).expect("due");
+            applied(f, job, Some(memo)).await;
+        }
+    }
+    // d1's windows end at 6 H, d2's at 20 H.
+    let d1_next = push(f, "d1", window(7 * H, Some(8 * H)), Strategy::Reject)
+        .await
+        .expect("push")
+        .action;
+    f.clock.set(T0.plus_nanos(7 * H));
+    let c = claim_ahead(&f.store, T0.plus_nanos(7 * H), T0.plus_nanos(7 * H)).await;
+    // Everything due by 7 H: d1's two reverts and its next apply (d2's
+    // window runs on).
+    assert_eq!(c.jobs.len(), 3);
+    let started = f
+        .store
+        .start_due(std::slice::from_ref(&c.owner), T0.plus_nanos(7 * H))
+        .await
+        .expect("start_due");
+    let memos = |d: &str| -> Vec<String> {
+        started
+            .memos
+            .get(&(tenant().as_str().to_owned(), d.to_owned()))
+            .map(|m| m.iter().map(|a| a.memo.clone()).collect())
+            .unwrap_or_default()
+    };
+    assert_eq!(memos("d1"), vec!["d1-early", "d1-late"]);
+    assert!(memos("d2").is_empty(), "no work of d2 starts");
+    assert!(started.ready.contains_key(&d1_next.id.to_string()));
+
+    // Release: of two claims taken ahead, only the released one's work
+    // can be claimed again at once.
+    with_device(f, "d3").await;
+    with_device(f, "d4").await;
+    let a3 = push(f, "d3", window(9 * H, Some(10 * H)), Strategy::Reject)
+        .await
+        .expect("push")
+        .action;
+    let c3 = claim_ahead(
+        &f.store,
+        T0.plus_nanos(9 * H - 5 * Ts::SECOND),
+        T0.plus_nanos(9 * H),
+    )
+    .await;
+    push(f, "d4", window(9 * H, Some(10 * H)), Strategy::Reject)
+        .await
+        .expect("push");
+    let c4 = claim_ahead(
+        &f.store,
+        T0.plus_nanos(9 * H - 5 * Ts::SECOND),
+        T0.plus_nanos(9 * H),
+    )
+    .await;
+    assert_eq!((c3.jobs.len(), c4.jobs.len()), (1, 1));
+    f.store
+        .release(
+            &c3.owner,
+            &[a3.id.to_string(), c4.jobs[0].action.id.to_string()],
+        )
+        .await
+        .expect("release");
+    let again = claim_ahead(
+        &f.replica,
+        T0.plus_nanos(9 * H - 4 * Ts::SECOND),
+        T0.plus_nanos(9 * H),
+    )
+    .await;
+    assert_eq!(
+        again.jobs.iter().map(|j| j.action.id).collect::<Vec<_>>(),
+        vec![a3.id],
+        "the other claim's work is still held"
+    );
+}
+
+/// Outcomes recorded together are each written as if alone: every
+/// column, per tenant, an answer without a raw body keeping the last one,
+/// a revert clearing the memo; device states seen are kept only for the
+/// configuration they were seen under; more than a transaction's worth is
+/// all recorded.
+pub async fn outcomes_recorded_together_are_each_written_alone(f: &Fixture) {
+    let other = TenantId::from_stored("other-tenant".to_owned());
+    for d in ["d1", "d2", "d3"] {
+        with_device(f, d).await;
+    }
+    let theirs_device = f
+        .store
+        .create_device(&other, device("d1"), None)
+        .await
+        .expect("create in the other tenant");
+    let mut pushed = vec![];
+    for d in ["d1", "d2", "d3"] {
+        pushed.push(
+            push(f, d, window(H, Some(2 * H)), Strategy::Reject)
+                .await
+                .expect("push")
+                .action,
+        );
+    }
+    let theirs = f
+        .store
+        .push(
+            &other,
+            &device_id("d1"),
+            |_, _| Ok(window(H, Some(2 * H))),
+            Strategy::Reject,
+            false,
+            None,
+        )
+        .await
+        .expect("push as the other tenant")
+        .action;
+    f.clock.set(T0.plus_nanos(H));
+    let jobs = f
+        .store
+        .claim_due(T0.plus_nanos(H), 10, 4 * H)
+        .await
+        .expect("claim");
+    assert_eq!(jobs.len(), 4);
+    let job = |id: ActionId| {
+        jobs.iter()
+            .find(|j| j.action.id == id)
+            .expect("claimed")
+            .clone()
+    };
+    let at = T0.plus_nanos(H + Ts::SECOND);
+    let seen = |soc: f64, at: Ts| Observed {
+        scheduler_active: false,
+        rows: vec![],
+        soc_percent: Some(soc),
+        mode: None,
+        at,
+    };
+    let d2 = f
+        .store
+        .get_device(&tenant(), &device_id("d2"))
+        .await
+        .unwrap();
+    let d3 = f
+        .store
+        .get_device(&tenant(), &device_id("d3"))
+        .await
+        .unwrap();
+    // d3 changes after the job was claimed: its state seen is stale.
+    f.store
+        .update_device(
+            &tenant(),
+            &device_id("d3"),
+            None,
+            |d| {
+                d.timezone = "Europe/Berlin".into();
+                Ok(Retarget::No)
+            },
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    let d2 = std::sync::Arc::new(d2);
+    let mut outcomes = vec![
+        super::Outcome {
+            job: job(pushed[0].id),
+            finish: Finish::Applied {
+                raw: "raw-1".into(),
+                verified: true,
+                memo: Some("memo-1".into()),
+            },
+            at,
+            observed: None,
+        },
+        super::Outcome {
+            job: job(pushed[1].id),
+            finish: Finish::Retry {
+                due: T0.plus_nanos(H + 60 * Ts::SECOND),
+                message: "later".into(),
+                raw: None,
+                memo: None,
+            },
+            at,
+            observed: Some((d2, seen(20.0, at))),
+        },
+        super::Outcome {
+            job: job(pushed[2].id),
+            finish: Finish::Failed {
+                code: "OEM_REJECTED".into(),
+                message: "no".into(),
+                raw: Some("raw-3".into()),
+                revert: false,
+                memo: None,
+            },
+            at,
+            observed: Some((std::sync::Arc::new(d3), seen(30.0, at))),
+        },
+        super::Outcome {
+            job: job(theirs.id),
+            finish: Finish::Applied {
+                raw: "raw-theirs".into(),
+                verified: false,
+                memo: None,
+            },
+            at,
+            observed: Some((std::sync::Arc::new(theirs_device), seen(40.0, at))),
+        },
+    ];
+    f.store.record(&mut outcomes).await.expect("record");
+    let a1 = get(f, "d1", &pushed[0]).await;
+    assert_eq!(
+        (
+            a1.state,
+            a1.verified,
+            a1.oem_response.as_deref(),
+            a1.updated,
+            a1.revision
+        ),
+        (
+            ActionState::Active,
+            true,
+            Some("raw-1"),
+            at,
+            pushed[0].revision + 2
+        )
+    );
+    let a2 = get(f, "d2", &pushed[1]).await;
+    assert_eq!(a2.state, ActionState::Acknowledged);
+    assert_eq!(a2.oem_response, None, "no raw answer: nothing written");
+    let a3 = get(f, "d3", &pushed[2]).await;
+    assert_eq!(
+        (
+            a3.state,
+            a3.error_code.as_deref(),
+            a3.oem_response.as_deref()
+        ),
+        (ActionState::Failed, Some("OEM_REJECTED"), Some("raw-3"))
+    );
+    let t = f
+        .store
+        .get_action(&other, &device_id("d1"), &theirs.id)
+        .await
+        .unwrap();
+    assert_eq!(
+        (t.state, t.oem_response.as_deref()),
+        (ActionState::Active, Some("raw-theirs"))
+    );
+    let soc = |tenant: TenantId, d: &'static str| {
+        let store = f.store.clone();
+        async move {
+            store
+                .get_device(&tenant, &device_id(d))
+                .await
+                .unwrap()
+                .observed
+                .and_then(|o| o.soc_percent)
+        }
+    };
+    assert_eq!(soc(tenant(), "d2").await, Some(20.0));
+    assert_eq!(
+        soc(tenant(), "d3").await,
+        None,
+        "seen under a configuration changed since"
+    );
+    assert_eq!(soc(other.clone(), "d1").await, Some(40.0));
+    // The memo is on record until the revert, which clears it and keeps
+    // the raw answer of the revert.
+    assert_eq!(
+        f.store
+            .memos(&tenant(), &device_id("d1"))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    f.clock.set(T0.plus_nanos(2 * H));
+    let revert = f
+        .store
+        .claim_due(T0.plus_nanos(2 * H), 10, 4 * H)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|j| j.action.id == pushed[0].id)
+        .expect("its revert");
+    f.store
+        .record(&mut [super::Outcome {
+            job: revert,
+            finish: Finish::Reverted {
+                raw: "raw-undo".into(),
+                verified: true,
+            },
+            at: T0.plus_nanos(2 * H),
+            observed: None,
+        }])
+        .await
+        .unwrap();
+    assert!(
+        f.store
+            .memos(&tenant(), &device_id("d1"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let done = get(f, "d1", &pushed[0]).await;
+    assert_eq!(
+        (done.state, done.oem_response.as_deref()),
+        (ActionState::Completed, Some("raw-undo"))
+    );
+    let trail: Vec<String> = f
+        .store
+        .action_history(&tenant(), &pushed[0].id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, to, _)| to)
+        .collect();
+    assert_eq!(
+        trail,
+        vec!["SCHEDULED", "ACKNOWLEDGED", "ACTIVE", "COMPLETED"]
+    );
+
+    // More than one transaction's worth (256), all recorded.
+    const MANY: usize = 300;
+    let start = 10 * H;
+    for i in 0..MANY {
+        let id = format!("m{i}");
+        with_device(f, &id).await;
+        push(f, &id, window(start, Some(start + H)), Strategy::Reject)
+            .await
+            .expect("push");
+    }
+    f.clock.set(T0.plus_nanos(start));
+    let jobs: Vec<super::Job> = f
+        .store
+        .claim_due(T0.plus_nanos(start), 1000, 4 * H)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|j| j.action.device_id.as_str().starts_with('m'))
+        .collect();
+    assert_eq!(jobs.len(), MANY);
+    let mut outcomes: Vec<super::Outcome> = jobs
+        .into_iter()
+        .map(|job| super::Outcome {
+            job,
+            finish: Finish::Applied {
+                raw: "ok".into(),
+                verified: true,
+                memo: None,
+            },
+            at: T0.plus_nanos(start),
+            observed: None,
+        })
+        .collect();
+    f.store.record(&mut outcomes).await.unwrap();
+    let active = f
+        .store
+        .list_actions(
+            &tenant(),
+            ActionQuery {
+                device: None,
+                states: &[ActionState::Active],
+                before: None,
+                limit: 1000,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        active
+            .iter()
+            .filter(|a| a.device_id.as_str().starts_with('m'))
+            .count(),
+        MANY
+    );
+}
+
 /// Registers one `#[tokio::test]` per contract rule in a module named
 /// `$backend`, each on a fresh fixture: `$fixture` is an expression
 /// evaluated inside each (async) test, so it may end in `.await`; it gives a
@@ -1314,6 +1866,10 @@ macro_rules! storage_contract_suite {
                 old_finished_actions_are_forgotten_with_their_trail,
                 work_claimed_ahead_starts_when_due_if_still_owed,
                 a_device_change_takes_back_work_claimed_ahead,
+                a_start_names_the_claim_each_action_runs_under,
+                claims_are_let_go_when_their_work_changes,
+                a_start_carries_its_devices_memos,
+                outcomes_recorded_together_are_each_written_alone,
             );
         }
     };

@@ -212,10 +212,12 @@ impl Store {
             let revert = crate::domain::Work::Revert.as_str();
             let scheduled = crate::domain::ActionState::Scheduled.as_str();
             // Work a dispatcher claimed ahead of its start and has not
-            // started (still SCHEDULED) gives way: its claim is let go
-            // below, and it is dispatched under the new target.
+            // started gives way: its claim is let go below, and it is
+            // dispatched under the new target.
             let ahead = |a: &action::Model| {
-                a.state == scheduled && a.driver_memo.is_none() && a.lease_owner.is_some()
+                a.lease_owner.is_some()
+                    && a.driver_memo.is_none()
+                    && (a.state == scheduled || a.due_ns.is_some_and(|d| d > now.0))
             };
             let ids: Vec<ActionId> = rows
                 .iter()
@@ -236,28 +238,33 @@ impl Store {
                     action_ids: ids,
                 });
             }
-            let let_go: Vec<String> = rows
-                .iter()
-                .filter(|a| ahead(a))
-                .map(|a| a.action_id.clone())
-                .collect();
-            if !let_go.is_empty() {
-                action::Entity::update_many()
-                    .col_expr(
-                        action::Column::LeaseUntilNs,
-                        Expr::value(Option::<i64>::None),
-                    )
-                    .col_expr(
-                        action::Column::LeaseOwner,
-                        Expr::value(Option::<String>::None),
-                    )
-                    .filter(action::Column::TenantId.eq(tenant.as_str()))
-                    .filter(action::Column::ActionId.is_in(let_go))
-                    .exec(tx)
-                    .await
-                    .map_err(db_err)?;
-            }
         }
+        // Any change of the device lets go of work claimed ahead of its
+        // start: a dispatcher runs a job with the device as claimed, so
+        // the work is claimed again, with the device as it is now (a
+        // start that won the race runs with the device as it was, as a
+        // call in flight does).
+        action::Entity::update_many()
+            .col_expr(
+                action::Column::LeaseUntilNs,
+                Expr::value(Option::<i64>::None),
+            )
+            .col_expr(
+                action::Column::LeaseOwner,
+                Expr::value(Option::<String>::None),
+            )
+            .filter(action::Column::TenantId.eq(tenant.as_str()))
+            .filter(action::Column::DeviceId.eq(id.as_str()))
+            .filter(action::Column::LeaseOwner.is_not_null())
+            .filter(action::Column::DriverMemo.is_null())
+            .filter(
+                action::Column::State
+                    .eq(crate::domain::ActionState::Scheduled.as_str())
+                    .or(action::Column::DueNs.gt(now.0)),
+            )
+            .exec(tx)
+            .await
+            .map_err(db_err)?;
         device.revision += 1;
         device.updated = now;
         device.observed = observed

@@ -12,7 +12,7 @@
 //!   dispatcher that stalled past its lease, while another claimed the
 //!   work again, records nothing (the new claim's outcome stands).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder,
@@ -76,8 +76,9 @@ pub struct Claim {
 /// What [`Store::start_due`] found ready.
 #[derive(Debug, Default)]
 pub struct Started {
-    /// The actions of the claim that may run now.
-    pub ready: HashSet<String>,
+    /// The actions that may run now, each with the claim it may run
+    /// under.
+    pub ready: HashMap<String, String>,
     /// The drivers' memos on record for their devices, by (tenant, device
     /// id), oldest first (as [`Store::memos`]).
     pub memos: HashMap<(String, String), Vec<switchyard_drivers::Applied>>,
@@ -223,15 +224,19 @@ impl Store {
                 .exec(&tx)
                 .await
                 .map_err(db_err)?;
+            // Held, owed, due, and under a claim still live (one that
+            // lapsed may be another dispatcher's by now).
             let ready_rows = || {
                 action::Entity::find()
                     .filter(claim())
                     .filter(owed())
                     .filter(action::Column::DueNs.lte(now.0))
+                    .filter(action::Column::LeaseUntilNs.gt(now.0))
             };
-            let ready: Vec<String> = ready_rows()
+            let ready: Vec<(String, String)> = ready_rows()
                 .select_only()
                 .column(action::Column::ActionId)
+                .column(action::Column::LeaseOwner)
                 .into_tuple()
                 .all(&tx)
                 .await
@@ -484,6 +489,7 @@ async fn record_in<C: ConnectionTrait>(tx: &C, chunk: &[Outcome]) -> Result<(), 
                 continue;
             }
             let (s, transition) = settle_row(job, row, o.finish.clone(), o.at)?;
+            let at = s.a.updated;
             settled.push(s);
             if let Some(t) = transition {
                 audits.push(rows::audit_row(
@@ -494,7 +500,7 @@ async fn record_in<C: ConnectionTrait>(tx: &C, chunk: &[Outcome]) -> Result<(), 
                     t.to.as_str(),
                     &t.reason,
                     None,
-                    o.at,
+                    at,
                 ));
             }
             if let Some((device, o)) = &o.observed {
@@ -610,6 +616,22 @@ async fn dispatched(tx: &DatabaseTransaction, owner: Expr, now: Ts) -> Result<()
             .add(action::Column::Work.eq(Work::Apply.as_str()))
             .add(action::Column::DueNs.lte(now.0))
     };
+    // PostgreSQL: the rows are locked first, so the audit entries and the
+    // change see the same rows (a cancel committed meanwhile is seen by
+    // both; one in progress is waited for). SQLite's write transaction
+    // already excludes every other writer.
+    if tx.get_database_backend() == sea_orm::DbBackend::Postgres {
+        let _locked: Vec<String> = action::Entity::find()
+            .select_only()
+            .column(action::Column::ActionId)
+            .filter(dispatched())
+            .order_by_asc(action::Column::ActionId)
+            .lock_exclusive()
+            .into_tuple()
+            .all(tx)
+            .await
+            .map_err(db_err)?;
+    }
     let select = Query::select()
         .column(action::Column::TenantId)
         .column(action::Column::DeviceId)
@@ -673,6 +695,9 @@ fn settle_row(
     now: Ts,
 ) -> Result<(Settled, Option<crate::domain::Transition>), Error> {
     let a = rows::action_from_model(row)?;
+    // Never before the row's last change (a cancel recorded while the
+    // driver answered).
+    let now = Ts(Ord::max(now.0, row.update_ns));
     // A write of an earlier try may be in force (its memo is on record):
     // a final failure then owes a revert too.
     let written_before = result.needs_written_before(job.work) && row.driver_memo.is_some();

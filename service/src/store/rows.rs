@@ -419,8 +419,31 @@ pub(super) async fn set_work<C: ConnectionTrait>(
     work: Option<crate::domain::Work>,
     due: Option<Ts>,
     attempts: i64,
+    now: Ts,
 ) -> Result<(), Error> {
+    // A dispatcher's claim on work not started (claimed ahead of a due
+    // time still to come), or on a row that owes nothing any more, is
+    // let go: what is owed now is claimed afresh (a revert owed at once
+    // is not kept waiting for the old due time). A claim on work in
+    // flight stays, for its outcome to be recorded.
+    let released = |col: action::Column, none: sea_orm::Value| -> Expr {
+        if work.is_none() {
+            Expr::value(none)
+        } else {
+            Expr::case(action::Column::DueNs.gt(now.0), Expr::value(none))
+                .finally(Expr::col(col))
+                .into()
+        }
+    };
     action::Entity::update_many()
+        .col_expr(
+            action::Column::LeaseOwner,
+            released(action::Column::LeaseOwner, sea_orm::Value::String(None)),
+        )
+        .col_expr(
+            action::Column::LeaseUntilNs,
+            released(action::Column::LeaseUntilNs, sea_orm::Value::BigInt(None)),
+        )
         .col_expr(
             action::Column::Work,
             Expr::value(work.map_or("NONE", |w| w.as_str())),
