@@ -220,6 +220,45 @@ async fn a_dispatcher_whose_claim_lapsed_records_nothing() {
     );
 }
 
+/// A fleet is observed in batches: a pass reads at most
+/// `OBSERVE_BATCH` devices, the least recently observed first, and
+/// records them together; the next pass takes the rest.
+#[tokio::test]
+async fn a_fleet_is_observed_in_batches_the_stalest_first() {
+    const BATCH: usize = switchyard::dispatch::OBSERVE_BATCH;
+    let srv = TestServer::start().await;
+    let n = BATCH + 6;
+    for i in 0..n {
+        srv.sim_device(&format!("s{i}"), &[]).await;
+    }
+    let d = srv.dispatcher();
+    // The last six are observed later than the others: the others go
+    // first.
+    srv.at_secs(10);
+    for i in BATCH..n {
+        srv.set_settings(&format!("s{i}"), &[("capacity_wh", "13000")])
+            .await;
+    }
+    srv.at_secs(3600);
+    assert_eq!(d.observe_due(false).await.unwrap(), (BATCH, BATCH));
+    let observed_at = |dev: pb::Device| dev.observed_state.and_then(|o| o.observe_time);
+    assert_eq!(
+        observed_at(srv.get_device("s0").await),
+        Some(switchyard_tests::at(3600))
+    );
+    assert_ne!(
+        observed_at(srv.get_device(&format!("s{}", n - 1)).await),
+        Some(switchyard_tests::at(3600)),
+        "observed more recently: left for the next pass"
+    );
+    assert_eq!(d.observe_due(false).await.unwrap(), (6, 6));
+    assert_eq!(d.observe_due(false).await.unwrap(), (0, 0));
+    assert_eq!(
+        observed_at(srv.get_device(&format!("s{}", n - 1)).await),
+        Some(switchyard_tests::at(3600))
+    );
+}
+
 #[tokio::test]
 async fn a_device_is_observed_again_once_its_observation_is_stale() {
     let srv = TestServer::start().await;
@@ -232,11 +271,11 @@ async fn a_device_is_observed_again_once_its_observation_is_stale() {
     // Until its last observation is more than 300 s old the device is left
     // alone ...
     srv.at_secs(300);
-    assert_eq!(d.observe_due(false).await.unwrap(), 0);
+    assert_eq!(d.observe_due(false).await.unwrap(), (0, 0));
     assert_eq!(observed_at(srv.get_device("b").await), Some(first));
     // ... and then it is read again.
     srv.at_secs(301);
-    assert_eq!(d.observe_due(false).await.unwrap(), 1);
+    assert_eq!(d.observe_due(false).await.unwrap(), (1, 1));
     assert_eq!(
         observed_at(srv.get_device("b").await),
         Some(switchyard_tests::at(301))

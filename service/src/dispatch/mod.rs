@@ -242,6 +242,12 @@ fn observed(s: DeviceState, at: Ts) -> Observed {
     }
 }
 
+/// Most devices read in one observation pass.
+pub const OBSERVE_BATCH: usize = 1024;
+
+/// Most device reads in flight at once in an observation pass.
+const OBSERVE_CONCURRENCY: usize = 64;
+
 /// Longest a device read may take.
 const READ_LIMIT: Duration = Duration::from_secs(30);
 
@@ -1020,23 +1026,64 @@ impl Dispatcher {
     }
 
     /// Reads the state of devices not observed for a while (all of them
-    /// with `force`); returns how many were read.
-    pub async fn observe_due(&self, force: bool) -> Result<usize, Error> {
+    /// with `force`), at most [`OBSERVE_BATCH`] of them, the oldest
+    /// first, [`OBSERVE_CONCURRENCY`] at once, each within its account's
+    /// read budget, and records what was read in one transaction; returns
+    /// how many were due and how many were recorded.
+    pub async fn observe_due(&self, force: bool) -> Result<(usize, usize), Error> {
+        use futures::StreamExt as _;
         let now = self.clock.now();
         let before = if force {
             now.plus_nanos(1)
         } else {
             now.plus_nanos(-self.config.observe_every_nanos)
         };
-        let devices = self.store.devices_to_observe(before, 256).await?;
+        let devices = self
+            .store
+            .devices_to_observe(before, OBSERVE_BATCH as u32)
+            .await?;
         let n = devices.len();
-        for (tenant, d) in devices {
-            let Ok(driver) = self.driver(&d) else {
-                continue;
-            };
-            self.record_observed(&tenant, &d, driver.as_ref()).await;
+        let seen: Vec<(TenantId, Device, Observed)> = futures::stream::iter(devices)
+            .map(|(tenant, d)| async move {
+                let driver = self.driver(&d).ok()?;
+                let live = match self.store.memos(&tenant, &d.id).await {
+                    Ok(live) => live,
+                    Err(e) => {
+                        tracing::warn!(device_id = %d.id, error = %e, "could not read the device's memos");
+                        return None;
+                    }
+                };
+                let o = read_state(&self.budgets, self.clock.as_ref(), driver.as_ref(), &live)
+                    .await?;
+                Some((tenant, d, o))
+            })
+            .buffer_unordered(OBSERVE_CONCURRENCY)
+            .filter_map(std::future::ready)
+            .collect()
+            .await;
+        let recorded = seen.len();
+        self.store.observe_many(&seen).await?;
+        Ok((n, recorded))
+    }
+
+    /// Observation passes until no device is due, or until a pass records
+    /// nothing (the devices left cannot be read now: budgets spent,
+    /// offline), within `limit`.
+    async fn observe_all_due(&self, limit: Duration) {
+        let started = Instant::now();
+        loop {
+            match self.observe_due(false).await {
+                Ok((due, recorded)) if due == OBSERVE_BATCH && recorded > 0 => {}
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "observing devices failed");
+                    return;
+                }
+            }
+            if started.elapsed() >= limit {
+                return;
+            }
         }
-        Ok(n)
     }
 
     /// Runs until `shutdown` resolves: claims work as it comes within
@@ -1056,9 +1103,7 @@ impl Dispatcher {
                 let now = observer.clock.now();
                 if now.0.saturating_sub(last_observe.0) >= 10 * Ts::SECOND {
                     last_observe = now;
-                    if let Err(e) = observer.observe_due(false).await {
-                        tracing::warn!(error = %e, "observing devices failed");
-                    }
+                    observer.observe_all_due(Duration::from_secs(10)).await;
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }

@@ -944,6 +944,28 @@ impl Store {
             .await
     }
 
+    /// Records observations of several devices (each as it was
+    /// configured when read, see [`Store::observe`]) in one transaction.
+    pub async fn observe_many(&self, seen: &[(TenantId, Device, Observed)]) -> Result<(), Error> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        let mut seen: Vec<&(TenantId, Device, Observed)> = seen.iter().collect();
+        seen.sort_by(|a, b| (a.0.as_str(), a.1.id.as_str()).cmp(&(b.0.as_str(), b.1.id.as_str())));
+        self.retrying(|| async {
+            let tx = self.begin().await?;
+            for group in seen.chunk_by(|a, b| a.0 == b.0) {
+                let rows: Vec<(&Device, &Observed)> =
+                    group.iter().map(|(_, d, o)| (d, o)).collect();
+                for part in rows.chunks(RECORD_CHUNK) {
+                    write_observed(&tx, &group[0].0, part).await?;
+                }
+            }
+            tx.commit().await.map_err(db_err)
+        })
+        .await
+    }
+
     /// Devices last observed before `before` (or never), oldest first.
     pub async fn devices_to_observe(
         &self,
