@@ -124,6 +124,17 @@ pub struct ServeArgs {
         value_parser = clap::value_parser!(u64).range(0..=60)
     )]
     pub dispatch_horizon_seconds: u64,
+    /// Most driver calls in flight at once (each OEM account gets at most
+    /// 32 of them): with a slow OEM, how late a burst due at one instant
+    /// ends is about its size times the OEM's answer time divided by this.
+    #[arg(
+        long,
+        env = "SWITCHYARD_DISPATCH_CONCURRENCY",
+        default_value_t = 1024,
+        value_name = "N",
+        value_parser = clap::value_parser!(u64).range(1..=65536)
+    )]
+    pub dispatch_concurrency: u64,
     /// How many days finished actions (completed, failed, cancelled, with
     /// nothing owed) are kept after their last change, with their audit
     /// trail; 0 keeps them for ever.
@@ -382,6 +393,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Se
                 * crate::domain::Ts::SECOND,
             horizon_nanos: i64::try_from(args.dispatch_horizon_seconds).unwrap_or(10)
                 * crate::domain::Ts::SECOND,
+            concurrency: usize::try_from(args.dispatch_concurrency).unwrap_or(1024),
             ..Default::default()
         },
     );

@@ -245,8 +245,9 @@ fn observed(s: DeviceState, at: Ts) -> Observed {
 /// Most devices read in one observation pass.
 pub const OBSERVE_BATCH: usize = 1024;
 
-/// Most device reads in flight at once in an observation pass.
-const OBSERVE_CONCURRENCY: usize = 64;
+/// Most device reads in flight at once in an observation pass (each may
+/// hold a database connection for its memos and its read budget).
+const OBSERVE_CONCURRENCY: usize = 16;
 
 /// Longest a device read may take.
 const READ_LIMIT: Duration = Duration::from_secs(30);
@@ -1028,9 +1029,20 @@ impl Dispatcher {
     /// Reads the state of devices not observed for a while (all of them
     /// with `force`), at most [`OBSERVE_BATCH`] of them, the oldest
     /// first, [`OBSERVE_CONCURRENCY`] at once, each within its account's
-    /// read budget, and records what was read in one transaction; returns
-    /// how many were due and how many were recorded.
+    /// read budget, and records what was read in one transaction (an
+    /// observation never replaces a later one); returns how many were due
+    /// and how many were recorded.
     pub async fn observe_due(&self, force: bool) -> Result<(usize, usize), Error> {
+        self.observe_due_within(force, Duration::MAX).await
+    }
+
+    /// [`Dispatcher::observe_due`], the reads cut off after `limit`
+    /// (what was read by then is recorded).
+    async fn observe_due_within(
+        &self,
+        force: bool,
+        limit: Duration,
+    ) -> Result<(usize, usize), Error> {
         use futures::StreamExt as _;
         let now = self.clock.now();
         let before = if force {
@@ -1059,11 +1071,11 @@ impl Dispatcher {
             })
             .buffer_unordered(OBSERVE_CONCURRENCY)
             .filter_map(std::future::ready)
+            .take_until(tokio::time::sleep(limit.min(Duration::from_secs(3600))))
             .collect()
             .await;
-        let recorded = seen.len();
-        self.store.observe_many(&seen).await?;
-        Ok((n, recorded))
+        let recorded = self.store.observe_many(&seen).await?;
+        Ok((n, usize::try_from(recorded).unwrap_or(usize::MAX)))
     }
 
     /// Observation passes until no device is due, or until a pass records
@@ -1072,16 +1084,17 @@ impl Dispatcher {
     async fn observe_all_due(&self, limit: Duration) {
         let started = Instant::now();
         loop {
-            match self.observe_due(false).await {
+            let left = limit.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                return;
+            }
+            match self.observe_due_within(false, left).await {
                 Ok((due, recorded)) if due == OBSERVE_BATCH && recorded > 0 => {}
                 Ok(_) => return,
                 Err(e) => {
                     tracing::warn!(error = %e, "observing devices failed");
                     return;
                 }
-            }
-            if started.elapsed() >= limit {
-                return;
             }
         }
     }

@@ -1333,13 +1333,87 @@ pub async fn a_start_names_the_claim_each_action_runs_under(f: &Fixture) {
         Some(&second.owner),
         "only the live claim may run it"
     );
+
+    // A claim whose lease ran out before its work fell due starts
+    // nothing (another dispatcher may hold the work by then).
+    with_device(f, "d2").await;
+    let b = push(f, "d2", window(2 * H, Some(3 * H)), Strategy::Reject)
+        .await
+        .expect("push")
+        .action;
+    let short = f
+        .store
+        .claim_ahead(
+            T0.plus_nanos(2 * H - 5 * Ts::SECOND),
+            T0.plus_nanos(2 * H),
+            10,
+            Ts::SECOND,
+        )
+        .await
+        .expect("claim_ahead");
+    assert_eq!(short.jobs.len(), 1);
+    f.clock.set(T0.plus_nanos(2 * H));
+    let lapsed = f
+        .store
+        .start_due(std::slice::from_ref(&short.owner), T0.plus_nanos(2 * H))
+        .await
+        .expect("start_due");
+    assert!(lapsed.ready.is_empty(), "{:?}", lapsed.ready);
+    assert_eq!(get(f, "d2", &b).await.state, ActionState::Scheduled);
+}
+
+/// An observation never replaces a later one: a pass that read a device
+/// before a dispatch recorded what it read back leaves the later state.
+pub async fn an_older_observation_never_replaces_a_later_one(f: &Fixture) {
+    let d = with_device(f, "d1").await;
+    let seen = |soc: f64, at: Ts| Observed {
+        scheduler_active: false,
+        rows: vec![],
+        soc_percent: Some(soc),
+        mode: None,
+        at,
+    };
+    let later = T0.plus_nanos(10 * Ts::SECOND);
+    assert!(
+        f.store
+            .observe(&tenant(), &d, &seen(70.0, later))
+            .await
+            .unwrap()
+    );
+    let earlier = T0.plus_nanos(5 * Ts::SECOND);
+    assert!(
+        !f.store
+            .observe(&tenant(), &d, &seen(10.0, earlier))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        f.store
+            .observe_many(&[(tenant(), d.clone(), seen(20.0, earlier))])
+            .await
+            .unwrap(),
+        0
+    );
+    let now = f.store.get_device(&tenant(), &d.id).await.unwrap();
+    assert_eq!(
+        now.observed.map(|o| (o.soc_percent, o.at)),
+        Some((Some(70.0), later))
+    );
+    assert_eq!(
+        f.store
+            .observe_many(&[(tenant(), d, seen(30.0, T0.plus_nanos(20 * Ts::SECOND)))])
+            .await
+            .unwrap(),
+        1
+    );
 }
 
 /// A claim on work in flight (started when due) still holds the device
 /// to its target; a cancel lets go of a claim taken ahead at once (its
 /// row owes nothing: forgotten in time, and no device change is refused
 /// over it); a cancel of an ACTIVE action whose revert was claimed ahead
-/// lets that claim go too, so the revert owed now is claimed at once.
+/// lets that claim go too, so the revert owed now is claimed at once; a
+/// cancel of one whose revert is in flight does not.
 pub async fn claims_are_let_go_when_their_work_changes(f: &Fixture) {
     with_device(f, "d1").await;
     with_device(f, "d2").await;
@@ -1368,13 +1442,31 @@ pub async fn claims_are_let_go_when_their_work_changes(f: &Fixture) {
     .await
     .expect("push")
     .action;
+    // ACTIVE, its revert in flight (claimed when due), then cancelled.
+    with_device(f, "d4").await;
+    let flight = push(
+        f,
+        "d4",
+        window(H - 3 * Ts::SECOND, Some(H - Ts::SECOND)),
+        Strategy::Reject,
+    )
+    .await
+    .expect("push")
+    .action;
     f.clock.set(T0.plus_nanos(H - Ts::SECOND));
-    let job = claim(f)
-        .await
-        .into_iter()
-        .find(|j| j.action.id == active.id)
-        .expect("due");
-    applied(f, &job, Some("m")).await;
+    let jobs = claim(f).await;
+    assert_eq!(jobs.len(), 2);
+    for job in &jobs {
+        applied(f, job, Some("m")).await;
+    }
+    let reverting = claim(f).await;
+    assert_eq!(
+        reverting
+            .iter()
+            .map(|j| (j.action.id, j.work))
+            .collect::<Vec<_>>(),
+        vec![(flight.id, Work::Revert)]
+    );
     let ahead = claim_ahead(
         &f.store,
         T0.plus_nanos(H - Ts::SECOND),
@@ -1395,6 +1487,10 @@ pub async fn claims_are_let_go_when_their_work_changes(f: &Fixture) {
         .await
         .expect("cancel");
     f.store
+        .cancel_action(&tenant(), &device_id("d4"), &flight.id, None, None)
+        .await
+        .expect("cancel");
+    f.store
         .update_device(&tenant(), &device_id("d2"), None, retarget, None, None)
         .await
         .expect("a cancelled action holds nothing");
@@ -1403,7 +1499,11 @@ pub async fn claims_are_let_go_when_their_work_changes(f: &Fixture) {
         .claim_due(T0.plus_nanos(H - Ts::SECOND), 10, 4 * H)
         .await
         .expect("claim_due");
-    assert_eq!(owed.len(), 1, "the revert owed now is claimed at once");
+    assert_eq!(
+        owed.len(),
+        1,
+        "the revert owed now is claimed at once; the one in flight keeps its claim"
+    );
     assert_eq!((owed[0].action.id, owed[0].work), (active.id, Work::Revert));
     assert_eq!(
         f.store
@@ -1441,13 +1541,16 @@ pub async fn a_start_carries_its_devices_memos(f: &Fixture) {
     let mut later = window(3 * H, Some(6 * H));
     later.channel = "power_limit".into();
     let mut held = vec![];
+    // The later-starting one is pushed first: memos come by start, not
+    // by booking.
     for (d, p) in [
-        ("d1", window(H, Some(6 * H))),
         ("d1", later.clone()),
+        ("d1", window(H, Some(6 * H))),
         ("d2", window(H, Some(20 * H))),
     ] {
         held.push(push(f, d, p, Strategy::Reject).await.expect("push").action);
     }
+    held.swap(0, 1);
     for (at, done) in [
         (H, vec![(&held[0], "d1-early"), (&held[2], "d2")]),
         (3 * H, vec![(&held[1], "d1-late")]),
@@ -1533,7 +1636,7 @@ pub async fn a_start_carries_its_devices_memos(f: &Fixture) {
 /// Outcomes recorded together are each written as if alone: every
 /// column, per tenant, an answer without a raw body keeping the last one,
 /// a revert clearing the memo; device states seen are kept only for the
-/// configuration they were seen under; more than a transaction's worth is
+/// configuration they were seen under; more than a statement's worth is
 /// all recorded.
 pub async fn outcomes_recorded_together_are_each_written_alone(f: &Fixture) {
     let other = TenantId::from_stored("other-tenant".to_owned());
@@ -1630,7 +1733,7 @@ pub async fn outcomes_recorded_together_are_each_written_alone(f: &Fixture) {
             finish: Finish::Retry {
                 due: T0.plus_nanos(H + 60 * Ts::SECOND),
                 message: "later".into(),
-                raw: None,
+                raw: Some("raw-2".into()),
                 memo: None,
             },
             at,
@@ -1678,8 +1781,46 @@ pub async fn outcomes_recorded_together_are_each_written_alone(f: &Fixture) {
         )
     );
     let a2 = get(f, "d2", &pushed[1]).await;
-    assert_eq!(a2.state, ActionState::Acknowledged);
-    assert_eq!(a2.oem_response, None, "no raw answer: nothing written");
+    assert_eq!(
+        (a2.state, a2.oem_response.as_deref()),
+        (ActionState::Acknowledged, Some("raw-2"))
+    );
+    // Tried again, and failing again without a raw answer: the last one
+    // is kept; the tries and the message are the new ones.
+    f.clock.set(T0.plus_nanos(H + 60 * Ts::SECOND));
+    let again = f
+        .store
+        .claim_due(T0.plus_nanos(H + 60 * Ts::SECOND), 10, 4 * H)
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    f.store
+        .record(&mut [super::Outcome {
+            job: again[0].clone(),
+            finish: Finish::Retry {
+                due: T0.plus_nanos(H + 180 * Ts::SECOND),
+                message: "again".into(),
+                raw: None,
+                memo: None,
+            },
+            at: T0.plus_nanos(H + 61 * Ts::SECOND),
+            observed: None,
+        }])
+        .await
+        .unwrap();
+    let a2 = get(f, "d2", &pushed[1]).await;
+    assert_eq!(
+        a2.oem_response.as_deref(),
+        Some("raw-2"),
+        "no raw answer: the last kept"
+    );
+    assert!(
+        a2.error_message
+            .as_deref()
+            .is_some_and(|m| m.contains("again")),
+        "{a2:?}"
+    );
+    assert_eq!(a2.updated, T0.plus_nanos(H + 61 * Ts::SECOND));
     let a3 = get(f, "d3", &pushed[2]).await;
     assert_eq!(
         (
@@ -1772,7 +1913,7 @@ pub async fn outcomes_recorded_together_are_each_written_alone(f: &Fixture) {
         vec!["SCHEDULED", "ACKNOWLEDGED", "ACTIVE", "COMPLETED"]
     );
 
-    // More than one transaction's worth (256), all recorded.
+    // More than one statement's worth (256 rows), all recorded.
     const MANY: usize = 300;
     let start = 10 * H;
     for i in 0..MANY {
@@ -1870,6 +2011,7 @@ macro_rules! storage_contract_suite {
                 claims_are_let_go_when_their_work_changes,
                 a_start_carries_its_devices_memos,
                 outcomes_recorded_together_are_each_written_alone,
+                an_older_observation_never_replaces_a_later_one,
             );
         }
     };

@@ -217,7 +217,9 @@ impl Store {
             let ahead = |a: &action::Model| {
                 a.lease_owner.is_some()
                     && a.driver_memo.is_none()
-                    && (a.state == scheduled || a.due_ns.is_some_and(|d| d > now.0))
+                    && (a.state == scheduled
+                        || a.due_ns
+                            .is_some_and(|d| d > now.0.saturating_add(super::CLOCK_SKEW_NANOS)))
             };
             let ids: Vec<ActionId> = rows
                 .iter()
@@ -243,7 +245,21 @@ impl Store {
         // start: a dispatcher runs a job with the device as claimed, so
         // the work is claimed again, with the device as it is now (a
         // start that won the race runs with the device as it was, as a
-        // call in flight does).
+        // call in flight does). The device's owed rows are locked first
+        // (PostgreSQL), so a claim taken meanwhile skips them until this
+        // change is committed, and then reads the device as changed.
+        let _owed: Vec<String> = rows::actions_of(tenant)
+            .select_only()
+            .column(action::Column::ActionId)
+            .filter(action::Column::DeviceId.eq(id.as_str()))
+            .filter(Expr::cust("work <> 'NONE'"))
+            .order_by_asc(action::Column::StartNs)
+            .order_by_asc(action::Column::ActionId)
+            .lock_exclusive()
+            .into_tuple()
+            .all(tx)
+            .await
+            .map_err(db_err)?;
         action::Entity::update_many()
             .col_expr(
                 action::Column::LeaseUntilNs,
@@ -256,11 +272,10 @@ impl Store {
             .filter(action::Column::TenantId.eq(tenant.as_str()))
             .filter(action::Column::DeviceId.eq(id.as_str()))
             .filter(action::Column::LeaseOwner.is_not_null())
-            .filter(action::Column::DriverMemo.is_null())
             .filter(
                 action::Column::State
                     .eq(crate::domain::ActionState::Scheduled.as_str())
-                    .or(action::Column::DueNs.gt(now.0)),
+                    .or(action::Column::DueNs.gt(now.0.saturating_add(super::CLOCK_SKEW_NANOS))),
             )
             .exec(tx)
             .await

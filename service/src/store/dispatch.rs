@@ -99,6 +99,9 @@ pub struct Outcome {
 }
 
 /// Most outcomes recorded in one transaction.
+const RECORD_TX: usize = 1024;
+
+/// Most rows written by one statement (parameters: 15 per row).
 const RECORD_CHUNK: usize = 256;
 
 fn work_of(s: &str) -> Option<Work> {
@@ -382,7 +385,7 @@ impl Store {
         self.record(&mut outcomes).await
     }
 
-    /// Records outcomes, up to [`RECORD_CHUNK`] per transaction: the
+    /// Records outcomes, up to [`RECORD_TX`] per transaction: the
     /// devices and actions of a chunk are locked and read with one
     /// statement each, then each action written, and the audit entries
     /// inserted together.
@@ -405,7 +408,7 @@ impl Store {
             };
             key(a).cmp(&key(b))
         });
-        for chunk in outcomes.chunks(RECORD_CHUNK) {
+        for chunk in outcomes.chunks(RECORD_TX) {
             self.retrying(|| self.record_chunk(chunk)).await?;
         }
         Ok(())
@@ -612,6 +615,7 @@ async fn dispatched(tx: &DatabaseTransaction, owner: Expr, now: Ts) -> Result<()
     let dispatched = || {
         sea_orm::Condition::all()
             .add(owner.clone())
+            .add(action::Column::LeaseUntilNs.gt(now.0))
             .add(action::Column::State.eq(from))
             .add(action::Column::Work.eq(Work::Apply.as_str()))
             .add(action::Column::DueNs.lte(now.0))
@@ -810,10 +814,10 @@ async fn write_observed<C: ConnectionTrait>(
     tx: &C,
     tenant: &TenantId,
     seen: &[(&Device, &Observed)],
-) -> Result<(), Error> {
+) -> Result<u64, Error> {
     use sea_orm::{DbBackend, Statement, Value};
     if seen.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     let backend = tx.get_database_backend();
     let mut n = 0;
@@ -840,18 +844,22 @@ async fn write_observed<C: ConnectionTrait>(
     let tenant_param = param();
     values.push(Value::from(tenant.as_str()));
     // Revision and incarnation: a device reconfigured since, or deleted
-    // and created again (revision 1 once more), keeps what it has.
+    // and created again (revision 1 once more), keeps what it has; so
+    // does one with a later observation (read after this one, recorded
+    // first).
     let sql = format!(
         "UPDATE devices SET observed = v.column2, observed_ns = v.column3 \
          FROM (VALUES {}) AS v \
          WHERE devices.device_id = v.column1 AND devices.revision = v.column4 \
-         AND devices.incarnation = v.column5 AND devices.tenant_id = {tenant_param}",
+         AND devices.incarnation = v.column5 AND devices.tenant_id = {tenant_param} \
+         AND (devices.observed_ns IS NULL OR devices.observed_ns <= v.column3)",
         rows.join(", ")
     );
-    tx.execute_raw(Statement::from_sql_and_values(backend, sql, values))
+    let done = tx
+        .execute_raw(Statement::from_sql_and_values(backend, sql, values))
         .await
         .map_err(db_err)?;
-    Ok(())
+    Ok(done.rows_affected())
 }
 
 /// Records an observation of `device` as it was configured then (see
@@ -874,6 +882,12 @@ async fn observe_in<C: ConnectionTrait>(
         .filter(device::Column::DeviceId.eq(device.id.as_str()))
         .filter(device::Column::Revision.eq(device.revision))
         .filter(device::Column::Incarnation.eq(device.incarnation.as_str()))
+        // Never over a later one (read after this one, recorded first).
+        .filter(
+            device::Column::ObservedNs
+                .is_null()
+                .or(device::Column::ObservedNs.lte(o.at.0)),
+        )
         .exec(conn)
         .await
         .map_err(db_err)?;
@@ -945,23 +959,26 @@ impl Store {
     }
 
     /// Records observations of several devices (each as it was
-    /// configured when read, see [`Store::observe`]) in one transaction.
-    pub async fn observe_many(&self, seen: &[(TenantId, Device, Observed)]) -> Result<(), Error> {
+    /// configured when read, see [`Store::observe`]) in one transaction;
+    /// returns how many were recorded.
+    pub async fn observe_many(&self, seen: &[(TenantId, Device, Observed)]) -> Result<u64, Error> {
         if seen.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let mut seen: Vec<&(TenantId, Device, Observed)> = seen.iter().collect();
         seen.sort_by(|a, b| (a.0.as_str(), a.1.id.as_str()).cmp(&(b.0.as_str(), b.1.id.as_str())));
         self.retrying(|| async {
             let tx = self.begin().await?;
+            let mut recorded = 0;
             for group in seen.chunk_by(|a, b| a.0 == b.0) {
                 let rows: Vec<(&Device, &Observed)> =
                     group.iter().map(|(_, d, o)| (d, o)).collect();
                 for part in rows.chunks(RECORD_CHUNK) {
-                    write_observed(&tx, &group[0].0, part).await?;
+                    recorded += write_observed(&tx, &group[0].0, part).await?;
                 }
             }
-            tx.commit().await.map_err(db_err)
+            tx.commit().await.map_err(db_err)?;
+            Ok(recorded)
         })
         .await
     }

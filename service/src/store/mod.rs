@@ -35,6 +35,12 @@ pub use actions::{ActionQuery, PushOutcome};
 pub use budget::{Bucket, Spend};
 pub use devices::Retarget;
 pub use dispatch::{Claim, Finish, Job, Outcome, Started};
+
+/// How far apart the clocks of replicas sharing a database may be: work
+/// due later than this from a writer's now cannot have been started by
+/// any replica, so a claim on it may be let go (a cancel, a device
+/// change); nearer, it is treated as in flight.
+pub const CLOCK_SKEW_NANOS: i64 = 5 * crate::domain::Ts::SECOND;
 pub use idem::{
     EncodeResponse, IDEMPOTENCY_LEASE_NANOS, IDEMPOTENCY_TTL_NANOS, IdemBegin, IdemCommit,
 };

@@ -422,17 +422,21 @@ pub(super) async fn set_work<C: ConnectionTrait>(
     now: Ts,
 ) -> Result<(), Error> {
     // A dispatcher's claim on work not started (claimed ahead of a due
-    // time still to come), or on a row that owes nothing any more, is
-    // let go: what is owed now is claimed afresh (a revert owed at once
-    // is not kept waiting for the old due time). A claim on work in
+    // time still more than the clock skew allowed between replicas
+    // away), or on a row that owes nothing any more, is let go: what is
+    // owed now is claimed afresh (a revert owed at once is not kept
+    // waiting for the old due time). A claim on work that may be in
     // flight stays, for its outcome to be recorded.
     let released = |col: action::Column, none: sea_orm::Value| -> Expr {
         if work.is_none() {
             Expr::value(none)
         } else {
-            Expr::case(action::Column::DueNs.gt(now.0), Expr::value(none))
-                .finally(Expr::col(col))
-                .into()
+            Expr::case(
+                action::Column::DueNs.gt(now.0.saturating_add(super::CLOCK_SKEW_NANOS)),
+                Expr::value(none),
+            )
+            .finally(Expr::col(col))
+            .into()
         }
     };
     action::Entity::update_many()

@@ -89,6 +89,28 @@ enum Cmd {
         #[arg(long, value_name = "URL")]
         database: Option<String>,
     },
+    /// Push and ListActions latency on a fresh SQLite database, then again
+    /// once it holds ACTIONS finished actions on DEVICES devices (written
+    /// straight into the file between two runs of the server), with the
+    /// query plans of the hot queries.
+    Scale {
+        /// Finished actions stored for the second run.
+        #[arg(long, default_value_t = 1_000_000, value_parser = at_least_one())]
+        actions: usize,
+        /// Devices stored for the second run.
+        #[arg(long, default_value_t = 100_000, value_parser = at_least_one())]
+        devices: usize,
+        /// Pushes (and ListActions calls of each kind) measured per run.
+        #[arg(long, default_value_t = 5_000, value_parser = at_least_one())]
+        n: usize,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 32, value_parser = at_least_one())]
+        c: usize,
+        /// The switchyard binary to spawn (default: `switchyard` next to
+        /// this binary).
+        #[arg(long, value_name = "PATH")]
+        server_bin: Option<std::path::PathBuf>,
+    },
 }
 
 /// Zero pushes, clients or devices measures nothing (and zero devices
@@ -709,6 +731,265 @@ async fn bench_dispatch(
     }
 }
 
+/// Devices the scale runs push to and list (each run books new windows).
+const SCALE_DEVICES: usize = 100;
+
+/// Latencies of `n` calls of `call(i)` from `c` clients.
+async fn timed<F, Fut>(n: usize, c: usize, call: F) -> Vec<Duration>
+where
+    F: Fn(usize) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let lat = Arc::new(std::sync::Mutex::new(Vec::with_capacity(n)));
+    let out = lat.clone();
+    fan_out(n, c, move |i| {
+        let (call, lat) = (call.clone(), lat.clone());
+        async move {
+            let t = Instant::now();
+            call(i).await;
+            lat.lock().expect("latencies").push(t.elapsed());
+        }
+    })
+    .await;
+    let mut lat = std::mem::take(&mut *out.lock().expect("latencies"));
+    lat.sort();
+    lat
+}
+
+/// p99 of pushes, of device ListActions first pages and of tenant-wide
+/// ListActions first pages (in ms), against a server on `url`; `round`
+/// keeps each run's windows apart.
+async fn scale_run(
+    bin: Option<std::path::PathBuf>,
+    url: &str,
+    n: usize,
+    c: usize,
+    round: i64,
+) -> (f64, f64, f64) {
+    let server = start_server_on(
+        bin,
+        tempfile::tempdir().expect("tempdir"),
+        Some(url.to_owned()),
+    )
+    .await;
+    let mut channels = Vec::new();
+    for _ in 0..c {
+        channels.push(connect(&server.addr).await.expect("connect"));
+    }
+    let channels = Arc::new(channels);
+    for d in 0..SCALE_DEVICES {
+        // Already there on the second run.
+        let _ = DeviceServiceClient::new(channels[0].clone())
+            .create_device(pb::CreateDeviceRequest {
+                device_id: format!("m{d}"),
+                device: Some(pb::Device {
+                    family: pb::DeviceFamily::Battery as i32,
+                    driver: "simulated".into(),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await;
+    }
+    let base = unix_now() + round * 86_400;
+    let chs = channels.clone();
+    let push = timed(n, c, move |i| {
+        let ch = chs[i % chs.len()].clone();
+        async move {
+            let start = base + (i / SCALE_DEVICES) as i64 * 120;
+            ActionServiceClient::new(ch)
+                .push_action(pb::PushActionRequest {
+                    device_id: format!("m{}", i % SCALE_DEVICES),
+                    action: Some(pb::Action {
+                        command: pb::Command::Charge as i32,
+                        start_time: Some(prost_types::Timestamp {
+                            seconds: start,
+                            nanos: 0,
+                        }),
+                        end_time: Some(prost_types::Timestamp {
+                            seconds: start + 60,
+                            nanos: 0,
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .expect("push");
+        }
+    })
+    .await;
+    let list = |device: Option<usize>| {
+        let chs = channels.clone();
+        move |i: usize| {
+            let ch = chs[i % chs.len()].clone();
+            async move {
+                ActionServiceClient::new(ch)
+                    .list_actions(pb::ListActionsRequest {
+                        device_id: device
+                            .map_or_else(|| "-".to_owned(), |_| format!("m{}", i % SCALE_DEVICES)),
+                        page_size: 50,
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("list");
+            }
+        }
+    };
+    let by_device = timed(n, c, list(Some(0))).await;
+    let all = timed(n, c, list(None)).await;
+    drop(server);
+    (
+        ms(pct(&push, 0.99)),
+        ms(pct(&by_device, 0.99)),
+        ms(pct(&all, 0.99)),
+    )
+}
+
+/// Writes `devices` devices (observed just now) and `actions` finished
+/// actions (COMPLETED, nothing owed, finished a day ago, each with the
+/// four audit entries of its life) straight into the SQLite file at
+/// `url`; a hundred of them on each of the scale runs' devices.
+async fn seed(url: &str, devices: usize, actions: usize) {
+    let pool = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(
+            SqliteConnectOptions::from_str(url)
+                .expect("url")
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal),
+        )
+        .await
+        .expect("open the database");
+    let day_ago = (unix_now() - 86_400) * 1_000_000_000;
+    // Observed just now: the server does not spend the measured run
+    // observing the seeded fleet (a state seen is not needed to push).
+    let now_ns = unix_now() * 1_000_000_000;
+    let stmts = [
+        format!(
+            "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < {devices} - 1)
+             INSERT OR IGNORE INTO devices (tenant_id, device_id, display_name, family, driver, oem_device_id,
+                 timezone, settings, revision, create_ns, update_ns, incarnation, observed_ns)
+             SELECT 'default', 'seed' || i, '', 'BATTERY', 'simulated', '', 'UTC', '{{}}', 1, {day_ago}, {day_ago},
+                 'seed' || i, {now_ns} FROM n"
+        ),
+        format!(
+            "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < {actions} - 1)
+             INSERT INTO actions (tenant_id, action_id, device_id, channel, command, start_ns, end_ns, immediate,
+                 state, queued_after, revision, create_ns, update_ns, work, attempts, clear_native, verified, fence)
+             SELECT 'default', printf('00000000-0000-7000-8000-%012d', i),
+                 CASE WHEN i < {SCALE_DEVICES} * 100 THEN 'm' || (i % {SCALE_DEVICES}) ELSE 'seed' || (i % {devices}) END,
+                 'mode', 'CHARGE', {day_ago} - 3600000000000, {day_ago}, 0, 'COMPLETED', '', 4,
+                 {day_ago} - 7200000000000, {day_ago}, 'NONE', 0, 0, 1, 2 FROM n"
+        ),
+        "INSERT INTO audit_log (tenant_id, device_id, action_id, from_state, to_state, reason, request_id, at_ns)
+         SELECT a.tenant_id, a.device_id, a.action_id, t.f, t.t, t.r, NULL, a.update_ns FROM actions a,
+           (SELECT NULL AS f, 'SCHEDULED' AS t, 'PUSHED' AS r UNION ALL SELECT 'SCHEDULED', 'ACKNOWLEDGED', 'DISPATCHED'
+            UNION ALL SELECT 'ACKNOWLEDGED', 'ACTIVE', 'APPLIED' UNION ALL SELECT 'ACTIVE', 'COMPLETED', 'REVERTED') t
+         WHERE a.action_id LIKE '00000000-0000-7000-8000-%'"
+            .to_owned(),
+        "ANALYZE".to_owned(),
+    ];
+    for sql in stmts {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&pool)
+            .await
+            .expect("seed");
+    }
+    pool.close().await;
+}
+
+/// The plans SQLite chooses for the hot queries, as the store writes them.
+async fn plans(url: &str) -> Vec<(&'static str, String)> {
+    let pool = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(SqliteConnectOptions::from_str(url).expect("url"))
+        .await
+        .expect("open the database");
+    let queries: [(&'static str, &str); 7] = [
+        (
+            "push: actions holding the channel",
+            "SELECT * FROM actions WHERE tenant_id = 'default' AND device_id = 'm1' AND (state IN ('SCHEDULED', 'ACKNOWLEDGED', 'ACTIVE') OR work = 'REVERT') AND channel = 'mode' AND (end_ns IS NULL OR end_ns > 0) ORDER BY start_ns, action_id",
+        ),
+        (
+            "ListActions of a device, first page",
+            "SELECT * FROM actions WHERE tenant_id = 'default' AND device_id = 'm1' ORDER BY action_id DESC LIMIT 51",
+        ),
+        (
+            "ListActions of every device, first page",
+            "SELECT * FROM actions WHERE tenant_id = 'default' ORDER BY action_id DESC LIMIT 51",
+        ),
+        (
+            "GetAction",
+            "SELECT * FROM actions WHERE tenant_id = 'default' AND device_id = 'm1' AND action_id = 'x'",
+        ),
+        (
+            "dispatch: claim due work",
+            "SELECT action_id FROM actions WHERE work <> 'NONE' AND due_ns <= 0 AND (lease_until_ns IS NULL OR lease_until_ns <= 0) ORDER BY due_ns LIMIT 2048",
+        ),
+        (
+            "dispatch: next due",
+            "SELECT MIN(CASE WHEN lease_until_ns > due_ns THEN lease_until_ns ELSE due_ns END) FROM actions WHERE work <> 'NONE'",
+        ),
+        (
+            "retention: finished actions",
+            "SELECT action_id FROM actions WHERE work = 'NONE' AND update_ns < 0 AND lease_owner IS NULL AND driver_memo IS NULL ORDER BY update_ns LIMIT 500",
+        ),
+    ];
+    let mut out = Vec::new();
+    for (what, q) in queries {
+        let rows: Vec<(i64, i64, i64, String)> =
+            sqlx::query_as(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {q}")))
+                .fetch_all(&pool)
+                .await
+                .expect("explain");
+        let plan = rows
+            .into_iter()
+            .map(|(_, _, _, d)| d)
+            .collect::<Vec<_>>()
+            .join("; ");
+        out.push((what, plan));
+    }
+    pool.close().await;
+    out
+}
+
+async fn bench_scale(
+    actions: usize,
+    devices: usize,
+    n: usize,
+    c: usize,
+    bin: Option<std::path::PathBuf>,
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("bench.db").display());
+    let fresh = scale_run(bin.clone(), &url, n, c, 1).await;
+    let t = Instant::now();
+    seed(&url, devices, actions).await;
+    let seeded = t.elapsed().as_secs_f64();
+    let size = std::fs::metadata(dir.path().join("bench.db")).map_or(0, |m| m.len());
+    let full = scale_run(bin, &url, n, c, 2).await;
+    println!("switchyard scale: {n} pushes and {n} ListActions of each kind, {c} clients, SQLite");
+    println!(
+        "  seeded {actions} finished actions (4 audit entries each) on {devices} devices in {seeded:.0} s; file {:.0} MiB",
+        size as f64 / 1_048_576.0
+    );
+    for (what, a, b) in [
+        ("push p99", fresh.0, full.0),
+        ("ListActions (device) p99", fresh.1, full.1),
+        ("ListActions (all devices) p99", fresh.2, full.2),
+    ] {
+        println!(
+            "  {what}: fresh {a:.2} ms, at {actions} actions {b:.2} ms, ratio {:.2}",
+            b / a
+        );
+    }
+    println!("  query plans:");
+    for (what, plan) in plans(&url).await {
+        println!("    {what}: {plan}");
+    }
+}
+
 #[tokio::main]
 async fn main() {
     match Cli::parse().cmd {
@@ -720,6 +1001,13 @@ async fn main() {
             server_bin,
             database,
         } => bench_push(n, c, devices.max(1), addr, server_bin, database).await,
+        Cmd::Scale {
+            actions,
+            devices,
+            n,
+            c,
+            server_bin,
+        } => bench_scale(actions, devices, n, c, server_bin).await,
         Cmd::Dispatch {
             n,
             c,
