@@ -30,3 +30,9 @@ pytest -q tests/interop/python
 
 echo "== grpcurl smoke"
 bash tests/interop/grpcurl_smoke.sh
+
+echo "== benchmarks, small (they work; figures: docs/performance.md)"
+bench="$target_dir/debug/switchyard-bench"
+"$bench" push --n 500 --c 8 --devices 20
+"$bench" dispatch --n 200 --c 8
+"$bench" scale --actions 5000 --devices 500 --n 200 --c 8
