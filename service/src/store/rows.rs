@@ -305,6 +305,12 @@ pub(super) struct HoldingFilter<'a> {
 ///
 /// [`lifecycle::holds_channel`]: crate::domain::lifecycle::holds_channel
 pub(super) fn holding() -> sea_orm::sea_query::Expr {
+    Expr::cust(holding_sql())
+}
+
+/// [`holding`] as SQL text (the partial index `actions_holding`, migration
+/// 10, states the same text).
+pub(super) fn holding_sql() -> &'static str {
     static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         let states: Vec<String> = ActionState::ALL
             .iter()
@@ -317,7 +323,7 @@ pub(super) fn holding() -> sea_orm::sea_query::Expr {
             crate::domain::Work::Revert.as_str()
         )
     });
-    Expr::cust(SQL.as_str())
+    SQL.as_str()
 }
 
 /// Actions of a device that hold their channel, by start, locked for the

@@ -259,6 +259,17 @@ CREATE TABLE device_writes (
 CREATE INDEX actions_finished ON actions (update_ns) WHERE work = 'NONE';
 "#,
     ),
+    (
+        10,
+        Only::Both,
+        r#"
+-- The actions that hold their channel, for the conflict check of every
+-- push (rows::holding_actions, which states this predicate literally):
+-- without it a push reads the device's whole history.
+CREATE INDEX actions_holding ON actions (tenant_id, device_id, channel, start_ns)
+    WHERE (state IN ('SCHEDULED', 'ACKNOWLEDGED', 'ACTIVE') OR work = 'REVERT');
+"#,
+    ),
 ];
 
 #[cfg(test)]
@@ -308,6 +319,17 @@ mod tests {
             }
         }
         assert!(render(DbBackend::Sqlite, Only::Postgres, "x").is_none());
+    }
+
+    /// The index of holding actions is stated with the very predicate the
+    /// conflict check uses (a partial index is chosen only then).
+    #[test]
+    fn the_holding_index_states_the_holding_predicate() {
+        let (_, _, sql) = MIGRATIONS.iter().find(|m| m.0 == 10).unwrap();
+        assert!(
+            sql.contains(&format!("WHERE {};", super::super::rows::holding_sql())),
+            "{sql}"
+        );
     }
 
     /// The exclusion constraint covers exactly what holds a channel in the
