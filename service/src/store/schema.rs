@@ -265,9 +265,12 @@ CREATE INDEX actions_finished ON actions (update_ns) WHERE work = 'NONE';
         r#"
 -- The actions that hold their channel, for the conflict check of every
 -- push (rows::holding_actions, which states this predicate literally):
--- without it a push reads the device's whole history.
+-- without it a push reads the device's whole history. It replaces
+-- actions_by_channel, which the conflict check alone used: a planner
+-- with statistics chose that one, and every change of state rewrote it.
 CREATE INDEX actions_holding ON actions (tenant_id, device_id, channel, start_ns)
     WHERE (state IN ('SCHEDULED', 'ACKNOWLEDGED', 'ACTIVE') OR work = 'REVERT');
+DROP INDEX actions_by_channel;
 "#,
     ),
 ];

@@ -888,6 +888,8 @@ async fn seed(url: &str, devices: usize, actions: usize) {
             UNION ALL SELECT 'ACKNOWLEDGED', 'ACTIVE', 'APPLIED' UNION ALL SELECT 'ACTIVE', 'COMPLETED', 'REVERTED') t
          WHERE a.action_id LIKE '00000000-0000-7000-8000-%'"
             .to_owned(),
+        // Statistics, as `PRAGMA optimize` would gather them: the plans
+        // must hold with them too.
         "ANALYZE".to_owned(),
     ];
     for sql in stmts {
