@@ -265,12 +265,20 @@ CREATE INDEX actions_finished ON actions (update_ns) WHERE work = 'NONE';
         r#"
 -- The actions that hold their channel, for the conflict check of every
 -- push (rows::holding_actions, which states this predicate literally):
--- without it a push reads the device's whole history. It replaces
--- actions_by_channel, which the conflict check alone used: a planner
--- with statistics chose that one, and every change of state rewrote it.
+-- without it a push reads the device's whole history.
 CREATE INDEX actions_holding ON actions (tenant_id, device_id, channel, start_ns)
     WHERE (state IN ('SCHEDULED', 'ACKNOWLEDGED', 'ACTIVE') OR work = 'REVERT');
-DROP INDEX actions_by_channel;
+"#,
+    ),
+    (
+        11,
+        Only::Both,
+        r#"
+-- actions_holding replaces it for the conflict check, which alone used
+-- it: a planner with statistics preferred it, and every change of state
+-- rewrote it. Its own migration: on PostgreSQL a DROP after the CREATE
+-- in one transaction could deadlock with a replica still serving.
+DROP INDEX IF EXISTS actions_by_channel;
 "#,
     ),
 ];

@@ -361,9 +361,10 @@ async fn bench_push(
 }
 
 /// Calls per second of `grpc.health.v1.Health/Check` from `c` clients
-/// (each its own connection), `n` calls in all (at least 20,000).
+/// (each its own connection), `n` calls in all (at least 20,000, or ten
+/// times `n` if that is less).
 async fn health_rate(addr: &str, c: usize, n: usize) -> f64 {
-    let n = n.max(20_000);
+    let n = n.max(20_000.min(n.saturating_mul(10)));
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut clients = Vec::with_capacity(c);
     for _ in 0..c {
@@ -511,6 +512,15 @@ impl Db {
 
     async fn active(&self) -> i64 {
         let q = "SELECT COUNT(*) FROM actions WHERE state = 'ACTIVE'";
+        match self {
+            Db::Sqlite(p) => sqlx::query_scalar(q).fetch_one(p).await,
+            Db::Postgres(p) => sqlx::query_scalar(q).fetch_one(p).await,
+        }
+        .expect("count")
+    }
+
+    async fn failed(&self) -> i64 {
+        let q = "SELECT COUNT(*) FROM actions WHERE state = 'FAILED'";
         match self {
             Db::Sqlite(p) => sqlx::query_scalar(q).fetch_one(p).await,
             Db::Postgres(p) => sqlx::query_scalar(q).fetch_one(p).await,
@@ -677,10 +687,20 @@ async fn bench_dispatch(
     // Wait until every action is ACTIVE (bounded).
     let deadline = Instant::now() + Duration::from_secs(600);
     let db = Db::open(&url).await;
+    let mut server = server;
     loop {
         let active = db.active().await;
         if active as usize >= n {
             break;
+        }
+        // A storm that cannot complete fails now, not at the deadline.
+        let failed = db.failed().await;
+        assert!(failed == 0, "{failed} actions FAILED during the storm");
+        if let Some(child) = server.child.as_mut() {
+            assert!(
+                child.try_wait().ok().flatten().is_none(),
+                "the server exited during the storm"
+            );
         }
         assert!(
             Instant::now() < deadline,
@@ -870,7 +890,7 @@ async fn seed(url: &str, devices: usize, actions: usize) {
             "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < {devices} - 1)
              INSERT OR IGNORE INTO devices (tenant_id, device_id, display_name, family, driver, oem_device_id,
                  timezone, settings, revision, create_ns, update_ns, incarnation, observed_ns)
-             SELECT 'default', 'seed' || i, '', 'BATTERY', 'simulated', '', 'UTC', '{{}}', 1, {day_ago}, {day_ago},
+             SELECT 'default', 'seed' || i, '', 'battery', 'simulated', '', 'UTC', '{{}}', 1, {day_ago}, {day_ago},
                  'seed' || i, {now_ns} FROM n"
         ),
         format!(
