@@ -507,10 +507,12 @@ impl Dispatcher {
                     // does not count against the call's time limit.
                     let device = match ctx.device.take() {
                         Some(d) => d,
-                        None => match this
-                            .store
-                            .device_for(&job.tenant, &job.action.device_id)
-                            .await
+                        // Boxed, as every database call here: a spawned
+                        // job waiting its turn holds only what it needs.
+                        None => match Box::pin(
+                            this.store.device_for(&job.tenant, &job.action.device_id),
+                        )
+                        .await
                         {
                             Ok(Some(d)) => Arc::new(d),
                             Ok(None) => {
