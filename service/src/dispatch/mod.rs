@@ -1232,13 +1232,7 @@ impl DeviceLocks {
         seen: Instant,
         mut ctx: Context,
     ) -> (DeviceGuard, Context) {
-        let m = {
-            let mut held = self
-                .held
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            held.entry(key.clone()).or_default().clone()
-        };
+        let m = shared(&self.held, &key, Arc::default);
         let guard = m.lock_owned().await;
         let stale = seen.elapsed() > RECORDED_MEMORY / 2
             || self
@@ -1313,22 +1307,52 @@ impl Calls {
 
     /// A call's turn on `account`.
     async fn account(&self, account: &str) -> Option<AccountTurn<'_>> {
-        let sem = {
-            let mut accounts = self
-                .accounts
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            accounts
-                .entry(account.to_owned())
-                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.per_account)))
-                .clone()
-        };
+        let sem = shared(&self.accounts, account, || {
+            Arc::new(tokio::sync::Semaphore::new(self.per_account))
+        });
         let permit = sem.acquire_owned().await.ok()?;
         Some(AccountTurn {
             calls: self,
             account: account.to_owned(),
             permit: Some(permit),
         })
+    }
+}
+
+/// `key`'s entry of a map of things shared by whoever holds or waits for
+/// them (made with `make` if there is none).
+fn shared<K, Q, T>(
+    map: &std::sync::Mutex<HashMap<K, Arc<T>>>,
+    key: &Q,
+    make: impl FnOnce() -> Arc<T>,
+) -> Arc<T>
+where
+    K: std::borrow::Borrow<Q> + std::hash::Hash + Eq,
+    Q: ToOwned<Owned = K> + std::hash::Hash + Eq + ?Sized,
+{
+    let mut map = map
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(t) = map.get(key) {
+        return t.clone();
+    }
+    let t = make();
+    map.insert(key.to_owned(), t.clone());
+    t
+}
+
+/// Forgets `key`'s entry of a [`shared`] map once nobody else holds or
+/// waits for it (its last holder let it go).
+fn forget_unused<K, Q, T>(map: &std::sync::Mutex<HashMap<K, Arc<T>>>, key: &Q)
+where
+    K: std::borrow::Borrow<Q> + std::hash::Hash + Eq,
+    Q: std::hash::Hash + Eq + ?Sized,
+{
+    let mut map = map
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if map.get(key).is_some_and(|t| Arc::strong_count(t) == 1) {
+        map.remove(key);
     }
 }
 
@@ -1342,17 +1366,7 @@ struct AccountTurn<'a> {
 impl Drop for AccountTurn<'_> {
     fn drop(&mut self) {
         drop(self.permit.take());
-        let mut accounts = self
-            .calls
-            .accounts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if accounts
-            .get(&self.account)
-            .is_some_and(|s| Arc::strong_count(s) == 1)
-        {
-            accounts.remove(&self.account);
-        }
+        forget_unused(&self.calls.accounts, self.account.as_str());
     }
 }
 
@@ -1366,18 +1380,7 @@ struct DeviceGuard {
 impl Drop for DeviceGuard {
     fn drop(&mut self) {
         drop(self.guard.take());
-        let mut held = self
-            .locks
-            .held
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Nobody else holds or waits for it: forgotten.
-        if held
-            .get(&self.key)
-            .is_some_and(|m| Arc::strong_count(m) == 1)
-        {
-            held.remove(&self.key);
-        }
+        forget_unused(&self.locks.held, &self.key);
     }
 }
 

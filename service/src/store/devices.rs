@@ -260,15 +260,7 @@ impl Store {
             .all(tx)
             .await
             .map_err(db_err)?;
-        action::Entity::update_many()
-            .col_expr(
-                action::Column::LeaseUntilNs,
-                Expr::value(Option::<i64>::None),
-            )
-            .col_expr(
-                action::Column::LeaseOwner,
-                Expr::value(Option::<String>::None),
-            )
+        rows::release_claims()
             .filter(action::Column::TenantId.eq(tenant.as_str()))
             .filter(action::Column::DeviceId.eq(id.as_str()))
             .filter(action::Column::LeaseOwner.is_not_null())

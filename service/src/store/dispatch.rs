@@ -213,15 +213,7 @@ impl Store {
             let tx = self.begin().await?;
             let claim = || action::Column::LeaseOwner.is_in(claims.iter().map(String::as_str));
             dispatched(&tx, claim(), now).await?;
-            action::Entity::update_many()
-                .col_expr(
-                    action::Column::LeaseUntilNs,
-                    Expr::value(Option::<i64>::None),
-                )
-                .col_expr(
-                    action::Column::LeaseOwner,
-                    Expr::value(Option::<String>::None),
-                )
+            rows::release_claims()
                 .filter(claim())
                 .filter(Expr::cust("work = 'NONE'"))
                 .exec(&tx)
@@ -294,15 +286,7 @@ impl Store {
     pub async fn release(&self, claim: &str, action_ids: &[String]) -> Result<(), Error> {
         for ids in action_ids.chunks(512) {
             self.retrying(|| async {
-                action::Entity::update_many()
-                    .col_expr(
-                        action::Column::LeaseUntilNs,
-                        Expr::value(Option::<i64>::None),
-                    )
-                    .col_expr(
-                        action::Column::LeaseOwner,
-                        Expr::value(Option::<String>::None),
-                    )
+                rows::release_claims()
                     .filter(action::Column::LeaseOwner.eq(claim))
                     .filter(action::Column::ActionId.is_in(ids.iter().map(String::as_str)))
                     .exec(&self.write)
@@ -495,16 +479,7 @@ async fn record_in<C: ConnectionTrait>(tx: &C, chunk: &[Outcome]) -> Result<(), 
             let at = s.a.updated;
             settled.push(s);
             if let Some(t) = transition {
-                audits.push(rows::audit_row(
-                    tenant,
-                    &t.device_id,
-                    Some(t.action_id.to_string()),
-                    t.from.map(ActionState::as_str),
-                    t.to.as_str(),
-                    &t.reason,
-                    None,
-                    at,
-                ));
+                audits.push(rows::transition_row(tenant, &t, None, at));
             }
             if let Some((device, o)) = &o.observed {
                 let key = device.id.as_str();
@@ -730,6 +705,23 @@ fn settle_row(
     ))
 }
 
+/// The placeholders of a `VALUES` list of `rows` rows of `cols` columns,
+/// then of the one parameter bound after them, as `backend` spells them.
+fn values_placeholders(backend: sea_orm::DbBackend, rows: usize, cols: usize) -> (String, String) {
+    let param = |n: usize| match backend {
+        sea_orm::DbBackend::Postgres => format!("${n}"),
+        _ => "?".to_owned(),
+    };
+    let list = (0..rows)
+        .map(|r| {
+            let row: Vec<String> = (1..=cols).map(|c| param(r * cols + c)).collect();
+            format!("({})", row.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    (list, param(rows * cols + 1))
+}
+
 /// Columns of one row of [`write_settled`]'s VALUES list.
 const SETTLED_COLUMNS: usize = 15;
 
@@ -742,24 +734,13 @@ async fn write_settled<C: ConnectionTrait>(
     tenant: &TenantId,
     settled: &[Settled],
 ) -> Result<(), Error> {
-    use sea_orm::{DbBackend, Statement, Value};
+    use sea_orm::{Statement, Value};
     if settled.is_empty() {
         return Ok(());
     }
     let backend = tx.get_database_backend();
-    let mut n = 0;
-    let mut param = || {
-        n += 1;
-        match backend {
-            DbBackend::Postgres => format!("${n}"),
-            _ => "?".to_owned(),
-        }
-    };
     let mut values: Vec<Value> = Vec::with_capacity(settled.len() * SETTLED_COLUMNS + 1);
-    let mut rows = Vec::with_capacity(settled.len());
     for r in settled {
-        let cols: Vec<String> = (0..SETTLED_COLUMNS).map(|_| param()).collect();
-        rows.push(format!("({})", cols.join(", ")));
         let a = &r.a;
         values.extend([
             Value::from(r.action_id.clone()),
@@ -779,8 +760,8 @@ async fn write_settled<C: ConnectionTrait>(
             Value::from(r.memo.clone().flatten()),
         ]);
     }
-    let tenant_param = param();
     values.push(Value::from(tenant.as_str()));
+    let (rows, tenant_param) = values_placeholders(backend, settled.len(), SETTLED_COLUMNS);
     // VALUES columns are column1, column2, ... on both SQLite and
     // PostgreSQL; each parameter is bound with its type.
     let sql = format!(
@@ -789,10 +770,9 @@ async fn write_settled<C: ConnectionTrait>(
          due_ns = v.column10, attempts = v.column11, lease_until_ns = NULL, lease_owner = NULL, \
          oem_raw = CASE WHEN v.column12 THEN v.column13 ELSE actions.oem_raw END, \
          driver_memo = CASE WHEN v.column14 THEN v.column15 ELSE actions.driver_memo END \
-         FROM (VALUES {}) AS v \
+         FROM (VALUES {rows}) AS v \
          WHERE actions.action_id = v.column1 AND actions.lease_owner = v.column2 \
-         AND actions.tenant_id = {tenant_param}",
-        rows.join(", ")
+         AND actions.tenant_id = {tenant_param}"
     );
     let done = tx
         .execute_raw(Statement::from_sql_and_values(backend, sql, values))
@@ -815,24 +795,13 @@ async fn write_observed<C: ConnectionTrait>(
     tenant: &TenantId,
     seen: &[(&Device, &Observed)],
 ) -> Result<u64, Error> {
-    use sea_orm::{DbBackend, Statement, Value};
+    use sea_orm::{Statement, Value};
     if seen.is_empty() {
         return Ok(0);
     }
     let backend = tx.get_database_backend();
-    let mut n = 0;
-    let mut param = || {
-        n += 1;
-        match backend {
-            DbBackend::Postgres => format!("${n}"),
-            _ => "?".to_owned(),
-        }
-    };
     let mut values: Vec<Value> = Vec::with_capacity(seen.len() * 5 + 1);
-    let mut rows = Vec::with_capacity(seen.len());
     for (device, o) in seen {
-        let cols: Vec<String> = (0..5).map(|_| param()).collect();
-        rows.push(format!("({})", cols.join(", ")));
         values.extend([
             Value::from(device.id.as_str()),
             Value::from(rows::observed_json(o)),
@@ -841,19 +810,18 @@ async fn write_observed<C: ConnectionTrait>(
             Value::from(device.incarnation.as_str()),
         ]);
     }
-    let tenant_param = param();
     values.push(Value::from(tenant.as_str()));
+    let (rows, tenant_param) = values_placeholders(backend, seen.len(), 5);
     // Revision and incarnation: a device reconfigured since, or deleted
     // and created again (revision 1 once more), keeps what it has; so
     // does one with a later observation (read after this one, recorded
     // first).
     let sql = format!(
         "UPDATE devices SET observed = v.column2, observed_ns = v.column3 \
-         FROM (VALUES {}) AS v \
+         FROM (VALUES {rows}) AS v \
          WHERE devices.device_id = v.column1 AND devices.revision = v.column4 \
          AND devices.incarnation = v.column5 AND devices.tenant_id = {tenant_param} \
-         AND (devices.observed_ns IS NULL OR devices.observed_ns <= v.column3)",
-        rows.join(", ")
+         AND (devices.observed_ns IS NULL OR devices.observed_ns <= v.column3)"
     );
     let done = tx
         .execute_raw(Statement::from_sql_and_values(backend, sql, values))

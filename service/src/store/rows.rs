@@ -287,6 +287,20 @@ pub(super) async fn fetch_action<C: ConnectionTrait>(
         .transpose()
 }
 
+/// An UPDATE that lets go of the claims on the rows it is filtered to
+/// (their lease and owner cleared).
+pub(super) fn release_claims() -> sea_orm::UpdateMany<action::Entity> {
+    action::Entity::update_many()
+        .col_expr(
+            action::Column::LeaseUntilNs,
+            Expr::value(Option::<i64>::None),
+        )
+        .col_expr(
+            action::Column::LeaseOwner,
+            Expr::value(Option::<String>::None),
+        )
+}
+
 /// Which holding actions to read.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct HoldingFilter<'a> {
@@ -494,7 +508,7 @@ pub(super) async fn update_action_state<C: ConnectionTrait>(
 }
 
 #[allow(clippy::too_many_arguments)] // one per column
-pub(super) fn audit_row(
+fn audit_row(
     tenant: &TenantId,
     device_id: &DeviceId,
     action_id: Option<String>,
@@ -517,14 +531,14 @@ pub(super) fn audit_row(
     }
 }
 
-pub(super) async fn audit<C: ConnectionTrait>(
-    conn: &C,
+/// The audit entry of an action's transition.
+pub(super) fn transition_row(
     tenant: &TenantId,
     t: &Transition,
     request_id: Option<&str>,
     at: Ts,
-) -> Result<(), Error> {
-    let row = audit_row(
+) -> audit::ActiveModel {
+    audit_row(
         tenant,
         &t.device_id,
         Some(t.action_id.to_string()),
@@ -533,7 +547,17 @@ pub(super) async fn audit<C: ConnectionTrait>(
         &t.reason,
         request_id,
         at,
-    );
+    )
+}
+
+pub(super) async fn audit<C: ConnectionTrait>(
+    conn: &C,
+    tenant: &TenantId,
+    t: &Transition,
+    request_id: Option<&str>,
+    at: Ts,
+) -> Result<(), Error> {
+    let row = transition_row(tenant, t, request_id, at);
     audit::Entity::insert(row)
         .exec_without_returning(conn)
         .await

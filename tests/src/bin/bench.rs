@@ -212,6 +212,22 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// A push of a CHARGE window on `device_id` from `start` to `end` (Unix
+/// seconds).
+fn charge(device_id: String, start: i64, end: i64) -> pb::PushActionRequest {
+    let at = |seconds| Some(prost_types::Timestamp { seconds, nanos: 0 });
+    pb::PushActionRequest {
+        device_id,
+        action: Some(pb::Action {
+            command: pb::Command::Charge as i32,
+            start_time: at(start),
+            end_time: at(end),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -279,26 +295,13 @@ async fn bench_push(
                 }
                 // Device i % D, slot i / D: windows never collide.
                 let start = base + (i / devices) as i64 * 120;
-                let req = pb::PushActionRequest {
-                    device_id: format!("bench-{run}-{}", i % devices),
-                    action: Some(pb::Action {
-                        command: pb::Command::Charge as i32,
-                        power: Some(pb::Quantity {
-                            value: 2.5,
-                            unit: pb::Unit::Kilowatt as i32,
-                        }),
-                        start_time: Some(prost_types::Timestamp {
-                            seconds: start,
-                            nanos: 0,
-                        }),
-                        end_time: Some(prost_types::Timestamp {
-                            seconds: start + 60,
-                            nanos: 0,
-                        }),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                };
+                let mut req = charge(format!("bench-{run}-{}", i % devices), start, start + 60);
+                if let Some(a) = req.action.as_mut() {
+                    a.power = Some(pb::Quantity {
+                        value: 2.5,
+                        unit: pb::Unit::Kilowatt as i32,
+                    });
+                }
                 let t = Instant::now();
                 match client.push_action(req).await {
                     Ok(_) => lat.push(t.elapsed()),
@@ -643,22 +646,7 @@ async fn bench_dispatch(
         let pushed = pushed.clone();
         async move {
             let a = ActionServiceClient::new(ch)
-                .push_action(pb::PushActionRequest {
-                    device_id: format!("d{i}"),
-                    action: Some(pb::Action {
-                        command: pb::Command::Charge as i32,
-                        start_time: Some(prost_types::Timestamp {
-                            seconds: due,
-                            nanos: 0,
-                        }),
-                        end_time: Some(prost_types::Timestamp {
-                            seconds: due + 3600,
-                            nanos: 0,
-                        }),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                })
+                .push_action(charge(format!("d{i}"), due, due + 3600))
                 .await
                 .expect("push")
                 .into_inner();
@@ -818,22 +806,7 @@ async fn scale_run(
         async move {
             let start = base + (i / SCALE_DEVICES) as i64 * 120;
             ActionServiceClient::new(ch)
-                .push_action(pb::PushActionRequest {
-                    device_id: format!("m{}", i % SCALE_DEVICES),
-                    action: Some(pb::Action {
-                        command: pb::Command::Charge as i32,
-                        start_time: Some(prost_types::Timestamp {
-                            seconds: start,
-                            nanos: 0,
-                        }),
-                        end_time: Some(prost_types::Timestamp {
-                            seconds: start + 60,
-                            nanos: 0,
-                        }),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                })
+                .push_action(charge(format!("m{}", i % SCALE_DEVICES), start, start + 60))
                 .await
                 .expect("push");
         }
