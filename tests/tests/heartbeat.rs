@@ -61,7 +61,7 @@ async fn a_round_longer_than_its_lease_keeps_its_claim() {
             .push(
                 &tenant,
                 &id,
-                |_, _| {
+                move |_, _| {
                     Ok(ValidPush {
                         command: Command::Charge,
                         channel: "mode".into(),

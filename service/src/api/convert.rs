@@ -591,7 +591,7 @@ pub fn create_device(req: pb::CreateDeviceRequest) -> Result<CreateDevice, Error
 }
 
 /// UpdateDevice as the server reads it.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct UpdateDevice {
     pub id: DeviceId,
     pub etag: Option<String>,

@@ -163,16 +163,6 @@ impl Devices {
         let app = &self.0;
         let this = self.clone();
         let tenant = app.tenant();
-        let checker = app.clone();
-        let check = |d: &Device| {
-            let mut out = Vec::new();
-            check_device(&checker, d, &mut out);
-            if out.is_empty() {
-                Ok(())
-            } else {
-                Err(Error::Invalid(out))
-            }
-        };
         let ran = app
             .idempotent(
                 "UpdateDevice",
@@ -199,23 +189,25 @@ impl Devices {
                     let observed = if next.same_config(&current) {
                         current.observed.clone().map(|o| (next, o))
                     } else {
-                        match check(&next) {
+                        match checked(app, &next) {
                             Ok(()) => app.observe(&next).await.map(|o| (next, o)),
                             Err(_) => None,
                         }
                     };
+                    // Run by the store's writer: owns what it uses.
+                    let (app2, req2) = (app.clone(), req.clone());
                     app.store
                         .update_device(
                             &tenant,
                             &req.id,
                             req.etag.as_deref(),
-                            |d| {
+                            move |d| {
                                 let target = |d: &Device| {
-                                    app.registry.get(&d.driver).map(|f| f.target(&d.spec()))
+                                    app2.registry.get(&d.driver).map(|f| f.target(&d.spec()))
                                 };
                                 let before = target(d);
-                                req.apply_to(d);
-                                check(d)?;
+                                req2.apply_to(d);
+                                checked(&app2, d)?;
                                 Ok(if before == target(d) {
                                     crate::store::Retarget::No
                                 } else {
@@ -266,6 +258,17 @@ impl Devices {
         )
         .await
         .map(|_| ())
+    }
+}
+
+/// A device's configuration checked as a whole: every bad field at once.
+fn checked(app: &App, d: &Device) -> Result<(), Error> {
+    let mut out = Vec::new();
+    check_device(app, d, &mut out);
+    if out.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Invalid(out))
     }
 }
 

@@ -1,8 +1,11 @@
 //! Actions: a push decided and booked in one transaction, reads, pages,
 //! a client's cancel, and the audit trail.
 
+use std::sync::Arc;
+
 use sea_orm::{
     ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    TransactionTrait,
 };
 
 use super::{
@@ -42,35 +45,53 @@ pub struct ActionQuery<'a> {
 impl Store {
     /// Books a push. `prepare` validates it against the device as stored
     /// now, at the transaction's `now`; the collision is decided from the
-    /// channel's holders read in the same transaction. With
-    /// `validate_only`, the answer is computed the same way and nothing is
-    /// written.
+    /// channel's holders read in the same transaction (a member of a group
+    /// commit, `group.rs`). With `validate_only`, the answer is computed
+    /// the same way from a read transaction and nothing is written.
     pub async fn push(
         &self,
         tenant: &TenantId,
         device_id: &DeviceId,
-        prepare: impl Fn(&Device, Ts) -> Result<ValidPush, Error>,
+        prepare: impl Fn(&Device, Ts) -> Result<ValidPush, Error> + Send + Sync + 'static,
         strategy: Strategy,
         validate_only: bool,
         idem: Option<IdemCommit<PushOutcome>>,
     ) -> Result<PushOutcome, Error> {
-        self.retrying(|| async {
-            let tx = self.begin().await?;
-            let outcome = self
-                .push_in(
-                    &tx,
-                    tenant,
-                    device_id,
-                    &prepare,
-                    strategy,
-                    validate_only,
-                    idem.as_ref(),
-                )
-                .await?;
-            if !validate_only {
-                tx.commit().await.map_err(db_err)?;
-            }
-            Ok(outcome)
+        if validate_only {
+            // A read: it does not queue behind writes, and is rolled back.
+            return self
+                .bounded(async {
+                    let tx = self.read.begin().await.map_err(db_err)?;
+                    self.push_in(&tx, tenant, device_id, &prepare, strategy, true, None)
+                        .await
+                })
+                .await;
+        }
+        let ctx = Arc::new((
+            self.clone(),
+            tenant.clone(),
+            device_id.clone(),
+            prepare,
+            idem,
+        ));
+        self.retrying(|| {
+            let ctx = ctx.clone();
+            self.grouped(device_id.as_str(), move |tx| {
+                Box::pin(async move {
+                    let (store, tenant, device_id, prepare, idem) = &*ctx;
+                    store
+                        .push_in(
+                            tx,
+                            tenant,
+                            device_id,
+                            prepare,
+                            strategy,
+                            false,
+                            idem.as_ref(),
+                        )
+                        .await
+                })
+            })
         })
         .await
     }
@@ -262,13 +283,31 @@ impl Store {
         etag: Option<&str>,
         idem: Option<IdemCommit<Action>>,
     ) -> Result<Action, Error> {
-        self.retrying(|| async {
-            let tx = self.begin().await?;
-            let action = self
-                .cancel_in(&tx, tenant, device_id, action_id, etag, idem.as_ref())
-                .await?;
-            tx.commit().await.map_err(db_err)?;
-            Ok(action)
+        let ctx = Arc::new((
+            self.clone(),
+            tenant.clone(),
+            device_id.clone(),
+            *action_id,
+            etag.map(str::to_owned),
+            idem,
+        ));
+        self.retrying(|| {
+            let ctx = ctx.clone();
+            self.grouped(device_id.as_str(), move |tx| {
+                Box::pin(async move {
+                    let (store, tenant, device_id, action_id, etag, idem) = &*ctx;
+                    store
+                        .cancel_in(
+                            tx,
+                            tenant,
+                            device_id,
+                            action_id,
+                            etag.as_deref(),
+                            idem.as_ref(),
+                        )
+                        .await
+                })
+            })
         })
         .await
     }

@@ -115,7 +115,7 @@ async fn push(
         .push(
             &tenant(),
             &device_id(id),
-            |_, _| Ok(p.clone()),
+            move |_, _| Ok(p.clone()),
             strategy,
             false,
             None,
@@ -245,6 +245,143 @@ pub async fn overlapping_holders_collide(f: &Fixture) {
     push(f, "d2", window(H, Some(2 * H)), Strategy::Reject)
         .await
         .expect("another device");
+}
+
+/// Pushes that meet in one group commit (one transaction) are each
+/// decided in order as if alone: one that collides with a booked action,
+/// or with a push before it in the same group, is answered its conflict;
+/// one that fails after it has written (its request_id's claim is not
+/// held) is rolled back to its savepoint; the others are booked, and
+/// durable once answered.
+pub async fn a_group_commits_its_successes_around_its_failures(f: &Fixture) {
+    with_device(f, "d1").await;
+    let first = push(f, "d1", window(H, Some(2 * H)), Strategy::Reject)
+        .await
+        .expect("push");
+    let before = f.store.write_groups();
+    // The writer is held inside a group while the pushes queue, so they
+    // all join it.
+    let (entered, inside) = tokio::sync::oneshot::channel();
+    let (release, released) = tokio::sync::oneshot::channel();
+    let holder = f.store.clone();
+    let hold = tokio::spawn(async move { holder.hold_writer("d1", entered, released).await });
+    inside.await.expect("the writer is held");
+    let windows = [
+        // Collides with `first`, booked before the group.
+        window(H + H / 2, Some(5 * H / 2)),
+        // Free.
+        window(3 * H, Some(4 * H)),
+        // Collides with the one before it, in the same group.
+        window(3 * H + H / 2, Some(9 * H / 2)),
+        // Free.
+        window(5 * H, Some(6 * H)),
+        // Free, but its request_id's claim is lost: it fails after writing
+        // its action and audit entry.
+        window(7 * H, Some(8 * H)),
+    ];
+    let mut pushes = Vec::new();
+    for (i, w) in windows.into_iter().enumerate() {
+        let store = f.store.clone();
+        let idem = (i == 4).then(|| IdemCommit {
+            request_id: "lost-claim".into(),
+            claim: "not-held".into(),
+            encode: Box::new(|_: &super::PushOutcome| b"answer".to_vec()),
+        });
+        pushes.push(tokio::spawn(async move {
+            (
+                i,
+                store
+                    .push(
+                        &tenant(),
+                        &device_id("d1"),
+                        move |_, _| Ok(w.clone()),
+                        Strategy::Reject,
+                        false,
+                        idem,
+                    )
+                    .await,
+            )
+        }));
+        // Queued in this order: the third is decided after the second.
+        let queued = before.queued + 2 + i as u64;
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while f.store.write_groups().queued < queued {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the push is queued");
+    }
+    release.send(()).expect("the holder waits");
+    hold.await.unwrap().expect("the held member");
+    let mut results = Vec::new();
+    for p in pushes {
+        results.push(p.await.unwrap());
+    }
+    results.sort_by_key(|(i, _)| *i);
+    let after = f.store.write_groups();
+    assert_eq!(
+        after.groups - before.groups,
+        1,
+        "one transaction: {after:?}"
+    );
+    assert_eq!(after.members - before.members, 6, "the holder and 5 pushes");
+
+    let booked: Vec<Action> = results
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().ok().map(|o| o.action.clone()))
+        .collect();
+    match &results[0].1 {
+        Err(Error::Conflict(c)) => assert_eq!(c.colliders[0].id, first.action.id),
+        other => panic!("the first collides with the booked action: {other:?}"),
+    }
+    match (&results[1].1, &results[2].1) {
+        (Ok(second), Err(Error::Conflict(c))) => {
+            assert_eq!(c.colliders.len(), 1);
+            assert_eq!(c.colliders[0].id, second.action.id);
+        }
+        other => panic!("the third collides with the second, in its group: {other:?}"),
+    }
+    assert!(results[3].1.is_ok(), "{:?}", results[3].1);
+    assert!(
+        matches!(results[4].1, Err(Error::RequestInProgress { .. })),
+        "{:?}",
+        results[4].1
+    );
+    assert_eq!(booked.len(), 2);
+    // Durable and whole: another connection reads exactly what was booked.
+    let mut stored: Vec<ActionId> = f
+        .replica
+        .list_actions(
+            &tenant(),
+            ActionQuery {
+                device: Some(&device_id("d1")),
+                states: &[],
+                before: None,
+                limit: 10,
+            },
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|a| a.id)
+        .collect();
+    stored.sort();
+    let mut want: Vec<ActionId> = booked.iter().map(|a| a.id).collect();
+    want.push(first.action.id);
+    want.sort();
+    assert_eq!(stored, want);
+    for a in &booked {
+        assert_eq!(
+            f.replica
+                .action_history(&tenant(), &a.id)
+                .await
+                .unwrap()
+                .len(),
+            1,
+            "each booked push has its own audit entry"
+        );
+    }
 }
 
 /// CANCEL_AND_REPLACE cancels the colliders and books the push in one
@@ -1984,6 +2121,7 @@ macro_rules! storage_contract_suite {
                 a_stale_etag_changes_nothing,
                 a_push_round_trips_and_is_audited,
                 overlapping_holders_collide,
+                a_group_commits_its_successes_around_its_failures,
                 cancel_and_replace_replaces_atomically,
                 queue_after_starts_at_the_holders_end,
                 validate_only_writes_nothing,

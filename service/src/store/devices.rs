@@ -1,6 +1,8 @@
 //! Devices: create, read, list, update (with the retarget check) and
 //! delete.
 
+use std::sync::Arc;
+
 use sea_orm::{
     ColumnTrait, DatabaseTransaction, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
     QuerySelect,
@@ -33,8 +35,28 @@ impl Store {
         device: Device,
         idem: Option<IdemCommit<Device>>,
     ) -> Result<Device, Error> {
-        self.retrying(|| async {
-            let tx = self.begin().await?;
+        let key = device.id.to_string();
+        let ctx = Arc::new((self.clone(), tenant.clone(), device, idem));
+        self.retrying(|| {
+            let ctx = ctx.clone();
+            self.grouped(&key, move |tx| {
+                Box::pin(async move {
+                    let (store, tenant, device, idem) = &*ctx;
+                    store.create_in(tx, tenant, device, idem.as_ref()).await
+                })
+            })
+        })
+        .await
+    }
+
+    async fn create_in(
+        &self,
+        tx: &DatabaseTransaction,
+        tenant: &TenantId,
+        device: &Device,
+        idem: Option<&IdemCommit<Device>>,
+    ) -> Result<Device, Error> {
+        {
             let now = self.clock.now();
             let mut device = device.clone();
             device.revision = 1;
@@ -44,25 +66,23 @@ impl Store {
             // A device another replica is creating at this moment has no
             // row to lock yet: the insert itself decides, and the second
             // one writes nothing.
-            if !rows::insert_device(&tx, tenant, &device).await? {
+            if !rows::insert_device(tx, tenant, &device).await? {
                 return Err(Error::DeviceAlreadyExists {
                     device_id: device.id.to_string(),
                 });
             }
             rows::audit_device(
-                &tx,
+                tx,
                 tenant,
                 &device.id,
                 "CREATED",
-                idem.as_ref().map(|i| i.request_id.as_str()),
+                idem.map(|i| i.request_id.as_str()),
                 now,
             )
             .await?;
-            Self::idem_complete(&tx, tenant, idem.as_ref(), &device).await?;
-            tx.commit().await.map_err(db_err)?;
+            Self::idem_complete(tx, tenant, idem, &device).await?;
             Ok(device)
-        })
-        .await
+        }
     }
 
     /// Whether a device exists (read outside any transaction: a hint to
@@ -140,25 +160,37 @@ impl Store {
         tenant: &TenantId,
         id: &DeviceId,
         etag: Option<&str>,
-        apply: impl Fn(&mut Device) -> Result<Retarget, Error>,
+        apply: impl Fn(&mut Device) -> Result<Retarget, Error> + Send + Sync + 'static,
         observed: Option<(Device, crate::domain::Observed)>,
         idem: Option<IdemCommit<Device>>,
     ) -> Result<Device, Error> {
-        self.retrying(|| async {
-            let tx = self.begin().await?;
-            let device = self
-                .update_in(
-                    &tx,
-                    tenant,
-                    id,
-                    etag,
-                    &apply,
-                    observed.as_ref(),
-                    idem.as_ref(),
-                )
-                .await?;
-            tx.commit().await.map_err(db_err)?;
-            Ok(device)
+        let ctx = Arc::new((
+            self.clone(),
+            tenant.clone(),
+            id.clone(),
+            etag.map(str::to_owned),
+            apply,
+            observed,
+            idem,
+        ));
+        self.retrying(|| {
+            let ctx = ctx.clone();
+            self.grouped(id.as_str(), move |tx| {
+                Box::pin(async move {
+                    let (store, tenant, id, etag, apply, observed, idem) = &*ctx;
+                    store
+                        .update_in(
+                            tx,
+                            tenant,
+                            id,
+                            etag.as_deref(),
+                            apply,
+                            observed.as_ref(),
+                            idem.as_ref(),
+                        )
+                        .await
+                })
+            })
         })
         .await
     }
@@ -333,11 +365,23 @@ impl Store {
         force: bool,
         idem: Option<IdemCommit<()>>,
     ) -> Result<(), Error> {
-        self.retrying(|| async {
-            let tx = self.begin().await?;
-            self.delete_in(&tx, tenant, id, etag, force, idem.as_ref())
-                .await?;
-            tx.commit().await.map_err(db_err)
+        let ctx = Arc::new((
+            self.clone(),
+            tenant.clone(),
+            id.clone(),
+            etag.map(str::to_owned),
+            idem,
+        ));
+        self.retrying(|| {
+            let ctx = ctx.clone();
+            self.grouped(id.as_str(), move |tx| {
+                Box::pin(async move {
+                    let (store, tenant, id, etag, idem) = &*ctx;
+                    store
+                        .delete_in(tx, tenant, id, etag.as_deref(), force, idem.as_ref())
+                        .await
+                })
+            })
         })
         .await
     }

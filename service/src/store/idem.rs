@@ -69,26 +69,44 @@ impl Store {
         body: &[u8],
         claim: &str,
     ) -> Result<IdemBegin, Error> {
-        self.retrying(|| self.idem_begin_once(tenant, request_id, method, body, claim))
-            .await
+        let ctx = std::sync::Arc::new((
+            self.clone(),
+            tenant.clone(),
+            request_id.to_owned(),
+            method.to_owned(),
+            body.to_vec(),
+            claim.to_owned(),
+        ));
+        self.retrying(|| {
+            let ctx = ctx.clone();
+            self.grouped(request_id, move |tx| {
+                Box::pin(async move {
+                    let (store, tenant, request_id, method, body, claim) = &*ctx;
+                    store
+                        .idem_begin_in(tx, tenant, request_id, method, body, claim)
+                        .await
+                })
+            })
+        })
+        .await
     }
 
-    async fn idem_begin_once(
+    async fn idem_begin_in(
         &self,
+        tx: &sea_orm::DatabaseTransaction,
         tenant: &TenantId,
         request_id: &str,
         method: &str,
         body: &[u8],
         claim: &str,
     ) -> Result<IdemBegin, Error> {
-        let tx = self.begin().await?;
         let now = self.clock.now();
         let key = || {
             sea_orm::Condition::all()
                 .add(idem_key::Column::TenantId.eq(tenant.as_str()))
                 .add(idem_key::Column::RequestId.eq(request_id))
         };
-        let row = rows::first(&tx, idem_key::Entity::find().filter(key()).lock_exclusive()).await?;
+        let row = rows::first(tx, idem_key::Entity::find().filter(key()).lock_exclusive()).await?;
         if let Some(row) = row {
             let same = row.method == method && row.request_body == body;
             let live_lease = row.lease_until_ns.filter(|l| *l > now.0);
@@ -153,7 +171,7 @@ impl Store {
                 .action_and_where(free)
                 .to_owned(),
         )
-        .exec_without_returning(&tx)
+        .exec_without_returning(tx)
         .await
         .map_err(db_err)?;
         if taken == 0 {
@@ -161,7 +179,6 @@ impl Store {
                 "request_id {request_id:?} was taken by another request meanwhile"
             )));
         }
-        tx.commit().await.map_err(db_err)?;
         Ok(IdemBegin::Fresh(claim.to_owned()))
     }
 

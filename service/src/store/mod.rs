@@ -22,8 +22,10 @@ mod budget;
 #[cfg(feature = "contract")]
 pub mod contract;
 mod devices;
+mod direct;
 mod dispatch;
 mod entity;
+mod group;
 mod idem;
 mod prune;
 mod rows;
@@ -35,6 +37,7 @@ pub use actions::{ActionQuery, PushOutcome};
 pub use budget::{Bucket, Spend};
 pub use devices::Retarget;
 pub use dispatch::{Claim, Finish, Job, Outcome, Started};
+pub use group::WriteGroups;
 
 /// How far apart the clocks of replicas sharing a database may be: work
 /// due later than this from a writer's now cannot have been started by
@@ -99,6 +102,8 @@ pub struct Store {
     /// that went silent would otherwise hold a call until its client gives
     /// up; none on SQLite (its busy timeout bounds the waits).
     deadline: Option<Duration>,
+    /// The group-commit writers of requests' writes (`group.rs`).
+    lanes: Arc<group::Lanes>,
 }
 
 /// How many times a write that lost a race with another writer
@@ -146,7 +151,9 @@ fn sqlx_class(e: &sqlx::Error) -> Class {
         | sqlx::Error::WorkerCrashed => Class::Transient,
         sqlx::Error::Database(d) => {
             let code = d.code().unwrap_or_default();
-            if d.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+            if d.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some()
+                || d.try_downcast_ref::<direct::SqliteCodeError>().is_some()
+            {
                 if sqlite_transient(&code) {
                     Class::Transient
                 } else {
@@ -273,7 +280,11 @@ impl Store {
             let conn = SqlxPostgresConnector::from_sqlx_postgres_pool(pool);
             // Fail at start, not at the first request, when it is not there.
             conn.execute_unprepared("SELECT 1").await.map_err(db_err)?;
+            // Half the pool writes in groups; the rest is left to reads,
+            // the dispatcher and the sweeps.
+            let lanes = (options.max_connections / 2).max(1) as usize;
             return Ok(Self {
+                lanes: Arc::new(group::Lanes::start(&conn, lanes)?),
                 write: conn.clone(),
                 read: conn,
                 health: SqlxPostgresConnector::from_sqlx_postgres_pool(health),
@@ -297,6 +308,9 @@ impl Store {
             .acquire_timeout(Duration::from_secs(30))
             .idle_timeout(None)
             .max_lifetime(None)
+            // A ping per transaction is a round trip to the connection's
+            // worker thread for nothing: a local file does not go away.
+            .test_before_acquire(false)
             // The writer's page cache (SQLite's default is 2 MiB): bulk
             // dispatch writes (a burst of starts, a round's outcomes)
             // touch pages all over the actions table and its indexes.
@@ -315,8 +329,10 @@ impl Store {
                 .map_err(sqlx_err)?
         };
         let read = SqlxSqliteConnector::from_sqlx_sqlite_pool(read);
+        let write = SqlxSqliteConnector::from_sqlx_sqlite_pool(write);
         Ok(Self {
-            write: SqlxSqliteConnector::from_sqlx_sqlite_pool(write),
+            lanes: Arc::new(group::Lanes::start(&write, 1)?),
+            write,
             health: read.clone(),
             read,
             clock,
@@ -416,6 +432,9 @@ impl Store {
 
     /// Closes the pools.
     pub async fn close(&self) {
+        // The writers first: the SQLite one keeps statements prepared on
+        // the write connection, which sqlx cannot close with them.
+        self.lanes.quiesce().await;
         // Closing a pool twice (read and write share one on PostgreSQL and
         // in memory) is harmless.
         let _ = self.write.clone().close().await;
@@ -433,14 +452,22 @@ impl Store {
     /// across processes too); on PostgreSQL READ COMMITTED, with the rows a
     /// decision reads locked by the statements that read them.
     pub(super) async fn begin(&self) -> Result<DatabaseTransaction, Error> {
-        let options = match self.backend() {
+        Self::begin_on(&self.write, self.backend()).await
+    }
+
+    /// [`Store::begin`] on `conn`.
+    pub(super) async fn begin_on(
+        conn: &DatabaseConnection,
+        backend: DbBackend,
+    ) -> Result<DatabaseTransaction, Error> {
+        let options = match backend {
             DbBackend::Sqlite => TransactionOptions {
                 sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
                 ..Default::default()
             },
             _ => TransactionOptions::default(),
         };
-        self.write.begin_with_options(options).await.map_err(db_err)
+        conn.begin_with_options(options).await.map_err(db_err)
     }
 
     /// Runs `op` (one write transaction) again while it loses races with

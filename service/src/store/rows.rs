@@ -363,6 +363,33 @@ pub(super) async fn holding_actions<C: ConnectionTrait>(
                 .is_null()
                 .or(action::Column::EndNs.gt(t.0)),
         );
+        // Holders of one channel never overlap (the decision keeps them
+        // apart; on PostgreSQL the exclusion constraint too), so of those
+        // starting at or before `t` only the last can still hold at `t`:
+        // the scan starts there, not at the channel's first holder, and a
+        // device with a long schedule costs a push no more than a short one.
+        if let Some(c) = f.channel {
+            let floor = sea_orm::sea_query::Query::select()
+                .expr(Expr::col(action::Column::StartNs).max())
+                .from(action::Entity)
+                .and_where(action::Column::TenantId.eq(tenant.as_str()))
+                .and_where(action::Column::DeviceId.eq(device_id.as_str()))
+                .and_where(action::Column::Channel.eq(c))
+                .and_where(holding())
+                .and_where(action::Column::StartNs.lte(t.0))
+                .to_owned();
+            // None starts at or before `t`: no floor.
+            let floor = sea_orm::sea_query::Func::coalesce([
+                Expr::SubQuery(
+                    None,
+                    Box::new(
+                        sea_orm::sea_query::QueryStatementBuilder::into_sub_query_statement(floor),
+                    ),
+                ),
+                Expr::val(i64::MIN),
+            ]);
+            q = q.filter(Expr::col(action::Column::StartNs).gte(floor));
+        }
     }
     let q = q
         .order_by_asc(action::Column::StartNs)

@@ -63,6 +63,10 @@ enum Cmd {
         /// `postgres://postgres@127.0.0.1:5432/bench`.
         #[arg(long, value_name = "URL")]
         database: Option<String>,
+        /// Push without request_ids (by default each push carries a
+        /// unique one, so each is also an idempotency claim).
+        #[arg(long)]
+        no_request_ids: bool,
     },
     /// N windowed actions on N simulated devices, all due in the same
     /// second: how late does the dispatcher apply them?
@@ -247,6 +251,7 @@ async fn bench_push(
     addr: Option<String>,
     bin: Option<std::path::PathBuf>,
     database: Option<String>,
+    request_ids: bool,
 ) {
     let server = match addr {
         Some(addr) => Server {
@@ -296,6 +301,9 @@ async fn bench_push(
                 // Device i % D, slot i / D: windows never collide.
                 let start = base + (i / devices) as i64 * 120;
                 let mut req = charge(format!("bench-{run}-{}", i % devices), start, start + 60);
+                if request_ids {
+                    req.request_id = format!("bench-{run}-{i}");
+                }
                 if let Some(a) = req.action.as_mut() {
                     a.power = Some(pb::Quantity {
                         value: 2.5,
@@ -327,7 +335,14 @@ async fn bench_push(
     lat.sort();
     let rss = server.child.as_ref().and_then(|c| peak_rss_kib(c.id()));
     let rate = lat.len() as f64 / elapsed.as_secs_f64();
-    println!("switchyard push: {n} pushes, {c} clients, {devices} devices");
+    println!(
+        "switchyard push: {n} pushes, {c} clients, {devices} devices, {}",
+        if request_ids {
+            "each with a unique request_id"
+        } else {
+            "no request_ids"
+        }
+    );
     println!(
         "  accepted {} failed {failed} in {:.2} s = {rate:.0} pushes/s; latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         lat.len(),
@@ -904,7 +919,7 @@ async fn plans(url: &str) -> Vec<(&'static str, String)> {
     let queries: [(&'static str, &str); 7] = [
         (
             "push: actions holding the channel",
-            "SELECT * FROM actions WHERE tenant_id = 'default' AND device_id = 'm1' AND (state IN ('SCHEDULED', 'ACKNOWLEDGED', 'ACTIVE') OR work = 'REVERT') AND channel = 'mode' AND (end_ns IS NULL OR end_ns > 0) ORDER BY start_ns, action_id",
+            "SELECT * FROM actions WHERE tenant_id = 'default' AND device_id = 'm1' AND (state IN ('SCHEDULED', 'ACKNOWLEDGED', 'ACTIVE') OR work = 'REVERT') AND channel = 'mode' AND (end_ns IS NULL OR end_ns > 0) AND start_ns >= COALESCE((SELECT MAX(start_ns) FROM actions WHERE tenant_id = 'default' AND device_id = 'm1' AND channel = 'mode' AND (state IN ('SCHEDULED', 'ACKNOWLEDGED', 'ACTIVE') OR work = 'REVERT') AND start_ns <= 0), -9223372036854775808) ORDER BY start_ns, action_id",
         ),
         (
             "ListActions of a device, first page",
@@ -995,7 +1010,19 @@ async fn main() {
             addr,
             server_bin,
             database,
-        } => bench_push(n, c, devices.max(1), addr, server_bin, database).await,
+            no_request_ids,
+        } => {
+            bench_push(
+                n,
+                c,
+                devices.max(1),
+                addr,
+                server_bin,
+                database,
+                !no_request_ids,
+            )
+            .await
+        }
         Cmd::Scale {
             actions,
             devices,
