@@ -74,7 +74,7 @@ impl Actions {
         let ran = app
             .idempotent("PushAction", &idem, push_response, |commit| async {
                 app.store
-                    .push(&tenant, &device_id, prepare, strategy, false, commit)
+                    .push_once(&tenant, &device_id, prepare, strategy, commit)
                     .await
             })
             .await?;
@@ -128,7 +128,7 @@ impl Actions {
                 |a: &Action| convert::action_to_proto(a),
                 |commit| async {
                     app.store
-                        .cancel_action(
+                        .cancel_action_once(
                             &tenant,
                             &req.device_id,
                             &req.action_id,

@@ -150,7 +150,7 @@ impl Devices {
                     }
                     let mut device = device;
                     device.observed = app.observe(&device).await;
-                    app.store.create_device(&tenant, device, commit).await
+                    app.store.create_device_once(&tenant, device, commit).await
                 },
             )
             .await?;
@@ -197,7 +197,7 @@ impl Devices {
                     // Run by the store's writer: owns what it uses.
                     let (app2, req2) = (app.clone(), req.clone());
                     app.store
-                        .update_device(
+                        .update_device_once(
                             &tenant,
                             &req.id,
                             req.etag.as_deref(),
@@ -252,7 +252,7 @@ impl Devices {
             |_: &()| (),
             |commit| async {
                 app.store
-                    .delete_device(&tenant, &req.id, req.etag.as_deref(), req.force, commit)
+                    .delete_device_once(&tenant, &req.id, req.etag.as_deref(), req.force, commit)
                     .await
             },
         )

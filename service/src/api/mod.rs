@@ -15,7 +15,7 @@ use switchyard_drivers::{Capabilities, Registry};
 
 use crate::{
     domain::{Clock, Device, DeviceId, Error, Reason, TenantId},
-    store::{IdemBegin, IdemCommit, Store},
+    store::{IdemRequest, Store, Written},
 };
 
 /// Longest accepted request_id.
@@ -87,11 +87,12 @@ impl App {
     }
 
     /// Runs a mutation under `request_id` idempotency: the same key with the
-    /// same body returns the stored answer; another body is refused; a
-    /// concurrent duplicate is told to retry. A failed mutation releases
-    /// the key (it changed nothing), and so does a call that is cancelled
-    /// or runs out of time midway: its transaction is rolled back, and the
-    /// key is released as soon as that is done.
+    /// same body returns the stored answer; another body is refused. The
+    /// key is claimed, the change made and its answer recorded in one
+    /// savepoint of one group commit (`store/idem.rs`, `Store::write_once`),
+    /// so a duplicate, even a concurrent one, is decided after it and
+    /// replays its answer, and a mutation that fails, or a call dropped
+    /// before its turn, leaves no claim behind.
     pub async fn idempotent<T, Resp, Conv, Run, Fut>(
         &self,
         method: &'static str,
@@ -102,66 +103,39 @@ impl App {
     where
         Resp: Message + Default,
         Conv: Fn(&T) -> Resp + Send + Sync + 'static,
-        Run: FnOnce(Option<IdemCommit<T>>) -> Fut,
-        Fut: Future<Output = Result<T, Error>>,
+        Run: FnOnce(Option<IdemRequest<T>>) -> Fut,
+        Fut: Future<Output = Result<Written<T>, Error>>,
     {
-        if idem.request_id.is_empty() {
-            return run(None).await.map(Ran::Fresh);
-        }
-        let request_id = idem.request_id.as_str();
-        check_request_id(request_id)?;
-        let tenant = self.tenant();
-        // The guard exists before the key is claimed: a call dropped while
-        // claiming it releases it too.
-        let claim = uuid::Uuid::now_v7().to_string();
-        let mut release = Release {
-            store: Some(self.store.clone()),
-            tenant: tenant.clone(),
-            request_id: request_id.to_owned(),
-            claim: claim.clone(),
+        let request = if idem.request_id.is_empty() {
+            None
+        } else {
+            check_request_id(&idem.request_id)?;
+            // A retry of a finished request is answered from its record,
+            // before any check or OEM call the mutation would make.
+            let recorded = self
+                .store
+                .idem_recorded(&self.tenant(), &idem.request_id, method, &idem.body)
+                .await?;
+            if let Some(bytes) = recorded {
+                return decode(&bytes).map(Ran::Replayed);
+            }
+            Some(IdemRequest {
+                request_id: idem.request_id.clone(),
+                method,
+                body: idem.body.clone(),
+                encode: Arc::new(move |t: &T| to_resp(t).encode_to_vec()),
+            })
         };
-        let begun = self
-            .store
-            .idem_begin_as(&tenant, request_id, method, &idem.body, &claim)
-            .await;
-        match begun {
-            Err(e) => {
-                release.store = None;
-                Err(e)
-            }
-            Ok(IdemBegin::Replay(bytes)) => {
-                release.store = None;
-                Resp::decode(bytes.as_slice())
-                    .map(Ran::Replayed)
-                    .map_err(|e| Error::Internal(format!("stored response: {e}")))
-            }
-            Ok(IdemBegin::Fresh(claim)) => {
-                let commit = IdemCommit {
-                    request_id: request_id.to_owned(),
-                    claim: claim.clone(),
-                    encode: Box::new(move |t: &T| to_resp(t).encode_to_vec()),
-                };
-                let result = run(Some(commit)).await;
-                match result {
-                    // Committed: the key holds the answer.
-                    Ok(t) => {
-                        release.store = None;
-                        Ok(Ran::Fresh(t))
-                    }
-                    // Failed: released here (or, if this call is dropped
-                    // meanwhile, by the guard).
-                    Err(e) => {
-                        if let Err(abort) = self.store.idem_abort(&tenant, request_id, &claim).await
-                        {
-                            tracing::warn!(error = %abort, "could not release request_id");
-                        }
-                        release.store = None;
-                        Err(e)
-                    }
-                }
-            }
+        match run(request).await? {
+            Written::Fresh(t) => Ok(Ran::Fresh(t)),
+            Written::Replayed(bytes) => decode(&bytes).map(Ran::Replayed),
         }
     }
+}
+
+/// A recorded answer as its message.
+fn decode<Resp: Message + Default>(bytes: &[u8]) -> Result<Resp, Error> {
+    Resp::decode(bytes).map_err(|e| Error::Internal(format!("stored response: {e}")))
 }
 
 /// What an idempotent mutation came to.
@@ -180,46 +154,6 @@ impl<T, Resp> Ran<T, Resp> {
             Ran::Fresh(t) => convert(t),
             Ran::Replayed(r) => r,
         }
-    }
-}
-
-/// Releases a claimed request_id when the call holding it is dropped
-/// midway (the client cancelled, or its deadline passed): the dropped
-/// transaction rolls back, and the key must not stay "in progress" for
-/// its whole lease. Releasing only touches a key without an answer, so a
-/// change that did commit keeps its answer.
-struct Release {
-    /// `None` once the call has finished one way or the other.
-    store: Option<Store>,
-    tenant: TenantId,
-    request_id: String,
-    claim: String,
-}
-
-impl Drop for Release {
-    fn drop(&mut self) {
-        let Some(store) = self.store.take() else {
-            return;
-        };
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (tenant, request_id, claim) = (
-            self.tenant.clone(),
-            std::mem::take(&mut self.request_id),
-            std::mem::take(&mut self.claim),
-        );
-        rt.spawn(async move {
-            match store.idem_abort(&tenant, &request_id, &claim).await {
-                Ok(()) => tracing::debug!(
-                    request_id,
-                    "released the request_id of a call dropped midway"
-                ),
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not release the request_id of a dropped call")
-                }
-            }
-        });
     }
 }
 

@@ -9,7 +9,11 @@ use sea_orm::{
 };
 
 use super::{
-    IdemCommit, Store, check_etag, db_err, entity::action, entity::audit, not_found, rows,
+    IdemCommit, IdemRequest, Store, Written, check_etag, db_err,
+    entity::action,
+    entity::audit,
+    idem::{WriteOp, write_op},
+    not_found, rows,
 };
 use crate::domain::{
     Action, ActionId, ActionState, Device, DeviceId, Error, Strategy, TenantId, Transition, Ts,
@@ -67,33 +71,41 @@ impl Store {
                 })
                 .await;
         }
-        let ctx = Arc::new((
-            self.clone(),
-            tenant.clone(),
-            device_id.clone(),
-            prepare,
-            idem,
-        ));
-        self.retrying(|| {
+        let op = self.push_op(tenant, device_id, prepare, strategy);
+        self.write(device_id.as_str(), op, idem).await
+    }
+
+    /// [`Store::push`] (never `validate_only`) under `request_id`
+    /// idempotency, claimed in the push's own savepoint.
+    pub async fn push_once(
+        &self,
+        tenant: &TenantId,
+        device_id: &DeviceId,
+        prepare: impl Fn(&Device, Ts) -> Result<ValidPush, Error> + Send + Sync + 'static,
+        strategy: Strategy,
+        idem: Option<IdemRequest<PushOutcome>>,
+    ) -> Result<Written<PushOutcome>, Error> {
+        let op = self.push_op(tenant, device_id, prepare, strategy);
+        self.write_once(device_id.as_str(), tenant, op, idem).await
+    }
+
+    fn push_op(
+        &self,
+        tenant: &TenantId,
+        device_id: &DeviceId,
+        prepare: impl Fn(&Device, Ts) -> Result<ValidPush, Error> + Send + Sync + 'static,
+        strategy: Strategy,
+    ) -> WriteOp<PushOutcome> {
+        let ctx = Arc::new((self.clone(), tenant.clone(), device_id.clone(), prepare));
+        write_op(move |tx, idem| {
             let ctx = ctx.clone();
-            self.grouped(device_id.as_str(), move |tx| {
-                Box::pin(async move {
-                    let (store, tenant, device_id, prepare, idem) = &*ctx;
-                    store
-                        .push_in(
-                            tx,
-                            tenant,
-                            device_id,
-                            prepare,
-                            strategy,
-                            false,
-                            idem.as_ref(),
-                        )
-                        .await
-                })
+            Box::pin(async move {
+                let (store, tenant, device_id, prepare) = &*ctx;
+                store
+                    .push_in(tx, tenant, device_id, prepare, strategy, false, idem)
+                    .await
             })
         })
-        .await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -283,33 +295,47 @@ impl Store {
         etag: Option<&str>,
         idem: Option<IdemCommit<Action>>,
     ) -> Result<Action, Error> {
+        let op = self.cancel_op(tenant, device_id, action_id, etag);
+        self.write(device_id.as_str(), op, idem).await
+    }
+
+    /// [`Store::cancel_action`] under `request_id` idempotency, claimed in
+    /// the cancel's own savepoint.
+    pub async fn cancel_action_once(
+        &self,
+        tenant: &TenantId,
+        device_id: &DeviceId,
+        action_id: &ActionId,
+        etag: Option<&str>,
+        idem: Option<IdemRequest<Action>>,
+    ) -> Result<Written<Action>, Error> {
+        let op = self.cancel_op(tenant, device_id, action_id, etag);
+        self.write_once(device_id.as_str(), tenant, op, idem).await
+    }
+
+    fn cancel_op(
+        &self,
+        tenant: &TenantId,
+        device_id: &DeviceId,
+        action_id: &ActionId,
+        etag: Option<&str>,
+    ) -> WriteOp<Action> {
         let ctx = Arc::new((
             self.clone(),
             tenant.clone(),
             device_id.clone(),
             *action_id,
             etag.map(str::to_owned),
-            idem,
         ));
-        self.retrying(|| {
+        write_op(move |tx, idem| {
             let ctx = ctx.clone();
-            self.grouped(device_id.as_str(), move |tx| {
-                Box::pin(async move {
-                    let (store, tenant, device_id, action_id, etag, idem) = &*ctx;
-                    store
-                        .cancel_in(
-                            tx,
-                            tenant,
-                            device_id,
-                            action_id,
-                            etag.as_deref(),
-                            idem.as_ref(),
-                        )
-                        .await
-                })
+            Box::pin(async move {
+                let (store, tenant, device_id, action_id, etag) = &*ctx;
+                store
+                    .cancel_in(tx, tenant, device_id, action_id, etag.as_deref(), idem)
+                    .await
             })
         })
-        .await
     }
 
     async fn cancel_in(

@@ -10,8 +10,9 @@ use sea_orm::{
 };
 
 use super::{
-    IdemCommit, Store, check_etag, db_err,
+    IdemCommit, IdemRequest, Store, Written, check_etag, db_err,
     entity::{action, device},
+    idem::{WriteOp, write_op},
     rows,
 };
 use crate::domain::{ActionId, Device, DeviceId, Error, TenantId, lifecycle};
@@ -36,17 +37,31 @@ impl Store {
         idem: Option<IdemCommit<Device>>,
     ) -> Result<Device, Error> {
         let key = device.id.to_string();
-        let ctx = Arc::new((self.clone(), tenant.clone(), device, idem));
-        self.retrying(|| {
+        self.write(&key, self.create_op(tenant, device), idem).await
+    }
+
+    /// [`Store::create_device`] under `request_id` idempotency, claimed in
+    /// the creation's own savepoint.
+    pub async fn create_device_once(
+        &self,
+        tenant: &TenantId,
+        device: Device,
+        idem: Option<IdemRequest<Device>>,
+    ) -> Result<Written<Device>, Error> {
+        let key = device.id.to_string();
+        self.write_once(&key, tenant, self.create_op(tenant, device), idem)
+            .await
+    }
+
+    fn create_op(&self, tenant: &TenantId, device: Device) -> WriteOp<Device> {
+        let ctx = Arc::new((self.clone(), tenant.clone(), device));
+        write_op(move |tx, idem| {
             let ctx = ctx.clone();
-            self.grouped(&key, move |tx| {
-                Box::pin(async move {
-                    let (store, tenant, device, idem) = &*ctx;
-                    store.create_in(tx, tenant, device, idem.as_ref()).await
-                })
+            Box::pin(async move {
+                let (store, tenant, device) = &*ctx;
+                store.create_in(tx, tenant, device, idem).await
             })
         })
-        .await
     }
 
     async fn create_in(
@@ -164,6 +179,33 @@ impl Store {
         observed: Option<(Device, crate::domain::Observed)>,
         idem: Option<IdemCommit<Device>>,
     ) -> Result<Device, Error> {
+        let op = self.update_op(tenant, id, etag, apply, observed);
+        self.write(id.as_str(), op, idem).await
+    }
+
+    /// [`Store::update_device`] under `request_id` idempotency, claimed in
+    /// the change's own savepoint.
+    pub async fn update_device_once(
+        &self,
+        tenant: &TenantId,
+        id: &DeviceId,
+        etag: Option<&str>,
+        apply: impl Fn(&mut Device) -> Result<Retarget, Error> + Send + Sync + 'static,
+        observed: Option<(Device, crate::domain::Observed)>,
+        idem: Option<IdemRequest<Device>>,
+    ) -> Result<Written<Device>, Error> {
+        let op = self.update_op(tenant, id, etag, apply, observed);
+        self.write_once(id.as_str(), tenant, op, idem).await
+    }
+
+    fn update_op(
+        &self,
+        tenant: &TenantId,
+        id: &DeviceId,
+        etag: Option<&str>,
+        apply: impl Fn(&mut Device) -> Result<Retarget, Error> + Send + Sync + 'static,
+        observed: Option<(Device, crate::domain::Observed)>,
+    ) -> WriteOp<Device> {
         let ctx = Arc::new((
             self.clone(),
             tenant.clone(),
@@ -171,28 +213,24 @@ impl Store {
             etag.map(str::to_owned),
             apply,
             observed,
-            idem,
         ));
-        self.retrying(|| {
+        write_op(move |tx, idem| {
             let ctx = ctx.clone();
-            self.grouped(id.as_str(), move |tx| {
-                Box::pin(async move {
-                    let (store, tenant, id, etag, apply, observed, idem) = &*ctx;
-                    store
-                        .update_in(
-                            tx,
-                            tenant,
-                            id,
-                            etag.as_deref(),
-                            apply,
-                            observed.as_ref(),
-                            idem.as_ref(),
-                        )
-                        .await
-                })
+            Box::pin(async move {
+                let (store, tenant, id, etag, apply, observed) = &*ctx;
+                store
+                    .update_in(
+                        tx,
+                        tenant,
+                        id,
+                        etag.as_deref(),
+                        apply,
+                        observed.as_ref(),
+                        idem,
+                    )
+                    .await
             })
         })
-        .await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -365,25 +403,46 @@ impl Store {
         force: bool,
         idem: Option<IdemCommit<()>>,
     ) -> Result<(), Error> {
+        let op = self.delete_op(tenant, id, etag, force);
+        self.write(id.as_str(), op, idem).await
+    }
+
+    /// [`Store::delete_device`] under `request_id` idempotency, claimed in
+    /// the deletion's own savepoint.
+    pub async fn delete_device_once(
+        &self,
+        tenant: &TenantId,
+        id: &DeviceId,
+        etag: Option<&str>,
+        force: bool,
+        idem: Option<IdemRequest<()>>,
+    ) -> Result<Written<()>, Error> {
+        let op = self.delete_op(tenant, id, etag, force);
+        self.write_once(id.as_str(), tenant, op, idem).await
+    }
+
+    fn delete_op(
+        &self,
+        tenant: &TenantId,
+        id: &DeviceId,
+        etag: Option<&str>,
+        force: bool,
+    ) -> WriteOp<()> {
         let ctx = Arc::new((
             self.clone(),
             tenant.clone(),
             id.clone(),
             etag.map(str::to_owned),
-            idem,
         ));
-        self.retrying(|| {
+        write_op(move |tx, idem| {
             let ctx = ctx.clone();
-            self.grouped(id.as_str(), move |tx| {
-                Box::pin(async move {
-                    let (store, tenant, id, etag, idem) = &*ctx;
-                    store
-                        .delete_in(tx, tenant, id, etag.as_deref(), force, idem.as_ref())
-                        .await
-                })
+            Box::pin(async move {
+                let (store, tenant, id, etag) = &*ctx;
+                store
+                    .delete_in(tx, tenant, id, etag.as_deref(), force, idem)
+                    .await
             })
         })
-        .await
     }
 
     async fn delete_in(

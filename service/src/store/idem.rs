@@ -182,6 +182,43 @@ impl Store {
         Ok(IdemBegin::Fresh(claim.to_owned()))
     }
 
+    /// The recorded answer of `request_id`, read without a write: a retry
+    /// of a finished request is answered at once (no OEM call, no place in
+    /// a group); another body under the key is refused. `None`: not
+    /// finished (or never seen, or expired): the write decides.
+    pub async fn idem_recorded(
+        &self,
+        tenant: &TenantId,
+        request_id: &str,
+        method: &str,
+        body: &[u8],
+    ) -> Result<Option<Vec<u8>>, Error> {
+        self.bounded(async {
+            let now = self.clock.now();
+            let row = rows::first(
+                &self.read,
+                idem_key::Entity::find()
+                    .filter(idem_key::Column::TenantId.eq(tenant.as_str()))
+                    .filter(idem_key::Column::RequestId.eq(request_id)),
+            )
+            .await?;
+            let Some(row) = row.filter(|r| r.expire_ns > now.0) else {
+                return Ok(None);
+            };
+            let Some(response) = row.response_body else {
+                return Ok(None);
+            };
+            if row.method != method || row.request_body != body {
+                return Err(Error::RequestIdReused {
+                    request_id: request_id.to_owned(),
+                    first_method: row.method,
+                });
+            }
+            Ok(Some(response))
+        })
+        .await
+    }
+
     /// Releases a key whose request failed: a failed request changed
     /// nothing, so the same key may be retried. Only the holder of `claim`
     /// releases it.
@@ -250,5 +287,122 @@ impl Store {
             }
         }
         Ok(())
+    }
+}
+
+/// A request_id to honour in the write it guards: the key is claimed, the
+/// change made and its answer recorded in one savepoint of one group
+/// commit ([`Store::write_once`]), so a duplicate is decided after it
+/// (and replays its answer), and a failed change leaves no claim behind.
+pub struct IdemRequest<T> {
+    pub request_id: String,
+    /// The RPC, which a reuse of the key by another is told.
+    pub method: &'static str,
+    /// The request as received, which a retry must repeat.
+    pub body: Vec<u8>,
+    /// Encodes the response from the outcome.
+    pub encode: std::sync::Arc<dyn Fn(&T) -> Vec<u8> + Send + Sync>,
+}
+
+/// What an idempotent write came to.
+#[derive(Debug, PartialEq)]
+pub enum Written<T> {
+    /// Made now.
+    Fresh(T),
+    /// Made before under the same request_id: its recorded answer.
+    Replayed(Vec<u8>),
+}
+
+/// A mutation as a group member runs it: in the member's savepoint, under
+/// the request_id claim it is given (if any), which it completes with its
+/// answer.
+pub(super) type WriteOp<T> = std::sync::Arc<
+    dyn for<'a> Fn(
+            &'a sea_orm::DatabaseTransaction,
+            Option<&'a IdemCommit<T>>,
+        ) -> futures::future::BoxFuture<'a, Result<T, Error>>
+        + Send
+        + Sync,
+>;
+
+/// Makes a [`WriteOp`] of a closure.
+pub(super) fn write_op<T, F>(f: F) -> WriteOp<T>
+where
+    F: for<'a> Fn(
+            &'a sea_orm::DatabaseTransaction,
+            Option<&'a IdemCommit<T>>,
+        ) -> futures::future::BoxFuture<'a, Result<T, Error>>
+        + Send
+        + Sync
+        + 'static,
+{
+    std::sync::Arc::new(f)
+}
+
+impl Store {
+    /// Runs `op` in a group, under a claim already held (or none).
+    pub(super) async fn write<T: Send + 'static>(
+        &self,
+        key: &str,
+        op: WriteOp<T>,
+        idem: Option<IdemCommit<T>>,
+    ) -> Result<T, Error> {
+        let idem = std::sync::Arc::new(idem);
+        self.retrying(|| {
+            let (op, idem) = (op.clone(), idem.clone());
+            self.grouped(key, move |tx| {
+                Box::pin(async move { op(tx, idem.as_ref().as_ref()).await })
+            })
+        })
+        .await
+    }
+
+    /// Runs `op` in a group under `request_id` idempotency: in one
+    /// savepoint the key is claimed (or its recorded answer found), the
+    /// change is made and the answer recorded. A failed change is rolled
+    /// back with its claim.
+    pub(super) async fn write_once<T: Send + 'static>(
+        &self,
+        key: &str,
+        tenant: &TenantId,
+        op: WriteOp<T>,
+        idem: Option<IdemRequest<T>>,
+    ) -> Result<Written<T>, Error> {
+        let Some(request) = idem else {
+            return self.write(key, op, None).await.map(Written::Fresh);
+        };
+        let ctx = std::sync::Arc::new((self.clone(), tenant.clone(), request));
+        self.retrying(|| {
+            let (op, ctx) = (op.clone(), ctx.clone());
+            self.grouped(key, move |tx| {
+                Box::pin(async move {
+                    let (store, tenant, request) = &*ctx;
+                    let claim = uuid::Uuid::now_v7().to_string();
+                    let begun = store
+                        .idem_begin_in(
+                            tx,
+                            tenant,
+                            &request.request_id,
+                            request.method,
+                            &request.body,
+                            &claim,
+                        )
+                        .await?;
+                    match begun {
+                        IdemBegin::Replay(bytes) => Ok(Written::Replayed(bytes)),
+                        IdemBegin::Fresh(claim) => {
+                            let encode = request.encode.clone();
+                            let commit = IdemCommit {
+                                request_id: request.request_id.clone(),
+                                claim,
+                                encode: Box::new(move |t: &T| encode(t)),
+                            };
+                            op(tx, Some(&commit)).await.map(Written::Fresh)
+                        }
+                    }
+                })
+            })
+        })
+        .await
     }
 }

@@ -46,6 +46,7 @@ pub use group::WriteGroups;
 pub const CLOCK_SKEW_NANOS: i64 = 5 * crate::domain::Ts::SECOND;
 pub use idem::{
     EncodeResponse, IDEMPOTENCY_LEASE_NANOS, IDEMPOTENCY_TTL_NANOS, IdemBegin, IdemCommit,
+    IdemRequest, Written,
 };
 
 use std::{collections::BTreeMap, str::FromStr, sync::Arc, time::Duration};
