@@ -301,8 +301,11 @@ pub struct IdemRequest<T> {
     /// The request as received, which a retry must repeat.
     pub body: Vec<u8>,
     /// Encodes the response from the outcome.
-    pub encode: std::sync::Arc<dyn Fn(&T) -> Vec<u8> + Send + Sync>,
+    pub encode: SharedEncode<T>,
 }
+
+/// [`EncodeResponse`], shared by a write's tries.
+pub type SharedEncode<T> = std::sync::Arc<dyn Fn(&T) -> Vec<u8> + Send + Sync>;
 
 /// What an idempotent write came to.
 #[derive(Debug, PartialEq)]
