@@ -72,11 +72,17 @@ impl Actions {
             return Ok(resp);
         }
         let ran = app
-            .idempotent("PushAction", &idem, push_response, |commit| async {
-                app.store
-                    .push_once(&tenant, &device_id, prepare, strategy, commit)
-                    .await
-            })
+            .idempotent(
+                "PushAction",
+                super::Prework::None,
+                &idem,
+                push_response,
+                |commit| async {
+                    app.store
+                        .push_once(&tenant, &device_id, prepare, strategy, commit)
+                        .await
+                },
+            )
             .await?;
         // An action due before the dispatcher's next look is not left
         // waiting for it; one due later is found by that look, and waking
@@ -124,6 +130,7 @@ impl Actions {
         let ran = app
             .idempotent(
                 "CancelAction",
+                super::Prework::None,
                 &req.idem,
                 |a: &Action| convert::action_to_proto(a),
                 |commit| async {

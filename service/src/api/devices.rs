@@ -136,6 +136,7 @@ impl Devices {
         let ran = app
             .idempotent(
                 "CreateDevice",
+                super::Prework::ReadsAndOemCalls,
                 &idem,
                 move |d: &Device| this.to_proto(d),
                 |commit| async {
@@ -166,6 +167,7 @@ impl Devices {
         let ran = app
             .idempotent(
                 "UpdateDevice",
+                super::Prework::ReadsAndOemCalls,
                 &req.idem,
                 move |d: &Device| this.to_proto(d),
                 |commit| async {
@@ -248,6 +250,7 @@ impl Devices {
         let tenant = app.tenant();
         app.idempotent(
             "DeleteDevice",
+            super::Prework::None,
             &req.idem,
             |_: &()| (),
             |commit| async {

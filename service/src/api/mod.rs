@@ -96,6 +96,7 @@ impl App {
     pub async fn idempotent<T, Resp, Conv, Run, Fut>(
         &self,
         method: &'static str,
+        prework: Prework,
         idem: &convert::Idem,
         to_resp: Conv,
         run: Run,
@@ -112,12 +113,14 @@ impl App {
             check_request_id(&idem.request_id)?;
             // A retry of a finished request is answered from its record,
             // before any check or OEM call the mutation would make.
-            let recorded = self
-                .store
-                .idem_recorded(&self.tenant(), &idem.request_id, method, &idem.body)
-                .await?;
-            if let Some(bytes) = recorded {
-                return decode(&bytes).map(Ran::Replayed);
+            if prework == Prework::ReadsAndOemCalls {
+                let recorded = self
+                    .store
+                    .idem_recorded(&self.tenant(), &idem.request_id, method, &idem.body)
+                    .await?;
+                if let Some(bytes) = recorded {
+                    return decode(&bytes).map(Ran::Replayed);
+                }
             }
             Some(IdemRequest {
                 request_id: idem.request_id.clone(),
@@ -136,6 +139,16 @@ impl App {
 /// A recorded answer as its message.
 fn decode<Resp: Message + Default>(bytes: &[u8]) -> Result<Resp, Error> {
     Resp::decode(bytes).map_err(|e| Error::Internal(format!("stored response: {e}")))
+}
+
+/// What a mutation does before its write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prework {
+    /// Nothing: its write finds a replay itself.
+    None,
+    /// Reads and OEM calls a retry of a finished request must not repeat:
+    /// its record is looked up first.
+    ReadsAndOemCalls,
 }
 
 /// What an idempotent mutation came to.

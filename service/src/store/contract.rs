@@ -384,6 +384,28 @@ pub async fn a_group_commits_its_successes_around_its_failures(f: &Fixture) {
     }
 }
 
+/// A push collides with a long holder that starts before a shorter action
+/// that no longer holds (the push's look at the channel starts at the last
+/// holder starting before it, not at the last action).
+pub async fn a_long_holder_is_seen_past_a_later_action_that_gave_way(f: &Fixture) {
+    with_device(f, "d1").await;
+    let short = push(f, "d1", window(2 * H, Some(3 * H)), Strategy::Reject)
+        .await
+        .expect("push");
+    let long = push(f, "d1", window(H, Some(10 * H)), Strategy::CancelAndReplace)
+        .await
+        .expect("replaces the short one");
+    assert_eq!(long.cancelled[0].id, short.action.id);
+    match push(f, "d1", window(5 * H, Some(6 * H)), Strategy::Reject).await {
+        Err(Error::Conflict(c)) => assert_eq!(c.colliders[0].id, long.action.id),
+        other => panic!("the long holder collides: {other:?}"),
+    }
+    // And after it, the channel is free.
+    push(f, "d1", window(10 * H, Some(11 * H)), Strategy::Reject)
+        .await
+        .expect("after the long holder");
+}
+
 /// CANCEL_AND_REPLACE cancels the colliders and books the push in one
 /// transaction; the replaced action names its replacement.
 pub async fn cancel_and_replace_replaces_atomically(f: &Fixture) {
@@ -2122,6 +2144,7 @@ macro_rules! storage_contract_suite {
                 a_push_round_trips_and_is_audited,
                 overlapping_holders_collide,
                 a_group_commits_its_successes_around_its_failures,
+                a_long_holder_is_seen_past_a_later_action_that_gave_way,
                 cancel_and_replace_replaces_atomically,
                 queue_after_starts_at_the_holders_end,
                 validate_only_writes_nothing,

@@ -1,8 +1,9 @@
 //! Group commit: the requests' writes (pushes, cancels, device changes,
-//! idempotency claims) are queued to a writer ("lane") that runs them one
-//! after the other inside one transaction, each in a savepoint of its own,
-//! and commits them together: one transaction and one fsync for many
-//! requests. Every answer is sent only after its group is durable.
+//! each with its idempotency claim) are queued to a writer ("lane") that
+//! runs them one after the other inside one transaction, each in a
+//! savepoint of its own, and commits them together: one transaction and
+//! one fsync for many requests. Every answer is sent only after its group
+//! is durable (ADR 0011).
 //!
 //! - **In order, as if alone.** Members run one at a time, in arrival
 //!   order; each reads what the members before it wrote, so it is decided
@@ -11,36 +12,41 @@
 //! - **One failure fails one.** A member that fails is rolled back to its
 //!   savepoint and answered its own error; the others are not touched. A
 //!   member failing for a reason of the database (not a decision of the
-//!   request's) ends the group there: on SQLite such an error may have
-//!   rolled back the whole transaction, and nothing more is run in it.
+//!   request's) ends the group there. A member after which the transaction
+//!   cannot be trusted (a savepoint that could not be rolled back, SQLite
+//!   having rolled the whole transaction back itself, a panic, a member
+//!   past its time) rolls the whole group back: each of its members is
+//!   told STORAGE_UNAVAILABLE, and nothing of the group was written.
 //! - **Commit decides.** If the group's COMMIT fails, every member is told
 //!   so (STORAGE_UNAVAILABLE): nothing of the group was written.
 //! - **Bounded.** A group closes when no more work is queued, at
-//!   [`MAX_MEMBERS`] members, or [`MAX_OPEN`] after it began: a group
-//!   held open longer would keep another process's writes (SQLite) or
-//!   another replica's (PostgreSQL row locks) waiting.
-//! - **Cut-short calls.** A request whose caller went away before its turn
-//!   is not run; one already run is committed with its group (a retry with
+//!   [`GroupLimits::members`] members, or [`GroupLimits::open`] after it
+//!   began: a group held open longer would keep another process's writes
+//!   (SQLite) or another replica's (PostgreSQL row locks) waiting. On
+//!   PostgreSQL each member, and the commit, has the store's deadline.
+//! - **Cut-short calls.** A request whose caller went away, or whose wait
+//!   for its turn outlasted the store's deadline, before its turn is not
+//!   run; one already started is committed with its group (a retry with
 //!   the same request_id finds its answer).
 //! - **Lanes.** SQLite has one writer connection, so one lane, run on a
-//!   thread of its own: each statement is a hand-off to SQLite's worker
-//!   thread and back, and that round trip must not queue behind the
-//!   server's request handling. PostgreSQL has several lanes (half the
-//!   pool's connections), a request's lane chosen by its device (or key),
-//!   so one device's writes queue in one lane and do not wait on each
-//!   other's row locks across lanes.
+//!   thread of its own that runs the statements itself (`direct.rs`): a
+//!   hand-off to sqlx's worker thread and back per statement bounded the
+//!   push rate more than the disk did. PostgreSQL has several lanes (half
+//!   the pool's connections), a request's lane chosen by its device (or
+//!   key), so one device's writes queue in one lane and do not wait on
+//!   each other's row locks across lanes.
 
 use std::{
     hash::{Hash, Hasher},
+    panic::AssertUnwindSafe,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU8, AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
-use std::sync::{
-    Arc, Mutex,
-    atomic::{AtomicU64, Ordering},
-};
-
-use futures::future::BoxFuture;
+use futures::{FutureExt as _, future::BoxFuture};
 use sea_orm::{
     DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, RuntimeErr, TransactionTrait,
 };
@@ -52,44 +58,74 @@ use super::{
 };
 use crate::domain::Error;
 
-/// At most this many requests in one group.
-pub const MAX_MEMBERS: usize = 512;
-/// A group stops taking members this long after it began.
-pub const MAX_OPEN: Duration = Duration::from_millis(10);
+/// How large and how long a group may grow.
+#[derive(Clone, Copy, Debug)]
+pub struct GroupLimits {
+    /// At most this many requests in one group.
+    pub members: usize,
+    /// A group stops taking members this long after it began.
+    pub open: Duration,
+    /// PostgreSQL: how long a member, or a commit, may take before the
+    /// group is given up (rolled back, its connection dropped).
+    pub deadline: Option<Duration>,
+}
+
+impl Default for GroupLimits {
+    fn default() -> Self {
+        Self {
+            members: 512,
+            open: Duration::from_millis(10),
+            deadline: None,
+        }
+    }
+}
 
 /// What a member's run leaves for after the commit: its answer, to be sent
-/// with the group's fate, and whether the group must close after it.
+/// with the group's fate; whether the group must close after it; whether
+/// the group's transaction can still be trusted.
 struct Ran {
-    answer: Box<dyn FnOnce(Result<(), Error>) + Send>,
+    answer: Answer,
     ends_group: bool,
+    in_doubt: bool,
 }
+
+type Answer = Box<dyn FnOnce(Result<(), Error>) + Send>;
 
 /// A queued request: runs its operation in a savepoint of the group's
 /// transaction, or is told why it cannot be run.
 trait Member: Send {
     fn run<'t>(self: Box<Self>, tx: &'t DatabaseTransaction) -> BoxFuture<'t, Ran>;
     fn fail(self: Box<Self>, e: Error);
-    /// Whether the lane is to let go of what it keeps of the connection
-    /// (SQLite: its prepared statements) after this member's group, before
-    /// answering it.
+    /// Whether this is a [`Flush`] rather than a request.
     fn flushes(&self) -> bool {
         false
     }
+    /// Where the lane says why it dropped the member midway, if it must
+    /// (its answer is in the run it dropped).
+    fn fate(&self) -> Option<Fate> {
+        None
+    }
 }
 
-/// Asks a lane to let go of its prepared statements: the store is about to
-/// close its pools, and sqlx cannot close a connection that has some.
+/// Why a request was dropped midway; read by its caller.
+type Fate = Arc<Mutex<Option<Error>>>;
+
+/// Asks a lane to let go of what it keeps of its connection (SQLite: its
+/// prepared statements, which sqlx cannot close a connection with) and to
+/// take no more work: the store is closing.
 struct Flush(oneshot::Sender<()>);
 
 impl Member for Flush {
     fn run<'t>(self: Box<Self>, _: &'t DatabaseTransaction) -> BoxFuture<'t, Ran> {
+        // Never run in a group: the lanes take it apart.
         let Flush(done) = *self;
         Box::pin(async move {
             Ran {
-                ends_group: true,
                 answer: Box::new(move |_| {
                     let _ = done.send(());
                 }),
+                ends_group: true,
+                in_doubt: false,
             }
         })
     }
@@ -105,10 +141,18 @@ impl Member for Flush {
 
 type Job = Box<dyn Member>;
 
+/// Where a request stands: queued, started by the writer, or given up by
+/// its caller before it started.
+const QUEUED: u8 = 0;
+const STARTED: u8 = 1;
+const ABANDONED: u8 = 2;
+
 /// A request's operation and where its answer goes.
 struct Request<T, F> {
     op: F,
     reply: oneshot::Sender<Result<T, Error>>,
+    state: Arc<AtomicU8>,
+    fate: Fate,
 }
 
 impl<T, F> Member for Request<T, F>
@@ -117,29 +161,46 @@ where
     F: for<'t> FnOnce(&'t DatabaseTransaction) -> BoxFuture<'t, Result<T, Error>> + Send + 'static,
 {
     fn run<'t>(self: Box<Self>, tx: &'t DatabaseTransaction) -> BoxFuture<'t, Ran> {
-        let Request { op, reply } = *self;
+        let Request {
+            op, reply, state, ..
+        } = *self;
         Box::pin(async move {
-            // Gone before its turn: not run.
-            if reply.is_closed() {
+            // Gone, or given up, before its turn: not run.
+            let start =
+                state.compare_exchange(QUEUED, STARTED, Ordering::AcqRel, Ordering::Acquire);
+            if start.is_err() || reply.is_closed() {
                 return Ran {
                     answer: Box::new(|_| {}),
                     ends_group: false,
+                    in_doubt: false,
                 };
             }
-            let result = match tx.begin().await.map_err(db_err) {
-                Err(e) => Err(e),
+            let mut in_doubt = false;
+            let result = match tx.begin().await {
+                // PostgreSQL: a SAVEPOINT that fails leaves the
+                // transaction aborted.
+                Err(e) => {
+                    in_doubt = true;
+                    Err(db_err(e))
+                }
                 Ok(savepoint) => match op(&savepoint).await {
-                    Ok(v) => savepoint.commit().await.map_err(db_err).map(|()| v),
+                    Ok(v) => savepoint.commit().await.map(|()| v).map_err(|e| {
+                        in_doubt = true;
+                        db_err(e)
+                    }),
                     Err(e) => match savepoint.rollback().await {
                         Ok(()) => Err(e),
-                        // The group's transaction is in doubt.
-                        Err(r) => Err(db_err(r)),
+                        Err(r) => {
+                            in_doubt = true;
+                            Err(db_err(r))
+                        }
                     },
                 },
             };
             let ends_group = result.as_ref().err().is_some_and(of_the_database);
             Ran {
                 ends_group,
+                in_doubt,
                 answer: Box::new(move |committed: Result<(), Error>| {
                     let _ = reply.send(committed.and(result));
                 }),
@@ -150,6 +211,19 @@ where
     fn fail(self: Box<Self>, e: Error) {
         let _ = self.reply.send(Err(e));
     }
+
+    fn fate(&self) -> Option<Fate> {
+        Some(self.fate.clone())
+    }
+}
+
+/// Whether an error is the database's rather than the request's own
+/// decision: after it, no more members join the group.
+fn of_the_database(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::StorageUnavailable(_) | Error::StorageContention(_) | Error::Internal(_)
+    )
 }
 
 /// The lanes of a store.
@@ -157,17 +231,16 @@ where
 pub(super) struct Lanes {
     senders: Vec<mpsc::UnboundedSender<Job>>,
     stats: Arc<Stats>,
+    /// How long a request may wait for its turn (PostgreSQL).
+    deadline: Option<Duration>,
 }
 
 /// What the lanes have done, for metrics and tests.
 #[derive(Debug, Default)]
-pub(super) struct Stats {
-    /// Requests queued.
-    pub(super) queued: AtomicU64,
-    /// Groups ended (committed or not).
-    pub(super) groups: AtomicU64,
-    /// Requests run in those groups.
-    pub(super) members: AtomicU64,
+struct Stats {
+    queued: AtomicU64,
+    groups: AtomicU64,
+    members: AtomicU64,
 }
 
 /// What the group-commit writers have done since the store opened.
@@ -184,7 +257,11 @@ pub struct WriteGroups {
 impl Lanes {
     /// Starts the lanes writing through `write`: on SQLite one, on its own
     /// thread, running statements itself; on PostgreSQL `lanes` tasks.
-    pub(super) fn start(write: &DatabaseConnection, lanes: usize) -> Result<Self, Error> {
+    pub(super) fn start(
+        write: &DatabaseConnection,
+        lanes: usize,
+        limits: GroupLimits,
+    ) -> Result<Self, Error> {
         let stats = Arc::new(Stats::default());
         if write.get_database_backend() == DbBackend::Sqlite {
             let counts = stats.clone();
@@ -197,7 +274,7 @@ impl Lanes {
                         .enable_all()
                         .build();
                     match rt {
-                        Ok(rt) => rt.block_on(sqlite_lane(pool, rx, counts)),
+                        Ok(rt) => rt.block_on(sqlite_lane(pool, rx, counts, limits)),
                         Err(e) => tracing::error!(error = %e, "the writer's runtime did not start"),
                     }
                 })
@@ -205,20 +282,25 @@ impl Lanes {
             return Ok(Self {
                 senders: vec![tx],
                 stats,
+                deadline: None,
             });
         }
         let senders = (0..lanes.max(1))
             .map(|_| {
                 let (tx, rx) = mpsc::unbounded_channel();
-                tokio::spawn(pool_lane(write.clone(), rx, stats.clone()));
+                tokio::spawn(pool_lane(write.clone(), rx, stats.clone(), limits));
                 tx
             })
             .collect();
-        Ok(Self { senders, stats })
+        Ok(Self {
+            senders,
+            stats,
+            deadline: limits.deadline,
+        })
     }
 
     /// What the lanes have done so far.
-    pub(super) fn counts(&self) -> WriteGroups {
+    fn counts(&self) -> WriteGroups {
         WriteGroups {
             queued: self.stats.queued.load(Ordering::Relaxed),
             groups: self.stats.groups.load(Ordering::Relaxed),
@@ -226,8 +308,8 @@ impl Lanes {
         }
     }
 
-    /// Has every lane let go of what it keeps of its connection; for
-    /// [`Store::close`], before the pools close.
+    /// Has every lane let go of what it keeps of its connection and stop
+    /// taking work; for [`Store::close`], before the pools close.
     pub(super) async fn quiesce(&self) {
         for lane in &self.senders {
             let (done, flushed) = oneshot::channel();
@@ -242,15 +324,6 @@ impl Lanes {
         key.hash(&mut h);
         &self.senders[(h.finish() % self.senders.len() as u64) as usize]
     }
-}
-
-/// Whether an error is the database's rather than the request's own
-/// decision: after it, the group's transaction is not trusted further.
-fn of_the_database(e: &Error) -> bool {
-    matches!(
-        e,
-        Error::StorageUnavailable(_) | Error::StorageContention(_) | Error::Internal(_)
-    )
 }
 
 impl Store {
@@ -283,6 +356,9 @@ impl Store {
     /// or another key whose writes should queue together), and answers
     /// once the group is committed. A lost race is answered
     /// [`Error::StorageContention`], for [`Store::retrying`] to run again.
+    /// A request still waiting for its turn after the store's deadline is
+    /// given up (STORAGE_UNAVAILABLE, never run); one that has started is
+    /// waited for (the lane bounds it).
     pub(super) async fn grouped<T, F>(&self, key: &str, op: F) -> Result<T, Error>
     where
         T: Send + 'static,
@@ -290,62 +366,121 @@ impl Store {
             + Send
             + 'static,
     {
-        let (reply, answer) = oneshot::channel::<Result<T, Error>>();
-        let job: Job = Box::new(Request { op, reply });
+        let (reply, mut answer) = oneshot::channel::<Result<T, Error>>();
+        let state = Arc::new(AtomicU8::new(QUEUED));
+        let fate: Fate = Arc::new(Mutex::new(None));
+        let job: Job = Box::new(Request {
+            op,
+            reply,
+            state: state.clone(),
+            fate: fate.clone(),
+        });
         self.lanes
             .lane(key)
             .send(job)
             .map_err(|_| Error::StorageUnavailable("the store's writer has stopped".into()))?;
         self.lanes.stats.queued.fetch_add(1, Ordering::Relaxed);
-        answer.await.unwrap_or_else(|_| {
-            Err(Error::Internal(
-                "the store's writer dropped a request".into(),
-            ))
-        })
+        let dropped = || {
+            lock(&fate)
+                .take()
+                .unwrap_or_else(|| Error::Internal("the store's writer dropped a request".into()))
+        };
+        if let Some(d) = self.lanes.deadline
+            && let Ok(answered) = tokio::time::timeout(d, &mut answer).await
+        {
+            return answered.unwrap_or_else(|_| Err(dropped()));
+        }
+        if self.lanes.deadline.is_some()
+            && state
+                .compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            return Err(Error::StorageUnavailable(format!(
+                "the write waited more than {} s for its turn",
+                self.lanes.deadline.unwrap_or_default().as_secs_f64()
+            )));
+        }
+        answer.await.unwrap_or_else(|_| Err(dropped()))
     }
+}
+
+/// A group run: its members' answers, whether its transaction can still be
+/// trusted, and a flush met while it ran (left for after it).
+struct Group {
+    answers: Vec<Answer>,
+    trusted: bool,
+    flush: Option<Job>,
 }
 
 /// Runs queued members in `tx`, from `first` on, while the group is open;
 /// `in_doubt` is asked after each whether the transaction can still be
-/// trusted.
+/// trusted (SQLite: a savepoint statement failed).
 async fn run_members(
     tx: &DatabaseTransaction,
     first: Job,
     rx: &mut mpsc::UnboundedReceiver<Job>,
+    limits: &GroupLimits,
     in_doubt: impl Fn() -> bool,
 ) -> Group {
     let opened = Instant::now();
     let mut group = Group {
         answers: Vec::new(),
         trusted: true,
-        flush: false,
+        flush: None,
     };
     let mut job = Some(first);
     while let Some(j) = job.take() {
-        group.flush |= j.flushes();
-        let ran = j.run(tx).await;
-        group.answers.push(ran.answer);
-        if in_doubt() {
-            group.trusted = false;
-            return group;
+        if j.flushes() {
+            group.flush = Some(j);
+            break;
         }
-        if ran.ends_group || group.answers.len() >= MAX_MEMBERS || opened.elapsed() >= MAX_OPEN {
+        let fate = j.fate();
+        let dropped = |e: Error| {
+            if let Some(f) = &fate {
+                *lock(f) = Some(e);
+            }
+        };
+        let run = AssertUnwindSafe(j.run(tx)).catch_unwind();
+        let ran = match limits.deadline {
+            None => Some(run.await),
+            Some(d) => tokio::time::timeout(d, run).await.ok(),
+        };
+        match ran {
+            Some(Ok(ran)) => {
+                group.answers.push(ran.answer);
+                if ran.in_doubt || in_doubt() {
+                    group.trusted = false;
+                    return group;
+                }
+                if ran.ends_group {
+                    break;
+                }
+            }
+            // A member that panicked (its caller is told the writer
+            // dropped it) or ran out of time leaves the transaction in
+            // doubt.
+            Some(Err(_)) => {
+                tracing::error!("a write panicked; its group is rolled back");
+                dropped(Error::Internal("a write panicked".into()));
+                group.trusted = false;
+                return group;
+            }
+            None => {
+                tracing::warn!("a write ran out of time; its group is rolled back");
+                dropped(Error::StorageUnavailable(
+                    "the database did not answer in time; nothing was written".into(),
+                ));
+                group.trusted = false;
+                return group;
+            }
+        }
+        if group.answers.len() >= limits.members || opened.elapsed() >= limits.open {
             break;
         }
         job = rx.try_recv().ok();
     }
     group
 }
-
-/// A group run: its members' answers, whether its transaction can still be
-/// trusted, and whether the lane is to flush after it.
-struct Group {
-    answers: Vec<Answer>,
-    trusted: bool,
-    flush: bool,
-}
-
-type Answer = Box<dyn FnOnce(Result<(), Error>) + Send>;
 
 /// A commit's failure as the members are told it: nothing was written,
 /// try again.
@@ -356,6 +491,10 @@ fn not_committed(e: Error) -> Error {
         }
         other => other,
     }
+}
+
+fn rolled_back(why: &str) -> Error {
+    Error::StorageUnavailable(format!("the write was rolled back: {why}"))
 }
 
 fn answer_all(answers: Vec<Answer>, committed: &Result<(), Error>, stats: &Stats) {
@@ -382,43 +521,81 @@ async fn next_job(rx: &mut mpsc::UnboundedReceiver<Job>) -> Option<Job> {
     }
 }
 
+/// After a flush: every request is told the store is closing.
+async fn refuse_all(mut rx: mpsc::UnboundedReceiver<Job>) {
+    while let Some(j) = rx.recv().await {
+        j.fail(Error::StorageUnavailable("the store is closing".into()));
+    }
+}
+
 /// A PostgreSQL lane: groups on a pooled connection.
 async fn pool_lane(
     conn: DatabaseConnection,
     mut rx: mpsc::UnboundedReceiver<Job>,
     stats: Arc<Stats>,
+    limits: GroupLimits,
 ) {
-    while let Some(first) = next_job(&mut rx).await {
-        let tx = match Store::begin_on(&conn, DbBackend::Postgres).await {
+    let mut next: Option<Job> = None;
+    loop {
+        let first = match next.take() {
+            Some(j) => j,
+            None => match next_job(&mut rx).await {
+                Some(j) => j,
+                None => return,
+            },
+        };
+        if first.flushes() {
+            first.fail(rolled_back("closing"));
+            return refuse_all(rx).await;
+        }
+        let begun = match limits.deadline {
+            None => Store::begin_on(&conn, DbBackend::Postgres).await,
+            Some(d) => tokio::time::timeout(d, Store::begin_on(&conn, DbBackend::Postgres))
+                .await
+                .unwrap_or_else(|_| Err(Error::StorageUnavailable("BEGIN timed out".into()))),
+        };
+        let tx = match begun {
             Ok(tx) => tx,
             Err(e) => {
-                fail_queued(first, &mut rx, &e);
+                next = fail_queued(first, &mut rx, &e);
                 continue;
             }
         };
-        let Group {
-            answers, trusted, ..
-        } = run_members(&tx, first, &mut rx, || false).await;
-        let committed = if trusted {
-            tx.commit().await.map_err(|e| not_committed(db_err(e)))
+        let group = run_members(&tx, first, &mut rx, &limits, || false).await;
+        next = group.flush;
+        let committed = if group.trusted {
+            let commit = tx.commit();
+            match limits.deadline {
+                None => commit.await.map_err(|e| not_committed(db_err(e))),
+                Some(d) => match tokio::time::timeout(d, commit).await {
+                    Ok(c) => c.map_err(|e| not_committed(db_err(e))),
+                    // Whether it committed is unknown: the members are told
+                    // to retry (those with a request_id find their answer).
+                    Err(_) => Err(Error::StorageUnavailable(
+                        "the commit did not answer in time".into(),
+                    )),
+                },
+            }
         } else {
-            Err(Error::StorageUnavailable(
-                "the write was rolled back".into(),
-            ))
+            // Dropped: rolled back (a connection that does not answer is
+            // closed by the pool).
+            drop(tx);
+            Err(rolled_back("a member left the transaction in doubt"))
         };
-        answer_all(answers, &committed, &stats);
+        answer_all(group.answers, &committed, &stats);
     }
 }
 
 /// The SQLite lane: for each group, locks the write connection's handle
 /// out of its worker thread and runs the group's statements here
 /// (`direct.rs`). What it prepares is kept from group to group (the handle
-/// is the same while the pool keeps its one connection) until
-/// [`Lanes::quiesce`].
+/// is the same while the pool keeps its one connection) until a flush
+/// ([`Lanes::quiesce`]) or the store's end.
 async fn sqlite_lane(
     pool: sqlx::SqlitePool,
     mut rx: mpsc::UnboundedReceiver<Job>,
     stats: Arc<Stats>,
+    limits: GroupLimits,
 ) {
     let slot: Slot = Arc::new(Mutex::new(None));
     let direct = Direct::new(slot.clone());
@@ -429,12 +606,25 @@ async fn sqlite_lane(
     .into();
     // The handle the connection in `slot` was made on.
     let mut made_on: Option<usize> = None;
-    while let Some(first) = next_job(&mut rx).await {
+    let mut next: Option<Job> = None;
+    loop {
+        let first = match next.take() {
+            Some(j) => j,
+            None => match next_job(&mut rx).await {
+                Some(j) => j,
+                None => break,
+            },
+        };
+        if first.flushes() {
+            finalize(&pool, &slot).await;
+            first.fail(rolled_back("closing"));
+            return refuse_all(rx).await;
+        }
         let mut pooled = match pool.acquire().await {
             Ok(c) => c,
             Err(e) => {
                 let e = db_err(DbErr::Conn(RuntimeErr::SqlxError(Arc::new(e))));
-                fail_queued(first, &mut rx, &e);
+                next = fail_queued(first, &mut rx, &e);
                 continue;
             }
         };
@@ -442,7 +632,7 @@ async fn sqlite_lane(
             Ok(l) => l,
             Err(e) => {
                 let e = db_err(DbErr::Conn(RuntimeErr::SqlxError(Arc::new(e))));
-                fail_queued(first, &mut rx, &e);
+                next = fail_queued(first, &mut rx, &e);
                 continue;
             }
         };
@@ -462,26 +652,21 @@ async fn sqlite_lane(
                     made_on = Some(handle);
                 }
                 Err(e) => {
-                    fail_queued(first, &mut rx, &db_err(direct::to_db_err(e)));
+                    next = fail_queued(first, &mut rx, &db_err(direct::to_db_err(e)));
                     continue;
                 }
             }
         }
-        let begun = match lock(&slot).as_ref() {
-            Some(c) => c
-                .prepare_cached("BEGIN IMMEDIATE")
-                .and_then(|mut st| st.execute([]))
-                .map_err(|e| db_err(direct::to_db_err(e))),
-            None => Err(Error::Internal("the writer holds no connection".into())),
-        };
+        let begun = run_on(&slot, "BEGIN IMMEDIATE");
         if let Err(e) = begun {
-            fail_queued(first, &mut rx, &e);
+            next = fail_queued(first, &mut rx, &e);
             continue;
         }
         *lock(&failed) = None;
         let group = match proxy.begin().await {
             Ok(tx) => {
-                let ran = run_members(&tx, first, &mut rx, || lock(&failed).is_some()).await;
+                let ran =
+                    run_members(&tx, first, &mut rx, &limits, || lock(&failed).is_some()).await;
                 // The group's own transaction is ended below, on the
                 // connection itself.
                 let _ = tx.commit().await;
@@ -493,76 +678,94 @@ async fn sqlite_lane(
                 Group {
                     answers: Vec::new(),
                     trusted: false,
-                    flush: false,
+                    flush: None,
                 }
             }
         };
-        let committed = {
-            let slot = lock(&slot);
-            match slot.as_ref() {
-                None => Err(Error::Internal("the writer lost its connection".into())),
-                Some(conn) => end_group(conn, group.trusted, &failed),
-            }
+        next = group.flush;
+        let committed = if group.trusted {
+            run_on(&slot, "COMMIT").map_err(not_committed)
+        } else {
+            Err(rolled_back(&lock(&failed).take().unwrap_or_else(|| {
+                "a member left the transaction in doubt".into()
+            })))
         };
-        if group.flush {
-            // Finalizes the prepared statements (the handle stays open).
+        // Whatever did not commit is rolled back; a connection that cannot
+        // even do that is closed (the pool opens another).
+        let mut wedged = false;
+        if let Some(conn) = lock(&slot).as_ref()
+            && !conn.is_autocommit()
+            && let Err(e) = run_on_conn(conn, "ROLLBACK")
+        {
+            tracing::error!(error = %e, "rolling back a group failed; closing the write connection");
+            wedged = true;
+        }
+        if wedged {
             drop(lock(&slot).take());
             made_on = None;
+            drop(locked);
+            let _ = pooled.close().await;
+        } else {
+            drop(locked);
+            drop(pooled);
         }
-        drop(locked);
-        drop(pooled);
         answer_all(group.answers, &committed, &stats);
     }
-    drop(lock(&slot).take());
+    finalize(&pool, &slot).await;
 }
 
 /// Statements the SQLite writer keeps prepared (the mutations' own, and
 /// the savepoints').
 const STATEMENTS_KEPT: usize = 64;
 
-/// Commits a group's transaction, or rolls it back when it cannot be
-/// trusted or the commit fails.
-fn end_group(
-    conn: &rusqlite::Connection,
-    trusted: bool,
-    failed: &Mutex<Option<String>>,
-) -> Result<(), Error> {
-    let run = |sql: &str| {
-        conn.prepare_cached(sql)
-            .and_then(|mut st| st.execute([]))
-            .map(|_| ())
-    };
-    let outcome = if trusted {
-        run("COMMIT").map_err(|e| not_committed(db_err(direct::to_db_err(e))))
-    } else {
-        Err(Error::StorageUnavailable(format!(
-            "the write was rolled back: {}",
-            lock(failed).take().unwrap_or_default()
-        )))
-    };
-    if outcome.is_err()
-        && !conn.is_autocommit()
-        && let Err(e) = run("ROLLBACK")
-    {
-        tracing::error!(error = %e, "rolling back a group failed");
+fn run_on_conn(conn: &rusqlite::Connection, sql: &str) -> Result<(), Error> {
+    conn.prepare_cached(sql)
+        .and_then(|mut st| st.execute([]))
+        .map(|_| ())
+        .map_err(|e| db_err(direct::to_db_err(e)))
+}
+
+fn run_on(slot: &Slot, sql: &str) -> Result<(), Error> {
+    match lock(slot).as_ref() {
+        Some(c) => run_on_conn(c, sql),
+        None => Err(Error::Internal("the writer holds no connection".into())),
     }
-    outcome
+}
+
+/// Finalizes the SQLite writer's prepared statements, with the handle
+/// locked out of sqlx's worker (never from two threads at once); if the
+/// handle cannot be had, they are leaked rather than touched.
+async fn finalize(pool: &sqlx::SqlitePool, slot: &Slot) {
+    let Some(conn) = lock(slot).take() else {
+        return;
+    };
+    match pool.acquire().await {
+        Ok(mut pooled) => match pooled.lock_handle().await {
+            Ok(locked) => {
+                drop(conn);
+                drop(locked);
+            }
+            Err(_) => std::mem::forget(conn),
+        },
+        Err(_) => std::mem::forget(conn),
+    }
 }
 
 /// A rusqlite connection on the locked handle of sqlx's connection.
 ///
 /// The only `unsafe` of switchyard. Sound because:
-/// - it is used only inside a group, while the handle is locked out of
-///   sqlx's worker thread (`locked` in [`sqlite_lane`]), so one thread at a
-///   time uses the handle;
+/// - it is used only while the handle is locked out of sqlx's worker
+///   thread (inside a group of [`sqlite_lane`], or in [`finalize`]), so one
+///   thread at a time uses the handle;
 /// - it does not own the handle (rusqlite's `from_handle` never closes it);
 ///   between groups it only keeps statements prepared on it, reset (SQLite
 ///   allows any number per connection, and sqlx's own are beside them);
 /// - the handle stays open while they exist: the lane holds a clone of the
-///   pool, so its one connection is not dropped; [`Store::close`] has the
-///   lane finalize them ([`Lanes::quiesce`]) before it closes the pool; and
-///   a handle that changed anyway is never touched through the old
-///   connection (it is leaked, not finalized);
+///   pool, so its one connection is not dropped while the lane lives; the
+///   lane finalizes them (handle locked) when it ends, when the store
+///   closes ([`Lanes::quiesce`], before the pool closes) and before it
+///   closes a connection it could not roll back; a handle that changed
+///   anyway is never touched through the old connection (it is leaked);
 /// - rusqlite and sqlx-sqlite link the same libsqlite3-sys (rusqlite is
 ///   pinned in Cargo.toml to the version that uses it), so the handle is of
 ///   the SQLite they both call.
@@ -580,14 +783,22 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Answers `first` and every request queued behind it with `e`: nothing
-/// can be written now.
-fn fail_queued(first: Job, rx: &mut mpsc::UnboundedReceiver<Job>, e: &Error) {
+/// can be written now. A flush met among them is handed back, for the
+/// lane to do.
+#[must_use]
+fn fail_queued(first: Job, rx: &mut mpsc::UnboundedReceiver<Job>, e: &Error) -> Option<Job> {
     let mut failed = vec![first];
+    let mut flush = None;
     while let Ok(j) = rx.try_recv() {
+        if j.flushes() {
+            flush = Some(j);
+            break;
+        }
         failed.push(j);
     }
     tracing::warn!(error = %e, requests = failed.len(), "could not begin a write transaction");
     for j in failed {
         j.fail(e.clone());
     }
+    flush
 }

@@ -77,7 +77,7 @@ impl Store {
             body.to_vec(),
             claim.to_owned(),
         ));
-        self.retrying(|| {
+        self.retrying_grouped(|| {
             let ctx = ctx.clone();
             self.grouped(request_id, move |tx| {
                 Box::pin(async move {
@@ -351,7 +351,7 @@ impl Store {
         idem: Option<IdemCommit<T>>,
     ) -> Result<T, Error> {
         let idem = std::sync::Arc::new(idem);
-        self.retrying(|| {
+        self.retrying_grouped(|| {
             let (op, idem) = (op.clone(), idem.clone());
             self.grouped(key, move |tx| {
                 Box::pin(async move { op(tx, idem.as_ref().as_ref()).await })
@@ -375,7 +375,7 @@ impl Store {
             return self.write(key, op, None).await.map(Written::Fresh);
         };
         let ctx = std::sync::Arc::new((self.clone(), tenant.clone(), request));
-        self.retrying(|| {
+        self.retrying_grouped(|| {
             let (op, ctx) = (op.clone(), ctx.clone());
             self.grouped(key, move |tx| {
                 Box::pin(async move {

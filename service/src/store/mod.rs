@@ -37,7 +37,7 @@ pub use actions::{ActionQuery, PushOutcome};
 pub use budget::{Bucket, Spend};
 pub use devices::Retarget;
 pub use dispatch::{Claim, Finish, Job, Outcome, Started};
-pub use group::WriteGroups;
+pub use group::{GroupLimits, WriteGroups};
 
 /// How far apart the clocks of replicas sharing a database may be: work
 /// due later than this from a writer's now cannot have been started by
@@ -75,6 +75,10 @@ pub struct StoreOptions {
     /// PostgreSQL: how long one store operation may take (see
     /// `Store::deadline`).
     pub deadline: Duration,
+    /// At most this many requests' writes are committed together.
+    pub group_members: usize,
+    /// A group commit takes no more members this long after it began.
+    pub group_open: Duration,
 }
 
 impl Default for StoreOptions {
@@ -83,6 +87,8 @@ impl Default for StoreOptions {
             busy_timeout: Duration::from_secs(10),
             max_connections: 16,
             deadline: Duration::from_secs(8),
+            group_members: group::GroupLimits::default().members,
+            group_open: group::GroupLimits::default().open,
         }
     }
 }
@@ -285,7 +291,15 @@ impl Store {
             // the dispatcher and the sweeps.
             let lanes = (options.max_connections / 2).max(1) as usize;
             return Ok(Self {
-                lanes: Arc::new(group::Lanes::start(&conn, lanes)?),
+                lanes: Arc::new(group::Lanes::start(
+                    &conn,
+                    lanes,
+                    group::GroupLimits {
+                        members: options.group_members.max(1),
+                        open: options.group_open,
+                        deadline: Some(options.deadline),
+                    },
+                )?),
                 write: conn.clone(),
                 read: conn,
                 health: SqlxPostgresConnector::from_sqlx_postgres_pool(health),
@@ -315,7 +329,13 @@ impl Store {
             // The writer's page cache (SQLite's default is 2 MiB): bulk
             // dispatch writes (a burst of starts, a round's outcomes)
             // touch pages all over the actions table and its indexes.
-            .connect_with(opts.clone().pragma("cache_size", "-32768"))
+            // A group commit's savepoints journal the pages they change:
+            // in memory, not in a temporary file (a write per page).
+            .connect_with(
+                opts.clone()
+                    .pragma("cache_size", "-32768")
+                    .pragma("temp_store", "memory"),
+            )
             .await
             .map_err(sqlx_err)?;
         // An in-memory database lives in its one connection.
@@ -332,7 +352,15 @@ impl Store {
         let read = SqlxSqliteConnector::from_sqlx_sqlite_pool(read);
         let write = SqlxSqliteConnector::from_sqlx_sqlite_pool(write);
         Ok(Self {
-            lanes: Arc::new(group::Lanes::start(&write, 1)?),
+            lanes: Arc::new(group::Lanes::start(
+                &write,
+                1,
+                group::GroupLimits {
+                    members: options.group_members.max(1),
+                    open: options.group_open,
+                    deadline: None,
+                },
+            )?),
             write,
             health: read.clone(),
             read,
@@ -476,30 +504,46 @@ impl Store {
     /// growing pause (up to 2, 4, … 32 ms); after that, or past the store's
     /// deadline for all the tries together, the caller is told
     /// STORAGE_UNAVAILABLE (retry later).
-    pub(super) async fn retrying<T, F, Fut>(&self, mut op: F) -> Result<T, Error>
+    pub(super) async fn retrying<T, F, Fut>(&self, op: F) -> Result<T, Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, Error>>,
+    {
+        self.bounded(Self::retried(op)).await
+    }
+
+    /// [`Store::retrying`] for group members, without the overall
+    /// deadline: a member is given up only before it starts, never while
+    /// its group may still commit it (`group.rs` bounds both).
+    pub(super) async fn retrying_grouped<T, F, Fut>(&self, op: F) -> Result<T, Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, Error>>,
+    {
+        Self::retried(op).await
+    }
+
+    async fn retried<T, F, Fut>(mut op: F) -> Result<T, Error>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, Error>>,
     {
         let mut tries = 0;
-        self.bounded(async {
-            loop {
-                match op().await {
-                    Err(Error::StorageContention(msg)) => {
-                        tries += 1;
-                        if tries >= CONTENTION_TRIES {
-                            return Err(Error::StorageUnavailable(format!(
-                                "still contended after {tries} tries: {msg}"
-                            )));
-                        }
-                        tracing::debug!(tries, error = %msg, "write contended, running it again");
-                        tokio::time::sleep(jitter(tries)).await;
+        loop {
+            match op().await {
+                Err(Error::StorageContention(msg)) => {
+                    tries += 1;
+                    if tries >= CONTENTION_TRIES {
+                        return Err(Error::StorageUnavailable(format!(
+                            "still contended after {tries} tries: {msg}"
+                        )));
                     }
-                    other => return other,
+                    tracing::debug!(tries, error = %msg, "write contended, running it again");
+                    tokio::time::sleep(jitter(tries)).await;
                 }
+                other => return other,
             }
-        })
-        .await
+        }
     }
 }
 

@@ -307,3 +307,248 @@ fn a_database_password_is_never_repeated() {
         "error with configuration: postgres://sy:<redacted>@db/x"
     );
 }
+
+/// Group commit on SQLite: what a group does with members that fail in
+/// the database, and how large it grows.
+mod groups {
+    use super::*;
+    use crate::domain::{Command, Params, Strategy, validate::ValidPush};
+    use crate::store::{ActionQuery, PushOutcome};
+    use tokio::{sync::oneshot, task::JoinHandle};
+
+    const H: i64 = 3600 * Ts::SECOND;
+
+    async fn store(path: &std::path::Path, members: usize) -> Store {
+        let url = format!("sqlite://{}", path.display());
+        let store = Store::open_with(
+            &url,
+            Arc::new(ManualClock::new(Ts(0))),
+            &StoreOptions {
+                group_members: members,
+                group_open: Duration::from_secs(60),
+                ..StoreOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        store
+            .create_device(
+                &TenantId::default_tenant(),
+                device("d1", BTreeMap::new()),
+                None,
+            )
+            .await
+            .unwrap();
+        store
+    }
+
+    /// Holds the writer inside a group until the returned sender fires.
+    async fn hold(store: &Store) -> (oneshot::Sender<()>, JoinHandle<Result<(), Error>>) {
+        let (entered, inside) = oneshot::channel();
+        let (release, released) = oneshot::channel::<()>();
+        let s = store.clone();
+        let held = tokio::spawn(async move {
+            s.grouped("d1", move |_| {
+                Box::pin(async move {
+                    let _ = entered.send(());
+                    let _ = released.await;
+                    Ok(())
+                })
+            })
+            .await
+        });
+        inside.await.unwrap();
+        (release, held)
+    }
+
+    /// Queues a push of [start, end) hours, waiting until it is queued.
+    async fn queue_push(
+        store: &Store,
+        start: i64,
+        end: i64,
+    ) -> JoinHandle<Result<PushOutcome, Error>> {
+        let queued = store.write_groups().queued;
+        let s = store.clone();
+        let push = ValidPush {
+            command: Command::Charge,
+            channel: "mode".into(),
+            params: Params::default(),
+            start: Ts(start * H),
+            end: Some(Ts(end * H)),
+            immediate: false,
+        };
+        let task = tokio::spawn(async move {
+            s.push(
+                &TenantId::default_tenant(),
+                &DeviceId::parse("d1").unwrap(),
+                move |_, _| Ok(push.clone()),
+                Strategy::Reject,
+                false,
+                None,
+            )
+            .await
+        });
+        wait_queued(store, queued + 1).await;
+        task
+    }
+
+    /// Queues raw SQL as a member of its own.
+    async fn queue_sql(store: &Store, sql: &'static str) -> JoinHandle<Result<(), Error>> {
+        let queued = store.write_groups().queued;
+        let s = store.clone();
+        let task = tokio::spawn(async move {
+            s.grouped("d1", move |tx| {
+                Box::pin(async move {
+                    tx.execute_unprepared(sql)
+                        .await
+                        .map_err(super::super::db_err)?;
+                    Ok(())
+                })
+            })
+            .await
+        });
+        wait_queued(store, queued + 1).await;
+        task
+    }
+
+    async fn wait_queued(store: &Store, n: u64) {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while store.write_groups().queued < n {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("queued");
+    }
+
+    async fn stored(store: &Store) -> usize {
+        store
+            .list_actions(
+                &TenantId::default_tenant(),
+                ActionQuery {
+                    device: None,
+                    states: &[],
+                    before: None,
+                    limit: 100,
+                },
+            )
+            .await
+            .unwrap()
+            .len()
+    }
+
+    /// A group takes at most its member limit; the rest wait for the next.
+    #[tokio::test]
+    async fn a_group_takes_no_more_than_its_member_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir.path().join("db.sqlite"), 2).await;
+        let before = store.write_groups();
+        let (release, held) = hold(&store).await;
+        let mut pushes = Vec::new();
+        for h in 0..5 {
+            pushes.push(queue_push(&store, 2 * h + 1, 2 * h + 2).await);
+        }
+        release.send(()).unwrap();
+        held.await.unwrap().unwrap();
+        for p in pushes {
+            p.await.unwrap().unwrap();
+        }
+        let after = store.write_groups();
+        assert_eq!(after.members - before.members, 6);
+        assert_eq!(after.groups - before.groups, 3, "6 members, 2 a group");
+        assert_eq!(stored(&store).await, 5);
+    }
+
+    /// A statement that fails (here: a table that does not exist) fails
+    /// its own request and ends the group: the members before it are
+    /// committed, the ones after it run in the next group.
+    #[tokio::test]
+    async fn a_failing_statement_fails_its_request_and_ends_the_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir.path().join("db.sqlite"), 512).await;
+        let before = store.write_groups();
+        let (release, held) = hold(&store).await;
+        let first = queue_push(&store, 1, 2).await;
+        let failing = queue_sql(&store, "INSERT INTO no_such_table VALUES (1)").await;
+        let after_it = queue_push(&store, 3, 4).await;
+        release.send(()).unwrap();
+        held.await.unwrap().unwrap();
+        first.await.unwrap().expect("committed with its group");
+        assert!(
+            matches!(failing.await.unwrap(), Err(Error::Internal(_))),
+            "a statement no retry cures"
+        );
+        after_it.await.unwrap().expect("run in the next group");
+        let after = store.write_groups();
+        assert_eq!(after.groups - before.groups, 2);
+        assert_eq!(stored(&store).await, 2);
+    }
+
+    /// A write that panics (a bug) rolls back its group and is answered
+    /// INTERNAL; the writer lives on and the next group commits.
+    #[tokio::test]
+    async fn a_panicking_write_rolls_back_its_group_not_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir.path().join("db.sqlite"), 512).await;
+        let (release, held) = hold(&store).await;
+        let first = queue_push(&store, 1, 2).await;
+        let queued = store.write_groups().queued;
+        let s = store.clone();
+        let panicking = tokio::spawn(async move {
+            s.grouped(
+                "d1",
+                |_| -> futures::future::BoxFuture<'_, Result<(), Error>> {
+                    Box::pin(async { panic!("a bug in a write") })
+                },
+            )
+            .await
+        });
+        wait_queued(&store, queued + 1).await;
+        let after_it = queue_push(&store, 3, 4).await;
+        release.send(()).unwrap();
+        let _ = held.await.unwrap();
+        assert!(matches!(
+            first.await.unwrap(),
+            Err(Error::StorageUnavailable(_))
+        ));
+        assert!(matches!(panicking.await.unwrap(), Err(Error::Internal(_))));
+        after_it.await.unwrap().expect("the writer lives on");
+        assert_eq!(stored(&store).await, 1);
+    }
+
+    /// A member after which SQLite has rolled back the whole transaction
+    /// itself (`RAISE(ROLLBACK)` in a trigger; SQLITE_FULL and I/O errors
+    /// do the same) rolls back its group: every member of it is told
+    /// STORAGE_UNAVAILABLE and nothing of it is stored; the next group is
+    /// a transaction of its own.
+    #[tokio::test]
+    async fn a_member_that_rolls_back_the_transaction_rolls_back_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir.path().join("db.sqlite"), 512).await;
+        store
+            .write
+            .execute_unprepared(
+                "CREATE TABLE boom (x INTEGER); \
+                 CREATE TRIGGER boom_rolls_back BEFORE INSERT ON boom \
+                 BEGIN SELECT RAISE(ROLLBACK, 'boom'); END;",
+            )
+            .await
+            .unwrap();
+        let (release, held) = hold(&store).await;
+        let first = queue_push(&store, 1, 2).await;
+        let failing = queue_sql(&store, "INSERT INTO boom VALUES (1)").await;
+        let after_it = queue_push(&store, 3, 4).await;
+        release.send(()).unwrap();
+        assert!(matches!(
+            held.await.unwrap(),
+            Err(Error::StorageUnavailable(_))
+        ));
+        assert!(
+            matches!(first.await.unwrap(), Err(Error::StorageUnavailable(_))),
+            "rolled back with its group"
+        );
+        assert!(failing.await.unwrap().is_err());
+        after_it.await.unwrap().expect("a transaction of its own");
+        assert_eq!(stored(&store).await, 1, "only the one after the group");
+    }
+}
