@@ -430,6 +430,8 @@ async fn a_request_that_outlived_its_lease_cannot_apply_after_a_retry_took_over(
             Some(IdemCommit {
                 request_id: "k".into(),
                 claim,
+                unwritten: None,
+                at_ns: 0,
                 encode: Box::new(|_| b"resp".to_vec()),
             }),
         )

@@ -263,6 +263,15 @@ fn conflict_message(c: &Conflict) -> String {
 }
 
 impl Error {
+    /// Whether the database (not the request) failed: STORAGE_UNAVAILABLE,
+    /// a lost race, or INTERNAL.
+    pub fn is_storage(&self) -> bool {
+        matches!(
+            self,
+            Error::StorageUnavailable(_) | Error::StorageContention(_) | Error::Internal(_)
+        )
+    }
+
     /// A single-field validation error.
     pub fn invalid(
         field: impl Into<String>,

@@ -285,6 +285,8 @@ pub async fn a_group_commits_its_successes_around_its_failures(f: &Fixture) {
         let idem = (i == 4).then(|| IdemCommit {
             request_id: "lost-claim".into(),
             claim: "not-held".into(),
+            unwritten: None,
+            at_ns: 0,
             encode: Box::new(|_: &super::PushOutcome| b"answer".to_vec()),
         });
         pushes.push(tokio::spawn(async move {
@@ -492,6 +494,8 @@ pub async fn idempotency_replays_and_refuses_another_body(f: &Fixture) {
     let commit = IdemCommit {
         request_id: "req-1".to_owned(),
         claim,
+        unwritten: None,
+        at_ns: 0,
         encode: Box::new(|o: &super::PushOutcome| o.action.id.to_string().into_bytes()),
     };
     let out = f

@@ -197,7 +197,9 @@ where
                     },
                 },
             };
-            let ends_group = result.as_ref().err().is_some_and(of_the_database);
+            // The database's failure, not the request's decision: no more
+            // members join the group.
+            let ends_group = result.as_ref().err().is_some_and(Error::is_storage);
             Ran {
                 ends_group,
                 in_doubt,
@@ -215,15 +217,6 @@ where
     fn fate(&self) -> Option<Fate> {
         Some(self.fate.clone())
     }
-}
-
-/// Whether an error is the database's rather than the request's own
-/// decision: after it, no more members join the group.
-fn of_the_database(e: &Error) -> bool {
-    matches!(
-        e,
-        Error::StorageUnavailable(_) | Error::StorageContention(_) | Error::Internal(_)
-    )
 }
 
 /// The lanes of a store.

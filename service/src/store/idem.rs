@@ -29,8 +29,22 @@ pub struct IdemCommit<T> {
     /// The claim [`Store::idem_begin`] handed out; the response is recorded
     /// only while this claim still holds the key.
     pub claim: String,
+    /// Set when the key was only checked, not written (a write of
+    /// [`Store::write_once`]): the method and request it is bound to, for
+    /// the key to be written once, with its answer.
+    pub unwritten: Option<(&'static str, Vec<u8>)>,
+    /// When the key was checked (nanoseconds), for an unwritten one.
+    pub at_ns: i64,
     /// Encodes the response from the outcome.
     pub encode: EncodeResponse<T>,
+}
+
+/// How a key is written.
+enum Taking<'a> {
+    /// Claimed by a request in progress.
+    Claim(&'a str),
+    /// With its answer.
+    Answered(Vec<u8>),
 }
 
 /// What the idempotency check found.
@@ -100,6 +114,35 @@ impl Store {
         body: &[u8],
         claim: &str,
     ) -> Result<IdemBegin, Error> {
+        if let Some(resp) = self
+            .idem_check_in(tx, tenant, request_id, method, body)
+            .await?
+        {
+            return Ok(IdemBegin::Replay(resp));
+        }
+        Self::idem_take_in(
+            tx,
+            tenant,
+            request_id,
+            method,
+            body,
+            Taking::Claim(claim),
+            self.clock.now(),
+        )
+        .await?;
+        Ok(IdemBegin::Fresh(claim.to_owned()))
+    }
+
+    /// The key's recorded answer (`Some`), or `None` if it is free to
+    /// take; refuses a key bound to another body, or being worked on.
+    async fn idem_check_in(
+        &self,
+        tx: &sea_orm::DatabaseTransaction,
+        tenant: &TenantId,
+        request_id: &str,
+        method: &str,
+        body: &[u8],
+    ) -> Result<Option<Vec<u8>>, Error> {
         let now = self.clock.now();
         let key = || {
             sea_orm::Condition::all()
@@ -121,7 +164,7 @@ impl Store {
                     });
                 }
                 if let Some(resp) = row.response_body {
-                    return Ok(IdemBegin::Replay(resp));
+                    return Ok(Some(resp));
                 }
                 if let Some(lease) = live_lease {
                     return Err(Error::RequestInProgress {
@@ -131,11 +174,33 @@ impl Store {
                 }
             }
         }
-        // New, expired, or abandoned by a crashed request: take it — but
-        // only if it still is when the write lands. Another replica may
-        // have taken a new key between the read and this write (PostgreSQL
-        // locks no row that does not exist yet); then nothing is written,
-        // and the read, run again, finds that request's key.
+        Ok(None)
+    }
+
+    /// Writes the key: claimed (in progress) or with its answer. New,
+    /// expired, or abandoned by a crashed request, it is taken — but only
+    /// if it still is when the write lands. Another replica may have taken
+    /// it between the check and this write (PostgreSQL locks no row that
+    /// does not exist yet; the insert waits for that replica's commit);
+    /// then nothing is written, and the request, run again, finds that
+    /// request's key.
+    async fn idem_take_in<C: ConnectionTrait>(
+        tx: &C,
+        tenant: &TenantId,
+        request_id: &str,
+        method: &str,
+        body: &[u8],
+        taking: Taking<'_>,
+        now: Ts,
+    ) -> Result<(), Error> {
+        let (claim, response, lease) = match taking {
+            Taking::Claim(c) => (
+                Some(c.to_owned()),
+                None,
+                Some(now.0 + IDEMPOTENCY_LEASE_NANOS),
+            ),
+            Taking::Answered(r) => (None, Some(r), None),
+        };
         let existing = |c: idem_key::Column| Expr::col((idem_key::Entity, c));
         let free = existing(idem_key::Column::ExpireNs).lte(now.0).or(existing(
             idem_key::Column::ResponseBody,
@@ -151,9 +216,9 @@ impl Store {
             request_id: Set(request_id.to_owned()),
             method: Set(method.to_owned()),
             request_body: Set(body.to_vec()),
-            response_body: Set(None),
-            lease_until_ns: Set(Some(now.0 + IDEMPOTENCY_LEASE_NANOS)),
-            claim: Set(Some(claim.to_owned())),
+            response_body: Set(response),
+            lease_until_ns: Set(lease),
+            claim: Set(claim),
             create_ns: Set(now.0),
             expire_ns: Set(now.0 + IDEMPOTENCY_TTL_NANOS),
         })
@@ -179,7 +244,7 @@ impl Store {
                 "request_id {request_id:?} was taken by another request meanwhile"
             )));
         }
-        Ok(IdemBegin::Fresh(claim.to_owned()))
+        Ok(())
     }
 
     /// The recorded answer of `request_id`, read without a write: a retry
@@ -263,6 +328,19 @@ impl Store {
     ) -> Result<(), Error> {
         if let Some(idem) = idem {
             let body = (idem.encode)(outcome);
+            if let Some((method, request)) = &idem.unwritten {
+                let now = Ts(idem.at_ns);
+                return Self::idem_take_in(
+                    conn,
+                    tenant,
+                    &idem.request_id,
+                    method,
+                    request,
+                    Taking::Answered(body),
+                    now,
+                )
+                .await;
+            }
             let done = idem_key::Entity::update_many()
                 .col_expr(idem_key::Column::ResponseBody, Expr::value(Some(body)))
                 .col_expr(
@@ -380,28 +458,54 @@ impl Store {
             self.grouped(key, move |tx| {
                 Box::pin(async move {
                     let (store, tenant, request) = &*ctx;
-                    let claim = uuid::Uuid::now_v7().to_string();
-                    let begun = store
-                        .idem_begin_in(
+                    let at = store.clock.now();
+                    let recorded = store
+                        .idem_check_in(
                             tx,
                             tenant,
                             &request.request_id,
                             request.method,
                             &request.body,
-                            &claim,
                         )
                         .await?;
-                    match begun {
-                        IdemBegin::Replay(bytes) => Ok(Written::Replayed(bytes)),
-                        IdemBegin::Fresh(claim) => {
-                            let encode = request.encode.clone();
-                            let commit = IdemCommit {
-                                request_id: request.request_id.clone(),
-                                claim,
-                                encode: Box::new(move |t: &T| encode(t)),
-                            };
-                            op(tx, Some(&commit)).await.map(Written::Fresh)
+                    if let Some(bytes) = recorded {
+                        return Ok(Written::Replayed(bytes));
+                    }
+                    // Free: written once, with the answer, by the change.
+                    let encode = request.encode.clone();
+                    let commit = IdemCommit {
+                        request_id: request.request_id.clone(),
+                        claim: String::new(),
+                        unwritten: Some((request.method, request.body.clone())),
+                        at_ns: at.0,
+                        encode: Box::new(move |t: &T| encode(t)),
+                    };
+                    match op(tx, Some(&commit)).await {
+                        Ok(outcome) => Ok(Written::Fresh(outcome)),
+                        // Refused (a conflict, a stale etag): a duplicate
+                        // of this request on another replica may have
+                        // committed since the check, and be what refused
+                        // it (PostgreSQL: this change waited for its
+                        // locks). Then this one is run again, and replays.
+                        Err(e) if !e.is_storage() => {
+                            let answered = store
+                                .idem_check_in(
+                                    tx,
+                                    tenant,
+                                    &request.request_id,
+                                    request.method,
+                                    &request.body,
+                                )
+                                .await?;
+                            match answered {
+                                Some(_) => Err(Error::StorageContention(format!(
+                                    "request_id {:?} was answered meanwhile",
+                                    request.request_id
+                                ))),
+                                None => Err(e),
+                            }
                         }
+                        Err(e) => Err(e),
                     }
                 })
             })

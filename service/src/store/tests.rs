@@ -236,6 +236,8 @@ async fn releasing_a_request_id_after_its_commit_keeps_the_answer() {
     let commit = super::IdemCommit {
         request_id: "r1".into(),
         claim: claim.clone(),
+        unwritten: None,
+        at_ns: 0,
         encode: Box::new(|_: &Device| b"answer".to_vec()),
     };
     store
