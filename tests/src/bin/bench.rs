@@ -93,6 +93,26 @@ enum Cmd {
         #[arg(long, value_name = "URL")]
         database: Option<String>,
     },
+    /// Every figure of docs/performance.md in one run, one section after
+    /// the other: push ÷ health on SQLite (and on PostgreSQL with
+    /// `--postgres`), dispatch storms at 10,000 and 100,000 (the OEM
+    /// answering at once and in 200 ms, and with 32 polling readers), and
+    /// push and ListActions p99 on a fresh database and at 1,000,000
+    /// actions.
+    All {
+        /// A PostgreSQL server to measure too, as an URL whose user may
+        /// create databases (e.g. `postgres://postgres@127.0.0.1:5432/postgres`):
+        /// a database of the run's own is created there and dropped.
+        #[arg(long, value_name = "URL")]
+        postgres: Option<String>,
+        /// Divide every size by this (1: the sizes documented).
+        #[arg(long, default_value_t = 1, value_parser = at_least_one())]
+        smaller: usize,
+        /// The switchyard binary to spawn (default: `switchyard` next to
+        /// this binary).
+        #[arg(long, value_name = "PATH")]
+        server_bin: Option<std::path::PathBuf>,
+    },
     /// Push and ListActions latency on a fresh SQLite database, then again
     /// once it holds ACTIONS finished actions on DEVICES devices (written
     /// straight into the file between two runs of the server), with the
@@ -964,6 +984,65 @@ async fn plans(url: &str) -> Vec<(&'static str, String)> {
     out
 }
 
+/// Every benchmark, one after the other, each printing its section.
+async fn bench_all(postgres: Option<String>, smaller: usize, bin: Option<std::path::PathBuf>) {
+    let started = Instant::now();
+    let size = |n: usize| (n / smaller).max(1);
+    let section = |title: &str| {
+        println!();
+        println!(
+            "=== {title} ({:.0} s into the run)",
+            started.elapsed().as_secs_f64()
+        );
+    };
+    section("push ÷ health, SQLite");
+    bench_push(size(20_000), 64, 100, None, bin.clone(), None, true).await;
+    if let Some(admin) = &postgres {
+        section("push ÷ health, PostgreSQL");
+        let name = format!("sy_bench_{}", std::process::id());
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(admin)
+            .await
+            .expect("the PostgreSQL server answers");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&pool)
+            .await
+            .expect("create the run's database");
+        // The same server and user, the run's database.
+        let authority_end = admin
+            .find("://")
+            .map(|i| i + 3)
+            .and_then(|from| admin[from..].find(['/', '?']).map(|j| from + j))
+            .unwrap_or(admin.len());
+        let url = format!("{}/{name}", &admin[..authority_end]);
+        bench_push(size(20_000), 64, 100, None, bin.clone(), Some(url), true).await;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        )))
+        .execute(&pool)
+        .await
+        .expect("drop the run's database");
+    }
+    for (n, latency, readers) in [
+        (10_000, 0, 0),
+        (10_000, 200, 0),
+        (100_000, 0, 0),
+        (100_000, 200, 0),
+        (100_000, 0, 32),
+    ] {
+        section(&format!(
+            "dispatch storm, {} actions, OEM latency {latency} ms, {readers} readers",
+            size(n)
+        ));
+        bench_dispatch(size(n), 32, latency, readers, bin.clone(), None).await;
+    }
+    section("scale");
+    bench_scale(size(1_000_000), size(100_000), size(5_000), 32, bin).await;
+    println!();
+    println!("=== done in {:.0} s", started.elapsed().as_secs_f64());
+}
+
 async fn bench_scale(
     actions: usize,
     devices: usize,
@@ -1030,6 +1109,11 @@ async fn main() {
             c,
             server_bin,
         } => bench_scale(actions, devices, n, c, server_bin).await,
+        Cmd::All {
+            postgres,
+            smaller,
+            server_bin,
+        } => bench_all(postgres, smaller, server_bin).await,
         Cmd::Dispatch {
             n,
             c,
