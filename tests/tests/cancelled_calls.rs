@@ -1,7 +1,8 @@
-//! A call that is cancelled, or runs past its deadline, while it holds a
-//! request_id releases it at once: its work is rolled back, and a retry
-//! with the same key is served instead of being told REQUEST_IN_PROGRESS
-//! for the whole lease (60 s).
+//! A call that is cancelled, or runs past its deadline, before its write
+//! has run (here: while CreateDevice observes a slow OEM) writes nothing,
+//! its request_id included: a retry with the same key is served at once
+//! (a request_id is written only with the answer of the change it guards,
+//! ADR 0011).
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 

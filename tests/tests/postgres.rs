@@ -531,6 +531,68 @@ mod store_on_postgres {
 
     /// Two replicas' rate budgets on one database spend from one bucket,
     /// even when they take from it at the same moment.
+    /// A write has the store's deadline on PostgreSQL: a group whose member
+    /// runs past it is rolled back and its members are told
+    /// STORAGE_UNAVAILABLE (not INTERNAL: nothing was written, a retry is
+    /// right); a write still waiting for its turn by then is given up
+    /// unrun or run after; either way its answer says what was stored.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_past_the_deadline_is_answered_unavailable_and_writes_nothing() {
+        let Some(db) = postgres::database().await else {
+            return;
+        };
+        let store = Store::open_with(
+            &db.url,
+            Arc::new(ManualClock::new(T0)),
+            &switchyard::store::StoreOptions {
+                deadline: std::time::Duration::from_millis(300),
+                group_open: std::time::Duration::from_secs(60),
+                ..switchyard::store::StoreOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        store
+            .create_device(&TenantId::default_tenant(), device("d1"), None)
+            .await
+            .unwrap();
+        let (entered, inside) = tokio::sync::oneshot::channel();
+        let (_release, released) = tokio::sync::oneshot::channel();
+        let holder = store.clone();
+        let started = std::time::Instant::now();
+        let hold = tokio::spawn(async move { holder.hold_writer("d1", entered, released).await });
+        inside.await.unwrap();
+        let push = push_window(&store, "d1", H, 2 * H).await;
+        let held = hold.await.unwrap();
+        assert!(
+            matches!(held, Err(Error::StorageUnavailable(_))),
+            "a member past the deadline: {held:?}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        let stored = store
+            .list_actions(
+                &TenantId::default_tenant(),
+                switchyard::store::ActionQuery {
+                    device: None,
+                    states: &[],
+                    before: None,
+                    limit: 10,
+                },
+            )
+            .await
+            .unwrap();
+        match push {
+            Ok(o) => assert_eq!(
+                stored.iter().map(|a| a.id).collect::<Vec<_>>(),
+                [o.action.id]
+            ),
+            Err(Error::StorageUnavailable(_)) => assert!(stored.is_empty(), "{stored:?}"),
+            other => panic!("answered unavailable, or booked: {other:?}"),
+        }
+        store.close().await;
+        db.drop_database().await;
+    }
+
     #[tokio::test]
     async fn replicas_spend_one_budget_between_them() {
         let Some(db) = postgres::database().await else {

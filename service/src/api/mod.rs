@@ -88,11 +88,11 @@ impl App {
 
     /// Runs a mutation under `request_id` idempotency: the same key with the
     /// same body returns the stored answer; another body is refused. The
-    /// key is claimed, the change made and its answer recorded in one
-    /// savepoint of one group commit (`store/idem.rs`, `Store::write_once`),
-    /// so a duplicate, even a concurrent one, is decided after it and
-    /// replays its answer, and a mutation that fails, or a call dropped
-    /// before its turn, leaves no claim behind.
+    /// key is checked, the change made and the key written with its answer
+    /// in one savepoint of one group commit (`store/idem.rs`,
+    /// `Store::write_once`), so a duplicate, even a concurrent one, is
+    /// decided after it and replays its answer, and a mutation that fails,
+    /// or a call dropped before its turn, writes no key.
     pub async fn idempotent<T, Resp, Conv, Run, Fut>(
         &self,
         method: &'static str,
@@ -129,9 +129,27 @@ impl App {
                 encode: Arc::new(move |t: &T| to_resp(t).encode_to_vec()),
             })
         };
-        match run(request).await? {
-            Written::Fresh(t) => Ok(Ran::Fresh(t)),
-            Written::Replayed(bytes) => decode(&bytes).map(Ran::Replayed),
+        let key = request.as_ref().map(|r| r.request_id.clone());
+        match run(request).await {
+            Ok(Written::Fresh(t)) => Ok(Ran::Fresh(t)),
+            Ok(Written::Replayed(bytes)) => decode(&bytes).map(Ran::Replayed),
+            // Refused before its write (a device that exists, a stale
+            // etag): the original request may have committed since this
+            // one looked its key up, and be what refused it. Then its
+            // answer is this one's.
+            Err(e) => match key {
+                Some(key) if !e.is_storage() => {
+                    match self
+                        .store
+                        .idem_recorded(&self.tenant(), &key, method, &idem.body)
+                        .await
+                    {
+                        Ok(Some(bytes)) => decode(&bytes).map(Ran::Replayed),
+                        _ => Err(e),
+                    }
+                }
+                _ => Err(e),
+            },
         }
     }
 }

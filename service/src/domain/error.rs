@@ -264,7 +264,11 @@ fn conflict_message(c: &Conflict) -> String {
 
 impl Error {
     /// Whether the database (not the request) failed: STORAGE_UNAVAILABLE,
-    /// a lost race, or INTERNAL.
+    /// a lost race, or INTERNAL. Every database error maps to one of
+    /// these; a write refused otherwise (a decision of the request's) may
+    /// run more statements in its transaction (`Store::write_once` looks
+    /// its key up again), which on PostgreSQL only a transaction no
+    /// statement has failed in allows.
     pub fn is_storage(&self) -> bool {
         matches!(
             self,

@@ -76,7 +76,8 @@ impl Store {
     }
 
     /// [`Store::push`] (never `validate_only`) under `request_id`
-    /// idempotency, claimed in the push's own savepoint.
+    /// idempotency: the key checked, then written with the answer, in the
+    /// push's own savepoint.
     pub async fn push_once(
         &self,
         tenant: &TenantId,
@@ -299,8 +300,9 @@ impl Store {
         self.write(device_id.as_str(), op, idem).await
     }
 
-    /// [`Store::cancel_action`] under `request_id` idempotency, claimed in
-    /// the cancel's own savepoint.
+    /// [`Store::cancel_action`] under `request_id` idempotency: the key
+    /// checked, then written with the answer, in the cancel's own
+    /// savepoint.
     pub async fn cancel_action_once(
         &self,
         tenant: &TenantId,

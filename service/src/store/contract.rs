@@ -386,6 +386,69 @@ pub async fn a_group_commits_its_successes_around_its_failures(f: &Fixture) {
     }
 }
 
+/// The same request sent at once to two replicas is applied once: one
+/// gets the fresh answer, the other replays it, and one action is stored;
+/// whichever the strategy (REJECT: the second is refused by the first's
+/// action; QUEUE_AFTER: it would queue after it; CANCEL_AND_REPLACE: it
+/// would replace it).
+pub async fn a_request_sent_to_two_replicas_at_once_is_applied_once(f: &Fixture) {
+    use super::{IdemRequest, Written};
+    with_device(f, "d1").await;
+    let pairs = 12;
+    for k in 0..pairs {
+        let strategy = [
+            Strategy::Reject,
+            Strategy::QueueAfter,
+            Strategy::CancelAndReplace,
+        ][k as usize % 3];
+        let w = window((2 * k + 1) * H, Some((2 * k + 2) * H));
+        let send = |store: Store| {
+            let w = w.clone();
+            async move {
+                store
+                    .push_once(
+                        &tenant(),
+                        &device_id("d1"),
+                        move |_, _| Ok(w.clone()),
+                        strategy,
+                        Some(IdemRequest {
+                            request_id: format!("twice-{k}"),
+                            method: "PushAction",
+                            body: b"the same body".to_vec(),
+                            encode: std::sync::Arc::new(|o: &super::PushOutcome| {
+                                o.action.id.to_string().into_bytes()
+                            }),
+                        }),
+                    )
+                    .await
+            }
+        };
+        let (a, b) = tokio::join!(send(f.store.clone()), send(f.replica.clone()));
+        match (a, b) {
+            (Ok(Written::Fresh(o)), Ok(Written::Replayed(bytes)))
+            | (Ok(Written::Replayed(bytes)), Ok(Written::Fresh(o))) => {
+                assert_eq!(bytes, o.action.id.to_string().into_bytes(), "pair {k}");
+            }
+            other => panic!("pair {k} ({strategy:?}): one fresh, one replay: {other:?}"),
+        }
+    }
+    let stored = f
+        .store
+        .list_actions(
+            &tenant(),
+            ActionQuery {
+                device: Some(&device_id("d1")),
+                states: &[],
+                before: None,
+                limit: 100,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), pairs as usize, "one action per request");
+    assert!(stored.iter().all(|a| a.state == ActionState::Scheduled));
+}
+
 /// A push collides with a long holder that starts before a shorter action
 /// that no longer holds (the push's look at the channel starts at the last
 /// holder starting before it, not at the last action).
@@ -2149,6 +2212,7 @@ macro_rules! storage_contract_suite {
                 overlapping_holders_collide,
                 a_group_commits_its_successes_around_its_failures,
                 a_long_holder_is_seen_past_a_later_action_that_gave_way,
+                a_request_sent_to_two_replicas_at_once_is_applied_once,
                 cancel_and_replace_replaces_atomically,
                 queue_after_starts_at_the_holders_end,
                 validate_only_writes_nothing,

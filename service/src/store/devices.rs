@@ -40,8 +40,9 @@ impl Store {
         self.write(&key, self.create_op(tenant, device), idem).await
     }
 
-    /// [`Store::create_device`] under `request_id` idempotency, claimed in
-    /// the creation's own savepoint.
+    /// [`Store::create_device`] under `request_id` idempotency: the key
+    /// checked, then written with the answer, in the creation's own
+    /// savepoint.
     pub async fn create_device_once(
         &self,
         tenant: &TenantId,
@@ -183,8 +184,9 @@ impl Store {
         self.write(id.as_str(), op, idem).await
     }
 
-    /// [`Store::update_device`] under `request_id` idempotency, claimed in
-    /// the change's own savepoint.
+    /// [`Store::update_device`] under `request_id` idempotency: the key
+    /// checked, then written with the answer, in the change's own
+    /// savepoint.
     pub async fn update_device_once(
         &self,
         tenant: &TenantId,
@@ -407,8 +409,9 @@ impl Store {
         self.write(id.as_str(), op, idem).await
     }
 
-    /// [`Store::delete_device`] under `request_id` idempotency, claimed in
-    /// the deletion's own savepoint.
+    /// [`Store::delete_device`] under `request_id` idempotency: the key
+    /// checked, then written with the answer, in the deletion's own
+    /// savepoint.
     pub async fn delete_device_once(
         &self,
         tenant: &TenantId,

@@ -1,5 +1,5 @@
 //! Group commit: the requests' writes (pushes, cancels, device changes,
-//! each with its idempotency claim) are queued to a writer ("lane") that
+//! each with its idempotency key) are queued to a writer ("lane") that
 //! runs them one after the other inside one transaction, each in a
 //! savepoint of its own, and commits them together: one transaction and
 //! one fsync for many requests. Every answer is sent only after its group
@@ -18,7 +18,10 @@
 //!   past its time) rolls the whole group back: each of its members is
 //!   told STORAGE_UNAVAILABLE, and nothing of the group was written.
 //! - **Commit decides.** If the group's COMMIT fails, every member is told
-//!   so (STORAGE_UNAVAILABLE): nothing of the group was written.
+//!   so (STORAGE_UNAVAILABLE): nothing of the group was written. (On
+//!   PostgreSQL a COMMIT that does not answer within the deadline is
+//!   answered the same way, though it may have committed: a retry with the
+//!   same request_id finds the answer.)
 //! - **Bounded.** A group closes when no more work is queued, at
 //!   [`GroupLimits::members`] members, or [`GroupLimits::open`] after it
 //!   began: a group held open longer would keep another process's writes
@@ -433,10 +436,12 @@ async fn run_members(
                 *lock(f) = Some(e);
             }
         };
-        let run = AssertUnwindSafe(j.run(tx)).catch_unwind();
+        // Pinned here, so that a run cut off is dropped only after its
+        // caller has been told why (its answer is in the run).
+        let mut run = std::pin::pin!(AssertUnwindSafe(j.run(tx)).catch_unwind());
         let ran = match limits.deadline {
-            None => Some(run.await),
-            Some(d) => tokio::time::timeout(d, run).await.ok(),
+            None => Some((&mut run).await),
+            Some(d) => tokio::time::timeout(d, &mut run).await.ok(),
         };
         match ran {
             Some(Ok(ran)) => {
@@ -758,7 +763,10 @@ async fn finalize(pool: &sqlx::SqlitePool, slot: &Slot) {
 ///   lane finalizes them (handle locked) when it ends, when the store
 ///   closes ([`Lanes::quiesce`], before the pool closes) and before it
 ///   closes a connection it could not roll back; a handle that changed
-///   anyway is never touched through the old connection (it is leaked);
+///   anyway, or that cannot be locked when they are to be finalized, is
+///   never touched through the old connection: they are leaked (sqlx then
+///   fails to close that connection and panics in its worker thread, which
+///   is logged and harms no memory);
 /// - rusqlite and sqlx-sqlite link the same libsqlite3-sys (rusqlite is
 ///   pinned in Cargo.toml to the version that uses it), so the handle is of
 ///   the SQLite they both call.

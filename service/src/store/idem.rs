@@ -1,5 +1,10 @@
-//! Idempotency keys: a request_id claimed, completed with its response in
-//! the transaction that makes the change, replayed, released or swept.
+//! Idempotency keys. A request's key is checked and written once, with its
+//! response, in the savepoint of the change it guards ([`Store::write_once`],
+//! ADR 0011); replayed; swept when expired. Claims with a lease
+//! ([`Store::idem_begin`], [`IdemCommit::claim`]) are how servers of an
+//! earlier version held a key while they worked: still honoured when met
+//! (REQUEST_IN_PROGRESS within the lease), and kept for the contract's
+//! checks.
 
 use crate::domain::{Error, TenantId, Ts};
 

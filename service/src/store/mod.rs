@@ -113,6 +113,10 @@ pub struct Store {
     lanes: Arc<group::Lanes>,
 }
 
+/// At most this many members in a group on PostgreSQL (see
+/// `Store::connect`).
+const PG_GROUP_MEMBERS: usize = 32;
+
 /// How many times a write that lost a race with another writer
 /// ([`Error::StorageContention`]) is run again before the caller is told
 /// STORAGE_UNAVAILABLE.
@@ -295,7 +299,11 @@ impl Store {
                     &conn,
                     lanes,
                     group::GroupLimits {
-                        members: options.group_members.max(1),
+                        // Each member is a subtransaction: past 64 in one
+                        // transaction PostgreSQL's per-backend cache of
+                        // them overflows, and every session's snapshot
+                        // checks slow down.
+                        members: options.group_members.clamp(1, PG_GROUP_MEMBERS),
                         open: options.group_open,
                         deadline: Some(options.deadline),
                     },
