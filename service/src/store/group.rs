@@ -604,6 +604,7 @@ async fn sqlite_lane(
     .into();
     // The handle the connection in `slot` was made on.
     let mut made_on: Option<usize> = None;
+    let mut since_checkpoint = 0;
     let mut next: Option<Job> = None;
     loop {
         let first = match next.take() {
@@ -703,14 +704,34 @@ async fn sqlite_lane(
             made_on = None;
             drop(locked);
             let _ = pooled.close().await;
-        } else {
-            drop(locked);
-            drop(pooled);
+            answer_all(group.answers, &committed, &stats);
+            continue;
         }
+        let checkpoint = committed.is_ok();
         answer_all(group.answers, &committed, &stats);
+        // The WAL is copied back into the database file here, after the
+        // answers are out, while their clients send their next requests;
+        // left to SQLite, it happens inside a COMMIT, before the group is
+        // answered (every 1,000 pages: every few groups).
+        if checkpoint {
+            since_checkpoint += 1;
+            if since_checkpoint >= CHECKPOINT_EVERY {
+                since_checkpoint = 0;
+                if let Some(conn) = lock(&slot).as_ref()
+                    && let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                {
+                    tracing::debug!(error = %e, "checkpoint after a group failed");
+                }
+            }
+        }
+        drop(locked);
+        drop(pooled);
     }
     finalize(&pool, &slot).await;
 }
+
+/// Groups between the SQLite writer's own checkpoints.
+const CHECKPOINT_EVERY: u32 = 4;
 
 /// Statements the SQLite writer keeps prepared (the mutations' own, and
 /// the savepoints').
