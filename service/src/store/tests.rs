@@ -321,13 +321,17 @@ mod groups {
     const H: i64 = 3600 * Ts::SECOND;
 
     async fn store(path: &std::path::Path, members: usize) -> Store {
+        store_open_for(path, members, Duration::from_secs(60)).await
+    }
+
+    async fn store_open_for(path: &std::path::Path, members: usize, open: Duration) -> Store {
         let url = format!("sqlite://{}", path.display());
         let store = Store::open_with(
             &url,
             Arc::new(ManualClock::new(Ts(0))),
             &StoreOptions {
                 group_members: members,
-                group_open: Duration::from_secs(60),
+                group_open: open,
                 ..StoreOptions::default()
             },
         )
@@ -459,6 +463,28 @@ mod groups {
         assert_eq!(after.members - before.members, 6);
         assert_eq!(after.groups - before.groups, 3, "6 members, 2 a group");
         assert_eq!(stored(&store).await, 5);
+    }
+
+    /// A group takes no more members once its time is up, however much is
+    /// queued (here no time at all: one member a group).
+    #[tokio::test]
+    async fn a_group_takes_no_more_members_once_its_time_is_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_open_for(&dir.path().join("db.sqlite"), 512, Duration::ZERO).await;
+        let before = store.write_groups();
+        let (release, held) = hold(&store).await;
+        let mut pushes = Vec::new();
+        for h in 0..3 {
+            pushes.push(queue_push(&store, 2 * h + 1, 2 * h + 2).await);
+        }
+        release.send(()).unwrap();
+        held.await.unwrap().unwrap();
+        for p in pushes {
+            p.await.unwrap().unwrap();
+        }
+        let after = store.write_groups();
+        assert_eq!(after.members - before.members, 4);
+        assert_eq!(after.groups - before.groups, 4, "one member a group");
     }
 
     /// A statement that fails (here: a table that does not exist) fails
