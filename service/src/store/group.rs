@@ -510,9 +510,12 @@ fn answer_all(answers: Vec<Answer>, committed: &Result<(), Error>, stats: &Stats
     }
 }
 
-/// The next request: one already queued, or the next to come (`None`: the
-/// store is gone).
-async fn next_job(rx: &mut mpsc::UnboundedReceiver<Job>) -> Option<Job> {
+/// The next request: one left over from the last group, one already
+/// queued, or the next to come (`None`: the store is gone).
+async fn next_job(left: &mut Option<Job>, rx: &mut mpsc::UnboundedReceiver<Job>) -> Option<Job> {
+    if let Some(j) = left.take() {
+        return Some(j);
+    }
     match rx.try_recv() {
         Ok(j) => Some(j),
         Err(_) => rx.recv().await,
@@ -535,12 +538,8 @@ async fn pool_lane(
 ) {
     let mut next: Option<Job> = None;
     loop {
-        let first = match next.take() {
-            Some(j) => j,
-            None => match next_job(&mut rx).await {
-                Some(j) => j,
-                None => return,
-            },
+        let Some(first) = next_job(&mut next, &mut rx).await else {
+            return;
         };
         if first.flushes() {
             first.fail(rolled_back("closing"));
@@ -607,12 +606,8 @@ async fn sqlite_lane(
     let mut since_checkpoint = 0;
     let mut next: Option<Job> = None;
     loop {
-        let first = match next.take() {
-            Some(j) => j,
-            None => match next_job(&mut rx).await {
-                Some(j) => j,
-                None => break,
-            },
+        let Some(first) = next_job(&mut next, &mut rx).await else {
+            break;
         };
         if first.flushes() {
             finalize(&pool, &slot).await;

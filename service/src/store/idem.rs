@@ -45,14 +45,17 @@ pub struct IdemCommit<T> {
 }
 
 /// How a key is written.
-enum Taking<'a> {
-    /// Claimed by a request in progress.
-    Claim(&'a str),
+enum Taking {
+    /// Claimed by a request in progress (as servers of an earlier version
+    /// did; for the checks that play one).
+    #[cfg(any(test, feature = "contract"))]
+    Claim(String),
     /// With its answer.
     Answered(Vec<u8>),
 }
 
 /// What the idempotency check found.
+#[cfg(any(test, feature = "contract"))]
 #[derive(Debug, PartialEq, Eq)]
 pub enum IdemBegin {
     /// First use (or a take-over of an abandoned one): go ahead, holding
@@ -64,7 +67,11 @@ pub enum IdemBegin {
 
 impl Store {
     /// Claims `request_id` for a request of `method` with `body`, or finds
-    /// its earlier outcome.
+    /// its earlier outcome: a key held the way servers of an earlier
+    /// version held it while they worked. The service no longer claims
+    /// keys ([`Store::write_once`]); the checks use this to play such a
+    /// server.
+    #[cfg(any(test, feature = "contract"))]
     pub async fn idem_begin(
         &self,
         tenant: &TenantId,
@@ -80,6 +87,7 @@ impl Store {
     /// [`Store::idem_begin`] with the claim chosen by the caller, so that
     /// it can release the key even when the call is dropped while this
     /// runs (releasing a key held under another claim does nothing).
+    #[cfg(any(test, feature = "contract"))]
     pub async fn idem_begin_as(
         &self,
         tenant: &TenantId,
@@ -110,6 +118,7 @@ impl Store {
         .await
     }
 
+    #[cfg(any(test, feature = "contract"))]
     async fn idem_begin_in(
         &self,
         tx: &sea_orm::DatabaseTransaction,
@@ -131,7 +140,7 @@ impl Store {
             request_id,
             method,
             body,
-            Taking::Claim(claim),
+            Taking::Claim(claim.to_owned()),
             self.clock.now(),
         )
         .await?;
@@ -195,15 +204,12 @@ impl Store {
         request_id: &str,
         method: &str,
         body: &[u8],
-        taking: Taking<'_>,
+        taking: Taking,
         now: Ts,
     ) -> Result<(), Error> {
         let (claim, response, lease) = match taking {
-            Taking::Claim(c) => (
-                Some(c.to_owned()),
-                None,
-                Some(now.0 + IDEMPOTENCY_LEASE_NANOS),
-            ),
+            #[cfg(any(test, feature = "contract"))]
+            Taking::Claim(c) => (Some(c), None, Some(now.0 + IDEMPOTENCY_LEASE_NANOS)),
             Taking::Answered(r) => (None, Some(r), None),
         };
         let existing = |c: idem_key::Column| Expr::col((idem_key::Entity, c));
@@ -292,6 +298,7 @@ impl Store {
     /// Releases a key whose request failed: a failed request changed
     /// nothing, so the same key may be retried. Only the holder of `claim`
     /// releases it.
+    #[cfg(any(test, feature = "contract"))]
     pub async fn idem_abort(
         &self,
         tenant: &TenantId,
@@ -463,17 +470,17 @@ impl Store {
             self.grouped(key, move |tx| {
                 Box::pin(async move {
                     let (store, tenant, request) = &*ctx;
-                    let at = store.clock.now();
-                    let recorded = store
-                        .idem_check_in(
+                    let check = || {
+                        store.idem_check_in(
                             tx,
                             tenant,
                             &request.request_id,
                             request.method,
                             &request.body,
                         )
-                        .await?;
-                    if let Some(bytes) = recorded {
+                    };
+                    let at = store.clock.now();
+                    if let Some(bytes) = check().await? {
                         return Ok(Written::Replayed(bytes));
                     }
                     // Free: written once, with the answer, by the change.
@@ -492,24 +499,13 @@ impl Store {
                         // committed since the check, and be what refused
                         // it (PostgreSQL: this change waited for its
                         // locks). Then this one is run again, and replays.
-                        Err(e) if !e.is_storage() => {
-                            let answered = store
-                                .idem_check_in(
-                                    tx,
-                                    tenant,
-                                    &request.request_id,
-                                    request.method,
-                                    &request.body,
-                                )
-                                .await?;
-                            match answered {
-                                Some(_) => Err(Error::StorageContention(format!(
-                                    "request_id {:?} was answered meanwhile",
-                                    request.request_id
-                                ))),
-                                None => Err(e),
-                            }
-                        }
+                        Err(e) if !e.is_storage() => match check().await? {
+                            Some(_) => Err(Error::StorageContention(format!(
+                                "request_id {:?} was answered meanwhile",
+                                request.request_id
+                            ))),
+                            None => Err(e),
+                        },
                         Err(e) => Err(e),
                     }
                 })

@@ -44,9 +44,11 @@ pub use group::{GroupLimits, WriteGroups};
 /// any replica, so a claim on it may be let go (a cancel, a device
 /// change); nearer, it is treated as in flight.
 pub const CLOCK_SKEW_NANOS: i64 = 5 * crate::domain::Ts::SECOND;
+#[cfg(any(test, feature = "contract"))]
+pub use idem::IdemBegin;
 pub use idem::{
-    EncodeResponse, IDEMPOTENCY_LEASE_NANOS, IDEMPOTENCY_TTL_NANOS, IdemBegin, IdemCommit,
-    IdemRequest, Written,
+    EncodeResponse, IDEMPOTENCY_LEASE_NANOS, IDEMPOTENCY_TTL_NANOS, IdemCommit, IdemRequest,
+    Written,
 };
 
 use std::{collections::BTreeMap, str::FromStr, sync::Arc, time::Duration};
