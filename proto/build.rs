@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "switchyard/v1/device.proto",
     "switchyard/v1/action.proto",
     "switchyard/v1/errors.proto",
+    "switchyard/v1/admin.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -51,6 +51,233 @@ pub enum Cmd {
         )]
         database: String,
     },
+    /// Manage tenants and API keys (docs/security.md), against the
+    /// server's database; a running server sees the changes within seconds.
+    Admin {
+        /// Database URL, as for `serve`.
+        #[arg(
+            long = "database",
+            env = "SWITCHYARD_DATABASE_URL",
+            default_value = "sqlite://switchyard.db",
+            value_name = "URL",
+            global = true
+        )]
+        database: String,
+        #[command(subcommand)]
+        command: AdminCmd,
+    },
+}
+
+/// `switchyard admin ...`.
+#[derive(Debug, Subcommand)]
+pub enum AdminCmd {
+    /// Tenants: isolated accounts owning devices, actions and keys.
+    #[command(subcommand)]
+    Tenant(TenantCmd),
+    /// API keys: `authorization: Bearer sy_...` on every call.
+    #[command(subcommand)]
+    Key(KeyCmd),
+}
+
+/// `switchyard admin tenant ...`.
+#[derive(Debug, Subcommand)]
+pub enum TenantCmd {
+    /// Create a tenant; prints its id.
+    Create {
+        /// 1 to 63 lower-case letters, digits, '-' or '_'.
+        name: String,
+        /// Requests per second each of its keys may make, per replica
+        /// (default 50).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        rate_per_second: Option<u32>,
+        /// Burst each of its keys may make (default 100).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        rate_burst: Option<u32>,
+    },
+    /// Change a tenant's per-key rate (an option left out goes back to
+    /// the default).
+    Update {
+        name: String,
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        rate_per_second: Option<u32>,
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        rate_burst: Option<u32>,
+    },
+    /// List tenants: id, name, rate per second, burst.
+    List,
+}
+
+/// `switchyard admin key ...`.
+#[derive(Debug, Subcommand)]
+pub enum KeyCmd {
+    /// Create a key; prints the key (`sy_...`) alone on stdout, once: only
+    /// its SHA-256 is kept.
+    Create {
+        /// The tenant's name.
+        #[arg(long)]
+        tenant: String,
+        /// Comma-separated: devices:read, devices:write, actions:read,
+        /// actions:write, admin.
+        #[arg(long, value_name = "SCOPE,SCOPE")]
+        scopes: String,
+        /// How long it works: e.g. 90d, 12h, 30m, 3600s (default: until
+        /// revoked).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        expires_in: Option<Duration>,
+        /// What it is for (at most 256 bytes).
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List a tenant's keys (never the keys themselves).
+    List {
+        /// The tenant's name.
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Revoke a key by its id (the 16 characters after `sy_`).
+    Revoke { key_id: String },
+}
+
+/// `90d`, `12h`, `30m`, `45s` or a number of seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| "a duration is a number with d, h, m or s, e.g. 90d".to_owned())?;
+    let secs = match unit {
+        "d" => n.checked_mul(86_400),
+        "h" => n.checked_mul(3_600),
+        "m" => n.checked_mul(60),
+        "s" => Some(n),
+        _ => return Err("a duration is a number with d, h, m or s, e.g. 90d".to_owned()),
+    }
+    .ok_or_else(|| "too long".to_owned())?;
+    if secs == 0 {
+        return Err("must be positive".to_owned());
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+/// Runs `switchyard admin ...`: what it prints goes to stdout, alone.
+async fn admin(
+    database: &str,
+    command: AdminCmd,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    use crate::api::admin as ops;
+    check_database_url(database)?;
+    let clock = SystemClock;
+    let store = crate::store::Store::open(database, Arc::new(SystemClock))
+        .await
+        .map_err(|e| format!("--database {}: {e}", crate::store::redact_url(database)))?;
+    let tenant_named = |name: String| {
+        let store = store.clone();
+        async move {
+            store
+                .tenant_by_name(&name)
+                .await?
+                .ok_or(crate::domain::Error::TenantNotFound { tenant: name })
+        }
+    };
+    let done: Result<(), crate::domain::Error> = async {
+        match command {
+            AdminCmd::Tenant(TenantCmd::Create {
+                name,
+                rate_per_second,
+                rate_burst,
+            }) => {
+                let t =
+                    ops::create_tenant(&store, &clock, &name, rate_per_second, rate_burst).await?;
+                println!("{}", t.id.as_str());
+            }
+            AdminCmd::Tenant(TenantCmd::Update {
+                name,
+                rate_per_second,
+                rate_burst,
+            }) => {
+                let t = tenant_named(name).await?;
+                store
+                    .set_tenant_rate(&t.id, rate_per_second, rate_burst)
+                    .await?;
+                println!("{}", t.id.as_str());
+            }
+            AdminCmd::Tenant(TenantCmd::List) => {
+                for t in store.list_tenants().await? {
+                    let rate = |r: Option<u32>| r.map_or("default".to_owned(), |r| r.to_string());
+                    println!(
+                        "{}\t{}\t{}\t{}",
+                        t.id.as_str(),
+                        t.name,
+                        rate(t.rate_per_second),
+                        rate(t.rate_burst)
+                    );
+                }
+            }
+            AdminCmd::Key(KeyCmd::Create {
+                tenant,
+                scopes,
+                expires_in,
+                description,
+            }) => {
+                let t = tenant_named(tenant).await?;
+                let scopes = crate::auth::Scope::parse_list(scopes.split(',')).map_err(|e| {
+                    crate::domain::Error::invalid(
+                        "--scopes",
+                        crate::domain::Reason::InvalidField,
+                        e,
+                    )
+                })?;
+                let (k, key) =
+                    ops::create_key(&store, &clock, &t, &scopes, expires_in, &description).await?;
+                eprintln!(
+                    "switchyard: created key {} for tenant {} ({}); it is shown once, below",
+                    k.key_id,
+                    t.name,
+                    k.scopes.join(",")
+                );
+                println!("{key}");
+            }
+            AdminCmd::Key(KeyCmd::List { tenant }) => {
+                let t = tenant_named(tenant).await?;
+                let when = |t: Option<crate::domain::Ts>| t.map_or("-".to_owned(), |t| t.rfc3339());
+                for k in store.list_keys(&t.id).await? {
+                    println!(
+                        "{}\t{}\tcreated {}\texpires {}\tlast used {}\trevoked {}\t{}",
+                        k.key_id,
+                        k.scopes.join(","),
+                        k.created.rfc3339(),
+                        when(k.expires),
+                        when(k.last_used),
+                        when(k.revoked),
+                        k.description
+                    );
+                }
+            }
+            AdminCmd::Key(KeyCmd::Revoke { key_id }) => {
+                if !crate::auth::is_key_id(&key_id) {
+                    return Err(crate::domain::Error::invalid(
+                        "KEY_ID",
+                        crate::domain::Reason::InvalidField,
+                        "a key id is the 16 characters after `sy_` in the key",
+                    ));
+                }
+                match store
+                    .revoke_key(&key_id, None, crate::domain::Clock::now(&clock))
+                    .await?
+                {
+                    Some(k) => println!("revoked {}", k.key_id),
+                    None => return Err(crate::domain::Error::ApiKeyNotFound { key_id }),
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    store.close().await;
+    done.map_err(|e| e.to_string().into())
 }
 
 /// `switchyard serve` options.
@@ -435,6 +662,7 @@ pub fn main() -> std::process::ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Cmd::Serve(args) => serve(args).await,
+            Cmd::Admin { database, command } => admin(&database, command).await,
             Cmd::Migrate { database } => match check_database_url(&database) {
                 Err(e) => Err(e.into()),
                 Ok(()) => crate::store::Store::migrate_only(&database, Arc::new(SystemClock))

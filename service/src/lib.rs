@@ -4,6 +4,7 @@
 //! Layers (dependencies point inward): `api` (gRPC) → `domain` ← `store`.
 
 pub mod api;
+pub mod auth;
 pub mod cli;
 pub mod dispatch;
 pub mod domain;

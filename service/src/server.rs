@@ -5,13 +5,15 @@ use std::{collections::BTreeMap, future::Future, sync::Arc, time::Duration};
 
 use switchyard_drivers::{Family, Registry};
 use switchyard_proto::v1::{
-    action_service_server::ActionServiceServer, device_service_server::DeviceServiceServer,
+    action_service_server::ActionServiceServer, admin_service_server::AdminServiceServer,
+    device_service_server::DeviceServiceServer,
 };
 use tokio::net::TcpListener;
 use tonic::transport::Server;
 
 use crate::{
-    api::{App, actions::Actions, devices::Devices},
+    api::{App, actions::Actions, admin::Admin, devices::Devices},
+    auth::AuthLayer,
     dispatch::{DispatchConfig, Dispatcher},
     domain::{Clock, Device, DeviceId, Error, Ts},
     limits::{self, GuardLayer, Limits},
@@ -96,6 +98,7 @@ pub async fn build_app(
         horizon_nanos: i64::from(horizon_days) * 86_400 * Ts::SECOND,
         retention_nanos: i64::from(DEFAULT_RETENTION_DAYS) * 86_400 * Ts::SECOND,
         wake: Arc::default(),
+        caller: crate::auth::Caller::local(),
     })
 }
 
@@ -125,6 +128,7 @@ pub async fn serve(
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<DeviceServiceServer<Devices>>().await;
     reporter.set_serving::<ActionServiceServer<Actions>>().await;
+    reporter.set_serving::<AdminServiceServer<Admin>>().await;
 
     let sets: [&[u8]; 3] = [
         switchyard_proto::FILE_DESCRIPTOR_SET,
@@ -208,6 +212,7 @@ pub async fn serve(
                 "",
                 <DeviceServiceServer<Devices> as tonic::server::NamedService>::NAME,
                 <ActionServiceServer<Actions> as tonic::server::NamedService>::NAME,
+                <AdminServiceServer<Admin> as tonic::server::NamedService>::NAME,
             ] {
                 health_reporter.set_service_status(service, status).await;
             }
@@ -234,6 +239,12 @@ pub async fn serve(
         }))
     });
 
+    // Keys, scopes and rate limits, before anything else looks at a call.
+    // On loopback with no key yet, calls act as the default tenant.
+    let loopback = listener.local_addr()?.ip().is_loopback();
+    let auth = AuthLayer::new(app.store.clone(), app.clock.clone(), loopback);
+    auth.log_mode().await;
+
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let router = Server::builder()
         .max_concurrent_streams(limits.max_streams_per_connection)
@@ -246,12 +257,14 @@ pub async fn serve(
         .initial_connection_window_size(256 * 1024)
         .initial_stream_window_size(64 * 1024)
         .timeout(limits.request_timeout)
+        .layer(auth)
         .layer(GuardLayer::new(limits))
         .add_service(health)
         .add_service(v1)
         .add_service(v1alpha)
         .add_service(DeviceServiceServer::new(Devices(app.clone())))
-        .add_service(ActionServiceServer::new(Actions(app.clone())));
+        .add_service(ActionServiceServer::new(Actions(app.clone())))
+        .add_service(AdminServiceServer::new(Admin(app.clone())));
     let incoming = limits::incoming(listener, limits);
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = stop_rx.await;
@@ -279,6 +292,9 @@ pub async fn serve(
         .await;
     reporter
         .set_not_serving::<ActionServiceServer<Actions>>()
+        .await;
+    reporter
+        .set_not_serving::<AdminServiceServer<Admin>>()
         .await;
     reporter
         .set_service_status("", tonic_health::ServingStatus::NotServing)

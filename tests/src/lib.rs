@@ -19,6 +19,96 @@ use switchyard_proto::v1::{
 use tonic::transport::{Channel, Endpoint};
 use tonic_types::pb as rpc;
 
+/// Tenants and API keys to make before a server serves.
+#[derive(Clone, Debug, Default)]
+pub struct Seed {
+    /// Tenants to create: name, per-key rate per second and burst (`None`:
+    /// the defaults). `default` exists already.
+    pub tenants: Vec<(&'static str, Option<u32>, Option<u32>)>,
+    /// Keys to create: tenant name, scopes, lifetime in seconds.
+    pub keys: Vec<(&'static str, Vec<&'static str>, Option<u64>)>,
+}
+
+impl Seed {
+    /// One key per (tenant, scopes); tenants other than `default` are
+    /// created with the default rates.
+    pub fn keys(keys: &[(&'static str, &[&'static str])]) -> Self {
+        let mut tenants: Vec<(&'static str, Option<u32>, Option<u32>)> = Vec::new();
+        for (t, _) in keys {
+            if *t != "default" && !tenants.iter().any(|x| x.0 == *t) {
+                tenants.push((t, None, None));
+            }
+        }
+        Self {
+            tenants,
+            keys: keys.iter().map(|(t, s)| (*t, s.to_vec(), None)).collect(),
+        }
+    }
+
+    /// Makes them in `app`'s store; returns the keys.
+    pub async fn apply(&self, app: &App) -> Vec<String> {
+        use switchyard::api::admin;
+        for (name, rate, burst) in &self.tenants {
+            admin::create_tenant(&app.store, app.clock.as_ref(), name, *rate, *burst)
+                .await
+                .expect("create tenant");
+        }
+        let mut out = Vec::new();
+        for (tenant, scopes, secs) in &self.keys {
+            let t = app
+                .store
+                .tenant_by_name(tenant)
+                .await
+                .expect("read tenant")
+                .expect("tenant exists");
+            let scopes =
+                switchyard::auth::Scope::parse_list(scopes.iter().copied()).expect("scopes");
+            let (_, key) = admin::create_key(
+                &app.store,
+                app.clock.as_ref(),
+                &t,
+                &scopes,
+                secs.map(Duration::from_secs),
+                "test",
+            )
+            .await
+            .expect("create key");
+            out.push(key);
+        }
+        out
+    }
+}
+
+/// Adds `authorization: Bearer <key>` to every call of a client.
+#[derive(Clone, Debug)]
+pub struct BearerKey(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for BearerKey {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        r.metadata_mut().insert("authorization", self.0.clone());
+        Ok(r)
+    }
+}
+
+/// A channel whose every call carries `key`.
+pub type Keyed = tonic::service::interceptor::InterceptedService<Channel, BearerKey>;
+
+/// `channel`, with every call carrying `key`.
+pub fn keyed(channel: Channel, key: &str) -> Keyed {
+    let value = format!("Bearer {key}").parse().expect("ascii key");
+    tonic::service::interceptor::InterceptedService::new(channel, BearerKey(value))
+}
+
+/// `request` with `authorization: Bearer key`.
+pub fn with_key<T>(key: &str, request: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(request);
+    r.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {key}").parse().expect("ascii key"),
+    );
+    r
+}
+
 /// 2030-01-01T00:00:00Z: where the manual clock of [`TestServer::start`]
 /// stands.
 pub const T0: i64 = 1_893_456_000;
@@ -38,6 +128,9 @@ pub struct TestServer {
     pub sim: switchyard_drivers::simulated::SimulatedFactory,
     /// The operator's secrets directory (`file:<name>` references).
     pub secrets: std::path::PathBuf,
+    /// The API keys made before it started ([`TestServer::start_with_keys`]),
+    /// in the order asked for.
+    pub keys: Vec<String>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     _dir: tempfile::TempDir,
@@ -53,16 +146,29 @@ impl TestServer {
     /// under `urls` (an emulator's base URL).
     pub async fn start_allowing(urls: &[String]) -> Self {
         let clock = ManualClock::new(Ts(T0 * Ts::SECOND));
-        Self::start_with_clock(clock.clone(), Arc::new(clock), urls).await
+        Self::start_with_clock(clock.clone(), Arc::new(clock), urls, &Seed::default()).await
     }
 
     /// A server on a fresh SQLite file reading the system clock.
     pub async fn start_real_time() -> Self {
         let clock = ManualClock::new(Ts(0));
-        Self::start_with_clock(clock, Arc::new(SystemClock), &[]).await
+        Self::start_with_clock(clock, Arc::new(SystemClock), &[], &Seed::default()).await
     }
 
-    async fn start_with_clock(manual: ManualClock, clock: Arc<dyn Clock>, urls: &[String]) -> Self {
+    /// [`TestServer::start`] with tenants and API keys made before it
+    /// serves (so auth is on from the first call): `seed.keys[i]` becomes
+    /// `self.keys[i]`.
+    pub async fn start_with_keys(seed: &Seed) -> Self {
+        let clock = ManualClock::new(Ts(T0 * Ts::SECOND));
+        Self::start_with_clock(clock.clone(), Arc::new(clock), &[], seed).await
+    }
+
+    async fn start_with_clock(
+        manual: ManualClock,
+        clock: Arc<dyn Clock>,
+        urls: &[String],
+        seed: &Seed,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let url = format!("sqlite://{}", dir.path().join("switchyard.db").display());
         let secrets = dir.path().join("secrets");
@@ -85,6 +191,7 @@ impl TestServer {
         let app = server::build_app(&url, clock, registry, server::DEFAULT_HORIZON_DAYS)
             .await
             .expect("open store");
+        let keys = seed.apply(&app).await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -118,6 +225,7 @@ impl TestServer {
             clock: manual,
             sim,
             secrets,
+            keys,
             stop: Some(stop),
             task: Some(task),
             _dir: dir,
@@ -268,6 +376,8 @@ pub struct Details {
     pub precondition: Option<rpc::PreconditionFailure>,
     /// ResourceInfo, if any.
     pub resource: Option<rpc::ResourceInfo>,
+    /// QuotaFailure, if any.
+    pub quota: Option<rpc::QuotaFailure>,
     /// Type URLs in order.
     pub type_urls: Vec<String>,
 }
@@ -317,6 +427,7 @@ pub fn details(status: &tonic::Status) -> Details {
             "type.googleapis.com/google.rpc.RetryInfo" => d.retry = decode(url, v),
             "type.googleapis.com/google.rpc.PreconditionFailure" => d.precondition = decode(url, v),
             "type.googleapis.com/google.rpc.ResourceInfo" => d.resource = decode(url, v),
+            "type.googleapis.com/google.rpc.QuotaFailure" => d.quota = decode(url, v),
             other => panic!("unexpected detail type {other}"),
         }
     }

@@ -12,8 +12,9 @@ use switchyard_proto::v1::{
     self as pb, ActionState as St, Command, action_service_client::ActionServiceClient,
     device_service_client::DeviceServiceClient,
 };
+use switchyard_tests::{Keyed, keyed};
 use switchyard_tests::{ServerProcess, expect_error, push};
-use tonic::{Code, transport::Channel};
+use tonic::Code;
 
 const KEY: &str = "fx-SECRET-9d2e-never-shown";
 const SN: &str = "SN-SEC-1";
@@ -41,7 +42,12 @@ fn foxess(settings: &[(&str, &str)]) -> pb::CreateDeviceRequest {
 
 struct Rig {
     server: ServerProcess,
-    channel: Channel,
+    /// Every call carries `api_key`.
+    channel: Keyed,
+    /// An API key of the default tenant with every scope but `admin`,
+    /// made with the command line before the server started (so every
+    /// call needs it).
+    api_key: String,
     emu: switchyard_drivers::foxess::emulator::EmulatorHandle,
     _dir: tempfile::TempDir,
 }
@@ -58,6 +64,7 @@ async fn rig(mut config: EmulatorConfig, paired: bool) -> Rig {
     std::fs::create_dir(&secrets).unwrap();
     std::fs::write(secrets.join("foxess-key"), format!("{KEY}\n")).unwrap();
     let db = format!("sqlite://{}", dir.path().join("s.db").display());
+    let api_key = api_key(&db);
     let server = ServerProcess::spawn_with(
         BIN,
         &db,
@@ -78,10 +85,11 @@ async fn rig(mut config: EmulatorConfig, paired: bool) -> Rig {
             ("SWITCHYARD_SECRET_FOX", KEY),
         ],
     );
-    let channel = server.channel().await;
+    let channel = keyed(server.channel().await, &api_key);
     Rig {
         server,
         channel,
+        api_key,
         emu,
         _dir: dir,
     }
@@ -164,7 +172,7 @@ async fn settings_cannot_name_the_servers_secrets_or_hosts_and_refusals_reveal_n
             .await
             .unwrap_or_else(|e| panic!("{key_ref}: {e:?}"));
     }
-    assert_no_key_in_log(&mut r.server);
+    assert_no_secret_in_log(&mut r.server, &[KEY, &r.api_key]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,7 +201,7 @@ async fn a_secret_goes_only_to_the_endpoints_the_operator_paired_it_with() {
         .await
         .unwrap();
     assert!(!r.emu.calls().is_empty(), "observed through the emulator");
-    assert_no_key_in_log(&mut r.server);
+    assert_no_secret_in_log(&mut r.server, &[KEY, &r.api_key]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -285,26 +293,40 @@ async fn an_oem_that_echoes_the_key_never_gets_it_shown_anywhere() {
                 .unwrap()
         ),
     ];
+    // A refusal of the API key names its id, never the key.
+    let refused =
+        switchyard_proto::v1::admin_service_client::AdminServiceClient::new(r.channel.clone())
+            .list_api_keys(pb::ListApiKeysRequest::default())
+            .await
+            .unwrap_err();
+    let d = switchyard_tests::expect_error(&refused, Code::PermissionDenied, "MISSING_SCOPE");
+    assert!(r.api_key.contains(d.meta("key_id")));
+    let everything = everything.into_iter().chain([format!("{refused:?}{d:?}")]);
+    let secret_part = r.api_key.rsplit('_').next().unwrap().to_owned();
     for text in everything {
-        assert!(!text.contains(KEY), "the key leaked: {text}");
+        for secret in [KEY, &r.api_key, &secret_part] {
+            assert!(!text.contains(secret), "a secret leaked: {text}");
+        }
     }
     // Nor the audit trail or anything else in the database file.
     let db_bytes = std::fs::read(r._dir.path().join("s.db")).unwrap();
     let wal = std::fs::read(r._dir.path().join("s.db-wal")).unwrap_or_default();
     for bytes in [db_bytes, wal] {
-        assert!(
-            !bytes.windows(KEY.len()).any(|w| w == KEY.as_bytes()),
-            "the key is stored in the database"
-        );
+        for secret in [KEY, &r.api_key, &secret_part] {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "a secret is stored in the database"
+            );
+        }
     }
-    assert_no_key_in_log(&mut r.server);
+    assert_no_secret_in_log(&mut r.server, &[KEY, &r.api_key]);
 }
 
 /// Pushes `command` for the hour from now and waits for the server's own
 /// dispatcher to apply it (within about a second: it is due at once); the
 /// action as it was applied (ACTIVE) or failed.
 async fn push_and_settle(
-    actions: &mut ActionServiceClient<Channel>,
+    actions: &mut ActionServiceClient<Keyed>,
     device: &str,
     command: Command,
 ) -> pb::Action {
@@ -355,7 +377,34 @@ async fn push_and_settle(
 }
 
 /// Stops the server and reads its whole log (up to its last line).
-fn assert_no_key_in_log(server: &mut ServerProcess) {
+/// A key made by `switchyard admin key create` on `db`: what it printed.
+fn api_key(db: &str) -> String {
+    let out = std::process::Command::new(BIN)
+        .args([
+            "admin",
+            "--database",
+            db,
+            "key",
+            "create",
+            "--tenant",
+            "default",
+        ])
+        .args([
+            "--scopes",
+            "devices:read,devices:write,actions:read,actions:write",
+        ])
+        .env("SWITCHYARD_LOG", "debug")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(key.starts_with("sy_") && !key.contains('\n'), "{key}");
+    // Shown once, on stdout alone: the diagnostics never repeat it.
+    assert!(!String::from_utf8_lossy(&out.stderr).contains(&key));
+    key
+}
+
+fn assert_no_secret_in_log(server: &mut ServerProcess, secrets: &[&str]) {
     server.terminate();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while server.try_wait().is_none() {
@@ -371,9 +420,11 @@ fn assert_no_key_in_log(server: &mut ServerProcess) {
     );
     assert!(log.len() > 3, "the server logged: {log:?}");
     for line in log {
-        assert!(
-            !line.contains(KEY),
-            "the key is in the server's log: {line}"
-        );
+        for secret in secrets {
+            assert!(
+                !line.contains(secret),
+                "a secret is in the server's log: {line}"
+            );
+        }
     }
 }

@@ -158,19 +158,21 @@ impl ActionService for Actions {
         &self,
         request: Request<pb::PushActionRequest>,
     ) -> Result<Response<pb::PushActionResponse>, Status> {
+        let this = Self(self.0.for_call(&request)?);
         let req = convert::push_action(request.into_inner())?;
-        Ok(Response::new(self.push(req).await?))
+        Ok(Response::new(this.push(req).await?))
     }
 
     async fn get_action(
         &self,
         request: Request<pb::GetActionRequest>,
     ) -> Result<Response<pb::Action>, Status> {
+        let this = Self(self.0.for_call(&request)?);
         let (device_id, action_id) = convert::get_action(request.into_inner())?;
         let a = self
             .0
             .store
-            .get_action(&self.0.tenant(), &device_id, &action_id)
+            .get_action(&this.0.tenant(), &device_id, &action_id)
             .await?;
         Ok(Response::new(convert::action_to_proto(&a)))
     }
@@ -179,15 +181,17 @@ impl ActionService for Actions {
         &self,
         request: Request<pb::ListActionsRequest>,
     ) -> Result<Response<pb::ListActionsResponse>, Status> {
+        let this = Self(self.0.for_call(&request)?);
         let req = convert::list_actions(request.into_inner())?;
-        Ok(Response::new(self.list(req).await?))
+        Ok(Response::new(this.list(req).await?))
     }
 
     async fn cancel_action(
         &self,
         request: Request<pb::CancelActionRequest>,
     ) -> Result<Response<pb::Action>, Status> {
+        let this = Self(self.0.for_call(&request)?);
         let req = convert::cancel_action(request.into_inner())?;
-        Ok(Response::new(self.cancel(req).await?))
+        Ok(Response::new(this.cancel(req).await?))
     }
 }

@@ -281,41 +281,46 @@ impl DeviceService for Devices {
         &self,
         request: Request<pb::CreateDeviceRequest>,
     ) -> Result<Response<pb::Device>, Status> {
+        let this = Self(self.0.for_call(&request)?);
         let req = convert::create_device(request.into_inner())?;
-        Ok(Response::new(self.create(req).await?))
+        Ok(Response::new(this.create(req).await?))
     }
 
     async fn get_device(
         &self,
         request: Request<pb::GetDeviceRequest>,
     ) -> Result<Response<pb::Device>, Status> {
+        let this = Self(self.0.for_call(&request)?);
         let id = convert::get_device(request.into_inner())?;
-        let d = self.0.store.get_device(&self.0.tenant(), &id).await?;
-        Ok(Response::new(self.to_proto(&d)))
+        let d = this.0.store.get_device(&this.0.tenant(), &id).await?;
+        Ok(Response::new(this.to_proto(&d)))
     }
 
     async fn list_devices(
         &self,
         request: Request<pb::ListDevicesRequest>,
     ) -> Result<Response<pb::ListDevicesResponse>, Status> {
+        let this = Self(self.0.for_call(&request)?);
         let page = convert::list_devices(request.into_inner())?;
-        Ok(Response::new(self.list(page).await?))
+        Ok(Response::new(this.list(page).await?))
     }
 
     async fn update_device(
         &self,
         request: Request<pb::UpdateDeviceRequest>,
     ) -> Result<Response<pb::Device>, Status> {
+        let this = Self(self.0.for_call(&request)?);
         let req = convert::update_device(request.into_inner())?;
-        Ok(Response::new(self.update(req).await?))
+        Ok(Response::new(this.update(req).await?))
     }
 
     async fn delete_device(
         &self,
         request: Request<pb::DeleteDeviceRequest>,
     ) -> Result<Response<()>, Status> {
+        let this = Self(self.0.for_call(&request)?);
         let req = convert::delete_device(request.into_inner())?;
-        self.delete(req).await?;
+        this.delete(req).await?;
         Ok(Response::new(()))
     }
 }

@@ -3,6 +3,7 @@
 //! one place ([`status`]), so handlers just use `?`.
 
 pub mod actions;
+pub mod admin;
 pub mod convert;
 pub mod devices;
 pub mod status;
@@ -14,6 +15,7 @@ use prost::Message;
 use switchyard_drivers::{Capabilities, Registry};
 
 use crate::{
+    auth::Caller,
     domain::{Clock, Device, DeviceId, Error, Reason, TenantId},
     store::{IdemRequest, Store, Written},
 };
@@ -45,12 +47,29 @@ pub struct App {
     /// The OEM accounts' rate budgets, shared with the dispatcher: the
     /// observations made on CreateDevice and UpdateDevice count too.
     pub budgets: Arc<crate::dispatch::Budgets>,
+    /// Who the call being served comes from ([`App::for_call`]); the
+    /// default tenant outside calls (the demo devices).
+    pub caller: Caller,
 }
 
 impl App {
-    /// The tenant of a request (one default tenant until API keys exist).
+    /// The tenant whose data the call being served reads and writes.
     pub fn tenant(&self) -> TenantId {
-        TenantId::default_tenant()
+        self.caller.tenant.clone()
+    }
+
+    /// The state for serving `request`, as its caller: the auth layer
+    /// names the caller of every call it lets through. A call it did not
+    /// see is refused (never served as some default tenant).
+    pub fn for_call<T>(&self, request: &tonic::Request<T>) -> Result<App, tonic::Status> {
+        let Some(caller) = request.extensions().get::<Caller>() else {
+            return Err(status::to_status(Error::Internal(
+                "a call reached a handler without passing the auth layer".into(),
+            )));
+        };
+        let mut app = self.clone();
+        app.caller = caller.clone();
+        Ok(app)
     }
 
     /// What the device's driver can do with it; `None` if its driver or

@@ -76,6 +76,13 @@ pub fn classify(e: &Error) -> (Code, R) {
             (Code::Unavailable, R::StorageUnavailable)
         }
         Error::Internal(_) => (Code::Internal, R::Internal),
+        Error::InvalidApiKey { .. } => (Code::Unauthenticated, R::InvalidApiKey),
+        Error::MissingScope { .. } => (Code::PermissionDenied, R::MissingScope),
+        Error::RateLimited { .. } => (Code::ResourceExhausted, R::RateLimited),
+        Error::TenantNotFound { .. } => (Code::NotFound, R::TenantNotFound),
+        Error::TenantAlreadyExists { .. } => (Code::AlreadyExists, R::TenantAlreadyExists),
+        Error::ApiKeyNotFound { .. } => (Code::NotFound, R::ApiKeyNotFound),
+        Error::OperatorOnly { .. } => (Code::PermissionDenied, R::OperatorOnly),
     }
 }
 
@@ -222,6 +229,53 @@ pub fn to_status(e: Error) -> Status {
             message = "storage is unavailable; retry later".to_owned();
             d.retry(Ts::SECOND);
         }
+        Error::InvalidApiKey { why, key_id } => {
+            d.meta("why", why);
+            if let Some(k) = key_id {
+                d.meta("key_id", k);
+            }
+        }
+        Error::MissingScope {
+            scope,
+            method,
+            key_id,
+        } => {
+            d.meta("required_scope", scope);
+            d.meta("method", method);
+            d.meta("key_id", key_id);
+        }
+        Error::RateLimited {
+            key_id,
+            per_second,
+            burst,
+            retry_after_nanos,
+        } => {
+            d.retry(retry_after_nanos);
+            d.details.push(any(
+                "google.rpc.QuotaFailure",
+                &rpc::QuotaFailure {
+                    violations: vec![rpc::quota_failure::Violation {
+                        subject: format!("api_key:{key_id}"),
+                        description: format!(
+                            "{per_second} requests per second per API key, burst {burst}, on this replica"
+                        ),
+                        ..Default::default()
+                    }],
+                },
+            ));
+            d.meta("key_id", key_id);
+            d.meta("rate_per_second", per_second.to_string());
+            d.meta("burst", burst.to_string());
+            d.meta(
+                "retry_after_ms",
+                ((retry_after_nanos.saturating_add(999_999)) / 1_000_000).to_string(),
+            );
+        }
+        Error::TenantNotFound { tenant } | Error::TenantAlreadyExists { tenant } => {
+            d.meta("tenant", tenant);
+        }
+        Error::ApiKeyNotFound { key_id } => d.meta("key_id", key_id),
+        Error::OperatorOnly { method } => d.meta("method", method),
         Error::Internal(msg) => {
             tracing::error!(error = %msg, "internal error");
             message = "internal error; the server log has the details".to_owned();

@@ -199,6 +199,44 @@ pub enum Error {
         /// How long to wait before retrying, in nanoseconds.
         retry_after_nanos: i64,
     },
+    /// No usable API key. Neither the key nor its secret is ever kept
+    /// here: only why, and the public key id when the key was known.
+    #[error("{}", api_key_message(why))]
+    InvalidApiKey {
+        /// `missing`, `malformed`, `unknown`, `expired` or `revoked`.
+        why: &'static str,
+        /// The key's public id, when a stored key matched.
+        key_id: Option<String>,
+    },
+    /// A valid key without the scope the method needs.
+    #[error("the API key lacks the scope {scope:?} that {method} needs")]
+    MissingScope {
+        scope: &'static str,
+        /// The gRPC method, e.g. `switchyard.v1.ActionService/PushAction`.
+        method: String,
+        key_id: String,
+    },
+    /// The key's token bucket is empty.
+    #[error("rate limit of API key {key_id} reached ({per_second} requests per second, burst {burst}); retry in {} ms", retry_after_nanos.saturating_add(999_999) / 1_000_000)]
+    RateLimited {
+        key_id: String,
+        per_second: u32,
+        burst: u32,
+        /// When the next request would be allowed, in nanoseconds.
+        retry_after_nanos: i64,
+    },
+    /// No tenant of that name visible to the caller.
+    #[error("tenant {tenant:?} not found")]
+    TenantNotFound { tenant: String },
+    /// A tenant of that name exists.
+    #[error("tenant {tenant:?} already exists")]
+    TenantAlreadyExists { tenant: String },
+    /// No API key of that id visible to the caller.
+    #[error("API key {key_id:?} not found")]
+    ApiKeyNotFound { key_id: String },
+    /// Only an admin key of the operator's tenant may do this.
+    #[error("{method} is for admin keys of the operator's tenant (default) only")]
+    OperatorOnly { method: String },
     /// Database unreachable or overloaded.
     #[error("storage unavailable: {0}")]
     StorageUnavailable(String),
@@ -283,6 +321,16 @@ impl Error {
         description: impl Into<String>,
     ) -> Self {
         Error::Invalid(vec![FieldViolation::new(field, reason, description)])
+    }
+}
+
+fn api_key_message(why: &str) -> String {
+    match why {
+        "missing" => "this call needs an API key: send metadata `authorization: Bearer sy_...` (docs/security.md)".to_owned(),
+        "malformed" => "the authorization metadata is not `Bearer sy_...` with a well-formed key".to_owned(),
+        "expired" => "the API key has expired".to_owned(),
+        "revoked" => "the API key has been revoked".to_owned(),
+        _ => "the API key is not known to this server".to_owned(),
     }
 }
 

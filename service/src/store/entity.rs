@@ -194,3 +194,50 @@ pub mod device_write {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+/// `tenants`: isolated accounts (migration 12).
+pub mod tenant {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "tenants")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub tenant_id: String,
+        pub name: String,
+        pub created_ns: i64,
+        pub rate_per_second: Option<i64>,
+        pub rate_burst: Option<i64>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// `api_keys`: each tenant's API keys, by their SHA-256 (migration 12).
+pub mod api_key {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "api_keys")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub key_id: String,
+        pub tenant_id: String,
+        pub key_hash: Vec<u8>,
+        /// Comma-separated.
+        pub scopes: String,
+        pub description: String,
+        pub created_ns: i64,
+        pub expires_ns: Option<i64>,
+        pub revoked_ns: Option<i64>,
+        pub last_used_ns: Option<i64>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

@@ -27,6 +27,7 @@ mod dispatch;
 mod entity;
 mod group;
 mod idem;
+mod keys;
 mod prune;
 mod rows;
 mod schema;
@@ -38,6 +39,7 @@ pub use budget::{Bucket, Spend};
 pub use devices::Retarget;
 pub use dispatch::{Claim, Finish, Job, Outcome, Started};
 pub use group::{GroupLimits, WriteGroups};
+pub use keys::{KeyRecord, TenantRecord};
 
 /// How far apart the clocks of replicas sharing a database may be: work
 /// due later than this from a writer's now cannot have been started by

@@ -281,6 +281,37 @@ CREATE INDEX actions_holding ON actions (tenant_id, device_id, channel, start_ns
 DROP INDEX IF EXISTS actions_by_channel;
 "#,
     ),
+    (
+        12,
+        Only::Both,
+        r#"
+-- Tenants and their API keys (docs/security.md). Every row written by
+-- earlier versions carries tenant_id 'default': that tenant is created
+-- here, under the name 'default', and keeps them.
+CREATE TABLE tenants (
+    tenant_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    created_ns {i64} NOT NULL,
+    rate_per_second {i64},
+    rate_burst {i64}
+);
+INSERT INTO tenants (tenant_id, name, created_ns) VALUES ('default', 'default', 0);
+-- A key is `sy_<key_id>_<secret>`; only the SHA-256 of the whole key is
+-- kept.
+CREATE TABLE api_keys (
+    key_id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL REFERENCES tenants (tenant_id),
+    key_hash {bytes} NOT NULL,
+    scopes TEXT NOT NULL,
+    description TEXT NOT NULL,
+    created_ns {i64} NOT NULL,
+    expires_ns {i64},
+    revoked_ns {i64},
+    last_used_ns {i64}
+);
+CREATE INDEX api_keys_by_tenant ON api_keys (tenant_id, created_ns);
+"#,
+    ),
 ];
 
 #[cfg(test)]
