@@ -8,9 +8,14 @@
 #   SWITCHYARD_BIN=path/to/switchyard tests/interop/grpcurl_smoke.sh
 #
 # Starts its own server (fresh temporary SQLite database, demo devices on,
-# loopback port chosen by the kernel), runs every check even after one fails,
-# always stops the server, and ends with one line "N passed, M failed"; the
-# exit status is non-zero when any check failed or the server did not start.
+# loopback port chosen by the kernel), with auth on from the first call: an
+# API key of the tenant `default` (which owns the demo devices), with every
+# scope, is created with `switchyard admin` before the server starts and sent
+# as `authorization: Bearer sy_...` on every switchyard.v1 call. Health and
+# reflection (grpcurl list/describe) are called without it: they need none.
+# Runs every check even after one fails, always stops the server, and ends
+# with one line "N passed, M failed"; the exit status is non-zero when any
+# check failed or the server did not start.
 set -euo pipefail
 
 STARTUP_TIMEOUT_S=20
@@ -50,9 +55,18 @@ trap 'exit 143' TERM
 
 server_tail() { echo "--- server log (tail) ---" >&2; tail -n 30 "$log" >&2 || true; }
 
-# ---- start the server ------------------------------------------------------
-echo "starting $SWITCHYARD_BIN (database $tmp/smoke.db, demo devices on)"
-"$SWITCHYARD_BIN" serve --listen 127.0.0.1:0 --database "sqlite://$tmp/smoke.db" \
+# ---- an API key, then the server -----------------------------------------
+database="sqlite://$tmp/smoke.db"
+# The key is printed alone on stdout. It has the default rate (50/s, burst
+# 100 per key): this script makes fewer calls than the burst.
+KEY="$("$SWITCHYARD_BIN" admin --database "$database" key create --tenant default \
+    --scopes devices:read,devices:write,actions:read,actions:write,admin \
+    --description "grpcurl smoke test" </dev/null 2>"$tmp/admin.err")" ||
+    { cat "$tmp/admin.err" >&2; die "switchyard admin key create failed"; }
+[[ "$KEY" =~ ^sy_[a-z2-7]{16}_[a-z2-7]{52}$ ]] || die "switchyard admin key create did not print a key (sy_...) alone"
+
+echo "starting $SWITCHYARD_BIN (database $tmp/smoke.db, demo devices on, one API key)"
+"$SWITCHYARD_BIN" serve --listen 127.0.0.1:0 --database "$database" \
     --log-format json </dev/null >/dev/null 2>"$log" &
 server_pid=$!
 
@@ -73,7 +87,10 @@ done
 [[ "$addr" == 127.0.0.1:* ]] || die "server listens on $addr, not on loopback"
 echo "server pid $server_pid listening on $addr"
 
+# gc: no key (health, reflection, and the check that a key is needed);
+# gk: with the key, for every switchyard.v1 call.
 gc() { grpcurl -plaintext -max-time "$GRPCURL_MAX_TIME_S" "$@"; }
+gk() { gc -H "authorization: Bearer $KEY" "$@"; }
 
 # Poll the health check until SERVING (bounded by the same deadline).
 until gc "$addr" grpc.health.v1.Health/Check 2>/dev/null | grep -q '"status": "SERVING"'; do
@@ -128,13 +145,14 @@ run() {
     _out="$("$@" 2>&1)" || _rc=$?
 }
 
+# Reflection (list, describe) and health are called without the key.
 run out rc gc "$addr" list
 if ((rc == 0)); then
-    for svc in switchyard.v1.ActionService switchyard.v1.DeviceService grpc.health.v1.Health; do
+    for svc in switchyard.v1.ActionService switchyard.v1.AdminService switchyard.v1.DeviceService grpc.health.v1.Health; do
         if grep -qx -- "$svc" <<<"$out"; then ok "list shows $svc"; else fail "list shows $svc" "$out"; fi
     done
 else
-    for svc in switchyard.v1.ActionService switchyard.v1.DeviceService grpc.health.v1.Health; do
+    for svc in switchyard.v1.ActionService switchyard.v1.AdminService switchyard.v1.DeviceService grpc.health.v1.Health; do
         fail "list shows $svc" "grpcurl exit $rc: $out"
     done
 fi
@@ -148,10 +166,19 @@ else
 fi
 
 run out rc gc "$addr" grpc.health.v1.Health/Check
-if ((rc == 0)); then check "health check says SERVING" "$out" '"status": "SERVING"'
-else fail "health check says SERVING" "grpcurl exit $rc: $out"; fi
+if ((rc == 0)); then check "health check without a key says SERVING" "$out" '"status": "SERVING"'
+else fail "health check without a key says SERVING" "grpcurl exit $rc: $out"; fi
 
+# Without the header: UNAUTHENTICATED (grpcurl exit 64 + 16), typed.
 run out rc gc -d '{}' "$addr" switchyard.v1.DeviceService/ListDevices
+if ((rc == 80)); then check "ListDevices without a key fails with Unauthenticated (grpcurl exit 80)" "$out" \
+    "Code: Unauthenticated"
+else fail "ListDevices without a key fails with Unauthenticated (grpcurl exit 80; got exit $rc)" "$out"; fi
+check_line "error details carry a decoded google.rpc.ErrorInfo with reason INVALID_API_KEY, why missing" "$out" \
+    '"@type":"type.googleapis.com/google.rpc.ErrorInfo"' \
+    '"domain":"switchyard"' '"reason":"INVALID_API_KEY"' '"why":"missing"'
+
+run out rc gk -d '{}' "$addr" switchyard.v1.DeviceService/ListDevices
 if ((rc == 0)); then check "ListDevices shows demo-battery" "$out" '"deviceId": "demo-battery"'
 else fail "ListDevices shows demo-battery" "grpcurl exit $rc: $out"; fi
 
@@ -163,7 +190,7 @@ push_body() { # COMMAND
         "$1" "$start" "$end"
 }
 
-run out rc gc -d "$(push_body COMMAND_CHARGE)" "$addr" switchyard.v1.ActionService/PushAction
+run out rc gk -d "$(push_body COMMAND_CHARGE)" "$addr" switchyard.v1.ActionService/PushAction
 first_id="$(grep -o '"actionId": "[^"]*"' <<<"$out" | head -n 1 | cut -d'"' -f4 || true)"
 if ((rc == 0)) && [[ -n "$first_id" ]]; then
     check "push windowed COMMAND_CHARGE $start..$end on demo-battery is SCHEDULED" "$out" \
@@ -174,7 +201,7 @@ else
 fi
 
 # The same window again, another command on the same channel, no strategy.
-run out rc gc -d "$(push_body COMMAND_DISCHARGE)" "$addr" switchyard.v1.ActionService/PushAction
+run out rc gk -d "$(push_body COMMAND_DISCHARGE)" "$addr" switchyard.v1.ActionService/PushAction
 if ((rc == 73)); then ok "colliding push fails with FAILED_PRECONDITION (grpcurl exit 73)"
 else fail "colliding push fails with FAILED_PRECONDITION (grpcurl exit 73; got exit $rc)" "$out"; fi
 # grpcurl prints each detail as one JSON object on one line; a detail it
@@ -198,7 +225,7 @@ many_push_body() { # COMMAND START_EPOCH END_EPOCH
     printf '{"device_id":"%s","action":{"command":"%s","start_time":"%s","end_time":"%s"}}' \
         "$many_dev" "$1" "$(rfc3339 "$2")" "$(rfc3339 "$3")"
 }
-run out rc gc -d "{\"device_id\":\"$many_dev\",\"device\":{\"family\":\"DEVICE_FAMILY_BATTERY\",\"driver\":\"simulated\"}}" \
+run out rc gk -d "{\"device_id\":\"$many_dev\",\"device\":{\"family\":\"DEVICE_FAMILY_BATTERY\",\"driver\":\"simulated\"}}" \
     "$addr" switchyard.v1.DeviceService/CreateDevice
 if ((rc == 0)); then ok "create $many_dev"; else fail "create $many_dev" "grpcurl exit $rc: $out"; fi
 # Back-to-back one-minute windows, booked 10 at a time. Wait for these
@@ -206,7 +233,7 @@ if ((rc == 0)); then ok "create $many_dev"; else fail "create $many_dev" "grpcur
 book_pids=()
 for ((i = 0; i < many_n; i++)); do
     s=$((many_first + 60 * i))
-    gc -d "$(many_push_body COMMAND_CHARGE "$s" $((s + 60)))" "$addr" \
+    gk -d "$(many_push_body COMMAND_CHARGE "$s" $((s + 60)))" "$addr" \
         switchyard.v1.ActionService/PushAction >"$tmp/book.$i" 2>&1 &
     book_pids+=($!)
     if ((${#book_pids[@]} == 10 || i == many_n - 1)); then
@@ -218,7 +245,7 @@ booked="$(grep -l '"state": "ACTION_STATE_SCHEDULED"' "$tmp"/book.* 2>/dev/null 
 if ((booked == many_n)); then ok "book $many_n back-to-back one-minute windows on $many_dev"
 else fail "book $many_n back-to-back one-minute windows on $many_dev (booked $booked)" "$(cat "$tmp"/book.* | head -n 20)"; fi
 # One window over all of them, another command, no strategy.
-run out rc gc -d "$(many_push_body COMMAND_DISCHARGE "$many_first" $((many_first + 60 * many_n)))" \
+run out rc gk -d "$(many_push_body COMMAND_DISCHARGE "$many_first" $((many_first + 60 * many_n)))" \
     "$addr" switchyard.v1.ActionService/PushAction
 if ((rc == 73)); then ok "push over $many_n colliders fails with FAILED_PRECONDITION (grpcurl exit 73)"
 else fail "push over $many_n colliders fails with FAILED_PRECONDITION (grpcurl exit 73; got exit $rc)" "$out"; fi
@@ -228,6 +255,10 @@ check_line "the ErrorInfo over $many_n colliders counts them all and says it is 
 check_line "the ConflictDetail over $many_n colliders is decoded with conflictCount and truncated" "$out" \
     '"@type":"type.googleapis.com/switchyard.v1.ConflictDetail"' \
     "\"conflictCount\":$many_n" '"truncated":true'
+
+# The key was sent on every call above: the server never logs it.
+if grep -qF -- "${KEY#sy_*_}" "$log"; then fail "the server log never holds the API key's secret"
+else ok "the server log never holds the API key's secret"; fi
 
 if ((failed > 0)); then server_tail; fi
 echo "$passed passed, $failed failed"

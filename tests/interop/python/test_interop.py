@@ -15,6 +15,13 @@ own switchyard.v1.ConflictDetail).
   picked by the kernel) serves the whole module and is stopped at the end.
   Each test registers its own device, so tests do not depend on each
   other's order.
+- Auth is on from the first call: before the server starts, the fixture
+  creates (with `switchyard admin` on the same database) the tenant
+  `interop`, with a rate high enough for the bookings below, and one key
+  with every scope. The `channel` fixture sends that key on every call
+  (`authorization: Bearer sy_...`, added by a client interceptor);
+  `raw_channel` sends none. The auth tests make their own tenants and
+  keys, with the command line or AdminService.
 - Every action is booked hours ahead, so nothing ever starts during a run:
   no test waits on the scheduler.
 - The "bounded errors" tests provoke the largest error of each RPC (300 and
@@ -25,11 +32,14 @@ own switchyard.v1.ConflictDetail).
 """
 
 import base64
+import collections
 import importlib
 import importlib.resources
 import json
+import math
 import os
 import queue
+import re
 import secrets
 import shutil
 import subprocess
@@ -43,7 +53,7 @@ from types import SimpleNamespace
 
 import grpc
 import pytest
-from google.protobuf import empty_pb2, field_mask_pb2, timestamp_pb2, wrappers_pb2
+from google.protobuf import duration_pb2, empty_pb2, field_mask_pb2, timestamp_pb2, wrappers_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from grpc_tools import protoc
@@ -54,6 +64,14 @@ RPC_TIMEOUT_S = 10.0
 DOMAIN = "switchyard"
 CONFLICT_DETAIL_URL = "type.googleapis.com/switchyard.v1.ConflictDetail"
 HOUR = 3600
+ALL_SCOPES = "devices:read,devices:write,actions:read,actions:write,admin"
+# The tenant the `channel` fixture's key acts for. Its rate is far above the
+# server's default (50/s, burst 100 per key): the bounded-errors tests book
+# 600 actions as fast as 16 threads can.
+INTEROP_TENANT = "interop"
+INTEROP_RATE = "100000"
+# An API key as `switchyard admin key create` prints it; group 1 is its id.
+KEY_RE = re.compile(r"sy_([a-z2-7]{16})_[a-z2-7]{52}")
 
 
 # --------------------------------------------------------------------------
@@ -66,7 +84,8 @@ def pb():
     """Compiles proto/switchyard/v1/*.proto and imports the generated code.
 
     Returns a namespace with the message modules (common, device, action,
-    errors) and the service stubs modules (device_grpc, action_grpc).
+    errors, admin) and the service stubs modules (device_grpc, action_grpc,
+    admin_grpc).
     """
     protos = sorted(PROTO_ROOT.glob("switchyard/v1/*.proto"))
     assert protos, f"no protos under {PROTO_ROOT}"
@@ -90,8 +109,10 @@ def pb():
                 device=importlib.import_module("switchyard.v1.device_pb2"),
                 action=importlib.import_module("switchyard.v1.action_pb2"),
                 errors=importlib.import_module("switchyard.v1.errors_pb2"),
+                admin=importlib.import_module("switchyard.v1.admin_pb2"),
                 device_grpc=importlib.import_module("switchyard.v1.device_pb2_grpc"),
                 action_grpc=importlib.import_module("switchyard.v1.action_pb2_grpc"),
+                admin_grpc=importlib.import_module("switchyard.v1.admin_pb2_grpc"),
             )
         finally:
             # Imported modules keep their descriptors: the directory can go.
@@ -137,14 +158,28 @@ def _listening_addr(line):
     return None
 
 
+def _admin_cli(bin_path, database, *args):
+    """Runs `switchyard admin --database DATABASE ARGS...`; returns its
+    stdout, stripped (the key or tenant id it prints)."""
+    run = subprocess.run([bin_path, "admin", "--database", database, *args],
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, (
+        f"switchyard admin {' '.join(args)} failed (rc={run.returncode}):\n{run.stderr}")
+    return run.stdout.strip()
+
+
 @pytest.fixture(scope="module")
 def server():
-    """Starts `$SWITCHYARD_BIN serve` and yields its "host:port".
+    """Starts `$SWITCHYARD_BIN serve` and yields a namespace: `addr`
+    ("host:port"), `bin` and `database` (for `switchyard admin`), and `key`,
+    an API key of the tenant INTEROP_TENANT with every scope.
 
-    Port 0 lets the kernel pick a free loopback port (no race between
-    choosing and binding); the address comes from the "listening" log line.
-    The server is then polled with the gRPC health check until SERVING,
-    within STARTUP_TIMEOUT_S overall.
+    The tenant and key are created on the fresh database before the server
+    starts, so auth is on from its first call. Port 0 lets the kernel pick
+    a free loopback port (no race between choosing and binding); the
+    address comes from the "listening" log line. The server is then polled
+    with the gRPC health check (which needs no key) until SERVING, within
+    STARTUP_TIMEOUT_S overall.
     """
     bin_path = os.environ.get("SWITCHYARD_BIN")
     if not bin_path:
@@ -153,11 +188,20 @@ def server():
         pytest.fail(f"SWITCHYARD_BIN={bin_path!r} is not an executable file", pytrace=False)
 
     workdir = tempfile.TemporaryDirectory(prefix="switchyard-interop-")
-    db = Path(workdir.name) / "interop.db"
+    database = f"sqlite://{Path(workdir.name) / 'interop.db'}"
+    try:
+        _admin_cli(bin_path, database, "tenant", "create", INTEROP_TENANT,
+                   "--rate-per-second", INTEROP_RATE, "--rate-burst", INTEROP_RATE)
+        key = _admin_cli(bin_path, database, "key", "create", "--tenant", INTEROP_TENANT,
+                         "--scopes", ALL_SCOPES, "--description", "interop tests")
+        assert KEY_RE.fullmatch(key), "`switchyard admin key create` did not print a key (sy_...) alone"
+    except BaseException:
+        workdir.cleanup()
+        raise
     cmd = [
         bin_path, "serve",
         "--listen", "127.0.0.1:0",
-        "--database", f"sqlite://{db}",
+        "--database", database,
         "--no-demo",
         "--log-format", "json",
     ]
@@ -228,16 +272,54 @@ def server():
         stop()
         raise
 
-    yield addr
+    yield SimpleNamespace(addr=addr, bin=bin_path, database=database, key=key)
 
     stop()
     print(f"switchyard server stopped (rc={proc.returncode}); log tail:\n{log_tail(15)}")
 
 
+class _CallDetails(
+        collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials",
+                                                "wait_for_ready", "compression")),
+        grpc.ClientCallDetails):
+    pass
+
+
+class BearerKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <key>` to every call made through it."""
+
+    def __init__(self, key):
+        self._entry = ("authorization", f"Bearer {key}")
+
+    def _with_key(self, d):
+        return _CallDetails(d.method, d.timeout, [*(d.metadata or ()), self._entry],
+                            d.credentials, d.wait_for_ready, d.compression)
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._with_key(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._with_key(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return continuation(self._with_key(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return continuation(self._with_key(client_call_details), request_iterator)
+
+
 @pytest.fixture(scope="module")
-def channel(server):
-    with grpc.insecure_channel(server) as ch:
+def raw_channel(server):
+    """A channel that sends no key."""
+    with grpc.insecure_channel(server.addr) as ch:
         yield ch
+
+
+@pytest.fixture(scope="module")
+def channel(server, raw_channel):
+    """The same connection, sending the interop key on every call."""
+    return grpc.intercept_channel(raw_channel, BearerKey(server.key))
 
 
 @pytest.fixture(scope="module")
@@ -891,8 +973,9 @@ def test_a_body_cut_short_inside_the_grpc_frame_is_malformed_request(server, tmp
     run = subprocess.run(
         [curl, "-sS", "--http2-prior-knowledge", "--max-time", str(int(RPC_TIMEOUT_S)),
          "-H", "content-type: application/grpc", "-H", "te: trailers",
+         "-H", f"authorization: Bearer {server.key}",
          "--data-binary", f"@{body}", "-D", "-", "-o", os.devnull,
-         f"http://{server}{PUSH_ACTION}"],
+         f"http://{server.addr}{PUSH_ACTION}"],
         capture_output=True, text=True, timeout=RPC_TIMEOUT_S + 5)
     assert run.returncode == 0, f"curl failed ({run.returncode}): {run.stderr}"
     headers = {}
@@ -906,3 +989,213 @@ def test_a_body_cut_short_inside_the_grpc_frame_is_malformed_request(server, tmp
     assert st.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     info = error_info(st, "MALFORMED_REQUEST")
     assert dict(info.metadata) == {}
+
+
+# --------------------------------------------------------------------------
+# Auth: API keys, scopes, rate limits, tenants (docs/security.md)
+# --------------------------------------------------------------------------
+#
+# The server found a key in its database at startup, so every call but
+# health and reflection needs one. Each test makes its own tenant or keys
+# with `switchyard admin` on the server's database (a running server sees
+# them at once, and a revocation within seconds) or with AdminService.
+
+
+def admin_cli(server, *args):
+    return _admin_cli(server.bin, server.database, *args)
+
+
+def create_key(server, tenant, scopes):
+    key = admin_cli(server, "key", "create", "--tenant", tenant, "--scopes", scopes,
+                    "--description", "interop auth test")
+    assert KEY_RE.fullmatch(key), "`switchyard admin key create` did not print a key (sy_...) alone"
+    return key
+
+
+def key_id(key):
+    return KEY_RE.fullmatch(key).group(1)
+
+
+def keyed(pb, raw_channel, key):
+    """Stubs that send `key` on every call, over the module's connection."""
+    ch = grpc.intercept_channel(raw_channel, BearerKey(key))
+    return SimpleNamespace(devices=pb.device_grpc.DeviceServiceStub(ch),
+                           actions=pb.action_grpc.ActionServiceStub(ch),
+                           admin=pb.admin_grpc.AdminServiceStub(ch))
+
+
+def _b32(n):
+    return base64.b32encode(secrets.token_bytes(n)).decode().lower().rstrip("=")
+
+
+def test_health_needs_no_key(raw_channel):
+    assert _health_check(raw_channel, RPC_TIMEOUT_S) == 1
+
+
+@pytest.mark.parametrize("case", ["missing", "malformed", "unknown", "wrong secret"])
+def test_a_call_without_a_valid_key_is_unauthenticated(pb, server, raw_channel, case):
+    if case == "missing":
+        metadata, sent, why = (), None, "missing"
+    elif case == "malformed":
+        sent = "not-a-switchyard-key-" + secrets.token_hex(16)
+        metadata, why = (("authorization", f"Bearer {sent}"),), "malformed"
+    else:
+        # Well formed; an id nobody has, or the interop key's id with
+        # another secret.
+        kid = _b32(10)[:16] if case == "unknown" else key_id(server.key)
+        sent = f"sy_{kid}_{_b32(32)[:52]}"
+        assert KEY_RE.fullmatch(sent)
+        metadata, why = (("authorization", f"Bearer {sent}"),), "unknown"
+    devices = pb.device_grpc.DeviceServiceStub(raw_channel)
+
+    err, st, info = expect_typed_error(
+        grpc.StatusCode.UNAUTHENTICATED, "INVALID_API_KEY", f"ListDevices, key {case}",
+        devices.ListDevices, pb.device.ListDevicesRequest(), metadata=metadata, timeout=RPC_TIMEOUT_S)
+    assert info.metadata["why"] == why
+    assert "key_id" not in info.metadata, "key_id named for a key that did not match"
+    if sent is not None:
+        assert_not_echoed(err, sent, f"key {case}", chunk=12)
+
+
+def test_a_key_without_the_scope_is_permission_denied(pb, server, devices, actions, raw_channel):
+    dev = "py-battery-readonly"
+    create_battery(pb, devices, dev)
+    key = create_key(server, INTEROP_TENANT, "devices:read")
+    ro = keyed(pb, raw_channel, key)
+    # What the scope allows works...
+    assert ro.devices.GetDevice(pb.device.GetDeviceRequest(device_id=dev),
+                                timeout=RPC_TIMEOUT_S).device_id == dev
+    # ...what it does not is refused before the request is looked at.
+    t0 = base_time()
+    err, st, info = expect_typed_error(
+        grpc.StatusCode.PERMISSION_DENIED, "MISSING_SCOPE", "PushAction with devices:read",
+        push, pb, ro.actions, dev, windowed(pb, pb.common.COMMAND_CHARGE, t0 + HOUR, t0 + 2 * HOUR))
+    md = info.metadata
+    assert md["required_scope"] == "actions:write"
+    assert md["method"] == "switchyard.v1.ActionService/PushAction"
+    assert md["key_id"] == key_id(key)
+    assert_not_echoed(err, key, "MISSING_SCOPE", chunk=12)
+    assert list_actions(pb, actions, dev) == []
+
+
+def test_a_key_over_its_rate_is_told_when_to_retry(pb, server, raw_channel):
+    admin_cli(server, "tenant", "create", "py-rated", "--rate-per-second", "2", "--rate-burst", "2")
+    key = create_key(server, "py-rated", "devices:read")
+    devices = keyed(pb, raw_channel, key).devices
+    req = pb.device.ListDevicesRequest()
+
+    devices.ListDevices(req, timeout=RPC_TIMEOUT_S)
+    devices.ListDevices(req, timeout=RPC_TIMEOUT_S)
+    err, st, info = expect_typed_error(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED", "third call at 2/s, burst 2",
+        devices.ListDevices, req, timeout=RPC_TIMEOUT_S)
+
+    md = info.metadata
+    assert md["key_id"] == key_id(key)
+    assert md["rate_per_second"] == "2"
+    assert md["burst"] == "2"
+    retry = detail(st, error_details_pb2.RetryInfo)
+    delay = retry.retry_delay.ToTimedelta().total_seconds()
+    assert 0 < delay <= 0.5, f"at 2 per second a token is never more than 0.5 s away, told {delay} s"
+    assert abs(int(md["retry_after_ms"]) - math.ceil(delay * 1000)) <= 1, (
+        f"retry_after_ms {md['retry_after_ms']} and RetryInfo {delay} s disagree")
+    quota = detail(st, error_details_pb2.QuotaFailure)
+    assert [v.subject for v in quota.violations] == [f"api_key:{key_id(key)}"]
+    assert quota.violations[0].description
+
+    # Waiting as long as told is enough.
+    time.sleep(delay)
+    devices.ListDevices(req, timeout=RPC_TIMEOUT_S)
+
+
+def test_another_tenant_does_not_see_the_device(pb, server, devices, raw_channel):
+    dev = "py-battery-private"
+    created = create_battery(pb, devices, dev)
+    admin_cli(server, "tenant", "create", "py-other")
+    other = keyed(pb, raw_channel, create_key(
+        server, "py-other", "devices:read,devices:write,actions:read,actions:write"))
+
+    st = expect_error(grpc.StatusCode.NOT_FOUND, other.devices.GetDevice,
+                      pb.device.GetDeviceRequest(device_id=dev), timeout=RPC_TIMEOUT_S)
+    assert error_info(st, "DEVICE_NOT_FOUND").metadata["device_id"] == dev
+    listed = other.devices.ListDevices(pb.device.ListDevicesRequest(page_size=1000), timeout=RPC_TIMEOUT_S)
+    assert dev not in [d.device_id for d in listed.devices]
+    t0 = base_time()
+    st = expect_error(grpc.StatusCode.NOT_FOUND, push, pb, other.actions, dev,
+                      windowed(pb, pb.common.COMMAND_CHARGE, t0 + HOUR, t0 + 2 * HOUR))
+    error_info(st, "DEVICE_NOT_FOUND")
+
+    # The id is free in the other tenant; each tenant keeps its own device.
+    theirs = create_battery(pb, other.devices, dev)
+    assert theirs.device_id == dev
+    ours = devices.GetDevice(pb.device.GetDeviceRequest(device_id=dev), timeout=RPC_TIMEOUT_S)
+    assert ours.etag == created.etag
+
+
+def test_a_revoked_key_is_refused_within_5_seconds(pb, server, raw_channel):
+    key = create_key(server, INTEROP_TENANT, "devices:read")
+    kid = key_id(key)
+    devices = keyed(pb, raw_channel, key).devices
+    req = pb.device.ListDevicesRequest()
+    devices.ListDevices(req, timeout=RPC_TIMEOUT_S)  # works (and is now cached)
+
+    admin_cli(server, "key", "revoke", kid)
+    revoked = time.monotonic()
+    while True:
+        try:
+            devices.ListDevices(req, timeout=RPC_TIMEOUT_S)
+        except grpc.RpcError as e:
+            err = e
+            break
+        assert time.monotonic() - revoked < 5.0, "a revoked key still works after 5 s"
+        time.sleep(0.1)
+    print(f"revoked key refused {time.monotonic() - revoked:.2f} s after `key revoke`")
+
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED, f"got {err.code()}: {err.details()}"
+    st = rpc_status.from_call(err)
+    assert st is not None, "no google.rpc.Status in the trailers (grpc-status-details-bin)"
+    info = error_info(st, "INVALID_API_KEY")
+    assert info.metadata["why"] == "revoked"
+    assert info.metadata["key_id"] == kid
+    assert_not_echoed(err, key, "revoked key", chunk=12)
+
+    listed = [line for line in admin_cli(server, "key", "list", "--tenant", INTEROP_TENANT).splitlines()
+              if line.startswith(kid)]
+    assert len(listed) == 1 and "revoked -" not in listed[0], f"key list: {listed}"
+
+
+def test_admin_service_creates_a_key_that_works(pb, devices, channel, raw_channel):
+    admin = pb.admin_grpc.AdminServiceStub(channel)
+    resp = admin.CreateApiKey(pb.admin.CreateApiKeyRequest(
+        scopes=["devices:read", "devices:write"],
+        expires_in=duration_pb2.Duration(seconds=HOUR),
+        description="made over gRPC",
+    ), timeout=RPC_TIMEOUT_S)
+    made = resp.api_key
+    assert KEY_RE.fullmatch(resp.key), "CreateApiKey did not return a key (sy_...)"
+    assert key_id(resp.key) == made.key_id
+    assert made.tenant == INTEROP_TENANT, "an empty tenant is the caller's own"
+    assert list(made.scopes) == ["devices:read", "devices:write"]
+    assert made.description == "made over gRPC"
+    assert made.HasField("create_time") and not made.HasField("revoke_time")
+    assert abs(made.expire_time.seconds - (made.create_time.seconds + HOUR)) <= 1
+
+    new = keyed(pb, raw_channel, resp.key)
+    dev = "py-battery-admin-key"
+    create_battery(pb, new.devices, dev)
+    # Same tenant: the interop key sees what the new key made.
+    devices.GetDevice(pb.device.GetDeviceRequest(device_id=dev), timeout=RPC_TIMEOUT_S)
+    # Its scopes hold.
+    st = expect_error(grpc.StatusCode.PERMISSION_DENIED, new.actions.ListActions,
+                      pb.action.ListActionsRequest(device_id=dev), timeout=RPC_TIMEOUT_S)
+    assert error_info(st, "MISSING_SCOPE").metadata["required_scope"] == "actions:read"
+
+    # Listed, never with its secret.
+    listed = admin.ListApiKeys(pb.admin.ListApiKeysRequest(), timeout=RPC_TIMEOUT_S)
+    assert made.key_id in [k.key_id for k in listed.api_keys]
+    assert resp.key.split("_")[2] not in str(listed)
+
+    # Only the operator's tenant (`default`) creates tenants.
+    st = expect_error(grpc.StatusCode.PERMISSION_DENIED, admin.CreateTenant,
+                      pb.admin.CreateTenantRequest(name="py-not-allowed"), timeout=RPC_TIMEOUT_S)
+    error_info(st, "OPERATOR_ONLY")
