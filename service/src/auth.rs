@@ -14,7 +14,7 @@
 //! within it.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     num::NonZeroU32,
     pin::Pin,
     sync::{Arc, Mutex, MutexGuard},
@@ -145,7 +145,11 @@ pub fn needs(path: &str) -> Needs {
             | "/switchyard.v1.ActionService/ListActions" => Scope::ActionsRead,
             "/switchyard.v1.ActionService/PushAction"
             | "/switchyard.v1.ActionService/CancelAction" => Scope::ActionsWrite,
-            p if p.starts_with("/switchyard.v1.AdminService/") => Scope::Admin,
+            "/switchyard.v1.AdminService/CreateTenant"
+            | "/switchyard.v1.AdminService/ListTenants"
+            | "/switchyard.v1.AdminService/CreateApiKey"
+            | "/switchyard.v1.AdminService/ListApiKeys"
+            | "/switchyard.v1.AdminService/RevokeApiKey" => Scope::Admin,
             _ => return Needs::AnyKey,
         };
     Needs::Scope(scope)
@@ -174,8 +178,8 @@ impl Caller {
     }
 }
 
-/// A new key: what the caller is shown once, and what is stored.
-#[derive(Debug)]
+/// A new key: what the caller is shown once, and what is stored. Its
+/// `Debug` shows neither the key nor its hash.
 pub struct NewKey {
     pub key_id: String,
     /// `sy_<key_id>_<secret>`.
@@ -195,6 +199,21 @@ fn random_text(n: usize) -> Result<String, Error> {
         .iter()
         .map(|b| char::from(ALPHABET[usize::from(b & 31)]))
         .collect())
+}
+
+impl std::fmt::Debug for NewKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewKey")
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether a server listening on `addr` is reachable from this host only
+/// (127.0.0.0/8 or ::1): only then may it run without auth while no key
+/// exists. `0.0.0.0` and `::` listen everywhere.
+pub fn listens_on_loopback(addr: std::net::SocketAddr) -> bool {
+    addr.ip().is_loopback()
 }
 
 /// A new random key: a 16-character id and 260 bits of secret (52 base32
@@ -257,12 +276,16 @@ struct Known {
 type Limiter = (u32, u32, Arc<DefaultDirectRateLimiter>);
 
 /// The auth layer's state, shared by every connection.
-#[derive(Debug)]
 struct State {
     store: Store,
     clock: Arc<dyn Clock>,
     /// Whether the server listens on loopback only (auth may then be off).
     loopback: bool,
+    /// Every key id in the database (revoked ones too), read again once
+    /// older than [`CACHE_FOR`]: a key id nobody made is answered without
+    /// a database read, so a flood of made-up keys costs one read per
+    /// [`CACHE_FOR`]. One call at a time refreshes it.
+    ids: tokio::sync::Mutex<Option<(Instant, Arc<HashSet<String>>)>>,
     keys: Mutex<HashMap<String, (Instant, Option<Known>)>>,
     any_key: Mutex<Option<(Instant, bool)>>,
     limiters: Mutex<HashMap<String, Limiter>>,
@@ -296,11 +319,27 @@ impl State {
         Ok(any)
     }
 
+    /// The key ids in the database, at most [`CACHE_FOR`] old.
+    async fn key_ids(&self) -> Result<Arc<HashSet<String>>, Error> {
+        let mut ids = self.ids.lock().await;
+        if let Some((at, set)) = ids.as_ref()
+            && at.elapsed() < CACHE_FOR
+        {
+            return Ok(set.clone());
+        }
+        let set: Arc<HashSet<String>> = Arc::new(self.store.key_ids().await?.into_iter().collect());
+        *ids = Some((Instant::now(), set.clone()));
+        Ok(set)
+    }
+
     async fn lookup(&self, key_id: &str) -> Result<Option<Known>, Error> {
         if let Some((at, known)) = lock(&self.keys).get(key_id)
             && at.elapsed() < CACHE_FOR
         {
             return Ok(known.clone());
+        }
+        if !self.key_ids().await?.contains(key_id) {
+            return Ok(None);
         }
         let known = match self.store.key_by_id(key_id).await? {
             None => None,
@@ -345,14 +384,14 @@ impl State {
         if !same {
             return Err(invalid("unknown", None));
         }
-        let now = self.clock.now();
-        if known.record.revoked.is_some_and(|r| r <= now) {
+        // Revoked from the moment it is written, whatever the revoker's
+        // clock said.
+        if known.record.revoked.is_some() {
             return Err(invalid("revoked", Some(key_id)));
         }
-        if known.record.expires.is_some_and(|e| e <= now) {
+        if known.record.expires.is_some_and(|e| e <= self.clock.now()) {
             return Err(invalid("expired", Some(key_id)));
         }
-        self.touch(&known.record.key_id, now);
         Ok(known)
     }
 
@@ -405,7 +444,7 @@ impl State {
             }
         };
         limiter.check().map_err(|not_until| {
-            let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+            let wait = not_until.wait_time_from(limiter.clock().now());
             Error::RateLimited {
                 key_id: key_id.clone(),
                 per_second,
@@ -450,10 +489,19 @@ impl State {
             });
         }
         self.admit(&known)?;
+        self.touch(&known.record.key_id, self.clock.now());
         Ok(Some(Caller {
             tenant: known.record.tenant.clone(),
             key_id: Some(known.record.key_id.clone()),
         }))
+    }
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("loopback", &self.loopback)
+            .finish_non_exhaustive()
     }
 }
 
@@ -472,6 +520,7 @@ impl AuthLayer {
                 store,
                 clock,
                 loopback,
+                ids: tokio::sync::Mutex::default(),
                 keys: Mutex::default(),
                 any_key: Mutex::default(),
                 limiters: Mutex::default(),
@@ -617,7 +666,20 @@ mod tests {
             needs("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
             Needs::Nothing
         );
+        assert_eq!(
+            needs("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"),
+            Needs::Nothing
+        );
         assert_eq!(needs("/switchyard.v1.Nope/Nope"), Needs::AnyKey);
+        assert_eq!(needs("/switchyard.v1.AdminService/Nope"), Needs::AnyKey);
+        assert_eq!(
+            needs("/switchyard.v1.DeviceService/GetDevice/"),
+            Needs::AnyKey
+        );
+        assert_eq!(
+            needs("/Switchyard.v1.DeviceService/GetDevice"),
+            Needs::AnyKey
+        );
         assert_eq!(needs("/grpc.health.v1.HealthX/Check"), Needs::AnyKey);
     }
 
@@ -703,6 +765,48 @@ mod tests {
         );
         let caller = local.decide(path, &good).await.unwrap().unwrap();
         assert_eq!(caller.key_id.as_deref(), Some(k.key_id.as_str()));
+        // Revoked, it is refused once the cached lookup lapses; and a
+        // revoked key still counts as a key: auth stays on.
+        assert!(
+            local
+                .store
+                .revoke_key(&k.key_id, None, Ts(1))
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            local.decide(path, &good).await.is_ok(),
+            "cached for CACHE_FOR"
+        );
+        lock(&local.keys).clear();
+        assert_eq!(why(local.decide(path, &good).await), "revoked");
+        *lock(&local.any_key) = None;
+        assert_eq!(why(local.decide(path, &none).await), "missing");
+        // A made-up key of a well-formed id is unknown without a lookup.
+        let mut forged = http::HeaderMap::new();
+        let other = generate_key().unwrap();
+        forged.insert(
+            http::header::AUTHORIZATION,
+            format!("Bearer {}", other.key).parse().unwrap(),
+        );
+        assert_eq!(why(local.decide(path, &forged).await), "unknown");
+        assert!(lock(&local.keys).get(&other.key_id).is_none());
+    }
+
+    #[test]
+    fn only_loopback_addresses_may_run_without_auth() {
+        for (addr, local) in [
+            ("127.0.0.1:50051", true),
+            ("127.0.0.2:1", true),
+            ("[::1]:50051", true),
+            ("0.0.0.0:50051", false),
+            ("[::]:50051", false),
+            ("10.0.0.7:50051", false),
+            ("[fe80::1]:50051", false),
+        ] {
+            assert_eq!(listens_on_loopback(addr.parse().unwrap()), local, "{addr}");
+        }
     }
 
     #[test]

@@ -241,7 +241,7 @@ pub async fn serve(
 
     // Keys, scopes and rate limits, before anything else looks at a call.
     // On loopback with no key yet, calls act as the default tenant.
-    let loopback = listener.local_addr()?.ip().is_loopback();
+    let loopback = crate::auth::listens_on_loopback(listener.local_addr()?);
     let auth = AuthLayer::new(app.store.clone(), app.clock.clone(), loopback);
     auth.log_mode().await;
 

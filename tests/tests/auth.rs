@@ -363,8 +363,10 @@ async fn expired_and_revoked_keys_are_refused() {
     let s = TestServer::start_with_keys(&seed).await;
     let (admin_key, short) = (s.keys[0].clone(), s.keys[1].clone());
     call(&s, &short, "ListDevices").await.unwrap();
-    // Its lifetime passes on the server's clock.
-    s.at_secs(61);
+    s.at_secs(59);
+    call(&s, &short, "ListDevices").await.unwrap();
+    // Its lifetime ends on the server's clock, at exactly 60 s.
+    s.at_secs(60);
     let e = call(&s, &short, "ListDevices").await.unwrap_err();
     let d = expect_error(&e, Code::Unauthenticated, "INVALID_API_KEY");
     assert_eq!(d.meta("why"), "expired");
@@ -391,7 +393,7 @@ async fn expired_and_revoked_keys_are_refused() {
         assert!(since.elapsed() < Duration::from_secs(5), "{me:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert_eq!(me.last_use_time.unwrap().seconds, T0 + 61);
+    assert_eq!(me.last_use_time.unwrap().seconds, T0 + 60);
     let e = m
         .revoke_api_key(pb::RevokeApiKeyRequest {
             key_id: "not-a-key-id".into(),
@@ -423,10 +425,19 @@ async fn expired_and_revoked_keys_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_limited_key_is_told_when_to_come_back() {
-    let mut seed = Seed::keys(&[("slow", &["devices:read"])]);
+    let mut seed = Seed::keys(&[
+        ("slow", &["devices:read"]),
+        ("slow", &["devices:read"]),
+        ("other", &["devices:read"]),
+    ]);
     seed.tenants[0] = ("slow", Some(5), Some(2));
     let s = TestServer::start_with_keys(&seed).await;
     let key = &s.keys[0];
+    // Calls refused for their scope take no token.
+    for _ in 0..5 {
+        let e = call(&s, key, "PushAction").await.unwrap_err();
+        expect_error(&e, Code::PermissionDenied, "MISSING_SCOPE");
+    }
     let mut refused = None;
     for i in 0..10 {
         match call(&s, key, "ListDevices").await {
@@ -455,6 +466,13 @@ async fn a_rate_limited_key_is_told_when_to_come_back() {
     assert!(key.contains(q.violations[0].subject.trim_start_matches("api_key:")));
     assert_eq!(d.meta("rate_per_second"), "5");
     assert_eq!(d.meta("burst"), "2");
+    // The bucket is the key's: another key of the tenant, and another
+    // tenant's key, go on.
+    call(&s, &s.keys[1], "ListDevices").await.unwrap();
+    call(&s, &s.keys[2], "ListDevices").await.unwrap();
+    // A refusal for scope is still a refusal for scope when out of tokens.
+    let e = call(&s, key, "PushAction").await.unwrap_err();
+    expect_error(&e, Code::PermissionDenied, "MISSING_SCOPE");
     // Health is never limited.
     let mut health = tonic_health::pb::health_client::HealthClient::new(s.channel.clone());
     for _ in 0..20 {
@@ -503,6 +521,34 @@ async fn admin_keys_manage_their_own_tenant_and_the_operator_all() {
         .await
         .unwrap_err();
     expect_error(&e, Code::NotFound, "API_KEY_NOT_FOUND");
+    // ... and it was not revoked all the same.
+    let ops_keys = op
+        .list_api_keys(pb::ListApiKeysRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ops_keys.api_keys.iter().all(|k| k.revoke_time.is_none()));
+    // Nor can it make keys for another tenant, existing or not.
+    for tenant in ["default", "newco"] {
+        let e = acme
+            .create_api_key(pb::CreateApiKeyRequest {
+                tenant: tenant.into(),
+                scopes: vec!["admin".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        expect_error(&e, Code::NotFound, "TENANT_NOT_FOUND");
+    }
+    let e = acme
+        .create_api_key(pb::CreateApiKeyRequest {
+            scopes: vec!["devices:read".into()],
+            description: "line\n\u{1b}[31mred".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    expect_error(&e, Code::InvalidArgument, "INVALID_FIELD");
     let made = acme
         .create_api_key(pb::CreateApiKeyRequest {
             scopes: vec!["devices:write".into(), "devices:read".into()],
@@ -518,6 +564,10 @@ async fn admin_keys_manage_their_own_tenant_and_the_operator_all() {
     // The new key works, as acme.
     let mut d = devices(&s, &made.key);
     d.create_device(battery("acme-1")).await.unwrap();
+    // Its second scope counts as much as its first.
+    d.list_devices(pb::ListDevicesRequest::default())
+        .await
+        .unwrap();
     let mut opd = devices(&s, &s.keys[0]);
     let e = opd
         .get_device(pb::GetDeviceRequest {
@@ -538,6 +588,15 @@ async fn admin_keys_manage_their_own_tenant_and_the_operator_all() {
         expect_error(&e, Code::InvalidArgument, "INVALID_FIELD");
     }
     // The operator: tenants, and any tenant's keys.
+    let e = op
+        .create_tenant(pb::CreateTenantRequest {
+            name: "newco".into(),
+            rate_per_second: 2_000_000_000,
+            rate_burst: 9,
+        })
+        .await
+        .unwrap_err();
+    expect_error(&e, Code::InvalidArgument, "INVALID_FIELD");
     let t = op
         .create_tenant(pb::CreateTenantRequest {
             name: "newco".into(),
@@ -696,4 +755,70 @@ async fn a_revocation_reaches_a_running_server_within_seconds() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+}
+
+/// The operator's secrets are not every tenant's: a tenant's device names
+/// only the secret files the operator provided for that tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_names_only_the_secrets_provided_for_it() {
+    let s = TestServer::start_with_keys(&Seed::keys(&[("default", ALL), ("acme", ALL)])).await;
+    s.write_secret("foxess-key", "operator-secret-value");
+    let acme_id = s
+        .app
+        .store
+        .tenant_by_name("acme")
+        .await
+        .unwrap()
+        .unwrap()
+        .id;
+    s.write_secret(
+        &format!("{}.foxess-key", acme_id.as_str()),
+        "acme-secret-value",
+    );
+    let fox = |reference: &str| pb::CreateDeviceRequest {
+        device_id: "fox-1".into(),
+        device: Some(pb::Device {
+            family: pb::DeviceFamily::Battery as i32,
+            driver: "foxess".into(),
+            oem_device_id: "SN-1".into(),
+            timezone: "Europe/Berlin".into(),
+            settings: [("api_key_ref".to_owned(), reference.to_owned())].into(),
+            ..Default::default()
+        }),
+        request_id: String::new(),
+    };
+    let tenant_refusal = |e: &Status| {
+        let d = details(e);
+        d.bad_request
+            .as_ref()
+            .map(|b| {
+                b.field_violations.iter().any(|v| {
+                    v.field == "device.settings.api_key_ref"
+                        && v.description.contains("for this tenant")
+                })
+            })
+            .unwrap_or(false)
+    };
+    let mut acme = devices(&s, &s.keys[1]);
+    for reference in [
+        "file:foxess-key".to_owned(),
+        "env:SWITCHYARD_SECRET_FOX".to_owned(),
+        format!("file:{}.", acme_id.as_str()),
+        "file:tn_someone-else.foxess-key".to_owned(),
+    ] {
+        let e = acme.create_device(fox(&reference)).await.unwrap_err();
+        expect_error(&e, Code::InvalidArgument, "INVALID_SETTINGS");
+        assert!(tenant_refusal(&e), "{reference}: {e:?}");
+        assert!(!format!("{e:?}").contains("secret-value"));
+    }
+    // Its own file passes the tenant's check (whatever the driver says of
+    // the rest); the operator may name any.
+    let own = format!("file:{}.foxess-key", acme_id.as_str());
+    if let Err(e) = acme.create_device(fox(&own)).await {
+        assert!(!tenant_refusal(&e), "{e:?}");
+    }
+    let mut op = devices(&s, &s.keys[0]);
+    if let Err(e) = op.create_device(fox("file:foxess-key")).await {
+        assert!(!tenant_refusal(&e), "{e:?}");
+    }
 }

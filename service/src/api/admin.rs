@@ -19,6 +19,8 @@ use crate::{
 
 /// Longest key description, in bytes.
 pub const MAX_DESCRIPTION_BYTES: usize = 256;
+/// Largest per-key rate or burst a tenant may be given.
+pub const MAX_RATE: u32 = 1_000_000;
 /// Longest key lifetime.
 pub const MAX_EXPIRES_IN: Duration = Duration::from_secs(10 * 366 * 86_400);
 
@@ -49,6 +51,18 @@ pub async fn create_tenant(
     rate_burst: Option<u32>,
 ) -> Result<TenantRecord, Error> {
     check_tenant_name(name)?;
+    for (field, v) in [
+        ("rate_per_second", rate_per_second),
+        ("rate_burst", rate_burst),
+    ] {
+        if v.is_some_and(|v| v > MAX_RATE) {
+            return Err(Error::invalid(
+                field,
+                Reason::InvalidField,
+                format!("at most {MAX_RATE} (0: the server's default)"),
+            ));
+        }
+    }
     let t = TenantRecord {
         id: auth::new_tenant_id()?,
         name: name.to_owned(),
@@ -77,11 +91,11 @@ pub async fn create_key(
             "at least one scope is needed",
         ));
     }
-    if description.len() > MAX_DESCRIPTION_BYTES {
+    if description.len() > MAX_DESCRIPTION_BYTES || description.chars().any(char::is_control) {
         return Err(Error::invalid(
             "description",
             Reason::InvalidField,
-            format!("at most {MAX_DESCRIPTION_BYTES} bytes"),
+            format!("at most {MAX_DESCRIPTION_BYTES} bytes of text, without control characters"),
         ));
     }
     let now = clock.now();

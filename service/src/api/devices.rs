@@ -81,6 +81,25 @@ fn check_device(app: &App, d: &Device, out: &mut Vec<FieldViolation>) {
         ));
         return;
     }
+    // The operator's secrets are shared by the server, not by its tenants:
+    // a tenant's device names only those the operator provided for it.
+    for (key, value) in &d.settings {
+        if !secret_allowed(&app.caller, value) {
+            let (field, reason) = config_field(&ConfigError::InvalidSetting {
+                key: key.clone(),
+                reason: String::new(),
+            });
+            out.push(FieldViolation::new(
+                field,
+                reason,
+                format!(
+                    "must name a secret the operator provided for this tenant: file:{}.<name> in the secrets directory",
+                    app.caller.tenant.as_str()
+                ),
+            ));
+            return;
+        }
+    }
     let Some(factory) = app.registry.get(&d.driver) else {
         // On create the caller reports UNKNOWN_DRIVER. After create the
         // driver is immutable: a device whose driver this build no longer
@@ -261,6 +280,26 @@ impl Devices {
         )
         .await
         .map(|_| ())
+    }
+}
+
+/// Whether a setting's value, if it names a secret (`env:` or `file:`),
+/// names one `caller`'s tenant may use: the operator's tenant (`default`)
+/// any the operator provided; another tenant only files of the secrets
+/// directory named `<tenant id>.<name>` (docs/security.md).
+pub fn secret_allowed(caller: &crate::auth::Caller, value: &str) -> bool {
+    if caller.is_operator() {
+        return true;
+    }
+    if value.starts_with("env:") {
+        return false;
+    }
+    match value.strip_prefix("file:") {
+        None => true,
+        Some(name) => name
+            .strip_prefix(caller.tenant.as_str())
+            .and_then(|rest| rest.strip_prefix('.'))
+            .is_some_and(|rest| !rest.is_empty()),
     }
 }
 

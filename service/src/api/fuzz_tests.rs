@@ -866,6 +866,8 @@ fn quantity() -> impl Strategy<Value = pb::Quantity> {
 
 /// An action with every field hostile, the output-only ones included.
 fn action() -> impl Strategy<Value = pb::Action> {
+    // Boxed in parts: as one nested tuple, a debug build's value tree
+    // overflows the test thread's 2 MiB stack while generating.
     let read = (
         enum_int(),
         prop::option::of(quantity()),
@@ -873,7 +875,8 @@ fn action() -> impl Strategy<Value = pb::Action> {
         prop::option::of(quantity()),
         prop::option::of(timestamp()),
         prop::option::of(timestamp()),
-    );
+    )
+        .boxed();
     let output_only = (
         (
             action_id_text(),
@@ -889,7 +892,8 @@ fn action() -> impl Strategy<Value = pb::Action> {
             prop::option::of(timestamp()),
         ),
         (text(), text(), text(), any::<bool>()),
-    );
+    )
+        .boxed();
     (read, output_only).prop_map(
         |(
             (command, power, target_soc, reserve_soc, start_time, end_time),

@@ -8,6 +8,9 @@ pub mod convert;
 pub mod devices;
 pub mod status;
 
+#[cfg(test)]
+mod fuzz_tests;
+
 use std::{future::Future, sync::Arc};
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};

@@ -1075,6 +1075,127 @@ pub async fn what_holds_a_channel(f: &Fixture) {
         .expect("a failed action holds nothing");
 }
 
+/// Tenants and API keys round-trip (a key's hash byte for byte); a name
+/// is taken once; a revocation limited to a tenant touches no other's key,
+/// and is seen by another replica.
+pub async fn tenants_and_keys_round_trip(f: &Fixture) {
+    use crate::{
+        domain::Clock as _,
+        store::{KeyRecord, TenantRecord},
+    };
+    let acme = TenantRecord {
+        id: TenantId::from_stored("tn_acme".to_owned()),
+        name: "acme".to_owned(),
+        created: f.clock.now(),
+        rate_per_second: Some(7),
+        rate_burst: None,
+    };
+    f.store.create_tenant(&acme).await.expect("create tenant");
+    let mut again = acme.clone();
+    again.id = TenantId::from_stored("tn_other".to_owned());
+    assert!(matches!(
+        f.store.create_tenant(&again).await,
+        Err(Error::TenantAlreadyExists { .. })
+    ));
+    assert_eq!(
+        f.replica.tenant_by_name("acme").await.expect("read"),
+        Some(acme.clone())
+    );
+    let names: Vec<String> = f
+        .store
+        .list_tenants()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(names, ["acme", "default"], "migration 12 made `default`");
+    f.store
+        .set_tenant_rate(&acme.id, Some(3), Some(4))
+        .await
+        .expect("set rate");
+    let t = f
+        .store
+        .tenant_by_id(&acme.id)
+        .await
+        .expect("read")
+        .expect("there");
+    assert_eq!((t.rate_per_second, t.rate_burst), (Some(3), Some(4)));
+    assert!(!f.store.any_key().await.expect("any"));
+    let key = |id: &str, tenant: &TenantId| KeyRecord {
+        key_id: id.to_owned(),
+        tenant: tenant.clone(),
+        hash: (0..=255u8).step_by(8).collect(),
+        scopes: vec!["actions:read".to_owned(), "admin".to_owned()],
+        description: "d".to_owned(),
+        created: f.clock.now(),
+        expires: Some(Ts(f.clock.now().0 + 60 * Ts::SECOND)),
+        revoked: None,
+        last_used: None,
+    };
+    let (mine, theirs) = (
+        key("aaaaaaaaaaaaaaaa", &acme.id),
+        key("bbbbbbbbbbbbbbbb", &tenant()),
+    );
+    for k in [&mine, &theirs] {
+        f.store.create_key(k).await.expect("create key");
+    }
+    assert!(f.replica.any_key().await.expect("any"));
+    assert_eq!(
+        f.replica.key_by_id(&mine.key_id).await.expect("read"),
+        Some(mine.clone())
+    );
+    let mut ids = f.store.key_ids().await.expect("ids");
+    ids.sort();
+    assert_eq!(ids, [mine.key_id.clone(), theirs.key_id.clone()]);
+    assert_eq!(
+        f.store.list_keys(&acme.id).await.expect("list"),
+        [mine.clone()]
+    );
+    // Limited to acme: the other tenant's key is not found, and not revoked.
+    assert_eq!(
+        f.store
+            .revoke_key(&theirs.key_id, Some(&acme.id), Ts(5))
+            .await
+            .expect("revoke"),
+        None
+    );
+    assert_eq!(
+        f.store
+            .key_by_id(&theirs.key_id)
+            .await
+            .expect("read")
+            .and_then(|k| k.revoked),
+        None
+    );
+    let revoked = f
+        .store
+        .revoke_key(&mine.key_id, Some(&acme.id), Ts(5))
+        .await
+        .expect("revoke")
+        .expect("found");
+    assert_eq!(revoked.revoked, Some(Ts(5)));
+    // Revoking again keeps the first time.
+    let again = f
+        .store
+        .revoke_key(&mine.key_id, None, Ts(9))
+        .await
+        .expect("revoke");
+    assert_eq!(again.and_then(|k| k.revoked), Some(Ts(5)));
+    f.store
+        .touch_key(&theirs.key_id, Ts(77))
+        .await
+        .expect("touch");
+    assert_eq!(
+        f.replica
+            .key_by_id(&theirs.key_id)
+            .await
+            .expect("read")
+            .and_then(|k| k.last_used),
+        Some(Ts(77))
+    );
+}
+
 /// Another tenant's devices and actions do not exist for this one; the
 /// same device id may exist in both.
 pub async fn tenants_see_only_their_own(f: &Fixture) {
@@ -2230,6 +2351,7 @@ macro_rules! storage_contract_suite {
                 memos_come_oldest_first,
                 what_holds_a_channel,
                 tenants_see_only_their_own,
+                tenants_and_keys_round_trip,
                 concurrent_overlapping_pushes_book_one,
                 concurrent_claims_never_share_work,
                 concurrent_requests_with_one_id_run_once,

@@ -26,8 +26,9 @@ pub struct TenantRecord {
     pub rate_burst: Option<u32>,
 }
 
-/// An API key as stored: its SHA-256, never the key.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// An API key as stored: its SHA-256, never the key. Its `Debug` leaves
+/// the hash out.
+#[derive(Clone, PartialEq, Eq)]
 pub struct KeyRecord {
     pub key_id: String,
     pub tenant: TenantId,
@@ -38,6 +39,19 @@ pub struct KeyRecord {
     pub expires: Option<Ts>,
     pub revoked: Option<Ts>,
     pub last_used: Option<Ts>,
+}
+
+impl std::fmt::Debug for KeyRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyRecord")
+            .field("key_id", &self.key_id)
+            .field("tenant", &self.tenant)
+            .field("scopes", &self.scopes)
+            .field("created", &self.created)
+            .field("expires", &self.expires)
+            .field("revoked", &self.revoked)
+            .finish_non_exhaustive()
+    }
 }
 
 fn rate(v: Option<i64>) -> Option<u32> {
@@ -206,6 +220,20 @@ impl Store {
         )
         .await?;
         Ok(row.map(key_record))
+    }
+
+    /// Every key id (revoked ones too): what the auth layer looks up.
+    pub async fn key_ids(&self) -> Result<Vec<String>, Error> {
+        self.bounded(async {
+            api_key::Entity::find()
+                .select_only()
+                .column(api_key::Column::KeyId)
+                .into_tuple()
+                .all(&self.read)
+                .await
+                .map_err(db_err)
+        })
+        .await
     }
 
     /// Whether any key was ever created (revoked ones count): until one
