@@ -34,6 +34,10 @@ use crate::{
 /// revocation takes to reach a replica.
 pub const CACHE_FOR: Duration = Duration::from_secs(2);
 
+/// Database lookups per second, per replica, of key ids not among those
+/// last read (a key just made, or a made-up one).
+const MISSES_PER_SECOND: NonZeroU32 = NonZeroU32::new(20).expect("non-zero");
+
 /// How often a key's last use is written, at most.
 const TOUCH_EVERY: Duration = Duration::from_secs(60);
 
@@ -286,6 +290,8 @@ struct State {
     /// a database read, so a flood of made-up keys costs one read per
     /// [`CACHE_FOR`]. One call at a time refreshes it.
     ids: tokio::sync::Mutex<Option<(Instant, Arc<HashSet<String>>)>>,
+    /// Lookups of key ids outside `ids`.
+    misses: DefaultDirectRateLimiter,
     keys: Mutex<HashMap<String, (Instant, Option<Known>)>>,
     any_key: Mutex<Option<(Instant, bool)>>,
     limiters: Mutex<HashMap<String, Limiter>>,
@@ -338,7 +344,10 @@ impl State {
         {
             return Ok(known.clone());
         }
-        if !self.key_ids().await?.contains(key_id) {
+        // A key made since the set was read is found by its lookup; ids
+        // outside the set are looked up at most MISSES_PER_SECOND times a
+        // second, so made-up keys cannot keep the database busy.
+        if !self.key_ids().await?.contains(key_id) && self.misses.check().is_err() {
             return Ok(None);
         }
         let known = match self.store.key_by_id(key_id).await? {
@@ -521,6 +530,7 @@ impl AuthLayer {
                 clock,
                 loopback,
                 ids: tokio::sync::Mutex::default(),
+                misses: RateLimiter::direct(Quota::per_second(MISSES_PER_SECOND)),
                 keys: Mutex::default(),
                 any_key: Mutex::default(),
                 limiters: Mutex::default(),
@@ -791,7 +801,20 @@ mod tests {
             format!("Bearer {}", other.key).parse().unwrap(),
         );
         assert_eq!(why(local.decide(path, &forged).await), "unknown");
-        assert!(lock(&local.keys).get(&other.key_id).is_none());
+        // Made-up ids are looked up at most MISSES_PER_SECOND a second:
+        // past that, answered without a lookup (and nothing cached).
+        let mut looked_up = 0;
+        for _ in 0..100 {
+            let k = generate_key().unwrap();
+            let mut h = http::HeaderMap::new();
+            h.insert(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", k.key).parse().unwrap(),
+            );
+            assert_eq!(why(local.decide(path, &h).await), "unknown");
+            looked_up += usize::from(lock(&local.keys).contains_key(&k.key_id));
+        }
+        assert!(looked_up < 40, "{looked_up} lookups");
     }
 
     #[test]
