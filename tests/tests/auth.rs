@@ -718,30 +718,53 @@ async fn a_revocation_reaches_a_running_server_within_seconds() {
         listed.contains(key_id) && !listed.contains(&key),
         "{listed}"
     );
-    let server = ServerProcess::spawn(BIN, &db);
-    let mut d = DeviceServiceClient::new(keyed(server.channel().await, &key));
-    d.create_device(battery("field-1")).await.unwrap();
-    assert_eq!(
-        admin_cli(&db, &["key", "revoke", key_id]),
-        format!("revoked {key_id}")
+    let operator = admin_cli(
+        &db,
+        &["key", "create", "--tenant", "default", "--scopes", "admin"],
     );
-    let since = Instant::now();
-    loop {
-        match d.list_devices(pb::ListDevicesRequest::default()).await {
-            Ok(_) => assert!(
-                since.elapsed() < Duration::from_secs(5),
-                "the revoked key still works after {:?}",
-                since.elapsed()
-            ),
-            Err(e) => {
-                let det = expect_error(&e, Code::Unauthenticated, "INVALID_API_KEY");
-                assert_eq!(det.meta("why"), "revoked");
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    // Revoking it again, or an unknown id, says so.
+    let second = admin_cli(
+        &db,
+        &[
+            "key",
+            "create",
+            "--tenant",
+            "field-co",
+            "--scopes",
+            "devices:read",
+        ],
+    );
+    let (a, b) = (
+        ServerProcess::spawn(BIN, &db),
+        ServerProcess::spawn(BIN, &db),
+    );
+    let channel = b.channel().await;
+    let mut d = DeviceServiceClient::new(keyed(channel.clone(), &key));
+    d.create_device(battery("field-1")).await.unwrap();
+    // Revoked through server A's AdminService, with the operator's key ...
+    let revoked = AdminServiceClient::new(keyed(a.channel().await, &operator))
+        .revoke_api_key(pb::RevokeApiKeyRequest {
+            key_id: key_id.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(revoked.tenant, "field-co");
+    assert!(revoked.revoke_time.is_some());
+    // ... refused by server B within 5 s.
+    refused_within_5_s(&mut d).await;
+    // The same for a key revoked with the command line.
+    let mut d2 = DeviceServiceClient::new(keyed(channel, &second));
+    d2.list_devices(pb::ListDevicesRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        admin_cli(&db, &["key", "revoke", &second[3..19]]),
+        format!("revoked {}", &second[3..19])
+    );
+    refused_within_5_s(&mut d2).await;
+    let listed = admin_cli(&db, &["key", "list", "--tenant", "field-co"]);
+    assert_eq!(listed.matches("revoked 20").count(), 2, "{listed}");
+    // An unknown id is not found.
     let out = std::process::Command::new(BIN)
         .args([
             "admin",
@@ -755,6 +778,27 @@ async fn a_revocation_reaches_a_running_server_within_seconds() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+}
+
+/// Polls with a revoked key until it is refused as revoked; fails if that
+/// takes 5 s or more.
+async fn refused_within_5_s(d: &mut DeviceServiceClient<Keyed>) {
+    let since = Instant::now();
+    loop {
+        match d.list_devices(pb::ListDevicesRequest::default()).await {
+            Ok(_) => assert!(
+                since.elapsed() < Duration::from_secs(5),
+                "the revoked key still works after {:?}",
+                since.elapsed()
+            ),
+            Err(e) => {
+                let det = expect_error(&e, Code::Unauthenticated, "INVALID_API_KEY");
+                assert_eq!(det.meta("why"), "revoked");
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// The operator's secrets are not every tenant's: a tenant's device names
