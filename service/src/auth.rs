@@ -146,7 +146,8 @@ pub fn needs(path: &str) -> Needs {
             | "/switchyard.v1.DeviceService/UpdateDevice"
             | "/switchyard.v1.DeviceService/DeleteDevice" => Scope::DevicesWrite,
             "/switchyard.v1.ActionService/GetAction"
-            | "/switchyard.v1.ActionService/ListActions" => Scope::ActionsRead,
+            | "/switchyard.v1.ActionService/ListActions"
+            | "/switchyard.v1.ActionService/ListActionHistory" => Scope::ActionsRead,
             "/switchyard.v1.ActionService/PushAction"
             | "/switchyard.v1.ActionService/CancelAction" => Scope::ActionsWrite,
             "/switchyard.v1.AdminService/CreateTenant"
@@ -664,6 +665,10 @@ mod tests {
             ("/switchyard.v1.DeviceService/DeleteDevice", DevicesWrite),
             ("/switchyard.v1.ActionService/GetAction", ActionsRead),
             ("/switchyard.v1.ActionService/ListActions", ActionsRead),
+            (
+                "/switchyard.v1.ActionService/ListActionHistory",
+                ActionsRead,
+            ),
             ("/switchyard.v1.ActionService/PushAction", ActionsWrite),
             ("/switchyard.v1.ActionService/CancelAction", ActionsWrite),
             ("/switchyard.v1.AdminService/CreateApiKey", Admin),

@@ -87,6 +87,14 @@ async fn call(s: &TestServer, key: &str, rpc: &str) -> Result<(), Status> {
             .list_actions(pb::ListActionsRequest::default())
             .await
             .map(drop),
+        "ListActionHistory" => a
+            .list_action_history(pb::ListActionHistoryRequest {
+                device_id: dev(),
+                action_id: "x".into(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
         "PushAction" => a
             .push_action(push(
                 &dev(),
@@ -134,6 +142,7 @@ const RPCS: &[(&str, &str)] = &[
     ("DeleteDevice", "devices:write"),
     ("GetAction", "actions:read"),
     ("ListActions", "actions:read"),
+    ("ListActionHistory", "actions:read"),
     ("PushAction", "actions:write"),
     ("CancelAction", "actions:write"),
     ("CreateTenant", "admin"),
@@ -230,6 +239,15 @@ async fn tenants_never_see_each_other() {
     let not_found = |e: Status| assert_eq!(e.code(), Code::NotFound, "{e:?}");
     // Gets, by every path.
     for a in &mine {
+        let e = ab
+            .list_action_history(pb::ListActionHistoryRequest {
+                device_id: a.device_id.clone(),
+                action_id: a.action_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        not_found(e);
         let e = ab
             .get_action(pb::GetActionRequest {
                 device_id: a.device_id.clone(),

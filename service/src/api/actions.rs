@@ -124,6 +124,32 @@ impl Actions {
         })
     }
 
+    async fn history(
+        &self,
+        req: convert::ListActionHistory,
+    ) -> Result<pb::ListActionHistoryResponse, Error> {
+        let app = &self.0;
+        let tenant = app.tenant();
+        // Another tenant's action, or one of another device, is not found.
+        app.store
+            .get_action(&tenant, &req.device_id, &req.action_id)
+            .await?;
+        let mut ts = app
+            .store
+            .action_transitions(&tenant, &req.action_id, req.after, req.size + 1)
+            .await?;
+        let more = ts.len() > req.size as usize;
+        ts.truncate(req.size as usize);
+        let next = match ts.last() {
+            Some(last) if more => encode_token(&req.scope, &last.seq.to_string()),
+            _ => String::new(),
+        };
+        Ok(pb::ListActionHistoryResponse {
+            transitions: ts.iter().map(convert::transition_to_proto).collect(),
+            next_page_token: next,
+        })
+    }
+
     async fn cancel(&self, req: convert::CancelAction) -> Result<pb::Action, Error> {
         let app = &self.0;
         let tenant = app.tenant();
@@ -184,6 +210,15 @@ impl ActionService for Actions {
         let this = Self(self.0.for_call(&request)?);
         let req = convert::list_actions(request.into_inner())?;
         Ok(Response::new(this.list(req).await?))
+    }
+
+    async fn list_action_history(
+        &self,
+        request: Request<pb::ListActionHistoryRequest>,
+    ) -> Result<Response<pb::ListActionHistoryResponse>, Status> {
+        let this = Self(self.0.for_call(&request)?);
+        let req = convert::list_action_history(request.into_inner())?;
+        Ok(Response::new(this.history(req).await?))
     }
 
     async fn cancel_action(

@@ -949,6 +949,70 @@ pub fn list_actions(req: pb::ListActionsRequest) -> Result<ListActions, Error> {
     })
 }
 
+/// ListActionHistory as the server reads it.
+#[derive(Debug)]
+pub struct ListActionHistory {
+    pub device_id: DeviceId,
+    pub action_id: ActionId,
+    pub size: u32,
+    /// Continue after this audit entry.
+    pub after: Option<i64>,
+    /// What a page token of this listing is bound to.
+    pub scope: String,
+}
+
+/// Parses a ListActionHistoryRequest.
+pub fn list_action_history(req: pb::ListActionHistoryRequest) -> Result<ListActionHistory, Error> {
+    let pb::ListActionHistoryRequest {
+        device_id,
+        action_id,
+        page_size: size,
+        page_token,
+    } = req;
+    let device_id = parse_device_id(&device_id, "device_id")?;
+    let action_id = parse_action_id(&action_id)?;
+    let scope = format!("history:{device_id}:{action_id}");
+    let after = decode_token(
+        &page_token,
+        &scope,
+        " (device_id and action_id must stay the same from page to page)",
+    )?
+    .map(|s| {
+        s.parse::<i64>().map_err(|_| {
+            Error::invalid(
+                "page_token",
+                Reason::InvalidPageToken,
+                "page_token is malformed",
+            )
+        })
+    })
+    .transpose()?;
+    Ok(ListActionHistory {
+        device_id,
+        action_id,
+        size: page_size(size)?,
+        after,
+        scope,
+    })
+}
+
+/// The proto of a recorded transition.
+pub fn transition_to_proto(t: &crate::store::TransitionRecord) -> pb::ActionTransition {
+    let failed = matches!(t.to, ActionState::Failed | ActionState::Cancelled);
+    pb::ActionTransition {
+        from_state: t.from.map_or(pb::ActionState::Unspecified, state_to_proto) as i32,
+        to_state: state_to_proto(t.to) as i32,
+        reason: t.reason.clone(),
+        time: Some(ts_to_proto(t.at)),
+        request_id: t.request_id.clone().unwrap_or_default(),
+        error_code: if failed {
+            t.reason.clone()
+        } else {
+            String::new()
+        },
+    }
+}
+
 /// CancelAction as the server reads it.
 #[derive(Debug)]
 pub struct CancelAction {

@@ -415,6 +415,22 @@ fn check_get_action(req: pb::GetActionRequest) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+fn check_list_action_history(req: pb::ListActionHistoryRequest) -> Result<(), TestCaseError> {
+    check_reencode(&req)?;
+    let asked = req.clone();
+    match convert::list_action_history(req) {
+        Ok(page) => {
+            prop_assert_eq!(page.device_id.as_str(), asked.device_id.as_str());
+            prop_assert!(page.size >= 1 && page.size <= 1000, "{}", page.size);
+            // Only a token this listing issued is read, and it names an
+            // entry of the log.
+            prop_assert!(page.after.is_none() || !asked.page_token.is_empty());
+        }
+        Err(e) => check_refusal(e)?,
+    }
+    Ok(())
+}
+
 fn check_list_actions(req: pb::ListActionsRequest) -> Result<(), TestCaseError> {
     check_reencode(&req)?;
     let asked = req.clone();
@@ -1210,6 +1226,12 @@ proptest! {
     fn get_action_request_bytes(bytes in raw_bytes(), shaped in proto_shaped()) {
         decoded(&bytes, check_get_action)?;
         decoded(&shaped, check_get_action)?;
+    }
+
+    #[test]
+    fn list_action_history_request_bytes(bytes in raw_bytes(), shaped in proto_shaped()) {
+        decoded(&bytes, check_list_action_history)?;
+        decoded(&shaped, check_list_action_history)?;
     }
 
     #[test]

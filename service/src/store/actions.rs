@@ -46,6 +46,19 @@ pub struct ActionQuery<'a> {
     pub limit: u32,
 }
 
+/// One recorded transition of an action (its audit entry).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransitionRecord {
+    /// Its place in the audit log: increasing in the order of recording.
+    pub seq: i64,
+    /// `None` when the action was created by it.
+    pub from: Option<ActionState>,
+    pub to: ActionState,
+    pub reason: String,
+    pub request_id: Option<String>,
+    pub at: Ts,
+}
+
 impl Store {
     /// Books a push. `prepare` validates it against the device as stored
     /// now, at the transaction's `now`; the collision is decided from the
@@ -377,6 +390,48 @@ impl Store {
         }
         Self::idem_complete(tx, tenant, idem, &action).await?;
         Ok(action)
+    }
+
+    /// A page of an action's transitions, oldest first: those recorded
+    /// after `after` (a [`TransitionRecord::seq`]), at most `limit`.
+    pub async fn action_transitions(
+        &self,
+        tenant: &TenantId,
+        action_id: &ActionId,
+        after: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<TransitionRecord>, Error> {
+        self.bounded(async {
+            let mut select = audit::Entity::find()
+                .filter(audit::Column::TenantId.eq(tenant.as_str()))
+                .filter(audit::Column::ActionId.eq(action_id.to_string()));
+            if let Some(after) = after {
+                select = select.filter(audit::Column::Seq.gt(after));
+            }
+            let select = select
+                .order_by_asc(audit::Column::Seq)
+                .limit(u64::from(limit));
+            rows::all(&self.read, select)
+                .await?
+                .into_iter()
+                .map(|r| {
+                    let state = |s: &str| {
+                        ActionState::parse(s).ok_or_else(|| {
+                            Error::Internal(format!("audit entry {} has state {s:?}", r.seq))
+                        })
+                    };
+                    Ok(TransitionRecord {
+                        seq: r.seq,
+                        from: r.from_state.as_deref().map(state).transpose()?,
+                        to: state(&r.to_state)?,
+                        reason: r.reason.clone(),
+                        request_id: r.request_id.clone(),
+                        at: Ts(r.at_ns),
+                    })
+                })
+                .collect()
+        })
+        .await
     }
 
     /// The audit trail of an action: (from, to, reason), oldest first.

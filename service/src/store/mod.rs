@@ -34,7 +34,7 @@ mod schema;
 #[cfg(test)]
 mod tests;
 
-pub use actions::{ActionQuery, PushOutcome};
+pub use actions::{ActionQuery, PushOutcome, TransitionRecord};
 pub use budget::{Bucket, Spend};
 pub use devices::Retarget;
 pub use dispatch::{Claim, Finish, Job, Outcome, Started};
