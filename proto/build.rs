@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "switchyard/v1/action.proto",
     "switchyard/v1/errors.proto",
     "switchyard/v1/admin.proto",
+    "switchyard/v1/event.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -56,6 +56,7 @@ const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
 /// What a key may do. Each RPC needs exactly one; none implies another.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Scope {
+    EventsRead,
     DevicesRead,
     DevicesWrite,
     ActionsRead,
@@ -65,16 +66,17 @@ pub enum Scope {
 
 impl Scope {
     /// Every scope a key can be given today.
-    pub const ALL: [Scope; 5] = [
+    pub const ALL: [Scope; 6] = [
         Scope::DevicesRead,
         Scope::DevicesWrite,
         Scope::ActionsRead,
         Scope::ActionsWrite,
         Scope::Admin,
+        Scope::EventsRead,
     ];
 
     /// Names kept for scopes to come (refused until they exist).
-    pub const RESERVED: [&'static str; 2] = ["events:read", "webhooks:manage"];
+    pub const RESERVED: [&'static str; 1] = ["webhooks:manage"];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -83,6 +85,7 @@ impl Scope {
             Scope::ActionsRead => "actions:read",
             Scope::ActionsWrite => "actions:write",
             Scope::Admin => "admin",
+            Scope::EventsRead => "events:read",
         }
     }
 
@@ -155,6 +158,7 @@ pub fn needs(path: &str) -> Needs {
             | "/switchyard.v1.AdminService/CreateApiKey"
             | "/switchyard.v1.AdminService/ListApiKeys"
             | "/switchyard.v1.AdminService/RevokeApiKey" => Scope::Admin,
+            "/switchyard.v1.EventService/WatchEvents" => Scope::EventsRead,
             _ => return Needs::AnyKey,
         };
     Needs::Scope(scope)
@@ -707,9 +711,13 @@ mod tests {
         assert!(Scope::parse_list("".split(',')).is_err());
         assert!(Scope::parse_list(["actions:*"]).is_err());
         assert!(
-            Scope::parse_list(["events:read"])
+            Scope::parse_list(["webhooks:manage"])
                 .unwrap_err()
                 .contains("reserved")
+        );
+        assert_eq!(
+            Scope::parse_list(["events:read"]).unwrap(),
+            [Scope::EventsRead]
         );
     }
 

@@ -6,13 +6,13 @@ use std::{collections::BTreeMap, future::Future, sync::Arc, time::Duration};
 use switchyard_drivers::{Family, Registry};
 use switchyard_proto::v1::{
     action_service_server::ActionServiceServer, admin_service_server::AdminServiceServer,
-    device_service_server::DeviceServiceServer,
+    device_service_server::DeviceServiceServer, event_service_server::EventServiceServer,
 };
 use tokio::net::TcpListener;
 use tonic::transport::Server;
 
 use crate::{
-    api::{App, actions::Actions, admin::Admin, devices::Devices},
+    api::{App, actions::Actions, admin::Admin, devices::Devices, events::Events},
     auth::AuthLayer,
     dispatch::{DispatchConfig, Dispatcher},
     domain::{Clock, Device, DeviceId, Error, Ts},
@@ -25,6 +25,10 @@ pub const DEFAULT_HORIZON_DAYS: u32 = 30;
 
 /// Default retention of finished actions.
 pub const DEFAULT_RETENTION_DAYS: u32 = 90;
+
+/// How often a PostgreSQL replica stamps committed audit entries with their
+/// event cursors (the most an event waits before watchers can see it).
+const STAMP_EVERY: Duration = Duration::from_millis(100);
 
 /// Finished actions forgotten per write transaction of the retention sweep.
 const PRUNE_BATCH: u32 = 500;
@@ -129,6 +133,7 @@ pub async fn serve(
     reporter.set_serving::<DeviceServiceServer<Devices>>().await;
     reporter.set_serving::<ActionServiceServer<Actions>>().await;
     reporter.set_serving::<AdminServiceServer<Admin>>().await;
+    reporter.set_serving::<EventServiceServer<Events>>().await;
 
     let sets: [&[u8]; 3] = [
         switchyard_proto::FILE_DESCRIPTOR_SET,
@@ -213,8 +218,30 @@ pub async fn serve(
                 <DeviceServiceServer<Devices> as tonic::server::NamedService>::NAME,
                 <ActionServiceServer<Actions> as tonic::server::NamedService>::NAME,
                 <AdminServiceServer<Admin> as tonic::server::NamedService>::NAME,
+                <EventServiceServer<Events> as tonic::server::NamedService>::NAME,
             ] {
                 health_reporter.set_service_status(service, status).await;
+            }
+        }
+    });
+
+    // PostgreSQL: committed audit entries get their event cursors, in the
+    // order they become visible (store/events.rs); one replica at a time.
+    let stamp_store = app.store.clone();
+    let stamper = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(STAMP_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            loop {
+                match stamp_store.stamp_events().await {
+                    Ok(n) if n >= 1_000 => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "stamping events failed");
+                        break;
+                    }
+                }
             }
         }
     });
@@ -264,7 +291,8 @@ pub async fn serve(
         .add_service(v1alpha)
         .add_service(DeviceServiceServer::new(Devices(app.clone())))
         .add_service(ActionServiceServer::new(Actions(app.clone())))
-        .add_service(AdminServiceServer::new(Admin(app.clone())));
+        .add_service(AdminServiceServer::new(Admin(app.clone())))
+        .add_service(EventServiceServer::new(Events(app.clone())));
     let incoming = limits::incoming(listener, limits);
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = stop_rx.await;
@@ -272,6 +300,7 @@ pub async fn serve(
 
     tokio::select! {
         r = &mut server => {
+            stamper.abort();
             sweeper.abort();
             pruner.abort();
             health_watch.abort();
@@ -297,6 +326,9 @@ pub async fn serve(
         .set_not_serving::<AdminServiceServer<Admin>>()
         .await;
     reporter
+        .set_not_serving::<EventServiceServer<Events>>()
+        .await;
+    reporter
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
     let _ = stop_tx.send(());
@@ -309,6 +341,7 @@ pub async fn serve(
     }
     sweeper.abort();
     pruner.abort();
+    stamper.abort();
     match drained {
         Ok(r) => r??,
         Err(_) => {

@@ -23,6 +23,7 @@ const ALL: &[&str] = &[
     "actions:read",
     "actions:write",
     "admin",
+    "events:read",
 ];
 
 fn devices(s: &TestServer, key: &str) -> DeviceServiceClient<Keyed> {
@@ -128,6 +129,12 @@ async fn call(s: &TestServer, key: &str, rpc: &str) -> Result<(), Status> {
             .revoke_api_key(pb::RevokeApiKeyRequest::default())
             .await
             .map(drop),
+        "WatchEvents" => switchyard_proto::v1::event_service_client::EventServiceClient::new(
+            keyed(s.channel.clone(), key),
+        )
+        .watch_events(pb::WatchEventsRequest::default())
+        .await
+        .map(drop),
         other => panic!("no such rpc {other}"),
     }
 }
@@ -150,6 +157,7 @@ const RPCS: &[(&str, &str)] = &[
     ("CreateApiKey", "admin"),
     ("ListApiKeys", "admin"),
     ("RevokeApiKey", "admin"),
+    ("WatchEvents", "events:read"),
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -595,7 +603,7 @@ async fn admin_keys_manage_their_own_tenant_and_the_operator_all() {
         .unwrap_err();
     expect_error(&e, Code::NotFound, "DEVICE_NOT_FOUND");
     // Unknown and reserved scopes are refused by name.
-    for bad in ["events:read", "everything"] {
+    for bad in ["webhooks:manage", "everything"] {
         let e = acme
             .create_api_key(pb::CreateApiKeyRequest {
                 scopes: vec![bad.into()],

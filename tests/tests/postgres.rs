@@ -70,6 +70,54 @@ mod store_on_postgres {
         )
     }
 
+    /// An audit entry that commits after a later-numbered one is not
+    /// skipped by a watcher that read the later one first: events are read
+    /// by the cursor stamped once they are committed, not by the number
+    /// taken at insert.
+    #[tokio::test]
+    async fn an_event_committed_late_is_not_skipped() {
+        let Some(db) = postgres::database().await else {
+            return;
+        };
+        let store = Store::open(&db.url, Arc::new(ManualClock::new(T0)))
+            .await
+            .unwrap();
+        let tenant = TenantId::default_tenant();
+        store
+            .create_device(&tenant, device("d1"), None)
+            .await
+            .unwrap();
+        // A transaction that takes its number now and commits last.
+        let mut late = PgConnection::connect(&db.url).await.unwrap();
+        late.execute("BEGIN").await.unwrap();
+        late.execute(
+            "INSERT INTO audit_log (tenant_id, device_id, action_id, from_state, to_state, reason, at_ns)
+             VALUES ('default', 'd1', 'late-action', NULL, 'SCHEDULED', 'PUSHED', 1)",
+        )
+        .await
+        .unwrap();
+        store
+            .create_device(&tenant, device("d2"), None)
+            .await
+            .unwrap();
+        store.stamp_events().await.unwrap();
+        let seen = store.events_after(&tenant, 0, None, 100).await.unwrap();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert_eq!(seen[1].device_id, "d2");
+        let last = seen[1].cursor;
+        late.execute("COMMIT").await.unwrap();
+        store.stamp_events().await.unwrap();
+        let next = store.events_after(&tenant, last, None, 100).await.unwrap();
+        assert_eq!(next.len(), 1, "{next:?}");
+        assert_eq!(next[0].action_id.as_deref(), Some("late-action"));
+        assert!(next[0].cursor > last);
+        // Stamped once: stamping again changes nothing.
+        assert_eq!(store.stamp_events().await.unwrap(), 0);
+        store.close().await;
+        drop(late);
+        db.drop_database().await;
+    }
+
     /// Replicas started together on an empty database: every one opens,
     /// and each migration is applied once.
     #[tokio::test]

@@ -6,6 +6,7 @@ pub mod actions;
 pub mod admin;
 pub mod convert;
 pub mod devices;
+pub mod events;
 pub mod status;
 
 #[cfg(test)]

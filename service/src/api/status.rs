@@ -83,6 +83,7 @@ pub fn classify(e: &Error) -> (Code, R) {
         Error::TenantAlreadyExists { .. } => (Code::AlreadyExists, R::TenantAlreadyExists),
         Error::ApiKeyNotFound { .. } => (Code::NotFound, R::ApiKeyNotFound),
         Error::OperatorOnly { .. } => (Code::PermissionDenied, R::OperatorOnly),
+        Error::CursorExpired { .. } => (Code::FailedPrecondition, R::CursorExpired),
     }
 }
 
@@ -276,6 +277,13 @@ pub fn to_status(e: Error) -> Status {
         }
         Error::ApiKeyNotFound { key_id } => d.meta("key_id", key_id),
         Error::OperatorOnly { method } => d.meta("method", method),
+        Error::CursorExpired {
+            after_cursor,
+            oldest_cursor,
+        } => {
+            d.meta("after_cursor", after_cursor.to_string());
+            d.meta("oldest_cursor", oldest_cursor.to_string());
+        }
         Error::Internal(msg) => {
             tracing::error!(error = %msg, "internal error");
             message = "internal error; the server log has the details".to_owned();

@@ -234,6 +234,14 @@ pub enum Error {
     /// No API key of that id visible to the caller.
     #[error("API key {key_id:?} not found")]
     ApiKeyNotFound { key_id: String },
+    /// A watcher asked to resume before events that were forgotten.
+    #[error(
+        "events after cursor {after_cursor} up to {oldest_cursor} were forgotten with their actions (retention); resume after {oldest_cursor}"
+    )]
+    CursorExpired {
+        after_cursor: i64,
+        oldest_cursor: i64,
+    },
     /// Only an admin key of the operator's tenant may do this.
     #[error("{method} is for admin keys of the operator's tenant (default) only")]
     OperatorOnly { method: String },

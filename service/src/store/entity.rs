@@ -106,6 +106,8 @@ pub mod audit {
         pub reason: String,
         pub request_id: Option<String>,
         pub at_ns: i64,
+        /// Its place among events, on PostgreSQL (migration 13).
+        pub event_cursor: Option<i64>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -234,6 +236,24 @@ pub mod api_key {
         pub expires_ns: Option<i64>,
         pub revoked_ns: Option<i64>,
         pub last_used_ns: Option<i64>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// `event_horizon`: per tenant, the last event forgotten (migration 13).
+pub mod event_horizon {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "event_horizon")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub tenant_id: String,
+        pub pruned_through: i64,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -25,6 +25,7 @@ mod devices;
 mod direct;
 mod dispatch;
 mod entity;
+mod events;
 mod group;
 mod idem;
 mod keys;
@@ -38,6 +39,7 @@ pub use actions::{ActionQuery, PushOutcome, TransitionRecord};
 pub use budget::{Bucket, Spend};
 pub use devices::Retarget;
 pub use dispatch::{Claim, Finish, Job, Outcome, Started};
+pub use events::EventRecord;
 pub use group::{GroupLimits, WriteGroups};
 pub use keys::{KeyRecord, TenantRecord};
 

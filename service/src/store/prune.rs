@@ -60,7 +60,22 @@ impl Store {
                 by_tenant.entry(tenant).or_default().push(id);
             }
             let mut pruned = 0;
+            let cursor = self.cursor_column();
             for (tenant, ids) in by_tenant {
+                // Watchers resuming before the last event forgotten are
+                // told they missed some (CURSOR_EXPIRED).
+                let through: Option<Option<i64>> = audit::Entity::find()
+                    .select_only()
+                    .expr(Expr::col(cursor).max())
+                    .filter(audit::Column::TenantId.eq(tenant))
+                    .filter(audit::Column::ActionId.is_in(ids.iter().copied()))
+                    .into_tuple()
+                    .one(&tx)
+                    .await
+                    .map_err(db_err)?;
+                if let Some(through) = through.flatten() {
+                    Self::raise_event_horizon(&tx, tenant, through).await?;
+                }
                 audit::Entity::delete_many()
                     .filter(audit::Column::TenantId.eq(tenant))
                     .filter(audit::Column::ActionId.is_in(ids.iter().copied()))

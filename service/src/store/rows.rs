@@ -555,6 +555,7 @@ fn audit_row(
         reason: Set(reason.to_owned()),
         request_id: Set(request_id.map(str::to_owned)),
         at_ns: Set(at.0),
+        event_cursor: NotSet,
     }
 }
 

@@ -312,6 +312,31 @@ CREATE TABLE api_keys (
 CREATE INDEX api_keys_by_tenant ON api_keys (tenant_id, created_ns);
 "#,
     ),
+    (
+        13,
+        Only::Both,
+        r#"
+-- Events (docs/events.md) are the audit log read in commit order. On
+-- SQLite, whose writers take turns, an entry's seq is that order; on
+-- PostgreSQL a replica stamps committed entries with event_cursor, one
+-- stamping at a time (Store::stamp_events), and events are read by it.
+ALTER TABLE audit_log ADD COLUMN event_cursor {i64};
+-- Per tenant, the last event forgotten with its action (retention): a
+-- watcher asking to resume before it has missed events.
+CREATE TABLE event_horizon (
+    tenant_id TEXT PRIMARY KEY,
+    pruned_through {i64} NOT NULL
+);
+"#,
+    ),
+    (
+        14,
+        Only::Postgres,
+        r#"
+CREATE INDEX audit_unstamped ON audit_log (seq) WHERE event_cursor IS NULL;
+CREATE INDEX audit_by_cursor ON audit_log (event_cursor) WHERE event_cursor IS NOT NULL;
+"#,
+    ),
 ];
 
 #[cfg(test)]

@@ -1,0 +1,233 @@
+//! EventService.WatchEvents: the caller's tenant's events, from a cursor,
+//! then as they are committed (docs/events.md).
+//!
+//! Each watch is a task reading the audit log a page at a time, on the
+//! read pool, into a small channel: a slow consumer holds only its own
+//! task, never a writer or a transaction.
+
+use std::{collections::HashSet, pin::Pin, time::Duration};
+
+use futures::Stream;
+use switchyard_proto::v1::{self as pb, event_service_server::EventService};
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status};
+
+use super::{App, convert, parse_device_id};
+use crate::{
+    domain::{ActionState, DeviceId, Error, Reason, TenantId},
+    store::EventRecord,
+};
+
+/// How often a watch that has caught up looks for new events.
+pub const POLL: Duration = Duration::from_millis(200);
+
+/// Events read per page.
+const PAGE: u32 = 500;
+
+/// Events a watch holds for its client before it stops reading.
+const BUFFERED: usize = 64;
+
+/// Implements `switchyard.v1.EventService`.
+#[derive(Clone, Debug)]
+pub struct Events(pub App);
+
+/// The type of an audit entry's event.
+pub fn event_type(e: &EventRecord) -> pb::EventType {
+    use pb::EventType as T;
+    if e.action_id.is_none() {
+        return match e.to.as_str() {
+            "CREATED" => T::DeviceCreated,
+            "DELETED" => T::DeviceDeleted,
+            _ => T::DeviceUpdated,
+        };
+    }
+    match ActionState::parse(&e.to) {
+        Some(ActionState::Scheduled) => T::ActionScheduled,
+        Some(ActionState::Acknowledged) => T::ActionAcknowledged,
+        Some(ActionState::Active) => T::ActionActive,
+        Some(ActionState::Completed) => T::ActionCompleted,
+        Some(ActionState::Failed) => T::ActionFailed,
+        Some(ActionState::Cancelled) => T::ActionCancelled,
+        None => T::Unspecified,
+    }
+}
+
+fn state(s: Option<&str>) -> i32 {
+    s.and_then(ActionState::parse)
+        .map_or(pb::ActionState::Unspecified, convert::state_to_proto) as i32
+}
+
+fn to_proto(e: &EventRecord, action: Option<&crate::domain::Action>) -> pb::Event {
+    let t = event_type(e);
+    let failed = matches!(
+        t,
+        pb::EventType::ActionFailed | pb::EventType::ActionCancelled
+    );
+    let is_action = e.action_id.is_some();
+    pb::Event {
+        event_id: format!("ev-{}", e.cursor),
+        cursor: e.cursor,
+        r#type: t as i32,
+        time: Some(convert::ts_to_proto(e.at)),
+        device_id: e.device_id.clone(),
+        action: action.map(convert::action_to_proto),
+        from_state: if is_action {
+            state(e.from.as_deref())
+        } else {
+            0
+        },
+        to_state: if is_action { state(Some(&e.to)) } else { 0 },
+        reason: e.reason.clone(),
+        error_code: if failed {
+            e.reason.clone()
+        } else {
+            String::new()
+        },
+        request_id: e.request_id.clone().unwrap_or_default(),
+        action_id: e.action_id.clone().unwrap_or_default(),
+    }
+}
+
+/// A watch as the server reads it.
+struct Watch {
+    device: Option<DeviceId>,
+    /// Empty: every type.
+    types: HashSet<i32>,
+    after: i64,
+    from_now: bool,
+}
+
+fn parse(req: pb::WatchEventsRequest) -> Result<Watch, Error> {
+    let device = if req.device_id.is_empty() {
+        None
+    } else {
+        Some(parse_device_id(&req.device_id, "device_id")?)
+    };
+    let mut types = HashSet::new();
+    for t in req.event_types {
+        match pb::EventType::try_from(t) {
+            Ok(pb::EventType::Unspecified) | Err(_) => {
+                return Err(Error::invalid(
+                    "event_types",
+                    Reason::InvalidField,
+                    format!("{t} is not an event type"),
+                ));
+            }
+            Ok(_) => {
+                types.insert(t);
+            }
+        }
+    }
+    if req.after_cursor < 0 {
+        return Err(Error::invalid(
+            "after_cursor",
+            Reason::InvalidField,
+            "a cursor is 0 or the cursor of an event",
+        ));
+    }
+    if req.from_now && req.after_cursor != 0 {
+        return Err(Error::invalid(
+            "after_cursor",
+            Reason::InvalidField,
+            "from_now starts after the newest event: after_cursor must be 0 with it",
+        ));
+    }
+    Ok(Watch {
+        device,
+        types,
+        after: req.after_cursor,
+        from_now: req.from_now,
+    })
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+
+/// Reads events after `after` into `tx` until the client leaves or a read
+/// fails (the error is the stream's last item).
+async fn run(
+    app: App,
+    tenant: TenantId,
+    w: Watch,
+    mut after: i64,
+    tx: mpsc::Sender<Result<pb::Event, Status>>,
+) {
+    loop {
+        let page = async {
+            // Events this watch has not seen may have been forgotten.
+            let horizon = app.store.event_horizon(&tenant).await?;
+            if after < horizon {
+                return Err(Error::CursorExpired {
+                    after_cursor: after,
+                    oldest_cursor: horizon,
+                });
+            }
+            let events = app
+                .store
+                .events_after(&tenant, after, w.device.as_ref(), PAGE)
+                .await?;
+            let ids: Vec<String> = events
+                .iter()
+                .filter_map(|e| e.action_id.clone())
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .collect();
+            let actions = app.store.actions_by_ids(&tenant, &ids).await?;
+            Ok((events, actions))
+        };
+        let (events, actions) = match page.await {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = tx.send(Err(e.into())).await;
+                return;
+            }
+        };
+        if events.is_empty() {
+            tokio::select! {
+                () = tx.closed() => return,
+                () = tokio::time::sleep(POLL) => continue,
+            }
+        }
+        for e in &events {
+            after = e.cursor;
+            let ev = to_proto(e, e.action_id.as_ref().and_then(|id| actions.get(id)));
+            if !w.types.is_empty() && !w.types.contains(&ev.r#type) {
+                continue;
+            }
+            if tx.send(Ok(ev)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl EventService for Events {
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        request: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let app = self.0.for_call(&request)?;
+        let w = parse(request.into_inner())?;
+        let tenant = app.tenant();
+        let after = if w.from_now {
+            app.store.latest_event(&tenant).await?
+        } else {
+            let horizon = app.store.event_horizon(&tenant).await?;
+            if w.after < horizon {
+                return Err(Error::CursorExpired {
+                    after_cursor: w.after,
+                    oldest_cursor: horizon,
+                }
+                .into());
+            }
+            w.after
+        };
+        let (tx, rx) = mpsc::channel(BUFFERED);
+        tokio::spawn(run(app, tenant, w, after, tx));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}

@@ -1,0 +1,227 @@
+//! Events: the audit log, written in the same transaction as every change
+//! it records, read back in commit order (docs/events.md, ADR 0013).
+//!
+//! An event's cursor must only grow in the order readers can see entries,
+//! or a watcher resuming from the last cursor it saw would skip one that
+//! committed later with a smaller number.
+//! - SQLite: writers take turns (one write transaction at a time, across
+//!   processes too), so an entry's `seq` is its commit order: the cursor.
+//! - PostgreSQL: a sequence value is taken at insert, and transactions
+//!   commit in any order. Committed entries are stamped with
+//!   `event_cursor` afterwards ([`Store::stamp_events`]), by one stamping
+//!   transaction at a time (an advisory lock), numbering on from the
+//!   largest cursor given: a watcher sees a stamp only once its
+//!   transaction has committed, and every smaller cursor committed with it
+//!   or before.
+
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    Statement,
+    sea_query::{Expr, ExprTrait},
+};
+
+use super::{
+    Store, db_err,
+    entity::{audit, event_horizon},
+    rows,
+};
+use crate::domain::{DeviceId, Error, TenantId, Ts};
+
+/// Entries stamped per PostgreSQL stamping transaction.
+const STAMP_BATCH: i64 = 5_000;
+
+/// Key of the advisory lock the PostgreSQL stamping holds.
+const STAMP_LOCK: i64 = 7_317_402_964_115_318_009;
+
+/// One event: an audit entry read in commit order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventRecord {
+    /// Increasing in commit order, per store (so per tenant too).
+    pub cursor: i64,
+    pub device_id: String,
+    /// `None` for a device's own change.
+    pub action_id: Option<String>,
+    /// The state left (`None`: created) and entered; for a device's change,
+    /// `None` and `CREATED`, `UPDATED` or `DELETED`.
+    pub from: Option<String>,
+    pub to: String,
+    pub reason: String,
+    pub request_id: Option<String>,
+    pub at: Ts,
+}
+
+impl Store {
+    /// PostgreSQL: stamps committed, unstamped audit entries with their
+    /// event cursor, a batch at a time, unless another stamping holds the
+    /// lock; returns how many. SQLite: nothing to do (the cursor is `seq`).
+    pub async fn stamp_events(&self) -> Result<u64, Error> {
+        if self.backend() != DbBackend::Postgres {
+            return Ok(0);
+        }
+        self.retrying(|| async {
+            let tx = self.begin().await?;
+            let locked = tx
+                .query_one_raw(Statement::from_string(
+                    DbBackend::Postgres,
+                    format!("SELECT pg_try_advisory_xact_lock({STAMP_LOCK}) AS locked"),
+                ))
+                .await
+                .map_err(db_err)?
+                .map(|r| r.try_get::<bool>("", "locked"))
+                .transpose()
+                .map_err(db_err)?
+                .unwrap_or(false);
+            if !locked {
+                return Ok(0);
+            }
+            let stamped = tx
+                .execute_raw(Statement::from_sql_and_values(
+                    DbBackend::Postgres,
+                    "UPDATE audit_log a SET event_cursor = b.m + n.rn \
+                     FROM (SELECT seq, row_number() OVER (ORDER BY seq) AS rn \
+                           FROM (SELECT seq FROM audit_log WHERE event_cursor IS NULL \
+                                 ORDER BY seq LIMIT $1) t) n, \
+                          (SELECT COALESCE(MAX(event_cursor), 0) AS m FROM audit_log \
+                           WHERE event_cursor IS NOT NULL) b \
+                     WHERE a.seq = n.seq",
+                    [STAMP_BATCH.into()],
+                ))
+                .await
+                .map_err(db_err)?
+                .rows_affected();
+            tx.commit().await.map_err(db_err)?;
+            Ok(stamped)
+        })
+        .await
+    }
+
+    pub(super) fn cursor_column(&self) -> audit::Column {
+        match self.backend() {
+            DbBackend::Postgres => audit::Column::EventCursor,
+            _ => audit::Column::Seq,
+        }
+    }
+
+    /// The tenant's events after `after`, oldest first, at most `limit`;
+    /// only `device`'s when given.
+    pub async fn events_after(
+        &self,
+        tenant: &TenantId,
+        after: i64,
+        device: Option<&DeviceId>,
+        limit: u32,
+    ) -> Result<Vec<EventRecord>, Error> {
+        let cursor = self.cursor_column();
+        let postgres = self.backend() == DbBackend::Postgres;
+        self.bounded(async {
+            let mut select = audit::Entity::find()
+                .filter(audit::Column::TenantId.eq(tenant.as_str()))
+                .filter(cursor.gt(after));
+            if let Some(d) = device {
+                select = select.filter(audit::Column::DeviceId.eq(d.as_str()));
+            }
+            let select = select.order_by_asc(cursor).limit(u64::from(limit));
+            Ok(rows::all(&self.read, select)
+                .await?
+                .into_iter()
+                .map(|r| EventRecord {
+                    cursor: if postgres {
+                        r.event_cursor.unwrap_or_default()
+                    } else {
+                        r.seq
+                    },
+                    device_id: r.device_id,
+                    action_id: r.action_id,
+                    from: r.from_state,
+                    to: r.to_state,
+                    reason: r.reason,
+                    request_id: r.request_id,
+                    at: Ts(r.at_ns),
+                })
+                .collect())
+        })
+        .await
+    }
+
+    /// The tenant's actions of these ids (those still stored), by id.
+    pub async fn actions_by_ids(
+        &self,
+        tenant: &TenantId,
+        ids: &[String],
+    ) -> Result<std::collections::HashMap<String, crate::domain::Action>, Error> {
+        if ids.is_empty() {
+            return Ok(Default::default());
+        }
+        self.bounded(async {
+            let select = rows::actions_of(tenant)
+                .filter(super::entity::action::Column::ActionId.is_in(ids.iter().cloned()));
+            rows::all(&self.read, select)
+                .await?
+                .iter()
+                .map(|m| rows::action_from_model(m).map(|a| (m.action_id.clone(), a)))
+                .collect()
+        })
+        .await
+    }
+
+    /// The cursor of the tenant's newest event readers can see (0: none).
+    pub async fn latest_event(&self, tenant: &TenantId) -> Result<i64, Error> {
+        let cursor = self.cursor_column();
+        self.bounded(async {
+            let max: Option<Option<i64>> = audit::Entity::find()
+                .select_only()
+                .expr(Expr::col(cursor).max())
+                .filter(audit::Column::TenantId.eq(tenant.as_str()))
+                .into_tuple()
+                .one(&self.read)
+                .await
+                .map_err(db_err)?;
+            Ok(max.flatten().unwrap_or(0))
+        })
+        .await
+    }
+
+    /// The cursor of the tenant's last event forgotten with its action
+    /// (0: none): a watcher must resume at or after it.
+    pub async fn event_horizon(&self, tenant: &TenantId) -> Result<i64, Error> {
+        self.bounded(async {
+            let row = rows::first(
+                &self.read,
+                event_horizon::Entity::find()
+                    .filter(event_horizon::Column::TenantId.eq(tenant.as_str())),
+            )
+            .await?;
+            Ok(row.map_or(0, |r| r.pruned_through))
+        })
+        .await
+    }
+
+    /// Records, in the pruning transaction `tx`, that events of `tenant`
+    /// up to `through` may be gone.
+    pub(super) async fn raise_event_horizon<C: ConnectionTrait>(
+        tx: &C,
+        tenant: &str,
+        through: i64,
+    ) -> Result<(), Error> {
+        let row = event_horizon::ActiveModel {
+            tenant_id: sea_orm::ActiveValue::Set(tenant.to_owned()),
+            pruned_through: sea_orm::ActiveValue::Set(through),
+        };
+        event_horizon::Entity::insert(row)
+            .on_conflict(
+                sea_orm::sea_query::OnConflict::column(event_horizon::Column::TenantId)
+                    .value(
+                        event_horizon::Column::PrunedThrough,
+                        Expr::cust_with_values(
+                            "CASE WHEN event_horizon.pruned_through > ? THEN event_horizon.pruned_through ELSE ? END",
+                            [through, through],
+                        ),
+                    )
+                    .to_owned(),
+            )
+            .exec_without_returning(tx)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+}
