@@ -290,13 +290,21 @@ async fn a_cursor_behind_the_retention_is_told_where_to_resume() {
     s.at_secs(91 * 86_400);
     let cut = Ts(s.clock_now().0 - 90 * 86_400 * Ts::SECOND);
     assert_eq!(s.app.store.prune_finished(cut, 100).await.unwrap(), 1);
-    let e = EventServiceClient::new(s.channel.clone())
-        .watch_events(pb::WatchEventsRequest::default())
-        .await
-        .unwrap_err();
-    let d = expect_error(&e, Code::FailedPrecondition, "CURSOR_EXPIRED");
-    assert_eq!(d.meta("oldest_cursor"), before[2].cursor.to_string());
-    assert_eq!(d.meta("after_cursor"), "0");
+    for after in [before[0].cursor, before[2].cursor - 1] {
+        let e = EventServiceClient::new(s.channel.clone())
+            .watch_events(pb::WatchEventsRequest {
+                after_cursor: after,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        let d = expect_error(&e, Code::FailedPrecondition, "CURSOR_EXPIRED");
+        assert_eq!(d.meta("oldest_cursor"), before[2].cursor.to_string());
+        assert_eq!(d.meta("after_cursor"), after.to_string());
+    }
+    // From the start is from the horizon: nothing before it is served,
+    // not even the device's creation (the device is kept).
+    let mut from_start = watch(s.channel.clone(), 0).await;
     // Resuming where it says works, and finds what is left.
     let mut w = watch(s.channel.clone(), before[2].cursor).await;
     c.push_action(push(
@@ -308,6 +316,7 @@ async fn a_cursor_behind_the_retention_is_told_where_to_resume() {
     .unwrap();
     let next = take(&mut w, 1).await;
     assert_eq!(next[0].r#type, E::ActionScheduled as i32);
+    assert_eq!(take(&mut from_start, 1).await, next);
 }
 
 /// A tenant sees only its own events, and only with `events:read`.

@@ -5,7 +5,11 @@
 //! read pool, into a small channel: a slow consumer holds only its own
 //! task, never a writer or a transaction.
 
-use std::{collections::HashSet, pin::Pin, time::Duration};
+use std::{
+    collections::HashSet,
+    pin::Pin,
+    time::{Duration, Instant},
+};
 
 use futures::Stream;
 use switchyard_proto::v1::{self as pb, event_service_server::EventService};
@@ -18,8 +22,12 @@ use crate::{
     store::EventRecord,
 };
 
-/// How often a watch that has caught up looks for new events.
+/// How often a watch that has caught up looks for new events written by
+/// other processes (this process's commits wake it at once).
 pub const POLL: Duration = Duration::from_millis(200);
+
+/// The least time between two reads of a watch woken by commits.
+const READ_EVERY: Duration = Duration::from_millis(20);
 
 /// Events read per page.
 const PAGE: u32 = 500;
@@ -152,8 +160,19 @@ async fn run(
     tx: mpsc::Sender<Result<pb::Event, Status>>,
 ) {
     loop {
+        // Armed before reading, so a commit made while reading is not
+        // missed.
+        let changed = app.store.changed().notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
         let page = async {
-            // Events this watch has not seen may have been forgotten.
+            let events = app
+                .store
+                .events_after(&tenant, after, w.device.as_ref(), PAGE)
+                .await?;
+            // Read after the page: retention deletes events and raises the
+            // horizon in one transaction, so events forgotten before the
+            // page was read show here, and the page is not trusted.
             let horizon = app.store.event_horizon(&tenant).await?;
             if after < horizon {
                 return Err(Error::CursorExpired {
@@ -161,10 +180,6 @@ async fn run(
                     oldest_cursor: horizon,
                 });
             }
-            let events = app
-                .store
-                .events_after(&tenant, after, w.device.as_ref(), PAGE)
-                .await?;
             let ids: Vec<String> = events
                 .iter()
                 .filter_map(|e| e.action_id.clone())
@@ -182,8 +197,15 @@ async fn run(
             }
         };
         if events.is_empty() {
+            let read = Instant::now();
             tokio::select! {
                 () = tx.closed() => return,
+                () = &mut changed => {
+                    // Commits come in bursts: one read per READ_EVERY
+                    // takes in many, however many watchers wake.
+                    tokio::time::sleep_until((read + READ_EVERY).into()).await;
+                    continue;
+                }
                 () = tokio::time::sleep(POLL) => continue,
             }
         }
@@ -215,14 +237,18 @@ impl EventService for Events {
             app.store.latest_event(&tenant).await?
         } else {
             let horizon = app.store.event_horizon(&tenant).await?;
-            if w.after < horizon {
+            if w.after == 0 {
+                // From the oldest retained.
+                horizon
+            } else if w.after < horizon {
                 return Err(Error::CursorExpired {
                     after_cursor: w.after,
                     oldest_cursor: horizon,
                 }
                 .into());
+            } else {
+                w.after
             }
-            w.after
         };
         let (tx, rx) = mpsc::channel(BUFFERED);
         tokio::spawn(run(app, tenant, w, after, tx));

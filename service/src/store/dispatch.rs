@@ -262,6 +262,7 @@ impl Store {
                 .await
                 .map_err(db_err)?;
             tx.commit().await.map_err(db_err)?;
+            self.wrote_events();
             let mut started = Started {
                 ready: ready.into_iter().collect(),
                 memos: HashMap::new(),
@@ -401,7 +402,11 @@ impl Store {
     async fn record_chunk(&self, chunk: &[Outcome]) -> Result<(), Error> {
         let tx = self.begin().await?;
         match record_in(&tx, chunk).await {
-            Ok(()) => return tx.commit().await.map_err(db_err),
+            Ok(()) => {
+                tx.commit().await.map_err(db_err)?;
+                self.wrote_events();
+                return Ok(());
+            }
             Err(e @ (Error::StorageUnavailable(_) | Error::StorageContention(_))) => return Err(e),
             Err(e) => {
                 tracing::warn!(error = %e, "recording dispatch outcomes together failed; recording them one by one");
@@ -423,6 +428,7 @@ impl Store {
             }
         }
         tx.commit().await.map_err(db_err)?;
+        self.wrote_events();
         Ok(())
     }
 }

@@ -93,6 +93,26 @@ impl Store {
             Ok(stamped)
         })
         .await
+        .inspect(|n| {
+            if *n > 0 {
+                self.lanes.changed().notify_waiters();
+            }
+        })
+    }
+
+    /// Woken when this process commits changes that may be events (on
+    /// PostgreSQL: when it stamps some); other processes' are found by
+    /// polling.
+    pub fn changed(&self) -> &tokio::sync::Notify {
+        self.lanes.changed()
+    }
+
+    /// Tells this process's event watchers that a commit may have written
+    /// events.
+    pub(super) fn wrote_events(&self) {
+        if self.backend() != DbBackend::Postgres {
+            self.lanes.changed().notify_waiters();
+        }
     }
 
     pub(super) fn cursor_column(&self) -> audit::Column {

@@ -237,6 +237,10 @@ struct Stats {
     queued: AtomicU64,
     groups: AtomicU64,
     members: AtomicU64,
+    /// Woken after each commit that may have written events (event
+    /// watchers of this process look at once instead of at their next
+    /// poll).
+    changed: tokio::sync::Notify,
 }
 
 /// What the group-commit writers have done since the store opened.
@@ -293,6 +297,12 @@ impl Lanes {
             stats,
             deadline: limits.deadline,
         })
+    }
+
+    /// Woken after each commit of this process that may have written
+    /// events.
+    pub(super) fn changed(&self) -> &tokio::sync::Notify {
+        &self.stats.changed
     }
 
     /// What the lanes have done so far.
@@ -507,6 +517,9 @@ fn answer_all(answers: Vec<Answer>, committed: &Result<(), Error>, stats: &Stats
     );
     for a in answers {
         a(committed.clone());
+    }
+    if committed.is_ok() {
+        stats.changed.notify_waiters();
     }
 }
 

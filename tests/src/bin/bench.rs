@@ -38,6 +38,27 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// W watchers on WatchEvents (each its own connection) while C clients
+    /// push N actions: events delivered per second, and each event's delay
+    /// from its push's answer to each watcher's receipt.
+    Events {
+        /// Number of pushes (each one event).
+        #[arg(long, default_value_t = 2_000, value_parser = at_least_one())]
+        n: usize,
+        /// Watchers.
+        #[arg(long, default_value_t = 100, value_parser = at_least_one())]
+        watchers: usize,
+        /// Concurrent pushing clients.
+        #[arg(long, default_value_t = 16, value_parser = at_least_one())]
+        c: usize,
+        /// The switchyard binary to spawn (default: `switchyard` next to
+        /// this binary).
+        #[arg(long, value_name = "PATH")]
+        server_bin: Option<std::path::PathBuf>,
+        /// The spawned server's database (default: a fresh SQLite file).
+        #[arg(long, value_name = "URL")]
+        database: Option<String>,
+    },
     /// N non-colliding pushes from C concurrent clients, plus the SQLite
     /// baseline.
     Push {
@@ -262,6 +283,117 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+async fn bench_events(
+    n: usize,
+    watchers: usize,
+    c: usize,
+    bin: Option<std::path::PathBuf>,
+    database: Option<String>,
+) {
+    use std::collections::HashMap;
+    use switchyard_proto::v1::event_service_client::EventServiceClient;
+    let server = start_server(bin, database).await;
+    let ch = connect(&server.addr).await.expect("connect");
+    let devices = 50;
+    for d in 0..devices {
+        DeviceServiceClient::new(ch.clone())
+            .create_device(pb::CreateDeviceRequest {
+                device_id: format!("ev-{d}"),
+                device: Some(pb::Device {
+                    family: pb::DeviceFamily::Battery as i32,
+                    driver: "simulated".into(),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await
+            .expect("create device");
+    }
+    // Each push's answer time, by action id.
+    let answered: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
+    let mut watching = Vec::new();
+    for _ in 0..watchers {
+        let wch = connect(&server.addr).await.expect("connect watcher");
+        let mut stream = EventServiceClient::new(wch)
+            .watch_events(pb::WatchEventsRequest {
+                from_now: true,
+                event_types: vec![pb::EventType::ActionScheduled as i32],
+                ..Default::default()
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        watching.push(tokio::spawn(async move {
+            let mut got = Vec::with_capacity(n);
+            while got.len() < n {
+                match tokio::time::timeout(Duration::from_secs(60), stream.message()).await {
+                    Ok(Ok(Some(e))) => got.push((e.action_id, Instant::now())),
+                    other => panic!("watch ended after {} events: {other:?}", got.len()),
+                }
+            }
+            got
+        }));
+    }
+    let base = unix_now() + 86_400;
+    let began = Instant::now();
+    let pushes = ch.clone();
+    let times = answered.clone();
+    fan_out(n, c, move |i| {
+        let mut client = ActionServiceClient::new(pushes.clone());
+        let times = times.clone();
+        async move {
+            let start = base + (i / devices) as i64 * 600;
+            let a = client
+                .push_action(pb::PushActionRequest {
+                    device_id: format!("ev-{}", i % devices),
+                    action: Some(pb::Action {
+                        command: pb::Command::Charge as i32,
+                        start_time: Some(prost_types::Timestamp {
+                            seconds: start,
+                            nanos: 0,
+                        }),
+                        end_time: Some(prost_types::Timestamp {
+                            seconds: start + 600,
+                            nanos: 0,
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .expect("push")
+                .into_inner()
+                .action
+                .expect("action");
+            times
+                .lock()
+                .expect("times")
+                .insert(a.action_id, Instant::now());
+        }
+    })
+    .await;
+    let pushed = began.elapsed();
+    let mut delays = Vec::with_capacity(n * watchers);
+    for w in watching {
+        for (id, at) in w.await.expect("watcher") {
+            let sent = answered.lock().expect("times")[&id];
+            delays.push(at.saturating_duration_since(sent));
+        }
+    }
+    let all = began.elapsed();
+    delays.sort();
+    println!(
+        "switchyard events: {n} pushes ({:.0}/s) to {watchers} watchers: {} events delivered in {:.2} s = {:.0} events/s; delay push answer -> watcher p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        n as f64 / pushed.as_secs_f64(),
+        delays.len(),
+        all.as_secs_f64(),
+        delays.len() as f64 / all.as_secs_f64(),
+        pct(&delays, 0.50).as_secs_f64() * 1000.0,
+        pct(&delays, 0.99).as_secs_f64() * 1000.0,
+        delays.last().copied().unwrap_or_default().as_secs_f64() * 1000.0,
+    );
 }
 
 async fn bench_push(
@@ -1120,6 +1252,13 @@ async fn main() {
             )
             .await
         }
+        Cmd::Events {
+            n,
+            watchers,
+            c,
+            server_bin,
+            database,
+        } => bench_events(n, watchers, c, server_bin, database).await,
         Cmd::Scale {
             actions,
             devices,
