@@ -273,6 +273,8 @@ pub async fn serve(
     auth.log_mode().await;
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    // Event watches never end by themselves: shutting down ends them.
+    let (stop_watches, stop_watches_rx) = tokio::sync::watch::channel(false);
     let router = Server::builder()
         .max_concurrent_streams(limits.max_streams_per_connection)
         .http2_max_header_list_size(16 * 1024)
@@ -292,7 +294,11 @@ pub async fn serve(
         .add_service(DeviceServiceServer::new(Devices(app.clone())))
         .add_service(ActionServiceServer::new(Actions(app.clone())))
         .add_service(AdminServiceServer::new(Admin(app.clone())))
-        .add_service(EventServiceServer::new(Events(app.clone())));
+        .add_service(EventServiceServer::new(Events {
+            app: app.clone(),
+            stopping: stop_watches_rx,
+            slots: Arc::new(tokio::sync::Semaphore::new(crate::api::events::MAX_WATCHES)),
+        }));
     let incoming = limits::incoming(listener, limits);
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = stop_rx.await;
@@ -332,6 +338,7 @@ pub async fn serve(
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
     let _ = stop_tx.send(());
+    let _ = stop_watches.send(true);
     let _ = stop_dispatch.send(true);
     let drained = tokio::time::timeout(grace, &mut server).await;
     if let Some(t) = dispatch_task {

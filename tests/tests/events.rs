@@ -317,6 +317,84 @@ async fn a_cursor_behind_the_retention_is_told_where_to_resume() {
     let next = take(&mut w, 1).await;
     assert_eq!(next[0].r#type, E::ActionScheduled as i32);
     assert_eq!(take(&mut from_start, 1).await, next);
+    assert!(
+        next[0].cursor > before[2].cursor,
+        "a forgotten cursor given again"
+    );
+}
+
+/// A watch from now on a tenant whose newest events were forgotten starts
+/// after them, not before (where it would be refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_from_now_after_retention_starts_after_the_forgotten() {
+    let s = TestServer::start().await;
+    s.battery("quiet").await;
+    let mut c = s.actions();
+    let a = c
+        .push_action(push(
+            "quiet",
+            window(Command::Charge, H, 2 * H),
+            S::Unspecified,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .action
+        .unwrap();
+    c.cancel_action(pb::CancelActionRequest {
+        device_id: "quiet".into(),
+        action_id: a.action_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    s.at_secs(91 * 86_400);
+    let cut = Ts(s.clock_now().0 - 90 * 86_400 * Ts::SECOND);
+    assert_eq!(s.app.store.prune_finished(cut, 100).await.unwrap(), 1);
+    let mut now = EventServiceClient::new(s.channel.clone())
+        .watch_events(pb::WatchEventsRequest {
+            from_now: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let b = c
+        .push_action(push(
+            "quiet",
+            window(Command::Charge, 92 * 86_400, 92 * 86_400 + H),
+            S::Unspecified,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .action
+        .unwrap();
+    let got = take(&mut now, 1).await;
+    assert_eq!(got[0].action_id, b.action_id);
+}
+
+/// Shutting down ends every watch at once, answered UNAVAILABLE with
+/// RetryInfo: the client resumes elsewhere, and the server does not wait
+/// out its grace period for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutting_down_ends_watches_at_once() {
+    let s = TestServer::start().await;
+    let mut w = watch(s.channel.clone(), 0).await;
+    let began = std::time::Instant::now();
+    let stopping = tokio::spawn(s.stop());
+    let end = tokio::time::timeout(Duration::from_secs(4), w.message())
+        .await
+        .expect("the watch ended")
+        .unwrap_err();
+    let d = expect_error(&end, Code::Unavailable, "STORAGE_UNAVAILABLE");
+    assert!(d.retry.is_some());
+    stopping.await.unwrap();
+    assert!(
+        began.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        began.elapsed()
+    );
 }
 
 /// A tenant sees only its own events, and only with `events:read`.
@@ -336,7 +414,12 @@ async fn a_tenant_watches_only_its_own_events() {
         .unwrap_err();
     let d = expect_error(&e, Code::PermissionDenied, "MISSING_SCOPE");
     assert_eq!(d.meta("required_scope"), "events:read");
-    for (key, id) in [(&s.keys[0], "a-1"), (&s.keys[1], "b-1")] {
+    for (key, id) in [
+        (&s.keys[0], "a-1"),
+        (&s.keys[1], "b-1"),
+        (&s.keys[0], "shared"),
+        (&s.keys[1], "shared"),
+    ] {
         DeviceServiceClient::new(keyed(s.channel.clone(), key))
             .create_device(pb::CreateDeviceRequest {
                 device_id: id.into(),
@@ -359,16 +442,45 @@ async fn a_tenant_watches_only_its_own_events() {
         ))
         .await
         .unwrap();
-    let a = take(&mut wa, 2).await;
-    assert!(a.iter().all(|e| e.device_id == "a-1"), "{a:?}");
-    let b = take(&mut wb, 1).await;
+    let a = take(&mut wa, 3).await;
+    assert_eq!(
+        a.iter().map(|e| e.device_id.as_str()).collect::<Vec<_>>(),
+        ["a-1", "shared", "a-1"],
+        "{a:?}"
+    );
+    let b = take(&mut wb, 2).await;
     assert_eq!(b[0].device_id, "b-1");
+    assert_eq!(b[1].device_id, "shared");
+    // A device filter is the tenant's device of that id.
+    let mut shared = EventServiceClient::new(keyed(s.channel.clone(), &s.keys[1]))
+        .watch_events(pb::WatchEventsRequest {
+            device_id: "shared".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(take(&mut shared, 1).await[0].cursor, b[1].cursor);
     assert!(
-        tokio::time::timeout(Duration::from_millis(600), wb.message())
+        tokio::time::timeout(Duration::from_millis(600), shared.message())
             .await
             .is_err(),
-        "beta saw alpha's push"
+        "beta's filter saw alpha's device"
     );
+    // A revoked key's watch ends.
+    let beta_key_id = s.keys[1][3..19].to_owned();
+    s.app
+        .store
+        .revoke_key(&beta_key_id, None, s.clock_now())
+        .await
+        .unwrap()
+        .unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(6), wb.message())
+        .await
+        .expect("the revoked key's watch ended")
+        .unwrap_err();
+    let d = expect_error(&end, Code::Unauthenticated, "INVALID_API_KEY");
+    assert_eq!(d.meta("why"), "revoked");
 }
 
 async fn watch_keyed(s: &TestServer, key: &str) -> Streaming<pb::Event> {

@@ -118,6 +118,58 @@ mod store_on_postgres {
         db.drop_database().await;
     }
 
+    /// A cursor forgotten with its action (the newest there was) is never
+    /// given to another event: numbering goes on past the horizon.
+    #[tokio::test]
+    async fn a_forgotten_cursor_is_never_given_again() {
+        let Some(db) = postgres::database().await else {
+            return;
+        };
+        let store = Store::open(&db.url, Arc::new(ManualClock::new(T0)))
+            .await
+            .unwrap();
+        let tenant = TenantId::default_tenant();
+        store
+            .create_device(&tenant, device("d"), None)
+            .await
+            .unwrap();
+        let mut conn = PgConnection::connect(&db.url).await.unwrap();
+        conn.execute(sqlx::AssertSqlSafe(raw_action(
+            "a-old",
+            "CANCELLED",
+            "mode",
+            H,
+            Some(2 * H),
+        )))
+        .await
+        .unwrap();
+        conn.execute(
+            "INSERT INTO audit_log (tenant_id, device_id, action_id, from_state, to_state, reason, at_ns)
+             VALUES ('default', 'd', 'a-old', NULL, 'SCHEDULED', 'PUSHED', 1),
+                    ('default', 'd', 'a-old', 'SCHEDULED', 'CANCELLED', 'CANCELLED_BY_CLIENT', 2)",
+        )
+        .await
+        .unwrap();
+        assert_eq!(store.stamp_events().await.unwrap(), 3);
+        let all = store.events_after(&tenant, 0, None, 10).await.unwrap();
+        let top = all.last().unwrap().cursor;
+        assert_eq!(all.last().unwrap().action_id.as_deref(), Some("a-old"));
+        assert_eq!(store.prune_finished(T0, 10).await.unwrap(), 1);
+        assert_eq!(store.event_horizon(&tenant).await.unwrap(), top);
+        store
+            .create_device(&tenant, device("d2"), None)
+            .await
+            .unwrap();
+        assert_eq!(store.stamp_events().await.unwrap(), 1);
+        let next = store.events_after(&tenant, top, None, 10).await.unwrap();
+        assert_eq!(next.len(), 1, "{next:?}");
+        assert!(next[0].cursor > top, "{} reused", next[0].cursor);
+        assert_eq!(next[0].device_id, "d2");
+        store.close().await;
+        drop(conn);
+        db.drop_database().await;
+    }
+
     /// Replicas started together on an empty database: every one opens,
     /// and each migration is applied once.
     #[tokio::test]

@@ -37,7 +37,24 @@ const BUFFERED: usize = 64;
 
 /// Implements `switchyard.v1.EventService`.
 #[derive(Clone, Debug)]
-pub struct Events(pub App);
+pub struct Events {
+    pub app: App,
+    /// Turns true when the server shuts down: every watch ends, answered
+    /// UNAVAILABLE with RetryInfo (resume on another replica, or after
+    /// the restart).
+    pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// Watches this server runs at once, at most (each polls the
+    /// database); past it a watch is refused SERVER_BUSY, to be retried
+    /// (or sent to another replica).
+    pub slots: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+/// Watches a server runs at once by default.
+pub const MAX_WATCHES: usize = 1024;
+
+/// How often a watch checks that its key still works (revoked or expired
+/// keys end it).
+const KEY_CHECK: Duration = Duration::from_secs(2);
 
 /// The type of an audit entry's event.
 pub fn event_type(e: &EventRecord) -> pb::EventType {
@@ -93,6 +110,27 @@ fn to_proto(e: &EventRecord, action: Option<&crate::domain::Action>) -> pb::Even
         },
         request_id: e.request_id.clone().unwrap_or_default(),
         action_id: e.action_id.clone().unwrap_or_default(),
+    }
+}
+
+/// Whether the key the watch was opened with still works: a key revoked
+/// or expired since ends the watches it opened, as it would any new call.
+async fn key_still_works(app: &App) -> Result<(), Error> {
+    let Some(key_id) = &app.caller.key_id else {
+        return Ok(());
+    };
+    let why = match app.store.key_by_id(key_id).await? {
+        None => Some("unknown"),
+        Some(k) if k.revoked.is_some() => Some("revoked"),
+        Some(k) if k.expires.is_some_and(|e| e <= app.clock.now()) => Some("expired"),
+        Some(_) => None,
+    };
+    match why {
+        None => Ok(()),
+        Some(why) => Err(Error::InvalidApiKey {
+            why,
+            key_id: Some(key_id.clone()),
+        }),
     }
 }
 
@@ -158,18 +196,36 @@ async fn run(
     w: Watch,
     mut after: i64,
     tx: mpsc::Sender<Result<pb::Event, Status>>,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
 ) {
+    let mut key_checked = Instant::now();
     loop {
+        if *stopping.borrow() {
+            let _ = tx
+                .send(Err(Error::StorageUnavailable(
+                    "the server is shutting down; resume the watch from the last cursor".into(),
+                )
+                .into()))
+                .await;
+            return;
+        }
+        if key_checked.elapsed() >= KEY_CHECK {
+            key_checked = Instant::now();
+            if let Err(e) = key_still_works(&app).await {
+                let _ = tx.send(Err(e.into())).await;
+                return;
+            }
+        }
         // Armed before reading, so a commit made while reading is not
         // missed.
         let changed = app.store.changed().notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
         let page = async {
-            let events = app
-                .store
-                .events_after(&tenant, after, w.device.as_ref(), PAGE)
-                .await?;
+            // Every event of the tenant, the device filtered here: the watch
+            // moves through the whole stream, so the horizon check below
+            // compares like with like.
+            let events = app.store.events_after(&tenant, after, None, PAGE).await?;
             // Read after the page: retention deletes events and raises the
             // horizon in one transaction, so events forgotten before the
             // page was read show here, and the page is not trusted.
@@ -200,6 +256,7 @@ async fn run(
             let read = Instant::now();
             tokio::select! {
                 () = tx.closed() => return,
+                _ = stopping.changed() => continue,
                 () = &mut changed => {
                     // Commits come in bursts: one read per READ_EVERY
                     // takes in many, however many watchers wake.
@@ -211,6 +268,9 @@ async fn run(
         }
         for e in &events {
             after = e.cursor;
+            if w.device.as_ref().is_some_and(|d| d.as_str() != e.device_id) {
+                continue;
+            }
             let ev = to_proto(e, e.action_id.as_ref().and_then(|id| actions.get(id)));
             if !w.types.is_empty() && !w.types.contains(&ev.r#type) {
                 continue;
@@ -230,13 +290,14 @@ impl EventService for Events {
         &self,
         request: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
-        let app = self.0.for_call(&request)?;
+        let app = self.app.for_call(&request)?;
         let w = parse(request.into_inner())?;
         let tenant = app.tenant();
+        let horizon = app.store.event_horizon(&tenant).await?;
         let after = if w.from_now {
-            app.store.latest_event(&tenant).await?
+            // The newest event left may be older than the last forgotten.
+            app.store.latest_event(&tenant).await?.max(horizon)
         } else {
-            let horizon = app.store.event_horizon(&tenant).await?;
             if w.after == 0 {
                 // From the oldest retained.
                 horizon
@@ -250,8 +311,22 @@ impl EventService for Events {
                 w.after
             }
         };
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            return Err(super::status::transport_status(
+                tonic::Code::Unavailable,
+                pb::ErrorReason::ServerBusy,
+                format!(
+                    "this server runs {MAX_WATCHES} event watches at once already; retry shortly or watch through another replica"
+                ),
+                Some(crate::domain::Ts::SECOND),
+            ));
+        };
         let (tx, rx) = mpsc::channel(BUFFERED);
-        tokio::spawn(run(app, tenant, w, after, tx));
+        let stopping = self.stopping.clone();
+        tokio::spawn(async move {
+            run(app, tenant, w, after, tx, stopping).await;
+            drop(slot);
+        });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))

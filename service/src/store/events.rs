@@ -16,8 +16,7 @@
 
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    Statement,
-    sea_query::{Expr, ExprTrait},
+    Statement, sea_query::Expr,
 };
 
 use super::{
@@ -81,8 +80,10 @@ impl Store {
                      FROM (SELECT seq, row_number() OVER (ORDER BY seq) AS rn \
                            FROM (SELECT seq FROM audit_log WHERE event_cursor IS NULL \
                                  ORDER BY seq LIMIT $1) t) n, \
-                          (SELECT COALESCE(MAX(event_cursor), 0) AS m FROM audit_log \
-                           WHERE event_cursor IS NOT NULL) b \
+                          (SELECT GREATEST( \
+                             (SELECT COALESCE(MAX(event_cursor), 0) FROM audit_log \
+                              WHERE event_cursor IS NOT NULL), \
+                             (SELECT COALESCE(MAX(pruned_through), 0) FROM event_horizon)) AS m) b \
                      WHERE a.seq = n.seq",
                     [STAMP_BATCH.into()],
                 ))
@@ -115,6 +116,18 @@ impl Store {
         }
     }
 
+    /// The tenant's entries, as events are read: on SQLite by `seq` (the
+    /// rowid, newest last) with the tenant checked on each row (`+`: not
+    /// by `audit_by_action`, which would read the tenant's whole trail to
+    /// sort it); a caught-up watch reads only the few newest rows. On
+    /// PostgreSQL by `audit_events (tenant_id, event_cursor)`.
+    fn of_tenant(&self, tenant: &TenantId) -> sea_orm::sea_query::SimpleExpr {
+        match self.backend() {
+            DbBackend::Postgres => audit::Column::TenantId.eq(tenant.as_str()),
+            _ => Expr::cust_with_values("+tenant_id = ?", [tenant.as_str().to_owned()]),
+        }
+    }
+
     pub(super) fn cursor_column(&self) -> audit::Column {
         match self.backend() {
             DbBackend::Postgres => audit::Column::EventCursor,
@@ -135,7 +148,7 @@ impl Store {
         let postgres = self.backend() == DbBackend::Postgres;
         self.bounded(async {
             let mut select = audit::Entity::find()
-                .filter(audit::Column::TenantId.eq(tenant.as_str()))
+                .filter(self.of_tenant(tenant))
                 .filter(cursor.gt(after));
             if let Some(d) = device {
                 select = select.filter(audit::Column::DeviceId.eq(d.as_str()));
@@ -188,15 +201,18 @@ impl Store {
     pub async fn latest_event(&self, tenant: &TenantId) -> Result<i64, Error> {
         let cursor = self.cursor_column();
         self.bounded(async {
-            let max: Option<Option<i64>> = audit::Entity::find()
+            let newest: Vec<Option<i64>> = audit::Entity::find()
                 .select_only()
-                .expr(Expr::col(cursor).max())
-                .filter(audit::Column::TenantId.eq(tenant.as_str()))
+                .column(cursor)
+                .filter(self.of_tenant(tenant))
+                .filter(cursor.is_not_null())
+                .order_by_desc(cursor)
+                .limit(1)
                 .into_tuple()
-                .one(&self.read)
+                .all(&self.read)
                 .await
                 .map_err(db_err)?;
-            Ok(max.flatten().unwrap_or(0))
+            Ok(newest.into_iter().flatten().next().unwrap_or(0))
         })
         .await
     }
@@ -232,9 +248,9 @@ impl Store {
                 sea_orm::sea_query::OnConflict::column(event_horizon::Column::TenantId)
                     .value(
                         event_horizon::Column::PrunedThrough,
-                        Expr::cust_with_values(
-                            "CASE WHEN event_horizon.pruned_through > ? THEN event_horizon.pruned_through ELSE ? END",
-                            [through, through],
+                        Expr::cust(
+                            "CASE WHEN event_horizon.pruned_through > excluded.pruned_through \
+                             THEN event_horizon.pruned_through ELSE excluded.pruned_through END",
                         ),
                     )
                     .to_owned(),

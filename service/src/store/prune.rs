@@ -64,16 +64,20 @@ impl Store {
             for (tenant, ids) in by_tenant {
                 // Watchers resuming before the last event forgotten are
                 // told they missed some (CURSOR_EXPIRED).
-                let through: Option<Option<i64>> = audit::Entity::find()
+                // The rows are locked as read (PostgreSQL): one stamped
+                // meanwhile cannot be deleted without raising the horizon
+                // to it. One never stamped was never seen by a watcher.
+                let cursors: Vec<Option<i64>> = audit::Entity::find()
                     .select_only()
-                    .expr(Expr::col(cursor).max())
+                    .column(cursor)
                     .filter(audit::Column::TenantId.eq(tenant))
                     .filter(audit::Column::ActionId.is_in(ids.iter().copied()))
+                    .lock_exclusive()
                     .into_tuple()
-                    .one(&tx)
+                    .all(&tx)
                     .await
                     .map_err(db_err)?;
-                if let Some(through) = through.flatten() {
+                if let Some(through) = cursors.into_iter().flatten().max() {
                     Self::raise_event_horizon(&tx, tenant, through).await?;
                 }
                 audit::Entity::delete_many()

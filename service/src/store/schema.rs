@@ -334,7 +334,9 @@ CREATE TABLE event_horizon (
         Only::Postgres,
         r#"
 CREATE INDEX audit_unstamped ON audit_log (seq) WHERE event_cursor IS NULL;
-CREATE INDEX audit_by_cursor ON audit_log (event_cursor) WHERE event_cursor IS NOT NULL;
+-- Unique: a cursor given twice would be a bug, and fails loudly.
+CREATE UNIQUE INDEX audit_by_cursor ON audit_log (event_cursor) WHERE event_cursor IS NOT NULL;
+CREATE INDEX audit_events ON audit_log (tenant_id, event_cursor) WHERE event_cursor IS NOT NULL;
 "#,
     ),
 ];
