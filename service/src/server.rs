@@ -298,6 +298,7 @@ pub async fn serve(
             app: app.clone(),
             stopping: stop_watches_rx,
             slots: Arc::new(tokio::sync::Semaphore::new(crate::api::events::MAX_WATCHES)),
+            pages: Arc::default(),
         }));
     let incoming = limits::incoming(listener, limits);
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {

@@ -387,7 +387,8 @@ async fn shutting_down_ends_watches_at_once() {
         .await
         .expect("the watch ended")
         .unwrap_err();
-    let d = expect_error(&end, Code::Unavailable, "STORAGE_UNAVAILABLE");
+    let d = expect_error(&end, Code::Unavailable, "SHUTTING_DOWN");
+    assert!(end.message().contains("shutting down"), "{end:?}");
     assert!(d.retry.is_some());
     stopping.await.unwrap();
     assert!(

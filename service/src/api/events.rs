@@ -6,9 +6,15 @@
 //! task, never a writer or a transaction.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     pin::Pin,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
+};
+
+use futures::{
+    FutureExt as _,
+    future::{BoxFuture, Shared},
 };
 
 use futures::Stream;
@@ -47,6 +53,8 @@ pub struct Events {
     /// database); past it a watch is refused SERVER_BUSY, to be retried
     /// (or sent to another replica).
     pub slots: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Page reads shared by the watches.
+    pub pages: Arc<Pages>,
 }
 
 /// Watches a server runs at once by default.
@@ -111,6 +119,91 @@ fn to_proto(e: &EventRecord, action: Option<&crate::domain::Action>) -> pb::Even
         request_id: e.request_id.clone().unwrap_or_default(),
         action_id: e.action_id.clone().unwrap_or_default(),
     }
+}
+
+/// The last item of every watch when the server shuts down.
+fn shutting_down() -> Status {
+    super::status::transport_status(
+        tonic::Code::Unavailable,
+        pb::ErrorReason::ShuttingDown,
+        "the server is shutting down: resume the watch from the last cursor, on another replica or after the restart".into(),
+        Some(crate::domain::Ts::SECOND),
+    )
+}
+
+/// A page of a tenant's events, with the actions they concern as they
+/// stand.
+#[derive(Debug)]
+pub struct Page {
+    events: Vec<EventRecord>,
+    actions: HashMap<String, crate::domain::Action>,
+}
+
+type PageRead = Shared<BoxFuture<'static, Result<Arc<Page>, Error>>>;
+
+/// Reads of event pages shared by the watches that ask for the same page
+/// at once (watches that have caught up sit at the same cursor and are
+/// woken by the same commit): one read of the database for all of them.
+/// A read is shared while it runs and [`SHARE_FOR`] after.
+#[derive(Debug, Default)]
+pub struct Pages {
+    reads: Mutex<HashMap<(String, i64), (Instant, PageRead)>>,
+}
+
+/// How long a finished page read is still handed to watches asking for it.
+const SHARE_FOR: Duration = Duration::from_millis(5);
+
+impl Pages {
+    async fn get(&self, app: &App, tenant: &TenantId, after: i64) -> Result<Arc<Page>, Error> {
+        let key = (tenant.as_str().to_owned(), after);
+        let read = {
+            let mut reads = self
+                .reads
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let fresh =
+                |(at, r): &(Instant, PageRead)| r.peek().is_none() || at.elapsed() < SHARE_FOR;
+            match reads.get(&key).filter(|e| fresh(e)) {
+                Some((_, r)) => r.clone(),
+                None => {
+                    if reads.len() >= 1024 {
+                        reads.retain(|_, e| fresh(e));
+                    }
+                    let r = read_page(app.clone(), tenant.clone(), after)
+                        .boxed()
+                        .shared();
+                    reads.insert(key, (Instant::now(), r.clone()));
+                    r
+                }
+            }
+        };
+        read.await
+    }
+}
+
+async fn read_page(app: App, tenant: TenantId, after: i64) -> Result<Arc<Page>, Error> {
+    // Every event of the tenant, the device filtered by each watch: a watch
+    // moves through the whole stream, so the horizon check below compares
+    // like with like.
+    let events = app.store.events_after(&tenant, after, None, PAGE).await?;
+    // Read after the page: retention deletes events and raises the horizon
+    // in one transaction, so events forgotten before the page was read
+    // show here, and the page is not trusted.
+    let horizon = app.store.event_horizon(&tenant).await?;
+    if after < horizon {
+        return Err(Error::CursorExpired {
+            after_cursor: after,
+            oldest_cursor: horizon,
+        });
+    }
+    let ids: Vec<String> = events
+        .iter()
+        .filter_map(|e| e.action_id.clone())
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let actions = app.store.actions_by_ids(&tenant, &ids).await?;
+    Ok(Arc::new(Page { events, actions }))
 }
 
 /// Whether the key the watch was opened with still works: a key revoked
@@ -197,16 +290,12 @@ async fn run(
     mut after: i64,
     tx: mpsc::Sender<Result<pb::Event, Status>>,
     mut stopping: tokio::sync::watch::Receiver<bool>,
+    pages: Arc<Pages>,
 ) {
     let mut key_checked = Instant::now();
     loop {
         if *stopping.borrow() {
-            let _ = tx
-                .send(Err(Error::StorageUnavailable(
-                    "the server is shutting down; resume the watch from the last cursor".into(),
-                )
-                .into()))
-                .await;
+            let _ = tx.try_send(Err(shutting_down()));
             return;
         }
         if key_checked.elapsed() >= KEY_CHECK {
@@ -221,37 +310,14 @@ async fn run(
         let changed = app.store.changed().notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
-        let page = async {
-            // Every event of the tenant, the device filtered here: the watch
-            // moves through the whole stream, so the horizon check below
-            // compares like with like.
-            let events = app.store.events_after(&tenant, after, None, PAGE).await?;
-            // Read after the page: retention deletes events and raises the
-            // horizon in one transaction, so events forgotten before the
-            // page was read show here, and the page is not trusted.
-            let horizon = app.store.event_horizon(&tenant).await?;
-            if after < horizon {
-                return Err(Error::CursorExpired {
-                    after_cursor: after,
-                    oldest_cursor: horizon,
-                });
-            }
-            let ids: Vec<String> = events
-                .iter()
-                .filter_map(|e| e.action_id.clone())
-                .collect::<HashSet<_>>()
-                .into_iter()
-                .collect();
-            let actions = app.store.actions_by_ids(&tenant, &ids).await?;
-            Ok((events, actions))
-        };
-        let (events, actions) = match page.await {
+        let page = match pages.get(&app, &tenant, after).await {
             Ok(p) => p,
             Err(e) => {
                 let _ = tx.send(Err(e.into())).await;
                 return;
             }
         };
+        let (events, actions) = (&page.events, &page.actions);
         if events.is_empty() {
             let read = Instant::now();
             tokio::select! {
@@ -266,7 +332,7 @@ async fn run(
                 () = tokio::time::sleep(POLL) => continue,
             }
         }
-        for e in &events {
+        for e in events {
             after = e.cursor;
             if w.device.as_ref().is_some_and(|d| d.as_str() != e.device_id) {
                 continue;
@@ -275,8 +341,15 @@ async fn run(
             if !w.types.is_empty() && !w.types.contains(&ev.r#type) {
                 continue;
             }
-            if tx.send(Ok(ev)).await.is_err() {
-                return;
+            // A client that stopped reading still lets the server stop.
+            tokio::select! {
+                sent = tx.send(Ok(ev)) => if sent.is_err() {
+                    return;
+                },
+                _ = stopping.changed() => {
+                    let _ = tx.try_send(Err(shutting_down()));
+                    return;
+                }
             }
         }
     }
@@ -323,8 +396,9 @@ impl EventService for Events {
         };
         let (tx, rx) = mpsc::channel(BUFFERED);
         let stopping = self.stopping.clone();
+        let pages = self.pages.clone();
         tokio::spawn(async move {
-            run(app, tenant, w, after, tx, stopping).await;
+            run(app, tenant, w, after, tx, stopping, pages).await;
             drop(slot);
         });
         Ok(Response::new(Box::pin(
