@@ -121,6 +121,33 @@ fn to_proto(e: &EventRecord, action: Option<&crate::domain::Action>) -> pb::Even
     }
 }
 
+/// A watch's stream: what its task reads, unless the server is shutting
+/// down: then SHUTTING_DOWN comes next, ahead of anything still buffered,
+/// so a client never sees a watch end as if it were complete.
+struct Watching {
+    rx: mpsc::Receiver<Result<pb::Event, Status>>,
+    stopping: tokio::sync::watch::Receiver<bool>,
+    done: bool,
+}
+
+impl Stream for Watching {
+    type Item = Result<pb::Event, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        if self.done {
+            return std::task::Poll::Ready(None);
+        }
+        if *self.stopping.borrow() {
+            self.done = true;
+            return std::task::Poll::Ready(Some(Err(shutting_down())));
+        }
+        self.rx.poll_recv(cx)
+    }
+}
+
 /// The last item of every watch when the server shuts down.
 fn shutting_down() -> Status {
     super::status::transport_status(
@@ -144,7 +171,7 @@ type PageRead = Shared<BoxFuture<'static, Result<Arc<Page>, Error>>>;
 /// Reads of event pages shared by the watches that ask for the same page
 /// at once (watches that have caught up sit at the same cursor and are
 /// woken by the same commit): one read of the database for all of them.
-/// A read is shared while it runs and [`SHARE_FOR`] after.
+/// A read is shared while it runs, and until [`SHARE_FOR`] after it began.
 #[derive(Debug, Default)]
 pub struct Pages {
     reads: Mutex<HashMap<(String, i64), (Instant, PageRead)>>,
@@ -395,14 +422,17 @@ impl EventService for Events {
             ));
         };
         let (tx, rx) = mpsc::channel(BUFFERED);
+        let stream = Watching {
+            rx,
+            stopping: self.stopping.clone(),
+            done: false,
+        };
         let stopping = self.stopping.clone();
         let pages = self.pages.clone();
         tokio::spawn(async move {
             run(app, tenant, w, after, tx, stopping, pages).await;
             drop(slot);
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        Ok(Response::new(Box::pin(stream)))
     }
 }

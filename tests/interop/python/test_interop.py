@@ -18,9 +18,9 @@ own switchyard.v1.ConflictDetail).
 - Auth is on from the first call: before the server starts, the fixture
   creates (with `switchyard admin` on the same database) the tenant
   `interop`, with a rate high enough for the bookings below, and one key
-  with every scope. The `channel` fixture sends that key on every call
-  (`authorization: Bearer sy_...`, added by a client interceptor);
-  `raw_channel` sends none. The auth tests make their own tenants and
+  with every scope (events:read too). The `channel` fixture sends that key
+  on every call (`authorization: Bearer sy_...`, added by a client
+  interceptor); `raw_channel` sends none. The auth tests make their own tenants and
   keys, with the command line or AdminService.
 - Every action is booked hours ahead, so nothing ever starts during a run:
   no test waits on the scheduler.
@@ -29,6 +29,9 @@ own switchyard.v1.ConflictDetail).
   malformed bodies) on a channel with grpcio's default options, and check
   that each arrives typed within grpcio's 8 KiB metadata limit. One case
   needs curl with HTTP/2 (a gRPC frame cut short) and is skipped without it.
+- The "events" tests read WatchEvents streams (docs/events.md) on a thread
+  of their own (`Watch`), so every read has a timeout, and every stream also
+  has a deadline: a watch that sends nothing fails the test, never hangs it.
 """
 
 import base64
@@ -64,7 +67,7 @@ RPC_TIMEOUT_S = 10.0
 DOMAIN = "switchyard"
 CONFLICT_DETAIL_URL = "type.googleapis.com/switchyard.v1.ConflictDetail"
 HOUR = 3600
-ALL_SCOPES = "devices:read,devices:write,actions:read,actions:write,admin"
+ALL_SCOPES = "devices:read,devices:write,actions:read,actions:write,admin,events:read"
 # The tenant the `channel` fixture's key acts for. Its rate is far above the
 # server's default (50/s, burst 100 per key): the bounded-errors tests book
 # 600 actions as fast as 16 threads can.
@@ -84,8 +87,8 @@ def pb():
     """Compiles proto/switchyard/v1/*.proto and imports the generated code.
 
     Returns a namespace with the message modules (common, device, action,
-    errors, admin) and the service stubs modules (device_grpc, action_grpc,
-    admin_grpc).
+    errors, admin, event) and the service stubs modules (device_grpc,
+    action_grpc, admin_grpc, event_grpc).
     """
     protos = sorted(PROTO_ROOT.glob("switchyard/v1/*.proto"))
     assert protos, f"no protos under {PROTO_ROOT}"
@@ -110,9 +113,11 @@ def pb():
                 action=importlib.import_module("switchyard.v1.action_pb2"),
                 errors=importlib.import_module("switchyard.v1.errors_pb2"),
                 admin=importlib.import_module("switchyard.v1.admin_pb2"),
+                event=importlib.import_module("switchyard.v1.event_pb2"),
                 device_grpc=importlib.import_module("switchyard.v1.device_pb2_grpc"),
                 action_grpc=importlib.import_module("switchyard.v1.action_pb2_grpc"),
                 admin_grpc=importlib.import_module("switchyard.v1.admin_pb2_grpc"),
+                event_grpc=importlib.import_module("switchyard.v1.event_pb2_grpc"),
             )
         finally:
             # Imported modules keep their descriptors: the directory can go.
@@ -172,7 +177,7 @@ def _admin_cli(bin_path, database, *args):
 def server():
     """Starts `$SWITCHYARD_BIN serve` and yields a namespace: `addr`
     ("host:port"), `bin` and `database` (for `switchyard admin`), and `key`,
-    an API key of the tenant INTEROP_TENANT with every scope.
+    an API key of the tenant INTEROP_TENANT with every scope (ALL_SCOPES).
 
     The tenant and key are created on the fresh database before the server
     starts, so auth is on from its first call. Port 0 lets the kernel pick
@@ -330,6 +335,11 @@ def devices(pb, channel):
 @pytest.fixture(scope="module")
 def actions(pb, channel):
     return pb.action_grpc.ActionServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def events(pb, channel):
+    return pb.event_grpc.EventServiceStub(channel)
 
 
 # --------------------------------------------------------------------------
@@ -1021,7 +1031,8 @@ def keyed(pb, raw_channel, key):
     ch = grpc.intercept_channel(raw_channel, BearerKey(key))
     return SimpleNamespace(devices=pb.device_grpc.DeviceServiceStub(ch),
                            actions=pb.action_grpc.ActionServiceStub(ch),
-                           admin=pb.admin_grpc.AdminServiceStub(ch))
+                           admin=pb.admin_grpc.AdminServiceStub(ch),
+                           events=pb.event_grpc.EventServiceStub(ch))
 
 
 def _b32(n):
@@ -1199,3 +1210,260 @@ def test_admin_service_creates_a_key_that_works(pb, devices, channel, raw_channe
     st = expect_error(grpc.StatusCode.PERMISSION_DENIED, admin.CreateTenant,
                       pb.admin.CreateTenantRequest(name="py-not-allowed"), timeout=RPC_TIMEOUT_S)
     error_info(st, "OPERATOR_ONLY")
+
+
+# --------------------------------------------------------------------------
+# Events: WatchEvents and ListActionHistory (docs/events.md)
+# --------------------------------------------------------------------------
+#
+# A watch never ends by itself, so no test iterates one bare: `Watch` reads
+# the stream on a thread into a queue, every read waits at most a timeout,
+# and the call has a deadline as well (WATCH_DEADLINE_S), so a watch that
+# sends nothing, or too much, fails its test instead of hanging the suite.
+
+WATCH_DEADLINE_S = 60.0
+# How long "nothing more" is waited for: this process's commits reach its
+# watches within about 20 ms (docs/events.md, "When an event arrives").
+QUIET_S = 0.5
+
+
+class Watch:
+    """A WatchEvents call, read by a thread of its own.
+
+    Use it as a context manager: leaving cancels the call. `take(n)` returns
+    the next n events or fails the test within its timeout; `quiet()` fails
+    it if another event comes; `cancel()` ends the call and returns how it
+    ended (the grpc.RpcError).
+    """
+
+    def __init__(self, stub, request, deadline=WATCH_DEADLINE_S):
+        self.call = stub.WatchEvents(request, timeout=deadline)
+        self.ended = None  # what stopped the stream: an RpcError, or "end"
+        self._items = queue.Queue()  # (True, event), then (False, what ended it)
+        self._started = threading.Event()
+        self._reader = threading.Thread(target=self._pump, name="switchyard-watch", daemon=True)
+        self._reader.start()
+
+    def _pump(self):
+        try:
+            # The response headers come when the server has fixed where the
+            # watch starts (for from_now: after the newest event then).
+            self.call.initial_metadata()
+            self._started.set()
+            for event in self.call:
+                self._items.put((True, event))
+        except grpc.RpcError as e:
+            self._items.put((False, e))
+        else:
+            self._items.put((False, "end"))
+        finally:
+            self._started.set()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.cancel()
+
+    def started(self, timeout=RPC_TIMEOUT_S):
+        """Waits for the response headers: events committed after this
+        return are after the watch's start."""
+        assert self._started.wait(timeout), f"WatchEvents sent no response headers within {timeout} s"
+        return self
+
+    def _next(self, left):
+        """The next event, or what ended the stream, or None after `left` s."""
+        if self.ended is not None:
+            return self.ended
+        try:
+            is_event, item = self._items.get(timeout=max(left, 0))
+        except queue.Empty:
+            return None
+        if not is_event:
+            self.ended = item
+        return item
+
+    def take(self, n, timeout=RPC_TIMEOUT_S):
+        got = []
+        deadline = time.monotonic() + timeout
+        while len(got) < n:
+            item = self._next(deadline - time.monotonic())
+            if item is None:
+                pytest.fail(f"WatchEvents: {len(got)} of {n} events within {timeout} s: "
+                            f"{[_event_view(e) for e in got]}", pytrace=False)
+            if isinstance(item, grpc.RpcError):
+                pytest.fail(f"WatchEvents ended {item.code()} after {len(got)} of {n} events: "
+                            f"{item.details()}", pytrace=False)
+            if isinstance(item, str):
+                pytest.fail(f"WatchEvents ended (without error) after {len(got)} of {n} events",
+                            pytrace=False)
+            got.append(item)
+        return got
+
+    def quiet(self, wait=QUIET_S):
+        """Fails if the watch sends anything (or ends) within `wait`."""
+        item = self._next(wait)
+        assert item is None, f"WatchEvents sent more than expected: {_event_view(item)}"
+
+    def cancel(self):
+        self.call.cancel()
+        self._reader.join(timeout=RPC_TIMEOUT_S)
+        assert not self._reader.is_alive(), "the watch's reader still runs after cancel()"
+        while self.ended is None:
+            is_event, item = self._items.get_nowait()
+            if not is_event:
+                self.ended = item
+        return self.ended
+
+
+def _event_view(e):
+    if isinstance(e, grpc.RpcError):
+        return f"ended {e.code()}: {e.details()}"
+    if isinstance(e, str):
+        return e
+    return (e.cursor, e.type, e.device_id, e.action_id, e.reason)
+
+
+def action_history(pb, actions, device_id, action_id, page_size=1):
+    """Every transition of an action, oldest first, read page by page
+    (one per page by default, so the paging is used)."""
+    out, token = [], ""
+    for _ in range(100):
+        resp = actions.ListActionHistory(
+            pb.action.ListActionHistoryRequest(device_id=device_id, action_id=action_id,
+                                               page_size=page_size, page_token=token),
+            timeout=RPC_TIMEOUT_S)
+        assert len(resp.transitions) <= page_size
+        out.extend(resp.transitions)
+        token = resp.next_page_token
+        if not token:
+            return out
+    pytest.fail(f"ListActionHistory of {action_id}: more than 100 pages", pytrace=False)
+
+
+def transition_of(x):
+    """What an Event and an ActionTransition both say about a transition."""
+    return (x.from_state, x.to_state, x.reason, x.error_code, x.request_id,
+            (x.time.seconds, x.time.nanos))
+
+
+def cancel_action(pb, actions, device_id, action_id, request_id=""):
+    return actions.CancelAction(
+        pb.action.CancelActionRequest(device_id=device_id, action_id=action_id, request_id=request_id),
+        timeout=RPC_TIMEOUT_S)
+
+
+def test_a_watch_from_now_sees_a_push_and_its_cancel_as_in_its_history(pb, devices, actions, events):
+    dev = "py-battery-watch"
+    create_battery(pb, devices, dev)
+    t0 = base_time()
+    with Watch(events, pb.event.WatchEventsRequest(device_id=dev, from_now=True)) as watch:
+        watch.started()
+        booked = push(pb, actions, dev, windowed(pb, pb.common.COMMAND_CHARGE, t0 + HOUR, t0 + 2 * HOUR),
+                      request_id="py-watch-push").action
+        assert booked.state == pb.action.ACTION_STATE_SCHEDULED
+        gone = cancel_action(pb, actions, dev, booked.action_id, request_id="py-watch-cancel")
+        assert gone.state == pb.action.ACTION_STATE_CANCELLED
+        got = watch.take(2)
+        # Nothing else: not the device's creation (before from_now), not
+        # other tests' devices (the filter).
+        watch.quiet()
+
+    scheduled, cancelled = got
+    assert scheduled.cursor < cancelled.cursor, f"cursors {scheduled.cursor}, {cancelled.cursor}"
+    for e in got:
+        assert e.event_id == f"ev-{e.cursor}"
+        assert e.device_id == dev
+        assert e.action_id == booked.action_id
+        assert e.HasField("time")
+        assert e.HasField("action") and e.action.action_id == booked.action_id
+    assert scheduled.type == pb.event.EVENT_TYPE_ACTION_SCHEDULED
+    assert (scheduled.from_state, scheduled.to_state) == (
+        pb.action.ACTION_STATE_UNSPECIFIED, pb.action.ACTION_STATE_SCHEDULED)
+    assert scheduled.reason == "PUSHED"
+    assert scheduled.error_code == ""
+    assert scheduled.request_id == "py-watch-push"
+    assert cancelled.type == pb.event.EVENT_TYPE_ACTION_CANCELLED
+    assert (cancelled.from_state, cancelled.to_state) == (
+        pb.action.ACTION_STATE_SCHEDULED, pb.action.ACTION_STATE_CANCELLED)
+    assert cancelled.reason == "CANCELLED_BY_CLIENT"
+    assert cancelled.error_code == "CANCELLED_BY_CLIENT"
+    assert cancelled.request_id == "py-watch-cancel"
+    # `action` is the action as read, here after its cancel.
+    assert cancelled.action.state == pb.action.ACTION_STATE_CANCELLED
+
+    # The events are the action's history, one for one.
+    history = action_history(pb, actions, dev, booked.action_id)
+    assert [transition_of(t) for t in history] == [transition_of(e) for e in got]
+
+
+def test_a_watch_resumed_after_its_last_cursor_gets_exactly_the_rest(pb, devices, actions, events):
+    dev = "py-battery-resume"
+    create_battery(pb, devices, dev)
+    t0 = base_time()
+    with Watch(events, pb.event.WatchEventsRequest(device_id=dev, from_now=True)) as first:
+        first.started()
+        # Five pushes, one after the other, in hours that do not collide.
+        booked = [push(pb, actions, dev,
+                       windowed(pb, pb.common.COMMAND_CHARGE, t0 + (i + 1) * HOUR, t0 + (i + 1) * HOUR + 1800),
+                       request_id=f"py-resume-{i}").action.action_id
+                  for i in range(5)]
+        head = first.take(2)
+        ended = first.cancel()
+    assert isinstance(ended, grpc.RpcError) and ended.code() == grpc.StatusCode.CANCELLED, (
+        f"the cancelled watch ended {_event_view(ended)}")
+    assert [e.action_id for e in head] == booked[:2]
+
+    last = head[-1].cursor
+    with Watch(events, pb.event.WatchEventsRequest(device_id=dev, after_cursor=last)) as resumed:
+        rest = resumed.take(3)
+        resumed.quiet()
+
+    got = head + rest
+    assert [e.action_id for e in got] == booked, "an event missed or repeated across the resume"
+    assert all(e.type == pb.event.EVENT_TYPE_ACTION_SCHEDULED for e in got)
+    assert [e.request_id for e in got] == [f"py-resume-{i}" for i in range(5)]
+    cursors = [e.cursor for e in got]
+    assert cursors == sorted(cursors) and len(set(cursors)) == 5, f"cursors {cursors}"
+    assert rest[0].cursor > last
+
+
+def test_a_key_without_events_read_cannot_watch(pb, server, raw_channel):
+    # Every other scope, the ones the interop key had before events.
+    key = create_key(server, INTEROP_TENANT, "devices:read,devices:write,actions:read,actions:write,admin")
+    other = keyed(pb, raw_channel, key)
+    other.devices.ListDevices(pb.device.ListDevicesRequest(), timeout=RPC_TIMEOUT_S)  # the key works
+
+    def first_event(req):
+        # From the oldest retained: the tenant has events, so a watch let
+        # through would return one at once rather than raise.
+        return next(other.events.WatchEvents(req, timeout=RPC_TIMEOUT_S))
+
+    err, st, info = expect_typed_error(
+        grpc.StatusCode.PERMISSION_DENIED, "MISSING_SCOPE", "WatchEvents without events:read",
+        first_event, pb.event.WatchEventsRequest())
+    md = info.metadata
+    assert md["required_scope"] == "events:read"
+    assert md["method"] == "switchyard.v1.EventService/WatchEvents"
+    assert md["key_id"] == key_id(key)
+    assert_not_echoed(err, key, "MISSING_SCOPE", chunk=12)
+
+
+@pytest.mark.parametrize("case, fields, field", [
+    ("unspecified type", dict(event_types=[0]), "event_types"),
+    ("unknown type", dict(event_types=[99]), "event_types"),
+    ("negative cursor", dict(after_cursor=-1), "after_cursor"),
+    ("cursor with from_now", dict(after_cursor=3, from_now=True), "after_cursor"),
+    ("device id too long", dict(device_id="d" * 64), "device_id"),
+])
+def test_a_bad_watch_request_is_invalid_field(pb, events, case, fields, field):
+    def first_event(req):
+        return next(events.WatchEvents(req, timeout=RPC_TIMEOUT_S))
+
+    err, st, info = expect_typed_error(
+        grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD", f"WatchEvents, {case}",
+        first_event, pb.event.WatchEventsRequest(**fields))
+    assert info.metadata["fields"] == field
+    bad = detail(st, error_details_pb2.BadRequest)
+    assert [v.field for v in bad.field_violations] == [field]
+    assert bad.field_violations[0].description
