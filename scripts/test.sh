@@ -36,3 +36,4 @@ bench="$target_dir/debug/switchyard-bench"
 "$bench" push --n 500 --c 8 --devices 20
 "$bench" dispatch --n 200 --c 8
 "$bench" scale --actions 5000 --devices 500 --n 200 --c 8
+"$bench" events --n 200 --watchers 10 --c 4
