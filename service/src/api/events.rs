@@ -127,6 +127,7 @@ fn to_proto(e: &EventRecord, action: Option<&crate::domain::Action>) -> pb::Even
 struct Watching {
     rx: mpsc::Receiver<Result<pb::Event, Status>>,
     stopping: tokio::sync::watch::Receiver<bool>,
+    /// Its last item was sent.
     done: bool,
 }
 
@@ -144,7 +145,21 @@ impl Stream for Watching {
             self.done = true;
             return std::task::Poll::Ready(Some(Err(shutting_down())));
         }
-        self.rx.poll_recv(cx)
+        match self.rx.poll_recv(cx) {
+            std::task::Poll::Ready(Some(Err(e))) => {
+                self.done = true;
+                std::task::Poll::Ready(Some(Err(e)))
+            }
+            // A watch never ends by itself: its task gone without an
+            // error (it panicked) is not a complete stream.
+            std::task::Poll::Ready(None) => {
+                self.done = true;
+                std::task::Poll::Ready(Some(Err(super::status::to_status(Error::Internal(
+                    "the event watch stopped; resume it from the last cursor".into(),
+                )))))
+            }
+            other => other,
+        }
     }
 }
 
@@ -181,30 +196,49 @@ pub struct Pages {
 const SHARE_FOR: Duration = Duration::from_millis(5);
 
 impl Pages {
-    async fn get(&self, app: &App, tenant: &TenantId, after: i64) -> Result<Arc<Page>, Error> {
+    /// The page after `after`, and when the read that found it began.
+    async fn get(
+        &self,
+        app: &App,
+        tenant: &TenantId,
+        after: i64,
+    ) -> Result<(Arc<Page>, Instant), Error> {
         let key = (tenant.as_str().to_owned(), after);
         let read = {
             let mut reads = self
                 .reads
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let fresh =
-                |(at, r): &(Instant, PageRead)| r.peek().is_none() || at.elapsed() < SHARE_FOR;
-            match reads.get(&key).filter(|e| fresh(e)) {
-                Some((_, r)) => r.clone(),
+            // Running, or finished a moment ago; a failure is not handed
+            // on (but running reads are shared, whatever they end with).
+            let fresh = |(at, r): &(Instant, PageRead)| match r.peek() {
+                None => true,
+                Some(Ok(_)) => at.elapsed() < SHARE_FOR,
+                Some(Err(_)) => false,
+            };
+            reads.retain(|_, e| fresh(e));
+            match reads.get(&key) {
+                Some((began, r)) => (*began, r.clone()),
                 None => {
-                    if reads.len() >= 1024 {
-                        reads.retain(|_, e| fresh(e));
+                    let read = read_page(app.clone(), tenant.clone(), after);
+                    let r = async move {
+                        std::panic::AssertUnwindSafe(read)
+                            .catch_unwind()
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(Error::Internal("reading a page of events panicked".into()))
+                            })
                     }
-                    let r = read_page(app.clone(), tenant.clone(), after)
-                        .boxed()
-                        .shared();
-                    reads.insert(key, (Instant::now(), r.clone()));
-                    r
+                    .boxed()
+                    .shared();
+                    let began = Instant::now();
+                    reads.insert(key, (began, r.clone()));
+                    (began, r)
                 }
             }
         };
-        read.await
+        let (began, read) = read;
+        read.await.map(|p| (p, began))
     }
 }
 
@@ -337,7 +371,8 @@ async fn run(
         let changed = app.store.changed().notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
-        let page = match pages.get(&app, &tenant, after).await {
+        let armed = Instant::now();
+        let (page, began) = match pages.get(&app, &tenant, after).await {
             Ok(p) => p,
             Err(e) => {
                 let _ = tx.send(Err(e.into())).await;
@@ -345,11 +380,21 @@ async fn run(
             }
         };
         let (events, actions) = (&page.events, &page.actions);
+        if events.is_empty() && began < armed {
+            // A read shared with a watch that began it before this one
+            // listened for commits: one made in between would wake
+            // nothing. Look again soon rather than wait for the next.
+            tokio::select! {
+                () = tx.closed() => return,
+                Ok(()) = stopping.changed() => continue,
+                () = tokio::time::sleep(READ_EVERY) => continue,
+            }
+        }
         if events.is_empty() {
             let read = Instant::now();
             tokio::select! {
                 () = tx.closed() => return,
-                _ = stopping.changed() => continue,
+                Ok(()) = stopping.changed() => continue,
                 () = &mut changed => {
                     // Commits come in bursts: one read per READ_EVERY
                     // takes in many, however many watchers wake.
