@@ -235,6 +235,129 @@ fn under(url: &str, prefix: &str) -> bool {
     }
 }
 
+/// Resolves a webhook target's host name, keeping only the addresses it
+/// may reach: checked at connect time, so a name that resolves (or is
+/// rebound) to the server's own network is refused.
+#[derive(Clone, Debug)]
+pub struct CheckedResolver {
+    internal_allowed: bool,
+}
+
+impl tower::Service<hyper_util::client::legacy::connect::dns::Name> for CheckedResolver {
+    type Response = std::vec::IntoIter<std::net::SocketAddr>;
+    type Error = std::io::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: hyper_util::client::legacy::connect::dns::Name) -> Self::Future {
+        let allowed = self.internal_allowed;
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let found: Vec<std::net::SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let usable: Vec<std::net::SocketAddr> = found
+                .into_iter()
+                .filter(|a| allowed || !is_internal(a.ip()))
+                .collect();
+            if usable.is_empty() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    "the host resolves only to internal addresses",
+                ));
+            }
+            Ok(usable.into_iter())
+        })
+    }
+}
+
+/// What a receiver answered one delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Answered {
+    pub status: u16,
+    pub latency: std::time::Duration,
+}
+
+/// Most bytes of a receiver's answer read (the rest is not waited for).
+const MAX_ANSWER: usize = 64 * 1024;
+
+/// POSTs one signed event to `url` (checked by `policy`) and waits at most
+/// `timeout` for the answer. Redirects are not followed (a 3xx is an
+/// answer like any other), so a receiver cannot send the delivery on to an
+/// address the check refused. The error says why nothing was answered.
+pub async fn deliver(
+    policy: &TargetPolicy,
+    url: &str,
+    secrets: &[SigningSecret],
+    id: &str,
+    timestamp: i64,
+    body: bytes::Bytes,
+    timeout: std::time::Duration,
+) -> Result<Answered, String> {
+    use http_body_util::BodyExt as _;
+    let target = policy.check(url)?;
+    let mut http =
+        hyper_util::client::legacy::connect::HttpConnector::new_with_resolver(CheckedResolver {
+            internal_allowed: target.internal_allowed,
+        });
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(timeout));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .map_err(|e| format!("TLS: {e}"))?
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build::<_, http_body_util::Full<bytes::Bytes>>(https);
+    let request = tonic::codegen::http::Request::post(url)
+        .header("content-type", "application/json")
+        .header(
+            "user-agent",
+            concat!("switchyard/", env!("CARGO_PKG_VERSION")),
+        )
+        .header("webhook-id", id)
+        .header("webhook-timestamp", timestamp.to_string())
+        .header(
+            "webhook-signature",
+            signature_header(secrets, id, timestamp, &body),
+        )
+        .body(http_body_util::Full::new(body))
+        .map_err(|e| format!("the request could not be built: {e}"))?;
+    let began = std::time::Instant::now();
+    let answer = tokio::time::timeout(timeout, async {
+        let response = client.request(request).await.map_err(|e| {
+            let mut why = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                why = format!("{why}: {s}");
+                source = s.source();
+            }
+            why
+        })?;
+        let status = response.status().as_u16();
+        // The answer's body is read, within bounds, so the connection ends
+        // cleanly; its content does not matter.
+        let _ = http_body_util::Limited::new(response.into_body(), MAX_ANSWER)
+            .collect()
+            .await;
+        Ok::<u16, String>(status)
+    })
+    .await
+    .map_err(|_| format!("no answer within {} ms", timeout.as_millis()))??;
+    Ok(Answered {
+        status: answer,
+        latency: began.elapsed(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,6 +446,122 @@ mod tests {
         for a in public {
             assert!(!is_internal(a.parse().unwrap()), "{a} is public");
         }
+    }
+
+    /// A receiver on loopback: answers 204 and hands over each request's
+    /// head and body.
+    async fn receiver() -> (u16, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let n = sock.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            break;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        let text = String::from_utf8_lossy(&buf).to_string();
+                        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                            let len: usize = head
+                                .lines()
+                                .find_map(|l| {
+                                    l.to_lowercase()
+                                        .strip_prefix("content-length:")
+                                        .map(|v| v.trim().parse().unwrap_or(0))
+                                })
+                                .unwrap_or(0);
+                            if body.len() >= len {
+                                let _ = tx.send(text.clone());
+                                let _ = sock
+                                    .write_all(
+                                        b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n",
+                                    )
+                                    .await;
+                                break;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (port, rx)
+    }
+
+    /// A delivery reaches an allowed receiver, signed; a host name that
+    /// resolves to loopback is refused at connect time unless allowed.
+    #[tokio::test]
+    async fn deliveries_are_signed_and_refused_at_internal_addresses() {
+        let (port, mut got) = receiver().await;
+        let (secret, _) = SigningSecret::generate().unwrap();
+        let body = bytes::Bytes::from_static(br#"{"type":"ACTION_FAILED"}"#);
+        let url = format!("http://localhost:{port}/hooks/a");
+        let second = std::time::Duration::from_secs(5);
+        // Not allowed: `localhost` resolves to loopback.
+        let refused = deliver(
+            &TargetPolicy::default(),
+            &url,
+            std::slice::from_ref(&secret),
+            "ev-1",
+            7,
+            body.clone(),
+            second,
+        )
+        .await;
+        assert!(refused.is_err(), "{refused:?}");
+        assert!(refused.unwrap_err().contains("internal"));
+        // Allowed under the operator's prefix.
+        let policy = TargetPolicy {
+            allow: vec![format!("http://localhost:{port}/hooks")],
+        };
+        let answered = deliver(
+            &policy,
+            &url,
+            std::slice::from_ref(&secret),
+            "ev-1",
+            7,
+            body.clone(),
+            second,
+        )
+        .await
+        .unwrap();
+        assert_eq!(answered.status, 204);
+        let request = got.recv().await.unwrap();
+        assert!(request.starts_with("POST /hooks/a HTTP/1.1"), "{request}");
+        let header = |name: &str| {
+            request
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+                })
+                .unwrap_or_default()
+        };
+        assert_eq!(header("webhook-id"), "ev-1");
+        assert_eq!(header("webhook-timestamp"), "7");
+        assert_eq!(header("webhook-signature"), sign(&secret, "ev-1", 7, &body));
+        assert!(request.ends_with(r#"{"type":"ACTION_FAILED"}"#));
+        // Only the first refusal reached nothing.
+        assert!(got.try_recv().is_err());
+        // A literal internal address is refused before connecting.
+        let literal = deliver(
+            &TargetPolicy::default(),
+            &format!("http://127.0.0.1:{port}/x"),
+            &[secret],
+            "ev-2",
+            7,
+            body,
+            second,
+        )
+        .await;
+        assert!(literal.is_err());
+        assert!(got.try_recv().is_err());
     }
 
     #[test]
