@@ -99,6 +99,21 @@ pub fn keyed(channel: Channel, key: &str) -> Keyed {
     tonic::service::interceptor::InterceptedService::new(channel, BearerKey(value))
 }
 
+/// A CreateDeviceRequest for a simulated battery `id` (the device
+/// [`TestServer::battery`] registers), for clients of any key.
+pub fn battery_request(id: &str) -> pb::CreateDeviceRequest {
+    pb::CreateDeviceRequest {
+        device_id: id.into(),
+        device: Some(pb::Device {
+            family: pb::DeviceFamily::Battery as i32,
+            driver: "simulated".into(),
+            timezone: "Europe/London".into(),
+            ..Default::default()
+        }),
+        request_id: String::new(),
+    }
+}
+
 /// `request` with `authorization: Bearer key`.
 pub fn with_key<T>(key: &str, request: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(request);

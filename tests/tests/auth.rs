@@ -11,7 +11,8 @@ use switchyard_proto::v1::{
     admin_service_client::AdminServiceClient, device_service_client::DeviceServiceClient,
 };
 use switchyard_tests::{
-    Keyed, Seed, ServerProcess, T0, TestServer, details, expect_error, keyed, push, window,
+    Keyed, Seed, ServerProcess, T0, TestServer, battery_request, details, expect_error, keyed,
+    push, window,
 };
 use tonic::{Code, Status};
 
@@ -38,19 +39,6 @@ fn admin(s: &TestServer, key: &str) -> AdminServiceClient<Keyed> {
     AdminServiceClient::new(keyed(s.channel.clone(), key))
 }
 
-fn battery(id: &str) -> pb::CreateDeviceRequest {
-    pb::CreateDeviceRequest {
-        device_id: id.into(),
-        device: Some(pb::Device {
-            family: pb::DeviceFamily::Battery as i32,
-            driver: "simulated".into(),
-            timezone: "Europe/London".into(),
-            ..Default::default()
-        }),
-        request_id: String::new(),
-    }
-}
-
 /// Calls `rpc` with a minimal request (whatever its answer, the point is
 /// whether the auth layer let it through).
 async fn call(s: &TestServer, key: &str, rpc: &str) -> Result<(), Status> {
@@ -65,7 +53,10 @@ async fn call(s: &TestServer, key: &str, rpc: &str) -> Result<(), Status> {
             .list_devices(pb::ListDevicesRequest::default())
             .await
             .map(drop),
-        "CreateDevice" => d.create_device(battery("scope-new")).await.map(drop),
+        "CreateDevice" => d
+            .create_device(battery_request("scope-new"))
+            .await
+            .map(drop),
         "UpdateDevice" => d
             .update_device(pb::UpdateDeviceRequest::default())
             .await
@@ -234,9 +225,9 @@ async fn tenants_never_see_each_other() {
     let (mut aa, mut ab) = (actions(&s, ka), actions(&s, kb));
     // The same device id in both; one only alpha has.
     for d in [&mut da, &mut db] {
-        d.create_device(battery("shared")).await.unwrap();
+        d.create_device(battery_request("shared")).await.unwrap();
     }
-    da.create_device(battery("only-a")).await.unwrap();
+    da.create_device(battery_request("only-a")).await.unwrap();
     let mut mine = Vec::new();
     for dev in ["shared", "only-a"] {
         let mut req = push(dev, window(Command::Charge, 3600, 7200), Strat::Unspecified);
@@ -589,7 +580,7 @@ async fn admin_keys_manage_their_own_tenant_and_the_operator_all() {
     assert!(made.key.starts_with(&format!("sy_{}_", info.key_id)));
     // The new key works, as acme.
     let mut d = devices(&s, &made.key);
-    d.create_device(battery("acme-1")).await.unwrap();
+    d.create_device(battery_request("acme-1")).await.unwrap();
     // Its second scope counts as much as its first.
     d.list_devices(pb::ListDevicesRequest::default())
         .await
@@ -677,7 +668,10 @@ async fn admin_keys_manage_their_own_tenant_and_the_operator_all() {
 async fn the_first_key_turns_auth_on() {
     let s = TestServer::start().await;
     let mut plain = DeviceServiceClient::new(s.channel.clone());
-    plain.create_device(battery("before-keys")).await.unwrap();
+    plain
+        .create_device(battery_request("before-keys"))
+        .await
+        .unwrap();
     let key = Seed::keys(&[("default", &["devices:read"])])
         .apply(&s.app)
         .await
@@ -765,7 +759,7 @@ async fn a_revocation_reaches_a_running_server_within_seconds() {
     );
     let channel = b.channel().await;
     let mut d = DeviceServiceClient::new(keyed(channel.clone(), &key));
-    d.create_device(battery("field-1")).await.unwrap();
+    d.create_device(battery_request("field-1")).await.unwrap();
     // Revoked through server A's AdminService, with the operator's key ...
     let revoked = AdminServiceClient::new(keyed(a.channel().await, &operator))
         .revoke_api_key(pb::RevokeApiKeyRequest {

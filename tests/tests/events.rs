@@ -13,7 +13,7 @@ use switchyard_proto::v1::{
     event_service_client::EventServiceClient,
 };
 use switchyard_tests::{
-    Seed, ServerProcess, TestServer, expect_error, keyed, postgres, push, window,
+    Seed, ServerProcess, TestServer, battery_request, expect_error, keyed, postgres, push, window,
 };
 use tonic::{Code, Streaming, transport::Channel};
 
@@ -260,36 +260,43 @@ async fn busy_writers_lose_no_event_and_repeat_none() {
     assert!(created[7].cursor < seen[0].cursor);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cursor_behind_the_retention_is_told_where_to_resume() {
-    let s = TestServer::start().await;
-    s.battery("old").await;
+/// Battery `id`, with an action booked on it and cancelled (three
+/// events: the device's creation, SCHEDULED, CANCELLED).
+async fn booked_and_cancelled(s: &TestServer, id: &str) {
+    s.battery(id).await;
     let mut c = s.actions();
     let a = c
-        .push_action(push(
-            "old",
-            window(Command::Charge, H, 2 * H),
-            S::Unspecified,
-        ))
+        .push_action(push(id, window(Command::Charge, H, 2 * H), S::Unspecified))
         .await
         .unwrap()
         .into_inner()
         .action
         .unwrap();
     c.cancel_action(pb::CancelActionRequest {
-        device_id: "old".into(),
-        action_id: a.action_id.clone(),
+        device_id: id.into(),
+        action_id: a.action_id,
         ..Default::default()
     })
     .await
     .unwrap();
-    let mut w = watch(s.channel.clone(), 0).await;
-    let before = take(&mut w, 3).await;
-    drop(w);
-    // 91 days on, the cancelled action is forgotten with its trail.
+}
+
+/// 91 days on: the one cancelled action is forgotten with its trail.
+async fn forget_after_91_days(s: &TestServer) {
     s.at_secs(91 * 86_400);
     let cut = Ts(s.clock_now().0 - 90 * 86_400 * Ts::SECOND);
     assert_eq!(s.app.store.prune_finished(cut, 100).await.unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_behind_the_retention_is_told_where_to_resume() {
+    let s = TestServer::start().await;
+    let mut c = s.actions();
+    booked_and_cancelled(&s, "old").await;
+    let mut w = watch(s.channel.clone(), 0).await;
+    let before = take(&mut w, 3).await;
+    drop(w);
+    forget_after_91_days(&s).await;
     for after in [before[0].cursor, before[2].cursor - 1] {
         let e = EventServiceClient::new(s.channel.clone())
             .watch_events(pb::WatchEventsRequest {
@@ -328,29 +335,9 @@ async fn a_cursor_behind_the_retention_is_told_where_to_resume() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_from_now_after_retention_starts_after_the_forgotten() {
     let s = TestServer::start().await;
-    s.battery("quiet").await;
     let mut c = s.actions();
-    let a = c
-        .push_action(push(
-            "quiet",
-            window(Command::Charge, H, 2 * H),
-            S::Unspecified,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .action
-        .unwrap();
-    c.cancel_action(pb::CancelActionRequest {
-        device_id: "quiet".into(),
-        action_id: a.action_id.clone(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    s.at_secs(91 * 86_400);
-    let cut = Ts(s.clock_now().0 - 90 * 86_400 * Ts::SECOND);
-    assert_eq!(s.app.store.prune_finished(cut, 100).await.unwrap(), 1);
+    booked_and_cancelled(&s, "quiet").await;
+    forget_after_91_days(&s).await;
     let mut now = EventServiceClient::new(s.channel.clone())
         .watch_events(pb::WatchEventsRequest {
             from_now: true,
@@ -422,16 +409,7 @@ async fn a_tenant_watches_only_its_own_events() {
         (&s.keys[1], "shared"),
     ] {
         DeviceServiceClient::new(keyed(s.channel.clone(), key))
-            .create_device(pb::CreateDeviceRequest {
-                device_id: id.into(),
-                device: Some(pb::Device {
-                    family: pb::DeviceFamily::Battery as i32,
-                    driver: "simulated".into(),
-                    timezone: "Europe/London".into(),
-                    ..Default::default()
-                }),
-                request_id: String::new(),
-            })
+            .create_device(battery_request(id))
             .await
             .unwrap();
     }
@@ -508,16 +486,7 @@ async fn replicas_on_postgres_stream_the_same_events_without_gaps() {
     let mut devices = DeviceServiceClient::new(ca.clone());
     for d in 0..6 {
         devices
-            .create_device(pb::CreateDeviceRequest {
-                device_id: format!("pg-{d}"),
-                device: Some(pb::Device {
-                    family: pb::DeviceFamily::Battery as i32,
-                    driver: "simulated".into(),
-                    timezone: "Europe/London".into(),
-                    ..Default::default()
-                }),
-                request_id: String::new(),
-            })
+            .create_device(battery_request(&format!("pg-{d}")))
             .await
             .unwrap();
     }
