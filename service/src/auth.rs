@@ -298,7 +298,9 @@ struct State {
     /// Lookups of key ids outside `ids`.
     misses: DefaultDirectRateLimiter,
     keys: Mutex<HashMap<String, (Instant, Option<Known>)>>,
-    any_key: Mutex<Option<(Instant, bool)>>,
+    /// What [`State::required`] last found: 0 not yet asked, 1 no key,
+    /// 2 a key (for the one log line when auth turns on).
+    any_key: std::sync::atomic::AtomicU8,
     limiters: Mutex<HashMap<String, Limiter>>,
     touched: Mutex<HashMap<String, Instant>>,
 }
@@ -317,14 +319,13 @@ impl State {
         if !self.loopback {
             return Ok(true);
         }
-        if let Some((at, any)) = *lock(&self.any_key)
-            && at.elapsed() < CACHE_FOR
-        {
-            return Ok(any);
-        }
-        let any = self.store.any_key().await?;
-        let before = lock(&self.any_key).replace((Instant::now(), any));
-        if any && matches!(before, Some((_, false))) {
+        // The set of key ids counts revoked keys too: once any key was
+        // made, calls need one.
+        let any = !self.key_ids().await?.is_empty();
+        let before = self
+            .any_key
+            .swap(u8::from(any) + 1, std::sync::atomic::Ordering::Relaxed);
+        if any && before == 1 {
             tracing::info!("auth is now on: an API key exists, so every call needs one");
         }
         Ok(any)
@@ -537,7 +538,7 @@ impl AuthLayer {
                 ids: tokio::sync::Mutex::default(),
                 misses: RateLimiter::direct(Quota::per_second(MISSES_PER_SECOND)),
                 keys: Mutex::default(),
-                any_key: Mutex::default(),
+                any_key: std::sync::atomic::AtomicU8::new(0),
                 limiters: Mutex::default(),
                 touched: Mutex::default(),
             }),
@@ -779,7 +780,7 @@ mod tests {
             })
             .await
             .unwrap();
-        *lock(&local.any_key) = None;
+        *local.ids.lock().await = None;
         assert_eq!(why(local.decide(path, &none).await), "missing");
         let mut good = http::HeaderMap::new();
         good.insert(
@@ -804,7 +805,7 @@ mod tests {
         );
         lock(&local.keys).clear();
         assert_eq!(why(local.decide(path, &good).await), "revoked");
-        *lock(&local.any_key) = None;
+        *local.ids.lock().await = None;
         assert_eq!(why(local.decide(path, &none).await), "missing");
         // A made-up key of a well-formed id is unknown without a lookup.
         let mut forged = http::HeaderMap::new();

@@ -229,6 +229,10 @@ pub async fn serve(
     // order they become visible (store/events.rs); one replica at a time.
     let stamp_store = app.store.clone();
     let stamper = tokio::spawn(async move {
+        // SQLite needs no stamping (the cursor is the entry's seq).
+        if !stamp_store.stamps_events() {
+            return;
+        }
         let mut tick = tokio::time::interval(STAMP_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

@@ -50,11 +50,17 @@ pub struct EventRecord {
 }
 
 impl Store {
+    /// Whether committed audit entries need stamping with their event
+    /// cursor ([`Store::stamp_events`]): on PostgreSQL.
+    pub fn stamps_events(&self) -> bool {
+        self.backend() == DbBackend::Postgres
+    }
+
     /// PostgreSQL: stamps committed, unstamped audit entries with their
     /// event cursor, a batch at a time, unless another stamping holds the
     /// lock; returns how many. SQLite: nothing to do (the cursor is `seq`).
     pub async fn stamp_events(&self) -> Result<u64, Error> {
-        if self.backend() != DbBackend::Postgres {
+        if !self.stamps_events() {
             return Ok(0);
         }
         self.retrying(|| async {

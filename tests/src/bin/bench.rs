@@ -285,6 +285,24 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// Registers simulated batteries `{prefix}-0` .. `{prefix}-{n-1}`.
+async fn create_batteries(ch: &Channel, prefix: &str, n: usize) {
+    for d in 0..n {
+        DeviceServiceClient::new(ch.clone())
+            .create_device(pb::CreateDeviceRequest {
+                device_id: format!("{prefix}-{d}"),
+                device: Some(pb::Device {
+                    family: pb::DeviceFamily::Battery as i32,
+                    driver: "simulated".into(),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await
+            .expect("create device");
+    }
+}
+
 async fn bench_events(
     n: usize,
     watchers: usize,
@@ -297,20 +315,7 @@ async fn bench_events(
     let server = start_server(bin, database).await;
     let ch = connect(&server.addr).await.expect("connect");
     let devices = 50;
-    for d in 0..devices {
-        DeviceServiceClient::new(ch.clone())
-            .create_device(pb::CreateDeviceRequest {
-                device_id: format!("ev-{d}"),
-                device: Some(pb::Device {
-                    family: pb::DeviceFamily::Battery as i32,
-                    driver: "simulated".into(),
-                    ..Default::default()
-                }),
-                request_id: String::new(),
-            })
-            .await
-            .expect("create device");
-    }
+    create_batteries(&ch, "ev", devices).await;
     // Each push's answer time, by action id.
     let answered: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
     let mut watching = Vec::new();
@@ -415,20 +420,7 @@ async fn bench_push(
     };
     let ch = connect(&server.addr).await.expect("connect");
     let run = format!("{:x}", std::process::id());
-    for d in 0..devices {
-        DeviceServiceClient::new(ch.clone())
-            .create_device(pb::CreateDeviceRequest {
-                device_id: format!("bench-{run}-{d}"),
-                device: Some(pb::Device {
-                    family: pb::DeviceFamily::Battery as i32,
-                    driver: "simulated".into(),
-                    ..Default::default()
-                }),
-                request_id: String::new(),
-            })
-            .await
-            .expect("create device");
-    }
+    create_batteries(&ch, &format!("bench-{run}"), devices).await;
     let base = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
