@@ -38,6 +38,13 @@ pub const CACHE_FOR: Duration = Duration::from_secs(2);
 /// last read (a key just made, or a made-up one).
 const MISSES_PER_SECOND: NonZeroU32 = NonZeroU32::new(20).expect("non-zero");
 
+/// A read of every key id, or why it failed.
+type IdsRead = Result<Arc<HashSet<String>>, Error>;
+
+/// How long a failed read of the key ids is the answer of the calls that
+/// waited for it.
+const FAILED_FOR: Duration = Duration::from_secs(1);
+
 /// How often a key's last use is written, at most.
 const TOUCH_EVERY: Duration = Duration::from_secs(60);
 
@@ -294,7 +301,7 @@ struct State {
     /// older than [`CACHE_FOR`]: a key id nobody made is answered without
     /// a database read, so a flood of made-up keys costs one read per
     /// [`CACHE_FOR`]. One call at a time refreshes it.
-    ids: tokio::sync::Mutex<Option<(Instant, Arc<HashSet<String>>)>>,
+    ids: tokio::sync::Mutex<Option<(Instant, IdsRead)>>,
     /// Lookups of key ids outside `ids`.
     misses: DefaultDirectRateLimiter,
     keys: Mutex<HashMap<String, (Instant, Option<Known>)>>,
@@ -332,16 +339,23 @@ impl State {
     }
 
     /// The key ids in the database, at most [`CACHE_FOR`] old.
+    /// A failed read is kept [`FAILED_FOR`]: the calls that queued behind
+    /// it (one read at a time) get its answer, rather than each wait out a
+    /// read of its own against a database that does not answer.
     async fn key_ids(&self) -> Result<Arc<HashSet<String>>, Error> {
         let mut ids = self.ids.lock().await;
-        if let Some((at, set)) = ids.as_ref()
-            && at.elapsed() < CACHE_FOR
-        {
-            return Ok(set.clone());
+        match ids.as_ref() {
+            Some((at, Ok(set))) if at.elapsed() < CACHE_FOR => return Ok(set.clone()),
+            Some((at, Err(e))) if at.elapsed() < FAILED_FOR => return Err(e.clone()),
+            _ => {}
         }
-        let set: Arc<HashSet<String>> = Arc::new(self.store.key_ids().await?.into_iter().collect());
-        *ids = Some((Instant::now(), set.clone()));
-        Ok(set)
+        let read = self
+            .store
+            .key_ids()
+            .await
+            .map(|v| Arc::new(v.into_iter().collect::<HashSet<String>>()));
+        *ids = Some((Instant::now(), read.clone()));
+        read
     }
 
     async fn lookup(&self, key_id: &str) -> Result<Option<Known>, Error> {
