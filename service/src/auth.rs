@@ -69,21 +69,20 @@ pub enum Scope {
     ActionsRead,
     ActionsWrite,
     Admin,
+    WebhooksManage,
 }
 
 impl Scope {
     /// Every scope a key can be given today.
-    pub const ALL: [Scope; 6] = [
+    pub const ALL: [Scope; 7] = [
         Scope::DevicesRead,
         Scope::DevicesWrite,
         Scope::ActionsRead,
         Scope::ActionsWrite,
         Scope::Admin,
         Scope::EventsRead,
+        Scope::WebhooksManage,
     ];
-
-    /// Names kept for scopes to come (refused until they exist).
-    pub const RESERVED: [&'static str; 1] = ["webhooks:manage"];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -93,6 +92,7 @@ impl Scope {
             Scope::ActionsWrite => "actions:write",
             Scope::Admin => "admin",
             Scope::EventsRead => "events:read",
+            Scope::WebhooksManage => "webhooks:manage",
         }
     }
 
@@ -108,14 +108,7 @@ impl Scope {
             let Some(s) = Scope::parse(n) else {
                 let known: Vec<&str> = Scope::ALL.iter().map(|s| s.as_str()).collect();
                 let n = crate::domain::cap(n.to_owned(), 40);
-                return Err(if Scope::RESERVED.contains(&n.as_str()) {
-                    format!(
-                        "scope {n:?} is reserved for a later version; known: {}",
-                        known.join(", ")
-                    )
-                } else {
-                    format!("unknown scope {n:?}; known: {}", known.join(", "))
-                });
+                return Err(format!("unknown scope {n:?}; known: {}", known.join(", ")));
             };
             if !out.contains(&s) {
                 out.push(s);
@@ -166,6 +159,13 @@ pub fn needs(path: &str) -> Needs {
             | "/switchyard.v1.AdminService/ListApiKeys"
             | "/switchyard.v1.AdminService/RevokeApiKey" => Scope::Admin,
             "/switchyard.v1.EventService/WatchEvents" => Scope::EventsRead,
+            "/switchyard.v1.WebhookService/CreateWebhookEndpoint"
+            | "/switchyard.v1.WebhookService/GetWebhookEndpoint"
+            | "/switchyard.v1.WebhookService/ListWebhookEndpoints"
+            | "/switchyard.v1.WebhookService/UpdateWebhookEndpoint"
+            | "/switchyard.v1.WebhookService/DeleteWebhookEndpoint"
+            | "/switchyard.v1.WebhookService/RotateWebhookSecret"
+            | "/switchyard.v1.WebhookService/ListWebhookDeliveries" => Scope::WebhooksManage,
             _ => return Needs::AnyKey,
         };
     Needs::Scope(scope)
@@ -691,6 +691,14 @@ mod tests {
             ("/switchyard.v1.ActionService/PushAction", ActionsWrite),
             ("/switchyard.v1.ActionService/CancelAction", ActionsWrite),
             ("/switchyard.v1.AdminService/CreateApiKey", Admin),
+            (
+                "/switchyard.v1.WebhookService/RotateWebhookSecret",
+                WebhooksManage,
+            ),
+            (
+                "/switchyard.v1.WebhookService/ListWebhookDeliveries",
+                WebhooksManage,
+            ),
         ];
         for (path, scope) in table {
             assert_eq!(needs(path), Needs::Scope(scope), "{path}");
@@ -725,10 +733,9 @@ mod tests {
         );
         assert!(Scope::parse_list("".split(',')).is_err());
         assert!(Scope::parse_list(["actions:*"]).is_err());
-        assert!(
-            Scope::parse_list(["webhooks:manage"])
-                .unwrap_err()
-                .contains("reserved")
+        assert_eq!(
+            Scope::parse_list(["webhooks:manage"]).unwrap(),
+            [Scope::WebhooksManage]
         );
         assert_eq!(
             Scope::parse_list(["events:read"]).unwrap(),

@@ -392,6 +392,32 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub oem_url_allow: Vec<String>,
+    /// A webhook URL prefix whose receivers may be on internal addresses
+    /// (loopback, private, link-local, ...), which webhooks may not reach
+    /// otherwise (e.g. http://127.0.0.1:9000 for a receiver on this
+    /// host). Matched as `--oem-url-allow` prefixes are. Repeatable; the
+    /// variable takes a comma-separated list.
+    #[arg(
+        long = "webhook-url-allow",
+        env = "SWITCHYARD_WEBHOOK_URL_ALLOW",
+        value_name = "PREFIX",
+        value_delimiter = ','
+    )]
+    pub webhook_url_allow: Vec<String>,
+    /// Milliseconds a webhook receiver has to answer a delivery.
+    #[arg(long, env = "SWITCHYARD_WEBHOOK_TIMEOUT_MS", default_value_t = 10_000,
+          value_name = "MS", value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    pub webhook_timeout_ms: u64,
+    /// Milliseconds before the first retry of a failed delivery; each next
+    /// wait is three times longer, at most 4 hours, with ±20% jitter.
+    #[arg(long, env = "SWITCHYARD_WEBHOOK_RETRY_MIN_MS", default_value_t = 5_000,
+          value_name = "MS", value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
+    pub webhook_retry_min_ms: u64,
+    /// Hours an endpoint may keep failing before it is disabled (with an
+    /// EVENT_TYPE_WEBHOOK_ENDPOINT_DISABLED event).
+    #[arg(long, env = "SWITCHYARD_WEBHOOK_GIVE_UP_HOURS", default_value_t = 24,
+          value_name = "HOURS", value_parser = clap::value_parser!(u64).range(1..=720))]
+    pub webhook_give_up_hours: u64,
     /// Most client connections at once; more are closed at once.
     #[arg(long, env = "SWITCHYARD_MAX_CONNECTIONS", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -424,6 +450,33 @@ impl ServeArgs {
             body_timeout: client,
             ..Default::default()
         }
+    }
+
+    /// How webhooks are delivered; a startup error when a
+    /// `--webhook-url-allow` prefix is malformed.
+    pub fn delivery(&self) -> Result<crate::delivery::DeliveryConfig, String> {
+        let mut allow = Vec::new();
+        for p in self
+            .webhook_url_allow
+            .iter()
+            .map(|p| p.trim())
+            .filter(|p| !p.is_empty())
+        {
+            if p.contains('=') {
+                return Err(format!(
+                    "--webhook-url-allow {p:?}: a prefix takes no secret (no '=')"
+                ));
+            }
+            OperatorPolicy::check_entry(p).map_err(|e| format!("--webhook-url-allow: {e}"))?;
+            allow.push(p.to_owned());
+        }
+        Ok(crate::delivery::DeliveryConfig {
+            policy: crate::webhooks::TargetPolicy { allow },
+            timeout: Duration::from_millis(self.webhook_timeout_ms),
+            retry_min: Duration::from_millis(self.webhook_retry_min_ms),
+            give_up: Duration::from_secs(self.webhook_give_up_hours * 3600),
+            ..Default::default()
+        })
     }
 
     /// What devices may name, as the operator configured it; a startup
@@ -590,6 +643,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Se
     init_logging(args.log_format);
     let shutdown = shutdown_signal();
     let policy = args.policy()?;
+    let delivery = args.delivery()?;
     check_database_url(&args.database)?;
     let listen = listen_addr(&args.listen).await?;
     let app = server::build_app(
@@ -607,6 +661,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Se
     })?;
     let mut app = app;
     app.retention_nanos = i64::from(args.retention_days) * 86_400 * crate::domain::Ts::SECOND;
+    app.webhooks = Arc::new(delivery);
     if !args.no_demo {
         let n = server::seed_demo(&app).await?;
         if n > 0 {
@@ -633,6 +688,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Se
         database = %crate::store::redact_url(&args.database),
         secrets_dir = ?policy.secrets_dir,
         oem_url_allow = ?policy.url_allow,
+        webhook_url_allow = ?app.webhooks.policy.allow,
         "listening"
     );
     server::serve(

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod auth;
 pub mod cli;
+pub mod delivery;
 pub mod dispatch;
 pub mod domain;
 pub mod limits;

@@ -7,12 +7,15 @@ use switchyard_drivers::{Family, Registry};
 use switchyard_proto::v1::{
     action_service_server::ActionServiceServer, admin_service_server::AdminServiceServer,
     device_service_server::DeviceServiceServer, event_service_server::EventServiceServer,
+    webhook_service_server::WebhookServiceServer,
 };
 use tokio::net::TcpListener;
 use tonic::transport::Server;
 
 use crate::{
-    api::{App, actions::Actions, admin::Admin, devices::Devices, events::Events},
+    api::{
+        App, actions::Actions, admin::Admin, devices::Devices, events::Events, webhooks::Webhooks,
+    },
     auth::AuthLayer,
     dispatch::{DispatchConfig, Dispatcher},
     domain::{Clock, Device, DeviceId, Error, Ts},
@@ -103,6 +106,7 @@ pub async fn build_app(
         retention_nanos: i64::from(DEFAULT_RETENTION_DAYS) * 86_400 * Ts::SECOND,
         wake: Arc::default(),
         caller: crate::auth::Caller::local(),
+        webhooks: Arc::default(),
     })
 }
 
@@ -120,7 +124,7 @@ pub fn dispatcher(app: &App, config: DispatchConfig) -> Dispatcher {
 
 /// Serves `app` on `listener` within `limits` until `shutdown` resolves,
 /// then drains in-flight calls for at most `grace`. With a `dispatcher`,
-/// runs it too (tests drive their own).
+/// runs it and webhook delivery too (tests drive their own).
 pub async fn serve(
     app: App,
     listener: TcpListener,
@@ -134,6 +138,9 @@ pub async fn serve(
     reporter.set_serving::<ActionServiceServer<Actions>>().await;
     reporter.set_serving::<AdminServiceServer<Admin>>().await;
     reporter.set_serving::<EventServiceServer<Events>>().await;
+    reporter
+        .set_serving::<WebhookServiceServer<Webhooks>>()
+        .await;
 
     let sets: [&[u8]; 3] = [
         switchyard_proto::FILE_DESCRIPTOR_SET,
@@ -155,26 +162,26 @@ pub async fn serve(
     let prune_store = app.store.clone();
     let (prune_clock, retention) = (app.clock.clone(), app.retention_nanos);
     let pruner = tokio::spawn(async move {
-        if retention <= 0 {
-            return;
-        }
         let mut tick = tokio::time::interval(Duration::from_secs(600));
         loop {
             tick.tick().await;
             let cut = prune_clock.now().plus_nanos(-retention);
             let mut total = 0;
-            loop {
+            // Retention 0 keeps actions for ever (the delivery log is
+            // still swept).
+            let mut more = retention > 0;
+            while more {
                 match prune_store.prune_finished(cut, PRUNE_BATCH).await {
                     Ok(n) => {
                         total += n;
-                        if n < u64::from(PRUNE_BATCH) {
-                            break;
+                        more = n >= u64::from(PRUNE_BATCH);
+                        if more {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
                         }
-                        tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "retention sweep failed");
-                        break;
+                        more = false;
                     }
                 }
             }
@@ -183,6 +190,25 @@ pub async fn serve(
                     actions = total,
                     "forgot finished actions past their retention"
                 );
+            }
+            let log_cut = prune_clock.now().plus_nanos(
+                -i64::try_from(crate::api::webhooks::ATTEMPT_RETENTION.as_nanos())
+                    .unwrap_or(i64::MAX / 2),
+            );
+            loop {
+                match prune_store
+                    .prune_webhook_attempts(log_cut, PRUNE_BATCH)
+                    .await
+                {
+                    Ok(n) if n >= u64::from(PRUNE_BATCH) => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "webhook delivery log sweep failed");
+                        break;
+                    }
+                }
             }
         }
     });
@@ -219,6 +245,7 @@ pub async fn serve(
                 <ActionServiceServer<Actions> as tonic::server::NamedService>::NAME,
                 <AdminServiceServer<Admin> as tonic::server::NamedService>::NAME,
                 <EventServiceServer<Events> as tonic::server::NamedService>::NAME,
+                <WebhookServiceServer<Webhooks> as tonic::server::NamedService>::NAME,
             ] {
                 health_reporter.set_service_status(service, status).await;
             }
@@ -263,6 +290,16 @@ pub async fn serve(
     });
 
     let (stop_dispatch, dispatch_stopped) = tokio::sync::watch::channel(false);
+    // Webhook delivery runs beside the dispatcher (tests drive their own);
+    // it stops with it.
+    let delivery_task = dispatcher.is_some().then(|| {
+        let deliverer = crate::delivery::Deliverer::new(
+            app.store.clone(),
+            app.clock.clone(),
+            app.webhooks.clone(),
+        );
+        tokio::spawn(deliverer.run(dispatch_stopped.clone()))
+    });
     let dispatch_task = dispatcher.map(|d| {
         let mut stopped = dispatch_stopped.clone();
         tokio::spawn(d.run(async move {
@@ -303,7 +340,8 @@ pub async fn serve(
             stopping: stop_watches_rx,
             slots: Arc::new(tokio::sync::Semaphore::new(crate::api::events::MAX_WATCHES)),
             pages: Arc::default(),
-        }));
+        }))
+        .add_service(WebhookServiceServer::new(Webhooks(app.clone())));
     let incoming = limits::incoming(listener, limits);
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = stop_rx.await;
@@ -340,6 +378,9 @@ pub async fn serve(
         .set_not_serving::<EventServiceServer<Events>>()
         .await;
     reporter
+        .set_not_serving::<WebhookServiceServer<Webhooks>>()
+        .await;
+    reporter
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
     let _ = stop_tx.send(());
@@ -349,6 +390,11 @@ pub async fn serve(
     if let Some(t) = dispatch_task {
         // A driver call in progress finishes or is abandoned; its claim
         // expires and the work is taken up again after a restart.
+        let _ = tokio::time::timeout(grace, t).await;
+    }
+    if let Some(t) = delivery_task {
+        // Deliveries in progress end with their attempt (its answer is
+        // recorded, or the event is sent again by the next claim).
         let _ = tokio::time::timeout(grace, t).await;
     }
     sweeper.abort();

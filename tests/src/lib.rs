@@ -2,6 +2,7 @@
 //! database, gRPC clients for it, and a decoder for rich error details.
 
 pub mod postgres;
+pub mod receiver;
 
 use std::{sync::Arc, time::Duration};
 
@@ -27,6 +28,9 @@ pub struct Seed {
     pub tenants: Vec<(&'static str, Option<u32>, Option<u32>)>,
     /// Keys to create: tenant name, scopes, lifetime in seconds.
     pub keys: Vec<(&'static str, Vec<&'static str>, Option<u64>)>,
+    /// Webhook URL prefixes the operator allows on internal addresses
+    /// (`--webhook-url-allow`): test receivers on loopback.
+    pub webhook_url_allow: Vec<String>,
 }
 
 impl Seed {
@@ -42,6 +46,7 @@ impl Seed {
         Self {
             tenants,
             keys: keys.iter().map(|(t, s)| (*t, s.to_vec(), None)).collect(),
+            ..Default::default()
         }
     }
 
@@ -203,9 +208,16 @@ impl TestServer {
                 .with_policy(policy)
                 .with_clock(Arc::new(move || fox_clock.now().to_jiff())),
         ));
-        let app = server::build_app(&url, clock, registry, server::DEFAULT_HORIZON_DAYS)
+        let mut app = server::build_app(&url, clock, registry, server::DEFAULT_HORIZON_DAYS)
             .await
             .expect("open store");
+        app.webhooks = Arc::new(switchyard::delivery::DeliveryConfig {
+            policy: switchyard::webhooks::TargetPolicy {
+                allow: seed.webhook_url_allow.clone(),
+            },
+            timeout: Duration::from_secs(2),
+            ..Default::default()
+        });
         let keys = seed.apply(&app).await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -245,6 +257,26 @@ impl TestServer {
             task: Some(task),
             _dir: dir,
         }
+    }
+
+    /// [`TestServer::start`], whose operator allows webhook receivers
+    /// under `urls` (loopback [`receiver::Receiver`]s).
+    pub async fn start_with_receivers(urls: &[String]) -> Self {
+        Self::start_with_keys(&Seed {
+            webhook_url_allow: urls.to_vec(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// A webhook deliverer over this server's store and clock; tests drive
+    /// it (no background delivery runs in a test server).
+    pub fn deliverer(&self) -> switchyard::delivery::Deliverer {
+        switchyard::delivery::Deliverer::new(
+            self.app.store.clone(),
+            self.app.clock.clone(),
+            self.app.webhooks.clone(),
+        )
     }
 
     /// Writes secret `name` into the operator's secrets directory, for a

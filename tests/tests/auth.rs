@@ -25,6 +25,7 @@ const ALL: &[&str] = &[
     "actions:write",
     "admin",
     "events:read",
+    "webhooks:manage",
 ];
 
 fn devices(s: &TestServer, key: &str) -> DeviceServiceClient<Keyed> {
@@ -41,6 +42,16 @@ fn admin(s: &TestServer, key: &str) -> AdminServiceClient<Keyed> {
 
 /// Calls `rpc` with a minimal request (whatever its answer, the point is
 /// whether the auth layer let it through).
+fn webhooks(
+    s: &TestServer,
+    key: &str,
+) -> switchyard_proto::v1::webhook_service_client::WebhookServiceClient<Keyed> {
+    switchyard_proto::v1::webhook_service_client::WebhookServiceClient::new(keyed(
+        s.channel.clone(),
+        key,
+    ))
+}
+
 async fn call(s: &TestServer, key: &str, rpc: &str) -> Result<(), Status> {
     let (mut d, mut a, mut m) = (devices(s, key), actions(s, key), admin(s, key));
     let dev = || "scope-dev".to_owned();
@@ -126,6 +137,34 @@ async fn call(s: &TestServer, key: &str, rpc: &str) -> Result<(), Status> {
         .watch_events(pb::WatchEventsRequest::default())
         .await
         .map(drop),
+        "CreateWebhookEndpoint" => webhooks(s, key)
+            .create_webhook_endpoint(pb::CreateWebhookEndpointRequest::default())
+            .await
+            .map(drop),
+        "GetWebhookEndpoint" => webhooks(s, key)
+            .get_webhook_endpoint(pb::GetWebhookEndpointRequest::default())
+            .await
+            .map(drop),
+        "ListWebhookEndpoints" => webhooks(s, key)
+            .list_webhook_endpoints(pb::ListWebhookEndpointsRequest::default())
+            .await
+            .map(drop),
+        "UpdateWebhookEndpoint" => webhooks(s, key)
+            .update_webhook_endpoint(pb::UpdateWebhookEndpointRequest::default())
+            .await
+            .map(drop),
+        "DeleteWebhookEndpoint" => webhooks(s, key)
+            .delete_webhook_endpoint(pb::DeleteWebhookEndpointRequest::default())
+            .await
+            .map(drop),
+        "RotateWebhookSecret" => webhooks(s, key)
+            .rotate_webhook_secret(pb::RotateWebhookSecretRequest::default())
+            .await
+            .map(drop),
+        "ListWebhookDeliveries" => webhooks(s, key)
+            .list_webhook_deliveries(pb::ListWebhookDeliveriesRequest::default())
+            .await
+            .map(drop),
         other => panic!("no such rpc {other}"),
     }
 }
@@ -149,6 +188,13 @@ const RPCS: &[(&str, &str)] = &[
     ("ListApiKeys", "admin"),
     ("RevokeApiKey", "admin"),
     ("WatchEvents", "events:read"),
+    ("CreateWebhookEndpoint", "webhooks:manage"),
+    ("GetWebhookEndpoint", "webhooks:manage"),
+    ("ListWebhookEndpoints", "webhooks:manage"),
+    ("UpdateWebhookEndpoint", "webhooks:manage"),
+    ("DeleteWebhookEndpoint", "webhooks:manage"),
+    ("RotateWebhookSecret", "webhooks:manage"),
+    ("ListWebhookDeliveries", "webhooks:manage"),
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -593,8 +639,8 @@ async fn admin_keys_manage_their_own_tenant_and_the_operator_all() {
         .await
         .unwrap_err();
     expect_error(&e, Code::NotFound, "DEVICE_NOT_FOUND");
-    // Unknown and reserved scopes are refused by name.
-    for bad in ["webhooks:manage", "everything"] {
+    // Unknown scopes are refused by name.
+    for bad in ["webhooks:*", "everything"] {
         let e = acme
             .create_api_key(pb::CreateApiKeyRequest {
                 scopes: vec![bad.into()],

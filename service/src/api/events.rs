@@ -67,6 +67,13 @@ const KEY_CHECK: Duration = Duration::from_secs(2);
 /// The type of an audit entry's event.
 pub fn event_type(e: &EventRecord) -> pb::EventType {
     use pb::EventType as T;
+    if e.endpoint_id.is_some() {
+        return if e.to == crate::store::WEBHOOK_DISABLED {
+            T::WebhookEndpointDisabled
+        } else {
+            T::Unspecified
+        };
+    }
     if e.action_id.is_none() {
         return match e.to.as_str() {
             "CREATED" => T::DeviceCreated,
@@ -90,7 +97,8 @@ fn state(s: Option<&str>) -> i32 {
         .map_or(pb::ActionState::Unspecified, convert::state_to_proto) as i32
 }
 
-fn to_proto(e: &EventRecord, action: Option<&crate::domain::Action>) -> pb::Event {
+/// The event as clients receive it (WatchEvents, and webhooks' `data`).
+pub fn to_proto(e: &EventRecord, action: Option<&crate::domain::Action>) -> pb::Event {
     let t = event_type(e);
     let failed = matches!(
         t,
@@ -118,6 +126,7 @@ fn to_proto(e: &EventRecord, action: Option<&crate::domain::Action>) -> pb::Even
         },
         request_id: e.request_id.clone().unwrap_or_default(),
         action_id: e.action_id.clone().unwrap_or_default(),
+        webhook_endpoint_id: e.endpoint_id.clone().unwrap_or_default(),
     }
 }
 

@@ -1158,7 +1158,7 @@ fn scope_name() -> impl Strategy<Value = String> {
     prop_oneof![
         4 => (0..Scope::ALL.len(), "[ \t]{0,2}", "[ \t]{0,2}")
             .prop_map(|(i, before, after)| format!("{before}{}{after}", Scope::ALL[i].as_str())),
-        1 => (0..Scope::RESERVED.len()).prop_map(|i| Scope::RESERVED[i].to_owned()),
+        1 => Just("webhooks:*".to_owned()),
         1 => Just(String::new()),
         2 => text(),
     ]

@@ -8,6 +8,7 @@ pub mod convert;
 pub mod devices;
 pub mod events;
 pub mod status;
+pub mod webhooks;
 
 #[cfg(test)]
 mod fuzz_tests;
@@ -54,6 +55,9 @@ pub struct App {
     /// Who the call being served comes from ([`App::for_call`]); the
     /// default tenant outside calls (the demo devices).
     pub caller: Caller,
+    /// Webhook delivery's configuration (`--webhook-*`), which
+    /// WebhookService checks endpoints against.
+    pub webhooks: Arc<crate::delivery::DeliveryConfig>,
 }
 
 impl App {

@@ -84,6 +84,10 @@ pub fn classify(e: &Error) -> (Code, R) {
         Error::ApiKeyNotFound { .. } => (Code::NotFound, R::ApiKeyNotFound),
         Error::OperatorOnly { .. } => (Code::PermissionDenied, R::OperatorOnly),
         Error::CursorExpired { .. } => (Code::FailedPrecondition, R::CursorExpired),
+        Error::WebhookEndpointNotFound { .. } => (Code::NotFound, R::WebhookEndpointNotFound),
+        Error::TooManyWebhookEndpoints { .. } => {
+            (Code::FailedPrecondition, R::TooManyWebhookEndpoints)
+        }
     }
 }
 
@@ -277,6 +281,8 @@ pub fn to_status(e: Error) -> Status {
         }
         Error::ApiKeyNotFound { key_id } => d.meta("key_id", key_id),
         Error::OperatorOnly { method } => d.meta("method", method),
+        Error::WebhookEndpointNotFound { endpoint_id } => d.meta("endpoint_id", endpoint_id),
+        Error::TooManyWebhookEndpoints { limit } => d.meta("limit", limit.to_string()),
         Error::CursorExpired {
             after_cursor,
             oldest_cursor,

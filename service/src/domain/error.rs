@@ -245,6 +245,12 @@ pub enum Error {
     /// Only an admin key of the operator's tenant may do this.
     #[error("{method} is for admin keys of the operator's tenant (default) only")]
     OperatorOnly { method: String },
+    /// No webhook endpoint of that id in the caller's tenant.
+    #[error("webhook endpoint {endpoint_id:?} not found")]
+    WebhookEndpointNotFound { endpoint_id: String },
+    /// The tenant has as many webhook endpoints as it may.
+    #[error("a tenant may have at most {limit} webhook endpoints; delete one first")]
+    TooManyWebhookEndpoints { limit: u32 },
     /// Database unreachable or overloaded.
     #[error("storage unavailable: {0}")]
     StorageUnavailable(String),

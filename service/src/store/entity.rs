@@ -108,6 +108,8 @@ pub mod audit {
         pub at_ns: i64,
         /// Its place among events, on PostgreSQL (migration 13).
         pub event_cursor: Option<i64>,
+        /// The webhook endpoint an event is about (migration 15).
+        pub endpoint_id: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -254,6 +256,82 @@ pub mod event_horizon {
         #[sea_orm(primary_key, auto_increment = false)]
         pub tenant_id: String,
         pub pruned_through: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// `webhook_endpoints`: a tenant's webhook receivers and where delivery to
+/// each stands (migration 15).
+pub mod webhook_endpoint {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "webhook_endpoints")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub endpoint_id: String,
+        pub tenant_id: String,
+        pub url: String,
+        /// Comma-separated EventType names; empty: every type.
+        pub event_types: String,
+        pub description: String,
+        pub enabled: bool,
+        pub disabled_reason: Option<String>,
+        /// The signing secret's bytes (never logged: no `Debug`).
+        pub secret: Vec<u8>,
+        pub previous_secret: Option<Vec<u8>>,
+        pub previous_until_ns: Option<i64>,
+        pub delivered_cursor: i64,
+        pub attempts: i64,
+        pub failing_since_ns: Option<i64>,
+        pub next_attempt_ns: i64,
+        pub lease_owner: Option<String>,
+        pub lease_until_ns: Option<i64>,
+        pub create_ns: i64,
+        pub update_ns: i64,
+    }
+
+    impl std::fmt::Debug for Model {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("webhook_endpoint::Model")
+                .field("endpoint_id", &self.endpoint_id)
+                .field("tenant_id", &self.tenant_id)
+                .field("enabled", &self.enabled)
+                .field("delivered_cursor", &self.delivered_cursor)
+                .finish_non_exhaustive()
+        }
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// `webhook_attempts`: the delivery log (migration 15).
+pub mod webhook_attempt {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "webhook_attempts")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub attempt_id: i64,
+        pub endpoint_id: String,
+        pub tenant_id: String,
+        pub event_cursor: i64,
+        pub event_type: String,
+        pub attempt: i64,
+        pub at_ns: i64,
+        pub outcome: String,
+        pub http_status: i64,
+        pub latency_us: i64,
+        pub error: String,
+        pub next_attempt_ns: Option<i64>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

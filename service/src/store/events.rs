@@ -47,6 +47,8 @@ pub struct EventRecord {
     pub reason: String,
     pub request_id: Option<String>,
     pub at: Ts,
+    /// For an event about a webhook endpoint (its disabling): its id.
+    pub endpoint_id: Option<String>,
 }
 
 impl Store {
@@ -176,6 +178,7 @@ impl Store {
                     reason: r.reason,
                     request_id: r.request_id,
                     at: Ts(r.at_ns),
+                    endpoint_id: r.endpoint_id,
                 })
                 .collect())
         })

@@ -34,6 +34,7 @@ mod rows;
 mod schema;
 #[cfg(test)]
 mod tests;
+mod webhooks;
 
 pub use actions::{ActionQuery, PushOutcome, TransitionRecord};
 pub use budget::{Bucket, Spend};
@@ -42,6 +43,9 @@ pub use dispatch::{Claim, Finish, Job, Outcome, Started};
 pub use events::EventRecord;
 pub use group::{GroupLimits, WriteGroups};
 pub use keys::{KeyRecord, TenantRecord};
+pub use webhooks::{
+    AttemptEffect, AttemptRecord, DueEndpoint, EndpointChange, EndpointRecord, WEBHOOK_DISABLED,
+};
 
 /// How far apart the clocks of replicas sharing a database may be: work
 /// due later than this from a writer's now cannot have been started by

@@ -556,6 +556,7 @@ fn audit_row(
         request_id: Set(request_id.map(str::to_owned)),
         at_ns: Set(at.0),
         event_cursor: NotSet,
+        endpoint_id: NotSet,
     }
 }
 

@@ -339,6 +339,56 @@ CREATE UNIQUE INDEX audit_by_cursor ON audit_log (event_cursor) WHERE event_curs
 CREATE INDEX audit_events ON audit_log (tenant_id, event_cursor) WHERE event_cursor IS NOT NULL;
 "#,
     ),
+    (
+        15,
+        Only::Both,
+        r#"
+-- Webhook endpoints (docs/events.md): where a tenant's events are POSTed,
+-- how far delivery has come (every event up to delivered_cursor is done),
+-- the retry state of the event at the head, and the lease of the replica
+-- delivering (lease_owner is a fresh token per claim: its fence).
+CREATE TABLE webhook_endpoints (
+    endpoint_id       TEXT PRIMARY KEY,
+    tenant_id         TEXT NOT NULL,
+    url               TEXT NOT NULL,
+    event_types       TEXT NOT NULL,
+    description       TEXT NOT NULL,
+    enabled           {bool} NOT NULL,
+    disabled_reason   TEXT,
+    secret            {bytes} NOT NULL,
+    previous_secret   {bytes},
+    previous_until_ns {i64},
+    delivered_cursor  {i64} NOT NULL,
+    attempts          {i64} NOT NULL,
+    failing_since_ns  {i64},
+    next_attempt_ns   {i64} NOT NULL,
+    lease_owner       TEXT,
+    lease_until_ns    {i64},
+    create_ns         {i64} NOT NULL,
+    update_ns         {i64} NOT NULL
+);
+CREATE INDEX webhook_endpoints_by_tenant ON webhook_endpoints (tenant_id, endpoint_id);
+-- The delivery log: one row per attempt.
+CREATE TABLE webhook_attempts (
+    attempt_id      {serial_pk},
+    endpoint_id     TEXT NOT NULL,
+    tenant_id       TEXT NOT NULL,
+    event_cursor    {i64} NOT NULL,
+    event_type      TEXT NOT NULL,
+    attempt         {i64} NOT NULL,
+    at_ns           {i64} NOT NULL,
+    outcome         TEXT NOT NULL,
+    http_status     {i64} NOT NULL,
+    latency_us      {i64} NOT NULL,
+    error           TEXT NOT NULL,
+    next_attempt_ns {i64}
+);
+CREATE INDEX webhook_attempts_by_endpoint ON webhook_attempts (endpoint_id, attempt_id);
+CREATE INDEX webhook_attempts_by_time ON webhook_attempts (at_ns);
+-- An event about a webhook endpoint (its disabling) names it here.
+ALTER TABLE audit_log ADD COLUMN endpoint_id TEXT;
+"#,
+    ),
 ];
 
 #[cfg(test)]

@@ -35,283 +35,33 @@ own switchyard.v1.ConflictDetail).
 """
 
 import base64
-import collections
-import importlib
-import importlib.resources
-import json
 import math
 import os
 import queue
-import re
 import secrets
 import shutil
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
 import pytest
-from google.protobuf import duration_pb2, empty_pb2, field_mask_pb2, timestamp_pb2, wrappers_pb2
+from google.protobuf import duration_pb2, field_mask_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
-from grpc_tools import protoc
 
-PROTO_ROOT = (Path(__file__).resolve().parent / ".." / ".." / ".." / "proto").resolve()
-STARTUP_TIMEOUT_S = 20.0
-RPC_TIMEOUT_S = 10.0
+from conftest import (HOUR, INTEROP_TENANT, KEY_RE, RPC_TIMEOUT_S, BearerKey, _admin_cli, _health_check,
+                      base_time, cancel_action, create_battery, push, ts, windowed)
+
 DOMAIN = "switchyard"
 CONFLICT_DETAIL_URL = "type.googleapis.com/switchyard.v1.ConflictDetail"
-HOUR = 3600
-ALL_SCOPES = "devices:read,devices:write,actions:read,actions:write,admin,events:read"
-# The tenant the `channel` fixture's key acts for. Its rate is far above the
-# server's default (50/s, burst 100 per key): the bounded-errors tests book
-# 600 actions as fast as 16 threads can.
-INTEROP_TENANT = "interop"
-INTEROP_RATE = "100000"
-# An API key as `switchyard admin key create` prints it; group 1 is its id.
-KEY_RE = re.compile(r"sy_([a-z2-7]{16})_[a-z2-7]{52}")
-
-
-# --------------------------------------------------------------------------
-# Stubs generated from the protos at test time
-# --------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pb():
-    """Compiles proto/switchyard/v1/*.proto and imports the generated code.
-
-    Returns a namespace with the message modules (common, device, action,
-    errors, admin, event) and the service stubs modules (device_grpc,
-    action_grpc, admin_grpc, event_grpc).
-    """
-    protos = sorted(PROTO_ROOT.glob("switchyard/v1/*.proto"))
-    assert protos, f"no protos under {PROTO_ROOT}"
-    # The well-known google/protobuf/*.proto ship inside grpcio-tools.
-    wkt_include = importlib.resources.files("grpc_tools") / "_proto"
-    with tempfile.TemporaryDirectory(prefix="switchyard-pb-") as out:
-        args = [
-            "grpc_tools.protoc",
-            f"-I{PROTO_ROOT}",
-            f"-I{wkt_include}",
-            f"--python_out={out}",
-            f"--grpc_python_out={out}",
-            *(str(p.relative_to(PROTO_ROOT)) for p in protos),
-        ]
-        rc = protoc.main(args)
-        assert rc == 0, f"protoc failed ({rc}) on {[p.name for p in protos]}"
-        sys.path.insert(0, out)
-        try:
-            return SimpleNamespace(
-                common=importlib.import_module("switchyard.v1.common_pb2"),
-                device=importlib.import_module("switchyard.v1.device_pb2"),
-                action=importlib.import_module("switchyard.v1.action_pb2"),
-                errors=importlib.import_module("switchyard.v1.errors_pb2"),
-                admin=importlib.import_module("switchyard.v1.admin_pb2"),
-                event=importlib.import_module("switchyard.v1.event_pb2"),
-                device_grpc=importlib.import_module("switchyard.v1.device_pb2_grpc"),
-                action_grpc=importlib.import_module("switchyard.v1.action_pb2_grpc"),
-                admin_grpc=importlib.import_module("switchyard.v1.admin_pb2_grpc"),
-                event_grpc=importlib.import_module("switchyard.v1.event_pb2_grpc"),
-            )
-        finally:
-            # Imported modules keep their descriptors: the directory can go.
-            sys.path.remove(out)
 
 
 # --------------------------------------------------------------------------
 # The server under test
 # --------------------------------------------------------------------------
-
-
-def _health_check(channel, timeout):
-    """grpc.health.v1.Health/Check for the whole server ("").
-
-    No health stubs are needed: HealthCheckRequest{service: ""} encodes to
-    zero bytes (as Empty does), and HealthCheckResponse{status = 1} has the
-    same wire shape as Int32Value{value = 1}. Returns the status number
-    (1 = SERVING).
-    """
-    check = channel.unary_unary(
-        "/grpc.health.v1.Health/Check",
-        request_serializer=empty_pb2.Empty.SerializeToString,
-        response_deserializer=wrappers_pb2.Int32Value.FromString,
-    )
-    return check(empty_pb2.Empty(), timeout=timeout).value
-
-
-def _listening_addr(line):
-    """The "addr" of a JSON log line whose message is "listening", else None.
-
-    Accepts the message at the top level or under "fields" (tracing's JSON
-    layout).
-    """
-    try:
-        rec = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(rec, dict):
-        return None
-    for obj in (rec, rec.get("fields")):
-        if isinstance(obj, dict) and obj.get("message") == "listening" and obj.get("addr"):
-            return obj["addr"]
-    return None
-
-
-def _admin_cli(bin_path, database, *args):
-    """Runs `switchyard admin --database DATABASE ARGS...`; returns its
-    stdout, stripped (the key or tenant id it prints)."""
-    run = subprocess.run([bin_path, "admin", "--database", database, *args],
-                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
-    assert run.returncode == 0, (
-        f"switchyard admin {' '.join(args)} failed (rc={run.returncode}):\n{run.stderr}")
-    return run.stdout.strip()
-
-
-@pytest.fixture(scope="module")
-def server():
-    """Starts `$SWITCHYARD_BIN serve` and yields a namespace: `addr`
-    ("host:port"), `bin` and `database` (for `switchyard admin`), and `key`,
-    an API key of the tenant INTEROP_TENANT with every scope (ALL_SCOPES).
-
-    The tenant and key are created on the fresh database before the server
-    starts, so auth is on from its first call. Port 0 lets the kernel pick
-    a free loopback port (no race between choosing and binding); the
-    address comes from the "listening" log line. The server is then polled
-    with the gRPC health check (which needs no key) until SERVING, within
-    STARTUP_TIMEOUT_S overall.
-    """
-    bin_path = os.environ.get("SWITCHYARD_BIN")
-    if not bin_path:
-        pytest.fail("SWITCHYARD_BIN is not set: point it at the switchyard server binary", pytrace=False)
-    if not (os.path.isfile(bin_path) and os.access(bin_path, os.X_OK)):
-        pytest.fail(f"SWITCHYARD_BIN={bin_path!r} is not an executable file", pytrace=False)
-
-    workdir = tempfile.TemporaryDirectory(prefix="switchyard-interop-")
-    database = f"sqlite://{Path(workdir.name) / 'interop.db'}"
-    try:
-        _admin_cli(bin_path, database, "tenant", "create", INTEROP_TENANT,
-                   "--rate-per-second", INTEROP_RATE, "--rate-burst", INTEROP_RATE)
-        key = _admin_cli(bin_path, database, "key", "create", "--tenant", INTEROP_TENANT,
-                         "--scopes", ALL_SCOPES, "--description", "interop tests")
-        assert KEY_RE.fullmatch(key), "`switchyard admin key create` did not print a key (sy_...) alone"
-    except BaseException:
-        workdir.cleanup()
-        raise
-    cmd = [
-        bin_path, "serve",
-        "--listen", "127.0.0.1:0",
-        "--database", database,
-        "--no-demo",
-        "--log-format", "json",
-    ]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-
-    # Drain stderr for the server's whole life (a full pipe would block it),
-    # keeping every line for the failure report.
-    log_lines = []
-    lines = queue.Queue()
-
-    def pump():
-        for line in proc.stderr:
-            log_lines.append(line.rstrip("\n"))
-            lines.put(line)
-        lines.put(None)
-
-    reader = threading.Thread(target=pump, name="switchyard-stderr", daemon=True)
-    reader.start()
-
-    def log_tail(n=40):
-        return "\n".join(log_lines[-n:]) or "(no output)"
-
-    def stop():
-        if proc.poll() is None:
-            proc.terminate()  # SIGTERM: graceful drain
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        reader.join(timeout=5)
-        workdir.cleanup()
-
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        addr = None
-        while addr is None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no 'listening' log line within {STARTUP_TIMEOUT_S}s:\n{log_tail()}")
-            try:
-                line = lines.get(timeout=left)
-            except queue.Empty:
-                continue
-            if line is None:
-                raise AssertionError(f"server exited early (rc={proc.wait()}):\n{log_tail()}")
-            addr = _listening_addr(line)
-        assert addr.startswith("127.0.0.1:"), f"server listens on {addr}, not loopback"
-
-        with grpc.insecure_channel(addr) as ch:
-            status, last_err = None, None
-            while status != 1:
-                if proc.poll() is not None:
-                    raise AssertionError(f"server exited early (rc={proc.returncode}):\n{log_tail()}")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(
-                        f"health check not SERVING within {STARTUP_TIMEOUT_S}s "
-                        f"(last status {status}, last error {last_err}):\n{log_tail()}")
-                try:
-                    status = _health_check(ch, timeout=min(1.0, left))
-                except grpc.RpcError as e:
-                    last_err = e.code()
-                if status != 1:
-                    time.sleep(0.05)  # startup poll only; never used to wait for schedules
-    except BaseException:
-        stop()
-        raise
-
-    yield SimpleNamespace(addr=addr, bin=bin_path, database=database, key=key)
-
-    stop()
-    print(f"switchyard server stopped (rc={proc.returncode}); log tail:\n{log_tail(15)}")
-
-
-class _CallDetails(
-        collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials",
-                                                "wait_for_ready", "compression")),
-        grpc.ClientCallDetails):
-    pass
-
-
-class BearerKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
-    """Adds `authorization: Bearer <key>` to every call made through it."""
-
-    def __init__(self, key):
-        self._entry = ("authorization", f"Bearer {key}")
-
-    def _with_key(self, d):
-        return _CallDetails(d.method, d.timeout, [*(d.metadata or ()), self._entry],
-                            d.credentials, d.wait_for_ready, d.compression)
-
-    def intercept_unary_unary(self, continuation, client_call_details, request):
-        return continuation(self._with_key(client_call_details), request)
-
-    def intercept_unary_stream(self, continuation, client_call_details, request):
-        return continuation(self._with_key(client_call_details), request)
-
-    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
-        return continuation(self._with_key(client_call_details), request_iterator)
-
-    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
-        return continuation(self._with_key(client_call_details), request_iterator)
 
 
 @pytest.fixture(scope="module")
@@ -345,43 +95,6 @@ def events(pb, channel):
 # --------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------
-
-
-def ts(seconds):
-    return timestamp_pb2.Timestamp(seconds=int(seconds))
-
-
-def base_time():
-    """Now, rounded down to the minute: windows are built from it."""
-    return int(time.time()) // 60 * 60
-
-
-def create_battery(pb, devices, device_id):
-    dev = pb.device.Device(
-        family=pb.common.DEVICE_FAMILY_BATTERY,
-        driver="simulated",
-        timezone="Europe/London",
-    )
-    return devices.CreateDevice(
-        pb.device.CreateDeviceRequest(device_id=device_id, device=dev),
-        timeout=RPC_TIMEOUT_S,
-    )
-
-
-def windowed(pb, command, start, end, kw=3.0):
-    return pb.action.Action(
-        command=command,
-        start_time=ts(start),
-        end_time=ts(end),
-        power=pb.common.Quantity(value=kw, unit=pb.common.UNIT_KILOWATT),
-    )
-
-
-def push(pb, actions, device_id, action, on_conflict=None, request_id=""):
-    req = pb.action.PushActionRequest(device_id=device_id, action=action, request_id=request_id)
-    if on_conflict is not None:
-        req.on_conflict = on_conflict
-    return actions.PushAction(req, timeout=RPC_TIMEOUT_S)
 
 
 def expect_error(code, fn, *args, **kwargs):
@@ -1345,12 +1058,6 @@ def transition_of(x):
     """What an Event and an ActionTransition both say about a transition."""
     return (x.from_state, x.to_state, x.reason, x.error_code, x.request_id,
             (x.time.seconds, x.time.nanos))
-
-
-def cancel_action(pb, actions, device_id, action_id, request_id=""):
-    return actions.CancelAction(
-        pb.action.CancelActionRequest(device_id=device_id, action_id=action_id, request_id=request_id),
-        timeout=RPC_TIMEOUT_S)
 
 
 def test_a_watch_from_now_sees_a_push_and_its_cancel_as_in_its_history(pb, devices, actions, events):
