@@ -37,3 +37,4 @@ bench="$target_dir/debug/switchyard-bench"
 "$bench" dispatch --n 200 --c 8
 "$bench" scale --actions 5000 --devices 500 --n 200 --c 8
 "$bench" events --n 200 --watchers 10 --c 4
+"$bench" webhooks --n 200 --endpoints 2 --c 4

@@ -312,154 +312,220 @@ impl Deliverer {
     }
 
     async fn turn_inner(&self, id: &str, owner: &str, turn: &mut Turn) -> Result<Step, Error> {
+        let Some(mut ep) = self
+            .store
+            .renew_webhook(id, owner, self.lease_until())
+            .await?
+        else {
+            return Ok(Step::Stop);
+        };
+        let mut progress = Progress::new(ep.delivered_cursor);
+        let mut read_at = std::time::Instant::now();
+        let mut sender: Option<webhooks::Sender> = None;
         loop {
             if *self.stopping.borrow() {
+                self.flush(&ep, owner, &mut progress).await?;
                 return Ok(Step::Stop);
             }
-            let Some(ep) = self
-                .store
-                .renew_webhook(id, owner, self.lease_until())
-                .await?
-            else {
-                return Ok(Step::Stop);
-            };
+            if read_at.elapsed() >= REFRESH {
+                // The owner's changes (disabled, a new URL or secret) reach
+                // a running turn here, and the claim is renewed.
+                if !self.flush(&ep, owner, &mut progress).await? {
+                    return Ok(Step::Stop);
+                }
+                match self
+                    .store
+                    .renew_webhook(id, owner, self.lease_until())
+                    .await?
+                {
+                    Some(fresh) => ep = fresh,
+                    None => return Ok(Step::Stop),
+                }
+                read_at = std::time::Instant::now();
+            }
             let page = self
                 .store
-                .events_after(&ep.tenant, ep.delivered_cursor, None, PAGE)
+                .events_after(&ep.tenant, progress.cursor, None, PAGE)
                 .await?;
-            let Some(last) = page.last().map(|e| e.cursor) else {
+            if page.is_empty() {
+                self.flush(&ep, owner, &mut progress).await?;
                 return Ok(Step::Stop);
-            };
-            let Some(event) = page
+            }
+            let selected: Vec<&EventRecord> = page
                 .iter()
-                .find(|e| ep.selects(crate::api::events::event_type(e).as_str_name()))
-            else {
-                if !self.store.skip_webhook_events(id, owner, last).await? {
+                .filter(|e| ep.selects(crate::api::events::event_type(e).as_str_name()))
+                .collect();
+            let ids: Vec<String> = selected
+                .iter()
+                .filter_map(|e| e.action_id.clone())
+                .collect();
+            let actions = self.store.actions_by_ids(&ep.tenant, &ids).await?;
+            for event in &page {
+                if !selected.iter().any(|e| e.cursor == event.cursor) {
+                    progress.cursor = event.cursor;
+                    continue;
+                }
+                if sender.as_ref().is_none_or(|s| s.url() != ep.url) {
+                    sender =
+                        webhooks::Sender::new(&self.config.policy, &ep.url, self.config.timeout)
+                            .ok();
+                }
+                let action = event.action_id.as_ref().and_then(|a| actions.get(a));
+                let (record, answered) = self.send(&ep, sender.as_ref(), event, action).await?;
+                if answered {
+                    progress.cursor = event.cursor;
+                    progress.delivered.push(record);
+                    turn.delivered += 1;
+                    // The next event starts with a clean slate.
+                    ep.attempts = 0;
+                    ep.failing_since = None;
+                    if (progress.delivered.len() >= RECORD_BATCH
+                        || progress.flushed_at.elapsed() >= RECORD_EVERY)
+                        && !self.flush(&ep, owner, &mut progress).await?
+                    {
+                        return Ok(Step::Stop);
+                    }
+                    if read_at.elapsed() >= REFRESH {
+                        break;
+                    }
+                    continue;
+                }
+                // A failure: what was delivered before it is recorded
+                // first, then the failure, which gives up the claim.
+                if !self.flush(&ep, owner, &mut progress).await? {
                     return Ok(Step::Stop);
                 }
-                if page.len() < PAGE as usize {
-                    return Ok(Step::Stop);
-                }
-                continue;
-            };
-            match self.attempt(&ep, owner, event).await? {
-                Step::Delivered => turn.delivered += 1,
-                Step::Released => {
-                    turn.failed += 1;
-                    return Ok(Step::Released);
-                }
-                Step::Stop => return Ok(Step::Stop),
+                turn.failed += 1;
+                return self.failed(&ep, owner, record, progress.cursor).await;
             }
         }
     }
 
-    /// Sends `event` to `ep` once and records what came of it.
-    async fn attempt(
+    /// Records the deliveries made since the last record, and the events
+    /// skipped among them; false if the claim was lost.
+    async fn flush(
         &self,
         ep: &EndpointRecord,
         owner: &str,
+        progress: &mut Progress,
+    ) -> Result<bool, Error> {
+        if progress.delivered.is_empty() && progress.cursor == progress.recorded {
+            return Ok(true);
+        }
+        let ok = self
+            .store
+            .record_webhook_deliveries(
+                &ep.tenant,
+                &ep.id,
+                owner,
+                &progress.delivered,
+                progress.cursor,
+                self.clock.now(),
+            )
+            .await?;
+        progress.delivered.clear();
+        progress.recorded = progress.cursor;
+        progress.flushed_at = std::time::Instant::now();
+        Ok(ok)
+    }
+
+    /// Sends `event` to `ep` once: the attempt as logged, and whether it
+    /// was delivered (2xx).
+    async fn send(
+        &self,
+        ep: &EndpointRecord,
+        sender: Option<&webhooks::Sender>,
         event: &EventRecord,
-    ) -> Result<Step, Error> {
-        let actions = match &event.action_id {
-            Some(a) => {
-                self.store
-                    .actions_by_ids(&ep.tenant, std::slice::from_ref(a))
-                    .await?
-            }
-            None => Default::default(),
-        };
-        let action = event.action_id.as_ref().and_then(|a| actions.get(a));
+        action: Option<&crate::domain::Action>,
+    ) -> Result<(AttemptRecord, bool), Error> {
         let message = crate::api::events::to_proto(event, action);
         let body = message_body(&message)?;
         let sent = self.clock.now();
         let began = std::time::Instant::now();
-        let answered = webhooks::deliver(
-            &self.config.policy,
-            &ep.url,
-            &ep.live_secrets(sent),
-            &message.event_id,
-            sent.0.div_euclid(Ts::SECOND),
-            body,
-            self.config.timeout,
-        )
-        .await;
-        let at = self.clock.now();
-        let attempt = ep.attempts + 1;
+        let answered = match sender {
+            Some(s) => {
+                s.send(
+                    &ep.live_secrets(sent),
+                    &message.event_id,
+                    sent.0.div_euclid(Ts::SECOND),
+                    body,
+                )
+                .await
+            }
+            // The URL no longer passes the operator's check.
+            None => Err(self
+                .config
+                .policy
+                .check(&ep.url)
+                .err()
+                .unwrap_or_else(|| "the URL cannot be sent to".into())),
+        };
         let (status, latency, error) = match &answered {
             Ok(a) => (a.status, a.latency, String::new()),
             Err(why) => (0, began.elapsed(), why.chars().take(MAX_ERROR).collect()),
         };
-        let mut record = AttemptRecord {
-            endpoint_id: ep.id.clone(),
-            cursor: event.cursor,
-            event_type: crate::api::events::event_type(event)
-                .as_str_name()
-                .to_owned(),
-            attempt,
-            at,
-            outcome: String::new(),
-            http_status: status,
-            latency_us: i64::try_from(latency.as_micros()).unwrap_or(i64::MAX),
-            error,
-            next_attempt: None,
-        };
-        let (effect, step) = if (200..300).contains(&status) {
-            record.outcome = "DELIVERED".into();
-            (
-                AttemptEffect {
-                    delivered_cursor: event.cursor,
-                    attempts: 0,
-                    failing_since: None,
-                    next_attempt: at,
-                    disable: None,
-                    release: false,
-                },
-                Step::Delivered,
-            )
-        } else if status == 410 {
+        let ok = (200..300).contains(&status);
+        Ok((
+            AttemptRecord {
+                endpoint_id: ep.id.clone(),
+                cursor: event.cursor,
+                event_type: crate::api::events::event_type(event)
+                    .as_str_name()
+                    .to_owned(),
+                attempt: ep.attempts + 1,
+                at: self.clock.now(),
+                outcome: if ok { "DELIVERED" } else { "FAILED" }.into(),
+                http_status: status,
+                latency_us: i64::try_from(latency.as_micros()).unwrap_or(i64::MAX),
+                error,
+                next_attempt: None,
+            },
+            ok,
+        ))
+    }
+
+    /// Records a failed attempt, with everything before it (up to
+    /// `cursor`) done: a retry after the backoff, or the endpoint disabled
+    /// (410 Gone, or failing for the give-up period). The claim is given
+    /// up.
+    async fn failed(
+        &self,
+        ep: &EndpointRecord,
+        owner: &str,
+        mut record: AttemptRecord,
+        cursor: i64,
+    ) -> Result<Step, Error> {
+        let at = record.at;
+        let since = ep.failing_since.unwrap_or(at);
+        let effect = if record.http_status == 410 {
             record.outcome = "GONE".into();
             tracing::warn!(endpoint_id = %ep.id, "webhook receiver answered 410 Gone: endpoint disabled");
-            (
-                AttemptEffect {
-                    // Events before this one were delivered or skipped.
-                    delivered_cursor: event.cursor - 1,
-                    attempts: attempt,
-                    failing_since: ep.failing_since.or(Some(at)),
-                    next_attempt: at,
-                    disable: Some("GONE"),
-                    release: true,
-                },
-                Step::Released,
-            )
+            AttemptEffect {
+                delivered_cursor: cursor,
+                attempts: record.attempt,
+                failing_since: Some(since),
+                next_attempt: at,
+                disable: Some("GONE"),
+                release: true,
+            }
         } else {
-            record.outcome = "FAILED".into();
-            let since = ep.failing_since.unwrap_or(at);
             let give_up = i64::try_from(self.config.give_up.as_nanos()).unwrap_or(i64::MAX);
             let disable = (at.0 - since.0 >= give_up).then_some("FAILING");
-            let wait = self.config.backoff(attempt, unit_random());
+            let wait = self.config.backoff(record.attempt, unit_random());
             let next = at.plus_nanos(i64::try_from(wait.as_nanos()).unwrap_or(i64::MAX / 2));
             if disable.is_some() {
                 tracing::warn!(endpoint_id = %ep.id, "webhook receiver failed for the give-up period: endpoint disabled");
             } else {
                 record.next_attempt = Some(next);
             }
-            (
-                AttemptEffect {
-                    delivered_cursor: event.cursor - 1,
-                    attempts: attempt,
-                    failing_since: Some(since),
-                    next_attempt: next,
-                    disable,
-                    release: true,
-                },
-                Step::Released,
-            )
-        };
-        // The events before this one were skipped (not selected) or
-        // delivered: never move back.
-        let effect = AttemptEffect {
-            delivered_cursor: effect.delivered_cursor.max(ep.delivered_cursor),
-            ..effect
+            AttemptEffect {
+                delivered_cursor: cursor,
+                attempts: record.attempt,
+                failing_since: Some(since),
+                next_attempt: next,
+                disable,
+                release: true,
+            }
         };
         if !self
             .store
@@ -468,16 +534,46 @@ impl Deliverer {
         {
             return Ok(Step::Stop);
         }
-        Ok(step)
+        Ok(Step::Released)
     }
 }
 
-/// Where an endpoint's turn stands after a step.
+/// How often a turn re-reads its endpoint and renews its claim: an
+/// owner's change (disabled, a new URL or secret) reaches a running turn
+/// within this.
+const REFRESH: Duration = Duration::from_secs(1);
+/// Most deliveries recorded per write.
+const RECORD_BATCH: usize = 100;
+/// The longest a delivery waits to be recorded while a turn runs.
+const RECORD_EVERY: Duration = Duration::from_millis(100);
+
+/// A turn's progress through its endpoint's events.
+#[derive(Debug)]
+struct Progress {
+    /// Every event up to it was delivered or skipped.
+    cursor: i64,
+    /// What the store has as `delivered_cursor`.
+    recorded: i64,
+    /// Deliveries not yet recorded.
+    delivered: Vec<AttemptRecord>,
+    flushed_at: std::time::Instant,
+}
+
+impl Progress {
+    fn new(cursor: i64) -> Self {
+        Self {
+            cursor,
+            recorded: cursor,
+            delivered: Vec::new(),
+            flushed_at: std::time::Instant::now(),
+        }
+    }
+}
+
+/// How an endpoint's turn ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Step {
-    /// The event was delivered: on to the next.
-    Delivered,
-    /// The attempt failed and was recorded, lease given up.
+    /// An attempt failed and was recorded, lease given up.
     Released,
     /// Caught up, claim lost, endpoint disabled or server stopping.
     Stop,

@@ -286,10 +286,119 @@ pub struct Answered {
 /// Most bytes of a receiver's answer read (the rest is not waited for).
 const MAX_ANSWER: usize = 64 * 1024;
 
+type HttpsClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<
+        hyper_util::client::legacy::connect::HttpConnector<CheckedResolver>,
+    >,
+    http_body_util::Full<bytes::Bytes>,
+>;
+
+/// Sends signed events to one webhook URL (checked by the policy when it
+/// is made), keeping its connection open between deliveries. Redirects
+/// are not followed (a 3xx is an answer like any other), so a receiver
+/// cannot send a delivery on to an address the check refused.
+#[derive(Clone, Debug)]
+pub struct Sender {
+    url: String,
+    client: HttpsClient,
+    timeout: std::time::Duration,
+}
+
+impl Sender {
+    /// A sender to `url`, if `policy` allows it; each delivery waits at
+    /// most `timeout` for its answer.
+    pub fn new(
+        policy: &TargetPolicy,
+        url: &str,
+        timeout: std::time::Duration,
+    ) -> Result<Self, String> {
+        let target = policy.check(url)?;
+        let mut http = hyper_util::client::legacy::connect::HttpConnector::new_with_resolver(
+            CheckedResolver {
+                internal_allowed: target.internal_allowed,
+            },
+        );
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(timeout));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .map_err(|e| format!("TLS: {e}"))?
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_max_idle_per_host(1)
+                .pool_idle_timeout(std::time::Duration::from_secs(30))
+                .build::<_, http_body_util::Full<bytes::Bytes>>(https);
+        Ok(Self {
+            url: url.to_owned(),
+            client,
+            timeout,
+        })
+    }
+
+    /// The URL it sends to.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// POSTs one event signed with `secrets`; the error says why nothing
+    /// was answered.
+    pub async fn send(
+        &self,
+        secrets: &[SigningSecret],
+        id: &str,
+        timestamp: i64,
+        body: bytes::Bytes,
+    ) -> Result<Answered, String> {
+        use http_body_util::BodyExt as _;
+        let request = tonic::codegen::http::Request::post(self.url.as_str())
+            .header("content-type", "application/json")
+            .header(
+                "user-agent",
+                concat!("switchyard/", env!("CARGO_PKG_VERSION")),
+            )
+            .header("webhook-id", id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header(
+                "webhook-signature",
+                signature_header(secrets, id, timestamp, &body),
+            )
+            .body(http_body_util::Full::new(body))
+            .map_err(|e| format!("the request could not be built: {e}"))?;
+        let began = std::time::Instant::now();
+        let answer = tokio::time::timeout(self.timeout, async {
+            let response = self.client.request(request).await.map_err(|e| {
+                let mut why = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    why = format!("{why}: {s}");
+                    source = s.source();
+                }
+                why
+            })?;
+            let status = response.status().as_u16();
+            // The answer's body is read, within bounds, so the connection
+            // can be used again; its content does not matter.
+            let _ = http_body_util::Limited::new(response.into_body(), MAX_ANSWER)
+                .collect()
+                .await;
+            Ok::<u16, String>(status)
+        })
+        .await
+        .map_err(|_| format!("no answer within {} ms", self.timeout.as_millis()))??;
+        Ok(Answered {
+            status: answer,
+            latency: began.elapsed(),
+        })
+    }
+}
+
 /// POSTs one signed event to `url` (checked by `policy`) and waits at most
-/// `timeout` for the answer. Redirects are not followed (a 3xx is an
-/// answer like any other), so a receiver cannot send the delivery on to an
-/// address the check refused. The error says why nothing was answered.
+/// `timeout` for the answer ([`Sender`], for one delivery).
 pub async fn deliver(
     policy: &TargetPolicy,
     url: &str,
@@ -299,63 +408,9 @@ pub async fn deliver(
     body: bytes::Bytes,
     timeout: std::time::Duration,
 ) -> Result<Answered, String> {
-    use http_body_util::BodyExt as _;
-    let target = policy.check(url)?;
-    let mut http =
-        hyper_util::client::legacy::connect::HttpConnector::new_with_resolver(CheckedResolver {
-            internal_allowed: target.internal_allowed,
-        });
-    http.enforce_http(false);
-    http.set_connect_timeout(Some(timeout));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_webpki_roots(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .map_err(|e| format!("TLS: {e}"))?
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build::<_, http_body_util::Full<bytes::Bytes>>(https);
-    let request = tonic::codegen::http::Request::post(url)
-        .header("content-type", "application/json")
-        .header(
-            "user-agent",
-            concat!("switchyard/", env!("CARGO_PKG_VERSION")),
-        )
-        .header("webhook-id", id)
-        .header("webhook-timestamp", timestamp.to_string())
-        .header(
-            "webhook-signature",
-            signature_header(secrets, id, timestamp, &body),
-        )
-        .body(http_body_util::Full::new(body))
-        .map_err(|e| format!("the request could not be built: {e}"))?;
-    let began = std::time::Instant::now();
-    let answer = tokio::time::timeout(timeout, async {
-        let response = client.request(request).await.map_err(|e| {
-            let mut why = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                why = format!("{why}: {s}");
-                source = s.source();
-            }
-            why
-        })?;
-        let status = response.status().as_u16();
-        // The answer's body is read, within bounds, so the connection ends
-        // cleanly; its content does not matter.
-        let _ = http_body_util::Limited::new(response.into_body(), MAX_ANSWER)
-            .collect()
-            .await;
-        Ok::<u16, String>(status)
-    })
-    .await
-    .map_err(|_| format!("no answer within {} ms", timeout.as_millis()))??;
-    Ok(Answered {
-        status: answer,
-        latency: began.elapsed(),
-    })
+    Sender::new(policy, url, timeout)?
+        .send(secrets, id, timestamp, body)
+        .await
 }
 
 #[cfg(test)]

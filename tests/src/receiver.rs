@@ -1,6 +1,6 @@
 //! A webhook receiver on a loopback port for tests: it records every
 //! request and answers each as its script says (200 once the script is
-//! used up), one HTTP/1.1 request per connection.
+//! used up), over HTTP/1.1 connections kept open between requests.
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -33,6 +33,8 @@ pub struct Received {
     pub body: Vec<u8>,
     /// How it was answered.
     pub answer: Answer,
+    /// When it had been read.
+    pub at: std::time::Instant,
 }
 
 impl Received {
@@ -124,65 +126,69 @@ impl Receiver {
     }
 }
 
+/// Serves the requests of one connection, kept open between them, until
+/// the sender closes it or a request is left unanswered.
 async fn serve(mut conn: TcpStream, s: &Shared) -> std::io::Result<()> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        let n = conn.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(());
+    loop {
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = conn.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let headers: BTreeMap<String, String> = head
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        let len: usize = headers
+            .get("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        while buf.len() < head_end + len {
+            let n = conn.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
         }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let headers: BTreeMap<String, String> = head
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    let len: usize = headers
-        .get("content-length")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    while buf.len() < head_end + len {
-        let n = conn.read(&mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
+        let body: Vec<u8> = buf.drain(..head_end + len).skip(head_end).collect();
+        let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        s.most_in_flight.fetch_max(now, Ordering::SeqCst);
+        let answer = s
+            .script
+            .lock()
+            .expect("receiver lock")
+            .pop_front()
+            .unwrap_or(Answer::Status(200));
+        s.got.lock().expect("receiver lock").push(Received {
+            headers,
+            body,
+            answer,
+            at: std::time::Instant::now(),
+        });
+        let result = match answer {
+            Answer::Status(code) => {
+                conn.write_all(format!("HTTP/1.1 {code} X\r\ncontent-length: 0\r\n\r\n").as_bytes())
+                    .await
+            }
+            Answer::Hang => {
+                // Until the sender hangs up.
+                let mut sink = [0u8; 64];
+                let _ = tokio::time::timeout(Duration::from_secs(60), conn.read(&mut sink)).await;
+                s.in_flight.fetch_sub(1, Ordering::SeqCst);
+                return Ok(());
+            }
+        };
+        s.in_flight.fetch_sub(1, Ordering::SeqCst);
+        result?;
     }
-    let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-    s.most_in_flight.fetch_max(now, Ordering::SeqCst);
-    let answer = s
-        .script
-        .lock()
-        .expect("receiver lock")
-        .pop_front()
-        .unwrap_or(Answer::Status(200));
-    s.got.lock().expect("receiver lock").push(Received {
-        headers,
-        body: buf[head_end..(head_end + len).min(buf.len())].to_vec(),
-        answer,
-    });
-    let result = match answer {
-        Answer::Status(code) => {
-            conn.write_all(
-                format!("HTTP/1.1 {code} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await
-        }
-        Answer::Hang => {
-            // Until the sender hangs up.
-            let mut sink = [0u8; 64];
-            let _ = tokio::time::timeout(Duration::from_secs(60), conn.read(&mut sink)).await;
-            Ok(())
-        }
-    };
-    s.in_flight.fetch_sub(1, Ordering::SeqCst);
-    result
 }

@@ -145,6 +145,23 @@ pub struct DueEndpoint {
     pub delivered_cursor: i64,
 }
 
+fn attempt_row(tenant: &TenantId, a: &AttemptRecord) -> webhook_attempt::ActiveModel {
+    webhook_attempt::ActiveModel {
+        attempt_id: NotSet,
+        endpoint_id: Set(a.endpoint_id.clone()),
+        tenant_id: Set(tenant.as_str().to_owned()),
+        event_cursor: Set(a.cursor),
+        event_type: Set(a.event_type.clone()),
+        attempt: Set(a.attempt),
+        at_ns: Set(a.at.0),
+        outcome: Set(a.outcome.clone()),
+        http_status: Set(i64::from(a.http_status)),
+        latency_us: Set(a.latency_us),
+        error: Set(a.error.clone()),
+        next_attempt_ns: Set(a.next_attempt.map(|t| t.0)),
+    }
+}
+
 fn of_tenant(tenant: &TenantId, id: &str) -> Condition {
     Condition::all()
         .add(ep::Column::TenantId.eq(tenant.as_str()))
@@ -560,23 +577,10 @@ impl Store {
                 if n != 1 {
                     return Ok(false);
                 }
-                webhook_attempt::Entity::insert(webhook_attempt::ActiveModel {
-                    attempt_id: NotSet,
-                    endpoint_id: Set(a.endpoint_id.clone()),
-                    tenant_id: Set(tenant.as_str().to_owned()),
-                    event_cursor: Set(a.cursor),
-                    event_type: Set(a.event_type.clone()),
-                    attempt: Set(a.attempt),
-                    at_ns: Set(a.at.0),
-                    outcome: Set(a.outcome.clone()),
-                    http_status: Set(i64::from(a.http_status)),
-                    latency_us: Set(a.latency_us),
-                    error: Set(a.error.clone()),
-                    next_attempt_ns: Set(a.next_attempt.map(|t| t.0)),
-                })
-                .exec_without_returning(&tx)
-                .await
-                .map_err(db_err)?;
+                webhook_attempt::Entity::insert(attempt_row(tenant, a))
+                    .exec_without_returning(&tx)
+                    .await
+                    .map_err(db_err)?;
                 if let Some(why) = effect.disable {
                     audit::Entity::insert(audit::ActiveModel {
                         seq: NotSet,
@@ -603,6 +607,54 @@ impl Store {
             self.wrote_events();
         }
         Ok(written)
+    }
+
+    /// Records deliveries `owner` made (every attempt DELIVERED) and moves
+    /// the endpoint to `cursor` (past them and the events skipped among
+    /// them), in one transaction, if `owner` still holds the lease; false
+    /// (nothing written) if it does not.
+    pub async fn record_webhook_deliveries(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        owner: &str,
+        delivered: &[AttemptRecord],
+        cursor: i64,
+        now: Ts,
+    ) -> Result<bool, Error> {
+        self.retrying(|| async {
+            let tx = self.begin().await?;
+            let n = ep::Entity::update_many()
+                .col_expr(
+                    ep::Column::DeliveredCursor,
+                    Expr::cust_with_values(
+                        "CASE WHEN delivered_cursor > ? THEN delivered_cursor ELSE ? END",
+                        [cursor, cursor],
+                    ),
+                )
+                .col_expr(ep::Column::Attempts, Expr::value(0i64))
+                .col_expr(ep::Column::FailingSinceNs, Expr::value(Option::<i64>::None))
+                .col_expr(ep::Column::NextAttemptNs, Expr::value(now.0))
+                .filter(held_by(id, owner))
+                .exec(&tx)
+                .await
+                .map_err(db_err)?
+                .rows_affected;
+            if n != 1 {
+                return Ok(false);
+            }
+            if !delivered.is_empty() {
+                webhook_attempt::Entity::insert_many(
+                    delivered.iter().map(|a| attempt_row(tenant, a)),
+                )
+                .exec_without_returning(&tx)
+                .await
+                .map_err(db_err)?;
+            }
+            tx.commit().await.map_err(db_err)?;
+            Ok(true)
+        })
+        .await
     }
 
     /// Forgets delivery attempts made before `cut`, at most `batch`;

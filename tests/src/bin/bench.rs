@@ -59,6 +59,27 @@ enum Cmd {
         #[arg(long, value_name = "URL")]
         database: Option<String>,
     },
+    /// E webhook endpoints (each its own loopback receiver) while C
+    /// clients push N actions: messages delivered per second, and each
+    /// message's delay from its push's answer to its receiver's receipt.
+    Webhooks {
+        /// Number of pushes (each one ACTION_SCHEDULED event per endpoint).
+        #[arg(long, default_value_t = 2_000, value_parser = at_least_one())]
+        n: usize,
+        /// Endpoints.
+        #[arg(long, default_value_t = 4, value_parser = at_least_one())]
+        endpoints: usize,
+        /// Concurrent pushing clients.
+        #[arg(long, default_value_t = 4, value_parser = at_least_one())]
+        c: usize,
+        /// The switchyard binary to spawn (default: `switchyard` next to
+        /// this binary).
+        #[arg(long, value_name = "PATH")]
+        server_bin: Option<std::path::PathBuf>,
+        /// The spawned server's database (default: a fresh SQLite file).
+        #[arg(long, value_name = "URL")]
+        database: Option<String>,
+    },
     /// N non-colliding pushes from C concurrent clients, plus the SQLite
     /// baseline.
     Push {
@@ -195,6 +216,16 @@ async fn start_server_on(
     dir: tempfile::TempDir,
     database: Option<String>,
 ) -> Server {
+    start_server_with(bin, dir, database, &[]).await
+}
+
+/// [`start_server_on`] with more `serve` arguments.
+async fn start_server_with(
+    bin: Option<std::path::PathBuf>,
+    dir: tempfile::TempDir,
+    database: Option<String>,
+    extra: &[String],
+) -> Server {
     let bin = bin.unwrap_or_else(|| {
         std::env::current_exe()
             .expect("own path")
@@ -219,6 +250,7 @@ async fn start_server_on(
             "--horizon-days",
             "3650",
         ])
+        .args(extra)
         // The server's log level: warnings, unless the bench is run with
         // SWITCHYARD_LOG set (say `switchyard::dispatch=debug`).
         .env(
@@ -398,6 +430,123 @@ async fn bench_events(
         pct(&delays, 0.50).as_secs_f64() * 1000.0,
         pct(&delays, 0.99).as_secs_f64() * 1000.0,
         delays.last().copied().unwrap_or_default().as_secs_f64() * 1000.0,
+    );
+}
+
+/// Pushes `n` one-window charges over `devices` batteries `{prefix}-*`
+/// from `c` clients; each action's id with when its push was answered.
+async fn push_timed(
+    ch: &Channel,
+    prefix: &'static str,
+    devices: usize,
+    n: usize,
+    c: usize,
+) -> std::collections::HashMap<String, Instant> {
+    let answered: Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>> =
+        Arc::default();
+    let base = unix_now() + 86_400;
+    let pushes = ch.clone();
+    let times = answered.clone();
+    fan_out(n, c, move |i| {
+        let mut client = ActionServiceClient::new(pushes.clone());
+        let times = times.clone();
+        async move {
+            let start = base + (i / devices) as i64 * 600;
+            let a = client
+                .push_action(charge(
+                    format!("{prefix}-{}", i % devices),
+                    start,
+                    start + 600,
+                ))
+                .await
+                .expect("push")
+                .into_inner()
+                .action
+                .expect("action");
+            times
+                .lock()
+                .expect("times")
+                .insert(a.action_id, Instant::now());
+        }
+    })
+    .await;
+    let out = answered.lock().expect("times").clone();
+    out
+}
+
+async fn bench_webhooks(
+    n: usize,
+    endpoints: usize,
+    c: usize,
+    bin: Option<std::path::PathBuf>,
+    database: Option<String>,
+) {
+    use switchyard_proto::v1::webhook_service_client::WebhookServiceClient;
+    use switchyard_tests::receiver::Receiver;
+    let mut receivers = Vec::new();
+    for _ in 0..endpoints {
+        receivers.push(Receiver::start().await);
+    }
+    let mut extra = Vec::new();
+    for r in &receivers {
+        extra.push("--webhook-url-allow".to_owned());
+        extra.push(r.origin.clone());
+    }
+    let server =
+        start_server_with(bin, tempfile::tempdir().expect("tempdir"), database, &extra).await;
+    let ch = connect(&server.addr).await.expect("connect");
+    let devices = 50;
+    create_batteries(&ch, "wh", devices).await;
+    for r in &receivers {
+        WebhookServiceClient::new(ch.clone())
+            .create_webhook_endpoint(pb::CreateWebhookEndpointRequest {
+                url: r.url.clone(),
+                event_types: vec![pb::EventType::ActionScheduled as i32],
+                description: "bench".into(),
+            })
+            .await
+            .expect("create endpoint");
+    }
+    let began = Instant::now();
+    let answered = push_timed(&ch, "wh", devices, n, c).await;
+    let pushed = began.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while receivers.iter().any(|r| r.accepted().len() < n) {
+        assert!(
+            Instant::now() < deadline,
+            "messages still missing after 300 s: {:?}",
+            receivers
+                .iter()
+                .map(|r| r.accepted().len())
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let all = began.elapsed();
+    let mut delays = Vec::with_capacity(n * endpoints);
+    for r in &receivers {
+        let mut seen = std::collections::HashSet::new();
+        for m in r.accepted() {
+            let body = m.json();
+            let id = body["data"]["action_id"]
+                .as_str()
+                .expect("action_id")
+                .to_owned();
+            if seen.insert(id.clone()) {
+                delays.push(m.at.saturating_duration_since(answered[&id]));
+            }
+        }
+    }
+    delays.sort();
+    println!(
+        "switchyard webhooks: {n} pushes ({:.0}/s) to {endpoints} endpoints: {} messages delivered in {:.2} s = {:.0} messages/s; delay push answer -> receiver p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        n as f64 / pushed.as_secs_f64(),
+        delays.len(),
+        all.as_secs_f64(),
+        delays.len() as f64 / all.as_secs_f64(),
+        ms(pct(&delays, 0.50)),
+        ms(pct(&delays, 0.99)),
+        ms(delays.last().copied().unwrap_or_default()),
     );
 }
 
@@ -1251,6 +1400,13 @@ async fn main() {
             server_bin,
             database,
         } => bench_events(n, watchers, c, server_bin, database).await,
+        Cmd::Webhooks {
+            n,
+            endpoints,
+            c,
+            server_bin,
+            database,
+        } => bench_webhooks(n, endpoints, c, server_bin, database).await,
         Cmd::Scale {
             actions,
             devices,
