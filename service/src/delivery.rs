@@ -289,6 +289,9 @@ impl Deliverer {
                     Err(e) => tracing::warn!(error = %e, "claiming webhook deliveries failed"),
                 }
             }
+            // At most a hundred claims a second however often events are
+            // committed (a notification that comes meanwhile is kept).
+            tokio::time::sleep(Duration::from_millis(10)).await;
             tokio::select! {
                 () = changed => {}
                 () = tokio::time::sleep(Duration::from_millis(250)) => {}

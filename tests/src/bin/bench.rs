@@ -342,14 +342,11 @@ async fn bench_events(
     bin: Option<std::path::PathBuf>,
     database: Option<String>,
 ) {
-    use std::collections::HashMap;
     use switchyard_proto::v1::event_service_client::EventServiceClient;
     let server = start_server(bin, database).await;
     let ch = connect(&server.addr).await.expect("connect");
     let devices = 50;
     create_batteries(&ch, "ev", devices).await;
-    // Each push's answer time, by action id.
-    let answered: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
     let mut watching = Vec::new();
     for _ in 0..watchers {
         let wch = connect(&server.addr).await.expect("connect watcher");
@@ -373,49 +370,13 @@ async fn bench_events(
             got
         }));
     }
-    let base = unix_now() + 86_400;
     let began = Instant::now();
-    let pushes = ch.clone();
-    let times = answered.clone();
-    fan_out(n, c, move |i| {
-        let mut client = ActionServiceClient::new(pushes.clone());
-        let times = times.clone();
-        async move {
-            let start = base + (i / devices) as i64 * 600;
-            let a = client
-                .push_action(pb::PushActionRequest {
-                    device_id: format!("ev-{}", i % devices),
-                    action: Some(pb::Action {
-                        command: pb::Command::Charge as i32,
-                        start_time: Some(prost_types::Timestamp {
-                            seconds: start,
-                            nanos: 0,
-                        }),
-                        end_time: Some(prost_types::Timestamp {
-                            seconds: start + 600,
-                            nanos: 0,
-                        }),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                })
-                .await
-                .expect("push")
-                .into_inner()
-                .action
-                .expect("action");
-            times
-                .lock()
-                .expect("times")
-                .insert(a.action_id, Instant::now());
-        }
-    })
-    .await;
+    let answered = push_timed(&ch, "ev", devices, n, c).await;
     let pushed = began.elapsed();
     let mut delays = Vec::with_capacity(n * watchers);
     for w in watching {
         for (id, at) in w.await.expect("watcher") {
-            let sent = answered.lock().expect("times")[&id];
+            let sent = answered[&id];
             delays.push(at.saturating_duration_since(sent));
         }
     }
@@ -470,8 +431,7 @@ async fn push_timed(
         }
     })
     .await;
-    let out = answered.lock().expect("times").clone();
-    out
+    answered.lock().expect("times").clone()
 }
 
 async fn bench_webhooks(
