@@ -196,7 +196,11 @@ impl TargetPolicy {
         }
         let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
         let internal_allowed = self.allow.iter().any(|p| under(url, p));
-        if let Ok(ip) = host.parse::<IpAddr>()
+        let literal = host
+            .parse::<IpAddr>()
+            .ok()
+            .or_else(|| numeric_ipv4(host).map(IpAddr::V4));
+        if let Some(ip) = literal
             && is_internal(ip)
             && !internal_allowed
         {
@@ -222,6 +226,51 @@ impl TargetPolicy {
         }
         Ok(())
     }
+}
+
+/// A host the system's resolver reads as an IPv4 address although it is
+/// not in dotted-quad form (`127.1`, `2130706433`, `0x7f.0.0.1`,
+/// `0177.0.0.1`, with or without a trailing dot): refused at once, as the
+/// address it names, rather than only when connecting.
+fn numeric_ipv4(host: &str) -> Option<Ipv4Addr> {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let parts: Vec<&str> = host.split('.').collect();
+    if parts.is_empty() || parts.len() > 4 {
+        return None;
+    }
+    let mut values = Vec::with_capacity(parts.len());
+    for p in &parts {
+        let (digits, radix) = if let Some(h) = p.strip_prefix("0x").or_else(|| p.strip_prefix("0X"))
+        {
+            (h, 16)
+        } else if p.len() > 1 && p.starts_with('0') {
+            (&p[1..], 8)
+        } else {
+            (*p, 10)
+        };
+        if digits.is_empty() && radix != 16 {
+            return None;
+        }
+        let v = if digits.is_empty() {
+            0
+        } else {
+            u32::from_str_radix(digits, radix).ok()?
+        };
+        values.push(v);
+    }
+    let (last, init) = values.split_last()?;
+    if init.iter().any(|v| *v > 255) {
+        return None;
+    }
+    let room = 32 - 8 * init.len() as u32;
+    if room < 32 && *last >= 1u32 << room {
+        return None;
+    }
+    let mut n = *last;
+    for (i, v) in init.iter().enumerate() {
+        n |= v << (24 - 8 * i as u32);
+    }
+    Some(Ipv4Addr::from(n))
 }
 
 /// Whether `url` lies under `prefix`: the same scheme, host and port, and
@@ -416,6 +465,43 @@ pub async fn deliver(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numeric_hosts_are_read_as_the_resolver_reads_them() {
+        for (host, ip) in [
+            ("127.1", "127.0.0.1"),
+            ("2130706433", "127.0.0.1"),
+            ("0x7f.0.0.1", "127.0.0.1"),
+            ("0177.0.0.1", "127.0.0.1"),
+            ("0x7f000001", "127.0.0.1"),
+            ("10.1.2", "10.1.0.2"),
+            ("169.254.169.254.", "169.254.169.254"),
+            ("0", "0.0.0.0"),
+        ] {
+            assert_eq!(numeric_ipv4(host), Some(ip.parse().unwrap()), "{host}");
+        }
+        for host in [
+            "example.com",
+            "1.2.3.4.5",
+            "256.1.1.1",
+            "1.2.3.256",
+            "08.1.1.1",
+            "a.1",
+        ] {
+            assert_eq!(numeric_ipv4(host), None, "{host}");
+        }
+        let p = TargetPolicy::default();
+        for url in [
+            "http://127.1/h",
+            "http://2130706433/h",
+            "http://0x7f.1/h",
+            "http://0251.0376.0251.0376/h",
+        ] {
+            assert!(p.check(url).is_err(), "{url}");
+        }
+        assert!(p.check("http://8.8.8.8/h").is_ok());
+        assert!(p.check("http://134744072/h").is_ok(), "8.8.8.8, public");
+    }
 
     /// The example of the Standard Webhooks specification, as its
     /// reference library (PyPI `standardwebhooks`) signs it.
