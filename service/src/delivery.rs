@@ -167,6 +167,9 @@ pub struct Deliverer {
     config: Arc<DeliveryConfig>,
     slots: Arc<tokio::sync::Semaphore>,
     stopping: tokio::sync::watch::Receiver<bool>,
+    /// Events up to this cursor have woken their tenants' parked
+    /// endpoints (-1: not yet started).
+    scanned: Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// What one endpoint's turn came to.
@@ -187,7 +190,30 @@ impl Deliverer {
             config,
             slots,
             stopping: tokio::sync::watch::channel(false).1,
+            scanned: Arc::new(std::sync::atomic::AtomicI64::new(-1)),
         }
+    }
+
+    /// Wakes the parked endpoints of the tenants that have events since
+    /// the last scan (every parked endpoint on the first).
+    async fn wake(&self) -> Result<(), Error> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.clock.now();
+        let scanned = self.scanned.load(SeqCst);
+        if scanned < 0 {
+            let head = self.store.event_head().await?;
+            self.store.unpark_webhooks(None, now).await?;
+            self.scanned.fetch_max(head, SeqCst);
+            return Ok(());
+        }
+        let active = self.store.tenants_with_events_after(scanned).await?;
+        let Some(head) = active.iter().map(|(_, n)| *n).max() else {
+            return Ok(());
+        };
+        let tenants: Vec<TenantId> = active.into_iter().map(|(t, _)| t).collect();
+        self.store.unpark_webhooks(Some(&tenants), now).await?;
+        self.scanned.fetch_max(head, SeqCst);
+        Ok(())
     }
 
     fn lease_until(&self) -> Ts {
@@ -198,6 +224,7 @@ impl Deliverer {
     /// Endpoints due now that have events to deliver, claimed; at most
     /// `limit`.
     async fn claim(&self, limit: usize) -> Result<Vec<(String, String)>, Error> {
+        self.wake().await?;
         let now = self.clock.now();
         let due = self
             .store
@@ -215,6 +242,11 @@ impl Deliverer {
                 }
             };
             if newest <= d.delivered_cursor {
+                // Caught up: parked until its tenant has new events, so
+                // idle endpoints never crowd out busy ones.
+                self.store
+                    .park_webhook(&d.id, None, d.delivered_cursor, now)
+                    .await?;
                 continue;
             }
             let owner = uuid::Uuid::now_v7().to_string();
@@ -262,8 +294,13 @@ impl Deliverer {
         self.stopping = stop.clone();
         let mut stop = stop;
         let store = self.store.clone();
+        let mut turns = tokio::task::JoinSet::new();
         loop {
+            while turns.try_join_next().is_some() {}
             if *stop.borrow() {
+                // Each turn records what it delivered and gives up its
+                // claim at its next step.
+                while turns.join_next().await.is_some() {}
                 return;
             }
             let changed = store.changed().notified();
@@ -274,11 +311,11 @@ impl Deliverer {
                         for (id, owner) in claimed {
                             let Ok(permit) = self.slots.clone().try_acquire_owned() else {
                                 // Over the bound: give it back for later.
-                                let _ = self.store.release_webhook(&id, &owner).await;
+                                let _ = self.store.release_webhook(&id, &owner, None).await;
                                 continue;
                             };
                             let me = self.clone();
-                            tokio::spawn(async move {
+                            turns.spawn(async move {
                                 if let Err(e) = me.turn(id.clone(), owner).await {
                                     tracing::warn!(endpoint_id = %id, error = %e, "webhook delivery stopped");
                                 }
@@ -306,10 +343,27 @@ impl Deliverer {
     pub async fn turn(&self, id: String, owner: String) -> Result<Turn, Error> {
         let mut turn = Turn::default();
         let outcome = self.turn_inner(&id, &owner, &mut turn).await;
-        if !matches!(outcome, Ok(Step::Released)) {
-            // Caught up, stopped or failed to read: the endpoint is free
-            // for the next claim at once (a lost claim releases nothing).
-            let _ = self.store.release_webhook(&id, &owner).await;
+        // (A lost claim releases nothing: every write is fenced by it.)
+        match outcome {
+            Ok(Step::Released) => {}
+            Ok(Step::CaughtUp(cursor)) => {
+                let _ = self
+                    .store
+                    .park_webhook(&id, Some(&owner), cursor, self.clock.now())
+                    .await;
+            }
+            Ok(Step::Stop) => {
+                let _ = self.store.release_webhook(&id, &owner, None).await;
+            }
+            Err(_) => {
+                // Not the receiver's doing (the database, say): tried
+                // again after the shortest wait, not at once.
+                let wait = i64::try_from(self.config.retry_min.as_nanos()).unwrap_or(i64::MAX / 2);
+                let _ = self
+                    .store
+                    .release_webhook(&id, &owner, Some(self.clock.now().plus_nanos(wait)))
+                    .await;
+            }
         }
         outcome.map(|_| turn)
     }
@@ -324,13 +378,14 @@ impl Deliverer {
         };
         let mut progress = Progress::new(ep.delivered_cursor);
         let mut read_at = std::time::Instant::now();
+        let mut lease_until = self.lease_until();
         let mut sender: Option<webhooks::Sender> = None;
         loop {
             if *self.stopping.borrow() {
                 self.flush(&ep, owner, &mut progress).await?;
                 return Ok(Step::Stop);
             }
-            if read_at.elapsed() >= REFRESH {
+            if read_at.elapsed() >= REFRESH || self.lease_short(lease_until) {
                 // The owner's changes (disabled, a new URL or secret) reach
                 // a running turn here, and the claim is renewed.
                 if !self.flush(&ep, owner, &mut progress).await? {
@@ -345,14 +400,17 @@ impl Deliverer {
                     None => return Ok(Step::Stop),
                 }
                 read_at = std::time::Instant::now();
+                lease_until = self.lease_until();
             }
             let page = self
                 .store
                 .events_after(&ep.tenant, progress.cursor, None, PAGE)
                 .await?;
             if page.is_empty() {
-                self.flush(&ep, owner, &mut progress).await?;
-                return Ok(Step::Stop);
+                if !self.flush(&ep, owner, &mut progress).await? {
+                    return Ok(Step::Stop);
+                }
+                return Ok(Step::CaughtUp(progress.cursor));
             }
             let selected: Vec<&EventRecord> = page
                 .iter()
@@ -367,6 +425,10 @@ impl Deliverer {
                 if !selected.iter().any(|e| e.cursor == event.cursor) {
                     progress.cursor = event.cursor;
                     continue;
+                }
+                if self.lease_short(lease_until) {
+                    // Renewed before the send, never during it.
+                    break;
                 }
                 if sender.as_ref().is_none_or(|s| s.url() != ep.url) {
                     sender =
@@ -388,7 +450,7 @@ impl Deliverer {
                     {
                         return Ok(Step::Stop);
                     }
-                    if read_at.elapsed() >= REFRESH {
+                    if read_at.elapsed() >= REFRESH || self.lease_short(lease_until) {
                         break;
                     }
                     continue;
@@ -402,6 +464,14 @@ impl Deliverer {
                 return self.failed(&ep, owner, record, progress.cursor).await;
             }
         }
+    }
+
+    /// Whether a claim that lasts until `until` might run out during the
+    /// next attempt (it is renewed first).
+    fn lease_short(&self, until: Ts) -> bool {
+        let margin = i64::try_from((self.config.timeout + Duration::from_secs(2)).as_nanos())
+            .unwrap_or(i64::MAX / 2);
+        until.0 - self.clock.now().0 < margin
     }
 
     /// Records the deliveries made since the last record, and the events
@@ -532,7 +602,7 @@ impl Deliverer {
         };
         if !self
             .store
-            .record_webhook_attempt(&ep.tenant, owner, &record, &effect)
+            .record_webhook_attempt(&ep.tenant, owner, &record, &effect, ep.updated)
             .await?
         {
             return Ok(Step::Stop);
@@ -576,9 +646,12 @@ impl Progress {
 /// How an endpoint's turn ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Step {
+    /// Every event up to this cursor is done and none is newer: the
+    /// endpoint may be parked.
+    CaughtUp(i64),
     /// An attempt failed and was recorded, lease given up.
     Released,
-    /// Caught up, claim lost, endpoint disabled or server stopping.
+    /// Claim lost, endpoint disabled or server stopping.
     Stop,
 }
 

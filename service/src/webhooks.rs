@@ -120,9 +120,27 @@ pub fn is_internal(ip: IpAddr) -> bool {
                 || (s[0] & 0xfe00) == 0xfc00
                 // fe80::/10 link-local
                 || (s[0] & 0xffc0) == 0xfe80
-                // ::ffff:0:0/96 handled above; 64:ff9b::/96 (NAT64) may
-                // reach anything the gateway can
+                // fec0::/10 site-local (deprecated, still routed by some)
+                || (s[0] & 0xffc0) == 0xfec0
+                // ::ffff:0:0/96 handled above; 64:ff9b::/96 and
+                // 64:ff9b:1::/48 (NAT64) may reach anything the gateway can
                 || (s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0])
+                || (s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1)
+                // ::a.b.c.d (IPv4-compatible, deprecated) as its IPv4
+                || (s[..6] == [0; 6] && internal_v4(Ipv4Addr::new(
+                    (s[6] >> 8) as u8,
+                    s[6] as u8,
+                    (s[7] >> 8) as u8,
+                    s[7] as u8,
+                )))
+                // 2002::/16 (6to4) as the IPv4 it embeds
+                || (s[0] == 0x2002
+                    && internal_v4(Ipv4Addr::new(
+                        (s[1] >> 8) as u8,
+                        s[1] as u8,
+                        (s[2] >> 8) as u8,
+                        s[2] as u8,
+                    )))
         }
     }
 }
@@ -193,6 +211,9 @@ impl TargetPolicy {
             .trim_end_matches(']');
         if host.is_empty() {
             return Err("must name a host".into());
+        }
+        if authority.port().is_some() && authority.port_u16().is_none() {
+            return Err("must name a port from 1 to 65535".into());
         }
         let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
         let internal_allowed = self.allow.iter().any(|p| under(url, p));
@@ -273,15 +294,14 @@ fn numeric_ipv4(host: &str) -> Option<Ipv4Addr> {
     Some(Ipv4Addr::from(n))
 }
 
-/// Whether `url` lies under `prefix`: the same scheme, host and port, and
-/// a path at or below the prefix's (`http://h/a` covers `http://h/a/b`,
-/// not `http://h/ab`).
+/// Whether `url` lies under `prefix`, compared as `--oem-url-allow`
+/// prefixes are (the same scheme, host and port, and a path at or below
+/// the prefix's, made of unreserved characters without dot segments or
+/// percent-escapes, so it cannot climb out of the prefix at a server that
+/// normalises it); a query string is allowed and not compared.
 fn under(url: &str, prefix: &str) -> bool {
-    let prefix = prefix.trim_end_matches('/');
-    match url.strip_prefix(prefix) {
-        Some(rest) => rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'),
-        None => false,
-    }
+    let without_query = url.split_once('?').map_or(url, |(u, _)| u);
+    switchyard_drivers::operator::url_under(without_query, prefix)
 }
 
 /// Resolves a webhook target's host name, keeping only the addresses it
@@ -571,6 +591,12 @@ mod tests {
             "::ffff:127.0.0.1",
             "::ffff:10.0.0.1",
             "64:ff9b::a00:1",
+            "64:ff9b:1::a00:1",
+            "fec0::1",
+            "::127.0.0.1",
+            "::10.0.0.1",
+            "2002:a00:1::1",
+            "2002:7f00:1::",
         ];
         for a in internal {
             assert!(is_internal(a.parse().unwrap()), "{a} is internal");
@@ -583,6 +609,9 @@ mod tests {
             "192.0.2.1",
             "2606:4700::1111",
             "::ffff:8.8.8.8",
+            "::8.8.8.8",
+            "2002:808:808::1",
+            "64:ff9b:2::1",
         ];
         for a in public {
             assert!(!is_internal(a.parse().unwrap()), "{a} is public");
@@ -745,6 +774,22 @@ mod tests {
         assert!(tests.check("http://127.0.0.1:9000/hooks").is_ok());
         assert!(tests.check("http://127.0.0.1:9000/hooksx").is_err());
         assert!(tests.check("http://127.0.0.1:9001/hooks/a").is_err());
+        // The path cannot climb out of the prefix; a query is not compared.
+        for out in [
+            "http://127.0.0.1:9000/hooks/../admin",
+            "http://127.0.0.1:9000/hooks/%2e%2e/admin",
+            "http://127.0.0.1:9000/hooks/./a",
+            "http://127.0.0.1:9000.evil.example/hooks",
+            "http://127.0.0.1:90001/hooks",
+        ] {
+            assert!(tests.check(out).is_err(), "{out} accepted");
+        }
+        assert!(
+            tests
+                .check("http://127.0.0.1:9000/hooks/a?token=x")
+                .unwrap()
+                .internal_allowed
+        );
         // A host name is checked again on what it resolves to.
         let named = open.check("https://rebind.example/x").unwrap();
         assert!(TargetPolicy::check_resolved(&named, "127.0.0.1".parse().unwrap()).is_err());

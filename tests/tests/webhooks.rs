@@ -752,7 +752,7 @@ async fn a_claim_that_outlives_its_lease_is_fenced_out() {
     };
     assert!(
         !store
-            .record_webhook_attempt(&tenant, "stalled", &attempt, &effect)
+            .record_webhook_attempt(&tenant, "stalled", &attempt, &effect, Ts(0))
             .await
             .unwrap()
     );
@@ -871,10 +871,179 @@ async fn a_replica_killed_mid_delivery_misses_nothing_on_postgres() {
             "k-{d} in {devices_seen:?}"
         );
     }
-    // The held event was sent again, with the same id.
+    // The held event was sent again, with the same id; every event was
+    // answered 200 exactly once (each delivery recorded, none sent again).
     assert_eq!(got[0].answer, Answer::Hang);
     assert_eq!(got[0].header("webhook-id"), delivered[0]);
     assert_eq!(rx.most_in_flight(), 1, "never two deliveries at once");
+    let ok: Vec<&str> = got
+        .iter()
+        .filter(|r| r.answer == Answer::Status(200))
+        .map(|r| r.header("webhook-id"))
+        .collect();
+    assert_eq!(ok, delivered, "each event answered 200 once");
+    let mut hooks = WebhookServiceClient::new(b.channel().await);
+    let mut stands = hooks
+        .get_webhook_endpoint(pb::GetWebhookEndpointRequest {
+            endpoint_id: ep.endpoint_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while stands.delivered_cursor != *cursors.last().unwrap() {
+        assert!(std::time::Instant::now() < deadline, "recorded: {stands:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stands = hooks
+            .get_webhook_endpoint(pb::GetWebhookEndpointRequest {
+                endpoint_id: ep.endpoint_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    }
+    let log = hooks
+        .list_webhook_deliveries(pb::ListWebhookDeliveriesRequest {
+            endpoint_id: ep.endpoint_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .deliveries;
+    let mut logged: Vec<i64> = log.iter().map(|d| d.cursor).collect();
+    logged.reverse();
+    assert_eq!(logged, cursors, "one DELIVERED row per event");
     drop(b);
     db.drop_database().await;
+}
+
+/// More pages and record batches than one (100 each), with events the
+/// endpoint does not select between the ones it does: every selected one
+/// arrives once, in order, and the endpoint moves past the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_runs_cross_pages_and_batches_and_skip_what_is_not_selected() {
+    let rx = Receiver::start().await;
+    let s = TestServer::start_with_receivers(std::slice::from_ref(&rx.origin)).await;
+    let (ep, _) = create(&s, &rx.url, &[E::DeviceCreated]).await;
+    let mut c = s.actions();
+    let n = 130;
+    for i in 0..n {
+        let id = format!("x{i:03}");
+        s.battery(&id).await;
+        c.push_action(push(&id, window(Command::Charge, H, 2 * H), S::Unspecified))
+            .await
+            .unwrap();
+    }
+    let t = s.deliverer().deliver_due().await.unwrap();
+    assert_eq!((t.delivered, t.failed), (n, 0));
+    let order: Vec<String> = rx
+        .got()
+        .iter()
+        .map(|m| m.json()["data"]["device_id"].as_str().unwrap().to_owned())
+        .collect();
+    let want: Vec<String> = (0..n).map(|i| format!("x{i:03}")).collect();
+    assert_eq!(order, want);
+    let all = events(&s, ep.delivered_cursor).await;
+    assert_eq!(all.len(), 2 * n);
+    let stands = get(&s, &ep.endpoint_id).await;
+    assert_eq!(
+        stands.delivered_cursor,
+        all.last().unwrap().cursor,
+        "moved past the last (unselected) event"
+    );
+    assert_eq!(deliveries(&s, &ep.endpoint_id).await.len(), n);
+    assert_eq!(
+        s.deliverer().deliver_due().await.unwrap(),
+        Default::default()
+    );
+    assert_eq!(rx.got().len(), n);
+}
+
+/// Endpoints with nothing to deliver (more than a replica delivers to at
+/// once) never keep one that has events waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_endpoints_never_crowd_out_a_busy_one() {
+    let rx = Receiver::start().await;
+    let s = TestServer::start_with_keys(&Seed {
+        webhook_url_allow: vec![rx.origin.clone()],
+        ..Seed::keys(&[
+            ("quiet", &["webhooks:manage"]),
+            ("busy", &["webhooks:manage", "devices:write"]),
+        ])
+    })
+    .await;
+    let quiet = WebhookServiceClient::new(keyed(s.channel.clone(), &s.keys[0]));
+    let busy = WebhookServiceClient::new(keyed(s.channel.clone(), &s.keys[1]));
+    let idle = s.app.webhooks.concurrency + 6;
+    for i in 0..idle {
+        quiet
+            .clone()
+            .create_webhook_endpoint(pb::CreateWebhookEndpointRequest {
+                url: format!("https://idle.example/{i}"),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    busy.clone()
+        .create_webhook_endpoint(pb::CreateWebhookEndpointRequest {
+            url: rx.url.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let d = s.deliverer();
+    // Every endpoint checked once: the idle ones are parked.
+    assert_eq!(d.deliver_due().await.unwrap(), Default::default());
+    // Later (the busy one's creation time is newest: it would come last).
+    s.clock.advance(Ts::SECOND);
+    pb::device_service_client::DeviceServiceClient::new(keyed(s.channel.clone(), &s.keys[1]))
+        .create_device(battery_request("b1"))
+        .await
+        .unwrap();
+    assert_eq!(d.deliver_due().await.unwrap().delivered, 1);
+    assert_eq!(rx.accepted().len(), 1);
+}
+
+/// An owner who disables an endpoint while an attempt is in flight has the
+/// last word: the attempt's failure neither re-disables it (as FAILING or
+/// GONE) nor writes a disabled event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owners_change_during_an_attempt_wins() {
+    let rx = Receiver::start().await;
+    let s = TestServer::start_with_receivers(std::slice::from_ref(&rx.origin)).await;
+    let (ep, _) = create(&s, &rx.url, &[]).await;
+    rx.script(&[Answer::Hang]);
+    s.battery("o1").await;
+    let d = s.deliverer();
+    let running = tokio::spawn(async move { d.deliver_due().await });
+    until(&rx, 10, "the attempt", |g| !g.is_empty()).await;
+    hooks(&s)
+        .update_webhook_endpoint(pb::UpdateWebhookEndpointRequest {
+            endpoint: Some(pb::WebhookEndpoint {
+                endpoint_id: ep.endpoint_id.clone(),
+                enabled: false,
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["enabled".into()],
+            }),
+        })
+        .await
+        .unwrap();
+    running.await.unwrap().unwrap();
+    let after = get(&s, &ep.endpoint_id).await;
+    assert!(!after.enabled);
+    assert_eq!(
+        after.disabled_reason,
+        pb::WebhookDisabledReason::ByUser as i32
+    );
+    assert_eq!((after.failed_attempts, after.failing_since), (0, None));
+    assert!(
+        events(&s, 0)
+            .await
+            .iter()
+            .all(|e| e.r#type != E::WebhookEndpointDisabled as i32)
+    );
 }

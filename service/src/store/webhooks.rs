@@ -10,7 +10,8 @@
 
 use sea_orm::{
     ActiveValue::{NotSet, Set},
-    ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
+    ColumnTrait, Condition, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect,
     sea_query::Expr,
 };
 
@@ -199,6 +200,17 @@ impl Store {
         };
         self.retrying(|| async {
             let tx = self.begin().await?;
+            if self.backend() == sea_orm::DbBackend::Postgres {
+                // Creates of one tenant take turns, so two cannot both
+                // count one below the cap.
+                tx.execute_raw(sea_orm::Statement::from_sql_and_values(
+                    sea_orm::DbBackend::Postgres,
+                    "SELECT pg_advisory_xact_lock(hashtext('webhooks:' || $1))",
+                    [e.tenant.as_str().into()],
+                ))
+                .await
+                .map_err(db_err)?;
+            }
             let n = ep::Entity::find()
                 .filter(ep::Column::TenantId.eq(e.tenant.as_str()))
                 .count(&tx)
@@ -269,8 +281,14 @@ impl Store {
                 });
             };
             let mut m: ep::ActiveModel = row.clone().into();
-            if let Some(u) = &change.url {
+            if let Some(u) = &change.url
+                && *u != row.url
+            {
+                // A new receiver starts with a clean slate.
                 m.url = Set(u.clone());
+                m.attempts = Set(0);
+                m.failing_since_ns = Set(None);
+                m.next_attempt_ns = Set(now.0);
             }
             if let Some(t) = &change.event_types {
                 m.event_types = Set(t.join(","));
@@ -514,13 +532,23 @@ impl Store {
         .await
     }
 
-    /// Gives up `owner`'s lease on endpoint `id` (it is claimable at once).
-    pub async fn release_webhook(&self, id: &str, owner: &str) -> Result<(), Error> {
+    /// Gives up `owner`'s lease on endpoint `id`; it is claimable again at
+    /// `next` (at once with `None`).
+    pub async fn release_webhook(
+        &self,
+        id: &str,
+        owner: &str,
+        next: Option<Ts>,
+    ) -> Result<(), Error> {
         self.retrying(|| async {
             let tx = self.begin().await?;
-            ep::Entity::update_many()
+            let mut update = ep::Entity::update_many()
                 .col_expr(ep::Column::LeaseOwner, Expr::value(Option::<String>::None))
-                .col_expr(ep::Column::LeaseUntilNs, Expr::value(Option::<i64>::None))
+                .col_expr(ep::Column::LeaseUntilNs, Expr::value(Option::<i64>::None));
+            if let Some(t) = next {
+                update = update.col_expr(ep::Column::NextAttemptNs, Expr::value(t.0));
+            }
+            update
                 .filter(held_by(id, owner))
                 .exec(&tx)
                 .await
@@ -530,15 +558,150 @@ impl Store {
         .await
     }
 
+    /// Parks endpoint `id` (claimed by `owner`, or by no one with `None`)
+    /// if it has delivered every event of its tenant up to `cursor` and
+    /// none after it is visible: it is then left out of
+    /// [`Store::due_webhooks`] until [`Store::unpark_webhooks`] wakes it.
+    /// Checked and written in one statement, so an event committed
+    /// meanwhile leaves it unparked. Releases `owner`'s lease either way.
+    pub async fn park_webhook(
+        &self,
+        id: &str,
+        owner: Option<&str>,
+        cursor: i64,
+        now: Ts,
+    ) -> Result<bool, Error> {
+        // On SQLite by rowid from the cursor on, the tenant checked on each
+        // row (not by an index of the tenant's whole trail).
+        let (column, tenant) = match self.backend() {
+            sea_orm::DbBackend::Postgres => ("event_cursor", "a.tenant_id"),
+            _ => ("seq", "+a.tenant_id"),
+        };
+        let none_newer = Expr::cust(format!(
+            "NOT EXISTS (SELECT 1 FROM audit_log a WHERE a.{column} > webhook_endpoints.delivered_cursor \
+             AND {tenant} = webhook_endpoints.tenant_id)"
+        ));
+        let parked = self
+            .retrying(|| async {
+                let tx = self.begin().await?;
+                let mut update = ep::Entity::update_many()
+                    .col_expr(ep::Column::NextAttemptNs, Expr::value(PARKED))
+                    .col_expr(ep::Column::LeaseOwner, Expr::value(Option::<String>::None))
+                    .col_expr(ep::Column::LeaseUntilNs, Expr::value(Option::<i64>::None))
+                    .filter(ep::Column::EndpointId.eq(id))
+                    .filter(ep::Column::DeliveredCursor.eq(cursor))
+                    .filter(ep::Column::Attempts.eq(0))
+                    .filter(ep::Column::Enabled.eq(true))
+                    .filter(none_newer.clone());
+                update = match owner {
+                    Some(o) => update.filter(ep::Column::LeaseOwner.eq(o)),
+                    None => update.filter(ep::Column::NextAttemptNs.lte(now.0)).filter(
+                        Condition::any()
+                            .add(ep::Column::LeaseUntilNs.is_null())
+                            .add(ep::Column::LeaseUntilNs.lt(now.0)),
+                    ),
+                };
+                let n = update.exec(&tx).await.map_err(db_err)?.rows_affected;
+                tx.commit().await.map_err(db_err)?;
+                Ok(n == 1)
+            })
+            .await?;
+        if !parked && let Some(o) = owner {
+            self.release_webhook(id, o, None).await?;
+        }
+        Ok(parked)
+    }
+
+    /// The tenants with events after `after`, each with its newest cursor.
+    pub async fn tenants_with_events_after(
+        &self,
+        after: i64,
+    ) -> Result<Vec<(TenantId, i64)>, Error> {
+        let cursor = self.cursor_column();
+        self.bounded(async {
+            let rows: Vec<(String, Option<i64>)> = audit::Entity::find()
+                .select_only()
+                .column(audit::Column::TenantId)
+                .column_as(cursor.max(), "newest")
+                .filter(cursor.gt(after))
+                .group_by(audit::Column::TenantId)
+                .into_tuple()
+                .all(&self.read)
+                .await
+                .map_err(db_err)?;
+            Ok(rows
+                .into_iter()
+                .filter_map(|(t, n)| n.map(|n| (TenantId::from_stored(t), n)))
+                .collect())
+        })
+        .await
+    }
+
+    /// The newest event cursor of every tenant (0: none).
+    pub async fn event_head(&self) -> Result<i64, Error> {
+        let cursor = self.cursor_column();
+        self.bounded(async {
+            let newest: Vec<Option<i64>> = audit::Entity::find()
+                .select_only()
+                .column_as(cursor.max(), "newest")
+                .into_tuple()
+                .all(&self.read)
+                .await
+                .map_err(db_err)?;
+            Ok(newest.into_iter().flatten().next().unwrap_or(0))
+        })
+        .await
+    }
+
+    /// Wakes the parked endpoints of `tenants` (every tenant's with
+    /// `None`): they have events to look at.
+    pub async fn unpark_webhooks(
+        &self,
+        tenants: Option<&[TenantId]>,
+        now: Ts,
+    ) -> Result<u64, Error> {
+        let mut parked = ep::Entity::find()
+            .select_only()
+            .column(ep::Column::EndpointId)
+            .filter(ep::Column::NextAttemptNs.eq(PARKED));
+        if let Some(t) = tenants {
+            parked = parked.filter(ep::Column::TenantId.is_in(t.iter().map(|t| t.as_str())));
+        }
+        let ids: Vec<String> = self
+            .bounded(async { parked.into_tuple().all(&self.read).await.map_err(db_err) })
+            .await?;
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        self.retrying(|| async {
+            let tx = self.begin().await?;
+            let n = ep::Entity::update_many()
+                .col_expr(ep::Column::NextAttemptNs, Expr::value(now.0))
+                .filter(ep::Column::EndpointId.is_in(ids.iter().cloned()))
+                .filter(ep::Column::NextAttemptNs.eq(PARKED))
+                .exec(&tx)
+                .await
+                .map_err(db_err)?
+                .rows_affected;
+            tx.commit().await.map_err(db_err)?;
+            Ok(n)
+        })
+        .await
+    }
+
     /// Logs an attempt and applies its effect, in one transaction, if
     /// `owner` still holds the endpoint's lease; false (nothing written)
     /// if it does not.
+    /// `seen` is the endpoint's `updated` as the deliverer last read it: an
+    /// owner's change since (disabled, enabled again, a new URL) makes the
+    /// attempt's effect stale, and nothing is written.
     pub async fn record_webhook_attempt(
         &self,
         tenant: &TenantId,
         owner: &str,
         a: &AttemptRecord,
         effect: &AttemptEffect,
+        seen: Ts,
     ) -> Result<bool, Error> {
         let written = self
             .retrying(|| async {
@@ -570,6 +733,8 @@ impl Store {
                 }
                 let n = update
                     .filter(held_by(&a.endpoint_id, owner))
+                    .filter(ep::Column::Enabled.eq(true))
+                    .filter(ep::Column::UpdateNs.eq(seen.0))
                     .exec(&tx)
                     .await
                     .map_err(db_err)?
@@ -625,13 +790,8 @@ impl Store {
         self.retrying(|| async {
             let tx = self.begin().await?;
             let n = ep::Entity::update_many()
-                .col_expr(
-                    ep::Column::DeliveredCursor,
-                    Expr::cust_with_values(
-                        "CASE WHEN delivered_cursor > ? THEN delivered_cursor ELSE ? END",
-                        [cursor, cursor],
-                    ),
-                )
+                // Only the lease holder moves it, and only forward.
+                .col_expr(ep::Column::DeliveredCursor, Expr::value(cursor))
                 .col_expr(ep::Column::Attempts, Expr::value(0i64))
                 .col_expr(ep::Column::FailingSinceNs, Expr::value(Option::<i64>::None))
                 .col_expr(ep::Column::NextAttemptNs, Expr::value(now.0))
@@ -687,6 +847,10 @@ impl Store {
         .await
     }
 }
+
+/// `next_attempt_ns` of a parked endpoint: caught up, and left out of
+/// [`Store::due_webhooks`] until its tenant has new events.
+pub const PARKED: i64 = i64::MAX;
 
 /// The `to_state` of the audit entry that records an endpoint disabled
 /// by delivery.
