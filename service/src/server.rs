@@ -210,6 +210,12 @@ pub async fn serve(
                     }
                 }
             }
+            if let Err(e) = prune_store
+                .cap_webhook_attempts(crate::api::webhooks::ATTEMPTS_KEPT, PRUNE_BATCH)
+                .await
+            {
+                tracing::warn!(error = %e, "webhook delivery log sweep failed");
+            }
         }
     });
 

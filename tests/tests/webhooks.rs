@@ -958,6 +958,38 @@ async fn long_runs_cross_pages_and_batches_and_skip_what_is_not_selected() {
         Default::default()
     );
     assert_eq!(rx.got().len(), n);
+    // The log keeps an endpoint's newest attempts, forgetting the rest a
+    // small batch at a time.
+    let store = &s.app.store;
+    assert_eq!(
+        store.cap_webhook_attempts(50, 7).await.unwrap(),
+        (n - 50) as u64
+    );
+    let kept = deliveries(&s, &ep.endpoint_id).await;
+    assert_eq!(kept.len(), 50);
+    let newest = rx.got().last().unwrap().header("webhook-id").to_owned();
+    assert_eq!(kept[0].event_id, newest);
+    // Deleted: its log goes too, in the background.
+    hooks(&s)
+        .delete_webhook_endpoint(pb::DeleteWebhookEndpointRequest {
+            endpoint_id: ep.endpoint_id.clone(),
+        })
+        .await
+        .unwrap();
+    let tenant = switchyard::domain::TenantId::default_tenant();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !store
+        .list_webhook_attempts(&tenant, &ep.endpoint_id, None, 10)
+        .await
+        .unwrap()
+        .is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the log outlived its endpoint"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Endpoints with nothing to deliver (more than a replica delivers to at

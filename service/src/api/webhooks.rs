@@ -22,6 +22,8 @@ pub const DEFAULT_OVERLAP: Duration = Duration::from_secs(24 * 3600);
 pub const MAX_OVERLAP: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How long delivery attempts are kept in the log.
 pub const ATTEMPT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Most attempts kept per endpoint (the newest).
+pub const ATTEMPTS_KEPT: u64 = 10_000;
 
 /// WebhookService over the handlers' state.
 #[derive(Clone, Debug)]
@@ -366,6 +368,17 @@ impl WebhookService for Webhooks {
         let r = request.into_inner();
         let id = endpoint_id(&r.endpoint_id)?;
         app.store.delete_webhook(&app.tenant(), id).await?;
+        // Its log is forgotten in the background, a batch at a time (what
+        // a crash leaves is swept within the log's retention).
+        let store = app.store.clone();
+        let gone = id.to_owned();
+        tokio::spawn(async move {
+            while let Ok(n) = store.forget_webhook_attempts(&gone, None, 1000).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        });
         tracing::info!(
             tenant = app.tenant().as_str(),
             endpoint_id = id,

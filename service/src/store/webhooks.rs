@@ -369,15 +369,97 @@ impl Store {
                     endpoint_id: id.to_owned(),
                 });
             }
-            webhook_attempt::Entity::delete_many()
-                .filter(webhook_attempt::Column::EndpointId.eq(id))
-                .filter(webhook_attempt::Column::TenantId.eq(tenant.as_str()))
-                .exec(&tx)
-                .await
-                .map_err(db_err)?;
             tx.commit().await.map_err(db_err)
         })
         .await
+    }
+
+    /// Forgets, oldest first, at most `batch` of endpoint `id`'s logged
+    /// attempts (only those before attempt `before`, when given); returns
+    /// how many. Short transactions: a long log is forgotten a batch at a
+    /// time, without holding writers up.
+    pub async fn forget_webhook_attempts(
+        &self,
+        id: &str,
+        before: Option<i64>,
+        batch: u32,
+    ) -> Result<u64, Error> {
+        self.retrying(|| async {
+            let tx = self.begin().await?;
+            let mut select = webhook_attempt::Entity::find()
+                .select_only()
+                .column(webhook_attempt::Column::AttemptId)
+                .filter(webhook_attempt::Column::EndpointId.eq(id));
+            if let Some(b) = before {
+                select = select.filter(webhook_attempt::Column::AttemptId.lt(b));
+            }
+            let ids: Vec<i64> = select
+                .order_by_asc(webhook_attempt::Column::AttemptId)
+                .limit(u64::from(batch))
+                .into_tuple()
+                .all(&tx)
+                .await
+                .map_err(db_err)?;
+            if ids.is_empty() {
+                return Ok(0);
+            }
+            let n = webhook_attempt::Entity::delete_many()
+                .filter(webhook_attempt::Column::AttemptId.is_in(ids))
+                .exec(&tx)
+                .await
+                .map_err(db_err)?
+                .rows_affected;
+            tx.commit().await.map_err(db_err)?;
+            Ok(n)
+        })
+        .await
+    }
+
+    /// Every endpoint's attempts beyond its newest `keep` are forgotten, a
+    /// batch per transaction; returns how many.
+    pub async fn cap_webhook_attempts(&self, keep: u64, batch: u32) -> Result<u64, Error> {
+        let ids: Vec<String> = self
+            .bounded(async {
+                ep::Entity::find()
+                    .select_only()
+                    .column(ep::Column::EndpointId)
+                    .into_tuple()
+                    .all(&self.read)
+                    .await
+                    .map_err(db_err)
+            })
+            .await?;
+        let mut total = 0;
+        for id in ids {
+            let oldest_kept: Option<i64> = self
+                .bounded(async {
+                    webhook_attempt::Entity::find()
+                        .select_only()
+                        .column(webhook_attempt::Column::AttemptId)
+                        .filter(webhook_attempt::Column::EndpointId.eq(id.as_str()))
+                        .order_by_desc(webhook_attempt::Column::AttemptId)
+                        .offset(keep.saturating_sub(1))
+                        .limit(1)
+                        .into_tuple()
+                        .one(&self.read)
+                        .await
+                        .map_err(db_err)
+                })
+                .await?;
+            let Some(oldest_kept) = oldest_kept else {
+                continue;
+            };
+            loop {
+                let n = self
+                    .forget_webhook_attempts(&id, Some(oldest_kept), batch)
+                    .await?;
+                total += n;
+                if n < u64::from(batch) {
+                    break;
+                }
+            }
+        }
+        Ok(total)
     }
 
     /// An endpoint's attempts before attempt `before` (the newest with
