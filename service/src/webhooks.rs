@@ -1,7 +1,7 @@
-//! Webhook building blocks (issue 16, the part before delivery): Standard
-//! Webhooks signatures and the check of a target URL against what the
-//! operator allows. Delivery, endpoints and their API come next; these are
-//! the pieces every one of them relies on, tested on their own.
+//! Webhook building blocks: Standard Webhooks signatures, the check of a
+//! target URL against what the operator allows, and the HTTP sender.
+//! Endpoints are `api/webhooks.rs` and `store/webhooks.rs`; delivery is
+//! `delivery.rs`.
 //!
 //! - A signing secret is `whsec_` + base64 of 24 random bytes, as Standard
 //!   Webhooks spells it; its `Debug` never shows it.
@@ -189,7 +189,7 @@ impl TargetPolicy {
     /// wrong, never what the server's network holds.
     pub fn check(&self, url: &str) -> Result<Target, String> {
         if url.len() > 2048 {
-            return Err("a webhook URL is at most 2048 bytes".into());
+            return Err("is longer than 2048 bytes".into());
         }
         let uri: Uri = url
             .parse()

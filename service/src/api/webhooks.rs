@@ -112,10 +112,10 @@ fn check_url(app: &App, url: &str, field: &str) -> Result<(), Error> {
         .map_err(|why| Error::invalid(field, Reason::InvalidField, format!("{field} {why}")))
 }
 
-fn check_description(d: &str) -> Result<(), Error> {
+fn check_description(d: &str, field: &str) -> Result<(), Error> {
     if d.len() > MAX_DESCRIPTION_BYTES || d.chars().any(char::is_control) {
         return Err(Error::invalid(
-            "description",
+            field,
             Reason::InvalidField,
             format!("at most {MAX_DESCRIPTION_BYTES} bytes of text, without control characters"),
         ));
@@ -124,13 +124,13 @@ fn check_description(d: &str) -> Result<(), Error> {
 }
 
 /// The event type names of a request, deduplicated in order.
-fn event_types(types: &[i32]) -> Result<Vec<String>, Error> {
+fn event_types(types: &[i32], field: &str) -> Result<Vec<String>, Error> {
     let mut names: Vec<String> = Vec::new();
     for (i, t) in types.iter().enumerate() {
         match pb::EventType::try_from(*t) {
             Ok(pb::EventType::Unspecified) | Err(_) => {
                 return Err(Error::invalid(
-                    format!("event_types[{i}]"),
+                    format!("{field}[{i}]"),
                     Reason::InvalidField,
                     format!("{t} is not an event type"),
                 ));
@@ -195,8 +195,8 @@ impl Webhooks {
         r: pb::CreateWebhookEndpointRequest,
     ) -> Result<pb::CreateWebhookEndpointResponse, Error> {
         check_url(app, &r.url, "url")?;
-        check_description(&r.description)?;
-        let types = event_types(&r.event_types)?;
+        check_description(&r.description, "description")?;
+        let types = event_types(&r.event_types, "event_types")?;
         let tenant = app.tenant();
         let now = app.clock.now();
         // It receives what is committed after it: from the newest event,
@@ -273,10 +273,12 @@ impl Webhooks {
                     check_url(app, &e.url, "endpoint.url")?;
                     change.url = Some(e.url.clone());
                 }
-                "event_types" => change.event_types = Some(event_types(&e.event_types)?),
+                "event_types" => {
+                    change.event_types = Some(event_types(&e.event_types, "endpoint.event_types")?);
+                }
                 "enabled" => change.enabled = Some(e.enabled),
                 "description" => {
-                    check_description(&e.description)?;
+                    check_description(&e.description, "endpoint.description")?;
                     change.description = Some(e.description.clone());
                 }
                 other => {
@@ -332,7 +334,7 @@ impl WebhookService for Webhooks {
         let size = page_size(r.page_size)?;
         let tenant = app.tenant();
         let scope = format!("webhooks:{}", tenant.as_str());
-        let after = decode_token(&r.page_token, &scope, "the same key's tenant")?;
+        let after = decode_token(&r.page_token, &scope, " (the same tenant's key)")?;
         let mut list = app
             .store
             .list_webhooks(&tenant, after.as_deref(), size + 1)
@@ -431,17 +433,21 @@ impl WebhookService for Webhooks {
         // Another tenant's endpoint is not found, like a missing one.
         app.store.get_webhook(&tenant, id).await?;
         let scope = format!("deliveries:{}:{id}", tenant.as_str());
-        let before = decode_token(&r.page_token, &scope, "the same endpoint_id")?
-            .map(|t| {
-                t.parse::<i64>().map_err(|_| {
-                    Error::invalid(
-                        "page_token",
-                        Reason::InvalidPageToken,
-                        "page_token is malformed",
-                    )
-                })
+        let before = decode_token(
+            &r.page_token,
+            &scope,
+            " (endpoint_id must stay the same from page to page)",
+        )?
+        .map(|t| {
+            t.parse::<i64>().map_err(|_| {
+                Error::invalid(
+                    "page_token",
+                    Reason::InvalidPageToken,
+                    "page_token is malformed",
+                )
             })
-            .transpose()?;
+        })
+        .transpose()?;
         let mut list = app
             .store
             .list_webhook_attempts(&tenant, id, before, size + 1)
