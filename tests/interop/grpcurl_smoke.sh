@@ -60,7 +60,7 @@ database="sqlite://$tmp/smoke.db"
 # The key is printed alone on stdout. It has the default rate (50/s, burst
 # 100 per key): this script makes fewer calls than the burst.
 KEY="$("$SWITCHYARD_BIN" admin --database "$database" key create --tenant default \
-    --scopes devices:read,devices:write,actions:read,actions:write,admin \
+    --scopes devices:read,devices:write,actions:read,actions:write,admin,webhooks:manage \
     --description "grpcurl smoke test" </dev/null 2>"$tmp/admin.err")" ||
     { cat "$tmp/admin.err" >&2; die "switchyard admin key create failed"; }
 [[ "$KEY" =~ ^sy_[a-z2-7]{16}_[a-z2-7]{52}$ ]] || die "switchyard admin key create did not print a key (sy_...) alone"
@@ -148,11 +148,11 @@ run() {
 # Reflection (list, describe) and health are called without the key.
 run out rc gc "$addr" list
 if ((rc == 0)); then
-    for svc in switchyard.v1.ActionService switchyard.v1.AdminService switchyard.v1.DeviceService grpc.health.v1.Health; do
+    for svc in switchyard.v1.ActionService switchyard.v1.AdminService switchyard.v1.DeviceService switchyard.v1.WebhookService grpc.health.v1.Health; do
         if grep -qx -- "$svc" <<<"$out"; then ok "list shows $svc"; else fail "list shows $svc" "$out"; fi
     done
 else
-    for svc in switchyard.v1.ActionService switchyard.v1.AdminService switchyard.v1.DeviceService grpc.health.v1.Health; do
+    for svc in switchyard.v1.ActionService switchyard.v1.AdminService switchyard.v1.DeviceService switchyard.v1.WebhookService grpc.health.v1.Health; do
         fail "list shows $svc" "grpcurl exit $rc: $out"
     done
 fi
@@ -255,6 +255,26 @@ check_line "the ErrorInfo over $many_n colliders counts them all and says it is 
 check_line "the ConflictDetail over $many_n colliders is decoded with conflictCount and truncated" "$out" \
     '"@type":"type.googleapis.com/switchyard.v1.ConflictDetail"' \
     "\"conflictCount\":$many_n" '"truncated":true'
+
+# Webhooks: an internal receiver is refused, typed; a public one gets its
+# signing secret once, and never again (not in Get, not in the log).
+run out rc gk -d '{"url":"http://169.254.169.254/latest/meta-data"}' "$addr" \
+    switchyard.v1.WebhookService/CreateWebhookEndpoint
+if ((rc == 67)); then check_line "a webhook to the metadata address is InvalidArgument, INVALID_FIELD on url" "$out" \
+    '"@type":"type.googleapis.com/google.rpc.ErrorInfo"' '"reason":"INVALID_FIELD"' '"fields":"url"'
+else fail "a webhook to the metadata address is InvalidArgument (grpcurl exit 67)" "grpcurl exit $rc: $out"; fi
+run out rc gk -d '{"url":"https://hooks.example.com/switchyard","event_types":["EVENT_TYPE_ACTION_FAILED"]}' \
+    "$addr" switchyard.v1.WebhookService/CreateWebhookEndpoint
+secret="$(grep -o '"secret": "whsec_[^"]*"' <<<"$out" | cut -d'"' -f4 || true)"
+endpoint="$(grep -o '"endpointId": "wh_[^"]*"' <<<"$out" | cut -d'"' -f4 || true)"
+if ((rc == 0)) && [[ -n "$secret" && -n "$endpoint" ]]; then ok "CreateWebhookEndpoint answers the endpoint and its whsec_ secret"
+else fail "CreateWebhookEndpoint answers the endpoint and its whsec_ secret" "grpcurl exit $rc: $out"; fi
+run out rc gk -d "{\"endpoint_id\":\"$endpoint\"}" "$addr" switchyard.v1.WebhookService/GetWebhookEndpoint
+if ((rc == 0)) && ! grep -qF -- "whsec_" <<<"$out"; then check "GetWebhookEndpoint never shows the secret" "$out" \
+    "\"endpointId\": \"$endpoint\"" '"EVENT_TYPE_ACTION_FAILED"'
+else fail "GetWebhookEndpoint never shows the secret" "grpcurl exit $rc: $out"; fi
+if [[ -n "$secret" ]] && grep -qF -- "${secret#whsec_}" "$log"; then fail "the server log never holds a webhook secret"
+else ok "the server log never holds a webhook secret"; fi
 
 # The key was sent on every call above: the server never logs it.
 if grep -qF -- "${KEY#sy_*_}" "$log"; then fail "the server log never holds the API key's secret"
