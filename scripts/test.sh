@@ -9,8 +9,20 @@ cd "$(dirname "$0")/.."
 echo "== tools"
 eval "$(bash scripts/install-test-tools.sh)"
 
-echo "== proto lint (buf)"
+echo "== proto lint and breaking changes (buf)"
 (cd proto && buf lint)
+# The API is a contract with clients in other languages: against the
+# previous commit (on a fresh clone of main, the last one before it), no
+# field, number, name or service may change incompatibly. Override with
+# SWITCHYARD_BUF_AGAINST (a git ref) to compare with a release instead.
+against="${SWITCHYARD_BUF_AGAINST:-HEAD~1}"
+if git rev-parse --verify --quiet "$against^{commit}" >/dev/null \
+   && git cat-file -e "$against:proto/buf.yaml" 2>/dev/null; then
+  (cd proto && buf breaking --against "../.git#ref=$(git rev-parse "$against"),subdir=proto")
+  echo "buf breaking: no incompatible change against $against"
+else
+  echo "buf breaking: $against has no proto/buf.yaml to compare with; skipped"
+fi
 
 echo "== build"
 cargo build --workspace --locked
