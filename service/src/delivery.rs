@@ -195,23 +195,19 @@ impl Deliverer {
     }
 
     /// Wakes the parked endpoints of the tenants that have events since
-    /// the last scan (every parked endpoint on the first).
+    /// the last look (every parked endpoint on the first).
     async fn wake(&self) -> Result<(), Error> {
         use std::sync::atomic::Ordering::SeqCst;
         let now = self.clock.now();
         let scanned = self.scanned.load(SeqCst);
+        let head = self.store.event_head().await?;
         if scanned < 0 {
-            let head = self.store.event_head().await?;
             self.store.unpark_webhooks(None, now).await?;
-            self.scanned.fetch_max(head, SeqCst);
-            return Ok(());
+        } else if head > scanned {
+            self.store
+                .unpark_webhooks(Some((scanned, head)), now)
+                .await?;
         }
-        let active = self.store.tenants_with_events_after(scanned).await?;
-        let Some(head) = active.iter().map(|(_, n)| *n).max() else {
-            return Ok(());
-        };
-        let tenants: Vec<TenantId> = active.into_iter().map(|(t, _)| t).collect();
-        self.store.unpark_webhooks(Some(&tenants), now).await?;
         self.scanned.fetch_max(head, SeqCst);
         Ok(())
     }
@@ -245,7 +241,7 @@ impl Deliverer {
                 // Caught up: parked until its tenant has new events, so
                 // idle endpoints never crowd out busy ones.
                 self.store
-                    .park_webhook(&d.id, None, d.delivered_cursor, now)
+                    .park_webhook(&d.tenant, &d.id, None, d.delivered_cursor, now)
                     .await?;
                 continue;
             }
@@ -346,10 +342,10 @@ impl Deliverer {
         // (A lost claim releases nothing: every write is fenced by it.)
         match outcome {
             Ok(Step::Released) => {}
-            Ok(Step::CaughtUp(cursor)) => {
+            Ok(Step::CaughtUp(ref tenant, cursor)) => {
                 let _ = self
                     .store
-                    .park_webhook(&id, Some(&owner), cursor, self.clock.now())
+                    .park_webhook(tenant, &id, Some(&owner), cursor, self.clock.now())
                     .await;
             }
             Ok(Step::Stop) => {
@@ -410,7 +406,7 @@ impl Deliverer {
                 if !self.flush(&ep, owner, &mut progress).await? {
                     return Ok(Step::Stop);
                 }
-                return Ok(Step::CaughtUp(progress.cursor));
+                return Ok(Step::CaughtUp(ep.tenant.clone(), progress.cursor));
             }
             let selected: Vec<&EventRecord> = page
                 .iter()
@@ -644,11 +640,11 @@ impl Progress {
 }
 
 /// How an endpoint's turn ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Step {
-    /// Every event up to this cursor is done and none is newer: the
-    /// endpoint may be parked.
-    CaughtUp(i64),
+    /// Every event of the tenant up to this cursor is done and none is
+    /// newer: the endpoint may be parked.
+    CaughtUp(TenantId, i64),
     /// An attempt failed and was recorded, lease given up.
     Released,
     /// Claim lost, endpoint disabled or server stopping.

@@ -124,16 +124,12 @@ impl Store {
         }
     }
 
-    /// The tenant's entries, as events are read: on SQLite by `seq` (the
-    /// rowid, newest last) with the tenant checked on each row (`+`: not
-    /// by `audit_by_action`, which would read the tenant's whole trail to
-    /// sort it); a caught-up watch reads only the few newest rows. On
-    /// PostgreSQL by `audit_events (tenant_id, event_cursor)`.
+    /// The tenant's entries, as events are read: by `audit_by_tenant
+    /// (tenant_id, seq)` on SQLite (migration 17) and `audit_events
+    /// (tenant_id, event_cursor)` on PostgreSQL, so a watch, however quiet
+    /// its tenant, reads only its tenant's rows after its cursor.
     fn of_tenant(&self, tenant: &TenantId) -> sea_orm::sea_query::SimpleExpr {
-        match self.backend() {
-            DbBackend::Postgres => audit::Column::TenantId.eq(tenant.as_str()),
-            _ => Expr::cust_with_values("+tenant_id = ?", [tenant.as_str().to_owned()]),
-        }
+        audit::Column::TenantId.eq(tenant.as_str())
     }
 
     pub(super) fn cursor_column(&self) -> audit::Column {

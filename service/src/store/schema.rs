@@ -17,12 +17,14 @@ pub enum Only {
     Both,
     /// PostgreSQL alone (recorded as applied, and skipped, on SQLite).
     Postgres,
+    /// SQLite alone (recorded as applied, and skipped, on PostgreSQL).
+    Sqlite,
 }
 
 /// The migration's text for `backend`, or `None` where it does not apply.
 pub fn render(backend: DbBackend, only: Only, sql: &str) -> Option<String> {
     let sqlite = matches!(backend, DbBackend::Sqlite);
-    if sqlite && only == Only::Postgres {
+    if (sqlite && only == Only::Postgres) || (!sqlite && only == Only::Sqlite) {
         return None;
     }
     let spell: &[(&str, &str)] = if sqlite {
@@ -389,6 +391,24 @@ CREATE INDEX webhook_attempts_by_time ON webhook_attempts (at_ns);
 ALTER TABLE audit_log ADD COLUMN endpoint_id TEXT;
 "#,
     ),
+    (
+        16,
+        Only::Both,
+        r#"
+-- The deliverer's look for due endpoints (parked ones sort last).
+CREATE INDEX webhook_endpoints_due ON webhook_endpoints (next_attempt_ns);
+"#,
+    ),
+    (
+        17,
+        Only::Sqlite,
+        r#"
+-- A tenant's events by cursor (PostgreSQL has audit_events): a quiet
+-- tenant's newest event, and whether it has any after a cursor, without
+-- reading every other tenant's events since.
+CREATE INDEX audit_by_tenant ON audit_log (tenant_id, seq);
+"#,
+    ),
 ];
 
 #[cfg(test)]
@@ -438,6 +458,8 @@ mod tests {
             }
         }
         assert!(render(DbBackend::Sqlite, Only::Postgres, "x").is_none());
+        assert!(render(DbBackend::Postgres, Only::Sqlite, "x").is_none());
+        assert!(render(DbBackend::Sqlite, Only::Sqlite, "x").is_some());
     }
 
     /// The index of holding actions is stated with the very predicate the

@@ -590,30 +590,6 @@ impl Store {
         .await
     }
 
-    /// Moves `owner`'s endpoint past events it does not select, up to
-    /// `cursor`; false if the lease was lost.
-    pub async fn skip_webhook_events(
-        &self,
-        id: &str,
-        owner: &str,
-        cursor: i64,
-    ) -> Result<bool, Error> {
-        self.retrying(|| async {
-            let tx = self.begin().await?;
-            let n = ep::Entity::update_many()
-                .col_expr(ep::Column::DeliveredCursor, Expr::value(cursor))
-                .filter(held_by(id, owner))
-                .filter(ep::Column::DeliveredCursor.lt(cursor))
-                .exec(&tx)
-                .await
-                .map_err(db_err)?
-                .rows_affected;
-            tx.commit().await.map_err(db_err)?;
-            Ok(n == 1)
-        })
-        .await
-    }
-
     /// Gives up `owner`'s lease on endpoint `id`; it is claimable again at
     /// `next` (at once with `None`).
     pub async fn release_webhook(
@@ -640,39 +616,46 @@ impl Store {
         .await
     }
 
-    /// Parks endpoint `id` (claimed by `owner`, or by no one with `None`)
-    /// if it has delivered every event of its tenant up to `cursor` and
-    /// none after it is visible: it is then left out of
+    /// Parks endpoint `id` of `tenant` (claimed by `owner`, or by no one
+    /// with `None`) if it has delivered every event of its tenant up to
+    /// `cursor` and none after it is visible: it is then left out of
     /// [`Store::due_webhooks`] until [`Store::unpark_webhooks`] wakes it.
-    /// Checked and written in one statement, so an event committed
-    /// meanwhile leaves it unparked. Releases `owner`'s lease either way.
+    /// With nothing left to send, a retry pending is moot: its state is
+    /// reset. Releases `owner`'s lease either way.
+    ///
+    /// Checked and written in one statement: on SQLite writers take turns,
+    /// so an event commits before it (and is seen) or after it (and finds
+    /// the endpoint parked). On PostgreSQL an event stamped while the
+    /// statement commits could be missed by both it and a concurrent wake,
+    /// so the tenant's newest event is read again once it has committed,
+    /// and the endpoint woken if there is one after `cursor`.
     pub async fn park_webhook(
         &self,
+        tenant: &TenantId,
         id: &str,
         owner: Option<&str>,
         cursor: i64,
         now: Ts,
     ) -> Result<bool, Error> {
-        // On SQLite by rowid from the cursor on, the tenant checked on each
-        // row (not by an index of the tenant's whole trail).
-        let (column, tenant) = match self.backend() {
-            sea_orm::DbBackend::Postgres => ("event_cursor", "a.tenant_id"),
-            _ => ("seq", "+a.tenant_id"),
+        let column = match self.backend() {
+            sea_orm::DbBackend::Postgres => "event_cursor",
+            _ => "seq",
         };
         let none_newer = Expr::cust(format!(
-            "NOT EXISTS (SELECT 1 FROM audit_log a WHERE a.{column} > webhook_endpoints.delivered_cursor \
-             AND {tenant} = webhook_endpoints.tenant_id)"
+            "NOT EXISTS (SELECT 1 FROM audit_log a WHERE a.tenant_id = webhook_endpoints.tenant_id \
+             AND a.{column} > webhook_endpoints.delivered_cursor)"
         ));
         let parked = self
             .retrying(|| async {
                 let tx = self.begin().await?;
                 let mut update = ep::Entity::update_many()
                     .col_expr(ep::Column::NextAttemptNs, Expr::value(PARKED))
+                    .col_expr(ep::Column::Attempts, Expr::value(0i64))
+                    .col_expr(ep::Column::FailingSinceNs, Expr::value(Option::<i64>::None))
                     .col_expr(ep::Column::LeaseOwner, Expr::value(Option::<String>::None))
                     .col_expr(ep::Column::LeaseUntilNs, Expr::value(Option::<i64>::None))
                     .filter(ep::Column::EndpointId.eq(id))
                     .filter(ep::Column::DeliveredCursor.eq(cursor))
-                    .filter(ep::Column::Attempts.eq(0))
                     .filter(ep::Column::Enabled.eq(true))
                     .filter(none_newer.clone());
                 update = match owner {
@@ -688,35 +671,30 @@ impl Store {
                 Ok(n == 1)
             })
             .await?;
-        if !parked && let Some(o) = owner {
-            self.release_webhook(id, o, None).await?;
+        if !parked {
+            if let Some(o) = owner {
+                self.release_webhook(id, o, None).await?;
+            }
+            return Ok(false);
         }
-        Ok(parked)
-    }
-
-    /// The tenants with events after `after`, each with its newest cursor.
-    pub async fn tenants_with_events_after(
-        &self,
-        after: i64,
-    ) -> Result<Vec<(TenantId, i64)>, Error> {
-        let cursor = self.cursor_column();
-        self.bounded(async {
-            let rows: Vec<(String, Option<i64>)> = audit::Entity::find()
-                .select_only()
-                .column(audit::Column::TenantId)
-                .column_as(cursor.max(), "newest")
-                .filter(cursor.gt(after))
-                .group_by(audit::Column::TenantId)
-                .into_tuple()
-                .all(&self.read)
-                .await
-                .map_err(db_err)?;
-            Ok(rows
-                .into_iter()
-                .filter_map(|(t, n)| n.map(|n| (TenantId::from_stored(t), n)))
-                .collect())
-        })
-        .await
+        if self.backend() == sea_orm::DbBackend::Postgres
+            && self.latest_event(tenant).await? > cursor
+        {
+            self.retrying(|| async {
+                let tx = self.begin().await?;
+                ep::Entity::update_many()
+                    .col_expr(ep::Column::NextAttemptNs, Expr::value(now.0))
+                    .filter(ep::Column::EndpointId.eq(id))
+                    .filter(ep::Column::NextAttemptNs.eq(PARKED))
+                    .exec(&tx)
+                    .await
+                    .map_err(db_err)?;
+                tx.commit().await.map_err(db_err)
+            })
+            .await?;
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     /// The newest event cursor of every tenant (0: none).
@@ -735,36 +713,58 @@ impl Store {
         .await
     }
 
-    /// Wakes the parked endpoints of `tenants` (every tenant's with
-    /// `None`): they have events to look at.
+    /// Wakes the parked endpoints of the tenants with events after
+    /// `after` and up to `through` (every parked endpoint with `None`):
+    /// they have events to look at. One statement, whatever the number of
+    /// tenants or endpoints; the write is skipped when a read finds
+    /// nothing to wake.
     pub async fn unpark_webhooks(
         &self,
-        tenants: Option<&[TenantId]>,
+        between: Option<(i64, i64)>,
         now: Ts,
     ) -> Result<u64, Error> {
-        let mut parked = ep::Entity::find()
-            .select_only()
-            .column(ep::Column::EndpointId)
-            .filter(ep::Column::NextAttemptNs.eq(PARKED));
-        if let Some(t) = tenants {
-            parked = parked.filter(ep::Column::TenantId.is_in(t.iter().map(|t| t.as_str())));
-        }
-        let ids: Vec<String> = self
-            .bounded(async { parked.into_tuple().all(&self.read).await.map_err(db_err) })
+        let column = match self.backend() {
+            sea_orm::DbBackend::Postgres => "event_cursor",
+            _ => "seq",
+        };
+        let (lo, hi) = between.unwrap_or((0, 0));
+        // (Two numbers, not input: written into the statement.)
+        let active = Expr::cust(format!(
+            "tenant_id IN (SELECT DISTINCT a.tenant_id FROM audit_log a \
+             WHERE a.{column} > {lo} AND a.{column} <= {hi})"
+        ));
+        let parked = || {
+            let q = ep::Entity::find().filter(ep::Column::NextAttemptNs.eq(PARKED));
+            if between.is_some() {
+                q.filter(active.clone())
+            } else {
+                q
+            }
+        };
+        let any: Option<String> = self
+            .bounded(async {
+                parked()
+                    .select_only()
+                    .column(ep::Column::EndpointId)
+                    .limit(1)
+                    .into_tuple()
+                    .one(&self.read)
+                    .await
+                    .map_err(db_err)
+            })
             .await?;
-        if ids.is_empty() {
+        if any.is_none() {
             return Ok(0);
         }
         self.retrying(|| async {
             let tx = self.begin().await?;
-            let n = ep::Entity::update_many()
+            let mut update = ep::Entity::update_many()
                 .col_expr(ep::Column::NextAttemptNs, Expr::value(now.0))
-                .filter(ep::Column::EndpointId.is_in(ids.iter().cloned()))
-                .filter(ep::Column::NextAttemptNs.eq(PARKED))
-                .exec(&tx)
-                .await
-                .map_err(db_err)?
-                .rows_affected;
+                .filter(ep::Column::NextAttemptNs.eq(PARKED));
+            if between.is_some() {
+                update = update.filter(active.clone());
+            }
+            let n = update.exec(&tx).await.map_err(db_err)?.rows_affected;
             tx.commit().await.map_err(db_err)?;
             Ok(n)
         })
