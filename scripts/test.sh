@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: Rust unit and end-to-end tests (real gRPC against
 # servers on loopback ports), then the checks from outside Rust: a Python
-# grpcio client and a grpcurl smoke script against the built binary.
+# grpcio client (with the Python example), the Node.js example's test and a
+# grpcurl smoke script against the built binary.
 # Installs what it needs through scripts/install-test-tools.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +40,13 @@ fi
 
 echo "== Python grpcio interop"
 pytest -q tests/interop/python
+
+echo "== Node.js interop"
+# examples/node/conflict.js through its test, with the dependencies the
+# tools script installed from its lockfile (found through NODE_PATH). The
+# test files are named (not the directory): from Node 21 on, `node --test`
+# takes files or globs, and a directory is no longer searched.
+node --test examples/node/*.test.js
 
 echo "== grpcurl smoke"
 bash tests/interop/grpcurl_smoke.sh
