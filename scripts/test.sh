@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: Rust unit and end-to-end tests (real gRPC against
 # servers on loopback ports), then the checks from outside Rust: a Python
-# grpcio client (with the Python example), the Node.js example's test and a
-# grpcurl smoke script against the built binary.
+# grpcio client (with the Python example), the Node.js example's test, a
+# grpcurl smoke script against the built binary, and the Helm chart's checks.
 # Installs what it needs through scripts/install-test-tools.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,6 +50,12 @@ node --test examples/node/*.test.js
 
 echo "== grpcurl smoke"
 bash tests/interop/grpcurl_smoke.sh
+
+echo "== Helm chart"
+# helm/switchyard without a cluster: helm lint --strict, each ci/ scenario
+# rendered and validated against Kubernetes' schemas, yamllint, and the
+# combinations the chart must refuse.
+bash scripts/check-helm.sh
 
 echo "== benchmarks, small (they work; figures: docs/performance.md)"
 bench="$target_dir/debug/switchyard-bench"

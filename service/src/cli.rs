@@ -418,6 +418,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHYARD_WEBHOOK_GIVE_UP_HOURS", default_value_t = 24,
           value_name = "HOURS", value_parser = clap::value_parser!(u64).range(1..=720))]
     pub webhook_give_up_hours: u64,
+    /// Address to serve Prometheus metrics on, HOST:PORT (`GET /metrics`;
+    /// docs/operations.md, "Metrics"). Unset: no metrics endpoint.
+    #[arg(long, env = "SWITCHYARD_METRICS_LISTEN", value_name = "HOST:PORT",
+          value_parser = listen_syntax)]
+    pub metrics_listen: Option<String>,
     /// Most client connections at once; more are closed at once.
     #[arg(long, env = "SWITCHYARD_MAX_CONNECTIONS", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -683,12 +688,27 @@ pub async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Se
         .await
         .map_err(|e| format!("--listen {listen}: {e}"))?;
     let addr = listener.local_addr()?;
+    let metrics_addr = match &args.metrics_listen {
+        None => None,
+        Some(m) => {
+            let at = listen_addr(m).await?;
+            let metrics = tokio::net::TcpListener::bind(at)
+                .await
+                .map_err(|e| format!("--metrics-listen {at}: {e}"))?;
+            let bound = metrics.local_addr()?;
+            let handle = crate::metrics::install()
+                .ok_or("--metrics-listen: another metrics recorder is installed")?;
+            tokio::spawn(crate::metrics::serve(metrics, handle));
+            Some(bound)
+        }
+    };
     tracing::info!(
         %addr,
         database = %crate::store::redact_url(&args.database),
         secrets_dir = ?policy.secrets_dir,
         oem_url_allow = ?policy.url_allow,
         webhook_url_allow = ?app.webhooks.policy.allow,
+        metrics_addr = %metrics_addr.map_or_else(String::new, |a| a.to_string()),
         "listening"
     );
     server::serve(

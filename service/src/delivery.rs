@@ -534,6 +534,11 @@ impl Deliverer {
             Err(why) => (0, began.elapsed(), why.chars().take(MAX_ERROR).collect()),
         };
         let ok = (200..300).contains(&status);
+        crate::metrics::webhook_attempt(match status {
+            200..=299 => "DELIVERED",
+            410 => "GONE",
+            _ => "FAILED",
+        });
         Ok((
             AttemptRecord {
                 endpoint_id: ep.id.clone(),

@@ -10,6 +10,7 @@ pub mod delivery;
 pub mod dispatch;
 pub mod domain;
 pub mod limits;
+pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod webhooks;

@@ -23,6 +23,13 @@ use crate::{
     store::Store,
 };
 
+/// The health check name that answers SERVING for as long as the process
+/// runs and is not shutting down, whether the database answers or not:
+/// for a liveness probe (a restart does not bring a database back).
+/// Readiness uses the whole server's status (""), which follows the
+/// database.
+pub const LIVENESS: &str = "liveness";
+
 /// Default booking horizon.
 pub const DEFAULT_HORIZON_DAYS: u32 = 30;
 
@@ -140,6 +147,9 @@ pub async fn serve(
     reporter.set_serving::<EventServiceServer<Events>>().await;
     reporter
         .set_serving::<WebhookServiceServer<Webhooks>>()
+        .await;
+    reporter
+        .set_service_status(LIVENESS, tonic_health::ServingStatus::Serving)
         .await;
 
     let sets: [&[u8]; 3] = [
@@ -388,6 +398,9 @@ pub async fn serve(
         .await;
     reporter
         .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    reporter
+        .set_service_status(LIVENESS, tonic_health::ServingStatus::NotServing)
         .await;
     let _ = stop_tx.send(());
     let _ = stop_watches.send(true);

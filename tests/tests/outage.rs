@@ -264,9 +264,14 @@ fn assert_storage_unavailable(what: &str, status: &tonic::Status) {
 }
 
 async fn health(ch: &Channel) -> Result<i32, tonic::Status> {
+    health_of(ch, "").await
+}
+
+/// The health check of `service` ("": the whole server).
+async fn health_of(ch: &Channel, service: &str) -> Result<i32, tonic::Status> {
     let mut h = HealthClient::new(ch.clone());
     let mut r = tonic::Request::new(HealthCheckRequest {
-        service: String::new(),
+        service: service.to_owned(),
     });
     r.set_timeout(Duration::from_secs(5));
     tokio::time::timeout(Duration::from_secs(6), h.check(r))
@@ -394,6 +399,12 @@ async fn a_database_outage_is_unavailable_and_not_serving_then_recovers_without_
     eprintln!(
         "outage: push refused in {push_took:?}, get in {get_took:?}, list in {list_took:?}; \
          health NOT_SERVING {not_serving:?} after the cut"
+    );
+    // Liveness stays SERVING: restarting the process brings no database
+    // back.
+    assert_eq!(
+        health_of(&ch, switchyard::server::LIVENESS).await.unwrap(),
+        ServingStatus::Serving as i32
     );
     // Still so a while later (no pooled connection came back somehow).
     let (r, _) = bounded("push", actions.push_action(req(nth_push(101, base)))).await;

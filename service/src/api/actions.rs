@@ -185,8 +185,12 @@ impl ActionService for Actions {
         request: Request<pb::PushActionRequest>,
     ) -> Result<Response<pb::PushActionResponse>, Status> {
         let this = Self(self.0.for_call(&request)?);
-        let req = convert::push_action(request.into_inner())?;
-        Ok(Response::new(this.push(req).await?))
+        let outcome = match convert::push_action(request.into_inner()) {
+            Ok(req) => this.push(req).await,
+            Err(e) => Err(e),
+        };
+        crate::metrics::push(&outcome);
+        Ok(Response::new(outcome?))
     }
 
     async fn get_action(

@@ -483,8 +483,10 @@ impl EventService for Events {
         };
         let stopping = self.stopping.clone();
         let pages = self.pages.clone();
+        crate::metrics::watch(1.0);
         tokio::spawn(async move {
             run(app, tenant, w, after, tx, stopping, pages).await;
+            crate::metrics::watch(-1.0);
             drop(slot);
         });
         Ok(Response::new(Box::pin(stream)))

@@ -947,7 +947,11 @@ impl Dispatcher {
         };
         let (own, live) = memos_of(&self.store, job, ctx.memos).await?;
         let req = apply_request(action, job.clear_native, live, own, job.fence);
-        Ok(match driver.apply(&req).await {
+        crate::metrics::dispatch_lateness(job.due.0, self.clock.now().0);
+        let began = std::time::Instant::now();
+        let applied = driver.apply(&req).await;
+        crate::metrics::driver_call(&device.driver, "apply", began.elapsed(), applied.is_ok());
+        Ok(match applied {
             Ok(out) => self.written(job, &device, &driver, out, Work::Apply),
             Err(e) if e.retryable() && job.attempts + 1 < self.config.max_apply_attempts => {
                 let wait = self
@@ -1016,7 +1020,10 @@ impl Dispatcher {
             applied: apply_request(action, job.clear_native, live, memo.clone(), job.fence),
             memo,
         };
-        Ok(match driver.revert(&req).await {
+        let began = std::time::Instant::now();
+        let reverted = driver.revert(&req).await;
+        crate::metrics::driver_call(&device.driver, "revert", began.elapsed(), reverted.is_ok());
+        Ok(match reverted {
             Ok(out) => self.written(job, &device, &driver, out, Work::Revert),
             Err(e) => Done::just(self.revert_retry_or_fail(
                 job,

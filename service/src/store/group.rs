@@ -507,6 +507,7 @@ fn rolled_back(why: &str) -> Error {
 
 fn answer_all(answers: Vec<Answer>, committed: &Result<(), Error>, stats: &Stats) {
     stats.groups.fetch_add(1, Ordering::Relaxed);
+    crate::metrics::group_commit(answers.len());
     stats
         .members
         .fetch_add(answers.len() as u64, Ordering::Relaxed);
