@@ -12,7 +12,8 @@ FROM rust:1.94-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked -p switchyard --bin switchyard \
- && install -D -m 0755 target/release/switchyard /out/switchyard
+ && install -D -m 0755 target/release/switchyard /out/switchyard \
+ && install -d -m 0750 -o 65532 -g 65532 /out/data
 
 # Run stage: a distroless base with glibc and CA certificates (the OEM
 # clouds and webhook receivers are reached over TLS with webpki roots
@@ -20,6 +21,9 @@ RUN cargo build --release --locked -p switchyard --bin switchyard \
 # shell, no package manager. UID/GID 65532 ("nonroot").
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/switchyard /usr/local/bin/switchyard
+# Owned by the user the server runs as: a new volume mounted here takes
+# this ownership, so the server can create its SQLite file.
+COPY --from=build --chown=65532:65532 /out/data /data
 # The SQLite file lives on a volume; with PostgreSQL nothing is written
 # locally and the root filesystem can be mounted read-only.
 VOLUME ["/data"]

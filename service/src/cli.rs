@@ -691,7 +691,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Se
     let metrics_addr = match &args.metrics_listen {
         None => None,
         Some(m) => {
-            let at = listen_addr(m).await?;
+            let at = listen_addr(m)
+                .await
+                .map_err(|e| e.replacen("--listen", "--metrics-listen", 1))?;
             let metrics = tokio::net::TcpListener::bind(at)
                 .await
                 .map_err(|e| format!("--metrics-listen {at}: {e}"))?;

@@ -16,7 +16,8 @@ use tokio::{
 
 use crate::domain::Error;
 
-/// Durable pushes, by `outcome` (`accepted`, `refused`: the caller's
+/// PushAction calls answered (not `validate_only` ones), by `outcome`
+/// (`accepted`, also a replay of an accepted push; `refused`: the caller's
 /// request or a conflict; `failed`: the server could not) and `reason`
 /// (the error reason; empty when accepted).
 pub const PUSH_TOTAL: &str = "switchyard_push_total";
@@ -26,7 +27,8 @@ pub const CONFLICTS_TOTAL: &str = "switchyard_conflicts_total";
 /// Writes committed together per group commit.
 pub const GROUP_COMMIT_SIZE: &str = "switchyard_group_commit_size";
 /// How late an action's command was sent: when the driver was called
-/// minus when the action was due, in seconds.
+/// minus the action's start, in seconds (retries and rate-budget waits
+/// included).
 pub const DISPATCH_LATENESS: &str = "switchyard_dispatch_lateness_seconds";
 /// Driver calls' duration, by `driver` and `op` (apply, revert).
 pub const DRIVER_CALL_SECONDS: &str = "switchyard_driver_call_seconds";
@@ -82,6 +84,10 @@ fn describe() {
     );
     metrics::describe_counter!(DRIVER_ERRORS_TOTAL, "Driver calls that failed.");
     metrics::describe_counter!(
+        DISPATCH_MISSED_TOTAL,
+        "Actions whose window ended before their command could be sent."
+    );
+    metrics::describe_counter!(
         WEBHOOK_DELIVERIES_TOTAL,
         "Webhook delivery attempts by outcome."
     );
@@ -119,10 +125,18 @@ pub fn group_commit(members: usize) {
     metrics::histogram!(GROUP_COMMIT_SIZE).record(members as f64);
 }
 
-/// Records that an action due at `due_nanos` was sent at `now_nanos`.
+/// Actions whose window ended before their command could be sent.
+pub const DISPATCH_MISSED_TOTAL: &str = "switchyard_dispatch_missed_total";
+
+/// Records that an action starting at `due_nanos` was sent at `now_nanos`.
 pub fn dispatch_lateness(due_nanos: i64, now_nanos: i64) {
     let late = (now_nanos.saturating_sub(due_nanos)).max(0) as f64 / 1e9;
     metrics::histogram!(DISPATCH_LATENESS).record(late);
+}
+
+/// Records an action whose window was missed.
+pub fn dispatch_missed() {
+    metrics::counter!(DISPATCH_MISSED_TOTAL).increment(1);
 }
 
 /// Records a driver call.
@@ -152,6 +166,10 @@ pub fn watch(delta: f64) {
 
 /// Longest request head a scraper may send.
 const MAX_HEAD: usize = 8 * 1024;
+/// Scrapes served at once.
+const MAX_SCRAPES: usize = 16;
+/// How long a scraper has to send its request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Serves `GET /metrics` on `listener` until the task is dropped: a small
 /// HTTP/1.1 responder (one request per connection, bounded in size and
@@ -165,14 +183,22 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
             upkeep.run_upkeep();
         }
     });
+    // Scrapers are few: more connections at once than this are closed at
+    // once, so this port cannot hold the process's file handles.
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
     loop {
         let Ok((conn, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(conn);
+            continue;
+        };
         let handle = handle.clone();
         tokio::spawn(async move {
             let _ = tokio::time::timeout(Duration::from_secs(10), answer(conn, &handle)).await;
+            drop(slot);
         });
     }
 }
@@ -180,12 +206,21 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
 async fn answer(mut conn: TcpStream, handle: &PrometheusHandle) -> std::io::Result<()> {
     let mut head = Vec::new();
     let mut chunk = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = conn.read(&mut chunk).await?;
-        if n == 0 || head.len() + n > MAX_HEAD {
-            return Ok(());
+    let read_head = async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = conn.read(&mut chunk).await?;
+            if n == 0 || head.len() + n > MAX_HEAD {
+                return Ok::<bool, std::io::Error>(false);
+            }
+            head.extend_from_slice(&chunk[..n]);
         }
-        head.extend_from_slice(&chunk[..n]);
+        Ok(true)
+    };
+    if !matches!(
+        tokio::time::timeout(HEAD_TIMEOUT, read_head).await,
+        Ok(Ok(true))
+    ) {
+        return Ok(());
     }
     let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
     let line = String::from_utf8_lossy(line);

@@ -387,6 +387,15 @@ async fn sigterm_lets_a_running_call_finish_reports_not_serving_and_exits_prompt
         .into_inner();
     let first = watch.next().await.unwrap().unwrap();
     assert_eq!(first.status, ServingStatus::Serving as i32);
+    let mut live = HealthClient::new(ch.clone())
+        .watch(HealthCheckRequest {
+            service: switchyard::server::LIVENESS.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let alive = live.next().await.unwrap().unwrap();
+    assert_eq!(alive.status, ServingStatus::Serving as i32);
 
     let create = tokio::spawn({
         let ch = ch.clone();
@@ -424,8 +433,16 @@ async fn sigterm_lets_a_running_call_finish_reports_not_serving_and_exits_prompt
         .unwrap()
         .unwrap();
     assert_eq!(next.status, ServingStatus::NotServing as i32);
+    // Liveness too: the process is going away.
+    let dying = tokio::time::timeout(Duration::from_secs(1), live.next())
+        .await
+        .expect("liveness changes at once")
+        .unwrap()
+        .unwrap();
+    assert_eq!(dying.status, ServingStatus::NotServing as i32);
     assert!(!create.is_finished(), "the call is still running");
     drop(watch);
+    drop(live);
 
     // The running call completes, with its answer.
     let created = create.await.unwrap().expect("the running call completes");

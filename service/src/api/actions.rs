@@ -185,11 +185,16 @@ impl ActionService for Actions {
         request: Request<pb::PushActionRequest>,
     ) -> Result<Response<pb::PushActionResponse>, Status> {
         let this = Self(self.0.for_call(&request)?);
-        let outcome = match convert::push_action(request.into_inner()) {
-            Ok(req) => this.push(req).await,
-            Err(e) => Err(e),
+        let (outcome, dry_run) = match convert::push_action(request.into_inner()) {
+            Ok(req) => {
+                let dry_run = req.validate_only;
+                (this.push(req).await, dry_run)
+            }
+            Err(e) => (Err(e), false),
         };
-        crate::metrics::push(&outcome);
+        if !dry_run {
+            crate::metrics::push(&outcome);
+        }
         Ok(Response::new(outcome?))
     }
 

@@ -930,6 +930,7 @@ impl Dispatcher {
             memo: None,
         };
         if action.end.is_some_and(|end| end <= now) {
+            crate::metrics::dispatch_missed();
             return Ok(Done::just(fail(
                 codes::WINDOW_MISSED,
                 "the window ended before the action could be applied".into(),
@@ -947,7 +948,7 @@ impl Dispatcher {
         };
         let (own, live) = memos_of(&self.store, job, ctx.memos).await?;
         let req = apply_request(action, job.clear_native, live, own, job.fence);
-        crate::metrics::dispatch_lateness(job.due.0, self.clock.now().0);
+        crate::metrics::dispatch_lateness(action.start.0, self.clock.now().0);
         let began = std::time::Instant::now();
         let applied = driver.apply(&req).await;
         crate::metrics::driver_call(&device.driver, "apply", began.elapsed(), applied.is_ok());
