@@ -124,6 +124,12 @@ must_fail "extraEnv may not set SWITCHYARD_SHUTDOWN_GRACE_SECONDS" \
   --set 'extraEnv[0].name=SWITCHYARD_SHUTDOWN_GRACE_SECONDS' --set-string 'extraEnv[0].value=60'
 must_fail "values don't meet the specifications of the schema" --set replicaCount=three
 must_fail "Additional property" --set unknownTopLevel=1
+must_fail "autoscaling.minReplicas may not exceed autoscaling.maxReplicas" \
+  -f "$chart/ci/postgres-values.yaml" --set autoscaling.enabled=true \
+  --set autoscaling.minReplicas=5 --set autoscaling.maxReplicas=2
+must_fail "podLabels may not set app.kubernetes.io/component" \
+  --set 'podLabels.app\.kubernetes\.io/component=x'
+must_fail "successThreshold" --set probes.liveness.successThreshold=3
 
 # terminationGracePeriodSeconds = preStop sleep + 3 x grace + margin.
 grace_of() {

@@ -81,6 +81,14 @@ by the Deployment, so every render checks them.
 {{- fail "database.mode=postgres needs database.postgres.existingSecret: the name of an existing Secret holding the URL (postgres://USER:PASSWORD@HOST:5432/DATABASE) under database.postgres.secretKey." }}
 {{- end }}
 {{- end }}
+{{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
+{{- fail "autoscaling.minReplicas may not exceed autoscaling.maxReplicas." }}
+{{- end }}
+{{- range $k, $_ := .Values.podLabels }}
+{{- if hasPrefix "app.kubernetes.io/" $k }}
+{{- fail (printf "podLabels may not set %s: the chart's selector uses the app.kubernetes.io/ labels." $k) }}
+{{- end }}
+{{- end }}
 {{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.enabled) }}
 {{- fail "metrics.serviceMonitor.enabled needs metrics.enabled: the ServiceMonitor scrapes the metrics port." }}
 {{- end }}
