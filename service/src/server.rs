@@ -23,6 +23,16 @@ use crate::{
     store::Store,
 };
 
+/// The span of an RPC: an exported one when OTLP export is on, none
+/// otherwise (no cost per call).
+fn rpc_span(request: &tonic::codegen::http::Request<()>) -> tracing::Span {
+    if crate::telemetry::instruments().is_some() {
+        crate::telemetry::rpc_span(request)
+    } else {
+        tracing::Span::none()
+    }
+}
+
 /// The health check name that answers SERVING for as long as the process
 /// runs and is not shutting down, whether the database answers or not:
 /// for a liveness probe (a restart does not bring a database back).
@@ -343,6 +353,7 @@ pub async fn serve(
         .initial_connection_window_size(256 * 1024)
         .initial_stream_window_size(64 * 1024)
         .timeout(limits.request_timeout)
+        .trace_fn(rpc_span)
         .layer(auth)
         .layer(GuardLayer::new(limits))
         .add_service(health)

@@ -188,7 +188,15 @@ impl ActionService for Actions {
         let (outcome, dry_run) = match convert::push_action(request.into_inner()) {
             Ok(req) => {
                 let dry_run = req.validate_only;
-                (this.push(req).await, dry_run)
+                let span = tracing::Span::current();
+                span.record("device_id", req.device_id.as_str());
+                let pushed = this.push(req).await;
+                if let Ok(r) = &pushed
+                    && let Some(a) = &r.action
+                {
+                    span.record("action_id", a.action_id.as_str());
+                }
+                (pushed, dry_run)
             }
             Err(e) => (Err(e), false),
         };

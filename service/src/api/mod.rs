@@ -77,6 +77,7 @@ impl App {
         };
         let mut app = self.clone();
         app.caller = caller.clone();
+        tracing::Span::current().record("tenant_id", caller.tenant.as_str());
         Ok(app)
     }
 

@@ -30,6 +30,7 @@ use std::{
     sync::Arc,
     time::{Duration, Instant},
 };
+use tracing::Instrument as _;
 
 use futures::FutureExt as _;
 use switchyard_drivers::{
@@ -950,7 +951,15 @@ impl Dispatcher {
         let req = apply_request(action, job.clear_native, live, own, job.fence);
         crate::metrics::dispatch_lateness(action.start.0, self.clock.now().0);
         let began = std::time::Instant::now();
-        let applied = driver.apply(&req).await;
+        let applied = driver
+            .apply(&req)
+            .instrument(driver_span(
+                "driver.apply",
+                &job.tenant,
+                &device,
+                &action.id.to_string(),
+            ))
+            .await;
         crate::metrics::driver_call(&device.driver, "apply", began.elapsed(), applied.is_ok());
         Ok(match applied {
             Ok(out) => self.written(job, &device, &driver, out, Work::Apply),
@@ -1022,7 +1031,15 @@ impl Dispatcher {
             memo,
         };
         let began = std::time::Instant::now();
-        let reverted = driver.revert(&req).await;
+        let reverted = driver
+            .revert(&req)
+            .instrument(driver_span(
+                "driver.revert",
+                &job.tenant,
+                &device,
+                &job.action.id.to_string(),
+            ))
+            .await;
         crate::metrics::driver_call(&device.driver, "revert", began.elapsed(), reverted.is_ok());
         Ok(match reverted {
             Ok(out) => self.written(job, &device, &driver, out, Work::Revert),
@@ -1451,6 +1468,26 @@ impl Drop for AbortOnDrop {
             t.abort();
         }
     }
+}
+
+/// A driver call's span, when traces are exported (none otherwise).
+fn driver_span(
+    name: &'static str,
+    tenant: &crate::domain::TenantId,
+    device: &crate::domain::Device,
+    action_id: &str,
+) -> tracing::Span {
+    if crate::telemetry::instruments().is_none() {
+        return tracing::Span::none();
+    }
+    tracing::info_span!(
+        "driver",
+        otel.name = name,
+        driver = %device.driver,
+        tenant_id = tenant.as_str(),
+        device_id = device.id.as_str(),
+        action_id = action_id,
+    )
 }
 
 #[cfg(test)]

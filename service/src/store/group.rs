@@ -48,6 +48,7 @@ use std::{
     },
     time::{Duration, Instant},
 };
+use tracing::Instrument as _;
 
 use futures::{FutureExt as _, future::BoxFuture};
 use sea_orm::{
@@ -501,6 +502,15 @@ fn not_committed(e: Error) -> Error {
     }
 }
 
+/// A group's span, when traces are exported (none otherwise).
+fn group_span() -> tracing::Span {
+    if crate::telemetry::instruments().is_some() {
+        tracing::info_span!("store.group_commit")
+    } else {
+        tracing::Span::none()
+    }
+}
+
 fn rolled_back(why: &str) -> Error {
     Error::StorageUnavailable(format!("the write was rolled back: {why}"))
 }
@@ -572,7 +582,9 @@ async fn pool_lane(
                 continue;
             }
         };
-        let group = run_members(&tx, first, &mut rx, &limits, || false).await;
+        let group = run_members(&tx, first, &mut rx, &limits, || false)
+            .instrument(group_span())
+            .await;
         next = group.flush;
         let committed = if group.trusted {
             let commit = tx.commit();
@@ -673,8 +685,9 @@ async fn sqlite_lane(
         *lock(&failed) = None;
         let group = match proxy.begin().await {
             Ok(tx) => {
-                let ran =
-                    run_members(&tx, first, &mut rx, &limits, || lock(&failed).is_some()).await;
+                let ran = run_members(&tx, first, &mut rx, &limits, || lock(&failed).is_some())
+                    .instrument(group_span())
+                    .await;
                 // The group's own transaction is ended below, on the
                 // connection itself.
                 let _ = tx.commit().await;
