@@ -41,6 +41,15 @@ pub const DRIVER_ERRORS_TOTAL: &str = "switchyard_driver_errors_total";
 pub const WEBHOOK_DELIVERIES_TOTAL: &str = "switchyard_webhook_deliveries_total";
 /// Event watches open on this server.
 pub const EVENT_WATCHES: &str = "switchyard_event_watches";
+/// What is left of an OEM account's rate budget after each write call, as
+/// a fraction of its bucket (an hour of its daily allowance), by `driver`.
+pub const OEM_BUDGET_REMAINING: &str = "switchyard_oem_budget_remaining_ratio";
+/// Events a watch found to send per read (a full page, 500, means it is at
+/// least that far behind).
+pub const WATCH_BACKLOG: &str = "switchyard_watch_backlog_events";
+/// How old the first event of a watch's read was: how far behind, in
+/// seconds, the watch is.
+pub const WATCH_LAG: &str = "switchyard_watch_lag_seconds";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -60,6 +69,19 @@ pub fn install() -> Option<PrometheusHandle> {
                 })
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Full(GROUP_COMMIT_SIZE.into()), &sizes)
+                })
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(WATCH_LAG.into()), &seconds))
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(WATCH_BACKLOG.into()),
+                        &[1.0, 10.0, 50.0, 100.0, 250.0, 500.0],
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(OEM_BUDGET_REMAINING.into()),
+                        &[0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0],
+                    )
                 })
                 .ok()?
                 .build_recorder();
@@ -95,6 +117,16 @@ fn describe() {
         "Webhook delivery attempts by outcome."
     );
     metrics::describe_gauge!(EVENT_WATCHES, "Event watches open on this server.");
+    metrics::describe_histogram!(
+        OEM_BUDGET_REMAINING,
+        "Fraction of an OEM account's rate budget left after each write call, by driver."
+    );
+    metrics::describe_histogram!(WATCH_BACKLOG, "Events a watch found to send per read.");
+    metrics::describe_histogram!(
+        WATCH_LAG,
+        metrics::Unit::Seconds,
+        "How old the first event of a watch's read was."
+    );
 }
 
 /// Records a push's outcome.
@@ -155,6 +187,37 @@ pub fn dispatch_missed() {
     metrics::counter!(DISPATCH_MISSED_TOTAL).increment(1);
     if let Some(i) = otel() {
         i.missed.add(1, &[]);
+    }
+}
+
+/// Records what is left of an OEM account's budget after a write call
+/// (`remaining`: tokens over the bucket's capacity, 0 to 1), by driver.
+pub fn oem_budget(account: &str, remaining: f64) {
+    // Accounts name their driver first (`foxess:…`, `simulated/…`); the
+    // account itself is not a label (one per device for some drivers).
+    let driver = account
+        .split([':', '/'])
+        .next()
+        .unwrap_or("")
+        .chars()
+        .take(32)
+        .collect::<String>();
+    let remaining = remaining.clamp(0.0, 1.0);
+    if let Some(i) = otel() {
+        i.budget.record(remaining, &attrs(&[("driver", &driver)]));
+    }
+    metrics::histogram!(OEM_BUDGET_REMAINING, "driver" => driver).record(remaining);
+}
+
+/// Records a watch's read: how many events it found to send (a full page
+/// means at least that many behind), and how old the first of them is.
+pub fn watch_read(events: usize, oldest_nanos: i64, now_nanos: i64) {
+    let lag = (now_nanos.saturating_sub(oldest_nanos)).max(0) as f64 / 1e9;
+    metrics::histogram!(WATCH_BACKLOG).record(events as f64);
+    metrics::histogram!(WATCH_LAG).record(lag);
+    if let Some(i) = otel() {
+        i.watch_backlog.record(events as f64, &[]);
+        i.watch_lag.record(lag, &[]);
     }
 }
 

@@ -71,6 +71,9 @@ pub(crate) struct Instruments {
     pub driver_errors: Counter<u64>,
     pub webhooks: Counter<u64>,
     pub watches: UpDownCounter<f64>,
+    pub budget: Histogram<f64>,
+    pub watch_backlog: Histogram<f64>,
+    pub watch_lag: Histogram<f64>,
 }
 
 static INSTRUMENTS: OnceLock<Instruments> = OnceLock::new();
@@ -158,6 +161,19 @@ pub fn init() -> Result<
         watches: m
             .f64_up_down_counter("switchyard.event.watches")
             .with_description("Event watches open on this server.")
+            .build(),
+        budget: m
+            .f64_histogram("switchyard.oem.budget.remaining")
+            .with_description("Fraction of an OEM account's rate budget left after each write.")
+            .build(),
+        watch_backlog: m
+            .f64_histogram("switchyard.watch.backlog")
+            .with_description("Events a watch found to send per read.")
+            .build(),
+        watch_lag: m
+            .f64_histogram("switchyard.watch.lag")
+            .with_unit("s")
+            .with_description("How old the first event of a watch's read was.")
             .build(),
     });
     Ok((

@@ -75,6 +75,49 @@ async fn pushes_conflicts_commits_and_dispatch_are_recorded() {
         1.0
     );
     assert!(text.contains("# TYPE switchyard_dispatch_lateness_seconds histogram"));
+    // An OEM account's budget, labelled by its driver alone: 1,440 calls a
+    // day is a bucket of 60, and two calls leave 58/60 of it.
+    let budget = switchyard_drivers::RateBudget {
+        calls_per_day: 1440,
+        min_write_interval_seconds: 0,
+    };
+    for device in ["d1", "d2"] {
+        s.app
+            .budgets
+            .take(
+                "foxess:http://cloud.example#file:key",
+                device,
+                &budget,
+                s.clock_now(),
+            )
+            .await
+            .unwrap();
+    }
+    // A watch that reads the events so far is behind by all of them.
+    let mut watch =
+        switchyard_proto::v1::event_service_client::EventServiceClient::new(s.channel.clone())
+            .watch_events(switchyard_proto::v1::WatchEventsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+    watch.message().await.unwrap().unwrap();
+    let text = handle.render();
+    let got = |series: &str| sample(&text, series).unwrap_or_else(|| panic!("{series} in\n{text}"));
+    assert_eq!(
+        got(r#"switchyard_oem_budget_remaining_ratio_count{driver="foxess"}"#),
+        2.0
+    );
+    assert_eq!(
+        got(r#"switchyard_oem_budget_remaining_ratio_bucket{driver="foxess",le="0.75"}"#),
+        0.0
+    );
+    assert!(
+        !text.contains("cloud.example"),
+        "an account is never a label"
+    );
+    assert_eq!(got("switchyard_watch_backlog_events_count"), 1.0);
+    assert!(got("switchyard_watch_backlog_events_sum") >= 4.0, "{text}");
+    assert_eq!(got("switchyard_event_watches"), 1.0);
 }
 
 /// A charge from this time tomorrow, for an hour (the server reads the

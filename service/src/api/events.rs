@@ -413,6 +413,9 @@ async fn run(
                 () = tokio::time::sleep(POLL) => continue,
             }
         }
+        if let Some(first) = events.first() {
+            crate::metrics::watch_read(events.len(), first.at.0, app.clock.now().0);
+        }
         for e in events {
             after = e.cursor;
             if w.device.as_ref().is_some_and(|d| d.as_str() != e.device_id) {

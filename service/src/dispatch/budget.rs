@@ -108,6 +108,8 @@ impl Budgets {
                     };
                 }
                 let (verdict, bucket) = take_token(bucket, budget, now);
+                let capacity = (f64::from(budget.calls_per_day) / DAY * 3600.0).max(1.0);
+                crate::metrics::oem_budget(account, bucket.tokens / capacity);
                 Spend {
                     verdict,
                     bucket: Some(bucket),
