@@ -618,14 +618,18 @@ fn init_logging(
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let fmt = match format {
-        LogFormat::Text => fmt.boxed(),
-        LogFormat::Json => fmt.json().boxed(),
+        LogFormat::Text => fmt.with_filter(filter).boxed(),
+        LogFormat::Json => fmt.json().with_filter(filter).boxed(),
     };
-    tracing_subscriber::registry()
-        .with(otel)
-        .with(fmt)
-        .with(filter)
-        .init();
+    // Spans are exported whatever the log level (SWITCHYARD_LOG=warn keeps
+    // traces); only the server's own, not its libraries'.
+    let otel = otel.map(|l| {
+        l.with_filter(
+            tracing_subscriber::filter::Targets::new()
+                .with_target("switchyard", tracing::Level::INFO),
+        )
+    });
+    tracing_subscriber::registry().with(otel).with(fmt).init();
 }
 
 /// Registers SIGTERM/SIGINT handlers now (so a signal that arrives while

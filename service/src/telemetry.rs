@@ -35,13 +35,15 @@ impl Telemetry {
         self.tracer.is_some()
     }
 
-    /// Sends what is buffered and stops the exporters.
+    /// Sends what is buffered and stops the exporters, within about 2 s
+    /// each (a collector that does not answer does not hold up the exit).
     pub fn shutdown(self) {
+        let wait = std::time::Duration::from_secs(2);
         if let Some(t) = self.tracer {
-            let _ = t.shutdown();
+            let _ = t.shutdown_with_timeout(wait);
         }
         if let Some(m) = self.meter {
-            let _ = m.shutdown();
+            let _ = m.shutdown_with_timeout(wait);
         }
     }
 }
@@ -198,7 +200,17 @@ pub(crate) fn attrs(pairs: &[(&'static str, &str)]) -> Vec<KeyValue> {
 /// and `action_id` are recorded by the handler once known.
 pub fn rpc_span(request: &tonic::codegen::http::Request<()>) -> tracing::Span {
     use tracing_opentelemetry::OpenTelemetrySpanExt as _;
-    let path = request.uri().path();
+    // The path is the client's: only a method of this server names a span
+    // (anything else is answered UNIMPLEMENTED anyway).
+    let raw = request.uri().path();
+    let known = raw.len() <= 100
+        && (raw.starts_with("/switchyard.v1.")
+            || raw.starts_with("/grpc.health.v1.")
+            || raw.starts_with("/grpc.reflection."))
+        && raw
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'/' || b == b'_');
+    let path = if known { raw } else { "unknown" };
     let span = tracing::info_span!(
         "rpc",
         otel.name = path,

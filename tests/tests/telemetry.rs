@@ -43,17 +43,38 @@ async fn spans_and_metrics_reach_a_real_collector() {
     let out = dir.path().join("rotel.log");
     let port = free_port();
     let collector = Process::new("rotel-agent")
-        .args(["start", "--otlp-grpc-endpoint", &format!("127.0.0.1:{port}")])
-        .args(["--exporter", "blackhole", "--debug-log", "traces", "--debug-log", "metrics"])
+        .args([
+            "start",
+            "--otlp-grpc-endpoint",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args([
+            "--exporter",
+            "blackhole",
+            "--debug-log",
+            "traces",
+            "--debug-log",
+            "metrics",
+        ])
         .args(["--debug-log-verbosity", "detailed"])
         .stdout(std::fs::File::create(&out).unwrap())
-        .stderr(Stdio::from(std::fs::File::create(dir.path().join("rotel.err")).unwrap()))
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!(
-                "rotel-agent could not start ({e}): run `eval \"$(bash scripts/install-test-tools.sh)\"` first"
-            )
-        });
+        .stderr(Stdio::from(
+            std::fs::File::create(dir.path().join("rotel.err")).unwrap(),
+        ))
+        .spawn();
+    let collector = match collector {
+        Ok(c) => c,
+        Err(e) => {
+            let why = format!(
+                "rotel-agent could not start ({e}): `eval \"$(bash scripts/install-test-tools.sh)\"` puts it on PATH"
+            );
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("CI=true and no collector: {why}");
+            }
+            eprintln!("\n*** SKIPPING the telemetry test: {why} ***\n");
+            return;
+        }
+    };
     let _collector = Collector(collector);
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -102,7 +123,11 @@ async fn spans_and_metrics_reach_a_real_collector() {
     // Spans and metrics arrive within their export intervals.
     let want = [
         "/switchyard.v1.ActionService/PushAction",
+        // The caller's trace continued: its id, and its span as the parent.
         TRACE_ID,
+        "Parent ID      : b7ad6b7169203331",
+        "tenant_id: Str(default)",
+        "device_id: Str(t1)",
         "store.group_commit",
         "switchyard.push",
         "switchyard.group_commit.size",

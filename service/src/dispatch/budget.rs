@@ -90,6 +90,9 @@ impl Budgets {
         // The device within its account: one physical device, whichever
         // replica or tenant writes to it.
         let key = format!("{account}\u{1f}{device}");
+        // What the take left, recorded once its transaction committed (the
+        // closure may run again on a retry).
+        let left = std::sync::Mutex::new(None);
         let decided = self
             .store
             .spend_budget(account, spacing.then_some(key.as_str()), |bucket, last| {
@@ -109,7 +112,9 @@ impl Budgets {
                 }
                 let (verdict, bucket) = take_token(bucket, budget, now);
                 let capacity = (f64::from(budget.calls_per_day) / DAY * 3600.0).max(1.0);
-                crate::metrics::oem_budget(account, bucket.tokens / capacity);
+                if let Ok(mut l) = left.lock() {
+                    *l = verdict.is_ok().then_some(bucket.tokens / capacity);
+                }
                 Spend {
                     verdict,
                     bucket: Some(bucket),
@@ -117,6 +122,10 @@ impl Budgets {
                 }
             })
             .await;
+        let ratio = left.lock().ok().and_then(|l| *l);
+        if let (Ok(Ok(())), Some(ratio)) = (&decided, ratio) {
+            crate::metrics::oem_budget(account, ratio);
+        }
         self.settle(account, decided, now)
     }
 
