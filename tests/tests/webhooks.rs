@@ -104,6 +104,20 @@ fn verified(
     r.json()
 }
 
+/// An UpdateWebhookEndpoint that enables or disables `id`.
+fn enabling(id: &str, on: bool) -> pb::UpdateWebhookEndpointRequest {
+    pb::UpdateWebhookEndpointRequest {
+        endpoint: Some(pb::WebhookEndpoint {
+            endpoint_id: id.to_owned(),
+            enabled: on,
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["enabled".into()],
+        }),
+    }
+}
+
 /// Moves the clock to `t` exactly.
 fn due(s: &TestServer, t: &prost_types::Timestamp) {
     s.clock.set(Ts::from_parts(t.seconds, t.nanos).unwrap());
@@ -363,16 +377,7 @@ async fn gone_disables_at_once_and_a_day_of_failures_disables_with_an_event() {
     // Enabled again, it resumes where it stopped, with its retries reset.
     let mut c = hooks(&s);
     let back = c
-        .update_webhook_endpoint(pb::UpdateWebhookEndpointRequest {
-            endpoint: Some(pb::WebhookEndpoint {
-                endpoint_id: g.endpoint_id.clone(),
-                enabled: true,
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["enabled".into()],
-            }),
-        })
+        .update_webhook_endpoint(enabling(&g.endpoint_id, true))
         .await
         .unwrap()
         .into_inner();
@@ -601,18 +606,9 @@ async fn tenants_have_their_own_endpoints_and_events() {
     })
     .await
     .unwrap_err());
-    nf(b.update_webhook_endpoint(pb::UpdateWebhookEndpointRequest {
-        endpoint: Some(pb::WebhookEndpoint {
-            endpoint_id: id.clone(),
-            enabled: false,
-            ..Default::default()
-        }),
-        update_mask: Some(prost_types::FieldMask {
-            paths: vec!["enabled".into()],
-        }),
-    })
-    .await
-    .unwrap_err());
+    nf(b.update_webhook_endpoint(enabling(&id, false))
+        .await
+        .unwrap_err());
     nf(b.delete_webhook_endpoint(pb::DeleteWebhookEndpointRequest {
         endpoint_id: id.clone(),
     })
@@ -1052,16 +1048,7 @@ async fn an_owners_change_during_an_attempt_wins() {
     let running = tokio::spawn(async move { d.deliver_due().await });
     until(&rx, 10, "the attempt", |g| !g.is_empty()).await;
     hooks(&s)
-        .update_webhook_endpoint(pb::UpdateWebhookEndpointRequest {
-            endpoint: Some(pb::WebhookEndpoint {
-                endpoint_id: ep.endpoint_id.clone(),
-                enabled: false,
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["enabled".into()],
-            }),
-        })
+        .update_webhook_endpoint(enabling(&ep.endpoint_id, false))
         .await
         .unwrap();
     running.await.unwrap().unwrap();

@@ -384,17 +384,30 @@ impl Store {
         before: Option<i64>,
         batch: u32,
     ) -> Result<u64, Error> {
+        let mut which = Condition::all().add(webhook_attempt::Column::EndpointId.eq(id));
+        if let Some(b) = before {
+            which = which.add(webhook_attempt::Column::AttemptId.lt(b));
+        }
+        self.forget_attempts(which, webhook_attempt::Column::AttemptId, batch)
+            .await
+    }
+
+    /// Forgets, in one short transaction, at most `batch` of the logged
+    /// attempts `which` selects, the first by `oldest_first`; returns how
+    /// many.
+    async fn forget_attempts(
+        &self,
+        which: Condition,
+        oldest_first: webhook_attempt::Column,
+        batch: u32,
+    ) -> Result<u64, Error> {
         self.retrying(|| async {
             let tx = self.begin().await?;
-            let mut select = webhook_attempt::Entity::find()
+            let ids: Vec<i64> = webhook_attempt::Entity::find()
                 .select_only()
                 .column(webhook_attempt::Column::AttemptId)
-                .filter(webhook_attempt::Column::EndpointId.eq(id));
-            if let Some(b) = before {
-                select = select.filter(webhook_attempt::Column::AttemptId.lt(b));
-            }
-            let ids: Vec<i64> = select
-                .order_by_asc(webhook_attempt::Column::AttemptId)
+                .filter(which.clone())
+                .order_by_asc(oldest_first)
                 .limit(u64::from(batch))
                 .into_tuple()
                 .all(&tx)
@@ -902,30 +915,11 @@ impl Store {
     /// Forgets delivery attempts made before `cut`, at most `batch`;
     /// returns how many.
     pub async fn prune_webhook_attempts(&self, cut: Ts, batch: u32) -> Result<u64, Error> {
-        self.retrying(|| async {
-            let tx = self.begin().await?;
-            let ids: Vec<i64> = webhook_attempt::Entity::find()
-                .select_only()
-                .column(webhook_attempt::Column::AttemptId)
-                .filter(webhook_attempt::Column::AtNs.lt(cut.0))
-                .order_by_asc(webhook_attempt::Column::AtNs)
-                .limit(u64::from(batch))
-                .into_tuple()
-                .all(&tx)
-                .await
-                .map_err(db_err)?;
-            if ids.is_empty() {
-                return Ok(0);
-            }
-            let n = webhook_attempt::Entity::delete_many()
-                .filter(webhook_attempt::Column::AttemptId.is_in(ids))
-                .exec(&tx)
-                .await
-                .map_err(db_err)?
-                .rows_affected;
-            tx.commit().await.map_err(db_err)?;
-            Ok(n)
-        })
+        self.forget_attempts(
+            Condition::all().add(webhook_attempt::Column::AtNs.lt(cut.0)),
+            webhook_attempt::Column::AtNs,
+            batch,
+        )
         .await
     }
 }
