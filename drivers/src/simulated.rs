@@ -400,6 +400,17 @@ impl Simulated {
         Ok(f(d))
     }
 
+    /// The whole state of the virtual device, as a read shows it; also
+    /// handed back with every write (the simulator always knows it, so the
+    /// service need not read it again).
+    fn state_of(&self, d: &SimDevice) -> DeviceState {
+        DeviceState {
+            native_scheduler: self.native_rows(d),
+            soc_percent: Some(d.soc),
+            mode: Some(d.mode.clone()),
+        }
+    }
+
     fn native_rows(&self, d: &SimDevice) -> Option<(bool, Vec<NativeRow>)> {
         let active = self.settings.native_scheduler_active && !d.native_cleared;
         Some((
@@ -475,11 +486,7 @@ impl Driver for Simulated {
                 .fault(false)
                 .unwrap_or_else(|| DriverError::new(ErrorKind::Offline, "offline")));
         }
-        self.with(|d| DeviceState {
-            native_scheduler: self.native_rows(d),
-            soc_percent: Some(d.soc),
-            mode: Some(d.mode.clone()),
-        })
+        self.with(|d| self.state_of(d))
     }
 
     async fn apply(&self, req: &ApplyRequest) -> Result<Outcome, DriverError> {
@@ -517,6 +524,7 @@ impl Driver for Simulated {
                 return Ok(Outcome {
                     verified: true,
                     raw: format!("simulated: power limit {w} W in force"),
+                    state: Some(self.state_of(d)),
                     ..Default::default()
                 });
             }
@@ -531,6 +539,7 @@ impl Driver for Simulated {
             Ok(Outcome {
                 verified: true,
                 raw: format!("simulated: mode {} in force", d.mode),
+                state: Some(self.state_of(d)),
                 ..Default::default()
             })
         })?
@@ -553,6 +562,7 @@ impl Driver for Simulated {
                 return Ok(Outcome {
                     verified: true,
                     raw: "simulated: no power limit in force".to_owned(),
+                    state: Some(self.state_of(d)),
                     ..Default::default()
                 });
             }
@@ -564,6 +574,7 @@ impl Driver for Simulated {
             Ok(Outcome {
                 verified: true,
                 raw: format!("simulated: mode {} in force", d.mode),
+                state: Some(self.state_of(d)),
                 ..Default::default()
             })
         })?
@@ -678,5 +689,39 @@ mod tests {
         .unwrap();
         assert_eq!(f.observe("d").unwrap().0, REST_MODE);
         assert_eq!(f.power_limit("d"), Some((2000.0, "a3".to_owned())));
+    }
+
+    /// Every write hands back the state a read would show right after it,
+    /// so the service records it without reading again.
+    #[tokio::test]
+    async fn each_write_hands_back_the_state_a_read_shows() {
+        let s = BTreeMap::from([
+            ("latency_ms".to_owned(), "0".to_owned()),
+            ("native_scheduler_active".to_owned(), "true".to_owned()),
+        ]);
+        let f = SimulatedFactory::default();
+        let d = f.build(&spec(Family::Battery, &s)).unwrap();
+        let mut charge = apply_request("a1", Command::Charge, Some(3000.0));
+        charge.clear_native_scheduler = true;
+        let applied = d.apply(&charge).await.unwrap().state.expect("state");
+        let read = d.read_state(&[]).await.unwrap();
+        assert_eq!(applied.mode.as_deref(), Some("CHARGE"));
+        assert_eq!(applied.mode, read.mode);
+        // The foreign row was cleared by this write: the state says so.
+        assert_eq!(applied.native_scheduler, Some((false, vec![])));
+        assert_eq!(applied.native_scheduler, read.native_scheduler);
+        assert!(applied.soc_percent.is_some());
+
+        let reverted = d
+            .revert(&RevertRequest {
+                applied: charge,
+                memo: None,
+            })
+            .await
+            .unwrap()
+            .state
+            .expect("state");
+        assert_eq!(reverted.mode.as_deref(), Some(REST_MODE));
+        assert_eq!(reverted.mode, d.read_state(&[]).await.unwrap().mode);
     }
 }

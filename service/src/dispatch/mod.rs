@@ -198,8 +198,10 @@ struct Context {
 
 /// A device state to record after a round.
 enum Observe {
-    /// Read it through the driver (within the read budget).
-    Read(TenantId, Arc<Device>, Arc<dyn Driver>),
+    /// Read it through the device's driver (within the read budget), a
+    /// driver built for the read: an outcome waiting to be recorded holds
+    /// no driver (a storm's outcomes wait by the thousand).
+    Read(TenantId, Arc<Device>),
     /// Already known (read back by the driver, or from its error).
     Known(Arc<Device>, Observed),
 }
@@ -660,8 +662,8 @@ impl Dispatcher {
             {
                 let observed = match done.observe {
                     Some(Observe::Known(device, o)) => Some((device, o)),
-                    Some(Observe::Read(tenant, device, driver)) => {
-                        reads.push((tenant, device, driver));
+                    Some(Observe::Read(tenant, device)) => {
+                        reads.push((tenant, device));
                         None
                     }
                     None => None,
@@ -716,9 +718,16 @@ impl Dispatcher {
             if !reads.is_empty() {
                 let this = self.clone();
                 readers.spawn(async move {
-                    for (tenant, device, driver) in reads {
-                        this.record_observed(&tenant, &device, driver.as_ref())
-                            .await;
+                    for (tenant, device) in reads {
+                        match this.driver(&device) {
+                            Ok(driver) => {
+                                this.record_observed(&tenant, &device, driver.as_ref())
+                                    .await;
+                            }
+                            Err(e) => {
+                                tracing::warn!(device_id = %device.id, error = %e, "could not read the device's state");
+                            }
+                        }
                     }
                 });
             }
@@ -760,14 +769,7 @@ impl Dispatcher {
 
     /// What a write the OEM accepted comes to: applied or reverted, and
     /// the device's state recorded (as read back, or read again).
-    fn written(
-        &self,
-        job: &Job,
-        device: &Arc<Device>,
-        driver: &Arc<dyn Driver>,
-        out: Outcome,
-        work: Work,
-    ) -> Done {
+    fn written(&self, job: &Job, device: &Arc<Device>, out: Outcome, work: Work) -> Done {
         let Outcome {
             verified,
             raw,
@@ -777,7 +779,7 @@ impl Dispatcher {
         let memo = bounded_memo(memo, &job.action.id);
         let observe = match state {
             Some(s) => Observe::Known(device.clone(), observed(s, self.clock.now())),
-            None => Observe::Read(job.tenant.clone(), device.clone(), driver.clone()),
+            None => Observe::Read(job.tenant.clone(), device.clone()),
         };
         let finish = match work {
             Work::Apply => Finish::Applied {
@@ -962,7 +964,7 @@ impl Dispatcher {
             .await;
         crate::metrics::driver_call(&device.driver, "apply", began.elapsed(), applied.is_ok());
         Ok(match applied {
-            Ok(out) => self.written(job, &device, &driver, out, Work::Apply),
+            Ok(out) => self.written(job, &device, out, Work::Apply),
             Err(e) if e.retryable() && job.attempts + 1 < self.config.max_apply_attempts => {
                 let wait = self
                     .backoff(job.attempts)
@@ -1042,7 +1044,7 @@ impl Dispatcher {
             .await;
         crate::metrics::driver_call(&device.driver, "revert", began.elapsed(), reverted.is_ok());
         Ok(match reverted {
-            Ok(out) => self.written(job, &device, &driver, out, Work::Revert),
+            Ok(out) => self.written(job, &device, out, Work::Revert),
             Err(e) => Done::just(self.revert_retry_or_fail(
                 job,
                 now,
