@@ -710,7 +710,10 @@ mod tests {
         // The foreign row was cleared by this write: the state says so.
         assert_eq!(applied.native_scheduler, Some((false, vec![])));
         assert_eq!(applied.native_scheduler, read.native_scheduler);
-        assert!(applied.soc_percent.is_some());
+        let (soc, read_soc) = (applied.soc_percent.unwrap(), read.soc_percent.unwrap());
+        assert!((0.0..=100.0).contains(&soc), "{soc}");
+        // Charging moves it on a little between the two.
+        assert!((read_soc - soc).abs() < 1.0, "{soc} then {read_soc}");
 
         let reverted = d
             .revert(&RevertRequest {
@@ -723,5 +726,27 @@ mod tests {
             .expect("state");
         assert_eq!(reverted.mode.as_deref(), Some(REST_MODE));
         assert_eq!(reverted.mode, d.read_state(&[]).await.unwrap().mode);
+
+        // An EV charger's power limit is its own channel: its write and
+        // its revert hand back the state too, the mode untouched.
+        let s = BTreeMap::from([("latency_ms".to_owned(), "0".to_owned())]);
+        let ev = SimulatedFactory::default()
+            .build(&spec(Family::EvCharger, &s))
+            .unwrap();
+        let charge = apply_request("e1", Command::Charge, Some(7000.0));
+        ev.apply(&charge).await.unwrap();
+        let limit = apply_request("e2", Command::EvPowerLimit, Some(3600.0));
+        let limited = ev.apply(&limit).await.unwrap().state.expect("state");
+        assert_eq!(limited.mode.as_deref(), Some("CHARGE"));
+        let unlimited = ev
+            .revert(&RevertRequest {
+                applied: limit,
+                memo: None,
+            })
+            .await
+            .unwrap()
+            .state
+            .expect("state");
+        assert_eq!(unlimited.mode.as_deref(), Some("CHARGE"));
     }
 }

@@ -240,6 +240,25 @@ async fn cancel_and_replace_clears_the_foxess_scheduler_keeping_what_does_not_co
         St::Completed as i32
     );
     assert_eq!(rig.emu.groups(SN), vec![keep]);
+    // A FoxESS revert hands back no state: the device is read again once
+    // the revert is recorded (the observation pass ran before it, while
+    // our group was still there), and our row is gone from what is shown.
+    let rows = rig
+        .srv
+        .get_device("fox")
+        .await
+        .observed_state
+        .unwrap()
+        .native_rows;
+    assert!(
+        rows.iter()
+            .all(|r| r.owner != pb::NativeRowOwner::Ours as i32),
+        "{rows:?}"
+    );
+    assert!(
+        rows.iter().any(|r| r.start_time_of_day == "10:00"),
+        "{rows:?}"
+    );
 }
 
 #[tokio::test]

@@ -719,7 +719,13 @@ impl Dispatcher {
                 let this = self.clone();
                 readers.spawn(async move {
                     for (tenant, device) in reads {
-                        match this.driver(&device) {
+                        // A driver that panics while being built costs
+                        // this device's read, not the others'.
+                        let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            this.driver(&device)
+                        }))
+                        .unwrap_or_else(|_| Err("the driver panicked while being built".into()));
+                        match built {
                             Ok(driver) => {
                                 this.record_observed(&tenant, &device, driver.as_ref())
                                     .await;
@@ -732,7 +738,11 @@ impl Dispatcher {
                 });
             }
         }
-        while readers.join_next().await.is_some() {}
+        while let Some(read) = readers.join_next().await {
+            if let Err(e) = read {
+                tracing::warn!(error = %e, "reading devices' states after a round stopped");
+            }
+        }
         failed.map_or(Ok(()), Err)
     }
 
