@@ -232,7 +232,15 @@ impl SimDevice {
 #[derive(Clone, Debug, Default)]
 pub struct SimulatedFactory {
     devices: Arc<Mutex<HashMap<String, SimDevice>>>,
+    /// Capabilities by what decides them (the family and `max_power_w`'s
+    /// bits), shared by the drivers built: a dispatch storm builds one
+    /// driver per action, and each held its own copy.
+    shared: Arc<Mutex<HashMap<(Family, u64), Arc<Capabilities>>>>,
 }
+
+/// Most capabilities [`SimulatedFactory`] keeps shared; past it, it starts
+/// over (any number of distinct `max_power_w` values can be configured).
+const SHARED_CAPABILITIES: usize = 64;
 
 impl SimulatedFactory {
     /// The power limit in force on a simulated EV charger (watts) and the
@@ -270,9 +278,27 @@ impl DriverFactory for SimulatedFactory {
     }
 
     fn build(&self, device: &DeviceSpec<'_>) -> Result<Arc<dyn Driver>, ConfigError> {
-        let capabilities = self.capabilities(device)?;
         let settings =
             SimulatedSettings::parse(device.family, device.settings).map_err(ConfigError::first)?;
+        let key = (device.family, settings.max_power_w.to_bits());
+        let known = self
+            .shared
+            .lock()
+            .ok()
+            .and_then(|shared| shared.get(&key).cloned());
+        let capabilities = match known {
+            Some(c) => c,
+            None => {
+                let c = Arc::new(self.capabilities(device)?);
+                if let Ok(mut shared) = self.shared.lock() {
+                    if shared.len() >= SHARED_CAPABILITIES {
+                        shared.clear();
+                    }
+                    shared.insert(key, c.clone());
+                }
+                c
+            }
+        };
         Ok(Arc::new(Simulated {
             device_id: device.device_id.to_owned(),
             settings,
@@ -364,7 +390,7 @@ impl DriverFactory for SimulatedFactory {
 pub struct Simulated {
     device_id: String,
     settings: SimulatedSettings,
-    capabilities: Capabilities,
+    capabilities: Arc<Capabilities>,
     devices: Arc<Mutex<HashMap<String, SimDevice>>>,
 }
 
@@ -689,6 +715,35 @@ mod tests {
         .unwrap();
         assert_eq!(f.observe("d").unwrap().0, REST_MODE);
         assert_eq!(f.power_limit("d"), Some((2000.0, "a3".to_owned())));
+    }
+
+    /// Drivers of devices configured alike share one copy of their
+    /// capabilities; a different power limit gets its own.
+    #[test]
+    fn drivers_configured_alike_share_their_capabilities() {
+        let f = SimulatedFactory::default();
+        let s = BTreeMap::from([("max_power_w".to_owned(), "4000".to_owned())]);
+        let (a, b) = (
+            f.build(&spec(Family::Battery, &s)).unwrap(),
+            f.build(&spec(Family::Battery, &s)).unwrap(),
+        );
+        assert!(std::ptr::eq(a.capabilities(), b.capabilities()));
+        let other = BTreeMap::from([("max_power_w".to_owned(), "6000".to_owned())]);
+        let c = f.build(&spec(Family::Battery, &other)).unwrap();
+        assert!(!std::ptr::eq(a.capabilities(), c.capabilities()));
+        let max =
+            |d: &Arc<dyn Driver>| d.capabilities().command(Command::Charge).unwrap().params[0].max;
+        assert_eq!((max(&a), max(&c)), (4000.0, 6000.0));
+        // The other family's commands are its own.
+        let ev = f.build(&spec(Family::EvCharger, &s)).unwrap();
+        assert!(ev.capabilities().command(Command::EvPowerLimit).is_some());
+        assert!(a.capabilities().command(Command::EvPowerLimit).is_none());
+        // However many limits are configured, the shared ones stay few.
+        for w in 1..=200 {
+            let s = BTreeMap::from([("max_power_w".to_owned(), w.to_string())]);
+            f.build(&spec(Family::Battery, &s)).unwrap();
+        }
+        assert!(f.shared.lock().unwrap().len() <= SHARED_CAPABILITIES);
     }
 
     /// Every write hands back the state a read would show right after it,
