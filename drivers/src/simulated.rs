@@ -235,8 +235,11 @@ pub struct SimulatedFactory {
     /// Capabilities by what decides them (the family and `max_power_w`'s
     /// bits), shared by the drivers built: a dispatch storm builds one
     /// driver per action, and each held its own copy.
-    shared: Arc<Mutex<HashMap<(Family, u64), Arc<Capabilities>>>>,
+    shared: Arc<Mutex<SharedCapabilities>>,
 }
+
+/// Capabilities by family and `max_power_w`'s bits.
+type SharedCapabilities = HashMap<(Family, u64), Arc<Capabilities>>;
 
 /// Most capabilities [`SimulatedFactory`] keeps shared; past it, it starts
 /// over (any number of distinct `max_power_w` values can be configured).
