@@ -1,7 +1,7 @@
 //! Composition: builds the gRPC server (switchyard services, health,
 //! reflection v1 and v1alpha) on a listener and runs it until shutdown.
 
-use std::{collections::BTreeMap, future::Future, sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use switchyard_drivers::{Family, Registry};
 use switchyard_proto::v1::{
@@ -88,7 +88,7 @@ pub async fn seed_demo(app: &App) -> Result<usize, Error> {
             driver: "simulated".to_owned(),
             oem_device_id: format!("SIM-{}", id.to_uppercase()),
             timezone: tz.to_owned(),
-            settings: BTreeMap::new(),
+            settings: Default::default(),
             revision: 0,
             created: Ts(0),
             updated: Ts(0),

@@ -45,7 +45,7 @@ async fn a_round_longer_than_its_lease_keeps_its_claim() {
             timezone: "UTC".into(),
             // Each call takes 0.6 s: one at a time, the round lasts about
             // 4.8 s, longer than the 3 s lease (a job is cut off at 1.5 s).
-            settings: BTreeMap::from([("latency_ms".to_owned(), "600".to_owned())]),
+            settings: BTreeMap::from([("latency_ms".to_owned(), "600".to_owned())]).into(),
             revision: 0,
             created: Ts(0),
             updated: Ts(0),

@@ -284,7 +284,7 @@ pub fn device_to_proto(d: &Device, caps: Option<&Capabilities>) -> pb::Device {
         driver: driver.clone(),
         oem_device_id: oem_device_id.clone(),
         timezone: timezone.clone(),
-        settings: settings.clone(),
+        settings: (**settings).clone(),
         capabilities: caps.map(capabilities_to_proto),
         etag: d.etag(),
         create_time: Some(ts_to_proto(*created)),
@@ -578,7 +578,7 @@ pub fn create_device(req: pb::CreateDeviceRequest) -> Result<CreateDevice, Error
             driver: dev.driver,
             oem_device_id: dev.oem_device_id,
             timezone,
-            settings: dev.settings.into_iter().collect(),
+            settings: std::sync::Arc::new(dev.settings.into_iter().collect()),
             revision: 0,
             created: Ts(0),
             updated: Ts(0),
@@ -611,7 +611,8 @@ impl UpdateDevice {
                 DeviceField::OemDeviceId => d.oem_device_id = self.new.oem_device_id.clone(),
                 DeviceField::Timezone => d.timezone = timezone_or_utc(self.new.timezone.clone()),
                 DeviceField::Settings => {
-                    d.settings = self.new.settings.clone().into_iter().collect();
+                    d.settings =
+                        std::sync::Arc::new(self.new.settings.clone().into_iter().collect());
                 }
             }
         }

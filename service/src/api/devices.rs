@@ -83,7 +83,7 @@ fn check_device(app: &App, d: &Device, out: &mut Vec<FieldViolation>) {
     }
     // The operator's secrets are shared by the server, not by its tenants:
     // a tenant's device names only those the operator provided for it.
-    for (key, value) in &d.settings {
+    for (key, value) in d.settings.iter() {
         if !secret_allowed(&app.caller, value) {
             let (field, reason) = config_field(&ConfigError::InvalidSetting {
                 key: key.clone(),

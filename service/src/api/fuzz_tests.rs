@@ -253,7 +253,7 @@ fn check_create_device(req: pb::CreateDeviceRequest) -> Result<(), TestCaseError
             prop_assert_eq!(&c.device.display_name, &dev.display_name);
             prop_assert_eq!(&c.device.driver, &dev.driver);
             prop_assert_eq!(&c.device.oem_device_id, &dev.oem_device_id);
-            prop_assert_eq!(&c.device.settings, &dev.settings);
+            prop_assert_eq!(&*c.device.settings, &dev.settings);
             prop_assert!(!c.device.timezone.is_empty(), "no time zone");
             if !dev.timezone.is_empty() {
                 prop_assert_eq!(&c.device.timezone, &dev.timezone);

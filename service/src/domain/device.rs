@@ -16,8 +16,9 @@ pub struct Device {
     pub oem_device_id: String,
     /// IANA time zone.
     pub timezone: String,
-    /// Driver settings.
-    pub settings: BTreeMap<String, String>,
+    /// Driver settings (shared: devices read together and configured
+    /// alike hold one copy, see `Store::claim_ahead`).
+    pub settings: std::sync::Arc<BTreeMap<String, String>>,
     /// Incremented on every change; the etag.
     pub revision: i64,
     /// Registration time.

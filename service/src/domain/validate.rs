@@ -370,7 +370,7 @@ mod tests {
             driver: "foxess".into(),
             oem_device_id: "SN".into(),
             timezone: "UTC".into(),
-            settings: BTreeMap::new(),
+            settings: Default::default(),
             revision: 1,
             created: Ts(0),
             updated: Ts(0),

@@ -78,7 +78,7 @@ pub fn device(id: &str) -> Device {
         driver: "simulated".into(),
         oem_device_id: format!("oem-{id}"),
         timezone: "UTC".into(),
-        settings: BTreeMap::from([("latency_ms".to_owned(), "0".to_owned())]),
+        settings: BTreeMap::from([("latency_ms".to_owned(), "0".to_owned())]).into(),
         revision: 0,
         created: Ts(0),
         updated: Ts(0),
@@ -1472,6 +1472,12 @@ pub async fn work_claimed_ahead_starts_when_due_if_still_owed(f: &Fixture) {
     want.sort();
     assert_eq!(ids, want, "due within the horizon, and nothing later");
     assert_eq!(claim.devices.len(), 2, "with their devices");
+    // Configured alike, the claim's devices hold one copy of their
+    // settings (a storm claims a fleet's devices by the thousand).
+    let mut devices = claim.devices.values();
+    let (a, b) = (devices.next().unwrap(), devices.next().unwrap());
+    assert_eq!(a.settings, device("x").settings);
+    assert!(std::sync::Arc::ptr_eq(&a.settings, &b.settings));
     assert_eq!(get(f, "d1", &kept).await.state, ActionState::Scheduled);
     assert!(
         f.replica

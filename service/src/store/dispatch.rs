@@ -177,12 +177,15 @@ impl Store {
                     .ok()
             })
             .collect();
+        // A fleet's devices are mostly configured alike: their settings
+        // are held once for the claim, not once per device.
+        let mut settings = rows::Settings::default();
         let devices = devices
             .into_iter()
             .filter_map(|r| {
                 r.and_then(|m| {
                     let key = (m.tenant_id.clone(), m.device_id.clone());
-                    Ok((key, rows::device_from_model(m)?))
+                    Ok((key, rows::device_sharing_settings(m, &mut settings)?))
                 })
                 .map_err(
                     |e| tracing::error!(error = %e, "a claimed action's device cannot be read"),

@@ -24,6 +24,28 @@ fn corrupt(what: &str) -> Error {
 }
 
 pub(super) fn device_from_model(m: device::Model) -> Result<Device, Error> {
+    device_sharing_settings(m, &mut Settings::default())
+}
+
+/// Settings already read, by their stored form: devices configured alike
+/// share one copy.
+pub(super) type Settings =
+    std::collections::HashMap<String, std::sync::Arc<std::collections::BTreeMap<String, String>>>;
+
+/// A device from its row, its settings shared with those of `seen` that
+/// are stored alike.
+pub(super) fn device_sharing_settings(
+    m: device::Model,
+    seen: &mut Settings,
+) -> Result<Device, Error> {
+    let settings = match seen.get(&m.settings) {
+        Some(s) => s.clone(),
+        None => {
+            let s = std::sync::Arc::new(parse_settings(&m.settings)?);
+            seen.insert(m.settings.clone(), s.clone());
+            s
+        }
+    };
     Ok(Device {
         id: DeviceId::parse(&m.device_id).map_err(|_| corrupt("device_id"))?,
         display_name: m.display_name,
@@ -31,7 +53,7 @@ pub(super) fn device_from_model(m: device::Model) -> Result<Device, Error> {
         driver: m.driver,
         oem_device_id: m.oem_device_id,
         timezone: m.timezone,
-        settings: parse_settings(&m.settings)?,
+        settings,
         revision: m.revision,
         created: Ts(m.create_ns),
         updated: Ts(m.update_ns),

@@ -18,7 +18,7 @@ fn device(id: &str, settings: BTreeMap<String, String>) -> Device {
         driver: "simulated".into(),
         oem_device_id: String::new(),
         timezone: "UTC".into(),
-        settings,
+        settings: settings.into(),
         revision: 0,
         created: Ts(0),
         updated: Ts(0),
