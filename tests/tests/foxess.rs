@@ -79,6 +79,17 @@ impl Rig {
         Self { srv, emu }
     }
 
+    /// The native rows of the device's observed state, as the API shows
+    /// them.
+    async fn observed_rows(&self) -> Vec<pb::NativeScheduleRow> {
+        self.srv
+            .get_device("fox")
+            .await
+            .observed_state
+            .expect("observed")
+            .native_rows
+    }
+
     /// The emulator's groups as (start, end, mode), sorted.
     fn windows(&self) -> Vec<(String, String, String)> {
         let mut w: Vec<_> = self
@@ -221,13 +232,7 @@ async fn cancel_and_replace_clears_the_foxess_scheduler_keeping_what_does_not_co
         "the colliding foreign group is cleared, the other kept"
     );
     // The device was observed again after clearing.
-    let rows = rig
-        .srv
-        .get_device("fox")
-        .await
-        .observed_state
-        .unwrap()
-        .native_rows;
+    let rows = rig.observed_rows().await;
     assert!(
         rows.iter()
             .any(|r| r.owner == pb::NativeRowOwner::Ours as i32 && r.start_time_of_day == "02:00"),
@@ -243,13 +248,7 @@ async fn cancel_and_replace_clears_the_foxess_scheduler_keeping_what_does_not_co
     // A FoxESS revert hands back no state: the device is read again once
     // the revert is recorded (the observation pass ran before it, while
     // our group was still there), and our row is gone from what is shown.
-    let rows = rig
-        .srv
-        .get_device("fox")
-        .await
-        .observed_state
-        .unwrap()
-        .native_rows;
+    let rows = rig.observed_rows().await;
     assert!(
         rows.iter()
             .all(|r| r.owner != pb::NativeRowOwner::Ours as i32),
@@ -459,13 +458,7 @@ async fn an_overnight_window_is_verified_though_the_cloud_disables_its_passed_ha
     assert!(active.verified, "{active:?}");
     // What the cloud reports: the 00:00-06:00 half disabled (it has
     // passed today), both halves switchyard's.
-    let rows = rig
-        .srv
-        .get_device("fox")
-        .await
-        .observed_state
-        .unwrap()
-        .native_rows;
+    let rows = rig.observed_rows().await;
     assert!(
         rows.iter()
             .any(|r| r.start_time_of_day == "00:00" && !r.enabled),
