@@ -10,7 +10,7 @@ use crate::domain::{Error, TenantId, Ts};
 
 use sea_orm::{
     ActiveValue::Set,
-    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect,
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect, QueryTrait,
     sea_query::{Expr, ExprTrait, OnConflict},
 };
 
@@ -158,12 +158,18 @@ impl Store {
         body: &[u8],
     ) -> Result<Option<Vec<u8>>, Error> {
         let now = self.clock.now();
-        let key = || {
-            sea_orm::Condition::all()
-                .add(idem_key::Column::TenantId.eq(tenant.as_str()))
-                .add(idem_key::Column::RequestId.eq(request_id))
+        static KEPT: rows::Kept = rows::Kept::new();
+        let select = || {
+            idem_key::Entity::find()
+                .filter(idem_key::Column::TenantId.eq(tenant.as_str()))
+                .filter(idem_key::Column::RequestId.eq(request_id))
+                .lock_exclusive()
         };
-        let row = rows::first(tx, idem_key::Entity::find().filter(key()).lock_exclusive()).await?;
+        let values = vec![tenant.as_str().into(), request_id.into()];
+        let row = rows::all_kept(tx, &KEPT, values, select)
+            .await?
+            .into_iter()
+            .next();
         if let Some(row) = row {
             let same = row.method == method && row.request_body == body;
             let live_lease = row.lease_until_ns.filter(|l| *l > now.0);
@@ -222,7 +228,7 @@ impl Store {
                 .is_null()
                 .or(existing(idem_key::Column::LeaseUntilNs).lte(now.0)),
         ));
-        let taken = idem_key::Entity::insert(idem_key::ActiveModel {
+        let row = idem_key::ActiveModel {
             tenant_id: Set(tenant.as_str().to_owned()),
             request_id: Set(request_id.to_owned()),
             method: Set(method.to_owned()),
@@ -232,24 +238,36 @@ impl Store {
             claim: Set(claim),
             create_ns: Set(now.0),
             expire_ns: Set(now.0 + IDEMPOTENCY_TTL_NANOS),
-        })
-        .on_conflict(
-            OnConflict::columns([idem_key::Column::TenantId, idem_key::Column::RequestId])
-                .update_columns([
-                    idem_key::Column::Method,
-                    idem_key::Column::RequestBody,
-                    idem_key::Column::ResponseBody,
-                    idem_key::Column::LeaseUntilNs,
-                    idem_key::Column::Claim,
-                    idem_key::Column::CreateNs,
-                    idem_key::Column::ExpireNs,
-                ])
-                .action_and_where(free)
-                .to_owned(),
-        )
-        .exec_without_returning(tx)
-        .await
-        .map_err(db_err)?;
+        };
+        let backend = tx.get_database_backend();
+        let insert = || {
+            idem_key::Entity::insert(row.clone())
+                .on_conflict(
+                    OnConflict::columns([idem_key::Column::TenantId, idem_key::Column::RequestId])
+                        .update_columns([
+                            idem_key::Column::Method,
+                            idem_key::Column::RequestBody,
+                            idem_key::Column::ResponseBody,
+                            idem_key::Column::LeaseUntilNs,
+                            idem_key::Column::Claim,
+                            idem_key::Column::CreateNs,
+                            idem_key::Column::ExpireNs,
+                        ])
+                        .action_and_where(free.clone())
+                        .to_owned(),
+                )
+                .build(backend)
+        };
+        // Kept (every push with a request_id writes its key): the row's
+        // values, then those of `free`.
+        static KEPT: rows::Kept = rows::Kept::new();
+        let mut values = rows::set_values(&row);
+        values.extend([now.0.into(), now.0.into()]);
+        let taken = tx
+            .execute_raw(KEPT.statement(backend, values, insert))
+            .await
+            .map_err(db_err)?
+            .rows_affected();
         if taken == 0 {
             return Err(Error::StorageContention(format!(
                 "request_id {request_id:?} was taken by another request meanwhile"

@@ -138,6 +138,104 @@ fn observed_from_json(j: &str, at: Ts) -> Result<crate::domain::Observed, Error>
     })
 }
 
+/// A statement every push runs, rendered by sea-query once per backend
+/// and kept; each run binds its own values to the kept text. Rendering
+/// one (its expression tree built, cloned, walked and dropped) cost the
+/// SQLite writer about as much as SQLite took to run it: an eighth of the
+/// writer's time per push (docs/performance.md).
+///
+/// A kept statement's text must not depend on its values, and the values
+/// a caller binds must be the ones sea-query would have bound, in its
+/// order. Builds with debug assertions (every test run) render the
+/// statement afresh at every use and compare the two, text and values.
+pub(super) struct Kept([std::sync::OnceLock<String>; 2]);
+
+impl Kept {
+    pub(super) const fn new() -> Self {
+        Self([std::sync::OnceLock::new(), std::sync::OnceLock::new()])
+    }
+
+    /// The statement `fresh` renders, from the text kept for `backend`
+    /// with `values` bound.
+    pub(super) fn statement(
+        &self,
+        backend: sea_orm::DbBackend,
+        values: Vec<sea_orm::Value>,
+        fresh: impl Fn() -> sea_orm::Statement,
+    ) -> sea_orm::Statement {
+        let cell = match backend {
+            sea_orm::DbBackend::Postgres => &self.0[1],
+            _ => &self.0[0],
+        };
+        let sql = cell.get_or_init(|| fresh().sql);
+        let kept = sea_orm::Statement::from_sql_and_values(backend, sql.as_str(), values);
+        #[cfg(debug_assertions)]
+        {
+            let f = fresh();
+            let bound =
+                |s: &sea_orm::Statement| s.values.as_ref().map(|v| v.0.clone()).unwrap_or_default();
+            assert_eq!(
+                kept.sql, f.sql,
+                "a kept statement's text changed with its values"
+            );
+            assert_eq!(
+                bound(&kept),
+                bound(&f),
+                "a kept statement bound other values than sea-query would: {}",
+                f.sql
+            );
+        }
+        kept
+    }
+}
+
+/// The values an insert of `row` binds: those of the columns it sets, in
+/// the entity's column order (as sea-orm's insert renders them).
+pub(super) fn set_values<A: sea_orm::ActiveModelTrait>(row: &A) -> Vec<sea_orm::Value> {
+    use sea_orm::Iterable;
+    <A::Entity as EntityTrait>::Column::iter()
+        .filter_map(|c| row.get(c).into_value())
+        .collect()
+}
+
+/// Runs `select`, kept in `kept` (see [`Kept`]) with `values` bound.
+pub(super) async fn all_kept<E, C>(
+    conn: &C,
+    kept: &Kept,
+    values: Vec<sea_orm::Value>,
+    select: impl Fn() -> Select<E>,
+) -> Result<Vec<E::Model>, Error>
+where
+    E: EntityTrait,
+    C: ConnectionTrait,
+{
+    let backend = conn.get_database_backend();
+    let stmt = kept.statement(backend, values, || select().build(backend));
+    E::find().from_raw_sql(stmt).all(conn).await.map_err(db_err)
+}
+
+/// Inserts `row` with the insert `insert` renders, kept in `kept`: the
+/// rows it wrote.
+pub(super) async fn insert_kept<A, C>(
+    conn: &C,
+    kept: &Kept,
+    row: A,
+    insert: impl Fn(A) -> sea_orm::Insert<A>,
+) -> Result<u64, Error>
+where
+    A: sea_orm::ActiveModelTrait + Clone,
+    C: ConnectionTrait,
+{
+    let backend = conn.get_database_backend();
+    let values = set_values(&row);
+    let stmt = kept.statement(backend, values, || insert(row.clone()).build(backend));
+    Ok(conn
+        .execute_raw(stmt)
+        .await
+        .map_err(db_err)?
+        .rows_affected())
+}
+
 /// Runs `select` and decodes every row: a row that does not decode is
 /// INTERNAL (never a panic), reported by itself.
 pub(super) async fn all<E, C>(conn: &C, select: Select<E>) -> Result<Vec<E::Model>, Error>
@@ -188,13 +286,22 @@ pub(super) async fn fetch_device<C: ConnectionTrait>(
     id: &DeviceId,
     lock: bool,
 ) -> Result<Option<Device>, Error> {
-    let mut q = device::Entity::find()
-        .filter(device::Column::TenantId.eq(tenant.as_str()))
-        .filter(device::Column::DeviceId.eq(id.as_str()));
-    if lock {
-        q = q.lock_exclusive();
-    }
-    first(conn, q).await?.map(device_from_model).transpose()
+    static LOCKED: Kept = Kept::new();
+    static READ: Kept = Kept::new();
+    let select = || {
+        let q = device::Entity::find()
+            .filter(device::Column::TenantId.eq(tenant.as_str()))
+            .filter(device::Column::DeviceId.eq(id.as_str()));
+        if lock { q.lock_exclusive() } else { q }
+    };
+    let values = vec![tenant.as_str().into(), id.as_str().into()];
+    let kept = if lock { &LOCKED } else { &READ };
+    all_kept(conn, kept, values, select)
+        .await?
+        .into_iter()
+        .next()
+        .map(device_from_model)
+        .transpose()
 }
 
 pub(super) fn device_row(tenant: &TenantId, d: &Device) -> device::ActiveModel {
@@ -373,6 +480,41 @@ pub(super) async fn holding_actions<C: ConnectionTrait>(
     device_id: &DeviceId,
     f: HoldingFilter<'_>,
 ) -> Result<Vec<Action>, Error> {
+    let select = || holding_select(tenant, device_id, f);
+    // A push's: kept (it runs for every push).
+    if let (Some(c), Some(t)) = (f.channel, f.ending_after) {
+        static KEPT: Kept = Kept::new();
+        let (tenant, device) = (tenant.as_str(), device_id.as_str());
+        let values = vec![
+            tenant.into(),
+            device.into(),
+            c.into(),
+            t.0.into(),
+            tenant.into(),
+            device.into(),
+            c.into(),
+            t.0.into(),
+            i64::MIN.into(),
+        ];
+        return all_kept(conn, &KEPT, values, select)
+            .await?
+            .iter()
+            .map(action_from_model)
+            .collect();
+    }
+    all(conn, select())
+        .await?
+        .iter()
+        .map(action_from_model)
+        .collect()
+}
+
+/// The holders [`holding_actions`] reads.
+fn holding_select(
+    tenant: &TenantId,
+    device_id: &DeviceId,
+    f: HoldingFilter<'_>,
+) -> Select<action::Entity> {
     let mut q = actions_of(tenant)
         .filter(action::Column::DeviceId.eq(device_id.as_str()))
         .filter(holding());
@@ -413,11 +555,9 @@ pub(super) async fn holding_actions<C: ConnectionTrait>(
             q = q.filter(Expr::col(action::Column::StartNs).gte(floor));
         }
     }
-    let q = q
-        .order_by_asc(action::Column::StartNs)
+    q.order_by_asc(action::Column::StartNs)
         .order_by_asc(action::Column::ActionId)
-        .lock_exclusive();
-    all(conn, q).await?.iter().map(action_from_model).collect()
+        .lock_exclusive()
 }
 
 pub(super) async fn insert_action<C: ConnectionTrait>(
@@ -462,10 +602,8 @@ pub(super) async fn insert_action<C: ConnectionTrait>(
         driver_memo: Set(None),
         fence: Set(0),
     };
-    action::Entity::insert(row)
-        .exec_without_returning(conn)
-        .await
-        .map_err(db_err)?;
+    static KEPT: Kept = Kept::new();
+    insert_kept(conn, &KEPT, row, action::Entity::insert).await?;
     Ok(())
 }
 
@@ -608,11 +746,9 @@ pub(super) async fn audit<C: ConnectionTrait>(
     request_id: Option<&str>,
     at: Ts,
 ) -> Result<(), Error> {
+    static KEPT: Kept = Kept::new();
     let row = transition_row(tenant, t, request_id, at);
-    audit::Entity::insert(row)
-        .exec_without_returning(conn)
-        .await
-        .map_err(db_err)?;
+    insert_kept(conn, &KEPT, row, audit::Entity::insert).await?;
     Ok(())
 }
 
