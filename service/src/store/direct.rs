@@ -90,6 +90,19 @@ pub(super) type Slot = Arc<Mutex<Option<rusqlite::Connection>>>;
 /// seen); nested ones are savepoints. A savepoint statement that fails is
 /// kept in `failed` for the writer to see, since sea-orm's proxy
 /// transactions cannot report one.
+///
+/// A member's own transaction (depth 2) is not a savepoint unless the
+/// writer is being careful ([`Direct::careful_until`]): SQLite copies
+/// every page a savepoint's statements first touch into its journal, and
+/// with the SAVEPOINT and RELEASE statements that was a tenth of the
+/// writer's time per push. A member that fails before it has written
+/// anything (a conflict, a stale etag, a replayed key: every refusal
+/// decides before writing) leaves nothing to undo. One that fails after
+/// writing cannot be undone alone: the writer is told (`undone`), rolls
+/// the whole group back and has every member run again (their callers
+/// are answered STORAGE_CONTENTION, which the store retries), and for a
+/// while runs members in savepoints again, so that a request that fails
+/// after writing fails alone on its retry.
 #[derive(Debug)]
 pub(super) struct Direct {
     pub(super) slot: Slot,
@@ -97,6 +110,15 @@ pub(super) struct Direct {
     /// savepoints.
     depth: u32,
     pub(super) failed: Arc<Mutex<Option<String>>>,
+    /// Set when a member without a savepoint failed after writing.
+    pub(super) undone: Arc<std::sync::atomic::AtomicBool>,
+    /// Until when members run in savepoints (after a group was undone).
+    pub(super) careful_until: Arc<Mutex<Option<std::time::Instant>>>,
+    /// Statements that changed the database, so far.
+    writes: u64,
+    /// The open member's: `Some(writes when it began)` when it runs
+    /// without a savepoint.
+    bare_since: Option<u64>,
 }
 
 impl Direct {
@@ -105,7 +127,16 @@ impl Direct {
             slot,
             depth: 0,
             failed: Arc::new(Mutex::new(None)),
+            undone: Arc::default(),
+            careful_until: Arc::default(),
+            writes: 0,
+            bare_since: None,
         }
+    }
+
+    fn careful(&self) -> bool {
+        let until = *self.careful_until.lock().unwrap_or_else(|p| p.into_inner());
+        until.is_some_and(|u| std::time::Instant::now() < u)
     }
 
     fn with<T>(
@@ -269,11 +300,19 @@ impl MockDatabaseTrait for Direct {
         let done = self.with(|c| {
             let mut st = c.prepare_cached(&statement.sql)?;
             let changed = st.execute(rusqlite::params_from_iter(values.iter()))?;
-            Ok(MockExecResult {
-                last_insert_id: u64::try_from(c.last_insert_rowid()).unwrap_or(0),
-                rows_affected: changed as u64,
-            })
+            Ok((
+                MockExecResult {
+                    last_insert_id: u64::try_from(c.last_insert_rowid()).unwrap_or(0),
+                    rows_affected: changed as u64,
+                },
+                !st.readonly(),
+            ))
         })?;
+        let (done, wrote) = done;
+        // A statement that failed changed nothing (SQLite undoes it).
+        if wrote {
+            self.writes += 1;
+        }
         // sea-orm's results are made only by its connections: this one
         // is handed over through a mock database.
         MockDatabase::new(DbBackend::Sqlite)
@@ -285,8 +324,10 @@ impl MockDatabaseTrait for Direct {
         let values = params(&statement)?;
         let mut out = Vec::new();
         let mut failure = None;
+        let mut wrote = false;
         self.with(|c| {
             let mut st = c.prepare_cached(&statement.sql)?;
+            wrote = !st.readonly();
             let names: Vec<String> = st.column_names().iter().map(|n| (*n).to_owned()).collect();
             let mut rows = st.query(rusqlite::params_from_iter(values.iter()))?;
             while let Some(row) = rows.next()? {
@@ -306,6 +347,9 @@ impl MockDatabaseTrait for Direct {
             }
             Ok(())
         })?;
+        if wrote {
+            self.writes += 1;
+        }
         if let Some(e) = failure {
             return Err(e);
         }
@@ -315,17 +359,39 @@ impl MockDatabaseTrait for Direct {
     }
 
     fn begin(&mut self) {
-        if self.depth >= 1 {
+        if self.depth == 1 && !self.careful() {
+            self.bare_since = Some(self.writes);
+        } else if self.depth >= 1 {
             self.batch(&format!("SAVEPOINT sy{}", self.depth));
         }
         self.depth += 1;
     }
 
     fn commit(&mut self) {
+        if self.depth == 2 && self.bare_since.take().is_some() {
+            self.depth = 1;
+            return;
+        }
         self.end(|n| format!("RELEASE SAVEPOINT sy{n}"));
     }
 
     fn rollback(&mut self) {
+        if self.depth == 2
+            && let Some(since) = self.bare_since.take()
+        {
+            self.depth = 1;
+            // SQLite may have ended the transaction itself (some I/O
+            // errors and a full disk do).
+            let gone = self.with(|c| Ok(c.is_autocommit())).unwrap_or(true);
+            if gone {
+                *self.failed.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some("SQLite rolled the transaction back".into());
+            } else if self.writes != since {
+                self.undone
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            return;
+        }
         self.end(|n| format!("ROLLBACK TO SAVEPOINT sy{n}; RELEASE SAVEPOINT sy{n}"));
     }
 

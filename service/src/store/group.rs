@@ -623,6 +623,8 @@ async fn sqlite_lane(
     let slot: Slot = Arc::new(Mutex::new(None));
     let direct = Direct::new(slot.clone());
     let failed = direct.failed.clone();
+    let undone = direct.undone.clone();
+    let careful_until = direct.careful_until.clone();
     let proxy: DatabaseConnection = sea_orm::DatabaseConnectionType::MockDatabaseConnection(
         Arc::new(sea_orm::MockDatabaseConnection::new(direct)),
     )
@@ -683,9 +685,11 @@ async fn sqlite_lane(
             continue;
         }
         *lock(&failed) = None;
+        undone.store(false, Ordering::Relaxed);
         let group = match proxy.begin().await {
             Ok(tx) => {
-                let ran = run_members(&tx, first, &mut rx, &limits, || lock(&failed).is_some())
+                let in_doubt = || lock(&failed).is_some() || undone.load(Ordering::Relaxed);
+                let ran = run_members(&tx, first, &mut rx, &limits, in_doubt)
                     .instrument(group_span())
                     .await;
                 // The group's own transaction is ended below, on the
@@ -706,6 +710,15 @@ async fn sqlite_lane(
         next = group.flush;
         let committed = if group.trusted {
             run_on(&slot, "COMMIT").map_err(not_committed)
+        } else if undone.load(Ordering::Relaxed) && lock(&failed).is_none() {
+            // A member without a savepoint failed after writing: the group
+            // is rolled back and every member run again, in savepoints
+            // for a while (`Direct`).
+            *lock(&careful_until) = Some(Instant::now() + CAREFUL_FOR);
+            tracing::debug!("a write failed after writing; its group is rolled back and run again");
+            Err(Error::StorageContention(
+                "a write of its group failed after writing; the group is run again".into(),
+            ))
         } else {
             Err(rolled_back(&lock(&failed).take().unwrap_or_else(|| {
                 "a member left the transaction in doubt".into()
@@ -751,6 +764,11 @@ async fn sqlite_lane(
     }
     finalize(&pool, &slot).await;
 }
+
+/// How long the SQLite writer runs members in savepoints after a group
+/// was undone (`Direct`): long enough for the member that failed after
+/// writing to be retried (its caller waits a few milliseconds first).
+const CAREFUL_FOR: Duration = Duration::from_secs(1);
 
 /// Groups between the SQLite writer's own checkpoints.
 const CHECKPOINT_EVERY: u32 = 4;

@@ -512,6 +512,78 @@ mod groups {
         assert_eq!(stored(&store).await, 2);
     }
 
+    /// A member runs without a savepoint of its own; one that fails after
+    /// it has written cannot be undone alone, so its group is rolled back
+    /// and every member run again (their stores retry), the failing one in
+    /// a savepoint this time: it fails alone, with its own error, and the
+    /// others commit once each.
+    #[tokio::test]
+    async fn a_write_that_fails_after_writing_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir.path().join("db.sqlite"), 512).await;
+        store
+            .write
+            .execute_unprepared("CREATE TABLE scratch (x INTEGER)")
+            .await
+            .unwrap();
+        let before = store.write_groups();
+        let (release, held) = hold(&store).await;
+        let first = queue_push(&store, 1, 2).await;
+        let runs = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let queued = store.write_groups().queued;
+        let (s, counted) = (store.clone(), runs.clone());
+        let failing = tokio::spawn(async move {
+            s.retrying_grouped(|| {
+                let counted = counted.clone();
+                s.grouped("d1", move |tx| {
+                    Box::pin(async move {
+                        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        tx.execute_unprepared("INSERT INTO scratch VALUES (1)")
+                            .await
+                            .map_err(super::super::db_err)?;
+                        Err::<(), _>(Error::invalid(
+                            "x",
+                            crate::domain::error::Reason::InvalidField,
+                            "refused after writing",
+                        ))
+                    })
+                })
+            })
+            .await
+        });
+        wait_queued(&store, queued + 1).await;
+        let after_it = queue_push(&store, 3, 4).await;
+        release.send(()).unwrap();
+        // The holder is not run through the store's retries: it is told
+        // to run again.
+        assert!(matches!(
+            held.await.unwrap(),
+            Err(Error::StorageContention(_))
+        ));
+        first.await.unwrap().expect("run again and committed");
+        assert!(
+            matches!(failing.await.unwrap(), Err(Error::Invalid(_))),
+            "its own error, not its group's"
+        );
+        after_it.await.unwrap().expect("run again and committed");
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(stored(&store).await, 2, "each push once");
+        let scratch: Vec<sea_orm::QueryResult> = store
+            .write
+            .query_all_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Sqlite,
+                "SELECT x FROM scratch",
+            ))
+            .await
+            .unwrap();
+        assert!(scratch.is_empty(), "the failed write's row is undone");
+        let after = store.write_groups();
+        assert!(
+            after.groups - before.groups >= 2,
+            "rolled back, then run again"
+        );
+    }
+
     /// A write that panics (a bug) rolls back its group and is answered
     /// INTERNAL; the writer lives on and the next group commits.
     #[tokio::test]
