@@ -92,12 +92,14 @@ pub(super) type Slot = Arc<Mutex<Option<rusqlite::Connection>>>;
 /// transactions cannot report one.
 ///
 /// A member's own transaction (depth 2) is not a savepoint unless the
-/// writer is being careful ([`Direct::careful_until`]): SQLite copies
+/// writer is being careful (`careful_until`): SQLite copies
 /// every page a savepoint's statements first touch into its journal, and
 /// with the SAVEPOINT and RELEASE statements that was a tenth of the
 /// writer's time per push. A member that fails before it has written
 /// anything (a conflict, a stale etag, a replayed key: every refusal
-/// decides before writing) leaves nothing to undo. One that fails after
+/// decides before writing) leaves nothing to undo: it changed no row
+/// (SQLite's `total_changes`, which an upsert that took nothing leaves
+/// alone) and ran no DDL. One that fails after
 /// writing cannot be undone alone: the writer is told (`undone`), rolls
 /// the whole group back and has every member run again (their callers
 /// are answered STORAGE_CONTENTION, which the store retries), and for a
@@ -114,11 +116,23 @@ pub(super) struct Direct {
     pub(super) undone: Arc<std::sync::atomic::AtomicBool>,
     /// Until when members run in savepoints (after a group was undone).
     pub(super) careful_until: Arc<Mutex<Option<std::time::Instant>>>,
-    /// Statements that changed the database, so far.
-    writes: u64,
-    /// The open member's: `Some(writes when it began)` when it runs
-    /// without a savepoint.
-    bare_since: Option<u64>,
+    /// Statements run so far that change the database other than by rows
+    /// (DDL: `total_changes` does not count them).
+    other_writes: u64,
+    /// The open member's, when it runs without a savepoint: what it
+    /// began at (rows changed on the connection, `other_writes`).
+    bare_since: Option<(u64, u64)>,
+}
+
+/// Whether `sql` changes rows only (SQLite counts what it changes in
+/// `total_changes`), as opposed to DDL.
+fn changes_rows(sql: &str) -> bool {
+    let first = sql.split_whitespace().next().unwrap_or("");
+    [
+        "INSERT", "UPDATE", "DELETE", "REPLACE", "WITH", "SELECT", "VALUES",
+    ]
+    .iter()
+    .any(|k| first.eq_ignore_ascii_case(k))
 }
 
 impl Direct {
@@ -129,9 +143,23 @@ impl Direct {
             failed: Arc::new(Mutex::new(None)),
             undone: Arc::default(),
             careful_until: Arc::default(),
-            writes: 0,
+            other_writes: 0,
             bare_since: None,
         }
+    }
+
+    /// Where the connection stands, for a member without a savepoint:
+    /// rows changed so far, other writes so far.
+    fn mark(&self) -> (u64, u64) {
+        let rows = self.with(|c| Ok(c.total_changes())).unwrap_or(u64::MAX);
+        (rows, self.other_writes)
+    }
+
+    /// Whether SQLite has ended the group's transaction itself (some I/O
+    /// errors and a full disk do, as does `RAISE(ROLLBACK)`): then later
+    /// statements would each commit on their own.
+    fn transaction_gone(&self) -> bool {
+        self.with(|c| Ok(c.is_autocommit())).unwrap_or(true)
     }
 
     fn careful(&self) -> bool {
@@ -297,22 +325,21 @@ fn params(stmt: &Statement) -> Result<Vec<rusqlite::types::Value>, DbErr> {
 impl MockDatabaseTrait for Direct {
     fn execute(&mut self, _: usize, statement: Statement) -> Result<ExecResult, DbErr> {
         let values = params(&statement)?;
+        let mut ddl = false;
         let done = self.with(|c| {
             let mut st = c.prepare_cached(&statement.sql)?;
+            // DDL is counted whether it fails or not.
+            ddl = !st.readonly() && !changes_rows(&statement.sql);
             let changed = st.execute(rusqlite::params_from_iter(values.iter()))?;
-            Ok((
-                MockExecResult {
-                    last_insert_id: u64::try_from(c.last_insert_rowid()).unwrap_or(0),
-                    rows_affected: changed as u64,
-                },
-                !st.readonly(),
-            ))
-        })?;
-        let (done, wrote) = done;
-        // A statement that failed changed nothing (SQLite undoes it).
-        if wrote {
-            self.writes += 1;
+            Ok(MockExecResult {
+                last_insert_id: u64::try_from(c.last_insert_rowid()).unwrap_or(0),
+                rows_affected: changed as u64,
+            })
+        });
+        if ddl {
+            self.other_writes += 1;
         }
+        let done = done?;
         // sea-orm's results are made only by its connections: this one
         // is handed over through a mock database.
         MockDatabase::new(DbBackend::Sqlite)
@@ -324,10 +351,10 @@ impl MockDatabaseTrait for Direct {
         let values = params(&statement)?;
         let mut out = Vec::new();
         let mut failure = None;
-        let mut wrote = false;
-        self.with(|c| {
+        let mut ddl = false;
+        let ran = self.with(|c| {
             let mut st = c.prepare_cached(&statement.sql)?;
-            wrote = !st.readonly();
+            ddl = !st.readonly() && !changes_rows(&statement.sql);
             let names: Vec<String> = st.column_names().iter().map(|n| (*n).to_owned()).collect();
             let mut rows = st.query(rusqlite::params_from_iter(values.iter()))?;
             while let Some(row) = rows.next()? {
@@ -346,10 +373,11 @@ impl MockDatabaseTrait for Direct {
                 out.push(map);
             }
             Ok(())
-        })?;
-        if wrote {
-            self.writes += 1;
+        });
+        if ddl {
+            self.other_writes += 1;
         }
+        ran?;
         if let Some(e) = failure {
             return Err(e);
         }
@@ -360,7 +388,7 @@ impl MockDatabaseTrait for Direct {
 
     fn begin(&mut self) {
         if self.depth == 1 && !self.careful() {
-            self.bare_since = Some(self.writes);
+            self.bare_since = Some(self.mark());
         } else if self.depth >= 1 {
             self.batch(&format!("SAVEPOINT sy{}", self.depth));
         }
@@ -370,6 +398,10 @@ impl MockDatabaseTrait for Direct {
     fn commit(&mut self) {
         if self.depth == 2 && self.bare_since.take().is_some() {
             self.depth = 1;
+            if self.transaction_gone() {
+                *self.failed.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some("SQLite rolled the transaction back".into());
+            }
             return;
         }
         self.end(|n| format!("RELEASE SAVEPOINT sy{n}"));
@@ -380,13 +412,10 @@ impl MockDatabaseTrait for Direct {
             && let Some(since) = self.bare_since.take()
         {
             self.depth = 1;
-            // SQLite may have ended the transaction itself (some I/O
-            // errors and a full disk do).
-            let gone = self.with(|c| Ok(c.is_autocommit())).unwrap_or(true);
-            if gone {
+            if self.transaction_gone() {
                 *self.failed.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some("SQLite rolled the transaction back".into());
-            } else if self.writes != since {
+            } else if self.mark() != since {
                 self.undone
                     .store(true, std::sync::atomic::Ordering::Relaxed);
             }

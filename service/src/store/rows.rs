@@ -147,8 +147,10 @@ fn observed_from_json(j: &str, at: Ts) -> Result<crate::domain::Observed, Error>
 /// A kept statement's text must not depend on its values, and the values
 /// a caller binds must be the ones sea-query would have bound, in its
 /// order. Builds with debug assertions (every test run) render the
-/// statement afresh at every use and compare the two, text and values.
-pub(super) struct Kept([std::sync::OnceLock<String>; 2]);
+/// statement afresh at every use and compare the two, text and values;
+/// other builds render it afresh whenever the number of values differs
+/// from the kept text's, rather than bind them to the wrong placeholders.
+pub(super) struct Kept([std::sync::OnceLock<(String, usize)>; 2]);
 
 impl Kept {
     pub(super) const fn new() -> Self {
@@ -167,7 +169,20 @@ impl Kept {
             sea_orm::DbBackend::Postgres => &self.0[1],
             _ => &self.0[0],
         };
-        let sql = cell.get_or_init(|| fresh().sql);
+        let bound = |s: &sea_orm::Statement| s.values.as_ref().map_or(0, |v| v.0.len());
+        let (sql, n) = cell.get_or_init(|| {
+            let f = fresh();
+            let n = bound(&f);
+            (f.sql, n)
+        });
+        if values.len() != *n {
+            tracing::error!(
+                sql,
+                "a kept statement was given {} values for {n}",
+                values.len()
+            );
+            return fresh();
+        }
         let kept = sea_orm::Statement::from_sql_and_values(backend, sql.as_str(), values);
         #[cfg(debug_assertions)]
         {

@@ -565,7 +565,7 @@ mod groups {
             matches!(failing.await.unwrap(), Err(Error::Invalid(_))),
             "its own error, not its group's"
         );
-        after_it.await.unwrap().expect("run again and committed");
+        after_it.await.unwrap().expect("committed");
         assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 2);
         assert_eq!(stored(&store).await, 2, "each push once");
         let scratch: Vec<sea_orm::QueryResult> = store
@@ -582,6 +582,45 @@ mod groups {
             after.groups - before.groups >= 2,
             "rolled back, then run again"
         );
+    }
+
+    /// A refusal is decided before anything is written: the group goes on
+    /// around it, in one transaction, with no savepoint and nothing run
+    /// again. So does a create of a device that exists (its upsert takes
+    /// nothing: no row changes).
+    #[tokio::test]
+    async fn a_refusal_before_writing_leaves_its_group_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir.path().join("db.sqlite"), 512).await;
+        let before = store.write_groups();
+        let (release, held) = hold(&store).await;
+        let first = queue_push(&store, 1, 2).await;
+        let colliding = queue_push(&store, 1, 2).await;
+        let queued = store.write_groups().queued;
+        let s = store.clone();
+        let existing = tokio::spawn(async move {
+            s.create_device(
+                &TenantId::default_tenant(),
+                device("d1", BTreeMap::new()),
+                None,
+            )
+            .await
+        });
+        wait_queued(&store, queued + 1).await;
+        let after_it = queue_push(&store, 3, 4).await;
+        release.send(()).unwrap();
+        held.await.unwrap().expect("not run again");
+        first.await.unwrap().expect("booked");
+        assert!(matches!(colliding.await.unwrap(), Err(Error::Conflict(_))));
+        assert!(matches!(
+            existing.await.unwrap(),
+            Err(Error::DeviceAlreadyExists { .. })
+        ));
+        after_it.await.unwrap().expect("booked");
+        let after = store.write_groups();
+        assert_eq!(after.groups - before.groups, 1, "one transaction");
+        assert_eq!(after.members - before.members, 5, "each run once");
+        assert_eq!(stored(&store).await, 2);
     }
 
     /// A write that panics (a bug) rolls back its group and is answered
