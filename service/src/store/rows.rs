@@ -226,7 +226,12 @@ where
 {
     let backend = conn.get_database_backend();
     let stmt = kept.statement(backend, values, || select().build(backend));
-    E::find().from_raw_sql(stmt).all(conn).await.map_err(db_err)
+    // Not `E::find().from_raw_sql`: that builds a select of every column
+    // only to drop it.
+    <E::Model as FromQueryResult>::find_by_statement(stmt)
+        .all(conn)
+        .await
+        .map_err(db_err)
 }
 
 /// Inserts `row` with the insert `insert` renders, kept in `kept`: the
