@@ -519,6 +519,17 @@ mod groups {
     /// others commit once each.
     #[tokio::test]
     async fn a_write_that_fails_after_writing_fails_alone() {
+        fails_after_writing(false).await;
+    }
+
+    /// The same, the write made by a statement that returns rows (run as
+    /// a query, not an execute).
+    #[tokio::test]
+    async fn a_write_returning_rows_that_fails_after_fails_alone() {
+        fails_after_writing(true).await;
+    }
+
+    async fn fails_after_writing(returning: bool) {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir.path().join("db.sqlite"), 512).await;
         store
@@ -538,9 +549,18 @@ mod groups {
                 s.grouped("d1", move |tx| {
                     Box::pin(async move {
                         counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        tx.execute_unprepared("INSERT INTO scratch VALUES (1)")
+                        if returning {
+                            tx.query_all_raw(sea_orm::Statement::from_string(
+                                sea_orm::DbBackend::Sqlite,
+                                "INSERT INTO scratch VALUES (1) RETURNING x",
+                            ))
                             .await
                             .map_err(super::super::db_err)?;
+                        } else {
+                            tx.execute_unprepared("INSERT INTO scratch VALUES (1)")
+                                .await
+                                .map_err(super::super::db_err)?;
+                        }
                         Err::<(), _>(Error::invalid(
                             "x",
                             crate::domain::error::Reason::InvalidField,
