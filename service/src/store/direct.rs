@@ -92,7 +92,7 @@ pub(super) type Slot = Arc<Mutex<Option<rusqlite::Connection>>>;
 /// transactions cannot report one.
 ///
 /// A member's own transaction (depth 2) is not a savepoint unless the
-/// writer is being careful (`careful_until`): SQLite copies
+/// member is run carefully (`careful`): SQLite copies
 /// every page a savepoint's statements first touch into its journal, and
 /// with the SAVEPOINT and RELEASE statements that was a tenth of the
 /// writer's time per push. A member that fails before it has written
@@ -102,9 +102,9 @@ pub(super) type Slot = Arc<Mutex<Option<rusqlite::Connection>>>;
 /// alone) and ran no DDL. One that fails after
 /// writing cannot be undone alone: the writer is told (`undone`), rolls
 /// the whole group back and has every member run again (their callers
-/// are answered STORAGE_CONTENTION, which the store retries), and for a
-/// while runs members in savepoints again, so that a request that fails
-/// after writing fails alone on its retry.
+/// are answered STORAGE_CONTENTION, which the store retries); each of
+/// them is run again in a savepoint, so that a request that fails after
+/// writing fails alone on its retry.
 #[derive(Debug)]
 pub(super) struct Direct {
     pub(super) slot: Slot,
@@ -114,8 +114,9 @@ pub(super) struct Direct {
     pub(super) failed: Arc<Mutex<Option<String>>>,
     /// Set when a member without a savepoint failed after writing.
     pub(super) undone: Arc<std::sync::atomic::AtomicBool>,
-    /// Until when members run in savepoints (after a group was undone).
-    pub(super) careful_until: Arc<Mutex<Option<std::time::Instant>>>,
+    /// Whether the member about to run takes a savepoint (set by the
+    /// lane for a request run again after its group was undone).
+    pub(super) careful: Arc<std::sync::atomic::AtomicBool>,
     /// Statements run so far that change the database other than by rows
     /// (DDL: `total_changes` does not count them).
     other_writes: u64,
@@ -142,7 +143,7 @@ impl Direct {
             depth: 0,
             failed: Arc::new(Mutex::new(None)),
             undone: Arc::default(),
-            careful_until: Arc::default(),
+            careful: Arc::default(),
             other_writes: 0,
             bare_since: None,
         }
@@ -163,8 +164,7 @@ impl Direct {
     }
 
     fn careful(&self) -> bool {
-        let until = *self.careful_until.lock().unwrap_or_else(|p| p.into_inner());
-        until.is_some_and(|u| std::time::Instant::now() < u)
+        self.careful.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn with<T>(

@@ -109,6 +109,11 @@ trait Member: Send {
     fn fate(&self) -> Option<Fate> {
         None
     }
+    /// Whether it must run in a savepoint of its own (SQLite: a request
+    /// run again after its group was undone).
+    fn careful(&self) -> bool {
+        false
+    }
 }
 
 /// Why a request was dropped midway; read by its caller.
@@ -157,6 +162,7 @@ struct Request<T, F> {
     reply: oneshot::Sender<Result<T, Error>>,
     state: Arc<AtomicU8>,
     fate: Fate,
+    careful: bool,
 }
 
 impl<T, F> Member for Request<T, F>
@@ -220,6 +226,10 @@ where
 
     fn fate(&self) -> Option<Fate> {
         Some(self.fate.clone())
+    }
+
+    fn careful(&self) -> bool {
+        self.careful
     }
 }
 
@@ -381,6 +391,7 @@ impl Store {
             reply,
             state: state.clone(),
             fate: fate.clone(),
+            careful: CAREFUL.try_with(|c| *c).unwrap_or(false),
         });
         self.lanes
             .lane(key)
@@ -428,6 +439,7 @@ async fn run_members(
     rx: &mut mpsc::UnboundedReceiver<Job>,
     limits: &GroupLimits,
     in_doubt: impl Fn() -> bool,
+    careful: impl Fn(bool),
 ) -> Group {
     let opened = Instant::now();
     let mut group = Group {
@@ -441,6 +453,7 @@ async fn run_members(
             group.flush = Some(j);
             break;
         }
+        careful(j.careful());
         let fate = j.fate();
         let dropped = |e: Error| {
             if let Some(f) = &fate {
@@ -582,7 +595,7 @@ async fn pool_lane(
                 continue;
             }
         };
-        let group = run_members(&tx, first, &mut rx, &limits, || false)
+        let group = run_members(&tx, first, &mut rx, &limits, || false, |_| {})
             .instrument(group_span())
             .await;
         next = group.flush;
@@ -624,7 +637,7 @@ async fn sqlite_lane(
     let direct = Direct::new(slot.clone());
     let failed = direct.failed.clone();
     let undone = direct.undone.clone();
-    let careful_until = direct.careful_until.clone();
+    let careful = direct.careful.clone();
     let proxy: DatabaseConnection = sea_orm::DatabaseConnectionType::MockDatabaseConnection(
         Arc::new(sea_orm::MockDatabaseConnection::new(direct)),
     )
@@ -689,9 +702,11 @@ async fn sqlite_lane(
         let group = match proxy.begin().await {
             Ok(tx) => {
                 let in_doubt = || lock(&failed).is_some() || undone.load(Ordering::Relaxed);
-                let ran = run_members(&tx, first, &mut rx, &limits, in_doubt)
-                    .instrument(group_span())
-                    .await;
+                let ran = run_members(&tx, first, &mut rx, &limits, in_doubt, |c| {
+                    careful.store(c, Ordering::Relaxed);
+                })
+                .instrument(group_span())
+                .await;
                 // The group's own transaction is ended below, on the
                 // connection itself.
                 let _ = tx.commit().await;
@@ -712,13 +727,10 @@ async fn sqlite_lane(
             run_on(&slot, "COMMIT").map_err(not_committed)
         } else if undone.load(Ordering::Relaxed) && lock(&failed).is_none() {
             // A member without a savepoint failed after writing: the group
-            // is rolled back and every member run again, in savepoints
-            // for a while (`Direct`).
-            *lock(&careful_until) = Some(Instant::now() + CAREFUL_FOR);
+            // is rolled back and every member run again, in a savepoint
+            // (`Direct`).
             tracing::debug!("a write failed after writing; its group is rolled back and run again");
-            Err(Error::StorageContention(
-                "a write of its group failed after writing; the group is run again".into(),
-            ))
+            Err(Error::StorageContention(UNDONE.into()))
         } else {
             Err(rolled_back(&lock(&failed).take().unwrap_or_else(|| {
                 "a member left the transaction in doubt".into()
@@ -765,10 +777,16 @@ async fn sqlite_lane(
     finalize(&pool, &slot).await;
 }
 
-/// How long the SQLite writer runs members in savepoints after a group
-/// was undone (`Direct`): long enough for the member that failed after
-/// writing to be retried (its caller waits a few milliseconds first).
-const CAREFUL_FOR: Duration = Duration::from_secs(1);
+/// What the members of a group the SQLite writer undid are told: run
+/// again, each in a savepoint of its own ([`Store::retrying_grouped`]
+/// runs them so).
+pub(super) const UNDONE: &str = "a write of its group failed after writing; the group is run again";
+
+tokio::task_local! {
+    /// Set while a request whose group was undone is run again: it runs
+    /// in a savepoint of its own.
+    pub(super) static CAREFUL: bool;
+}
 
 /// Groups between the SQLite writer's own checkpoints.
 const CHECKPOINT_EVERY: u32 = 4;

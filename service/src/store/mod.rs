@@ -547,9 +547,19 @@ impl Store {
         Fut: Future<Output = Result<T, Error>>,
     {
         let mut tries = 0;
+        let mut careful = false;
         loop {
-            match op().await {
+            let ran = if careful {
+                group::CAREFUL.scope(true, op()).await
+            } else {
+                op().await
+            };
+            match ran {
                 Err(Error::StorageContention(msg)) => {
+                    // Its group was undone (SQLite): run again in a
+                    // savepoint of its own, so that it fails alone if it
+                    // was the one that failed after writing.
+                    careful |= msg == group::UNDONE;
                     tries += 1;
                     if tries >= CONTENTION_TRIES {
                         return Err(Error::StorageUnavailable(format!(
