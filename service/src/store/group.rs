@@ -702,8 +702,14 @@ async fn sqlite_lane(
         let group = match proxy.begin().await {
             Ok(tx) => {
                 let in_doubt = || lock(&failed).is_some() || undone.load(Ordering::Relaxed);
+                // From a careful member on, the rest of its group takes
+                // savepoints too: none of them can undo the group it was
+                // run again in.
+                careful.store(false, Ordering::Relaxed);
                 let ran = run_members(&tx, first, &mut rx, &limits, in_doubt, |c| {
-                    careful.store(c, Ordering::Relaxed);
+                    if c {
+                        careful.store(true, Ordering::Relaxed);
+                    }
                 })
                 .instrument(group_span())
                 .await;
@@ -730,7 +736,7 @@ async fn sqlite_lane(
             // is rolled back and every member run again, in a savepoint
             // (`Direct`).
             tracing::debug!("a write failed after writing; its group is rolled back and run again");
-            Err(Error::StorageContention(UNDONE.into()))
+            Err(undone_error())
         } else {
             Err(rolled_back(&lock(&failed).take().unwrap_or_else(|| {
                 "a member left the transaction in doubt".into()
@@ -780,7 +786,16 @@ async fn sqlite_lane(
 /// What the members of a group the SQLite writer undid are told: run
 /// again, each in a savepoint of its own ([`Store::retrying_grouped`]
 /// runs them so).
-pub(super) const UNDONE: &str = "a write of its group failed after writing; the group is run again";
+const UNDONE: &str = "a write of its group failed after writing; the group is run again";
+
+fn undone_error() -> Error {
+    Error::StorageContention(UNDONE.into())
+}
+
+/// Whether `e` says the request's group was undone ([`undone_error`]).
+pub(super) fn is_undone(e: &Error) -> bool {
+    matches!(e, Error::StorageContention(m) if m == UNDONE)
+}
 
 tokio::task_local! {
     /// Set while a request whose group was undone is run again: it runs

@@ -554,12 +554,12 @@ impl Store {
             } else {
                 op().await
             };
+            // Its group was undone (SQLite): run again in a savepoint of
+            // its own, so that it fails alone if it was the one that
+            // failed after writing.
+            careful |= ran.as_ref().err().is_some_and(group::is_undone);
             match ran {
                 Err(Error::StorageContention(msg)) => {
-                    // Its group was undone (SQLite): run again in a
-                    // savepoint of its own, so that it fails alone if it
-                    // was the one that failed after writing.
-                    careful |= msg == group::UNDONE;
                     tries += 1;
                     if tries >= CONTENTION_TRIES {
                         return Err(Error::StorageUnavailable(format!(

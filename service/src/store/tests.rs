@@ -604,6 +604,77 @@ mod groups {
         );
     }
 
+    /// A request run again after its group was undone takes a savepoint,
+    /// and so does every member after it in its group: one of them that
+    /// fails after writing fails alone, and the group commits the rest.
+    #[tokio::test]
+    async fn members_after_a_careful_one_take_savepoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir.path().join("db.sqlite"), 512).await;
+        store
+            .write
+            .execute_unprepared("CREATE TABLE scratch (x INTEGER)")
+            .await
+            .unwrap();
+        let before = store.write_groups();
+        let (release, held) = hold(&store).await;
+        let queued = store.write_groups().queued;
+        let s = store.clone();
+        let careful = tokio::spawn(async move {
+            super::super::group::CAREFUL
+                .scope(
+                    true,
+                    s.grouped("d1", |tx| {
+                        Box::pin(async move {
+                            tx.execute_unprepared("INSERT INTO scratch VALUES (1)")
+                                .await
+                                .map_err(super::super::db_err)?;
+                            Ok(())
+                        })
+                    }),
+                )
+                .await
+        });
+        wait_queued(&store, queued + 1).await;
+        let queued = store.write_groups().queued;
+        let s = store.clone();
+        let failing = tokio::spawn(async move {
+            s.grouped("d1", |tx| {
+                Box::pin(async move {
+                    tx.execute_unprepared("INSERT INTO scratch VALUES (2)")
+                        .await
+                        .map_err(super::super::db_err)?;
+                    Err::<(), _>(Error::invalid(
+                        "x",
+                        crate::domain::error::Reason::InvalidField,
+                        "refused after writing",
+                    ))
+                })
+            })
+            .await
+        });
+        wait_queued(&store, queued + 1).await;
+        release.send(()).unwrap();
+        held.await.unwrap().expect("not undone");
+        careful.await.unwrap().expect("committed");
+        assert!(matches!(failing.await.unwrap(), Err(Error::Invalid(_))));
+        let after = store.write_groups();
+        assert_eq!(after.groups - before.groups, 1, "one transaction");
+        let scratch: Vec<sea_orm::QueryResult> = store
+            .write
+            .query_all_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Sqlite,
+                "SELECT x FROM scratch",
+            ))
+            .await
+            .unwrap();
+        assert_eq!(
+            scratch.len(),
+            1,
+            "the careful one's row, not the failed one's"
+        );
+    }
+
     /// A refusal is decided before anything is written: the group goes on
     /// around it, in one transaction, with no savepoint and nothing run
     /// again. So does a create of a device that exists (its upsert takes
