@@ -1,9 +1,10 @@
 //! Group commit: the requests' writes (pushes, cancels, device changes,
 //! each with its idempotency key) are queued to a writer ("lane") that
 //! runs them one after the other inside one transaction, each in a
-//! savepoint of its own, and commits them together: one transaction and
-//! one fsync for many requests. Every answer is sent only after its group
-//! is durable (ADR 0011).
+//! savepoint of its own (on SQLite only when it must be: see below), and
+//! commits them together: one transaction and one fsync for many
+//! requests. Every answer is sent only after its group is durable (ADR
+//! 0011).
 //!
 //! - **In order, as if alone.** Members run one at a time, in arrival
 //!   order; each reads what the members before it wrote, so it is decided
@@ -17,6 +18,12 @@
 //!   having rolled the whole transaction back itself, a panic, a member
 //!   past its time) rolls the whole group back: each of its members is
 //!   told STORAGE_UNAVAILABLE, and nothing of the group was written.
+//! - **SQLite: no savepoint unless needed.** On SQLite a member runs
+//!   without a savepoint (`direct.rs`): refusals are decided before
+//!   anything is written. One that fails after it changed rows rolls the
+//!   group back; every member is told STORAGE_CONTENTION
+//!   ([`is_undone`]), and the store runs each again in a savepoint of its
+//!   own ([`CAREFUL`]), as every member after it in its group.
 //! - **Commit decides.** If the group's COMMIT fails, every member is told
 //!   so (STORAGE_UNAVAILABLE): nothing of the group was written. (On
 //!   PostgreSQL a COMMIT that does not answer within the deadline is
