@@ -158,9 +158,15 @@ impl Direct {
 
     /// Whether SQLite has ended the group's transaction itself (some I/O
     /// errors and a full disk do, as does `RAISE(ROLLBACK)`): then later
-    /// statements would each commit on their own.
+    /// statements would each commit on their own, so the writer is told
+    /// (`failed`).
     fn transaction_gone(&self) -> bool {
-        self.with(|c| Ok(c.is_autocommit())).unwrap_or(true)
+        let gone = self.with(|c| Ok(c.is_autocommit())).unwrap_or(true);
+        if gone {
+            *self.failed.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some("SQLite rolled the transaction back".into());
+        }
+        gone
     }
 
     fn careful(&self) -> bool {
@@ -398,10 +404,7 @@ impl MockDatabaseTrait for Direct {
     fn commit(&mut self) {
         if self.depth == 2 && self.bare_since.take().is_some() {
             self.depth = 1;
-            if self.transaction_gone() {
-                *self.failed.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some("SQLite rolled the transaction back".into());
-            }
+            self.transaction_gone();
             return;
         }
         self.end(|n| format!("RELEASE SAVEPOINT sy{n}"));
@@ -412,10 +415,7 @@ impl MockDatabaseTrait for Direct {
             && let Some(since) = self.bare_since.take()
         {
             self.depth = 1;
-            if self.transaction_gone() {
-                *self.failed.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some("SQLite rolled the transaction back".into());
-            } else if self.mark() != since {
+            if !self.transaction_gone() && self.mark() != since {
                 self.undone
                     .store(true, std::sync::atomic::Ordering::Relaxed);
             }

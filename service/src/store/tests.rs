@@ -532,11 +532,7 @@ mod groups {
     async fn fails_after_writing(returning: bool) {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir.path().join("db.sqlite"), 512).await;
-        store
-            .write
-            .execute_unprepared("CREATE TABLE scratch (x INTEGER)")
-            .await
-            .unwrap();
+        scratch_table(&store).await;
         let before = store.write_groups();
         let (release, held) = hold(&store).await;
         let first = queue_push(&store, 1, 2).await;
@@ -549,23 +545,7 @@ mod groups {
                 s.grouped("d1", move |tx| {
                     Box::pin(async move {
                         counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        if returning {
-                            tx.query_all_raw(sea_orm::Statement::from_string(
-                                sea_orm::DbBackend::Sqlite,
-                                "INSERT INTO scratch VALUES (1) RETURNING x",
-                            ))
-                            .await
-                            .map_err(super::super::db_err)?;
-                        } else {
-                            tx.execute_unprepared("INSERT INTO scratch VALUES (1)")
-                                .await
-                                .map_err(super::super::db_err)?;
-                        }
-                        Err::<(), _>(Error::invalid(
-                            "x",
-                            crate::domain::error::Reason::InvalidField,
-                            "refused after writing",
-                        ))
+                        write_then_refuse(tx, 1, returning).await
                     })
                 })
             })
@@ -588,20 +568,65 @@ mod groups {
         after_it.await.unwrap().expect("committed");
         assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 2);
         assert_eq!(stored(&store).await, 2, "each push once");
-        let scratch: Vec<sea_orm::QueryResult> = store
+        let scratch = scratch_rows(&store).await;
+        assert_eq!(scratch, 0, "the failed write's row is undone");
+        let after = store.write_groups();
+        assert!(
+            after.groups - before.groups >= 2,
+            "rolled back, then run again"
+        );
+    }
+
+    /// A table for members to write to.
+    async fn scratch_table(store: &Store) {
+        store
+            .write
+            .execute_unprepared("CREATE TABLE scratch (x INTEGER)")
+            .await
+            .unwrap();
+    }
+
+    /// The rows in the scratch table.
+    async fn scratch_rows(store: &Store) -> usize {
+        store
             .write
             .query_all_raw(sea_orm::Statement::from_string(
                 sea_orm::DbBackend::Sqlite,
                 "SELECT x FROM scratch",
             ))
             .await
-            .unwrap();
-        assert!(scratch.is_empty(), "the failed write's row is undone");
-        let after = store.write_groups();
-        assert!(
-            after.groups - before.groups >= 2,
-            "rolled back, then run again"
+            .unwrap()
+            .len()
+    }
+
+    /// A member's work that writes `x` to the scratch table (through a
+    /// statement returning rows if `returning`), then refuses.
+    async fn write_then_refuse(
+        tx: &sea_orm::DatabaseTransaction,
+        x: i64,
+        returning: bool,
+    ) -> Result<(), Error> {
+        let insert = format!(
+            "INSERT INTO scratch VALUES ({x}){}",
+            if returning { " RETURNING x" } else { "" }
         );
+        if returning {
+            tx.query_all_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Sqlite,
+                insert,
+            ))
+            .await
+            .map_err(super::super::db_err)?;
+        } else {
+            tx.execute_unprepared(&insert)
+                .await
+                .map_err(super::super::db_err)?;
+        }
+        Err(Error::invalid(
+            "x",
+            crate::domain::error::Reason::InvalidField,
+            "refused after writing",
+        ))
     }
 
     /// A request run again after its group was undone takes a savepoint,
@@ -611,11 +636,7 @@ mod groups {
     async fn members_after_a_careful_one_take_savepoints() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir.path().join("db.sqlite"), 512).await;
-        store
-            .write
-            .execute_unprepared("CREATE TABLE scratch (x INTEGER)")
-            .await
-            .unwrap();
+        scratch_table(&store).await;
         let before = store.write_groups();
         let (release, held) = hold(&store).await;
         let queued = store.write_groups().queued;
@@ -639,19 +660,8 @@ mod groups {
         let queued = store.write_groups().queued;
         let s = store.clone();
         let failing = tokio::spawn(async move {
-            s.grouped("d1", |tx| {
-                Box::pin(async move {
-                    tx.execute_unprepared("INSERT INTO scratch VALUES (2)")
-                        .await
-                        .map_err(super::super::db_err)?;
-                    Err::<(), _>(Error::invalid(
-                        "x",
-                        crate::domain::error::Reason::InvalidField,
-                        "refused after writing",
-                    ))
-                })
-            })
-            .await
+            s.grouped("d1", |tx| Box::pin(write_then_refuse(tx, 2, false)))
+                .await
         });
         wait_queued(&store, queued + 1).await;
         release.send(()).unwrap();
@@ -660,19 +670,8 @@ mod groups {
         assert!(matches!(failing.await.unwrap(), Err(Error::Invalid(_))));
         let after = store.write_groups();
         assert_eq!(after.groups - before.groups, 1, "one transaction");
-        let scratch: Vec<sea_orm::QueryResult> = store
-            .write
-            .query_all_raw(sea_orm::Statement::from_string(
-                sea_orm::DbBackend::Sqlite,
-                "SELECT x FROM scratch",
-            ))
-            .await
-            .unwrap();
-        assert_eq!(
-            scratch.len(),
-            1,
-            "the careful one's row, not the failed one's"
-        );
+        let scratch = scratch_rows(&store).await;
+        assert_eq!(scratch, 1, "the careful one's row, not the failed one's");
     }
 
     /// A refusal is decided before anything is written: the group goes on
