@@ -423,6 +423,69 @@ mod tests {
         ));
     }
 
+    /// Every change leaves an action that holds its channel owing work:
+    /// the stores look for holders among owed rows only.
+    #[test]
+    fn every_change_leaves_holders_owing_work() {
+        let finishes = || {
+            let failed = |revert| Finish::Failed {
+                code: "X".into(),
+                message: "m".into(),
+                raw: None,
+                revert,
+                memo: None,
+            };
+            [
+                applied(None),
+                applied(Some("m")),
+                Finish::Reverted {
+                    raw: "ok".into(),
+                    verified: false,
+                },
+                Finish::Retry {
+                    due: Ts(70),
+                    message: "m".into(),
+                    raw: None,
+                    memo: None,
+                },
+                Finish::Postpone { due: Ts(70) },
+                failed(false),
+                failed(true),
+            ]
+        };
+        let owes = |c: &Change| {
+            assert!(
+                !holds_channel(c.action.state, c.work.map(|(w, _)| w)) || c.work.is_some(),
+                "{:?} holds its channel owing nothing",
+                c.action.state
+            );
+        };
+        let mut settled = 0;
+        for state in ActionState::ALL {
+            for end in [None, Some(Ts(100))] {
+                let a = action(state, end);
+                for work in [Work::Apply, Work::Revert] {
+                    for written in [false, true] {
+                        for f in finishes() {
+                            owes(&settle(&a, work, 0, f, written, NOW).change);
+                            settled += 1;
+                        }
+                    }
+                }
+                if let Ok(c) = cancel_by_client(&a, NOW) {
+                    owes(&c);
+                }
+                if state == ActionState::Scheduled {
+                    owes(&replace(&a, ActionId::from_u128(9), NOW));
+                    for c in delete_device(&a.device_id, &[a.clone()], true, NOW).unwrap() {
+                        owes(&c);
+                    }
+                }
+            }
+        }
+        assert_eq!(settled, ActionState::ALL.len() * 2 * 2 * 2 * 7);
+    }
+
     #[test]
     fn a_replaced_action_is_cancelled_naming_its_replacement() {
         let by = ActionId::from_u128(9);

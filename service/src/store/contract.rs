@@ -56,6 +56,16 @@ impl IntoFixture for Option<Fixture> {
     }
 }
 
+/// Checked after every rule: no action holds its channel while owing no
+/// work (the conflict check looks for holders among owed rows).
+pub async fn holders_owe_work(f: &Fixture) {
+    assert_eq!(
+        f.store.holders_owing_nothing().await.unwrap(),
+        0,
+        "an action holds its channel but owes no work"
+    );
+}
+
 /// The fixtures' start time: 2030-01-01T00:00:00Z.
 pub const T0: Ts = Ts(1_893_456_000 * Ts::SECOND);
 const H: i64 = 3600 * Ts::SECOND;
@@ -2402,6 +2412,7 @@ macro_rules! storage_contract_suite {
                     return;
                 };
                 $crate::store::contract::$rule(&fixture).await;
+                $crate::store::contract::holders_owe_work(&fixture).await;
             }
         )*
     };

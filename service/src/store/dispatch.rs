@@ -35,7 +35,7 @@ pub use crate::domain::lifecycle::Finish;
 /// `actions_owed` (migration 3) is chosen only when the query states its
 /// predicate, which a bound parameter would hide from the planner.
 fn owed() -> Expr {
-    Expr::cust("work <> 'NONE'")
+    Expr::cust(rows::OWED_SQL)
 }
 
 /// Work a dispatcher has claimed.
@@ -899,6 +899,28 @@ impl Store {
                     memo.map(|memo| switchyard_drivers::Applied { action_id, memo })
                 })
                 .collect())
+        })
+        .await
+    }
+
+    /// How many actions hold their channel while owing no work: none,
+    /// ever. Holders are found among the owed rows (migration 18), so a
+    /// holder owing nothing would be missed by the conflict check. A
+    /// consistency check, for the storage contract and for operators.
+    pub async fn holders_owing_nothing(&self) -> Result<u64, Error> {
+        use sea_orm::PaginatorTrait as _;
+        let states: Vec<&str> = ActionState::ALL
+            .iter()
+            .filter(|s| lifecycle::holds_channel(**s, None))
+            .map(|s| s.as_str())
+            .collect();
+        self.bounded(async {
+            action::Entity::find()
+                .filter(Expr::cust("work = 'NONE'"))
+                .filter(action::Column::State.is_in(states))
+                .count(&self.read)
+                .await
+                .map_err(db_err)
         })
         .await
     }

@@ -471,8 +471,14 @@ pub(super) fn holding() -> sea_orm::sea_query::Expr {
     Expr::cust(holding_sql())
 }
 
-/// [`holding`] as SQL text (the partial index `actions_holding`, migration
-/// 10, states the same text).
+/// Rows that owe work, as SQL text: the predicate of the partial indexes
+/// of owed work (`actions_owed`, `actions_holding_owed`), which a query
+/// must state literally for the index to be chosen.
+pub(super) const OWED_SQL: &str = "work <> 'NONE'";
+
+/// [`holding`] as SQL text: owed ([`OWED_SQL`], the predicate of the
+/// partial index `actions_holding_owed`, migration 18: every holder owes
+/// work), then holding.
 pub(super) fn holding_sql() -> &'static str {
     static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         let states: Vec<String> = ActionState::ALL
@@ -481,7 +487,7 @@ pub(super) fn holding_sql() -> &'static str {
             .map(|s| format!("'{}'", s.as_str()))
             .collect();
         format!(
-            "(state IN ({}) OR work = '{}')",
+            "{OWED_SQL} AND (state IN ({}) OR work = '{}')",
             states.join(", "),
             crate::domain::Work::Revert.as_str()
         )
@@ -530,7 +536,7 @@ pub(super) async fn holding_actions<C: ConnectionTrait>(
 }
 
 /// The holders [`holding_actions`] reads.
-fn holding_select(
+pub(super) fn holding_select(
     tenant: &TenantId,
     device_id: &DeviceId,
     f: HoldingFilter<'_>,

@@ -409,6 +409,34 @@ CREATE INDEX webhook_endpoints_due ON webhook_endpoints (next_attempt_ns);
 CREATE INDEX audit_by_tenant ON audit_log (tenant_id, seq);
 "#,
     ),
+    (
+        18,
+        Only::Both,
+        r#"
+-- Every action that holds its channel owes work: APPLY until the OEM has
+-- answered, REVERT while its write may be in force (lifecycle: holders
+-- owe work). So the holders of a channel are found among the owed rows,
+-- and their index names only `work`: a start (SCHEDULED to ACKNOWLEDGED,
+-- 100,000 rows at a tariff boundary) leaves it alone, where an index
+-- whose predicate named `state` had its entry deleted and written again
+-- at every change of state. The conflict check states this predicate
+-- literally (rows::holding_sql), then the holding states.
+-- Rows written before migration 2 as ACTIVE without an end owe nothing:
+-- an open-ended command is COMPLETED once applied, and so they become.
+UPDATE actions SET state = 'COMPLETED'
+    WHERE state = 'ACTIVE' AND end_ns IS NULL AND work = 'NONE';
+CREATE INDEX actions_holding_owed ON actions (tenant_id, device_id, channel, start_ns)
+    WHERE work <> 'NONE';
+"#,
+    ),
+    (
+        19,
+        Only::Both,
+        r#"
+-- actions_holding_owed replaces it (its own migration, as 11).
+DROP INDEX IF EXISTS actions_holding;
+"#,
+    ),
 ];
 
 #[cfg(test)]
@@ -462,14 +490,21 @@ mod tests {
         assert!(render(DbBackend::Sqlite, Only::Sqlite, "x").is_some());
     }
 
-    /// The index of holding actions is stated with the very predicate the
-    /// conflict check uses (a partial index is chosen only then).
+    /// The index of holding actions is stated with a predicate the
+    /// conflict check states as one of its terms (a partial index is
+    /// chosen only then).
     #[test]
     fn the_holding_index_states_the_holding_predicate() {
-        let (_, _, sql) = MIGRATIONS.iter().find(|m| m.0 == 10).unwrap();
+        let (_, _, sql) = MIGRATIONS.iter().find(|m| m.0 == 18).unwrap();
+        let predicate = super::super::rows::OWED_SQL;
         assert!(
-            sql.contains(&format!("WHERE {};", super::super::rows::holding_sql())),
+            sql.contains(&format!("start_ns)\n    WHERE {predicate};")),
             "{sql}"
+        );
+        assert!(
+            super::super::rows::holding_sql().starts_with(&format!("{predicate} AND (")),
+            "{}",
+            super::super::rows::holding_sql()
         );
     }
 

@@ -781,3 +781,49 @@ mod groups {
         assert_eq!(stored(&store).await, 1, "only the one after the group");
     }
 }
+
+/// A push's conflict check reads holders through the partial index of
+/// owed holders, never the device's history: the check states the
+/// index's predicate literally (a bound value, or a predicate spelt
+/// otherwise, and SQLite would pass the index by).
+#[tokio::test]
+async fn the_conflict_check_reads_holders_through_their_index() {
+    use sea_orm::{DbBackend, QueryTrait as _, Statement};
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("db.sqlite"), Duration::from_secs(5)).await;
+    let built = super::rows::holding_select(
+        &TenantId::default_tenant(),
+        &DeviceId::parse("d1").unwrap(),
+        super::rows::HoldingFilter {
+            channel: Some("mode"),
+            ending_after: Some(Ts(5)),
+        },
+    )
+    .build(DbBackend::Sqlite);
+    let values = built.values.map(|v| v.0).unwrap_or_default();
+    let plan = store
+        .read
+        .query_all_raw(Statement::from_sql_and_values(
+            DbBackend::Sqlite,
+            format!("EXPLAIN QUERY PLAN {}", built.sql),
+            values,
+        ))
+        .await
+        .unwrap();
+    let steps: Vec<String> = plan
+        .iter()
+        .map(|r| r.try_get::<String>("", "detail").unwrap())
+        .collect();
+    let reads: Vec<&String> = steps
+        .iter()
+        .filter(|s| s.starts_with("SEARCH actions") || s.starts_with("SCAN actions"))
+        .collect();
+    // The holders, and the last holder starting before the push.
+    assert_eq!(reads.len(), 2, "{steps:#?}");
+    for r in reads {
+        assert!(
+            r.starts_with("SEARCH actions USING INDEX actions_holding_owed (tenant_id=? AND device_id=? AND channel=?"),
+            "{steps:#?}"
+        );
+    }
+}
