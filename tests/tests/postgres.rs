@@ -61,12 +61,21 @@ mod store_on_postgres {
 
     /// An action row written past the store (channel holders on device
     /// `d`), for what the database itself must refuse or accept.
+    /// An action row as the service writes it: a holder owes its work
+    /// (SCHEDULED and ACKNOWLEDGED the apply at its start, ACTIVE the
+    /// revert at its end).
     fn raw_action(id: &str, state: &str, channel: &str, start: i64, end: Option<i64>) -> String {
+        let (work, due) = match state {
+            "SCHEDULED" | "ACKNOWLEDGED" => ("APPLY", start.to_string()),
+            "ACTIVE" => ("REVERT", end.map_or("NULL".to_owned(), |e| e.to_string())),
+            _ => ("NONE", "NULL".to_owned()),
+        };
         let end = end.map_or("NULL".to_owned(), |e| e.to_string());
         format!(
             "INSERT INTO actions (tenant_id, action_id, device_id, channel, command, start_ns, end_ns,
-               immediate, state, queued_after, revision, create_ns, update_ns)
-             VALUES ('default', '{id}', 'd', '{channel}', 'CHARGE', {start}, {end}, FALSE, '{state}', '', 1, 0, 0)"
+               immediate, state, queued_after, revision, create_ns, update_ns, work, due_ns)
+             VALUES ('default', '{id}', 'd', '{channel}', 'CHARGE', {start}, {end}, FALSE, '{state}', '', 1, 0, 0,
+               '{work}', {due})"
         )
     }
 

@@ -571,42 +571,54 @@ impl Dispatcher {
 
     /// Starts the due work of `claim` ([`Store::start_due`]) together with
     /// that of every other claim of this dispatcher that falls due
-    /// meanwhile: claims queue while a start runs and go together in the
-    /// next one.
+    /// meanwhile: claims queue while a start is written and go together
+    /// in the next one. A claim returns as soon as its start is read
+    /// back, whichever claim's turn wrote it; the turn passes on once the
+    /// start is committed, so the next start is written while this one
+    /// is read back.
     async fn start(&self, claim: &str) -> Result<Arc<crate::store::Started>, Error> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
+        let _pending = PendingStart::new(&self.starter);
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
         self.starter
             .queue
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push((claim.to_owned(), tx));
-        {
-            let _turn = self.starter.running.lock().await;
-            let batch: Vec<_> = {
-                let mut queue = self
-                    .starter
-                    .queue
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                let n = queue.len().min(START_BATCH);
-                queue.drain(..n).collect()
-            };
-            if !batch.is_empty() {
-                let claims: Vec<String> = batch.iter().map(|(c, _)| c.clone()).collect();
-                let result = self
-                    .store
-                    .start_due(&claims, self.clock.now())
-                    .await
-                    .map(Arc::new)
-                    .map_err(|e| e.to_string());
-                for (_, tx) in batch {
-                    let _ = tx.send(result.clone());
-                }
+        let answer = |r: Result<StartResult, _>| {
+            r.unwrap_or_else(|_| Err("the start was abandoned".into()))
+                .map_err(Error::StorageUnavailable)
+        };
+        let turn = tokio::select! {
+            biased;
+            started = &mut rx => return answer(started),
+            turn = self.starter.running.lock() => turn,
+        };
+        let batch: Vec<_> = {
+            let mut queue = self
+                .starter
+                .queue
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let n = queue.len().min(START_BATCH);
+            queue.drain(..n).collect()
+        };
+        if batch.is_empty() {
+            drop(turn);
+        } else {
+            let claims: Vec<String> = batch.iter().map(|(c, _)| c.clone()).collect();
+            let now = self.clock.now();
+            let written = self.store.start_claims(&claims, now).await;
+            drop(turn);
+            let result = match written {
+                Ok(()) => self.store.started(&claims, now).await.map(Arc::new),
+                Err(e) => Err(e),
+            }
+            .map_err(|e| e.to_string());
+            for (_, tx) in batch {
+                let _ = tx.send(result.clone());
             }
         }
-        rx.await
-            .unwrap_or_else(|_| Err("the start was abandoned".into()))
-            .map_err(Error::StorageUnavailable)
+        answer(rx.await)
     }
 
     /// Runs one job within half a lease (a job that runs longer would be
@@ -681,6 +693,7 @@ impl Dispatcher {
             // before the work is left to be done again.
             let mut tries = 0;
             let took = Instant::now();
+            self.starter.quiet().await;
             let recorded = loop {
                 match self.store.record(&mut outcomes).await {
                     Ok(()) => break Ok(()),
@@ -1319,6 +1332,55 @@ type StartResult = Result<Arc<crate::store::Started>, String>;
 struct Starter {
     queue: std::sync::Mutex<Vec<(String, tokio::sync::oneshot::Sender<StartResult>)>>,
     running: tokio::sync::Mutex<()>,
+    /// Claims whose start is queued or running.
+    pending: std::sync::atomic::AtomicUsize,
+    /// Told when `pending` falls to zero.
+    idle: Notify,
+}
+
+impl Starter {
+    /// Waits until no start is queued or running. Recording outcomes
+    /// waits for this: a start is late work (applied − due grows with
+    /// it), an outcome's record is not (the time of its transition is
+    /// when the driver answered), and both take turns on the one writer
+    /// (SQLite) — a burst's starts would otherwise queue behind the
+    /// records of the jobs started before them.
+    async fn quiet(&self) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.pending.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+/// Counts a claim's start as pending while it lives.
+struct PendingStart<'a>(&'a Starter);
+
+impl<'a> PendingStart<'a> {
+    fn new(starter: &'a Starter) -> Self {
+        starter
+            .pending
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(starter)
+    }
+}
+
+impl Drop for PendingStart<'_> {
+    fn drop(&mut self) {
+        if self
+            .0
+            .pending
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 /// The bounds on driver calls in flight: in all, and per OEM account.

@@ -203,18 +203,33 @@ impl Store {
     /// Starts what `claims` hold that is due at `now`: their SCHEDULED
     /// applies become ACKNOWLEDGED (no longer cancellable), in bulk; rows
     /// they hold that owe nothing any more (cancelled or replaced before
-    /// they started) are let go. Returns the ids of the actions they may
-    /// run now, and the memos on record for their devices, in one
-    /// transaction: one for every claim of a dispatcher whose work falls
-    /// due together, since a transaction's cost is mostly in the pages it
-    /// writes, and rows claimed apart share pages.
+    /// they started) are let go. One write transaction for every claim of
+    /// a dispatcher whose work falls due together, since a transaction's
+    /// cost is mostly in the pages it writes, and rows claimed apart share
+    /// pages.
+    ///
+    /// Then, read once the start is committed (on a reader: the writer
+    /// goes on to the next start meanwhile), the ids of the actions the
+    /// claims may run now, and the memos on record for their devices. A
+    /// read after the commit sees the start and whatever was committed
+    /// since: work started stays ready (an ACKNOWLEDGED action cannot be
+    /// cancelled, nor its device changed), and work let go meanwhile (a
+    /// cancel, a device change) is not ready, as if the start had come
+    /// after it.
     pub async fn start_due(&self, claims: &[String], now: Ts) -> Result<Started, Error> {
+        self.start_claims(claims, now).await?;
+        self.started(claims, now).await
+    }
+
+    /// The write of [`Store::start_due`].
+    pub async fn start_claims(&self, claims: &[String], now: Ts) -> Result<(), Error> {
         if claims.is_empty() {
-            return Ok(Started::default());
+            return Ok(());
         }
+        let claim = || action::Column::LeaseOwner.is_in(claims.iter().map(String::as_str));
+        let took = std::time::Instant::now();
         self.retrying(|| async {
             let tx = self.begin().await?;
-            let claim = || action::Column::LeaseOwner.is_in(claims.iter().map(String::as_str));
             dispatched(&tx, claim(), now).await?;
             rows::release_claims()
                 .filter(claim())
@@ -222,6 +237,27 @@ impl Store {
                 .exec(&tx)
                 .await
                 .map_err(db_err)?;
+            tx.commit().await.map_err(db_err)?;
+            self.wrote_events();
+            Ok(())
+        })
+        .await?;
+        tracing::debug!(
+            claims = claims.len(),
+            took_ms = took.elapsed().as_millis() as u64,
+            "started claims"
+        );
+        Ok(())
+    }
+
+    /// The read of [`Store::start_due`], once its write is committed.
+    pub async fn started(&self, claims: &[String], now: Ts) -> Result<Started, Error> {
+        if claims.is_empty() {
+            return Ok(Started::default());
+        }
+        let claim = || action::Column::LeaseOwner.is_in(claims.iter().map(String::as_str));
+        let took = std::time::Instant::now();
+        self.bounded(async {
             // Held, owed, due, and under a claim still live (one that
             // lapsed may be another dispatcher's by now).
             let ready_rows = || {
@@ -236,7 +272,7 @@ impl Store {
                 .column(action::Column::ActionId)
                 .column(action::Column::LeaseOwner)
                 .into_tuple()
-                .all(&tx)
+                .all(&self.read)
                 .await
                 .map_err(db_err)?;
             let on_devices = ready_rows()
@@ -261,11 +297,9 @@ impl Store {
                 .order_by_asc(action::Column::StartNs)
                 .order_by_asc(action::Column::ActionId)
                 .into_tuple()
-                .all(&tx)
+                .all(&self.read)
                 .await
                 .map_err(db_err)?;
-            tx.commit().await.map_err(db_err)?;
-            self.wrote_events();
             let mut started = Started {
                 ready: ready.into_iter().collect(),
                 memos: HashMap::new(),
@@ -279,6 +313,12 @@ impl Store {
                         .push(switchyard_drivers::Applied { action_id, memo });
                 }
             }
+            tracing::debug!(
+                claims = claims.len(),
+                ready = started.ready.len(),
+                took_ms = took.elapsed().as_millis() as u64,
+                "read started claims back"
+            );
             Ok(started)
         })
         .await
@@ -620,6 +660,8 @@ async fn dispatched(tx: &DatabaseTransaction, owner: Expr, now: Ts) -> Result<()
             .await
             .map_err(db_err)?;
     }
+    // In the order of the index of an action's trail: a storm's entries
+    // go in page by page, rather than at random across it.
     let select = Query::select()
         .column(action::Column::TenantId)
         .column(action::Column::DeviceId)
@@ -631,6 +673,8 @@ async fn dispatched(tx: &DatabaseTransaction, owner: Expr, now: Ts) -> Result<()
         .expr(Expr::value(now.0))
         .from(action::Entity)
         .cond_where(dispatched())
+        .order_by(action::Column::TenantId, sea_orm::Order::Asc)
+        .order_by(action::Column::ActionId, sea_orm::Order::Asc)
         .to_owned();
     let insert = Query::insert()
         .into_table(audit::Entity)
