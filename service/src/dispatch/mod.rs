@@ -472,8 +472,10 @@ impl Dispatcher {
                     break;
                 };
                 // Cancelled or replaced before it started, or given up to
-                // a device change: nothing to do.
+                // a device change: nothing to do; let go of it (below) if
+                // it is still held.
                 if ready.get(&job.action.id.to_string()) != Some(&job.claim) {
+                    unstarted.push(job.action.id.to_string());
                     continue;
                 }
                 let key = (

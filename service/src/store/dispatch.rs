@@ -218,10 +218,26 @@ impl Store {
     /// after it.
     pub async fn start_due(&self, claims: &[String], now: Ts) -> Result<Started, Error> {
         self.start_claims(claims, now).await?;
+        if !claims.is_empty() {
+            self.retrying(|| async {
+                rows::release_claims()
+                    .filter(action::Column::LeaseOwner.is_in(claims.iter().map(String::as_str)))
+                    .filter(Expr::cust("work = 'NONE'"))
+                    .exec(&self.write)
+                    .await
+                    .map_err(db_err)?;
+                Ok(())
+            })
+            .await?;
+        }
         self.started(claims, now).await
     }
 
-    /// The write of [`Store::start_due`].
+    /// The write of [`Store::start_due`], alone: the SCHEDULED applies
+    /// `claims` hold that are due at `now` become ACKNOWLEDGED. What they
+    /// hold that owes nothing any more stays held: the dispatcher lets go
+    /// of it with [`Store::release`] once it sees it is not ready, so the
+    /// start (at the due time, every row of a burst) writes nothing else.
     pub async fn start_claims(&self, claims: &[String], now: Ts) -> Result<(), Error> {
         if claims.is_empty() {
             return Ok(());
@@ -231,12 +247,6 @@ impl Store {
         self.retrying(|| async {
             let tx = self.begin().await?;
             dispatched(&tx, claim(), now).await?;
-            rows::release_claims()
-                .filter(claim())
-                .filter(Expr::cust("work = 'NONE'"))
-                .exec(&tx)
-                .await
-                .map_err(db_err)?;
             tx.commit().await.map_err(db_err)?;
             self.wrote_events();
             Ok(())
@@ -255,63 +265,78 @@ impl Store {
         if claims.is_empty() {
             return Ok(Started::default());
         }
-        let claim = || action::Column::LeaseOwner.is_in(claims.iter().map(String::as_str));
+        use sea_orm::sea_query::{Alias, JoinType};
         let took = std::time::Instant::now();
+        let (r, m) = (Alias::new("r"), Alias::new("m"));
+        let col = |t: &Alias, c: action::Column| Expr::col((t.clone(), c));
+        // Held, owed, due, and under a claim still live (one that lapsed
+        // may be another dispatcher's by now); with each, the memos of its
+        // device's actions in force (the partial index `actions_in_force`
+        // answers for a device that has none without reading a row).
+        let q = Query::select()
+            .expr_as(col(&r, action::Column::ActionId), Alias::new("action_id"))
+            .expr_as(
+                col(&r, action::Column::LeaseOwner),
+                Alias::new("lease_owner"),
+            )
+            .expr_as(col(&r, action::Column::TenantId), Alias::new("tenant_id"))
+            .expr_as(col(&r, action::Column::DeviceId), Alias::new("device_id"))
+            .expr_as(col(&m, action::Column::ActionId), Alias::new("memo_of"))
+            .expr_as(col(&m, action::Column::DriverMemo), Alias::new("memo"))
+            .expr_as(
+                col(&m, action::Column::StartNs),
+                Alias::new("memo_start_ns"),
+            )
+            .from_as(action::Entity, r.clone())
+            .join_as(
+                JoinType::LeftJoin,
+                action::Entity,
+                m.clone(),
+                sea_orm::Condition::all()
+                    .add(
+                        col(&m, action::Column::TenantId)
+                            .equals((r.clone(), action::Column::TenantId)),
+                    )
+                    .add(
+                        col(&m, action::Column::DeviceId)
+                            .equals((r.clone(), action::Column::DeviceId)),
+                    )
+                    .add(col(&m, action::Column::DriverMemo).is_not_null()),
+            )
+            .and_where(col(&r, action::Column::LeaseOwner).is_in(claims.iter().map(String::as_str)))
+            .and_where(col(&r, action::Column::Work).ne("NONE"))
+            .and_where(col(&r, action::Column::DueNs).lte(now.0))
+            .and_where(col(&r, action::Column::LeaseUntilNs).gt(now.0))
+            .to_owned();
         self.bounded(async {
-            // Held, owed, due, and under a claim still live (one that
-            // lapsed may be another dispatcher's by now).
-            let ready_rows = || {
-                action::Entity::find()
-                    .filter(claim())
-                    .filter(owed())
-                    .filter(action::Column::DueNs.lte(now.0))
-                    .filter(action::Column::LeaseUntilNs.gt(now.0))
-            };
-            let ready: Vec<(String, String)> = ready_rows()
-                .select_only()
-                .column(action::Column::ActionId)
-                .column(action::Column::LeaseOwner)
-                .into_tuple()
-                .all(&self.read)
-                .await
-                .map_err(db_err)?;
-            let on_devices = ready_rows()
-                .select_only()
-                .column(action::Column::TenantId)
-                .column(action::Column::DeviceId)
-                .into_query();
-            let memos: Vec<(String, String, String, Option<String>)> = action::Entity::find()
-                .select_only()
-                .column(action::Column::TenantId)
-                .column(action::Column::DeviceId)
-                .column(action::Column::ActionId)
-                .column(action::Column::DriverMemo)
-                .filter(action::Column::DriverMemo.is_not_null())
-                .filter(
-                    Expr::tuple([
-                        Expr::col(action::Column::TenantId),
-                        Expr::col(action::Column::DeviceId),
-                    ])
-                    .in_subquery(on_devices),
-                )
-                .order_by_asc(action::Column::StartNs)
-                .order_by_asc(action::Column::ActionId)
-                .into_tuple()
-                .all(&self.read)
-                .await
-                .map_err(db_err)?;
-            let mut started = Started {
-                ready: ready.into_iter().collect(),
-                memos: HashMap::new(),
-            };
-            for (tenant, device, action_id, memo) in memos {
+            let rows = self.read.query_all(&q).await.map_err(db_err)?;
+            let mut started = Started::default();
+            let mut memos: HashMap<(String, String), Vec<(i64, String, String)>> = HashMap::new();
+            for row in rows {
+                let get = |c: &str| row.try_get::<String>("", c).map_err(db_err);
+                let key = (get("tenant_id")?, get("device_id")?);
+                started.ready.insert(get("action_id")?, get("lease_owner")?);
+                let memo: Option<String> = row.try_get("", "memo").map_err(db_err)?;
                 if let Some(memo) = memo {
-                    started
-                        .memos
-                        .entry((tenant, device))
-                        .or_default()
-                        .push(switchyard_drivers::Applied { action_id, memo });
+                    let start: i64 = row.try_get("", "memo_start_ns").map_err(db_err)?;
+                    let of = get("memo_of")?;
+                    let known = memos.entry(key).or_default();
+                    // A device with several ready rows has its memos once
+                    // per row.
+                    if !known.iter().any(|(_, id, _)| *id == of) {
+                        known.push((start, of, memo));
+                    }
                 }
+            }
+            for (key, mut known) in memos {
+                known.sort();
+                started.memos.insert(
+                    key,
+                    known
+                        .into_iter()
+                        .map(|(_, action_id, memo)| switchyard_drivers::Applied { action_id, memo })
+                        .collect(),
+                );
             }
             tracing::debug!(
                 claims = claims.len(),
@@ -324,9 +349,9 @@ impl Store {
         .await
     }
 
-    /// Lets go of work `claim` holds and did not start (the dispatcher is
-    /// stopping): it can be claimed again at once, instead of when the
-    /// lease runs out.
+    /// Lets go of work `claim` holds and did not start (it was not ready
+    /// when its start was read back, or the dispatcher is stopping): it
+    /// can be claimed again at once, instead of when the lease runs out.
     pub async fn release(&self, claim: &str, action_ids: &[String]) -> Result<(), Error> {
         for ids in action_ids.chunks(512) {
             self.retrying(|| async {

@@ -437,6 +437,17 @@ CREATE INDEX actions_holding_owed ON actions (tenant_id, device_id, channel, sta
 DROP INDEX IF EXISTS actions_holding;
 "#,
     ),
+    (
+        20,
+        Only::Both,
+        r#"
+-- The actions whose writes may be in force (a driver's memo is kept), by
+-- device: a start reads them for every device it starts work on, and a
+-- device that has none (most of a burst) is answered from this index
+-- without reading a row of its history.
+CREATE INDEX actions_in_force ON actions (tenant_id, device_id) WHERE driver_memo IS NOT NULL;
+"#,
+    ),
 ];
 
 #[cfg(test)]
