@@ -579,48 +579,20 @@ impl Dispatcher {
     /// start is committed, so the next start is written while this one
     /// is read back.
     async fn start(&self, claim: &str) -> Result<Arc<crate::store::Started>, Error> {
-        let _pending = PendingStart::new(&self.starter);
-        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let (store, clock) = (&self.store, &self.clock);
         self.starter
-            .queue
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push((claim.to_owned(), tx));
-        let answer = |r: Result<StartResult, _>| {
-            r.unwrap_or_else(|_| Err("the start was abandoned".into()))
-                .map_err(Error::StorageUnavailable)
-        };
-        let turn = tokio::select! {
-            biased;
-            started = &mut rx => return answer(started),
-            turn = self.starter.running.lock() => turn,
-        };
-        let batch: Vec<_> = {
-            let mut queue = self
-                .starter
-                .queue
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let n = queue.len().min(START_BATCH);
-            queue.drain(..n).collect()
-        };
-        if batch.is_empty() {
-            drop(turn);
-        } else {
-            let claims: Vec<String> = batch.iter().map(|(c, _)| c.clone()).collect();
-            let now = self.clock.now();
-            let written = self.store.start_claims(&claims, now).await;
-            drop(turn);
-            let result = match written {
-                Ok(()) => self.store.started(&claims, now).await.map(Arc::new),
-                Err(e) => Err(e),
-            }
-            .map_err(|e| e.to_string());
-            for (_, tx) in batch {
-                let _ = tx.send(result.clone());
-            }
-        }
-        answer(rx.await)
+            .start(
+                claim,
+                |claims| async move {
+                    let now = clock.now();
+                    store
+                        .start_claims(&claims, now)
+                        .await
+                        .map(|()| (claims, now))
+                },
+                |(claims, now)| async move { store.started(&claims, now).await },
+            )
+            .await
     }
 
     /// Runs one job within half a lease (a job that runs longer would be
@@ -1341,6 +1313,62 @@ struct Starter {
 }
 
 impl Starter {
+    /// [`Dispatcher::start`], with the start's `write` (its turn held)
+    /// and its `read` (the turn passed on) given.
+    async fn start<T, W, WF, R, RF>(
+        &self,
+        claim: &str,
+        write: W,
+        read: R,
+    ) -> Result<Arc<crate::store::Started>, Error>
+    where
+        W: FnOnce(Vec<String>) -> WF,
+        WF: Future<Output = Result<T, Error>>,
+        R: FnOnce(T) -> RF,
+        RF: Future<Output = Result<crate::store::Started, Error>>,
+    {
+        let _pending = PendingStart::new(self);
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((claim.to_owned(), tx));
+        let answer = |r: Result<StartResult, _>| {
+            r.unwrap_or_else(|_| Err("the start was abandoned".into()))
+                .map_err(Error::StorageUnavailable)
+        };
+        // Started by another claim's turn meanwhile, or this claim's turn.
+        let turn = tokio::select! {
+            biased;
+            started = &mut rx => return answer(started),
+            turn = self.running.lock() => turn,
+        };
+        let batch: Vec<_> = {
+            let mut queue = self
+                .queue
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let n = queue.len().min(START_BATCH);
+            queue.drain(..n).collect()
+        };
+        if batch.is_empty() {
+            drop(turn);
+        } else {
+            let claims: Vec<String> = batch.iter().map(|(c, _)| c.clone()).collect();
+            let written = write(claims).await;
+            drop(turn);
+            let result = match written {
+                Ok(w) => read(w).await.map(Arc::new),
+                Err(e) => Err(e),
+            }
+            .map_err(|e| e.to_string());
+            for (_, tx) in batch {
+                let _ = tx.send(result.clone());
+            }
+        }
+        answer(rx.await)
+    }
+
     /// Waits until no start is queued or running. Recording outcomes
     /// waits for this: a start is late work (applied − due grows with
     /// it), an outcome's record is not (the time of its transition is
@@ -1571,6 +1599,84 @@ mod tests {
     use switchyard_drivers::{NativeRow, RowOwner};
 
     use super::*;
+
+    /// A claim started in another claim's turn runs once its start is
+    /// read back, not when a turn of its own comes round: a burst's later
+    /// starts must not hold up the work already started. Here the second
+    /// batch's write never ends, and the first batch's claims all return
+    /// (and outcomes may be recorded only once no start is pending).
+    #[tokio::test]
+    async fn a_claim_runs_once_its_start_is_read_back_whoever_wrote_it() {
+        let starter = Arc::new(Starter::default());
+        let stuck = Arc::new(Notify::new());
+        let turn = starter.running.lock().await;
+        let n = START_BATCH + 1;
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+        for i in 0..n {
+            let (starter, stuck, done) = (starter.clone(), stuck.clone(), done_tx.clone());
+            tokio::spawn(async move {
+                let claim = format!("c{i}");
+                let started = starter
+                    .start(
+                        &claim,
+                        |claims: Vec<String>| async move {
+                            if claims.len() < START_BATCH {
+                                stuck.notified().await;
+                            }
+                            Ok(claims)
+                        },
+                        |claims: Vec<String>| async move {
+                            Ok(crate::store::Started {
+                                ready: claims.into_iter().map(|c| (c.clone(), c)).collect(),
+                                memos: HashMap::new(),
+                            })
+                        },
+                    )
+                    .await
+                    .unwrap();
+                assert!(started.ready.contains_key(&claim));
+                let _ = done.send(claim);
+            });
+        }
+        // Every claim queued before the first turn is taken.
+        while starter.queue.lock().unwrap().len() < n {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            starter.pending.load(std::sync::atomic::Ordering::Acquire),
+            n
+        );
+        drop(turn);
+        let mut returned = std::collections::BTreeSet::new();
+        while returned.len() < START_BATCH {
+            let claim = tokio::time::timeout(Duration::from_secs(10), done_rx.recv())
+                .await
+                .expect("the first batch's claims return while the second is written")
+                .unwrap();
+            returned.insert(claim);
+        }
+        // The one left is in the start that has not ended: a record waits.
+        assert_eq!(
+            starter.pending.load(std::sync::atomic::Ordering::Acquire),
+            1
+        );
+        let quiet = tokio::spawn({
+            let starter = starter.clone();
+            async move { starter.quiet().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!quiet.is_finished());
+        stuck.notify_one();
+        let last = tokio::time::timeout(Duration::from_secs(10), done_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!returned.contains(&last));
+        tokio::time::timeout(Duration::from_secs(10), quiet)
+            .await
+            .expect("recording goes on once no start is pending")
+            .unwrap();
+    }
 
     fn row(i: usize, enabled: bool, owner: RowOwner) -> NativeRow {
         NativeRow {

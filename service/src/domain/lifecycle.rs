@@ -477,7 +477,9 @@ mod tests {
                 }
                 if state == ActionState::Scheduled {
                     owes(&replace(&a, ActionId::from_u128(9), NOW));
-                    for c in delete_device(&a.device_id, &[a.clone()], true, NOW).unwrap() {
+                    for c in
+                        delete_device(&a.device_id, std::slice::from_ref(&a), true, NOW).unwrap()
+                    {
                         owes(&c);
                     }
                 }

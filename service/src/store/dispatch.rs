@@ -311,7 +311,9 @@ impl Store {
         self.bounded(async {
             let rows = self.read.query_all(&q).await.map_err(db_err)?;
             let mut started = Started::default();
-            let mut memos: HashMap<(String, String), Vec<(i64, String, String)>> = HashMap::new();
+            // By device: (start, action id, memo) of its actions in force.
+            type InForce = Vec<(i64, String, String)>;
+            let mut memos: HashMap<(String, String), InForce> = HashMap::new();
             for row in rows {
                 let get = |c: &str| row.try_get::<String>("", c).map_err(db_err);
                 let key = (get("tenant_id")?, get("device_id")?);
