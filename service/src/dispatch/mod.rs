@@ -467,6 +467,7 @@ impl Dispatcher {
                 "started due work"
             );
             let (ready, memos) = (&ready.ready, &ready.memos);
+            let mut skipped = Vec::new();
             while pending.front().is_some_and(|j| j.due <= now) {
                 let Some(job) = pending.pop_front() else {
                     break;
@@ -475,7 +476,7 @@ impl Dispatcher {
                 // a device change: nothing to do; let go of it (below) if
                 // it is still held.
                 if ready.get(&job.action.id.to_string()) != Some(&job.claim) {
-                    unstarted.push(job.action.id.to_string());
+                    skipped.push(job.action.id.to_string());
                     continue;
                 }
                 let key = (
@@ -554,6 +555,16 @@ impl Dispatcher {
                             at,
                             guard,
                         });
+                    }
+                });
+            }
+            // Let go of what is not ready at once, off the way of the
+            // jobs: held, it would be renewed until the claim ends.
+            if !skipped.is_empty() {
+                let (store, owner) = (self.store.clone(), owner.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = store.release(&owner, &skipped).await {
+                        tracing::warn!(error = %e, "could not let go of work that was not ready; it waits for its lease");
                     }
                 });
             }
@@ -1304,12 +1315,15 @@ type StartResult = Result<Arc<crate::store::Started>, String>;
 
 #[derive(Debug, Default)]
 struct Starter {
-    queue: std::sync::Mutex<Vec<(String, tokio::sync::oneshot::Sender<StartResult>)>>,
+    /// Claims waiting for a start: (ticket, claim, where to answer).
+    queue: std::sync::Mutex<Vec<(u64, String, tokio::sync::oneshot::Sender<StartResult>)>>,
     running: tokio::sync::Mutex<()>,
-    /// Claims whose start is queued or running.
-    pending: std::sync::atomic::AtomicUsize,
-    /// Told when `pending` falls to zero.
-    idle: Notify,
+    /// Claims queued for a start, ever.
+    queued: std::sync::atomic::AtomicU64,
+    /// Claims whose start was written (committed or failed), ever.
+    written: std::sync::atomic::AtomicU64,
+    /// Told whenever `written` grows.
+    wrote: Notify,
 }
 
 impl Starter {
@@ -1322,93 +1336,114 @@ impl Starter {
         read: R,
     ) -> Result<Arc<crate::store::Started>, Error>
     where
-        W: FnOnce(Vec<String>) -> WF,
+        W: Fn(Vec<String>) -> WF,
         WF: Future<Output = Result<T, Error>>,
-        R: FnOnce(T) -> RF,
+        R: Fn(T) -> RF,
         RF: Future<Output = Result<crate::store::Started, Error>>,
     {
-        let _pending = PendingStart::new(self);
         let (tx, mut rx) = tokio::sync::oneshot::channel();
-        self.queue
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push((claim.to_owned(), tx));
-        let answer = |r: Result<StartResult, _>| {
-            r.unwrap_or_else(|_| Err("the start was abandoned".into()))
-                .map_err(Error::StorageUnavailable)
-        };
-        // Started by another claim's turn meanwhile, or this claim's turn.
-        let turn = tokio::select! {
-            biased;
-            started = &mut rx => return answer(started),
-            turn = self.running.lock() => turn,
-        };
-        let batch: Vec<_> = {
+        let ticket = {
             let mut queue = self
                 .queue
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let n = queue.len().min(START_BATCH);
-            queue.drain(..n).collect()
+            let ticket = self
+                .queued
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            queue.push((ticket, claim.to_owned(), tx));
+            ticket
         };
-        if batch.is_empty() {
-            drop(turn);
-        } else {
-            let claims: Vec<String> = batch.iter().map(|(c, _)| c.clone()).collect();
+        // A claim that stops waiting (its task is dropped) leaves the
+        // queue, counted as written, so that no recording waits for it.
+        let _leave = Leave {
+            starter: self,
+            ticket,
+        };
+        let answer = |r: Result<StartResult, _>| {
+            r.unwrap_or_else(|_| Err("the start was abandoned".into()))
+                .map_err(Error::StorageUnavailable)
+        };
+        loop {
+            // Started in another claim's turn meanwhile, or a turn.
+            let turn = tokio::select! {
+                biased;
+                started = &mut rx => return answer(started),
+                turn = self.running.lock() => turn,
+            };
+            let batch: Vec<_> = {
+                let mut queue = self
+                    .queue
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let n = queue.len().min(START_BATCH);
+                queue.drain(..n).collect()
+            };
+            if batch.is_empty() {
+                // This claim is in a batch being read back.
+                drop(turn);
+                return answer(rx.await);
+            }
+            let claims: Vec<String> = batch.iter().map(|(_, c, _)| c.clone()).collect();
             let written = write(claims).await;
             drop(turn);
+            self.written
+                .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::AcqRel);
+            self.wrote.notify_waiters();
             let result = match written {
                 Ok(w) => read(w).await.map(Arc::new),
                 Err(e) => Err(e),
             }
             .map_err(|e| e.to_string());
-            for (_, tx) in batch {
+            for (_, _, tx) in batch {
                 let _ = tx.send(result.clone());
             }
+            // This claim may not have been in the batch its turn wrote
+            // (the first START_BATCH queued go first): it waits again.
         }
-        answer(rx.await)
     }
 
-    /// Waits until no start is queued or running. Recording outcomes
-    /// waits for this: a start is late work (applied − due grows with
-    /// it), an outcome's record is not (the time of its transition is
-    /// when the driver answered), and both take turns on the one writer
-    /// (SQLite) — a burst's starts would otherwise queue behind the
-    /// records of the jobs started before them.
+    /// Waits until every start queued before now is written. Recording
+    /// outcomes waits for this: a start is late work (applied − due grows
+    /// with it), an outcome's record is not (the time of its transition
+    /// is when the driver answered), and both take turns on the one
+    /// writer (SQLite), so a burst's starts would otherwise queue behind
+    /// the records of the jobs started before them. Starts queued later
+    /// are not waited for: recording is never held off for good.
     async fn quiet(&self) {
+        let target = self.queued.load(std::sync::atomic::Ordering::Acquire);
         loop {
-            let idle = self.idle.notified();
-            tokio::pin!(idle);
-            idle.as_mut().enable();
-            if self.pending.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            let wrote = self.wrote.notified();
+            tokio::pin!(wrote);
+            wrote.as_mut().enable();
+            if self.written.load(std::sync::atomic::Ordering::Acquire) >= target {
                 return;
             }
-            idle.await;
+            wrote.await;
         }
     }
 }
 
-/// Counts a claim's start as pending while it lives.
-struct PendingStart<'a>(&'a Starter);
-
-impl<'a> PendingStart<'a> {
-    fn new(starter: &'a Starter) -> Self {
-        starter
-            .pending
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        Self(starter)
-    }
+/// Takes a claim that stops waiting out of the start queue.
+struct Leave<'a> {
+    starter: &'a Starter,
+    ticket: u64,
 }
 
-impl Drop for PendingStart<'_> {
+impl Drop for Leave<'_> {
     fn drop(&mut self) {
-        if self
-            .0
-            .pending
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
-            == 1
-        {
-            self.0.idle.notify_waiters();
+        let mut queue = self
+            .starter
+            .queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = queue.len();
+        queue.retain(|(t, _, _)| *t != self.ticket);
+        if queue.len() < before {
+            drop(queue);
+            self.starter
+                .written
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            self.starter.wrote.notify_waiters();
         }
     }
 }
@@ -1600,6 +1635,72 @@ mod tests {
 
     use super::*;
 
+    fn ready_all(claims: Vec<String>) -> crate::store::Started {
+        crate::store::Started {
+            ready: claims.into_iter().map(|c| (c.clone(), c)).collect(),
+            memos: HashMap::new(),
+        }
+    }
+
+    /// A claim whose turn comes while a full batch of others is queued
+    /// ahead of it writes theirs, then takes another turn for its own;
+    /// and a claim that stops waiting leaves the queue, so a record
+    /// waits for no start that will never be written.
+    #[tokio::test]
+    async fn a_claim_behind_a_full_batch_is_started_in_a_turn_of_its_own() {
+        let starter = Starter::default();
+        let mut ahead = vec![];
+        for i in 0..START_BATCH {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let ticket = starter
+                .queued
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            starter
+                .queue
+                .lock()
+                .unwrap()
+                .push((ticket, format!("ahead{i}"), tx));
+            ahead.push(rx);
+        }
+        let writes = std::sync::atomic::AtomicUsize::new(0);
+        let started = tokio::time::timeout(
+            Duration::from_secs(10),
+            starter.start(
+                "mine",
+                |claims: Vec<String>| {
+                    writes.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                    async move { Ok(claims) }
+                },
+                |claims: Vec<String>| async move { Ok(ready_all(claims)) },
+            ),
+        )
+        .await
+        .expect("the claim is started")
+        .unwrap();
+        assert!(started.ready.contains_key("mine"));
+        assert_eq!(writes.load(std::sync::atomic::Ordering::Acquire), 2);
+        for rx in ahead {
+            assert_eq!(rx.await.unwrap().unwrap().ready.len(), START_BATCH);
+        }
+        // A claim queued and then dropped while another holds the turn.
+        let turn = starter.running.lock().await;
+        let gone = starter.start(
+            "gone",
+            |claims: Vec<String>| async move { Ok(claims) },
+            |claims: Vec<String>| async move { Ok(ready_all(claims)) },
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), gone)
+                .await
+                .is_err()
+        );
+        drop(turn);
+        assert!(starter.queue.lock().unwrap().is_empty());
+        tokio::time::timeout(Duration::from_secs(10), starter.quiet())
+            .await
+            .expect("no record waits for a claim that stopped waiting");
+    }
+
     /// A claim started in another claim's turn runs once its start is
     /// read back, not when a turn of its own comes round: a burst's later
     /// starts must not hold up the work already started. Here the second
@@ -1619,11 +1720,14 @@ mod tests {
                 let started = starter
                     .start(
                         &claim,
-                        |claims: Vec<String>| async move {
-                            if claims.len() < START_BATCH {
-                                stuck.notified().await;
+                        |claims: Vec<String>| {
+                            let stuck = stuck.clone();
+                            async move {
+                                if claims.len() < START_BATCH {
+                                    stuck.notified().await;
+                                }
+                                Ok(claims)
                             }
-                            Ok(claims)
                         },
                         |claims: Vec<String>| async move {
                             Ok(crate::store::Started {
@@ -1643,8 +1747,8 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert_eq!(
-            starter.pending.load(std::sync::atomic::Ordering::Acquire),
-            n
+            starter.queued.load(std::sync::atomic::Ordering::Acquire),
+            n as u64
         );
         drop(turn);
         let mut returned = std::collections::BTreeSet::new();
@@ -1657,8 +1761,8 @@ mod tests {
         }
         // The one left is in the start that has not ended: a record waits.
         assert_eq!(
-            starter.pending.load(std::sync::atomic::Ordering::Acquire),
-            1
+            starter.written.load(std::sync::atomic::Ordering::Acquire),
+            START_BATCH as u64
         );
         let quiet = tokio::spawn({
             let starter = starter.clone();

@@ -1665,6 +1665,59 @@ async fn claim_ahead(store: &Store, now: Ts, until: Ts) -> super::Claim {
         .expect("claim_ahead")
 }
 
+/// Work whose claim had lapsed when its start was written is not
+/// started, and is not ready when read back, even if the claim was
+/// renewed in between (a heartbeat that came back): it is still
+/// SCHEDULED, and cancellable, so it must not run.
+pub async fn work_not_started_in_time_is_not_ready(f: &Fixture) {
+    with_device(f, "d1").await;
+    let a = push(f, "d1", window(H, Some(2 * H)), Strategy::Reject)
+        .await
+        .expect("push")
+        .action;
+    // Claimed for 4 H from T0; started at 5 H.
+    let c = claim_ahead(&f.store, T0, T0.plus_nanos(H)).await;
+    assert_eq!(c.jobs.len(), 1);
+    let at = T0.plus_nanos(5 * H);
+    f.clock.set(at);
+    f.store
+        .start_claims(std::slice::from_ref(&c.owner), at)
+        .await
+        .expect("start_claims");
+    assert_eq!(get(f, "d1", &a).await.state, ActionState::Scheduled);
+    assert_eq!(
+        f.store
+            .renew(&c.owner, at.plus_nanos(4 * H))
+            .await
+            .expect("renew"),
+        1
+    );
+    let started = f
+        .store
+        .started(std::slice::from_ref(&c.owner), at)
+        .await
+        .expect("started");
+    assert!(started.ready.is_empty(), "{:?}", started.ready);
+    // A claim taken now starts it.
+    let again = claim_ahead(&f.store, at, at).await;
+    assert!(again.jobs.is_empty(), "held by the renewed claim");
+    f.store
+        .start_claims(std::slice::from_ref(&c.owner), at)
+        .await
+        .expect("start_claims");
+    let started = f
+        .store
+        .started(std::slice::from_ref(&c.owner), at)
+        .await
+        .expect("started");
+    assert_eq!(
+        started.ready.get(&a.id.to_string()),
+        Some(&c.owner),
+        "started once its claim is live"
+    );
+    assert_eq!(get(f, "d1", &a).await.state, ActionState::Acknowledged);
+}
+
 /// An action claimed twice (the first claim let go by a device change,
 /// the second taken afterwards) and started with both claims at once runs
 /// under the second claim only.
@@ -2394,6 +2447,7 @@ macro_rules! storage_contract_suite {
                 work_claimed_ahead_starts_when_due_if_still_owed,
                 a_device_change_takes_back_work_claimed_ahead,
                 a_start_names_the_claim_each_action_runs_under,
+                work_not_started_in_time_is_not_ready,
                 claims_are_let_go_when_their_work_changes,
                 a_start_carries_its_devices_memos,
                 outcomes_recorded_together_are_each_written_alone,

@@ -305,6 +305,10 @@ impl Store {
             )
             .and_where(col(&r, action::Column::LeaseOwner).is_in(claims.iter().map(String::as_str)))
             .and_where(col(&r, action::Column::Work).ne("NONE"))
+            // An apply still SCHEDULED was not started (its lease had
+            // lapsed at the start: it may be renewed since), and is
+            // cancellable: it must not run.
+            .and_where(col(&r, action::Column::State).ne(ActionState::Scheduled.as_str()))
             .and_where(col(&r, action::Column::DueNs).lte(now.0))
             .and_where(col(&r, action::Column::LeaseUntilNs).gt(now.0))
             .to_owned();

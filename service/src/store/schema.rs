@@ -422,8 +422,12 @@ CREATE INDEX audit_by_tenant ON audit_log (tenant_id, seq);
 -- at every change of state. The conflict check states this predicate
 -- literally (rows::holding_sql), then the holding states.
 -- Rows written before migration 2 as ACTIVE without an end owe nothing:
--- an open-ended command is COMPLETED once applied, and so they become.
-UPDATE actions SET state = 'COMPLETED'
+-- an open-ended command is COMPLETED once applied, and so they become,
+-- with an entry in their trail (reason MIGRATED, at their last change).
+INSERT INTO audit_log (tenant_id, device_id, action_id, from_state, to_state, reason, at_ns)
+    SELECT tenant_id, device_id, action_id, 'ACTIVE', 'COMPLETED', 'MIGRATED', update_ns
+    FROM actions WHERE state = 'ACTIVE' AND end_ns IS NULL AND work = 'NONE';
+UPDATE actions SET state = 'COMPLETED', revision = revision + 1
     WHERE state = 'ACTIVE' AND end_ns IS NULL AND work = 'NONE';
 CREATE INDEX actions_holding_owed ON actions (tenant_id, device_id, channel, start_ns)
     WHERE work <> 'NONE';

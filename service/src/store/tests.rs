@@ -827,3 +827,97 @@ async fn the_conflict_check_reads_holders_through_their_index() {
         );
     }
 }
+
+/// Migration 18 makes holders that owe nothing impossible: a row stored
+/// ACTIVE without an end by a version before migration 2 (it owes no
+/// revert) becomes COMPLETED with an entry in its trail; a windowed
+/// ACTIVE action and a cancelled one whose revert is owed keep holding,
+/// through the new index.
+#[tokio::test]
+async fn migration_18_completes_what_holds_owing_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    let store = open(&path, Duration::from_secs(5)).await;
+    store.close().await;
+    // Back to migration 17, with three rows as an older version left them.
+    let rewind = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sqlite3, sys\n\
+             c = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
+             c.executescript('''\n\
+             DROP INDEX actions_holding_owed; DROP INDEX actions_in_force;\n\
+             CREATE INDEX actions_holding ON actions (tenant_id, device_id, channel, start_ns)\n\
+               WHERE (state IN ('SCHEDULED', 'ACKNOWLEDGED', 'ACTIVE') OR work = 'REVERT');\n\
+             DELETE FROM schema_migrations WHERE version >= 18;\n\
+             INSERT INTO devices (tenant_id, device_id, display_name, family, driver, oem_device_id,\n\
+               timezone, settings, revision, create_ns, update_ns)\n\
+               VALUES ('default', 'd1', '', 'battery', 'simulated', '', 'UTC', '{}', 1, 0, 0);\n\
+             INSERT INTO actions (tenant_id, action_id, device_id, channel, command, start_ns, end_ns,\n\
+               immediate, state, queued_after, revision, create_ns, update_ns, work, due_ns) VALUES\n\
+               ('default', '00000000-0000-7000-8000-000000000001', 'd1', 'mode', 'CHARGE', 10, NULL,\n\
+                 0, 'ACTIVE', '', 2, 0, 7, 'NONE', NULL),\n\
+               ('default', '00000000-0000-7000-8000-000000000002', 'd1', 'limit', 'CHARGE', 10, 20,\n\
+                 0, 'ACTIVE', '', 2, 0, 7, 'REVERT', 20),\n\
+               ('default', '00000000-0000-7000-8000-000000000003', 'd1', 'other', 'CHARGE', 10, 20,\n\
+                 0, 'CANCELLED', '', 3, 0, 7, 'REVERT', 8);\n\
+             ''')\n",
+        )
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(rewind.success());
+    let store = open(&path, Duration::from_secs(5)).await;
+    let rows = store
+        .read
+        .query_all_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Sqlite,
+            "SELECT action_id, state, revision, \
+               (SELECT count(*) FROM audit_log l WHERE l.action_id = a.action_id \
+                  AND l.reason = 'MIGRATED' AND l.from_state = 'ACTIVE' \
+                  AND l.to_state = 'COMPLETED' AND l.at_ns = 7) AS trail \
+             FROM actions a ORDER BY action_id",
+        ))
+        .await
+        .unwrap();
+    let got: Vec<(String, i64, i64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.try_get::<String>("", "state").unwrap(),
+                r.try_get::<i64>("", "revision").unwrap(),
+                r.try_get::<i64>("", "trail").unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("COMPLETED".into(), 3, 1),
+            ("ACTIVE".into(), 2, 0),
+            ("CANCELLED".into(), 3, 0)
+        ]
+    );
+    assert_eq!(store.holders_owing_nothing().await.unwrap(), 0);
+    let holders = super::rows::holding_actions(
+        &store.read,
+        &TenantId::default_tenant(),
+        &DeviceId::parse("d1").unwrap(),
+        super::rows::HoldingFilter {
+            channel: None,
+            ending_after: None,
+        },
+    )
+    .await
+    .unwrap();
+    let mut ids: Vec<String> = holders.iter().map(|a| a.id.to_string()).collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        vec![
+            "00000000-0000-7000-8000-000000000002".to_owned(),
+            "00000000-0000-7000-8000-000000000003".to_owned()
+        ]
+    );
+    store.close().await;
+}
