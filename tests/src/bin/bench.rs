@@ -1250,7 +1250,7 @@ async fn plans(url: &str) -> Vec<(&'static str, String)> {
     let queries: [(&'static str, &str); 7] = [
         (
             "push: actions holding the channel",
-            "SELECT * FROM actions WHERE tenant_id = 'default' AND device_id = 'm1' AND (state IN ('SCHEDULED', 'ACKNOWLEDGED', 'ACTIVE') OR work = 'REVERT') AND channel = 'mode' AND (end_ns IS NULL OR end_ns > 0) AND start_ns >= COALESCE((SELECT MAX(start_ns) FROM actions WHERE tenant_id = 'default' AND device_id = 'm1' AND channel = 'mode' AND (state IN ('SCHEDULED', 'ACKNOWLEDGED', 'ACTIVE') OR work = 'REVERT') AND start_ns <= 0), -9223372036854775808) ORDER BY start_ns, action_id",
+            "SELECT * FROM actions WHERE tenant_id = 'default' AND device_id = 'm1' AND work <> 'NONE' AND (state IN ('SCHEDULED', 'ACKNOWLEDGED', 'ACTIVE') OR work = 'REVERT') AND channel = 'mode' AND (end_ns IS NULL OR end_ns > 0) AND start_ns >= COALESCE((SELECT MAX(start_ns) FROM actions WHERE tenant_id = 'default' AND device_id = 'm1' AND channel = 'mode' AND work <> 'NONE' AND (state IN ('SCHEDULED', 'ACKNOWLEDGED', 'ACTIVE') OR work = 'REVERT') AND start_ns <= 0), -9223372036854775808) ORDER BY start_ns, action_id",
         ),
         (
             "ListActions of a device, first page",
