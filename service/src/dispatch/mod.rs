@@ -558,15 +558,13 @@ impl Dispatcher {
                     }
                 });
             }
-            // Let go of what is not ready at once, off the way of the
-            // jobs: held, it would be renewed until the claim ends.
-            if !skipped.is_empty() {
-                let (store, owner) = (self.store.clone(), owner.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = store.release(&owner, &skipped).await {
-                        tracing::warn!(error = %e, "could not let go of work that was not ready; it waits for its lease");
-                    }
-                });
+            // Let go of what is not ready at once (its jobs are spawned):
+            // held, it would be renewed until the claim ends, and this
+            // claim's next start would start it with no job to run it.
+            if !skipped.is_empty()
+                && let Err(e) = self.store.release(&owner, &skipped).await
+            {
+                tracing::warn!(error = %e, "could not let go of work that was not ready; it waits for its lease");
             }
         }
         drop(done_tx);
@@ -1384,11 +1382,15 @@ impl Starter {
                 return answer(rx.await);
             }
             let claims: Vec<String> = batch.iter().map(|(_, c, _)| c.clone()).collect();
+            // Counted as written however the write ends (this future may
+            // be dropped, or the write panic): no record waits for it.
+            let counted = Written {
+                starter: self,
+                claims: batch.len() as u64,
+            };
             let written = write(claims).await;
             drop(turn);
-            self.written
-                .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::AcqRel);
-            self.wrote.notify_waiters();
+            drop(counted);
             let result = match written {
                 Ok(w) => read(w).await.map(Arc::new),
                 Err(e) => Err(e),
@@ -1420,6 +1422,21 @@ impl Starter {
             }
             wrote.await;
         }
+    }
+}
+
+/// Counts a batch's claims as written when dropped.
+struct Written<'a> {
+    starter: &'a Starter,
+    claims: u64,
+}
+
+impl Drop for Written<'_> {
+    fn drop(&mut self) {
+        self.starter
+            .written
+            .fetch_add(self.claims, std::sync::atomic::Ordering::AcqRel);
+        self.starter.wrote.notify_waiters();
     }
 }
 
@@ -1699,6 +1716,23 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), starter.quiet())
             .await
             .expect("no record waits for a claim that stopped waiting");
+        // A turn dropped while it writes: its batch counts as written.
+        let dropped = starter.start(
+            "dropped",
+            |claims: Vec<String>| async move {
+                std::future::pending::<()>().await;
+                Ok(claims)
+            },
+            |claims: Vec<String>| async move { Ok(ready_all(claims)) },
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), dropped)
+                .await
+                .is_err()
+        );
+        tokio::time::timeout(Duration::from_secs(10), starter.quiet())
+            .await
+            .expect("no record waits for a write that was dropped");
     }
 
     /// A claim started in another claim's turn runs once its start is
@@ -1764,19 +1798,23 @@ mod tests {
             starter.written.load(std::sync::atomic::Ordering::Acquire),
             START_BATCH as u64
         );
-        let quiet = tokio::spawn({
+        let mut quiet = tokio::spawn({
             let starter = starter.clone();
             async move { starter.quiet().await }
         });
-        tokio::task::yield_now().await;
-        assert!(!quiet.is_finished());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut quiet)
+                .await
+                .is_err(),
+            "a record waits while an earlier start is written"
+        );
         stuck.notify_one();
         let last = tokio::time::timeout(Duration::from_secs(10), done_rx.recv())
             .await
             .unwrap()
             .unwrap();
         assert!(!returned.contains(&last));
-        tokio::time::timeout(Duration::from_secs(10), quiet)
+        tokio::time::timeout(Duration::from_secs(10), &mut quiet)
             .await
             .expect("recording goes on once no start is pending")
             .unwrap();

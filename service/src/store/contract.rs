@@ -1698,7 +1698,8 @@ pub async fn work_not_started_in_time_is_not_ready(f: &Fixture) {
         .await
         .expect("started");
     assert!(started.ready.is_empty(), "{:?}", started.ready);
-    // A claim taken now starts it.
+    // The store starts what a live claim holds (the dispatcher lets go of
+    // work it found not ready before its claim's next start).
     let again = claim_ahead(&f.store, at, at).await;
     assert!(again.jobs.is_empty(), "held by the renewed claim");
     f.store
