@@ -580,7 +580,8 @@ impl Dispatcher {
         Ok(started)
     }
 
-    /// Starts the due work of `claim` ([`Store::start_due`]) together with
+    /// Starts the due work of `claim` ([`Store::start_claims`], then
+    /// [`Store::started`]) together with
     /// that of every other claim of this dispatcher that falls due
     /// meanwhile: claims queue while a start is written and go together
     /// in the next one. A claim returns as soon as its start is read
@@ -1457,10 +1458,10 @@ impl Drop for Leave<'_> {
         queue.retain(|(t, _, _)| *t != self.ticket);
         if queue.len() < before {
             drop(queue);
-            self.starter
-                .written
-                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-            self.starter.wrote.notify_waiters();
+            drop(Written {
+                starter: self.starter,
+                claims: 1,
+            });
         }
     }
 }
