@@ -182,28 +182,39 @@ async fn storm(seed: u64) -> usize {
     // during the test, so every booking stays SCHEDULED and the dispatcher
     // changes nothing the checker reads.
     let asks = asks(seed, unix_now() + 6 * H);
-    let gate = Arc::new(tokio::sync::Barrier::new(asks.len()));
     let storm = Instant::now();
-    let tasks: Vec<_> = asks
-        .iter()
-        .cloned()
-        .map(|ask| {
-            let mut client = ActionServiceClient::new(channels[ask.server].clone());
-            let gate = gate.clone();
-            tokio::spawn(async move {
-                let action = pb::Action {
-                    command: Command::Charge as i32,
-                    start_time: Some(ts(ask.start)),
-                    end_time: ask.end.map(ts),
-                    ..Default::default()
-                };
-                let req = push(&ask.device, action, ask.strategy);
-                // All pushes leave together, so the two processes contend.
-                gate.wait().await;
-                client.push_action(req).await
+    // In two waves, the second sent once the first is answered: on a busy
+    // machine one process's group commit can take a whole wave before the
+    // other gets the write lock, and a second wave makes the lock change
+    // hands again on the devices the first booked.
+    let mut results = Vec::with_capacity(asks.len());
+    for wave in asks.chunks(asks.len().div_ceil(2)) {
+        let gate = Arc::new(tokio::sync::Barrier::new(wave.len()));
+        let tasks: Vec<_> = wave
+            .iter()
+            .cloned()
+            .map(|ask| {
+                let mut client = ActionServiceClient::new(channels[ask.server].clone());
+                let gate = gate.clone();
+                tokio::spawn(async move {
+                    let action = pb::Action {
+                        command: Command::Charge as i32,
+                        start_time: Some(ts(ask.start)),
+                        end_time: ask.end.map(ts),
+                        ..Default::default()
+                    };
+                    let req = push(&ask.device, action, ask.strategy);
+                    // A wave's pushes leave together, so the two processes
+                    // contend.
+                    gate.wait().await;
+                    client.push_action(req).await
+                })
             })
-        })
-        .collect();
+            .collect();
+        for task in tasks {
+            results.push(task.await.unwrap());
+        }
+    }
 
     let mut booked: HashMap<String, Booked> = HashMap::new();
     // Cancelled action -> the push that reported cancelling it.
@@ -212,8 +223,8 @@ async fn storm(seed: u64) -> usize {
     let mut cancelled_twice: Vec<(String, String, String)> = Vec::new();
     let mut refused: BTreeMap<&'static str, usize> = BTreeMap::new();
     let mut accepted_by = [0usize; 2];
-    for (ask, task) in asks.iter().zip(tasks) {
-        match task.await.unwrap() {
+    for (ask, result) in asks.iter().zip(results) {
+        match result {
             Ok(r) => {
                 let r = r.into_inner();
                 let a = r.action.unwrap();
