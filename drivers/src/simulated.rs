@@ -168,7 +168,7 @@ fn number(
 #[derive(Debug)]
 struct SimDevice {
     /// Mode in force: a command name, or AUTO_BALANCED at rest.
-    mode: String,
+    mode: &'static str,
     /// The action whose command is in force, if any.
     applied_by: Option<String>,
     /// An EV charger's power limit (its own channel, independent of the
@@ -183,13 +183,21 @@ struct SimDevice {
     /// Calls made (apply + revert + read), for tests and the conformance
     /// suite.
     calls: u64,
-    /// The largest fencing token seen per action: a call with a smaller
-    /// one lands too late (a newer claim owns the work) and is refused.
-    fences: HashMap<String, u64>,
-    /// Applies that took effect, per action (for tests: exactly once).
-    applies: HashMap<String, u32>,
+    /// Per action: the largest fencing token seen (a call with a smaller
+    /// one lands too late: a newer claim owns the work, and it is refused)
+    /// and the applies that took effect (for tests: exactly once). One
+    /// small map per device: a fleet of 100,000 simulated devices lives in
+    /// the server's memory.
+    seen: HashMap<Box<str>, Seen>,
     /// Calls refused for a stale fencing token.
     stale_refused: u64,
+}
+
+/// What a simulated device remembers of one action.
+#[derive(Debug, Default)]
+struct Seen {
+    fence: u64,
+    applies: u32,
 }
 
 impl SimDevice {
@@ -199,10 +207,10 @@ impl SimDevice {
     fn fenced(&mut self, action: &str, fence: u64) -> Result<(), DriverError> {
         // Unfenced (0) is accepted only until a token was seen for the
         // action: then it is as stale as any smaller token.
-        if fence == 0 && self.fences.get(action).is_none_or(|s| *s == 0) {
+        if fence == 0 && self.seen.get(action).is_none_or(|s| s.fence == 0) {
             return Ok(());
         }
-        let seen = self.fences.entry(action.to_owned()).or_insert(0);
+        let seen = &mut self.seen.entry(action.into()).or_default().fence;
         if fence < *seen {
             self.stale_refused += 1;
             return Err(DriverError::new(
@@ -261,7 +269,7 @@ impl SimulatedFactory {
             return (0, 0);
         };
         devices.get(device_id).map_or((0, 0), |d| {
-            (d.applies.get(action).copied().unwrap_or(0), d.stale_refused)
+            (d.seen.get(action).map_or(0, |s| s.applies), d.stale_refused)
         })
     }
 
@@ -271,7 +279,7 @@ impl SimulatedFactory {
         let devices = self.devices.lock().ok()?;
         devices
             .get(device_id)
-            .map(|d| (d.mode.clone(), d.applied_by.clone(), d.calls))
+            .map(|d| (d.mode.to_owned(), d.applied_by.clone(), d.calls))
     }
 }
 
@@ -408,7 +416,7 @@ impl Simulated {
         let d = devices
             .entry(self.device_id.clone())
             .or_insert_with(|| SimDevice {
-                mode: REST_MODE.to_owned(),
+                mode: REST_MODE,
                 applied_by: None,
                 power_limit: None,
                 power_w: 0.0,
@@ -416,8 +424,7 @@ impl Simulated {
                 at: Instant::now(),
                 native_cleared: false,
                 calls: 0,
-                fences: HashMap::new(),
-                applies: HashMap::new(),
+                seen: HashMap::new(),
                 stale_refused: 0,
             });
         if !self.settings.native_scheduler_active {
@@ -436,7 +443,7 @@ impl Simulated {
         DeviceState {
             native_scheduler: self.native_rows(d),
             soc_percent: Some(d.soc),
-            mode: Some(d.mode.clone()),
+            mode: Some(d.mode.to_owned()),
         }
     }
 
@@ -538,7 +545,10 @@ impl Driver for Simulated {
                 }
                 d.native_cleared = true;
             }
-            *d.applies.entry(req.action_id.clone()).or_insert(0) += 1;
+            d.seen
+                .entry(req.action_id.as_str().into())
+                .or_default()
+                .applies += 1;
             // One line per apply that took effect: several replicas'
             // logs together show whether any action was applied twice.
             tracing::info!(
@@ -557,7 +567,7 @@ impl Driver for Simulated {
                     ..Default::default()
                 });
             }
-            d.mode = req.command.as_str().to_owned();
+            d.mode = req.command.as_str();
             d.applied_by = Some(req.action_id.clone());
             let p = req.params.power_watts().unwrap_or(max).min(max);
             d.power_w = match req.command {
@@ -596,7 +606,7 @@ impl Driver for Simulated {
                 });
             }
             if d.applied_by.as_deref() == Some(req.applied.action_id.as_str()) {
-                d.mode = REST_MODE.to_owned();
+                d.mode = REST_MODE;
                 d.applied_by = None;
                 d.power_w = 0.0;
             }
