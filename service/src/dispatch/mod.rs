@@ -421,22 +421,32 @@ impl Dispatcher {
             })
         };
         let _stop_heartbeat = AbortOnDrop(Some(heartbeat));
-        let mut devices: std::collections::HashMap<_, _> =
-            devices.into_iter().map(|(k, d)| (k, Arc::new(d))).collect();
-        let mut uses: std::collections::HashMap<DeviceKey, usize> = HashMap::new();
+        // Each claimed device with the number of its jobs still to
+        // start: its snapshot goes with the last of them.
+        let mut devices: HashMap<DeviceKey, (Arc<Device>, usize)> = devices
+            .into_iter()
+            .map(|(k, d)| (k, (Arc::new(d), 0)))
+            .collect();
         for j in &jobs {
-            *uses
-                .entry((
-                    j.tenant.as_str().to_owned(),
-                    j.action.device_id.as_str().to_owned(),
-                ))
-                .or_default() += 1;
+            let key = (
+                j.tenant.as_str().to_owned(),
+                j.action.device_id.as_str().to_owned(),
+            );
+            if let Some((_, n)) = devices.get_mut(&key) {
+                *n += 1;
+            }
         }
         // Outcomes go to the recorder as they come; it records whatever
         // has gathered while it was recording the last group.
         let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel::<Ran>();
         let recorder = tokio::spawn(self.clone().recorder(done_rx));
-        let mut pending: std::collections::VecDeque<Job> = jobs.into();
+        // Each job boxed: a job moves from here to its task, then to the
+        // recorder, and a burst holds 100,000 of them at once. The claim's
+        // vector (sized by the stored rows it was decoded from) is let go:
+        // extended into a new queue, not collected, which would keep its
+        // buffer for the pointers.
+        let mut pending = std::collections::VecDeque::with_capacity(jobs.len());
+        pending.extend(jobs.into_iter().map(Box::new));
         let mut started = 0;
         let mut unstarted = Vec::new();
         while let Some(first) = pending.front() {
@@ -485,12 +495,12 @@ impl Dispatcher {
                 );
                 // The device's snapshot goes with its last job of the
                 // claim (memory is freed as jobs end).
-                let device = match uses.get_mut(&key) {
-                    Some(n) if *n > 1 => {
+                let device = match devices.get_mut(&key) {
+                    Some((d, n)) if *n > 1 => {
                         *n -= 1;
-                        devices.get(&key).cloned()
+                        Some(d.clone())
                     }
-                    _ => devices.remove(&key),
+                    _ => devices.remove(&key).map(|(d, _)| d),
                 };
                 let ctx = Context {
                     device,
@@ -665,7 +675,7 @@ impl Dispatcher {
                     None => None,
                 };
                 outcomes.push(crate::store::Outcome {
-                    job,
+                    job: *job,
                     finish: done.finish,
                     at,
                     observed,
@@ -1568,7 +1578,7 @@ impl Drop for DeviceGuard {
 
 /// A job that ran, on its way to be recorded.
 struct Ran {
-    job: Job,
+    job: Box<Job>,
     done: Done,
     at: Ts,
     guard: DeviceGuard,
