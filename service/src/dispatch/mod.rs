@@ -439,7 +439,10 @@ impl Dispatcher {
         // Outcomes go to the recorder as they come; it records whatever
         // has gathered while it was recording the last group.
         let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel::<Ran>();
-        let recorder = tokio::spawn(self.clone().recorder(done_rx));
+        // Jobs of this claim spawned and not yet ended: the recorder waits
+        // a little for their outcomes rather than record one at a time.
+        let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let recorder = tokio::spawn(self.clone().recorder(done_rx, running.clone()));
         // Each job boxed: a job moves from here to its task, then to the
         // recorder, and a burst holds 100,000 of them at once. The claim's
         // vector (sized by the stored rows it was decoded from) is let go:
@@ -515,7 +518,11 @@ impl Dispatcher {
                 started += 1;
                 let this = self.clone();
                 let (held_until, done_tx) = (held_until.clone(), done_tx.clone());
+                let running = Running::new(&running);
                 tokio::spawn(async move {
+                    // Dropped last: the outcome is sent before the job
+                    // stops counting as running.
+                    let _running = running;
                     let _spawned = spawned;
                     let (guard, mut ctx) = this.devices.lock(key, seen, ctx).await;
                     // The device and its driver, then the job's turn on
@@ -645,15 +652,38 @@ impl Dispatcher {
     async fn recorder(
         self,
         mut rx: tokio::sync::mpsc::UnboundedReceiver<Ran>,
+        running: Arc<std::sync::atomic::AtomicUsize>,
     ) -> Result<(), Error> {
         let mut failed = None;
         let mut readers = tokio::task::JoinSet::new();
         while let Some(first) = rx.recv().await {
+            // Outcomes wait while the starts queued before them are
+            // written (the writer is the storm's bottleneck); what comes
+            // in meanwhile goes in the same record. Gathered before the
+            // wait, a burst's first outcome was recorded alone, one write
+            // transaction per claim for a single row.
+            self.starter.quiet().await;
             let mut batch = vec![first];
-            while batch.len() < 4096 {
-                match rx.try_recv() {
-                    Ok(r) => batch.push(r),
-                    Err(_) => break,
+            // While other jobs of the claim still run, their outcomes are
+            // waited for a little (at most RECORD_LINGER): a burst's jobs
+            // answer within milliseconds of each other, and each record is
+            // a write transaction on the one writer the starts need too.
+            let linger = tokio::time::Instant::now() + RECORD_LINGER;
+            loop {
+                while batch.len() < RECORD_BATCH {
+                    match rx.try_recv() {
+                        Ok(r) => batch.push(r),
+                        Err(_) => break,
+                    }
+                }
+                if batch.len() >= RECORD_BATCH
+                    || running.load(std::sync::atomic::Ordering::Acquire) == 0
+                {
+                    break;
+                }
+                match tokio::time::timeout_at(linger, rx.recv()).await {
+                    Ok(Some(r)) => batch.push(r),
+                    Ok(None) | Err(_) => break,
                 }
             }
             let mut outcomes = Vec::with_capacity(batch.len());
@@ -687,7 +717,6 @@ impl Dispatcher {
             // before the work is left to be done again.
             let mut tries = 0;
             let took = Instant::now();
-            self.starter.quiet().await;
             let recorded = loop {
                 match self.store.record(&mut outcomes).await {
                     Ok(()) => break Ok(()),
@@ -1573,6 +1602,29 @@ impl Drop for DeviceGuard {
     fn drop(&mut self) {
         drop(self.guard.take());
         forget_unused(&self.locks.held, &self.key);
+    }
+}
+
+/// Most outcomes a recorder records at once.
+const RECORD_BATCH: usize = 4096;
+
+/// Longest a recorder waits for the outcomes of jobs still running before
+/// it records what it has.
+const RECORD_LINGER: Duration = Duration::from_millis(100);
+
+/// Counts a spawned job as running until it is dropped.
+struct Running(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Running {
+    fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
