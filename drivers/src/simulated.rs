@@ -698,6 +698,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn fencing_is_per_action_and_an_unfenced_call_is_stale_once_a_token_was_seen() {
+        let s = BTreeMap::from([("latency_ms".to_owned(), "0".to_owned())]);
+        let f = SimulatedFactory::default();
+        let d = f.build(&spec(Family::Battery, &s)).unwrap();
+        let mut a = apply_request("a1", Command::Charge, Some(1000.0));
+        // Remembering an apply does not fence the action.
+        d.apply(&a).await.unwrap();
+        d.apply(&a).await.unwrap();
+        a.fence = 5;
+        d.apply(&a).await.unwrap();
+        // The same token again is not stale.
+        d.revert(&RevertRequest {
+            applied: a.clone(),
+            memo: None,
+        })
+        .await
+        .unwrap();
+        // A fenced call kept the count of applies.
+        assert_eq!(f.applies("d", "a1"), (3, 0));
+        for stale in [0, 4] {
+            let mut late = a.clone();
+            late.fence = stale;
+            let err = d.apply(&late).await.unwrap_err();
+            assert_eq!(err.kind, ErrorKind::StaleFence, "token {stale}");
+        }
+        // Refused calls take no effect and are counted as refused.
+        assert_eq!(f.applies("d", "a1"), (3, 2));
+        assert_eq!(f.observe("d").unwrap().0, REST_MODE);
+        // Another action's tokens are its own.
+        let mut b = apply_request("a2", Command::Idle, None);
+        d.apply(&b).await.unwrap();
+        b.fence = 1;
+        d.apply(&b).await.unwrap();
+        assert_eq!(f.applies("d", "a2"), (2, 2));
+        assert_eq!(f.observe("d").unwrap().0, "IDLE");
+    }
+
+    #[tokio::test]
     async fn an_ev_power_limit_and_the_mode_are_applied_and_reverted_on_their_own() {
         let s = BTreeMap::from([("latency_ms".to_owned(), "0".to_owned())]);
         let f = SimulatedFactory::default();

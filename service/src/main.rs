@@ -4,7 +4,7 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    no_transparent_huge_pages();
+    let _ = no_transparent_huge_pages();
     switchyard::cli::main()
 }
 
@@ -12,16 +12,38 @@ fn main() -> std::process::ExitCode {
 /// transparent huge pages on its arenas, and a page of 2 MiB is resident
 /// whole once any byte of it is touched: a 100,000-action dispatch burst
 /// allocates and frees millions of small objects across threads, and its
-/// peak RSS was 30-50 MiB higher with them (430-436 against 460-507 MiB,
-/// docs/performance.md), with no gain in lateness or throughput measured.
-/// Set before anything else runs; it applies to the memory already mapped
-/// too (the kernel checks it when a page is first touched).
-fn no_transparent_huge_pages() {
+/// peak RSS was higher with them (460-507 MiB against 435-456 MiB, in
+/// runs of the same day), with no change in lateness or push throughput
+/// measured (docs/performance.md). Set before anything else runs; it
+/// applies to memory already mapped too (the kernel checks it when a page
+/// is first touched). Best effort: a kernel without it (before 3.15)
+/// keeps its huge pages. Whether it took is returned.
+fn no_transparent_huge_pages() -> bool {
     #[cfg(target_os = "linux")]
-    // SAFETY: prctl(PR_SET_THP_DISABLE) takes plain integers and touches
-    // no memory of ours; it only sets a flag on this process.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    {
+        let off: libc::c_ulong = 0;
+        // SAFETY: prctl(PR_SET_THP_DISABLE) takes plain integers and
+        // touches no memory of ours; it only sets a flag on this process.
+        #[allow(unsafe_code)]
+        let done =
+            unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1 as libc::c_ulong, off, off, off) };
+        done == 0
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        false
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    #[test]
+    fn the_process_keeps_no_transparent_huge_pages() {
+        assert!(super::no_transparent_huge_pages());
+        let status = std::fs::read_to_string("/proc/self/status").expect("status");
+        // Kernels since 6.x say so; older ones have no such line.
+        if let Some(line) = status.lines().find(|l| l.starts_with("THP_enabled:")) {
+            assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
+        }
     }
 }

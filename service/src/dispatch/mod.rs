@@ -437,11 +437,13 @@ impl Dispatcher {
             }
         }
         // Outcomes go to the recorder as they come; it records whatever
-        // has gathered while it was recording the last group.
+        // has gathered while it was recording the last group, and what
+        // comes shortly after while jobs still run ([`gather`]).
         let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel::<Ran>();
-        // Jobs of this claim spawned and not yet ended: the recorder waits
-        // a little for their outcomes rather than record one at a time.
-        let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        // Jobs of this claim running (holding their device) and not yet
+        // ended: the recorder waits a little for their outcomes rather
+        // than record one at a time.
+        let running = Arc::new(Runs::default());
         let recorder = tokio::spawn(self.clone().recorder(done_rx, running.clone()));
         // Each job boxed: a job moves from here to its task, then to the
         // recorder, and a burst holds 100,000 of them at once. The claim's
@@ -518,13 +520,15 @@ impl Dispatcher {
                 started += 1;
                 let this = self.clone();
                 let (held_until, done_tx) = (held_until.clone(), done_tx.clone());
-                let running = Running::new(&running);
+                let running = running.clone();
                 tokio::spawn(async move {
-                    // Dropped last: the outcome is sent before the job
-                    // stops counting as running.
-                    let _running = running;
                     let _spawned = spawned;
                     let (guard, mut ctx) = this.devices.lock(key, seen, ctx).await;
+                    // Counted once it holds its device: a job waiting for
+                    // its device's last outcome to be recorded is not
+                    // waited for by the recorder holding that outcome.
+                    // Dropped at the end, after the outcome is sent.
+                    let _running = Running::new(&running);
                     // The device and its driver, then the job's turn on
                     // the OEM account and a call slot: waiting for them
                     // does not count against the call's time limit.
@@ -647,12 +651,14 @@ impl Dispatcher {
     }
 
     /// Records what jobs came to, in groups: whatever has come in while
-    /// the last group was being recorded. A device's next job waits until
-    /// its last one is recorded (its guard is let go then).
+    /// the last group was being recorded, and what comes within
+    /// [`RECORD_LINGER`] while jobs of the claim still run ([`gather`]).
+    /// A device's next job waits until its last one is recorded (its guard
+    /// is let go then; such a job is not counted as running).
     async fn recorder(
         self,
         mut rx: tokio::sync::mpsc::UnboundedReceiver<Ran>,
-        running: Arc<std::sync::atomic::AtomicUsize>,
+        running: Arc<Runs>,
     ) -> Result<(), Error> {
         let mut failed = None;
         let mut readers = tokio::task::JoinSet::new();
@@ -663,29 +669,10 @@ impl Dispatcher {
             // wait, a burst's first outcome was recorded alone, one write
             // transaction per claim for a single row.
             self.starter.quiet().await;
-            let mut batch = vec![first];
-            // While other jobs of the claim still run, their outcomes are
-            // waited for a little (at most RECORD_LINGER): a burst's jobs
-            // answer within milliseconds of each other, and each record is
-            // a write transaction on the one writer the starts need too.
-            let linger = tokio::time::Instant::now() + RECORD_LINGER;
-            loop {
-                while batch.len() < RECORD_BATCH {
-                    match rx.try_recv() {
-                        Ok(r) => batch.push(r),
-                        Err(_) => break,
-                    }
-                }
-                if batch.len() >= RECORD_BATCH
-                    || running.load(std::sync::atomic::Ordering::Acquire) == 0
-                {
-                    break;
-                }
-                match tokio::time::timeout_at(linger, rx.recv()).await {
-                    Ok(Some(r)) => batch.push(r),
-                    Ok(None) | Err(_) => break,
-                }
-            }
+            let batch = gather(&mut rx, first, &running, RECORD_LINGER, RECORD_BATCH).await;
+            // Every outcome of the batch came in before this: the starts
+            // queued meanwhile are written first, as for the first.
+            self.starter.quiet().await;
             let mut outcomes = Vec::with_capacity(batch.len());
             let mut reads = Vec::new();
             let mut guards = Vec::with_capacity(batch.len());
@@ -1612,19 +1599,79 @@ const RECORD_BATCH: usize = 4096;
 /// it records what it has.
 const RECORD_LINGER: Duration = Duration::from_millis(100);
 
-/// Counts a spawned job as running until it is dropped.
-struct Running(Arc<std::sync::atomic::AtomicUsize>);
+/// The jobs of a claim that are running, and a signal when none is.
+#[derive(Debug, Default)]
+struct Runs {
+    count: std::sync::atomic::AtomicUsize,
+    /// Notified (a permit kept if nobody waits) when the count falls to 0.
+    idle: Notify,
+}
+
+/// Counts a job as running until it is dropped.
+struct Running(Arc<Runs>);
 
 impl Running {
-    fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
-        count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        Self(count.clone())
+    fn new(runs: &Arc<Runs>) -> Self {
+        runs.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(runs.clone())
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        if self
+            .0
+            .count
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            self.0.idle.notify_one();
+        }
+    }
+}
+
+/// A batch for the recorder: `first`, what else has come in, and, while
+/// jobs still run, what comes within `linger` of now, until none runs,
+/// the channel closes or `cap` is reached. A burst's jobs answer within
+/// milliseconds of each other, and each record is a write transaction on
+/// the one writer the starts need too.
+async fn gather<T>(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>,
+    first: T,
+    runs: &Runs,
+    linger: Duration,
+    cap: usize,
+) -> Vec<T> {
+    let mut batch = vec![first];
+    let until = tokio::time::Instant::now() + linger;
+    loop {
+        while batch.len() < cap {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        if batch.len() >= cap || runs.count.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            return batch;
+        }
+        tokio::select! {
+            r = rx.recv() => match r {
+                Some(r) => batch.push(r),
+                None => return batch,
+            },
+            // The last job ended (with or without an outcome): take what
+            // it sent, if anything, and go.
+            () = runs.idle.notified() => {}
+            () = tokio::time::sleep_until(until) => {
+                while batch.len() < cap {
+                    match rx.try_recv() {
+                        Ok(r) => batch.push(r),
+                        Err(_) => break,
+                    }
+                }
+                return batch;
+            }
+        }
     }
 }
 
@@ -1714,6 +1761,81 @@ mod tests {
     use switchyard_drivers::{NativeRow, RowOwner};
 
     use super::*;
+
+    /// A gather that should end at once must not wait for the linger.
+    const LONG: Duration = Duration::from_secs(30);
+
+    async fn promptly<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(5), f)
+            .await
+            .expect("returned before the linger ran out")
+    }
+
+    #[tokio::test]
+    async fn a_batch_with_no_job_running_is_what_has_come_in() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let runs = Runs::default();
+        tx.send(2).unwrap();
+        let batch = promptly(gather(&mut rx, 1, &runs, LONG, 10)).await;
+        assert_eq!(batch, [1, 2]);
+        // The channel is still open: it did not wait for it to close.
+        tx.send(3).unwrap();
+        assert_eq!(rx.try_recv().ok(), Some(3));
+    }
+
+    #[tokio::test]
+    async fn a_batch_waits_for_running_jobs_until_the_last_ends() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let runs = Arc::new(Runs::default());
+        let (one, two) = (Running::new(&runs), Running::new(&runs));
+        assert_eq!(runs.count.load(std::sync::atomic::Ordering::Acquire), 2);
+        let job = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            tx.send(2).unwrap();
+            drop(one);
+            // The last job ends without an outcome; the channel stays open.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            drop(two);
+            tx
+        });
+        let batch = promptly(gather(&mut rx, 1, &runs, LONG, 10)).await;
+        assert_eq!(batch, [1, 2]);
+        assert_eq!(runs.count.load(std::sync::atomic::Ordering::Acquire), 0);
+        let _tx = job.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_batch_stops_at_its_cap_and_at_the_linger() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let runs = Arc::new(Runs::default());
+        let _running = Running::new(&runs);
+        for i in 2..=6 {
+            tx.send(i).unwrap();
+        }
+        let batch = promptly(gather(&mut rx, 1, &runs, LONG, 4)).await;
+        assert_eq!(batch, [1, 2, 3, 4]);
+        // A job still runs and nothing more comes: the linger ends it,
+        // with what had come in.
+        let linger = Duration::from_millis(50);
+        let began = std::time::Instant::now();
+        let batch = promptly(gather(&mut rx, 0, &runs, linger, 10)).await;
+        assert!(began.elapsed() >= linger);
+        assert_eq!(batch, [0, 5, 6]);
+    }
+
+    #[tokio::test]
+    async fn a_job_counts_as_running_until_its_task_ends_even_by_a_panic() {
+        let runs = Arc::new(Runs::default());
+        let running = Running::new(&runs);
+        let task = tokio::spawn(async move {
+            let _running = running;
+            panic!("the job panicked");
+        });
+        assert!(task.await.is_err());
+        assert_eq!(runs.count.load(std::sync::atomic::Ordering::Acquire), 0);
+        // And the end was signalled.
+        promptly(runs.idle.notified()).await;
+    }
 
     fn ready_all(claims: Vec<String>) -> crate::store::Started {
         crate::store::Started {

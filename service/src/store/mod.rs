@@ -363,11 +363,12 @@ impl Store {
             SqlitePoolOptions::new()
                 .max_connections(8)
                 .acquire_timeout(Duration::from_secs(30))
-                // Each reader's page cache: SQLite's default (2 MiB). Pages
-                // a reader misses come from the operating system's file
-                // cache, shared by every connection; eight private caches
-                // of 8 MiB each held 48 MiB more of a storm's peak for
-                // reads that did not need them (docs/performance.md).
+                // Each reader's page cache: 2 MiB, about SQLite's default.
+                // Pages a reader misses come from the operating system's
+                // file cache, shared by every connection; eight private
+                // caches of 8 MiB filled up to 48 MiB more of a storm's
+                // peak, and reads were no slower without them
+                // (docs/performance.md).
                 .connect_with(opts.pragma("cache_size", "-2048"))
                 .await
                 .map_err(sqlx_err)?
