@@ -1648,15 +1648,19 @@ async fn gather<T>(
     linger: Duration,
     cap: usize,
 ) -> Vec<T> {
-    let mut batch = vec![first];
-    let until = tokio::time::Instant::now() + linger;
-    loop {
+    // What has come in, up to the cap.
+    fn take<T>(rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>, batch: &mut Vec<T>, cap: usize) {
         while batch.len() < cap {
             match rx.try_recv() {
                 Ok(r) => batch.push(r),
                 Err(_) => break,
             }
         }
+    }
+    let mut batch = vec![first];
+    let until = tokio::time::Instant::now() + linger;
+    loop {
+        take(rx, &mut batch, cap);
         if batch.len() >= cap || runs.count.load(std::sync::atomic::Ordering::Acquire) == 0 {
             return batch;
         }
@@ -1669,12 +1673,7 @@ async fn gather<T>(
             // it sent, if anything, and go.
             () = runs.idle.notified() => {}
             () = tokio::time::sleep_until(until) => {
-                while batch.len() < cap {
-                    match rx.try_recv() {
-                        Ok(r) => batch.push(r),
-                        Err(_) => break,
-                    }
-                }
+                take(rx, &mut batch, cap);
                 return batch;
             }
         }
@@ -1989,16 +1988,8 @@ mod tests {
             starter.written.load(std::sync::atomic::Ordering::Acquire),
             START_BATCH as u64
         );
-        let mut quiet = tokio::spawn({
-            let starter = starter.clone();
-            async move { starter.quiet().await }
-        });
-        assert!(
-            tokio::time::timeout(Duration::from_millis(50), &mut quiet)
-                .await
-                .is_err(),
-            "a record waits while an earlier start is written"
-        );
+        let mut quiet =
+            still_quieting(&starter, "a record waits while an earlier start is written").await;
         stuck.notify_one();
         let last = tokio::time::timeout(Duration::from_secs(10), done_rx.recv())
             .await
@@ -2009,6 +2000,22 @@ mod tests {
             .await
             .expect("recording goes on once no start is pending")
             .unwrap();
+    }
+
+    /// `Starter::quiet` in a task of its own, checked still waiting 50 ms
+    /// later.
+    async fn still_quieting(starter: &Arc<Starter>, why: &str) -> tokio::task::JoinHandle<()> {
+        let mut quiet = tokio::spawn({
+            let starter = starter.clone();
+            async move { starter.quiet().await }
+        });
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut quiet)
+                .await
+                .is_err(),
+            "{why}"
+        );
+        quiet
     }
 
     #[tokio::test]
@@ -2042,16 +2049,11 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), reading.notified())
             .await
             .expect("the start is read back");
-        let mut quiet = tokio::spawn({
-            let starter = starter.clone();
-            async move { starter.quiet().await }
-        });
-        assert!(
-            tokio::time::timeout(Duration::from_millis(50), &mut quiet)
-                .await
-                .is_err(),
-            "a record waits while an earlier start is read back"
-        );
+        let mut quiet = still_quieting(
+            &starter,
+            "a record waits while an earlier start is read back",
+        )
+        .await;
         go_on.notify_one();
         tokio::time::timeout(Duration::from_secs(10), &mut quiet)
             .await
