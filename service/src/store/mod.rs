@@ -344,14 +344,18 @@ impl Store {
             // A ping per transaction is a round trip to the connection's
             // worker thread for nothing: a local file does not go away.
             .test_before_acquire(false)
-            // The writer's page cache (SQLite's default is 2 MiB): bulk
-            // dispatch writes (a burst of starts, a round's outcomes)
+            // The writer's page cache: 8 MiB (SQLite's default is 2 MiB):
+            // bulk dispatch writes (a burst of starts, a round's outcomes)
             // touch pages all over the actions table and its indexes.
+            // Pages it misses come from the operating system's file
+            // cache. 32 MiB made no measured difference to a storm's
+            // lateness, pushes or the scale runs, and cost 50 MiB of a
+            // 100,000 storm's peak RSS (docs/performance.md).
             // A group commit's savepoints journal the pages they change:
             // in memory, not in a temporary file (a write per page).
             .connect_with(
                 opts.clone()
-                    .pragma("cache_size", "-32768")
+                    .pragma("cache_size", "-8192")
                     .pragma("temp_store", "memory"),
             )
             .await
