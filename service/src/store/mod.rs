@@ -348,9 +348,14 @@ impl Store {
             // bulk dispatch writes (a burst of starts, a round's outcomes)
             // touch pages all over the actions table and its indexes.
             // Pages it misses come from the operating system's file
-            // cache. 32 MiB made no measured difference to a storm's
-            // lateness, pushes or the scale runs, and cost 50 MiB of a
-            // 100,000 storm's peak RSS (docs/performance.md).
+            // cache. A transaction that changes more pages than the
+            // cache holds writes them to the WAL before it commits
+            // (ADR 0010: one start of 100,000 rows took 1.05 s at 2 MiB,
+            // 0.62 s at 32 MiB); a start is now 3 claims, about 6,000
+            // rows (`START_BATCH`), and a record at most 4,096 outcomes.
+            // With those, 32 MiB made no measured difference to a storm's
+            // lateness, pushes or the scale runs, and cost about 50 MiB
+            // of a 100,000 storm's peak RSS (docs/performance.md).
             // A group commit's savepoints journal the pages they change:
             // in memory, not in a temporary file (a write per page).
             .connect_with(

@@ -270,6 +270,22 @@ async fn rows_carry_their_tenant() {
     assert_eq!(stored, "default");
 }
 
+/// Each connection keeps the page cache it was sized for: the writer
+/// 8 MiB and its savepoints' journal in memory, each reader 2 MiB
+/// (docs/performance.md). Swapped or lost, a storm's memory or its
+/// writes change with nothing else failing.
+#[tokio::test]
+async fn the_writer_and_readers_keep_their_page_caches() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("db.sqlite"), Duration::from_secs(1)).await;
+    let writer: i64 = scalar(&store.write, "PRAGMA cache_size").await;
+    assert_eq!(writer, -8192);
+    let temp: i64 = scalar(&store.write, "PRAGMA temp_store").await;
+    assert_eq!(temp, 2, "the writer's temporary pages are kept in memory");
+    let reader: i64 = scalar(&store.read, "PRAGMA cache_size").await;
+    assert_eq!(reader, -2048);
+}
+
 /// The first column of the first row of `sql`.
 async fn scalar<T: sea_orm::TryGetable>(conn: &sea_orm::DatabaseConnection, sql: &str) -> T {
     use sea_orm::ConnectionTrait;
