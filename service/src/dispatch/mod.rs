@@ -490,7 +490,7 @@ impl Dispatcher {
                 // Cancelled or replaced before it started, or given up to
                 // a device change: nothing to do; let go of it (below) if
                 // it is still held.
-                if ready.get(&job.action.id.to_string()) != Some(&job.claim) {
+                if ready.get(&job.action.id.to_string()).map(String::as_str) != Some(&*job.claim) {
                     skipped.push(job.action.id.to_string());
                     continue;
                 }

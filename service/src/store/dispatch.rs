@@ -52,8 +52,8 @@ pub struct Job {
     /// Pushed with CANCEL_AND_REPLACE.
     pub clear_native: bool,
     /// The claim this job was taken under: its outcome is recorded only
-    /// while the row still carries it.
-    pub claim: String,
+    /// while the row still carries it. Shared by the claim's jobs.
+    pub claim: std::sync::Arc<str>,
     /// The claim's fencing token: larger than every earlier claim's of the
     /// action, handed to the driver ([`switchyard_drivers::ApplyRequest::fence`]).
     pub fence: u64,
@@ -140,6 +140,7 @@ impl Store {
         lease_nanos: i64,
     ) -> Result<Claim, Error> {
         let owner = uuid::Uuid::now_v7().to_string();
+        let shared_owner: std::sync::Arc<str> = owner.as_str().into();
         let until = Ts(Ord::max(until.0, now.0));
         let (rows, devices) = self
             .retrying(|| async {
@@ -161,7 +162,7 @@ impl Store {
                 work: work_of(&m.work).ok_or_else(|| Error::Internal("claimed no work".into()))?,
                 attempts: m.attempts,
                 clear_native: m.clear_native,
-                claim: owner.clone(),
+                claim: shared_owner.clone(),
                 fence: u64::try_from(m.fence)
                     .map_err(|_| Error::Internal("a negative fencing token is stored".into()))?,
                 due: Ts(m.due_ns.unwrap_or(now.0)),
@@ -551,7 +552,7 @@ async fn record_in<C: ConnectionTrait>(tx: &C, chunk: &[Outcome]) -> Result<(), 
                 tracing::warn!(action_id = %job.action.id, "dispatch outcome not recorded: the action vanished while dispatched");
                 continue;
             };
-            if row.lease_owner.as_deref() != Some(job.claim.as_str()) {
+            if row.lease_owner.as_deref() != Some(&*job.claim) {
                 tracing::warn!(action_id = %job.action.id, "dispatch outcome not recorded: the claim lapsed and was taken again");
                 continue;
             }
@@ -777,7 +778,7 @@ fn settle_row(
     Ok((
         Settled {
             action_id: row.action_id.clone(),
-            claim: job.claim.clone(),
+            claim: job.claim.to_string(),
             a: change.action,
             work,
             due,
