@@ -789,6 +789,28 @@ mod tests {
         d.apply(&e).await.unwrap();
         assert_eq!(f.applies("d", "c"), (3, 1));
         assert_eq!(f.applies("d", "e"), (6, 1));
+        // Kept in ascending order of id (ids grow with time: a new one is
+        // appended, nothing shifts).
+        d.apply(&apply_request("y", Command::Charge, Some(1000.0)))
+            .await
+            .unwrap();
+        let devices = f.devices.lock().unwrap();
+        let ids: Vec<&str> = devices["d"].seen.iter().map(|(id, _)| &**id).collect();
+        assert_eq!(ids, ["a", "c", "e", "m", "x", "y"]);
+    }
+
+    /// A device that met one action keeps room for that one only.
+    #[tokio::test]
+    async fn a_device_that_met_one_action_keeps_room_for_one() {
+        let s = BTreeMap::from([("latency_ms".to_owned(), "0".to_owned())]);
+        let f = SimulatedFactory::default();
+        let d = f.build(&spec(Family::Battery, &s)).unwrap();
+        let mut a = apply_request("a", Command::Charge, Some(1000.0));
+        a.fence = 3;
+        d.apply(&a).await.unwrap();
+        let devices = f.devices.lock().unwrap();
+        assert_eq!(devices["d"].seen.len(), 1);
+        assert_eq!(devices["d"].seen.capacity(), 1);
     }
 
     #[tokio::test]

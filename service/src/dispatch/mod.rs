@@ -570,8 +570,11 @@ impl Dispatcher {
                     }
                     // Boxed: a job waiting its turn takes little memory.
                     if let Some((done, at)) = Box::pin(this.run_one(&job, ctx)).await {
+                        // The job (the whole action) is let go here: what
+                        // waits to be recorded keeps only what the record
+                        // needs.
                         let _ = done_tx.send(Ran {
-                            job,
+                            job: crate::store::Recorded::from(*job),
                             done,
                             at,
                             guard,
@@ -692,7 +695,7 @@ impl Dispatcher {
                     None => None,
                 };
                 outcomes.push(crate::store::Outcome {
-                    job: *job,
+                    job,
                     finish: done.finish,
                     at,
                     observed,
@@ -720,7 +723,7 @@ impl Dispatcher {
                 .map(|o| {
                     (
                         o.job.tenant.as_str().to_owned(),
-                        o.job.action.device_id.as_str().to_owned(),
+                        o.job.device_id.as_str().to_owned(),
                     )
                 })
                 .collect();
@@ -1684,7 +1687,7 @@ async fn gather<T>(
 
 /// A job that ran, on its way to be recorded.
 struct Ran {
-    job: Box<Job>,
+    job: crate::store::Recorded,
     done: Done,
     at: Ts,
     guard: DeviceGuard,

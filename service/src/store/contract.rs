@@ -1582,7 +1582,7 @@ pub async fn work_claimed_ahead_starts_when_due_if_still_owed(f: &Fixture) {
     };
     f.store
         .record(&mut [super::Outcome {
-            job,
+            job: job.into(),
             finish: Finish::Applied {
                 raw: "ok".into(),
                 verified: true,
@@ -2155,7 +2155,7 @@ pub async fn outcomes_recorded_together_are_each_written_alone(f: &Fixture) {
     let d2 = std::sync::Arc::new(d2);
     let mut outcomes = vec![
         super::Outcome {
-            job: job(pushed[0].id),
+            job: job(pushed[0].id).into(),
             finish: Finish::Applied {
                 raw: "raw-1".into(),
                 verified: true,
@@ -2165,7 +2165,7 @@ pub async fn outcomes_recorded_together_are_each_written_alone(f: &Fixture) {
             observed: None,
         },
         super::Outcome {
-            job: job(pushed[1].id),
+            job: job(pushed[1].id).into(),
             finish: Finish::Retry {
                 due: T0.plus_nanos(H + 60 * Ts::SECOND),
                 message: "later".into(),
@@ -2176,7 +2176,7 @@ pub async fn outcomes_recorded_together_are_each_written_alone(f: &Fixture) {
             observed: Some((d2, seen(20.0, at))),
         },
         super::Outcome {
-            job: job(pushed[2].id),
+            job: job(pushed[2].id).into(),
             finish: Finish::Failed {
                 code: "OEM_REJECTED".into(),
                 message: "no".into(),
@@ -2188,7 +2188,7 @@ pub async fn outcomes_recorded_together_are_each_written_alone(f: &Fixture) {
             observed: Some((std::sync::Arc::new(d3), seen(30.0, at))),
         },
         super::Outcome {
-            job: job(theirs.id),
+            job: job(theirs.id).into(),
             finish: Finish::Applied {
                 raw: "raw-theirs".into(),
                 verified: false,
@@ -2232,7 +2232,7 @@ pub async fn outcomes_recorded_together_are_each_written_alone(f: &Fixture) {
     assert_eq!(again.len(), 1);
     f.store
         .record(&mut [super::Outcome {
-            job: again[0].clone(),
+            job: (&again[0]).into(),
             finish: Finish::Retry {
                 due: T0.plus_nanos(H + 180 * Ts::SECOND),
                 message: "again".into(),
@@ -2314,7 +2314,7 @@ pub async fn outcomes_recorded_together_are_each_written_alone(f: &Fixture) {
         .expect("its revert");
     f.store
         .record(&mut [super::Outcome {
-            job: revert,
+            job: revert.into(),
             finish: Finish::Reverted {
                 raw: "raw-undo".into(),
                 verified: true,
@@ -2372,7 +2372,7 @@ pub async fn outcomes_recorded_together_are_each_written_alone(f: &Fixture) {
     let mut outcomes: Vec<super::Outcome> = jobs
         .into_iter()
         .map(|job| super::Outcome {
-            job,
+            job: job.into(),
             finish: Finish::Applied {
                 raw: "ok".into(),
                 verified: true,

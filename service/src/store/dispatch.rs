@@ -26,7 +26,7 @@ use super::{
     rows,
 };
 use crate::domain::{
-    Action, ActionState, Device, DeviceId, Error, Observed, TenantId, Ts, Work, lifecycle,
+    Action, ActionId, ActionState, Device, DeviceId, Error, Observed, TenantId, Ts, Work, lifecycle,
 };
 
 pub use crate::domain::lifecycle::Finish;
@@ -84,11 +84,50 @@ pub struct Started {
     pub memos: HashMap<(String, String), Vec<switchyard_drivers::Applied>>,
 }
 
+/// What recording a job's outcome needs of the job: the row it settles
+/// is read afresh, so the action as claimed is not kept. A storm's
+/// outcomes wait to be recorded by the tens of thousands; each lets go
+/// of its job (the whole action) once the driver has answered.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    /// The action's tenant.
+    pub tenant: TenantId,
+    /// The action.
+    pub action_id: ActionId,
+    /// Its device.
+    pub device_id: DeviceId,
+    /// The claim the job was taken under ([`Job::claim`]).
+    pub claim: std::sync::Arc<str>,
+    /// What was owed.
+    pub work: Work,
+    /// Failed tries before this one.
+    pub attempts: i64,
+}
+
+impl From<&Job> for Recorded {
+    fn from(job: &Job) -> Self {
+        Self {
+            tenant: job.tenant.clone(),
+            action_id: job.action.id,
+            device_id: job.action.device_id.clone(),
+            claim: job.claim.clone(),
+            work: job.work,
+            attempts: job.attempts,
+        }
+    }
+}
+
+impl From<Job> for Recorded {
+    fn from(job: Job) -> Self {
+        Self::from(&job)
+    }
+}
+
 /// What came of one job, to record.
 #[derive(Clone, Debug)]
 pub struct Outcome {
-    /// The job.
-    pub job: Job,
+    /// The job, as recording needs it.
+    pub job: Recorded,
     /// Its result.
     pub finish: Finish,
     /// When the driver answered: the time of the transition.
@@ -436,7 +475,7 @@ impl Store {
         let mut outcomes: Vec<Outcome> = results
             .into_iter()
             .map(|(job, finish)| Outcome {
-                job,
+                job: job.into(),
                 finish,
                 at,
                 observed: None,
@@ -462,8 +501,8 @@ impl Store {
             let key = |o: &Outcome| {
                 (
                     o.job.tenant.as_str().to_owned(),
-                    o.job.action.device_id.as_str().to_owned(),
-                    o.job.action.id,
+                    o.job.device_id.as_str().to_owned(),
+                    o.job.action_id,
                 )
             };
             key(a).cmp(&key(b))
@@ -497,7 +536,7 @@ impl Store {
                     return Err(e);
                 }
                 Err(e) => {
-                    tracing::warn!(action_id = %o.job.action.id, error = %e, "dispatch outcome not recorded");
+                    tracing::warn!(action_id = %o.job.action_id, error = %e, "dispatch outcome not recorded");
                     one.rollback().await.map_err(db_err)?;
                 }
             }
@@ -513,10 +552,7 @@ async fn record_in<C: ConnectionTrait>(tx: &C, chunk: &[Outcome]) -> Result<(), 
     let mut audits = Vec::new();
     for group in chunk.chunk_by(|a, b| a.job.tenant == b.job.tenant) {
         let tenant = &group[0].job.tenant;
-        let mut devices: Vec<&str> = group
-            .iter()
-            .map(|o| o.job.action.device_id.as_str())
-            .collect();
+        let mut devices: Vec<&str> = group.iter().map(|o| o.job.device_id.as_str()).collect();
         devices.dedup();
         // The devices' rows, then the actions': the order every writer
         // of a device takes them in.
@@ -531,7 +567,7 @@ async fn record_in<C: ConnectionTrait>(tx: &C, chunk: &[Outcome]) -> Result<(), 
             .all(tx)
             .await
             .map_err(db_err)?;
-        let ids: Vec<String> = group.iter().map(|o| o.job.action.id.to_string()).collect();
+        let ids: Vec<String> = group.iter().map(|o| o.job.action_id.to_string()).collect();
         let rows: HashMap<String, action::Model> = rows::all(
             tx,
             rows::actions_of(tenant)
@@ -548,12 +584,12 @@ async fn record_in<C: ConnectionTrait>(tx: &C, chunk: &[Outcome]) -> Result<(), 
         let mut seen: HashMap<&str, (&Device, &Observed)> = HashMap::new();
         for o in group {
             let job = &o.job;
-            let Some(row) = rows.get(&job.action.id.to_string()) else {
-                tracing::warn!(action_id = %job.action.id, "dispatch outcome not recorded: the action vanished while dispatched");
+            let Some(row) = rows.get(&job.action_id.to_string()) else {
+                tracing::warn!(action_id = %job.action_id, "dispatch outcome not recorded: the action vanished while dispatched");
                 continue;
             };
             if row.lease_owner.as_deref() != Some(&*job.claim) {
-                tracing::warn!(action_id = %job.action.id, "dispatch outcome not recorded: the claim lapsed and was taken again");
+                tracing::warn!(action_id = %job.action_id, "dispatch outcome not recorded: the claim lapsed and was taken again");
                 continue;
             }
             let (s, transition) = settle_row(job, row, o.finish.clone(), o.at)?;
@@ -753,7 +789,7 @@ struct Settled {
 /// What `result` makes of the action in `row` (locked, and held under
 /// `job`'s claim) at `now`; the transition to audit, if the state changed.
 fn settle_row(
-    job: &Job,
+    job: &Recorded,
     row: &action::Model,
     result: Finish,
     now: Ts,
