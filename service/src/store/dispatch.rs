@@ -92,9 +92,9 @@ pub struct Started {
 pub struct Recorded {
     /// The action's tenant.
     pub tenant: TenantId,
-    /// The action.
+    /// The action's id.
     pub action_id: ActionId,
-    /// Its device.
+    /// Its device's id.
     pub device_id: DeviceId,
     /// The claim the job was taken under ([`Job::claim`]).
     pub claim: std::sync::Arc<str>,
@@ -118,8 +118,24 @@ impl From<&Job> for Recorded {
 }
 
 impl From<Job> for Recorded {
+    /// Moves what is kept out of the job; the rest is freed.
     fn from(job: Job) -> Self {
-        Self::from(&job)
+        let Job {
+            tenant,
+            action,
+            work,
+            attempts,
+            claim,
+            ..
+        } = job;
+        Self {
+            tenant,
+            action_id: action.id,
+            device_id: action.device_id,
+            claim,
+            work,
+            attempts,
+        }
     }
 }
 
@@ -1132,5 +1148,54 @@ impl Store {
     ) -> Result<Option<Device>, Error> {
         self.bounded(async { rows::fetch_device(&self.read, tenant, id, false).await })
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Command, Params};
+
+    /// What a record needs of a job is the job's own, field by field,
+    /// whether the job is borrowed or given up.
+    #[test]
+    fn a_recorded_job_keeps_its_own_fields() {
+        let job = Job {
+            tenant: TenantId::from_stored("t1".into()),
+            action: Action {
+                id: ActionId::from_u128(7),
+                device_id: DeviceId::parse("dev-2").unwrap(),
+                channel: "mode".into(),
+                command: Command::Charge,
+                params: Params::default(),
+                start: Ts(0),
+                end: None,
+                immediate: false,
+                state: ActionState::Active,
+                replaced_by: None,
+                queued_after: vec![],
+                error_code: None,
+                error_message: None,
+                oem_response: None,
+                verified: false,
+                revision: 3,
+                created: Ts(0),
+                updated: Ts(0),
+            },
+            work: Work::Revert,
+            attempts: 4,
+            clear_native: false,
+            claim: "claim-9".into(),
+            fence: 11,
+            due: Ts(5),
+        };
+        for r in [Recorded::from(&job), Recorded::from(job.clone())] {
+            assert_eq!(r.tenant.as_str(), "t1");
+            assert_eq!(r.action_id, ActionId::from_u128(7));
+            assert_eq!(r.device_id.as_str(), "dev-2");
+            assert_eq!(&*r.claim, "claim-9");
+            assert_eq!(r.work, Work::Revert);
+            assert_eq!(r.attempts, 4);
+        }
     }
 }
