@@ -722,11 +722,18 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn fencing_is_per_action_and_an_unfenced_call_is_stale_once_a_token_was_seen() {
+    /// A simulated device of `family` that answers at once, and its
+    /// factory (which shows what the device remembers).
+    fn instant(family: Family) -> (SimulatedFactory, Arc<dyn Driver>) {
         let s = BTreeMap::from([("latency_ms".to_owned(), "0".to_owned())]);
         let f = SimulatedFactory::default();
-        let d = f.build(&spec(Family::Battery, &s)).unwrap();
+        let d = f.build(&spec(family, &s)).unwrap();
+        (f, d)
+    }
+
+    #[tokio::test]
+    async fn fencing_is_per_action_and_an_unfenced_call_is_stale_once_a_token_was_seen() {
+        let (f, d) = instant(Family::Battery);
         let mut a = apply_request("a1", Command::Charge, Some(1000.0));
         // Remembering an apply does not fence the action.
         d.apply(&a).await.unwrap();
@@ -765,9 +772,7 @@ mod tests {
     /// last or between).
     #[tokio::test]
     async fn actions_met_out_of_order_are_each_remembered() {
-        let s = BTreeMap::from([("latency_ms".to_owned(), "0".to_owned())]);
-        let f = SimulatedFactory::default();
-        let d = f.build(&spec(Family::Battery, &s)).unwrap();
+        let (f, d) = instant(Family::Battery);
         for (id, times) in [("m", 1), ("c", 2), ("x", 3), ("a", 4), ("e", 5)] {
             for _ in 0..times {
                 d.apply(&apply_request(id, Command::Charge, Some(1000.0)))
@@ -802,9 +807,7 @@ mod tests {
     /// A device that met one action keeps room for that one only.
     #[tokio::test]
     async fn a_device_that_met_one_action_keeps_room_for_one() {
-        let s = BTreeMap::from([("latency_ms".to_owned(), "0".to_owned())]);
-        let f = SimulatedFactory::default();
-        let d = f.build(&spec(Family::Battery, &s)).unwrap();
+        let (f, d) = instant(Family::Battery);
         let mut a = apply_request("a", Command::Charge, Some(1000.0));
         a.fence = 3;
         d.apply(&a).await.unwrap();
@@ -815,9 +818,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_ev_power_limit_and_the_mode_are_applied_and_reverted_on_their_own() {
-        let s = BTreeMap::from([("latency_ms".to_owned(), "0".to_owned())]);
-        let f = SimulatedFactory::default();
-        let d = f.build(&spec(Family::EvCharger, &s)).unwrap();
+        let (f, d) = instant(Family::EvCharger);
         let charge = apply_request("a1", Command::Charge, Some(7000.0));
         let limit = apply_request("a2", Command::EvPowerLimit, Some(3600.0));
         d.apply(&charge).await.unwrap();

@@ -159,6 +159,34 @@ impl Action {
     }
 }
 
+#[cfg(test)]
+impl Action {
+    /// A charge on device `d` (id 1, revision 3, starting at 0) in
+    /// `state`, ending at `end`: for tests to start from.
+    pub(crate) fn for_tests(state: ActionState, end: Option<Ts>) -> Self {
+        Self {
+            id: ActionId::from_u128(1),
+            device_id: DeviceId::parse("d").unwrap(),
+            channel: "mode".into(),
+            command: Command::Charge,
+            params: Params::default(),
+            start: Ts(0),
+            end,
+            immediate: false,
+            state,
+            replaced_by: None,
+            queued_after: vec![],
+            error_code: None,
+            error_message: None,
+            oem_response: None,
+            verified: false,
+            revision: 3,
+            created: Ts(0),
+            updated: Ts(0),
+        }
+    }
+}
+
 /// A transition to record in the audit trail.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Transition {

@@ -360,29 +360,10 @@ pub fn settle(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{Command, DeviceId, Params};
+    use crate::domain::DeviceId;
 
     fn action(state: ActionState, end: Option<Ts>) -> Action {
-        Action {
-            id: ActionId::from_u128(1),
-            device_id: DeviceId::parse("d").unwrap(),
-            channel: "mode".into(),
-            command: Command::Charge,
-            params: Params::default(),
-            start: Ts(0),
-            end,
-            immediate: false,
-            state,
-            replaced_by: None,
-            queued_after: vec![],
-            error_code: None,
-            error_message: None,
-            oem_response: None,
-            verified: false,
-            revision: 3,
-            created: Ts(0),
-            updated: Ts(0),
-        }
+        Action::for_tests(state, end)
     }
 
     const NOW: Ts = Ts(50);

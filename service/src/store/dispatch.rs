@@ -1154,7 +1154,6 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{Command, Params};
 
     /// What a record needs of a job is the job's own, field by field,
     /// whether the job is borrowed or given up.
@@ -1165,22 +1164,7 @@ mod tests {
             action: Action {
                 id: ActionId::from_u128(7),
                 device_id: DeviceId::parse("dev-2").unwrap(),
-                channel: "mode".into(),
-                command: Command::Charge,
-                params: Params::default(),
-                start: Ts(0),
-                end: None,
-                immediate: false,
-                state: ActionState::Active,
-                replaced_by: None,
-                queued_after: vec![],
-                error_code: None,
-                error_message: None,
-                oem_response: None,
-                verified: false,
-                revision: 3,
-                created: Ts(0),
-                updated: Ts(0),
+                ..Action::for_tests(ActionState::Active, None)
             },
             work: Work::Revert,
             attempts: 4,
