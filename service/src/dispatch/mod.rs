@@ -39,7 +39,7 @@ use switchyard_drivers::{
 use tokio::sync::Notify;
 
 use crate::{
-    domain::{Action, Clock, Device, Error, Observed, TenantId, Ts, Work, codes},
+    domain::{Clock, Device, Error, Observed, TenantId, Ts, Work, codes},
     store::{Finish, Job, Store},
 };
 
@@ -123,7 +123,7 @@ pub struct Dispatcher {
 }
 
 fn apply_request(
-    a: &Action,
+    a: &crate::store::Planned,
     clear_native: bool,
     live: Vec<Applied>,
     memo: Option<String>,
@@ -202,8 +202,10 @@ enum Observe {
     /// driver built for the read: an outcome waiting to be recorded holds
     /// no driver (a storm's outcomes wait by the thousand).
     Read(TenantId, Arc<Device>),
-    /// Already known (read back by the driver, or from its error).
-    Known(Arc<Device>, Observed),
+    /// Already known (read back by the driver, or from its error), with
+    /// the configuration it was seen under: the device itself is let go
+    /// when its job ends.
+    Known(crate::store::Configured, Observed),
 }
 
 /// Most native rows kept of one observation (the largest OEM scheduler
@@ -814,7 +816,7 @@ impl Dispatcher {
         } = out;
         let memo = bounded_memo(memo, &job.action.id);
         let observe = match state {
-            Some(s) => Observe::Known(device.clone(), observed(s, self.clock.now())),
+            Some(s) => Observe::Known(device.as_ref().into(), observed(s, self.clock.now())),
             None => Observe::Read(job.tenant.clone(), device.clone()),
         };
         let finish = match work {
@@ -1020,7 +1022,7 @@ impl Dispatcher {
                         // Later pushes are refused up front until it is cleared.
                         // Bounded like every observation.
                         Observe::Known(
-                            device.clone(),
+                            device.as_ref().into(),
                             observed(
                                 DeviceState {
                                     native_scheduler: Some((true, e.rows.clone())),

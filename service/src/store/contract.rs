@@ -134,8 +134,12 @@ async fn push(
 }
 
 async fn get(f: &Fixture, id: &str, a: &Action) -> Action {
+    get_id(f, id, &a.id).await
+}
+
+async fn get_id(f: &Fixture, id: &str, a: &ActionId) -> Action {
     f.store
-        .get_action(&tenant(), &device_id(id), &a.id)
+        .get_action(&tenant(), &device_id(id), a)
         .await
         .expect("get_action")
 }
@@ -695,7 +699,10 @@ pub async fn due_work_is_claimed_once_per_lease(f: &Fixture) {
     let jobs = claim(f).await;
     assert_eq!(jobs.len(), 1);
     assert_eq!(jobs[0].work, Work::Apply);
-    assert_eq!(jobs[0].action.state, ActionState::Acknowledged);
+    assert_eq!(
+        get_id(f, "d1", &jobs[0].action.id).await.state,
+        ActionState::Acknowledged
+    );
     assert!(claim(f).await.is_empty(), "claimed");
     f.clock.set(T0.plus_nanos(H + 121 * Ts::SECOND));
     assert_eq!(claim(f).await.len(), 1, "the lease ran out");
@@ -966,7 +973,10 @@ pub async fn retries_count_and_postponements_do_not(f: &Fixture) {
     let job = claim(f).await.remove(0);
     assert_eq!(job.attempts, 1);
     assert_eq!(
-        job.action.error_message.as_deref(),
+        get_id(f, "d1", &job.action.id)
+            .await
+            .error_message
+            .as_deref(),
         Some("retrying: outage")
     );
     let later = T0.plus_nanos(H + 2 * Ts::SECOND);
@@ -1589,7 +1599,7 @@ pub async fn work_claimed_ahead_starts_when_due_if_still_owed(f: &Fixture) {
                 memo: None,
             },
             at: answered,
-            observed: Some((std::sync::Arc::new(d1), seen)),
+            observed: Some(((&d1).into(), seen)),
         }])
         .await
         .expect("record");
@@ -1650,7 +1660,10 @@ pub async fn a_device_change_takes_back_work_claimed_ahead(f: &Fixture) {
         .await
         .expect("claim_ahead");
     assert_eq!(again.jobs.len(), 1);
-    assert_eq!(again.jobs[0].action.state, ActionState::Acknowledged);
+    assert_eq!(
+        get_id(f, "d1", &again.jobs[0].action.id).await.state,
+        ActionState::Acknowledged
+    );
     let d = again
         .devices
         .get(&(tenant().as_str().to_owned(), "d1".to_owned()))
@@ -2152,7 +2165,6 @@ pub async fn outcomes_recorded_together_are_each_written_alone(f: &Fixture) {
         )
         .await
         .unwrap();
-    let d2 = std::sync::Arc::new(d2);
     let mut outcomes = vec![
         super::Outcome {
             job: job(pushed[0].id).into(),
@@ -2173,7 +2185,7 @@ pub async fn outcomes_recorded_together_are_each_written_alone(f: &Fixture) {
                 memo: None,
             },
             at,
-            observed: Some((d2, seen(20.0, at))),
+            observed: Some(((&d2).into(), seen(20.0, at))),
         },
         super::Outcome {
             job: job(pushed[2].id).into(),
@@ -2185,7 +2197,7 @@ pub async fn outcomes_recorded_together_are_each_written_alone(f: &Fixture) {
                 memo: None,
             },
             at,
-            observed: Some((std::sync::Arc::new(d3), seen(30.0, at))),
+            observed: Some(((&d3).into(), seen(30.0, at))),
         },
         super::Outcome {
             job: job(theirs.id).into(),
@@ -2195,7 +2207,7 @@ pub async fn outcomes_recorded_together_are_each_written_alone(f: &Fixture) {
                 memo: None,
             },
             at,
-            observed: Some((std::sync::Arc::new(theirs_device), seen(40.0, at))),
+            observed: Some(((&theirs_device).into(), seen(40.0, at))),
         },
     ];
     f.store.record(&mut outcomes).await.expect("record");

@@ -26,7 +26,8 @@ use super::{
     rows,
 };
 use crate::domain::{
-    Action, ActionId, ActionState, Device, DeviceId, Error, Observed, TenantId, Ts, Work, lifecycle,
+    Action, ActionId, ActionState, Command, Device, DeviceId, Error, Observed, Params, TenantId,
+    Ts, Work, lifecycle,
 };
 
 pub use crate::domain::lifecycle::Finish;
@@ -43,8 +44,8 @@ fn owed() -> Expr {
 pub struct Job {
     /// The action's tenant.
     pub tenant: TenantId,
-    /// The action as claimed.
-    pub action: Action,
+    /// What the job holds of its action: what the driver is asked to do.
+    pub action: Planned,
     /// What is owed.
     pub work: Work,
     /// Failed tries so far.
@@ -59,6 +60,40 @@ pub struct Job {
     pub fence: u64,
     /// When the work falls due.
     pub due: Ts,
+}
+
+/// What a claimed job holds of its action: what its driver is asked to
+/// put in force, and when. The rest of the action (its state, its trail,
+/// its errors) is on record and read by whatever needs it: a burst holds
+/// 100,000 claimed jobs at once, and each whole action was about 200
+/// bytes more, with a string of its own (docs/performance.md).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Planned {
+    /// The action's id.
+    pub id: ActionId,
+    /// Its device.
+    pub device_id: DeviceId,
+    /// What to put in force.
+    pub command: Command,
+    /// With what.
+    pub params: Params,
+    /// From when.
+    pub start: Ts,
+    /// Until when; `None` = open-ended.
+    pub end: Option<Ts>,
+}
+
+impl From<&Action> for Planned {
+    fn from(a: &Action) -> Self {
+        Self {
+            id: a.id,
+            device_id: a.device_id.clone(),
+            command: a.command,
+            params: a.params,
+            start: a.start,
+            end: a.end,
+        }
+    }
 }
 
 /// Work claimed by [`Store::claim_ahead`].
@@ -148,9 +183,35 @@ pub struct Outcome {
     pub finish: Finish,
     /// When the driver answered: the time of the transition.
     pub at: Ts,
-    /// The device's state seen with it (as configured when the job was
-    /// claimed), recorded in the same transaction.
-    pub observed: Option<(std::sync::Arc<Device>, Observed)>,
+    /// The device's state seen with it, and the configuration it was
+    /// seen under (the device as claimed), recorded in the same
+    /// transaction.
+    pub observed: Option<(Configured, Observed)>,
+}
+
+/// What recording an observation checks of the device it was made on:
+/// that it is still configured as it was then (its revision and
+/// incarnation, see [`Store::observe`]). An outcome waiting to be
+/// recorded keeps this, not the whole device: a burst's outcomes wait by
+/// the thousand, and their devices are let go as their jobs end.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Configured {
+    /// The device's id.
+    pub id: DeviceId,
+    /// Its revision when observed.
+    pub revision: i64,
+    /// Its incarnation when observed.
+    pub incarnation: String,
+}
+
+impl From<&Device> for Configured {
+    fn from(d: &Device) -> Self {
+        Self {
+            id: d.id.clone(),
+            revision: d.revision,
+            incarnation: d.incarnation.clone(),
+        }
+    }
 }
 
 /// Most outcomes recorded in one transaction.
@@ -213,7 +274,7 @@ impl Store {
         let job = |m: action::Model| -> Result<Job, Error> {
             Ok(Job {
                 tenant: TenantId::from_stored(m.tenant_id.clone()),
-                action: rows::action_from_model(&m)?,
+                action: rows::planned_from_model(&m)?,
                 work: work_of(&m.work).ok_or_else(|| Error::Internal("claimed no work".into()))?,
                 attempts: m.attempts,
                 clear_native: m.clear_native,
@@ -597,7 +658,7 @@ async fn record_in<C: ConnectionTrait>(tx: &C, chunk: &[Outcome]) -> Result<(), 
         .collect();
         let mut settled = Vec::with_capacity(group.len());
         // The latest state seen of each device.
-        let mut seen: HashMap<&str, (&Device, &Observed)> = HashMap::new();
+        let mut seen: HashMap<&str, (&Configured, &Observed)> = HashMap::new();
         for o in group {
             let job = &o.job;
             let Some(row) = rows.get(&job.action_id.to_string()) else {
@@ -930,7 +991,7 @@ async fn write_settled<C: ConnectionTrait>(
 async fn write_observed<C: ConnectionTrait>(
     tx: &C,
     tenant: &TenantId,
-    seen: &[(&Device, &Observed)],
+    seen: &[(&Configured, &Observed)],
 ) -> Result<u64, Error> {
     use sea_orm::{Statement, Value};
     if seen.is_empty() {
@@ -1098,8 +1159,12 @@ impl Store {
             let tx = self.begin().await?;
             let mut recorded = 0;
             for group in seen.chunk_by(|a, b| a.0 == b.0) {
-                let rows: Vec<(&Device, &Observed)> =
-                    group.iter().map(|(_, d, o)| (d, o)).collect();
+                let configured: Vec<Configured> =
+                    group.iter().map(|(_, d, _)| Configured::from(d)).collect();
+                let rows: Vec<(&Configured, &Observed)> = configured
+                    .iter()
+                    .zip(group.iter().map(|(_, _, o)| o))
+                    .collect();
                 for part in rows.chunks(RECORD_CHUNK) {
                     recorded += write_observed(&tx, &group[0].0, part).await?;
                 }
@@ -1161,11 +1226,11 @@ mod tests {
     fn a_recorded_job_keeps_its_own_fields() {
         let job = Job {
             tenant: TenantId::from_stored("t1".into()),
-            action: Action {
+            action: Planned::from(&Action {
                 id: ActionId::from_u128(7),
                 device_id: DeviceId::parse("dev-2").unwrap(),
                 ..Action::for_tests(ActionState::Active, None)
-            },
+            }),
             work: Work::Revert,
             attempts: 4,
             clear_native: false,

@@ -380,11 +380,7 @@ pub(super) fn action_from_model(m: &action::Model) -> Result<Action, Error> {
         device_id: DeviceId::parse(&m.device_id).map_err(|_| corrupt("device_id"))?,
         channel: m.channel.clone(),
         command: Command::parse(&m.command).ok_or_else(|| corrupt("command"))?,
-        params: Params {
-            power: quantity(m.power_value, m.power_unit.as_deref(), "power_unit")?,
-            target_soc: quantity(m.target_value, m.target_unit.as_deref(), "target_unit")?,
-            reserve_soc: quantity(m.reserve_value, m.reserve_unit.as_deref(), "reserve_unit")?,
-        },
+        params: params_of(m)?,
         start: Ts(m.start_ns),
         end: m.end_ns.map(Ts),
         immediate: m.immediate,
@@ -407,6 +403,28 @@ pub(super) fn action_from_model(m: &action::Model) -> Result<Action, Error> {
         revision: m.revision,
         created: Ts(m.create_ns),
         updated: Ts(m.update_ns),
+    })
+}
+
+/// What a claimed job holds of its action's row
+/// ([`super::dispatch::Planned`]), checked as [`action_from_model`] checks
+/// those columns.
+pub(super) fn planned_from_model(m: &action::Model) -> Result<super::Planned, Error> {
+    Ok(super::Planned {
+        id: ActionId::parse(&m.action_id).map_err(|_| corrupt("action_id"))?,
+        device_id: DeviceId::parse(&m.device_id).map_err(|_| corrupt("device_id"))?,
+        command: Command::parse(&m.command).ok_or_else(|| corrupt("command"))?,
+        params: params_of(m)?,
+        start: Ts(m.start_ns),
+        end: m.end_ns.map(Ts),
+    })
+}
+
+fn params_of(m: &action::Model) -> Result<Params, Error> {
+    Ok(Params {
+        power: quantity(m.power_value, m.power_unit.as_deref(), "power_unit")?,
+        target_soc: quantity(m.target_value, m.target_unit.as_deref(), "target_unit")?,
+        reserve_soc: quantity(m.reserve_value, m.reserve_unit.as_deref(), "reserve_unit")?,
     })
 }
 
