@@ -228,6 +228,18 @@ fn postgres_class(sqlstate: &str) -> Class {
 }
 
 /// Which database a URL names.
+/// SQLite readers: one per core, two at least and eight at most. More
+/// reader threads than cores read no faster; they take the cores from the
+/// writer and the dispatcher (whose read-back of every start goes through
+/// this pool too). On two cores, a 100,000 storm read through by 32
+/// polling clients was 1.12-1.35 s late at p99 with eight readers, and
+/// 0.85-1.06 s with two (docs/performance.md).
+fn sqlite_readers() -> u32 {
+    std::thread::available_parallelism()
+        .map_or(2, |n| u32::try_from(n.get()).unwrap_or(8))
+        .clamp(2, 8)
+}
+
 fn is_postgres(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
@@ -370,7 +382,7 @@ impl Store {
             write.clone()
         } else {
             SqlitePoolOptions::new()
-                .max_connections(8)
+                .max_connections(sqlite_readers())
                 .acquire_timeout(Duration::from_secs(30))
                 // Each reader's page cache: 2 MiB, about SQLite's default.
                 // Pages a reader misses come from the operating system's

@@ -286,6 +286,23 @@ async fn the_writer_and_readers_keep_their_page_caches() {
     assert_eq!(reader, -2048);
 }
 
+/// SQLite's readers are one per core, within 2..=8: on this machine's
+/// cores, not a fixed eight that take the cores from the writer and the
+/// dispatcher (`sqlite_readers`).
+#[tokio::test]
+async fn the_readers_are_one_per_core() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("db.sqlite"), Duration::from_secs(1)).await;
+    let cores = std::thread::available_parallelism().unwrap().get() as u32;
+    let readers = store
+        .read
+        .get_sqlite_connection_pool()
+        .options()
+        .get_max_connections();
+    assert_eq!(readers, cores.clamp(2, 8));
+    assert_eq!(super::sqlite_readers(), readers);
+}
+
 /// The first column of the first row of `sql`.
 async fn scalar<T: sea_orm::TryGetable>(conn: &sea_orm::DatabaseConnection, sql: &str) -> T {
     use sea_orm::ConnectionTrait;
