@@ -5,7 +5,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     let _ = no_transparent_huge_pages();
-    let _ = sqlite_allocates_with_mimalloc();
+    if !sqlite_allocates_with_mimalloc() {
+        // Before logging is set up: said once, on standard error.
+        eprintln!("warning: SQLite keeps glibc's allocator (it was initialised before main)");
+    }
     switchyard::cli::main()
 }
 
@@ -13,55 +16,20 @@ fn main() -> std::process::ExitCode {
 /// caches and statements are allocated and freed on the writer's thread
 /// and on each reader's, and glibc keeps an arena per thread whose freed
 /// memory stays resident. A 100,000-action dispatch burst peaked at
-/// 302-312 MiB with glibc's arenas, 253-269 MiB with one arena
-/// (docs/performance.md). Set before any connection is opened (SQLite
-/// takes its allocator when it first initializes); whether it took is
-/// returned.
+/// 264-268 MiB this way, against 313-314 MiB with SQLite on glibc, in
+/// alternating runs (docs/performance.md). Set before any connection is
+/// opened (SQLite takes its allocator when it first initializes); whether
+/// it took is returned.
 fn sqlite_allocates_with_mimalloc() -> bool {
-    use libmimalloc_sys::{mi_free, mi_malloc, mi_realloc};
     use rusqlite::ffi;
-    use std::ffi::{c_int, c_void};
-
-    #[allow(unsafe_code)]
-    unsafe extern "C" {
-        // mimalloc's own function (in the library `mimalloc` links),
-        // declared here rather than through libmimalloc-sys's optional
-        // `extended` bindings.
-        fn mi_usable_size(p: *const c_void) -> usize;
-    }
-    // SAFETY (all five): SQLite passes sizes it has checked (positive,
-    // below its limit) and pointers it got from these same functions.
-    #[allow(unsafe_code)]
-    unsafe extern "C" fn malloc(n: c_int) -> *mut c_void {
-        unsafe { mi_malloc(usize::try_from(n).unwrap_or(0)) }
-    }
-    #[allow(unsafe_code)]
-    unsafe extern "C" fn free(p: *mut c_void) {
-        unsafe { mi_free(p) }
-    }
-    #[allow(unsafe_code)]
-    unsafe extern "C" fn realloc(p: *mut c_void, n: c_int) -> *mut c_void {
-        unsafe { mi_realloc(p, usize::try_from(n).unwrap_or(0)) }
-    }
-    #[allow(unsafe_code)]
-    unsafe extern "C" fn size(p: *mut c_void) -> c_int {
-        c_int::try_from(unsafe { mi_usable_size(p) }).unwrap_or(c_int::MAX)
-    }
-    extern "C" fn roundup(n: c_int) -> c_int {
-        n.saturating_add(7) & !7
-    }
-    extern "C" fn init(_: *mut c_void) -> c_int {
-        ffi::SQLITE_OK
-    }
-    extern "C" fn shutdown(_: *mut c_void) {}
     let methods = ffi::sqlite3_mem_methods {
-        xMalloc: Some(malloc),
-        xFree: Some(free),
-        xRealloc: Some(realloc),
-        xSize: Some(size),
-        xRoundup: Some(roundup),
-        xInit: Some(init),
-        xShutdown: Some(shutdown),
+        xMalloc: Some(sqlite_mem::malloc),
+        xFree: Some(sqlite_mem::free),
+        xRealloc: Some(sqlite_mem::realloc),
+        xSize: Some(sqlite_mem::size),
+        xRoundup: Some(sqlite_mem::roundup),
+        xInit: Some(sqlite_mem::init),
+        xShutdown: Some(sqlite_mem::shutdown),
         pAppData: std::ptr::null_mut(),
     };
     // SAFETY: SQLITE_CONFIG_MALLOC takes a pointer to the methods, which
@@ -75,6 +43,48 @@ fn sqlite_allocates_with_mimalloc() -> bool {
         )
     };
     done == ffi::SQLITE_OK
+}
+
+/// SQLite's memory methods on mimalloc.
+mod sqlite_mem {
+    use libmimalloc_sys::{mi_free, mi_malloc, mi_realloc};
+    use std::ffi::{c_int, c_void};
+
+    #[allow(unsafe_code)]
+    unsafe extern "C" {
+        // mimalloc's own function (in the library `mimalloc` links),
+        // declared here rather than through libmimalloc-sys's optional
+        // `extended` bindings.
+        fn mi_usable_size(p: *const c_void) -> usize;
+    }
+
+    // SAFETY (the four below): SQLite passes sizes it has checked
+    // (positive, below its limit; a reallocation's from `roundup`) and
+    // pointers it got from these same functions.
+    #[allow(unsafe_code)]
+    pub(super) unsafe extern "C" fn malloc(n: c_int) -> *mut c_void {
+        unsafe { mi_malloc(usize::try_from(n).unwrap_or(0)) }
+    }
+    #[allow(unsafe_code)]
+    pub(super) unsafe extern "C" fn free(p: *mut c_void) {
+        unsafe { mi_free(p) }
+    }
+    #[allow(unsafe_code)]
+    pub(super) unsafe extern "C" fn realloc(p: *mut c_void, n: c_int) -> *mut c_void {
+        unsafe { mi_realloc(p, usize::try_from(n).unwrap_or(0)) }
+    }
+    #[allow(unsafe_code)]
+    pub(super) unsafe extern "C" fn size(p: *mut c_void) -> c_int {
+        c_int::try_from(unsafe { mi_usable_size(p) }).unwrap_or(c_int::MAX)
+    }
+    /// Sizes rounded up to 8 bytes, as SQLite's own allocator does.
+    pub(super) extern "C" fn roundup(n: c_int) -> c_int {
+        n.saturating_add(7) & !7
+    }
+    pub(super) extern "C" fn init(_: *mut c_void) -> c_int {
+        rusqlite::ffi::SQLITE_OK
+    }
+    pub(super) extern "C" fn shutdown(_: *mut c_void) {}
 }
 
 /// Keeps the allocator's memory in 4 KiB pages. mimalloc asks for
@@ -107,15 +117,21 @@ fn no_transparent_huge_pages() -> bool {
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     #[test]
+    fn sqlites_sizes_are_rounded_up_to_eight_bytes() {
+        let r = super::sqlite_mem::roundup;
+        assert_eq!([r(1), r(7), r(8), r(9), r(1001)], [8, 8, 8, 16, 1008]);
+    }
+
+    #[test]
     fn sqlite_takes_its_memory_from_mimalloc() {
         use std::ffi::c_void;
         #[allow(unsafe_code)]
         unsafe extern "C" {
             fn mi_is_in_heap_region(p: *const c_void) -> bool;
         }
-        // Before SQLite's first use in this process (each test runs in
-        // a process of its own under nextest; no other test here opens
-        // a database).
+        // Before SQLite's first use in this process (no other test of
+        // this binary uses SQLite, whether each test runs in a process of
+        // its own, as under nextest, or not).
         assert!(super::sqlite_allocates_with_mimalloc());
         // SAFETY: a plain allocation, checked, then freed by SQLite.
         #[allow(unsafe_code)]
@@ -124,7 +140,15 @@ mod tests {
             assert!(!p.is_null());
             assert!(mi_is_in_heap_region(p), "SQLite's memory is mimalloc's");
             assert!(rusqlite::ffi::sqlite3_msize(p) >= 1000);
-            rusqlite::ffi::sqlite3_free(p);
+            // Grown, it keeps its contents, still in mimalloc's heap.
+            std::ptr::write_bytes(p.cast::<u8>(), 0xa5, 1000);
+            let q = rusqlite::ffi::sqlite3_realloc(p, 100_000);
+            assert!(!q.is_null());
+            assert!(mi_is_in_heap_region(q));
+            assert!(rusqlite::ffi::sqlite3_msize(q) >= 100_000);
+            let kept = std::slice::from_raw_parts(q.cast::<u8>(), 1000);
+            assert!(kept.iter().all(|&b| b == 0xa5));
+            rusqlite::ffi::sqlite3_free(q);
         }
         // And a database works on it.
         let db = rusqlite::Connection::open_in_memory().expect("open");

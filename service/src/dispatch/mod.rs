@@ -204,7 +204,7 @@ enum Observe {
     Read(TenantId, Arc<Device>),
     /// Already known (read back by the driver, or from its error), with
     /// the configuration it was seen under: the device itself is let go
-    /// when its job ends.
+    /// when its job ends (a `Read` keeps it until the read).
     Known(crate::store::Configured, Observed),
 }
 
@@ -572,9 +572,9 @@ impl Dispatcher {
                     }
                     // Boxed: a job waiting its turn takes little memory.
                     if let Some((done, at)) = Box::pin(this.run_one(&job, ctx)).await {
-                        // The job (the whole action) is let go here: what
-                        // waits to be recorded keeps only what the record
-                        // needs.
+                        // The job (its planned action) is let go here:
+                        // what waits to be recorded keeps only what the
+                        // record needs.
                         let _ = done_tx.send(Ran {
                             job: crate::store::Recorded::from(*job),
                             done,

@@ -65,8 +65,8 @@ pub struct Job {
 /// What a claimed job holds of its action: what its driver is asked to
 /// put in force, and when. The rest of the action (its state, its trail,
 /// its errors) is on record and read by whatever needs it: a burst holds
-/// 100,000 claimed jobs at once, and each whole action was about 200
-/// bytes more, with a string of its own (docs/performance.md).
+/// 100,000 claimed jobs at once, and the whole action has a dozen more
+/// fields, some with strings of their own.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Planned {
     /// The action's id.
@@ -122,7 +122,7 @@ pub struct Started {
 /// What recording a job's outcome needs of the job: the row it settles
 /// is read afresh, so the action as claimed is not kept. A storm's
 /// outcomes wait to be recorded by the tens of thousands; each lets go
-/// of its job (the whole action) once the driver has answered.
+/// of its job (its planned action) once the driver has answered.
 #[derive(Clone, Debug)]
 pub struct Recorded {
     /// The action's tenant.
@@ -1219,6 +1219,34 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What recording an observation checks is the device's own: its id,
+    /// revision and incarnation.
+    #[test]
+    fn a_configuration_is_the_devices_own() {
+        let d = Device {
+            id: DeviceId::parse("dev-4").unwrap(),
+            display_name: "four".into(),
+            family: crate::domain::Family::Battery,
+            driver: "simulated".into(),
+            oem_device_id: "oem-4".into(),
+            timezone: "UTC".into(),
+            settings: Default::default(),
+            revision: 6,
+            created: Ts(1),
+            updated: Ts(2),
+            observed: None,
+            incarnation: "inc-8".into(),
+        };
+        assert_eq!(
+            Configured::from(&d),
+            Configured {
+                id: DeviceId::parse("dev-4").unwrap(),
+                revision: 6,
+                incarnation: "inc-8".into(),
+            }
+        );
+    }
 
     /// What a record needs of a job is the job's own, field by field,
     /// whether the job is borrowed or given up.

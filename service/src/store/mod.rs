@@ -227,19 +227,27 @@ fn postgres_class(sqlstate: &str) -> Class {
     }
 }
 
-/// Which database a URL names.
-/// SQLite readers: one per core, two at least and eight at most. More
-/// reader threads than cores read no faster; they take the cores from the
-/// writer and the dispatcher (whose read-back of every start goes through
-/// this pool too). On two cores, a 100,000 storm read through by 32
-/// polling clients was 1.12-1.35 s late at p99 with eight readers, and
-/// 0.85-1.06 s with two (docs/performance.md).
+/// SQLite readers: one per core, two at least and eight at most
+/// ([`readers_for`]).
 fn sqlite_readers() -> u32 {
-    std::thread::available_parallelism()
-        .map_or(2, |n| u32::try_from(n.get()).unwrap_or(8))
+    readers_for(std::thread::available_parallelism().ok())
+}
+
+/// SQLite readers for `cores`: one per core, two at least (two when
+/// unknown) and eight at most. Reader threads beyond the cores take them
+/// from the writer and the dispatcher (whose read-back of every start
+/// goes through this pool too): on two cores, a 100,000 storm read
+/// through by 32 polling clients was 1.16-1.45 s late at p99 with eight
+/// readers, 0.83-0.97 s with two; the clients' reads were answered more
+/// slowly in exchange (5,500-6,150 a second at p99 18-20 ms, against
+/// 6,950-8,300 at 13-15 ms; docs/performance.md).
+fn readers_for(cores: Option<std::num::NonZeroUsize>) -> u32 {
+    cores
+        .map_or(2, |n| u32::try_from(n.get()).unwrap_or(u32::MAX))
         .clamp(2, 8)
 }
 
+/// Which database a URL names.
 fn is_postgres(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
 }

@@ -814,3 +814,61 @@ pub(super) async fn audit_device<C: ConnectionTrait>(
         .map_err(db_err)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A claimed job's action is the row's own, field by field: each
+    /// quantity with its unit, the window's two ends, the command.
+    #[test]
+    fn a_planned_action_is_its_rows_own() {
+        let m = action::Model {
+            tenant_id: "t".into(),
+            action_id: ActionId::from_u128(9).to_string(),
+            device_id: "dev-3".into(),
+            channel: "battery".into(),
+            command: Command::Discharge.as_str().into(),
+            power_value: Some(2.5),
+            power_unit: Some("kW".into()),
+            target_value: Some(40.0),
+            target_unit: Some("%".into()),
+            reserve_value: Some(15.0),
+            reserve_unit: Some("%".into()),
+            start_ns: 1_000,
+            end_ns: Some(5_000),
+            immediate: false,
+            state: "ACKNOWLEDGED".into(),
+            replaced_by: None,
+            queued_after: String::new(),
+            error_code: None,
+            error_message: None,
+            revision: 2,
+            create_ns: 10,
+            update_ns: 20,
+            work: "APPLY".into(),
+            due_ns: Some(1_000),
+            lease_until_ns: Some(9_000),
+            lease_owner: Some("claim".into()),
+            attempts: 0,
+            clear_native: false,
+            oem_raw: None,
+            verified: false,
+            driver_memo: None,
+            fence: 1,
+        };
+        let planned = planned_from_model(&m).unwrap();
+        assert_eq!(
+            planned,
+            super::super::Planned::from(&action_from_model(&m).unwrap())
+        );
+        assert_eq!(planned.id, ActionId::from_u128(9));
+        assert_eq!(planned.device_id.as_str(), "dev-3");
+        assert_eq!(planned.command, Command::Discharge);
+        assert_eq!((planned.start, planned.end), (Ts(1_000), Some(Ts(5_000))));
+        let q = |q: Option<switchyard_drivers::Quantity>| q.map(|q| (q.value, q.unit.as_str()));
+        assert_eq!(q(planned.params.power), Some((2.5, "kW")));
+        assert_eq!(q(planned.params.target_soc), Some((40.0, "%")));
+        assert_eq!(q(planned.params.reserve_soc), Some((15.0, "%")));
+    }
+}

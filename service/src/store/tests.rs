@@ -301,6 +301,12 @@ async fn the_readers_are_one_per_core() {
         .get_max_connections();
     assert_eq!(readers, cores.clamp(2, 8));
     assert_eq!(super::sqlite_readers(), readers);
+    let n = |c: usize| super::readers_for(std::num::NonZeroUsize::new(c));
+    assert_eq!(super::readers_for(None), 2, "unknown");
+    assert_eq!(
+        [n(1), n(2), n(3), n(8), n(9), n(64), n(usize::MAX)],
+        [2, 2, 3, 8, 8, 8, 8]
+    );
 }
 
 /// The first column of the first row of `sql`.
