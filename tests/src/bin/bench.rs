@@ -1056,10 +1056,11 @@ async fn bench_dispatch(
     );
     if readers > 0 {
         println!(
-            "  {readers} readers (GetAction + ListActions) through the storm: {:.0} reads/s, p50 {:.1} ms, p99 {:.1} ms",
+            "  {readers} readers (GetAction + ListActions) through the storm: {:.0} reads/s, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
             read_lat.len() as f64 / read_secs,
             ms(pct(&read_lat, 0.5)),
             ms(pct(&read_lat, 0.99)),
+            ms(pct(&read_lat, 1.0)),
         );
     }
     if let Some(kib) = rss {
