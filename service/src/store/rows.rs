@@ -375,14 +375,22 @@ fn quantity(value: Option<f64>, unit: Option<&str>, what: &str) -> Result<Option
 }
 
 pub(super) fn action_from_model(m: &action::Model) -> Result<Action, Error> {
+    let super::Planned {
+        id,
+        device_id,
+        command,
+        params,
+        start,
+        end,
+    } = planned_from_model(m)?;
     Ok(Action {
-        id: ActionId::parse(&m.action_id).map_err(|_| corrupt("action_id"))?,
-        device_id: DeviceId::parse(&m.device_id).map_err(|_| corrupt("device_id"))?,
+        id,
+        device_id,
         channel: m.channel.clone(),
-        command: Command::parse(&m.command).ok_or_else(|| corrupt("command"))?,
-        params: params_of(m)?,
-        start: Ts(m.start_ns),
-        end: m.end_ns.map(Ts),
+        command,
+        params,
+        start,
+        end,
         immediate: m.immediate,
         state: ActionState::parse(&m.state).ok_or_else(|| corrupt("state"))?,
         replaced_by: m
@@ -407,24 +415,19 @@ pub(super) fn action_from_model(m: &action::Model) -> Result<Action, Error> {
 }
 
 /// What a claimed job holds of its action's row
-/// ([`super::dispatch::Planned`]), checked as [`action_from_model`] checks
-/// those columns.
+/// ([`super::dispatch::Planned`]); [`action_from_model`] reads the rest.
 pub(super) fn planned_from_model(m: &action::Model) -> Result<super::Planned, Error> {
     Ok(super::Planned {
         id: ActionId::parse(&m.action_id).map_err(|_| corrupt("action_id"))?,
         device_id: DeviceId::parse(&m.device_id).map_err(|_| corrupt("device_id"))?,
         command: Command::parse(&m.command).ok_or_else(|| corrupt("command"))?,
-        params: params_of(m)?,
+        params: Params {
+            power: quantity(m.power_value, m.power_unit.as_deref(), "power_unit")?,
+            target_soc: quantity(m.target_value, m.target_unit.as_deref(), "target_unit")?,
+            reserve_soc: quantity(m.reserve_value, m.reserve_unit.as_deref(), "reserve_unit")?,
+        },
         start: Ts(m.start_ns),
         end: m.end_ns.map(Ts),
-    })
-}
-
-fn params_of(m: &action::Model) -> Result<Params, Error> {
-    Ok(Params {
-        power: quantity(m.power_value, m.power_unit.as_deref(), "power_unit")?,
-        target_soc: quantity(m.target_value, m.target_unit.as_deref(), "target_unit")?,
-        reserve_soc: quantity(m.reserve_value, m.reserve_unit.as_deref(), "reserve_unit")?,
     })
 }
 
