@@ -286,6 +286,58 @@ async fn the_writer_and_readers_keep_their_page_caches() {
     assert_eq!(reader, -2048);
 }
 
+/// How often SQLite prepared a statement again while it was run on `conn`
+/// with one value, another, and the first again (its own counter).
+fn reprepares(conn: &rusqlite::Connection) -> i32 {
+    let mut st = conn
+        .prepare("SELECT count(*) FROM skewed WHERE k = ?1")
+        .unwrap();
+    for k in [0, 995, 0] {
+        let _: i64 = st.query_row([k], |r| r.get(0)).unwrap();
+    }
+    st.get_status(rusqlite::StatementStatus::RePrepare)
+}
+
+/// Every connection of the store, the writer's and the readers', plans a
+/// statement once, whatever its values (`plan_once`). Without that, once
+/// `ANALYZE` has written STAT4 samples, a kept statement is prepared
+/// again whenever the values bound to it change: at a million actions a
+/// push took twice as long, the writer planning its conflict checks over
+/// and over (docs/performance.md).
+#[tokio::test]
+#[allow(unsafe_code)]
+async fn every_connection_plans_a_statement_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    let store = open(&path, Duration::from_secs(1)).await;
+    {
+        // A skewed column and its statistics, as ANALYZE writes them.
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(
+            "CREATE TABLE skewed (k INTEGER); CREATE INDEX skewed_k ON skewed (k);
+             WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 999)
+             INSERT INTO skewed SELECT CASE WHEN i < 990 THEN 0 ELSE i END FROM n;
+             ANALYZE;",
+        )
+        .unwrap();
+        let samples: i64 = c
+            .query_row("SELECT count(*) FROM sqlite_stat4", [], |r| r.get(0))
+            .unwrap();
+        assert!(samples > 0, "the bundled SQLite writes STAT4 samples");
+        // A connection of its own, without the guarantee, plans again.
+        assert!(reprepares(&c) > 0);
+    }
+    for (what, pool) in [("writer", &store.write), ("reader", &store.read)] {
+        let mut conn = pool.get_sqlite_connection_pool().acquire().await.unwrap();
+        let mut handle = conn.lock_handle().await.unwrap();
+        // SAFETY: the handle is open and locked for the test; a connection
+        // made from it does not close it.
+        let c =
+            unsafe { rusqlite::Connection::from_handle(handle.as_raw_handle().as_ptr()) }.unwrap();
+        assert_eq!(reprepares(&c), 0, "the {what} planned a statement again");
+    }
+}
+
 /// SQLite's readers are one per core, within 2..=8: on this machine's
 /// cores, not a fixed eight that take the cores from the writer and the
 /// dispatcher (`sqlite_readers`).
