@@ -267,8 +267,10 @@ where
 }
 
 /// The row a lookup by key finds, if any. Not `Select::one`: that adds
-/// `LIMIT ?`, and SQLite prepares a statement whose LIMIT is a bound
-/// parameter afresh at every run (measured: one extra prepare per push).
+/// `LIMIT ?`, which a lookup by key does not need, and which SQLite,
+/// before its connections planned each statement once (`plan_once`),
+/// prepared afresh as the bound limit changed (measured then: one extra
+/// prepare per push).
 pub(super) async fn first<E, C>(conn: &C, select: Select<E>) -> Result<Option<E::Model>, Error>
 where
     E: EntityTrait,
