@@ -852,7 +852,7 @@ async fn finalize(pool: &sqlx::SqlitePool, slot: &Slot) {
 
 /// A rusqlite connection on the locked handle of sqlx's connection.
 ///
-/// Sound (the crate's other `unsafe` sets up SQLite's memory and its
+/// Sound (the package's other `unsafe` sets up SQLite's memory and its
 /// connections' planning) because:
 /// - it is used only while the handle is locked out of sqlx's worker
 ///   thread (inside a group of [`sqlite_lane`], or in [`finalize`]), so one

@@ -82,11 +82,11 @@ use crate::domain::{ActionId, Clock, DeviceId, Error};
 /// an indexed column is otherwise prepared again, plan and all, whenever
 /// the values bound to it change: every push's conflict check and every
 /// kept read, every time. On a file analysed at a million actions, the
-/// writer spent most of its time planning (`perf`) and push p99 was 2.0
-/// to 2.4 times the fresh file's (docs/performance.md). The plans the
-/// store relies on do not depend on the values: its indexes cover each
-/// hot query's filter and order (the scale bench prints them after
-/// `ANALYZE`).
+/// writer spent most of its time planning (`perf`) and push p99 was 1.5
+/// to 4 times the fresh file's, median 2.2 (docs/performance.md). The
+/// plans the store relies on do not need the values: each hot query has
+/// an index for its filter (`store::tests` checks the conflict check's
+/// plan after `ANALYZE`).
 ///
 /// A connection that refuses it is still used, with a warning: only speed
 /// is at stake, and the pool would otherwise retry the connection until

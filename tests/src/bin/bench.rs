@@ -1076,8 +1076,8 @@ const SCALE_DEVICES: usize = 100;
 /// each). The second run does not reuse the first's devices: they carry
 /// the first run's live actions (5,500 at the default size), which is not
 /// what the second run measures
-/// (on them, the ratio was 1.21–1.22 where a fleet of its own has
-/// 0.93–0.96, docs/performance.md).
+/// (with a variant stopping after the pushes, the ratio was 1.21–1.22 on
+/// them where a fleet of its own had 0.93–0.96, docs/performance.md).
 const FRESH_FLEET: &str = "m";
 const SEEDED_FLEET: &str = "h";
 
