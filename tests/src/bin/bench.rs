@@ -1227,21 +1227,19 @@ async fn seed(url: &str, devices: usize, actions: usize) {
     // Observed just now: the server does not spend the measured run
     // observing the seeded fleet (a state seen is not needed to push).
     let now_ns = unix_now() * 1_000_000_000;
+    // `count` devices named `{prefix}0`…, all alike.
+    let fleet = |prefix: &str, count: usize| {
+        format!(
+            "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < {count} - 1)
+             INSERT OR IGNORE INTO devices (tenant_id, device_id, display_name, family, driver, oem_device_id,
+                 timezone, settings, revision, create_ns, update_ns, incarnation, observed_ns)
+             SELECT 'default', '{prefix}' || i, '', 'battery', 'simulated', '', 'UTC', '{{}}', 1, {day_ago}, {day_ago},
+                 '{prefix}' || i, {now_ns} FROM n"
+        )
+    };
     let stmts = [
-        format!(
-            "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < {devices} - 1)
-             INSERT OR IGNORE INTO devices (tenant_id, device_id, display_name, family, driver, oem_device_id,
-                 timezone, settings, revision, create_ns, update_ns, incarnation, observed_ns)
-             SELECT 'default', 'seed' || i, '', 'battery', 'simulated', '', 'UTC', '{{}}', 1, {day_ago}, {day_ago},
-                 'seed' || i, {now_ns} FROM n"
-        ),
-        format!(
-            "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < {SCALE_DEVICES} - 1)
-             INSERT OR IGNORE INTO devices (tenant_id, device_id, display_name, family, driver, oem_device_id,
-                 timezone, settings, revision, create_ns, update_ns, incarnation, observed_ns)
-             SELECT 'default', '{SEEDED_FLEET}' || i, '', 'battery', 'simulated', '', 'UTC', '{{}}', 1, {day_ago}, {day_ago},
-                 '{SEEDED_FLEET}' || i, {now_ns} FROM n"
-        ),
+        fleet("seed", devices),
+        fleet(SEEDED_FLEET, SCALE_DEVICES),
         format!(
             "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < {actions} - 1)
              INSERT INTO actions (tenant_id, action_id, device_id, channel, command, start_ns, end_ns, immediate,
