@@ -840,3 +840,89 @@ async fn replicas_seeding_the_demo_devices_together_both_start() {
     drop(conn);
     db.drop_database().await;
 }
+
+/// The scale benchmark on PostgreSQL, at a tiny size (CI proves it
+/// works; the figures are in docs/performance.md): it seeds the
+/// finished history straight into the database, with its audit trail,
+/// measures both runs and prints PostgreSQL's plans of the hot queries.
+#[tokio::test]
+async fn the_scale_bench_runs_on_postgres() {
+    let Some(db) = postgres::database().await else {
+        return;
+    };
+    const BIN: &str = env!("CARGO_BIN_EXE_switchyard-under-test");
+    const BENCH: &str = env!("CARGO_BIN_EXE_switchyard-bench");
+    let out = std::process::Command::new(BENCH)
+        .args(["scale", "--actions", "300", "--devices", "30", "--n", "40"])
+        .args(["--c", "4", "--server-bin", BIN, "--database", &db.url])
+        .env_remove("SWITCHYARD_DATABASE_URL")
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("4 clients, PostgreSQL"), "{text}");
+    for what in ["push", "ListActions (device)", "ListActions (all devices)"] {
+        assert!(
+            text.lines()
+                .any(|l| l.trim_start().starts_with(&format!("{what} p99: fresh"))),
+            "{what}: {text}"
+        );
+    }
+    // PostgreSQL's own plans (generic, as a kept statement's): each hot
+    // read through an index, none through the whole table.
+    for (what, indexes) in [
+        (
+            "push: actions holding the channel",
+            &["actions_holding_owed", "actions_no_overlap"][..],
+        ),
+        (
+            "ListActions of a device, first page",
+            &["actions_by_device"],
+        ),
+        (
+            "ListActions of every device, first page",
+            &["actions_pkey", "actions_by_tenant"],
+        ),
+        (
+            "GetAction",
+            &["actions_by_device", "actions_by_tenant", "actions_pkey"],
+        ),
+        ("dispatch: claim due work", &["actions_owed"]),
+        ("dispatch: next due", &["actions_owed"]),
+        ("retention: finished actions", &["actions_finished"]),
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{what}:")))
+            .unwrap_or_else(|| panic!("no plan for {what}: {text}"));
+        assert!(indexes.iter().any(|i| line.contains(i)), "{line}");
+        assert!(!line.contains("Seq Scan"), "{line}");
+    }
+    // The seed is in the database: 300 finished actions, each with the
+    // four audit entries of its life, on the 30 devices and the second
+    // run's fleet.
+    let mut conn = PgConnection::connect(&db.url).await.unwrap();
+    let count = |sql: &'static str| sqlx::query_scalar::<_, i64>(sql);
+    let actions = count(
+        "SELECT count(*) FROM actions WHERE action_id LIKE '00000000-0000-7000-8000-%' \
+         AND state = 'COMPLETED' AND work = 'NONE'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(actions, 300);
+    let audit =
+        count("SELECT count(*) FROM audit_log WHERE action_id LIKE '00000000-0000-7000-8000-%'")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(audit, 1200);
+    let devices = count("SELECT count(*) FROM devices WHERE device_id LIKE 'seed%'")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(devices, 30);
+    drop(conn);
+    db.drop_database().await;
+}

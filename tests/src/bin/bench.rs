@@ -161,10 +161,10 @@ enum Cmd {
         #[arg(long, value_name = "PATH")]
         server_bin: Option<std::path::PathBuf>,
     },
-    /// Push and ListActions latency on a fresh SQLite database, then again
-    /// once it holds ACTIONS finished actions on DEVICES devices (written
-    /// straight into the file between two runs of the server), with the
-    /// query plans of the hot queries.
+    /// Push and ListActions latency on a fresh database, then again once
+    /// it holds ACTIONS finished actions on DEVICES devices (written
+    /// straight into the database between two runs of the server), with
+    /// the query plans of the hot queries.
     Scale {
         /// Finished actions stored for the second run.
         #[arg(long, default_value_t = 1_000_000, value_parser = at_least_one())]
@@ -182,6 +182,10 @@ enum Cmd {
         /// this binary).
         #[arg(long, value_name = "PATH")]
         server_bin: Option<std::path::PathBuf>,
+        /// An empty PostgreSQL database to run on instead of a fresh SQLite
+        /// file, e.g. `postgres://postgres@127.0.0.1:5432/bench_scale`.
+        #[arg(long, value_name = "URL")]
+        database: Option<String>,
     },
 }
 
@@ -1103,9 +1107,10 @@ where
     lat
 }
 
-/// p99 of pushes, of device ListActions first pages and of tenant-wide
-/// ListActions first pages (in ms), against a server on `url`, on the
-/// devices `{fleet}0`…; `round` keeps each run's windows apart.
+/// (p50, p99) of pushes, of device ListActions first pages and of
+/// tenant-wide ListActions first pages (in ms), against a server on
+/// `url`, on the devices `{fleet}0`…; `round` keeps each run's windows
+/// apart.
 async fn scale_run(
     bin: Option<std::path::PathBuf>,
     url: &str,
@@ -1113,7 +1118,7 @@ async fn scale_run(
     c: usize,
     round: i64,
     fleet: &'static str,
-) -> (f64, f64, f64) {
+) -> [(f64, f64); 3] {
     let server = start_server_on(
         bin,
         tempfile::tempdir().expect("tempdir"),
@@ -1200,19 +1205,92 @@ async fn scale_run(
     let by_device = timed(n, c, list(Some(0))).await;
     let all = timed(n, c, list(None)).await;
     drop(server);
-    (
-        ms(pct(&push, 0.99)),
-        ms(pct(&by_device, 0.99)),
-        ms(pct(&all, 0.99)),
-    )
+    [push, by_device, all].map(|l| (ms(pct(&l, 0.5)), ms(pct(&l, 0.99))))
 }
 
 /// Writes `devices` devices (observed just now) and `actions` finished
 /// actions (COMPLETED, nothing owed, finished a day ago, each with the
-/// four audit entries of its life) straight into the SQLite file at
-/// `url`; the first hundred for each of the second run's devices (made
-/// here, with the same settings as the fleet's).
+/// four audit entries of its life) straight into the database at `url`
+/// (SQLite or PostgreSQL); the first hundred for each of the second run's
+/// devices (made here, with the same settings as the fleet's). Statistics
+/// are gathered last, as `PRAGMA optimize` or autovacuum would: the plans
+/// must hold with them too.
 async fn seed(url: &str, devices: usize, actions: usize) {
+    let pg = url.starts_with("postgres");
+    let day_ago = (unix_now() - 86_400) * 1_000_000_000;
+    // Observed just now: the server does not spend the measured run
+    // observing the seeded fleet (a state seen is not needed to push).
+    let now_ns = unix_now() * 1_000_000_000;
+    // The numbers 0…count-1 as `n(i)`, and the dialect's words.
+    let numbers = |count: usize| {
+        if pg {
+            format!("WITH n(i) AS (SELECT generate_series(0, {count} - 1))")
+        } else {
+            format!(
+                "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < {count} - 1)"
+            )
+        }
+    };
+    let (insert_new, if_new, no, yes) = if pg {
+        ("INSERT", "ON CONFLICT DO NOTHING", "false", "true")
+    } else {
+        ("INSERT OR IGNORE", "", "0", "1")
+    };
+    let action_id = if pg {
+        "'00000000-0000-7000-8000-' || lpad(i::text, 12, '0')"
+    } else {
+        "printf('00000000-0000-7000-8000-%012d', i)"
+    };
+    // `count` devices named `{prefix}0`…, all alike.
+    let fleet = |prefix: &str, count: usize| {
+        format!(
+            "{} {insert_new} INTO devices (tenant_id, device_id, display_name, family, driver, oem_device_id,
+                 timezone, settings, revision, create_ns, update_ns, incarnation, observed_ns)
+             SELECT 'default', '{prefix}' || i, '', 'battery', 'simulated', '', 'UTC', '{{}}', 1, {day_ago}, {day_ago},
+                 '{prefix}' || i, {now_ns} FROM n {if_new}",
+            numbers(count)
+        )
+    };
+    let stmts = [
+        fleet("seed", devices),
+        fleet(SEEDED_FLEET, SCALE_DEVICES),
+        format!(
+            "{} INSERT INTO actions (tenant_id, action_id, device_id, channel, command, start_ns, end_ns, immediate,
+                 state, queued_after, revision, create_ns, update_ns, work, attempts, clear_native, verified, fence)
+             SELECT 'default', {action_id},
+                 CASE WHEN i < {SCALE_DEVICES} * 100 THEN '{SEEDED_FLEET}' || (i % {SCALE_DEVICES}) ELSE 'seed' || (i % {devices}) END,
+                 'mode', 'CHARGE', {day_ago} - 3600000000000, {day_ago}, {no}, 'COMPLETED', '', 4,
+                 {day_ago} - 7200000000000, {day_ago}, 'NONE', 0, {no}, {yes}, 2 FROM n",
+            numbers(actions)
+        ),
+        "INSERT INTO audit_log (tenant_id, device_id, action_id, from_state, to_state, reason, request_id, at_ns)
+         SELECT a.tenant_id, a.device_id, a.action_id, t.f, t.t, t.r, NULL, a.update_ns FROM actions a,
+           (SELECT NULL AS f, 'SCHEDULED' AS t, 'PUSHED' AS r UNION ALL SELECT 'SCHEDULED', 'ACKNOWLEDGED', 'DISPATCHED'
+            UNION ALL SELECT 'ACKNOWLEDGED', 'ACTIVE', 'APPLIED' UNION ALL SELECT 'ACTIVE', 'COMPLETED', 'REVERTED') t
+         WHERE a.action_id LIKE '00000000-0000-7000-8000-%'"
+            .to_owned(),
+        // PostgreSQL: vacuumed too, as autovacuum would have done to
+        // rows written long ago (visibility map, hint bits), and
+        // checkpointed, so that the second run does not share the disk
+        // with the seed's write-back.
+        if pg { "VACUUM ANALYZE" } else { "ANALYZE" }.to_owned(),
+        if pg { "CHECKPOINT" } else { "SELECT 1" }.to_owned(),
+    ];
+    if pg {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(url)
+            .await
+            .expect("open the database");
+        for sql in stmts {
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(&pool)
+                .await
+                .expect("seed");
+        }
+        pool.close().await;
+        return;
+    }
     let pool = SqlitePoolOptions::new()
         .max_connections(1)
         .connect_with(
@@ -1223,42 +1301,6 @@ async fn seed(url: &str, devices: usize, actions: usize) {
         )
         .await
         .expect("open the database");
-    let day_ago = (unix_now() - 86_400) * 1_000_000_000;
-    // Observed just now: the server does not spend the measured run
-    // observing the seeded fleet (a state seen is not needed to push).
-    let now_ns = unix_now() * 1_000_000_000;
-    // `count` devices named `{prefix}0`…, all alike.
-    let fleet = |prefix: &str, count: usize| {
-        format!(
-            "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < {count} - 1)
-             INSERT OR IGNORE INTO devices (tenant_id, device_id, display_name, family, driver, oem_device_id,
-                 timezone, settings, revision, create_ns, update_ns, incarnation, observed_ns)
-             SELECT 'default', '{prefix}' || i, '', 'battery', 'simulated', '', 'UTC', '{{}}', 1, {day_ago}, {day_ago},
-                 '{prefix}' || i, {now_ns} FROM n"
-        )
-    };
-    let stmts = [
-        fleet("seed", devices),
-        fleet(SEEDED_FLEET, SCALE_DEVICES),
-        format!(
-            "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < {actions} - 1)
-             INSERT INTO actions (tenant_id, action_id, device_id, channel, command, start_ns, end_ns, immediate,
-                 state, queued_after, revision, create_ns, update_ns, work, attempts, clear_native, verified, fence)
-             SELECT 'default', printf('00000000-0000-7000-8000-%012d', i),
-                 CASE WHEN i < {SCALE_DEVICES} * 100 THEN '{SEEDED_FLEET}' || (i % {SCALE_DEVICES}) ELSE 'seed' || (i % {devices}) END,
-                 'mode', 'CHARGE', {day_ago} - 3600000000000, {day_ago}, 0, 'COMPLETED', '', 4,
-                 {day_ago} - 7200000000000, {day_ago}, 'NONE', 0, 0, 1, 2 FROM n"
-        ),
-        "INSERT INTO audit_log (tenant_id, device_id, action_id, from_state, to_state, reason, request_id, at_ns)
-         SELECT a.tenant_id, a.device_id, a.action_id, t.f, t.t, t.r, NULL, a.update_ns FROM actions a,
-           (SELECT NULL AS f, 'SCHEDULED' AS t, 'PUSHED' AS r UNION ALL SELECT 'SCHEDULED', 'ACKNOWLEDGED', 'DISPATCHED'
-            UNION ALL SELECT 'ACKNOWLEDGED', 'ACTIVE', 'APPLIED' UNION ALL SELECT 'ACTIVE', 'COMPLETED', 'REVERTED') t
-         WHERE a.action_id LIKE '00000000-0000-7000-8000-%'"
-            .to_owned(),
-        // Statistics, as `PRAGMA optimize` would gather them: the plans
-        // must hold with them too.
-        "ANALYZE".to_owned(),
-    ];
     for sql in stmts {
         sqlx::query(sqlx::AssertSqlSafe(sql))
             .execute(&pool)
@@ -1323,6 +1365,128 @@ async fn plans(url: &str) -> Vec<(&'static str, String)> {
     out
 }
 
+/// The plans PostgreSQL chooses for the same hot queries: each prepared
+/// with parameters, as the store sends it, and explained as the generic
+/// plan (`plan_cache_mode = force_generic_plan`), the one a statement
+/// kept on a pooled connection may settle on after its first executions.
+async fn plans_postgres(url: &str) -> Vec<(&'static str, String)> {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(url)
+        .await
+        .expect("open the database");
+    let holding =
+        "work <> 'NONE' AND (state IN ('SCHEDULED', 'ACKNOWLEDGED', 'ACTIVE') OR work = 'REVERT')";
+    let queries: [(&'static str, String, &str); 7] = [
+        (
+            "push: actions holding the channel",
+            format!(
+                "SELECT * FROM actions WHERE tenant_id = $1 AND device_id = $2 AND {holding} AND channel = $3 \
+                 AND (end_ns IS NULL OR end_ns > $4) AND start_ns >= COALESCE((SELECT MAX(start_ns) FROM actions \
+                 WHERE tenant_id = $5 AND device_id = $6 AND channel = $7 AND {holding} AND start_ns <= $8), $9) \
+                 ORDER BY start_ns, action_id FOR UPDATE"
+            ),
+            "('default', 'h1', 'mode', 0, 'default', 'h1', 'mode', 0, -9223372036854775808)",
+        ),
+        (
+            "ListActions of a device, first page",
+            "SELECT * FROM actions WHERE tenant_id = $1 AND device_id = $2 ORDER BY action_id DESC LIMIT $3".into(),
+            "('default', 'h1', 51)",
+        ),
+        (
+            "ListActions of every device, first page",
+            "SELECT * FROM actions WHERE tenant_id = $1 ORDER BY action_id DESC LIMIT $2".into(),
+            "('default', 51)",
+        ),
+        (
+            "GetAction",
+            "SELECT * FROM actions WHERE tenant_id = $1 AND device_id = $2 AND action_id = $3".into(),
+            "('default', 'h1', 'x')",
+        ),
+        (
+            "dispatch: claim due work",
+            "SELECT action_id FROM actions WHERE work <> 'NONE' AND due_ns <= $1 \
+             AND (lease_until_ns IS NULL OR lease_until_ns <= $2) ORDER BY due_ns LIMIT $3 FOR UPDATE SKIP LOCKED"
+                .into(),
+            "(0, 0, 2048)",
+        ),
+        (
+            "dispatch: next due",
+            "SELECT MIN(CASE WHEN lease_until_ns > due_ns THEN lease_until_ns ELSE due_ns END) FROM actions \
+             WHERE work <> 'NONE'"
+                .into(),
+            "",
+        ),
+        (
+            "retention: finished actions",
+            "SELECT action_id FROM actions WHERE work = 'NONE' AND update_ns < $1 AND lease_owner IS NULL \
+             AND driver_memo IS NULL ORDER BY update_ns LIMIT $2"
+                .into(),
+            "(0, 500)",
+        ),
+    ];
+    let mut conn = pool.acquire().await.expect("a connection");
+    sqlx::raw_sql("SET plan_cache_mode = force_generic_plan")
+        .execute(&mut *conn)
+        .await
+        .expect("generic plans");
+    let mut out = Vec::new();
+    for (i, (what, q, args)) in queries.into_iter().enumerate() {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("PREPARE hot{i} AS {q}")))
+            .execute(&mut *conn)
+            .await
+            .expect("prepare");
+        let lines: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "EXPLAIN (COSTS OFF) EXECUTE hot{i}{args}"
+        )))
+        .fetch_all(&mut *conn)
+        .await
+        .expect("explain");
+        let plan = lines
+            .iter()
+            .map(|l| l.trim())
+            .collect::<Vec<_>>()
+            .join("; ");
+        out.push((what, plan));
+    }
+    drop(conn);
+    pool.close().await;
+    out
+}
+
+/// A database of the run's own on the PostgreSQL server of `admin` (a URL
+/// whose user may create databases): its name and URL.
+async fn create_run_database(admin: &str, what: &str) -> (sqlx::PgPool, String, String) {
+    let name = format!("sy_bench_{what}_{}", std::process::id());
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(admin)
+        .await
+        .expect("the PostgreSQL server answers");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&pool)
+        .await
+        .expect("create the run's database");
+    // The same server and user, the run's database.
+    let authority_end = admin
+        .find("://")
+        .map(|i| i + 3)
+        .and_then(|from| admin[from..].find(['/', '?']).map(|j| from + j))
+        .unwrap_or(admin.len());
+    let url = format!("{}/{name}", &admin[..authority_end]);
+    (pool, name, url)
+}
+
+async fn drop_run_database(pool: sqlx::PgPool, name: &str) {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    )))
+    .execute(&pool)
+    .await
+    .expect("drop the run's database");
+    pool.close().await;
+}
+
 /// Every benchmark, one after the other, each printing its section.
 async fn bench_all(postgres: Option<String>, smaller: usize, bin: Option<std::path::PathBuf>) {
     let started = Instant::now();
@@ -1338,30 +1502,9 @@ async fn bench_all(postgres: Option<String>, smaller: usize, bin: Option<std::pa
     bench_push(size(20_000), 64, 100, None, bin.clone(), None, true, 5).await;
     if let Some(admin) = &postgres {
         section("push ÷ health, PostgreSQL");
-        let name = format!("sy_bench_{}", std::process::id());
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(1)
-            .connect(admin)
-            .await
-            .expect("the PostgreSQL server answers");
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&pool)
-            .await
-            .expect("create the run's database");
-        // The same server and user, the run's database.
-        let authority_end = admin
-            .find("://")
-            .map(|i| i + 3)
-            .and_then(|from| admin[from..].find(['/', '?']).map(|j| from + j))
-            .unwrap_or(admin.len());
-        let url = format!("{}/{name}", &admin[..authority_end]);
+        let (pool, name, url) = create_run_database(admin, "push").await;
         bench_push(size(20_000), 64, 100, None, bin.clone(), Some(url), true, 5).await;
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-        )))
-        .execute(&pool)
-        .await
-        .expect("drop the run's database");
+        drop_run_database(pool, &name).await;
     }
     for (n, latency, readers) in [
         (10_000, 0, 0),
@@ -1376,8 +1519,15 @@ async fn bench_all(postgres: Option<String>, smaller: usize, bin: Option<std::pa
         ));
         bench_dispatch(size(n), 32, latency, readers, bin.clone(), None).await;
     }
-    section("scale");
-    bench_scale(size(1_000_000), size(100_000), size(5_000), 32, bin).await;
+    section("scale, SQLite");
+    let scale = (size(1_000_000), size(100_000), size(5_000));
+    bench_scale(scale.0, scale.1, scale.2, 32, bin.clone(), None).await;
+    if let Some(admin) = &postgres {
+        section("scale, PostgreSQL");
+        let (pool, name, url) = create_run_database(admin, "scale").await;
+        bench_scale(scale.0, scale.1, scale.2, 32, bin, Some(url)).await;
+        drop_run_database(pool, &name).await;
+    }
     println!();
     println!("=== done in {:.0} s", started.elapsed().as_secs_f64());
 }
@@ -1388,32 +1538,67 @@ async fn bench_scale(
     n: usize,
     c: usize,
     bin: Option<std::path::PathBuf>,
+    database: Option<String>,
 ) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let url = format!("sqlite://{}", dir.path().join("bench.db").display());
+    let url = database
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("bench.db").display()));
     let fresh = scale_run(bin.clone(), &url, n, c, 1, FRESH_FLEET).await;
     let t = Instant::now();
     seed(&url, devices, actions).await;
     let seeded = t.elapsed().as_secs_f64();
-    let size = std::fs::metadata(dir.path().join("bench.db")).map_or(0, |m| m.len());
+    let size = match &database {
+        Some(url) => {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .connect(url)
+                .await
+                .expect("open the database");
+            let bytes: i64 = sqlx::query_scalar("SELECT pg_database_size(current_database())")
+                .fetch_one(&pool)
+                .await
+                .expect("database size");
+            pool.close().await;
+            u64::try_from(bytes).unwrap_or(0)
+        }
+        None => std::fs::metadata(dir.path().join("bench.db")).map_or(0, |m| m.len()),
+    };
     let full = scale_run(bin, &url, n, c, 2, SEEDED_FLEET).await;
-    println!("switchyard scale: {n} pushes and {n} ListActions of each kind, {c} clients, SQLite");
+    let backend = if database.is_some() {
+        "PostgreSQL"
+    } else {
+        "SQLite"
+    };
     println!(
-        "  seeded {actions} finished actions (4 audit entries each) on {devices} devices in {seeded:.0} s; file {:.0} MiB",
+        "switchyard scale: {n} pushes and {n} ListActions of each kind, {c} clients, {backend}"
+    );
+    println!(
+        "  seeded {actions} finished actions (4 audit entries each) on {devices} devices in {seeded:.0} s; database {:.0} MiB",
         size as f64 / 1_048_576.0
     );
     for (what, a, b) in [
-        ("push p99", fresh.0, full.0),
-        ("ListActions (device) p99", fresh.1, full.1),
-        ("ListActions (all devices) p99", fresh.2, full.2),
+        ("push", fresh[0], full[0]),
+        ("ListActions (device)", fresh[1], full[1]),
+        ("ListActions (all devices)", fresh[2], full[2]),
     ] {
         println!(
-            "  {what}: fresh {a:.2} ms, at {actions} actions {b:.2} ms, ratio {:.2}",
-            b / a
+            "  {what} p99: fresh {:.2} ms, at {actions} actions {:.2} ms, ratio {:.2} (p50 {:.2} → {:.2} ms, ratio {:.2})",
+            a.1,
+            b.1,
+            b.1 / a.1,
+            a.0,
+            b.0,
+            b.0 / a.0
         );
     }
     println!("  query plans:");
-    for (what, plan) in plans(&url).await {
+    let plans = if database.is_some() {
+        plans_postgres(&url).await
+    } else {
+        plans(&url).await
+    };
+    for (what, plan) in plans {
         println!("    {what}: {plan}");
     }
 }
@@ -1463,7 +1648,8 @@ async fn main() {
             n,
             c,
             server_bin,
-        } => bench_scale(actions, devices, n, c, server_bin).await,
+            database,
+        } => bench_scale(actions, devices, n, c, server_bin, database).await,
         Cmd::All {
             postgres,
             smaller,
