@@ -1263,12 +1263,23 @@ async fn seed(url: &str, devices: usize, actions: usize) {
                  {day_ago} - 7200000000000, {day_ago}, 'NONE', 0, {no}, {yes}, 2 FROM n",
             numbers(actions)
         ),
-        "INSERT INTO audit_log (tenant_id, device_id, action_id, from_state, to_state, reason, request_id, at_ns)
-         SELECT a.tenant_id, a.device_id, a.action_id, t.f, t.t, t.r, NULL, a.update_ns FROM actions a,
-           (SELECT NULL AS f, 'SCHEDULED' AS t, 'PUSHED' AS r UNION ALL SELECT 'SCHEDULED', 'ACKNOWLEDGED', 'DISPATCHED'
-            UNION ALL SELECT 'ACKNOWLEDGED', 'ACTIVE', 'APPLIED' UNION ALL SELECT 'ACTIVE', 'COMPLETED', 'REVERTED') t
-         WHERE a.action_id LIKE '00000000-0000-7000-8000-%'"
-            .to_owned(),
+        // PostgreSQL: stamped with their event cursors, as a live
+        // database's entries are moments after they are written (SQLite's
+        // cursor is the entry's `seq`). Left unstamped, the server would
+        // spend the measured run stamping millions of them.
+        format!(
+            "INSERT INTO audit_log (tenant_id, device_id, action_id, from_state, to_state, reason, request_id, at_ns{})
+             SELECT a.tenant_id, a.device_id, a.action_id, t.f, t.t, t.r, NULL, a.update_ns{} FROM actions a,
+               (SELECT NULL AS f, 'SCHEDULED' AS t, 'PUSHED' AS r UNION ALL SELECT 'SCHEDULED', 'ACKNOWLEDGED', 'DISPATCHED'
+                UNION ALL SELECT 'ACKNOWLEDGED', 'ACTIVE', 'APPLIED' UNION ALL SELECT 'ACTIVE', 'COMPLETED', 'REVERTED') t
+             WHERE a.action_id LIKE '00000000-0000-7000-8000-%'",
+            if pg { ", event_cursor" } else { "" },
+            if pg {
+                ", (SELECT COALESCE(MAX(event_cursor), 0) FROM audit_log) + row_number() OVER ()"
+            } else {
+                ""
+            },
+        ),
         // PostgreSQL: vacuumed too, as autovacuum would have done to
         // rows written long ago (visibility map, hint bits), and
         // checkpointed, so that the second run does not share the disk
