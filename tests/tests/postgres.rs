@@ -219,6 +219,90 @@ mod store_on_postgres {
     /// first on the same channel, whatever wrote it: the guarantee does not
     /// rest on the application's check alone. Not holding, another channel,
     /// or back to back: accepted.
+    /// A storm's claims are recorded at most two at a time on a pool of
+    /// sixteen (one per eight connections): the rest wait their turn in
+    /// the process rather than hold every connection of the pool (their
+    /// lease renewals then timed out and the claims lapsed). Every
+    /// outcome is still recorded.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dispatch_records_take_turns_for_the_pool() {
+        use switchyard::store::{Finish, Outcome};
+        let Some(db) = postgres::database().await else {
+            return;
+        };
+        let store = Store::open(&db.url, Arc::new(ManualClock::new(T0)))
+            .await
+            .unwrap();
+        let tenant = TenantId::default_tenant();
+        const DEVICES: usize = 40;
+        for i in 0..DEVICES {
+            let id = format!("r{i}");
+            store
+                .create_device(&tenant, device(&id), None)
+                .await
+                .unwrap();
+            store
+                .push(
+                    &tenant,
+                    &DeviceId::parse(&id).unwrap(),
+                    |_, _| {
+                        Ok(ValidPush {
+                            command: Command::Charge,
+                            channel: "mode".into(),
+                            params: Params::default(),
+                            start: T0.plus_nanos(H),
+                            end: Some(T0.plus_nanos(2 * H)),
+                            immediate: false,
+                        })
+                    },
+                    Strategy::Reject,
+                    false,
+                    None,
+                )
+                .await
+                .unwrap();
+        }
+        let jobs = store
+            .claim_due(T0.plus_nanos(H), 1000, 4 * H)
+            .await
+            .unwrap();
+        assert_eq!(jobs.len(), DEVICES);
+        assert_eq!(store.records_at_once(), 0);
+        // Twenty claims' records at once, two outcomes each.
+        let records = jobs.chunks(2).map(|pair| {
+            let store = store.clone();
+            let mut outcomes: Vec<Outcome> = pair
+                .iter()
+                .map(|job| Outcome {
+                    job: job.into(),
+                    finish: Finish::Applied {
+                        raw: "ok".into(),
+                        verified: true,
+                        memo: None,
+                    },
+                    at: T0.plus_nanos(H),
+                    observed: None,
+                })
+                .collect();
+            tokio::spawn(async move { store.record(&mut outcomes).await })
+        });
+        for r in futures::future::join_all(records).await {
+            r.unwrap().unwrap();
+        }
+        assert_eq!(store.records_at_once(), 2);
+        let mut conn = PgConnection::connect(&db.url).await.unwrap();
+        let active: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM actions WHERE state = 'ACTIVE' AND device_id LIKE 'r%'",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        assert_eq!(active, DEVICES as i64);
+        drop(conn);
+        store.close().await;
+        db.drop_database().await;
+    }
+
     #[tokio::test]
     async fn the_database_refuses_an_overlap_the_application_did_not_check() {
         let Some(db) = postgres::database().await else {

@@ -12,7 +12,10 @@
 //!   dispatcher that stalled past its lease, while another claimed the
 //!   work again, records nothing (the new claim's outcome stands).
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    sync::atomic::{AtomicUsize, Ordering},
+};
 
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder,
@@ -584,10 +587,31 @@ impl Store {
             };
             key(a).cmp(&key(b))
         });
+        // PostgreSQL: the records of every claim would otherwise run at
+        // once and hold the whole pool (`PG_CONNECTIONS_PER_RECORD`).
+        let _slot = match &self.recording.slots {
+            Some(slots) => Some(
+                slots
+                    .acquire()
+                    .await
+                    .map_err(|_| Error::Internal("the records' bound was closed".into()))?,
+            ),
+            None => None,
+        };
+        let counts = &self.recording.counts;
+        let now = counts.now.fetch_add(1, Ordering::AcqRel) + 1;
+        counts.most.fetch_max(now, Ordering::AcqRel);
+        let _running = Leave(&counts.now);
         for chunk in outcomes.chunks(RECORD_TX) {
             self.retrying(|| self.record_chunk(chunk)).await?;
         }
         Ok(())
+    }
+
+    /// The most dispatch records that have run at once since the store
+    /// opened.
+    pub fn records_at_once(&self) -> usize {
+        self.recording.counts.most.load(Ordering::Acquire)
     }
 
     async fn record_chunk(&self, chunk: &[Outcome]) -> Result<(), Error> {
@@ -621,6 +645,15 @@ impl Store {
         tx.commit().await.map_err(db_err)?;
         self.wrote_events();
         Ok(())
+    }
+}
+
+/// Counts a record out of those running when it ends, however it ends.
+struct Leave<'a>(&'a AtomicUsize);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

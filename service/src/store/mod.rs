@@ -162,7 +162,35 @@ pub struct Store {
     deadline: Option<Duration>,
     /// The group-commit writers of requests' writes (`group.rs`).
     lanes: Arc<group::Lanes>,
+    /// PostgreSQL: the dispatch records that may run at once
+    /// ([`Store::record`]); SQLite's records already queue for its one
+    /// write connection.
+    recording: Recording,
 }
+
+/// Dispatch records running at once, and the most there have been.
+#[derive(Debug, Default)]
+pub(super) struct RecordingCounts {
+    pub(super) now: std::sync::atomic::AtomicUsize,
+    pub(super) most: std::sync::atomic::AtomicUsize,
+}
+
+/// The bound on dispatch records running at once (PostgreSQL), and what
+/// they have done.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Recording {
+    pub(super) slots: Option<Arc<tokio::sync::Semaphore>>,
+    pub(super) counts: Arc<RecordingCounts>,
+}
+
+/// PostgreSQL: at most one dispatch record per this many pooled
+/// connections runs at once (at least one). A 100,000 storm's claims each
+/// recorded on their own, up to about fifty at once, held every
+/// connection of the pool, waiting on each other's row locks; the lease
+/// renewals and the records themselves then timed out waiting for a
+/// connection, claims lapsed and their work was done again a lease
+/// later (p99 93 s; with two at a time, 13.6 s: docs/performance.md).
+const PG_CONNECTIONS_PER_RECORD: u32 = 8;
 
 /// At most this many members in a group on PostgreSQL (see
 /// `Store::connect`).
@@ -365,7 +393,14 @@ impl Store {
             // Half the pool writes in groups; the rest is left to reads,
             // the dispatcher and the sweeps.
             let lanes = (options.max_connections / 2).max(1) as usize;
+            let recording = Recording {
+                slots: Some(Arc::new(tokio::sync::Semaphore::new(
+                    (options.max_connections / PG_CONNECTIONS_PER_RECORD).max(1) as usize,
+                ))),
+                counts: Arc::default(),
+            };
             return Ok(Self {
+                recording,
                 lanes: Arc::new(group::Lanes::start(
                     &conn,
                     lanes,
@@ -462,6 +497,7 @@ impl Store {
             read,
             clock,
             deadline: None,
+            recording: Recording::default(),
         })
     }
 
