@@ -215,10 +215,6 @@ mod store_on_postgres {
         db.drop_database().await;
     }
 
-    /// The database itself refuses a second holding action overlapping a
-    /// first on the same channel, whatever wrote it: the guarantee does not
-    /// rest on the application's check alone. Not holding, another channel,
-    /// or back to back: accepted.
     /// A storm's claims are recorded at most two at a time on a pool of
     /// sixteen (one per eight connections): the rest wait their turn in
     /// the process rather than hold every connection of the pool (their
@@ -303,6 +299,10 @@ mod store_on_postgres {
         db.drop_database().await;
     }
 
+    /// The database itself refuses a second holding action overlapping a
+    /// first on the same channel, whatever wrote it: the guarantee does not
+    /// rest on the application's check alone. Not holding, another channel,
+    /// or back to back: accepted.
     #[tokio::test]
     async fn the_database_refuses_an_overlap_the_application_did_not_check() {
         let Some(db) = postgres::database().await else {
@@ -983,9 +983,20 @@ async fn the_scale_bench_runs_on_postgres() {
         assert!(indexes.iter().any(|i| line.contains(i)), "{line}");
         assert!(!line.contains("Seq Scan"), "{line}");
     }
+    // Generic plans: the parameters are still there, not values.
+    let claim = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("dispatch: claim due work:"))
+        .unwrap();
+    assert!(claim.contains("$1"), "{claim}");
+    // The seed stamped its own entries: none was left for a server.
+    assert!(
+        text.contains("audit entries the seed left unstamped: 0"),
+        "{text}"
+    );
     // The seed is in the database: 300 finished actions, each with the
-    // four audit entries of its life, stamped with event cursors of their
-    // own (as a live database's are), on the 30 devices.
+    // four audit entries of its life, each with an event cursor of its
+    // own, on the 30 devices.
     let mut conn = PgConnection::connect(&db.url).await.unwrap();
     let count = |sql: &'static str| sqlx::query_scalar::<_, i64>(sql);
     let actions = count(

@@ -594,7 +594,7 @@ impl Store {
                 slots
                     .acquire()
                     .await
-                    .map_err(|_| Error::Internal("the records' bound was closed".into()))?,
+                    .map_err(|_| Error::StorageUnavailable("the store is closing".into()))?,
             ),
             None => None,
         };
@@ -609,7 +609,8 @@ impl Store {
     }
 
     /// The most dispatch records that have run at once since the store
-    /// opened.
+    /// opened (on SQLite, counting those waiting for the write
+    /// connection).
     pub fn records_at_once(&self) -> usize {
         self.recording.counts.most.load(Ordering::Acquire)
     }

@@ -189,7 +189,7 @@ pub(super) struct Recording {
 /// connection of the pool, waiting on each other's row locks; the lease
 /// renewals and the records themselves then timed out waiting for a
 /// connection, claims lapsed and their work was done again a lease
-/// later (p99 93 s; with two at a time, 13.6 s: docs/performance.md).
+/// later (p99 93 s; with two at a time, 13.3–13.6 s: docs/performance.md).
 const PG_CONNECTIONS_PER_RECORD: u32 = 8;
 
 /// At most this many members in a group on PostgreSQL (see
@@ -596,6 +596,10 @@ impl Store {
         // The writers first: the SQLite one keeps statements prepared on
         // the write connection, which sqlx cannot close with them.
         self.lanes.quiesce().await;
+        // Records waiting for their turn are told the store is closing.
+        if let Some(slots) = &self.recording.slots {
+            slots.close();
+        }
         // Closing a pool twice (read and write share one on PostgreSQL and
         // in memory) is harmless.
         let _ = self.write.clone().close().await;
