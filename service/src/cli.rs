@@ -303,6 +303,19 @@ pub struct ServeArgs {
         value_name = "URL"
     )]
     pub database: String,
+    /// PostgreSQL: most connections this replica opens to the database
+    /// (its pool). Half of them write requests in groups; the dispatcher
+    /// records outcomes on at most one per eight. Every replica opens up to
+    /// this many: keep their sum under the server's `max_connections`.
+    /// Not used on SQLite.
+    #[arg(
+        long,
+        env = "SWITCHYARD_DATABASE_MAX_CONNECTIONS",
+        default_value_t = 16,
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(2..=1000)
+    )]
+    pub database_max_connections: u32,
     /// Do not create the demo devices on an empty database (default: an
     /// empty database gets three simulated demo devices).
     #[arg(long)]
@@ -674,11 +687,15 @@ pub async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Se
     let delivery = args.delivery()?;
     check_database_url(&args.database)?;
     let listen = listen_addr(&args.listen).await?;
-    let app = server::build_app(
+    let app = server::build_app_with(
         &args.database,
         Arc::new(SystemClock),
         Registry::builtin_with(&policy),
         args.horizon_days,
+        &crate::store::StoreOptions {
+            max_connections: args.database_max_connections,
+            ..Default::default()
+        },
     )
     .await
     .map_err(|e| {

@@ -113,7 +113,25 @@ pub async fn build_app(
     registry: Registry,
     horizon_days: u32,
 ) -> Result<App, Error> {
-    let store = Store::open(database_url, clock.clone()).await?;
+    build_app_with(
+        database_url,
+        clock,
+        registry,
+        horizon_days,
+        &crate::store::StoreOptions::default(),
+    )
+    .await
+}
+
+/// [`build_app`] with the store's options (the PostgreSQL pool's size).
+pub async fn build_app_with(
+    database_url: &str,
+    clock: Arc<dyn Clock>,
+    registry: Registry,
+    horizon_days: u32,
+    options: &crate::store::StoreOptions,
+) -> Result<App, Error> {
+    let store = Store::open_with(database_url, clock.clone(), options).await?;
     Ok(App {
         budgets: Arc::new(crate::dispatch::Budgets::new(store.clone())),
         store,

@@ -122,6 +122,7 @@ fn switchyard_serve_help_gives_every_default() {
             ("--log-format", "[default: text]"),
             ("--horizon-days", &horizon),
             ("--shutdown-grace-seconds", "[default: 10]"),
+            ("--database-max-connections", "[default: 16]"),
             // A switch: its help says what happens without it.
             ("--no-demo", "Do not create the demo devices"),
         ],
@@ -137,6 +138,7 @@ fn switchyard_usage_errors_exit_2() {
         &["serve", "--no-such-flag"],
         &["serve", "--listen", "nowhere"],
         &["serve", "--horizon-days", "0"],
+        &["serve", "--database-max-connections", "1"],
         &["serve", "--log-format", "xml"],
         &["no-such-command"],
         &[],

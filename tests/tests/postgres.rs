@@ -1023,3 +1023,128 @@ async fn the_scale_bench_runs_on_postgres() {
     drop(conn);
     db.drop_database().await;
 }
+
+/// `--database-max-connections` bounds the connections a replica opens
+/// to PostgreSQL (its pool, beside the health check's own): under 64
+/// concurrent calls, a server given 2 never holds more than 3, where the
+/// default pool of 16 would open more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_opens_at_most_its_pool_of_connections() {
+    use switchyard_proto::v1::{
+        ListActionsRequest, action_service_client::ActionServiceClient,
+        device_service_client::DeviceServiceClient,
+    };
+    let Some(db) = postgres::database().await else {
+        return;
+    };
+    const BIN: &str = env!("CARGO_BIN_EXE_switchyard-under-test");
+    let connections = || async {
+        let mut conn = PgConnection::connect(&db.url).await.unwrap();
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        n
+    };
+    let mut most = std::collections::BTreeMap::new();
+    for pool in ["2", "16"] {
+        let server = switchyard_tests::ServerProcess::spawn_with(
+            BIN,
+            &db.url,
+            &["--database-max-connections", pool],
+            &[],
+        );
+        let channel = server.channel().await;
+        DeviceServiceClient::new(channel.clone())
+            .create_device(switchyard_tests::battery_request(&format!("p{pool}")))
+            .await
+            .unwrap();
+        // Windows a day ahead, each of its own.
+        let base = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+            + 86_400;
+        let (seen, stop) = (
+            std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0)),
+            std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        );
+        let watch = {
+            let (seen, stop) = (seen.clone(), stop.clone());
+            let url = db.url.clone();
+            tokio::spawn(async move {
+                let mut conn = PgConnection::connect(&url).await.unwrap();
+                while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                    let n: i64 = sqlx::query_scalar(
+                        "SELECT count(*) FROM pg_stat_activity \
+                         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                    )
+                    .fetch_one(&mut conn)
+                    .await
+                    .unwrap();
+                    seen.fetch_max(n, std::sync::atomic::Ordering::AcqRel);
+                }
+            })
+        };
+        let device = format!("p{pool}");
+        let calls = (0..64).map(|i| {
+            let channel = channel.clone();
+            let device = device.clone();
+            let slot = move |k: i64| prost_types::Timestamp {
+                seconds: base + k * 120,
+                nanos: 0,
+            };
+            tokio::spawn(async move {
+                let mut client = ActionServiceClient::new(channel);
+                for j in 0..10 {
+                    if (i + j) % 2 == 0 {
+                        let _ = client
+                            .list_actions(ListActionsRequest {
+                                device_id: device.clone(),
+                                page_size: 50,
+                                ..Default::default()
+                            })
+                            .await;
+                    } else {
+                        let k = i64::from(i * 10 + j);
+                        let _ = client
+                            .push_action(switchyard_tests::push(
+                                &device,
+                                switchyard_proto::v1::Action {
+                                    command: switchyard_proto::v1::Command::Charge as i32,
+                                    start_time: Some(slot(k)),
+                                    end_time: Some(slot(k)).map(|t| prost_types::Timestamp {
+                                        seconds: t.seconds + 60,
+                                        nanos: 0,
+                                    }),
+                                    ..Default::default()
+                                },
+                                switchyard_proto::v1::ConflictStrategy::Unspecified,
+                            ))
+                            .await;
+                    }
+                }
+            })
+        });
+        for c in futures::future::join_all(calls).await {
+            c.unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        watch.await.unwrap();
+        most.insert(pool, seen.load(std::sync::atomic::Ordering::Acquire));
+        drop(server);
+        // The replica's connections close with it.
+        for _ in 0..100 {
+            if connections().await == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    assert!(most["2"] <= 3, "{most:?}");
+    assert!(most["16"] > 3, "the default pool opened no more: {most:?}");
+    db.drop_database().await;
+}
