@@ -303,17 +303,19 @@ pub struct ServeArgs {
         value_name = "URL"
     )]
     pub database: String,
-    /// PostgreSQL: most connections this replica opens to the database
-    /// (its pool). Half of them write requests in groups; the dispatcher
-    /// records outcomes on at most one per eight. Every replica opens up to
-    /// this many: keep their sum under the server's `max_connections`.
-    /// Not used on SQLite.
+    /// PostgreSQL: most connections this replica's pool opens to the
+    /// database (one more is the health check's own). Up to half of them
+    /// write requests in groups; the dispatcher records outcomes on up to
+    /// N/8 (at least one). Every replica opens up to N+1: keep replicas at
+    /// their most (autoscaling, rollouts) times N+1 under the server's
+    /// `max_connections`. At least 4, so that reads and the dispatcher
+    /// keep a connection beside a writer and a record. Not used on SQLite.
     #[arg(
         long,
         env = "SWITCHYARD_DATABASE_MAX_CONNECTIONS",
         default_value_t = 16,
         value_name = "N",
-        value_parser = clap::value_parser!(u32).range(2..=1000)
+        value_parser = clap::value_parser!(u32).range(4..=1000)
     )]
     pub database_max_connections: u32,
     /// Do not create the demo devices on an empty database (default: an

@@ -138,7 +138,7 @@ fn switchyard_usage_errors_exit_2() {
         &["serve", "--no-such-flag"],
         &["serve", "--listen", "nowhere"],
         &["serve", "--horizon-days", "0"],
-        &["serve", "--database-max-connections", "1"],
+        &["serve", "--database-max-connections", "3"],
         &["serve", "--log-format", "xml"],
         &["no-such-command"],
         &[],

@@ -1026,8 +1026,8 @@ async fn the_scale_bench_runs_on_postgres() {
 
 /// `--database-max-connections` bounds the connections a replica opens
 /// to PostgreSQL (its pool, beside the health check's own): under 64
-/// concurrent calls, a server given 2 never holds more than 3, where the
-/// default pool of 16 would open more.
+/// concurrent calls, a server given 4 never holds more than 5 and answers
+/// every call, where the default pool of 16 opens more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_opens_at_most_its_pool_of_connections() {
     use switchyard_proto::v1::{
@@ -1041,16 +1041,17 @@ async fn a_replica_opens_at_most_its_pool_of_connections() {
     let connections = || async {
         let mut conn = PgConnection::connect(&db.url).await.unwrap();
         let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND backend_type = 'client backend' AND application_name = 'switchyard'",
         )
         .fetch_one(&mut conn)
         .await
         .unwrap();
+        conn.close().await.unwrap();
         n
     };
     let mut most = std::collections::BTreeMap::new();
-    for pool in ["2", "16"] {
+    for pool in ["4", "16"] {
         let server = switchyard_tests::ServerProcess::spawn_with(
             BIN,
             &db.url,
@@ -1079,8 +1080,8 @@ async fn a_replica_opens_at_most_its_pool_of_connections() {
                 let mut conn = PgConnection::connect(&url).await.unwrap();
                 while !stop.load(std::sync::atomic::Ordering::Acquire) {
                     let n: i64 = sqlx::query_scalar(
-                        "SELECT count(*) FROM pg_stat_activity \
-                         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                         AND backend_type = 'client backend' AND application_name = 'switchyard'",
                     )
                     .fetch_one(&mut conn)
                     .await
@@ -1090,7 +1091,9 @@ async fn a_replica_opens_at_most_its_pool_of_connections() {
             })
         };
         let device = format!("p{pool}");
+        let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let calls = (0..64).map(|i| {
+            let answered = answered.clone();
             let channel = channel.clone();
             let device = device.clone();
             let slot = move |k: i64| prost_types::Timestamp {
@@ -1101,16 +1104,18 @@ async fn a_replica_opens_at_most_its_pool_of_connections() {
                 let mut client = ActionServiceClient::new(channel);
                 for j in 0..10 {
                     if (i + j) % 2 == 0 {
-                        let _ = client
+                        let ok = client
                             .list_actions(ListActionsRequest {
                                 device_id: device.clone(),
                                 page_size: 50,
                                 ..Default::default()
                             })
-                            .await;
+                            .await
+                            .is_ok();
+                        answered.fetch_add(usize::from(ok), std::sync::atomic::Ordering::AcqRel);
                     } else {
                         let k = i64::from(i * 10 + j);
-                        let _ = client
+                        let ok = client
                             .push_action(switchyard_tests::push(
                                 &device,
                                 switchyard_proto::v1::Action {
@@ -1124,7 +1129,9 @@ async fn a_replica_opens_at_most_its_pool_of_connections() {
                                 },
                                 switchyard_proto::v1::ConflictStrategy::Unspecified,
                             ))
-                            .await;
+                            .await
+                            .is_ok();
+                        answered.fetch_add(usize::from(ok), std::sync::atomic::Ordering::AcqRel);
                     }
                 }
             })
@@ -1135,16 +1142,26 @@ async fn a_replica_opens_at_most_its_pool_of_connections() {
         stop.store(true, std::sync::atomic::Ordering::Release);
         watch.await.unwrap();
         most.insert(pool, seen.load(std::sync::atomic::Ordering::Acquire));
+        // Every call answered: a pool that small still serves.
+        assert_eq!(
+            answered.load(std::sync::atomic::Ordering::Acquire),
+            640,
+            "pool {pool}"
+        );
         drop(server);
-        // The replica's connections close with it.
+        // The replica's connections close with it, before the next one
+        // is counted.
+        let mut left = connections().await;
         for _ in 0..100 {
-            if connections().await == 0 {
+            if left == 0 {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            left = connections().await;
         }
+        assert_eq!(left, 0, "the stopped replica's connections are gone");
     }
-    assert!(most["2"] <= 3, "{most:?}");
-    assert!(most["16"] > 3, "the default pool opened no more: {most:?}");
+    assert!(most["4"] <= 5, "{most:?}");
+    assert!(most["16"] > 5, "the default pool opened no more: {most:?}");
     db.drop_database().await;
 }
