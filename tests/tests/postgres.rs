@@ -237,26 +237,7 @@ mod store_on_postgres {
                 .create_device(&tenant, device(&id), None)
                 .await
                 .unwrap();
-            store
-                .push(
-                    &tenant,
-                    &DeviceId::parse(&id).unwrap(),
-                    |_, _| {
-                        Ok(ValidPush {
-                            command: Command::Charge,
-                            channel: "mode".into(),
-                            params: Params::default(),
-                            start: T0.plus_nanos(H),
-                            end: Some(T0.plus_nanos(2 * H)),
-                            immediate: false,
-                        })
-                    },
-                    Strategy::Reject,
-                    false,
-                    None,
-                )
-                .await
-                .unwrap();
+            push_window(&store, &id, H, 2 * H).await.unwrap();
         }
         let jobs = store
             .claim_due(T0.plus_nanos(H), 1000, 4 * H)
@@ -1038,15 +1019,16 @@ async fn a_replica_opens_at_most_its_pool_of_connections() {
         return;
     };
     const BIN: &str = env!("CARGO_BIN_EXE_switchyard-under-test");
+    // The server's own connections (its pool and its health check's).
+    const SERVERS_CONNECTIONS: &str = "SELECT count(*) FROM pg_stat_activity \
+        WHERE datname = current_database() AND backend_type = 'client backend' \
+        AND application_name = 'switchyard'";
     let connections = || async {
         let mut conn = PgConnection::connect(&db.url).await.unwrap();
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-             AND backend_type = 'client backend' AND application_name = 'switchyard'",
-        )
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
+        let n: i64 = sqlx::query_scalar(SERVERS_CONNECTIONS)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
         conn.close().await.unwrap();
         n
     };
@@ -1079,13 +1061,10 @@ async fn a_replica_opens_at_most_its_pool_of_connections() {
             tokio::spawn(async move {
                 let mut conn = PgConnection::connect(&url).await.unwrap();
                 while !stop.load(std::sync::atomic::Ordering::Acquire) {
-                    let n: i64 = sqlx::query_scalar(
-                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                         AND backend_type = 'client backend' AND application_name = 'switchyard'",
-                    )
-                    .fetch_one(&mut conn)
-                    .await
-                    .unwrap();
+                    let n: i64 = sqlx::query_scalar(SERVERS_CONNECTIONS)
+                        .fetch_one(&mut conn)
+                        .await
+                        .unwrap();
                     seen.fetch_max(n, std::sync::atomic::Ordering::AcqRel);
                 }
             })
