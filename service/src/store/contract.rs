@@ -1732,6 +1732,81 @@ pub async fn work_not_started_in_time_is_not_ready(f: &Fixture) {
     assert_eq!(get(f, "d1", &a).await.state, ActionState::Acknowledged);
 }
 
+/// A heartbeat renews its claim's lease, not each row the claim holds:
+/// the work stays held (not claimed again, and the next due time waits
+/// for the renewed lease) past the lease its rows were claimed with, and
+/// is free once the renewed lease has run out too.
+pub async fn a_renewed_claim_holds_its_work_past_its_rows_lease(f: &Fixture) {
+    use super::entity::action;
+    use sea_orm::EntityTrait as _;
+    with_device(f, "d1").await;
+    let a = push(f, "d1", window(H, Some(2 * H)), Strategy::Reject)
+        .await
+        .expect("push")
+        .action;
+    // Claimed at T0 for 4 H, renewed at 3 H until 7 H.
+    let c = claim_ahead(&f.store, T0, T0.plus_nanos(H)).await;
+    assert_eq!(c.jobs.len(), 1);
+    let row_lease = || async {
+        action::Entity::find_by_id(a.id.to_string())
+            .one(&f.store.read)
+            .await
+            .expect("read")
+            .expect("the row")
+            .lease_until_ns
+    };
+    assert_eq!(row_lease().await, Some(T0.0 + 4 * H));
+    f.clock.set(T0.plus_nanos(3 * H));
+    let held = f
+        .store
+        .renew(&c.owner, T0.plus_nanos(7 * H))
+        .await
+        .expect("renew");
+    assert_eq!(held, 1, "the one job still held");
+    assert_eq!(
+        row_lease().await,
+        Some(T0.0 + 4 * H),
+        "the row keeps the lease it was claimed with"
+    );
+    // At 5 H the row's own lease has run out, its claim's has not.
+    let at = T0.plus_nanos(5 * H);
+    f.clock.set(at);
+    assert!(
+        claim_ahead(&f.store, at, at).await.jobs.is_empty(),
+        "held by the renewed claim"
+    );
+    assert_eq!(
+        f.store.next_due().await.expect("next_due"),
+        Some(T0.plus_nanos(7 * H)),
+        "free when the claim's lease runs out"
+    );
+    f.store
+        .start_claims(std::slice::from_ref(&c.owner), at)
+        .await
+        .expect("start_claims");
+    assert_eq!(get(f, "d1", &a).await.state, ActionState::Acknowledged);
+    let started = f
+        .store
+        .started(std::slice::from_ref(&c.owner), at)
+        .await
+        .expect("started");
+    assert_eq!(started.ready.get(&a.id.to_string()), Some(&c.owner));
+    // Past 7 H nothing holds it: claimed again, under a new claim.
+    let later = T0.plus_nanos(7 * H + Ts::SECOND);
+    f.clock.set(later);
+    let again = claim_ahead(&f.store, later, later).await;
+    assert_eq!(again.jobs.len(), 1, "free once the claim's lease ran out");
+    assert_ne!(again.owner, c.owner);
+    // The old claim, renewed once more too late, holds nothing.
+    assert_eq!(
+        f.store
+            .renew(&c.owner, later.plus_nanos(4 * H))
+            .await
+            .expect("renew"),
+        0
+    );
+}
+
 /// An action claimed twice (the first claim let go by a device change,
 /// the second taken afterwards) and started with both claims at once runs
 /// under the second claim only.
@@ -2461,6 +2536,7 @@ macro_rules! storage_contract_suite {
                 a_device_change_takes_back_work_claimed_ahead,
                 a_start_names_the_claim_each_action_runs_under,
                 work_not_started_in_time_is_not_ready,
+                a_renewed_claim_holds_its_work_past_its_rows_lease,
                 claims_are_let_go_when_their_work_changes,
                 a_start_carries_its_devices_memos,
                 outcomes_recorded_together_are_each_written_alone,

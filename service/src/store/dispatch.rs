@@ -20,7 +20,9 @@ use std::{
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder,
     QuerySelect, QueryTrait, TransactionTrait,
-    sea_query::{Expr, ExprTrait, Func, LockBehavior, LockType, Query},
+    sea_query::{
+        Alias, Expr, ExprTrait, Func, IntoIden, LockBehavior, LockType, OnConflict, Query,
+    },
 };
 
 use super::{
@@ -40,6 +42,49 @@ pub use crate::domain::lifecycle::Finish;
 /// predicate, which a bound parameter would hide from the planner.
 fn owed() -> Expr {
     Expr::cust(rows::OWED_SQL)
+}
+
+/// `dispatch_leases` (migration 21): one lease per claim, renewed by the
+/// claim's heartbeat ([`Store::renew`]) instead of the lease of every row
+/// it holds.
+fn leases() -> Alias {
+    Alias::new("dispatch_leases")
+}
+
+fn lease_col(c: &str) -> Expr {
+    Expr::col((leases(), Alias::new(c)))
+}
+
+/// Whether the claim named by the row's `lease_owner` (of table `t`) has
+/// a lease in `dispatch_leases` still running at `now`.
+fn claim_live<T: IntoIden + Clone>(t: T, now: Ts) -> Expr {
+    Expr::exists(
+        Query::select()
+            .expr(Expr::val(1))
+            .from(leases())
+            .and_where(lease_col("owner").equals((t, action::Column::LeaseOwner)))
+            .and_where(lease_col("until_ns").gt(now.0))
+            .to_owned(),
+    )
+}
+
+/// Whether the row of table `t` is held by its claim at `now`: its own
+/// lease (written with the claim) or its claim's (renewed since) runs on.
+/// A claim's lease is never shorter than its rows', so a row whose claim
+/// lease has run out is free.
+fn held<T: IntoIden + Clone>(t: T, now: Ts) -> Expr {
+    Expr::col((t.clone(), action::Column::LeaseUntilNs))
+        .gt(now.0)
+        .or(claim_live(t, now))
+}
+
+/// Whether a row may be claimed at `now`: never claimed, let go, or held
+/// by neither its own lease nor its claim's.
+fn claimable(now: Ts) -> Expr {
+    let lease = || Expr::col((action::Entity, action::Column::LeaseUntilNs));
+    lease().is_null().or(lease()
+        .lte(now.0)
+        .and(claim_live(action::Entity, now).not()))
 }
 
 /// Work a dispatcher has claimed.
@@ -274,6 +319,9 @@ impl Store {
                 Ok((rows, devices))
             })
             .await?;
+        if !rows.is_empty() {
+            self.forget_leases(now, lease_nanos).await;
+        }
         let job = |m: action::Model| -> Result<Job, Error> {
             Ok(Job {
                 tenant: TenantId::from_stored(m.tenant_id.clone()),
@@ -385,7 +433,7 @@ impl Store {
         if claims.is_empty() {
             return Ok(Started::default());
         }
-        use sea_orm::sea_query::{Alias, JoinType};
+        use sea_orm::sea_query::JoinType;
         let took = std::time::Instant::now();
         let (r, m) = (Alias::new("r"), Alias::new("m"));
         let col = |t: &Alias, c: action::Column| Expr::col((t.clone(), c));
@@ -430,7 +478,7 @@ impl Store {
             // cancellable: it must not run.
             .and_where(col(&r, action::Column::State).ne(ActionState::Scheduled.as_str()))
             .and_where(col(&r, action::Column::DueNs).lte(now.0))
-            .and_where(col(&r, action::Column::LeaseUntilNs).gt(now.0))
+            .and_where(held(r.clone(), now))
             .to_owned();
         self.bounded(async {
             let rows = self.read.query_all(&q).await.map_err(db_err)?;
@@ -494,31 +542,60 @@ impl Store {
         Ok(())
     }
 
-    /// Extends the lease of every job still held under `claim` to
-    /// `until` (the dispatcher's heartbeat while a round runs); returns
-    /// how many. Jobs already recorded hold no claim and are untouched; a
+    /// Extends the lease of `claim` to `until` (the dispatcher's
+    /// heartbeat while a round runs), for every job still held under it;
+    /// returns how many those are. Jobs already recorded hold no claim; a
     /// claim that lapsed and was taken again is not this one any more.
+    ///
+    /// One row is written, the claim's in `dispatch_leases`: the rows the
+    /// claim holds keep the lease they were claimed with, and are held
+    /// while either runs ([`held`]). A storm's claims hold 100,000 rows
+    /// until their outcomes are recorded; renewing each of them every
+    /// third of a lease wrote them several times over on a database that
+    /// could not keep up.
     pub async fn renew(&self, claim: &str, until: Ts) -> Result<u64, Error> {
         self.bounded(async {
-            // Rows being recorded right now (locked by the round's own
-            // finish, or a push) are skipped, not waited for: renewing in
-            // one order while they lock in another would deadlock.
-            let mine = action::Entity::find()
+            let upsert = Query::insert()
+                .into_table(leases())
+                .columns([Alias::new("owner"), Alias::new("until_ns")])
+                .values([claim.into(), until.0.into()])
+                .map_err(|e| Error::Internal(format!("lease statement: {e}")))?
+                .on_conflict(
+                    OnConflict::column(Alias::new("owner"))
+                        .update_column(Alias::new("until_ns"))
+                        .to_owned(),
+                )
+                .to_owned();
+            self.write.execute(&upsert).await.map_err(db_err)?;
+            let held: Option<i64> = action::Entity::find()
                 .select_only()
-                .column(action::Column::ActionId)
+                .expr(Expr::col(action::Column::ActionId).count())
                 .filter(action::Column::LeaseOwner.eq(claim))
-                .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
-                .into_query();
-            let done = action::Entity::update_many()
-                .col_expr(action::Column::LeaseUntilNs, Expr::value(until.0))
-                .filter(action::Column::ActionId.in_subquery(mine))
-                .filter(action::Column::LeaseOwner.eq(claim))
-                .exec(&self.write)
+                .into_tuple()
+                .one(&self.write)
                 .await
                 .map_err(db_err)?;
-            Ok(done.rows_affected)
+            Ok(held.map_or(0, |n| u64::try_from(n).unwrap_or(0)))
         })
         .await
+    }
+
+    /// Deletes the leases of claims that ran out more than a lease before
+    /// `now` (a margin for other replicas' clocks): whatever they held is
+    /// free either way. Best effort, outside any claim's transaction (two
+    /// replicas deleting the same rows would otherwise wait on each other
+    /// inside their claims).
+    async fn forget_leases(&self, now: Ts, lease_nanos: i64) {
+        let q = Query::delete()
+            .from_table(leases())
+            .and_where(lease_col("until_ns").lt(now.0.saturating_sub(lease_nanos)))
+            .to_owned();
+        if let Err(e) = self
+            .bounded(async { self.write.execute(&q).await.map_err(db_err) })
+            .await
+        {
+            tracing::debug!(error = %e, "could not delete old dispatch leases");
+        }
     }
 
     /// When the next work can be claimed, if any (for the dispatcher's
@@ -526,12 +603,23 @@ impl Store {
     /// dispatcher never spins on work another one holds.
     pub async fn next_due(&self) -> Result<Option<Ts>, Error> {
         self.bounded(async {
-            let lease = || Expr::col(action::Column::LeaseUntilNs);
-            let due = || Expr::col(action::Column::DueNs);
+            use sea_orm::sea_query::JoinType;
+            // The later of the row's lease and its claim's.
+            let row_lease = || Expr::col((action::Entity, action::Column::LeaseUntilNs));
+            let lease = || {
+                Expr::case(lease_col("until_ns").gt(row_lease()), lease_col("until_ns"))
+                    .finally(row_lease())
+            };
+            let due = || Expr::col((action::Entity, action::Column::DueNs));
             let free_at = Expr::case(lease().gt(due()), lease()).finally(due());
             let q = Query::select()
                 .expr_as(Func::min(free_at), "next_ns")
                 .from(action::Entity)
+                .join(
+                    JoinType::LeftJoin,
+                    leases(),
+                    lease_col("owner").equals((action::Entity, action::Column::LeaseOwner)),
+                )
                 .and_where(owed())
                 .to_owned();
             let row = self.read.query_one(&q).await.map_err(db_err)?;
@@ -766,11 +854,7 @@ async fn claim_in(
         .column(action::Column::ActionId)
         .filter(owed())
         .filter(action::Column::DueNs.lte(until.0))
-        .filter(
-            action::Column::LeaseUntilNs
-                .is_null()
-                .or(action::Column::LeaseUntilNs.lte(now.0)),
-        )
+        .filter(claimable(now))
         .order_by_asc(action::Column::DueNs)
         .limit(u64::from(limit))
         .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
@@ -789,11 +873,7 @@ async fn claim_in(
         // Again here: the claim never takes a row another claim holds,
         // however the database runs the subquery.
         .filter(owed())
-        .filter(
-            action::Column::LeaseUntilNs
-                .is_null()
-                .or(action::Column::LeaseUntilNs.lte(now.0)),
-        )
+        .filter(claimable(now))
         .exec(tx)
         .await
         .map_err(db_err)?;
@@ -818,7 +898,7 @@ async fn dispatched(tx: &DatabaseTransaction, owner: Expr, now: Ts) -> Result<()
     let dispatched = || {
         sea_orm::Condition::all()
             .add(owner.clone())
-            .add(action::Column::LeaseUntilNs.gt(now.0))
+            .add(held(action::Entity, now))
             .add(action::Column::State.eq(from))
             .add(action::Column::Work.eq(Work::Apply.as_str()))
             .add(action::Column::DueNs.lte(now.0))

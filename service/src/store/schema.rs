@@ -452,6 +452,23 @@ DROP INDEX IF EXISTS actions_holding;
 CREATE INDEX actions_in_force ON actions (tenant_id, device_id) WHERE driver_memo IS NOT NULL;
 "#,
     ),
+    (
+        21,
+        Only::Both,
+        r#"
+-- The leases of dispatch claims, one row per claim (`lease_owner` of the
+-- rows it holds). A claimed row is held while its own lease, written
+-- with the claim, or its claim's lease here (written by the claim's
+-- first renewal) has not run out; the claim's heartbeat renews this one
+-- row instead of every row the claim holds
+-- (a storm's claims hold 100,000, renewed every third of a lease until
+-- recorded). Replicas of earlier versions read the rows' own lease only.
+CREATE TABLE dispatch_leases (
+    owner    TEXT  NOT NULL PRIMARY KEY,
+    until_ns {i64} NOT NULL
+);
+"#,
+    ),
 ];
 
 #[cfg(test)]
