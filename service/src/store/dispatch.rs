@@ -572,7 +572,7 @@ impl Store {
                 .expr(Expr::col(action::Column::ActionId).count())
                 .filter(action::Column::LeaseOwner.eq(claim))
                 .into_tuple()
-                .one(&self.write)
+                .one(&self.read)
                 .await
                 .map_err(db_err)?;
             Ok(held.map_or(0, |n| u64::try_from(n).unwrap_or(0)))
