@@ -142,29 +142,30 @@ got="$(grace_of -f "$chart/ci/everything-on-values.yaml")"
 echo "terminationGracePeriodSeconds: 40 (defaults), 80 (everything-on)"
 
 # PostgreSQL: each replica's pool keeps the most pods that run at once
-# (replicas and a rolling update's 25 % surge) within connectionBudget.
+# (replicas, a rolling update's 25 % surge, and as many terminating)
+# within connectionBudget.
 pool_of() {
   helm template switchyard "$chart" --kube-version "$render_version" --show-only templates/deployment.yaml \
     -f "$chart/ci/postgres-values.yaml" "$@" \
     | awk '/name: SWITCHYARD_DATABASE_MAX_CONNECTIONS/ { getline; gsub(/"/, "", $2); print $2 }'
 }
-[[ "$(pool_of)" == 16 ]] || fail "3 replicas: pool $(pool_of), want 16 (the server's default; 4 pods x 17 <= 90)"
+[[ "$(pool_of)" == 16 ]] || fail "3 replicas: pool $(pool_of), want 16 (the server's default; 5 pods x 17 <= 90)"
 got="$(pool_of --set autoscaling.enabled=true)"
-[[ "$got" == 10 ]] || fail "maxReplicas 6: pool $got, want 90 / (6 + 2) - 1 = 10"
+[[ "$got" == 8 ]] || fail "maxReplicas 6: pool $got, want 90 / (6 + 2 + 2) - 1 = 8"
 got="$(pool_of --set autoscaling.enabled=true --set database.postgres.connectionBudget=400)"
 [[ "$got" == 16 ]] || fail "maxReplicas 6, budget 400: pool $got, want 16 (at most the server's default)"
-got="$(pool_of --set database.postgres.poolSize=20)"
-[[ "$got" == 20 ]] || fail "poolSize 20: pool $got, want 20"
+got="$(pool_of --set database.postgres.poolSize=14)"
+[[ "$got" == 14 ]] || fail "poolSize 14: pool $got, want 14"
 sqlite_env="$(helm template switchyard "$chart" --kube-version "$render_version" --show-only templates/deployment.yaml)"
 [[ "$sqlite_env" != *SWITCHYARD_DATABASE_MAX_CONNECTIONS* ]] || fail "sqlite mode sets a PostgreSQL pool"
-echo "PostgreSQL pool: 16 (3 replicas), 10 (maxReplicas 6), 16 (budget 400), 20 (poolSize 20), none on SQLite"
+echo "PostgreSQL pool: 16 (3 replicas), 8 (maxReplicas 6), 16 (budget 400), 14 (poolSize 14), none on SQLite"
 must_fail "a pool of at least 4 connections" -f "$chart/ci/postgres-values.yaml" \
   --set autoscaling.enabled=true --set autoscaling.maxReplicas=30
 must_fail "over database.postgres.connectionBudget 90" -f "$chart/ci/postgres-values.yaml" \
   --set database.postgres.poolSize=30
 must_fail "the server needs at least 4" -f "$chart/ci/postgres-values.yaml" \
   --set database.postgres.poolSize=3
-must_fail "extraEnv may not set SWITCHYARD_DATABASE_MAX_CONNECTIONS" \
+must_fail "extraEnv may not set SWITCHYARD_DATABASE_MAX_CONNECTIONS" -f "$chart/ci/postgres-values.yaml" \
   --set 'extraEnv[0].name=SWITCHYARD_DATABASE_MAX_CONNECTIONS' --set-string 'extraEnv[0].value=60'
 
 echo "check-helm: ok"

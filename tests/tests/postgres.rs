@@ -962,7 +962,8 @@ async fn the_scale_bench_runs_on_postgres() {
             .find(|l| l.trim_start().starts_with(&format!("{what}:")))
             .unwrap_or_else(|| panic!("no plan for {what}: {text}"));
         assert!(indexes.iter().any(|i| line.contains(i)), "{line}");
-        assert!(!line.contains("Seq Scan"), "{line}");
+        // (A claim's leases, one row per live claim, may be scanned.)
+        assert!(!line.contains("Seq Scan on actions"), "{line}");
     }
     // Generic plans: the parameters are still there, not values.
     let claim = text

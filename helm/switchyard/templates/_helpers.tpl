@@ -96,7 +96,10 @@ by the Deployment, so every render checks them.
 {{- /* A variable the chart sets from its values may not be set again through
 extraEnv: the second would win silently, and terminationGracePeriodSeconds
 is computed from shutdown.graceSeconds. */}}
-{{- $managed := list "SWITCHYARD_LISTEN" "SWITCHYARD_DATABASE_URL" "SWITCHYARD_DATABASE_MAX_CONNECTIONS" "SWITCHYARD_LOG_FORMAT" "SWITCHYARD_SHUTDOWN_GRACE_SECONDS" "SWITCHYARD_SECRETS_DIR" "SWITCHYARD_OEM_URL_ALLOW" "SWITCHYARD_WEBHOOK_URL_ALLOW" "SWITCHYARD_METRICS_LISTEN" }}
+{{- $managed := list "SWITCHYARD_LISTEN" "SWITCHYARD_DATABASE_URL" "SWITCHYARD_LOG_FORMAT" "SWITCHYARD_SHUTDOWN_GRACE_SECONDS" "SWITCHYARD_SECRETS_DIR" "SWITCHYARD_OEM_URL_ALLOW" "SWITCHYARD_WEBHOOK_URL_ALLOW" "SWITCHYARD_METRICS_LISTEN" }}
+{{- if eq .Values.database.mode "postgres" }}
+{{- $managed = append $managed "SWITCHYARD_DATABASE_MAX_CONNECTIONS" }}
+{{- end }}
 {{- range .Values.extraEnv }}
 {{- if has .name $managed }}
 {{- fail (printf "extraEnv may not set %s: the chart sets it from its values (see the chart's README, \"Values\")." .name) }}
@@ -116,35 +119,37 @@ sleep runs before SIGTERM and counts against the same period.
 {{- end }}
 
 {{/*
-Where the database is, for the server and for the bootstrap-key Job alike.
-*/}}
-{{/*
 PostgreSQL: each replica's pool (--database-max-connections), so that the
 most pods that run at once stay within database.postgres.connectionBudget.
 Each pod holds its pool and one connection for its health check. The most
-pods: autoscaling.maxReplicas (or replicaCount) plus a rolling update's
-surge (Kubernetes' default maxSurge, 25 % rounded up). Fails when the
-budget cannot be kept.
+pods: autoscaling.maxReplicas (or replicaCount), plus a rolling update's
+surge (Kubernetes' default maxSurge, 25 % rounded up), plus as many again
+still terminating (a Deployment does not count them, and they keep their
+connections through their grace period). Fails when the budget cannot be
+kept.
 */}}
 {{- define "switchyard.poolSize" -}}
 {{- $pg := .Values.database.postgres }}
 {{- $replicas := ternary (int .Values.autoscaling.maxReplicas) (int .Values.replicaCount) .Values.autoscaling.enabled }}
-{{- $pods := add $replicas (div (add $replicas 3) 4) }}
+{{- $pods := add $replicas (mul 2 (div (add $replicas 3) 4)) }}
 {{- $budget := int $pg.connectionBudget }}
 {{- $size := int $pg.poolSize }}
 {{- if eq $size 0 }}
 {{- $size = min 16 (sub (div $budget $pods) 1) }}
 {{- if lt $size 4 }}
-{{- fail (printf "database.postgres.connectionBudget %d cannot give %d pods (replicas and a rolling update's extra pods) a pool of at least 4 connections each (and one for the health check): raise it to %d or more, or run fewer replicas." $budget $pods (mul $pods 5)) }}
+{{- fail (printf "database.postgres.connectionBudget %d cannot give %d pods (replicas, and a rolling update's extra and terminating pods) a pool of at least 4 connections each (and one for the health check): raise it to %d or more, or run fewer replicas." $budget $pods (mul $pods 5)) }}
 {{- end }}
 {{- else if gt (mul $pods (add $size 1)) $budget }}
-{{- fail (printf "database.postgres.poolSize %d: %d pods (replicas and a rolling update's extra pods) would hold %d connections (pool and health check), over database.postgres.connectionBudget %d." $size $pods (mul $pods (add $size 1)) $budget) }}
+{{- fail (printf "database.postgres.poolSize %d: %d pods (replicas, and a rolling update's extra and terminating pods) would hold %d connections (pool and health check), over database.postgres.connectionBudget %d." $size $pods (mul $pods (add $size 1)) $budget) }}
 {{- else if lt $size 4 }}
 {{- fail (printf "database.postgres.poolSize %d: the server needs at least 4." $size) }}
 {{- end }}
 {{- $size }}
 {{- end }}
 
+{{/*
+Where the database is, for the server and for the bootstrap-key Job alike.
+*/}}
 {{- define "switchyard.databaseEnv" -}}
 {{- if eq .Values.database.mode "postgres" }}
 - name: SWITCHYARD_DATABASE_URL

@@ -1733,13 +1733,16 @@ pub async fn work_not_started_in_time_is_not_ready(f: &Fixture) {
 }
 
 /// A heartbeat renews its claim's lease, not each row the claim holds:
-/// the work stays held (not claimed again, and the next due time waits
-/// for the renewed lease) past the lease its rows were claimed with, and
-/// is free once the renewed lease has run out too.
+/// the work stays held (not claimed again, not in the way of other work,
+/// and the next due time waits for the renewed lease) past the lease its
+/// rows were claimed with, for as long as the renewals go on, and is free
+/// once the last renewed lease has run out. Leases long run out are
+/// deleted, and a claim whose lease is gone renews nothing.
 pub async fn a_renewed_claim_holds_its_work_past_its_rows_lease(f: &Fixture) {
     use super::entity::action;
-    use sea_orm::EntityTrait as _;
+    use sea_orm::{ConnectionTrait as _, EntityTrait as _};
     with_device(f, "d1").await;
+    with_device(f, "d2").await;
     let a = push(f, "d1", window(H, Some(2 * H)), Strategy::Reject)
         .await
         .expect("push")
@@ -1756,25 +1759,31 @@ pub async fn a_renewed_claim_holds_its_work_past_its_rows_lease(f: &Fixture) {
             .lease_until_ns
     };
     assert_eq!(row_lease().await, Some(T0.0 + 4 * H));
-    f.clock.set(T0.plus_nanos(3 * H));
-    let held = f
-        .store
-        .renew(&c.owner, T0.plus_nanos(7 * H))
-        .await
-        .expect("renew");
-    assert_eq!(held, 1, "the one job still held");
+    let renew = |at: i64, until: i64| {
+        f.clock.set(T0.plus_nanos(at));
+        f.store.renew(&c.owner, T0.plus_nanos(until))
+    };
+    assert_eq!(renew(3 * H, 7 * H).await.expect("renew"), 1, "one job held");
     assert_eq!(
         row_lease().await,
         Some(T0.0 + 4 * H),
         "the row keeps the lease it was claimed with"
     );
-    // At 5 H the row's own lease has run out, its claim's has not.
+    // At 5 H the row's own lease has run out, its claim's has not: a
+    // claim of one passes it by for later work that is free.
     let at = T0.plus_nanos(5 * H);
     f.clock.set(at);
-    assert!(
-        claim_ahead(&f.store, at, at).await.jobs.is_empty(),
-        "held by the renewed claim"
-    );
+    let b = push(f, "d2", window(6 * H, Some(7 * H)), Strategy::Reject)
+        .await
+        .expect("push")
+        .action;
+    let other = f
+        .store
+        .claim_ahead(at, T0.plus_nanos(6 * H), 1, 4 * H)
+        .await
+        .expect("claim_ahead");
+    let taken: Vec<String> = other.jobs.iter().map(|j| j.action.id.to_string()).collect();
+    assert_eq!(taken, vec![b.id.to_string()], "held work is passed by");
     assert_eq!(
         f.store.next_due().await.expect("next_due"),
         Some(T0.plus_nanos(7 * H)),
@@ -1791,11 +1800,26 @@ pub async fn a_renewed_claim_holds_its_work_past_its_rows_lease(f: &Fixture) {
         .await
         .expect("started");
     assert_eq!(started.ready.get(&a.id.to_string()), Some(&c.owner));
-    // Past 7 H nothing holds it: claimed again, under a new claim.
-    let later = T0.plus_nanos(7 * H + Ts::SECOND);
+    // Renewed again at 6 H until 10 H: still held at 8 H, after the
+    // leases run out long ago are deleted.
+    assert_eq!(renew(6 * H, 10 * H).await.expect("renew"), 1);
+    let at = T0.plus_nanos(8 * H);
+    f.clock.set(at);
+    f.store.forget_leases(at, 4 * H).await;
+    assert!(
+        claim_ahead(&f.store, at, at).await.jobs.is_empty(),
+        "held by the claim renewed twice"
+    );
+    // Past 10 H nothing holds it: claimed again, under a new claim.
+    let later = T0.plus_nanos(10 * H + Ts::SECOND);
     f.clock.set(later);
     let again = claim_ahead(&f.store, later, later).await;
-    assert_eq!(again.jobs.len(), 1, "free once the claim's lease ran out");
+    let taken: Vec<String> = again.jobs.iter().map(|j| j.action.id.to_string()).collect();
+    // (b's claim, never renewed, ran out at 9 H: b is free too.)
+    assert!(
+        taken.contains(&a.id.to_string()),
+        "free once the claim's lease ran out: {taken:?}"
+    );
     assert_ne!(again.owner, c.owner);
     // The old claim, renewed once more too late, holds nothing.
     assert_eq!(
@@ -1805,6 +1829,43 @@ pub async fn a_renewed_claim_holds_its_work_past_its_rows_lease(f: &Fixture) {
             .expect("renew"),
         0
     );
+    // A lease run out more than a lease ago is deleted, and its claim
+    // renews nothing any more; live ones stay.
+    let leases = |owner: String| async move {
+        let q = sea_orm::Statement::from_sql_and_values(
+            f.store.read.get_database_backend(),
+            if f.store.read.get_database_backend() == sea_orm::DbBackend::Postgres {
+                "SELECT COUNT(*) AS n FROM dispatch_leases WHERE owner = $1"
+            } else {
+                "SELECT COUNT(*) AS n FROM dispatch_leases WHERE owner = ?"
+            },
+            [owner.into()],
+        );
+        let row = f
+            .store
+            .read
+            .query_one_raw(q)
+            .await
+            .expect("count")
+            .expect("a row");
+        row.try_get::<i64>("", "n").expect("n")
+    };
+    assert_eq!(leases(c.owner.clone()).await, 1);
+    let much_later = later.plus_nanos(8 * H + Ts::SECOND);
+    f.store.forget_leases(later, 4 * H).await;
+    assert_eq!(
+        leases(c.owner.clone()).await,
+        1,
+        "still running at {later:?}"
+    );
+    f.store.forget_leases(much_later, 4 * H).await;
+    assert_eq!(
+        leases(c.owner.clone()).await,
+        0,
+        "ran out at 14 H, deleted at 18 H"
+    );
+    assert_eq!(leases(again.owner.clone()).await, 0);
+    assert_eq!(f.store.renew(&c.owner, much_later).await.expect("renew"), 0);
 }
 
 /// An action claimed twice (the first claim let go by a device change,

@@ -19,10 +19,8 @@ use std::{
 
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, QueryTrait, TransactionTrait,
-    sea_query::{
-        Alias, Expr, ExprTrait, Func, IntoIden, LockBehavior, LockType, OnConflict, Query,
-    },
+    QuerySelect, TransactionTrait,
+    sea_query::{Alias, Expr, ExprTrait, Func, IntoIden, LockBehavior, LockType, Query},
 };
 
 use super::{
@@ -319,8 +317,17 @@ impl Store {
                 Ok((rows, devices))
             })
             .await?;
-        if !rows.is_empty() {
-            self.forget_leases(now, lease_nanos).await;
+        // At most once a lease, beside the claim (not in its way).
+        let last = &self.recording.counts.leases_forgotten_ns;
+        let before = last.load(Ordering::Acquire);
+        if !rows.is_empty()
+            && now.0.saturating_sub(before) >= lease_nanos
+            && last
+                .compare_exchange(before, now.0, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            let store = self.clone();
+            tokio::spawn(async move { store.forget_leases(now, lease_nanos).await });
         }
         let job = |m: action::Model| -> Result<Job, Error> {
             Ok(Job {
@@ -555,18 +562,19 @@ impl Store {
     /// could not keep up.
     pub async fn renew(&self, claim: &str, until: Ts) -> Result<u64, Error> {
         self.bounded(async {
-            let upsert = Query::insert()
-                .into_table(leases())
-                .columns([Alias::new("owner"), Alias::new("until_ns")])
-                .values([claim.into(), until.0.into()])
-                .map_err(|e| Error::Internal(format!("lease statement: {e}")))?
-                .on_conflict(
-                    OnConflict::column(Alias::new("owner"))
-                        .update_column(Alias::new("until_ns"))
-                        .to_owned(),
-                )
+            // Written with the claim; gone only long after it ran out.
+            let renew = Query::update()
+                .table(leases())
+                .value(Alias::new("until_ns"), until.0)
+                .and_where(lease_col("owner").eq(claim))
                 .to_owned();
-            self.write.execute(&upsert).await.map_err(db_err)?;
+            let renewed = self.write.execute(&renew).await.map_err(db_err)?;
+            if renewed.rows_affected() == 0 {
+                return Ok(0);
+            }
+            // After the renewal: a claim that took rows of this one while
+            // it renewed had their lease row locked (`live_claims`), so
+            // its commit came first and is seen here.
             let held: Option<i64> = action::Entity::find()
                 .select_only()
                 .expr(Expr::col(action::Column::ActionId).count())
@@ -580,15 +588,16 @@ impl Store {
         .await
     }
 
-    /// Deletes the leases of claims that ran out more than a lease before
-    /// `now` (a margin for other replicas' clocks): whatever they held is
-    /// free either way. Best effort, outside any claim's transaction (two
-    /// replicas deleting the same rows would otherwise wait on each other
-    /// inside their claims).
-    async fn forget_leases(&self, now: Ts, lease_nanos: i64) {
+    /// Deletes the leases of claims that ran out more than a lease (at
+    /// least the clocks' allowed skew) before `now`: whatever they held
+    /// is free either way, and a heartbeat that late finds its claim gone
+    /// ([`Store::renew`] answers 0). Best effort, outside any claim's
+    /// transaction.
+    pub(super) async fn forget_leases(&self, now: Ts, lease_nanos: i64) {
+        let margin = Ord::max(lease_nanos, super::CLOCK_SKEW_NANOS);
         let q = Query::delete()
             .from_table(leases())
-            .and_where(lease_col("until_ns").lt(now.0.saturating_sub(lease_nanos)))
+            .and_where(lease_col("until_ns").lt(now.0.saturating_sub(margin)))
             .to_owned();
         if let Err(e) = self
             .bounded(async { self.write.execute(&q).await.map_err(db_err) })
@@ -847,18 +856,37 @@ async fn claim_in(
     lease_nanos: i64,
     owner: &str,
 ) -> Result<Vec<Result<action::Model, Error>>, Error> {
-    // Due and unclaimed (or its claim lapsed). On PostgreSQL rows another
-    // replica is claiming right now are skipped, not waited for.
-    let due = action::Entity::find()
+    // Due and unclaimed (or its claim lapsed), locked, with the claims
+    // that held them. On PostgreSQL rows another replica is claiming
+    // right now are skipped, not waited for.
+    let due: Vec<(String, Option<String>)> = action::Entity::find()
         .select_only()
         .column(action::Column::ActionId)
+        .column(action::Column::LeaseOwner)
         .filter(owed())
         .filter(action::Column::DueNs.lte(until.0))
         .filter(claimable(now))
         .order_by_asc(action::Column::DueNs)
         .limit(u64::from(limit))
         .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
-        .into_query();
+        .into_tuple()
+        .all(tx)
+        .await
+        .map_err(db_err)?;
+    let live = if tx.get_database_backend() == sea_orm::DbBackend::Postgres {
+        live_claims(tx, &due, now).await?
+    } else {
+        // SQLite: no renewal can commit while this write transaction runs.
+        std::collections::HashSet::new()
+    };
+    let ids: Vec<&str> = due
+        .iter()
+        .filter(|(_, held_by)| held_by.as_ref().is_none_or(|c| !live.contains(c)))
+        .map(|(id, _)| id.as_str())
+        .collect();
+    if ids.is_empty() {
+        return Ok(vec![]);
+    }
     action::Entity::update_many()
         .col_expr(
             action::Column::LeaseUntilNs,
@@ -869,14 +897,22 @@ async fn claim_in(
             action::Column::Fence,
             Expr::col(action::Column::Fence).add(1),
         )
-        .filter(action::Column::ActionId.in_subquery(due))
-        // Again here: the claim never takes a row another claim holds,
-        // however the database runs the subquery.
+        .filter(action::Column::ActionId.is_in(ids))
+        // Again here: the claim never takes a row another claim holds.
         .filter(owed())
         .filter(claimable(now))
         .exec(tx)
         .await
         .map_err(db_err)?;
+    // The claim's own lease, as long as its rows': its heartbeat renews
+    // this one ([`Store::renew`]).
+    let lease = Query::insert()
+        .into_table(leases())
+        .columns([Alias::new("owner"), Alias::new("until_ns")])
+        .values([owner.into(), (now.0 + lease_nanos).into()])
+        .map_err(|e| Error::Internal(format!("lease statement: {e}")))?
+        .to_owned();
+    tx.execute(&lease).await.map_err(db_err)?;
     dispatched(tx, action::Column::LeaseOwner.eq(owner), now).await?;
     rows::each(
         tx,
@@ -885,6 +921,41 @@ async fn claim_in(
             .order_by_asc(action::Column::DueNs),
     )
     .await
+}
+
+/// PostgreSQL: of the claims that held the rows `due` (locked by a claim
+/// in progress, their own leases run out), those whose lease runs at
+/// `now`, read again with their lease rows locked. The first read's
+/// snapshot may predate a renewal: one committed since is seen here, one
+/// in progress is waited for, and one that comes later waits for this
+/// claim's commit and then counts none of its rows still held.
+async fn live_claims(
+    tx: &DatabaseTransaction,
+    due: &[(String, Option<String>)],
+    now: Ts,
+) -> Result<std::collections::HashSet<String>, Error> {
+    let mut previous: Vec<&str> = due.iter().filter_map(|(_, c)| c.as_deref()).collect();
+    previous.sort_unstable();
+    previous.dedup();
+    if previous.is_empty() {
+        return Ok(std::collections::HashSet::new());
+    }
+    let q = Query::select()
+        .expr_as(lease_col("owner"), Alias::new("owner"))
+        .expr_as(lease_col("until_ns"), Alias::new("until_ns"))
+        .from(leases())
+        .and_where(lease_col("owner").is_in(previous))
+        .order_by(Alias::new("owner"), sea_orm::Order::Asc)
+        .lock(LockType::Share)
+        .to_owned();
+    let mut live = std::collections::HashSet::new();
+    for row in tx.query_all(&q).await.map_err(db_err)? {
+        let until: i64 = row.try_get("", "until_ns").map_err(db_err)?;
+        if until > now.0 {
+            live.insert(row.try_get::<String>("", "owner").map_err(db_err)?);
+        }
+    }
+    Ok(live)
 }
 
 /// Sends the SCHEDULED applies held by the claims `owner` selects that are

@@ -173,6 +173,8 @@ pub struct Store {
 pub(super) struct RecordingCounts {
     pub(super) now: std::sync::atomic::AtomicUsize,
     pub(super) most: std::sync::atomic::AtomicUsize,
+    /// When this process last deleted old dispatch leases.
+    pub(super) leases_forgotten_ns: std::sync::atomic::AtomicI64,
 }
 
 /// The bound on dispatch records running at once (PostgreSQL), and what

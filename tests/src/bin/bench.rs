@@ -1363,11 +1363,11 @@ async fn plans(url: &str) -> Vec<(&'static str, String)> {
         ),
         (
             "dispatch: claim due work",
-            "SELECT action_id FROM actions WHERE work <> 'NONE' AND due_ns <= 0 AND (lease_until_ns IS NULL OR lease_until_ns <= 0) ORDER BY due_ns LIMIT 2048",
+            "SELECT action_id, lease_owner FROM actions WHERE work <> 'NONE' AND due_ns <= 0 AND (lease_until_ns IS NULL OR (lease_until_ns <= 0 AND NOT EXISTS (SELECT 1 FROM dispatch_leases WHERE dispatch_leases.owner = actions.lease_owner AND dispatch_leases.until_ns > 0))) ORDER BY due_ns LIMIT 2048",
         ),
         (
             "dispatch: next due",
-            "SELECT MIN(CASE WHEN lease_until_ns > due_ns THEN lease_until_ns ELSE due_ns END) FROM actions WHERE work <> 'NONE'",
+            "SELECT MIN(CASE WHEN (CASE WHEN dispatch_leases.until_ns > actions.lease_until_ns THEN dispatch_leases.until_ns ELSE actions.lease_until_ns END) > actions.due_ns THEN (CASE WHEN dispatch_leases.until_ns > actions.lease_until_ns THEN dispatch_leases.until_ns ELSE actions.lease_until_ns END) ELSE actions.due_ns END) FROM actions LEFT JOIN dispatch_leases ON dispatch_leases.owner = actions.lease_owner WHERE work <> 'NONE'",
         ),
         (
             "retention: finished actions",
@@ -1432,15 +1432,18 @@ async fn plans_postgres(url: &str) -> Vec<(&'static str, String)> {
         ),
         (
             "dispatch: claim due work",
-            "SELECT action_id FROM actions WHERE work <> 'NONE' AND due_ns <= $1 \
-             AND (lease_until_ns IS NULL OR lease_until_ns <= $2) ORDER BY due_ns LIMIT $3 FOR UPDATE SKIP LOCKED"
+            "SELECT action_id, lease_owner FROM actions WHERE work <> 'NONE' AND due_ns <= $1 \
+             AND (lease_until_ns IS NULL OR (lease_until_ns <= $2 AND NOT EXISTS (SELECT 1 FROM dispatch_leases \
+             WHERE dispatch_leases.owner = actions.lease_owner AND dispatch_leases.until_ns > $2))) \
+             ORDER BY due_ns LIMIT $3 FOR UPDATE SKIP LOCKED"
                 .into(),
             "(0, 0, 2048)",
         ),
         (
             "dispatch: next due",
-            "SELECT MIN(CASE WHEN lease_until_ns > due_ns THEN lease_until_ns ELSE due_ns END) FROM actions \
-             WHERE work <> 'NONE'"
+            "SELECT MIN(CASE WHEN (CASE WHEN l.until_ns > a.lease_until_ns THEN l.until_ns ELSE a.lease_until_ns END) > a.due_ns \
+             THEN (CASE WHEN l.until_ns > a.lease_until_ns THEN l.until_ns ELSE a.lease_until_ns END) ELSE a.due_ns END) \
+             FROM actions a LEFT JOIN dispatch_leases l ON l.owner = a.lease_owner WHERE a.work <> 'NONE'"
                 .into(),
             "",
         ),
