@@ -414,8 +414,10 @@ impl Dispatcher {
                     let until = clock.now().plus_nanos(lease);
                     match store.renew(&claim, until).await {
                         // Nothing renewed: every job is recorded, or the
-                        // claim lapsed and was taken; not held either way.
-                        Ok(0) => {}
+                        // claim lapsed (some of its work may be another
+                        // claim's by now); not held either way, so no job
+                        // of it starts any more.
+                        Ok(0) => held_until.store(i64::MIN, std::sync::atomic::Ordering::Release),
                         Ok(_) => held_until.store(until.0, std::sync::atomic::Ordering::Release),
                         Err(e) => tracing::warn!(error = %e, "could not renew the dispatch lease"),
                     }

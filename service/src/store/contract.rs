@@ -1679,9 +1679,9 @@ async fn claim_ahead(store: &Store, now: Ts, until: Ts) -> super::Claim {
 }
 
 /// Work whose claim had lapsed when its start was written is not
-/// started, and is not ready when read back, even if the claim was
-/// renewed in between (a heartbeat that came back): it is still
-/// SCHEDULED, and cancellable, so it must not run.
+/// started, and is not ready when read back: it is still SCHEDULED, and
+/// cancellable, so it must not run; a heartbeat that comes back too late
+/// renews nothing, and the work is claimed again.
 pub async fn work_not_started_in_time_is_not_ready(f: &Fixture) {
     with_device(f, "d1").await;
     let a = push(f, "d1", window(H, Some(2 * H)), Strategy::Reject)
@@ -1698,12 +1698,14 @@ pub async fn work_not_started_in_time_is_not_ready(f: &Fixture) {
         .await
         .expect("start_claims");
     assert_eq!(get(f, "d1", &a).await.state, ActionState::Scheduled);
+    // A heartbeat that comes back after the lease ran out renews nothing:
+    // another dispatcher may have taken some of the claim's work by then.
     assert_eq!(
         f.store
             .renew(&c.owner, at.plus_nanos(4 * H))
             .await
             .expect("renew"),
-        1
+        0
     );
     let started = f
         .store
@@ -1711,23 +1713,19 @@ pub async fn work_not_started_in_time_is_not_ready(f: &Fixture) {
         .await
         .expect("started");
     assert!(started.ready.is_empty(), "{:?}", started.ready);
-    // The store starts what a live claim holds (the dispatcher lets go of
-    // work it found not ready before its claim's next start).
+    // The work is free: claimed again, and started under the new claim
+    // only.
     let again = claim_ahead(&f.store, at, at).await;
-    assert!(again.jobs.is_empty(), "held by the renewed claim");
-    f.store
-        .start_claims(std::slice::from_ref(&c.owner), at)
-        .await
-        .expect("start_claims");
+    assert_eq!(again.jobs.len(), 1, "free once its claim lapsed");
     let started = f
         .store
-        .started(std::slice::from_ref(&c.owner), at)
+        .started(&[c.owner.clone(), again.owner.clone()], at)
         .await
         .expect("started");
     assert_eq!(
         started.ready.get(&a.id.to_string()),
-        Some(&c.owner),
-        "started once its claim is live"
+        Some(&again.owner),
+        "started under the live claim"
     );
     assert_eq!(get(f, "d1", &a).await.state, ActionState::Acknowledged);
 }
@@ -1736,8 +1734,8 @@ pub async fn work_not_started_in_time_is_not_ready(f: &Fixture) {
 /// the work stays held (not claimed again, not in the way of other work,
 /// and the next due time waits for the renewed lease) past the lease its
 /// rows were claimed with, for as long as the renewals go on, and is free
-/// once the last renewed lease has run out. Leases long run out are
-/// deleted, and a claim whose lease is gone renews nothing.
+/// once the last renewed lease has run out; a renewal after that revives
+/// nothing. Leases long run out are deleted.
 pub async fn a_renewed_claim_holds_its_work_past_its_rows_lease(f: &Fixture) {
     use super::entity::action;
     use sea_orm::{ConnectionTrait as _, EntityTrait as _};
@@ -1821,7 +1819,7 @@ pub async fn a_renewed_claim_holds_its_work_past_its_rows_lease(f: &Fixture) {
         "free once the claim's lease ran out: {taken:?}"
     );
     assert_ne!(again.owner, c.owner);
-    // The old claim, renewed once more too late, holds nothing.
+    // The old claim, renewed too late, is not revived.
     assert_eq!(
         f.store
             .renew(&c.owner, later.plus_nanos(4 * H))
@@ -1856,13 +1854,13 @@ pub async fn a_renewed_claim_holds_its_work_past_its_rows_lease(f: &Fixture) {
     assert_eq!(
         leases(c.owner.clone()).await,
         1,
-        "still running at {later:?}"
+        "ran out at 10 H, less than a lease before {later:?}"
     );
     f.store.forget_leases(much_later, 4 * H).await;
     assert_eq!(
         leases(c.owner.clone()).await,
         0,
-        "ran out at 14 H, deleted at 18 H"
+        "ran out at 10 H, deleted at 18 H"
     );
     assert_eq!(leases(again.owner.clone()).await, 0);
     assert_eq!(f.store.renew(&c.owner, much_later).await.expect("renew"), 0);

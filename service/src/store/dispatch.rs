@@ -552,7 +552,8 @@ impl Store {
     /// Extends the lease of `claim` to `until` (the dispatcher's
     /// heartbeat while a round runs), for every job still held under it;
     /// returns how many those are. Jobs already recorded hold no claim; a
-    /// claim that lapsed and was taken again is not this one any more.
+    /// claim whose lease ran out is not renewed (0: it holds nothing any
+    /// more, whether or not its work was claimed again).
     ///
     /// One row is written, the claim's in `dispatch_leases`: the rows the
     /// claim holds keep the lease they were claimed with, and are held
@@ -562,11 +563,14 @@ impl Store {
     /// could not keep up.
     pub async fn renew(&self, claim: &str, until: Ts) -> Result<u64, Error> {
         self.bounded(async {
-            // Written with the claim; gone only long after it ran out.
+            // Written with the claim. A lease that ran out is not renewed:
+            // another claim may have taken some of its rows since, and
+            // the rest would be held again beside them.
             let renew = Query::update()
                 .table(leases())
                 .value(Alias::new("until_ns"), until.0)
                 .and_where(lease_col("owner").eq(claim))
+                .and_where(lease_col("until_ns").gt(self.clock.now().0))
                 .to_owned();
             let renewed = self.write.execute(&renew).await.map_err(db_err)?;
             if renewed.rows_affected() == 0 {
@@ -595,9 +599,18 @@ impl Store {
     /// transaction.
     pub(super) async fn forget_leases(&self, now: Ts, lease_nanos: i64) {
         let margin = Ord::max(lease_nanos, super::CLOCK_SKEW_NANOS);
+        // The rows a claim is reading under a lock (`live_claims`) are
+        // passed by, not waited for: locking them in another order
+        // could deadlock with it.
+        let old = Query::select()
+            .expr(lease_col("owner"))
+            .from(leases())
+            .and_where(lease_col("until_ns").lt(now.0.saturating_sub(margin)))
+            .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
+            .to_owned();
         let q = Query::delete()
             .from_table(leases())
-            .and_where(lease_col("until_ns").lt(now.0.saturating_sub(margin)))
+            .and_where(lease_col("owner").in_subquery(old))
             .to_owned();
         if let Err(e) = self
             .bounded(async { self.write.execute(&q).await.map_err(db_err) })
@@ -887,7 +900,7 @@ async fn claim_in(
     if ids.is_empty() {
         return Ok(vec![]);
     }
-    action::Entity::update_many()
+    let claimed = action::Entity::update_many()
         .col_expr(
             action::Column::LeaseUntilNs,
             Expr::value(now.0 + lease_nanos),
@@ -904,6 +917,9 @@ async fn claim_in(
         .exec(tx)
         .await
         .map_err(db_err)?;
+    if claimed.rows_affected == 0 {
+        return Ok(vec![]);
+    }
     // The claim's own lease, as long as its rows': its heartbeat renews
     // this one ([`Store::renew`]).
     let lease = Query::insert()
