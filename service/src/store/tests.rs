@@ -975,6 +975,7 @@ async fn migration_18_completes_what_holds_owing_nothing() {
              c = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
              c.executescript('''\n\
              DROP INDEX actions_holding_owed; DROP INDEX actions_in_force;\n\
+             DROP TABLE dispatch_leases;\n\
              CREATE INDEX actions_holding ON actions (tenant_id, device_id, channel, start_ns)\n\
                WHERE (state IN ('SCHEDULED', 'ACKNOWLEDGED', 'ACTIVE') OR work = 'REVERT');\n\
              DELETE FROM schema_migrations WHERE version >= 18;\n\
