@@ -1678,19 +1678,25 @@ async fn claim_ahead(store: &Store, now: Ts, until: Ts) -> super::Claim {
         .expect("claim_ahead")
 }
 
-/// Work whose claim had lapsed when its start was written is not
-/// started, and is not ready when read back: it is still SCHEDULED, and
-/// cancellable, so it must not run; a heartbeat that comes back too late
-/// renews nothing, and the work is claimed again.
-pub async fn work_not_started_in_time_is_not_ready(f: &Fixture) {
+/// An action of d1 due from H to 2 H, claimed ahead at T0 for 4 H.
+async fn claimed_at_t0(f: &Fixture) -> (Action, super::Claim) {
     with_device(f, "d1").await;
     let a = push(f, "d1", window(H, Some(2 * H)), Strategy::Reject)
         .await
         .expect("push")
         .action;
-    // Claimed for 4 H from T0; started at 5 H.
     let c = claim_ahead(&f.store, T0, T0.plus_nanos(H)).await;
     assert_eq!(c.jobs.len(), 1);
+    (a, c)
+}
+
+/// Work whose claim had lapsed when its start was written is not
+/// started, and is not ready when read back: it is still SCHEDULED, and
+/// cancellable, so it must not run; a heartbeat that comes back too late
+/// renews nothing, and the work is claimed again.
+pub async fn work_not_started_in_time_is_not_ready(f: &Fixture) {
+    // Claimed for 4 H from T0; started at 5 H.
+    let (a, c) = claimed_at_t0(f).await;
     let at = T0.plus_nanos(5 * H);
     f.clock.set(at);
     f.store
@@ -1739,15 +1745,9 @@ pub async fn work_not_started_in_time_is_not_ready(f: &Fixture) {
 pub async fn a_renewed_claim_holds_its_work_past_its_rows_lease(f: &Fixture) {
     use super::entity::action;
     use sea_orm::{ConnectionTrait as _, EntityTrait as _};
-    with_device(f, "d1").await;
-    with_device(f, "d2").await;
-    let a = push(f, "d1", window(H, Some(2 * H)), Strategy::Reject)
-        .await
-        .expect("push")
-        .action;
     // Claimed at T0 for 4 H, renewed at 3 H until 7 H.
-    let c = claim_ahead(&f.store, T0, T0.plus_nanos(H)).await;
-    assert_eq!(c.jobs.len(), 1);
+    let (a, c) = claimed_at_t0(f).await;
+    with_device(f, "d2").await;
     let row_lease = || async {
         action::Entity::find_by_id(a.id.to_string())
             .one(&f.store.read)
