@@ -208,6 +208,23 @@ pub async fn serve(
             // Retention 0 keeps actions for ever (the delivery log is
             // still swept).
             let mut more = retention > 0;
+            // Rows finished before migration 22, or by a replica of an
+            // earlier version, are stamped first (a batch at a time).
+            let mut stamping = more;
+            while stamping {
+                match prune_store.stamp_finished(PRUNE_BATCH).await {
+                    Ok(n) => {
+                        stamping = n >= u64::from(PRUNE_BATCH);
+                        if stamping {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "retention sweep failed");
+                        (stamping, more) = (false, false);
+                    }
+                }
+            }
             while more {
                 match prune_store.prune_finished(cut, PRUNE_BATCH).await {
                     Ok(n) => {

@@ -57,12 +57,19 @@ impl IntoFixture for Option<Fixture> {
 }
 
 /// Checked after every rule: no action holds its channel while owing no
-/// work (the conflict check looks for holders among owed rows).
+/// work (the conflict check looks for holders among owed rows), and none
+/// owes work without holding its channel (PostgreSQL's exclusion
+/// constraint covers the owed rows).
 pub async fn holders_owe_work(f: &Fixture) {
     assert_eq!(
         f.store.holders_owing_nothing().await.unwrap(),
         0,
         "an action holds its channel but owes no work"
+    );
+    assert_eq!(
+        f.store.owed_not_holding().await.unwrap(),
+        0,
+        "an action owes work but does not hold its channel"
     );
 }
 
@@ -1362,6 +1369,69 @@ pub async fn concurrent_requests_with_one_id_run_once(f: &Fixture) {
     assert_eq!((fresh, busy), (1, 1), "{results:?}");
 }
 
+/// Actions finished without a `finished_ns` (before migration 22, or by a
+/// replica of an earlier version) are stamped with their last change, a
+/// batch at a time, and only then forgotten once old enough.
+pub async fn finished_actions_of_an_earlier_version_are_stamped_then_forgotten(f: &Fixture) {
+    with_device(f, "d1").await;
+    let mut cancelled = Vec::new();
+    for (i, at) in [(0, 0), (1, 5 * H)] {
+        let a = push(
+            f,
+            "d1",
+            window((i + 1) * 10 * H, Some((i + 1) * 10 * H + H)),
+            Strategy::Reject,
+        )
+        .await
+        .expect("push")
+        .action;
+        f.clock.set(T0.plus_nanos(at));
+        f.store
+            .cancel_action(&tenant(), &device_id("d1"), &a.id, None, None)
+            .await
+            .expect("cancel");
+        cancelled.push(a);
+    }
+    let booked = push(f, "d1", window(40 * H, Some(41 * H)), Strategy::Reject)
+        .await
+        .expect("push")
+        .action;
+    f.clock.set(T0.plus_nanos(9 * H));
+    // Stamped when they finished: nothing to stamp.
+    assert_eq!(f.store.stamp_finished(10).await.unwrap(), 0);
+    // As an earlier version leaves them: unstamped, never forgotten.
+    assert_eq!(f.store.unstamp_finished().await.unwrap(), 2);
+    assert_eq!(
+        f.store
+            .prune_finished(T0.plus_nanos(9 * H), 10)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(f.store.stamp_finished(1).await.unwrap(), 1);
+    assert_eq!(f.store.stamp_finished(10).await.unwrap(), 1);
+    assert_eq!(f.store.stamp_finished(10).await.unwrap(), 0);
+    // Stamped with their last change (the cancels at T0 and 5H), not the
+    // stamp's time (9H).
+    let cut = T0.plus_nanos(H);
+    assert_eq!(f.store.prune_finished(cut, 10).await.unwrap(), 1);
+    assert!(matches!(
+        f.store
+            .get_action(&tenant(), &device_id("d1"), &cancelled[0].id)
+            .await,
+        Err(Error::ActionNotFound { .. })
+    ));
+    get(f, "d1", &cancelled[1]).await;
+    assert_eq!(
+        f.store
+            .prune_finished(T0.plus_nanos(6 * H), 10)
+            .await
+            .unwrap(),
+        1
+    );
+    get(f, "d1", &booked).await;
+}
+
 /// Finished actions older than the cut-off are forgotten with their audit
 /// trail, a batch at a time; booked, in-force and newer ones stay, and so
 /// does an action whose driver memo is on record.
@@ -2591,6 +2661,7 @@ macro_rules! storage_contract_suite {
                 concurrent_claims_never_share_work,
                 concurrent_requests_with_one_id_run_once,
                 old_finished_actions_are_forgotten_with_their_trail,
+                finished_actions_of_an_earlier_version_are_stamped_then_forgotten,
                 work_claimed_ahead_starts_when_due_if_still_owed,
                 a_device_change_takes_back_work_claimed_ahead,
                 a_start_names_the_claim_each_action_runs_under,

@@ -1167,6 +1167,7 @@ async fn write_settled<C: ConnectionTrait>(
         "UPDATE actions SET state = v.column3, error_code = v.column4, error_message = v.column5, \
          revision = v.column6, update_ns = v.column7, verified = v.column8, work = v.column9, \
          due_ns = v.column10, attempts = v.column11, lease_until_ns = NULL, lease_owner = NULL, \
+         finished_ns = CASE WHEN v.column9 = 'NONE' THEN v.column7 ELSE NULL END, \
          oem_raw = CASE WHEN v.column12 THEN v.column13 ELSE actions.oem_raw END, \
          driver_memo = CASE WHEN v.column14 THEN v.column15 ELSE actions.driver_memo END \
          FROM (VALUES {rows}) AS v \
@@ -1308,6 +1309,24 @@ impl Store {
             action::Entity::find()
                 .filter(Expr::cust("work = 'NONE'"))
                 .filter(action::Column::State.is_in(states))
+                .count(&self.read)
+                .await
+                .map_err(db_err)
+        })
+        .await
+    }
+
+    /// How many actions owe work while not holding their channel: none,
+    /// ever. On PostgreSQL the exclusion constraint covers the owed rows
+    /// (migration 23) as the holding ones, so an owed row that did not
+    /// hold would still keep other actions off its window. A consistency
+    /// check, for the storage contract and for operators.
+    pub async fn owed_not_holding(&self) -> Result<u64, Error> {
+        use sea_orm::PaginatorTrait as _;
+        self.bounded(async {
+            action::Entity::find()
+                .filter(Expr::cust(rows::OWED_SQL))
+                .filter(Expr::cust(format!("NOT ({})", rows::holding_sql())))
                 .count(&self.read)
                 .await
                 .map_err(db_err)

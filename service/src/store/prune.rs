@@ -4,18 +4,79 @@
 
 use sea_orm::{
     ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    sea_query::{Expr, ExprTrait, LockBehavior, LockType},
+    sea_query::{Alias, Expr, ExprTrait, LockBehavior, LockType},
 };
 
 use super::{
     Store, db_err,
     entity::{action, audit},
+    rows,
 };
 use crate::domain::{ActionState, Error, Ts, codes, lifecycle};
 
 impl Store {
-    /// Deletes up to `batch` finished actions that last changed before
-    /// `before`, with their audit entries; returns how many. Finished: not
+    /// Stamps up to `batch` actions that owe nothing and have no
+    /// `finished_ns` (finished before migration 22, or by a replica of an
+    /// earlier version) with their last change, as
+    /// [`Store::prune_finished`] needs; returns how many. Each batch is a
+    /// short write of its own, so writers never wait long behind it.
+    pub async fn stamp_finished(&self, batch: u32) -> Result<u64, Error> {
+        let finished = || Expr::col(Alias::new(rows::FINISHED_NS));
+        self.retrying(|| async {
+            let tx = self.begin().await?;
+            // The partial index `actions_finished_at` holds them (its key
+            // NULL). Read first, then written by id: a LIMIT in the
+            // UPDATE's subquery may be evaluated more than once.
+            let ids: Vec<String> = action::Entity::find()
+                .select_only()
+                .column(action::Column::ActionId)
+                .filter(Expr::cust("work = 'NONE'"))
+                .filter(finished().is_null())
+                .limit(u64::from(batch))
+                .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
+                .into_tuple()
+                .all(&tx)
+                .await
+                .map_err(db_err)?;
+            if ids.is_empty() {
+                return Ok(0);
+            }
+            let done = action::Entity::update_many()
+                .col_expr(
+                    Alias::new(rows::FINISHED_NS),
+                    Expr::col(action::Column::UpdateNs).into(),
+                )
+                .filter(action::Column::ActionId.is_in(ids.iter().map(String::as_str)))
+                .filter(finished().is_null())
+                .exec(&tx)
+                .await
+                .map_err(db_err)?;
+            tx.commit().await.map_err(db_err)?;
+            Ok(done.rows_affected)
+        })
+        .await
+    }
+
+    /// Clears every `finished_ns`, as a version before migration 22 left
+    /// its finished rows (for the storage contract); returns how many
+    /// rows had one.
+    #[cfg(feature = "contract")]
+    pub(crate) async fn unstamp_finished(&self) -> Result<u64, Error> {
+        let done = action::Entity::update_many()
+            .col_expr(
+                Alias::new(rows::FINISHED_NS),
+                Expr::value(Option::<i64>::None),
+            )
+            .filter(Expr::col(Alias::new(rows::FINISHED_NS)).is_not_null())
+            .exec(&self.write)
+            .await
+            .map_err(db_err)?;
+        Ok(done.rows_affected)
+    }
+
+    /// Deletes up to `batch` finished actions that came to owe nothing
+    /// before `before` (stamped: [`Store::stamp_finished`]), with their
+    /// audit entries; returns how many. Finished: not
     /// holding a channel ([`lifecycle::holds_channel`]), no work owed, no
     /// claim, no driver memo on record, and not a revert that failed for
     /// good (a write that may still be in force is never forgotten).
@@ -32,9 +93,9 @@ impl Store {
                 .select_only()
                 .column(action::Column::TenantId)
                 .column(action::Column::ActionId)
-                // The partial index `actions_finished` (migration 9).
+                // The partial index `actions_finished_at` (migration 22).
                 .filter(Expr::cust("work = 'NONE'"))
-                .filter(action::Column::UpdateNs.lt(before.0))
+                .filter(Expr::col(Alias::new(rows::FINISHED_NS)).lt(before.0))
                 .filter(action::Column::State.is_not_in(holding.clone()))
                 .filter(action::Column::LeaseOwner.is_null())
                 .filter(action::Column::DriverMemo.is_null())
@@ -45,7 +106,7 @@ impl Store {
                         .is_null()
                         .or(action::Column::ErrorCode.ne(codes::REVERT_FAILED)),
                 )
-                .order_by_asc(action::Column::UpdateNs)
+                .order_by_asc(Expr::col(Alias::new(rows::FINISHED_NS)))
                 .limit(u64::from(batch))
                 .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
                 .into_tuple()

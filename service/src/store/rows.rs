@@ -5,7 +5,7 @@ use sea_orm::{
     ActiveValue::{NotSet, Set},
     ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
     QuerySelect, QueryTrait, Select,
-    sea_query::{Expr, ExprTrait},
+    sea_query::{Alias, Expr, ExprTrait},
 };
 
 use super::{db_err, entity, parse_settings};
@@ -499,6 +499,12 @@ pub(super) fn holding() -> sea_orm::sea_query::Expr {
 /// must state literally for the index to be chosen.
 pub(super) const OWED_SQL: &str = "work <> 'NONE'";
 
+/// When an action came to owe nothing (migration 22; NULL while it owes
+/// work, and on rows finished before it or by an earlier version until
+/// the retention sweep stamps them). Not in the entity: only written
+/// with the work, and read by the retention sweep.
+pub(super) const FINISHED_NS: &str = "finished_ns";
+
 /// [`holding`] as SQL text: owed ([`OWED_SQL`], the predicate of the
 /// partial index `actions_holding_owed`, migration 18: every holder owes
 /// work), then holding.
@@ -710,6 +716,10 @@ pub(super) async fn set_work<C: ConnectionTrait>(
         )
         .col_expr(action::Column::DueNs, Expr::value(due.map(|d| d.0)))
         .col_expr(action::Column::Attempts, Expr::value(attempts))
+        .col_expr(
+            Alias::new(FINISHED_NS),
+            Expr::value(work.is_none().then_some(now.0)),
+        )
         .filter(one_action(tenant, id))
         .exec(conn)
         .await

@@ -469,6 +469,53 @@ CREATE TABLE dispatch_leases (
 );
 "#,
     ),
+    (
+        22,
+        Only::Both,
+        r#"
+-- When an action came to owe nothing (its work NONE), for the retention
+-- sweep: `actions_finished` was keyed by update_ns, which every change
+-- writes, the start of a burst's work among them (see migration 23).
+-- Rows finished before, or by a replica of an earlier version, have
+-- none: the sweep stamps them with their last change
+-- (Store::stamp_finished) before it forgets any.
+ALTER TABLE actions ADD COLUMN finished_ns {i64};
+CREATE INDEX actions_finished_at ON actions (finished_ns) WHERE work = 'NONE';
+"#,
+    ),
+    (
+        23,
+        Only::Postgres,
+        r#"
+-- A start (SCHEDULED to ACKNOWLEDGED, 100,000 rows at a tariff boundary)
+-- as a heap-only update: PostgreSQL writes no index entry for a new row
+-- version when no column an index names (in its keys or predicate) has
+-- changed and the page has room for it. The start changes state,
+-- revision and update_ns: the exclusion constraint's predicate named
+-- state, and actions_finished update_ns. Every action that holds its
+-- channel owes work and every one that owes work holds it (lifecycle:
+-- holding is owing; both checked after every storage rule), so the
+-- constraint covers the same rows as before. Half of each page is left
+-- free for the new versions of its rows (a burst starts every row of a
+-- page at once).
+ALTER TABLE actions DROP CONSTRAINT actions_no_overlap;
+ALTER TABLE actions ADD CONSTRAINT actions_no_overlap EXCLUDE USING gist (
+    tenant_id WITH =,
+    device_id WITH =,
+    channel WITH =,
+    int8range(start_ns, end_ns) WITH &&
+) WHERE (work <> 'NONE');
+ALTER TABLE actions SET (fillfactor = 50);
+"#,
+    ),
+    (
+        24,
+        Only::Both,
+        r#"
+-- actions_finished_at replaces it (its own migration, as 11).
+DROP INDEX IF EXISTS actions_finished;
+"#,
+    ),
 ];
 
 #[cfg(test)]
@@ -540,11 +587,25 @@ mod tests {
         );
     }
 
-    /// The exclusion constraint covers exactly what holds a channel in the
-    /// domain ([`holds_channel`]): a state added there must be added to
-    /// the constraint by a new migration.
+    /// The exclusion constraint covered exactly what holds a channel in
+    /// the domain ([`holds_channel`]) when it was created (migration 7),
+    /// and covers exactly what owes work since migration 23: the same
+    /// rows, since holding is owing (checked after every storage rule,
+    /// `store::contract::holders_owe_work`).
     #[test]
     fn the_constraint_covers_exactly_the_holding_states() {
+        let (_, only, sql) = MIGRATIONS.iter().find(|m| m.0 == 23).unwrap();
+        assert_eq!(*only, Only::Postgres);
+        assert!(
+            sql.contains(&format!(") WHERE ({});", super::super::rows::OWED_SQL)),
+            "{sql}"
+        );
+        // The last migration that names the constraint.
+        let last = MIGRATIONS
+            .iter()
+            .rfind(|m| m.2.contains("actions_no_overlap"))
+            .unwrap();
+        assert_eq!(last.0, 23);
         let (_, only, sql) = MIGRATIONS.iter().find(|m| m.0 == 7).unwrap();
         assert_eq!(*only, Only::Postgres);
         let holding: Vec<String> = ActionState::ALL

@@ -976,6 +976,8 @@ async fn migration_18_completes_what_holds_owing_nothing() {
              c.executescript('''\n\
              DROP INDEX actions_holding_owed; DROP INDEX actions_in_force;\n\
              DROP TABLE dispatch_leases;\n\
+             DROP INDEX actions_finished_at; ALTER TABLE actions DROP COLUMN finished_ns;\n\
+             CREATE INDEX actions_finished ON actions (update_ns) WHERE work = 'NONE';\n\
              CREATE INDEX actions_holding ON actions (tenant_id, device_id, channel, start_ns)\n\
                WHERE (state IN ('SCHEDULED', 'ACKNOWLEDGED', 'ACTIVE') OR work = 'REVERT');\n\
              DELETE FROM schema_migrations WHERE version >= 18;\n\
