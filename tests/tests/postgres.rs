@@ -955,7 +955,7 @@ async fn the_scale_bench_runs_on_postgres() {
         ),
         ("dispatch: claim due work", &["actions_owed"]),
         ("dispatch: next due", &["actions_owed"]),
-        ("retention: finished actions", &["actions_finished"]),
+        ("retention: finished actions", &["actions_finished_at"]),
     ] {
         let line = text
             .lines()

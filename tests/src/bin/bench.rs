@@ -1257,11 +1257,12 @@ async fn seed(url: &str, devices: usize, actions: usize) {
         fleet(SEEDED_FLEET, SCALE_DEVICES),
         format!(
             "{} INSERT INTO actions (tenant_id, action_id, device_id, channel, command, start_ns, end_ns, immediate,
-                 state, queued_after, revision, create_ns, update_ns, work, attempts, clear_native, verified, fence)
+                 state, queued_after, revision, create_ns, update_ns, work, attempts, clear_native, verified, fence,
+                 finished_ns)
              SELECT 'default', {action_id},
                  CASE WHEN i < {SCALE_DEVICES} * 100 THEN '{SEEDED_FLEET}' || (i % {SCALE_DEVICES}) ELSE 'seed' || (i % {devices}) END,
                  'mode', 'CHARGE', {day_ago} - 3600000000000, {day_ago}, {no}, 'COMPLETED', '', 4,
-                 {day_ago} - 7200000000000, {day_ago}, 'NONE', 0, {no}, {yes}, 2 FROM n",
+                 {day_ago} - 7200000000000, {day_ago}, 'NONE', 0, {no}, {yes}, 2, {day_ago} FROM n",
             numbers(actions)
         ),
         // PostgreSQL: stamped with their event cursors, as a live
@@ -1371,7 +1372,7 @@ async fn plans(url: &str) -> Vec<(&'static str, String)> {
         ),
         (
             "retention: finished actions",
-            "SELECT action_id FROM actions WHERE work = 'NONE' AND update_ns < 0 AND lease_owner IS NULL AND driver_memo IS NULL ORDER BY update_ns LIMIT 500",
+            "SELECT action_id FROM actions WHERE work = 'NONE' AND finished_ns < 0 AND lease_owner IS NULL AND driver_memo IS NULL ORDER BY finished_ns LIMIT 500",
         ),
     ];
     let mut out = Vec::new();
@@ -1449,8 +1450,8 @@ async fn plans_postgres(url: &str) -> Vec<(&'static str, String)> {
         ),
         (
             "retention: finished actions",
-            "SELECT action_id FROM actions WHERE work = 'NONE' AND update_ns < $1 AND lease_owner IS NULL \
-             AND driver_memo IS NULL ORDER BY update_ns LIMIT $2"
+            "SELECT action_id FROM actions WHERE work = 'NONE' AND finished_ns < $1 AND lease_owner IS NULL \
+             AND driver_memo IS NULL ORDER BY finished_ns LIMIT $2"
                 .into(),
             "(0, 500)",
         ),
