@@ -65,18 +65,147 @@ mod store_on_postgres {
     /// (SCHEDULED and ACKNOWLEDGED the apply at its start, ACTIVE the
     /// revert at its end).
     fn raw_action(id: &str, state: &str, channel: &str, start: i64, end: Option<i64>) -> String {
-        let (work, due) = match state {
-            "SCHEDULED" | "ACKNOWLEDGED" => ("APPLY", start.to_string()),
-            "ACTIVE" => ("REVERT", end.map_or("NULL".to_owned(), |e| e.to_string())),
-            _ => ("NONE", "NULL".to_owned()),
+        // Finished rows as this version writes them: stamped when they
+        // came to owe nothing (here their last change, 0).
+        let (work, due, finished) = match state {
+            "SCHEDULED" | "ACKNOWLEDGED" => ("APPLY", start.to_string(), "NULL"),
+            "ACTIVE" => (
+                "REVERT",
+                end.map_or("NULL".to_owned(), |e| e.to_string()),
+                "NULL",
+            ),
+            _ => ("NONE", "NULL".to_owned(), "0"),
         };
         let end = end.map_or("NULL".to_owned(), |e| e.to_string());
         format!(
             "INSERT INTO actions (tenant_id, action_id, device_id, channel, command, start_ns, end_ns,
-               immediate, state, queued_after, revision, create_ns, update_ns, work, due_ns)
+               immediate, state, queued_after, revision, create_ns, update_ns, work, due_ns, finished_ns)
              VALUES ('default', '{id}', 'd', '{channel}', 'CHARGE', {start}, {end}, FALSE, '{state}', '', 1, 0, 0,
-               '{work}', {due})"
+               '{work}', {due}, {finished})"
         )
+    }
+
+    /// A dispatch start (state, revision and update_ns of every row of a
+    /// burst) can be a heap-only update: no index of `actions` names a
+    /// column it changes, in its keys or its predicate (the exclusion
+    /// constraint's among them, over owed rows), and pages keep room for
+    /// the new versions.
+    #[tokio::test]
+    async fn no_index_names_what_a_start_changes() {
+        let Some(db) = postgres::database().await else {
+            return;
+        };
+        let store = Store::open(&db.url, Arc::new(ManualClock::new(T0)))
+            .await
+            .unwrap();
+        let mut conn = PgConnection::connect(&db.url).await.unwrap();
+        let defs: Vec<String> =
+            sqlx::query_scalar("SELECT indexdef FROM pg_indexes WHERE tablename = 'actions'")
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+        assert!(defs.len() >= 8, "{defs:?}");
+        for def in &defs {
+            for column in ["state", "revision", "update_ns"] {
+                assert!(!def.contains(column), "{column} in {def}");
+            }
+        }
+        let overlap: String = sqlx::query_scalar(
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'actions_no_overlap'",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        assert!(
+            overlap.starts_with("EXCLUDE USING gist")
+                && overlap.ends_with("WHERE ((work <> 'NONE'::text))"),
+            "{overlap}"
+        );
+        let options: Vec<String> =
+            sqlx::query_scalar("SELECT unnest(reloptions) FROM pg_class WHERE relname = 'actions'")
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+        assert_eq!(options, ["fillfactor=50"]);
+        drop(conn);
+        store.close().await;
+        db.drop_database().await;
+    }
+
+    /// Migration 24 states the exclusion constraint over owed rows, the
+    /// same as the holding ones only while nothing owes work without
+    /// holding its channel: a database with such a row (hand-edited) is
+    /// refused, naming it, and left as it was.
+    #[tokio::test]
+    async fn the_constraint_over_owed_rows_refuses_a_row_owing_without_holding() {
+        let Some(db) = postgres::database().await else {
+            return;
+        };
+        let store = Store::open(&db.url, Arc::new(ManualClock::new(T0)))
+            .await
+            .unwrap();
+        store
+            .create_device(&TenantId::default_tenant(), device("d"), None)
+            .await
+            .unwrap();
+        store.close().await;
+        let mut conn = PgConnection::connect(&db.url).await.unwrap();
+        // Back to migration 23, with the constraint as migration 7 made
+        // it, and a COMPLETED row still owing its apply.
+        conn.execute(
+            "ALTER TABLE actions DROP CONSTRAINT actions_no_overlap;
+             ALTER TABLE actions ADD CONSTRAINT actions_no_overlap EXCLUDE USING gist (
+                 tenant_id WITH =, device_id WITH =, channel WITH =,
+                 int8range(start_ns, end_ns) WITH &&
+             ) WHERE (state IN ('SCHEDULED', 'ACKNOWLEDGED', 'ACTIVE') OR work = 'REVERT');
+             DELETE FROM schema_migrations WHERE version >= 24;",
+        )
+        .await
+        .unwrap();
+        conn.execute(sqlx::AssertSqlSafe(raw_action(
+            "a-held",
+            "SCHEDULED",
+            "mode",
+            H,
+            Some(2 * H),
+        )))
+        .await
+        .unwrap();
+        conn.execute(
+            "INSERT INTO actions (tenant_id, action_id, device_id, channel, command, start_ns, end_ns,
+               immediate, state, queued_after, revision, create_ns, update_ns, work, due_ns)
+             VALUES ('default', 'a-stray', 'd', 'mode', 'CHARGE', 3600000000000, 7200000000000,
+               FALSE, 'COMPLETED', '', 1, 0, 0, 'APPLY', 0)",
+        )
+        .await
+        .unwrap();
+        let Err(refused) = Store::open(&db.url, Arc::new(ManualClock::new(T0))).await else {
+            panic!("migration 24 refuses the database");
+        };
+        let text = refused.to_string();
+        assert!(
+            text.contains("owe work without holding their channel: a-stray"),
+            "{text}"
+        );
+        // Rolled back: the constraint is still the one of migration 7.
+        let overlap: String = sqlx::query_scalar(
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'actions_no_overlap'",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        assert!(overlap.contains("state"), "{overlap}");
+        // Mended, it goes through.
+        conn.execute("UPDATE actions SET work = 'NONE', due_ns = NULL WHERE action_id = 'a-stray'")
+            .await
+            .unwrap();
+        Store::open(&db.url, Arc::new(ManualClock::new(T0)))
+            .await
+            .unwrap()
+            .close()
+            .await;
+        drop(conn);
+        db.drop_database().await;
     }
 
     /// An audit entry that commits after a later-numbered one is not

@@ -71,6 +71,11 @@ pub async fn holders_owe_work(f: &Fixture) {
         0,
         "an action owes work but does not hold its channel"
     );
+    assert_eq!(
+        f.store.stamped_while_owed().await.unwrap(),
+        0,
+        "an action owes work but is stamped as finished"
+    );
 }
 
 /// The fixtures' start time: 2030-01-01T00:00:00Z.

@@ -1318,7 +1318,7 @@ impl Store {
 
     /// How many actions owe work while not holding their channel: none,
     /// ever. On PostgreSQL the exclusion constraint covers the owed rows
-    /// (migration 23) as the holding ones, so an owed row that did not
+    /// (migration 24) as the holding ones, so an owed row that did not
     /// hold would still keep other actions off its window. A consistency
     /// check, for the storage contract and for operators.
     pub async fn owed_not_holding(&self) -> Result<u64, Error> {

@@ -44,7 +44,7 @@ impl Store {
             let done = action::Entity::update_many()
                 .col_expr(
                     Alias::new(rows::FINISHED_NS),
-                    Expr::col(action::Column::UpdateNs).into(),
+                    Expr::col(action::Column::UpdateNs),
                 )
                 .filter(action::Column::ActionId.is_in(ids.iter().map(String::as_str)))
                 .filter(finished().is_null())
@@ -55,6 +55,20 @@ impl Store {
             Ok(done.rows_affected)
         })
         .await
+    }
+
+    /// How many actions owe work yet carry a `finished_ns` (none, ever:
+    /// the stamp is cleared whenever work is owed again). For the storage
+    /// contract.
+    #[cfg(feature = "contract")]
+    pub(crate) async fn stamped_while_owed(&self) -> Result<u64, Error> {
+        use sea_orm::PaginatorTrait as _;
+        action::Entity::find()
+            .filter(Expr::cust(rows::OWED_SQL))
+            .filter(Expr::col(Alias::new(rows::FINISHED_NS)).is_not_null())
+            .count(&self.read)
+            .await
+            .map_err(db_err)
     }
 
     /// Clears every `finished_ns`, as a version before migration 22 left
@@ -93,7 +107,7 @@ impl Store {
                 .select_only()
                 .column(action::Column::TenantId)
                 .column(action::Column::ActionId)
-                // The partial index `actions_finished_at` (migration 22).
+                // The partial index `actions_finished_at` (migration 23).
                 .filter(Expr::cust("work = 'NONE'"))
                 .filter(Expr::col(Alias::new(rows::FINISHED_NS)).lt(before.0))
                 .filter(action::Column::State.is_not_in(holding.clone()))

@@ -475,16 +475,26 @@ CREATE TABLE dispatch_leases (
         r#"
 -- When an action came to owe nothing (its work NONE), for the retention
 -- sweep: `actions_finished` was keyed by update_ns, which every change
--- writes, the start of a burst's work among them (see migration 23).
+-- writes, the start of a burst's work among them (see migration 24).
 -- Rows finished before, or by a replica of an earlier version, have
 -- none: the sweep stamps them with their last change
--- (Store::stamp_finished) before it forgets any.
+-- (Store::stamp_finished) before it forgets any. Its index is built by
+-- migration 23: on PostgreSQL this one locks `actions` against reads
+-- too, for an instant only.
 ALTER TABLE actions ADD COLUMN finished_ns {i64};
-CREATE INDEX actions_finished_at ON actions (finished_ns) WHERE work = 'NONE';
 "#,
     ),
     (
         23,
+        Only::Both,
+        r#"
+-- Finished actions by when they came to owe nothing, for the retention
+-- sweep (Store::prune_finished, which states this predicate literally).
+CREATE INDEX actions_finished_at ON actions (finished_ns) WHERE work = 'NONE';
+"#,
+    ),
+    (
+        24,
         Only::Postgres,
         r#"
 -- A start (SCHEDULED to ACKNOWLEDGED, 100,000 rows at a tariff boundary)
@@ -492,12 +502,30 @@ CREATE INDEX actions_finished_at ON actions (finished_ns) WHERE work = 'NONE';
 -- version when no column an index names (in its keys or predicate) has
 -- changed and the page has room for it. The start changes state,
 -- revision and update_ns: the exclusion constraint's predicate named
--- state, and actions_finished update_ns. Every action that holds its
--- channel owes work and every one that owes work holds it (lifecycle:
--- holding is owing; both checked after every storage rule), so the
--- constraint covers the same rows as before. Half of each page is left
--- free for the new versions of its rows (a burst starts every row of a
+-- state, and actions_finished update_ns (dropped by migration 25). Every
+-- action that holds its channel owes work and every one that owes work
+-- holds it (lifecycle: holding is owing; both checked after every
+-- storage rule), so the constraint covers the same rows as before; a
+-- database with a row that owes work without holding its channel is
+-- refused here, named, rather than given a constraint stricter than the
+-- conflict check. Pages written from now on keep half their room free
+-- for the new versions of their rows (a burst starts every row of a
 -- page at once).
+DO $$
+DECLARE
+    stray TEXT;
+BEGIN
+    SELECT string_agg(action_id, ', ') INTO stray FROM (
+        SELECT action_id FROM actions
+        WHERE work <> 'NONE'
+          AND NOT (state IN ('SCHEDULED', 'ACKNOWLEDGED', 'ACTIVE') OR work = 'REVERT')
+        ORDER BY action_id LIMIT 20
+    ) s;
+    IF stray IS NOT NULL THEN
+        RAISE EXCEPTION 'actions owe work without holding their channel: %', stray;
+    END IF;
+END
+$$;
 ALTER TABLE actions DROP CONSTRAINT actions_no_overlap;
 ALTER TABLE actions ADD CONSTRAINT actions_no_overlap EXCLUDE USING gist (
     tenant_id WITH =,
@@ -509,7 +537,7 @@ ALTER TABLE actions SET (fillfactor = 50);
 "#,
     ),
     (
-        24,
+        25,
         Only::Both,
         r#"
 -- actions_finished_at replaces it (its own migration, as 11).
@@ -589,12 +617,12 @@ mod tests {
 
     /// The exclusion constraint covered exactly what holds a channel in
     /// the domain ([`holds_channel`]) when it was created (migration 7),
-    /// and covers exactly what owes work since migration 23: the same
+    /// and covers exactly what owes work since migration 24: the same
     /// rows, since holding is owing (checked after every storage rule,
     /// `store::contract::holders_owe_work`).
     #[test]
     fn the_constraint_covers_exactly_the_holding_states() {
-        let (_, only, sql) = MIGRATIONS.iter().find(|m| m.0 == 23).unwrap();
+        let (_, only, sql) = MIGRATIONS.iter().find(|m| m.0 == 24).unwrap();
         assert_eq!(*only, Only::Postgres);
         assert!(
             sql.contains(&format!(") WHERE ({});", super::super::rows::OWED_SQL)),
@@ -605,7 +633,7 @@ mod tests {
             .iter()
             .rfind(|m| m.2.contains("actions_no_overlap"))
             .unwrap();
-        assert_eq!(last.0, 23);
+        assert_eq!(last.0, 24);
         let (_, only, sql) = MIGRATIONS.iter().find(|m| m.0 == 7).unwrap();
         assert_eq!(*only, Only::Postgres);
         let holding: Vec<String> = ActionState::ALL

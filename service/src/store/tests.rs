@@ -1052,3 +1052,50 @@ async fn migration_18_completes_what_holds_owing_nothing() {
     );
     store.close().await;
 }
+
+/// The consistency checks the storage contract runs after every rule
+/// find what they look for: an action holding its channel while owing
+/// nothing, and one owing work without holding its channel (the two
+/// ways holding and owing could part, on which PostgreSQL's exclusion
+/// constraint and the conflict check would disagree).
+#[tokio::test]
+async fn the_holding_checks_find_rows_that_part_holding_from_owing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    let store = open(&path, Duration::from_secs(5)).await;
+    let row = |id: u32, state: &str, work: &str| {
+        format!(
+            "INSERT INTO actions (tenant_id, action_id, device_id, channel, command, start_ns, end_ns,
+               immediate, state, queued_after, revision, create_ns, update_ns, work, due_ns)
+             VALUES ('default', '00000000-0000-7000-8000-{id:012}', 'd1', 'mode', 'CHARGE', 10, 20,
+               0, '{state}', '', 1, 0, 0, '{work}', NULL)"
+        )
+    };
+    let c = rusqlite::Connection::open(&path).unwrap();
+    c.execute_batch(
+        "INSERT INTO devices (tenant_id, device_id, display_name, family, driver, oem_device_id,
+           timezone, settings, revision, create_ns, update_ns)
+           VALUES ('default', 'd1', '', 'battery', 'simulated', '', 'UTC', '{}', 1, 0, 0);",
+    )
+    .unwrap();
+    // Consistent pairs: neither check counts them.
+    for (id, state, work) in [
+        (1, "SCHEDULED", "APPLY"),
+        (2, "ACTIVE", "REVERT"),
+        (3, "CANCELLED", "REVERT"),
+        (4, "COMPLETED", "NONE"),
+    ] {
+        c.execute_batch(&row(id, state, work)).unwrap();
+    }
+    assert_eq!(store.holders_owing_nothing().await.unwrap(), 0);
+    assert_eq!(store.owed_not_holding().await.unwrap(), 0);
+    c.execute_batch(&row(5, "ACTIVE", "NONE")).unwrap();
+    assert_eq!(store.holders_owing_nothing().await.unwrap(), 1);
+    assert_eq!(store.owed_not_holding().await.unwrap(), 0);
+    c.execute_batch(&row(6, "CANCELLED", "APPLY")).unwrap();
+    c.execute_batch(&row(7, "FAILED", "APPLY")).unwrap();
+    assert_eq!(store.owed_not_holding().await.unwrap(), 2);
+    assert_eq!(store.holders_owing_nothing().await.unwrap(), 1);
+    drop(c);
+    store.close().await;
+}
