@@ -14,6 +14,11 @@ use super::{
 };
 use crate::domain::{ActionState, Error, Ts, codes, lifecycle};
 
+/// The column `finished_ns` (not in the entity: [`rows::FINISHED_NS`]).
+fn finished() -> Expr {
+    Expr::col(Alias::new(rows::FINISHED_NS))
+}
+
 impl Store {
     /// Stamps up to `batch` actions that owe nothing and have no
     /// `finished_ns` (finished before migration 22, or by a replica of an
@@ -21,7 +26,6 @@ impl Store {
     /// [`Store::prune_finished`] needs; returns how many. Each batch is a
     /// short write of its own, so writers never wait long behind it.
     pub async fn stamp_finished(&self, batch: u32) -> Result<u64, Error> {
-        let finished = || Expr::col(Alias::new(rows::FINISHED_NS));
         self.retrying(|| async {
             let tx = self.begin().await?;
             // The partial index `actions_finished_at` holds them (its key
@@ -65,7 +69,7 @@ impl Store {
         use sea_orm::PaginatorTrait as _;
         action::Entity::find()
             .filter(Expr::cust(rows::OWED_SQL))
-            .filter(Expr::col(Alias::new(rows::FINISHED_NS)).is_not_null())
+            .filter(finished().is_not_null())
             .count(&self.read)
             .await
             .map_err(db_err)
@@ -81,7 +85,7 @@ impl Store {
                 Alias::new(rows::FINISHED_NS),
                 Expr::value(Option::<i64>::None),
             )
-            .filter(Expr::col(Alias::new(rows::FINISHED_NS)).is_not_null())
+            .filter(finished().is_not_null())
             .exec(&self.write)
             .await
             .map_err(db_err)?;
@@ -109,7 +113,7 @@ impl Store {
                 .column(action::Column::ActionId)
                 // The partial index `actions_finished_at` (migration 23).
                 .filter(Expr::cust("work = 'NONE'"))
-                .filter(Expr::col(Alias::new(rows::FINISHED_NS)).lt(before.0))
+                .filter(finished().lt(before.0))
                 .filter(action::Column::State.is_not_in(holding.clone()))
                 .filter(action::Column::LeaseOwner.is_null())
                 .filter(action::Column::DriverMemo.is_null())
@@ -120,7 +124,7 @@ impl Store {
                         .is_null()
                         .or(action::Column::ErrorCode.ne(codes::REVERT_FAILED)),
                 )
-                .order_by_asc(Expr::col(Alias::new(rows::FINISHED_NS)))
+                .order_by_asc(finished())
                 .limit(u64::from(batch))
                 .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
                 .into_tuple()
