@@ -85,13 +85,14 @@ mod store_on_postgres {
         )
     }
 
-    /// A dispatch start (state, revision and update_ns of every row of a
-    /// burst) can be a heap-only update: no index of `actions` names a
-    /// column it changes, in its keys or its predicate (the exclusion
-    /// constraint's among them, over owed rows), and pages keep room for
-    /// the new versions.
+    /// A dispatch claim (lease_owner, lease_until_ns and fence of every
+    /// row of a burst) and its start (state, revision and update_ns) can
+    /// be heap-only updates: no index of `actions` names a column they
+    /// change, in its keys or its predicate (the exclusion constraint's
+    /// among them, over owed rows), and pages keep room for the new
+    /// versions.
     #[tokio::test]
-    async fn no_index_names_what_a_start_changes() {
+    async fn no_index_names_what_a_claim_or_a_start_changes() {
         let Some(db) = postgres::database().await else {
             return;
         };
@@ -105,8 +106,16 @@ mod store_on_postgres {
                 .await
                 .unwrap();
         assert!(defs.len() >= 8, "{defs:?}");
+        // A start's columns, then a claim's (migration 26).
         for def in &defs {
-            for column in ["state", "revision", "update_ns"] {
+            for column in [
+                "state",
+                "revision",
+                "update_ns",
+                "lease_owner",
+                "lease_until_ns",
+                "fence",
+            ] {
                 assert!(!def.contains(column), "{column} in {def}");
             }
         }

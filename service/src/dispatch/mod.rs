@@ -417,8 +417,10 @@ impl Dispatcher {
                         // claim lapsed (some of its work may be another
                         // claim's by now); not held either way, so no job
                         // of it starts any more.
-                        Ok(0) => held_until.store(i64::MIN, std::sync::atomic::Ordering::Release),
-                        Ok(_) => held_until.store(until.0, std::sync::atomic::Ordering::Release),
+                        Ok(false) => {
+                            held_until.store(i64::MIN, std::sync::atomic::Ordering::Release)
+                        }
+                        Ok(true) => held_until.store(until.0, std::sync::atomic::Ordering::Release),
                         Err(e) => tracing::warn!(error = %e, "could not renew the dispatch lease"),
                     }
                 }
@@ -470,7 +472,16 @@ impl Dispatcher {
                 continue;
             }
             let seen = Instant::now();
-            let ready = match self.start(&owner).await {
+            // What of the claim is due, by id (see `Due`).
+            let due = crate::store::Due {
+                claim: owner.clone(),
+                action_ids: pending
+                    .iter()
+                    .take_while(|j| j.due <= now)
+                    .map(|j| j.action.id.to_string())
+                    .collect(),
+            };
+            let ready = match self.start(due).await {
                 Ok(ready) => ready,
                 Err(e) => {
                     tracing::warn!(error = %e, "could not start due work; trying again");
@@ -616,7 +627,7 @@ impl Dispatcher {
     /// back, whichever claim's turn wrote it; the turn passes on once the
     /// start is committed, so the next start is written while this one
     /// is read back.
-    async fn start(&self, claim: &str) -> Result<Arc<crate::store::Started>, Error> {
+    async fn start(&self, claim: crate::store::Due) -> Result<Arc<crate::store::Started>, Error> {
         let (store, clock) = (&self.store, &self.clock);
         self.starter
             .start(
@@ -1350,10 +1361,10 @@ const START_BATCH: usize = 3;
 /// it ([`Dispatcher::start`]).
 type StartResult = Result<Arc<crate::store::Started>, String>;
 
-#[derive(Debug, Default)]
-struct Starter {
+#[derive(Debug)]
+struct Starter<C = crate::store::Due> {
     /// Claims waiting for a start: (ticket, claim, where to answer).
-    queue: std::sync::Mutex<Vec<(u64, String, tokio::sync::oneshot::Sender<StartResult>)>>,
+    queue: std::sync::Mutex<Vec<(u64, C, tokio::sync::oneshot::Sender<StartResult>)>>,
     running: tokio::sync::Mutex<()>,
     /// Claims queued for a start, ever.
     queued: std::sync::atomic::AtomicU64,
@@ -1363,17 +1374,29 @@ struct Starter {
     wrote: Notify,
 }
 
-impl Starter {
+impl<C> Default for Starter<C> {
+    fn default() -> Self {
+        Self {
+            queue: std::sync::Mutex::default(),
+            running: tokio::sync::Mutex::default(),
+            queued: std::sync::atomic::AtomicU64::default(),
+            written: std::sync::atomic::AtomicU64::default(),
+            wrote: Notify::default(),
+        }
+    }
+}
+
+impl<C: Clone> Starter<C> {
     /// [`Dispatcher::start`], with the start's `write` (its turn held)
     /// and its `read` (the turn passed on) given.
     async fn start<T, W, WF, R, RF>(
         &self,
-        claim: &str,
+        claim: C,
         write: W,
         read: R,
     ) -> Result<Arc<crate::store::Started>, Error>
     where
-        W: Fn(Vec<String>) -> WF,
+        W: Fn(Vec<C>) -> WF,
         WF: Future<Output = Result<T, Error>>,
         R: Fn(T) -> RF,
         RF: Future<Output = Result<crate::store::Started, Error>>,
@@ -1387,7 +1410,7 @@ impl Starter {
             let ticket = self
                 .queued
                 .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-            queue.push((ticket, claim.to_owned(), tx));
+            queue.push((ticket, claim, tx));
             ticket
         };
         // A claim that stops waiting (its task is dropped) leaves the
@@ -1420,7 +1443,7 @@ impl Starter {
                 drop(turn);
                 return answer(rx.await);
             }
-            let claims: Vec<String> = batch.iter().map(|(_, c, _)| c.clone()).collect();
+            let claims: Vec<C> = batch.iter().map(|(_, c, _)| c.clone()).collect();
             // Counted as written however the write ends (this future may
             // be dropped, or the write panic): no record waits for it.
             let counted = Written {
@@ -1468,12 +1491,12 @@ impl Starter {
 }
 
 /// Counts a batch's claims as written when dropped.
-struct Written<'a> {
-    starter: &'a Starter,
+struct Written<'a, C> {
+    starter: &'a Starter<C>,
     claims: u64,
 }
 
-impl Drop for Written<'_> {
+impl<C> Drop for Written<'_, C> {
     fn drop(&mut self) {
         self.starter
             .written
@@ -1483,12 +1506,12 @@ impl Drop for Written<'_> {
 }
 
 /// Takes a claim that stops waiting out of the start queue.
-struct Leave<'a> {
-    starter: &'a Starter,
+struct Leave<'a, C> {
+    starter: &'a Starter<C>,
     ticket: u64,
 }
 
-impl Drop for Leave<'_> {
+impl<C> Drop for Leave<'_, C> {
     fn drop(&mut self) {
         let mut queue = self
             .starter
@@ -1864,7 +1887,7 @@ mod tests {
     /// waits for no start that will never be written.
     #[tokio::test]
     async fn a_claim_behind_a_full_batch_is_started_in_a_turn_of_its_own() {
-        let starter = Starter::default();
+        let starter = Starter::<String>::default();
         let mut ahead = vec![];
         for i in 0..START_BATCH {
             let (tx, rx) = tokio::sync::oneshot::channel();
@@ -1882,7 +1905,7 @@ mod tests {
         let started = tokio::time::timeout(
             Duration::from_secs(10),
             starter.start(
-                "mine",
+                "mine".to_owned(),
                 |claims: Vec<String>| {
                     writes.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                     async move { Ok(claims) }
@@ -1901,7 +1924,7 @@ mod tests {
         // A claim queued and then dropped while another holds the turn.
         let turn = starter.running.lock().await;
         let gone = starter.start(
-            "gone",
+            "gone".to_owned(),
             |claims: Vec<String>| async move { Ok(claims) },
             |claims: Vec<String>| async move { Ok(ready_all(claims)) },
         );
@@ -1917,7 +1940,7 @@ mod tests {
             .expect("no record waits for a claim that stopped waiting");
         // A turn dropped while it writes: its batch counts as written.
         let dropped = starter.start(
-            "dropped",
+            "dropped".to_owned(),
             |claims: Vec<String>| async move {
                 std::future::pending::<()>().await;
                 Ok(claims)
@@ -1941,7 +1964,7 @@ mod tests {
     /// (and outcomes may be recorded only once no start is pending).
     #[tokio::test]
     async fn a_claim_runs_once_its_start_is_read_back_whoever_wrote_it() {
-        let starter = Arc::new(Starter::default());
+        let starter = Arc::new(Starter::<String>::default());
         let stuck = Arc::new(Notify::new());
         let turn = starter.running.lock().await;
         let n = START_BATCH + 1;
@@ -1952,7 +1975,7 @@ mod tests {
                 let claim = format!("c{i}");
                 let started = starter
                     .start(
-                        &claim,
+                        claim.clone(),
                         |claims: Vec<String>| {
                             let stuck = stuck.clone();
                             async move {
@@ -2013,7 +2036,10 @@ mod tests {
 
     /// `Starter::quiet` in a task of its own, checked still waiting 50 ms
     /// later.
-    async fn still_quieting(starter: &Arc<Starter>, why: &str) -> tokio::task::JoinHandle<()> {
+    async fn still_quieting<C: Clone + Send + 'static>(
+        starter: &Arc<Starter<C>>,
+        why: &str,
+    ) -> tokio::task::JoinHandle<()> {
         let mut quiet = tokio::spawn({
             let starter = starter.clone();
             async move { starter.quiet().await }
@@ -2029,7 +2055,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_record_waits_while_an_earlier_start_is_read_back() {
-        let starter = Arc::new(Starter::default());
+        let starter = Arc::new(Starter::<String>::default());
         let reading = Arc::new(Notify::new());
         let go_on = Arc::new(Notify::new());
         let start = tokio::spawn({
@@ -2037,7 +2063,7 @@ mod tests {
             async move {
                 starter
                     .start(
-                        "c",
+                        "c".to_owned(),
                         |claims: Vec<String>| async move { Ok(claims) },
                         |claims: Vec<String>| {
                             let (reading, go_on) = (reading.clone(), go_on.clone());

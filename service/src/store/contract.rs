@@ -1610,7 +1610,7 @@ pub async fn work_claimed_ahead_starts_when_due_if_still_owed(f: &Fixture) {
     assert_eq!(c.state, ActionState::Cancelled);
     let early = f
         .store
-        .start_due(std::slice::from_ref(&claim.owner), T0)
+        .start_due(&[claim.due()], T0)
         .await
         .expect("start_due");
     assert!(early.ready.is_empty(), "nothing is due yet");
@@ -1619,7 +1619,7 @@ pub async fn work_claimed_ahead_starts_when_due_if_still_owed(f: &Fixture) {
     f.clock.set(T0.plus_nanos(H));
     let started = f
         .store
-        .start_due(std::slice::from_ref(&claim.owner), T0.plus_nanos(H))
+        .start_due(&[claim.due()], T0.plus_nanos(H))
         .await
         .expect("start_due");
     assert_eq!(
@@ -1724,7 +1724,7 @@ pub async fn a_device_change_takes_back_work_claimed_ahead(f: &Fixture) {
     f.clock.set(T0.plus_nanos(H));
     let started = f
         .store
-        .start_due(std::slice::from_ref(&claim.owner), T0.plus_nanos(H))
+        .start_due(&[claim.due()], T0.plus_nanos(H))
         .await
         .expect("start_due");
     assert!(started.ready.is_empty(), "the claim was taken back");
@@ -1775,24 +1775,19 @@ pub async fn work_not_started_in_time_is_not_ready(f: &Fixture) {
     let at = T0.plus_nanos(5 * H);
     f.clock.set(at);
     f.store
-        .start_claims(std::slice::from_ref(&c.owner), at)
+        .start_claims(&[c.due()], at)
         .await
         .expect("start_claims");
     assert_eq!(get(f, "d1", &a).await.state, ActionState::Scheduled);
     // A heartbeat that comes back after the lease ran out renews nothing:
     // another dispatcher may have taken some of the claim's work by then.
-    assert_eq!(
-        f.store
+    assert!(
+        !f.store
             .renew(&c.owner, at.plus_nanos(4 * H))
             .await
-            .expect("renew"),
-        0
+            .expect("renew")
     );
-    let started = f
-        .store
-        .started(std::slice::from_ref(&c.owner), at)
-        .await
-        .expect("started");
+    let started = f.store.started(&[c.due()], at).await.expect("started");
     assert!(started.ready.is_empty(), "{:?}", started.ready);
     // The work is free: claimed again, and started under the new claim
     // only.
@@ -1800,7 +1795,7 @@ pub async fn work_not_started_in_time_is_not_ready(f: &Fixture) {
     assert_eq!(again.jobs.len(), 1, "free once its claim lapsed");
     let started = f
         .store
-        .started(&[c.owner.clone(), again.owner.clone()], at)
+        .started(&[c.due(), again.due()], at)
         .await
         .expect("started");
     assert_eq!(
@@ -1836,7 +1831,7 @@ pub async fn a_renewed_claim_holds_its_work_past_its_rows_lease(f: &Fixture) {
         f.clock.set(T0.plus_nanos(at));
         f.store.renew(&c.owner, T0.plus_nanos(until))
     };
-    assert_eq!(renew(3 * H, 7 * H).await.expect("renew"), 1, "one job held");
+    assert!(renew(3 * H, 7 * H).await.expect("renew"), "renewed");
     assert_eq!(
         row_lease().await,
         Some(T0.0 + 4 * H),
@@ -1863,19 +1858,15 @@ pub async fn a_renewed_claim_holds_its_work_past_its_rows_lease(f: &Fixture) {
         "free when the claim's lease runs out"
     );
     f.store
-        .start_claims(std::slice::from_ref(&c.owner), at)
+        .start_claims(&[c.due()], at)
         .await
         .expect("start_claims");
     assert_eq!(get(f, "d1", &a).await.state, ActionState::Acknowledged);
-    let started = f
-        .store
-        .started(std::slice::from_ref(&c.owner), at)
-        .await
-        .expect("started");
+    let started = f.store.started(&[c.due()], at).await.expect("started");
     assert_eq!(started.ready.get(&a.id.to_string()), Some(&c.owner));
     // Renewed again at 6 H until 10 H: still held at 8 H, after the
     // leases run out long ago are deleted.
-    assert_eq!(renew(6 * H, 10 * H).await.expect("renew"), 1);
+    assert!(renew(6 * H, 10 * H).await.expect("renew"));
     let at = T0.plus_nanos(8 * H);
     f.clock.set(at);
     f.store.forget_leases(at, 4 * H).await;
@@ -1895,12 +1886,11 @@ pub async fn a_renewed_claim_holds_its_work_past_its_rows_lease(f: &Fixture) {
     );
     assert_ne!(again.owner, c.owner);
     // The old claim, renewed too late, is not revived.
-    assert_eq!(
-        f.store
+    assert!(
+        !f.store
             .renew(&c.owner, later.plus_nanos(4 * H))
             .await
-            .expect("renew"),
-        0
+            .expect("renew")
     );
     // A lease run out more than a lease ago is deleted, and its claim
     // renews nothing any more; live ones stay.
@@ -1938,7 +1928,80 @@ pub async fn a_renewed_claim_holds_its_work_past_its_rows_lease(f: &Fixture) {
         "ran out at 10 H, deleted at 18 H"
     );
     assert_eq!(leases(again.owner.clone()).await, 0);
-    assert_eq!(f.store.renew(&c.owner, much_later).await.expect("renew"), 0);
+    assert!(!f.store.renew(&c.owner, much_later).await.expect("renew"));
+}
+
+/// A start starts what it names, under the claim it names it with, and
+/// nothing else: an action its claim holds but the start leaves out (the
+/// dispatcher names what is due by its clock), or names under another
+/// claim, stays SCHEDULED and is not ready; one it names that owes
+/// nothing any more (cancelled) is not ready either.
+pub async fn a_start_starts_only_the_actions_it_names(f: &Fixture) {
+    with_device(f, "d1").await;
+    with_device(f, "d2").await;
+    with_device(f, "d3").await;
+    let mut pushed = Vec::new();
+    for d in ["d1", "d2", "d3"] {
+        pushed.push(
+            push(f, d, window(H, Some(2 * H)), Strategy::Reject)
+                .await
+                .expect("push")
+                .action,
+        );
+    }
+    let (a, b, c) = (&pushed[0], &pushed[1], &pushed[2]);
+    let claim = claim_ahead(&f.store, T0, T0.plus_nanos(H)).await;
+    assert_eq!(claim.jobs.len(), 3);
+    // c is cancelled before its start: it owes nothing, but is held.
+    f.store
+        .cancel_action(&tenant(), &device_id("d3"), &c.id, None, None)
+        .await
+        .expect("cancel");
+    f.clock.set(T0.plus_nanos(H));
+    let named = super::Due {
+        claim: claim.owner.clone(),
+        action_ids: vec![a.id.to_string(), c.id.to_string()],
+    };
+    let elsewhere = super::Due {
+        claim: "another claim".into(),
+        action_ids: vec![b.id.to_string()],
+    };
+    let started = f
+        .store
+        .start_due(&[named, elsewhere], T0.plus_nanos(H))
+        .await
+        .expect("start_due");
+    assert_eq!(
+        started.ready,
+        std::collections::HashMap::from([(a.id.to_string(), claim.owner.clone())])
+    );
+    assert_eq!(get(f, "d1", a).await.state, ActionState::Acknowledged);
+    assert_eq!(
+        get(f, "d2", b).await.state,
+        ActionState::Scheduled,
+        "held by the claim, but not named under it"
+    );
+    // c was let go by its cancel; b is still held.
+    let held = |id: ActionId| async move {
+        use super::entity::action;
+        use sea_orm::EntityTrait as _;
+        action::Entity::find_by_id(id.to_string())
+            .one(&f.store.read)
+            .await
+            .expect("read")
+            .expect("the row")
+            .lease_owner
+    };
+    assert_eq!(held(c.id).await, None, "let go by the cancel");
+    assert_eq!(held(b.id).await, Some(claim.owner.clone()));
+    // Named under its own claim, b starts too.
+    let started = f
+        .store
+        .start_due(&[claim.due()], T0.plus_nanos(H))
+        .await
+        .expect("start_due");
+    assert_eq!(started.ready.len(), 2, "{:?}", started.ready);
+    assert_eq!(get(f, "d2", b).await.state, ActionState::Acknowledged);
 }
 
 /// An action claimed twice (the first claim let go by a device change,
@@ -1979,10 +2042,7 @@ pub async fn a_start_names_the_claim_each_action_runs_under(f: &Fixture) {
     f.clock.set(T0.plus_nanos(H));
     let started = f
         .store
-        .start_due(
-            &[first.owner.clone(), second.owner.clone()],
-            T0.plus_nanos(H),
-        )
+        .start_due(&[first.due(), second.due()], T0.plus_nanos(H))
         .await
         .expect("start_due");
     assert_eq!(started.ready.len(), 1);
@@ -2013,7 +2073,7 @@ pub async fn a_start_names_the_claim_each_action_runs_under(f: &Fixture) {
     f.clock.set(T0.plus_nanos(2 * H));
     let lapsed = f
         .store
-        .start_due(std::slice::from_ref(&short.owner), T0.plus_nanos(2 * H))
+        .start_due(&[short.due()], T0.plus_nanos(2 * H))
         .await
         .expect("start_due");
     assert!(lapsed.ready.is_empty(), "{:?}", lapsed.ready);
@@ -2174,7 +2234,7 @@ pub async fn claims_are_let_go_when_their_work_changes(f: &Fixture) {
     f.clock.set(T0.plus_nanos(H));
     let started = f
         .store
-        .start_due(std::slice::from_ref(&ahead.owner), T0.plus_nanos(H))
+        .start_due(&[ahead.due()], T0.plus_nanos(H))
         .await
         .expect("start_due");
     assert_eq!(
@@ -2233,7 +2293,7 @@ pub async fn a_start_carries_its_devices_memos(f: &Fixture) {
     assert_eq!(c.jobs.len(), 3);
     let started = f
         .store
-        .start_due(std::slice::from_ref(&c.owner), T0.plus_nanos(7 * H))
+        .start_due(&[c.due()], T0.plus_nanos(7 * H))
         .await
         .expect("start_due");
     let memos = |d: &str| -> Vec<String> {
@@ -2670,6 +2730,7 @@ macro_rules! storage_contract_suite {
                 work_claimed_ahead_starts_when_due_if_still_owed,
                 a_device_change_takes_back_work_claimed_ahead,
                 a_start_names_the_claim_each_action_runs_under,
+                a_start_starts_only_the_actions_it_names,
                 work_not_started_in_time_is_not_ready,
                 a_renewed_claim_holds_its_work_past_its_rows_lease,
                 claims_are_let_go_when_their_work_changes,

@@ -154,6 +154,71 @@ pub struct Claim {
     pub devices: HashMap<(String, String), Device>,
 }
 
+impl Claim {
+    /// Everything the claim holds, to start as it falls due
+    /// ([`Store::start_due`] starts only what is due by then).
+    pub fn due(&self) -> Due {
+        Due {
+            claim: self.owner.clone(),
+            action_ids: self.jobs.iter().map(|j| j.action.id.to_string()).collect(),
+        }
+    }
+}
+
+/// Work of one claim to start ([`Store::start_due`]): the claim, and the
+/// actions it holds that fall due. A start names its rows by id, not by
+/// claim: `lease_owner` is not indexed (migration 26), so that a claim
+/// (every row of a burst, ahead of its time) writes no index entry on
+/// PostgreSQL (a heap-only update, as the start itself).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Due {
+    /// The claim's owner token ([`Claim::owner`]).
+    pub claim: String,
+    /// Actions the claim holds, to start if due (those not due at the
+    /// start, not held under the claim any more, or owing nothing are
+    /// left as they are).
+    pub action_ids: Vec<String>,
+}
+
+/// Most action ids named by one statement: well within the bound
+/// parameters either backend takes (SQLite 32,766; PostgreSQL 65,535).
+const IDS_PER_STATEMENT: usize = 4096;
+
+/// The rows of table `t` that `due` names under their claims, as
+/// conditions of at most [`IDS_PER_STATEMENT`] ids each (one statement
+/// each). Claims naming nothing add nothing.
+fn held_by<T: IntoIden + Clone>(t: T, due: &[Due]) -> Vec<sea_orm::Condition> {
+    held_by_at_most(t, due, IDS_PER_STATEMENT)
+}
+
+/// [`held_by`], with at most `most` ids per condition.
+fn held_by_at_most<T: IntoIden + Clone>(t: T, due: &[Due], most: usize) -> Vec<sea_orm::Condition> {
+    let mut parts = Vec::new();
+    let mut part = sea_orm::Condition::any();
+    let mut named = 0;
+    for d in due {
+        for ids in d.action_ids.chunks(most) {
+            if named > 0 && named + ids.len() > most {
+                parts.push(std::mem::replace(&mut part, sea_orm::Condition::any()));
+                named = 0;
+            }
+            part = part.add(
+                sea_orm::Condition::all()
+                    .add(Expr::col((t.clone(), action::Column::LeaseOwner)).eq(d.claim.as_str()))
+                    .add(
+                        Expr::col((t.clone(), action::Column::ActionId))
+                            .is_in(ids.iter().map(String::as_str)),
+                    ),
+            );
+            named += ids.len();
+        }
+    }
+    if named > 0 {
+        parts.push(part);
+    }
+    parts
+}
+
 /// What [`Store::start_due`] found ready.
 #[derive(Debug, Default)]
 pub struct Started {
@@ -307,12 +372,7 @@ impl Store {
         let (rows, devices) = self
             .retrying(|| async {
                 let tx = self.begin().await?;
-                let rows = claim_in(&tx, now, until, limit, lease_nanos, &owner).await?;
-                let devices = if rows.is_empty() {
-                    vec![]
-                } else {
-                    rows::each(&tx, device::Entity::find().filter(devices_of(&owner))).await?
-                };
+                let (rows, devices) = claim_in(&tx, now, until, limit, lease_nanos, &owner).await?;
                 tx.commit().await.map_err(db_err)?;
                 Ok((rows, devices))
             })
@@ -391,12 +451,12 @@ impl Store {
     /// cancelled, nor its device changed), and work let go meanwhile (a
     /// cancel, a device change) is not ready, as if the start had come
     /// after it.
-    pub async fn start_due(&self, claims: &[String], now: Ts) -> Result<Started, Error> {
-        self.start_claims(claims, now).await?;
-        if !claims.is_empty() {
+    pub async fn start_due(&self, due: &[Due], now: Ts) -> Result<Started, Error> {
+        self.start_claims(due, now).await?;
+        for part in held_by(action::Entity, due) {
             self.retrying(|| async {
                 rows::release_claims()
-                    .filter(action::Column::LeaseOwner.is_in(claims.iter().map(String::as_str)))
+                    .filter(part.clone())
                     .filter(Expr::cust("work = 'NONE'"))
                     .exec(&self.write)
                     .await
@@ -405,7 +465,7 @@ impl Store {
             })
             .await?;
         }
-        self.started(claims, now).await
+        self.started(due, now).await
     }
 
     /// The write of [`Store::start_due`], alone: the SCHEDULED applies
@@ -413,22 +473,24 @@ impl Store {
     /// hold that owes nothing any more stays held: the dispatcher lets go
     /// of it with [`Store::release`] once it sees it is not ready, so the
     /// start (at the due time, every row of a burst) writes nothing else.
-    pub async fn start_claims(&self, claims: &[String], now: Ts) -> Result<(), Error> {
-        if claims.is_empty() {
+    pub async fn start_claims(&self, due: &[Due], now: Ts) -> Result<(), Error> {
+        let parts = held_by(action::Entity, due);
+        if parts.is_empty() {
             return Ok(());
         }
-        let claim = || action::Column::LeaseOwner.is_in(claims.iter().map(String::as_str));
         let took = std::time::Instant::now();
         self.retrying(|| async {
             let tx = self.begin().await?;
-            dispatched(&tx, claim(), now).await?;
+            for part in &parts {
+                dispatched(&tx, part.clone(), now).await?;
+            }
             tx.commit().await.map_err(db_err)?;
             self.wrote_events();
             Ok(())
         })
         .await?;
         tracing::debug!(
-            claims = claims.len(),
+            claims = due.len(),
             took_ms = took.elapsed().as_millis() as u64,
             "started claims"
         );
@@ -436,10 +498,7 @@ impl Store {
     }
 
     /// The read of [`Store::start_due`], once its write is committed.
-    pub async fn started(&self, claims: &[String], now: Ts) -> Result<Started, Error> {
-        if claims.is_empty() {
-            return Ok(Started::default());
-        }
+    pub async fn started(&self, due: &[Due], now: Ts) -> Result<Started, Error> {
         use sea_orm::sea_query::JoinType;
         let took = std::time::Instant::now();
         let (r, m) = (Alias::new("r"), Alias::new("m"));
@@ -448,47 +507,53 @@ impl Store {
         // may be another dispatcher's by now); with each, the memos of its
         // device's actions in force (the partial index `actions_in_force`
         // answers for a device that has none without reading a row).
-        let q = Query::select()
-            .expr_as(col(&r, action::Column::ActionId), Alias::new("action_id"))
-            .expr_as(
-                col(&r, action::Column::LeaseOwner),
-                Alias::new("lease_owner"),
-            )
-            .expr_as(col(&r, action::Column::TenantId), Alias::new("tenant_id"))
-            .expr_as(col(&r, action::Column::DeviceId), Alias::new("device_id"))
-            .expr_as(col(&m, action::Column::ActionId), Alias::new("memo_of"))
-            .expr_as(col(&m, action::Column::DriverMemo), Alias::new("memo"))
-            .expr_as(
-                col(&m, action::Column::StartNs),
-                Alias::new("memo_start_ns"),
-            )
-            .from_as(action::Entity, r.clone())
-            .join_as(
-                JoinType::LeftJoin,
-                action::Entity,
-                m.clone(),
-                sea_orm::Condition::all()
-                    .add(
-                        col(&m, action::Column::TenantId)
-                            .equals((r.clone(), action::Column::TenantId)),
-                    )
-                    .add(
-                        col(&m, action::Column::DeviceId)
-                            .equals((r.clone(), action::Column::DeviceId)),
-                    )
-                    .add(col(&m, action::Column::DriverMemo).is_not_null()),
-            )
-            .and_where(col(&r, action::Column::LeaseOwner).is_in(claims.iter().map(String::as_str)))
-            .and_where(col(&r, action::Column::Work).ne("NONE"))
-            // An apply still SCHEDULED was not started (its lease had
-            // lapsed at the start: it may be renewed since), and is
-            // cancellable: it must not run.
-            .and_where(col(&r, action::Column::State).ne(ActionState::Scheduled.as_str()))
-            .and_where(col(&r, action::Column::DueNs).lte(now.0))
-            .and_where(held(r.clone(), now))
-            .to_owned();
+        let q = |part: sea_orm::Condition| {
+            Query::select()
+                .expr_as(col(&r, action::Column::ActionId), Alias::new("action_id"))
+                .expr_as(
+                    col(&r, action::Column::LeaseOwner),
+                    Alias::new("lease_owner"),
+                )
+                .expr_as(col(&r, action::Column::TenantId), Alias::new("tenant_id"))
+                .expr_as(col(&r, action::Column::DeviceId), Alias::new("device_id"))
+                .expr_as(col(&m, action::Column::ActionId), Alias::new("memo_of"))
+                .expr_as(col(&m, action::Column::DriverMemo), Alias::new("memo"))
+                .expr_as(
+                    col(&m, action::Column::StartNs),
+                    Alias::new("memo_start_ns"),
+                )
+                .from_as(action::Entity, r.clone())
+                .join_as(
+                    JoinType::LeftJoin,
+                    action::Entity,
+                    m.clone(),
+                    sea_orm::Condition::all()
+                        .add(
+                            col(&m, action::Column::TenantId)
+                                .equals((r.clone(), action::Column::TenantId)),
+                        )
+                        .add(
+                            col(&m, action::Column::DeviceId)
+                                .equals((r.clone(), action::Column::DeviceId)),
+                        )
+                        .add(col(&m, action::Column::DriverMemo).is_not_null()),
+                )
+                .cond_where(part)
+                .and_where(col(&r, action::Column::Work).ne("NONE"))
+                // An apply still SCHEDULED was not started (its lease had
+                // lapsed at the start: it may be renewed since), and is
+                // cancellable: it must not run.
+                .and_where(col(&r, action::Column::State).ne(ActionState::Scheduled.as_str()))
+                .and_where(col(&r, action::Column::DueNs).lte(now.0))
+                .and_where(held(r.clone(), now))
+                .to_owned()
+        };
+        let parts = held_by(r.clone(), due);
         self.bounded(async {
-            let rows = self.read.query_all(&q).await.map_err(db_err)?;
+            let mut rows = Vec::new();
+            for part in parts {
+                rows.extend(self.read.query_all(&q(part)).await.map_err(db_err)?);
+            }
             let mut started = Started::default();
             // By device: (start, action id, memo) of its actions in force.
             type InForce = Vec<(i64, String, String)>;
@@ -520,7 +585,7 @@ impl Store {
                 );
             }
             tracing::debug!(
-                claims = claims.len(),
+                claims = due.len(),
                 ready = started.ready.len(),
                 took_ms = took.elapsed().as_millis() as u64,
                 "read started claims back"
@@ -551,9 +616,10 @@ impl Store {
 
     /// Extends the lease of `claim` to `until` (the dispatcher's
     /// heartbeat while a round runs), for every job still held under it;
-    /// returns how many those are. Jobs already recorded hold no claim; a
-    /// claim whose lease ran out is not renewed (0: it holds nothing any
-    /// more, whether or not its work was claimed again).
+    /// returns whether it was. A claim whose lease ran out (or was
+    /// forgotten) is not renewed (false: it holds nothing any more,
+    /// whether or not its work was claimed again). Jobs already recorded
+    /// hold nothing either way.
     ///
     /// One row is written, the claim's in `dispatch_leases`: the rows the
     /// claim holds keep the lease they were claimed with, and are held
@@ -561,7 +627,7 @@ impl Store {
     /// until their outcomes are recorded; renewing each of them every
     /// third of a lease wrote them several times over on a database that
     /// could not keep up.
-    pub async fn renew(&self, claim: &str, until: Ts) -> Result<u64, Error> {
+    pub async fn renew(&self, claim: &str, until: Ts) -> Result<bool, Error> {
         self.bounded(async {
             // Written with the claim. A lease that ran out is not renewed:
             // another claim may have taken some of its rows since, and
@@ -573,21 +639,7 @@ impl Store {
                 .and_where(lease_col("until_ns").gt(self.clock.now().0))
                 .to_owned();
             let renewed = self.write.execute(&renew).await.map_err(db_err)?;
-            if renewed.rows_affected() == 0 {
-                return Ok(0);
-            }
-            // After the renewal: a claim that took rows of this one while
-            // it renewed had their lease row locked (`live_claims`), so
-            // its commit came first and is seen here.
-            let held: Option<i64> = action::Entity::find()
-                .select_only()
-                .expr(Expr::col(action::Column::ActionId).count())
-                .filter(action::Column::LeaseOwner.eq(claim))
-                .into_tuple()
-                .one(&self.read)
-                .await
-                .map_err(db_err)?;
-            Ok(held.map_or(0, |n| u64::try_from(n).unwrap_or(0)))
+            Ok(renewed.rows_affected() > 0)
         })
         .await
     }
@@ -843,14 +895,14 @@ async fn record_in<C: ConnectionTrait>(tx: &C, chunk: &[Outcome]) -> Result<(), 
     Ok(())
 }
 
-/// Rows claimed under `owner` on `devices`' side of a join: the devices
-/// they run on.
-fn devices_of(owner: &str) -> Expr {
+/// The rows `part` names, on `devices`' side of a join: the devices they
+/// run on.
+fn devices_of(part: sea_orm::Condition) -> Expr {
     let claimed = Query::select()
         .column(action::Column::TenantId)
         .column(action::Column::DeviceId)
         .from(action::Entity)
-        .and_where(action::Column::LeaseOwner.eq(owner))
+        .cond_where(part)
         .to_owned();
     Expr::tuple([
         Expr::col(device::Column::TenantId),
@@ -859,8 +911,13 @@ fn devices_of(owner: &str) -> Expr {
     .in_subquery(claimed)
 }
 
+/// Rows decoded one by one: one that does not decode must not stop the
+/// others.
+type Decoded<M> = Vec<Result<M, Error>>;
+
 /// Claims work due by `until` under `owner` (see [`Store::claim_ahead`]);
-/// the claimed rows, each decoded on its own.
+/// the claimed rows, earliest due first, and the devices they run on,
+/// each decoded on its own.
 async fn claim_in(
     tx: &DatabaseTransaction,
     now: Ts,
@@ -868,7 +925,7 @@ async fn claim_in(
     limit: u32,
     lease_nanos: i64,
     owner: &str,
-) -> Result<Vec<Result<action::Model, Error>>, Error> {
+) -> Result<(Decoded<action::Model>, Decoded<device::Model>), Error> {
     // Due and unclaimed (or its claim lapsed), locked, with the claims
     // that held them. On PostgreSQL rows another replica is claiming
     // right now are skipped, not waited for.
@@ -898,7 +955,7 @@ async fn claim_in(
         .map(|(id, _)| id.as_str())
         .collect();
     if ids.is_empty() {
-        return Ok(vec![]);
+        return Ok((vec![], vec![]));
     }
     let claimed = action::Entity::update_many()
         .col_expr(
@@ -910,7 +967,7 @@ async fn claim_in(
             action::Column::Fence,
             Expr::col(action::Column::Fence).add(1),
         )
-        .filter(action::Column::ActionId.is_in(ids))
+        .filter(action::Column::ActionId.is_in(ids.iter().copied()))
         // Again here: the claim never takes a row another claim holds.
         .filter(owed())
         .filter(claimable(now))
@@ -918,7 +975,7 @@ async fn claim_in(
         .await
         .map_err(db_err)?;
     if claimed.rows_affected == 0 {
-        return Ok(vec![]);
+        return Ok((vec![], vec![]));
     }
     // The claim's own lease, as long as its rows': its heartbeat renews
     // this one ([`Store::renew`]).
@@ -929,14 +986,27 @@ async fn claim_in(
         .map_err(|e| Error::Internal(format!("lease statement: {e}")))?
         .to_owned();
     tx.execute(&lease).await.map_err(db_err)?;
-    dispatched(tx, action::Column::LeaseOwner.eq(owner), now).await?;
-    rows::each(
-        tx,
-        action::Entity::find()
-            .filter(action::Column::LeaseOwner.eq(owner))
-            .order_by_asc(action::Column::DueNs),
-    )
-    .await
+    // By id, under this claim (those the claim passed by after all are
+    // not): `lease_owner` is not indexed.
+    let mine = [Due {
+        claim: owner.to_owned(),
+        action_ids: ids.iter().map(|id| (*id).to_owned()).collect(),
+    }];
+    let (mut claimed, mut devices) = (Vec::new(), Vec::new());
+    for part in held_by(action::Entity, &mine) {
+        dispatched(tx, part.clone(), now).await?;
+        claimed.extend(
+            rows::each(
+                tx,
+                action::Entity::find()
+                    .filter(part.clone())
+                    .order_by_asc(action::Column::DueNs),
+            )
+            .await?,
+        );
+        devices.extend(rows::each(tx, device::Entity::find().filter(devices_of(part))).await?);
+    }
+    Ok((claimed, devices))
 }
 
 /// PostgreSQL: of the claims that held the rows `due` (locked by a claim
@@ -977,7 +1047,11 @@ async fn live_claims(
 /// Sends the SCHEDULED applies held by the claims `owner` selects that are
 /// due at `now` on their way (the lifecycle's DISPATCHED step), in bulk:
 /// states and reason from the domain.
-async fn dispatched(tx: &DatabaseTransaction, owner: Expr, now: Ts) -> Result<(), Error> {
+async fn dispatched(
+    tx: &DatabaseTransaction,
+    owner: sea_orm::Condition,
+    now: Ts,
+) -> Result<(), Error> {
     let (from, to) = (
         ActionState::Scheduled.as_str(),
         ActionState::Acknowledged.as_str(),
@@ -1494,5 +1568,49 @@ mod tests {
             assert_eq!(r.work, Work::Revert);
             assert_eq!(r.attempts, 4);
         }
+    }
+
+    /// A start's rows are named in statements of at most so many ids,
+    /// each id once, under its own claim; a claim naming nothing adds no
+    /// statement.
+    #[test]
+    fn a_start_names_its_rows_in_bounded_statements() {
+        use sea_orm::sea_query::SqliteQueryBuilder;
+        let due = |claim: &str, from: usize, n: usize| Due {
+            claim: claim.into(),
+            action_ids: (from..from + n).map(|i| format!("id-{i:03}")).collect(),
+        };
+        let claims = [
+            due("c1", 0, 3),
+            due("c2", 3, 2),
+            due("none", 0, 0),
+            due("c3", 5, 6),
+        ];
+        let parts: Vec<String> = held_by_at_most(action::Entity, &claims, 4)
+            .into_iter()
+            .map(|part| {
+                Query::select()
+                    .expr(Expr::val(1))
+                    .from(action::Entity)
+                    .cond_where(part)
+                    .to_string(SqliteQueryBuilder)
+            })
+            .collect();
+        let named: Vec<usize> = parts.iter().map(|p| p.matches("'id-").count()).collect();
+        assert_eq!(named, [3, 2, 4, 2], "{parts:#?}");
+        for (claim, from, n) in [("c1", 0, 3), ("c2", 3, 2), ("c3", 5, 6)] {
+            for i in from..from + n {
+                let id = format!("'id-{i:03}'");
+                let with: Vec<&String> = parts.iter().filter(|p| p.contains(&id)).collect();
+                assert_eq!(with.len(), 1, "{id} in {with:#?}");
+                assert!(
+                    with[0].contains(&format!("\"lease_owner\" = '{claim}'")),
+                    "{}",
+                    with[0]
+                );
+            }
+        }
+        assert!(!parts.iter().any(|p| p.contains("'none'")));
+        assert!(held_by(action::Entity, &[due("c", 0, 0)]).is_empty());
     }
 }

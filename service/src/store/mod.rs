@@ -39,7 +39,7 @@ mod webhooks;
 pub use actions::{ActionQuery, PushOutcome, TransitionRecord};
 pub use budget::{Bucket, Spend};
 pub use devices::Retarget;
-pub use dispatch::{Claim, Configured, Finish, Job, Outcome, Planned, Recorded, Started};
+pub use dispatch::{Claim, Configured, Due, Finish, Job, Outcome, Planned, Recorded, Started};
 pub use events::EventRecord;
 pub use group::{GroupLimits, WriteGroups};
 pub use keys::{KeyRecord, TenantRecord};

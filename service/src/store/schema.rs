@@ -544,6 +544,20 @@ ALTER TABLE actions SET (fillfactor = 50);
 DROP INDEX IF EXISTS actions_finished;
 "#,
     ),
+    (
+        26,
+        Only::Both,
+        r#"
+-- A dispatch claim (lease_owner, lease_until_ns and fence of every row
+-- of a burst, ahead of its time) as a heap-only update on PostgreSQL, as
+-- the start (migration 24): no index names what it changes. The rows a
+-- claim holds are named by id (the dispatcher has them), under their
+-- claim, in every statement of the start; nothing reads them by claim
+-- alone. Replicas of earlier versions still do, scanning the table:
+-- finish the rollout before a burst.
+DROP INDEX IF EXISTS actions_leased;
+"#,
+    ),
 ];
 
 #[cfg(test)]
