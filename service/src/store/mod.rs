@@ -29,6 +29,7 @@ mod events;
 mod group;
 mod idem;
 mod keys;
+mod nodelay;
 mod prune;
 mod rows;
 mod schema;
@@ -373,7 +374,10 @@ impl Store {
                         &options.deadline.as_millis().to_string(),
                     ),
                 ]);
+            // Nagle's algorithm off on every connection (`nodelay`).
+            let nodelay = nodelay::hook(opts.get_host(), opts.get_port());
             let pool_options = PgPoolOptions::new()
+                .after_connect(nodelay.clone())
                 .max_connections(options.max_connections.max(1))
                 .min_connections(0)
                 // An unreachable server is answered STORAGE_UNAVAILABLE
@@ -384,6 +388,7 @@ impl Store {
             // The health check's own connection: a pool busy with
             // requests (or waiting on locks) is not a database that is down.
             let health = PgPoolOptions::new()
+                .after_connect(nodelay)
                 .max_connections(1)
                 .min_connections(0)
                 .acquire_timeout(Duration::from_secs(2))

@@ -1,0 +1,126 @@
+//! TCP_NODELAY on the store's PostgreSQL connections.
+//!
+//! sqlx 0.9.0 opens its TCP sockets with Nagle's algorithm on (it set
+//! TCP_NODELAY before, and sets it again after 0.9.0: sqlx issue 4335).
+//! A statement whose messages span more than one TCP segment (a dispatch
+//! start naming 2,048 ids, a record's bulk UPDATE) then sends its last
+//! part only once the server has acknowledged the first, and the server
+//! delays that acknowledgement: about 40 ms, sometimes twice, per
+//! statement, on loopback as on a network (measured: a 2,048-row claim
+//! spent 0.4 s of its 0.6 s waiting so, with every statement under 50 ms
+//! on the server).
+//!
+//! sqlx gives no access to its socket, so each new connection's socket is
+//! found among the process's file descriptors by its peer (the database's
+//! address, as resolved when the connection is made) and given
+//! TCP_NODELAY ([`after_connect`]). Nothing else is changed: a socket with
+//! another peer, or that has it already, is left as it is.
+
+use std::net::SocketAddr;
+
+/// The pool's `after_connect` hook: [`after_connect`] towards the
+/// database at `host:port`.
+pub(super) fn hook(
+    host: &str,
+    port: u16,
+) -> impl for<'c> Fn(
+    &'c mut sqlx::PgConnection,
+    sqlx::pool::PoolConnectionMetadata,
+) -> futures::future::BoxFuture<'c, Result<(), sqlx::Error>>
++ Clone
++ Send
++ Sync
++ 'static {
+    let host: std::sync::Arc<str> = host.into();
+    move |_, _| {
+        let host = host.clone();
+        Box::pin(async move {
+            after_connect(&host, port).await;
+            Ok(())
+        })
+    }
+}
+
+/// Sets TCP_NODELAY on every TCP socket of this process connected to
+/// `host:port` that does not have it yet. Best effort: a socket that
+/// cannot be read or changed is passed by (the connection works either
+/// way, only slower). Returns how many were changed. Linux only
+/// (`/proc/self/fd`); elsewhere nothing is done.
+pub(super) async fn after_connect(host: &str, port: u16) -> usize {
+    if host.starts_with('/') {
+        // A Unix socket: no Nagle.
+        return 0;
+    }
+    let Ok(peers) = tokio::net::lookup_host((host, port)).await else {
+        return 0;
+    };
+    let peers: Vec<SocketAddr> = peers.collect();
+    set_nodelay_towards(&peers)
+}
+
+#[cfg(target_os = "linux")]
+fn set_nodelay_towards(peers: &[SocketAddr]) -> usize {
+    use std::os::fd::{BorrowedFd, RawFd};
+    let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
+        return 0;
+    };
+    let mut changed = 0;
+    for fd in fds.flatten() {
+        let Some(fd) = fd
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<RawFd>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: `fd` was open when listed. Should another thread close
+        // it meanwhile (and the number be reused), the calls below are
+        // getpeername and get/setsockopt: on anything that is not a
+        // connected socket they fail (EBADF, ENOTSOCK, ENOTCONN), and a
+        // reused number is changed only if it is a socket connected to
+        // the database, which is what this is for. Nothing is read or
+        // written through it, and it is never closed here.
+        #[allow(unsafe_code)]
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let sock = socket2::SockRef::from(&fd);
+        let Some(peer) = sock.peer_addr().ok().and_then(|a| a.as_socket()) else {
+            continue;
+        };
+        if !peers.contains(&peer) || sock.r#type().ok() != Some(socket2::Type::STREAM) {
+            continue;
+        }
+        if sock.tcp_nodelay().ok() == Some(false) && sock.set_tcp_nodelay(true).is_ok() {
+            changed += 1;
+        }
+    }
+    changed
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_nodelay_towards(_peers: &[SocketAddr]) -> usize {
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    /// A socket connected to the address given gets TCP_NODELAY; one
+    /// connected elsewhere is left as it is.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn only_sockets_to_the_database_get_nodelay() {
+        let db = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let other = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (db_addr, other_addr) = (db.local_addr().unwrap(), other.local_addr().unwrap());
+        let to_db = tokio::net::TcpStream::connect(db_addr).await.unwrap();
+        let elsewhere = tokio::net::TcpStream::connect(other_addr).await.unwrap();
+        assert!(!to_db.nodelay().unwrap(), "Nagle is on by default");
+        assert!(!elsewhere.nodelay().unwrap());
+        let changed = super::after_connect("127.0.0.1", db_addr.port()).await;
+        assert_eq!(changed, 1);
+        assert!(to_db.nodelay().unwrap());
+        assert!(!elsewhere.nodelay().unwrap(), "another peer is left alone");
+        // Once set, not counted again.
+        assert_eq!(super::after_connect("127.0.0.1", db_addr.port()).await, 0);
+        assert_eq!(super::after_connect("/var/run/postgresql", 5432).await, 0);
+    }
+}
