@@ -180,9 +180,10 @@ pub struct Due {
     pub action_ids: Vec<String>,
 }
 
-/// Most action ids named by one statement: well within the bound
+/// Most action ids named by one statement: a start of the dispatcher's
+/// usual batch (3 claims of 2,048) in one, well within the bound
 /// parameters either backend takes (SQLite 32,766; PostgreSQL 65,535).
-const IDS_PER_STATEMENT: usize = 4096;
+const IDS_PER_STATEMENT: usize = 8192;
 
 /// The rows of table `t` that `due` names under their claims, as
 /// conditions of at most [`IDS_PER_STATEMENT`] ids each (one statement
@@ -1064,21 +1065,57 @@ async fn dispatched(
             .add(action::Column::Work.eq(Work::Apply.as_str()))
             .add(action::Column::DueNs.lte(now.0))
     };
-    // PostgreSQL: the rows are locked first, so the audit entries and the
-    // change see the same rows (a cancel committed meanwhile is seen by
-    // both; one in progress is waited for). SQLite's write transaction
-    // already excludes every other writer.
+    // PostgreSQL: one statement, the change and its audit entries (from
+    // the rows it changed, as RETURNING gives them), so both see the same
+    // rows (a cancel committed meanwhile is seen by both; one in progress
+    // is waited for), and the rows a start names (thousands, by id) are
+    // found once. SQLite's write transaction already excludes every other
+    // writer, and it takes no change in a WITH: the entries, then the
+    // change.
     if tx.get_database_backend() == sea_orm::DbBackend::Postgres {
-        let _locked: Vec<String> = action::Entity::find()
-            .select_only()
-            .column(action::Column::ActionId)
-            .filter(dispatched())
-            .order_by_asc(action::Column::ActionId)
-            .lock_exclusive()
-            .into_tuple()
-            .all(tx)
-            .await
-            .map_err(db_err)?;
+        use sea_orm::sea_query::PostgresQueryBuilder;
+        let update = Query::update()
+            .table(action::Entity)
+            .value(action::Column::State, to)
+            .value(
+                action::Column::Revision,
+                Expr::col(action::Column::Revision).add(1),
+            )
+            .value(action::Column::UpdateNs, now.0)
+            .cond_where(dispatched())
+            .returning(Query::returning().columns([
+                action::Column::TenantId,
+                action::Column::DeviceId,
+                action::Column::ActionId,
+            ]))
+            .to_owned();
+        let (update, mut values) = update.build(PostgresQueryBuilder);
+        let n = values.0.len();
+        // In the order of the index of an action's trail, as below.
+        let sql = format!(
+            "WITH started AS ({update}) \
+             INSERT INTO audit_log (tenant_id, device_id, action_id, from_state, to_state, reason, request_id, at_ns) \
+             SELECT tenant_id, device_id, action_id, ${}, ${}, ${}, NULL, ${} FROM started \
+             ORDER BY tenant_id, action_id",
+            n + 1,
+            n + 2,
+            n + 3,
+            n + 4
+        );
+        values.0.extend([
+            from.into(),
+            to.into(),
+            lifecycle::DISPATCHED.into(),
+            now.0.into(),
+        ]);
+        tx.execute_raw(sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Postgres,
+            sql,
+            values,
+        ))
+        .await
+        .map_err(db_err)?;
+        return Ok(());
     }
     // In the order of the index of an action's trail: a storm's entries
     // go in page by page, rather than at random across it.
