@@ -404,7 +404,13 @@ impl Dispatcher {
         let now = self.clock.now();
         let held_until = Arc::new(std::sync::atomic::AtomicI64::new(now.0 + lease));
         let heartbeat = {
-            let (store, clock, claim) = (self.store.clone(), self.clock.clone(), owner.clone());
+            // Every row of the claim: the renewal checks that some is
+            // still held under it (recorded ones are not).
+            let claim = crate::store::Due {
+                claim: owner.clone(),
+                action_ids: jobs.iter().map(|j| j.action.id.to_string()).collect(),
+            };
+            let (store, clock) = (self.store.clone(), self.clock.clone());
             let held_until = held_until.clone();
             let every = Duration::from_nanos(u64::try_from(lease / 3).unwrap_or(0))
                 .max(Duration::from_millis(100));
@@ -413,10 +419,10 @@ impl Dispatcher {
                     tokio::time::sleep(every).await;
                     let until = clock.now().plus_nanos(lease);
                     match store.renew(&claim, until).await {
-                        // Nothing renewed: every job is recorded, or the
-                        // claim lapsed (some of its work may be another
-                        // claim's by now); not held either way, so no job
-                        // of it starts any more.
+                        // Nothing renewed: every job is recorded or let
+                        // go, or the claim lapsed (some of its work may be
+                        // another claim's by now); not held either way,
+                        // so no job of it starts any more.
                         Ok(false) => {
                             held_until.store(i64::MIN, std::sync::atomic::Ordering::Release)
                         }
@@ -597,9 +603,8 @@ impl Dispatcher {
                     }
                 });
             }
-            // Let go of what is not ready at once (its jobs are spawned):
-            // held, it would be renewed until the claim ends, and this
-            // claim's next start would start it with no job to run it.
+            // Let go of what is not ready at once: held, it would wait for
+            // the lease to run out before another claim could take it.
             if !skipped.is_empty()
                 && let Err(e) = self.store.release(&owner, &skipped).await
             {

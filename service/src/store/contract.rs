@@ -1783,7 +1783,7 @@ pub async fn work_not_started_in_time_is_not_ready(f: &Fixture) {
     // another dispatcher may have taken some of the claim's work by then.
     assert!(
         !f.store
-            .renew(&c.owner, at.plus_nanos(4 * H))
+            .renew(&c.due(), at.plus_nanos(4 * H))
             .await
             .expect("renew")
     );
@@ -1793,6 +1793,18 @@ pub async fn work_not_started_in_time_is_not_ready(f: &Fixture) {
     // only.
     let again = claim_ahead(&f.store, at, at).await;
     assert_eq!(again.jobs.len(), 1, "free once its claim lapsed");
+    // A heartbeat of the first claim whose clock lags (still within its
+    // lease by it) renews its lease row, but holds nothing: its only row
+    // is the new claim's.
+    f.clock.set(T0.plus_nanos(3 * H));
+    assert!(
+        !f.store
+            .renew(&c.due(), T0.plus_nanos(7 * H))
+            .await
+            .expect("renew"),
+        "every row of the claim was taken by another"
+    );
+    f.clock.set(at);
     let started = f
         .store
         .started(&[c.due(), again.due()], at)
@@ -1827,9 +1839,10 @@ pub async fn a_renewed_claim_holds_its_work_past_its_rows_lease(f: &Fixture) {
             .lease_until_ns
     };
     assert_eq!(row_lease().await, Some(T0.0 + 4 * H));
+    let due = c.due();
     let renew = |at: i64, until: i64| {
         f.clock.set(T0.plus_nanos(at));
-        f.store.renew(&c.owner, T0.plus_nanos(until))
+        f.store.renew(&due, T0.plus_nanos(until))
     };
     assert!(renew(3 * H, 7 * H).await.expect("renew"), "renewed");
     assert_eq!(
@@ -1888,7 +1901,7 @@ pub async fn a_renewed_claim_holds_its_work_past_its_rows_lease(f: &Fixture) {
     // The old claim, renewed too late, is not revived.
     assert!(
         !f.store
-            .renew(&c.owner, later.plus_nanos(4 * H))
+            .renew(&c.due(), later.plus_nanos(4 * H))
             .await
             .expect("renew")
     );
@@ -1928,7 +1941,7 @@ pub async fn a_renewed_claim_holds_its_work_past_its_rows_lease(f: &Fixture) {
         "ran out at 10 H, deleted at 18 H"
     );
     assert_eq!(leases(again.owner.clone()).await, 0);
-    assert!(!f.store.renew(&c.owner, much_later).await.expect("renew"));
+    assert!(!f.store.renew(&c.due(), much_later).await.expect("renew"));
 }
 
 /// A start starts what it names, under the claim it names it with, and
@@ -1994,6 +2007,25 @@ pub async fn a_start_starts_only_the_actions_it_names(f: &Fixture) {
     };
     assert_eq!(held(c.id).await, None, "let go by the cancel");
     assert_eq!(held(b.id).await, Some(claim.owner.clone()));
+    // Each started action's trail gains one DISPATCHED entry; the others
+    // none.
+    let trail = |id: ActionId| async move {
+        f.store
+            .action_history(&tenant(), &id)
+            .await
+            .expect("history")
+            .into_iter()
+            .filter(|(_, _, reason)| reason == "DISPATCHED")
+            .collect::<Vec<_>>()
+    };
+    let dispatched = vec![(
+        Some("SCHEDULED".to_owned()),
+        "ACKNOWLEDGED".to_owned(),
+        "DISPATCHED".to_owned(),
+    )];
+    assert_eq!(trail(a.id).await, dispatched);
+    assert!(trail(b.id).await.is_empty());
+    assert!(trail(c.id).await.is_empty());
     // Named under its own claim, b starts too.
     let started = f
         .store
@@ -2002,6 +2034,27 @@ pub async fn a_start_starts_only_the_actions_it_names(f: &Fixture) {
         .expect("start_due");
     assert_eq!(started.ready.len(), 2, "{:?}", started.ready);
     assert_eq!(get(f, "d2", b).await.state, ActionState::Acknowledged);
+    assert_eq!(trail(a.id).await, dispatched, "started once");
+    assert_eq!(trail(b.id).await, dispatched);
+    // While any of its rows is held the claim is renewed; once none is
+    // (recorded, or let go), a renewal holds nothing and says so.
+    assert!(
+        f.store
+            .renew(&claim.due(), T0.plus_nanos(3 * H))
+            .await
+            .expect("renew")
+    );
+    f.store
+        .release(&claim.owner, &[a.id.to_string(), b.id.to_string()])
+        .await
+        .expect("release");
+    assert!(
+        !f.store
+            .renew(&claim.due(), T0.plus_nanos(3 * H))
+            .await
+            .expect("renew"),
+        "nothing held"
+    );
 }
 
 /// An action claimed twice (the first claim let go by a device change,

@@ -436,7 +436,7 @@ impl Store {
         })
     }
 
-    /// Starts what `claims` hold that is due at `now`: their SCHEDULED
+    /// Starts what `due` names (each under its claim) that is due at `now`: their SCHEDULED
     /// applies become ACKNOWLEDGED (no longer cancellable), in bulk; rows
     /// they hold that owe nothing any more (cancelled or replaced before
     /// they started) are let go. One write transaction for every claim of
@@ -470,7 +470,7 @@ impl Store {
     }
 
     /// The write of [`Store::start_due`], alone: the SCHEDULED applies
-    /// `claims` hold that are due at `now` become ACKNOWLEDGED. What they
+    /// `due` names (under their claims) that are due at `now` become ACKNOWLEDGED. What they
     /// hold that owes nothing any more stays held: the dispatcher lets go
     /// of it with [`Store::release`] once it sees it is not ready, so the
     /// start (at the due time, every row of a burst) writes nothing else.
@@ -617,10 +617,12 @@ impl Store {
 
     /// Extends the lease of `claim` to `until` (the dispatcher's
     /// heartbeat while a round runs), for every job still held under it;
-    /// returns whether it was. A claim whose lease ran out (or was
-    /// forgotten) is not renewed (false: it holds nothing any more,
-    /// whether or not its work was claimed again). Jobs already recorded
-    /// hold nothing either way.
+    /// returns whether any is (its rows named by id, as the claim's
+    /// `Due`). Jobs already recorded hold no claim; a claim whose lease
+    /// ran out is not renewed (false: it holds nothing any more, whether
+    /// or not its work was claimed again), nor is one whose rows were all
+    /// taken by another claim meanwhile (a renewal whose clock lags the
+    /// claim's, or that waited for it).
     ///
     /// One row is written, the claim's in `dispatch_leases`: the rows the
     /// claim holds keep the lease they were claimed with, and are held
@@ -628,7 +630,8 @@ impl Store {
     /// until their outcomes are recorded; renewing each of them every
     /// third of a lease wrote them several times over on a database that
     /// could not keep up.
-    pub async fn renew(&self, claim: &str, until: Ts) -> Result<bool, Error> {
+    pub async fn renew(&self, due: &Due, until: Ts) -> Result<bool, Error> {
+        let claim = due.claim.as_str();
         self.bounded(async {
             // Written with the claim. A lease that ran out is not renewed:
             // another claim may have taken some of its rows since, and
@@ -640,7 +643,26 @@ impl Store {
                 .and_where(lease_col("until_ns").gt(self.clock.now().0))
                 .to_owned();
             let renewed = self.write.execute(&renew).await.map_err(db_err)?;
-            Ok(renewed.rows_affected() > 0)
+            if renewed.rows_affected() == 0 {
+                return Ok(false);
+            }
+            // After the renewal: a claim that took rows of this one while
+            // it renewed had their lease row locked (`live_claims`), so
+            // its commit came first and is seen here.
+            for part in held_by(action::Entity, std::slice::from_ref(due)) {
+                let one: Option<String> = action::Entity::find()
+                    .select_only()
+                    .column(action::Column::ActionId)
+                    .filter(part)
+                    .into_tuple()
+                    .one(&self.read)
+                    .await
+                    .map_err(db_err)?;
+                if one.is_some() {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
         })
         .await
     }
@@ -648,7 +670,7 @@ impl Store {
     /// Deletes the leases of claims that ran out more than a lease (at
     /// least the clocks' allowed skew) before `now`: whatever they held
     /// is free either way, and a heartbeat that late finds its claim gone
-    /// ([`Store::renew`] answers 0). Best effort, outside any claim's
+    /// ([`Store::renew`] answers false). Best effort, outside any claim's
     /// transaction.
     pub(super) async fn forget_leases(&self, now: Ts, lease_nanos: i64) {
         let margin = Ord::max(lease_nanos, super::CLOCK_SKEW_NANOS);

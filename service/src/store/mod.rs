@@ -375,7 +375,11 @@ impl Store {
                     ),
                 ]);
             // Nagle's algorithm off on every connection (`nodelay`).
-            let nodelay = nodelay::hook(opts.get_host(), opts.get_port());
+            let nodelay = nodelay::hook(
+                opts.get_host(),
+                opts.get_port(),
+                opts.get_socket().is_some(),
+            );
             let pool_options = PgPoolOptions::new()
                 .after_connect(nodelay.clone())
                 .max_connections(options.max_connections.max(1))

@@ -16,13 +16,12 @@
 //! TCP_NODELAY ([`after_connect`]). Nothing else is changed: a socket with
 //! another peer, or that has it already, is left as it is.
 
-use std::net::SocketAddr;
-
 /// The pool's `after_connect` hook: [`after_connect`] towards the
 /// database at `host:port`.
 pub(super) fn hook(
     host: &str,
     port: u16,
+    unix_socket: bool,
 ) -> impl for<'c> Fn(
     &'c mut sqlx::PgConnection,
     sqlx::pool::PoolConnectionMetadata,
@@ -35,7 +34,10 @@ pub(super) fn hook(
     move |_, _| {
         let host = host.clone();
         Box::pin(async move {
-            after_connect(&host, port).await;
+            if !unix_socket {
+                let changed = after_connect(&host, port).await;
+                tracing::debug!(changed, "TCP_NODELAY set on the new connection's socket");
+            }
             Ok(())
         })
     }
@@ -51,15 +53,21 @@ pub(super) async fn after_connect(host: &str, port: u16) -> usize {
         // A Unix socket: no Nagle.
         return 0;
     }
-    let Ok(peers) = tokio::net::lookup_host((host, port)).await else {
+    // Bounded: the hook runs within the pool's acquire timeout, and a
+    // connection is made either way.
+    let lookup = tokio::net::lookup_host((host, port));
+    let Ok(Ok(peers)) = tokio::time::timeout(std::time::Duration::from_millis(500), lookup).await
+    else {
         return 0;
     };
-    let peers: Vec<SocketAddr> = peers.collect();
+    // By address and port (an IPv6 peer's flow and scope are not
+    // compared).
+    let peers: Vec<(std::net::IpAddr, u16)> = peers.map(|a| (a.ip(), a.port())).collect();
     set_nodelay_towards(&peers)
 }
 
 #[cfg(target_os = "linux")]
-fn set_nodelay_towards(peers: &[SocketAddr]) -> usize {
+fn set_nodelay_towards(peers: &[(std::net::IpAddr, u16)]) -> usize {
     use std::os::fd::{BorrowedFd, RawFd};
     let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
         return 0;
@@ -73,20 +81,24 @@ fn set_nodelay_towards(peers: &[SocketAddr]) -> usize {
         else {
             continue;
         };
-        // SAFETY: `fd` was open when listed. Should another thread close
-        // it meanwhile (and the number be reused), the calls below are
-        // getpeername and get/setsockopt: on anything that is not a
-        // connected socket they fail (EBADF, ENOTSOCK, ENOTCONN), and a
-        // reused number is changed only if it is a socket connected to
-        // the database, which is what this is for. Nothing is read or
-        // written through it, and it is never closed here.
+        // SAFETY: `fd` was open when listed, but nothing keeps it open:
+        // should another thread close it meanwhile (and the number be
+        // reused), this borrow breaks I/O safety, though not memory
+        // safety. The calls below are getpeername and get/setsockopt
+        // only: on anything that is not a connected socket they fail
+        // (EBADF, ENOTSOCK, ENOTCONN), and a socket is changed only if
+        // it is connected to the database's address (another pool's
+        // connection to it included, which is as harmless). Nothing is
+        // read or written through it, and it is never closed here.
         #[allow(unsafe_code)]
         let fd = unsafe { BorrowedFd::borrow_raw(fd) };
         let sock = socket2::SockRef::from(&fd);
         let Some(peer) = sock.peer_addr().ok().and_then(|a| a.as_socket()) else {
             continue;
         };
-        if !peers.contains(&peer) || sock.r#type().ok() != Some(socket2::Type::STREAM) {
+        if !peers.contains(&(peer.ip(), peer.port()))
+            || sock.r#type().ok() != Some(socket2::Type::STREAM)
+        {
             continue;
         }
         if sock.tcp_nodelay().ok() == Some(false) && sock.set_tcp_nodelay(true).is_ok() {
@@ -97,7 +109,7 @@ fn set_nodelay_towards(peers: &[SocketAddr]) -> usize {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn set_nodelay_towards(_peers: &[SocketAddr]) -> usize {
+fn set_nodelay_towards(_peers: &[(std::net::IpAddr, u16)]) -> usize {
     0
 }
 
@@ -121,6 +133,5 @@ mod tests {
         assert!(!elsewhere.nodelay().unwrap(), "another peer is left alone");
         // Once set, not counted again.
         assert_eq!(super::after_connect("127.0.0.1", db_addr.port()).await, 0);
-        assert_eq!(super::after_connect("/var/run/postgresql", 5432).await, 0);
     }
 }
