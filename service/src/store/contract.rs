@@ -1963,7 +1963,10 @@ pub async fn a_start_starts_only_the_actions_it_names(f: &Fixture) {
         );
     }
     let (a, b, c) = (&pushed[0], &pushed[1], &pushed[2]);
-    let claim = claim_ahead(&f.store, T0, T0.plus_nanos(H)).await;
+    // One id a statement: every statement of the claim, the starts, the
+    // reads back and the renewals runs once per id.
+    let store = f.store.clone().with_ids_per_statement(1);
+    let claim = claim_ahead(&store, T0, T0.plus_nanos(H)).await;
     assert_eq!(claim.jobs.len(), 3);
     // c is cancelled before its start: it owes nothing, but is held.
     f.store
@@ -1979,8 +1982,7 @@ pub async fn a_start_starts_only_the_actions_it_names(f: &Fixture) {
         claim: "another claim".into(),
         action_ids: vec![b.id.to_string()],
     };
-    let started = f
-        .store
+    let started = store
         .start_due(&[named, elsewhere], T0.plus_nanos(H))
         .await
         .expect("start_due");
@@ -2027,8 +2029,7 @@ pub async fn a_start_starts_only_the_actions_it_names(f: &Fixture) {
     assert!(trail(b.id).await.is_empty());
     assert!(trail(c.id).await.is_empty());
     // Named under its own claim, b starts too.
-    let started = f
-        .store
+    let started = store
         .start_due(&[claim.due()], T0.plus_nanos(H))
         .await
         .expect("start_due");
@@ -2036,21 +2037,31 @@ pub async fn a_start_starts_only_the_actions_it_names(f: &Fixture) {
     assert_eq!(get(f, "d2", b).await.state, ActionState::Acknowledged);
     assert_eq!(trail(a.id).await, dispatched, "started once");
     assert_eq!(trail(b.id).await, dispatched);
-    // While any of its rows is held the claim is renewed; once none is
-    // (recorded, or let go), a renewal holds nothing and says so.
-    assert!(
-        f.store
-            .renew(&claim.due(), T0.plus_nanos(3 * H))
-            .await
-            .expect("renew")
-    );
+    // While any of its rows is held the claim is renewed, the one held
+    // named last (its own statement here); once none is (recorded, or
+    // let go), a renewal holds nothing and says so.
+    let mine = super::Due {
+        claim: claim.owner.clone(),
+        action_ids: vec![c.id.to_string(), a.id.to_string(), b.id.to_string()],
+    };
     f.store
-        .release(&claim.owner, &[a.id.to_string(), b.id.to_string()])
+        .release(&claim.owner, &[a.id.to_string()])
         .await
         .expect("release");
     assert!(
-        !f.store
-            .renew(&claim.due(), T0.plus_nanos(3 * H))
+        store
+            .renew(&mine, T0.plus_nanos(3 * H))
+            .await
+            .expect("renew"),
+        "b is still held"
+    );
+    f.store
+        .release(&claim.owner, &[b.id.to_string()])
+        .await
+        .expect("release");
+    assert!(
+        !store
+            .renew(&mine, T0.plus_nanos(3 * H))
             .await
             .expect("renew"),
         "nothing held"

@@ -183,17 +183,14 @@ pub struct Due {
 /// Most action ids named by one statement: a start of the dispatcher's
 /// usual batch (3 claims of 2,048) in one, well within the bound
 /// parameters either backend takes (SQLite 32,766; PostgreSQL 65,535).
-const IDS_PER_STATEMENT: usize = 8192;
+pub(super) const IDS_PER_STATEMENT: usize = 8192;
 
 /// The rows of table `t` that `due` names under their claims, as
-/// conditions of at most [`IDS_PER_STATEMENT`] ids each (one statement
-/// each). Claims naming nothing add nothing.
-fn held_by<T: IntoIden + Clone>(t: T, due: &[Due]) -> Vec<sea_orm::Condition> {
-    held_by_at_most(t, due, IDS_PER_STATEMENT)
-}
-
-/// [`held_by`], with at most `most` ids per condition.
-fn held_by_at_most<T: IntoIden + Clone>(t: T, due: &[Due], most: usize) -> Vec<sea_orm::Condition> {
+/// conditions of at most `most` ids each (one statement each; the
+/// store's `ids_per_statement`, [`IDS_PER_STATEMENT`] but in tests).
+/// Claims naming nothing add nothing.
+fn held_by<T: IntoIden + Clone>(t: T, due: &[Due], most: usize) -> Vec<sea_orm::Condition> {
+    let most = most.max(1);
     let mut parts = Vec::new();
     let mut part = sea_orm::Condition::any();
     let mut named = 0;
@@ -373,7 +370,16 @@ impl Store {
         let (rows, devices) = self
             .retrying(|| async {
                 let tx = self.begin().await?;
-                let (rows, devices) = claim_in(&tx, now, until, limit, lease_nanos, &owner).await?;
+                let (rows, devices) = claim_in(
+                    &tx,
+                    now,
+                    until,
+                    limit,
+                    lease_nanos,
+                    &owner,
+                    self.ids_per_statement,
+                )
+                .await?;
                 tx.commit().await.map_err(db_err)?;
                 Ok((rows, devices))
             })
@@ -454,7 +460,7 @@ impl Store {
     /// after it.
     pub async fn start_due(&self, due: &[Due], now: Ts) -> Result<Started, Error> {
         self.start_claims(due, now).await?;
-        for part in held_by(action::Entity, due) {
+        for part in held_by(action::Entity, due, self.ids_per_statement) {
             self.retrying(|| async {
                 rows::release_claims()
                     .filter(part.clone())
@@ -475,7 +481,7 @@ impl Store {
     /// of it with [`Store::release`] once it sees it is not ready, so the
     /// start (at the due time, every row of a burst) writes nothing else.
     pub async fn start_claims(&self, due: &[Due], now: Ts) -> Result<(), Error> {
-        let parts = held_by(action::Entity, due);
+        let parts = held_by(action::Entity, due, self.ids_per_statement);
         if parts.is_empty() {
             return Ok(());
         }
@@ -549,7 +555,7 @@ impl Store {
                 .and_where(held(r.clone(), now))
                 .to_owned()
         };
-        let parts = held_by(r.clone(), due);
+        let parts = held_by(r.clone(), due, self.ids_per_statement);
         self.bounded(async {
             let mut rows = Vec::new();
             for part in parts {
@@ -649,7 +655,11 @@ impl Store {
             // After the renewal: a claim that took rows of this one while
             // it renewed had their lease row locked (`live_claims`), so
             // its commit came first and is seen here.
-            for part in held_by(action::Entity, std::slice::from_ref(due)) {
+            for part in held_by(
+                action::Entity,
+                std::slice::from_ref(due),
+                self.ids_per_statement,
+            ) {
                 let one: Option<String> = action::Entity::find()
                     .select_only()
                     .column(action::Column::ActionId)
@@ -948,6 +958,7 @@ async fn claim_in(
     limit: u32,
     lease_nanos: i64,
     owner: &str,
+    ids_per_statement: usize,
 ) -> Result<(Decoded<action::Model>, Decoded<device::Model>), Error> {
     // Due and unclaimed (or its claim lapsed), locked, with the claims
     // that held them. On PostgreSQL rows another replica is claiming
@@ -1016,7 +1027,7 @@ async fn claim_in(
         action_ids: ids.iter().map(|id| (*id).to_owned()).collect(),
     }];
     let (mut claimed, mut devices) = (Vec::new(), Vec::new());
-    for part in held_by(action::Entity, &mine) {
+    for part in held_by(action::Entity, &mine, ids_per_statement) {
         dispatched(tx, part.clone(), now).await?;
         claimed.extend(
             rows::each(
@@ -1645,7 +1656,7 @@ mod tests {
             due("none", 0, 0),
             due("c3", 5, 6),
         ];
-        let parts: Vec<String> = held_by_at_most(action::Entity, &claims, 4)
+        let parts: Vec<String> = held_by(action::Entity, &claims, 4)
             .into_iter()
             .map(|part| {
                 Query::select()
@@ -1670,6 +1681,6 @@ mod tests {
             }
         }
         assert!(!parts.iter().any(|p| p.contains("'none'")));
-        assert!(held_by(action::Entity, &[due("c", 0, 0)]).is_empty());
+        assert!(held_by(action::Entity, &[due("c", 0, 0)], IDS_PER_STATEMENT).is_empty());
     }
 }

@@ -167,6 +167,10 @@ pub struct Store {
     /// ([`Store::record`]); SQLite's records already queue for its one
     /// write connection.
     recording: Recording,
+    /// Most action ids a dispatch statement names
+    /// (`dispatch::IDS_PER_STATEMENT`; fewer in tests, to run every
+    /// statement of a start more than once).
+    ids_per_statement: usize,
 }
 
 /// Dispatch records running at once, and the most there have been.
@@ -412,6 +416,7 @@ impl Store {
             };
             return Ok(Self {
                 recording,
+                ids_per_statement: dispatch::IDS_PER_STATEMENT,
                 lanes: Arc::new(group::Lanes::start(
                     &conn,
                     lanes,
@@ -509,7 +514,17 @@ impl Store {
             clock,
             deadline: None,
             recording: Recording::default(),
+            ids_per_statement: dispatch::IDS_PER_STATEMENT,
         })
+    }
+
+    /// This store naming at most `n` action ids in a dispatch statement,
+    /// so that a test runs each statement of a claim, a start and a
+    /// renewal more than once.
+    #[cfg(any(test, feature = "contract"))]
+    pub fn with_ids_per_statement(mut self, n: usize) -> Self {
+        self.ids_per_statement = n.max(1);
+        self
     }
 
     /// Applies pending migrations (`switchyard migrate`): what
