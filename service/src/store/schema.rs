@@ -546,7 +546,7 @@ DROP INDEX IF EXISTS actions_finished;
     ),
     (
         26,
-        Only::Both,
+        Only::Postgres,
         r#"
 -- A dispatch claim (lease_owner, lease_until_ns and fence of every row
 -- of a burst, ahead of its time) as a heap-only update on PostgreSQL, as
@@ -554,7 +554,9 @@ DROP INDEX IF EXISTS actions_finished;
 -- claim holds are named by id (the dispatcher has them), under their
 -- claim, in every statement of the start; nothing reads them by claim
 -- alone. Replicas of earlier versions still do, scanning the table:
--- finish the rollout before a burst.
+-- finish the rollout before a burst. SQLite keeps the index: a claim
+-- there writes in place, and a 100,000 storm's records slowed to 2 s a
+-- statement without it.
 DROP INDEX IF EXISTS actions_leased;
 "#,
     ),
