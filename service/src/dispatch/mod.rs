@@ -392,6 +392,9 @@ impl Dispatcher {
     /// failed) is not started, for another dispatcher may take the work up
     /// meanwhile.
     async fn run_claim(&self, claim: crate::store::Claim) -> Result<usize, Error> {
+        // Every row of the claim: a renewal checks that some is still
+        // held under it (recorded ones are not).
+        let all = claim.due();
         let crate::store::Claim {
             owner,
             jobs,
@@ -404,13 +407,7 @@ impl Dispatcher {
         let now = self.clock.now();
         let held_until = Arc::new(std::sync::atomic::AtomicI64::new(now.0 + lease));
         let heartbeat = {
-            // Every row of the claim: the renewal checks that some is
-            // still held under it (recorded ones are not).
-            let claim = crate::store::Due {
-                claim: owner.clone(),
-                action_ids: jobs.iter().map(|j| j.action.id.to_string()).collect(),
-            };
-            let (store, clock) = (self.store.clone(), self.clock.clone());
+            let (store, clock, claim) = (self.store.clone(), self.clock.clone(), all);
             let held_until = held_until.clone();
             let every = Duration::from_nanos(u64::try_from(lease / 3).unwrap_or(0))
                 .max(Duration::from_millis(100));

@@ -1944,6 +1944,20 @@ pub async fn a_renewed_claim_holds_its_work_past_its_rows_lease(f: &Fixture) {
     assert!(!f.store.renew(&c.due(), much_later).await.expect("renew"));
 }
 
+/// One action on each of `devices`, from H to 2 H, in order.
+async fn pushed_from_h_to_2h(f: &Fixture, devices: &[&str]) -> Vec<Action> {
+    let mut pushed = Vec::new();
+    for d in devices {
+        pushed.push(
+            push(f, d, window(H, Some(2 * H)), Strategy::Reject)
+                .await
+                .expect("push")
+                .action,
+        );
+    }
+    pushed
+}
+
 /// A start starts what it names, under the claim it names it with, and
 /// nothing else: an action its claim holds but the start leaves out (the
 /// dispatcher names what is due by its clock), or names under another
@@ -1953,15 +1967,7 @@ pub async fn a_start_starts_only_the_actions_it_names(f: &Fixture) {
     with_device(f, "d1").await;
     with_device(f, "d2").await;
     with_device(f, "d3").await;
-    let mut pushed = Vec::new();
-    for d in ["d1", "d2", "d3"] {
-        pushed.push(
-            push(f, d, window(H, Some(2 * H)), Strategy::Reject)
-                .await
-                .expect("push")
-                .action,
-        );
-    }
+    let pushed = pushed_from_h_to_2h(f, &["d1", "d2", "d3"]).await;
     let (a, b, c) = (&pushed[0], &pushed[1], &pushed[2]);
     // One id a statement: every statement of the claim, the starts, the
     // reads back and the renewals runs once per id.
@@ -2430,15 +2436,7 @@ pub async fn outcomes_recorded_together_are_each_written_alone(f: &Fixture) {
         .create_device(&other, device("d1"), None)
         .await
         .expect("create in the other tenant");
-    let mut pushed = vec![];
-    for d in ["d1", "d2", "d3"] {
-        pushed.push(
-            push(f, d, window(H, Some(2 * H)), Strategy::Reject)
-                .await
-                .expect("push")
-                .action,
-        );
-    }
+    let pushed = pushed_from_h_to_2h(f, &["d1", "d2", "d3"]).await;
     let theirs = f
         .store
         .push(
