@@ -595,6 +595,35 @@ mod store_on_postgres {
             .await
     }
 
+    /// The store's connections to PostgreSQL have TCP_NODELAY: sqlx
+    /// 0.9.0 leaves Nagle's algorithm on, and `store::nodelay` sets it as
+    /// each connection is made (a statement larger than a segment would
+    /// otherwise wait for the server's delayed ACK).
+    #[tokio::test]
+    async fn the_stores_connections_have_tcp_nodelay() {
+        let Some(db) = postgres::database().await else {
+            return;
+        };
+        // postgres://user@host:port/name
+        let authority = db.url.split('@').nth(1).and_then(|r| r.split('/').next());
+        let (host, port) = authority
+            .and_then(|a| a.rsplit_once(':'))
+            .map(|(h, p)| (h.to_owned(), p.parse::<u16>().expect("a port")))
+            .expect("host:port in the test database's URL");
+        let (_, had) = switchyard::store::sockets_towards(&host, port).await;
+        let store = opened(&db.url).await;
+        store
+            .create_device(&TenantId::default_tenant(), device("d"), None)
+            .await
+            .unwrap();
+        let (found, with) = switchyard::store::sockets_towards(&host, port).await;
+        assert!(found > 0, "the store is connected to {host}:{port}");
+        assert!(
+            with > had,
+            "the store's new connections have TCP_NODELAY ({with} of {found} sockets, {had} before)"
+        );
+    }
+
     async fn opened(url: &str) -> Store {
         Store::open(url, Arc::new(ManualClock::new(T0)))
             .await

@@ -30,6 +30,8 @@ mod group;
 mod idem;
 mod keys;
 mod nodelay;
+#[cfg(feature = "contract")]
+pub use nodelay::sockets_towards;
 mod prune;
 mod rows;
 mod schema;

@@ -68,11 +68,45 @@ pub(super) async fn after_connect(host: &str, port: u16) -> usize {
 
 #[cfg(target_os = "linux")]
 fn set_nodelay_towards(peers: &[(std::net::IpAddr, u16)]) -> usize {
+    let mut changed = 0;
+    each_socket_towards(peers, |sock| {
+        if sock.tcp_nodelay().ok() == Some(false) && sock.set_tcp_nodelay(true).is_ok() {
+            changed += 1;
+        }
+    });
+    changed
+}
+
+/// How many TCP sockets of this process are connected to `host:port`,
+/// and how many of those have TCP_NODELAY: for the tests that the store's
+/// pools set it. Linux only (elsewhere none are found).
+#[cfg(feature = "contract")]
+pub async fn sockets_towards(host: &str, port: u16) -> (usize, usize) {
+    let Ok(peers) = tokio::net::lookup_host((host, port)).await else {
+        return (0, 0);
+    };
+    let peers: Vec<(std::net::IpAddr, u16)> = peers.map(|a| (a.ip(), a.port())).collect();
+    let (mut found, mut with) = (0, 0);
+    #[cfg(target_os = "linux")]
+    each_socket_towards(&peers, |sock| {
+        found += 1;
+        if sock.tcp_nodelay().ok() == Some(true) {
+            with += 1;
+        }
+    });
+    #[cfg(not(target_os = "linux"))]
+    let _ = peers;
+    (found, with)
+}
+
+/// Calls `f` with each TCP socket of this process connected to one of
+/// `peers` (address and port).
+#[cfg(target_os = "linux")]
+fn each_socket_towards(peers: &[(std::net::IpAddr, u16)], mut f: impl FnMut(socket2::SockRef<'_>)) {
     use std::os::fd::{BorrowedFd, RawFd};
     let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
-        return 0;
+        return;
     };
-    let mut changed = 0;
     for fd in fds.flatten() {
         let Some(fd) = fd
             .file_name()
@@ -84,8 +118,8 @@ fn set_nodelay_towards(peers: &[(std::net::IpAddr, u16)]) -> usize {
         // SAFETY: `fd` was open when listed, but nothing keeps it open:
         // should another thread close it meanwhile (and the number be
         // reused), this borrow breaks I/O safety, though not memory
-        // safety. The calls below are getpeername and get/setsockopt
-        // only: on anything that is not a connected socket they fail
+        // safety. The calls here and in `f` are getpeername and
+        // get/setsockopt only: on anything that is not a connected socket they fail
         // (EBADF, ENOTSOCK, ENOTCONN), and a socket is changed only if
         // it is connected to the database's address (another pool's
         // connection to it included, which is as harmless). Nothing is
@@ -101,11 +135,8 @@ fn set_nodelay_towards(peers: &[(std::net::IpAddr, u16)]) -> usize {
         {
             continue;
         }
-        if sock.tcp_nodelay().ok() == Some(false) && sock.set_tcp_nodelay(true).is_ok() {
-            changed += 1;
-        }
+        f(sock);
     }
-    changed
 }
 
 #[cfg(not(target_os = "linux"))]
