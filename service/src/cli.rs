@@ -356,12 +356,13 @@ pub struct ServeArgs {
     pub dispatch_lease_seconds: u64,
     /// How far ahead of its start work is claimed, with its device, so
     /// that a burst due at one instant (a tariff boundary) starts on time;
-    /// claimed work stays SCHEDULED, and cancellable, until its start. 0
+    /// claimed work stays SCHEDULED, and cancellable, until its start (a
+    /// replica killed meanwhile holds it until its lease runs out). 0
     /// claims work only once it is due.
     #[arg(
         long,
         env = "SWITCHYARD_DISPATCH_HORIZON_SECONDS",
-        default_value_t = 10,
+        default_value_t = 30,
         value_name = "SECONDS",
         value_parser = clap::value_parser!(u64).range(0..=60)
     )]
@@ -720,7 +721,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Se
         crate::dispatch::DispatchConfig {
             lease_nanos: i64::try_from(args.dispatch_lease_seconds).unwrap_or(60)
                 * crate::domain::Ts::SECOND,
-            horizon_nanos: i64::try_from(args.dispatch_horizon_seconds).unwrap_or(10)
+            horizon_nanos: i64::try_from(args.dispatch_horizon_seconds).unwrap_or(30)
                 * crate::domain::Ts::SECOND,
             concurrency: usize::try_from(args.dispatch_concurrency).unwrap_or(1024),
             ..Default::default()

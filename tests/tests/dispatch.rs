@@ -583,7 +583,7 @@ async fn the_loop_applies_at_the_start_and_reverts_at_the_end() {
 }
 
 /// The loop claims work ahead of its start (here 5 s ahead, within the
-/// 10 s horizon); told to stop before the start, it lets the claim go, so
+/// horizon); told to stop before the start, it lets the claim go, so
 /// another dispatcher takes the work up at once rather than after the
 /// lease; nothing was started.
 #[tokio::test]
