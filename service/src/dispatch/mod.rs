@@ -411,8 +411,7 @@ impl Dispatcher {
         let heartbeat = {
             let (store, clock, claim) = (self.store.clone(), self.clock.clone(), all);
             let held_until = held_until.clone();
-            let every = Duration::from_nanos(u64::try_from(lease / 3).unwrap_or(0))
-                .max(Duration::from_millis(100));
+            let every = heartbeat_every(lease);
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(every).await;
@@ -1768,6 +1767,18 @@ impl Wake {
     }
 }
 
+/// How often a claim's heartbeat renews its lease: every sixth of the
+/// lease (10 s of the default 60 s), at least every 100 ms. Work claimed
+/// a whole horizon ahead (30 s by default, half the default lease) has
+/// its claim's lease renewed at least twice before it is due, and a job
+/// starts only with half a lease held: one renewal that fails, or comes
+/// late in a burst, still leaves two thirds of a lease at the due time
+/// (every third, the default until 2026-12-03, left exactly half).
+fn heartbeat_every(lease_nanos: i64) -> Duration {
+    Duration::from_nanos(u64::try_from(lease_nanos / 6).unwrap_or(0))
+        .max(Duration::from_millis(100))
+}
+
 /// Aborts its task when dropped (the lease heartbeat ends with its round,
 /// however the round ends).
 struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
@@ -1802,6 +1813,28 @@ fn driver_span(
 
 #[cfg(test)]
 mod tests {
+    /// With the default lease and horizon, work claimed a whole horizon
+    /// ahead is still held for half a lease at its due time when the
+    /// renewal before it failed: the last one that succeeded came at most
+    /// two heartbeats before.
+    #[test]
+    fn a_claim_taken_a_horizon_ahead_survives_one_failed_renewal() {
+        let c = super::DispatchConfig::default();
+        let every = i64::try_from(super::heartbeat_every(c.lease_nanos).as_nanos()).unwrap();
+        // Without any renewal, work due a horizon after the claim has this
+        // left at its due time:
+        let unrenewed = c.lease_nanos - c.horizon_nanos;
+        // The renewals before the due time, the last of them failed.
+        let renewals = c.horizon_nanos / every;
+        assert!(renewals >= 2, "{renewals} renewals before the due time");
+        let left = c.lease_nanos - (c.horizon_nanos - (renewals - 1) * every);
+        assert!(left > unrenewed);
+        assert!(
+            left - c.lease_nanos / 2 >= every,
+            "{left} ns held at the due time: a job starts only with half a lease, and the next renewal is {every} ns away"
+        );
+    }
+
     use switchyard_drivers::{NativeRow, RowOwner};
 
     use super::*;
