@@ -450,11 +450,13 @@ impl Store {
     /// cost is mostly in the pages it writes, and rows claimed apart share
     /// pages.
     ///
-    /// Then, read once the start is committed (on a reader: the writer
-    /// goes on to the next start meanwhile), the ids of the actions the
-    /// claims may run now, and the memos on record for their devices. A
-    /// read after the commit sees the start and whatever was committed
-    /// since: work started stays ready (an ACKNOWLEDGED action cannot be
+    /// Answers the ids of the actions the claims may run now, and the
+    /// memos on record for their devices: what the start changed, as it
+    /// answered it ([`Store::start_claims`]), and the rest of what `due`
+    /// names read once the start is committed ([`Store::started_rest`], on
+    /// a reader: the writer goes on to the next start meanwhile). A read
+    /// after the commit sees the start and whatever was committed since:
+    /// work started stays ready (an ACKNOWLEDGED action cannot be
     /// cancelled, nor its device changed), and work let go meanwhile (a
     /// cancel, a device change) is not ready, as if the start had come
     /// after it.

@@ -77,26 +77,31 @@ fn set_nodelay_towards(peers: &[(std::net::IpAddr, u16)]) -> usize {
     changed
 }
 
-/// How many TCP sockets of this process are connected to `host:port`,
-/// and how many of those have TCP_NODELAY: for the tests that the store's
-/// pools set it. Linux only (elsewhere none are found).
+/// The TCP sockets of this process connected to `host:port`, each as its
+/// local port and whether it has TCP_NODELAY: for the tests that the
+/// store's pools set it (the server sees a connection's local port as its
+/// `client_port`). Linux only (elsewhere none are found).
 #[cfg(feature = "contract")]
-pub async fn sockets_towards(host: &str, port: u16) -> (usize, usize) {
+pub async fn sockets_towards(host: &str, port: u16) -> Vec<(u16, bool)> {
     let Ok(peers) = tokio::net::lookup_host((host, port)).await else {
-        return (0, 0);
+        return Vec::new();
     };
     let peers: Vec<(std::net::IpAddr, u16)> = peers.map(|a| (a.ip(), a.port())).collect();
-    let (mut found, mut with) = (0, 0);
     #[cfg(target_os = "linux")]
-    each_socket_towards(&peers, |sock| {
-        found += 1;
-        if sock.tcp_nodelay().ok() == Some(true) {
-            with += 1;
-        }
-    });
+    {
+        let mut found = Vec::new();
+        each_socket_towards(&peers, |sock| {
+            if let Some(local) = sock.local_addr().ok().and_then(|a| a.as_socket()) {
+                found.push((local.port(), sock.tcp_nodelay().ok() == Some(true)));
+            }
+        });
+        found
+    }
     #[cfg(not(target_os = "linux"))]
-    let _ = peers;
-    (found, with)
+    {
+        let _ = peers;
+        Vec::new()
+    }
 }
 
 /// Calls `f` with each TCP socket of this process connected to one of
