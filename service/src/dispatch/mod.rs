@@ -623,14 +623,13 @@ impl Dispatcher {
     }
 
     /// Starts the due work of `claim` ([`Store::start_claims`], then
-    /// [`Store::started_rest`]) together with
+    /// [`Store::started`]) together with
     /// that of every other claim of this dispatcher that falls due
     /// meanwhile: claims queue while a start is written and go together
     /// in the next one. A claim returns as soon as its start is read
     /// back, whichever claim's turn wrote it; the turn passes on once the
     /// start is committed, so the next start is written while this one
-    /// is read back (a start that started all it names, as a burst's
-    /// does, needs no read).
+    /// is read back.
     async fn start(&self, claim: crate::store::Due) -> Result<Arc<crate::store::Started>, Error> {
         let (store, clock) = (&self.store, &self.clock);
         self.starter
@@ -641,11 +640,9 @@ impl Dispatcher {
                     store
                         .start_claims(&claims, now)
                         .await
-                        .map(|started| (claims, started, now))
+                        .map(|()| (claims, now))
                 },
-                |(claims, started, now)| async move {
-                    store.started_rest(&claims, started, now).await
-                },
+                |(claims, now)| async move { store.started(&claims, now).await },
             )
             .await
     }

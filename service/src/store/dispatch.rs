@@ -450,18 +450,16 @@ impl Store {
     /// cost is mostly in the pages it writes, and rows claimed apart share
     /// pages.
     ///
-    /// Answers the ids of the actions the claims may run now, and the
-    /// memos on record for their devices: what the start changed, as it
-    /// answered it ([`Store::start_claims`]), and the rest of what `due`
-    /// names read once the start is committed ([`Store::started_rest`], on
-    /// a reader: the writer goes on to the next start meanwhile). A read
-    /// after the commit sees the start and whatever was committed since:
-    /// work started stays ready (an ACKNOWLEDGED action cannot be
+    /// Then, read once the start is committed (on a reader: the writer
+    /// goes on to the next start meanwhile), the ids of the actions the
+    /// claims may run now, and the memos on record for their devices. A
+    /// read after the commit sees the start and whatever was committed
+    /// since: work started stays ready (an ACKNOWLEDGED action cannot be
     /// cancelled, nor its device changed), and work let go meanwhile (a
     /// cancel, a device change) is not ready, as if the start had come
     /// after it.
     pub async fn start_due(&self, due: &[Due], now: Ts) -> Result<Started, Error> {
-        let by_start = self.start_claims(due, now).await?;
+        self.start_claims(due, now).await?;
         for part in held_by(action::Entity, due, self.ids_per_statement) {
             self.retrying(|| async {
                 rows::release_claims()
@@ -474,7 +472,7 @@ impl Store {
             })
             .await?;
         }
-        self.started_rest(due, by_start, now).await
+        self.started(due, now).await
     }
 
     /// The write of [`Store::start_due`], alone: the SCHEDULED applies
@@ -482,78 +480,28 @@ impl Store {
     /// hold that owes nothing any more stays held: the dispatcher lets go
     /// of it with [`Store::release`] once it sees it is not ready, so the
     /// start (at the due time, every row of a burst) writes nothing else.
-    ///
-    /// Returns what it started, which may run at once (it was held under
-    /// a live claim, and ACKNOWLEDGED it can be neither cancelled nor its
-    /// device changed), with the memos on record for their devices, read
-    /// in the same transaction. Whatever else `due` names (work that was
-    /// not a SCHEDULED apply: a revert, a retry; or work let go) is for
-    /// [`Store::started_rest`] to read back.
-    pub async fn start_claims(&self, due: &[Due], now: Ts) -> Result<Started, Error> {
+    pub async fn start_claims(&self, due: &[Due], now: Ts) -> Result<(), Error> {
         let parts = held_by(action::Entity, due, self.ids_per_statement);
         if parts.is_empty() {
-            return Ok(Started::default());
+            return Ok(());
         }
         let took = std::time::Instant::now();
-        let started = self
-            .retrying(|| async {
-                let tx = self.begin().await?;
-                let mut started = Started::default();
-                let mut devices = Vec::new();
-                for part in &parts {
-                    for (action_id, claim, device) in dispatched(&tx, part.clone(), now).await? {
-                        started.ready.insert(action_id, claim);
-                        devices.push(device);
-                    }
-                }
-                devices.sort_unstable();
-                devices.dedup();
-                started.memos = memos_of_devices(&tx, &devices, self.ids_per_statement).await?;
-                tx.commit().await.map_err(db_err)?;
-                self.wrote_events();
-                Ok(started)
-            })
-            .await?;
+        self.retrying(|| async {
+            let tx = self.begin().await?;
+            for part in &parts {
+                dispatched(&tx, part.clone(), now).await?;
+            }
+            tx.commit().await.map_err(db_err)?;
+            self.wrote_events();
+            Ok(())
+        })
+        .await?;
         tracing::debug!(
             claims = due.len(),
-            started = started.ready.len(),
             took_ms = took.elapsed().as_millis() as u64,
             "started claims"
         );
-        Ok(started)
-    }
-
-    /// What of `due` may run now, given what its start (`by_start`,
-    /// [`Store::start_claims`]) started: that, and whatever else `due`
-    /// names read back as [`Store::started`] reads it (nothing is read
-    /// when the start started everything, as it does a burst of applies).
-    pub async fn started_rest(
-        &self,
-        due: &[Due],
-        mut by_start: Started,
-        now: Ts,
-    ) -> Result<Started, Error> {
-        let rest: Vec<Due> = due
-            .iter()
-            .map(|d| Due {
-                claim: d.claim.clone(),
-                action_ids: d
-                    .action_ids
-                    .iter()
-                    .filter(|id| by_start.ready.get(*id) != Some(&d.claim))
-                    .cloned()
-                    .collect(),
-            })
-            .filter(|d| !d.action_ids.is_empty())
-            .collect();
-        if rest.is_empty() {
-            return Ok(by_start);
-        }
-        let read = self.started(&rest, now).await?;
-        by_start.ready.extend(read.ready);
-        // Read after the start's: the later of the two.
-        by_start.memos.extend(read.memos);
-        Ok(by_start)
+        Ok(())
     }
 
     /// The read of [`Store::start_due`], once its write is committed.
@@ -614,7 +562,9 @@ impl Store {
                 rows.extend(self.read.query_all(&q(part)).await.map_err(db_err)?);
             }
             let mut started = Started::default();
-            let mut found = Vec::new();
+            // By device: (start, action id, memo) of its actions in force.
+            type InForce = Vec<(i64, String, String)>;
+            let mut memos: HashMap<(String, String), InForce> = HashMap::new();
             for row in rows {
                 let get = |c: &str| row.try_get::<String>("", c).map_err(db_err);
                 let key = (get("tenant_id")?, get("device_id")?);
@@ -622,10 +572,25 @@ impl Store {
                 let memo: Option<String> = row.try_get("", "memo").map_err(db_err)?;
                 if let Some(memo) = memo {
                     let start: i64 = row.try_get("", "memo_start_ns").map_err(db_err)?;
-                    found.push((key, start, get("memo_of")?, memo));
+                    let of = get("memo_of")?;
+                    let known = memos.entry(key).or_default();
+                    // A device with several ready rows has its memos once
+                    // per row.
+                    if !known.iter().any(|(_, id, _)| *id == of) {
+                        known.push((start, of, memo));
+                    }
                 }
             }
-            started.memos = memos_by_device(found);
+            for (key, mut known) in memos {
+                known.sort();
+                started.memos.insert(
+                    key,
+                    known
+                        .into_iter()
+                        .map(|(_, action_id, memo)| switchyard_drivers::Applied { action_id, memo })
+                        .collect(),
+                );
+            }
             tracing::debug!(
                 claims = due.len(),
                 ready = started.ready.len(),
@@ -1120,7 +1085,7 @@ async fn dispatched(
     tx: &DatabaseTransaction,
     owner: sea_orm::Condition,
     now: Ts,
-) -> Result<Vec<StartedRow>, Error> {
+) -> Result<(), Error> {
     let (from, to) = (
         ActionState::Scheduled.as_str(),
         ActionState::Acknowledged.as_str(),
@@ -1151,18 +1116,20 @@ async fn dispatched(
             )
             .value(action::Column::UpdateNs, now.0)
             .cond_where(dispatched())
-            .returning(Query::returning().columns(STARTED_COLUMNS))
+            .returning(Query::returning().columns([
+                action::Column::TenantId,
+                action::Column::DeviceId,
+                action::Column::ActionId,
+            ]))
             .to_owned();
         let (update, mut values) = update.build(PostgresQueryBuilder);
         let n = values.0.len();
-        // In the order of the index of an action's trail, as below. A
-        // change in a WITH is made whether or not the query reads it.
+        // In the order of the index of an action's trail, as below.
         let sql = format!(
-            "WITH started AS ({update}), \
-             logged AS (INSERT INTO audit_log (tenant_id, device_id, action_id, from_state, to_state, reason, request_id, at_ns) \
+            "WITH started AS ({update}) \
+             INSERT INTO audit_log (tenant_id, device_id, action_id, from_state, to_state, reason, request_id, at_ns) \
              SELECT tenant_id, device_id, action_id, ${}, ${}, ${}, NULL, ${} FROM started \
-             ORDER BY tenant_id, action_id) \
-             SELECT action_id, lease_owner, tenant_id, device_id FROM started",
+             ORDER BY tenant_id, action_id",
             n + 1,
             n + 2,
             n + 3,
@@ -1174,15 +1141,14 @@ async fn dispatched(
             lifecycle::DISPATCHED.into(),
             now.0.into(),
         ]);
-        let rows = tx
-            .query_all_raw(sea_orm::Statement::from_sql_and_values(
-                sea_orm::DbBackend::Postgres,
-                sql,
-                values,
-            ))
-            .await
-            .map_err(db_err)?;
-        return rows.iter().map(started_row).collect();
+        tx.execute_raw(sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Postgres,
+            sql,
+            values,
+        ))
+        .await
+        .map_err(db_err)?;
+        return Ok(());
     }
     // In the order of the index of an action's trail: a storm's entries
     // go in page by page, rather than at random across it.
@@ -1216,131 +1182,18 @@ async fn dispatched(
         .map_err(|e| Error::Internal(format!("audit statement: {e}")))?
         .to_owned();
     tx.execute(&insert).await.map_err(db_err)?;
-    let update = Query::update()
-        .table(action::Entity)
-        .value(action::Column::State, to)
-        .value(
+    action::Entity::update_many()
+        .col_expr(action::Column::State, Expr::value(to))
+        .col_expr(
             action::Column::Revision,
             Expr::col(action::Column::Revision).add(1),
         )
-        .value(action::Column::UpdateNs, now.0)
-        .cond_where(dispatched())
-        .returning(Query::returning().columns(STARTED_COLUMNS))
-        .to_owned();
-    let rows = tx.query_all(&update).await.map_err(db_err)?;
-    rows.iter().map(started_row).collect()
-}
-
-/// What a start returns of each row it started.
-const STARTED_COLUMNS: [action::Column; 4] = [
-    action::Column::ActionId,
-    action::Column::LeaseOwner,
-    action::Column::TenantId,
-    action::Column::DeviceId,
-];
-
-/// A row a start changed: its action id, the claim it runs under, and its
-/// device's key (tenant, device id).
-type StartedRow = (String, String, (String, String));
-
-fn started_row(row: &sea_orm::QueryResult) -> Result<StartedRow, Error> {
-    let get = |c: &str| row.try_get::<String>("", c).map_err(db_err);
-    Ok((
-        get("action_id")?,
-        get("lease_owner")?,
-        (get("tenant_id")?, get("device_id")?),
-    ))
-}
-
-/// Most devices named by one read of memos (two parameters each; fewer
-/// when the store names fewer ids per statement).
-const DEVICES_PER_STATEMENT: usize = 4096;
-
-/// The drivers' memos on record for `devices` (tenant, device id), as
-/// [`Started::memos`] holds them: through the partial index
-/// `actions_in_force`, so a device with none costs no read of its rows.
-async fn memos_of_devices<C: ConnectionTrait>(
-    conn: &C,
-    devices: &[(String, String)],
-    most: usize,
-) -> Result<HashMap<(String, String), Vec<switchyard_drivers::Applied>>, Error> {
-    let backend = conn.get_database_backend();
-    let mut found = Vec::new();
-    for part in devices.chunks(most.clamp(1, DEVICES_PER_STATEMENT)) {
-        let (list, _) = values_placeholders(backend, part.len(), 2);
-        // A probe of the partial index per device, on both backends.
-        // SQLite, without statistics, would rather read each device's
-        // whole history through `actions_by_device`. PostgreSQL, whose
-        // statistics of `driver_memo` lag (memos come and go with a
-        // burst), would rather read the whole table into a hash join
-        // (64 ms for 6,144 devices of a 100,000 storm's table, against
-        // 11 ms probing): a LATERAL subquery that is not pulled up
-        // (OFFSET 0) is run per device.
-        let sql = if backend == sea_orm::DbBackend::Postgres {
-            format!(
-                "SELECT v.column1 AS tenant_id, v.column2 AS device_id, m.action_id, m.driver_memo, m.start_ns \
-                 FROM (VALUES {list}) AS v CROSS JOIN LATERAL \
-                 (SELECT action_id, driver_memo, start_ns FROM actions \
-                  WHERE tenant_id = v.column1 AND device_id = v.column2 AND driver_memo IS NOT NULL \
-                  OFFSET 0) AS m"
-            )
-        } else {
-            format!(
-                "SELECT m.tenant_id, m.device_id, m.action_id, m.driver_memo, m.start_ns \
-                 FROM (VALUES {list}) AS v JOIN actions AS m INDEXED BY actions_in_force \
-                 ON m.tenant_id = v.column1 AND m.device_id = v.column2 \
-                 WHERE m.driver_memo IS NOT NULL"
-            )
-        };
-        let values: Vec<sea_orm::Value> = part
-            .iter()
-            .flat_map(|(t, d)| [t.as_str().into(), d.as_str().into()])
-            .collect();
-        let rows = conn
-            .query_all_raw(sea_orm::Statement::from_sql_and_values(
-                backend, sql, values,
-            ))
-            .await
-            .map_err(db_err)?;
-        for row in rows {
-            let get = |c: &str| row.try_get::<String>("", c).map_err(db_err);
-            let start: i64 = row.try_get("", "start_ns").map_err(db_err)?;
-            found.push((
-                (get("tenant_id")?, get("device_id")?),
-                start,
-                get("action_id")?,
-                get("driver_memo")?,
-            ));
-        }
-    }
-    Ok(memos_by_device(found))
-}
-
-/// Memos found as ((tenant, device id), start, action id, memo), each
-/// device's oldest first, each once.
-fn memos_by_device(
-    found: Vec<((String, String), i64, String, String)>,
-) -> HashMap<(String, String), Vec<switchyard_drivers::Applied>> {
-    type InForce = Vec<(i64, String, String)>;
-    let mut memos: HashMap<(String, String), InForce> = HashMap::new();
-    for (key, start, of, memo) in found {
-        let known = memos.entry(key).or_default();
-        // A device with several rows read has its memos once per row.
-        if !known.iter().any(|(_, id, _)| *id == of) {
-            known.push((start, of, memo));
-        }
-    }
-    memos
-        .into_iter()
-        .map(|(key, mut known)| {
-            known.sort();
-            let applied = known
-                .into_iter()
-                .map(|(_, action_id, memo)| switchyard_drivers::Applied { action_id, memo })
-                .collect();
-            (key, applied)
-        })
-        .collect()
+        .col_expr(action::Column::UpdateNs, Expr::value(now.0))
+        .filter(dispatched())
+        .exec(tx)
+        .await
+        .map_err(db_err)?;
+    Ok(())
 }
 
 /// What an outcome makes of its action's row, to write.
