@@ -53,17 +53,19 @@ pub(super) async fn after_connect(host: &str, port: u16) -> usize {
         // A Unix socket: no Nagle.
         return 0;
     }
-    // Bounded: the hook runs within the pool's acquire timeout, and a
-    // connection is made either way.
+    set_nodelay_towards(&peers(host, port).await)
+}
+
+/// The addresses `host:port` resolves to, by address and port (an IPv6
+/// peer's flow and scope are not compared); none if it does not resolve
+/// within 500 ms (the hook runs within the pool's acquire timeout, and a
+/// connection is made either way).
+async fn peers(host: &str, port: u16) -> Vec<(std::net::IpAddr, u16)> {
     let lookup = tokio::net::lookup_host((host, port));
-    let Ok(Ok(peers)) = tokio::time::timeout(std::time::Duration::from_millis(500), lookup).await
-    else {
-        return 0;
-    };
-    // By address and port (an IPv6 peer's flow and scope are not
-    // compared).
-    let peers: Vec<(std::net::IpAddr, u16)> = peers.map(|a| (a.ip(), a.port())).collect();
-    set_nodelay_towards(&peers)
+    match tokio::time::timeout(std::time::Duration::from_millis(500), lookup).await {
+        Ok(Ok(found)) => found.map(|a| (a.ip(), a.port())).collect(),
+        _ => Vec::new(),
+    }
 }
 
 #[cfg(target_os = "linux")]
@@ -83,10 +85,7 @@ fn set_nodelay_towards(peers: &[(std::net::IpAddr, u16)]) -> usize {
 /// `client_port`). Linux only (elsewhere none are found).
 #[cfg(feature = "contract")]
 pub async fn sockets_towards(host: &str, port: u16) -> Vec<(u16, bool)> {
-    let Ok(peers) = tokio::net::lookup_host((host, port)).await else {
-        return Vec::new();
-    };
-    let peers: Vec<(std::net::IpAddr, u16)> = peers.map(|a| (a.ip(), a.port())).collect();
+    let peers = peers(host, port).await;
     #[cfg(target_os = "linux")]
     {
         let mut found = Vec::new();
@@ -123,11 +122,12 @@ fn each_socket_towards(peers: &[(std::net::IpAddr, u16)], mut f: impl FnMut(sock
         // SAFETY: `fd` was open when listed, but nothing keeps it open:
         // should another thread close it meanwhile (and the number be
         // reused), this borrow breaks I/O safety, though not memory
-        // safety. The calls here and in `f` are getpeername and
-        // get/setsockopt only: on anything that is not a connected socket they fail
-        // (EBADF, ENOTSOCK, ENOTCONN), and a socket is changed only if
-        // it is connected to the database's address (another pool's
-        // connection to it included, which is as harmless). Nothing is
+        // safety. The calls here and in `f` are getpeername, getsockname
+        // and get/setsockopt only: on anything that is not a connected
+        // socket they fail (EBADF, ENOTSOCK, ENOTCONN), and a socket is
+        // changed only if it is connected to the database's address
+        // (another pool's connection to it included, which is as
+        // harmless). Nothing is
         // read or written through it, and it is never closed here.
         #[allow(unsafe_code)]
         let fd = unsafe { BorrowedFd::borrow_raw(fd) };
