@@ -205,17 +205,35 @@ impl TargetPolicy {
         if authority.as_str().contains('@') {
             return Err("must not carry user information (user:password@)".into());
         }
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']');
+        let bracketed = authority.host();
+        let host = bracketed.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
             return Err("must name a host".into());
         }
-        if authority.port().is_some() && authority.port_u16().is_none() {
-            return Err("must name a port from 1 to 65535".into());
+        // An IPv6 literal is an address and nothing else: a zone
+        // (`[fe80::1%25eth0]`) or a future form (`[v1.x]`) would not parse
+        // as one, and would be taken for a host name and let through.
+        if bracketed.starts_with('[') && host.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err("must name an IPv6 address in brackets without a zone".into());
         }
-        let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
+        // The port as written: `http`'s `port_u16` is also empty for a port
+        // it cannot read (`:99999`, `:+80`), which would be delivered to 80.
+        let port = match authority.as_str()[bracketed.len()..].strip_prefix(':') {
+            None => {
+                if https {
+                    443
+                } else {
+                    80
+                }
+            }
+            Some(text) => text
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| text.parse::<u16>().ok())
+                .flatten()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| "must name a port from 1 to 65535".to_owned())?,
+        };
         let internal_allowed = self.allow.iter().any(|p| under(url, p));
         let literal = host
             .parse::<IpAddr>()
@@ -521,6 +539,45 @@ mod tests {
         }
         assert!(p.check("http://8.8.8.8/h").is_ok());
         assert!(p.check("http://134744072/h").is_ok(), "8.8.8.8, public");
+    }
+
+    /// A URL is delivered where it reads: a port that does not read as
+    /// one from 1 to 65535, or an IPv6 literal with a zone, is refused
+    /// when the endpoint is made, not fallen back from.
+    #[test]
+    fn ports_and_ipv6_literals_are_read_strictly() {
+        let p = TargetPolicy::default();
+        for url in [
+            "http://example.com:0/h",
+            "http://example.com:65536/h",
+            "http://example.com:99999/h",
+            "http://example.com:4294967297/h",
+            "http://example.com:+80/h",
+            "http://example.com:0x50/h",
+            "http://example.com:/h",
+            "http://[::1%25lo]:18099/h",
+            "http://[fe80::1%25eth0]/h",
+            "http://[fd00::1%25lo]/h",
+            "http://[::ffff:127.0.0.1%25lo]/h",
+            "http://[2001:4860:4860::8888%25eth0]/h",
+        ] {
+            assert!(p.check(url).is_err(), "{url}");
+        }
+        for (url, port) in [
+            ("http://example.com/h", 80),
+            ("https://example.com/h", 443),
+            ("https://example.com:1/h", 1),
+            ("https://example.com:08443/h", 8443),
+            ("http://example.com:65535/h", 65535),
+            ("http://[2001:4860:4860::8888]:8080/h", 8080),
+        ] {
+            let t = p.check(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(t.port, port, "{url}");
+        }
+        assert_eq!(
+            p.check("http://[2001:4860:4860::8888]/h").unwrap().host,
+            "2001:4860:4860::8888"
+        );
     }
 
     /// The example of the Standard Webhooks specification, as its
