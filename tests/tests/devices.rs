@@ -787,6 +787,54 @@ async fn display_names_are_counted_in_characters_not_bytes() {
     assert_eq!(dd.fields(), ["device.display_name"]);
 }
 
+/// Names are printed in consoles and logs: control characters there
+/// could forge or hide what is shown, so they are refused on create and
+/// on update, in either text field, and nothing is written.
+#[tokio::test]
+async fn names_with_control_characters_are_refused() {
+    let srv = TestServer::start().await;
+    let mut d = srv.devices();
+    for (i, bad) in ["a\0b", "a\x1b[31mb", "a\r\nb", "tab\there", "\u{85}"]
+        .into_iter()
+        .enumerate()
+    {
+        let id = format!("c{i}");
+        let mut req = create(&id, &[]);
+        req.device.as_mut().unwrap().display_name = bad.into();
+        let st = d.create_device(req).await.unwrap_err();
+        let dd = expect_error(&st, Code::InvalidArgument, "INVALID_FIELD");
+        assert_eq!(dd.fields(), ["device.display_name"], "{bad:?}");
+        assert!(!st.message().contains(bad), "not echoed: {bad:?}");
+        srv.get_device_err(&id).await;
+
+        let mut req = create(&id, &[]);
+        req.device.as_mut().unwrap().oem_device_id = bad.into();
+        let st = d.create_device(req).await.unwrap_err();
+        let dd = expect_error(&st, Code::InvalidArgument, "INVALID_FIELD");
+        assert_eq!(dd.fields(), ["device.oem_device_id"], "{bad:?}");
+        srv.get_device_err(&id).await;
+    }
+    let ok = d
+        .create_device(create("plain", &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    let st = d
+        .update_device(rename("plain", "new\nline", ""))
+        .await
+        .unwrap_err();
+    let dd = expect_error(&st, Code::InvalidArgument, "INVALID_FIELD");
+    assert_eq!(dd.fields(), ["device.display_name"]);
+    assert_eq!(srv.get_device("plain").await, ok, "nothing was applied");
+    // Printable text of any script is a name.
+    let renamed = d
+        .update_device(rename("plain", "Wärmepumpe 東京 — ünït 2", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(renamed.display_name, "Wärmepumpe 東京 — ünït 2");
+}
+
 #[tokio::test]
 async fn every_bad_setting_is_reported_at_once_on_its_own_field() {
     let srv = TestServer::start().await;

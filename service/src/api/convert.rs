@@ -476,11 +476,14 @@ fn device_input(d: pb::Device) -> pb::Device {
 
 /// Checks the length of a string field, in characters.
 fn check_chars(out: &mut Vec<FieldViolation>, field: &str, value: &str, max: usize) {
-    if value.chars().count() > max {
+    // Control characters (NUL, ESC, line breaks) are refused as in every
+    // other free text the API keeps: a name is shown in consoles and logs,
+    // where they could forge or hide what is printed.
+    if value.chars().count() > max || value.chars().any(char::is_control) {
         out.push(FieldViolation::new(
             field,
             Reason::InvalidField,
-            format!("{field} must be at most {max} characters"),
+            format!("{field} must be at most {max} characters, without control characters"),
         ));
     }
 }
