@@ -210,6 +210,15 @@ async fn every_transition_is_an_event_in_order_and_a_watch_resumes_exactly() {
             from_now: true,
             ..Default::default()
         },
+        // Past the newest event: never a cursor of this stream.
+        pb::WatchEventsRequest {
+            after_cursor: got[1].cursor + 1,
+            ..Default::default()
+        },
+        pb::WatchEventsRequest {
+            after_cursor: i64::MAX,
+            ..Default::default()
+        },
     ] {
         let e = EventServiceClient::new(s.channel.clone())
             .watch_events(bad)
@@ -217,6 +226,14 @@ async fn every_transition_is_an_event_in_order_and_a_watch_resumes_exactly() {
             .unwrap_err();
         expect_error(&e, Code::InvalidArgument, "INVALID_FIELD");
     }
+    // The newest cursor itself is where a caught-up watcher resumes.
+    EventServiceClient::new(s.channel.clone())
+        .watch_events(pb::WatchEventsRequest {
+            after_cursor: got[1].cursor,
+            ..Default::default()
+        })
+        .await
+        .expect("resuming after the newest event");
 }
 
 /// Writers busy on many devices at once: a watch sees each change once,

@@ -465,6 +465,25 @@ impl EventService for Events {
                 }
                 .into());
             } else {
+                // A cursor past the tenant's newest event was never sent
+                // to it (a cursor is read after its event is committed):
+                // a corrupt or foreign cursor is refused, not answered
+                // with a silence that lasts until the stream catches up.
+                if w.after > horizon {
+                    let newest = app.store.latest_event(&tenant).await?;
+                    if w.after > newest {
+                        return Err(Error::invalid(
+                            "after_cursor",
+                            Reason::InvalidField,
+                            format!(
+                                "{} is past the newest event ({}): not a cursor of this stream",
+                                w.after,
+                                newest.max(horizon)
+                            ),
+                        )
+                        .into());
+                    }
+                }
                 w.after
             }
         };

@@ -1161,6 +1161,7 @@ def test_a_key_without_events_read_cannot_watch(pb, server, raw_channel):
     ("unknown type", dict(event_types=[99]), "event_types"),
     ("negative cursor", dict(after_cursor=-1), "after_cursor"),
     ("cursor with from_now", dict(after_cursor=3, from_now=True), "after_cursor"),
+    ("cursor past the newest event", dict(after_cursor=2**63 - 1), "after_cursor"),
     ("device id too long", dict(device_id="d" * 64), "device_id"),
 ])
 def test_a_bad_watch_request_is_invalid_field(pb, events, case, fields, field):
