@@ -206,33 +206,46 @@ impl TargetPolicy {
             return Err("must not carry user information (user:password@)".into());
         }
         let bracketed = authority.host();
-        let host = bracketed.trim_start_matches('[').trim_end_matches(']');
+        let host = match bracketed.strip_prefix('[') {
+            // An IPv6 literal is an address and nothing else: a zone
+            // (`[fe80::1%25eth0]`) or a future form (`[v1.x]`) would not
+            // parse as one, and would be taken for a host name and let
+            // through.
+            Some(inner) => match inner.strip_suffix(']') {
+                Some(v6) if v6.parse::<std::net::Ipv6Addr>().is_ok() => v6,
+                _ => return Err("must name an IPv6 address in brackets without a zone".into()),
+            },
+            None if bracketed.contains(['[', ']']) => {
+                return Err("must name a host without brackets, or an IPv6 address in them".into());
+            }
+            None => bracketed,
+        };
         if host.is_empty() {
             return Err("must name a host".into());
         }
-        // An IPv6 literal is an address and nothing else: a zone
-        // (`[fe80::1%25eth0]`) or a future form (`[v1.x]`) would not parse
-        // as one, and would be taken for a host name and let through.
-        if bracketed.starts_with('[') && host.parse::<std::net::Ipv6Addr>().is_err() {
-            return Err("must name an IPv6 address in brackets without a zone".into());
-        }
-        // The port as written: `http`'s `port_u16` is also empty for a port
-        // it cannot read (`:99999`, `:+80`), which would be delivered to 80.
-        let port = match authority.as_str()[bracketed.len()..].strip_prefix(':') {
-            None => {
+        // The port exactly as written, after the host and nothing else
+        // (`http` takes `[::1]x:8080` with the host `[::1]`, and reads a
+        // port it cannot parse, `:99999` or `:0x50`, as none, which would
+        // fall back to the scheme's); and never 0.
+        let port = match &authority.as_str()[bracketed.len()..] {
+            "" => {
                 if https {
                     443
                 } else {
                     80
                 }
             }
-            Some(text) => text
-                .bytes()
-                .all(|b| b.is_ascii_digit())
-                .then(|| text.parse::<u16>().ok())
-                .flatten()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| "must name a port from 1 to 65535".to_owned())?,
+            rest => {
+                let text = rest.strip_prefix(':').ok_or_else(|| {
+                    "is not a URL (http://HOST[:PORT]/PATH or https://…)".to_owned()
+                })?;
+                text.bytes()
+                    .all(|b| b.is_ascii_digit())
+                    .then(|| text.parse::<u16>().ok())
+                    .flatten()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| "must name a port from 1 to 65535".to_owned())?
+            }
         };
         let internal_allowed = self.allow.iter().any(|p| under(url, p));
         let literal = host
@@ -560,6 +573,11 @@ mod tests {
             "http://[fd00::1%25lo]/h",
             "http://[::ffff:127.0.0.1%25lo]/h",
             "http://[2001:4860:4860::8888%25eth0]/h",
+            // Text between the host and the port, or brackets elsewhere.
+            "http://[2001:db8::1]x:8080/h",
+            "http://[2001:db8::1]evil/h",
+            "http://example.com[]/h",
+            "http://a[b]/h",
         ] {
             assert!(p.check(url).is_err(), "{url}");
         }

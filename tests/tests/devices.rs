@@ -794,9 +794,16 @@ async fn display_names_are_counted_in_characters_not_bytes() {
 async fn names_with_control_characters_are_refused() {
     let srv = TestServer::start().await;
     let mut d = srv.devices();
-    for (i, bad) in ["a\0b", "a\x1b[31mb", "a\r\nb", "tab\there", "\u{85}"]
-        .into_iter()
-        .enumerate()
+    for (i, bad) in [
+        "a\0b",
+        "a\x1b[31mb",
+        "a\r\nb",
+        "tab\there",
+        "\u{85}",
+        "del\x7f",
+    ]
+    .into_iter()
+    .enumerate()
     {
         let id = format!("c{i}");
         let mut req = create(&id, &[]);
@@ -825,6 +832,28 @@ async fn names_with_control_characters_are_refused() {
         .unwrap_err();
     let dd = expect_error(&st, Code::InvalidArgument, "INVALID_FIELD");
     assert_eq!(dd.fields(), ["device.display_name"]);
+    let mut both = create("both", &[]);
+    let dev = both.device.as_mut().unwrap();
+    (dev.display_name, dev.oem_device_id) = ("x\ty".into(), "SN\n".into());
+    let st = d.create_device(both).await.unwrap_err();
+    let dd = expect_error(&st, Code::InvalidArgument, "INVALID_FIELD");
+    assert_eq!(dd.fields(), ["device.display_name", "device.oem_device_id"]);
+    let st = d
+        .update_device(pb::UpdateDeviceRequest {
+            device: Some(pb::Device {
+                device_id: "plain".into(),
+                oem_device_id: "SN\r\n".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["oem_device_id".into()],
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let dd = expect_error(&st, Code::InvalidArgument, "INVALID_FIELD");
+    assert_eq!(dd.fields(), ["device.oem_device_id"]);
     assert_eq!(srv.get_device("plain").await, ok, "nothing was applied");
     // Printable text of any script is a name.
     let renamed = d

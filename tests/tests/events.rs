@@ -220,11 +220,25 @@ async fn every_transition_is_an_event_in_order_and_a_watch_resumes_exactly() {
             ..Default::default()
         },
     ] {
+        let field = if bad.event_types.is_empty() {
+            "after_cursor"
+        } else {
+            "event_types"
+        };
+        let after = bad.after_cursor;
         let e = EventServiceClient::new(s.channel.clone())
             .watch_events(bad)
             .await
             .unwrap_err();
-        expect_error(&e, Code::InvalidArgument, "INVALID_FIELD");
+        let d = expect_error(&e, Code::InvalidArgument, "INVALID_FIELD");
+        assert_eq!(d.fields(), [field], "{after}");
+        if after > got[1].cursor {
+            assert!(
+                e.message()
+                    .contains(&format!("newest event ({})", got[1].cursor)),
+                "names the newest: {e:?}"
+            );
+        }
     }
     // The newest cursor itself is where a caught-up watcher resumes.
     EventServiceClient::new(s.channel.clone())
@@ -355,6 +369,38 @@ async fn a_watch_from_now_after_retention_starts_after_the_forgotten() {
     let mut c = s.actions();
     booked_and_cancelled(&s, "quiet").await;
     forget_after_91_days(&s).await;
+    // The horizon, as CURSOR_EXPIRED tells it, is past the newest event
+    // left: a cursor up to it is no stranger, one past it is.
+    let expired = EventServiceClient::new(s.channel.clone())
+        .watch_events(pb::WatchEventsRequest {
+            after_cursor: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let d = expect_error(&expired, Code::FailedPrecondition, "CURSOR_EXPIRED");
+    let horizon: i64 = d.meta("oldest_cursor").parse().unwrap();
+    let past = EventServiceClient::new(s.channel.clone())
+        .watch_events(pb::WatchEventsRequest {
+            after_cursor: horizon + 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let d = expect_error(&past, Code::InvalidArgument, "INVALID_FIELD");
+    assert_eq!(d.fields(), ["after_cursor"]);
+    assert!(
+        past.message()
+            .contains(&format!("newest event ({horizon})")),
+        "names the horizon: {past:?}"
+    );
+    EventServiceClient::new(s.channel.clone())
+        .watch_events(pb::WatchEventsRequest {
+            after_cursor: horizon,
+            ..Default::default()
+        })
+        .await
+        .expect("after the horizon");
     let mut now = EventServiceClient::new(s.channel.clone())
         .watch_events(pb::WatchEventsRequest {
             from_now: true,

@@ -472,16 +472,22 @@ impl EventService for Events {
                 if w.after > horizon {
                     let newest = app.store.latest_event(&tenant).await?;
                     if w.after > newest {
-                        return Err(Error::invalid(
-                            "after_cursor",
-                            Reason::InvalidField,
-                            format!(
-                                "{} is past the newest event ({}): not a cursor of this stream",
-                                w.after,
-                                newest.max(horizon)
-                            ),
-                        )
-                        .into());
+                        // Retention may have forgotten the newest event
+                        // (the cursor) since the horizon was read: the
+                        // horizon, read again, covers it (it only grows).
+                        let horizon = app.store.event_horizon(&tenant).await?;
+                        if w.after > horizon {
+                            return Err(Error::invalid(
+                                "after_cursor",
+                                Reason::InvalidField,
+                                format!(
+                                    "{} is past the newest event ({}): not a cursor of this stream",
+                                    w.after,
+                                    newest.max(horizon)
+                                ),
+                            )
+                            .into());
+                        }
                     }
                 }
                 w.after
