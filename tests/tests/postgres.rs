@@ -991,6 +991,114 @@ mod store_on_postgres {
         two.close().await;
         db.drop_database().await;
     }
+    /// A push whose request_id another replica takes between the push's
+    /// check of the key and its write (the action, its audit entry and the
+    /// key are one statement on PostgreSQL) is rolled back whole, in its
+    /// member savepoint, and run again: it replays that replica's answer
+    /// and leaves no action and no audit entry of its own.
+    #[tokio::test]
+    async fn a_push_whose_key_is_taken_meanwhile_leaves_nothing_behind() {
+        use switchyard::store::{IdemRequest, Written};
+        let Some(db) = postgres::database().await else {
+            return;
+        };
+        let store = Store::open(&db.url, Arc::new(ManualClock::new(T0)))
+            .await
+            .unwrap();
+        let tenant = TenantId::default_tenant();
+        store
+            .create_device(&tenant, device("d1"), None)
+            .await
+            .unwrap();
+        // The other replica has written the key with its answer, and not
+        // yet committed.
+        let mut other = PgConnection::connect(&db.url).await.unwrap();
+        other.execute("BEGIN").await.unwrap();
+        sqlx::query(
+            "INSERT INTO idempotency_keys (tenant_id, request_id, method, request_body,
+               response_body, lease_until_ns, claim, create_ns, expire_ns)
+             VALUES ('default', 'k1', 'PushAction', $1, $2, NULL, NULL, $3, $4)",
+        )
+        .bind(b"the body".to_vec())
+        .bind(b"the other replica's answer".to_vec())
+        .bind(T0.0)
+        .bind(T0.0 + 3600 * Ts::SECOND)
+        .execute(&mut other)
+        .await
+        .unwrap();
+        let pushing = {
+            let (store, tenant) = (store.clone(), tenant.clone());
+            tokio::spawn(async move {
+                store
+                    .push_once(
+                        &tenant,
+                        &DeviceId::parse("d1").unwrap(),
+                        |_, _| {
+                            Ok(ValidPush {
+                                command: Command::Charge,
+                                channel: "mode".into(),
+                                params: Params::default(),
+                                start: T0.plus_nanos(H),
+                                end: Some(T0.plus_nanos(2 * H)),
+                                immediate: false,
+                            })
+                        },
+                        Strategy::Reject,
+                        Some(IdemRequest {
+                            request_id: "k1".into(),
+                            method: "PushAction",
+                            body: b"the body".to_vec(),
+                            encode: Arc::new(|o: &switchyard::store::PushOutcome| {
+                                o.action.id.to_string().into_bytes()
+                            }),
+                        }),
+                    )
+                    .await
+            })
+        };
+        // The push checked the key (none committed) and waits on the
+        // other's row to write its own.
+        let mut watch = PgConnection::connect(&db.url).await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(20), async {
+            loop {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'
+                       AND query LIKE '%idempotency_keys%'",
+                )
+                .fetch_one(&mut watch)
+                .await
+                .unwrap();
+                if waiting > 0 {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the push waits for the other replica's key");
+        other.execute("COMMIT").await.unwrap();
+        match pushing.await.unwrap() {
+            Ok(Written::Replayed(bytes)) => assert_eq!(bytes, b"the other replica's answer"),
+            other => panic!("the push replays the other replica's answer: {other:?}"),
+        }
+        let counted = |table: &str| format!("SELECT count(*) FROM {table} WHERE device_id = 'd1'");
+        let actions: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(counted("actions")))
+            .fetch_one(&mut watch)
+            .await
+            .unwrap();
+        let audited: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "{} AND action_id IS NOT NULL",
+            counted("audit_log")
+        )))
+        .fetch_one(&mut watch)
+        .await
+        .unwrap();
+        assert_eq!((actions, audited), (0, 0), "the push's own writes stayed");
+        store.close().await;
+        drop((other, watch));
+        db.drop_database().await;
+    }
 }
 
 /// `switchyard migrate` and `serve` on PostgreSQL, with a password in the

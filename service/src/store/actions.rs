@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use sea_orm::{
-    ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    TransactionTrait,
+    ColumnTrait, ConnectionTrait as _, DatabaseTransaction, DbBackend, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect, TransactionTrait,
 };
 
 use super::{
@@ -224,32 +224,46 @@ impl Store {
                 rows::audit(tx, tenant, t, request_id.as_deref(), now).await?;
             }
         }
-        rows::insert_action(
-            tx,
-            tenant,
-            &outcome.action,
-            strategy == Strategy::CancelAndReplace,
-        )
-        .await?;
         let reason = lifecycle::push_reason(
             strategy,
             !outcome.cancelled.is_empty(),
             !outcome.queued_after.is_empty(),
         );
-        rows::audit(
-            tx,
-            tenant,
-            &Transition {
-                action_id: outcome.action.id,
-                device_id: device_id.clone(),
-                from: None,
-                to: outcome.action.state,
-                reason: reason.to_owned(),
-            },
-            request_id.as_deref(),
-            now,
-        )
-        .await?;
+        let born = Transition {
+            action_id: outcome.action.id,
+            device_id: device_id.clone(),
+            from: None,
+            to: outcome.action.state,
+            reason: reason.to_owned(),
+        };
+        let clear_native = strategy == Strategy::CancelAndReplace;
+        let backend = tx.get_database_backend();
+        if backend == DbBackend::Postgres {
+            // The action, its audit entry and the request_id's key with
+            // the answer: one statement, one round trip (a push's
+            // statements cost PostgreSQL more each than their rows do).
+            let mut together = vec![
+                rows::action_insert(backend, tenant, &outcome.action, clear_native),
+                rows::audit_insert(backend, tenant, &born, request_id.as_deref(), now),
+            ];
+            let key = idem.and_then(|i| Self::idem_answer_statement(backend, tenant, i, &outcome));
+            static WITH_KEY: rows::Kept = rows::Kept::new();
+            static WITHOUT_KEY: rows::Kept = rows::Kept::new();
+            match (key, idem) {
+                (Some(key), Some(i)) => {
+                    together.push(key);
+                    let taken = rows::execute_together(tx, &WITH_KEY, together).await?;
+                    Self::idem_taken(&i.request_id, taken)?;
+                }
+                _ => {
+                    rows::execute_together(tx, &WITHOUT_KEY, together).await?;
+                    Self::idem_complete(tx, tenant, idem, &outcome).await?;
+                }
+            }
+            return Ok(outcome);
+        }
+        rows::insert_action(tx, tenant, &outcome.action, clear_native).await?;
+        rows::audit(tx, tenant, &born, request_id.as_deref(), now).await?;
         Self::idem_complete(tx, tenant, idem, &outcome).await?;
         Ok(outcome)
     }

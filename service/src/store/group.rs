@@ -18,6 +18,9 @@
 //!   having rolled the whole transaction back itself, a panic, a member
 //!   past its time) rolls the whole group back: each of its members is
 //!   told STORAGE_UNAVAILABLE, and nothing of the group was written.
+//! - **PostgreSQL: a savepoint, one round trip.** A member's savepoint
+//!   is released by the next member's in the same round trip
+//!   ([`MEMBER_SAVEPOINT`]).
 //! - **SQLite: no savepoint unless needed.** On SQLite a member runs
 //!   without a savepoint (`direct.rs`): refusals are decided before
 //!   anything is written. One that fails after it changed rows rolls the
@@ -51,7 +54,7 @@ use std::{
     panic::AssertUnwindSafe,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU8, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -59,7 +62,8 @@ use tracing::Instrument as _;
 
 use futures::{FutureExt as _, future::BoxFuture};
 use sea_orm::{
-    DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, RuntimeErr, TransactionTrait,
+    ConnectionTrait as _, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, RuntimeErr,
+    TransactionTrait,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -105,7 +109,13 @@ type Answer = Box<dyn FnOnce(Result<(), Error>) + Send>;
 /// A queued request: runs its operation in a savepoint of the group's
 /// transaction, or is told why it cannot be run.
 trait Member: Send {
-    fn run<'t>(self: Box<Self>, tx: &'t DatabaseTransaction) -> BoxFuture<'t, Ran>;
+    /// `open`: PostgreSQL, whether the member before it left its
+    /// savepoint open (see [`MEMBER_SAVEPOINT`]).
+    fn run<'t>(
+        self: Box<Self>,
+        tx: &'t DatabaseTransaction,
+        open: &'t AtomicBool,
+    ) -> BoxFuture<'t, Ran>;
     fn fail(self: Box<Self>, e: Error);
     /// Whether this is a [`Flush`] rather than a request.
     fn flushes(&self) -> bool {
@@ -123,6 +133,53 @@ trait Member: Send {
     }
 }
 
+/// PostgreSQL: the savepoint each member runs in. A member's savepoint is
+/// left open when it succeeds and released by the next member's in the
+/// same round trip (`RELEASE …; SAVEPOINT …`, one simple query), or by
+/// the group's COMMIT: one round trip a member instead of two (a
+/// SAVEPOINT and a RELEASE each). One that fails is rolled back to it
+/// (`ROLLBACK TO`, which keeps it, empty, for the next member to
+/// release). Named apart from sqlx's own (`_sqlx_savepoint_N`), which an
+/// operation's nested transactions use.
+const MEMBER_SAVEPOINT: &str = "switchyard_member";
+
+/// Runs `op` in a member savepoint of the group's transaction `tx`
+/// ([`MEMBER_SAVEPOINT`]); `in_doubt` is set when the transaction can no
+/// longer be trusted (a savepoint statement failed: PostgreSQL then
+/// leaves it aborted).
+async fn pg_member<'t, T, F>(
+    tx: &'t DatabaseTransaction,
+    open: &AtomicBool,
+    op: F,
+    in_doubt: &mut bool,
+) -> Result<T, Error>
+where
+    F: FnOnce(&'t DatabaseTransaction) -> BoxFuture<'t, Result<T, Error>>,
+{
+    let begin = if open.swap(true, Ordering::Relaxed) {
+        format!("RELEASE SAVEPOINT {MEMBER_SAVEPOINT}; SAVEPOINT {MEMBER_SAVEPOINT}")
+    } else {
+        format!("SAVEPOINT {MEMBER_SAVEPOINT}")
+    };
+    if let Err(e) = tx.execute_unprepared(&begin).await {
+        *in_doubt = true;
+        return Err(db_err(e));
+    }
+    match op(tx).await {
+        Ok(v) => Ok(v),
+        Err(e) => match tx
+            .execute_unprepared(&format!("ROLLBACK TO SAVEPOINT {MEMBER_SAVEPOINT}"))
+            .await
+        {
+            Ok(_) => Err(e),
+            Err(r) => {
+                *in_doubt = true;
+                Err(db_err(r))
+            }
+        },
+    }
+}
+
 /// Why a request was dropped midway; read by its caller.
 type Fate = Arc<Mutex<Option<Error>>>;
 
@@ -132,7 +189,11 @@ type Fate = Arc<Mutex<Option<Error>>>;
 struct Flush(oneshot::Sender<()>);
 
 impl Member for Flush {
-    fn run<'t>(self: Box<Self>, _: &'t DatabaseTransaction) -> BoxFuture<'t, Ran> {
+    fn run<'t>(
+        self: Box<Self>,
+        _: &'t DatabaseTransaction,
+        _: &'t AtomicBool,
+    ) -> BoxFuture<'t, Ran> {
         // Never run in a group: the lanes take it apart.
         let Flush(done) = *self;
         Box::pin(async move {
@@ -177,7 +238,11 @@ where
     T: Send + 'static,
     F: for<'t> FnOnce(&'t DatabaseTransaction) -> BoxFuture<'t, Result<T, Error>> + Send + 'static,
 {
-    fn run<'t>(self: Box<Self>, tx: &'t DatabaseTransaction) -> BoxFuture<'t, Ran> {
+    fn run<'t>(
+        self: Box<Self>,
+        tx: &'t DatabaseTransaction,
+        open: &'t AtomicBool,
+    ) -> BoxFuture<'t, Ran> {
         let Request {
             op, reply, state, ..
         } = *self;
@@ -193,26 +258,29 @@ where
                 };
             }
             let mut in_doubt = false;
-            let result = match tx.begin().await {
-                // PostgreSQL: a SAVEPOINT that fails leaves the
-                // transaction aborted.
-                Err(e) => {
-                    in_doubt = true;
-                    Err(db_err(e))
-                }
-                Ok(savepoint) => match op(&savepoint).await {
-                    Ok(v) => savepoint.commit().await.map(|()| v).map_err(|e| {
+            let result = if tx.get_database_backend() == DbBackend::Postgres {
+                pg_member(tx, open, op, &mut in_doubt).await
+            } else {
+                match tx.begin().await {
+                    // SQLite (`direct.rs`: a savepoint only when careful).
+                    Err(e) => {
                         in_doubt = true;
-                        db_err(e)
-                    }),
-                    Err(e) => match savepoint.rollback().await {
-                        Ok(()) => Err(e),
-                        Err(r) => {
+                        Err(db_err(e))
+                    }
+                    Ok(savepoint) => match op(&savepoint).await {
+                        Ok(v) => savepoint.commit().await.map(|()| v).map_err(|e| {
                             in_doubt = true;
-                            Err(db_err(r))
-                        }
+                            db_err(e)
+                        }),
+                        Err(e) => match savepoint.rollback().await {
+                            Ok(()) => Err(e),
+                            Err(r) => {
+                                in_doubt = true;
+                                Err(db_err(r))
+                            }
+                        },
                     },
-                },
+                }
             };
             // The database's failure, not the request's decision: no more
             // members join the group.
@@ -449,6 +517,7 @@ async fn run_members(
     careful: impl Fn(bool),
 ) -> Group {
     let opened = Instant::now();
+    let open = AtomicBool::new(false);
     let mut group = Group {
         answers: Vec::new(),
         trusted: true,
@@ -469,7 +538,7 @@ async fn run_members(
         };
         // Pinned here, so that a run cut off is dropped only after its
         // caller has been told why (its answer is in the run).
-        let mut run = std::pin::pin!(AssertUnwindSafe(j.run(tx)).catch_unwind());
+        let mut run = std::pin::pin!(AssertUnwindSafe(j.run(tx, &open)).catch_unwind());
         let ran = match limits.deadline {
             None => Some((&mut run).await),
             Some(d) => tokio::time::timeout(d, &mut run).await.ok(),

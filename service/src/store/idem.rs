@@ -213,6 +213,34 @@ impl Store {
         taking: Taking,
         now: Ts,
     ) -> Result<(), Error> {
+        let backend = tx.get_database_backend();
+        let stmt =
+            Self::idem_take_statement(backend, tenant, request_id, method, body, taking, now);
+        let taken = tx.execute_raw(stmt).await.map_err(db_err)?.rows_affected();
+        Self::idem_taken(request_id, taken)
+    }
+
+    /// What writing a key ([`Store::idem_take_in`]) came to, from the rows
+    /// its statement wrote.
+    pub(super) fn idem_taken(request_id: &str, taken: u64) -> Result<(), Error> {
+        if taken == 0 {
+            return Err(Error::StorageContention(format!(
+                "request_id {request_id:?} was taken by another request meanwhile"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The statement of [`Store::idem_take_in`].
+    fn idem_take_statement(
+        backend: sea_orm::DbBackend,
+        tenant: &TenantId,
+        request_id: &str,
+        method: &str,
+        body: &[u8],
+        taking: Taking,
+        now: Ts,
+    ) -> sea_orm::Statement {
         let (claim, response, lease) = match taking {
             #[cfg(any(test, feature = "contract"))]
             Taking::Claim(c) => (Some(c), None, Some(now.0 + IDEMPOTENCY_LEASE_NANOS)),
@@ -239,7 +267,6 @@ impl Store {
             create_ns: Set(now.0),
             expire_ns: Set(now.0 + IDEMPOTENCY_TTL_NANOS),
         };
-        let backend = tx.get_database_backend();
         let insert = || {
             idem_key::Entity::insert(row.clone())
                 .on_conflict(
@@ -263,17 +290,28 @@ impl Store {
         static KEPT: rows::Kept = rows::Kept::new();
         let mut values = rows::set_values(&row);
         values.extend([now.0.into(), now.0.into()]);
-        let taken = tx
-            .execute_raw(KEPT.statement(backend, values, insert))
-            .await
-            .map_err(db_err)?
-            .rows_affected();
-        if taken == 0 {
-            return Err(Error::StorageContention(format!(
-                "request_id {request_id:?} was taken by another request meanwhile"
-            )));
-        }
-        Ok(())
+        KEPT.statement(backend, values, insert)
+    }
+
+    /// The statement that writes `idem`'s key with `outcome` as its answer,
+    /// when the key is written with the answer (`unwritten`, as
+    /// [`Store::idem_complete`] would); `None` for a key claimed before.
+    pub(super) fn idem_answer_statement<T>(
+        backend: sea_orm::DbBackend,
+        tenant: &TenantId,
+        idem: &IdemCommit<T>,
+        outcome: &T,
+    ) -> Option<sea_orm::Statement> {
+        let (method, request) = idem.unwritten.as_ref()?;
+        Some(Self::idem_take_statement(
+            backend,
+            tenant,
+            &idem.request_id,
+            method,
+            request,
+            Taking::Answered((idem.encode)(outcome)),
+            Ts(idem.at_ns),
+        ))
     }
 
     /// The recorded answer of `request_id`, read without a write: a retry

@@ -234,26 +234,98 @@ where
         .map_err(db_err)
 }
 
-/// Inserts `row` with the insert `insert` renders, kept in `kept`: the
-/// rows it wrote.
-pub(super) async fn insert_kept<A, C>(
-    conn: &C,
+/// The insert of `row` that `insert` renders, kept in `kept`.
+pub(super) fn kept_insert<A>(
+    backend: sea_orm::DbBackend,
     kept: &Kept,
     row: A,
     insert: impl Fn(A) -> sea_orm::Insert<A>,
-) -> Result<u64, Error>
+) -> sea_orm::Statement
 where
     A: sea_orm::ActiveModelTrait + Clone,
-    C: ConnectionTrait,
 {
-    let backend = conn.get_database_backend();
     let values = set_values(&row);
-    let stmt = kept.statement(backend, values, || insert(row.clone()).build(backend));
+    kept.statement(backend, values, || insert(row.clone()).build(backend))
+}
+
+/// PostgreSQL: runs `statements` (each rendered with its own `$1`…) as one
+/// statement, each but the last a data-modifying `WITH` of the last
+/// (PostgreSQL runs each exactly once and to completion, and checks their
+/// constraints at the statement's end as it would theirs one by one): one
+/// round trip and one execution instead of one each. The text is kept in
+/// `kept` (the same statements in the same order each time). Answers the
+/// rows the last statement wrote.
+pub(super) async fn execute_together<C: ConnectionTrait>(
+    conn: &C,
+    kept: &Kept,
+    statements: Vec<sea_orm::Statement>,
+) -> Result<u64, Error> {
+    let backend = conn.get_database_backend();
+    let values: Vec<sea_orm::Value> = statements
+        .iter()
+        .flat_map(|s| s.values.iter().flat_map(|v| v.0.iter().cloned()))
+        .collect();
+    let together = || {
+        let mut sql = String::new();
+        let mut bound = 0;
+        let last = statements.len().saturating_sub(1);
+        for (i, s) in statements.iter().enumerate() {
+            if i < last {
+                sql.push_str(if i == 0 { "WITH " } else { ", " });
+                sql.push_str(&format!("w{i} AS ("));
+            }
+            sql.push_str(&renumber(&s.sql, bound));
+            if i < last {
+                sql.push_str(") ");
+            }
+            bound += s.values.as_ref().map_or(0, |v| v.0.len());
+        }
+        sea_orm::Statement::from_sql_and_values(backend, sql, values.clone())
+    };
+    let stmt = kept.statement(backend, values.clone(), together);
     Ok(conn
         .execute_raw(stmt)
         .await
         .map_err(db_err)?
         .rows_affected())
+}
+
+/// `sql` with each PostgreSQL placeholder `$n` made `$(n + by)`; text in
+/// quotes (literals, identifiers) is left as it is.
+fn renumber(sql: &str, by: usize) -> String {
+    let mut out = String::with_capacity(sql.len() + 16);
+    let mut quote: Option<char> = None;
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        match quote {
+            Some(q) => {
+                out.push(c);
+                if c == q {
+                    quote = None;
+                }
+            }
+            None if c == '\'' || c == '"' => {
+                quote = Some(c);
+                out.push(c);
+            }
+            None if c == '$' && chars.peek().is_some_and(char::is_ascii_digit) => {
+                let mut n = String::new();
+                while let Some(d) = chars.peek().copied().filter(char::is_ascii_digit) {
+                    n.push(d);
+                    chars.next();
+                }
+                match n.parse::<usize>() {
+                    Ok(n) => out.push_str(&format!("${}", n + by)),
+                    Err(_) => {
+                        out.push('$');
+                        out.push_str(&n);
+                    }
+                }
+            }
+            None => out.push(c),
+        }
+    }
+    out
 }
 
 /// Runs `select` and decodes every row: a row that does not decode is
@@ -621,6 +693,18 @@ pub(super) async fn insert_action<C: ConnectionTrait>(
     a: &Action,
     clear_native: bool,
 ) -> Result<(), Error> {
+    let stmt = action_insert(conn.get_database_backend(), tenant, a, clear_native);
+    conn.execute_raw(stmt).await.map_err(db_err)?;
+    Ok(())
+}
+
+/// The insert of a new action ([`insert_action`]).
+pub(super) fn action_insert(
+    backend: sea_orm::DbBackend,
+    tenant: &TenantId,
+    a: &Action,
+    clear_native: bool,
+) -> sea_orm::Statement {
     let p = &a.params;
     let queued: Vec<String> = a.queued_after.iter().map(ToString::to_string).collect();
     let row = action::ActiveModel {
@@ -658,8 +742,7 @@ pub(super) async fn insert_action<C: ConnectionTrait>(
         fence: Set(0),
     };
     static KEPT: Kept = Kept::new();
-    insert_kept(conn, &KEPT, row, action::Entity::insert).await?;
-    Ok(())
+    kept_insert(backend, &KEPT, row, action::Entity::insert)
 }
 
 /// The row of one action of a tenant.
@@ -805,10 +888,22 @@ pub(super) async fn audit<C: ConnectionTrait>(
     request_id: Option<&str>,
     at: Ts,
 ) -> Result<(), Error> {
+    let stmt = audit_insert(conn.get_database_backend(), tenant, t, request_id, at);
+    conn.execute_raw(stmt).await.map_err(db_err)?;
+    Ok(())
+}
+
+/// The insert of a transition's audit entry ([`audit`]).
+pub(super) fn audit_insert(
+    backend: sea_orm::DbBackend,
+    tenant: &TenantId,
+    t: &Transition,
+    request_id: Option<&str>,
+    at: Ts,
+) -> sea_orm::Statement {
     static KEPT: Kept = Kept::new();
     let row = transition_row(tenant, t, request_id, at);
-    insert_kept(conn, &KEPT, row, audit::Entity::insert).await?;
-    Ok(())
+    kept_insert(backend, &KEPT, row, audit::Entity::insert)
 }
 
 /// Records a device-level change (no action).
@@ -833,6 +928,25 @@ pub(super) async fn audit_device<C: ConnectionTrait>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Statements run together number their placeholders on from the
+    /// statements before them; quoted text is not touched.
+    #[test]
+    fn placeholders_are_numbered_on_and_quotes_kept() {
+        assert_eq!(
+            renumber(
+                r#"INSERT INTO "a$1" (x, y) VALUES ($1, $12) WHERE z = '$2' AND w = $2"#,
+                3
+            ),
+            r#"INSERT INTO "a$1" (x, y) VALUES ($4, $15) WHERE z = '$2' AND w = $5"#
+        );
+        assert_eq!(renumber("SELECT $1", 0), "SELECT $1");
+        assert_eq!(
+            renumber("SELECT 'it''s $1', $1", 1),
+            "SELECT 'it''s $1', $2"
+        );
+        assert_eq!(renumber("SELECT $a, $", 9), "SELECT $a, $");
+    }
 
     /// A claimed job's action is the row's own, field by field: each
     /// quantity with its unit, the window's two ends, the command.
