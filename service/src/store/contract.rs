@@ -242,6 +242,147 @@ pub async fn a_push_round_trips_and_is_audited(f: &Fixture) {
     );
 }
 
+/// A push under a request_id stores each value where it belongs: the
+/// action as answered, field by field; its audit entry with its reason,
+/// request_id and time; the key bound to its method and body, answered
+/// with its encoded outcome (on PostgreSQL the three are written by one
+/// statement, each numbering its placeholders on from the one before).
+/// Text that reads as SQL (placeholders, quotes, a backslash) is stored
+/// as given.
+pub async fn a_push_under_a_request_id_stores_each_value_in_its_place(f: &Fixture) {
+    use super::{IdemRequest, TransitionRecord, Written};
+    use crate::domain::{Quantity, Unit, lifecycle};
+    with_device(f, "d1").await;
+    // Replaced by the push: its cancellation is audited under the
+    // request_id too.
+    let old = push(f, "d1", window(H, Some(2 * H)), Strategy::Reject)
+        .await
+        .expect("push");
+    let request_id = r#"r$1 '$2' "$3" \$4 E'\'' $$5$$ -- /*"#;
+    let body = br#"body $1 ' " \"#.to_vec();
+    let answer = |o: &super::PushOutcome| format!("answer $1 ' {}", o.action.id).into_bytes();
+    let params = Params {
+        power: Some(Quantity {
+            value: -2.5,
+            unit: Unit::Kilowatt,
+        }),
+        target_soc: Some(Quantity {
+            value: 80.0,
+            unit: Unit::Percent,
+        }),
+        reserve_soc: Some(Quantity {
+            value: 20.0,
+            unit: Unit::Percent,
+        }),
+    };
+    let (t, d1) = (tenant(), device_id("d1"));
+    let send = |method: &'static str, body: Vec<u8>| {
+        f.store.push_once(
+            &t,
+            &d1,
+            move |_, _| {
+                Ok(ValidPush {
+                    command: Command::Discharge,
+                    params,
+                    ..window(H + H / 2, Some(3 * H))
+                })
+            },
+            Strategy::CancelAndReplace,
+            Some(IdemRequest {
+                request_id: request_id.to_owned(),
+                method,
+                body,
+                encode: std::sync::Arc::new(answer),
+            }),
+        )
+    };
+    let o = match send("PushAction", body.clone()).await {
+        Ok(Written::Fresh(o)) => o,
+        other => panic!("booked: {other:?}"),
+    };
+    assert_eq!(o.cancelled.len(), 1);
+    assert_eq!(o.cancelled[0].id, old.action.id);
+    assert_eq!(o.action.params, params);
+    // The action, every field.
+    assert_eq!(get(f, "d1", &o.action).await, o.action);
+    // Its audit entry.
+    let trail: Vec<TransitionRecord> = f
+        .store
+        .action_transitions(&tenant(), &o.action.id, None, 10)
+        .await
+        .expect("transitions");
+    let seen: Vec<_> = trail
+        .iter()
+        .map(|t| {
+            (
+                t.from,
+                t.to,
+                t.reason.as_str(),
+                t.request_id.as_deref(),
+                t.at,
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![(
+            None,
+            ActionState::Scheduled,
+            lifecycle::push_reason(Strategy::CancelAndReplace, true, false),
+            Some(request_id),
+            T0
+        )]
+    );
+    // The replaced action's trail: booked without a request_id, cancelled
+    // under this one.
+    let replaced = f
+        .store
+        .action_transitions(&tenant(), &old.action.id, None, 10)
+        .await
+        .expect("transitions");
+    let ids: Vec<Option<&str>> = replaced.iter().map(|t| t.request_id.as_deref()).collect();
+    assert_eq!(ids, vec![None, Some(request_id)]);
+    assert!(replaced[0].seq < replaced[1].seq && replaced[1].seq < trail[0].seq);
+    // The key: its answer, bound to the method and the body.
+    assert_eq!(
+        f.replica
+            .idem_recorded(&tenant(), request_id, "PushAction", &body)
+            .await
+            .expect("recorded"),
+        Some(answer(&o))
+    );
+    match send("PushAction", body.clone()).await {
+        Ok(Written::Replayed(bytes)) => assert_eq!(bytes, answer(&o)),
+        other => panic!("replayed: {other:?}"),
+    }
+    for (method, other) in [
+        ("PushAction", b"another body".to_vec()),
+        ("CancelAction", body.clone()),
+    ] {
+        match send(method, other).await {
+            Err(Error::RequestIdReused { first_method, .. }) => {
+                assert_eq!(first_method, "PushAction");
+            }
+            r => panic!("{method}: the key is bound to its method and body: {r:?}"),
+        }
+    }
+    // The replay and the refusals wrote nothing.
+    let stored = f
+        .replica
+        .list_actions(
+            &tenant(),
+            ActionQuery {
+                device: Some(&device_id("d1")),
+                states: &[],
+                before: None,
+                limit: 10,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 2, "{stored:?}");
+}
+
 /// Overlapping holders of a channel collide with a typed conflict naming
 /// the holder; back-to-back windows do not.
 pub async fn overlapping_holders_collide(f: &Fixture) {
@@ -429,6 +570,64 @@ pub async fn a_group_commits_its_successes_around_its_failures(f: &Fixture) {
             "each booked push has its own audit entry"
         );
     }
+}
+
+/// A member that hid a failed statement (answered success) is never
+/// answered success for a change that was not written: on PostgreSQL the
+/// failure left the transaction aborted, and its group is rolled back and
+/// told so (a COMMIT there would roll back silently); on SQLite the
+/// failed statement changed nothing, and the change before it is written.
+/// Either way the answer and what is stored agree, for it and for the
+/// member queued after it.
+pub async fn a_group_never_answers_success_for_what_it_did_not_write(f: &Fixture) {
+    with_device(f, "d1").await;
+    with_device(f, "d2").await;
+    let (entered, inside) = tokio::sync::oneshot::channel();
+    let (release, released) = tokio::sync::oneshot::channel();
+    let holder = f.store.clone();
+    let hold = tokio::spawn(async move { holder.hold_writer("d1", entered, released).await });
+    inside.await.expect("the writer is held");
+    let queued = f.store.write_groups().queued;
+    let faulty = {
+        let store = f.store.clone();
+        tokio::spawn(async move {
+            store
+                .hide_a_failed_statement("d1", &tenant(), &device_id("d1"), "hidden failure")
+                .await
+        })
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while f.store.write_groups().queued < queued + 1 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the faulty member is queued");
+    release.send(()).expect("the holder waits");
+    let _ = hold.await.unwrap();
+    let answered = faulty.await.unwrap();
+    let stored = f
+        .replica
+        .get_device(&tenant(), &device_id("d1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        answered.is_ok(),
+        stored.display_name == "hidden failure",
+        "answered {answered:?}, stored {:?}",
+        stored.display_name
+    );
+    // The lane writes on afterwards.
+    let after = f
+        .store
+        .hide_a_failed_statement("d1", &tenant(), &device_id("d2"), "later")
+        .await;
+    let d2 = f
+        .replica
+        .get_device(&tenant(), &device_id("d2"))
+        .await
+        .unwrap();
+    assert_eq!(after.is_ok(), d2.display_name == "later", "{after:?}");
 }
 
 /// The same request sent at once to two replicas is applied once: one
@@ -2762,8 +2961,10 @@ macro_rules! storage_contract_suite {
                 a_device_round_trips_and_its_id_is_unique,
                 a_stale_etag_changes_nothing,
                 a_push_round_trips_and_is_audited,
+                a_push_under_a_request_id_stores_each_value_in_its_place,
                 overlapping_holders_collide,
                 a_group_commits_its_successes_around_its_failures,
+                a_group_never_answers_success_for_what_it_did_not_write,
                 a_long_holder_is_seen_past_a_later_action_that_gave_way,
                 a_request_sent_to_two_replicas_at_once_is_applied_once,
                 cancel_and_replace_replaces_atomically,

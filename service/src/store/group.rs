@@ -19,8 +19,8 @@
 //!   past its time) rolls the whole group back: each of its members is
 //!   told STORAGE_UNAVAILABLE, and nothing of the group was written.
 //! - **PostgreSQL: a savepoint, one round trip.** A member's savepoint
-//!   is released by the next member's in the same round trip
-//!   ([`MEMBER_SAVEPOINT`]).
+//!   is released by the next member's in the same round trip, the last
+//!   one's before the COMMIT ([`MEMBER_SAVEPOINT`]).
 //! - **SQLite: no savepoint unless needed.** On SQLite a member runs
 //!   without a savepoint (`direct.rs`): refusals are decided before
 //!   anything is written. One that fails after it changed rows rolls the
@@ -135,13 +135,18 @@ trait Member: Send {
 
 /// PostgreSQL: the savepoint each member runs in. A member's savepoint is
 /// left open when it succeeds and released by the next member's in the
-/// same round trip (`RELEASE …; SAVEPOINT …`, one simple query), or by
-/// the group's COMMIT: one round trip a member instead of two (a
-/// SAVEPOINT and a RELEASE each). One that fails is rolled back to it
+/// same round trip (`RELEASE …; SAVEPOINT …`, one simple query), the last
+/// one's once the group closes ([`RELEASE_MEMBER`], before the COMMIT):
+/// one round trip a member instead of two (a SAVEPOINT and a RELEASE
+/// each). One that fails is rolled back to it
 /// (`ROLLBACK TO`, which keeps it, empty, for the next member to
 /// release). Named apart from sqlx's own (`_sqlx_savepoint_N`), which an
 /// operation's nested transactions use.
 const MEMBER_SAVEPOINT: &str = "switchyard_member";
+
+/// Releases the last member's savepoint. It fails if the transaction was
+/// left aborted, where a COMMIT would roll it back without an error.
+const RELEASE_MEMBER: &str = "RELEASE SAVEPOINT switchyard_member";
 
 /// Runs `op` in a member savepoint of the group's transaction `tx`
 /// ([`MEMBER_SAVEPOINT`]); `in_doubt` is set when the transaction can no
@@ -444,6 +449,44 @@ impl Store {
         .await
     }
 
+    /// Runs, as one member of a group in the lane of `key`, an operation
+    /// that changes device `device_id`'s display name to `name`, then
+    /// runs a statement that fails and hides the failure (answers `Ok`),
+    /// as a faulty operation would. For the contract's group-commit rules:
+    /// whatever the answer, it must match what is stored.
+    #[cfg(feature = "contract")]
+    pub async fn hide_a_failed_statement(
+        &self,
+        key: &str,
+        tenant: &crate::domain::TenantId,
+        device_id: &crate::domain::DeviceId,
+        name: &str,
+    ) -> Result<(), Error> {
+        use super::entity::device;
+        use sea_orm::{ColumnTrait as _, EntityTrait as _, QueryFilter as _, sea_query::Expr};
+        let (tenant, device_id, name) = (
+            tenant.as_str().to_owned(),
+            device_id.as_str().to_owned(),
+            name.to_owned(),
+        );
+        self.grouped(key, move |tx| {
+            Box::pin(async move {
+                device::Entity::update_many()
+                    .col_expr(device::Column::DisplayName, Expr::value(name))
+                    .filter(device::Column::TenantId.eq(tenant))
+                    .filter(device::Column::DeviceId.eq(device_id))
+                    .exec(tx)
+                    .await
+                    .map_err(db_err)?;
+                let _hidden = tx
+                    .execute_unprepared("SELECT * FROM switchyard_no_such_table")
+                    .await;
+                Ok(())
+            })
+        })
+        .await
+    }
+
     /// Runs `op` as a member of a group in the lane of `key` (a device id,
     /// or another key whose writes should queue together), and answers
     /// once the group is committed. A lost race is answered
@@ -576,6 +619,22 @@ async fn run_members(
             break;
         }
         job = rx.try_recv().ok();
+    }
+    // PostgreSQL: the last member's savepoint is released here, not left
+    // to the COMMIT. A transaction an operation left aborted (a failed
+    // statement it did not report) fails this RELEASE, and the group is
+    // rolled back and told so; a COMMIT would roll it back silently and
+    // answer success.
+    if open.load(Ordering::Relaxed) {
+        let release = tx.execute_unprepared(RELEASE_MEMBER);
+        let released = match limits.deadline {
+            None => Some(release.await),
+            Some(d) => tokio::time::timeout(d, release).await.ok(),
+        };
+        if !matches!(released, Some(Ok(_))) {
+            tracing::warn!("a group's last savepoint could not be released; it is rolled back");
+            group.trusted = false;
+        }
     }
     group
 }

@@ -249,18 +249,28 @@ where
 }
 
 /// PostgreSQL: runs `statements` (each rendered with its own `$1`…) as one
-/// statement, each but the last a data-modifying `WITH` of the last
-/// (PostgreSQL runs each exactly once and to completion, and checks their
-/// constraints at the statement's end as it would theirs one by one): one
-/// round trip and one execution instead of one each. The text is kept in
-/// `kept` (the same statements in the same order each time). Answers the
-/// rows the last statement wrote.
+/// statement, each but the last a data-modifying `WITH` of the last: one
+/// round trip and one execution instead of one each. PostgreSQL runs each
+/// exactly once and to completion, in an order of its own (the last
+/// first); unique and exclusion constraints are checked row by row as
+/// they would be statement by statement, foreign keys at the statement's
+/// end, so the statements must not depend on each other's rows. The text
+/// is kept in `kept` (the same statements in the same order each time).
+/// Answers the rows the last statement wrote. Statements whose text
+/// [`renumber`] cannot read are run one by one instead.
 pub(super) async fn execute_together<C: ConnectionTrait>(
     conn: &C,
     kept: &Kept,
     statements: Vec<sea_orm::Statement>,
 ) -> Result<u64, Error> {
     let backend = conn.get_database_backend();
+    if statements.iter().any(|s| !renumbers(&s.sql)) {
+        let mut last = 0;
+        for s in statements {
+            last = conn.execute_raw(s).await.map_err(db_err)?.rows_affected();
+        }
+        return Ok(last);
+    }
     let values: Vec<sea_orm::Value> = statements
         .iter()
         .flat_map(|s| s.values.iter().flat_map(|v| v.0.iter().cloned()))
@@ -290,8 +300,20 @@ pub(super) async fn execute_together<C: ConnectionTrait>(
         .rows_affected())
 }
 
+/// Whether [`renumber`] reads `sql` right: no backslash (an `E''`
+/// literal's escape), dollar quote or comment, which it does not parse.
+fn renumbers(sql: &str) -> bool {
+    let unread = ["\\", "$$", "--", "/*"];
+    let tagged = sql
+        .split('$')
+        .skip(1)
+        .any(|t| t.starts_with(|c: char| c.is_alphabetic() || c == '_'));
+    !tagged && !unread.iter().any(|u| sql.contains(u))
+}
+
 /// `sql` with each PostgreSQL placeholder `$n` made `$(n + by)`; text in
-/// quotes (literals, identifiers) is left as it is.
+/// quotes (literals, identifiers) is left as it is. Only for text
+/// [`renumbers`] accepts.
 fn renumber(sql: &str, by: usize) -> String {
     let mut out = String::with_capacity(sql.len() + 16);
     let mut quote: Option<char> = None;
@@ -946,6 +968,19 @@ mod tests {
             "SELECT 'it''s $1', $2"
         );
         assert_eq!(renumber("SELECT $a, $", 9), "SELECT $a, $");
+        // What it does not parse is run statement by statement instead.
+        assert!(renumbers(
+            r#"INSERT INTO "t" ("a") VALUES ($1) WHERE x = 'y'"#
+        ));
+        for unread in [
+            r"SELECT E'it\'s $1', $1",
+            "SELECT $$ $1 $$, $1",
+            "SELECT $tag$ $1 $tag$, $1",
+            "SELECT $1 -- $2",
+            "SELECT /* $2 */ $1",
+        ] {
+            assert!(!renumbers(unread), "{unread}");
+        }
     }
 
     /// A claimed job's action is the row's own, field by field: each
