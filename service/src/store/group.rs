@@ -20,7 +20,7 @@
 //!   told STORAGE_UNAVAILABLE, and nothing of the group was written.
 //! - **PostgreSQL: a savepoint, one round trip.** A member's savepoint
 //!   is released by the next member's in the same round trip, the last
-//!   one's before the COMMIT ([`MEMBER_SAVEPOINT`]).
+//!   one's before the COMMIT (`member_savepoint!`).
 //! - **SQLite: no savepoint unless needed.** On SQLite a member runs
 //!   without a savepoint (`direct.rs`): refusals are decided before
 //!   anything is written. One that fails after it changed rows rolls the
@@ -110,7 +110,7 @@ type Answer = Box<dyn FnOnce(Result<(), Error>) + Send>;
 /// transaction, or is told why it cannot be run.
 trait Member: Send {
     /// `open`: PostgreSQL, whether the member before it left its
-    /// savepoint open (see [`MEMBER_SAVEPOINT`]).
+    /// savepoint open (see `member_savepoint!`).
     fn run<'t>(
         self: Box<Self>,
         tx: &'t DatabaseTransaction,
@@ -142,14 +142,33 @@ trait Member: Send {
 /// (`ROLLBACK TO`, which keeps it, empty, for the next member to
 /// release). Named apart from sqlx's own (`_sqlx_savepoint_N`), which an
 /// operation's nested transactions use.
-const MEMBER_SAVEPOINT: &str = "switchyard_member";
+macro_rules! member_savepoint {
+    () => {
+        "switchyard_member"
+    };
+}
+
+/// Opens the first member's savepoint.
+const OPEN_MEMBER: &str = concat!("SAVEPOINT ", member_savepoint!());
+
+/// Releases the member before's savepoint and opens the next's, in one
+/// simple query.
+const NEXT_MEMBER: &str = concat!(
+    "RELEASE SAVEPOINT ",
+    member_savepoint!(),
+    "; SAVEPOINT ",
+    member_savepoint!()
+);
+
+/// Rolls a failed member back to its savepoint (which stays, empty).
+const UNDO_MEMBER: &str = concat!("ROLLBACK TO SAVEPOINT ", member_savepoint!());
 
 /// Releases the last member's savepoint. It fails if the transaction was
 /// left aborted, where a COMMIT would roll it back without an error.
-const RELEASE_MEMBER: &str = "RELEASE SAVEPOINT switchyard_member";
+const RELEASE_MEMBER: &str = concat!("RELEASE SAVEPOINT ", member_savepoint!());
 
 /// Runs `op` in a member savepoint of the group's transaction `tx`
-/// ([`MEMBER_SAVEPOINT`]); `in_doubt` is set when the transaction can no
+/// (`member_savepoint!`); `in_doubt` is set when the transaction can no
 /// longer be trusted (a savepoint statement failed: PostgreSQL then
 /// leaves it aborted).
 async fn pg_member<'t, T, F>(
@@ -162,20 +181,17 @@ where
     F: FnOnce(&'t DatabaseTransaction) -> BoxFuture<'t, Result<T, Error>>,
 {
     let begin = if open.swap(true, Ordering::Relaxed) {
-        format!("RELEASE SAVEPOINT {MEMBER_SAVEPOINT}; SAVEPOINT {MEMBER_SAVEPOINT}")
+        NEXT_MEMBER
     } else {
-        format!("SAVEPOINT {MEMBER_SAVEPOINT}")
+        OPEN_MEMBER
     };
-    if let Err(e) = tx.execute_unprepared(&begin).await {
+    if let Err(e) = tx.execute_unprepared(begin).await {
         *in_doubt = true;
         return Err(db_err(e));
     }
     match op(tx).await {
         Ok(v) => Ok(v),
-        Err(e) => match tx
-            .execute_unprepared(&format!("ROLLBACK TO SAVEPOINT {MEMBER_SAVEPOINT}"))
-            .await
-        {
+        Err(e) => match tx.execute_unprepared(UNDO_MEMBER).await {
             Ok(_) => Err(e),
             Err(r) => {
                 *in_doubt = true;

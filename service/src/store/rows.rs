@@ -271,10 +271,14 @@ pub(super) async fn execute_together<C: ConnectionTrait>(
         }
         return Ok(last);
     }
-    let values: Vec<sea_orm::Value> = statements
-        .iter()
-        .flat_map(|s| s.values.iter().flat_map(|v| v.0.iter().cloned()))
-        .collect();
+    let values = || -> Vec<sea_orm::Value> {
+        statements
+            .iter()
+            .flat_map(|s| s.values.iter().flat_map(|v| v.0.iter().cloned()))
+            .collect()
+    };
+    // Rendered only when the text is not kept yet (and in debug builds,
+    // to check the kept text).
     let together = || {
         let mut sql = String::new();
         let mut bound = 0;
@@ -290,9 +294,9 @@ pub(super) async fn execute_together<C: ConnectionTrait>(
             }
             bound += s.values.as_ref().map_or(0, |v| v.0.len());
         }
-        sea_orm::Statement::from_sql_and_values(backend, sql, values.clone())
+        sea_orm::Statement::from_sql_and_values(backend, sql, values())
     };
-    let stmt = kept.statement(backend, values.clone(), together);
+    let stmt = kept.statement(backend, values(), together);
     Ok(conn
         .execute_raw(stmt)
         .await
