@@ -389,6 +389,20 @@ pub struct ServeArgs {
         value_parser = clap::value_parser!(u32).range(0..=36_500)
     )]
     pub retention_days: u32,
+    /// PostgreSQL: every how many seconds the service checks its busiest
+    /// tables and runs ANALYZE on those that changed by more than
+    /// autovacuum's analyse threshold since their statistics were last
+    /// taken (so that plans stay right where autovacuum is off or has not
+    /// come round yet); 0 leaves it to autovacuum alone. Needs the tables'
+    /// ownership (the role that migrated them).
+    #[arg(
+        long,
+        env = "SWITCHYARD_ANALYZE_EVERY_SECONDS",
+        default_value_t = server::DEFAULT_ANALYZE_EVERY_SECONDS,
+        value_name = "SECONDS",
+        value_parser = clap::value_parser!(u64).range(0..=86_400)
+    )]
+    pub analyze_every_seconds: u64,
     /// Directory of the secrets devices may name as `file:<name>` in their
     /// `api_key_ref` (e.g. a Kubernetes Secret mounted as a directory).
     /// Unset: `file:` references are refused. `env:` references may name
@@ -709,6 +723,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Se
     })?;
     let mut app = app;
     app.retention_nanos = i64::from(args.retention_days) * 86_400 * crate::domain::Ts::SECOND;
+    app.analyze_every = std::time::Duration::from_secs(args.analyze_every_seconds);
     app.webhooks = Arc::new(delivery);
     if !args.no_demo {
         let n = server::seed_demo(&app).await?;

@@ -53,6 +53,10 @@ const STAMP_EVERY: Duration = Duration::from_millis(100);
 /// Finished actions forgotten per write transaction of the retention sweep.
 const PRUNE_BATCH: u32 = 500;
 
+/// PostgreSQL: how often, by default, the busiest tables' statistics are
+/// checked and refreshed (`--analyze-every-seconds`).
+pub const DEFAULT_ANALYZE_EVERY_SECONDS: u64 = 10;
+
 /// Creates the demo devices on an empty database. Returns how many.
 pub async fn seed_demo(app: &App) -> Result<usize, Error> {
     let tenant = app.tenant();
@@ -139,6 +143,7 @@ pub async fn build_app_with(
         clock,
         horizon_nanos: i64::from(horizon_days) * 86_400 * Ts::SECOND,
         retention_nanos: i64::from(DEFAULT_RETENTION_DAYS) * 86_400 * Ts::SECOND,
+        analyze_every: Duration::from_secs(DEFAULT_ANALYZE_EVERY_SECONDS),
         wake: Arc::default(),
         caller: crate::auth::Caller::local(),
         webhooks: Arc::default(),
@@ -270,6 +275,29 @@ pub async fn serve(
                 .await
             {
                 tracing::warn!(error = %e, "webhook delivery log sweep failed");
+            }
+        }
+    });
+
+    // PostgreSQL: the busiest tables' statistics kept fresh, so that the
+    // planner does not guess (`store/stats.rs`), also where autovacuum is
+    // off or has not come round yet.
+    let stats_store = app.store.clone();
+    let analyze_every = app.analyze_every;
+    let statistics = tokio::spawn(async move {
+        if analyze_every.is_zero() || stats_store.backend() != sea_orm::DbBackend::Postgres {
+            return;
+        }
+        let mut tick = tokio::time::interval(analyze_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match stats_store.refresh_statistics().await {
+                Ok(tables) if !tables.is_empty() => {
+                    tracing::debug!(?tables, "analysed tables that changed");
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "could not refresh table statistics"),
             }
         }
     });
@@ -414,6 +442,7 @@ pub async fn serve(
             stamper.abort();
             sweeper.abort();
             pruner.abort();
+            statistics.abort();
             health_watch.abort();
             return Ok(r??);
         }
@@ -464,6 +493,7 @@ pub async fn serve(
     }
     sweeper.abort();
     pruner.abort();
+    statistics.abort();
     stamper.abort();
     match drained {
         Ok(r) => r??,

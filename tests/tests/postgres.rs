@@ -1099,6 +1099,102 @@ mod store_on_postgres {
         drop((other, watch));
         db.drop_database().await;
     }
+
+    /// Finished rows written past the store on `conn`, numbered from
+    /// `first`; their changes made visible to `pg_stat_user_tables`
+    /// before it returns (a backend reports them when idle, up to 10 s
+    /// later otherwise).
+    async fn finished_rows(conn: &mut PgConnection, first: i64, n: i64) {
+        let before = modified_since_analyze(conn).await;
+        sqlx::query(
+            "INSERT INTO actions (tenant_id, action_id, device_id, channel, command, start_ns,
+               end_ns, immediate, state, queued_after, revision, create_ns, update_ns, work,
+               finished_ns)
+             SELECT 'default', 'a' || i, 'd', 'mode', 'CHARGE', i, i + 1, FALSE, 'COMPLETED', '',
+               1, 0, 0, 'NONE', 0 FROM generate_series($1::bigint, $2::bigint) i",
+        )
+        .bind(first)
+        .bind(first + n - 1)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        conn.execute("SELECT pg_stat_force_next_flush()")
+            .await
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while modified_since_analyze(conn).await < before + n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the inserts never showed in pg_stat_user_tables"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn reltuples(conn: &mut PgConnection) -> f32 {
+        sqlx::query_scalar("SELECT reltuples FROM pg_class WHERE oid = 'actions'::regclass")
+            .fetch_one(conn)
+            .await
+            .unwrap()
+    }
+
+    async fn modified_since_analyze(conn: &mut PgConnection) -> i64 {
+        // A fresh snapshot of the statistics each time, not the
+        // transaction's cached one.
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+            .await
+            .unwrap();
+        sqlx::query_scalar(
+            "SELECT n_mod_since_analyze FROM pg_stat_user_tables
+             WHERE schemaname = current_schema() AND relname = 'actions'",
+        )
+        .fetch_one(conn)
+        .await
+        .unwrap()
+    }
+
+    /// The store analyses a table once it changed by more than autovacuum's
+    /// threshold (50 rows + a tenth of the table) since its statistics were
+    /// last taken, and only then: on this machine autovacuum is off, and
+    /// a table never analysed is planned from guesses.
+    #[tokio::test]
+    async fn tables_that_changed_enough_are_analysed() {
+        let Some(db) = postgres::database().await else {
+            return;
+        };
+        let store = opened(&db.url).await;
+        let tenant = TenantId::default_tenant();
+        store
+            .create_device(&tenant, device("d"), None)
+            .await
+            .unwrap();
+        let mut conn = PgConnection::connect(&db.url).await.unwrap();
+        assert_eq!(reltuples(&mut conn).await, -1.0, "never analysed");
+        finished_rows(&mut conn, 0, 300).await;
+        assert_eq!(store.refresh_statistics().await.unwrap(), ["actions"]);
+        assert_eq!(reltuples(&mut conn).await, 300.0);
+        assert_eq!(modified_since_analyze(&mut conn).await, 0);
+        assert!(
+            store.refresh_statistics().await.unwrap().is_empty(),
+            "nothing changed since"
+        );
+        // 60 rows: past the fixed part (50), not past 50 + 300 / 10.
+        finished_rows(&mut conn, 300, 60).await;
+        assert!(
+            store.refresh_statistics().await.unwrap().is_empty(),
+            "60 of 300 rows changed"
+        );
+        finished_rows(&mut conn, 360, 40).await;
+        assert_eq!(
+            store.refresh_statistics().await.unwrap(),
+            ["actions"],
+            "100 of 300 changed"
+        );
+        assert_eq!(reltuples(&mut conn).await, 400.0);
+        store.close().await;
+        drop(conn);
+        db.drop_database().await;
+    }
 }
 
 /// `switchyard migrate` and `serve` on PostgreSQL, with a password in the

@@ -47,6 +47,10 @@ pub struct App {
     /// How long finished actions are kept (after their last change), in
     /// nanoseconds; 0 keeps them for ever.
     pub retention_nanos: i64,
+    /// PostgreSQL: how often the busiest tables' statistics are checked,
+    /// and those changed enough analysed (`Store::refresh_statistics`);
+    /// zero never.
+    pub analyze_every: std::time::Duration,
     /// Wakes the dispatcher: work may be due now.
     pub wake: Arc<crate::dispatch::Wake>,
     /// The OEM accounts' rate budgets, shared with the dispatcher: the

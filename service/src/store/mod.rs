@@ -35,6 +35,7 @@ pub use nodelay::sockets_towards;
 mod prune;
 mod rows;
 mod schema;
+mod stats;
 #[cfg(test)]
 mod tests;
 mod webhooks;
@@ -46,6 +47,7 @@ pub use dispatch::{Claim, Configured, Due, Finish, Job, Outcome, Planned, Record
 pub use events::EventRecord;
 pub use group::{GroupLimits, WriteGroups};
 pub use keys::{KeyRecord, TenantRecord};
+pub use stats::ANALYZED_TABLES;
 pub use webhooks::{
     AttemptEffect, AttemptRecord, DueEndpoint, EndpointChange, EndpointRecord, WEBHOOK_DISABLED,
 };
