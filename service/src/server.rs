@@ -57,6 +57,12 @@ const PRUNE_BATCH: u32 = 500;
 /// checked and refreshed (`--analyze-every-seconds`).
 pub const DEFAULT_ANALYZE_EVERY_SECONDS: u64 = 10;
 
+/// How often a store on `backend` refreshes its tables' statistics, given
+/// `--analyze-every-seconds` as `every`: on PostgreSQL, unless zero.
+fn statistics_every(backend: sea_orm::DbBackend, every: Duration) -> Option<Duration> {
+    (backend == sea_orm::DbBackend::Postgres && !every.is_zero()).then_some(every)
+}
+
 /// Creates the demo devices on an empty database. Returns how many.
 pub async fn seed_demo(app: &App) -> Result<usize, Error> {
     let tenant = app.tenant();
@@ -285,18 +291,28 @@ pub async fn serve(
     let stats_store = app.store.clone();
     let analyze_every = app.analyze_every;
     let statistics = tokio::spawn(async move {
-        if analyze_every.is_zero() || stats_store.backend() != sea_orm::DbBackend::Postgres {
+        let Some(every) = statistics_every(stats_store.backend(), analyze_every) else {
             return;
-        }
-        let mut tick = tokio::time::interval(analyze_every);
+        };
+        let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut told = false;
         loop {
             tick.tick().await;
             match stats_store.refresh_statistics().await {
-                Ok(tables) if !tables.is_empty() => {
-                    tracing::debug!(?tables, "analysed tables that changed");
+                Ok(done) => {
+                    if !done.analysed.is_empty() {
+                        tracing::debug!(tables = ?done.analysed, "analysed tables that changed");
+                    }
+                    if !done.not_owned.is_empty() && !told {
+                        told = true;
+                        tracing::warn!(
+                            tables = ?done.not_owned,
+                            "cannot analyse tables owned by another role: their statistics \
+                             are left to autovacuum (or set --analyze-every-seconds 0)"
+                        );
+                    }
                 }
-                Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "could not refresh table statistics"),
             }
         }
@@ -505,4 +521,18 @@ pub async fn serve(
     app.store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statistics_are_refreshed_on_postgresql_unless_zero() {
+        let ten = Duration::from_secs(10);
+        let pg = sea_orm::DbBackend::Postgres;
+        assert_eq!(statistics_every(pg, ten), Some(ten));
+        assert_eq!(statistics_every(pg, Duration::ZERO), None);
+        assert_eq!(statistics_every(sea_orm::DbBackend::Sqlite, ten), None);
+    }
 }

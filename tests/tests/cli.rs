@@ -123,6 +123,7 @@ fn switchyard_serve_help_gives_every_default() {
             ("--horizon-days", &horizon),
             ("--shutdown-grace-seconds", "[default: 10]"),
             ("--database-max-connections", "[default: 16]"),
+            ("--analyze-every-seconds", "[default: 10]"),
             // A switch: its help says what happens without it.
             ("--no-demo", "Do not create the demo devices"),
         ],
@@ -139,6 +140,8 @@ fn switchyard_usage_errors_exit_2() {
         &["serve", "--listen", "nowhere"],
         &["serve", "--horizon-days", "0"],
         &["serve", "--database-max-connections", "3"],
+        &["serve", "--analyze-every-seconds", "86401"],
+        &["serve", "--analyze-every-seconds", "-1"],
         &["serve", "--log-format", "xml"],
         &["no-such-command"],
         &[],

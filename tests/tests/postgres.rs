@@ -1159,41 +1159,101 @@ mod store_on_postgres {
     /// a table never analysed is planned from guesses.
     #[tokio::test]
     async fn tables_that_changed_enough_are_analysed() {
-        let Some(db) = postgres::database().await else {
+        let Some((db, store, mut conn)) = statistics_case().await else {
             return;
         };
-        let store = opened(&db.url).await;
-        let tenant = TenantId::default_tenant();
-        store
-            .create_device(&tenant, device("d"), None)
-            .await
-            .unwrap();
-        let mut conn = PgConnection::connect(&db.url).await.unwrap();
         assert_eq!(reltuples(&mut conn).await, -1.0, "never analysed");
         finished_rows(&mut conn, 0, 300).await;
-        assert_eq!(store.refresh_statistics().await.unwrap(), ["actions"]);
+        assert_eq!(analysed(&store).await, ["actions"]);
         assert_eq!(reltuples(&mut conn).await, 300.0);
         assert_eq!(modified_since_analyze(&mut conn).await, 0);
         assert!(
-            store.refresh_statistics().await.unwrap().is_empty(),
-            "nothing changed since"
+            statistics_rows(&mut conn).await > 0,
+            "the ANALYZE was committed"
         );
+        assert!(analysed(&store).await.is_empty(), "nothing changed since");
         // 60 rows: past the fixed part (50), not past 50 + 300 / 10.
         finished_rows(&mut conn, 300, 60).await;
-        assert!(
-            store.refresh_statistics().await.unwrap().is_empty(),
-            "60 of 300 rows changed"
-        );
+        assert!(analysed(&store).await.is_empty(), "60 of 300 rows changed");
         finished_rows(&mut conn, 360, 40).await;
-        assert_eq!(
-            store.refresh_statistics().await.unwrap(),
-            ["actions"],
-            "100 of 300 changed"
-        );
+        assert_eq!(analysed(&store).await, ["actions"], "100 of 300 changed");
         assert_eq!(reltuples(&mut conn).await, 400.0);
         store.close().await;
         drop(conn);
         db.drop_database().await;
+    }
+
+    /// A table another transaction holds (autovacuum's VACUUM, another
+    /// replica's ANALYZE, a migration) is skipped at once, not waited for
+    /// (a wait would cancel autovacuum), and analysed next time; an
+    /// ANALYZE rolled back (which leaves the table counted as analysed,
+    /// without statistics) is done again.
+    #[tokio::test]
+    async fn a_table_held_elsewhere_is_skipped_and_a_lost_analyze_redone() {
+        let Some((db, store, mut conn)) = statistics_case().await else {
+            return;
+        };
+        finished_rows(&mut conn, 0, 300).await;
+        let mut other = PgConnection::connect(&db.url).await.unwrap();
+        // Counted as analysed (reltuples, the counter), but its statistics
+        // rolled back.
+        other
+            .execute("BEGIN; ANALYZE actions; ROLLBACK")
+            .await
+            .unwrap();
+        assert_eq!(reltuples(&mut conn).await, 300.0);
+        assert_eq!(modified_since_analyze(&mut conn).await, 0);
+        assert_eq!(statistics_rows(&mut conn).await, 0);
+        assert_eq!(analysed(&store).await, ["actions"]);
+        assert!(statistics_rows(&mut conn).await > 0);
+        // Due again, and held by another transaction.
+        finished_rows(&mut conn, 300, 100).await;
+        other.execute("BEGIN").await.unwrap();
+        other
+            .execute("LOCK TABLE actions IN SHARE UPDATE EXCLUSIVE MODE")
+            .await
+            .unwrap();
+        let skipped = tokio::time::timeout(std::time::Duration::from_secs(2), analysed(&store))
+            .await
+            .expect("the store waited for the table's lock");
+        assert!(skipped.is_empty(), "{skipped:?}");
+        other.execute("COMMIT").await.unwrap();
+        assert_eq!(analysed(&store).await, ["actions"]);
+        assert_eq!(reltuples(&mut conn).await, 400.0);
+        drop(other);
+        store.close().await;
+        drop(conn);
+        db.drop_database().await;
+    }
+
+    /// A store on a database of its own with a device `d`, autovacuum
+    /// kept off `actions` (where the server runs it), and a connection
+    /// past the store.
+    async fn statistics_case() -> Option<(postgres::TestDatabase, Store, PgConnection)> {
+        let db = postgres::database().await?;
+        let store = opened(&db.url).await;
+        store
+            .create_device(&TenantId::default_tenant(), device("d"), None)
+            .await
+            .unwrap();
+        let mut conn = PgConnection::connect(&db.url).await.unwrap();
+        conn.execute("ALTER TABLE actions SET (autovacuum_enabled = off)")
+            .await
+            .unwrap();
+        Some((db, store, conn))
+    }
+
+    async fn analysed(store: &Store) -> Vec<&'static str> {
+        let done = store.refresh_statistics().await.unwrap();
+        assert!(done.not_owned.is_empty(), "{done:?}");
+        done.analysed
+    }
+
+    async fn statistics_rows(conn: &mut PgConnection) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM pg_stats WHERE tablename = 'actions'")
+            .fetch_one(conn)
+            .await
+            .unwrap()
     }
 }
 

@@ -47,7 +47,7 @@ pub use dispatch::{Claim, Configured, Due, Finish, Job, Outcome, Planned, Record
 pub use events::EventRecord;
 pub use group::{GroupLimits, WriteGroups};
 pub use keys::{KeyRecord, TenantRecord};
-pub use stats::ANALYZED_TABLES;
+pub use stats::{ANALYZED_TABLES, Refreshed};
 pub use webhooks::{
     AttemptEffect, AttemptRecord, DueEndpoint, EndpointChange, EndpointRecord, WEBHOOK_DISABLED,
 };

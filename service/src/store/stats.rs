@@ -14,7 +14,14 @@
 //! is analysed once more rows changed since it was last analysed (by
 //! anyone) than `autovacuum_analyze_threshold` +
 //! `autovacuum_analyze_scale_factor` × its rows. Where autovacuum runs
-//! too, whichever comes first does it and the other finds nothing to do.
+//! too, whichever comes first does it and the other finds nothing to do:
+//! each table is locked `NOWAIT` first, so the service never waits for
+//! (and so never cancels) autovacuum's VACUUM or ANALYZE, another
+//! replica's, or a migration; a table busy is tried again next time.
+//! Each is analysed in a transaction of its own, committed at once: an
+//! ANALYZE rolled back leaves the table counted as analysed (`reltuples`
+//! and `n_mod_since_analyze` are not transactional) but without
+//! statistics, and a table with rows and no statistics is analysed again.
 
 use sea_orm::{ConnectionTrait as _, DbBackend, Statement};
 
@@ -25,74 +32,107 @@ use crate::domain::Error;
 /// read (pushes, claims, starts, records, events).
 pub const ANALYZED_TABLES: [&str; 4] = ["actions", "audit_log", "devices", "idempotency_keys"];
 
-/// Key of the advisory lock held while analysing: one replica at a time.
-const ANALYZE_LOCK: i64 = 4_108_337_512_940_226_481;
+/// What [`Store::refresh_statistics`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Refreshed {
+    /// The tables analysed.
+    pub analysed: Vec<&'static str>,
+    /// Tables due, but owned by another role than the service's: only
+    /// their owner (or a superuser) may analyse them.
+    pub not_owned: Vec<&'static str>,
+}
+
+/// The tables of [`ANALYZED_TABLES`] (`only` one) due an ANALYZE, and
+/// whether the session's role may run it. Each name is resolved as the
+/// service's own statements resolve it (`to_regclass`, through the
+/// `search_path`). Due: changed since last analysed by more than
+/// autovacuum's threshold (a table never analysed has `reltuples` -1: the
+/// fixed part alone), or holding rows without statistics.
+fn due_sql(only: Option<&str>) -> String {
+    let names = only.map_or_else(|| ANALYZED_TABLES.join("', '"), str::to_owned);
+    format!(
+        "SELECT t.name, pg_has_role(c.relowner, 'USAGE') AS owned \
+         FROM unnest(ARRAY['{names}']) AS t(name) \
+         JOIN pg_class c ON c.oid = to_regclass(t.name) \
+         JOIN pg_stat_user_tables s ON s.relid = c.oid \
+         WHERE s.n_mod_since_analyze > \
+               current_setting('autovacuum_analyze_threshold')::float8 \
+               + current_setting('autovacuum_analyze_scale_factor')::float8 \
+                 * GREATEST(c.reltuples, 0) \
+            OR (c.reltuples > 0 AND NOT EXISTS (SELECT 1 FROM pg_stats p \
+                WHERE p.schemaname = s.schemaname AND p.tablename = s.relname)) \
+         ORDER BY 1"
+    )
+}
 
 impl Store {
-    /// PostgreSQL: `ANALYZE`s each of [`ANALYZED_TABLES`] that changed by
-    /// more than autovacuum's analyse threshold since its statistics were
-    /// last taken, unless another replica is doing so; returns the tables
-    /// analysed. SQLite: nothing (its planner needs no statistics to use
-    /// these indexes), an empty list.
-    pub async fn refresh_statistics(&self) -> Result<Vec<&'static str>, Error> {
+    /// PostgreSQL: `ANALYZE`s each of [`ANALYZED_TABLES`] that is due
+    /// (changed by more than autovacuum's analyse threshold since its
+    /// statistics were last taken, or without statistics), each in a
+    /// transaction of its own, skipping a table another transaction
+    /// holds (a VACUUM, an ANALYZE, a migration). SQLite: nothing (its
+    /// planner uses these indexes without statistics).
+    pub async fn refresh_statistics(&self) -> Result<Refreshed, Error> {
+        let mut done = Refreshed::default();
         if self.backend() != DbBackend::Postgres {
-            return Ok(Vec::new());
+            return Ok(done);
         }
-        let tx = self.begin().await?;
-        let locked = tx
-            .query_one_raw(Statement::from_string(
-                DbBackend::Postgres,
-                format!("SELECT pg_try_advisory_xact_lock({ANALYZE_LOCK}) AS locked"),
-            ))
-            .await
-            .map_err(db_err)?
-            .map(|r| r.try_get::<bool>("", "locked"))
-            .transpose()
-            .map_err(db_err)?
-            .unwrap_or(false);
-        if !locked {
-            return Ok(Vec::new());
-        }
-        // Never analysed: `reltuples` is -1, and the threshold is the
-        // fixed part alone.
-        let stale = tx
-            .query_all_raw(Statement::from_string(
-                DbBackend::Postgres,
-                format!(
-                    "SELECT s.relname::text AS name FROM pg_stat_user_tables s \
-                     JOIN pg_class c ON c.oid = s.relid \
-                     WHERE s.schemaname = current_schema() AND s.relname IN ('{}') \
-                     AND s.n_mod_since_analyze > \
-                         current_setting('autovacuum_analyze_threshold')::float8 \
-                         + current_setting('autovacuum_analyze_scale_factor')::float8 \
-                           * GREATEST(c.reltuples, 0) \
-                     ORDER BY 1",
-                    ANALYZED_TABLES.join("', '")
-                ),
-            ))
+        let due = self
+            .write
+            .query_all_raw(Statement::from_string(DbBackend::Postgres, due_sql(None)))
             .await
             .map_err(db_err)?;
-        let mut analysed = Vec::new();
-        for row in stale {
+        for row in due {
             let name: String = row.try_get("", "name").map_err(db_err)?;
-            // Only a name of the list is ever written into the statement.
-            let Some(table) = ANALYZED_TABLES.iter().find(|t| **t == name) else {
+            let owned: bool = row.try_get("", "owned").map_err(db_err)?;
+            // Only a name of the list is ever written into a statement.
+            let Some(table) = ANALYZED_TABLES.iter().copied().find(|t| *t == name) else {
                 continue;
             };
-            analysed.push(*table);
+            if !owned {
+                done.not_owned.push(table);
+                continue;
+            }
+            if self.analyse(table).await? {
+                done.analysed.push(table);
+            }
         }
-        if analysed.is_empty() {
-            return Ok(analysed);
+        Ok(done)
+    }
+
+    /// Analyses `table` unless another transaction holds it, or another
+    /// replica has just analysed it; whether it did.
+    async fn analyse(&self, table: &'static str) -> Result<bool, Error> {
+        let tx = self.begin().await?;
+        // Never waits: a wait longer than `deadlock_timeout` would cancel
+        // autovacuum's VACUUM of the table.
+        let lock = format!("LOCK TABLE {table} IN SHARE UPDATE EXCLUSIVE MODE NOWAIT");
+        match tx.execute_unprepared(&lock).await.map_err(db_err) {
+            Ok(_) => {}
+            // 55P03: held by another; rolled back as `tx` is dropped.
+            Err(Error::StorageContention(_)) => return Ok(false),
+            Err(e) => return Err(e),
         }
-        // ANALYZE waits for a table's SHARE UPDATE EXCLUSIVE lock (held by
-        // autovacuum or a migration): not for long.
-        tx.execute_unprepared("SET LOCAL lock_timeout = '5s'")
+        let still = tx
+            .query_all_raw(Statement::from_string(
+                DbBackend::Postgres,
+                due_sql(Some(table)),
+            ))
             .await
             .map_err(db_err)?;
-        tx.execute_unprepared(&format!("ANALYZE {}", analysed.join(", ")))
+        if still.is_empty() {
+            return Ok(false);
+        }
+        // It reads a bounded sample (300 rows per unit of
+        // `default_statistics_target`), but of a big table on a slow disk
+        // it may take longer than requests' statement_timeout (8 s).
+        tx.execute_unprepared("SET LOCAL statement_timeout = '60s'")
+            .await
+            .map_err(db_err)?;
+        tx.execute_unprepared(&format!("ANALYZE {table}"))
             .await
             .map_err(db_err)?;
         tx.commit().await.map_err(db_err)?;
-        Ok(analysed)
+        Ok(true)
     }
 }
