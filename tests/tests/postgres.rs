@@ -1226,6 +1226,52 @@ mod store_on_postgres {
         db.drop_database().await;
     }
 
+    /// A role that may write the tables but owns neither them nor the
+    /// database may not analyse them: the store leaves them alone, says
+    /// which, and keeps counting them due (PostgreSQL would only warn,
+    /// analyse nothing and reset nothing).
+    #[tokio::test]
+    async fn tables_the_role_may_not_analyse_are_left_alone() {
+        let Some((db, store, mut conn)) = statistics_case().await else {
+            return;
+        };
+        finished_rows(&mut conn, 0, 300).await;
+        let name = db.url.rsplit('/').next().unwrap().to_owned();
+        let role = format!("{name}_writer");
+        conn.execute(sqlx::AssertSqlSafe(format!(
+            "CREATE ROLE {role}; \
+                 GRANT USAGE, CREATE ON SCHEMA public TO {role}; \
+                 GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}; \
+                 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}"
+        )))
+        .await
+        .unwrap();
+        // The same login, acting as the role from the start of each
+        // session. (CREATE on the schema: opening a store checks the
+        // migrations' own table with `CREATE TABLE IF NOT EXISTS`.)
+        let url = format!("{}?options=-c%20role%3D{role}", db.url);
+        let writer = opened(&url).await;
+        let done = writer.refresh_statistics().await.unwrap();
+        assert_eq!(
+            (done.analysed, done.not_owned),
+            (vec![], vec!["actions"]),
+            "as {role}"
+        );
+        assert_eq!(statistics_rows(&mut conn).await, 0);
+        assert_eq!(modified_since_analyze(&mut conn).await, 300);
+        writer.close().await;
+        // The owner may.
+        assert_eq!(analysed(&store).await, ["actions"]);
+        store.close().await;
+        conn.execute(sqlx::AssertSqlSafe(format!(
+            "DROP OWNED BY {role}; DROP ROLE {role}"
+        )))
+        .await
+        .unwrap();
+        drop(conn);
+        db.drop_database().await;
+    }
+
     /// A store on a database of its own with a device `d`, autovacuum
     /// kept off `actions` (where the server runs it), and a connection
     /// past the store.

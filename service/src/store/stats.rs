@@ -10,18 +10,27 @@
 //! 256 outcomes read the whole `actions` table into a hash join (a bitmap
 //! scan of `actions_by_tenant`, guessed at 375 rows, read 100,000), about
 //! 150 ms each instead of about 2 ms by the primary key. So the service
-//! analyses them itself, with autovacuum's own rule and settings: a table
-//! is analysed once more rows changed since it was last analysed (by
-//! anyone) than `autovacuum_analyze_threshold` +
-//! `autovacuum_analyze_scale_factor` × its rows. Where autovacuum runs
+//! analyses them itself, by autovacuum's rule with the server's settings
+//! of it (not a table's own: `autovacuum_enabled = off` or thresholds set
+//! on a table change nothing here): a table is analysed once more rows
+//! changed since it was last analysed (by anyone) than
+//! `autovacuum_analyze_threshold` + `autovacuum_analyze_scale_factor` ×
+//! its rows. Where autovacuum runs
 //! too, whichever comes first does it and the other finds nothing to do:
 //! each table is locked `NOWAIT` first, so the service never waits for
 //! (and so never cancels) autovacuum's VACUUM or ANALYZE, another
 //! replica's, or a migration; a table busy is tried again next time.
-//! Each is analysed in a transaction of its own, committed at once: an
-//! ANALYZE rolled back leaves the table counted as analysed (`reltuples`
-//! and `n_mod_since_analyze` are not transactional) but without
-//! statistics, and a table with rows and no statistics is analysed again.
+//! Each is analysed in a transaction of its own, committed at once. An
+//! ANALYZE rolled back (its commit failed, or the process stopped) leaves
+//! the table counted as analysed (`reltuples` and `n_mod_since_analyze`
+//! are not transactional) with the statistics it had before: a table's
+//! first, lost, leaves it with rows and no statistics, and it is analysed
+//! again at the next check; a later one, lost, leaves the statistics
+//! before it until the table is due again. After taking the lock the
+//! table is checked again, so that two replicas do not analyse it one
+//! after the other (PostgreSQL 15 and later reset the count when an
+//! ANALYZE ends, and a transaction reads the counts once, at its first
+//! read of them).
 
 use sea_orm::{ConnectionTrait as _, DbBackend, Statement};
 
@@ -38,7 +47,7 @@ pub struct Refreshed {
     /// The tables analysed.
     pub analysed: Vec<&'static str>,
     /// Tables due, but owned by another role than the service's: only
-    /// their owner (or a superuser) may analyse them.
+    /// their owner, the database's, or a superuser may analyse them.
     pub not_owned: Vec<&'static str>,
 }
 
@@ -51,7 +60,8 @@ pub struct Refreshed {
 fn due_sql(only: Option<&str>) -> String {
     let names = only.map_or_else(|| ANALYZED_TABLES.join("', '"), str::to_owned);
     format!(
-        "SELECT t.name, pg_has_role(c.relowner, 'USAGE') AS owned \
+        "SELECT t.name, (pg_has_role(c.relowner, 'USAGE') OR pg_has_role((SELECT datdba \
+           FROM pg_database WHERE datname = current_database()), 'USAGE')) AS owned \
          FROM unnest(ARRAY['{names}']) AS t(name) \
          JOIN pg_class c ON c.oid = to_regclass(t.name) \
          JOIN pg_stat_user_tables s ON s.relid = c.oid \
@@ -93,8 +103,12 @@ impl Store {
                 done.not_owned.push(table);
                 continue;
             }
-            if self.analyse(table).await? {
-                done.analysed.push(table);
+            // One table's failure (a timeout, a lock another holds that
+            // ANALYZE itself needs) does not keep the others from theirs.
+            match self.analyse(table).await {
+                Ok(true) => done.analysed.push(table),
+                Ok(false) | Err(Error::StorageContention(_)) => {}
+                Err(e) => tracing::warn!(table, error = %e, "could not analyse a table"),
             }
         }
         Ok(done)
