@@ -1272,6 +1272,30 @@ mod store_on_postgres {
         db.drop_database().await;
     }
 
+    /// The store's sessions are given what it relies on: no JIT
+    /// compilation (a burst's look for owed work was compiled with
+    /// inlining, 410-620 ms a run), and the timeouts.
+    #[tokio::test]
+    async fn the_stores_sessions_have_jit_off_and_timeouts() {
+        let Some(db) = postgres::database().await else {
+            return;
+        };
+        let store = opened(&db.url).await;
+        for (setting, value) in [
+            ("jit", "off"),
+            ("lock_timeout", "4s"),
+            ("idle_in_transaction_session_timeout", "30s"),
+        ] {
+            assert_eq!(
+                store.session_setting(setting).await.unwrap(),
+                value,
+                "{setting}"
+            );
+        }
+        store.close().await;
+        db.drop_database().await;
+    }
+
     /// A store on a database of its own with a device `d`, autovacuum
     /// kept off `actions` (where the server runs it), and a connection
     /// past the store.

@@ -377,6 +377,14 @@ impl Store {
                     // server either, so a connection given up on is soon
                     // free again.
                     ("lock_timeout", "4000"),
+                    // No JIT compilation: once `actions` has statistics,
+                    // the dispatcher's look for owed work through a burst
+                    // (every row due and claimed, 100,000 read to find
+                    // none) is costed past `jit_inline_above_cost`, and
+                    // compiling it with inlining and optimisation made
+                    // it 410-620 ms a run; its expressions are simple
+                    // and each plan runs once.
+                    ("jit", "off"),
                     (
                         "statement_timeout",
                         &options.deadline.as_millis().to_string(),
@@ -646,6 +654,26 @@ impl Store {
     /// taken before anything is read, so every decision is serialised
     /// across processes too); on PostgreSQL READ COMMITTED, with the rows a
     /// decision reads locked by the statements that read them.
+    /// PostgreSQL: the value of `setting` in a session of the store's
+    /// pool (`SHOW`). For the tests of what its sessions are given.
+    #[cfg(feature = "contract")]
+    pub async fn session_setting(&self, setting: &str) -> Result<String, Error> {
+        let name: String = setting
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        let row = self
+            .write
+            .query_one_raw(sea_orm::Statement::from_string(
+                DbBackend::Postgres,
+                format!("SELECT current_setting('{name}') AS value"),
+            ))
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| Error::Internal("SHOW answered no row".into()))?;
+        row.try_get("", "value").map_err(db_err)
+    }
+
     pub(super) async fn begin(&self) -> Result<DatabaseTransaction, Error> {
         Self::begin_on(&self.write, self.backend()).await
     }
