@@ -47,7 +47,7 @@ pub use dispatch::{Claim, Configured, Due, Finish, Job, Outcome, Planned, Record
 pub use events::EventRecord;
 pub use group::{GroupLimits, WriteGroups};
 pub use keys::{KeyRecord, TenantRecord};
-pub use stats::{ANALYZED_TABLES, Refreshed};
+pub use stats::Refreshed;
 pub use webhooks::{
     AttemptEffect, AttemptRecord, DueEndpoint, EndpointChange, EndpointRecord, WEBHOOK_DISABLED,
 };
@@ -655,7 +655,7 @@ impl Store {
     /// across processes too); on PostgreSQL READ COMMITTED, with the rows a
     /// decision reads locked by the statements that read them.
     /// PostgreSQL: the value of `setting` in a session of the store's
-    /// pool (`SHOW`). For the tests of what its sessions are given.
+    /// pool (`current_setting`). For the tests of what its sessions are given.
     #[cfg(feature = "contract")]
     pub async fn session_setting(&self, setting: &str) -> Result<String, Error> {
         let name: String = setting
@@ -670,7 +670,7 @@ impl Store {
             ))
             .await
             .map_err(db_err)?
-            .ok_or_else(|| Error::Internal("SHOW answered no row".into()))?;
+            .ok_or_else(|| Error::Internal("current_setting answered no row".into()))?;
         row.try_get("", "value").map_err(db_err)
     }
 

@@ -39,7 +39,7 @@ use crate::domain::Error;
 
 /// The tables whose statistics the service keeps: those its hot statements
 /// read (pushes, claims, starts, records, events).
-pub const ANALYZED_TABLES: [&str; 4] = ["actions", "audit_log", "devices", "idempotency_keys"];
+const ANALYZED_TABLES: [&str; 4] = ["actions", "audit_log", "devices", "idempotency_keys"];
 
 /// What [`Store::refresh_statistics`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
