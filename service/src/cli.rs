@@ -344,7 +344,7 @@ pub struct ServeArgs {
     pub shutdown_grace_seconds: u64,
     /// How long a dispatch claim lasts: a replica that dies or stalls has
     /// its claimed work taken up by another after this long. Renewed every
-    /// third of it while the work runs; a driver call is cut off after half
+    /// sixth of it while the work runs; a driver call is cut off after half
     /// of it.
     #[arg(
         long,
