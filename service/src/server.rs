@@ -308,8 +308,9 @@ pub async fn serve(
                         told = true;
                         tracing::warn!(
                             tables = ?done.not_owned,
-                            "cannot analyse tables owned by another role: their statistics \
-                             are left to autovacuum (or set --analyze-every-seconds 0)"
+                            "cannot analyse tables this role neither owns nor may maintain: \
+                             their statistics are left to autovacuum (or set \
+                             --analyze-every-seconds 0)"
                         );
                     }
                 }

@@ -47,7 +47,8 @@ pub struct Refreshed {
     /// The tables analysed.
     pub analysed: Vec<&'static str>,
     /// Tables due, but owned by another role than the service's: only
-    /// their owner, the database's, or a superuser may analyse them.
+    /// their owner, the database's, a superuser or (PostgreSQL 17 and
+    /// later) a role with MAINTAIN on them may analyse them.
     pub not_owned: Vec<&'static str>,
 }
 
@@ -56,12 +57,17 @@ pub struct Refreshed {
 /// service's own statements resolve it (`to_regclass`, through the
 /// `search_path`). Due: changed since last analysed by more than
 /// autovacuum's threshold (a table never analysed has `reltuples` -1: the
-/// fixed part alone), or holding rows without statistics.
+/// fixed part alone), or holding rows without statistics. May run it: the
+/// table's owner, the database's, or (PostgreSQL 17 and later) a role
+/// granted MAINTAIN on it, or `pg_maintain`; the privilege is asked only
+/// of a server that knows it (`CASE`: before 17 the name is an error).
 fn due_sql(only: Option<&str>) -> String {
     let names = only.map_or_else(|| ANALYZED_TABLES.join("', '"), str::to_owned);
     format!(
         "SELECT t.name, (pg_has_role(c.relowner, 'USAGE') OR pg_has_role((SELECT datdba \
-           FROM pg_database WHERE datname = current_database()), 'USAGE')) AS owned \
+           FROM pg_database WHERE datname = current_database()), 'USAGE') \
+           OR CASE WHEN current_setting('server_version_num')::int >= 170000 \
+                THEN has_table_privilege(c.oid, 'MAINTAIN') ELSE false END) AS owned \
          FROM unnest(ARRAY['{names}']) AS t(name) \
          JOIN pg_class c ON c.oid = to_regclass(t.name) \
          JOIN pg_stat_user_tables s ON s.relid = c.oid \
