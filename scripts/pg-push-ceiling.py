@@ -2,15 +2,23 @@
 """What PostgreSQL alone can store of durable pushes on this machine.
 
 Drives pgbench (no switchyard server) with the statements a push runs on
-PostgreSQL, in groups of 64 pushes per transaction as group commit makes
-them, two ways:
+PostgreSQL, in groups of pushes per transaction as group commit makes
+them (`--group`, 64 by default; the service's lanes see about 8 from 64
+clients), three ways:
 
 - per push, as the service runs them: a savepoint, the request_id key
   read, the device row locked, the channel's holders read, and the
   action, its audit entry and its key written in one statement;
-- set-wise: the same reads and writes, one statement each for all 64.
+- reads set-wise: the key reads, the devices' locks and the holders'
+  reads (locked) one statement each for the group, then per push a
+  savepoint and the combined write (what a group that gathered its
+  members' reads first would run);
+- set-wise: the same reads and writes, one statement each for the group.
 
-Each push is on one of 100 devices, with a unique request_id and a
+Each pgbench client books on 25 devices of its own (as each of the
+service's write lanes books on devices of its own); a group's pushes are
+on distinct devices as long as it has at most 25 (one device after
+another, from a random one). Each push has a unique request_id and a
 window after every other (no collisions), as `switchyard-bench push`
 sends them. Prints pushes per second each way, in alternating rounds
 (the cores' speed drifts from minute to minute). Needs psql and pgbench
@@ -28,8 +36,8 @@ import subprocess
 import sys
 import tempfile
 
-GROUP = 64
 DEVICES = 100
+PER_CLIENT = 25
 
 HOLDERS = (
     "SELECT a.* FROM actions a WHERE a.tenant_id = 'default' AND a.device_id = {dev} "
@@ -85,15 +93,21 @@ def write_statement(select_from, dev, rid, action_id, start):
     )
 
 
-def per_push():
-    # Each pgbench client books on devices of its own, as each of the
-    # service's write lanes does.
-    out = []
-    for i in range(GROUP):
-        out.append(f"\\set d{i} :client_id * 25 + random(0, 24)")
+def draws(group):
+    """pgbench variables: d<i>, the group's devices (distinct up to 25: one
+    after another from a random one, among the client's own), r<i>, its
+    request_ids."""
+    out = [f"\\set o random(0, {PER_CLIENT - 1})"]
+    for i in range(group):
+        out.append(f"\\set d{i} :client_id * {PER_CLIENT} + (:o + {i}) % {PER_CLIENT}")
         out.append(f"\\set r{i} random(1, 1000000000000)")
+    return out
+
+
+def per_push(group):
+    out = draws(group)
     out.append("BEGIN;")
-    for i in range(GROUP):
+    for i in range(group):
         dev = f"'ceiling-' || :d{i}"
         rid = f"'r' || :client_id || '-' || :r{i}"
         out.append("SAVEPOINT m;" if i == 0 else "RELEASE SAVEPOINT m; SAVEPOINT m;")
@@ -110,18 +124,46 @@ def per_push():
     return "\n".join(out) + "\n"
 
 
-def set_wise():
+def reads_set_wise(group):
+    out = draws(group)
+    devs = ", ".join(f"'ceiling-' || :d{i}" for i in range(group))
+    rids = ", ".join(f"'r' || :client_id || '-' || :r{i}" for i in range(group))
+    out.append("BEGIN;")
+    out.append(
+        f"SELECT * FROM idempotency_keys WHERE tenant_id = 'default' AND request_id IN ({rids}) FOR UPDATE;"
+    )
+    out.append(
+        f"SELECT * FROM devices WHERE tenant_id = 'default' AND device_id IN ({devs}) "
+        "ORDER BY device_id FOR UPDATE;"
+    )
+    out.append(
+        f"SELECT h.* FROM (SELECT DISTINCT unnest(ARRAY[{devs}]) dev) q, LATERAL ("
+        + HOLDERS.format(dev="q.dev", t=LATER, lock=" FOR UPDATE")
+        + ") h;"
+    )
+    for i in range(group):
+        dev = f"'ceiling-' || :d{i}"
+        rid = f"'r' || :client_id || '-' || :r{i}"
+        out.append("SAVEPOINT m;" if i == 0 else "RELEASE SAVEPOINT m; SAVEPOINT m;")
+        out.append(write_statement(None, dev, rid, "gen_random_uuid()::text", START))
+    out.append("RELEASE SAVEPOINT m;")
+    out.append("COMMIT;")
+    return "\n".join(out) + "\n"
+
+
+def set_wise(group):
     return "\n".join(
         [
+            f"\\set o random(0, {PER_CLIENT - 1})",
             "BEGIN;",
             "CREATE TEMP TABLE IF NOT EXISTS g (dev text, rid text, aid text, s bigint) ON COMMIT DELETE ROWS;",
-            f"INSERT INTO g SELECT 'ceiling-' || (:client_id * 25 + floor(random() * 25))::int, "
-            f"'r' || md5(random()::text), gen_random_uuid()::text, {START} FROM generate_series(1, {GROUP});",
+            f"INSERT INTO g SELECT 'ceiling-' || (:client_id * {PER_CLIENT} + (:o + i) % {PER_CLIENT}), "
+            f"'r' || md5(random()::text), gen_random_uuid()::text, {START} FROM generate_series(0, {group - 1}) i;",
             "SELECT k.* FROM idempotency_keys k JOIN g ON k.tenant_id = 'default' AND k.request_id = g.rid FOR UPDATE OF k;",
             "SELECT d.* FROM devices d WHERE d.tenant_id = 'default' AND d.device_id IN (SELECT dev FROM g) "
             "ORDER BY d.device_id FOR UPDATE;",
             "SELECT h.* FROM (SELECT DISTINCT dev FROM g) q, LATERAL ("
-            + HOLDERS.format(dev="q.dev", t=LATER, lock="")
+            + HOLDERS.format(dev="q.dev", t=LATER, lock=" FOR UPDATE")
             + ") h;",
             write_statement("g", "dev", "rid", "aid", "s"),
             "COMMIT;",
@@ -136,9 +178,12 @@ def main():
     p.add_argument("--seconds", type=int, default=15, help="each round's length")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--clients", type=int, default=4, help="pgbench clients (at most 4)")
+    p.add_argument("--group", type=int, default=64, help="pushes per transaction (1 to 512)")
     a = p.parse_args()
     if not 1 <= a.clients <= 4:
         sys.exit("--clients: 1 to 4 (each books on 25 devices of its own)")
+    if not 1 <= a.group <= 512:
+        sys.exit("--group: 1 to 512")
     m = re.match(r"postgres(?:ql)?://([^@/]+)@([^:/]+)(?::(\d+))?/([^?]+)", a.database)
     if not m:
         sys.exit("--database: postgres://USER@HOST[:PORT]/DATABASE")
@@ -172,7 +217,11 @@ def main():
 
     with tempfile.TemporaryDirectory() as d:
         scripts = {}
-        for name, text in (("per push", per_push()), ("set-wise", set_wise())):
+        for name, text in (
+            ("per push", per_push(a.group)),
+            ("reads set-wise", reads_set_wise(a.group)),
+            ("set-wise", set_wise(a.group)),
+        ):
             scripts[name] = os.path.join(d, name.replace(" ", "_") + ".sql")
             with open(scripts[name], "w") as f:
                 f.write(text)
@@ -182,7 +231,7 @@ def main():
             for name, path in scripts.items():
                 analyze()
                 tps = bench(path, a.seconds)
-                print(f"round {r + 1}, {name}: {tps * GROUP:,.0f} pushes/s ({tps:.1f} groups of {GROUP}/s)")
+                print(f"round {r + 1}, {name}: {tps * a.group:,.0f} pushes/s ({tps:.1f} groups of {a.group}/s)")
 
 
 if __name__ == "__main__":
