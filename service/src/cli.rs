@@ -394,7 +394,8 @@ pub struct ServeArgs {
     /// autovacuum's analyse threshold since their statistics were last
     /// taken (so that plans stay right where autovacuum is off or has not
     /// come round yet); 0 leaves it to autovacuum alone. Needs the tables'
-    /// ownership (the role that migrated them).
+    /// ownership (the role that migrated them), the database's, or on
+    /// PostgreSQL 17 and later MAINTAIN on them.
     #[arg(
         long,
         env = "SWITCHYARD_ANALYZE_EVERY_SECONDS",

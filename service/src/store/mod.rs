@@ -650,10 +650,6 @@ impl Store {
         &self.clock
     }
 
-    /// A write transaction: `BEGIN IMMEDIATE` on SQLite (the write lock
-    /// taken before anything is read, so every decision is serialised
-    /// across processes too); on PostgreSQL READ COMMITTED, with the rows a
-    /// decision reads locked by the statements that read them.
     /// PostgreSQL: the value of `setting` in a session of the store's
     /// pool (`current_setting`). For the tests of what its sessions are given.
     #[cfg(feature = "contract")]
@@ -674,6 +670,10 @@ impl Store {
         row.try_get("", "value").map_err(db_err)
     }
 
+    /// A write transaction: `BEGIN IMMEDIATE` on SQLite (the write lock
+    /// taken before anything is read, so every decision is serialised
+    /// across processes too); on PostgreSQL READ COMMITTED, with the rows a
+    /// decision reads locked by the statements that read them.
     pub(super) async fn begin(&self) -> Result<DatabaseTransaction, Error> {
         Self::begin_on(&self.write, self.backend()).await
     }
