@@ -568,6 +568,219 @@ mod store_on_postgres {
         assert!(started.elapsed() < std::time::Duration::from_secs(15));
     }
 
+    /// A push under `request_id` as the API sends it, its answer the
+    /// action's id.
+    async fn push_keyed(
+        store: Store,
+        dev: String,
+        start: i64,
+        request_id: Option<&'static str>,
+    ) -> Result<switchyard::store::Written<switchyard::store::PushOutcome>, Error> {
+        store
+            .push_once(
+                &TenantId::default_tenant(),
+                &DeviceId::parse(&dev).unwrap(),
+                move |_, _| {
+                    Ok(ValidPush {
+                        command: Command::Charge,
+                        channel: "mode".into(),
+                        params: Params::default(),
+                        start: T0.plus_nanos(start),
+                        end: Some(T0.plus_nanos(start + H)),
+                        immediate: false,
+                    })
+                },
+                Strategy::Reject,
+                request_id.map(|r| switchyard::store::IdemRequest {
+                    request_id: r.to_owned(),
+                    method: "PushAction",
+                    body: b"the same request".to_vec(),
+                    encode: Arc::new(|o: &switchyard::store::PushOutcome| {
+                        o.action.id.to_string().into_bytes()
+                    }),
+                }),
+            )
+            .await
+    }
+
+    /// Waits until `queued` writes have been queued to `store`'s writers.
+    async fn queued_to(store: &Store, queued: u64) {
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while store.write_groups().queued < queued {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("queued");
+    }
+
+    /// A batch of pushes (ADR 0016) racing another replica's copy of one
+    /// of its requests, written but not yet committed when the batch
+    /// reads. `copy_on`: the device the copy books. On the batch's own
+    /// device, the batch waits for the device's lock, then reads the
+    /// copy's action among the holders: the member is refused there and
+    /// runs alone, where its key replays the copy's answer; the other
+    /// member is written by the batch. On another device, the batch waits
+    /// at writing the key, which the copy took: the batch is rolled back
+    /// and both run alone, the one replaying, the other booked.
+    async fn a_batch_races_a_copy_on_another_replica(same_device: bool) {
+        let Some(db) = postgres::database().await else {
+            return;
+        };
+        let clock = Arc::new(ManualClock::new(T0));
+        let store = Store::open(&db.url, clock.clone()).await.unwrap();
+        // The replica's group stays open while its writer is held.
+        let replica = Store::open_with(
+            &db.url,
+            clock,
+            &switchyard::store::StoreOptions {
+                group_open: std::time::Duration::from_secs(60),
+                ..switchyard::store::StoreOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        let mut lane: Vec<String> = (2..400)
+            .map(|i| format!("d{i}"))
+            .filter(|d| store.same_lane("d1", d))
+            .take(2)
+            .collect();
+        lane.insert(0, "d1".into());
+        for d in lane.iter().chain(["z1".to_owned()].iter()) {
+            store
+                .create_device(&TenantId::default_tenant(), device(d), None)
+                .await
+                .unwrap();
+        }
+        let (mine, other) = (lane[1].clone(), lane[2].clone());
+        let copy_on = if same_device {
+            mine.clone()
+        } else {
+            "z1".to_owned()
+        };
+
+        // The replica writes the copy and holds its group open.
+        let (entered, inside) = tokio::sync::oneshot::channel();
+        let (release_first, released) = tokio::sync::oneshot::channel();
+        let r = replica.clone();
+        let key = copy_on.clone();
+        let first = tokio::spawn(async move { r.hold_writer(&key, entered, released).await });
+        inside.await.unwrap();
+        let q = replica.write_groups().queued;
+        let copy = tokio::spawn(push_keyed(
+            replica.clone(),
+            copy_on.clone(),
+            H,
+            Some("raced"),
+        ));
+        queued_to(&replica, q + 1).await;
+        let (entered, after_copy) = tokio::sync::oneshot::channel();
+        let (release_copy, released) = tokio::sync::oneshot::channel();
+        let r = replica.clone();
+        let key = copy_on.clone();
+        let second = tokio::spawn(async move { r.hold_writer(&key, entered, released).await });
+        queued_to(&replica, q + 2).await;
+        release_first.send(()).unwrap();
+        after_copy.await.unwrap();
+
+        // The batch: the same request on `mine`, a plain push on `other`.
+        let before = store.write_groups();
+        let (entered, inside) = tokio::sync::oneshot::channel();
+        let (release, released) = tokio::sync::oneshot::channel();
+        let s = store.clone();
+        let held = tokio::spawn(async move { s.hold_writer("d1", entered, released).await });
+        inside.await.unwrap();
+        let raced = tokio::spawn(push_keyed(store.clone(), mine.clone(), H, Some("raced")));
+        queued_to(&store, before.queued + 2).await;
+        let plain = tokio::spawn(push_keyed(store.clone(), other.clone(), H, None));
+        queued_to(&store, before.queued + 3).await;
+        release.send(()).unwrap();
+        // The batch waits for a lock the copy's group holds (in the held
+        // member's group, or the next).
+        let mut conn = PgConnection::connect(&db.url).await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+                if waiting > 0 {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the batch waits for the copy's lock");
+        release_copy.send(()).unwrap();
+        second.await.unwrap().unwrap();
+        first.await.unwrap().unwrap();
+        held.await.unwrap().unwrap();
+
+        use switchyard::store::Written;
+        let copied = match copy.await.unwrap() {
+            Ok(Written::Fresh(o)) => o,
+            other => panic!("the copy is booked: {other:?}"),
+        };
+        match raced.await.unwrap() {
+            Ok(Written::Replayed(bytes)) => {
+                assert_eq!(bytes, copied.action.id.to_string().into_bytes());
+            }
+            other => panic!("the batch's copy replays: {other:?}"),
+        }
+        let booked = match plain.await.unwrap() {
+            Ok(Written::Fresh(o)) => o,
+            other => panic!("the plain push is booked: {other:?}"),
+        };
+        assert_eq!(booked.action.device_id.as_str(), other);
+        let after = store.write_groups();
+        assert_eq!(
+            after.batched - before.batched,
+            u64::from(same_device),
+            "written by the batch: {before:?} → {after:?}"
+        );
+        let on = |d: &str| {
+            let (store, d) = (store.clone(), d.to_owned());
+            async move {
+                store
+                    .list_actions(
+                        &TenantId::default_tenant(),
+                        switchyard::store::ActionQuery {
+                            device: Some(&DeviceId::parse(&d).unwrap()),
+                            states: &[],
+                            before: None,
+                            limit: 10,
+                        },
+                    )
+                    .await
+                    .unwrap()
+                    .len()
+            }
+        };
+        assert_eq!(on(&copy_on).await, 1, "the copy's action alone");
+        if !same_device {
+            assert_eq!(on(&mine).await, 0, "nothing of the batch's copy");
+        }
+        assert_eq!(on(&other).await, 1);
+        drop(conn);
+        store.close().await;
+        replica.close().await;
+        db.drop_database().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_meeting_a_copy_of_its_request_on_its_device_replays_it() {
+        a_batch_races_a_copy_on_another_replica(true).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_meeting_a_copy_of_its_request_at_its_key_falls_back_and_replays_it() {
+        a_batch_races_a_copy_on_another_replica(false).await;
+    }
+
     async fn push_window(
         store: &Store,
         dev: &str,

@@ -9,7 +9,7 @@ use sea_orm::{
 };
 
 use super::{
-    IdemCommit, IdemRequest, Store, Written, check_etag, db_err,
+    IdemCommit, IdemRequest, Store, Written, batch, check_etag, db_err,
     entity::action,
     entity::audit,
     idem::{WriteOp, write_op},
@@ -91,6 +91,9 @@ impl Store {
     /// [`Store::push`] (never `validate_only`) under `request_id`
     /// idempotency: the key checked, then written with the answer, in the
     /// push's own savepoint.
+    ///
+    /// On PostgreSQL it may be decided and written with the pushes queued
+    /// beside it on other devices (`batch.rs`, ADR 0016), exactly as alone.
     pub async fn push_once(
         &self,
         tenant: &TenantId,
@@ -99,8 +102,28 @@ impl Store {
         strategy: Strategy,
         idem: Option<IdemRequest<PushOutcome>>,
     ) -> Result<Written<PushOutcome>, Error> {
-        let op = self.push_op(tenant, device_id, prepare, strategy);
-        self.write_once(device_id.as_str(), tenant, op, idem).await
+        if self.backend() != DbBackend::Postgres {
+            let op = self.push_op(tenant, device_id, prepare, strategy);
+            return self.write_once(device_id.as_str(), tenant, op, idem).await;
+        }
+        let prepare: batch::Prepare = Arc::new(prepare);
+        let alone = prepare.clone();
+        let op = self.push_op(tenant, device_id, move |d, now| alone(d, now), strategy);
+        let spec = Arc::new(batch::PushSpec {
+            store: self.clone(),
+            tenant: tenant.clone(),
+            device_id: device_id.clone(),
+            prepare,
+            strategy,
+            request: idem,
+        });
+        self.retrying_grouped(|| {
+            let (spec, op) = (spec.clone(), op.clone());
+            self.queued(device_id.as_str(), move |request| {
+                Box::new(batch::PushJob::new(spec, op, request))
+            })
+        })
+        .await
     }
 
     fn push_op(
@@ -153,68 +176,25 @@ impl Store {
             },
         )
         .await?;
-        let holders: Vec<Holder> = holding
-            .iter()
-            .map(|a| Holder {
-                id: a.id,
-                // A cancelled one here is still being reverted: in flight.
-                state: a.state,
-                command: a.command,
-                start: a.start,
-                end: a.end,
-            })
-            .collect();
-        let plan = conflict::decide(
-            device_id.as_str(),
-            &push.channel,
-            push.start,
-            push.end,
-            &holders,
-            strategy,
-        )
-        .map_err(Error::Conflict)?;
-
-        let moved = plan.start != push.start;
-        let immediate = push.immediate && !moved;
-        let action = Action {
-            id: ActionId::generate(),
-            device_id: device_id.clone(),
-            channel: push.channel.clone(),
-            command: push.command,
-            params: push.params,
-            start: plan.start,
-            end: plan.end,
-            immediate,
-            state: if immediate {
-                ActionState::Acknowledged
-            } else {
-                ActionState::Scheduled
-            },
-            replaced_by: None,
-            queued_after: plan.queued_after.clone(),
-            error_code: None,
-            error_message: None,
-            oem_response: None,
-            verified: false,
-            revision: 1,
-            created: now,
-            updated: now,
-        };
-        let replaced: Vec<lifecycle::Change> = holding
-            .iter()
-            .filter(|a| plan.cancel.contains(&a.id))
-            .map(|a| lifecycle::replace(a, action.id, now))
-            .collect();
-        let cancelled: Vec<Action> = replaced.iter().map(|c| c.action.clone()).collect();
-        let outcome = PushOutcome {
-            action,
-            cancelled,
-            queued_after: plan.queued_after,
-        };
+        let decided = decide_push(device_id, push, &holding, strategy, now)?;
         if validate_only {
-            return Ok(outcome);
+            return Ok(decided.outcome);
         }
+        Self::write_push(tx, tenant, decided, strategy, idem, now).await
+    }
 
+    /// Writes a decided push: the holders it replaces, then the action,
+    /// its audit entry and the request_id's key with the answer.
+    pub(super) async fn write_push(
+        tx: &DatabaseTransaction,
+        tenant: &TenantId,
+        decided: Decided,
+        strategy: Strategy,
+        idem: Option<&IdemCommit<PushOutcome>>,
+        now: Ts,
+    ) -> Result<PushOutcome, Error> {
+        let Decided { outcome, replaced } = decided;
+        let device_id = &outcome.action.device_id;
         let request_id = idem.map(|i| i.request_id.clone());
         for c in &replaced {
             rows::update_action_state(tx, tenant, &c.action).await?;
@@ -467,4 +447,84 @@ impl Store {
         })
         .await
     }
+}
+
+/// A push decided against its channel's holders, not yet written.
+pub(super) struct Decided {
+    /// The answer: the new action, what it cancels, what it waits for.
+    pub(super) outcome: PushOutcome,
+    /// The holders it replaces (CANCEL_AND_REPLACE), as they become.
+    pub(super) replaced: Vec<lifecycle::Change>,
+}
+
+/// Decides `push` on `device_id` against `holding`, the holders of its
+/// channel still holding after it starts (read locked), at `now`.
+pub(super) fn decide_push(
+    device_id: &DeviceId,
+    push: ValidPush,
+    holding: &[Action],
+    strategy: Strategy,
+    now: Ts,
+) -> Result<Decided, Error> {
+    let holders: Vec<Holder> = holding
+        .iter()
+        .map(|a| Holder {
+            id: a.id,
+            // A cancelled one here is still being reverted: in flight.
+            state: a.state,
+            command: a.command,
+            start: a.start,
+            end: a.end,
+        })
+        .collect();
+    let plan = conflict::decide(
+        device_id.as_str(),
+        &push.channel,
+        push.start,
+        push.end,
+        &holders,
+        strategy,
+    )
+    .map_err(Error::Conflict)?;
+
+    let moved = plan.start != push.start;
+    let immediate = push.immediate && !moved;
+    let action = Action {
+        id: ActionId::generate(),
+        device_id: device_id.clone(),
+        channel: push.channel.clone(),
+        command: push.command,
+        params: push.params,
+        start: plan.start,
+        end: plan.end,
+        immediate,
+        state: if immediate {
+            ActionState::Acknowledged
+        } else {
+            ActionState::Scheduled
+        },
+        replaced_by: None,
+        queued_after: plan.queued_after.clone(),
+        error_code: None,
+        error_message: None,
+        oem_response: None,
+        verified: false,
+        revision: 1,
+        created: now,
+        updated: now,
+    };
+    let replaced: Vec<lifecycle::Change> = holding
+        .iter()
+        .filter(|a| plan.cancel.contains(&a.id))
+        .map(|a| lifecycle::replace(a, action.id, now))
+        .collect();
+    let cancelled: Vec<Action> = replaced.iter().map(|c| c.action.clone()).collect();
+    Ok(Decided {
+        outcome: PushOutcome {
+            action,
+            cancelled,
+            queued_after: plan.queued_after,
+        },
+        replaced,
+    })
 }

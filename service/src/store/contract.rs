@@ -572,6 +572,445 @@ pub async fn a_group_commits_its_successes_around_its_failures(f: &Fixture) {
     }
 }
 
+/// A push under `request_id` (with `body`), or without one, as the API
+/// sends it ([`Store::push_once`]).
+async fn push_once(
+    store: Store,
+    tenant: TenantId,
+    id: DeviceId,
+    prepared: Result<ValidPush, Error>,
+    strategy: Strategy,
+    key: Option<(String, Vec<u8>)>,
+) -> Result<super::Written<super::PushOutcome>, Error> {
+    store
+        .push_once(
+            &tenant,
+            &id,
+            move |_, _| prepared.clone(),
+            strategy,
+            key.map(|(request_id, body)| super::IdemRequest {
+                request_id,
+                method: "PushAction",
+                body,
+                encode: std::sync::Arc::new(|o: &super::PushOutcome| {
+                    o.action.id.to_string().into_bytes()
+                }),
+            }),
+        )
+        .await
+}
+
+/// Pushes queued together in one writer's lane (on PostgreSQL, decided
+/// as a batch where they are on distinct devices under distinct
+/// request_ids, ADR 0016) are each answered, and stored, exactly as if
+/// they had run alone one after the other: a plain push and one moved by
+/// QUEUE_AFTER are booked with their own audit entries and keys; a
+/// refusal, a replay, a request_id bound to another body or being worked
+/// on, a device not found, a request its device refuses and a CANCEL_AND_REPLACE that
+/// cancels are answered as alone; a device or a request_id met twice is
+/// decided after the first; another tenant's device of the same id is its
+/// own; a push whose caller went away before its turn is not run.
+pub async fn pushes_queued_together_are_decided_as_if_alone(f: &Fixture) {
+    use super::Written;
+    let other = TenantId::from_stored("other-tenant".to_owned());
+    // Devices whose writes queue in the lane of d1.
+    let ids: Vec<String> = (2..400)
+        .map(|i| format!("d{i}"))
+        .filter(|d| f.store.same_lane("d1", d))
+        .take(11)
+        .collect();
+    assert_eq!(ids.len(), 11, "devices in d1's lane");
+    let d = |i: usize| {
+        if i == 0 {
+            "d1".to_owned()
+        } else {
+            ids[i - 1].clone()
+        }
+    };
+    for i in 0..=11 {
+        with_device(f, &d(i)).await;
+    }
+    // A request being worked on (a claim, as a server of an earlier
+    // version held its key).
+    assert!(matches!(
+        f.store
+            .idem_begin(&tenant(), "claimed", "PushAction", b"claimed")
+            .await,
+        Ok(IdemBegin::Fresh(_))
+    ));
+    f.store
+        .create_device(&other, device("d1"), None)
+        .await
+        .expect("the other tenant's d1");
+    let key = |k: &str, body: &[u8]| Some((k.to_owned(), body.to_vec()));
+    let once = |t: &TenantId, i: usize, p: Result<ValidPush, Error>, s, k| {
+        push_once(f.store.clone(), t.clone(), device_id(&d(i)), p, s, k)
+    };
+    let booked = window(H, Some(2 * H));
+    // Booked before the group: what the pushes meet.
+    let on_d2 = once(&tenant(), 1, Ok(booked.clone()), Strategy::Reject, None)
+        .await
+        .unwrap();
+    let answered = once(
+        &tenant(),
+        2,
+        Ok(window(5 * H, Some(6 * H))),
+        Strategy::Reject,
+        key("answered", b"body"),
+    )
+    .await
+    .unwrap();
+    let on_d4 = once(&tenant(), 3, Ok(booked.clone()), Strategy::Reject, None)
+        .await
+        .unwrap();
+    let on_d5 = once(&tenant(), 4, Ok(booked.clone()), Strategy::Reject, None)
+        .await
+        .unwrap();
+    once(
+        &tenant(),
+        5,
+        Ok(window(7 * H, Some(8 * H))),
+        Strategy::Reject,
+        key("bound", b"first body"),
+    )
+    .await
+    .unwrap();
+    let Written::Fresh(answered) = answered else {
+        panic!("fresh: {answered:?}")
+    };
+    let (Written::Fresh(on_d2), Written::Fresh(on_d4), Written::Fresh(on_d5)) =
+        (on_d2, on_d4, on_d5)
+    else {
+        panic!("fresh pushes")
+    };
+
+    let before = f.store.write_groups();
+    let (entered, inside) = tokio::sync::oneshot::channel();
+    let (release, released) = tokio::sync::oneshot::channel();
+    let holder = f.store.clone();
+    let hold = tokio::spawn(async move { holder.hold_writer("d1", entered, released).await });
+    inside.await.expect("the writer is held");
+    let overlap = window(H + H / 2, Some(5 * H / 2));
+    let refused = Error::invalid(
+        "start",
+        crate::domain::Reason::InvalidWindow,
+        "refused by its device",
+    );
+    let requests = vec![
+        // 0: plain, under a key.
+        (
+            tenant(),
+            0,
+            Ok(booked.clone()),
+            Strategy::Reject,
+            key("k0", b"k0"),
+        ),
+        // 1: collides with d2's action.
+        (
+            tenant(),
+            1,
+            Ok(overlap.clone()),
+            Strategy::Reject,
+            key("k1", b"k1"),
+        ),
+        // 2: answered before: replays.
+        (
+            tenant(),
+            2,
+            Ok(window(5 * H, Some(6 * H))),
+            Strategy::Reject,
+            key("answered", b"body"),
+        ),
+        // 3: queued after d4's action.
+        (
+            tenant(),
+            3,
+            Ok(overlap.clone()),
+            Strategy::QueueAfter,
+            key("k3", b"k3"),
+        ),
+        // 4: replaces d5's action.
+        (
+            tenant(),
+            4,
+            Ok(overlap.clone()),
+            Strategy::CancelAndReplace,
+            key("k4", b"k4"),
+        ),
+        // 5: its request_id is bound to another body.
+        (
+            tenant(),
+            5,
+            Ok(booked.clone()),
+            Strategy::Reject,
+            key("bound", b"another body"),
+        ),
+        // 6: refused by its device.
+        (
+            tenant(),
+            6,
+            Err(refused.clone()),
+            Strategy::Reject,
+            key("k6", b"k6"),
+        ),
+        // 7: plain, no key.
+        (tenant(), 7, Ok(booked.clone()), Strategy::Reject, None),
+        // 8: another tenant's d1.
+        (
+            other.clone(),
+            0,
+            Ok(booked.clone()),
+            Strategy::Reject,
+            key("k0", b"k0"),
+        ),
+        // 9: d1 again: collides with 0.
+        (
+            tenant(),
+            0,
+            Ok(overlap.clone()),
+            Strategy::Reject,
+            key("k9", b"k9"),
+        ),
+        // 10: k0 again, on d9: replays 0.
+        (
+            tenant(),
+            8,
+            Ok(window(9 * H, Some(10 * H))),
+            Strategy::Reject,
+            key("k0", b"k0"),
+        ),
+        // 11: plain again, after the batch was ended.
+        (
+            tenant(),
+            9,
+            Ok(booked.clone()),
+            Strategy::Reject,
+            key("k11", b"k11"),
+        ),
+        // 12: its request_id is being worked on.
+        (
+            tenant(),
+            10,
+            Ok(booked.clone()),
+            Strategy::Reject,
+            key("claimed", b"claimed"),
+        ),
+        // 13: its caller goes away before its turn.
+        (
+            tenant(),
+            11,
+            Ok(booked.clone()),
+            Strategy::Reject,
+            key("k13", b"k13"),
+        ),
+    ];
+    let mut pushes = Vec::new();
+    for (n, (t, i, p, s, k)) in requests.into_iter().enumerate() {
+        pushes.push(tokio::spawn(once(&t, i, p, s, k)));
+        let queued = before.queued + 2 + n as u64;
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while f.store.write_groups().queued < queued {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the push is queued");
+    }
+    let gone = pushes.pop().unwrap();
+    gone.abort();
+    let _ = gone.await;
+    release.send(()).expect("the holder waits");
+    let _ = hold.await.unwrap();
+    let mut results = Vec::new();
+    for p in pushes {
+        results.push(p.await.unwrap());
+    }
+    let fresh = |n: usize| match &results[n] {
+        Ok(Written::Fresh(o)) => o.clone(),
+        other => panic!("{n}: booked: {other:?}"),
+    };
+    let first = fresh(0);
+    assert_eq!(first.action.start, booked.start);
+    match &results[1] {
+        Err(Error::Conflict(c)) => assert_eq!(c.colliders[0].id, on_d2.action.id),
+        other => panic!("1: collides: {other:?}"),
+    }
+    match &results[2] {
+        Ok(Written::Replayed(b)) => assert_eq!(b, &answered.action.id.to_string().into_bytes()),
+        other => panic!("2: replays: {other:?}"),
+    }
+    let queued = fresh(3);
+    assert_eq!(queued.queued_after, vec![on_d4.action.id]);
+    assert_eq!(queued.action.start, booked.end.unwrap());
+    let replacing = fresh(4);
+    assert_eq!(replacing.cancelled.len(), 1);
+    assert_eq!(replacing.cancelled[0].id, on_d5.action.id);
+    assert!(
+        matches!(&results[5], Err(Error::RequestIdReused { .. })),
+        "5: {:?}",
+        results[5]
+    );
+    assert_eq!(results[6].as_ref().err(), Some(&refused), "6");
+    let plain = fresh(7);
+    let theirs = fresh(8);
+    match &results[9] {
+        Err(Error::Conflict(c)) => assert_eq!(c.colliders[0].id, first.action.id),
+        other => panic!("9: collides with 0: {other:?}"),
+    }
+    match &results[10] {
+        Ok(Written::Replayed(b)) => assert_eq!(b, &first.action.id.to_string().into_bytes()),
+        other => panic!("10: replays 0: {other:?}"),
+    }
+    let last = fresh(11);
+    assert!(
+        matches!(&results[12], Err(Error::RequestInProgress { .. })),
+        "12: {:?}",
+        results[12]
+    );
+
+    // Stored as answered, each with its own audit entry and reason.
+    for (o, t, reason) in [
+        (&first, tenant(), "PUSHED"),
+        (&queued, tenant(), "PUSHED_QUEUE_AFTER"),
+        (&replacing, tenant(), "PUSHED_CANCEL_AND_REPLACE"),
+        (&plain, tenant(), "PUSHED"),
+        (&theirs, other.clone(), "PUSHED"),
+        (&last, tenant(), "PUSHED"),
+    ] {
+        let stored = f
+            .replica
+            .get_action(&t, &o.action.device_id, &o.action.id)
+            .await
+            .expect("stored");
+        assert_eq!(stored.start, o.action.start);
+        assert_eq!(stored.state, ActionState::Scheduled);
+        let history = f.replica.action_history(&t, &o.action.id).await.unwrap();
+        assert_eq!(history.len(), 1, "{reason}: {history:?}");
+        assert_eq!(history[0].2, reason);
+    }
+    assert_eq!(
+        get(f, &d(4), &on_d5.action).await.state,
+        ActionState::Cancelled
+    );
+    // The keys hold their answers: a retry replays each.
+    for (n, t, i, k, o) in [
+        (0, tenant(), 0, "k0", &first),
+        (3, tenant(), 3, "k3", &queued),
+        (8, other.clone(), 0, "k0", &theirs),
+        (11, tenant(), 9, "k11", &last),
+    ] {
+        let again = once(
+            &t,
+            i,
+            Ok(booked.clone()),
+            Strategy::Reject,
+            key(k, k.as_bytes()),
+        )
+        .await;
+        match again {
+            Ok(Written::Replayed(b)) => assert_eq!(b, o.action.id.to_string().into_bytes()),
+            other => panic!("{n}: replays: {other:?}"),
+        }
+    }
+    // Nothing of the push whose caller went away, nor of the refused.
+    for i in [1, 5, 6, 10, 11] {
+        let n = f
+            .replica
+            .list_actions(
+                &tenant(),
+                ActionQuery {
+                    device: Some(&device_id(&d(i))),
+                    states: &[],
+                    before: None,
+                    limit: 10,
+                },
+            )
+            .await
+            .unwrap()
+            .len();
+        let want = match i {
+            1 | 5 => 1,
+            _ => 0,
+        };
+        assert_eq!(n, want, "device {i}");
+    }
+    let after = f.store.write_groups();
+    if f.store.backend() == sea_orm::DbBackend::Postgres {
+        // Written by batches: 0, 3, 7, 8 and 11 (9 and 10, passed over as
+        // a device and a key met before, run after them).
+        assert_eq!(
+            after.batched - before.batched,
+            5,
+            "batched: {before:?} → {after:?}"
+        );
+    } else {
+        assert_eq!(after.batched, 0, "SQLite's one writer batches nothing");
+    }
+}
+
+/// Requests on many devices, each sent at once to two replicas (on
+/// PostgreSQL, where each replica's lanes decide pushes queued together
+/// as batches, the two racing for the same keys and devices), are each
+/// applied once: one replica answers it fresh, the other replays that
+/// answer, and every device holds exactly the actions of its requests.
+pub async fn requests_on_many_devices_sent_to_two_replicas_are_applied_once(f: &Fixture) {
+    use super::Written;
+    let devices = 16;
+    for i in 0..devices {
+        with_device(f, &format!("m{i}")).await;
+    }
+    let per_device = 4;
+    let mut sent = Vec::new();
+    for round in 0..per_device {
+        for i in 0..devices {
+            let strategy = [Strategy::Reject, Strategy::QueueAfter][(i + round) % 2];
+            let w = window((2 * round as i64 + 1) * H, Some((2 * round as i64 + 2) * H));
+            let k = format!("many-{i}-{round}");
+            let send = |store: Store| {
+                push_once(
+                    store,
+                    tenant(),
+                    device_id(&format!("m{i}")),
+                    Ok(w.clone()),
+                    strategy,
+                    Some((k.clone(), k.clone().into_bytes())),
+                )
+            };
+            let (a, b) = (send(f.store.clone()), send(f.replica.clone()));
+            sent.push((k, tokio::spawn(a), tokio::spawn(b)));
+        }
+    }
+    let mut ids = Vec::new();
+    for (k, a, b) in sent {
+        match (a.await.unwrap(), b.await.unwrap()) {
+            (Ok(Written::Fresh(o)), Ok(Written::Replayed(bytes)))
+            | (Ok(Written::Replayed(bytes)), Ok(Written::Fresh(o))) => {
+                assert_eq!(bytes, o.action.id.to_string().into_bytes(), "{k}");
+                assert!(o.cancelled.is_empty() && o.queued_after.is_empty(), "{k}");
+                ids.push(o.action.id);
+            }
+            other => panic!("{k}: one fresh, one replay: {other:?}"),
+        }
+    }
+    for i in 0..devices {
+        let stored = f
+            .replica
+            .list_actions(
+                &tenant(),
+                ActionQuery {
+                    device: Some(&device_id(&format!("m{i}"))),
+                    states: &[],
+                    before: None,
+                    limit: 100,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(stored.len(), per_device, "m{i}: one action per request");
+        assert!(stored.iter().all(|a| ids.contains(&a.id)), "m{i}");
+    }
+}
+
 /// A member that hid a failed statement (answered success) is never
 /// answered success for a change that was not written: on PostgreSQL the
 /// failure left the transaction aborted, and its group is rolled back and
@@ -2965,6 +3404,8 @@ macro_rules! storage_contract_suite {
                 overlapping_holders_collide,
                 a_group_commits_its_successes_around_its_failures,
                 a_group_never_answers_success_for_what_it_did_not_write,
+                pushes_queued_together_are_decided_as_if_alone,
+                requests_on_many_devices_sent_to_two_replicas_are_applied_once,
                 a_long_holder_is_seen_past_a_later_action_that_gave_way,
                 a_request_sent_to_two_replicas_at_once_is_applied_once,
                 cancel_and_replace_replaces_atomically,

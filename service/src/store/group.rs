@@ -68,7 +68,9 @@ use sea_orm::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Store, db_err,
+    Store,
+    batch::{self, PushJob, PushSpec},
+    db_err,
     direct::{self, Direct, Slot},
 };
 use crate::domain::Error;
@@ -98,17 +100,17 @@ impl Default for GroupLimits {
 /// What a member's run leaves for after the commit: its answer, to be sent
 /// with the group's fate; whether the group must close after it; whether
 /// the group's transaction can still be trusted.
-struct Ran {
-    answer: Answer,
-    ends_group: bool,
-    in_doubt: bool,
+pub(super) struct Ran {
+    pub(super) answer: Answer,
+    pub(super) ends_group: bool,
+    pub(super) in_doubt: bool,
 }
 
-type Answer = Box<dyn FnOnce(Result<(), Error>) + Send>;
+pub(super) type Answer = Box<dyn FnOnce(Result<(), Error>) + Send>;
 
 /// A queued request: runs its operation in a savepoint of the group's
 /// transaction, or is told why it cannot be run.
-trait Member: Send {
+pub(super) trait Member: Send {
     /// `open`: PostgreSQL, whether the member before it left its
     /// savepoint open (see `member_savepoint!`).
     fn run<'t>(
@@ -131,6 +133,12 @@ trait Member: Send {
     fn careful(&self) -> bool {
         false
     }
+    /// A push a PostgreSQL lane may decide with others (`batch.rs`).
+    fn push(&self) -> Option<&PushSpec> {
+        None
+    }
+    /// The push itself, if it is one.
+    fn into_push(self: Box<Self>) -> Result<Box<PushJob>, Job>;
 }
 
 /// PostgreSQL: the savepoint each member runs in. A member's savepoint is
@@ -149,11 +157,11 @@ macro_rules! member_savepoint {
 }
 
 /// Opens the first member's savepoint.
-const OPEN_MEMBER: &str = concat!("SAVEPOINT ", member_savepoint!());
+pub(super) const OPEN_MEMBER: &str = concat!("SAVEPOINT ", member_savepoint!());
 
 /// Releases the member before's savepoint and opens the next's, in one
 /// simple query.
-const NEXT_MEMBER: &str = concat!(
+pub(super) const NEXT_MEMBER: &str = concat!(
     "RELEASE SAVEPOINT ",
     member_savepoint!(),
     "; SAVEPOINT ",
@@ -161,7 +169,7 @@ const NEXT_MEMBER: &str = concat!(
 );
 
 /// Rolls a failed member back to its savepoint (which stays, empty).
-const UNDO_MEMBER: &str = concat!("ROLLBACK TO SAVEPOINT ", member_savepoint!());
+pub(super) const UNDO_MEMBER: &str = concat!("ROLLBACK TO SAVEPOINT ", member_savepoint!());
 
 /// Releases the last member's savepoint. It fails if the transaction was
 /// left aborted, where a COMMIT would roll it back without an error.
@@ -171,7 +179,7 @@ const RELEASE_MEMBER: &str = concat!("RELEASE SAVEPOINT ", member_savepoint!());
 /// (`member_savepoint!`); `in_doubt` is set when the transaction can no
 /// longer be trusted (a savepoint statement failed: PostgreSQL then
 /// leaves it aborted).
-async fn pg_member<'t, T, F>(
+pub(super) async fn pg_member<'t, T, F>(
     tx: &'t DatabaseTransaction,
     open: &AtomicBool,
     op: F,
@@ -202,7 +210,7 @@ where
 }
 
 /// Why a request was dropped midway; read by its caller.
-type Fate = Arc<Mutex<Option<Error>>>;
+pub(super) type Fate = Arc<Mutex<Option<Error>>>;
 
 /// Asks a lane to let go of what it keeps of its connection (SQLite: its
 /// prepared statements, which sqlx cannot close a connection with) and to
@@ -235,23 +243,55 @@ impl Member for Flush {
     fn flushes(&self) -> bool {
         true
     }
+
+    fn into_push(self: Box<Self>) -> Result<Box<PushJob>, Job> {
+        Err(self)
+    }
 }
 
-type Job = Box<dyn Member>;
+pub(super) type Job = Box<dyn Member>;
 
 /// Where a request stands: queued, started by the writer, or given up by
 /// its caller before it started.
 const QUEUED: u8 = 0;
-const STARTED: u8 = 1;
+pub(super) const STARTED: u8 = 1;
 const ABANDONED: u8 = 2;
 
 /// A request's operation and where its answer goes.
-struct Request<T, F> {
-    op: F,
-    reply: oneshot::Sender<Result<T, Error>>,
-    state: Arc<AtomicU8>,
-    fate: Fate,
-    careful: bool,
+pub(super) struct Request<T, F> {
+    pub(super) op: F,
+    pub(super) reply: oneshot::Sender<Result<T, Error>>,
+    pub(super) state: Arc<AtomicU8>,
+    pub(super) fate: Fate,
+    pub(super) careful: bool,
+}
+
+impl<T> Request<T, ()> {
+    /// This request, running `op`.
+    pub(super) fn with<F>(self, op: F) -> Request<T, F> {
+        let Request {
+            reply,
+            state,
+            fate,
+            careful,
+            ..
+        } = self;
+        Request {
+            op,
+            reply,
+            state,
+            fate,
+            careful,
+        }
+    }
+}
+
+/// Takes a request's turn: whether it is to run (not given up by its
+/// caller, who still waits). A request started already (by a batch that
+/// left it to run alone) runs.
+pub(super) fn start(state: &AtomicU8, reply_closed: bool) -> bool {
+    let start = state.compare_exchange(QUEUED, STARTED, Ordering::AcqRel, Ordering::Acquire);
+    matches!(start, Ok(_) | Err(STARTED)) && !reply_closed
 }
 
 impl<T, F> Member for Request<T, F>
@@ -269,9 +309,7 @@ where
         } = *self;
         Box::pin(async move {
             // Gone, or given up, before its turn: not run.
-            let start =
-                state.compare_exchange(QUEUED, STARTED, Ordering::AcqRel, Ordering::Acquire);
-            if start.is_err() || reply.is_closed() {
+            if !start(&state, reply.is_closed()) {
                 return Ran {
                     answer: Box::new(|_| {}),
                     ends_group: false,
@@ -327,6 +365,10 @@ where
     fn careful(&self) -> bool {
         self.careful
     }
+
+    fn into_push(self: Box<Self>) -> Result<Box<PushJob>, Job> {
+        Err(self)
+    }
 }
 
 /// The lanes of a store.
@@ -344,6 +386,7 @@ struct Stats {
     queued: AtomicU64,
     groups: AtomicU64,
     members: AtomicU64,
+    batched: AtomicU64,
     /// Woken after each commit that may have written events (event
     /// watchers of this process look at once instead of at their next
     /// poll).
@@ -359,6 +402,9 @@ pub struct WriteGroups {
     pub groups: u64,
     /// Requests run in those groups.
     pub members: u64,
+    /// PostgreSQL: pushes of those written by a batch, decided with
+    /// others on other devices (`batch.rs`, ADR 0016).
+    pub batched: u64,
 }
 
 impl Lanes {
@@ -418,6 +464,7 @@ impl Lanes {
             queued: self.stats.queued.load(Ordering::Relaxed),
             groups: self.stats.groups.load(Ordering::Relaxed),
             members: self.stats.members.load(Ordering::Relaxed),
+            batched: self.stats.batched.load(Ordering::Relaxed),
         }
     }
 
@@ -463,6 +510,13 @@ impl Store {
             })
         })
         .await
+    }
+
+    /// Whether the writes of `a` and `b` queue in one lane (on SQLite,
+    /// always: it has one). For the contract's group-commit rules.
+    #[cfg(feature = "contract")]
+    pub fn same_lane(&self, a: &str, b: &str) -> bool {
+        std::ptr::eq(self.lanes.lane(a), self.lanes.lane(b))
     }
 
     /// Runs, as one member of a group in the lane of `key`, an operation
@@ -517,11 +571,24 @@ impl Store {
             + Send
             + 'static,
     {
+        self.queued(key, |request| Box::new(request.with(op))).await
+    }
+
+    /// Queues the job `make` makes of a request in the lane of `key`, and
+    /// waits for its answer ([`Store::grouped`]).
+    pub(super) async fn queued<T>(
+        &self,
+        key: &str,
+        make: impl FnOnce(Request<T, ()>) -> Job,
+    ) -> Result<T, Error>
+    where
+        T: Send + 'static,
+    {
         let (reply, mut answer) = oneshot::channel::<Result<T, Error>>();
         let state = Arc::new(AtomicU8::new(QUEUED));
         let fate: Fate = Arc::new(Mutex::new(None));
-        let job: Job = Box::new(Request {
-            op,
+        let job = make(Request {
+            op: (),
             reply,
             state: state.clone(),
             fate: fate.clone(),
@@ -564,16 +631,36 @@ struct Group {
     flush: Option<Job>,
 }
 
+/// Awaits a member's (or a batch's) pinned run within `deadline`: `None`
+/// if it ran out of time, `Some(Err)` if it panicked.
+async fn within<F: std::future::Future + Unpin>(
+    run: &mut F,
+    deadline: Option<Duration>,
+) -> Option<F::Output> {
+    match deadline {
+        None => Some(run.await),
+        Some(d) => tokio::time::timeout(d, run).await.ok(),
+    }
+}
+
 /// Runs queued members in `tx`, from `first` on, while the group is open;
 /// `in_doubt` is asked after each whether the transaction can still be
-/// trusted (SQLite: a savepoint statement failed).
+/// trusted (SQLite: a savepoint statement failed). `pending` holds the
+/// requests taken from the queue but not run yet, in order (those a batch
+/// left to run alone, those it passed over, and the one that ended its
+/// look): they run before the queue, in this group or the next. `batches`: PostgreSQL, whose
+/// pushes queued one after the other on distinct devices run as a batch
+/// (`batch.rs`), counted there.
+#[allow(clippy::too_many_arguments)]
 async fn run_members(
     tx: &DatabaseTransaction,
     first: Job,
     rx: &mut mpsc::UnboundedReceiver<Job>,
+    pending: &mut std::collections::VecDeque<Job>,
     limits: &GroupLimits,
     in_doubt: impl Fn() -> bool,
     careful: impl Fn(bool),
+    batches: Option<&Stats>,
 ) -> Group {
     let opened = Instant::now();
     let open = AtomicBool::new(false);
@@ -583,10 +670,77 @@ async fn run_members(
         flush: None,
     };
     let mut job = Some(first);
-    while let Some(j) = job.take() {
+    while let Some(mut j) = job.take() {
         if j.flushes() {
             group.flush = Some(j);
             break;
+        }
+        if let Some(stats) = batches
+            && j.push().is_some()
+        {
+            match j.into_push() {
+                Ok(push) => {
+                    let room = limits
+                        .members
+                        .saturating_sub(group.answers.len())
+                        .clamp(1, batch::MOST);
+                    let mut members = batch::gather(*push, pending, rx, room);
+                    if members.len() == 1
+                        && let Some(one) = members.pop()
+                    {
+                        j = Box::new(one);
+                    } else {
+                        let fates: Vec<Fate> = members.iter().filter_map(|m| m.fate()).collect();
+                        let mut run = std::pin::pin!(
+                            AssertUnwindSafe(batch::run(tx, &open, members)).catch_unwind()
+                        );
+                        let dropped = |e: Error| {
+                            for f in &fates {
+                                *lock(f) = Some(e.clone());
+                            }
+                        };
+                        match within(&mut run, limits.deadline).await {
+                            Some(Ok(ran)) => {
+                                stats.batched.fetch_add(ran.written, Ordering::Relaxed);
+                                group.answers.extend(ran.answers);
+                                for alone in ran.alone.into_iter().rev() {
+                                    pending.push_front(alone);
+                                }
+                                if ran.in_doubt {
+                                    group.trusted = false;
+                                    return group;
+                                }
+                            }
+                            Some(Err(_)) => {
+                                tracing::error!(
+                                    "a batch of pushes panicked; its group is rolled back"
+                                );
+                                dropped(Error::Internal("a write panicked".into()));
+                                group.trusted = false;
+                                return group;
+                            }
+                            None => {
+                                tracing::warn!(
+                                    "a batch of pushes ran out of time; its group is rolled back"
+                                );
+                                dropped(Error::StorageUnavailable(
+                                    "the database did not answer in time; nothing was written"
+                                        .into(),
+                                ));
+                                group.trusted = false;
+                                return group;
+                            }
+                        }
+                        if group.answers.len() >= limits.members || opened.elapsed() >= limits.open
+                        {
+                            break;
+                        }
+                        job = pending.pop_front().or_else(|| rx.try_recv().ok());
+                        continue;
+                    }
+                }
+                Err(other) => j = other,
+            }
         }
         careful(j.careful());
         let fate = j.fate();
@@ -598,11 +752,7 @@ async fn run_members(
         // Pinned here, so that a run cut off is dropped only after its
         // caller has been told why (its answer is in the run).
         let mut run = std::pin::pin!(AssertUnwindSafe(j.run(tx, &open)).catch_unwind());
-        let ran = match limits.deadline {
-            None => Some((&mut run).await),
-            Some(d) => tokio::time::timeout(d, &mut run).await.ok(),
-        };
-        match ran {
+        match within(&mut run, limits.deadline).await {
             Some(Ok(ran)) => {
                 group.answers.push(ran.answer);
                 if ran.in_doubt || in_doubt() {
@@ -634,7 +784,7 @@ async fn run_members(
         if group.answers.len() >= limits.members || opened.elapsed() >= limits.open {
             break;
         }
-        job = rx.try_recv().ok();
+        job = pending.pop_front().or_else(|| rx.try_recv().ok());
     }
     // PostgreSQL: the last member's savepoint is released here, not left
     // to the COMMIT. A transaction an operation left aborted (a failed
@@ -724,10 +874,15 @@ async fn pool_lane(
     stats: Arc<Stats>,
     limits: GroupLimits,
 ) {
-    let mut next: Option<Job> = None;
+    // Taken from the queue, not run yet, in order (`run_members`).
+    let mut pending = std::collections::VecDeque::new();
     loop {
-        let Some(first) = next_job(&mut next, &mut rx).await else {
-            return;
+        let first = match pending.pop_front() {
+            Some(j) => j,
+            None => match rx.recv().await {
+                Some(j) => j,
+                None => return,
+            },
         };
         if first.flushes() {
             first.fail(rolled_back("closing"));
@@ -742,14 +897,26 @@ async fn pool_lane(
         let tx = match begun {
             Ok(tx) => tx,
             Err(e) => {
-                next = fail_queued(first, &mut rx, &e);
+                let mut waiting = std::mem::take(&mut pending);
+                waiting.push_front(first);
+                pending.extend(fail_all(waiting, &mut rx, &e));
                 continue;
             }
         };
-        let group = run_members(&tx, first, &mut rx, &limits, || false, |_| {})
-            .instrument(group_span())
-            .await;
-        next = group.flush;
+        let group = run_members(
+            &tx,
+            first,
+            &mut rx,
+            &mut pending,
+            &limits,
+            || false,
+            |_| {},
+            Some(&stats),
+        )
+        .instrument(group_span())
+        .await;
+        // A flush is met only once nothing is pending.
+        pending.extend(group.flush);
         let committed = if group.trusted {
             let commit = tx.commit();
             match limits.deadline {
@@ -857,11 +1024,23 @@ async fn sqlite_lane(
                 // savepoints too: none of them can undo the group it was
                 // run again in.
                 careful.store(false, Ordering::Relaxed);
-                let ran = run_members(&tx, first, &mut rx, &limits, in_doubt, |c| {
-                    if c {
-                        careful.store(true, Ordering::Relaxed);
-                    }
-                })
+                // One writer: nothing is batched, so nothing is left
+                // pending.
+                let mut pending = std::collections::VecDeque::new();
+                let ran = run_members(
+                    &tx,
+                    first,
+                    &mut rx,
+                    &mut pending,
+                    &limits,
+                    in_doubt,
+                    |c| {
+                        if c {
+                            careful.store(true, Ordering::Relaxed);
+                        }
+                    },
+                    None,
+                )
                 .instrument(group_span())
                 .await;
                 // The group's own transaction is ended below, on the
@@ -1034,9 +1213,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// lane to do.
 #[must_use]
 fn fail_queued(first: Job, rx: &mut mpsc::UnboundedReceiver<Job>, e: &Error) -> Option<Job> {
-    let mut failed = vec![first];
+    fail_all(std::collections::VecDeque::from([first]), rx, e)
+}
+
+/// Tells `jobs`, then what is queued, that their transaction could not
+/// begin, up to a flush (returned, for the lane to stop at).
+fn fail_all(
+    jobs: std::collections::VecDeque<Job>,
+    rx: &mut mpsc::UnboundedReceiver<Job>,
+    e: &Error,
+) -> Option<Job> {
+    let mut failed = Vec::new();
     let mut flush = None;
-    while let Ok(j) = rx.try_recv() {
+    let mut jobs = jobs.into_iter();
+    while let Some(j) = jobs.next().or_else(|| rx.try_recv().ok()) {
         if j.flushes() {
             flush = Some(j);
             break;

@@ -170,6 +170,20 @@ impl Store {
             .await?
             .into_iter()
             .next();
+        Self::idem_found(row, request_id, method, body, now)
+    }
+
+    /// What the key's row (`None`: no row) says of a request of `method`
+    /// with `body` at `now`: its recorded answer (`Some`), or `None` if
+    /// the key is free to take; refuses a key bound to another body, or
+    /// being worked on.
+    pub(super) fn idem_found(
+        row: Option<idem_key::Model>,
+        request_id: &str,
+        method: &str,
+        body: &[u8],
+        now: Ts,
+    ) -> Result<Option<Vec<u8>>, Error> {
         if let Some(row) = row {
             let same = row.method == method && row.request_body == body;
             let live_lease = row.lease_until_ns.filter(|l| *l > now.0);
@@ -526,47 +540,67 @@ impl Store {
             self.grouped(key, move |tx| {
                 Box::pin(async move {
                     let (store, tenant, request) = &*ctx;
-                    let check = || {
-                        store.idem_check_in(
-                            tx,
-                            tenant,
-                            &request.request_id,
-                            request.method,
-                            &request.body,
-                        )
-                    };
-                    let at = store.clock.now();
-                    if let Some(bytes) = check().await? {
-                        return Ok(Written::Replayed(bytes));
-                    }
-                    // Free: written once, with the answer, by the change.
-                    let encode = request.encode.clone();
-                    let commit = IdemCommit {
-                        request_id: request.request_id.clone(),
-                        claim: String::new(),
-                        unwritten: Some((request.method, request.body.clone())),
-                        at_ns: at.0,
-                        encode: Box::new(move |t: &T| encode(t)),
-                    };
-                    match op(tx, Some(&commit)).await {
-                        Ok(outcome) => Ok(Written::Fresh(outcome)),
-                        // Refused (a conflict, a stale etag): a duplicate
-                        // of this request on another replica may have
-                        // committed since the check, and be what refused
-                        // it (PostgreSQL: this change waited for its
-                        // locks). Then this one is run again, and replays.
-                        Err(e) if !e.is_storage() => match check().await? {
-                            Some(_) => Err(Error::StorageContention(format!(
-                                "request_id {:?} was answered meanwhile",
-                                request.request_id
-                            ))),
-                            None => Err(e),
-                        },
-                        Err(e) => Err(e),
-                    }
+                    store.once_in(tx, tenant, request, &op).await
                 })
             })
         })
         .await
+    }
+
+    /// One try of [`Store::write_once`], in the member's savepoint `tx`:
+    /// the key checked (its recorded answer replayed), the change made
+    /// and its answer written with the key.
+    pub(super) async fn once_in<T: 'static>(
+        &self,
+        tx: &sea_orm::DatabaseTransaction,
+        tenant: &TenantId,
+        request: &IdemRequest<T>,
+        op: &WriteOp<T>,
+    ) -> Result<Written<T>, Error> {
+        let check = || {
+            self.idem_check_in(
+                tx,
+                tenant,
+                &request.request_id,
+                request.method,
+                &request.body,
+            )
+        };
+        let at = self.clock.now();
+        if let Some(bytes) = check().await? {
+            return Ok(Written::Replayed(bytes));
+        }
+        // Free: written once, with the answer, by the change.
+        let commit = request.commit(at);
+        match op(tx, Some(&commit)).await {
+            Ok(outcome) => Ok(Written::Fresh(outcome)),
+            // Refused (a conflict, a stale etag): a duplicate of this
+            // request on another replica may have committed since the
+            // check, and be what refused it (PostgreSQL: this change
+            // waited for its locks). Then this one is run again, and
+            // replays.
+            Err(e) if !e.is_storage() => match check().await? {
+                Some(_) => Err(Error::StorageContention(format!(
+                    "request_id {:?} was answered meanwhile",
+                    request.request_id
+                ))),
+                None => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl<T: 'static> IdemRequest<T> {
+    /// The key to write once, with the answer, as checked free at `at`.
+    pub(super) fn commit(&self, at: Ts) -> IdemCommit<T> {
+        let encode = self.encode.clone();
+        IdemCommit {
+            request_id: self.request_id.clone(),
+            claim: String::new(),
+            unwritten: Some((self.method, self.body.clone())),
+            at_ns: at.0,
+            encode: Box::new(move |t: &T| encode(t)),
+        }
     }
 }

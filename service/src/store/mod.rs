@@ -18,6 +18,7 @@
 //!   is never met in-process; `busy_timeout` covers other processes.
 
 mod actions;
+mod batch;
 mod budget;
 #[cfg(feature = "contract")]
 pub mod contract;
