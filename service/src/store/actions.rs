@@ -185,7 +185,7 @@ impl Store {
 
     /// Writes a decided push: the holders it replaces, then the action,
     /// its audit entry and the request_id's key with the answer.
-    pub(super) async fn write_push(
+    async fn write_push(
         tx: &DatabaseTransaction,
         tenant: &TenantId,
         decided: Decided,
@@ -194,7 +194,6 @@ impl Store {
         now: Ts,
     ) -> Result<PushOutcome, Error> {
         let Decided { outcome, replaced } = decided;
-        let device_id = &outcome.action.device_id;
         let request_id = idem.map(|i| i.request_id.clone());
         for c in &replaced {
             rows::update_action_state(tx, tenant, &c.action).await?;
@@ -204,48 +203,59 @@ impl Store {
                 rows::audit(tx, tenant, t, request_id.as_deref(), now).await?;
             }
         }
-        let reason = lifecycle::push_reason(
-            strategy,
-            !outcome.cancelled.is_empty(),
-            !outcome.queued_after.is_empty(),
-        );
-        let born = Transition {
-            action_id: outcome.action.id,
-            device_id: device_id.clone(),
-            from: None,
-            to: outcome.action.state,
-            reason: reason.to_owned(),
-        };
-        let clear_native = strategy == Strategy::CancelAndReplace;
         let backend = tx.get_database_backend();
         if backend == DbBackend::Postgres {
-            // The action, its audit entry and the request_id's key with
-            // the answer: one statement, one round trip (a push's
-            // statements cost PostgreSQL more each than their rows do).
-            let mut together = vec![
-                rows::action_insert(backend, tenant, &outcome.action, clear_native),
-                rows::audit_insert(backend, tenant, &born, request_id.as_deref(), now),
-            ];
-            let key = idem.and_then(|i| Self::idem_answer_statement(backend, tenant, i, &outcome));
-            static WITH_KEY: rows::Kept = rows::Kept::new();
-            static WITHOUT_KEY: rows::Kept = rows::Kept::new();
-            match (key, idem) {
-                (Some(key), Some(i)) => {
-                    together.push(key);
-                    let taken = rows::execute_together(tx, &WITH_KEY, together).await?;
-                    Self::idem_taken(&i.request_id, taken)?;
-                }
-                _ => {
-                    rows::execute_together(tx, &WITHOUT_KEY, together).await?;
-                    Self::idem_complete(tx, tenant, idem, &outcome).await?;
-                }
+            let taken = Self::write_born(tx, tenant, &outcome, strategy, idem, now)
+                .await
+                .map_err(db_err)?;
+            match (taken, idem) {
+                (Some(taken), Some(i)) => Self::idem_taken(&i.request_id, taken)?,
+                _ => Self::idem_complete(tx, tenant, idem, &outcome).await?,
             }
             return Ok(outcome);
         }
+        let born = born(&outcome, strategy);
+        let clear_native = strategy == Strategy::CancelAndReplace;
         rows::insert_action(tx, tenant, &outcome.action, clear_native).await?;
         rows::audit(tx, tenant, &born, request_id.as_deref(), now).await?;
         Self::idem_complete(tx, tenant, idem, &outcome).await?;
         Ok(outcome)
+    }
+
+    /// PostgreSQL: writes a pushed action, its audit entry and, when it is
+    /// written with the answer, the request_id's key, as one statement:
+    /// one round trip (a push's statements cost PostgreSQL more each than
+    /// their rows do). `Some(rows)`: the key was to be written, and the
+    /// rows its upsert took (0: another request took it meanwhile).
+    /// The database's own error, for a batch to tell a lost race from a
+    /// failure (`batch.rs`).
+    pub(super) async fn write_born(
+        tx: &DatabaseTransaction,
+        tenant: &TenantId,
+        outcome: &PushOutcome,
+        strategy: Strategy,
+        idem: Option<&IdemCommit<PushOutcome>>,
+        now: Ts,
+    ) -> Result<Option<u64>, sea_orm::DbErr> {
+        let backend = DbBackend::Postgres;
+        let request_id = idem.map(|i| i.request_id.as_str());
+        let clear_native = strategy == Strategy::CancelAndReplace;
+        let mut together = vec![
+            rows::action_insert(backend, tenant, &outcome.action, clear_native),
+            rows::audit_insert(backend, tenant, &born(outcome, strategy), request_id, now),
+        ];
+        static WITH_KEY: rows::Kept = rows::Kept::new();
+        static WITHOUT_KEY: rows::Kept = rows::Kept::new();
+        match idem.and_then(|i| Self::idem_answer_statement(backend, tenant, i, outcome)) {
+            Some(key) => {
+                together.push(key);
+                Ok(Some(rows::execute_together(tx, &WITH_KEY, together).await?))
+            }
+            None => {
+                rows::execute_together(tx, &WITHOUT_KEY, together).await?;
+                Ok(None)
+            }
+        }
     }
 
     /// One action of a device.
@@ -527,4 +537,20 @@ pub(super) fn decide_push(
         },
         replaced,
     })
+}
+
+/// The audit entry that records a push's action coming into being.
+fn born(outcome: &PushOutcome, strategy: Strategy) -> Transition {
+    let reason = lifecycle::push_reason(
+        strategy,
+        !outcome.cancelled.is_empty(),
+        !outcome.queued_after.is_empty(),
+    );
+    Transition {
+        action_id: outcome.action.id,
+        device_id: outcome.action.device_id.clone(),
+        from: None,
+        to: outcome.action.state,
+        reason: reason.to_owned(),
+    }
 }

@@ -50,6 +50,7 @@ use super::{
     entity::{action, device, idem_key},
     group::{
         Answer, Fate, Job, Member, NEXT_MEMBER, OPEN_MEMBER, Ran, Request, UNDO_MEMBER, start,
+        unstart,
     },
     idem::WriteOp,
     rows,
@@ -115,7 +116,10 @@ impl PushJob {
         }
     }
 
+    /// Left by a batch (which wrote nothing of it) to run alone: its
+    /// turn given back ([`unstart`]).
     fn left_alone(mut self) -> Job {
+        unstart(&self.request.state);
         self.alone = true;
         Box::new(self)
     }
@@ -207,13 +211,15 @@ pub(super) fn gather(
     members
 }
 
-/// What a batch came to: the answers of the pushes it wrote (sent with the
-/// group's fate), the members left to run alone (in order), and whether
-/// the group's transaction can still be trusted.
+/// What a batch came to: the answers of the pushes it wrote, or of all
+/// its members when the database failed it (sent with the group's fate),
+/// the members left to run alone (in order), whether the group must close
+/// after it, and whether the group's transaction can still be trusted.
 #[derive(Default)]
 pub(super) struct BatchRan {
     pub(super) answers: Vec<Answer>,
     pub(super) alone: Vec<Job>,
+    pub(super) ends_group: bool,
     pub(super) in_doubt: bool,
     /// Pushes written by the batch.
     pub(super) written: u64,
@@ -265,8 +271,7 @@ pub(super) async fn run(
                 }
             }
         }
-        Err(e) => {
-            tracing::debug!(error = %e, members = members.len(), "a batch of pushes runs alone");
+        Err(failed) => {
             if let Err(r) = tx.execute_unprepared(UNDO_MEMBER).await {
                 out.in_doubt = true;
                 let r = db_err(r);
@@ -276,10 +281,42 @@ pub(super) async fn run(
                     .collect();
                 return out;
             }
-            out.alone = members.into_iter().map(PushJob::left_alone).collect();
+            match failed {
+                // A race lost to another replica, or a decision the
+                // constraints refused: each runs alone, as it would have.
+                Failed::Alone(why) => {
+                    tracing::debug!(why, members = members.len(), "a batch of pushes runs alone");
+                    out.alone = members.into_iter().map(PushJob::left_alone).collect();
+                }
+                // The database's failure (a deadlock, a timeout, a lost
+                // connection): as for a member alone, each is told so (and
+                // retried by its caller where a retry may cure it), and
+                // no more members join the group, which keeps its locks.
+                Failed::Database(e) => {
+                    out.ends_group = true;
+                    out.answers = members
+                        .into_iter()
+                        .map(|m| told(m, Err(e.clone())))
+                        .collect();
+                }
+            }
         }
     }
     out
+}
+
+/// Why a batch was rolled back to its savepoint.
+enum Failed {
+    /// Its members are to run alone.
+    Alone(&'static str),
+    /// The database failed it.
+    Database(Error),
+}
+
+impl From<Error> for Failed {
+    fn from(e: Error) -> Self {
+        Failed::Database(e)
+    }
 }
 
 /// `m`'s answer, sent once its group's fate is known.
@@ -297,7 +334,7 @@ async fn decide_and_write(
     tx: &DatabaseTransaction,
     specs: &[&PushSpec],
     now: Ts,
-) -> Result<Vec<Option<PushOutcome>>, Error> {
+) -> Result<Vec<Option<PushOutcome>>, Failed> {
     let n = specs.len();
     // Who is still in the running.
     let mut running = vec![true; n];
@@ -317,7 +354,7 @@ async fn decide_and_write(
             "SELECT k.* FROM idempotency_keys k \
              JOIN json_to_recordset($1::json) AS m(t text, r text) \
                ON k.tenant_id = m.t AND k.request_id = m.r \
-             FOR UPDATE OF k",
+             ORDER BY k.tenant_id, k.request_id FOR UPDATE OF k",
             &keyed,
         )
         .await?;
@@ -367,10 +404,15 @@ async fn decide_and_write(
             s.tenant.as_str().to_owned(),
             s.device_id.as_str().to_owned(),
         );
+        // A request its device refuses (or that panics there) runs alone.
         let prepared = running[i]
             .then(|| devices.get(&key))
             .flatten()
-            .and_then(|d| (s.prepare)(d, now).ok());
+            .and_then(|d| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (s.prepare)(d, now)))
+                    .ok()?
+                    .ok()
+            });
         running[i] = prepared.is_some();
         pushes.push(prepared);
     }
@@ -412,16 +454,38 @@ async fn decide_and_write(
         let decided: Option<Decided> = push
             .and_then(|p| decide_push(&s.device_id, p, holding, s.strategy, now).ok())
             .filter(|d| d.replaced.is_empty());
-        let Some(decided) = decided else {
+        let Some(Decided { outcome, .. }) = decided else {
             booked.push(None);
             continue;
         };
         let commit = s.request.as_ref().map(|r| r.commit(now));
-        let outcome =
-            Store::write_push(tx, &s.tenant, decided, s.strategy, commit.as_ref(), now).await?;
-        booked.push(Some(outcome));
+        match Store::write_born(tx, &s.tenant, &outcome, s.strategy, commit.as_ref(), now).await {
+            Ok(Some(0)) => return Err(Failed::Alone("a key was taken meanwhile")),
+            Ok(_) => booked.push(Some(outcome)),
+            // exclusion_violation, unique_violation: a booking or a key
+            // the batch did not see (another replica's, committed since
+            // its reads); alone, each is decided again.
+            Err(e) if matches!(sqlstate(&e).as_deref(), Some("23P01" | "23505")) => {
+                return Err(Failed::Alone("a write was refused by a constraint"));
+            }
+            Err(e) => return Err(Failed::Database(db_err(e))),
+        }
     }
     Ok(booked)
+}
+
+/// The SQLSTATE of a database error, if it has one.
+fn sqlstate(e: &sea_orm::DbErr) -> Option<String> {
+    use sea_orm::{DbErr, RuntimeErr};
+    match e {
+        DbErr::Exec(RuntimeErr::SqlxError(s)) | DbErr::Query(RuntimeErr::SqlxError(s)) => {
+            match &**s {
+                sqlx::Error::Database(d) => d.code().map(|c| c.into_owned()),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
 }
 
 /// Runs `sql` with the JSON array of `rows` as its one parameter.
@@ -456,7 +520,8 @@ fn holders_sql() -> &'static str {
                    SELECT MAX(f.start_ns) FROM actions f \
                    WHERE f.tenant_id = m.t AND f.device_id = m.d AND f.channel = m.c \
                      AND {holding} AND f.start_ns <= m.s), '-9223372036854775808'::int8) \
-               ORDER BY a.start_ns, a.action_id FOR UPDATE) h"
+               ORDER BY a.start_ns, a.action_id FOR UPDATE) h \
+             ORDER BY m.i, h.start_ns, h.action_id"
         )
     });
     SQL.as_str()

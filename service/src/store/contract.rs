@@ -606,7 +606,7 @@ async fn push_once(
 /// they had run alone one after the other: a plain push and one moved by
 /// QUEUE_AFTER are booked with their own audit entries and keys; a
 /// refusal, a replay, a request_id bound to another body or being worked
-/// on, a device not found, a request its device refuses and a CANCEL_AND_REPLACE that
+/// on, a request its device refuses and a CANCEL_AND_REPLACE that
 /// cancels are answered as alone; a device or a request_id met twice is
 /// decided after the first; another tenant's device of the same id is its
 /// own; a push whose caller went away before its turn is not run.
@@ -779,7 +779,7 @@ pub async fn pushes_queued_together_are_decided_as_if_alone(f: &Fixture) {
             Strategy::Reject,
             key("k0", b"k0"),
         ),
-        // 11: plain again, after the batch was ended.
+        // 11: plain, in the first batch (behind 9 and 10, passed over).
         (
             tenant(),
             9,
@@ -959,6 +959,33 @@ pub async fn requests_on_many_devices_sent_to_two_replicas_are_applied_once(f: &
     for i in 0..devices {
         with_device(f, &format!("m{i}")).await;
     }
+    // PostgreSQL: both replicas' writers are held while the requests
+    // queue, so that each lane finds several queued at once. (SQLite's
+    // one writer of a file cannot be held by two stores at once.)
+    let mut holds = Vec::new();
+    let mut releases = Vec::new();
+    let mut keys: Vec<String> = Vec::new();
+    for i in 0..devices {
+        let d = format!("m{i}");
+        if f.store.backend() == sea_orm::DbBackend::Postgres
+            && !keys.iter().any(|k| f.store.same_lane(k, &d))
+        {
+            keys.push(d);
+        }
+    }
+    let before = (f.store.write_groups(), f.replica.write_groups());
+    for store in [&f.store, &f.replica] {
+        for k in &keys {
+            let (entered, inside) = tokio::sync::oneshot::channel();
+            let (release, released) = tokio::sync::oneshot::channel();
+            let (store, k) = (store.clone(), k.clone());
+            holds.push(tokio::spawn(async move {
+                store.hold_writer(&k, entered, released).await
+            }));
+            inside.await.expect("the writer is held");
+            releases.push(release);
+        }
+    }
     let per_device = 4;
     let mut sent = Vec::new();
     for round in 0..per_device {
@@ -979,6 +1006,24 @@ pub async fn requests_on_many_devices_sent_to_two_replicas_are_applied_once(f: &
             let (a, b) = (send(f.store.clone()), send(f.replica.clone()));
             sent.push((k, tokio::spawn(a), tokio::spawn(b)));
         }
+    }
+    let holders = keys.len() as u64;
+    let all = (devices * per_device) as u64;
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while f.store.write_groups().queued < before.0.queued + holders + all
+            || f.replica.write_groups().queued < before.1.queued + holders + all
+        {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("every request is queued");
+    for r in releases {
+        r.send(()).expect("the holder waits");
+    }
+    for h in holds {
+        // A holder may be told to run again (SQLite undoes a group).
+        let _ = h.await.unwrap();
     }
     let mut ids = Vec::new();
     for (k, a, b) in sent {
@@ -1008,6 +1053,167 @@ pub async fn requests_on_many_devices_sent_to_two_replicas_are_applied_once(f: &
             .unwrap();
         assert_eq!(stored.len(), per_device, "m{i}: one action per request");
         assert!(stored.iter().all(|a| ids.contains(&a.id)), "m{i}");
+    }
+    let batched = f.store.write_groups().batched - before.0.batched
+        + f.replica.write_groups().batched
+        - before.1.batched;
+    if f.store.backend() == sea_orm::DbBackend::Postgres {
+        assert!(batched > 0, "batches ran");
+    } else {
+        assert_eq!(batched, 0);
+    }
+}
+
+/// Pushes a batch passes over (a device or a request_id met before in the
+/// queue) keep their order: a push on a device met before is decided
+/// after the earlier push on it (after its replacement too), and one under
+/// a request_id met before replays the answer of the earlier one, not
+/// the other way round; a holder of another tenant's device of the same
+/// id, or of another channel, does not move a QUEUE_AFTER push; a push on
+/// a device that does not exist is refused as alone.
+pub async fn pushes_passed_over_keep_their_order(f: &Fixture) {
+    use super::Written;
+    let other = TenantId::from_stored("other-tenant".to_owned());
+    let lane: Vec<String> = (2..400)
+        .map(|i| format!("e{i}"))
+        .filter(|d| f.store.same_lane("d1", d))
+        .take(5)
+        .collect();
+    assert_eq!(lane.len(), 5, "devices in d1's lane");
+    let (a, b, x, q, missing) = (&lane[0], &lane[1], &lane[2], &lane[3], &lane[4]);
+    for d in [a, b, x, q] {
+        with_device(f, d).await;
+    }
+    f.store
+        .create_device(&other, device(q), None)
+        .await
+        .expect("the other tenant's device");
+    let once = |t: &TenantId, d: &str, p: ValidPush, s, k: &str, body: &[u8]| {
+        push_once(
+            f.store.clone(),
+            t.clone(),
+            device_id(d),
+            Ok(p),
+            s,
+            Some((k.to_owned(), body.to_vec())),
+        )
+    };
+    let first = window(H, Some(2 * H));
+    let overlap = window(H + H / 2, Some(5 * H / 2));
+    let held_x = match once(&tenant(), x, first.clone(), Strategy::Reject, "x0", b"x0").await {
+        Ok(Written::Fresh(o)) => o,
+        other => panic!("booked: {other:?}"),
+    };
+    // Holders q's push must not see: another tenant's, another channel's.
+    once(&other, q, first.clone(), Strategy::Reject, "q0", b"q0")
+        .await
+        .unwrap();
+    let mut limit = first.clone();
+    limit.channel = "limit".into();
+    once(&tenant(), q, limit, Strategy::Reject, "q1", b"q1")
+        .await
+        .unwrap();
+
+    let before = f.store.write_groups();
+    let (entered, inside) = tokio::sync::oneshot::channel();
+    let (release, released) = tokio::sync::oneshot::channel();
+    let holder = f.store.clone();
+    let hold = tokio::spawn(async move { holder.hold_writer("d1", entered, released).await });
+    inside.await.expect("the writer is held");
+    let later = window(3 * H, Some(4 * H));
+    let requests = [
+        // 0: plain.
+        (a, first.clone(), Strategy::Reject, "ka", &b"a"[..]),
+        // 1: a's device again (passed over).
+        (a, later.clone(), Strategy::Reject, "kb", b"b"),
+        // 2: 1's request_id and body, on b (passed over): replays 1.
+        (b, later.clone(), Strategy::Reject, "kb", b"b"),
+        // 3: replaces x's holder (alone).
+        (x, overlap.clone(), Strategy::CancelAndReplace, "kc", b"c"),
+        // 4: x again (passed over): collides with 3's action.
+        (x, overlap.clone(), Strategy::Reject, "kd", b"d"),
+        // 5: QUEUE_AFTER meeting no holder of its own.
+        (q, overlap.clone(), Strategy::QueueAfter, "ke", b"e"),
+        // 6: no such device.
+        (missing, first.clone(), Strategy::Reject, "kf", b"f"),
+    ];
+    let mut pushes = Vec::new();
+    for (n, (d, p, s, k, body)) in requests.into_iter().enumerate() {
+        pushes.push(tokio::spawn(once(&tenant(), d, p, s, k, body)));
+        let queued = before.queued + 2 + n as u64;
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while f.store.write_groups().queued < queued {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the push is queued");
+    }
+    release.send(()).expect("the holder waits");
+    let _ = hold.await.unwrap();
+    let mut results = Vec::new();
+    for p in pushes {
+        results.push(p.await.unwrap());
+    }
+    let fresh = |n: usize| match &results[n] {
+        Ok(Written::Fresh(o)) => o.clone(),
+        other => panic!("{n}: booked: {other:?}"),
+    };
+    fresh(0);
+    let second = fresh(1);
+    match &results[2] {
+        Ok(Written::Replayed(bytes)) => {
+            assert_eq!(bytes, &second.action.id.to_string().into_bytes());
+        }
+        other => panic!("2: replays 1: {other:?}"),
+    }
+    let replacing = fresh(3);
+    assert_eq!(replacing.cancelled.len(), 1);
+    assert_eq!(replacing.cancelled[0].id, held_x.action.id);
+    match &results[4] {
+        Err(Error::Conflict(c)) => assert_eq!(c.colliders[0].id, replacing.action.id),
+        other => panic!("4: collides with 3: {other:?}"),
+    }
+    let unmoved = fresh(5);
+    assert_eq!(unmoved.action.start, overlap.start);
+    assert!(unmoved.queued_after.is_empty());
+    assert!(
+        matches!(&results[6], Err(Error::DeviceNotFound { .. })),
+        "6: {:?}",
+        results[6]
+    );
+    let on = |d: &str| {
+        let (store, d) = (f.replica.clone(), d.to_owned());
+        async move {
+            store
+                .list_actions(
+                    &tenant(),
+                    ActionQuery {
+                        device: Some(&device_id(&d)),
+                        states: &[],
+                        before: None,
+                        limit: 10,
+                    },
+                )
+                .await
+                .unwrap()
+                .len()
+        }
+    };
+    assert_eq!(on(a).await, 2);
+    assert_eq!(on(b).await, 0, "2 replayed, booked nothing");
+    assert_eq!(on(x).await, 2, "the replaced and its replacement");
+    let after = f.store.write_groups();
+    if f.store.backend() == sea_orm::DbBackend::Postgres {
+        // 0 and 5 by the first batch, 1 by the second (with 4, refused
+        // there); 2 ran alone.
+        assert_eq!(
+            after.batched - before.batched,
+            3,
+            "batched: {before:?} → {after:?}"
+        );
+    } else {
+        assert_eq!(after.batched, 0);
     }
 }
 
@@ -3405,6 +3611,7 @@ macro_rules! storage_contract_suite {
                 a_group_commits_its_successes_around_its_failures,
                 a_group_never_answers_success_for_what_it_did_not_write,
                 pushes_queued_together_are_decided_as_if_alone,
+                pushes_passed_over_keep_their_order,
                 requests_on_many_devices_sent_to_two_replicas_are_applied_once,
                 a_long_holder_is_seen_past_a_later_action_that_gave_way,
                 a_request_sent_to_two_replicas_at_once_is_applied_once,

@@ -254,7 +254,7 @@ pub(super) type Job = Box<dyn Member>;
 /// Where a request stands: queued, started by the writer, or given up by
 /// its caller before it started.
 const QUEUED: u8 = 0;
-pub(super) const STARTED: u8 = 1;
+const STARTED: u8 = 1;
 const ABANDONED: u8 = 2;
 
 /// A request's operation and where its answer goes.
@@ -287,11 +287,19 @@ impl<T> Request<T, ()> {
 }
 
 /// Takes a request's turn: whether it is to run (not given up by its
-/// caller, who still waits). A request started already (by a batch that
-/// left it to run alone) runs.
+/// caller, who still waits).
 pub(super) fn start(state: &AtomicU8, reply_closed: bool) -> bool {
-    let start = state.compare_exchange(QUEUED, STARTED, Ordering::AcqRel, Ordering::Acquire);
-    matches!(start, Ok(_) | Err(STARTED)) && !reply_closed
+    state
+        .compare_exchange(QUEUED, STARTED, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
+        && !reply_closed
+}
+
+/// Gives back a request's turn, taken by a batch that left it to run
+/// alone and wrote nothing of it: until it runs, its caller may give up
+/// waiting for it, as for any request queued.
+pub(super) fn unstart(state: &AtomicU8) {
+    let _ = state.compare_exchange(STARTED, QUEUED, Ordering::AcqRel, Ordering::Acquire);
 }
 
 impl<T, F> Member for Request<T, F>
@@ -710,6 +718,9 @@ async fn run_members(
                                     group.trusted = false;
                                     return group;
                                 }
+                                if ran.ends_group {
+                                    break;
+                                }
                             }
                             Some(Err(_)) => {
                                 tracing::error!(
@@ -1025,7 +1036,7 @@ async fn sqlite_lane(
                 // run again in.
                 careful.store(false, Ordering::Relaxed);
                 // One writer: nothing is batched, so nothing is left
-                // pending.
+                // pending (checked below).
                 let mut pending = std::collections::VecDeque::new();
                 let ran = run_members(
                     &tx,
@@ -1043,6 +1054,7 @@ async fn sqlite_lane(
                 )
                 .instrument(group_span())
                 .await;
+                debug_assert!(pending.is_empty(), "SQLite batches nothing");
                 // The group's own transaction is ended below, on the
                 // connection itself.
                 let _ = tx.commit().await;

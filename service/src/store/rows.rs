@@ -258,16 +258,17 @@ where
 /// is kept in `kept` (the same statements in the same order each time).
 /// Answers the rows the last statement wrote. Statements whose text
 /// [`renumber`] cannot read are run one by one instead.
+/// Answers the database's own error (`db_err` makes it the service's).
 pub(super) async fn execute_together<C: ConnectionTrait>(
     conn: &C,
     kept: &Kept,
     statements: Vec<sea_orm::Statement>,
-) -> Result<u64, Error> {
+) -> Result<u64, sea_orm::DbErr> {
     let backend = conn.get_database_backend();
     if statements.iter().any(|s| !renumbers(&s.sql)) {
         let mut last = 0;
         for s in statements {
-            last = conn.execute_raw(s).await.map_err(db_err)?.rows_affected();
+            last = conn.execute_raw(s).await?.rows_affected();
         }
         return Ok(last);
     }
@@ -297,11 +298,7 @@ pub(super) async fn execute_together<C: ConnectionTrait>(
         sea_orm::Statement::from_sql_and_values(backend, sql, values())
     };
     let stmt = kept.statement(backend, values(), together);
-    Ok(conn
-        .execute_raw(stmt)
-        .await
-        .map_err(db_err)?
-        .rows_affected())
+    Ok(conn.execute_raw(stmt).await?.rows_affected())
 }
 
 /// Whether [`renumber`] reads `sql` right: no backslash (an `E''`
