@@ -318,6 +318,20 @@ pub struct ServeArgs {
         value_parser = clap::value_parser!(u32).range(4..=1000)
     )]
     pub database_max_connections: u32,
+    /// PostgreSQL: how many of the pool's connections write requests in
+    /// groups (each a writer of its own, a request's chosen by its
+    /// device). 0: half the pool. Fewer writers gather more pushes each,
+    /// which they decide as batches (docs/performance.md); more let one
+    /// device's wait for another replica's lock hold up fewer others. At
+    /// most half of --database-max-connections. Not used on SQLite.
+    #[arg(
+        long,
+        env = "SWITCHYARD_DATABASE_WRITE_LANES",
+        default_value_t = 0,
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(0..=500)
+    )]
+    pub database_write_lanes: u32,
     /// Do not create the demo devices on an empty database (default: an
     /// empty database gets three simulated demo devices).
     #[arg(long)]
@@ -704,6 +718,13 @@ pub async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Se
     let policy = args.policy()?;
     let delivery = args.delivery()?;
     check_database_url(&args.database)?;
+    if args.database_write_lanes > args.database_max_connections / 2 {
+        return Err(format!(
+            "--database-write-lanes {}: at most half of --database-max-connections ({})",
+            args.database_write_lanes, args.database_max_connections
+        )
+        .into());
+    }
     let listen = listen_addr(&args.listen).await?;
     let app = server::build_app_with(
         &args.database,
@@ -712,6 +733,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Se
         args.horizon_days,
         &crate::store::StoreOptions {
             max_connections: args.database_max_connections,
+            write_lanes: args.database_write_lanes,
             ..Default::default()
         },
     )

@@ -123,6 +123,7 @@ fn switchyard_serve_help_gives_every_default() {
             ("--horizon-days", &horizon),
             ("--shutdown-grace-seconds", "[default: 10]"),
             ("--database-max-connections", "[default: 16]"),
+            ("--database-write-lanes", "[default: 0]"),
             ("--analyze-every-seconds", "[default: 10]"),
             // A switch: its help says what happens without it.
             ("--no-demo", "Do not create the demo devices"),
@@ -140,6 +141,7 @@ fn switchyard_usage_errors_exit_2() {
         &["serve", "--listen", "nowhere"],
         &["serve", "--horizon-days", "0"],
         &["serve", "--database-max-connections", "3"],
+        &["serve", "--database-write-lanes", "501"],
         &["serve", "--analyze-every-seconds", "86401"],
         &["serve", "--analyze-every-seconds", "-1"],
         &["serve", "--log-format", "xml"],
@@ -235,6 +237,10 @@ fn a_wrong_operator_configuration_stops_the_server_at_start_with_its_reason() {
             "does not exist",
         ),
         (&["--listen", "no-such-host.invalid:50051"], "--listen"),
+        (
+            &["--database-write-lanes", "9"],
+            "--database-write-lanes 9: at most half of --database-max-connections (16)",
+        ),
     ];
     for (args, said) in cases {
         let mut all = vec!["serve", "--no-demo"];

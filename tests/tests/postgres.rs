@@ -568,6 +568,35 @@ mod store_on_postgres {
         assert!(started.elapsed() < std::time::Duration::from_secs(15));
     }
 
+    /// `write_lanes` sets how many writers the pool has: with one, every
+    /// device's writes queue in it; by default (half the pool), not.
+    #[tokio::test]
+    async fn the_writers_are_as_many_as_set() {
+        let Some(db) = postgres::database().await else {
+            return;
+        };
+        let ids: Vec<String> = (0..64).map(|i| format!("d{i}")).collect();
+        let lanes_apart = |store: &Store| ids.iter().any(|d| !store.same_lane("d0", d));
+        let one = Store::open_with(
+            &db.url,
+            Arc::new(ManualClock::new(T0)),
+            &switchyard::store::StoreOptions {
+                write_lanes: 1,
+                ..switchyard::store::StoreOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert!(!lanes_apart(&one), "one writer");
+        let default = Store::open(&db.url, Arc::new(ManualClock::new(T0)))
+            .await
+            .unwrap();
+        assert!(lanes_apart(&default), "half the pool");
+        one.close().await;
+        default.close().await;
+        db.drop_database().await;
+    }
+
     /// A push under `request_id` as the API sends it, its answer the
     /// action's id.
     async fn push_keyed(

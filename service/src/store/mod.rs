@@ -129,6 +129,9 @@ pub struct StoreOptions {
     pub busy_timeout: Duration,
     /// PostgreSQL: connections in the pool.
     pub max_connections: u32,
+    /// PostgreSQL: the pool's connections that write requests in groups
+    /// (lanes); 0: half the pool.
+    pub write_lanes: u32,
     /// PostgreSQL: how long one store operation may take (see
     /// `Store::deadline`).
     pub deadline: Duration,
@@ -143,6 +146,7 @@ impl Default for StoreOptions {
         Self {
             busy_timeout: Duration::from_secs(10),
             max_connections: 16,
+            write_lanes: 0,
             deadline: Duration::from_secs(8),
             group_members: group::GroupLimits::default().members,
             group_open: group::GroupLimits::default().open,
@@ -420,7 +424,11 @@ impl Store {
             conn.execute_unprepared("SELECT 1").await.map_err(db_err)?;
             // Half the pool writes in groups; the rest is left to reads,
             // the dispatcher and the sweeps.
-            let lanes = (options.max_connections / 2).max(1) as usize;
+            let lanes = match options.write_lanes {
+                0 => options.max_connections / 2,
+                n => n.min(options.max_connections / 2),
+            }
+            .max(1) as usize;
             let recording = Recording {
                 slots: Some(Arc::new(tokio::sync::Semaphore::new(
                     (options.max_connections / PG_CONNECTIONS_PER_RECORD).max(1) as usize,
