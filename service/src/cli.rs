@@ -304,9 +304,10 @@ pub struct ServeArgs {
     )]
     pub database: String,
     /// PostgreSQL: most connections this replica's pool opens to the
-    /// database (one more is the health check's own). Up to half of them
-    /// write requests in groups; the dispatcher records outcomes on up to
-    /// N/8 (at least one). Every replica opens up to N+1: keep replicas at
+    /// database (one more is the health check's own). A quarter of them
+    /// write requests in groups by default (--database-write-lanes); the
+    /// dispatcher records outcomes on up to N/8 (at least one). Every
+    /// replica opens up to N+1: keep replicas at
     /// their most (autoscaling, rollouts) times N+1 under the server's
     /// `max_connections`. At least 4, so that reads and the dispatcher
     /// keep a connection beside a writer and a record. Not used on SQLite.
@@ -320,7 +321,7 @@ pub struct ServeArgs {
     pub database_max_connections: u32,
     /// PostgreSQL: how many of the pool's connections write requests in
     /// groups (each a writer of its own, a request's chosen by its
-    /// device). 0: half the pool. Fewer writers gather more pushes each,
+    /// device). 0: a quarter of the pool (at least one). Fewer writers gather more pushes each,
     /// which they decide as batches (docs/performance.md); more let one
     /// device's wait for another replica's lock hold up fewer others. At
     /// most half of --database-max-connections. Not used on SQLite.

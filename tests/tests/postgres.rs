@@ -569,7 +569,7 @@ mod store_on_postgres {
     }
 
     /// `write_lanes` sets how many writers the pool has: with one, every
-    /// device's writes queue in it; by default (half the pool), not.
+    /// device's writes queue in it; by default (a quarter of the pool), not.
     #[tokio::test]
     async fn the_writers_are_as_many_as_set() {
         let Some(db) = postgres::database().await else {
@@ -591,7 +591,7 @@ mod store_on_postgres {
         let default = Store::open(&db.url, Arc::new(ManualClock::new(T0)))
             .await
             .unwrap();
-        assert!(lanes_apart(&default), "half the pool");
+        assert!(lanes_apart(&default), "a quarter of the pool");
         one.close().await;
         default.close().await;
         db.drop_database().await;

@@ -130,7 +130,8 @@ pub struct StoreOptions {
     /// PostgreSQL: connections in the pool.
     pub max_connections: u32,
     /// PostgreSQL: the pool's connections that write requests in groups
-    /// (lanes); 0: half the pool.
+    /// (lanes); 0: a quarter of the pool (at least one); never more than
+    /// half of it.
     pub write_lanes: u32,
     /// PostgreSQL: how long one store operation may take (see
     /// `Store::deadline`).
@@ -422,10 +423,12 @@ impl Store {
             let conn = SqlxPostgresConnector::from_sqlx_postgres_pool(pool);
             // Fail at start, not at the first request, when it is not there.
             conn.execute_unprepared("SELECT 1").await.map_err(db_err)?;
-            // Half the pool writes in groups; the rest is left to reads,
-            // the dispatcher and the sweeps.
+            // Up to half the pool writes in groups; the rest is left to
+            // reads, the dispatcher and the sweeps.
+            // A quarter of the pool by default: fewer writers gather larger
+            // batches of pushes (ADR 0016; docs/performance.md).
             let lanes = match options.write_lanes {
-                0 => options.max_connections / 2,
+                0 => options.max_connections / 4,
                 n => n.min(options.max_connections / 2),
             }
             .max(1) as usize;
