@@ -632,17 +632,6 @@ mod store_on_postgres {
             .await
     }
 
-    /// Waits until `queued` writes have been queued to `store`'s writers.
-    async fn queued_to(store: &Store, queued: u64) {
-        tokio::time::timeout(std::time::Duration::from_secs(10), async {
-            while store.write_groups().queued < queued {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .expect("queued");
-    }
-
     /// A batch of pushes (ADR 0016) racing another replica's copy of one
     /// of its requests, written but not yet committed when the batch
     /// reads. `copy_on`: the device the copy books. On the batch's own
@@ -702,13 +691,13 @@ mod store_on_postgres {
             H,
             Some("raced"),
         ));
-        queued_to(&replica, q + 1).await;
+        switchyard::store::contract::wait_queued(&replica, q + 1).await;
         let (entered, after_copy) = tokio::sync::oneshot::channel();
         let (release_copy, released) = tokio::sync::oneshot::channel();
         let r = replica.clone();
         let key = copy_on.clone();
         let second = tokio::spawn(async move { r.hold_writer(&key, entered, released).await });
-        queued_to(&replica, q + 2).await;
+        switchyard::store::contract::wait_queued(&replica, q + 2).await;
         release_first.send(()).unwrap();
         after_copy.await.unwrap();
 
@@ -720,9 +709,9 @@ mod store_on_postgres {
         let held = tokio::spawn(async move { s.hold_writer("d1", entered, released).await });
         inside.await.unwrap();
         let raced = tokio::spawn(push_keyed(store.clone(), mine.clone(), H, Some("raced")));
-        queued_to(&store, before.queued + 2).await;
+        switchyard::store::contract::wait_queued(&store, before.queued + 2).await;
         let plain = tokio::spawn(push_keyed(store.clone(), other.clone(), H, None));
-        queued_to(&store, before.queued + 3).await;
+        switchyard::store::contract::wait_queued(&store, before.queued + 3).await;
         release.send(()).unwrap();
         // The batch waits for a lock the copy's group holds (in the held
         // member's group, or the next).
@@ -771,24 +760,8 @@ mod store_on_postgres {
             u64::from(same_device),
             "written by the batch: {before:?} → {after:?}"
         );
-        let on = |d: &str| {
-            let (store, d) = (store.clone(), d.to_owned());
-            async move {
-                store
-                    .list_actions(
-                        &TenantId::default_tenant(),
-                        switchyard::store::ActionQuery {
-                            device: Some(&DeviceId::parse(&d).unwrap()),
-                            states: &[],
-                            before: None,
-                            limit: 10,
-                        },
-                    )
-                    .await
-                    .unwrap()
-                    .len()
-            }
-        };
+        let tenant = TenantId::default_tenant();
+        let on = |d| switchyard::store::contract::actions_on(&store, &tenant, d);
         assert_eq!(on(&copy_on).await, 1, "the copy's action alone");
         if !same_device {
             assert_eq!(on(&mine).await, 0, "nothing of the batch's copy");

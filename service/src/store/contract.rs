@@ -156,6 +156,36 @@ async fn get_id(f: &Fixture, id: &str, a: &ActionId) -> Action {
         .expect("get_action")
 }
 
+/// Waits, 10 s at most, until `queued` requests have been queued to
+/// `store`'s writers: how a check lines requests up, in order, behind a
+/// held writer ([`Store::hold_writer`]).
+pub async fn wait_queued(store: &Store, queued: u64) {
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while store.write_groups().queued < queued {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the requests are queued");
+}
+
+/// How many actions `tenant`'s device `id` has, read through `store`.
+pub async fn actions_on(store: &Store, tenant: &TenantId, id: &str) -> usize {
+    store
+        .list_actions(
+            tenant,
+            ActionQuery {
+                device: Some(&device_id(id)),
+                states: &[],
+                before: None,
+                limit: 100,
+            },
+        )
+        .await
+        .expect("list_actions")
+        .len()
+}
+
 /// A device reads back as created; its id is unique per tenant.
 pub async fn a_device_round_trips_and_its_id_is_unique(f: &Fixture) {
     let created = with_device(f, "d1").await;
@@ -474,13 +504,7 @@ pub async fn a_group_commits_its_successes_around_its_failures(f: &Fixture) {
         }));
         // Queued in this order: the third is decided after the second.
         let queued = before.queued + 2 + i as u64;
-        tokio::time::timeout(std::time::Duration::from_secs(10), async {
-            while f.store.write_groups().queued < queued {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .expect("the push is queued");
+        wait_queued(&f.store, queued).await;
     }
     release.send(()).expect("the holder waits");
     // SQLite's members have no savepoints: the group is rolled back and
@@ -808,13 +832,7 @@ pub async fn pushes_queued_together_are_decided_as_if_alone(f: &Fixture) {
     for (n, (t, i, p, s, k)) in requests.into_iter().enumerate() {
         pushes.push(tokio::spawn(once(&t, i, p, s, k)));
         let queued = before.queued + 2 + n as u64;
-        tokio::time::timeout(std::time::Duration::from_secs(10), async {
-            while f.store.write_groups().queued < queued {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .expect("the push is queued");
+        wait_queued(&f.store, queued).await;
     }
     let gone = pushes.pop().unwrap();
     gone.abort();
@@ -914,20 +932,7 @@ pub async fn pushes_queued_together_are_decided_as_if_alone(f: &Fixture) {
     }
     // Nothing of the push whose caller went away, nor of the refused.
     for i in [1, 5, 6, 10, 11] {
-        let n = f
-            .replica
-            .list_actions(
-                &tenant(),
-                ActionQuery {
-                    device: Some(&device_id(&d(i))),
-                    states: &[],
-                    before: None,
-                    limit: 10,
-                },
-            )
-            .await
-            .unwrap()
-            .len();
+        let n = actions_on(&f.replica, &tenant(), &d(i)).await;
         let want = match i {
             1 | 5 => 1,
             _ => 0,
@@ -1009,15 +1014,8 @@ pub async fn requests_on_many_devices_sent_to_two_replicas_are_applied_once(f: &
     }
     let holders = keys.len() as u64;
     let all = (devices * per_device) as u64;
-    tokio::time::timeout(std::time::Duration::from_secs(10), async {
-        while f.store.write_groups().queued < before.0.queued + holders + all
-            || f.replica.write_groups().queued < before.1.queued + holders + all
-        {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .expect("every request is queued");
+    wait_queued(&f.store, before.0.queued + holders + all).await;
+    wait_queued(&f.replica, before.1.queued + holders + all).await;
     for r in releases {
         r.send(()).expect("the holder waits");
     }
@@ -1141,13 +1139,7 @@ pub async fn pushes_passed_over_keep_their_order(f: &Fixture) {
     for (n, (d, p, s, k, body)) in requests.into_iter().enumerate() {
         pushes.push(tokio::spawn(once(&tenant(), d, p, s, k, body)));
         let queued = before.queued + 2 + n as u64;
-        tokio::time::timeout(std::time::Duration::from_secs(10), async {
-            while f.store.write_groups().queued < queued {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .expect("the push is queued");
+        wait_queued(&f.store, queued).await;
     }
     release.send(()).expect("the holder waits");
     let _ = hold.await.unwrap();
@@ -1182,27 +1174,17 @@ pub async fn pushes_passed_over_keep_their_order(f: &Fixture) {
         "6: {:?}",
         results[6]
     );
-    let on = |d: &str| {
-        let (store, d) = (f.replica.clone(), d.to_owned());
-        async move {
-            store
-                .list_actions(
-                    &tenant(),
-                    ActionQuery {
-                        device: Some(&device_id(&d)),
-                        states: &[],
-                        before: None,
-                        limit: 10,
-                    },
-                )
-                .await
-                .unwrap()
-                .len()
-        }
-    };
-    assert_eq!(on(a).await, 2);
-    assert_eq!(on(b).await, 0, "2 replayed, booked nothing");
-    assert_eq!(on(x).await, 2, "the replaced and its replacement");
+    assert_eq!(actions_on(&f.replica, &tenant(), a).await, 2);
+    assert_eq!(
+        actions_on(&f.replica, &tenant(), b).await,
+        0,
+        "2 replayed, booked nothing"
+    );
+    assert_eq!(
+        actions_on(&f.replica, &tenant(), x).await,
+        2,
+        "the replaced and its replacement"
+    );
     let after = f.store.write_groups();
     if f.store.backend() == sea_orm::DbBackend::Postgres {
         // 0 and 5 by the first batch, 1 by the second (with 4, refused
@@ -1241,13 +1223,7 @@ pub async fn a_group_never_answers_success_for_what_it_did_not_write(f: &Fixture
                 .await
         })
     };
-    tokio::time::timeout(std::time::Duration::from_secs(10), async {
-        while f.store.write_groups().queued < queued + 1 {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .expect("the faulty member is queued");
+    wait_queued(&f.store, queued + 1).await;
     release.send(()).expect("the holder waits");
     let _ = hold.await.unwrap();
     let answered = faulty.await.unwrap();
